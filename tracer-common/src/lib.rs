@@ -1,0 +1,256 @@
+//! The event ABI shared by the vmatrace eBPF programs (`tracer-ebpf`) and the daemon (`tracer`).
+//!
+//! Every record in the ring buffer starts with an [`EventHeader`]; its `kind` field says which
+//! `#[repr(C)]` payload type the whole record is. All types are `Copy`, have explicit padding and
+//! a compile-time size assert, so both sides agree byte for byte. Userspace decodes kinds with
+//! `TryFrom<u32>` and checks lengths before it reads a record (see `tracer::event`).
+#![no_std]
+
+/// Which payload a ring-buffer record carries.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A memory syscall, paired enter and exit: [`SyscallEvent`].
+    Syscall = 1,
+    /// A user page fault: [`FaultEvent`].
+    Fault = 2,
+    /// A new process (not a thread) was created by a traced one: [`ForkEvent`].
+    Fork = 3,
+    /// A traced process called `execve`: [`ExecEvent`].
+    Exec = 4,
+    /// The last thread of a traced process exited: [`ExitEvent`].
+    Exit = 5,
+}
+
+impl TryFrom<u32> for EventKind {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        Ok(match v {
+            1 => Self::Syscall,
+            2 => Self::Fault,
+            3 => Self::Fork,
+            4 => Self::Exec,
+            5 => Self::Exit,
+            other => return Err(other),
+        })
+    }
+}
+
+/// The memory syscalls vmatrace traces. These are vmatrace's own numbers, not the
+/// architecture's syscall numbers.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Syscall {
+    Brk = 0,
+    Mmap = 1,
+    Munmap = 2,
+    Mremap = 3,
+    Mprotect = 4,
+    PkeyMprotect = 5,
+    Madvise = 6,
+    ProcessMadvise = 7,
+    Shmat = 8,
+    Shmdt = 9,
+}
+
+impl Syscall {
+    /// Every traced syscall, in number order.
+    pub const ALL: [Syscall; 10] = [
+        Self::Brk,
+        Self::Mmap,
+        Self::Munmap,
+        Self::Mremap,
+        Self::Mprotect,
+        Self::PkeyMprotect,
+        Self::Madvise,
+        Self::ProcessMadvise,
+        Self::Shmat,
+        Self::Shmdt,
+    ];
+
+    /// The syscall's name, as in `syscalls:sys_enter_<name>`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Brk => "brk",
+            Self::Mmap => "mmap",
+            Self::Munmap => "munmap",
+            Self::Mremap => "mremap",
+            Self::Mprotect => "mprotect",
+            Self::PkeyMprotect => "pkey_mprotect",
+            Self::Madvise => "madvise",
+            Self::ProcessMadvise => "process_madvise",
+            Self::Shmat => "shmat",
+            Self::Shmdt => "shmdt",
+        }
+    }
+}
+
+impl TryFrom<u32> for Syscall {
+    type Error = u32;
+    fn try_from(v: u32) -> Result<Self, u32> {
+        Self::ALL.get(v as usize).copied().ok_or(v)
+    }
+}
+
+/// The common start of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// Thread-group id (the process id) of the task the event is about.
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// Per-kind detail: the [`Syscall`] number for syscalls, the x86 page-fault error code for
+    /// faults ([`FAULT_ERROR_UNKNOWN`] when the backend cannot know it), the old pid for exec,
+    /// 0 otherwise.
+    pub detail: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds (`bpf_ktime_get_ns`). For syscalls: the exit.
+    pub ts_ns: u64,
+}
+
+/// A memory syscall: its arguments (as the tracepoint gives them) and its return value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallEvent {
+    pub header: EventHeader,
+    /// When the syscall was entered.
+    pub enter_ts_ns: u64,
+    /// The raw arguments in declaration order; unused ones are 0.
+    pub args: [u64; 6],
+    /// The raw return value: an address or 0 on success, `-errno` on failure.
+    pub ret: i64,
+    /// Extra data read at entry. `process_madvise`: the first `iovec` (base, len).
+    pub extra: [u64; 2],
+}
+
+/// A user page fault (`exceptions:page_fault_user` or the software page-fault perf event).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultEvent {
+    pub header: EventHeader,
+    /// The faulting address.
+    pub address: u64,
+    /// The user instruction pointer.
+    pub ip: u64,
+}
+
+/// The fault backend could not know the error code (perf-event backend).
+pub const FAULT_ERROR_UNKNOWN: u32 = u32::MAX;
+/// x86 page-fault error code: the page was present (a protection fault, e.g. copy on write).
+pub const PF_PROT: u32 = 1 << 0;
+/// x86 page-fault error code: the access was a write.
+pub const PF_WRITE: u32 = 1 << 1;
+/// x86 page-fault error code: the access came from user mode.
+pub const PF_USER: u32 = 1 << 2;
+/// x86 page-fault error code: the access was an instruction fetch.
+pub const PF_INSTR: u32 = 1 << 4;
+
+/// A traced process created a new process (`task:task_newtask` without `CLONE_THREAD`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForkEvent {
+    /// `tgid`/`tid` are the parent's.
+    pub header: EventHeader,
+    /// The new process's pid.
+    pub child_pid: u32,
+    /// 1 when the child was added to the kernel filter (`--follow`), 0 otherwise.
+    pub followed: u32,
+    /// The `clone` flags.
+    pub clone_flags: u64,
+}
+
+/// Bytes of the exec'd file name carried by [`ExecEvent`] (longer names are cut).
+pub const EXEC_FILENAME_LEN: usize = 128;
+
+/// A traced process replaced its image (`sched:sched_process_exec`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub header: EventHeader,
+    /// NUL-terminated file name as passed to exec.
+    pub filename: [u8; EXEC_FILENAME_LEN],
+}
+
+/// The last thread of a traced process exited (`sched:sched_process_exit` with `group_dead`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub header: EventHeader,
+}
+
+/// A syscall's arguments saved at entry, keyed by thread id until the exit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSyscall {
+    /// A [`Syscall`] as `u32`.
+    pub syscall: u32,
+    pub _pad: u32,
+    pub enter_ts_ns: u64,
+    pub args: [u64; 6],
+    pub extra: [u64; 2],
+}
+
+/// Flags stored per traced tgid in the `TARGETS` map: add forked children to the filter.
+pub const TARGET_FOLLOW_FORKS: u32 = 1;
+/// Flag in `TARGETS`: stop the process with `SIGSTOP` at its next exec (once), so that the
+/// daemon can read its fresh maps before it runs. Used only for vmatrace's own child.
+pub const TARGET_STOP_AT_EXEC: u32 = 2;
+
+/// Counters kept per CPU in the `STATS` map; the index of each is its value.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Syscall events dropped because the ring buffer was full.
+    LostSyscall = 0,
+    /// Fault events dropped because the ring buffer was full.
+    LostFault = 1,
+    /// Fork, exec and exit events dropped because the ring buffer was full.
+    LostLifecycle = 2,
+    /// Syscall entries that could not be saved (pending map full).
+    PendingFull = 3,
+    /// Syscall exits seen without an entry (in flight when tracing started).
+    ExitWithoutEnter = 4,
+    /// Forked children that could not be added to the filter (targets map full).
+    TargetsFull = 5,
+    /// Reads of tracepoint or user data that failed.
+    ReadError = 6,
+    /// Events submitted to the ring buffer.
+    Submitted = 7,
+}
+
+/// Number of [`Stat`] counters.
+pub const STAT_COUNT: u32 = 8;
+
+impl Stat {
+    /// Every counter, in index order.
+    pub const ALL: [Stat; STAT_COUNT as usize] = [
+        Self::LostSyscall,
+        Self::LostFault,
+        Self::LostLifecycle,
+        Self::PendingFull,
+        Self::ExitWithoutEnter,
+        Self::TargetsFull,
+        Self::ReadError,
+        Self::Submitted,
+    ];
+}
+
+/// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
+const _: () = assert!(core::mem::size_of::<SyscallEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<FaultEvent>() == 40);
+const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40);
+const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + EXEC_FILENAME_LEN);
+const _: () = assert!(core::mem::size_of::<ExitEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 80);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers, with no implicit
+    // padding (the size asserts above check the layout).
+    unsafe impl aya::Pod for super::PendingSyscall {}
+}

@@ -1,0 +1,94 @@
+//! vmatrace's eBPF programs: entry points only. Each one calls a `try_*` function that returns
+//! `Result<u32, u32>`; the logic lives in `syscalls`, `faults` and `lifecycle`, the maps in
+//! `maps`.
+#![no_std]
+#![no_main]
+
+mod faults;
+mod lifecycle;
+mod maps;
+mod syscalls;
+
+use aya_ebpf::{
+    macros::{perf_event, tracepoint},
+    programs::{PerfEventContext, TracePointContext},
+};
+use tracer_common::Syscall;
+
+/// One `sys_enter_*` and one `sys_exit_*` program per traced syscall, named after the
+/// tracepoint they attach to.
+macro_rules! syscall_programs {
+    ($($enter:ident, $exit:ident => $syscall:expr, $nargs:expr;)*) => {$(
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            match syscalls::try_enter(&ctx, $syscall, $nargs) {
+                Ok(ret) | Err(ret) => ret,
+            }
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            match syscalls::try_exit(&ctx, $syscall) {
+                Ok(ret) | Err(ret) => ret,
+            }
+        }
+    )*};
+}
+
+syscall_programs! {
+    sys_enter_brk, sys_exit_brk => Syscall::Brk, 1;
+    sys_enter_mmap, sys_exit_mmap => Syscall::Mmap, 6;
+    sys_enter_munmap, sys_exit_munmap => Syscall::Munmap, 2;
+    sys_enter_mremap, sys_exit_mremap => Syscall::Mremap, 5;
+    sys_enter_mprotect, sys_exit_mprotect => Syscall::Mprotect, 3;
+    sys_enter_pkey_mprotect, sys_exit_pkey_mprotect => Syscall::PkeyMprotect, 4;
+    sys_enter_madvise, sys_exit_madvise => Syscall::Madvise, 3;
+    sys_enter_process_madvise, sys_exit_process_madvise => Syscall::ProcessMadvise, 5;
+    sys_enter_shmat, sys_exit_shmat => Syscall::Shmat, 3;
+    sys_enter_shmdt, sys_exit_shmdt => Syscall::Shmdt, 1;
+}
+
+#[tracepoint]
+pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+    match faults::try_page_fault_user(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[perf_event]
+pub fn page_fault_perf(ctx: PerfEventContext) -> u32 {
+    // Always 0: the perf event must not write samples of its own.
+    let _ = faults::try_page_fault_perf(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn task_newtask(ctx: TracePointContext) -> u32 {
+    match lifecycle::try_task_newtask(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[tracepoint]
+pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
+    match lifecycle::try_exec(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[tracepoint]
+pub fn sched_process_exit(ctx: TracePointContext) -> u32 {
+    match lifecycle::try_exit(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,72 @@
+//! The maps shared by every program, and small helpers around them.
+
+use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use tracer_common::{DEFAULT_RING_BYTES, PendingSyscall, STAT_COUNT, Stat};
+
+/// Every event, in the order the kernel submitted them. Userspace may resize it before load.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// The traced thread-group ids, with `TARGET_*` flags. Written by userspace (and by the fork
+/// program for `--follow`).
+#[map]
+pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Syscall arguments saved at entry, keyed by thread id, until the exit. LRU so that threads
+/// killed inside a syscall cannot fill it.
+#[map]
+pub static PENDING: LruHashMap<u32, PendingSyscall> = LruHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU counters indexed by [`Stat`].
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+/// Userspace is woken once this many bytes wait in the ring buffer; below that it polls on a
+/// short timer, so a busy process does not cost one wakeup per event. Set by userspace at load.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 64 * 1024;
+
+/// Adds one to a counter of this CPU.
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(p) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, the program cannot be preempted by itself on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Whether `tgid` is traced. The first thing every program asks.
+#[inline(always)]
+pub fn is_target(tgid: u32) -> bool {
+    TARGETS.get_ptr(&tgid).is_some()
+}
+
+/// The submit flags: wake the reader only when enough data waits.
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Splits `bpf_get_current_pid_tgid()` into (tgid, tid).
+#[inline(always)]
+pub fn current_ids() -> (u32, u32) {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}

@@ -1,0 +1,126 @@
+//! Memory syscalls. The enter program saves the arguments per thread in `PENDING`; the exit
+//! program pairs them with the return value and emits one [`SyscallEvent`]. Userspace attaches
+//! every exit program before its enter program, so no saved entry waits for an exit that is not
+//! there.
+
+use aya_ebpf::{helpers::bpf_probe_read_user, programs::TracePointContext};
+use aya_log_ebpf::warn;
+use tracer_common::{EventHeader, EventKind, PendingSyscall, Stat, Syscall, SyscallEvent};
+
+use crate::maps::{EVENTS, PENDING, count, current_ids, is_target, now_ns, wakeup_flags};
+
+// name: sys_enter_mmap (every sys_enter_* has this layout; unused argument slots are not read)
+// format:
+// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+// 	field:int common_pid;	offset:4;	size:4;	signed:1;
+//
+// 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+// 	field:unsigned long addr;	offset:16;	size:8;	signed:0;
+// 	field:unsigned long len;	offset:24;	size:8;	signed:0;
+// 	field:unsigned long prot;	offset:32;	size:8;	signed:0;
+// 	field:unsigned long flags;	offset:40;	size:8;	signed:0;
+// 	field:unsigned long fd;	offset:48;	size:8;	signed:0;
+// 	field:unsigned long off;	offset:56;	size:8;	signed:0;
+/// The argument slots of a `syscalls:sys_enter_*` record.
+#[repr(C)]
+struct SysEnterArgs {
+    args: [u64; 6],
+}
+const SYS_ENTER_ARGS_OFFSET: usize = 16;
+
+// name: sys_exit_mmap (every sys_exit_* has this layout)
+// format:
+// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+// 	field:int common_pid;	offset:4;	size:4;	signed:1;
+//
+// 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+// 	field:long ret;	offset:16;	size:8;	signed:1;
+const SYS_EXIT_RET_OFFSET: usize = 16;
+
+/// Saves the arguments of `syscall` (which has `nargs` arguments) for the current thread.
+#[inline(always)]
+pub fn try_enter(ctx: &TracePointContext, syscall: Syscall, nargs: usize) -> Result<u32, u32> {
+    let (tgid, tid) = current_ids();
+    // process_madvise may name a traced process from an untraced one: userspace decides.
+    if syscall != Syscall::ProcessMadvise && !is_target(tgid) {
+        return Ok(0);
+    }
+    // SAFETY: the offset is inside every sys_enter_* record of this syscall family.
+    let raw: SysEnterArgs = unsafe { ctx.read_at(SYS_ENTER_ARGS_OFFSET) }.map_err(|_| {
+        count(Stat::ReadError);
+        1u32
+    })?;
+    let mut pending = PendingSyscall {
+        syscall: syscall as u32,
+        _pad: 0,
+        enter_ts_ns: now_ns(),
+        args: raw.args,
+        extra: [0; 2],
+    };
+    let mut i = nargs;
+    while i < 6 {
+        pending.args[i] = 0;
+        i += 1;
+    }
+    if syscall == Syscall::ProcessMadvise {
+        // The first iovec (base, len) of the caller's vector: enough for the common vlen == 1.
+        // SAFETY: a user pointer read with the fault-tolerant helper.
+        match unsafe { bpf_probe_read_user(pending.args[1] as *const [u64; 2]) } {
+            Ok(iov) => pending.extra = iov,
+            Err(_) => count(Stat::ReadError),
+        }
+    }
+    if PENDING.insert(&tid, &pending, 0).is_err() {
+        count(Stat::PendingFull);
+        warn!(ctx, "vmatrace: cannot save syscall entry of tid {}", tid);
+        return Err(1);
+    }
+    Ok(0)
+}
+
+/// Pairs the exit of `syscall` with its saved entry and emits one event.
+#[inline(always)]
+pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
+    let (tgid, tid) = current_ids();
+    let Some(saved) = PENDING.get_ptr(&tid) else {
+        if is_target(tgid) {
+            count(Stat::ExitWithoutEnter);
+        }
+        return Ok(0);
+    };
+    // SAFETY: the value of a live map entry; copied out before it is removed.
+    let pending = unsafe { *saved };
+    let _ = PENDING.remove(&tid);
+    if pending.syscall != syscall as u32 {
+        count(Stat::ExitWithoutEnter);
+        return Ok(0);
+    }
+    // SAFETY: `ret` is at this offset in every sys_exit_* record.
+    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.map_err(|_| {
+        count(Stat::ReadError);
+        1u32
+    })?;
+    let Some(mut entry) = EVENTS.reserve::<SyscallEvent>(0) else {
+        count(Stat::LostSyscall);
+        return Err(1);
+    };
+    entry.write(SyscallEvent {
+        header: EventHeader {
+            kind: EventKind::Syscall as u32,
+            tgid,
+            tid,
+            detail: syscall as u32,
+            ts_ns: now_ns(),
+        },
+        enter_ts_ns: pending.enter_ts_ns,
+        args: pending.args,
+        ret,
+        extra: pending.extra,
+    });
+    entry.submit(wakeup_flags());
+    Ok(0)
+}

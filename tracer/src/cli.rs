@@ -1,0 +1,192 @@
+//! The command line (clap derive): tracing, `record`, `replay`.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::output::FaultFilter;
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo vmatrace -p 1234                   trace a running process until Ctrl-C
+  sudo vmatrace -f -p 1234 --duration 30s follow its children, stop after 30 s
+  sudo vmatrace -- ./server --port 8080   launch a command and trace it from its first instruction
+  sudo vmatrace --json -o trace.ndjson -p 1234
+                                          export every event as NDJSON
+  sudo vmatrace record -o trace.ndjson -- python3 script.py
+                                          record everything (all faults) for replay
+  vmatrace replay trace.ndjson            rebuild the model from a recording and summarise it
+  kill -USR1 $(pidof vmatrace)            print a snapshot of every traced address space
+
+vmatrace needs root, or CAP_BPF and CAP_PERFMON.";
+
+/// vmatrace: trace a process's memory syscalls, page faults and VMAs with eBPF.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmatrace",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// More diagnostics on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Trace and write every event (all faults included) to an NDJSON file for `replay`.
+    Record(TraceArgs),
+    /// Rebuild the model from a recorded NDJSON file; print its snapshots and summary.
+    Replay(ReplayArgs),
+}
+
+/// Which program reports page faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendArg {
+    /// The page_fault_user tracepoint where the kernel has it, else the perf event.
+    Auto,
+    /// exceptions:page_fault_user.
+    Tracepoint,
+    /// A BPF program on the software page-fault perf event (no error code).
+    PerfEvent,
+}
+
+/// What to trace and how to show it.
+#[derive(Debug, Args, Clone)]
+pub struct TraceArgs {
+    /// Trace this running process (repeatable).
+    #[arg(short = 'p', long = "pid", value_name = "PID", value_parser = parse_pid)]
+    pub pids: Vec<u32>,
+    /// Also trace processes the traced ones create (joined in the kernel before they run).
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Write NDJSON (one JSON object per line) instead of human lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Write to FILE instead of stdout (created with mode 0600).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop after this long (e.g. 500ms, 30s, 5m).
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Which page faults to show: none (not captured), first touches, or all.
+    #[arg(long, value_enum, default_value_t = FaultFilter::First)]
+    pub faults: FaultFilter,
+    /// Which kernel program reports page faults.
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub fault_backend: BackendArg,
+    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]
+    pub ring_size: u32,
+    /// Run the command as this user (default under sudo: the invoking user).
+    #[arg(short, long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Compare the model with /proc/PID/maps every SECS seconds and report drift.
+    #[arg(long, value_name = "SECS")]
+    pub reconcile: Option<u64>,
+    /// The command to launch and trace, after `--`.
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// Replay options.
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// The recorded NDJSON file.
+    pub file: PathBuf,
+    /// Write NDJSON instead of human lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Show every replayed event, not just snapshots and the summary.
+    #[arg(long)]
+    pub events: bool,
+}
+
+fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.parse::<i64>() {
+        Ok(n) if n > 0 && n <= i64::from(i32::MAX) => Ok(n as u32),
+        Ok(_) => Err(format!("'{s}' is not a valid pid (pids are positive integers)")),
+        Err(_) => Err(format!("'{s}' is not a pid (expected a positive integer)")),
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (try 500ms, 30s, 5m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("'{s}': unknown unit '{unit}' (use ms, s, m or h)")),
+    };
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("'{s}': the duration must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `4096`, `256K`, `8M`, `1G`; the result must be a power of two of at least 4 KiB.
+pub fn parse_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 256K or 8M)"))?;
+    let bytes = n.checked_mul(mult).filter(|b| *b <= 1 << 30).ok_or(format!("'{s}' is too large (at most 1G)"))?;
+    if bytes < 4096 || !bytes.is_power_of_two() {
+        return Err(format!("'{s}': the ring size must be a power of two of at least 4K"));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_values() {
+        assert_eq!(parse_pid("42"), Ok(42));
+        assert!(parse_pid("0").is_err());
+        assert!(parse_pid("-3").is_err());
+        assert!(parse_pid("abc").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert!(parse_size("5000").is_err());
+    }
+
+    #[test]
+    fn command_line_shapes() {
+        let c = Cli::try_parse_from(["vmatrace", "-p", "1", "-p", "2", "--json"]).expect("parses");
+        assert_eq!(c.trace.pids, [1, 2]);
+        let c = Cli::try_parse_from(["vmatrace", "--", "ls", "-l"]).expect("parses");
+        assert_eq!(c.trace.command, ["ls", "-l"]);
+        let c = Cli::try_parse_from(["vmatrace", "record", "-o", "x", "--", "ls"]).expect("parses");
+        assert!(matches!(c.command, Some(Command::Record(_))));
+        assert!(Cli::try_parse_from(["vmatrace", "-p", "x"]).is_err());
+    }
+}

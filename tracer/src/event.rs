@@ -1,0 +1,264 @@
+//! Typed events: decoded from ring-buffer bytes (live) or read from NDJSON (replay). Decoding
+//! checks every length and decodes kinds with `TryFrom`, never by transmute.
+
+use tracer_common::{
+    EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_ERROR_UNKNOWN,
+    FaultEvent, ForkEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
+};
+
+/// Why a ring-buffer record could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {got} bytes is shorter than the {need} bytes its kind needs")]
+    Short { got: usize, need: usize },
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown syscall number {0}")]
+    UnknownSyscall(u32),
+}
+
+/// Data the daemon resolved from `/proc` when it saw a syscall (kept in recordings so that a
+/// replay needs nothing but the file).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// The mapped file's path (`mmap` of a file).
+    pub path: Option<String>,
+    /// The mapped file's inode.
+    pub inode: Option<u64>,
+    /// The System V segment's size and key (`shmat`).
+    pub shm: Option<(u64, u64)>,
+    /// The target process of `process_madvise`.
+    pub target_pid: Option<u32>,
+}
+
+/// A memory syscall with its arguments and return value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyscallRecord {
+    pub ts_ns: u64,
+    pub enter_ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub call: Syscall,
+    pub args: [u64; 6],
+    pub ret: i64,
+    pub extra: [u64; 2],
+    pub resolved: Resolved,
+}
+
+impl SyscallRecord {
+    /// The errno when the call failed. `brk` never fails this way: it returns the old break.
+    pub fn errno(&self) -> Option<i32> {
+        (self.call != Syscall::Brk && (-4095..0).contains(&self.ret)).then(|| (-self.ret) as i32)
+    }
+}
+
+/// A user page fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub address: u64,
+    pub ip: u64,
+    /// The x86 error code, or None when the backend cannot know it.
+    pub error_code: Option<u32>,
+}
+
+impl FaultRecord {
+    /// Whether the access was a write (None: unknown).
+    pub fn write(&self) -> Option<bool> {
+        self.error_code.map(|c| c & PF_WRITE != 0)
+    }
+
+    /// Whether the page was present (a protection fault).
+    pub fn present(&self) -> bool {
+        self.error_code.is_some_and(|c| c & PF_PROT != 0)
+    }
+}
+
+/// Every event vmatrace handles.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Syscall(SyscallRecord),
+    Fault(FaultRecord),
+    /// `pid` created process `child`; `followed` when the child is traced too.
+    Fork {
+        ts_ns: u64,
+        pid: u32,
+        tid: u32,
+        child: u32,
+        followed: bool,
+    },
+    /// `pid` exec'd `filename`.
+    Exec {
+        ts_ns: u64,
+        pid: u32,
+        tid: u32,
+        filename: String,
+    },
+    /// The last thread of `pid` exited.
+    Exit { ts_ns: u64, pid: u32, tid: u32 },
+}
+
+impl Event {
+    /// The event's time.
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Self::Syscall(s) => s.ts_ns,
+            Self::Fault(f) => f.ts_ns,
+            Self::Fork { ts_ns, .. } | Self::Exec { ts_ns, .. } | Self::Exit { ts_ns, .. } => {
+                *ts_ns
+            }
+        }
+    }
+
+    /// The process the event belongs to.
+    pub fn pid(&self) -> u32 {
+        match self {
+            Self::Syscall(s) => s.pid,
+            Self::Fault(f) => f.pid,
+            Self::Fork { pid, .. } | Self::Exec { pid, .. } | Self::Exit { pid, .. } => *pid,
+        }
+    }
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            need,
+        });
+    }
+    // SAFETY: the length was checked; T is a plain-old-data ABI type read unaligned.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
+    let (pid, tid, ts_ns) = (header.tgid, header.tid, header.ts_ns);
+    Ok(match kind {
+        EventKind::Syscall => {
+            let e: SyscallEvent = read(bytes)?;
+            let call = Syscall::try_from(header.detail).map_err(DecodeError::UnknownSyscall)?;
+            Event::Syscall(SyscallRecord {
+                ts_ns,
+                enter_ts_ns: e.enter_ts_ns,
+                pid,
+                tid,
+                call,
+                args: e.args,
+                ret: e.ret,
+                extra: e.extra,
+                resolved: Resolved::default(),
+            })
+        }
+        EventKind::Fault => {
+            let e: FaultEvent = read(bytes)?;
+            Event::Fault(FaultRecord {
+                ts_ns,
+                pid,
+                tid,
+                address: e.address,
+                ip: e.ip,
+                error_code: (header.detail != FAULT_ERROR_UNKNOWN).then_some(header.detail),
+            })
+        }
+        EventKind::Fork => {
+            let e: ForkEvent = read(bytes)?;
+            Event::Fork {
+                ts_ns,
+                pid,
+                tid,
+                child: e.child_pid,
+                followed: e.followed != 0,
+            }
+        }
+        EventKind::Exec => {
+            let e: ExecEvent = read(bytes)?;
+            let len = e
+                .filename
+                .iter()
+                .position(|&b| b == 0)
+                .unwrap_or(EXEC_FILENAME_LEN);
+            Event::Exec {
+                ts_ns,
+                pid,
+                tid,
+                filename: String::from_utf8_lossy(&e.filename[..len]).into_owned(),
+            }
+        }
+        EventKind::Exit => {
+            let _: ExitEvent = read(bytes)?;
+            Event::Exit { ts_ns, pid, tid }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: test helper over plain-old-data ABI types.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_a_syscall() {
+        let e = SyscallEvent {
+            header: EventHeader {
+                kind: EventKind::Syscall as u32,
+                tgid: 10,
+                tid: 11,
+                detail: Syscall::Mmap as u32,
+                ts_ns: 99,
+            },
+            enter_ts_ns: 98,
+            args: [0, 4096, 3, 0x22, u64::MAX, 0],
+            ret: 0x7f00_0000_0000,
+            extra: [0; 2],
+        };
+        let Event::Syscall(s) = decode(&bytes_of(&e)).expect("decodes") else {
+            panic!("not a syscall")
+        };
+        assert_eq!((s.pid, s.tid, s.call, s.ret), (10, 11, Syscall::Mmap, 0x7f00_0000_0000));
+        assert_eq!(s.errno(), None);
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        assert!(matches!(decode(&[0u8; 10]), Err(DecodeError::Short { .. })));
+        let h = EventHeader {
+            kind: 77,
+            ..EventHeader::default()
+        };
+        assert_eq!(decode(&bytes_of(&h)), Err(DecodeError::UnknownKind(77)));
+        let h = EventHeader {
+            kind: EventKind::Syscall as u32,
+            ..EventHeader::default()
+        };
+        assert!(matches!(decode(&bytes_of(&h)), Err(DecodeError::Short { .. })));
+    }
+
+    #[test]
+    fn failed_calls_carry_errno() {
+        let mut s = SyscallRecord {
+            ts_ns: 0,
+            enter_ts_ns: 0,
+            pid: 1,
+            tid: 1,
+            call: Syscall::Mmap,
+            args: [0; 6],
+            ret: -12,
+            extra: [0; 2],
+            resolved: Resolved::default(),
+        };
+        assert_eq!(s.errno(), Some(12));
+        s.call = Syscall::Brk;
+        assert_eq!(s.errno(), None);
+    }
+}

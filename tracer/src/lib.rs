@@ -1,0 +1,18 @@
+//! vmatrace: an eBPF tracer of a process's memory syscalls, page faults and VMAs.
+//!
+//! Data flow: `probe` (eBPF load, attach, ring buffer) -> `event` (typed events) -> `session`
+//! (one address space per process) -> `model` (pure VMA and page model) -> `output`.
+//! `replay` feeds recorded events into the same `session`.
+
+pub mod cli;
+pub mod clock;
+pub mod event;
+pub mod flags;
+pub mod launch;
+pub mod model;
+pub mod output;
+pub mod probe;
+pub mod procfs;
+pub mod replay;
+pub mod run;
+pub mod session;

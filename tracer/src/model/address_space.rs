@@ -1,0 +1,577 @@
+//! One process's address space: its VMAs, its heap (`brk`), its touched pages and its history.
+//! Each operation applies one syscall or fault with the kernel's semantics and returns its
+//! [`Effect`]. No I/O here: callers resolve file names and segment sizes first.
+
+use std::collections::BTreeMap;
+
+use super::{
+    pages::{PageCounts, Pages, Touch, TouchKind},
+    timeline::{self, Cause, Change, Timeline},
+    vma::{Backing, PAGE_SHIFT, Perms, Vma, page_align_down, page_align_up},
+};
+
+/// `madvise` advice values that release pages.
+pub const MADV_DONTNEED: u64 = 4;
+pub const MADV_FREE: u64 = 8;
+pub const MADV_REMOVE: u64 = 9;
+pub const MADV_DONTNEED_LOCKED: u64 = 24;
+/// `mremap` flags.
+pub const MREMAP_MAYMOVE: u64 = 1;
+pub const MREMAP_FIXED: u64 = 2;
+pub const MREMAP_DONTUNMAP: u64 = 4;
+
+/// What an operation did to the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum EffectKind {
+    /// The call failed (or changed nothing).
+    #[default]
+    None,
+    /// A new VMA in a free range.
+    Created,
+    /// A new VMA over existing ones (`MAP_FIXED`).
+    Replaced,
+    Unmapped,
+    Grown,
+    Shrunk,
+    Moved,
+    Protected,
+    /// Pages released (`madvise`), the map unchanged.
+    Released,
+    /// Advice recorded, nothing released.
+    Advised,
+}
+
+impl EffectKind {
+    /// The name used in output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Created => "created",
+            Self::Replaced => "replaced",
+            Self::Unmapped => "unmapped",
+            Self::Grown => "grown",
+            Self::Shrunk => "shrunk",
+            Self::Moved => "moved",
+            Self::Protected => "protected",
+            Self::Released => "released",
+            Self::Advised => "advised",
+        }
+    }
+}
+
+/// The effect of one operation on the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Effect {
+    pub kind: EffectKind,
+    /// The range the operation produced or acted on.
+    pub start: u64,
+    pub end: u64,
+    /// For moves: where the range came from.
+    pub from: Option<u64>,
+    /// Bytes of existing VMAs removed (munmap, MAP_FIXED, shrink).
+    pub unmapped_bytes: u64,
+    /// Touched pages released.
+    pub released_pages: u64,
+    /// VMAs the operation split.
+    pub splits: u32,
+}
+
+impl Effect {
+    fn new(kind: EffectKind, start: u64, end: u64) -> Self {
+        Self {
+            kind,
+            start,
+            end,
+            ..Self::default()
+        }
+    }
+}
+
+/// What a page fault did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultEffect {
+    pub touch: Touch,
+    /// Start of the VMA that took the fault (after any stack growth).
+    pub vma_start: Option<u64>,
+    /// The stack grew down to this address.
+    pub stack_grown_to: Option<u64>,
+}
+
+/// The heap's bounds: `start_brk` and the current (unaligned) program break.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Brk {
+    pub start: u64,
+    pub current: u64,
+}
+
+/// The model of one address space.
+#[derive(Clone, Debug, Default)]
+pub struct AddressSpace {
+    vmas: BTreeMap<u64, Vma>,
+    pages: Pages,
+    brk: Option<Brk>,
+    timeline: Timeline,
+    /// Highest heap end seen (bytes past `start_brk`).
+    pub heap_high_water: u64,
+    /// Faults on addresses no VMA covers (the model has drifted, or the process will crash).
+    pub faults_outside: u64,
+}
+
+impl AddressSpace {
+    /// An address space seeded from its VMAs (usually `/proc/PID/maps`) and its heap start
+    /// (`start_brk` from `/proc/PID/stat`).
+    pub fn seeded(vmas: impl IntoIterator<Item = Vma>, start_brk: Option<u64>, ts: u64) -> Self {
+        let mut s = Self::default();
+        s.seed(vmas, start_brk, ts);
+        s
+    }
+
+
+    /// Replaces everything with a new seed (also used after exec): the old map is unmapped in
+    /// the history, pages and heap are forgotten.
+    pub fn seed(&mut self, vmas: impl IntoIterator<Item = Vma>, start_brk: Option<u64>, ts: u64) {
+        self.clear(ts, Cause::Exec);
+        let mut heap_end = None;
+        for v in vmas {
+            if v.backing == Backing::Heap {
+                heap_end = Some(heap_end.map_or(v.end, |e: u64| e.max(v.end)));
+            }
+            self.place(ts, Cause::Seed, v);
+        }
+        self.brk = start_brk.map(|start| Brk {
+            start,
+            current: heap_end.unwrap_or(start).max(start),
+        });
+        self.heap_high_water = self.heap_size();
+    }
+
+    /// Forgets the whole map (exec, or the start of a seed).
+    pub fn clear(&mut self, ts: u64, cause: Cause) {
+        let bounds = self
+            .vmas
+            .values()
+            .next()
+            .map(|v| v.start)
+            .zip(self.vmas.values().next_back().map(|v| v.end));
+        if let Some((start, end)) = bounds {
+            self.unmap_range(ts, cause, start, end);
+        }
+        self.pages = Pages::default();
+        self.brk = None;
+        self.heap_high_water = 0;
+    }
+
+    /// The VMAs in address order.
+    pub fn vmas(&self) -> impl Iterator<Item = &Vma> {
+        self.vmas.values()
+    }
+
+    /// Number of VMAs.
+    pub fn vma_count(&self) -> usize {
+        self.vmas.len()
+    }
+
+    /// The VMA containing `addr`.
+    pub fn find(&self, addr: u64) -> Option<&Vma> {
+        self.vmas
+            .range(..=addr)
+            .next_back()
+            .map(|(_, v)| v)
+            .filter(|v| v.end > addr)
+    }
+
+    /// Touched-page counts in `[start, end)`.
+    pub fn pages_in(&self, start: u64, end: u64) -> PageCounts {
+        self.pages.count(start >> PAGE_SHIFT, page_align_up(end) >> PAGE_SHIFT)
+    }
+
+    /// The page map (for whole-space counters such as refaults).
+    pub fn pages(&self) -> &Pages {
+        &self.pages
+    }
+
+    /// The heap bounds, when known.
+    pub fn heap(&self) -> Option<Brk> {
+        self.brk
+    }
+
+    /// Current heap size in bytes (page aligned, as the heap VMA).
+    pub fn heap_size(&self) -> u64 {
+        self.brk
+            .map_or(0, |b| page_align_up(b.current).saturating_sub(b.start))
+    }
+
+    /// The history of this address space.
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// A copy for a forked child: same map and pages, a history that starts at the fork.
+    pub fn fork(&self, ts: u64) -> Self {
+        let mut child = Self {
+            pages: self.pages.clone(),
+            brk: self.brk,
+            heap_high_water: self.heap_high_water,
+            ..Self::default()
+        };
+        for v in self.vmas.values() {
+            child.place(ts, Cause::Fork, v.clone());
+        }
+        child
+    }
+
+    /// `mmap` that returned `addr`: a new VMA of `len` bytes, replacing whatever was there
+    /// (`MAP_FIXED`).
+    pub fn mmap(&mut self, ts: u64, addr: u64, len: u64, perms: Perms, backing: Backing, offset: u64) -> Effect {
+        let end = addr.saturating_add(page_align_up(len));
+        let mut e = self.unmap_range(ts, Cause::Mmap, addr, end);
+        e.kind = if e.unmapped_bytes > 0 {
+            EffectKind::Replaced
+        } else {
+            EffectKind::Created
+        };
+        e.start = addr;
+        e.end = end;
+        self.place(
+            ts,
+            Cause::Mmap,
+            Vma {
+                start: addr,
+                end,
+                perms,
+                offset,
+                backing,
+                created_ns: ts,
+            },
+        );
+        e
+    }
+
+    /// `munmap(addr, len)` that succeeded.
+    pub fn munmap(&mut self, ts: u64, addr: u64, len: u64) -> Effect {
+        let end = addr.saturating_add(page_align_up(len));
+        let mut e = self.unmap_range(ts, Cause::Munmap, addr, end);
+        e.kind = if e.unmapped_bytes > 0 {
+            EffectKind::Unmapped
+        } else {
+            EffectKind::None
+        };
+        e
+    }
+
+    /// `brk` that returned `new_brk`. The first call teaches the model the heap start when it
+    /// was not seeded; a failed grow returns the old break and changes nothing.
+    pub fn brk(&mut self, ts: u64, new_brk: u64) -> Effect {
+        let Some(old) = self.brk else {
+            self.brk = Some(Brk {
+                start: new_brk,
+                current: new_brk,
+            });
+            return Effect::new(EffectKind::None, new_brk, new_brk);
+        };
+        let start = old.start;
+        let new_brk = new_brk.max(start);
+        let old_end = page_align_up(old.current);
+        let new_end = page_align_up(new_brk);
+        self.brk = Some(Brk {
+            start,
+            current: new_brk,
+        });
+        if new_end > old_end {
+            let perms = self
+                .find(old_end.saturating_sub(1))
+                .filter(|v| v.backing == Backing::Heap)
+                .map_or(Perms::from_prot(3, false), |v| v.perms);
+            let mut e = self.unmap_range(ts, Cause::Brk, old_end, new_end);
+            self.place(
+                ts,
+                Cause::Brk,
+                Vma {
+                    start: old_end,
+                    end: new_end,
+                    perms,
+                    offset: 0,
+                    backing: Backing::Heap,
+                    created_ns: ts,
+                },
+            );
+            self.heap_high_water = self.heap_high_water.max(new_end - start);
+            e.kind = EffectKind::Grown;
+            e.start = start;
+            e.end = new_end;
+            e
+        } else if new_end < old_end {
+            let mut e = self.unmap_range(ts, Cause::Brk, new_end, old_end);
+            e.kind = EffectKind::Shrunk;
+            e.start = start;
+            e.end = new_end;
+            e
+        } else {
+            Effect::new(EffectKind::None, start, new_end)
+        }
+    }
+
+    /// `mremap(old, old_len, new_len, flags, ..)` that returned `new_addr`.
+    pub fn mremap(&mut self, ts: u64, old: u64, old_len: u64, new_len: u64, flags: u64, new_addr: u64) -> Effect {
+        let old_len = page_align_up(old_len);
+        let new_len = page_align_up(new_len);
+        let old_end = old.saturating_add(old_len);
+        if new_addr == old {
+            if new_len < old_len {
+                let mut e = self.unmap_range(ts, Cause::Mremap, old + new_len, old_end);
+                e.kind = EffectKind::Shrunk;
+                e.start = old;
+                e.end = old + new_len;
+                return e;
+            }
+            if new_len > old_len {
+                let Some(template) = self.find(old_end.saturating_sub(1)).cloned() else {
+                    return Effect::default();
+                };
+                let grown = Vma {
+                    start: old_end,
+                    end: old + new_len,
+                    offset: template.offset + (old_end - template.start),
+                    created_ns: ts,
+                    ..template
+                };
+                self.place(ts, Cause::Mremap, grown);
+                return Effect::new(EffectKind::Grown, old, old + new_len);
+            }
+            return Effect::new(EffectKind::None, old, old_end);
+        }
+        // Moved.
+        let new_end = new_addr.saturating_add(new_len);
+        let mut e = self.unmap_range(ts, Cause::Mremap, new_addr, new_end);
+        let pieces: Vec<Vma> = if old_len == 0 {
+            // Duplicate of a shared mapping: the old one stays.
+            self.find(old).map(|v| v.slice(old, v.end)).into_iter().collect()
+        } else {
+            let pieces = timeline::carve(&mut self.vmas, old, old_end);
+            self.timeline.push(ts, Cause::Mremap, Change::Unmapped { start: old, end: old_end });
+            pieces
+        };
+        let keep = old_len.min(new_len);
+        if old_len > 0 {
+            // Pages beyond the new length are released; the rest move.
+            e.released_pages += self.pages.release(
+                (old + keep) >> PAGE_SHIFT,
+                old_end >> PAGE_SHIFT,
+                ts,
+            );
+            self.pages
+                .relocate(old >> PAGE_SHIFT, (old + keep) >> PAGE_SHIFT, new_addr >> PAGE_SHIFT);
+        }
+        let mut last = None;
+        for p in &pieces {
+            let start = new_addr + (p.start - old);
+            let end = (new_addr + (p.end - old)).min(new_end);
+            if start >= end {
+                continue;
+            }
+            let moved = Vma {
+                start,
+                end,
+                ..p.clone()
+            };
+            last = Some(moved.clone());
+            self.place(ts, Cause::Mremap, moved);
+        }
+        if let Some(last) = last
+            && last.end < new_end
+        {
+            let tail = Vma {
+                start: last.end,
+                end: new_end,
+                offset: last.offset + last.len(),
+                created_ns: ts,
+                ..last
+            };
+            self.place(ts, Cause::Mremap, tail);
+        }
+        if flags & MREMAP_DONTUNMAP != 0 && old_len > 0 {
+            // The old range stays mapped, emptied of its pages.
+            for p in pieces {
+                self.place(ts, Cause::Mremap, p);
+            }
+        }
+        e.kind = EffectKind::Moved;
+        e.start = new_addr;
+        e.end = new_end;
+        e.from = Some(old);
+        e
+    }
+
+    /// `mprotect(addr, len, prot)` (or `pkey_mprotect`) that succeeded.
+    pub fn mprotect(&mut self, ts: u64, addr: u64, len: u64, prot: u64) -> Effect {
+        let end = addr.saturating_add(page_align_up(len));
+        let splits = self.boundary_splits(addr, end);
+        let pieces = timeline::carve(&mut self.vmas, addr, end);
+        if pieces.is_empty() {
+            return Effect::default();
+        }
+        self.timeline.push(ts, Cause::Mprotect, Change::Unmapped { start: addr, end });
+        for mut p in pieces {
+            p.perms = Perms::from_prot(prot, p.perms.shared);
+            self.place(ts, Cause::Mprotect, p);
+        }
+        let mut e = Effect::new(EffectKind::Protected, addr, end);
+        e.splits = splits;
+        e
+    }
+
+    /// `madvise(addr, len, advice)` that succeeded. Releasing advices drop the touched pages.
+    pub fn madvise(&mut self, ts: u64, addr: u64, len: u64, advice: u64) -> Effect {
+        let end = addr.saturating_add(page_align_up(len));
+        match advice {
+            MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED => {
+                let mut e = Effect::new(EffectKind::Released, addr, end);
+                e.released_pages = self.pages.release(addr >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
+                e
+            }
+            _ => Effect::new(EffectKind::Advised, addr, end),
+        }
+    }
+
+    /// `shmat` that attached a segment of `size` bytes (System V key `key`) at `addr`.
+    pub fn shmat(&mut self, ts: u64, addr: u64, size: u64, key: u64, read_only: bool, exec: bool) -> Effect {
+        let end = addr.saturating_add(page_align_up(size));
+        let mut e = self.unmap_range(ts, Cause::Shmat, addr, end);
+        let perms = Perms {
+            read: true,
+            write: !read_only,
+            exec,
+            shared: true,
+        };
+        self.place(
+            ts,
+            Cause::Shmat,
+            Vma {
+                start: addr,
+                end,
+                perms,
+                offset: 0,
+                backing: Backing::Shm { key },
+                created_ns: ts,
+            },
+        );
+        e.kind = EffectKind::Created;
+        e.start = addr;
+        e.end = end;
+        e
+    }
+
+    /// `shmdt(addr)` that succeeded: the segment's VMAs starting at `addr` go.
+    pub fn shmdt(&mut self, ts: u64, addr: u64) -> Effect {
+        let Some(first) = self.find(addr).filter(|v| v.start == addr).cloned() else {
+            return Effect::default();
+        };
+        let mut end = first.end;
+        while let Some(next) = self.vmas.get(&end).filter(|v| v.backing == first.backing) {
+            end = next.end;
+        }
+        let mut e = self.unmap_range(ts, Cause::Shmdt, addr, end);
+        e.kind = EffectKind::Unmapped;
+        e
+    }
+
+    /// A user page fault at `addr`. `write` is None when the backend cannot tell.
+    pub fn fault(&mut self, ts: u64, addr: u64, write: Option<bool>, present: bool) -> FaultEffect {
+        let mut stack_grown_to = None;
+        if self.find(addr).is_none() {
+            let stack = self
+                .vmas
+                .range(addr..)
+                .next()
+                .map(|(_, v)| v)
+                .filter(|v| v.backing == Backing::Stack)
+                .cloned();
+            match stack {
+                Some(stack) => {
+                    let start = page_align_down(addr);
+                    self.place(
+                        ts,
+                        Cause::StackGrowth,
+                        Vma {
+                            start,
+                            end: stack.start,
+                            created_ns: ts,
+                            ..stack
+                        },
+                    );
+                    stack_grown_to = Some(start);
+                }
+                None => {
+                    self.faults_outside += 1;
+                    return FaultEffect {
+                        touch: Touch::Again,
+                        vma_start: None,
+                        stack_grown_to: None,
+                    };
+                }
+            }
+        }
+        let Some(vma) = self.find(addr) else {
+            return FaultEffect {
+                touch: Touch::Again,
+                vma_start: None,
+                stack_grown_to,
+            };
+        };
+        let kind = classify(vma, write, present);
+        let vma_start = Some(vma.start);
+        let touch = self.pages.touch(addr >> PAGE_SHIFT, ts, kind);
+        FaultEffect {
+            touch,
+            vma_start,
+            stack_grown_to,
+        }
+    }
+
+    /// Removes `[start, end)` from the map, releasing its pages; the effect counts what went.
+    fn unmap_range(&mut self, ts: u64, cause: Cause, start: u64, end: u64) -> Effect {
+        let splits = self.boundary_splits(start, end);
+        let removed = timeline::carve(&mut self.vmas, start, end);
+        let mut e = Effect::new(EffectKind::None, start, end);
+        if removed.is_empty() {
+            return e;
+        }
+        self.timeline.push(ts, cause, Change::Unmapped { start, end });
+        e.unmapped_bytes = removed.iter().map(Vma::len).sum();
+        e.released_pages = self.pages.release(start >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
+        e.splits = splits;
+        e
+    }
+
+    /// How many VMAs `[start, end)` cuts in two (0, 1 or 2; 1 when one VMA covers both ends
+    /// and is cut into three).
+    fn boundary_splits(&self, start: u64, end: u64) -> u32 {
+        let cuts = |a: u64| self.find(a).is_some_and(|v| v.start < a);
+        u32::from(cuts(start)) + u32::from(cuts(end))
+    }
+
+    /// Places a VMA into a free range (merging) and records it.
+    fn place(&mut self, ts: u64, cause: Cause, vma: Vma) {
+        if vma.is_empty() {
+            return;
+        }
+        self.timeline.push(ts, cause, Change::Mapped(vma.clone()));
+        timeline::insert_merging(&mut self.vmas, vma);
+    }
+}
+
+/// Which kind of page a fault gives, from the VMA and the access (see [`TouchKind`]).
+pub fn classify(vma: &Vma, write: Option<bool>, present: bool) -> TouchKind {
+    let private_anon = !vma.perms.shared && vma.backing.is_anonymous();
+    match (vma.perms.shared, write) {
+        (true, _) => TouchKind::File,
+        (false, Some(true)) => TouchKind::Anon,
+        // A read of private anonymous memory maps the zero page; unknown access (perf-event
+        // backend) is taken as a write there, since almost every first touch of fresh
+        // anonymous memory in practice is a write.
+        (false, None) if private_anon => TouchKind::Anon,
+        (false, _) if private_anon && !present => TouchKind::Zero,
+        (false, _) if private_anon => TouchKind::Anon,
+        (false, _) => TouchKind::File,
+    }
+}

@@ -1,0 +1,12 @@
+//! The pure address-space model: VMAs, heap, touched pages and history, rebuilt from events.
+//! Nothing here does I/O; `session` feeds it and `procfs` seeds it.
+
+pub mod address_space;
+pub mod normalize;
+pub mod pages;
+pub mod timeline;
+pub mod vma;
+
+pub use address_space::{AddressSpace, Effect, EffectKind, FaultEffect};
+pub use pages::{PageCounts, Touch, TouchKind};
+pub use vma::{Backing, PAGE_SIZE, Perms, Vma};

@@ -1,0 +1,389 @@
+//! Human output: one line per memory syscall with decoded flags and its effect on the map,
+//! first touches coalesced per VMA per timer tick, snapshot tables and the summary.
+
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+};
+
+use tracer_common::Syscall;
+
+use super::{FaultFilter, LossSummary, Sink, Summary, report::vma_rows, show_fault};
+use crate::{
+    event::{Event, SyscallRecord},
+    flags::{self, size},
+    model::{EffectKind, PAGE_SIZE, Touch},
+    session::{Applied, Process, Session},
+};
+
+/// Writes human-readable lines.
+pub struct HumanSink<W: Write> {
+    out: W,
+    faults: FaultFilter,
+    color: bool,
+    start_ns: u64,
+    /// Coalesced first touches: (pid, vma start) -> (pages, label).
+    touches: BTreeMap<(u32, u64), (u64, String)>,
+}
+
+impl<W: Write> HumanSink<W> {
+    /// A sink writing to `out`; `color` adds ANSI colours (only for a terminal).
+    pub fn new(out: W, faults: FaultFilter, color: bool, start_ns: u64) -> Self {
+        Self {
+            out,
+            faults,
+            color,
+            start_ns,
+            touches: BTreeMap::new(),
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+
+    fn time(&self, ts: u64) -> String {
+        format!("{:>11.6}", ts.saturating_sub(self.start_ns) as f64 / 1e9)
+    }
+
+    fn flush_touches(&mut self) -> io::Result<()> {
+        let touches = std::mem::take(&mut self.touches);
+        for ((pid, start), (pages, label)) in touches {
+            let line = format!(
+                "{} [{pid}] first touch: {pages} pages ({}) of {label} at {start:#x}",
+                " ".repeat(11),
+                size(pages * PAGE_SIZE)
+            );
+            writeln!(self.out, "{}", self.paint("2", &line))?;
+        }
+        Ok(())
+    }
+}
+
+fn addr(a: u64) -> String {
+    if a == 0 {
+        "NULL".into()
+    } else {
+        format!("{a:#x}")
+    }
+}
+
+fn len(l: u64) -> String {
+    size(l).to_string()
+}
+
+/// `mmap(NULL, 64 KiB, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0)`.
+pub fn call_text(s: &SyscallRecord) -> String {
+    let [a0, a1, a2, a3, a4, a5] = s.args;
+    let args = match s.call {
+        Syscall::Brk => addr(a0),
+        Syscall::Mmap => format!(
+            "{}, {}, {}, {}, {}, {a5:#x}",
+            addr(a0),
+            len(a1),
+            flags::prot(a2),
+            flags::map(a3),
+            a4 as i64 as i32
+        ),
+        Syscall::Munmap => format!("{}, {}", addr(a0), len(a1)),
+        Syscall::Mremap => format!(
+            "{}, {}, {}, {}, {}",
+            addr(a0),
+            len(a1),
+            len(a2),
+            flags::mremap(a3),
+            addr(a4)
+        ),
+        Syscall::Mprotect => format!("{}, {}, {}", addr(a0), len(a1), flags::prot(a2)),
+        Syscall::PkeyMprotect => format!(
+            "{}, {}, {}, {}",
+            addr(a0),
+            len(a1),
+            flags::prot(a2),
+            a3 as i64
+        ),
+        Syscall::Madvise => format!("{}, {}, {}", addr(a0), len(a1), flags::madvise(a2)),
+        Syscall::ProcessMadvise => format!(
+            "{}, [{{{}, {}}}], {a2}, {}, {a4}",
+            a0 as i64,
+            addr(s.extra[0]),
+            len(s.extra[1]),
+            flags::madvise(a3)
+        ),
+        Syscall::Shmat => format!("{}, {}, {a2:#o}", a0 as i64, addr(a1)),
+        Syscall::Shmdt => addr(a0),
+    };
+    let ret = match s.errno() {
+        Some(e) => format!("-1 {}", flags::errno(e)),
+        None if matches!(s.call, Syscall::Brk | Syscall::Mmap | Syscall::Mremap | Syscall::Shmat) => {
+            format!("{:#x}", s.ret as u64)
+        }
+        None => s.ret.to_string(),
+    };
+    let mut text = format!("{}({args}) = {ret}", s.call.name());
+    if let Some(p) = &s.resolved.path {
+        text.push_str(&format!(" <{p}>"));
+    }
+    text
+}
+
+/// What the effect did, in words.
+pub fn effect_text(applied: &Applied) -> Option<String> {
+    let Applied::Syscall { effect: e, .. } = applied else {
+        return None;
+    };
+    let range = format!("{:#x}-{:#x}", e.start, e.end);
+    let text = match e.kind {
+        EffectKind::None => return None,
+        EffectKind::Created => format!("new VMA {range} ({})", size(e.end - e.start)),
+        EffectKind::Replaced => format!(
+            "new VMA {range} ({}) over {} of existing mappings",
+            size(e.end - e.start),
+            size(e.unmapped_bytes)
+        ),
+        EffectKind::Unmapped => format!("unmapped {}", size(e.unmapped_bytes)),
+        EffectKind::Grown => format!("grown to {range} ({})", size(e.end - e.start)),
+        EffectKind::Shrunk => format!("shrunk to {range} ({})", size(e.end - e.start)),
+        EffectKind::Moved => format!(
+            "moved {:#x} -> {range} ({})",
+            e.from.unwrap_or(0),
+            size(e.end - e.start)
+        ),
+        EffectKind::Protected => format!("protection changed on {range}"),
+        EffectKind::Released => format!(
+            "released {} pages ({})",
+            e.released_pages,
+            size(e.released_pages * PAGE_SIZE)
+        ),
+        EffectKind::Advised => "advice recorded".to_string(),
+    };
+    let mut extra = Vec::new();
+    if e.splits > 0 {
+        extra.push(format!("{} split", e.splits));
+    }
+    if e.released_pages > 0 && e.kind != EffectKind::Released {
+        extra.push(format!("{} touched pages released", e.released_pages));
+    }
+    Some(if extra.is_empty() {
+        text
+    } else {
+        format!("{text}; {}", extra.join(", "))
+    })
+}
+
+impl<W: Write> Sink for HumanSink<W> {
+    fn start(&mut self, fault_backend: &str) -> io::Result<()> {
+        log::info!("tracing (fault events: {fault_backend}); Ctrl-C to stop");
+        Ok(())
+    }
+
+    fn event(&mut self, event: &Event, applied: &Applied, session: &Session) -> io::Result<()> {
+        if matches!(applied, Applied::Ignored) {
+            return Ok(());
+        }
+        match event {
+            Event::Syscall(s) => {
+                self.flush_touches()?;
+                let call = call_text(s);
+                let call = if s.errno().is_some() {
+                    self.paint("31", &call)
+                } else {
+                    call
+                };
+                let effect = effect_text(applied)
+                    .map(|t| format!("  {}", self.paint("36", &format!("-> {t}"))))
+                    .unwrap_or_default();
+                let pid = if s.pid == s.tid {
+                    format!("[{}]", s.pid)
+                } else {
+                    format!("[{}/{}]", s.pid, s.tid)
+                };
+                writeln!(self.out, "{} {pid} {call}{effect}", self.time(s.ts_ns))?;
+            }
+            Event::Fault(f) => {
+                if !show_fault(self.faults, applied) {
+                    return Ok(());
+                }
+                let Applied::Fault(fe) = applied else {
+                    return Ok(());
+                };
+                if self.faults == FaultFilter::All {
+                    let what = match fe.touch {
+                        Touch::First { kind, .. } => format!("first touch ({})", kind.name()),
+                        Touch::Upgraded { from } => format!("copy on write from {}", from.name()),
+                        Touch::Again => "again".into(),
+                    };
+                    writeln!(
+                        self.out,
+                        "{} [{}/{}] fault {:#x} ip {:#x} {what}",
+                        self.time(f.ts_ns),
+                        f.pid,
+                        f.tid,
+                        f.address,
+                        f.ip
+                    )?;
+                } else if let Some(start) = fe.vma_start {
+                    let label = session
+                        .get(f.pid)
+                        .and_then(|p| p.space.find(start))
+                        .map(|v| {
+                            v.backing
+                                .path(v.perms.shared)
+                                .unwrap_or_else(|| "anonymous memory".into())
+                        })
+                        .unwrap_or_default();
+                    self.touches.entry((f.pid, start)).or_insert((0, label)).0 += 1;
+                }
+            }
+            Event::Fork { pid, child, followed, ts_ns, .. } => {
+                let how = if *followed { "followed" } else { "not followed" };
+                writeln!(self.out, "{} [{pid}] fork -> {child} ({how})", self.time(*ts_ns))?;
+            }
+            Event::Exec { pid, filename, ts_ns, .. } => {
+                writeln!(self.out, "{} [{pid}] exec {filename}", self.time(*ts_ns))?;
+            }
+            Event::Exit { pid, ts_ns, .. } => {
+                self.flush_touches()?;
+                writeln!(self.out, "{} [{pid}] exited", self.time(*ts_ns))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, ts_ns: u64, reason: &str, p: &Process) -> io::Result<()> {
+        if reason == "seed" || reason == "exec" {
+            return Ok(());
+        }
+        self.flush_touches()?;
+        writeln!(
+            self.out,
+            "{} [{}] snapshot ({reason}): {} VMAs",
+            self.time(ts_ns),
+            p.pid,
+            p.space.vma_count()
+        )?;
+        writeln!(
+            self.out,
+            "  {:<33} {:<4} {:>10} {:>10} {:>10}  path",
+            "range", "perm", "reserved", "touched", "anon"
+        )?;
+        for r in vma_rows(p) {
+            writeln!(
+                self.out,
+                "  {:>16x}-{:<16x} {:<4} {:>10} {:>10} {:>10}  {}",
+                r.start,
+                r.end,
+                r.perms,
+                size(r.reserved_bytes),
+                size(r.touched_bytes),
+                size(r.anon_bytes),
+                r.path.as_deref().unwrap_or("")
+            )?;
+        }
+        Ok(())
+    }
+
+    fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
+        let line = format!(
+            "{} LOST {} events (syscalls {}, faults {}, lifecycle {}, unsaved entries {})",
+            self.time(ts_ns),
+            delta.total_lost(),
+            delta.lost_syscall,
+            delta.lost_fault,
+            delta.lost_lifecycle,
+            delta.pending_full
+        );
+        writeln!(self.out, "{}", self.paint("1;31", &line))
+    }
+
+    fn drift(&mut self, ts_ns: u64, pid: u32, lines: &[String]) -> io::Result<()> {
+        let line = format!(
+            "{} [{pid}] model differs from /proc/{pid}/maps:",
+            self.time(ts_ns)
+        );
+        writeln!(self.out, "{}", self.paint("33", &line))?;
+        for l in lines {
+            writeln!(self.out, "    {l}")?;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self, _session: &Session) -> io::Result<()> {
+        self.flush_touches()?;
+        self.out.flush()
+    }
+
+    fn summary(&mut self, _ts_ns: u64, s: &Summary) -> io::Result<()> {
+        self.flush_touches()?;
+        writeln!(self.out, "\n=== vmatrace summary ===")?;
+        for p in &s.processes {
+            writeln!(
+                self.out,
+                "process {} ({}){}",
+                p.pid,
+                p.exe.as_deref().unwrap_or("?"),
+                if p.exited { ", exited" } else { "" }
+            )?;
+            writeln!(
+                self.out,
+                "  {} VMAs, reserved {}, touched {} ({} anonymous), heap {} (high-water {})",
+                p.vma_count,
+                size(p.reserved_bytes),
+                size(p.touched_bytes),
+                size(p.anon_bytes),
+                size(p.heap_bytes),
+                size(p.heap_high_water_bytes)
+            )?;
+            let calls: Vec<String> = p.syscalls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            writeln!(self.out, "  syscalls: {}", if calls.is_empty() { "none".into() } else { calls.join(", ") })?;
+            if !p.failed_syscalls.is_empty() {
+                let failed: Vec<String> = p.failed_syscalls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                writeln!(self.out, "  failed: {}", failed.join(", "))?;
+            }
+            let touches: Vec<String> = p.first_touches.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            writeln!(
+                self.out,
+                "  faults: {}, first touches: {}, copy-on-write: {}, released pages: {}, refaulted: {}",
+                p.faults,
+                if touches.is_empty() { "0".into() } else { touches.join(", ") },
+                p.cow_upgrades,
+                p.released_pages,
+                p.refaulted_pages
+            )?;
+            writeln!(self.out, "  top VMAs by touched bytes:")?;
+            for r in p.top_vmas.iter().filter(|r| r.touched_bytes > 0).take(10) {
+                writeln!(
+                    self.out,
+                    "    {:>12x}-{:<12x} {} {:>10} of {:>10}  {}",
+                    r.start,
+                    r.end,
+                    r.perms,
+                    size(r.touched_bytes),
+                    size(r.reserved_bytes),
+                    r.path.as_deref().unwrap_or("[anon]")
+                )?;
+            }
+        }
+        let l = &s.lost;
+        writeln!(
+            self.out,
+            "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {})",
+            l.total_lost(),
+            l.lost_syscall,
+            l.lost_fault,
+            l.lost_lifecycle,
+            l.pending_full,
+            l.undecodable
+        )?;
+        self.out.flush()
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_touches()?;
+        self.out.flush()
+    }
+}

@@ -1,0 +1,230 @@
+//! NDJSON output: one complete JSON object per line (schema: `docs/json-schema.md`).
+
+use std::io::{self, Write};
+
+use serde_json::{Value, json};
+use tracer_common::Syscall;
+
+use super::{FaultFilter, LossSummary, Sink, Summary, report::vma_rows, show_fault};
+use crate::{
+    event::{Event, SyscallRecord},
+    flags,
+    model::{Effect, Touch},
+    session::{Applied, Process, Session},
+};
+
+/// The version of the record schema; replay refuses files of another version.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Writes NDJSON records.
+pub struct NdjsonSink<W: Write> {
+    out: W,
+    faults: FaultFilter,
+}
+
+impl<W: Write> NdjsonSink<W> {
+    /// A sink writing to `out`, showing faults as `faults` says.
+    pub fn new(out: W, faults: FaultFilter) -> Self {
+        Self { out, faults }
+    }
+
+    fn line(&mut self, v: &Value) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, v)?;
+        self.out.write_all(b"\n")
+    }
+}
+
+fn effect_json(e: &Effect) -> Value {
+    json!({
+        "kind": e.kind.name(),
+        "start": e.start,
+        "end": e.end,
+        "from": e.from,
+        "unmapped_bytes": e.unmapped_bytes,
+        "released_pages": e.released_pages,
+        "splits": e.splits,
+    })
+}
+
+/// The named arguments of a syscall record (the raw ones are in `args`).
+fn named_args(s: &SyscallRecord) -> Value {
+    let [a0, a1, a2, a3, a4, a5] = s.args;
+    match s.call {
+        Syscall::Brk => json!({ "addr": a0 }),
+        Syscall::Mmap => json!({
+            "addr": a0, "len": a1, "prot": flags::prot(a2), "flags": flags::map(a3),
+            "fd": a4 as i64 as i32, "offset": a5,
+        }),
+        Syscall::Munmap => json!({ "addr": a0, "len": a1 }),
+        Syscall::Mremap => json!({
+            "addr": a0, "old_len": a1, "new_len": a2, "flags": flags::mremap(a3), "new_addr": a4,
+        }),
+        Syscall::Mprotect => json!({ "addr": a0, "len": a1, "prot": flags::prot(a2) }),
+        Syscall::PkeyMprotect => json!({ "addr": a0, "len": a1, "prot": flags::prot(a2), "pkey": a3 as i64 }),
+        Syscall::Madvise => json!({ "addr": a0, "len": a1, "advice": flags::madvise(a2) }),
+        Syscall::ProcessMadvise => json!({
+            "pidfd": a0 as i64, "vlen": a2, "advice": flags::madvise(a3),
+            "addr": s.extra[0], "len": s.extra[1],
+        }),
+        Syscall::Shmat => json!({ "shmid": a0 as i64, "addr": a1, "shmflg": a2 }),
+        Syscall::Shmdt => json!({ "addr": a0 }),
+    }
+}
+
+/// The JSON record of an event.
+pub fn event_json(event: &Event, applied: &Applied) -> Value {
+    match event {
+        Event::Syscall(s) => {
+            let mut v = json!({
+                "type": s.call.name(),
+                "ts_ns": s.ts_ns,
+                "enter_ts_ns": s.enter_ts_ns,
+                "pid": s.pid,
+                "tid": s.tid,
+                "args": s.args,
+                "ret": s.ret,
+                "errno": s.errno().map(flags::errno),
+                "extra": s.extra,
+                "path": s.resolved.path,
+                "inode": s.resolved.inode,
+                "shm_size": s.resolved.shm.map(|(size, _)| size),
+                "shm_key": s.resolved.shm.map(|(_, key)| key),
+                "target_pid": s.resolved.target_pid,
+            });
+            if let (Value::Object(m), Value::Object(named)) = (&mut v, named_args(s)) {
+                for (k, val) in named {
+                    m.entry(k).or_insert(val);
+                }
+                m.insert(
+                    "effect".into(),
+                    match applied {
+                        Applied::Syscall { effect, .. } => effect_json(effect),
+                        _ => Value::Null,
+                    },
+                );
+            }
+            v
+        }
+        Event::Fault(f) => {
+            let (first, kind, upgraded, vma, stack) = match applied {
+                Applied::Fault(fe) => match fe.touch {
+                    Touch::First { kind, refault } => (
+                        true,
+                        Some(kind.name()),
+                        refault,
+                        fe.vma_start,
+                        fe.stack_grown_to,
+                    ),
+                    Touch::Upgraded { .. } => (false, Some("anon"), true, fe.vma_start, fe.stack_grown_to),
+                    Touch::Again => (false, None, false, fe.vma_start, fe.stack_grown_to),
+                },
+                _ => (false, None, false, None, None),
+            };
+            json!({
+                "type": "fault",
+                "ts_ns": f.ts_ns,
+                "pid": f.pid,
+                "tid": f.tid,
+                "address": f.address,
+                "ip": f.ip,
+                "error_code": f.error_code,
+                "first_touch": first,
+                "page_kind": kind,
+                "changed": upgraded,
+                "vma_start": vma,
+                "stack_grown_to": stack,
+            })
+        }
+        Event::Fork {
+            ts_ns,
+            pid,
+            tid,
+            child,
+            followed,
+        } => json!({
+            "type": "fork", "ts_ns": ts_ns, "pid": pid, "tid": tid,
+            "child": child, "followed": followed,
+        }),
+        Event::Exec {
+            ts_ns,
+            pid,
+            tid,
+            filename,
+        } => json!({ "type": "exec", "ts_ns": ts_ns, "pid": pid, "tid": tid, "filename": filename }),
+        Event::Exit { ts_ns, pid, tid } => {
+            json!({ "type": "exit", "ts_ns": ts_ns, "pid": pid, "tid": tid })
+        }
+    }
+}
+
+/// The JSON record of a snapshot.
+pub fn snapshot_json(ts_ns: u64, reason: &str, p: &Process) -> Value {
+    let brk = p.space.heap();
+    json!({
+        "type": "snapshot",
+        "ts_ns": ts_ns,
+        "pid": p.pid,
+        "reason": reason,
+        "exe": p.exe,
+        "brk_start": brk.map(|b| b.start),
+        "brk": brk.map(|b| b.current),
+        "vmas": vma_rows(p),
+    })
+}
+
+impl<W: Write> Sink for NdjsonSink<W> {
+    fn start(&mut self, fault_backend: &str) -> io::Result<()> {
+        self.line(&json!({
+            "type": "meta",
+            "ts_ns": crate::clock::monotonic_ns(),
+            "version": SCHEMA_VERSION,
+            "tool": concat!("vmatrace ", env!("CARGO_PKG_VERSION")),
+            "fault_backend": fault_backend,
+            "faults": format!("{:?}", self.faults).to_lowercase(),
+        }))
+    }
+
+    fn event(&mut self, event: &Event, applied: &Applied, _session: &Session) -> io::Result<()> {
+        if matches!(applied, Applied::Ignored) {
+            return Ok(());
+        }
+        if matches!(event, Event::Fault(_)) && !show_fault(self.faults, applied) {
+            return Ok(());
+        }
+        self.line(&event_json(event, applied))
+    }
+
+    fn snapshot(&mut self, ts_ns: u64, reason: &str, p: &Process) -> io::Result<()> {
+        self.line(&snapshot_json(ts_ns, reason, p))
+    }
+
+    fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
+        let mut v = serde_json::to_value(delta).map_err(io::Error::other)?;
+        if let Value::Object(m) = &mut v {
+            m.insert("type".into(), json!("lost"));
+            m.insert("ts_ns".into(), json!(ts_ns));
+        }
+        self.line(&v)
+    }
+
+    fn drift(&mut self, ts_ns: u64, pid: u32, lines: &[String]) -> io::Result<()> {
+        self.line(&json!({ "type": "drift", "ts_ns": ts_ns, "pid": pid, "differences": lines }))
+    }
+
+    fn tick(&mut self, _session: &Session) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn summary(&mut self, ts_ns: u64, summary: &Summary) -> io::Result<()> {
+        let mut v = serde_json::to_value(summary).map_err(io::Error::other)?;
+        if let Value::Object(m) = &mut v {
+            m.insert("type".into(), json!("summary"));
+            m.insert("ts_ns".into(), json!(ts_ns));
+        }
+        self.line(&v)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}

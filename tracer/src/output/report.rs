@@ -1,0 +1,185 @@
+//! Derived views of a session shared by every output format: snapshot rows and the end-of-run
+//! summary. Both are plain data (serde) so that NDJSON and human output agree.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    model::{Vma, timeline::Cause},
+    probe::KernelStats,
+    session::{Process, Session},
+};
+
+/// One VMA of a snapshot.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmaRow {
+    pub start: u64,
+    pub end: u64,
+    pub perms: String,
+    pub offset: u64,
+    pub path: Option<String>,
+    pub kind: String,
+    pub inode: u64,
+    pub reserved_bytes: u64,
+    /// Bytes backed by memory (anonymous or page cache) after a first touch.
+    pub touched_bytes: u64,
+    /// Of those, private anonymous bytes.
+    pub anon_bytes: u64,
+    /// Pages that were read but only map the shared zero page.
+    pub zero_page_bytes: u64,
+    pub created_ns: u64,
+    pub first_touch_ns: Option<u64>,
+}
+
+/// The rows of one process's map.
+pub fn vma_rows(p: &Process) -> Vec<VmaRow> {
+    p.space.vmas().map(|v| row(p, v)).collect()
+}
+
+fn row(p: &Process, v: &Vma) -> VmaRow {
+    let c = p.space.pages_in(v.start, v.end);
+    let page = crate::model::PAGE_SIZE;
+    VmaRow {
+        start: v.start,
+        end: v.end,
+        perms: v.perms.to_string(),
+        offset: v.offset,
+        path: v.backing.path(v.perms.shared),
+        kind: v.backing.kind().to_string(),
+        inode: match &v.backing {
+            crate::model::Backing::File { inode, .. } => *inode,
+            _ => 0,
+        },
+        reserved_bytes: v.len(),
+        touched_bytes: c.resident() * page,
+        anon_bytes: c.anon * page,
+        zero_page_bytes: c.zero * page,
+        created_ns: v.created_ns,
+        first_touch_ns: c.first_touch_ns,
+    }
+}
+
+/// A process in the end-of-run summary.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessSummary {
+    pub pid: u32,
+    pub exe: Option<String>,
+    pub exited: bool,
+    pub vma_count: usize,
+    pub reserved_bytes: u64,
+    pub touched_bytes: u64,
+    pub anon_bytes: u64,
+    pub heap_bytes: u64,
+    pub heap_high_water_bytes: u64,
+    pub syscalls: std::collections::BTreeMap<String, u64>,
+    pub failed_syscalls: std::collections::BTreeMap<String, u64>,
+    pub faults: u64,
+    pub first_touches: std::collections::BTreeMap<String, u64>,
+    pub cow_upgrades: u64,
+    pub refaulted_pages: u64,
+    pub released_pages: u64,
+    pub faults_outside_vmas: u64,
+    pub history_entries: usize,
+    /// The VMAs with the most touched bytes, at most ten.
+    pub top_vmas: Vec<VmaRow>,
+}
+
+/// Loss and error counters of the kernel side.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct LossSummary {
+    pub lost_syscall: u64,
+    pub lost_fault: u64,
+    pub lost_lifecycle: u64,
+    pub pending_full: u64,
+    pub exit_without_enter: u64,
+    pub targets_full: u64,
+    pub read_error: u64,
+    /// Records that could not be decoded.
+    pub undecodable: u64,
+}
+
+impl LossSummary {
+    /// From the kernel counters and the reader's own count.
+    pub fn new(k: &KernelStats, undecodable: u64) -> Self {
+        Self {
+            lost_syscall: k.lost_syscall,
+            lost_fault: k.lost_fault,
+            lost_lifecycle: k.lost_lifecycle,
+            pending_full: k.pending_full,
+            exit_without_enter: k.exit_without_enter,
+            targets_full: k.targets_full,
+            read_error: k.read_error,
+            undecodable,
+        }
+    }
+
+    /// Events lost in any way.
+    pub fn total_lost(&self) -> u64 {
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.pending_full + self.undecodable
+    }
+}
+
+/// The end-of-run summary.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Summary {
+    pub processes: Vec<ProcessSummary>,
+    pub lost: LossSummary,
+}
+
+/// Summarises a session.
+pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
+    let processes = session
+        .processes()
+        .map(|p| {
+            let rows = vma_rows(p);
+            let mut top = rows.clone();
+            top.sort_by(|a, b| b.touched_bytes.cmp(&a.touched_bytes).then(a.start.cmp(&b.start)));
+            top.truncate(10);
+            let pages = p.space.pages();
+            ProcessSummary {
+                pid: p.pid,
+                exe: p.exe.clone(),
+                exited: p.exited_ns.is_some(),
+                vma_count: rows.len(),
+                reserved_bytes: rows.iter().map(|r| r.reserved_bytes).sum(),
+                touched_bytes: rows.iter().map(|r| r.touched_bytes).sum(),
+                anon_bytes: rows.iter().map(|r| r.anon_bytes).sum(),
+                heap_bytes: p.space.heap_size(),
+                heap_high_water_bytes: p.space.heap_high_water,
+                syscalls: p
+                    .counts
+                    .syscalls
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect(),
+                failed_syscalls: p
+                    .counts
+                    .failed
+                    .iter()
+                    .map(|((call, errno), v)| {
+                        (format!("{call}:{}", crate::flags::errno(*errno)), *v)
+                    })
+                    .collect(),
+                faults: p.counts.faults,
+                first_touches: p
+                    .counts
+                    .first_touches
+                    .iter()
+                    .map(|(k, v)| (k.name().to_string(), *v))
+                    .collect(),
+                cow_upgrades: p.counts.cow_upgrades,
+                refaulted_pages: pages.refaults,
+                released_pages: pages.released_total,
+                faults_outside_vmas: p.counts.faults_outside,
+                history_entries: p
+                    .space
+                    .timeline()
+                    .entries()
+                    .iter()
+                    .filter(|e| e.cause != Cause::Seed)
+                    .count(),
+                top_vmas: top,
+            }
+        })
+        .collect();
+    Summary { processes, lost }
+}

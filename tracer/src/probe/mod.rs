@@ -1,0 +1,325 @@
+//! The kernel side from userspace: load the embedded eBPF object, attach its programs, manage
+//! the traced-process filter, read the ring buffer and the loss counters.
+
+pub mod tracefs;
+
+use std::{collections::HashMap as StdHashMap, io};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        PerfEvent, TracePoint,
+        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+    },
+    util::online_cpus,
+};
+use tracer_common::{
+    STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC,
+};
+
+/// Which program reports page faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultBackend {
+    /// No fault events.
+    Off,
+    /// `exceptions:page_fault_user`, where it exists; else the perf event.
+    Auto,
+    /// `exceptions:page_fault_user` only.
+    Tracepoint,
+    /// A BPF program on the software page-fault perf event of every CPU.
+    PerfEvent,
+}
+
+/// How to load the probe.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeOptions {
+    /// Ring buffer size in bytes (a power of two, at least one page).
+    pub ring_bytes: u32,
+    /// Wake the reader once this many bytes wait.
+    pub wakeup_bytes: u64,
+    pub faults: FaultBackend,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            ring_bytes: tracer_common::DEFAULT_RING_BYTES,
+            wakeup_bytes: 64 * 1024,
+            faults: FaultBackend::Auto,
+        }
+    }
+}
+
+/// Errors loading or driving the probe.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(
+        "permission denied loading eBPF programs: vmatrace needs root, or CAP_BPF and CAP_PERFMON (try `sudo vmatrace ...`)"
+    )]
+    Permission,
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error("this kernel has no tracepoint {0}; vmatrace needs syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")]
+    MissingTracepoint(String),
+    #[error("the eBPF object has no program or map named {0}")]
+    Missing(&'static str),
+    #[error("ring buffer size {0} must be a power of two and at least 4096 bytes")]
+    RingSize(u32),
+    #[error("cannot load the eBPF programs (does the kernel have BTF, /sys/kernel/btf/vmlinux?): {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("cannot attach {name}: {source}")]
+    Attach {
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {what}: {source}")]
+    Map {
+        what: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The compiled eBPF object.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
+
+/// Loss and error counters summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub lost_syscall: u64,
+    pub lost_fault: u64,
+    pub lost_lifecycle: u64,
+    pub pending_full: u64,
+    pub exit_without_enter: u64,
+    pub targets_full: u64,
+    pub read_error: u64,
+}
+
+impl KernelStats {
+    /// Events dropped because the ring buffer was full.
+    pub fn lost(&self) -> u64 {
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle
+    }
+}
+
+/// A loaded and attached probe.
+pub struct Probe {
+    ebpf: Ebpf,
+    targets: HashMap<MapData, u32, u32>,
+    stats: PerCpuArray<MapData, u64>,
+    ring: Option<RingBuf<MapData>>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    fault_backend: FaultBackend,
+}
+
+fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
+    move |source| ProbeError::Map { what, source }
+}
+
+fn is_permission(e: &aya::EbpfError) -> bool {
+    let text = format!("{e:?}");
+    text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
+}
+
+impl Probe {
+    /// Loads the programs and attaches them. Nothing is traced until [`Probe::add_target`].
+    pub fn load(opts: ProbeOptions) -> Result<Self, ProbeError> {
+        if !opts.ring_bytes.is_power_of_two() || opts.ring_bytes < 4096 {
+            return Err(ProbeError::RingSize(opts.ring_bytes));
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 && !has_bpf_caps() {
+            return Err(ProbeError::Permission);
+        }
+        raise_memlock();
+        let root = tracefs::ensure_mounted()?;
+        for call in Syscall::ALL {
+            for dir in ["enter", "exit"] {
+                let name = format!("sys_{dir}_{}", call.name());
+                if !tracefs::has_tracepoint(root, "syscalls", &name) {
+                    return Err(ProbeError::MissingTracepoint(format!("syscalls:{name}")));
+                }
+            }
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("EVENTS", opts.ring_bytes)
+            .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| {
+                if is_permission(&e) {
+                    ProbeError::Permission
+                } else {
+                    ProbeError::Load(e)
+                }
+            })?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::debug!("eBPF logger unavailable: {e}");
+                None
+            }
+        };
+        let mut probe = Self {
+            targets: HashMap::try_from(ebpf.take_map("TARGETS").ok_or(ProbeError::Missing("TARGETS"))?)
+                .map_err(map_err("TARGETS"))?,
+            stats: PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Missing("STATS"))?)
+                .map_err(map_err("STATS"))?,
+            ring: Some(
+                RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::Missing("EVENTS"))?)
+                    .map_err(map_err("EVENTS"))?,
+            ),
+            ebpf,
+            logger,
+            fault_backend: FaultBackend::Off,
+        };
+        // Exits before enters: an entry saved after this point always meets its exit program.
+        for call in Syscall::ALL {
+            probe.attach_tracepoint("syscalls", &format!("sys_exit_{}", call.name()))?;
+        }
+        for call in Syscall::ALL {
+            probe.attach_tracepoint("syscalls", &format!("sys_enter_{}", call.name()))?;
+        }
+        probe.attach_tracepoint("task", "task_newtask")?;
+        probe.attach_tracepoint("sched", "sched_process_exec")?;
+        probe.attach_tracepoint("sched", "sched_process_exit")?;
+        let has_tp = tracefs::has_tracepoint(root, "exceptions", "page_fault_user");
+        probe.fault_backend = match opts.faults {
+            FaultBackend::Off => FaultBackend::Off,
+            FaultBackend::Auto if has_tp => FaultBackend::Tracepoint,
+            FaultBackend::Auto => FaultBackend::PerfEvent,
+            FaultBackend::Tracepoint if !has_tp => {
+                return Err(ProbeError::MissingTracepoint("exceptions:page_fault_user".into()));
+            }
+            other => other,
+        };
+        match probe.fault_backend {
+            FaultBackend::Tracepoint => probe.attach_tracepoint("exceptions", "page_fault_user")?,
+            FaultBackend::PerfEvent => probe.attach_fault_perf_event()?,
+            FaultBackend::Off | FaultBackend::Auto => {}
+        }
+        Ok(probe)
+    }
+
+    fn attach_tracepoint(&mut self, category: &str, name: &str) -> Result<(), ProbeError> {
+        let attach_err = |source| ProbeError::Attach {
+            name: format!("{category}:{name}"),
+            source,
+        };
+        let program: &mut TracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| ProbeError::MissingTracepoint(format!("program {name}")))?
+            .try_into()
+            .map_err(attach_err)?;
+        program.load().map_err(attach_err)?;
+        program.attach(category, name).map_err(attach_err)?;
+        Ok(())
+    }
+
+    fn attach_fault_perf_event(&mut self) -> Result<(), ProbeError> {
+        let attach_err = |source| ProbeError::Attach {
+            name: "perf software event page-faults".into(),
+            source,
+        };
+        let program: &mut PerfEvent = self
+            .ebpf
+            .program_mut("page_fault_perf")
+            .ok_or(ProbeError::Missing("page_fault_perf"))?
+            .try_into()
+            .map_err(attach_err)?;
+        program.load().map_err(attach_err)?;
+        let cpus = online_cpus().map_err(|(_, e)| {
+            attach_err(aya::programs::ProgramError::IOError(e))
+        })?;
+        for cpu in cpus {
+            program
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::PageFaults),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Period(1),
+                    false,
+                )
+                .map_err(attach_err)?;
+        }
+        Ok(())
+    }
+
+    /// The fault backend in use.
+    pub fn fault_backend(&self) -> FaultBackend {
+        self.fault_backend
+    }
+
+    /// Starts tracing thread group `pid`; with `follow`, its future children too.
+    pub fn add_target(&mut self, pid: u32, follow: bool, stop_at_exec: bool) -> Result<(), ProbeError> {
+        let mut flags = 0;
+        if follow {
+            flags |= TARGET_FOLLOW_FORKS;
+        }
+        if stop_at_exec {
+            flags |= TARGET_STOP_AT_EXEC;
+        }
+        self.targets
+            .insert(pid, flags, 0)
+            .map_err(map_err("TARGETS insert"))
+    }
+
+    /// Takes the ring buffer, for the reader task.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Writes eBPF-side log records (aya-log) to the userspace logger.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+
+    /// The counters summed over CPUs.
+    pub fn stats(&self) -> Result<KernelStats, ProbeError> {
+        let mut sums = StdHashMap::new();
+        for stat in Stat::ALL {
+            let values = self
+                .stats
+                .get(&(stat as u32), 0)
+                .map_err(map_err("STATS read"))?;
+            sums.insert(stat as u32, values.iter().sum::<u64>());
+        }
+        let get = |s: Stat| sums.get(&(s as u32)).copied().unwrap_or(0);
+        debug_assert_eq!(sums.len() as u32, STAT_COUNT);
+        Ok(KernelStats {
+            lost_syscall: get(Stat::LostSyscall),
+            lost_fault: get(Stat::LostFault),
+            lost_lifecycle: get(Stat::LostLifecycle),
+            pending_full: get(Stat::PendingFull),
+            exit_without_enter: get(Stat::ExitWithoutEnter),
+            targets_full: get(Stat::TargetsFull),
+            read_error: get(Stat::ReadError),
+        })
+    }
+}
+
+fn raise_memlock() {
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("cannot raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+    }
+}
+
+/// Whether the process has CAP_BPF (39) and CAP_PERFMON (38) in its effective set.
+fn has_bpf_caps() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 39) != 0 && caps & (1 << 38) != 0)
+}

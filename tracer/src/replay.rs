@@ -1,0 +1,321 @@
+//! Replay: read a recorded NDJSON file back into typed events and feed the same session and
+//! sinks as a live run, so that live and replay cannot disagree.
+
+use std::{
+    io::{self, BufRead},
+    path::Path,
+    sync::Arc,
+};
+
+use serde_json::Value;
+use tracer_common::Syscall;
+
+use crate::{
+    event::{Event, FaultRecord, Resolved, SyscallRecord},
+    model::{Backing, Perms, Vma},
+    output::{LossSummary, Sink, ndjson::SCHEMA_VERSION, report::summarize},
+    session::{Applied, Seed, Session},
+};
+
+/// Errors reading a recording; each names the line.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("cannot read {path}: {source}")]
+    Open { path: String, source: io::Error },
+    #[error("{path} is empty: nothing to replay")]
+    Empty { path: String },
+    #[error("{path}:{line}: {what}")]
+    Bad {
+        path: String,
+        line: usize,
+        what: String,
+    },
+    #[error("writing output: {0}")]
+    Write(#[source] io::Error),
+}
+
+/// What one line of a recording holds.
+pub enum Record {
+    Meta { version: u64 },
+    Seed { pid: u32, ts_ns: u64, reason: String, seed: Seed, exe: Option<String> },
+    Snapshot { pid: u32, ts_ns: u64, reason: String },
+    Event(Event),
+    Lost(LossSummary),
+    /// Summary, drift and other records that replay recomputes or ignores.
+    Other,
+}
+
+fn u64_of(v: &Value, key: &str) -> Result<u64, String> {
+    v.get(key)
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("field '{key}' is missing or not an unsigned integer"))
+}
+
+fn u32_of(v: &Value, key: &str) -> Result<u32, String> {
+    u64_of(v, key)?
+        .try_into()
+        .map_err(|_| format!("field '{key}' is out of range"))
+}
+
+fn array_of<const N: usize>(v: &Value, key: &str) -> Result<[u64; N], String> {
+    let a = v
+        .get(key)
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("field '{key}' is missing or not an array"))?;
+    if a.len() != N {
+        return Err(format!("field '{key}' must have {N} elements"));
+    }
+    let mut out = [0u64; N];
+    for (o, x) in out.iter_mut().zip(a) {
+        *o = x
+            .as_u64()
+            .ok_or_else(|| format!("field '{key}' holds a non-integer"))?;
+    }
+    Ok(out)
+}
+
+fn opt_str(v: &Value, key: &str) -> Option<String> {
+    v.get(key).and_then(Value::as_str).map(str::to_string)
+}
+
+fn vma_of(v: &Value) -> Result<Vma, String> {
+    let perms_s = v
+        .get("perms")
+        .and_then(Value::as_str)
+        .ok_or("vma without perms")?;
+    let perms = Perms::parse(perms_s).ok_or_else(|| format!("bad perms '{perms_s}'"))?;
+    let path = opt_str(v, "path");
+    let kind = opt_str(v, "kind").unwrap_or_default();
+    let backing = match (kind.as_str(), path) {
+        ("heap", _) => Backing::Heap,
+        ("stack", _) => Backing::Stack,
+        ("anon", _) => Backing::Anonymous,
+        ("shm", Some(p)) => Backing::Shm {
+            key: p
+                .get(5..13)
+                .and_then(|k| u64::from_str_radix(k, 16).ok())
+                .unwrap_or(0),
+        },
+        ("special", Some(p)) => Backing::Special(Arc::from(p)),
+        ("file", Some(p)) => Backing::File {
+            path: Arc::from(p),
+            inode: v.get("inode").and_then(Value::as_u64).unwrap_or(0),
+        },
+        (k, _) => return Err(format!("unknown vma kind '{k}'")),
+    };
+    Ok(Vma {
+        start: u64_of(v, "start")?,
+        end: u64_of(v, "end")?,
+        perms,
+        offset: v.get("offset").and_then(Value::as_u64).unwrap_or(0),
+        backing,
+        created_ns: v.get("created_ns").and_then(Value::as_u64).unwrap_or(0),
+    })
+}
+
+/// Parses one line of a recording.
+pub fn parse_line(line: &str) -> Result<Record, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let ty = v
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or("no 'type' field")?;
+    let ts_ns = || u64_of(&v, "ts_ns");
+    let syscall = Syscall::ALL.iter().copied().find(|s| s.name() == ty);
+    if let Some(call) = syscall {
+        let extra = if v.get("extra").is_some() {
+            array_of::<2>(&v, "extra")?
+        } else {
+            [0; 2]
+        };
+        let shm = match (v.get("shm_size").and_then(Value::as_u64), v.get("shm_key").and_then(Value::as_u64)) {
+            (Some(size), Some(key)) => Some((size, key)),
+            _ => None,
+        };
+        return Ok(Record::Event(Event::Syscall(SyscallRecord {
+            ts_ns: ts_ns()?,
+            enter_ts_ns: v.get("enter_ts_ns").and_then(Value::as_u64).unwrap_or(0),
+            pid: u32_of(&v, "pid")?,
+            tid: u32_of(&v, "tid")?,
+            call,
+            args: array_of::<6>(&v, "args")?,
+            ret: v
+                .get("ret")
+                .and_then(Value::as_i64)
+                .ok_or("field 'ret' is missing or not an integer")?,
+            extra,
+            resolved: Resolved {
+                path: opt_str(&v, "path"),
+                inode: v.get("inode").and_then(Value::as_u64),
+                shm,
+                target_pid: v
+                    .get("target_pid")
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u32::try_from(p).ok()),
+            },
+        })));
+    }
+    Ok(match ty {
+        "meta" => Record::Meta {
+            version: u64_of(&v, "version")?,
+        },
+        "fault" => Record::Event(Event::Fault(FaultRecord {
+            ts_ns: ts_ns()?,
+            pid: u32_of(&v, "pid")?,
+            tid: u32_of(&v, "tid")?,
+            address: u64_of(&v, "address")?,
+            ip: v.get("ip").and_then(Value::as_u64).unwrap_or(0),
+            error_code: v
+                .get("error_code")
+                .and_then(Value::as_u64)
+                .and_then(|c| u32::try_from(c).ok()),
+        })),
+        "fork" => Record::Event(Event::Fork {
+            ts_ns: ts_ns()?,
+            pid: u32_of(&v, "pid")?,
+            tid: u32_of(&v, "tid")?,
+            child: u32_of(&v, "child")?,
+            followed: v.get("followed").and_then(Value::as_bool).unwrap_or(false),
+        }),
+        "exec" => Record::Event(Event::Exec {
+            ts_ns: ts_ns()?,
+            pid: u32_of(&v, "pid")?,
+            tid: u32_of(&v, "tid")?,
+            filename: opt_str(&v, "filename").unwrap_or_default(),
+        }),
+        "exit" => Record::Event(Event::Exit {
+            ts_ns: ts_ns()?,
+            pid: u32_of(&v, "pid")?,
+            tid: u32_of(&v, "tid")?,
+        }),
+        "snapshot" => {
+            let reason = opt_str(&v, "reason").unwrap_or_default();
+            let pid = u32_of(&v, "pid")?;
+            if reason == "seed" || reason == "exec" {
+                let vmas = v
+                    .get("vmas")
+                    .and_then(Value::as_array)
+                    .ok_or("snapshot without 'vmas'")?
+                    .iter()
+                    .map(vma_of)
+                    .collect::<Result<Vec<_>, _>>()?;
+                Record::Seed {
+                    pid,
+                    ts_ns: ts_ns()?,
+                    reason,
+                    seed: Seed {
+                        vmas,
+                        start_brk: v.get("brk_start").and_then(Value::as_u64),
+                    },
+                    exe: opt_str(&v, "exe"),
+                }
+            } else {
+                Record::Snapshot {
+                    pid,
+                    ts_ns: ts_ns()?,
+                    reason,
+                }
+            }
+        }
+        "lost" => Record::Lost(serde_json::from_value(v).map_err(|e| format!("bad lost record: {e}"))?),
+        "summary" | "drift" => Record::Other,
+        other => return Err(format!("unknown record type '{other}'")),
+    })
+}
+
+/// Replays `path` into `sink`; `events` also passes every event on.
+pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session, ReplayError> {
+    let name = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| ReplayError::Open {
+        path: name.clone(),
+        source,
+    })?;
+    let mut session = Session::default();
+    let mut lost = LossSummary::default();
+    let mut last_ts = 0u64;
+    let mut lines = 0usize;
+    let bad = |line: usize, what: String| ReplayError::Bad {
+        path: name.clone(),
+        line,
+        what,
+    };
+    for (i, line) in io::BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| bad(n, format!("cannot read: {e}")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        lines += 1;
+        let record = parse_line(&line).map_err(|w| bad(n, w))?;
+        match record {
+            Record::Meta { version } => {
+                if version != SCHEMA_VERSION {
+                    return Err(bad(
+                        n,
+                        format!("schema version {version}; this vmatrace reads version {SCHEMA_VERSION}"),
+                    ));
+                }
+                sink.start("replay").map_err(ReplayError::Write)?;
+            }
+            Record::Seed {
+                pid,
+                ts_ns,
+                reason,
+                seed,
+                exe,
+            } => {
+                match (reason.as_str(), session.get(pid).is_some()) {
+                    ("exec", true) => session.reseed(pid, seed, ts_ns),
+                    // A followed child's seed repeats the fork copy the session already made.
+                    (_, true) => {}
+                    (_, false) => session.add(pid, seed, ts_ns, exe),
+                }
+            }
+            Record::Snapshot { pid, ts_ns, reason } => {
+                // Exit snapshots are made again when the exit event is applied.
+                if reason != "exit"
+                    && let Some(p) = session.get(pid)
+                {
+                    sink.snapshot(ts_ns, &reason, p).map_err(ReplayError::Write)?;
+                }
+            }
+            Record::Event(ev) => {
+                let ts = ev.ts_ns();
+                if ts < last_ts {
+                    return Err(bad(
+                        n,
+                        format!("record out of order: time {ts} comes after {last_ts}"),
+                    ));
+                }
+                last_ts = ts;
+                let applied = session.apply(&ev);
+                if events {
+                    sink.event(&ev, &applied, &session).map_err(ReplayError::Write)?;
+                }
+                if let (Event::Exit { pid, ts_ns, .. }, Applied::Exit) = (&ev, &applied)
+                    && let Some(p) = session.get(*pid)
+                {
+                    sink.snapshot(*ts_ns, "exit", p).map_err(ReplayError::Write)?;
+                }
+            }
+            Record::Lost(l) => {
+                lost.lost_syscall += l.lost_syscall;
+                lost.lost_fault += l.lost_fault;
+                lost.lost_lifecycle += l.lost_lifecycle;
+                lost.pending_full += l.pending_full;
+                lost.exit_without_enter += l.exit_without_enter;
+                lost.targets_full += l.targets_full;
+                lost.read_error += l.read_error;
+                lost.undecodable += l.undecodable;
+            }
+            Record::Other => {}
+        }
+    }
+    if lines == 0 {
+        return Err(ReplayError::Empty { path: name });
+    }
+    let summary = summarize(&session, lost);
+    sink.summary(last_ts, &summary).map_err(ReplayError::Write)?;
+    sink.flush().map_err(ReplayError::Write)?;
+    Ok(session)
+}

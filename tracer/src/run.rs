@@ -1,0 +1,454 @@
+//! The live runner: validate targets, open the output, load the probe, attach or launch, then
+//! read the ring buffer until the targets are gone, the duration is over or a signal arrives.
+
+use std::{
+    collections::HashSet,
+    ffi::OsString,
+    io::{self, IsTerminal, Write},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracer_common::Syscall;
+
+use crate::{
+    clock::monotonic_ns,
+    event::{self, Event},
+    launch::{self, LaunchError},
+    model::normalize,
+    output::{
+        FaultFilter, LossSummary, Sink,
+        file::{self, OutputError},
+        human::HumanSink,
+        ndjson::NdjsonSink,
+        report::summarize,
+    },
+    probe::{FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions},
+    procfs::{self, ProcError},
+    session::{Applied, Seed, Session},
+};
+
+/// Everything a live run needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub pids: Vec<u32>,
+    pub command: Vec<OsString>,
+    pub follow: bool,
+    pub json: bool,
+    pub output: Option<PathBuf>,
+    pub force: bool,
+    pub duration: Option<Duration>,
+    pub faults: FaultFilter,
+    pub backend: FaultBackend,
+    pub ring_bytes: u32,
+    pub user: Option<String>,
+    pub reconcile: Option<Duration>,
+}
+
+/// Errors of a live run, each one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("nothing to trace: give -p PID or a command after --")]
+    NoTarget,
+    #[error("give either -p PID or a command, not both")]
+    PidAndCommand,
+    #[error("pid {0} is given twice")]
+    DuplicatePid(u32),
+    #[error("pid {0} is vmatrace itself")]
+    SelfPid(u32),
+    #[error("no process with pid {0}")]
+    NoProcess(u32),
+    #[error("pid {0} is a kernel thread: it has no user address space to trace")]
+    KernelThread(u32),
+    #[error("pid {0} is a zombie: it has already exited")]
+    Zombie(u32),
+    #[error("process {0} exited while vmatrace was attaching")]
+    ExitedDuringAttach(u32),
+    #[error("--user applies to a launched command only")]
+    UserWithoutCommand,
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    #[error(transparent)]
+    Proc(#[from] ProcError),
+    #[error("writing output: {0}")]
+    Write(#[source] io::Error),
+    #[error("{0}")]
+    Runtime(#[source] io::Error),
+}
+
+/// Checks a `-p` pid before anything is loaded.
+fn validate_pid(pid: u32) -> Result<(), RunError> {
+    if pid == std::process::id() {
+        return Err(RunError::SelfPid(pid));
+    }
+    let stat = procfs::read_stat(pid).map_err(|e| match e {
+        ProcError::NoProcess(p) => RunError::NoProcess(p),
+        other => RunError::Proc(other),
+    })?;
+    if stat.is_kernel_thread() {
+        return Err(RunError::KernelThread(pid));
+    }
+    if stat.is_dead() {
+        return Err(RunError::Zombie(pid));
+    }
+    Ok(())
+}
+
+/// Reads the seed of `pid` from `/proc`.
+pub fn read_seed(pid: u32, ts: u64) -> Result<Seed, ProcError> {
+    let maps = procfs::read_maps(pid)?;
+    let stat = procfs::read_stat(pid)?;
+    Ok(Seed {
+        vmas: maps.iter().map(|m| m.to_vma(ts)).collect(),
+        start_brk: Some(stat.start_brk),
+    })
+}
+
+fn exe_of(pid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Fills in what the kernel could not know: file names, segment sizes, pidfd targets.
+fn resolve(event: &mut Event) {
+    let Event::Syscall(s) = event else { return };
+    if s.errno().is_some() {
+        return;
+    }
+    match s.call {
+        Syscall::Mmap if s.args[3] & 0x20 == 0 => {
+            if let Some((path, inode)) = procfs::mapped_file(s.pid, s.ret as u64, s.args[4] as i32)
+            {
+                s.resolved.path = Some(path);
+                s.resolved.inode = Some(inode);
+            }
+        }
+        Syscall::Shmat => s.resolved.shm = procfs::shm_segment(s.args[0]),
+        Syscall::ProcessMadvise => {
+            s.resolved.target_pid = procfs::pidfd_target(s.pid, s.args[0] as i32);
+        }
+        _ => {}
+    }
+}
+
+fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary {
+    LossSummary {
+        lost_syscall: now.lost_syscall - last.lost_syscall,
+        lost_fault: now.lost_fault - last.lost_fault,
+        lost_lifecycle: now.lost_lifecycle - last.lost_lifecycle,
+        pending_full: now.pending_full - last.pending_full,
+        exit_without_enter: now.exit_without_enter - last.exit_without_enter,
+        targets_full: now.targets_full - last.targets_full,
+        read_error: now.read_error - last.read_error,
+        undecodable,
+    }
+}
+
+/// The live state between setup and the end.
+struct Live {
+    probe: Probe,
+    session: Session,
+    sink: Box<dyn Sink>,
+    /// Our launched child, while it still has to be continued after its exec stop.
+    stop_pending: Option<u32>,
+    last_stats: KernelStats,
+    undecodable: u64,
+    events: u64,
+}
+
+impl Live {
+    /// Reads every record waiting in the ring.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
+        while let Some(item) = ring.next() {
+            let decoded = event::decode(&item);
+            drop(item);
+            match decoded {
+                Ok(ev) => self.handle(ev)?,
+                Err(e) => {
+                    self.undecodable += 1;
+                    log::warn!("undecodable ring-buffer record: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, mut ev: Event) -> Result<(), RunError> {
+        self.events += 1;
+        resolve(&mut ev);
+        let applied = self.session.apply(&ev);
+        self.sink
+            .event(&ev, &applied, &self.session)
+            .map_err(RunError::Write)?;
+        match (&ev, &applied) {
+            (Event::Exec { pid, ts_ns, .. }, Applied::Exec) => {
+                let pid = *pid;
+                match read_seed(pid, *ts_ns) {
+                    Ok(seed) => self.session.reseed(pid, seed, *ts_ns),
+                    Err(e) => log::warn!("cannot read the map of {pid} after exec: {e}"),
+                }
+                if let Some(p) = self.session.get(pid) {
+                    self.sink
+                        .snapshot(*ts_ns, "exec", p)
+                        .map_err(RunError::Write)?;
+                }
+                if self.stop_pending == Some(pid) {
+                    self.stop_pending = None;
+                    // SAFETY: signalling our own child.
+                    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                }
+            }
+            (Event::Exit { pid, ts_ns, .. }, Applied::Exit) => {
+                if let Some(p) = self.session.get(*pid) {
+                    self.sink
+                        .snapshot(*ts_ns, "exit", p)
+                        .map_err(RunError::Write)?;
+                }
+            }
+            (Event::Fork { child, ts_ns, .. }, Applied::Fork { traced: true, .. }) => {
+                if let Some(p) = self.session.get(*child) {
+                    self.sink
+                        .snapshot(*ts_ns, "seed", p)
+                        .map_err(RunError::Write)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn report_losses(&mut self) -> Result<(), RunError> {
+        let now = self.probe.stats()?;
+        let d = delta(&now, &self.last_stats, std::mem::take(&mut self.undecodable));
+        if d != LossSummary::default() {
+            self.sink
+                .lost(monotonic_ns(), &d)
+                .map_err(RunError::Write)?;
+        }
+        self.last_stats = now;
+        Ok(())
+    }
+
+    fn reconcile(&mut self) -> Result<(), RunError> {
+        let pids: Vec<u32> = self
+            .session
+            .processes()
+            .filter(|p| p.exited_ns.is_none())
+            .map(|p| p.pid)
+            .collect();
+        for pid in pids {
+            let Ok(maps) = procfs::read_maps(pid) else { continue };
+            let kernel = normalize::normalize(
+                maps.iter()
+                    .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
+            );
+            let Some(p) = self.session.get(pid) else { continue };
+            let diff = normalize::diff(&kernel, &normalize::model_ranges(&p.space));
+            if !diff.is_empty() {
+                log::warn!("model of {pid} differs from /proc/{pid}/maps in {} ranges", diff.len());
+                self.sink
+                    .drift(monotonic_ns(), pid, &diff)
+                    .map_err(RunError::Write)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshots(&mut self, reason: &str) -> Result<(), RunError> {
+        let ts = monotonic_ns();
+        for p in self.session.processes().filter(|p| p.exited_ns.is_none()) {
+            self.sink.snapshot(ts, reason, p).map_err(RunError::Write)?;
+        }
+        self.sink.flush().map_err(RunError::Write)
+    }
+}
+
+fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
+    let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
+        Some(path) => (
+            Box::new(io::BufWriter::with_capacity(
+                1 << 16,
+                file::create(path, cfg.force)?,
+            )),
+            false,
+        ),
+        None => (
+            Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout())),
+            io::stdout().is_terminal(),
+        ),
+    };
+    Ok(if cfg.json {
+        Box::new(NdjsonSink::new(writer, cfg.faults))
+    } else {
+        Box::new(HumanSink::new(writer, cfg.faults, tty, start_ns))
+    })
+}
+
+/// Runs a live trace; returns the exit code (the launched command's, or 0).
+pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
+    match (cfg.pids.is_empty(), cfg.command.is_empty()) {
+        (true, true) => return Err(RunError::NoTarget),
+        (false, false) => return Err(RunError::PidAndCommand),
+        _ => {}
+    }
+    if cfg.user.is_some() && cfg.command.is_empty() {
+        return Err(RunError::UserWithoutCommand);
+    }
+    let mut seen = HashSet::new();
+    for &pid in &cfg.pids {
+        if !seen.insert(pid) {
+            return Err(RunError::DuplicatePid(pid));
+        }
+        validate_pid(pid)?;
+    }
+    let creds = if cfg.command.is_empty() {
+        None
+    } else {
+        launch::credentials(cfg.user.as_deref())?
+    };
+    let start_ns = monotonic_ns();
+    let mut sink = make_sink(&cfg, start_ns)?;
+    let mut probe = Probe::load(ProbeOptions {
+        ring_bytes: cfg.ring_bytes,
+        faults: if cfg.faults == FaultFilter::None {
+            FaultBackend::Off
+        } else {
+            cfg.backend
+        },
+        ..ProbeOptions::default()
+    })?;
+    let backend = format!("{:?}", probe.fault_backend()).to_lowercase();
+    sink.start(&backend).map_err(RunError::Write)?;
+    let mut session = Session::default();
+    let mut child = None;
+    if cfg.command.is_empty() {
+        for &pid in &cfg.pids {
+            probe.add_target(pid, cfg.follow, false)?;
+            let ts = monotonic_ns();
+            let seed = read_seed(pid, ts).map_err(|e| match e {
+                ProcError::NoProcess(p) => RunError::ExitedDuringAttach(p),
+                other => RunError::Proc(other),
+            })?;
+            session.add(pid, seed, ts, exe_of(pid));
+            if let Some(p) = session.get(pid) {
+                sink.snapshot(ts, "seed", p).map_err(RunError::Write)?;
+            }
+        }
+    } else {
+        let held = launch::spawn_held(&cfg.command, creds.as_ref())?;
+        let pid = held.pid;
+        probe.add_target(pid, cfg.follow, true)?;
+        let ts = monotonic_ns();
+        session.add(pid, Seed::default(), ts, None);
+        held.release()?;
+        child = Some(pid);
+    }
+    let ring = probe
+        .take_ring()
+        .ok_or(ProbeError::Missing("EVENTS"))?;
+    let live = Live {
+        probe,
+        session,
+        sink,
+        stop_pending: child,
+        last_stats: KernelStats::default(),
+        undecodable: 0,
+        events: 0,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    let (mut live, mut ring, status) = runtime.block_on(event_loop(live, ring, child, &cfg))?;
+    // Everything still in the ring, then the final state.
+    live.drain(&mut ring)?;
+    live.report_losses()?;
+    live.probe.flush_logs();
+    live.snapshots("final")?;
+    let lost = {
+        let k = live.probe.stats()?;
+        LossSummary::new(&k, live.undecodable)
+    };
+    let summary = summarize(&live.session, lost);
+    live.sink
+        .summary(monotonic_ns(), &summary)
+        .map_err(RunError::Write)?;
+    live.sink.flush().map_err(RunError::Write)?;
+    log::debug!("{} events", live.events);
+    Ok(status)
+}
+
+async fn event_loop(
+    mut live: Live,
+    ring: RingBuf<MapData>,
+    child: Option<u32>,
+    cfg: &RunConfig,
+) -> Result<(Live, RingBuf<MapData>, i32), RunError> {
+    // SAFETY: the RingBuf owns its map fd for as long as it lives, and the AsyncFd owns the
+    // RingBuf until `into_inner` below.
+    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| RunError::Runtime(e.into()))?;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(RunError::Runtime)?;
+    let mut waiter = child.map(|pid| tokio::task::spawn_blocking(move || launch::wait_exit_code(pid)));
+    let started = Instant::now();
+    let mut last_reconcile = Instant::now();
+    let mut status = 0;
+    let mut child_done = child.is_none();
+    loop {
+        tokio::select! {
+            guard = fd.readable_mut() => {
+                let mut guard = guard.map_err(RunError::Runtime)?;
+                live.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                live.drain(fd.get_mut())?;
+                live.sink.tick(&live.session).map_err(RunError::Write)?;
+                live.report_losses()?;
+                live.probe.flush_logs();
+                if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
+                    break;
+                }
+                if child_done && !live.session.any_alive() {
+                    break;
+                }
+                if let Some(every) = cfg.reconcile
+                    && last_reconcile.elapsed() >= every
+                {
+                    last_reconcile = Instant::now();
+                    live.reconcile()?;
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sigusr1.recv() => {
+                live.drain(fd.get_mut())?;
+                live.snapshots("signal")?;
+            }
+            code = async { waiter.as_mut().expect("guarded by is_some").await }, if waiter.is_some() => {
+                status = code.unwrap_or(1);
+                waiter = None;
+                child_done = true;
+                live.drain(fd.get_mut())?;
+                if !cfg.follow || !live.session.any_alive() {
+                    break;
+                }
+            }
+        }
+    }
+    Ok((live, fd.into_inner(), status))
+}

@@ -1,0 +1,240 @@
+//! Per-process bookkeeping shared by live tracing and replay: one [`AddressSpace`] per traced
+//! process, events dispatched to the right one, fork/exec/exit handled, counters kept.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use tracer_common::Syscall;
+
+use crate::{
+    event::{Event, FaultRecord, SyscallRecord},
+    model::{AddressSpace, Backing, Effect, FaultEffect, Perms, Touch, TouchKind, Vma},
+};
+
+const MAP_ANONYMOUS: u64 = 0x20;
+const SHM_RDONLY: u64 = 0o10000;
+const SHM_EXEC: u64 = 0o100000;
+
+/// What a process's address space starts from.
+#[derive(Clone, Debug, Default)]
+pub struct Seed {
+    pub vmas: Vec<Vma>,
+    pub start_brk: Option<u64>,
+}
+
+/// Counters of one process.
+#[derive(Clone, Debug, Default)]
+pub struct Counts {
+    /// Calls per syscall name, failed ones included.
+    pub syscalls: BTreeMap<&'static str, u64>,
+    /// Failed calls per `(syscall, errno)`.
+    pub failed: BTreeMap<(&'static str, i32), u64>,
+    pub faults: u64,
+    /// First touches by kind.
+    pub first_touches: BTreeMap<TouchKind, u64>,
+    /// Zero or page-cache pages turned into private anonymous pages by a write.
+    pub cow_upgrades: u64,
+    /// Faults that could not be placed in any VMA.
+    pub faults_outside: u64,
+}
+
+/// One traced process.
+#[derive(Clone, Debug)]
+pub struct Process {
+    pub pid: u32,
+    pub space: AddressSpace,
+    pub counts: Counts,
+    pub exe: Option<String>,
+    pub started_ns: u64,
+    pub exited_ns: Option<u64>,
+    /// Multi-threaded faults: first touches by thread id.
+    pub first_touch_by_tid: BTreeMap<u32, u64>,
+}
+
+/// What the session did with an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Syscall { pid: u32, effect: Effect },
+    /// A failed syscall: nothing changed.
+    Failed { errno: i32 },
+    Fault(FaultEffect),
+    /// A process was forked; `traced` when its model was created.
+    Fork { child: u32, traced: bool },
+    /// The process's map was cleared; the caller should [`Session::reseed`] it.
+    Exec,
+    Exit,
+    /// The event is not about a traced process.
+    Ignored,
+}
+
+/// Every traced process.
+#[derive(Clone, Debug, Default)]
+pub struct Session {
+    procs: BTreeMap<u32, Process>,
+}
+
+impl Session {
+    /// Starts tracking `pid` from `seed`.
+    pub fn add(&mut self, pid: u32, seed: Seed, ts: u64, exe: Option<String>) {
+        self.procs.insert(
+            pid,
+            Process {
+                pid,
+                space: AddressSpace::seeded(seed.vmas, seed.start_brk, ts),
+                counts: Counts::default(),
+                exe,
+                started_ns: ts,
+                exited_ns: None,
+                first_touch_by_tid: BTreeMap::new(),
+            },
+        );
+    }
+
+    /// Replaces `pid`'s map after an exec.
+    pub fn reseed(&mut self, pid: u32, seed: Seed, ts: u64) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.space.seed(seed.vmas, seed.start_brk, ts);
+        }
+    }
+
+    /// A traced process.
+    pub fn get(&self, pid: u32) -> Option<&Process> {
+        self.procs.get(&pid)
+    }
+
+    /// Every traced process, by pid.
+    pub fn processes(&self) -> impl Iterator<Item = &Process> {
+        self.procs.values()
+    }
+
+    /// Whether any traced process is still alive.
+    pub fn any_alive(&self) -> bool {
+        self.procs.values().any(|p| p.exited_ns.is_none())
+    }
+
+    /// Applies one event.
+    pub fn apply(&mut self, event: &Event) -> Applied {
+        match event {
+            Event::Syscall(s) => self.syscall(s),
+            Event::Fault(f) => self.fault(f),
+            Event::Fork {
+                ts_ns,
+                pid,
+                child,
+                followed,
+                ..
+            } => {
+                let Some(parent) = self.procs.get(pid) else {
+                    return Applied::Ignored;
+                };
+                if *followed {
+                    let child_proc = Process {
+                        pid: *child,
+                        space: parent.space.fork(*ts_ns),
+                        counts: Counts::default(),
+                        exe: parent.exe.clone(),
+                        started_ns: *ts_ns,
+                        exited_ns: None,
+                        first_touch_by_tid: BTreeMap::new(),
+                    };
+                    self.procs.insert(*child, child_proc);
+                }
+                Applied::Fork {
+                    child: *child,
+                    traced: *followed,
+                }
+            }
+            Event::Exec {
+                ts_ns,
+                pid,
+                filename,
+                ..
+            } => {
+                let Some(p) = self.procs.get_mut(pid) else {
+                    return Applied::Ignored;
+                };
+                p.space.clear(*ts_ns, crate::model::timeline::Cause::Exec);
+                p.exe = Some(filename.clone());
+                Applied::Exec
+            }
+            Event::Exit { ts_ns, pid, .. } => {
+                let Some(p) = self.procs.get_mut(pid) else {
+                    return Applied::Ignored;
+                };
+                p.exited_ns = Some(*ts_ns);
+                Applied::Exit
+            }
+        }
+    }
+
+    fn syscall(&mut self, s: &SyscallRecord) -> Applied {
+        // process_madvise acts on its target, which may be another process.
+        let pid = match s.call {
+            Syscall::ProcessMadvise => match s.resolved.target_pid {
+                Some(t) if self.procs.contains_key(&t) => t,
+                _ if self.procs.contains_key(&s.pid) => s.pid,
+                _ => return Applied::Ignored,
+            },
+            _ => s.pid,
+        };
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return Applied::Ignored;
+        };
+        *p.counts.syscalls.entry(s.call.name()).or_default() += 1;
+        if let Some(errno) = s.errno() {
+            *p.counts.failed.entry((s.call.name(), errno)).or_default() += 1;
+            return Applied::Failed { errno };
+        }
+        let [a0, a1, a2, a3, a4, a5] = s.args;
+        let ret = s.ret as u64;
+        let ts = s.ts_ns;
+        let space = &mut p.space;
+        let effect = match s.call {
+            Syscall::Brk => space.brk(ts, ret),
+            Syscall::Mmap => {
+                let shared = matches!(a3 & 0x0f, 0x01 | 0x03);
+                let backing = if a3 & MAP_ANONYMOUS != 0 {
+                    Backing::Anonymous
+                } else {
+                    Backing::File {
+                        path: Arc::from(s.resolved.path.as_deref().unwrap_or("[unknown file]")),
+                        inode: s.resolved.inode.unwrap_or(0),
+                    }
+                };
+                let offset = if a3 & MAP_ANONYMOUS != 0 { 0 } else { a5 };
+                space.mmap(ts, ret, a1, Perms::from_prot(a2, shared), backing, offset)
+            }
+            Syscall::Munmap => space.munmap(ts, a0, a1),
+            Syscall::Mremap => space.mremap(ts, a0, a1, a2, a3, ret),
+            Syscall::Mprotect | Syscall::PkeyMprotect => space.mprotect(ts, a0, a1, a2),
+            Syscall::Madvise => space.madvise(ts, a0, a1, a2),
+            Syscall::ProcessMadvise => space.madvise(ts, s.extra[0], s.extra[1], a3),
+            Syscall::Shmat => {
+                let (size, key) = s.resolved.shm.unwrap_or((crate::model::PAGE_SIZE, 0));
+                space.shmat(ts, ret, size, key, a2 & SHM_RDONLY != 0, a2 & SHM_EXEC != 0)
+            }
+            Syscall::Shmdt => space.shmdt(ts, a0),
+        };
+        let _ = a4;
+        Applied::Syscall { pid, effect }
+    }
+
+    fn fault(&mut self, f: &FaultRecord) -> Applied {
+        let Some(p) = self.procs.get_mut(&f.pid) else {
+            return Applied::Ignored;
+        };
+        p.counts.faults += 1;
+        let effect = p.space.fault(f.ts_ns, f.address, f.write(), f.present());
+        match effect.touch {
+            Touch::First { kind, .. } => {
+                *p.counts.first_touches.entry(kind).or_default() += 1;
+                *p.first_touch_by_tid.entry(f.tid).or_default() += 1;
+            }
+            Touch::Upgraded { .. } => p.counts.cow_upgrades += 1,
+            Touch::Again => {}
+        }
+        if effect.vma_start.is_none() {
+            p.counts.faults_outside += 1;
+        }
+        Applied::Fault(effect)
+    }
+}
