@@ -20,6 +20,9 @@ pub enum EventKind {
     Exec = 4,
     /// The last thread of a traced process exited: [`ExitEvent`].
     Exit = 5,
+    /// A traced process opened a file (`openat`), so that later `mmap`s of the fd can be
+    /// named even after the fd is closed: [`OpenEvent`].
+    Open = 6,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -31,6 +34,7 @@ impl TryFrom<u32> for EventKind {
             3 => Self::Fork,
             4 => Self::Exec,
             5 => Self::Exit,
+            6 => Self::Open,
             other => return Err(other),
         })
     }
@@ -51,11 +55,13 @@ pub enum Syscall {
     ProcessMadvise = 7,
     Shmat = 8,
     Shmdt = 9,
+    /// Traced only to name the files that are mapped later (emits [`OpenEvent`]).
+    Openat = 10,
 }
 
 impl Syscall {
     /// Every traced syscall, in number order.
-    pub const ALL: [Syscall; 10] = [
+    pub const ALL: [Syscall; 11] = [
         Self::Brk,
         Self::Mmap,
         Self::Munmap,
@@ -66,6 +72,7 @@ impl Syscall {
         Self::ProcessMadvise,
         Self::Shmat,
         Self::Shmdt,
+        Self::Openat,
     ];
 
     /// The syscall's name, as in `syscalls:sys_enter_<name>`.
@@ -81,6 +88,7 @@ impl Syscall {
             Self::ProcessMadvise => "process_madvise",
             Self::Shmat => "shmat",
             Self::Shmdt => "shmdt",
+            Self::Openat => "openat",
         }
     }
 }
@@ -192,6 +200,18 @@ pub struct PendingSyscall {
     pub extra: [u64; 2],
 }
 
+/// Bytes of the opened path carried by [`OpenEvent`] (longer paths are cut).
+pub const OPEN_PATH_LEN: usize = 232;
+
+/// A traced process opened `path` as file descriptor `header.detail`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenEvent {
+    pub header: EventHeader,
+    /// NUL-terminated path as passed to `openat`.
+    pub path: [u8; OPEN_PATH_LEN],
+}
+
 /// Flags stored per traced tgid in the `TARGETS` map: add forked children to the filter.
 pub const TARGET_FOLLOW_FORKS: u32 = 1;
 /// Flag in `TARGETS`: stop the process with `SIGSTOP` at its next exec (once), so that the
@@ -246,6 +266,7 @@ const _: () = assert!(core::mem::size_of::<FaultEvent>() == 40);
 const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + EXEC_FILENAME_LEN);
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<OpenEvent>() == 256);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 80);
 
 #[cfg(feature = "user")]

@@ -7,7 +7,7 @@ use tracer_common::{EventHeader, EventKind, FAULT_ERROR_UNKNOWN, FaultEvent, Sta
 
 use crate::maps::{EVENTS, count, current_ids, is_target, now_ns, wakeup_flags};
 
-// name: page_fault_user
+// name: page_fault_user (page_fault_kernel has the same format)
 // format:
 // 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
 // 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
@@ -26,9 +26,14 @@ struct PageFaultUserArgs {
 }
 const PAGE_FAULT_USER_ARGS_OFFSET: usize = 8;
 
-/// `exceptions:page_fault_user`.
+/// The end of the user half of the x86-64 address space.
+const USER_ADDRESS_END: u64 = 0x0000_8000_0000_0000;
+
+/// `exceptions:page_fault_user` and `exceptions:page_fault_kernel` (same format). The kernel
+/// variant reports faults the kernel takes on user memory for the process (a `read()` into a
+/// fresh buffer, for example): those allocate pages too. Faults on kernel addresses are skipped.
 #[inline(always)]
-pub fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, u32> {
+pub fn try_page_fault(ctx: &TracePointContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
     if !is_target(tgid) {
         return Ok(0);
@@ -39,6 +44,9 @@ pub fn try_page_fault_user(ctx: &TracePointContext) -> Result<u32, u32> {
             count(Stat::ReadError);
             1u32
         })?;
+    if args.address >= USER_ADDRESS_END {
+        return Ok(0);
+    }
     emit(tgid, tid, args.address, args.ip, args.error_code as u32)
 }
 

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
     helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal},
     programs::TracePointContext,
 };
@@ -12,7 +12,7 @@ use tracer_common::{
     TARGET_STOP_AT_EXEC,
 };
 
-use crate::maps::{EVENTS, TARGETS, count, current_ids, now_ns, wakeup_flags};
+use crate::maps::{EVENTS, TARGETS, count, current_ids, now_ns};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 const SIGSTOP: u32 = 19;
@@ -76,7 +76,8 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
         followed,
         clone_flags,
     });
-    entry.submit(wakeup_flags());
+    // Rare and waited for (the launched child is stopped at exec): wake the reader now.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     Ok(0)
 }
 
@@ -137,7 +138,8 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
             count(Stat::ReadError);
         }
     }
-    entry.submit(wakeup_flags());
+    // Rare and waited for (the launched child is stopped at exec): wake the reader now.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     Ok(0)
 }
 
@@ -178,7 +180,8 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
     entry.write(ExitEvent {
         header: header(EventKind::Exit, tgid, tid, 0),
     });
-    entry.submit(wakeup_flags());
+    // Rare and waited for (the launched child is stopped at exec): wake the reader now.
+    entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     Ok(0)
 }
 

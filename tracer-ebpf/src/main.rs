@@ -46,11 +46,19 @@ syscall_programs! {
     sys_enter_process_madvise, sys_exit_process_madvise => Syscall::ProcessMadvise, 5;
     sys_enter_shmat, sys_exit_shmat => Syscall::Shmat, 3;
     sys_enter_shmdt, sys_exit_shmdt => Syscall::Shmdt, 1;
+    sys_enter_openat, sys_exit_openat => Syscall::Openat, 4;
 }
 
 #[tracepoint]
 pub fn page_fault_user(ctx: TracePointContext) -> u32 {
-    match faults::try_page_fault_user(&ctx) {
+    match faults::try_page_fault(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[tracepoint]
+pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
+    match faults::try_page_fault(&ctx) {
         Ok(ret) | Err(ret) => ret,
     }
 }

@@ -3,9 +3,14 @@
 //! every exit program before its enter program, so no saved entry waits for an exit that is not
 //! there.
 
-use aya_ebpf::{helpers::bpf_probe_read_user, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::{bpf_probe_read_user, bpf_probe_read_user_str_bytes},
+    programs::TracePointContext,
+};
 use aya_log_ebpf::warn;
-use tracer_common::{EventHeader, EventKind, PendingSyscall, Stat, Syscall, SyscallEvent};
+use tracer_common::{
+    EventHeader, EventKind, OpenEvent, PendingSyscall, Stat, Syscall, SyscallEvent,
+};
 
 use crate::maps::{EVENTS, PENDING, count, current_ids, is_target, now_ns, wakeup_flags};
 
@@ -104,6 +109,9 @@ pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
         count(Stat::ReadError);
         1u32
     })?;
+    if syscall == Syscall::Openat {
+        return emit_open(tgid, tid, &pending, ret);
+    }
     let Some(mut entry) = EVENTS.reserve::<SyscallEvent>(0) else {
         count(Stat::LostSyscall);
         return Err(1);
@@ -121,6 +129,37 @@ pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
         ret,
         extra: pending.extra,
     });
+    entry.submit(wakeup_flags());
+    Ok(0)
+}
+
+/// `openat` that returned fd `ret`: the path it opened (args[1], still in the caller's memory).
+#[inline(always)]
+fn emit_open(tgid: u32, tid: u32, pending: &PendingSyscall, ret: i64) -> Result<u32, u32> {
+    if ret < 0 {
+        return Ok(0);
+    }
+    let Some(mut entry) = EVENTS.reserve::<OpenEvent>(0) else {
+        count(Stat::LostLifecycle);
+        return Err(1);
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: `event` points at a reserved, exclusively owned ring-buffer slot of this size.
+    unsafe {
+        (*event).header = EventHeader {
+            kind: EventKind::Open as u32,
+            tgid,
+            tid,
+            detail: ret as u32,
+            ts_ns: now_ns(),
+        };
+        (*event).path[0] = 0;
+        if bpf_probe_read_user_str_bytes(pending.args[1] as *const u8, &mut (*event).path).is_err()
+        {
+            (*event).path[0] = 0;
+            count(Stat::ReadError);
+        }
+    }
     entry.submit(wakeup_flags());
     Ok(0)
 }

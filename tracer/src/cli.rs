@@ -116,7 +116,9 @@ pub struct ReplayArgs {
 fn parse_pid(s: &str) -> Result<u32, String> {
     match s.parse::<i64>() {
         Ok(n) if n > 0 && n <= i64::from(i32::MAX) => Ok(n as u32),
-        Ok(_) => Err(format!("'{s}' is not a valid pid (pids are positive integers)")),
+        Ok(_) => Err(format!(
+            "'{s}' is not a valid pid (pids are positive integers)"
+        )),
         Err(_) => Err(format!("'{s}' is not a pid (expected a positive integer)")),
     }
 }
@@ -124,7 +126,9 @@ fn parse_pid(s: &str) -> Result<u32, String> {
 /// Parses `500ms`, `30s`, `5m`, `1h` or plain seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -154,9 +158,14 @@ pub fn parse_size(s: &str) -> Result<u32, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("'{s}' is not a size (try 256K or 8M)"))?;
-    let bytes = n.checked_mul(mult).filter(|b| *b <= 1 << 30).ok_or(format!("'{s}' is too large (at most 1G)"))?;
+    let bytes = n
+        .checked_mul(mult)
+        .filter(|b| *b <= 1 << 30)
+        .ok_or(format!("'{s}' is too large (at most 1G)"))?;
     if bytes < 4096 || !bytes.is_power_of_two() {
-        return Err(format!("'{s}': the ring size must be a power of two of at least 4K"));
+        return Err(format!(
+            "'{s}': the ring size must be a power of two of at least 4K"
+        ));
     }
     Ok(bytes as u32)
 }

@@ -3,7 +3,7 @@
 
 use tracer_common::{
     EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_ERROR_UNKNOWN,
-    FaultEvent, ForkEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
+    FaultEvent, ForkEvent, OpenEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -97,7 +97,19 @@ pub enum Event {
         filename: String,
     },
     /// The last thread of `pid` exited.
-    Exit { ts_ns: u64, pid: u32, tid: u32 },
+    Exit {
+        ts_ns: u64,
+        pid: u32,
+        tid: u32,
+    },
+    /// `pid` opened `path` as `fd` (used to name files mapped later).
+    Open {
+        ts_ns: u64,
+        pid: u32,
+        tid: u32,
+        fd: i32,
+        path: String,
+    },
 }
 
 impl Event {
@@ -106,9 +118,10 @@ impl Event {
         match self {
             Self::Syscall(s) => s.ts_ns,
             Self::Fault(f) => f.ts_ns,
-            Self::Fork { ts_ns, .. } | Self::Exec { ts_ns, .. } | Self::Exit { ts_ns, .. } => {
-                *ts_ns
-            }
+            Self::Fork { ts_ns, .. }
+            | Self::Exec { ts_ns, .. }
+            | Self::Exit { ts_ns, .. }
+            | Self::Open { ts_ns, .. } => *ts_ns,
         }
     }
 
@@ -117,7 +130,10 @@ impl Event {
         match self {
             Self::Syscall(s) => s.pid,
             Self::Fault(f) => f.pid,
-            Self::Fork { pid, .. } | Self::Exec { pid, .. } | Self::Exit { pid, .. } => *pid,
+            Self::Fork { pid, .. }
+            | Self::Exec { pid, .. }
+            | Self::Exit { pid, .. }
+            | Self::Open { pid, .. } => *pid,
         }
     }
 }
@@ -132,6 +148,12 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     }
     // SAFETY: the length was checked; T is a plain-old-data ABI type read unaligned.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// The text before the first NUL (invalid UTF-8 replaced).
+fn c_string(bytes: &[u8]) -> String {
+    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..len]).into_owned()
 }
 
 /// Decodes one ring-buffer record.
@@ -178,21 +200,26 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Exec => {
             let e: ExecEvent = read(bytes)?;
-            let len = e
-                .filename
-                .iter()
-                .position(|&b| b == 0)
-                .unwrap_or(EXEC_FILENAME_LEN);
             Event::Exec {
                 ts_ns,
                 pid,
                 tid,
-                filename: String::from_utf8_lossy(&e.filename[..len]).into_owned(),
+                filename: c_string(&e.filename[..EXEC_FILENAME_LEN]),
             }
         }
         EventKind::Exit => {
             let _: ExitEvent = read(bytes)?;
             Event::Exit { ts_ns, pid, tid }
+        }
+        EventKind::Open => {
+            let e: OpenEvent = read(bytes)?;
+            Event::Open {
+                ts_ns,
+                pid,
+                tid,
+                fd: header.detail as i32,
+                path: c_string(&e.path),
+            }
         }
     })
 }
@@ -203,8 +230,7 @@ mod tests {
 
     fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: test helper over plain-old-data ABI types.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
     }
 
     #[test]
@@ -225,7 +251,10 @@ mod tests {
         let Event::Syscall(s) = decode(&bytes_of(&e)).expect("decodes") else {
             panic!("not a syscall")
         };
-        assert_eq!((s.pid, s.tid, s.call, s.ret), (10, 11, Syscall::Mmap, 0x7f00_0000_0000));
+        assert_eq!(
+            (s.pid, s.tid, s.call, s.ret),
+            (10, 11, Syscall::Mmap, 0x7f00_0000_0000)
+        );
         assert_eq!(s.errno(), None);
     }
 
@@ -241,7 +270,10 @@ mod tests {
             kind: EventKind::Syscall as u32,
             ..EventHeader::default()
         };
-        assert!(matches!(decode(&bytes_of(&h)), Err(DecodeError::Short { .. })));
+        assert!(matches!(
+            decode(&bytes_of(&h)),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]

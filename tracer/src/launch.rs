@@ -20,7 +20,10 @@ pub enum LaunchError {
     #[error("cannot start {cmd}: {source}")]
     Exec { cmd: String, source: io::Error },
     #[error("{what}: {source}")]
-    Os { what: &'static str, source: io::Error },
+    Os {
+        what: &'static str,
+        source: io::Error,
+    },
 }
 
 /// The user and groups the command runs as.
@@ -101,11 +104,15 @@ pub fn credentials(user: Option<&str>) -> Result<Option<Credentials>, LaunchErro
 }
 
 /// Forks `argv` held before exec. Call [`HeldChild::release`] once it is traced.
-pub fn spawn_held(argv: &[OsString], creds: Option<&Credentials>) -> Result<HeldChild, LaunchError> {
+pub fn spawn_held(
+    argv: &[OsString],
+    creds: Option<&Credentials>,
+) -> Result<HeldChild, LaunchError> {
     let first = argv.first().ok_or(LaunchError::Empty)?;
     let cmd = first.to_string_lossy().into_owned();
     let path = resolve(first).ok_or_else(|| LaunchError::NotFound(cmd.clone()))?;
-    let to_c = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| LaunchError::NotFound(cmd.clone()));
+    let to_c =
+        |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| LaunchError::NotFound(cmd.clone()));
     let c_path = to_c(path.as_os_str())?;
     let c_args: Vec<CString> = argv.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?;
     let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();

@@ -82,7 +82,11 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // One line: the innermost message carries the meaning.
-            let msg = e.chain().last().map(ToString::to_string).unwrap_or_default();
+            let msg = e
+                .chain()
+                .last()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             eprintln!("vmatrace: {msg}");
             ExitCode::from(1)
         }

@@ -66,10 +66,7 @@ pub fn parse_maps(text: &str, origin: &str) -> Result<Vec<MapsEntry>, ProcError>
             .and_then(|o| u64::from_str_radix(o, 16).ok())
             .ok_or(err("offset"))?;
         let _dev = it.next().ok_or(err("dev"))?;
-        let inode = it
-            .next()
-            .and_then(|n| n.parse().ok())
-            .ok_or(err("inode"))?;
+        let inode = it.next().and_then(|n| n.parse().ok()).ok_or(err("inode"))?;
         let path = it.next().map(str::trim_start).filter(|p| !p.is_empty());
         out.push(MapsEntry {
             start,
@@ -228,7 +225,9 @@ pub fn read_smaps(pid: u32) -> Result<Vec<SmapsEntry>, ProcError> {
 /// The file mapped at `addr` in `pid` (path and inode), from its maps, else from its fd.
 pub fn mapped_file(pid: u32, addr: u64, fd: i32) -> Option<(String, u64)> {
     if let Ok(maps) = read_maps(pid)
-        && let Some(e) = maps.iter().find(|e| e.start <= addr && addr < e.end && e.inode != 0)
+        && let Some(e) = maps
+            .iter()
+            .find(|e| e.start <= addr && addr < e.end && e.inode != 0)
         && let Some(path) = &e.path
     {
         return Some((path.clone(), e.inode));
@@ -247,7 +246,12 @@ pub fn shm_segment(shmid: u64) -> Option<(u64, u64)> {
         let f: Vec<&str> = l.split_whitespace().collect();
         // key shmid perms size ...
         (f.get(1)?.parse::<u64>().ok()? == shmid)
-            .then(|| Some((f.get(3)?.parse().ok()?, f.first()?.parse::<i64>().ok()? as u64)))
+            .then(|| {
+                Some((
+                    f.get(3)?.parse().ok()?,
+                    f.first()?.parse::<i64>().ok()? as u64,
+                ))
+            })
             .flatten()
     })
 }

@@ -36,9 +36,21 @@ pub enum ReplayError {
 
 /// What one line of a recording holds.
 pub enum Record {
-    Meta { version: u64 },
-    Seed { pid: u32, ts_ns: u64, reason: String, seed: Seed, exe: Option<String> },
-    Snapshot { pid: u32, ts_ns: u64, reason: String },
+    Meta {
+        version: u64,
+    },
+    Seed {
+        pid: u32,
+        ts_ns: u64,
+        reason: String,
+        seed: Seed,
+        exe: Option<String>,
+    },
+    Snapshot {
+        pid: u32,
+        ts_ns: u64,
+        reason: String,
+    },
     Event(Event),
     Lost(LossSummary),
     /// Summary, drift and other records that replay recomputes or ignores.
@@ -128,7 +140,10 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
         } else {
             [0; 2]
         };
-        let shm = match (v.get("shm_size").and_then(Value::as_u64), v.get("shm_key").and_then(Value::as_u64)) {
+        let shm = match (
+            v.get("shm_size").and_then(Value::as_u64),
+            v.get("shm_key").and_then(Value::as_u64),
+        ) {
             (Some(size), Some(key)) => Some((size, key)),
             _ => None,
         };
@@ -217,7 +232,9 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                 }
             }
         }
-        "lost" => Record::Lost(serde_json::from_value(v).map_err(|e| format!("bad lost record: {e}"))?),
+        "lost" => {
+            Record::Lost(serde_json::from_value(v).map_err(|e| format!("bad lost record: {e}"))?)
+        }
         "summary" | "drift" => Record::Other,
         other => return Err(format!("unknown record type '{other}'")),
     })
@@ -252,7 +269,9 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
                 if version != SCHEMA_VERSION {
                     return Err(bad(
                         n,
-                        format!("schema version {version}; this vmatrace reads version {SCHEMA_VERSION}"),
+                        format!(
+                            "schema version {version}; this vmatrace reads version {SCHEMA_VERSION}"
+                        ),
                     ));
                 }
                 sink.start("replay").map_err(ReplayError::Write)?;
@@ -276,7 +295,8 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
                 if reason != "exit"
                     && let Some(p) = session.get(pid)
                 {
-                    sink.snapshot(ts_ns, &reason, p).map_err(ReplayError::Write)?;
+                    sink.snapshot(ts_ns, &reason, p)
+                        .map_err(ReplayError::Write)?;
                 }
             }
             Record::Event(ev) => {
@@ -290,12 +310,14 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
                 last_ts = ts;
                 let applied = session.apply(&ev);
                 if events {
-                    sink.event(&ev, &applied, &session).map_err(ReplayError::Write)?;
+                    sink.event(&ev, &applied, &session)
+                        .map_err(ReplayError::Write)?;
                 }
                 if let (Event::Exit { pid, ts_ns, .. }, Applied::Exit) = (&ev, &applied)
                     && let Some(p) = session.get(*pid)
                 {
-                    sink.snapshot(*ts_ns, "exit", p).map_err(ReplayError::Write)?;
+                    sink.snapshot(*ts_ns, "exit", p)
+                        .map_err(ReplayError::Write)?;
                 }
             }
             Record::Lost(l) => {
@@ -315,7 +337,8 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
         return Err(ReplayError::Empty { path: name });
     }
     let summary = summarize(&session, lost);
-    sink.summary(last_ts, &summary).map_err(ReplayError::Write)?;
+    sink.summary(last_ts, &summary)
+        .map_err(ReplayError::Write)?;
     sink.flush().map_err(ReplayError::Write)?;
     Ok(session)
 }

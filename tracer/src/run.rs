@@ -2,7 +2,7 @@
 //! read the ring buffer until the targets are gone, the duration is over or a signal arrives.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     ffi::OsString,
     io::{self, IsTerminal, Write},
     path::PathBuf,
@@ -120,17 +120,32 @@ fn exe_of(pid: u32) -> Option<String> {
 }
 
 /// Fills in what the kernel could not know: file names, segment sizes, pidfd targets.
-fn resolve(event: &mut Event) {
-    let Event::Syscall(s) = event else { return };
+/// `opened` holds the paths of the fds the traced processes opened.
+fn resolve(event: &mut Event, opened: &mut HashMap<(u32, i32), String>) {
+    let s = match event {
+        Event::Open { pid, fd, path, .. } => {
+            opened.insert((*pid, *fd), std::mem::take(path));
+            return;
+        }
+        Event::Exit { pid, .. } => {
+            opened.retain(|(p, _), _| p != pid);
+            return;
+        }
+        Event::Syscall(s) => s,
+        _ => return,
+    };
     if s.errno().is_some() {
         return;
     }
     match s.call {
         Syscall::Mmap if s.args[3] & 0x20 == 0 => {
-            if let Some((path, inode)) = procfs::mapped_file(s.pid, s.ret as u64, s.args[4] as i32)
-            {
+            let fd = s.args[4] as i32;
+            // /proc first (absolute path and inode), else the path the process opened.
+            if let Some((path, inode)) = procfs::mapped_file(s.pid, s.ret as u64, fd) {
                 s.resolved.path = Some(path);
                 s.resolved.inode = Some(inode);
+            } else if let Some(path) = opened.get(&(s.pid, fd)) {
+                s.resolved.path = Some(path.clone());
             }
         }
         Syscall::Shmat => s.resolved.shm = procfs::shm_segment(s.args[0]),
@@ -164,6 +179,8 @@ struct Live {
     last_stats: KernelStats,
     undecodable: u64,
     events: u64,
+    /// Paths of the fds traced processes opened, by (pid, fd).
+    opened: HashMap<(u32, i32), String>,
 }
 
 impl Live {
@@ -185,7 +202,7 @@ impl Live {
 
     fn handle(&mut self, mut ev: Event) -> Result<(), RunError> {
         self.events += 1;
-        resolve(&mut ev);
+        resolve(&mut ev, &mut self.opened);
         let applied = self.session.apply(&ev);
         self.sink
             .event(&ev, &applied, &self.session)
@@ -229,7 +246,11 @@ impl Live {
 
     fn report_losses(&mut self) -> Result<(), RunError> {
         let now = self.probe.stats()?;
-        let d = delta(&now, &self.last_stats, std::mem::take(&mut self.undecodable));
+        let d = delta(
+            &now,
+            &self.last_stats,
+            std::mem::take(&mut self.undecodable),
+        );
         if d != LossSummary::default() {
             self.sink
                 .lost(monotonic_ns(), &d)
@@ -247,15 +268,22 @@ impl Live {
             .map(|p| p.pid)
             .collect();
         for pid in pids {
-            let Ok(maps) = procfs::read_maps(pid) else { continue };
+            let Ok(maps) = procfs::read_maps(pid) else {
+                continue;
+            };
             let kernel = normalize::normalize(
                 maps.iter()
                     .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
             );
-            let Some(p) = self.session.get(pid) else { continue };
+            let Some(p) = self.session.get(pid) else {
+                continue;
+            };
             let diff = normalize::diff(&kernel, &normalize::model_ranges(&p.space));
             if !diff.is_empty() {
-                log::warn!("model of {pid} differs from /proc/{pid}/maps in {} ranges", diff.len());
+                log::warn!(
+                    "model of {pid} differs from /proc/{pid}/maps in {} ranges",
+                    diff.len()
+                );
                 self.sink
                     .drift(monotonic_ns(), pid, &diff)
                     .map_err(RunError::Write)?;
@@ -353,9 +381,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         held.release()?;
         child = Some(pid);
     }
-    let ring = probe
-        .take_ring()
-        .ok_or(ProbeError::Missing("EVENTS"))?;
+    let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
     let live = Live {
         probe,
         session,
@@ -364,6 +390,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         last_stats: KernelStats::default(),
         undecodable: 0,
         events: 0,
+        opened: HashMap::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -403,7 +430,8 @@ async fn event_loop(
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(RunError::Runtime)?;
-    let mut waiter = child.map(|pid| tokio::task::spawn_blocking(move || launch::wait_exit_code(pid)));
+    let mut waiter =
+        child.map(|pid| tokio::task::spawn_blocking(move || launch::wait_exit_code(pid)));
     let started = Instant::now();
     let mut last_reconcile = Instant::now();
     let mut status = 0;

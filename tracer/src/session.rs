@@ -53,12 +53,20 @@ pub struct Process {
 /// What the session did with an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
-    Syscall { pid: u32, effect: Effect },
+    Syscall {
+        pid: u32,
+        effect: Effect,
+    },
     /// A failed syscall: nothing changed.
-    Failed { errno: i32 },
+    Failed {
+        errno: i32,
+    },
     Fault(FaultEffect),
     /// A process was forked; `traced` when its model was created.
-    Fork { child: u32, traced: bool },
+    Fork {
+        child: u32,
+        traced: bool,
+    },
     /// The process's map was cleared; the caller should [`Session::reseed`] it.
     Exec,
     Exit,
@@ -163,6 +171,8 @@ impl Session {
                 p.exited_ns = Some(*ts_ns);
                 Applied::Exit
             }
+            // Opens only name files for later mmaps (see `run`); the model ignores them.
+            Event::Open { .. } => Applied::Ignored,
         }
     }
 
@@ -174,6 +184,7 @@ impl Session {
                 _ if self.procs.contains_key(&s.pid) => s.pid,
                 _ => return Applied::Ignored,
             },
+            Syscall::Openat => return Applied::Ignored,
             _ => s.pid,
         };
         let Some(p) = self.procs.get_mut(&pid) else {
@@ -213,6 +224,7 @@ impl Session {
                 space.shmat(ts, ret, size, key, a2 & SHM_RDONLY != 0, a2 & SHM_EXEC != 0)
             }
             Syscall::Shmdt => space.shmdt(ts, a0),
+            Syscall::Openat => return Applied::Ignored,
         };
         let _ = a4;
         Applied::Syscall { pid, effect }

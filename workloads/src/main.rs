@@ -1,1 +1,364 @@
-fn main(){}
+//! `workload SCENARIO [ARGS]`: small programs with known memory behaviour, for vmatrace's tests
+//! and benchmarks. Each scenario makes raw syscalls (no allocator in between) and prints what
+//! the kernel returned, one `key value...` line each, on stdout. Scenarios that have
+//! checkpoints stop themselves with SIGSTOP so that a test can compare vmatrace's model with
+//! /proc/PID/maps while nothing moves.
+//!
+//! Markers: `madvise(NULL, 0, 0xBEEF)` (begin) and `madvise(NULL, 0, 0xBEEF + 1)` (end) fail
+//! with EINVAL and bracket the calls a test asserts on.
+
+use std::{
+    io::Write,
+    ptr::null_mut,
+    time::{Duration, Instant},
+};
+
+const PAGE: usize = 4096;
+const MARK_BEGIN: i32 = 0xBEEF;
+const MARK_END: i32 = 0xBEEF + 1;
+
+fn mark(advice: i32) {
+    // SAFETY: madvise on an empty range with an invalid advice only returns EINVAL.
+    unsafe { libc::madvise(null_mut(), 0, advice) };
+}
+
+fn mmap(addr: usize, len: usize, prot: i32, flags: i32, fd: i32, off: i64) -> usize {
+    // SAFETY: raw mmap; callers only touch what they mapped.
+    let p = unsafe { libc::mmap(addr as *mut _, len, prot, flags, fd, off) };
+    p as usize
+}
+
+fn anon(len: usize) -> usize {
+    mmap(
+        0,
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+}
+
+fn munmap(addr: usize, len: usize) -> i32 {
+    // SAFETY: unmapping memory this program mapped.
+    unsafe { libc::munmap(addr as *mut _, len) }
+}
+
+fn brk(addr: usize) -> usize {
+    // SAFETY: the raw brk syscall returns the new (or unchanged) break.
+    unsafe { libc::syscall(libc::SYS_brk, addr) as usize }
+}
+
+fn touch(addr: usize, len: usize) {
+    for off in (0..len).step_by(PAGE) {
+        // SAFETY: within a writable mapping made by this program.
+        unsafe { std::ptr::write_volatile((addr + off) as *mut u8, 1) };
+    }
+}
+
+fn read_touch(addr: usize, len: usize) -> u64 {
+    let mut sum = 0u64;
+    for off in (0..len).step_by(PAGE) {
+        // SAFETY: within a readable mapping made by this program.
+        sum += u64::from(unsafe { std::ptr::read_volatile((addr + off) as *const u8) });
+    }
+    sum
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn checkpoint(name: &str) {
+    say(&format!("checkpoint {name}"));
+    // SAFETY: stopping ourselves; the test continues us with SIGCONT.
+    unsafe { libc::raise(libc::SIGSTOP) };
+}
+
+/// Issue #2: known mmap, munmap and brk calls between markers.
+fn basic() {
+    mark(MARK_BEGIN);
+    let a = anon(64 * 1024);
+    touch(a, 64 * 1024);
+    let r1 = munmap(a + 16 * 1024, 16 * 1024);
+    let cur = brk(0);
+    let grown = brk(cur + 128 * 1024);
+    let shrunk = brk(cur);
+    mark(MARK_END);
+    say(&format!("mmap {a} {}", 64 * 1024));
+    say(&format!("munmap {} {} {r1}", a + 16 * 1024, 16 * 1024));
+    say(&format!("brk {cur} {grown} {shrunk}"));
+}
+
+/// Issue #3/#4: every kind of change, with a checkpoint after each.
+fn checkpoints() {
+    // MAP_FIXED over the middle of an existing mapping.
+    let a = anon(16 * PAGE);
+    touch(a, 16 * PAGE);
+    let fixed = mmap(
+        a + 4 * PAGE,
+        4 * PAGE,
+        libc::PROT_READ,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+        -1,
+        0,
+    );
+    say(&format!("fixed {a} {fixed}"));
+    checkpoint("map_fixed");
+
+    // A partial munmap across two mappings (b directly after c).
+    let c = anon(8 * PAGE);
+    let b = mmap(
+        c + 8 * PAGE,
+        8 * PAGE,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+        -1,
+        0,
+    );
+    touch(c, 8 * PAGE);
+    if b == c + 8 * PAGE {
+        touch(b, 8 * PAGE);
+    }
+    let r = munmap(c + 4 * PAGE, 8 * PAGE);
+    say(&format!("munmap_across {c} {b} {r}"));
+    checkpoint("munmap_across");
+
+    // mremap: grow in place (room after it), then move.
+    let m = anon(4 * PAGE);
+    touch(m, 4 * PAGE);
+    // Free the space after it so that the grow can be in place.
+    munmap(m + 4 * PAGE, 4 * PAGE);
+    // SAFETY: remapping our own mapping.
+    let grown = unsafe { libc::mremap(m as *mut _, 4 * PAGE, 6 * PAGE, 0) } as usize;
+    say(&format!("mremap_grow {m} {grown}"));
+    checkpoint("mremap_grow");
+    // SAFETY: as above; MAYMOVE to a larger size.
+    let moved =
+        unsafe { libc::mremap(m as *mut _, 6 * PAGE, 64 * PAGE, libc::MREMAP_MAYMOVE) } as usize;
+    touch(moved, 64 * PAGE);
+    say(&format!("mremap_move {m} {moved}"));
+    checkpoint("mremap_move");
+
+    // mprotect of the middle of a mapping.
+    let p = anon(12 * PAGE);
+    touch(p, 12 * PAGE);
+    // SAFETY: our mapping.
+    let r = unsafe { libc::mprotect((p + 4 * PAGE) as *mut _, 4 * PAGE, libc::PROT_READ) };
+    say(&format!("mprotect {p} {r}"));
+    checkpoint("mprotect_middle");
+
+    // madvise(DONTNEED) then touch half again.
+    let d = anon(32 * PAGE);
+    touch(d, 32 * PAGE);
+    // SAFETY: our mapping.
+    let r = unsafe { libc::madvise(d as *mut _, 32 * PAGE, libc::MADV_DONTNEED) };
+    touch(d, 8 * PAGE);
+    let _ = read_touch(d + 8 * PAGE, 8 * PAGE);
+    say(&format!("madvise {d} {r}"));
+    checkpoint("madvise_dontneed");
+
+    // brk grow and shrink.
+    let cur = brk(0);
+    let grown = brk(cur + 64 * PAGE);
+    touch(cur.next_multiple_of(PAGE), 32 * PAGE);
+    let shrunk = brk(cur + 16 * PAGE);
+    say(&format!("brk {cur} {grown} {shrunk}"));
+    checkpoint("brk");
+
+    // Threads faulting in one shared region.
+    let t = anon(64 * PAGE);
+    let handles: Vec<_> = (0..4)
+        .map(|i| std::thread::spawn(move || touch(t + i * 16 * PAGE, 16 * PAGE)))
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    say(&format!("threads {t}"));
+    checkpoint("threads");
+}
+
+/// Faults from several threads on distinct pages, reported per thread.
+fn threads(n: usize, pages: usize) {
+    let t = anon(n * pages * PAGE);
+    mark(MARK_BEGIN);
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+                touch(t + i * pages * PAGE, pages * PAGE);
+                (tid, t + i * pages * PAGE)
+            })
+        })
+        .collect();
+    let got: Vec<_> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+    mark(MARK_END);
+    for (tid, start) in got {
+        say(&format!("thread {tid} {start} {pages}"));
+    }
+}
+
+/// A failing mmap (ENOMEM) and a failing munmap (EINVAL).
+fn fail() {
+    mark(MARK_BEGIN);
+    let huge = mmap(
+        0,
+        1 << 46,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    );
+    let bad = munmap(3, PAGE);
+    mark(MARK_END);
+    say(&format!("fail {} {bad}", huge as isize));
+}
+
+/// Maps a file and reports its path.
+fn file() {
+    let path = format!("/tmp/vmatrace-workload-{}.dat", std::process::id());
+    let _ = std::fs::write(&path, vec![7u8; 4 * PAGE]);
+    let Ok(f) = std::fs::File::open(&path) else {
+        say("error open");
+        return;
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    mark(MARK_BEGIN);
+    let a = mmap(0, 4 * PAGE, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0);
+    let sum = read_touch(a, 4 * PAGE);
+    mark(MARK_END);
+    say(&format!("file {a} {path} {sum}"));
+    checkpoint("file");
+    munmap(a, 4 * PAGE);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// Fork: the child maps and touches memory, then exits; the parent waits.
+fn fork() {
+    mark(MARK_BEGIN);
+    // SAFETY: the child only makes raw syscalls and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let a = anon(8 * PAGE);
+        touch(a, 8 * PAGE);
+        say(&format!("child {} {a}", std::process::id()));
+        // SAFETY: leaving the child without running destructors.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    mark(MARK_END);
+    say(&format!("forked {pid}"));
+}
+
+/// Touches `pages` fresh pages as fast as possible (ring-buffer overflow tests).
+fn burst(pages: usize) {
+    let a = anon(pages * PAGE);
+    mark(MARK_BEGIN);
+    touch(a, pages * PAGE);
+    mark(MARK_END);
+    say(&format!("burst {a} {pages}"));
+}
+
+/// Waits for stdin to close, then maps once (the `-p` attach test).
+fn wait_then_map() {
+    say(&format!("ready {}", std::process::id()));
+    let mut buf = String::new();
+    let _ = std::io::stdin().read_line(&mut buf);
+    let a = anon(32 * PAGE);
+    touch(a, 32 * PAGE);
+    say(&format!("mmap {a}"));
+    let _ = std::io::stdin().read_line(&mut buf);
+}
+
+/// Benchmark: map, touch every page, unmap; `secs` seconds or `iters` rounds.
+fn fault_loop(iters: usize, pages: usize) {
+    let start = Instant::now();
+    for _ in 0..iters {
+        let a = anon(pages * PAGE);
+        touch(a, pages * PAGE);
+        munmap(a, pages * PAGE);
+    }
+    say(&format!("fault_loop {} ns", start.elapsed().as_nanos()));
+}
+
+/// Benchmark: mmap, touch one page, munmap.
+fn churn(iters: usize) {
+    let start = Instant::now();
+    for _ in 0..iters {
+        let a = anon(16 * PAGE);
+        touch(a, PAGE);
+        munmap(a, 16 * PAGE);
+    }
+    say(&format!("churn {} ns", start.elapsed().as_nanos()));
+}
+
+/// Benchmark: several threads malloc and free mixed sizes through glibc.
+fn malloc_mt(threads: usize, iters: usize) {
+    let start = Instant::now();
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut keep: Vec<Vec<u8>> = Vec::with_capacity(64);
+                for i in 0..iters {
+                    let size = [64, 1024, 16 << 10, 200 << 10][(i + t) % 4];
+                    keep.push(vec![1u8; size]);
+                    if keep.len() >= 64 {
+                        keep.drain(..32);
+                    }
+                }
+                keep.len()
+            })
+        })
+        .collect();
+    for h in hs {
+        let _ = h.join();
+    }
+    say(&format!("malloc_mt {} ns", start.elapsed().as_nanos()));
+}
+
+/// Benchmark bystander: a CPU-and-memory loop that is not traced.
+fn spin(millis: u64) {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_millis(millis) {
+        let a = anon(16 * PAGE);
+        touch(a, 16 * PAGE);
+        munmap(a, 16 * PAGE);
+        n += 1;
+    }
+    say(&format!("spin {n}"));
+}
+
+fn arg(args: &[String], i: usize, default: usize) -> usize {
+    args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("basic") => basic(),
+        Some("checkpoints") => checkpoints(),
+        Some("threads") => threads(arg(&args, 2, 4), arg(&args, 3, 16)),
+        Some("fail") => fail(),
+        Some("file") => file(),
+        Some("fork") => fork(),
+        Some("burst") => burst(arg(&args, 2, 1 << 16)),
+        Some("wait-then-map") => wait_then_map(),
+        Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
+        Some("churn") => churn(arg(&args, 2, 20_000)),
+        Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
+        Some("spin") => spin(arg(&args, 2, 1000) as u64),
+        Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
+        _ => {
+            eprintln!(
+                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS|exit CODE"
+            );
+            std::process::exit(2);
+        }
+    }
+}

@@ -1,1 +1,305 @@
-fn main(){}
+//! `cargo xtask`: provisioning, running, testing and benchmarking vmatrace.
+//!
+//! - `setup`: the nightly `rust-src`, a `bpf-linker` built against the nightly toolchain's own
+//!   libLLVM, tracefs mounted. Idempotent; quick when already done.
+//! - `run -- ARGS`: setup, build, run `vmatrace ARGS`.
+//! - `test`: setup, lint, unit tests, privileged end-to-end tests, fuzz smoke runs.
+//! - `bench`: setup, then the benchmarks in `tracer/benches` and `workloads`.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+
+/// The bpf-linker version the eBPF build is known to work with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "vmatrace project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the eBPF build needs (nightly rust-src, bpf-linker) and mount tracefs.
+    Setup,
+    /// Set up, build in release mode and run vmatrace with ARGS (e.g. `-- -- ls -l /`).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then run every test: lints, unit and property tests, privileged end-to-end
+    /// tests (real eBPF, real processes), fuzz smoke runs.
+    Test {
+        /// Skip clippy and rustfmt.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for the privileged test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        filter: Vec<String>,
+    },
+    /// Set up, then run the benchmarks and print the tables for docs/benchmarks.md.
+    Bench {
+        /// Rounds per configuration.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Also run the 10-minute soak test.
+        #[arg(long)]
+        soak: bool,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn step(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    step(&format!("running {cmd:?}"));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+fn setup() -> Result<()> {
+    // 1. The nightly toolchain and its rust-src (for -Z build-std=core).
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly rust-src: present");
+    } else {
+        step("adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // 2. bpf-linker, linked against the nightly toolchain's own libLLVM.
+    let linker = cargo_home().join("bin").join("bpf-linker");
+    if linker.exists() {
+        step(&format!("bpf-linker: present at {}", linker.display()));
+    } else {
+        install_bpf_linker()?;
+    }
+
+    // 3. tracefs (attaching tracepoints needs it).
+    if Path::new("/sys/kernel/tracing/events").is_dir()
+        || Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        step("tracefs: mounted");
+    } else if is_root() {
+        step("mounting tracefs on /sys/kernel/tracing");
+        run(Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]))?;
+    } else {
+        step("tracefs is not mounted; vmatrace mounts it when run as root");
+    }
+    Ok(())
+}
+
+fn install_bpf_linker() -> Result<()> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .ok_or_else(|| anyhow!("rustc +nightly -vV does not name its LLVM version"))?;
+    let major = llvm
+        .split('.')
+        .next()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| anyhow!("cannot read the LLVM major version from '{llvm}'"))?;
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let libllvm = std::fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
+        })
+        .ok_or_else(|| anyhow!("no libLLVM in {}", lib.display()))?;
+    let prefix = root()
+        .join("target")
+        .join("xtask")
+        .join(format!("llvm-{major}"));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    let link = prefix_lib.join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM {major} ({}); this takes a few minutes",
+        libllvm.display()
+    ));
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Run { args } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "tracer"]))?;
+            let bin = root().join("target/release/vmatrace");
+            let mut cmd = if is_root() {
+                Command::new(&bin)
+            } else {
+                let mut c = Command::new("sudo");
+                c.arg("-E").arg(&bin);
+                c
+            };
+            // `cargo xtask run -- -- ls` passes `-- ls`; drop the separator meant for us.
+            let args: Vec<&String> = match args.first().map(String::as_str) {
+                Some("--") if args.iter().filter(|a| *a == "--").count() > 1 => {
+                    args[1..].iter().collect()
+                }
+                _ => args.iter().collect(),
+            };
+            let status = cmd.args(args).status().context("running vmatrace")?;
+            if !status.success() {
+                bail!("vmatrace exited with {status}");
+            }
+            Ok(())
+        }
+        Task::Test { no_lint, filter } => {
+            setup()?;
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--check"]))?;
+                run(cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "tracer-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+            }
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "tracer-ebpf",
+                "--lib",
+                "--bins",
+            ]))?;
+            if !is_root() {
+                step("not root: the privileged tests will skip (they need to load eBPF programs)");
+            }
+            // Privileged end-to-end tests share kernel state: one at a time.
+            let mut c = cargo();
+            c.args(["test", "-p", "tracer", "--tests", "--", "--test-threads=1"]);
+            c.args(&filter);
+            run(&mut c)?;
+            Ok(())
+        }
+        Task::Bench { rounds, soak } => {
+            setup()?;
+            let mut c = cargo();
+            c.args([
+                "run",
+                "--release",
+                "-p",
+                "workloads",
+                "--bin",
+                "bench",
+                "--",
+            ])
+            .arg("--rounds")
+            .arg(rounds.to_string());
+            if soak {
+                c.arg("--soak");
+            }
+            run(cargo().args(["build", "--release", "-p", "tracer", "-p", "workloads"]))?;
+            run(&mut c)
+        }
+    }
+}

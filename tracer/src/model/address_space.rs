@@ -126,7 +126,6 @@ impl AddressSpace {
         s
     }
 
-
     /// Replaces everything with a new seed (also used after exec): the old map is unmapped in
     /// the history, pages and heap are forgotten.
     pub fn seed(&mut self, vmas: impl IntoIterator<Item = Vma>, start_brk: Option<u64>, ts: u64) {
@@ -182,7 +181,8 @@ impl AddressSpace {
 
     /// Touched-page counts in `[start, end)`.
     pub fn pages_in(&self, start: u64, end: u64) -> PageCounts {
-        self.pages.count(start >> PAGE_SHIFT, page_align_up(end) >> PAGE_SHIFT)
+        self.pages
+            .count(start >> PAGE_SHIFT, page_align_up(end) >> PAGE_SHIFT)
     }
 
     /// The page map (for whole-space counters such as refaults).
@@ -222,7 +222,15 @@ impl AddressSpace {
 
     /// `mmap` that returned `addr`: a new VMA of `len` bytes, replacing whatever was there
     /// (`MAP_FIXED`).
-    pub fn mmap(&mut self, ts: u64, addr: u64, len: u64, perms: Perms, backing: Backing, offset: u64) -> Effect {
+    pub fn mmap(
+        &mut self,
+        ts: u64,
+        addr: u64,
+        len: u64,
+        perms: Perms,
+        backing: Backing,
+        offset: u64,
+    ) -> Effect {
         let end = addr.saturating_add(page_align_up(len));
         let mut e = self.unmap_range(ts, Cause::Mmap, addr, end);
         e.kind = if e.unmapped_bytes > 0 {
@@ -312,7 +320,15 @@ impl AddressSpace {
     }
 
     /// `mremap(old, old_len, new_len, flags, ..)` that returned `new_addr`.
-    pub fn mremap(&mut self, ts: u64, old: u64, old_len: u64, new_len: u64, flags: u64, new_addr: u64) -> Effect {
+    pub fn mremap(
+        &mut self,
+        ts: u64,
+        old: u64,
+        old_len: u64,
+        new_len: u64,
+        flags: u64,
+        new_addr: u64,
+    ) -> Effect {
         let old_len = page_align_up(old_len);
         let new_len = page_align_up(new_len);
         let old_end = old.saturating_add(old_len);
@@ -345,22 +361,33 @@ impl AddressSpace {
         let mut e = self.unmap_range(ts, Cause::Mremap, new_addr, new_end);
         let pieces: Vec<Vma> = if old_len == 0 {
             // Duplicate of a shared mapping: the old one stays.
-            self.find(old).map(|v| v.slice(old, v.end)).into_iter().collect()
+            self.find(old)
+                .map(|v| v.slice(old, v.end))
+                .into_iter()
+                .collect()
         } else {
             let pieces = timeline::carve(&mut self.vmas, old, old_end);
-            self.timeline.push(ts, Cause::Mremap, Change::Unmapped { start: old, end: old_end });
+            self.timeline.push(
+                ts,
+                Cause::Mremap,
+                Change::Unmapped {
+                    start: old,
+                    end: old_end,
+                },
+            );
             pieces
         };
         let keep = old_len.min(new_len);
         if old_len > 0 {
             // Pages beyond the new length are released; the rest move.
-            e.released_pages += self.pages.release(
+            e.released_pages +=
+                self.pages
+                    .release((old + keep) >> PAGE_SHIFT, old_end >> PAGE_SHIFT, ts);
+            self.pages.relocate(
+                old >> PAGE_SHIFT,
                 (old + keep) >> PAGE_SHIFT,
-                old_end >> PAGE_SHIFT,
-                ts,
+                new_addr >> PAGE_SHIFT,
             );
-            self.pages
-                .relocate(old >> PAGE_SHIFT, (old + keep) >> PAGE_SHIFT, new_addr >> PAGE_SHIFT);
         }
         let mut last = None;
         for p in &pieces {
@@ -410,7 +437,8 @@ impl AddressSpace {
         if pieces.is_empty() {
             return Effect::default();
         }
-        self.timeline.push(ts, Cause::Mprotect, Change::Unmapped { start: addr, end });
+        self.timeline
+            .push(ts, Cause::Mprotect, Change::Unmapped { start: addr, end });
         for mut p in pieces {
             p.perms = Perms::from_prot(prot, p.perms.shared);
             self.place(ts, Cause::Mprotect, p);
@@ -426,7 +454,9 @@ impl AddressSpace {
         match advice {
             MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED => {
                 let mut e = Effect::new(EffectKind::Released, addr, end);
-                e.released_pages = self.pages.release(addr >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
+                e.released_pages = self
+                    .pages
+                    .release(addr >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
                 e
             }
             _ => Effect::new(EffectKind::Advised, addr, end),
@@ -434,7 +464,15 @@ impl AddressSpace {
     }
 
     /// `shmat` that attached a segment of `size` bytes (System V key `key`) at `addr`.
-    pub fn shmat(&mut self, ts: u64, addr: u64, size: u64, key: u64, read_only: bool, exec: bool) -> Effect {
+    pub fn shmat(
+        &mut self,
+        ts: u64,
+        addr: u64,
+        size: u64,
+        key: u64,
+        read_only: bool,
+        exec: bool,
+    ) -> Effect {
         let end = addr.saturating_add(page_align_up(size));
         let mut e = self.unmap_range(ts, Cause::Shmat, addr, end);
         let perms = Perms {
@@ -536,9 +574,12 @@ impl AddressSpace {
         if removed.is_empty() {
             return e;
         }
-        self.timeline.push(ts, cause, Change::Unmapped { start, end });
+        self.timeline
+            .push(ts, cause, Change::Unmapped { start, end });
         e.unmapped_bytes = removed.iter().map(Vma::len).sum();
-        e.released_pages = self.pages.release(start >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
+        e.released_pages = self
+            .pages
+            .release(start >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
         e.splits = splits;
         e
     }

@@ -39,7 +39,9 @@ fn canonical_path(path: Option<&str>) -> Option<String> {
 }
 
 /// Normalises `(start, end, perms, path)` ranges given in address order.
-pub fn normalize<'a>(items: impl IntoIterator<Item = (u64, u64, Perms, Option<&'a str>)>) -> Vec<Range> {
+pub fn normalize<'a>(
+    items: impl IntoIterator<Item = (u64, u64, Perms, Option<&'a str>)>,
+) -> Vec<Range> {
     let mut out: Vec<Range> = Vec::new();
     for (start, end, perms, path) in items {
         let path = canonical_path(path);
@@ -67,7 +69,11 @@ pub fn model_ranges(space: &AddressSpace) -> Vec<Range> {
         .vmas()
         .map(|v| (v.start, v.end, v.perms, v.backing.path(v.perms.shared)))
         .collect();
-    normalize(paths.iter().map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())))
+    normalize(
+        paths
+            .iter()
+            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
+    )
 }
 
 /// Lines present in one map and not the other, `-` for `expected` only, `+` for `actual` only.

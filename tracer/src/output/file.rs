@@ -44,10 +44,11 @@ pub fn create(path: &Path, force: bool) -> Result<File, OutputError> {
     } else {
         opts.create_new(true);
     }
-    opts.open(path).map_err(|source| match source.raw_os_error() {
-        Some(libc::ELOOP) => OutputError::Symlink(name.clone()),
-        Some(libc::EISDIR) => OutputError::Directory(name.clone()),
-        Some(libc::EEXIST) => OutputError::Exists(name.clone()),
-        _ => OutputError::Io { path: name, source },
-    })
+    opts.open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => OutputError::Symlink(name.clone()),
+            Some(libc::EISDIR) => OutputError::Directory(name.clone()),
+            Some(libc::EEXIST) => OutputError::Exists(name.clone()),
+            _ => OutputError::Io { path: name, source },
+        })
 }

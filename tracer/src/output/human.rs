@@ -116,10 +116,15 @@ pub fn call_text(s: &SyscallRecord) -> String {
         ),
         Syscall::Shmat => format!("{}, {}, {a2:#o}", a0 as i64, addr(a1)),
         Syscall::Shmdt => addr(a0),
+        Syscall::Openat => format!("{}, {:#x}, {a2:#o}", a0 as i64 as i32, a1),
     };
     let ret = match s.errno() {
         Some(e) => format!("-1 {}", flags::errno(e)),
-        None if matches!(s.call, Syscall::Brk | Syscall::Mmap | Syscall::Mremap | Syscall::Shmat) => {
+        None if matches!(
+            s.call,
+            Syscall::Brk | Syscall::Mmap | Syscall::Mremap | Syscall::Shmat
+        ) =>
+        {
             format!("{:#x}", s.ret as u64)
         }
         None => s.ret.to_string(),
@@ -239,17 +244,37 @@ impl<W: Write> Sink for HumanSink<W> {
                     self.touches.entry((f.pid, start)).or_insert((0, label)).0 += 1;
                 }
             }
-            Event::Fork { pid, child, followed, ts_ns, .. } => {
-                let how = if *followed { "followed" } else { "not followed" };
-                writeln!(self.out, "{} [{pid}] fork -> {child} ({how})", self.time(*ts_ns))?;
+            Event::Fork {
+                pid,
+                child,
+                followed,
+                ts_ns,
+                ..
+            } => {
+                let how = if *followed {
+                    "followed"
+                } else {
+                    "not followed"
+                };
+                writeln!(
+                    self.out,
+                    "{} [{pid}] fork -> {child} ({how})",
+                    self.time(*ts_ns)
+                )?;
             }
-            Event::Exec { pid, filename, ts_ns, .. } => {
+            Event::Exec {
+                pid,
+                filename,
+                ts_ns,
+                ..
+            } => {
                 writeln!(self.out, "{} [{pid}] exec {filename}", self.time(*ts_ns))?;
             }
             Event::Exit { pid, ts_ns, .. } => {
                 self.flush_touches()?;
                 writeln!(self.out, "{} [{pid}] exited", self.time(*ts_ns))?;
             }
+            Event::Open { .. } => {}
         }
         Ok(())
     }
@@ -339,17 +364,37 @@ impl<W: Write> Sink for HumanSink<W> {
                 size(p.heap_high_water_bytes)
             )?;
             let calls: Vec<String> = p.syscalls.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            writeln!(self.out, "  syscalls: {}", if calls.is_empty() { "none".into() } else { calls.join(", ") })?;
+            writeln!(
+                self.out,
+                "  syscalls: {}",
+                if calls.is_empty() {
+                    "none".into()
+                } else {
+                    calls.join(", ")
+                }
+            )?;
             if !p.failed_syscalls.is_empty() {
-                let failed: Vec<String> = p.failed_syscalls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let failed: Vec<String> = p
+                    .failed_syscalls
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
                 writeln!(self.out, "  failed: {}", failed.join(", "))?;
             }
-            let touches: Vec<String> = p.first_touches.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let touches: Vec<String> = p
+                .first_touches
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
             writeln!(
                 self.out,
                 "  faults: {}, first touches: {}, copy-on-write: {}, released pages: {}, refaulted: {}",
                 p.faults,
-                if touches.is_empty() { "0".into() } else { touches.join(", ") },
+                if touches.is_empty() {
+                    "0".into()
+                } else {
+                    touches.join(", ")
+                },
                 p.cow_upgrades,
                 p.released_pages,
                 p.refaulted_pages

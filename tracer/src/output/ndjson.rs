@@ -60,7 +60,9 @@ fn named_args(s: &SyscallRecord) -> Value {
             "addr": a0, "old_len": a1, "new_len": a2, "flags": flags::mremap(a3), "new_addr": a4,
         }),
         Syscall::Mprotect => json!({ "addr": a0, "len": a1, "prot": flags::prot(a2) }),
-        Syscall::PkeyMprotect => json!({ "addr": a0, "len": a1, "prot": flags::prot(a2), "pkey": a3 as i64 }),
+        Syscall::PkeyMprotect => {
+            json!({ "addr": a0, "len": a1, "prot": flags::prot(a2), "pkey": a3 as i64 })
+        }
         Syscall::Madvise => json!({ "addr": a0, "len": a1, "advice": flags::madvise(a2) }),
         Syscall::ProcessMadvise => json!({
             "pidfd": a0 as i64, "vlen": a2, "advice": flags::madvise(a3),
@@ -68,6 +70,7 @@ fn named_args(s: &SyscallRecord) -> Value {
         }),
         Syscall::Shmat => json!({ "shmid": a0 as i64, "addr": a1, "shmflg": a2 }),
         Syscall::Shmdt => json!({ "addr": a0 }),
+        Syscall::Openat => json!({ "dfd": a0 as i64 as i32, "flags": a2 }),
     }
 }
 
@@ -115,7 +118,9 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
                         fe.vma_start,
                         fe.stack_grown_to,
                     ),
-                    Touch::Upgraded { .. } => (false, Some("anon"), true, fe.vma_start, fe.stack_grown_to),
+                    Touch::Upgraded { .. } => {
+                        (false, Some("anon"), true, fe.vma_start, fe.stack_grown_to)
+                    }
                     Touch::Again => (false, None, false, fe.vma_start, fe.stack_grown_to),
                 },
                 _ => (false, None, false, None, None),
@@ -150,9 +155,20 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             pid,
             tid,
             filename,
-        } => json!({ "type": "exec", "ts_ns": ts_ns, "pid": pid, "tid": tid, "filename": filename }),
+        } => {
+            json!({ "type": "exec", "ts_ns": ts_ns, "pid": pid, "tid": tid, "filename": filename })
+        }
         Event::Exit { ts_ns, pid, tid } => {
             json!({ "type": "exit", "ts_ns": ts_ns, "pid": pid, "tid": tid })
+        }
+        Event::Open {
+            ts_ns,
+            pid,
+            tid,
+            fd,
+            path,
+        } => {
+            json!({ "type": "open", "ts_ns": ts_ns, "pid": pid, "tid": tid, "fd": fd, "path": path })
         }
     }
 }

@@ -114,7 +114,11 @@ impl LossSummary {
 
     /// Events lost in any way.
     pub fn total_lost(&self) -> u64 {
-        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.pending_full + self.undecodable
+        self.lost_syscall
+            + self.lost_fault
+            + self.lost_lifecycle
+            + self.pending_full
+            + self.undecodable
     }
 }
 
@@ -132,7 +136,11 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
         .map(|p| {
             let rows = vma_rows(p);
             let mut top = rows.clone();
-            top.sort_by(|a, b| b.touched_bytes.cmp(&a.touched_bytes).then(a.start.cmp(&b.start)));
+            top.sort_by(|a, b| {
+                b.touched_bytes
+                    .cmp(&a.touched_bytes)
+                    .then(a.start.cmp(&b.start))
+            });
             top.truncate(10);
             let pages = p.space.pages();
             ProcessSummary {

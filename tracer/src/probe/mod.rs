@@ -14,9 +14,7 @@ use aya::{
     },
     util::online_cpus,
 };
-use tracer_common::{
-    STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC,
-};
+use tracer_common::{STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC};
 
 /// Which program reports page faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,13 +58,17 @@ pub enum ProbeError {
     Permission,
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
-    #[error("this kernel has no tracepoint {0}; vmatrace needs syscall tracepoints (CONFIG_FTRACE_SYSCALLS)")]
+    #[error(
+        "this kernel has no tracepoint {0}; vmatrace needs syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"
+    )]
     MissingTracepoint(String),
     #[error("the eBPF object has no program or map named {0}")]
     Missing(&'static str),
     #[error("ring buffer size {0} must be a power of two and at least 4096 bytes")]
     RingSize(u32),
-    #[error("cannot load the eBPF programs (does the kernel have BTF, /sys/kernel/btf/vmlinux?): {0}")]
+    #[error(
+        "cannot load the eBPF programs (does the kernel have BTF, /sys/kernel/btf/vmlinux?): {0}"
+    )]
     Load(#[source] aya::EbpfError),
     #[error("cannot attach {name}: {source}")]
     Attach {
@@ -162,13 +164,21 @@ impl Probe {
             }
         };
         let mut probe = Self {
-            targets: HashMap::try_from(ebpf.take_map("TARGETS").ok_or(ProbeError::Missing("TARGETS"))?)
-                .map_err(map_err("TARGETS"))?,
-            stats: PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Missing("STATS"))?)
-                .map_err(map_err("STATS"))?,
+            targets: HashMap::try_from(
+                ebpf.take_map("TARGETS")
+                    .ok_or(ProbeError::Missing("TARGETS"))?,
+            )
+            .map_err(map_err("TARGETS"))?,
+            stats: PerCpuArray::try_from(
+                ebpf.take_map("STATS").ok_or(ProbeError::Missing("STATS"))?,
+            )
+            .map_err(map_err("STATS"))?,
             ring: Some(
-                RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::Missing("EVENTS"))?)
-                    .map_err(map_err("EVENTS"))?,
+                RingBuf::try_from(
+                    ebpf.take_map("EVENTS")
+                        .ok_or(ProbeError::Missing("EVENTS"))?,
+                )
+                .map_err(map_err("EVENTS"))?,
             ),
             ebpf,
             logger,
@@ -190,12 +200,20 @@ impl Probe {
             FaultBackend::Auto if has_tp => FaultBackend::Tracepoint,
             FaultBackend::Auto => FaultBackend::PerfEvent,
             FaultBackend::Tracepoint if !has_tp => {
-                return Err(ProbeError::MissingTracepoint("exceptions:page_fault_user".into()));
+                return Err(ProbeError::MissingTracepoint(
+                    "exceptions:page_fault_user".into(),
+                ));
             }
             other => other,
         };
         match probe.fault_backend {
-            FaultBackend::Tracepoint => probe.attach_tracepoint("exceptions", "page_fault_user")?,
+            FaultBackend::Tracepoint => {
+                probe.attach_tracepoint("exceptions", "page_fault_user")?;
+                // Faults the kernel takes on user memory for the process allocate pages too.
+                if tracefs::has_tracepoint(root, "exceptions", "page_fault_kernel") {
+                    probe.attach_tracepoint("exceptions", "page_fault_kernel")?;
+                }
+            }
             FaultBackend::PerfEvent => probe.attach_fault_perf_event()?,
             FaultBackend::Off | FaultBackend::Auto => {}
         }
@@ -230,9 +248,8 @@ impl Probe {
             .try_into()
             .map_err(attach_err)?;
         program.load().map_err(attach_err)?;
-        let cpus = online_cpus().map_err(|(_, e)| {
-            attach_err(aya::programs::ProgramError::IOError(e))
-        })?;
+        let cpus =
+            online_cpus().map_err(|(_, e)| attach_err(aya::programs::ProgramError::IOError(e)))?;
         for cpu in cpus {
             program
                 .attach(
@@ -252,7 +269,12 @@ impl Probe {
     }
 
     /// Starts tracing thread group `pid`; with `follow`, its future children too.
-    pub fn add_target(&mut self, pid: u32, follow: bool, stop_at_exec: bool) -> Result<(), ProbeError> {
+    pub fn add_target(
+        &mut self,
+        pid: u32,
+        follow: bool,
+        stop_at_exec: bool,
+    ) -> Result<(), ProbeError> {
         let mut flags = 0;
         if follow {
             flags |= TARGET_FOLLOW_FORKS;
@@ -308,7 +330,10 @@ fn raise_memlock() {
     };
     // SAFETY: a valid rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!("cannot raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+        log::debug!(
+            "cannot raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 

@@ -1,0 +1,190 @@
+//! Helpers for the privileged end-to-end tests: run the real `vmatrace` binary on the real
+//! `workload` program and read what it wrote.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Once,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Whether this test can load eBPF. When it cannot (not root), prints why and returns false;
+/// under `VMATRACE_REQUIRE_PRIVILEGED=1` (CI) a skip is a failure instead.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let reason = format!("{test}: skipped: not root, so eBPF programs cannot be loaded");
+    if std::env::var("VMATRACE_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1") {
+        panic!("{reason} (VMATRACE_REQUIRE_PRIVILEGED=1 makes a skip a failure)");
+    }
+    eprintln!("{reason}");
+    false
+}
+
+/// The vmatrace binary under test.
+pub fn vmatrace() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vmatrace"))
+}
+
+static BUILD: Once = Once::new();
+
+/// The workload binary (built on first use).
+pub fn workload() -> PathBuf {
+    let target = Path::new(env!("CARGO_BIN_EXE_vmatrace"))
+        .parent()
+        .expect("binary has a parent")
+        .to_path_buf();
+    let bin = target.join("workload");
+    BUILD.call_once(|| {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "workloads", "--bin", "workload"])
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the workload failed");
+    });
+    bin
+}
+
+/// A fresh temporary path for an output file.
+pub fn temp_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmatrace-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Reads every NDJSON record of `path`, asserting each line parses.
+pub fn records(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).expect("output file readable");
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("line {} is not JSON ({e}): {l}", i + 1))
+        })
+        .collect()
+}
+
+/// The result of `vmatrace --json -o FILE [extra] -- workload ARGS`.
+pub struct Traced {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub records: Vec<Value>,
+}
+
+/// Runs a workload under vmatrace with NDJSON output and returns everything.
+pub fn trace_workload(extra: &[&str], args: &[&str]) -> Traced {
+    let out = temp_path(&format!(
+        "trace-{}.ndjson",
+        args.join("-").replace('/', "_")
+    ));
+    let o = Command::new(vmatrace())
+        .args(["--json", "-o"])
+        .arg(&out)
+        .args(extra)
+        .arg("--")
+        .arg(workload())
+        .args(args)
+        .output()
+        .expect("vmatrace runs");
+    Traced {
+        status: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        records: if out.exists() {
+            records(&out)
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Records of `pid` strictly between the workload's begin and end markers.
+pub fn between_markers(records: &[Value], pid: u64) -> Vec<Value> {
+    let is_mark = |r: &Value, advice: u64| {
+        r["type"] == "madvise" && r["pid"] == pid && r["args"][2] == advice
+    };
+    let begin = records
+        .iter()
+        .position(|r| is_mark(r, 0xBEEF))
+        .expect("begin marker traced");
+    let end = records
+        .iter()
+        .position(|r| is_mark(r, 0xBEEF + 1))
+        .expect("end marker traced");
+    records[begin + 1..end]
+        .iter()
+        .filter(|r| r["pid"] == pid)
+        .cloned()
+        .collect()
+}
+
+/// The pid of the launched workload (from the marker it made).
+pub fn marker_pid(records: &[Value]) -> u64 {
+    records
+        .iter()
+        .find(|r| r["type"] == "madvise" && r["args"][2] == 0xBEEF)
+        .and_then(|r| r["pid"].as_u64())
+        .expect("a marker record")
+}
+
+/// Parses `key n1 n2 ...` lines of the workload's stdout into numbers.
+pub fn line_numbers(stdout: &str, key: &str) -> Vec<i64> {
+    stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(key))
+        .unwrap_or_else(|| panic!("workload printed no '{key}' line: {stdout}"))
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+/// A vmatrace process with its stdout read line by line.
+pub struct Running {
+    pub child: Child,
+    pub lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+/// Starts vmatrace with piped stdout (the launched workload inherits it).
+pub fn spawn(args: &[&str]) -> Running {
+    let mut child = Command::new(vmatrace())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("vmatrace starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    Running {
+        child,
+        lines: BufReader::new(stdout).lines(),
+    }
+}
+
+/// Waits until `f` holds, or panics after `secs`.
+pub fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Sends `sig` to `pid`.
+pub fn kill(pid: u32, sig: i32) {
+    // SAFETY: sending a signal.
+    unsafe { libc::kill(pid as i32, sig) };
+}
