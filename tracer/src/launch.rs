@@ -143,13 +143,12 @@ pub fn spawn_held(
             if n != 1 {
                 libc::_exit(127); // the daemon went away before releasing us
             }
-            if let Some(c) = creds {
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
+            if let Some(c) = creds
+                && (libc::setgroups(c.groups.len(), c.groups.as_ptr()) != 0
                     || libc::setgid(c.gid) != 0
-                    || libc::setuid(c.uid) != 0
-                {
-                    report_and_exit(err[1]);
-                }
+                    || libc::setuid(c.uid) != 0)
+            {
+                report_and_exit(err[1]);
             }
             libc::execv(c_path.as_ptr(), c_argv.as_ptr());
             report_and_exit(err[1]);

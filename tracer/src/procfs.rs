@@ -52,7 +52,7 @@ pub fn parse_maps(text: &str, origin: &str) -> Result<Vec<MapsEntry>, ProcError>
         if line.trim().is_empty() {
             continue;
         }
-        let mut it = line.splitn(6, |c: char| c == ' ');
+        let mut it = line.splitn(6, ' ');
         let range = it.next().ok_or(err("range"))?;
         let (s, e) = range.split_once('-').ok_or(err("range"))?;
         let start = u64::from_str_radix(s, 16).map_err(|_| err("start"))?;

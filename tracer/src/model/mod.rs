@@ -10,3 +10,6 @@ pub mod vma;
 pub use address_space::{AddressSpace, Effect, EffectKind, FaultEffect};
 pub use pages::{PageCounts, Touch, TouchKind};
 pub use vma::{Backing, PAGE_SIZE, Perms, Vma};
+
+#[cfg(test)]
+mod reference_tests;

@@ -1,0 +1,423 @@
+//! Property tests: the model against a page-by-page reference model on random sequences of
+//! mmap (fixed or not), munmap, mprotect, mremap (shrink, grow in place, move, fixed,
+//! dontunmap), madvise, brk and faults.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use proptest::prelude::*;
+
+use super::{
+    AddressSpace, Backing, PAGE_SIZE, Perms, TouchKind,
+    address_space::{MADV_DONTNEED, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE},
+    vma::Vma,
+};
+
+const BASE: u64 = 0x1000_0000;
+const PAGES: u64 = 96;
+const HEAP: u64 = BASE + PAGES * PAGE_SIZE + 16 * PAGE_SIZE;
+
+/// What the reference knows of one page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RefPage {
+    perms: Perms,
+    /// Backing identity: kind name plus, for files, the file offset of this page.
+    backing: Backing,
+    file_offset: Option<u64>,
+    touched: Option<TouchKind>,
+}
+
+#[derive(Default, Debug)]
+struct Reference {
+    pages: BTreeMap<u64, RefPage>,
+    brk: Option<(u64, u64)>,
+}
+
+impl Reference {
+    fn unmap(&mut self, start: u64, end: u64) {
+        let keys: Vec<u64> = self.pages.range(start..end).map(|(k, _)| *k).collect();
+        for k in keys {
+            self.pages.remove(&k);
+        }
+    }
+
+    fn map(&mut self, start: u64, len: u64, perms: Perms, backing: Backing, offset: u64) {
+        self.unmap(start, start + len);
+        for i in 0..len / PAGE_SIZE {
+            let file = matches!(backing, Backing::File { .. });
+            self.pages.insert(
+                start + i * PAGE_SIZE,
+                RefPage {
+                    perms,
+                    backing: backing.clone(),
+                    file_offset: file.then_some(offset + i * PAGE_SIZE),
+                    touched: None,
+                },
+            );
+        }
+    }
+
+    fn free(&self, start: u64, len: u64) -> bool {
+        self.pages.range(start..start + len).next().is_none()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Mmap {
+        page: u64,
+        pages: u64,
+        prot: u64,
+        file: bool,
+    },
+    Munmap {
+        page: u64,
+        pages: u64,
+    },
+    Mprotect {
+        page: u64,
+        pages: u64,
+        prot: u64,
+    },
+    Madvise {
+        page: u64,
+        pages: u64,
+    },
+    Touch {
+        page: u64,
+        pages: u64,
+        write: bool,
+    },
+    MremapShrink {
+        page: u64,
+        by: u64,
+    },
+    MremapGrow {
+        page: u64,
+        by: u64,
+    },
+    MremapMove {
+        page: u64,
+        to: u64,
+        fixed: bool,
+        dontunmap: bool,
+    },
+    Brk {
+        pages: u64,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let page = 0..PAGES;
+    let pages = 1..12u64;
+    prop_oneof![
+        2 => (page.clone(), pages.clone(), 0..8u64, any::<bool>())
+            .prop_map(|(page, pages, prot, file)| Op::Mmap { page, pages, prot, file }),
+        1 => (page.clone(), pages.clone()).prop_map(|(page, pages)| Op::Munmap { page, pages }),
+        1 => (page.clone(), pages.clone(), 0..8u64)
+            .prop_map(|(page, pages, prot)| Op::Mprotect { page, pages, prot }),
+        1 => (page.clone(), pages.clone()).prop_map(|(page, pages)| Op::Madvise { page, pages }),
+        3 => (page.clone(), pages.clone(), any::<bool>())
+            .prop_map(|(page, pages, write)| Op::Touch { page, pages, write }),
+        1 => (page.clone(), 1..4u64).prop_map(|(page, by)| Op::MremapShrink { page, by }),
+        1 => (page.clone(), 1..4u64).prop_map(|(page, by)| Op::MremapGrow { page, by }),
+        2 => (page.clone(), page, any::<bool>(), any::<bool>())
+            .prop_map(|(page, to, fixed, dontunmap)| Op::MremapMove { page, to, fixed, dontunmap }),
+        1 => (0..24u64).prop_map(|pages| Op::Brk { pages }),
+    ]
+}
+
+fn addr(page: u64) -> u64 {
+    BASE + page * PAGE_SIZE
+}
+
+/// The VMA of the model containing `a`, whose attributes must match the reference page.
+fn check(model: &AddressSpace, reference: &Reference) -> Result<(), TestCaseError> {
+    let model_pages: u64 = model.vmas().map(|v| v.len() / PAGE_SIZE).sum();
+    prop_assert_eq!(
+        model_pages,
+        reference.pages.len() as u64,
+        "mapped page count"
+    );
+    for (&a, p) in &reference.pages {
+        let v = model.find(a);
+        prop_assert!(v.is_some(), "page {:#x} mapped in reference only", a);
+        let v: &Vma = v.expect("checked");
+        prop_assert_eq!(v.perms, p.perms, "perms at {:#x}", a);
+        prop_assert_eq!(&v.backing, &p.backing, "backing at {:#x}", a);
+        if let Some(off) = p.file_offset {
+            prop_assert_eq!(v.offset + (a - v.start), off, "file offset at {:#x}", a);
+        }
+        let c = model.pages_in(a, a + PAGE_SIZE);
+        let kind = match (c.zero, c.anon, c.file) {
+            (1, 0, 0) => Some(TouchKind::Zero),
+            (0, 1, 0) => Some(TouchKind::Anon),
+            (0, 0, 1) => Some(TouchKind::File),
+            _ => None,
+        };
+        prop_assert_eq!(kind, p.touched, "touched state at {:#x}", a);
+    }
+    // No VMA is empty or overlaps its neighbour; neighbours that could merge are merged.
+    let vmas: Vec<&Vma> = model.vmas().collect();
+    for w in vmas.windows(2) {
+        prop_assert!(w[0].end <= w[1].start, "overlap");
+        prop_assert!(
+            !super::timeline::mergeable(w[0], w[1]),
+            "unmerged neighbours"
+        );
+    }
+    // The history replays to the present.
+    let replayed: Vec<Vma> = model.timeline().state_at(u64::MAX).into_values().collect();
+    let now: Vec<Vma> = model.vmas().cloned().collect();
+    prop_assert_eq!(replayed, now, "timeline replay");
+    Ok(())
+}
+
+fn run(ops: &[Op]) -> Result<(), TestCaseError> {
+    let file = Backing::File {
+        path: Arc::from("/data/file"),
+        inode: 7,
+    };
+    let mut m = AddressSpace::seeded(Vec::new(), Some(HEAP), 0);
+    let mut r = Reference {
+        brk: Some((HEAP, HEAP)),
+        ..Reference::default()
+    };
+    for (i, op) in ops.iter().enumerate() {
+        let ts = i as u64 + 1;
+        match *op {
+            Op::Mmap {
+                page,
+                pages,
+                prot,
+                file: is_file,
+            } => {
+                let perms = Perms::from_prot(prot, false);
+                let (backing, off) = if is_file {
+                    (file.clone(), page * PAGE_SIZE)
+                } else {
+                    (Backing::Anonymous, 0)
+                };
+                m.mmap(
+                    ts,
+                    addr(page),
+                    pages * PAGE_SIZE,
+                    perms,
+                    backing.clone(),
+                    off,
+                );
+                r.map(addr(page), pages * PAGE_SIZE, perms, backing, off);
+            }
+            Op::Munmap { page, pages } => {
+                m.munmap(ts, addr(page), pages * PAGE_SIZE);
+                r.unmap(addr(page), addr(page + pages));
+            }
+            Op::Mprotect { page, pages, prot } => {
+                // The kernel fails on a hole; only fully mapped ranges succeed.
+                if (page..page + pages).all(|p| r.pages.contains_key(&addr(p))) {
+                    m.mprotect(ts, addr(page), pages * PAGE_SIZE, prot);
+                    for p in page..page + pages {
+                        if let Some(rp) = r.pages.get_mut(&addr(p)) {
+                            rp.perms = Perms::from_prot(prot, rp.perms.shared);
+                        }
+                    }
+                }
+            }
+            Op::Madvise { page, pages } => {
+                m.madvise(ts, addr(page), pages * PAGE_SIZE, MADV_DONTNEED);
+                for p in page..page + pages {
+                    if let Some(rp) = r.pages.get_mut(&addr(p)) {
+                        rp.touched = None;
+                    }
+                }
+            }
+            Op::Touch { page, pages, write } => {
+                for a in (addr(page)..addr(page + pages)).step_by(PAGE_SIZE as usize) {
+                    m.fault(ts, a, Some(write), false);
+                    let Some(rp) = r.pages.get_mut(&a) else {
+                        continue;
+                    };
+                    {
+                        let kind = if rp.perms.shared {
+                            TouchKind::File
+                        } else if write {
+                            TouchKind::Anon
+                        } else if rp.backing == Backing::Anonymous {
+                            TouchKind::Zero
+                        } else {
+                            TouchKind::File
+                        };
+                        rp.touched = match (rp.touched, kind) {
+                            (None, k) => Some(k),
+                            (Some(_), TouchKind::Anon) => Some(TouchKind::Anon),
+                            (old, _) => old,
+                        };
+                    }
+                }
+            }
+            Op::MremapShrink { page, by } | Op::MremapGrow { page, by } => {
+                // The range must lie in one VMA, as the kernel requires.
+                let Some(v) = m.find(addr(page)).cloned() else {
+                    continue;
+                };
+                let old_len = v.end - addr(page);
+                let grow = matches!(op, Op::MremapGrow { .. });
+                if grow {
+                    let new_len = old_len + by * PAGE_SIZE;
+                    if !r.free(v.end, by * PAGE_SIZE) || v.end + by * PAGE_SIZE > addr(PAGES + 12) {
+                        continue;
+                    }
+                    m.mremap(ts, addr(page), old_len, new_len, 0, addr(page));
+                    let template = r.pages[&(v.end - PAGE_SIZE)].clone();
+                    for i in 0..by {
+                        let a = v.end + i * PAGE_SIZE;
+                        let mut p = template.clone();
+                        p.file_offset = p.file_offset.map(|o| o + (i + 1) * PAGE_SIZE);
+                        p.touched = None;
+                        r.pages.insert(a, p);
+                    }
+                } else {
+                    if old_len <= by * PAGE_SIZE {
+                        continue;
+                    }
+                    let new_len = old_len - by * PAGE_SIZE;
+                    m.mremap(ts, addr(page), old_len, new_len, 0, addr(page));
+                    r.unmap(addr(page) + new_len, v.end);
+                }
+            }
+            Op::MremapMove {
+                page,
+                to,
+                fixed,
+                dontunmap,
+            } => {
+                let Some(v) = m.find(addr(page)).cloned() else {
+                    continue;
+                };
+                let len = v.end - addr(page);
+                let dest = addr(to);
+                let overlaps = dest < v.end && addr(page) < dest + len;
+                if overlaps || (!fixed && !r.free(dest, len)) {
+                    continue;
+                }
+                // MREMAP_DONTUNMAP needs private anonymous memory of the same size.
+                let dontunmap = dontunmap && v.backing == Backing::Anonymous;
+                let flags = MREMAP_MAYMOVE
+                    | if fixed { MREMAP_FIXED } else { 0 }
+                    | if dontunmap { MREMAP_DONTUNMAP } else { 0 };
+                m.mremap(ts, addr(page), len, len, flags, dest);
+                let moved: Vec<(u64, RefPage)> = r
+                    .pages
+                    .range(addr(page)..v.end)
+                    .map(|(a, p)| (*a, p.clone()))
+                    .collect();
+                r.unmap(dest, dest + len);
+                if dontunmap {
+                    for (a, _) in &moved {
+                        if let Some(p) = r.pages.get_mut(a) {
+                            p.touched = None;
+                        }
+                    }
+                } else {
+                    r.unmap(addr(page), v.end);
+                }
+                for (a, p) in moved {
+                    r.pages.insert(a - addr(page) + dest, p);
+                }
+            }
+            Op::Brk { pages } => {
+                let Some((start, cur)) = r.brk else { continue };
+                let new = start + pages * PAGE_SIZE;
+                let old_end = cur.next_multiple_of(PAGE_SIZE);
+                if new > old_end && !r.free(old_end, new - old_end) {
+                    continue;
+                }
+                m.brk(ts, new);
+                if new > old_end {
+                    let perms = Perms::from_prot(3, false);
+                    for a in (old_end..new).step_by(PAGE_SIZE as usize) {
+                        r.pages.insert(
+                            a,
+                            RefPage {
+                                perms,
+                                backing: Backing::Heap,
+                                file_offset: None,
+                                touched: None,
+                            },
+                        );
+                    }
+                } else {
+                    r.unmap(new, old_end);
+                }
+                r.brk = Some((start, new));
+            }
+        }
+        check(&m, &r).map_err(|e| TestCaseError::fail(format!("after op {i} {op:?}: {e}")))?;
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn model_matches_page_by_page_reference(ops in proptest::collection::vec(op(), 1..60)) {
+        run(&ops)?;
+    }
+}
+
+#[test]
+fn history_answers_for_past_moments() {
+    let mut m = AddressSpace::seeded(Vec::new(), None, 0);
+    let rw = Perms::from_prot(3, false);
+    m.mmap(10, BASE, 8 * PAGE_SIZE, rw, Backing::Anonymous, 0);
+    m.munmap(20, BASE + 2 * PAGE_SIZE, 2 * PAGE_SIZE);
+    m.mprotect(30, BASE, PAGE_SIZE, 1);
+    let at = |t| {
+        m.timeline()
+            .state_at(t)
+            .values()
+            .map(|v| (v.start, v.end, v.perms.to_string()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(at(5), vec![]);
+    assert_eq!(
+        at(10),
+        vec![(BASE, BASE + 8 * PAGE_SIZE, "rw-p".to_string())]
+    );
+    assert_eq!(at(20).len(), 2);
+    assert_eq!(at(30)[0], (BASE, BASE + PAGE_SIZE, "r--p".to_string()));
+}
+
+#[test]
+fn stack_grows_down_on_faults_below_it() {
+    let stack = Vma {
+        start: BASE + 64 * PAGE_SIZE,
+        end: BASE + 80 * PAGE_SIZE,
+        perms: Perms::from_prot(3, false),
+        offset: 0,
+        backing: Backing::Stack,
+        created_ns: 0,
+    };
+    let mut m = AddressSpace::seeded(vec![stack], None, 0);
+    let e = m.fault(5, BASE + 60 * PAGE_SIZE + 8, Some(true), false);
+    assert_eq!(e.stack_grown_to, Some(BASE + 60 * PAGE_SIZE));
+    assert_eq!(m.vma_count(), 1);
+    assert_eq!(
+        m.find(BASE + 60 * PAGE_SIZE).map(|v| v.start),
+        Some(BASE + 60 * PAGE_SIZE)
+    );
+}
+
+#[test]
+fn brk_learns_the_heap_start_and_tracks_high_water() {
+    let mut m = AddressSpace::default();
+    assert_eq!(m.brk(1, HEAP).kind, super::EffectKind::None);
+    assert_eq!(
+        m.brk(2, HEAP + 10 * PAGE_SIZE + 5).kind,
+        super::EffectKind::Grown
+    );
+    assert_eq!(m.heap_size(), 11 * PAGE_SIZE);
+    assert_eq!(m.brk(3, HEAP + PAGE_SIZE).kind, super::EffectKind::Shrunk);
+    assert_eq!(m.heap_size(), PAGE_SIZE);
+    assert_eq!(m.heap_high_water, 11 * PAGE_SIZE);
+}
