@@ -108,29 +108,27 @@ fn checkpoints() {
     say(&format!("fixed {a} {fixed}"));
     checkpoint("map_fixed");
 
-    // A partial munmap across two mappings (b directly after c).
-    let c = anon(8 * PAGE);
+    // A partial munmap across two mappings: c (read-write) directly followed by b (read-only).
+    let c = anon(16 * PAGE);
     let b = mmap(
         c + 8 * PAGE,
         8 * PAGE,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+        libc::PROT_READ,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
         -1,
         0,
     );
     touch(c, 8 * PAGE);
-    if b == c + 8 * PAGE {
-        touch(b, 8 * PAGE);
-    }
+    let _ = read_touch(b, 8 * PAGE);
     let r = munmap(c + 4 * PAGE, 8 * PAGE);
     say(&format!("munmap_across {c} {b} {r}"));
     checkpoint("munmap_across");
 
     // mremap: grow in place (room after it), then move.
-    let m = anon(4 * PAGE);
-    touch(m, 4 * PAGE);
-    // Free the space after it so that the grow can be in place.
+    // Map 8 pages and give the last 4 back, so that the grow can be in place.
+    let m = anon(8 * PAGE);
     munmap(m + 4 * PAGE, 4 * PAGE);
+    touch(m, 4 * PAGE);
     // SAFETY: remapping our own mapping.
     let grown = unsafe { libc::mremap(m as *mut _, 4 * PAGE, 6 * PAGE, 0) } as usize;
     say(&format!("mremap_grow {m} {grown}"));

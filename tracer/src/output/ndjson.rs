@@ -228,7 +228,8 @@ impl<W: Write> Sink for NdjsonSink<W> {
     }
 
     fn tick(&mut self, _session: &Session) -> io::Result<()> {
-        Ok(())
+        // Readers of a growing file (tail -f, tests) see records within one tick.
+        self.out.flush()
     }
 
     fn summary(&mut self, ts_ns: u64, summary: &Summary) -> io::Result<()> {
