@@ -253,13 +253,51 @@ fn fork() {
     say(&format!("forked {pid}"));
 }
 
-/// Touches `pages` fresh pages as fast as possible (ring-buffer overflow tests).
+/// Touches `pages` fresh pages as fast as possible (ring-buffer overflow tests). Quiet before
+/// and after, so that the only events in the lossy moment are the burst's own faults.
 fn burst(pages: usize) {
     let a = anon(pages * PAGE);
-    mark(MARK_BEGIN);
+    std::thread::sleep(Duration::from_millis(300));
     touch(a, pages * PAGE);
-    mark(MARK_END);
+    std::thread::sleep(Duration::from_millis(300));
     say(&format!("burst {a} {pages}"));
+}
+
+/// System V shared memory, pkey_mprotect and process_madvise on itself, between markers.
+fn ipc() {
+    // SAFETY: plain syscalls on memory and ids this program owns.
+    unsafe {
+        let id = libc::shmget(libc::IPC_PRIVATE, 16 * PAGE, libc::IPC_CREAT | 0o600);
+        let p = anon(8 * PAGE);
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) as i32;
+        mark(MARK_BEGIN);
+        let at = libc::shmat(id, null_mut(), 0) as usize;
+        touch(at, 16 * PAGE);
+        // Programs use a segment for a while; vmatrace reads its size from /proc/sysvipc/shm
+        // when it handles the shmat (within one 50 ms tick).
+        std::thread::sleep(Duration::from_millis(200));
+        let dt = libc::shmdt(at as *const _);
+        let pk = libc::syscall(libc::SYS_pkey_mprotect, p, 4 * PAGE, libc::PROT_READ, -1) as i64;
+        let iov = libc::iovec {
+            iov_base: p as *mut _,
+            iov_len: 8 * PAGE,
+        };
+        let pm = libc::syscall(
+            libc::SYS_process_madvise,
+            pidfd,
+            &iov,
+            1,
+            libc::MADV_COLD,
+            0,
+        ) as i64;
+        mark(MARK_END);
+        // Keep the pidfd open while vmatrace resolves its target (/proc/PID/fdinfo).
+        std::thread::sleep(Duration::from_millis(200));
+        libc::shmctl(id, libc::IPC_RMID, null_mut());
+        say(&format!("shm {id} {at} {dt}"));
+        say(&format!("pkey {p} {pk}"));
+        say(&format!("pmadvise {pidfd} {pm}"));
+    }
 }
 
 /// Waits for stdin to close, then maps once (the `-p` attach test).
@@ -346,6 +384,7 @@ fn main() {
         Some("file") => file(),
         Some("fork") => fork(),
         Some("burst") => burst(arg(&args, 2, 1 << 16)),
+        Some("ipc") => ipc(),
         Some("wait-then-map") => wait_then_map(),
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
@@ -354,7 +393,7 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS|exit CODE"
+                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS|exit CODE"
             );
             std::process::exit(2);
         }

@@ -136,6 +136,8 @@ impl Probe {
             return Err(ProbeError::Permission);
         }
         raise_memlock();
+        // Wake the reader before a small ring can fill.
+        let wakeup_bytes = opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4);
         let root = tracefs::ensure_mounted()?;
         for call in Syscall::ALL {
             for dir in ["enter", "exit"] {
@@ -147,7 +149,7 @@ impl Probe {
         }
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_bytes)
-            .override_global("WAKEUP_BYTES", &opts.wakeup_bytes, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {

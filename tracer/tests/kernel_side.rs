@@ -1,0 +1,347 @@
+//! Privileged end-to-end tests of the kernel side: lifecycle (fork with and without --follow,
+//! exec, exit), file names, System V shm, pkey_mprotect, process_madvise, both fault
+//! backends, and exact loss accounting when the ring buffer overflows.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn of_type<'a>(recs: &'a [Value], ty: &str) -> Vec<&'a Value> {
+    recs.iter().filter(|r| r["type"] == ty).collect()
+}
+
+fn summary(recs: &[Value]) -> &Value {
+    recs.iter()
+        .rev()
+        .find(|r| r["type"] == "summary")
+        .expect("a summary record")
+}
+
+#[test]
+fn fork_without_follow_is_reported_but_not_traced() {
+    if !privileged("fork_without_follow_is_reported_but_not_traced") {
+        return;
+    }
+    let t = trace_workload(&["--faults", "none"], &["fork"]);
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let child = line_numbers(&t.stdout, "child")[0];
+    let forks = of_type(&t.records, "fork");
+    assert_eq!(forks.len(), 1, "{forks:?}");
+    assert_eq!(forks[0]["child"], child);
+    assert_eq!(forks[0]["followed"], false);
+    assert!(
+        !t.records.iter().any(|r| r["pid"] == child),
+        "the child is not traced without --follow"
+    );
+}
+
+#[test]
+fn fork_with_follow_traces_the_child_from_its_first_instruction() {
+    if !privileged("fork_with_follow_traces_the_child_from_its_first_instruction") {
+        return;
+    }
+    let t = trace_workload(&["--faults", "all", "-f"], &["fork"]);
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let n = line_numbers(&t.stdout, "child");
+    let (child, addr) = (n[0], n[1]);
+    let forks = of_type(&t.records, "fork");
+    assert_eq!(forks[0]["followed"], true);
+    let mmap = t
+        .records
+        .iter()
+        .find(|r| r["type"] == "mmap" && r["pid"] == child)
+        .expect("the child's mmap is traced");
+    assert_eq!(mmap["ret"], addr);
+    // Its first touches are traced too, and its exit.
+    let touches = t
+        .records
+        .iter()
+        .filter(|r| {
+            r["type"] == "fault"
+                && r["pid"] == child
+                && r["first_touch"] == true
+                && r["address"]
+                    .as_u64()
+                    .is_some_and(|a| a >= addr as u64 && a < addr as u64 + 8 * 4096)
+        })
+        .count();
+    assert_eq!(touches, 8);
+    assert!(
+        t.records
+            .iter()
+            .any(|r| r["type"] == "exit" && r["pid"] == child)
+    );
+    // The child has its own address space in the summary.
+    let procs = summary(&t.records)["processes"]
+        .as_array()
+        .expect("processes")
+        .clone();
+    assert!(procs.iter().any(|p| p["pid"] == child));
+}
+
+#[test]
+fn exec_replaces_the_model_and_is_followed_by_the_new_image() {
+    if !privileged("exec_replaces_the_model_and_is_followed_by_the_new_image") {
+        return;
+    }
+    let script = format!("exec {} basic", workload().display());
+    let out = temp_path("exec.ndjson");
+    let o = std::process::Command::new(vmatrace())
+        .args(["--json", "--faults", "none", "-o"])
+        .arg(&out)
+        .args(["--", "/bin/sh", "-c", &script])
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs = records(&out);
+    let execs = of_type(&recs, "exec");
+    assert_eq!(execs.len(), 2, "sh, then the workload: {execs:?}");
+    assert!(
+        execs[1]["filename"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("/workload"))
+    );
+    assert_eq!(execs[0]["pid"], execs[1]["pid"], "exec keeps the pid");
+    let pid = execs[1]["pid"].as_u64().expect("pid");
+    // The exec snapshot is the new image: it maps the workload binary, not sh.
+    let snaps: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["type"] == "snapshot" && r["reason"] == "exec" && r["pid"] == pid)
+        .collect();
+    assert_eq!(snaps.len(), 2);
+    let paths: Vec<&str> = snaps[1]["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .filter_map(|v| v["path"].as_str())
+        .collect();
+    assert!(paths.iter().any(|p| p.ends_with("/workload")), "{paths:?}");
+    assert!(
+        !paths
+            .iter()
+            .any(|p| p.ends_with("/dash") || p.ends_with("/sh")),
+        "{paths:?}"
+    );
+    // The workload's calls are seen after the exec.
+    let inside = between_markers(&recs, pid);
+    assert!(inside.iter().any(|r| r["type"] == "mmap"));
+}
+
+#[test]
+fn file_mappings_are_named_with_path_and_inode() {
+    if !privileged("file_mappings_are_named_with_path_and_inode") {
+        return;
+    }
+    let out = temp_path("file.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let w = workload();
+    let mut v = spawn(&[
+        "--json",
+        "-o",
+        &out_s,
+        "--",
+        w.to_str().expect("utf-8"),
+        "file",
+    ]);
+    let mut line = String::new();
+    while let Some(Ok(l)) = v.lines.next() {
+        if l.starts_with("checkpoint") {
+            break; // the workload stopped itself with the file still mapped
+        }
+        if l.starts_with("file ") {
+            line = l;
+        }
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (addr, path) = (words[1].parse::<u64>().expect("addr"), words[2].to_string());
+    // Continue the stopped workload and let vmatrace finish.
+    let rec_pid = {
+        let mut pid = 0;
+        wait_for(10, "the mmap record", || {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            pid = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .find(|r| r["type"] == "mmap" && r["ret"] == addr)
+                .and_then(|r| r["pid"].as_u64())
+                .unwrap_or(0);
+            pid != 0
+        });
+        pid
+    };
+    kill(rec_pid as u32, libc::SIGCONT);
+    assert!(v.child.wait().expect("exits").success());
+    let recs = records(&out);
+    let mmap = recs
+        .iter()
+        .find(|r| r["type"] == "mmap" && r["ret"] == addr)
+        .expect("the file mmap");
+    assert_eq!(mmap["path"], path.as_str());
+    assert!(mmap["inode"].as_u64().is_some_and(|i| i > 0));
+    // Its first touches are page-cache pages (a read of a private file mapping).
+    let kinds: Vec<&Value> = recs
+        .iter()
+        .filter(|r| {
+            r["type"] == "fault"
+                && r["address"]
+                    .as_u64()
+                    .is_some_and(|a| a >= addr && a < addr + 4 * 4096)
+        })
+        .filter(|r| r["first_touch"] == true)
+        .map(|r| &r["page_kind"])
+        .collect();
+    assert!(
+        !kinds.is_empty() && kinds.iter().all(|k| *k == "page_cache"),
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn shm_pkey_mprotect_and_process_madvise_are_traced() {
+    if !privileged("shm_pkey_mprotect_and_process_madvise_are_traced") {
+        return;
+    }
+    let t = trace_workload(&["--faults", "first"], &["ipc"]);
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let pid = marker_pid(&t.records);
+    let inside = between_markers(&t.records, pid);
+    let shm = line_numbers(&t.stdout, "shm");
+    let pkey = line_numbers(&t.stdout, "pkey");
+    let pm = line_numbers(&t.stdout, "pmadvise");
+    let find = |ty: &str| {
+        inside
+            .iter()
+            .find(|r| r["type"] == ty)
+            .unwrap_or_else(|| panic!("no {ty} record in {inside:#?}"))
+    };
+    let at = find("shmat");
+    assert_eq!(at["ret"], shm[1]);
+    assert_eq!(at["shm_size"], 16 * 4096);
+    assert_eq!(at["effect"]["kind"], "created");
+    assert_eq!(
+        at["effect"]["end"].as_i64().expect("end") - shm[1],
+        16 * 4096
+    );
+    let dt = find("shmdt");
+    assert_eq!(dt["args"][0], shm[1]);
+    assert_eq!(dt["effect"]["unmapped_bytes"], 16 * 4096);
+    let pk = find("pkey_mprotect");
+    assert_eq!(pk["args"][0], pkey[0]);
+    assert_eq!(pk["prot"], "PROT_READ");
+    assert_eq!(pk["effect"]["kind"], "protected");
+    let madv = find("process_madvise");
+    assert_eq!(madv["target_pid"], pid);
+    assert_eq!(madv["addr"], pkey[0]);
+    assert_eq!(madv["len"], 8 * 4096);
+    assert_eq!(madv["advice"], "MADV_COLD");
+    assert_eq!(madv["ret"], pm[1]);
+}
+
+#[test]
+fn perf_event_backend_reports_first_touches() {
+    if !privileged("perf_event_backend_reports_first_touches") {
+        return;
+    }
+    let t = trace_workload(
+        &["--faults", "all", "--fault-backend", "perf-event"],
+        &["threads", "2", "8"],
+    );
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let meta = &t.records[0];
+    assert_eq!(meta["fault_backend"], "perfevent");
+    for line in t.stdout.lines().filter(|l| l.starts_with("thread ")) {
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        let (tid, start, pages) = (n[0], n[1], n[2]);
+        let firsts: Vec<&Value> = t
+            .records
+            .iter()
+            .filter(|r| {
+                r["type"] == "fault"
+                    && r["first_touch"] == true
+                    && r["address"]
+                        .as_u64()
+                        .is_some_and(|a| a >= start && a < start + pages * 4096)
+            })
+            .collect();
+        assert_eq!(firsts.len() as u64, pages);
+        for f in firsts {
+            assert_eq!(f["tid"], tid);
+            assert_eq!(
+                f["error_code"],
+                Value::Null,
+                "the perf event has no error code"
+            );
+        }
+    }
+}
+
+#[test]
+fn overflowing_a_tiny_ring_counts_exactly_the_lost_faults() {
+    if !privileged("overflowing_a_tiny_ring_counts_exactly_the_lost_faults") {
+        return;
+    }
+    let pages: u64 = 20_000;
+    let t = trace_workload(
+        &["--faults", "all", "--ring-size", "4K"],
+        &["burst", &pages.to_string()],
+    );
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let n = line_numbers(&t.stdout, "burst");
+    let start = n[0] as u64;
+    let arrived = t
+        .records
+        .iter()
+        .filter(|r| {
+            r["type"] == "fault"
+                && r["address"]
+                    .as_u64()
+                    .is_some_and(|a| a >= start && a < start + pages * 4096)
+        })
+        .count() as u64;
+    // Losses are reported per tick with a timestamp; the workload is quiet for 300 ms before
+    // and after its burst, so the losses of the burst are those reported from just before
+    // the first burst fault that arrived (start-up losses are reported long before).
+    let first = t
+        .records
+        .iter()
+        .filter(|r| {
+            r["type"] == "fault"
+                && r["address"]
+                    .as_u64()
+                    .is_some_and(|a| a >= start && a < start + pages * 4096)
+        })
+        .filter_map(|r| r["ts_ns"].as_u64())
+        .min()
+        .expect("some burst faults arrive");
+    let lost: u64 = of_type(&t.records, "lost")
+        .iter()
+        .filter(|r| {
+            r["ts_ns"]
+                .as_u64()
+                .is_some_and(|ts| ts + 100_000_000 >= first)
+        })
+        .map(|r| r["lost_fault"].as_u64().unwrap_or(0))
+        .sum();
+    let lost_total: u64 = of_type(&t.records, "lost")
+        .iter()
+        .map(|r| r["lost_fault"].as_u64().unwrap_or(0))
+        .sum();
+    let summary_lost = summary(&t.records)["lost"]["lost_fault"]
+        .as_u64()
+        .expect("lost_fault");
+    assert!(lost > 0, "a 4 KiB ring cannot hold {pages} faults");
+    assert_eq!(
+        arrived + lost,
+        pages,
+        "every fault either arrived or was counted as lost"
+    );
+    assert_eq!(
+        lost_total, summary_lost,
+        "the lost records add up to the summary"
+    );
+}
