@@ -2,7 +2,6 @@
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
 use clap::Parser as _;
 use tracer::{
     cli::{BackendArg, Cli, Command, TraceArgs},
@@ -68,7 +67,7 @@ fn real_main() -> anyhow::Result<u8> {
             Ok(code.clamp(0, 255) as u8)
         }
         None => {
-            let code = run::run(config(cli.trace, false)).context("vmatrace")?;
+            let code = run::run(config(cli.trace, false))?;
             Ok(code.clamp(0, 255) as u8)
         }
     }
@@ -81,13 +80,8 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // One line: the innermost message carries the meaning.
-            let msg = e
-                .chain()
-                .last()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            eprintln!("vmatrace: {msg}");
+            // One line: the library's messages already name their causes.
+            eprintln!("vmatrace: {e}");
             ExitCode::from(1)
         }
     }

@@ -378,6 +378,10 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         probe.add_target(pid, cfg.follow, true)?;
         let ts = monotonic_ns();
         session.add(pid, Seed::default(), ts, None);
+        // The (empty) seed, so that a replay knows the process before its exec.
+        if let Some(p) = session.get(pid) {
+            sink.snapshot(ts, "seed", p).map_err(RunError::Write)?;
+        }
         held.release()?;
         child = Some(pid);
     }
@@ -397,7 +401,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         .build()
         .map_err(RunError::Runtime)?;
     let (mut live, mut ring, status) = runtime.block_on(event_loop(live, ring, child, &cfg))?;
-    // Everything still in the ring, then the final state.
+    // Stop producing, then read everything still in the ring, then the final state.
+    live.probe.clear_targets()?;
     live.drain(&mut ring)?;
     live.report_losses()?;
     live.probe.flush_logs();

@@ -357,8 +357,9 @@ fn malloc_mt(threads: usize, iters: usize) {
     say(&format!("malloc_mt {} ns", start.elapsed().as_nanos()));
 }
 
-/// Benchmark bystander: a CPU-and-memory loop that is not traced.
-fn spin(millis: u64) {
+/// Map, touch and unmap 16 pages in a loop for `millis`, pausing `pause_us` between rounds
+/// (a steady load for signal tests; the benchmarks' bystander with no pause).
+fn spin(millis: u64, pause_us: u64) {
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < Duration::from_millis(millis) {
@@ -366,6 +367,9 @@ fn spin(millis: u64) {
         touch(a, 16 * PAGE);
         munmap(a, 16 * PAGE);
         n += 1;
+        if pause_us > 0 {
+            std::thread::sleep(Duration::from_micros(pause_us));
+        }
     }
     say(&format!("spin {n}"));
 }
@@ -389,11 +393,11 @@ fn main() {
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
-        Some("spin") => spin(arg(&args, 2, 1000) as u64),
+        Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS|exit CODE"
+                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }

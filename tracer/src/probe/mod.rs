@@ -289,6 +289,17 @@ impl Probe {
             .map_err(map_err("TARGETS insert"))
     }
 
+    /// Stops tracing every process (the programs stay attached until the probe is dropped), so
+    /// that a final drain of the ring buffer ends.
+    pub fn clear_targets(&mut self) -> Result<(), ProbeError> {
+        let keys: Vec<u32> = self.targets.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            // A key may vanish concurrently (its process exited): not an error.
+            let _ = self.targets.remove(&k);
+        }
+        Ok(())
+    }
+
     /// Takes the ring buffer, for the reader task.
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()

@@ -1,0 +1,266 @@
+//! End-to-end tests of vmatrace as its users run it: attach with -p, Ctrl-C, record and
+//! replay, and every error case ending in one line and a non-zero exit.
+
+mod common;
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use common::*;
+use serde_json::Value;
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(vmatrace()).args(args).output().expect("runs");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// One line on stderr, starting with `vmatrace:`, containing `needle`; non-zero exit.
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, _, err) = run(args);
+    assert_ne!(code, 0, "{args:?} must fail");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{args:?}: {err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one line expected, got: {err}");
+    assert!(lines[0].starts_with("vmatrace: "), "{args:?}: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: '{needle}' not in: {err}"
+    );
+}
+
+#[test]
+fn bad_input_gives_one_line_and_non_zero_exit() {
+    // Argument errors (clap) exit 2 with a usage hint; none of them panics.
+    for args in [
+        vec!["-p", "0"],
+        vec!["-p", "-5"],
+        vec!["-p", "abc"],
+        vec!["--ring-size", "5000", "-p", "1"],
+        vec!["--duration", "0s", "-p", "1"],
+    ] {
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert_one_line_error(&[], "nothing to trace");
+    let dir = std::env::temp_dir();
+    assert_one_line_error(
+        &["-p", "1", "-o", dir.to_str().expect("utf-8")],
+        "is a directory",
+    );
+    let replay_missing = temp_path("missing.ndjson");
+    assert_one_line_error(
+        &["replay", replay_missing.to_str().expect("utf-8")],
+        "cannot read",
+    );
+}
+
+#[test]
+fn bad_targets_are_refused_before_anything_is_loaded() {
+    if !privileged("bad_targets_are_refused_before_anything_is_loaded") {
+        return;
+    }
+    assert_one_line_error(&["-p", "999999999"], "no process with pid 999999999");
+    assert_one_line_error(&["-p", "2"], "kernel thread");
+    let me = std::process::id().to_string();
+    assert_one_line_error(&["-p", &me, "-p", &me], "given twice");
+    // A zombie: a child that exited and was not reaped.
+    let mut z = Command::new("true").spawn().expect("spawns");
+    wait_for(5, "the zombie", || {
+        tracer::procfs::read_stat(z.id()).is_ok_and(|s| s.state == 'Z')
+    });
+    assert_one_line_error(&["-p", &z.id().to_string()], "zombie");
+    let _ = z.wait();
+    assert_one_line_error(&["-p", "1", "--", "true"], "not both");
+    assert_one_line_error(&["--", "/nonexistent/cmd"], "command not found");
+    let exists = temp_path("exists.ndjson");
+    std::fs::write(&exists, "x").expect("writes");
+    assert_one_line_error(
+        &[
+            "--json",
+            "-o",
+            exists.to_str().expect("utf-8"),
+            "--",
+            "true",
+        ],
+        "--force",
+    );
+}
+
+#[test]
+fn not_root_is_explained() {
+    // Run as nobody: the probe cannot load. Skipped when we are not root (we could not switch).
+    if !privileged("not_root_is_explained") {
+        return;
+    }
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(vmatrace())
+        .args(["--", "true"])
+        .output()
+        .expect("setpriv runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("CAP_BPF") && err.contains("CAP_PERFMON") && err.contains("sudo"),
+        "{err}"
+    );
+}
+
+#[test]
+fn attach_with_pid_sees_the_next_calls() {
+    if !privileged("attach_with_pid_sees_the_next_calls") {
+        return;
+    }
+    let mut w = Command::new(workload())
+        .arg("wait-then-map")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("workload starts");
+    let mut out = std::io::BufReader::new(w.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("ready line");
+    let pid = w.id();
+    let file = temp_path("attach.ndjson");
+    let mut v = Command::new(vmatrace())
+        .args(["--json", "-o"])
+        .arg(&file)
+        .args(["-p", &pid.to_string()])
+        .spawn()
+        .expect("vmatrace starts");
+    // Wait until the seed snapshot is written: the probe is attached.
+    wait_for(20, "the seed snapshot", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains("\"reason\":\"seed\""))
+    });
+    let mut stdin = w.stdin.take().expect("stdin");
+    writeln!(stdin).expect("wakes the workload");
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).expect("mmap line");
+    let addr: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    drop(stdin);
+    let _ = w.wait();
+    // The process is gone: vmatrace ends by itself.
+    let status = v.wait().expect("vmatrace exits");
+    assert!(status.success());
+    let recs = records(&file);
+    let mmap = recs
+        .iter()
+        .find(|r| r["type"] == "mmap" && r["ret"] == addr)
+        .expect("the mmap after attach is seen");
+    assert_eq!(mmap["pid"], pid);
+    assert_eq!(mmap["args"][1], 32 * 4096);
+    // The seed matched the process as it was.
+    let seed = recs.iter().find(|r| r["type"] == "snapshot").expect("seed");
+    assert_eq!(seed["reason"], "seed");
+    assert!(seed["vmas"].as_array().is_some_and(|v| v.len() > 5));
+    assert_eq!(
+        recs.last().map(|r| r["type"].clone()),
+        Some(Value::from("summary"))
+    );
+}
+
+#[test]
+fn sigint_gives_a_complete_summary_and_valid_ndjson_and_replay_reproduces_it() {
+    if !privileged("sigint_gives_a_complete_summary_and_valid_ndjson_and_replay_reproduces_it") {
+        return;
+    }
+    let file = temp_path("record.ndjson");
+    let w = workload();
+    let mut v = Command::new(vmatrace())
+        .args(["record", "-o"])
+        .arg(&file)
+        .args(["--", w.to_str().expect("utf-8"), "spin", "30000", "1000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vmatrace starts");
+    wait_for(20, "events recorded", || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.matches("\"type\":\"munmap\"").count() > 50)
+    });
+    kill(v.id(), libc::SIGINT);
+    let status = v.wait().expect("exits");
+    // The workload is killed by the terminal's SIGINT in real life; here only vmatrace got it,
+    // so it stops tracing and exits on its own.
+    assert!(status.code().is_some(), "{status:?}");
+    let recs = records(&file); // every line parses
+    let live = recs.last().expect("records");
+    assert_eq!(live["type"], "summary", "the last record is the summary");
+    let procs = live["processes"].as_array().expect("processes");
+    assert_eq!(procs.len(), 1);
+    assert!(
+        procs[0]["syscalls"]["mmap"]
+            .as_u64()
+            .is_some_and(|n| n > 50)
+    );
+    // Stop the workload we left running.
+    if let Some(pid) = procs[0]["pid"].as_u64() {
+        kill(pid as u32, libc::SIGKILL);
+    }
+
+    // Replay from the file alone gives the same summary.
+    let o = Command::new(vmatrace())
+        .args(["replay", "--json"])
+        .arg(&file)
+        .output()
+        .expect("replay runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let replayed: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("replay output is JSON"))
+        .collect();
+    let again = replayed.last().expect("replay output");
+    assert_eq!(again["type"], "summary");
+    assert_eq!(
+        again["processes"], live["processes"],
+        "replay reproduces the live summary"
+    );
+    assert_eq!(again["lost"], live["lost"]);
+    // And the same final snapshot.
+    let final_of = |recs: &[Value]| {
+        recs.iter()
+            .rev()
+            .find(|r| r["type"] == "snapshot" && r["reason"] == "final")
+            .map(|r| r["vmas"].clone())
+    };
+    assert_eq!(final_of(&replayed), final_of(&recs));
+}
+
+#[test]
+fn replay_rejects_bad_files_naming_the_line() {
+    let cases: [(&str, &str); 5] = [
+        ("", "is empty"),
+        (
+            "{\"type\":\"meta\",\"ts_ns\":1,\"version\":1}\n{\"type\":\"mmap\",\"ts",
+            ":2: not JSON",
+        ),
+        ("hello\n", ":1: not JSON"),
+        (
+            "{\"type\":\"meta\",\"ts_ns\":1,\"version\":99}\n",
+            ":1: schema version 99",
+        ),
+        (
+            "{\"type\":\"meta\",\"ts_ns\":1,\"version\":1}\n{\"type\":\"exit\",\"ts_ns\":50,\"pid\":1,\"tid\":1}\n{\"type\":\"exit\",\"ts_ns\":40,\"pid\":1,\"tid\":1}\n",
+            ":3: record out of order",
+        ),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let p = temp_path(&format!("bad-{i}.ndjson"));
+        std::fs::write(&p, text).expect("writes");
+        assert_one_line_error(&["replay", p.to_str().expect("utf-8")], needle);
+    }
+}
