@@ -400,7 +400,10 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
-    let (mut live, mut ring, status) = runtime.block_on(event_loop(live, ring, child, &cfg))?;
+    let looped = runtime.block_on(event_loop(live, ring, child, &cfg));
+    // Do not wait for the thread blocked in waitpid when we stop before the child does.
+    runtime.shutdown_background();
+    let (mut live, mut ring, status) = looped?;
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
     live.drain(&mut ring)?;
