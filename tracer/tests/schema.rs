@@ -1,0 +1,92 @@
+//! Every record vmatrace writes matches the schema documented in docs/json-schema.md.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use serde_json::Value;
+
+/// Record type -> required fields, from the ```schema block of the document.
+fn documented() -> BTreeMap<String, Vec<String>> {
+    let doc = include_str!("../../docs/json-schema.md");
+    let block = doc
+        .split("```schema")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("the document has a schema block");
+    let mut out = BTreeMap::new();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let (types, fields) = line.split_once(':').expect("type: fields");
+        let fields: Vec<String> = fields.split_whitespace().map(str::to_string).collect();
+        for t in types.split_whitespace() {
+            out.insert(t.to_string(), fields.clone());
+        }
+    }
+    out
+}
+
+fn check(
+    records: &[Value],
+    schema: &BTreeMap<String, Vec<String>>,
+    seen: &mut BTreeMap<String, usize>,
+) {
+    for r in records {
+        let ty = r["type"].as_str().expect("every record has a string type");
+        let fields = schema
+            .get(ty)
+            .unwrap_or_else(|| panic!("record type '{ty}' is not documented: {r}"));
+        for f in fields {
+            assert!(
+                r.get(f).is_some(),
+                "record '{ty}' lacks documented field '{f}': {r}"
+            );
+        }
+        *seen.entry(ty.to_string()).or_default() += 1;
+    }
+}
+
+#[test]
+fn record_types_match_the_documented_schema() {
+    if !privileged("record_types_match_the_documented_schema") {
+        return;
+    }
+    let schema = documented();
+    let mut seen = BTreeMap::new();
+    for (extra, args) in [
+        (vec!["--faults", "all"], vec!["ipc"]),
+        (vec!["--faults", "all", "-f"], vec!["fork"]),
+        (
+            vec!["--faults", "first", "--ring-size", "4K"],
+            vec!["burst", "4000"],
+        ),
+    ] {
+        let t = trace_workload(&extra, &args);
+        assert_eq!(t.status, 0, "{}", t.stderr);
+        check(&t.records, &schema, &mut seen);
+    }
+    for ty in [
+        "meta",
+        "snapshot",
+        "mmap",
+        "munmap",
+        "brk",
+        "mprotect",
+        "madvise",
+        "shmat",
+        "shmdt",
+        "pkey_mprotect",
+        "process_madvise",
+        "fault",
+        "fork",
+        "exec",
+        "exit",
+        "lost",
+        "summary",
+    ] {
+        assert!(
+            seen.contains_key(ty),
+            "no '{ty}' record was produced: {seen:?}"
+        );
+    }
+}
