@@ -121,6 +121,27 @@ fn anon_difference(snap: &Value, smaps: &[procfs::SmapsEntry]) -> (u64, u64, Str
     (total, worst.0, worst.1)
 }
 
+/// At a checkpoint (the workload stopped itself): the map differences between the kernel and
+/// a fresh SIGUSR1 snapshot, the kernel's smaps and the snapshot.
+fn compare_stopped(
+    vmatrace_pid: u32,
+    out: &Path,
+) -> (u64, Vec<String>, Vec<procfs::SmapsEntry>, Value) {
+    let pid = exec_pid(out);
+    wait_for(10, "the traced process to stop", || {
+        state(pid as u32) == 'T'
+    });
+    let maps = procfs::read_maps(pid as u32).expect("maps");
+    let smaps = procfs::read_smaps(pid as u32).expect("smaps");
+    let snap = signal_snapshot(vmatrace_pid, out, pid);
+    let kernel = normalize::normalize(
+        maps.iter()
+            .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
+    );
+    let diff = normalize::diff(&kernel, &snapshot_ranges(&snap));
+    (pid, diff, smaps, snap)
+}
+
 #[test]
 fn model_matches_proc_maps_and_smaps_at_every_checkpoint() {
     if !privileged("model_matches_proc_maps_and_smaps_at_every_checkpoint") {
@@ -145,17 +166,7 @@ fn model_matches_proc_maps_and_smaps_at_every_checkpoint() {
         let Some(name) = line.strip_prefix("checkpoint ") else {
             continue;
         };
-        let pid = exec_pid(&out);
-        wait_for(10, "the workload to stop", || state(pid as u32) == 'T');
-        let maps = procfs::read_maps(pid as u32).expect("maps");
-        let smaps = procfs::read_smaps(pid as u32).expect("smaps");
-        let snap = signal_snapshot(vmatrace_pid, &out, pid);
-        let kernel = normalize::normalize(
-            maps.iter()
-                .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
-        );
-        let model = snapshot_ranges(&snap);
-        let diff = normalize::diff(&kernel, &model);
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out);
         assert!(
             diff.is_empty(),
             "checkpoint {name}: model differs from /proc/{pid}/maps:\n{}",
@@ -225,16 +236,7 @@ os.kill(os.getpid(), signal.SIGSTOP)\n";
         if line != "checkpoint python" {
             continue;
         }
-        let pid = exec_pid(&out);
-        wait_for(10, "python to stop", || state(pid as u32) == 'T');
-        let maps = procfs::read_maps(pid as u32).expect("maps");
-        let smaps = procfs::read_smaps(pid as u32).expect("smaps");
-        let snap = signal_snapshot(vmatrace_pid, &out, pid);
-        let kernel = normalize::normalize(
-            maps.iter()
-                .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
-        );
-        let diff = normalize::diff(&kernel, &snapshot_ranges(&snap));
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out);
         assert!(
             diff.is_empty(),
             "python: model differs from /proc/{pid}/maps:\n{}",

@@ -26,7 +26,10 @@ fn once(tracer: Option<&[&str]>, args: &[&str]) -> Result<f64, String> {
             c
         }
     };
-    let out = cmd.args(args).output().map_err(|e| format!("cannot run: {e}"))?;
+    let out = cmd
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run: {e}"))?;
     if !out.status.success() {
         return Err(format!(
             "{args:?} failed: {}",
@@ -37,7 +40,9 @@ fn once(tracer: Option<&[&str]>, args: &[&str]) -> Result<f64, String> {
     text.lines()
         .find_map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
-            (w.len() == 3 && w[2] == "ns").then(|| w[1].parse::<f64>().ok()).flatten()
+            (w.len() == 3 && w[2] == "ns")
+                .then(|| w[1].parse::<f64>().ok())
+                .flatten()
         })
         .ok_or_else(|| format!("no timing in output: {text}"))
 }
@@ -57,9 +62,21 @@ fn main() {
         .unwrap_or(5);
     let vmatrace_all: &[&str] = &["--json", "-o", "/dev/null", "--force", "--faults", "first"];
     let workloads: [(&str, Vec<&str>, usize); 3] = [
-        ("fault-heavy (map, touch 256 pages, unmap) x400", vec!["fault-loop", "400", "256"], 400 * 256),
-        ("syscall churn (mmap, touch 1 page, munmap) x40000", vec!["churn", "40000"], 40000),
-        ("malloc, 4 threads x 100000", vec!["malloc-mt", "4", "100000"], 400_000),
+        (
+            "fault-heavy (map, touch 256 pages, unmap) x400",
+            vec!["fault-loop", "400", "256"],
+            400 * 256,
+        ),
+        (
+            "syscall churn (mmap, touch 1 page, munmap) x40000",
+            vec!["churn", "40000"],
+            40000,
+        ),
+        (
+            "malloc, 4 threads x 100000",
+            vec!["malloc-mt", "4", "100000"],
+            400_000,
+        ),
     ];
     println!("| workload | untraced median | vmatrace median | ratio | per op untraced |");
     println!("|---|---|---|---|---|");
