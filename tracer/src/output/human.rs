@@ -168,7 +168,8 @@ pub fn effect_text(applied: &Applied) -> Option<String> {
     };
     let mut extra = Vec::new();
     if e.splits > 0 {
-        extra.push(format!("{} split", e.splits));
+        let plural = if e.splits == 1 { "" } else { "s" };
+        extra.push(format!("{} VMA cut{plural}", e.splits));
     }
     if e.released_pages > 0 && e.kind != EffectKind::Released {
         extra.push(format!("{} touched pages released", e.released_pages));
