@@ -214,8 +214,9 @@ pub struct OpenEvent {
 
 /// Flags stored per traced tgid in the `TARGETS` map: add forked children to the filter.
 pub const TARGET_FOLLOW_FORKS: u32 = 1;
-/// Flag in `TARGETS`: stop the process with `SIGSTOP` at its next exec (once), so that the
-/// daemon can read its fresh maps before it runs. Used only for vmatrace's own child.
+/// Flag in `TARGETS`: stop the process with `SIGSTOP` at each exec, so that the daemon can
+/// read its fresh maps before it runs, then continue it. Used only for vmatrace's own child
+/// (only its parent, vmatrace, can see the stop); children do not inherit it.
 pub const TARGET_STOP_AT_EXEC: u32 = 2;
 
 /// Counters kept per CPU in the `STATS` map; the index of each is its value.

@@ -98,17 +98,15 @@ const EXEC_OLD_PID_OFFSET: usize = 16;
 #[inline(always)]
 pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    let Some(flags) = TARGETS.get_ptr_mut(&tgid) else {
+    let Some(flags) = TARGETS.get_ptr(&tgid) else {
         return Ok(0);
     };
-    // SAFETY: a live map value of this process; only this process's exec changes the flag.
-    unsafe {
-        if *flags & TARGET_STOP_AT_EXEC != 0 {
-            *flags &= !TARGET_STOP_AT_EXEC;
-            // Delivered on the return to user mode: before the new image's first instruction.
-            if bpf_send_signal(SIGSTOP) != 0 {
-                warn!(ctx, "vmatrace: cannot stop {} at exec", tgid);
-            }
+    // SAFETY: a live map value, read once.
+    if unsafe { *flags } & TARGET_STOP_AT_EXEC != 0 {
+        // Delivered on the return to user mode: before the new image's first instruction.
+        // SAFETY: a helper that signals the current task.
+        if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
+            warn!(ctx, "vmatrace: cannot stop {} at exec", tgid);
         }
     }
     // SAFETY: offsets and sizes match the format above.

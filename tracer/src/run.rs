@@ -174,8 +174,8 @@ struct Live {
     probe: Probe,
     session: Session,
     sink: Box<dyn Sink>,
-    /// Our launched child, while it still has to be continued after its exec stop.
-    stop_pending: Option<u32>,
+    /// Our launched child: stopped by the kernel at each exec, continued once reseeded.
+    launched: Option<u32>,
     last_stats: KernelStats,
     undecodable: u64,
     events: u64,
@@ -219,8 +219,7 @@ impl Live {
                         .snapshot(*ts_ns, "exec", p)
                         .map_err(RunError::Write)?;
                 }
-                if self.stop_pending == Some(pid) {
-                    self.stop_pending = None;
+                if self.launched == Some(pid) {
                     // SAFETY: signalling our own child.
                     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
                 }
@@ -390,7 +389,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         probe,
         session,
         sink,
-        stop_pending: child,
+        launched: child,
         last_stats: KernelStats::default(),
         undecodable: 0,
         events: 0,
