@@ -16,6 +16,8 @@ Examples:
   sudo vmatrace record -o trace.ndjson -- python3 script.py
                                           record everything (all faults) for replay
   vmatrace replay trace.ndjson            rebuild the model from a recording and summarise it
+  vmatrace report trace.ndjson            diagnose allocator fragmentation in a recording
+  sudo vmatrace --report -p 1234          the same diagnosis at the end of a live run
   kill -USR1 $(pidof vmatrace)            print a snapshot of every traced address space
 
 vmatrace needs root, or CAP_BPF and CAP_PERFMON.";
@@ -46,6 +48,18 @@ pub enum Command {
     Record(TraceArgs),
     /// Rebuild the model from a recorded NDJSON file; print its snapshots and summary.
     Replay(ReplayArgs),
+    /// Diagnose allocator fragmentation from a recorded NDJSON file.
+    Report(ReportArgs),
+}
+
+/// Report options.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The recorded NDJSON file (`vmatrace record -o FILE ...`).
+    pub file: PathBuf,
+    /// Write the findings as NDJSON `finding` records.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which program reports page faults.
@@ -95,6 +109,9 @@ pub struct TraceArgs {
     /// Compare the model with /proc/PID/maps every SECS seconds and report drift.
     #[arg(long, value_name = "SECS")]
     pub reconcile: Option<u64>,
+    /// At the end, diagnose allocator fragmentation (heap, arenas, churn, untouched memory).
+    #[arg(long)]
+    pub report: bool,
     /// The command to launch and trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,

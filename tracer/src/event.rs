@@ -125,6 +125,18 @@ impl Event {
         }
     }
 
+    /// The thread the event came from.
+    pub fn tid(&self) -> u32 {
+        match self {
+            Self::Syscall(s) => s.tid,
+            Self::Fault(f) => f.tid,
+            Self::Fork { tid, .. }
+            | Self::Exec { tid, .. }
+            | Self::Exit { tid, .. }
+            | Self::Open { tid, .. } => *tid,
+        }
+    }
+
     /// The process the event belongs to.
     pub fn pid(&self) -> u32 {
         match self {

@@ -4,6 +4,7 @@
 //! (one address space per process) -> `model` (pure VMA and page model) -> `output`.
 //! `replay` feeds recorded events into the same `session`.
 
+pub mod analysis;
 pub mod cli;
 pub mod clock;
 pub mod event;

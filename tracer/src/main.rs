@@ -4,8 +4,9 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
 use clap::Parser as _;
 use tracer::{
+    analysis,
     cli::{BackendArg, Cli, Command, TraceArgs},
-    output::{FaultFilter, human::HumanSink, ndjson::NdjsonSink},
+    output::{FaultFilter, NullSink, human::HumanSink, ndjson::NdjsonSink},
     probe::FaultBackend,
     replay,
     run::{self, RunConfig},
@@ -33,6 +34,7 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         ring_bytes: t.ring_size,
         user: t.user,
         reconcile: t.reconcile.map(Duration::from_secs),
+        report: t.report,
     }
 }
 
@@ -57,6 +59,24 @@ fn real_main() -> anyhow::Result<u8> {
                 Box::new(HumanSink::new(stdout, FaultFilter::First, tty, 0))
             };
             replay::replay(&r.file, sink.as_mut(), r.events)?;
+            Ok(0)
+        }
+        Some(Command::Report(r)) => {
+            let replayed = replay::replay(&r.file, &mut NullSink, false)?;
+            let findings: Vec<_> = replayed
+                .session
+                .processes()
+                .flat_map(|p| analysis::analyze(p, &replayed.limits))
+                .collect();
+            let stdout = std::io::BufWriter::new(std::io::stdout());
+            let mut sink: Box<dyn tracer::output::Sink> = if r.json {
+                Box::new(NdjsonSink::new(stdout, FaultFilter::None))
+            } else {
+                let tty = std::io::stdout().is_terminal();
+                Box::new(HumanSink::new(stdout, FaultFilter::None, tty, 0))
+            };
+            sink.findings(&findings)?;
+            sink.flush()?;
             Ok(0)
         }
         Some(Command::Record(t)) => {

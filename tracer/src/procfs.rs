@@ -264,6 +264,18 @@ pub fn pidfd_target(pid: u32, fd: i32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// This machine's `vm.max_map_count` and CPU count, for the analysis.
+pub fn limits() -> crate::analysis::Limits {
+    let default = crate::analysis::Limits::default();
+    crate::analysis::Limits {
+        max_map_count: fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(default.max_map_count),
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+    }
+}
+
 /// Whether `pid` exists.
 pub fn exists(pid: u32) -> bool {
     PathBuf::from(format!("/proc/{pid}")).exists()

@@ -11,9 +11,10 @@ use serde_json::Value;
 use tracer_common::Syscall;
 
 use crate::{
+    analysis::Limits,
     event::{Event, FaultRecord, Resolved, SyscallRecord},
     model::{Backing, Perms, Vma},
-    output::{LossSummary, Sink, ndjson::SCHEMA_VERSION, report::summarize},
+    output::{LossSummary, Meta, Sink, ndjson::SCHEMA_VERSION, report::summarize},
     session::{Applied, Seed, Session},
 };
 
@@ -38,6 +39,7 @@ pub enum ReplayError {
 pub enum Record {
     Meta {
         version: u64,
+        limits: Limits,
     },
     Seed {
         pid: u32,
@@ -173,6 +175,13 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
     Ok(match ty {
         "meta" => Record::Meta {
             version: u64_of(&v, "version")?,
+            limits: Limits {
+                max_map_count: v
+                    .get("max_map_count")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(Limits::default().max_map_count),
+                cpus: v.get("cpus").and_then(Value::as_u64).unwrap_or(1),
+            },
         },
         "fault" => Record::Event(Event::Fault(FaultRecord {
             ts_ns: ts_ns()?,
@@ -235,21 +244,30 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
         "lost" => {
             Record::Lost(serde_json::from_value(v).map_err(|e| format!("bad lost record: {e}"))?)
         }
-        "summary" | "drift" => Record::Other,
+        "summary" | "drift" | "finding" => Record::Other,
         other => return Err(format!("unknown record type '{other}'")),
     })
 }
 
+/// What a replay rebuilt.
+pub struct Replayed {
+    pub session: Session,
+    /// The limits of the machine the recording came from.
+    pub limits: Limits,
+}
+
 /// Replays `path` into `sink`; `events` also passes every event on.
-pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session, ReplayError> {
+pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed, ReplayError> {
     let name = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| ReplayError::Open {
         path: name.clone(),
         source,
     })?;
     let mut session = Session::default();
+    let mut limits = Limits::default();
     let mut lost = LossSummary::default();
     let mut last_ts = 0u64;
+    let mut last_ts_by_thread = std::collections::HashMap::new();
     let mut lines = 0usize;
     let bad = |line: usize, what: String| ReplayError::Bad {
         path: name.clone(),
@@ -265,7 +283,10 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
         lines += 1;
         let record = parse_line(&line).map_err(|w| bad(n, w))?;
         match record {
-            Record::Meta { version } => {
+            Record::Meta {
+                version,
+                limits: recorded,
+            } => {
                 if version != SCHEMA_VERSION {
                     return Err(bad(
                         n,
@@ -274,7 +295,12 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
                         ),
                     ));
                 }
-                sink.start("replay").map_err(ReplayError::Write)?;
+                limits = recorded;
+                sink.start(&Meta {
+                    fault_backend: "replay".into(),
+                    limits,
+                })
+                .map_err(ReplayError::Write)?;
             }
             Record::Seed {
                 pid,
@@ -300,14 +326,22 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
                 }
             }
             Record::Event(ev) => {
+                // Each thread's events are in order in the ring; across CPUs, two threads'
+                // timestamps may cross by the time between reserving and stamping.
                 let ts = ev.ts_ns();
-                if ts < last_ts {
+                let key = (ev.pid(), ev.tid());
+                let last = last_ts_by_thread.entry(key).or_insert(0);
+                if ts < *last {
                     return Err(bad(
                         n,
-                        format!("record out of order: time {ts} comes after {last_ts}"),
+                        format!(
+                            "record out of order: time {ts} comes after {last} in thread {}",
+                            key.1
+                        ),
                     ));
                 }
-                last_ts = ts;
+                *last = ts;
+                last_ts = last_ts.max(ts);
                 let applied = session.apply(&ev);
                 if events {
                     sink.event(&ev, &applied, &session)
@@ -340,5 +374,5 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Session,
     sink.summary(last_ts, &summary)
         .map_err(ReplayError::Write)?;
     sink.flush().map_err(ReplayError::Write)?;
-    Ok(session)
+    Ok(Replayed { session, limits })
 }

@@ -17,12 +17,13 @@ use tokio::{
 use tracer_common::Syscall;
 
 use crate::{
+    analysis,
     clock::monotonic_ns,
     event::{self, Event},
     launch::{self, LaunchError},
     model::normalize,
     output::{
-        FaultFilter, LossSummary, Sink,
+        FaultFilter, LossSummary, Meta, Sink,
         file::{self, OutputError},
         human::HumanSink,
         ndjson::NdjsonSink,
@@ -48,6 +49,8 @@ pub struct RunConfig {
     pub ring_bytes: u32,
     pub user: Option<String>,
     pub reconcile: Option<Duration>,
+    /// Print allocator and address-space findings at the end.
+    pub report: bool,
 }
 
 /// Errors of a live run, each one line for the user.
@@ -354,8 +357,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         },
         ..ProbeOptions::default()
     })?;
-    let backend = format!("{:?}", probe.fault_backend()).to_lowercase();
-    sink.start(&backend).map_err(RunError::Write)?;
+    let limits = procfs::limits();
+    let meta = Meta {
+        fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
+        limits,
+    };
+    sink.start(&meta).map_err(RunError::Write)?;
     let mut session = Session::default();
     let mut child = None;
     if cfg.command.is_empty() {
@@ -417,6 +424,14 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     live.sink
         .summary(monotonic_ns(), &summary)
         .map_err(RunError::Write)?;
+    if cfg.report {
+        let findings: Vec<_> = live
+            .session
+            .processes()
+            .flat_map(|p| analysis::analyze(p, &limits))
+            .collect();
+        live.sink.findings(&findings).map_err(RunError::Write)?;
+    }
     live.sink.flush().map_err(RunError::Write)?;
     log::debug!("{} events", live.events);
     Ok(status)

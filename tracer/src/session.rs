@@ -7,7 +7,7 @@ use tracer_common::Syscall;
 
 use crate::{
     event::{Event, FaultRecord, SyscallRecord},
-    model::{AddressSpace, Backing, Effect, FaultEffect, Perms, Touch, TouchKind, Vma},
+    model::{AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, Touch, TouchKind, Vma},
 };
 
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -37,6 +37,32 @@ pub struct Counts {
     pub faults_outside: u64,
 }
 
+/// Same-size `mmap`/`munmap` pairs of one size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairStats {
+    pub count: u64,
+    /// Touched pages the unmaps released (faulted in again by the next pair).
+    pub released_pages: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Bookkeeping for the allocator analysis, kept as events are applied.
+#[derive(Clone, Debug, Default)]
+pub struct Patterns {
+    /// First touches per (64 MiB-aligned region, thread): which threads use which arena.
+    pub touches_by_region_tid: BTreeMap<(u64, u32), u64>,
+    /// Anonymous mappings still in place, by address: (length, time).
+    live_anon: BTreeMap<u64, (u64, u64)>,
+    /// Anonymous mappings unmapped whole, by length.
+    pub pairs: BTreeMap<u64, PairStats>,
+    pub brk_grows: u64,
+    pub brk_shrinks: u64,
+}
+
+/// The 64 MiB (glibc `HEAP_MAX_SIZE`) region an address is in.
+pub const ARENA_SHIFT: u32 = 26;
+
 /// One traced process.
 #[derive(Clone, Debug)]
 pub struct Process {
@@ -48,6 +74,22 @@ pub struct Process {
     pub exited_ns: Option<u64>,
     /// Multi-threaded faults: first touches by thread id.
     pub first_touch_by_tid: BTreeMap<u32, u64>,
+    pub patterns: Patterns,
+}
+
+impl Process {
+    fn new(pid: u32, space: AddressSpace, exe: Option<String>, ts: u64) -> Self {
+        Self {
+            pid,
+            space,
+            counts: Counts::default(),
+            exe,
+            started_ns: ts,
+            exited_ns: None,
+            first_touch_by_tid: BTreeMap::new(),
+            patterns: Patterns::default(),
+        }
+    }
 }
 
 /// What the session did with an event.
@@ -83,18 +125,8 @@ pub struct Session {
 impl Session {
     /// Starts tracking `pid` from `seed`.
     pub fn add(&mut self, pid: u32, seed: Seed, ts: u64, exe: Option<String>) {
-        self.procs.insert(
-            pid,
-            Process {
-                pid,
-                space: AddressSpace::seeded(seed.vmas, seed.start_brk, ts),
-                counts: Counts::default(),
-                exe,
-                started_ns: ts,
-                exited_ns: None,
-                first_touch_by_tid: BTreeMap::new(),
-            },
-        );
+        let space = AddressSpace::seeded(seed.vmas, seed.start_brk, ts);
+        self.procs.insert(pid, Process::new(pid, space, exe, ts));
     }
 
     /// Replaces `pid`'s map after an exec.
@@ -135,15 +167,12 @@ impl Session {
                     return Applied::Ignored;
                 };
                 if *followed {
-                    let child_proc = Process {
-                        pid: *child,
-                        space: parent.space.fork(*ts_ns),
-                        counts: Counts::default(),
-                        exe: parent.exe.clone(),
-                        started_ns: *ts_ns,
-                        exited_ns: None,
-                        first_touch_by_tid: BTreeMap::new(),
-                    };
+                    let child_proc = Process::new(
+                        *child,
+                        parent.space.fork(*ts_ns),
+                        parent.exe.clone(),
+                        *ts_ns,
+                    );
                     self.procs.insert(*child, child_proc);
                 }
                 Applied::Fork {
@@ -227,6 +256,33 @@ impl Session {
             Syscall::Openat => return Applied::Ignored,
         };
         let _ = a4;
+        let pat = &mut p.patterns;
+        match (s.call, effect.kind) {
+            (Syscall::Brk, EffectKind::Grown) => pat.brk_grows += 1,
+            (Syscall::Brk, EffectKind::Shrunk) => pat.brk_shrinks += 1,
+            (Syscall::Mmap, EffectKind::Created) if a3 & MAP_ANONYMOUS != 0 => {
+                pat.live_anon
+                    .insert(effect.start, (effect.end - effect.start, ts));
+            }
+            (Syscall::Munmap, EffectKind::Unmapped) => {
+                let len = effect.end - effect.start;
+                if pat
+                    .live_anon
+                    .get(&effect.start)
+                    .is_some_and(|(l, _)| *l == len)
+                {
+                    pat.live_anon.remove(&effect.start);
+                    let pair = pat.pairs.entry(len).or_default();
+                    if pair.count == 0 {
+                        pair.first_ns = ts;
+                    }
+                    pair.count += 1;
+                    pair.last_ns = ts;
+                    pair.released_pages += effect.released_pages;
+                }
+            }
+            _ => {}
+        }
         Applied::Syscall { pid, effect }
     }
 
@@ -240,6 +296,10 @@ impl Session {
             Touch::First { kind, .. } => {
                 *p.counts.first_touches.entry(kind).or_default() += 1;
                 *p.first_touch_by_tid.entry(f.tid).or_default() += 1;
+                *p.patterns
+                    .touches_by_region_tid
+                    .entry((f.address >> ARENA_SHIFT, f.tid))
+                    .or_default() += 1;
             }
             Touch::Upgraded { .. } => p.counts.cow_upgrades += 1,
             Touch::Again => {}

@@ -374,6 +374,97 @@ fn spin(millis: u64, pause_us: u64) {
     say(&format!("spin {n}"));
 }
 
+/// glibc arenas: `threads` threads each allocate and keep `mib` MiB in 4 KiB blocks.
+fn arenas(threads: usize, mib: usize) {
+    let hs: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let n = mib * 256;
+                let mut kept = 0usize;
+                for _ in 0..n {
+                    // SAFETY: malloc of a small block, written once, deliberately kept.
+                    let p = unsafe { libc::malloc(4000) } as *mut u8;
+                    if !p.is_null() {
+                        // SAFETY: within the block.
+                        unsafe { std::ptr::write_bytes(p, 1, 4000) };
+                        kept += 1;
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    let kept: usize = hs.into_iter().filter_map(|h| h.join().ok()).sum();
+    say(&format!("arenas {threads} {kept}"));
+}
+
+/// A heap that grows to `mib` MiB and is freed but not trimmed: one block allocated last (at
+/// the top of the heap) stays live and pins everything below it.
+fn heap_retained(mib: usize) {
+    let blocks: Vec<*mut libc::c_void> = (0..mib * 256)
+        .map(|_| {
+            // SAFETY: malloc of a small block, written once.
+            let p = unsafe { libc::malloc(4000) };
+            if !p.is_null() {
+                // SAFETY: within the block.
+                unsafe { std::ptr::write_bytes(p as *mut u8, 1, 4000) };
+            }
+            p
+        })
+        .collect();
+    // SAFETY: a block that stays allocated at the top of the heap (a size no free list holds,
+    // so it comes from the top chunk).
+    let pin = unsafe { libc::malloc(5000) };
+    for p in blocks {
+        // SAFETY: freeing what was allocated above.
+        unsafe { libc::free(p) };
+    }
+    say(&format!("heap_retained {mib} {}", pin as usize));
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// mmap-threshold churn: a fixed threshold, then `n` malloc/free pairs of `kib` KiB.
+fn mmap_churn(n: usize, kib: usize) {
+    // SAFETY: mallopt with a documented parameter; a fixed threshold disables glibc's
+    // dynamic adjustment, as a program or MALLOC_MMAP_THRESHOLD_ does.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+    for _ in 0..n {
+        // SAFETY: malloc, touch, free.
+        unsafe {
+            let p = libc::malloc(kib * 1024) as *mut u8;
+            if !p.is_null() {
+                std::ptr::write_bytes(p, 1, kib * 1024);
+                libc::free(p.cast());
+            }
+        }
+    }
+    say(&format!("mmap_churn {n} {kib}"));
+}
+
+/// Allocate and free `mib` MiB in 256 KiB blocks, `rounds` times (purge churn under an
+/// allocator that returns free pages at once, e.g. jemalloc with dirty_decay_ms:0).
+fn purge(rounds: usize, mib: usize) {
+    for _ in 0..rounds {
+        let blocks: Vec<*mut u8> = (0..mib * 4)
+            .map(|_| {
+                // SAFETY: malloc and touch.
+                let p = unsafe { libc::malloc(256 * 1024) } as *mut u8;
+                if !p.is_null() {
+                    // SAFETY: within the block.
+                    unsafe { std::ptr::write_bytes(p, 1, 256 * 1024) };
+                }
+                p
+            })
+            .collect();
+        for p in blocks {
+            // SAFETY: freeing what was allocated above.
+            unsafe { libc::free(p.cast()) };
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    say(&format!("purge {rounds} {mib}"));
+}
+
 fn arg(args: &[String], i: usize, default: usize) -> usize {
     args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
@@ -389,6 +480,10 @@ fn main() {
         Some("fork") => fork(),
         Some("burst") => burst(arg(&args, 2, 1 << 16)),
         Some("ipc") => ipc(),
+        Some("arenas") => arenas(arg(&args, 2, 8), arg(&args, 3, 8)),
+        Some("heap-retained") => heap_retained(arg(&args, 2, 64)),
+        Some("mmap-churn") => mmap_churn(arg(&args, 2, 500), arg(&args, 3, 512)),
+        Some("purge") => purge(arg(&args, 2, 20), arg(&args, 3, 16)),
         Some("wait-then-map") => wait_then_map(),
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
@@ -397,7 +492,7 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }

@@ -156,6 +156,23 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload).
+fn test_dependencies() -> Result<()> {
+    if Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2").exists() {
+        step("libjemalloc2: present");
+        return Ok(());
+    }
+    if !is_root() {
+        step("libjemalloc2 is missing and we are not root: the jemalloc test will fail");
+        return Ok(());
+    }
+    step("installing Debian's libjemalloc2 for the purge-churn test");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "libjemalloc2"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn install_bpf_linker() -> Result<()> {
     let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let llvm = vv
@@ -250,6 +267,7 @@ fn real_main() -> Result<()> {
         }
         Task::Test { no_lint, filter } => {
             setup()?;
+            test_dependencies()?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--check"]))?;
                 run(cargo().args([

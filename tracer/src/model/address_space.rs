@@ -382,7 +382,7 @@ impl AddressSpace {
             // Pages beyond the new length are released; the rest move.
             e.released_pages +=
                 self.pages
-                    .release((old + keep) >> PAGE_SHIFT, old_end >> PAGE_SHIFT, ts);
+                    .release((old + keep) >> PAGE_SHIFT, old_end >> PAGE_SHIFT, ts, false);
             self.pages.relocate(
                 old >> PAGE_SHIFT,
                 (old + keep) >> PAGE_SHIFT,
@@ -454,9 +454,9 @@ impl AddressSpace {
         match advice {
             MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED => {
                 let mut e = Effect::new(EffectKind::Released, addr, end);
-                e.released_pages = self
-                    .pages
-                    .release(addr >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
+                e.released_pages =
+                    self.pages
+                        .release(addr >> PAGE_SHIFT, end >> PAGE_SHIFT, ts, true);
                 e
             }
             _ => Effect::new(EffectKind::Advised, addr, end),
@@ -579,7 +579,7 @@ impl AddressSpace {
         e.unmapped_bytes = removed.iter().map(Vma::len).sum();
         e.released_pages = self
             .pages
-            .release(start >> PAGE_SHIFT, end >> PAGE_SHIFT, ts);
+            .release(start >> PAGE_SHIFT, end >> PAGE_SHIFT, ts, false);
         e.splits = splits;
         e
     }

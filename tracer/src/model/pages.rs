@@ -39,6 +39,10 @@ impl TouchKind {
 }
 
 const KIND_SHIFT: u32 = 62;
+/// A refault this soon after the release counts as churn.
+pub const QUICK_REFAULT_NS: u64 = 1_000_000_000;
+/// Marks a release by `madvise` (rather than an unmap) in the released map's value.
+const ADVISED: u64 = 1 << 63;
 const TS_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// At most this many released pages are remembered for refault detection.
 const RELEASED_CAP: usize = 1 << 20;
@@ -83,6 +87,10 @@ pub struct Pages {
     released: BTreeMap<u64, u64>,
     /// Pages touched again after they were released.
     pub refaults: u64,
+    /// Pages touched again after `madvise` released them, and of those within
+    /// [`QUICK_REFAULT_NS`] (purge churn).
+    pub refaults_after_advice: u64,
+    pub quick_refaults_after_advice: u64,
     /// Pages released by `munmap`, `madvise` or `brk` shrink while touched.
     pub released_total: u64,
 }
@@ -94,9 +102,16 @@ impl Pages {
             None => {
                 self.touched
                     .insert(page, (ts & TS_MASK) | ((kind as u64) << KIND_SHIFT));
-                let refault = self.released.remove(&page).is_some();
-                if refault {
+                let released = self.released.remove(&page);
+                let refault = released.is_some();
+                if let Some(r) = released {
                     self.refaults += 1;
+                    if r & ADVISED != 0 {
+                        self.refaults_after_advice += 1;
+                        if ts.saturating_sub(r & !ADVISED) <= QUICK_REFAULT_NS {
+                            self.quick_refaults_after_advice += 1;
+                        }
+                    }
                 }
                 Touch::First { kind, refault }
             }
@@ -112,14 +127,15 @@ impl Pages {
         }
     }
 
-    /// Forgets the pages in `[start_page, end_page)`, remembering them as released at `ts`.
-    /// Returns how many touched pages were released.
-    pub fn release(&mut self, start_page: u64, end_page: u64, ts: u64) -> u64 {
+    /// Forgets the pages in `[start_page, end_page)`, remembering them as released at `ts`
+    /// (`advised`: by `madvise`, else by an unmap). Returns how many touched pages went.
+    pub fn release(&mut self, start_page: u64, end_page: u64, ts: u64, advised: bool) -> u64 {
         let gone = self.take(start_page, end_page);
         let n = gone.len() as u64;
+        let mark = (ts & !ADVISED) | if advised { ADVISED } else { 0 };
         for page in gone.into_keys() {
             if self.released.len() < RELEASED_CAP {
-                self.released.insert(page, ts);
+                self.released.insert(page, mark);
             }
         }
         self.released_total += n;
@@ -210,13 +226,14 @@ mod tests {
         for page in 0..8 {
             p.touch(page, 1, TouchKind::Anon);
         }
-        assert_eq!(p.release(2, 6, 2), 4);
+        assert_eq!(p.release(2, 6, 2, true), 4);
         assert_eq!(p.count(0, 8).anon, 4);
         assert!(matches!(
             p.touch(3, 3, TouchKind::Anon),
             Touch::First { refault: true, .. }
         ));
         assert_eq!(p.refaults, 1);
+        assert_eq!(p.quick_refaults_after_advice, 1);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use std::{
 
 use tracer_common::Syscall;
 
-use super::{FaultFilter, LossSummary, Sink, Summary, report::vma_rows, show_fault};
+use super::{FaultFilter, LossSummary, Meta, Sink, Summary, report::vma_rows, show_fault};
 use crate::{
+    analysis::{Finding, Severity},
     event::{Event, SyscallRecord},
     flags::{self, size},
     model::{EffectKind, PAGE_SIZE, Touch},
@@ -182,9 +183,28 @@ pub fn effect_text(applied: &Applied) -> Option<String> {
 }
 
 impl<W: Write> Sink for HumanSink<W> {
-    fn start(&mut self, fault_backend: &str) -> io::Result<()> {
-        log::info!("tracing (fault events: {fault_backend}); Ctrl-C to stop");
+    fn start(&mut self, meta: &Meta) -> io::Result<()> {
+        log::info!(
+            "tracing (fault events: {}); Ctrl-C to stop",
+            meta.fault_backend
+        );
         Ok(())
+    }
+
+    fn findings(&mut self, findings: &[Finding]) -> io::Result<()> {
+        writeln!(self.out, "\n=== vmatrace report ===")?;
+        for f in findings {
+            let tag = match f.severity {
+                Severity::Warning => self.paint("1;33", "WARNING"),
+                Severity::Info => self.paint("2", "info"),
+            };
+            writeln!(self.out, "[{}] {tag} {}", f.pid, f.title)?;
+            writeln!(self.out, "    {}", f.explanation)?;
+            if let Some(s) = &f.suggestion {
+                writeln!(self.out, "    try: {s}")?;
+            }
+        }
+        self.out.flush()
     }
 
     fn event(&mut self, event: &Event, applied: &Applied, session: &Session) -> io::Result<()> {

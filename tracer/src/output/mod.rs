@@ -9,9 +9,17 @@ pub mod report;
 use std::io;
 
 use crate::{
+    analysis::{Finding, Limits},
     event::Event,
     session::{Applied, Process, Session},
 };
+
+/// What a run starts with: the fault backend and the machine's limits.
+#[derive(Clone, Debug)]
+pub struct Meta {
+    pub fault_backend: String,
+    pub limits: Limits,
+}
 pub use report::{LossSummary, Summary};
 
 /// Which faults reach the output.
@@ -28,7 +36,7 @@ pub enum FaultFilter {
 /// A consumer of the trace.
 pub trait Sink {
     /// The start of a run.
-    fn start(&mut self, fault_backend: &str) -> io::Result<()>;
+    fn start(&mut self, meta: &Meta) -> io::Result<()>;
     /// One applied event.
     fn event(&mut self, event: &Event, applied: &Applied, session: &Session) -> io::Result<()>;
     /// A process's whole map. `reason`: seed, exec, signal, exit, final.
@@ -41,8 +49,43 @@ pub trait Sink {
     fn tick(&mut self, session: &Session) -> io::Result<()>;
     /// The end-of-run summary.
     fn summary(&mut self, ts_ns: u64, summary: &Summary) -> io::Result<()>;
+    /// Allocator and address-space findings (`--report`, `vmatrace report`).
+    fn findings(&mut self, findings: &[Finding]) -> io::Result<()>;
     /// Flushes buffered output.
     fn flush(&mut self) -> io::Result<()>;
+}
+
+/// A sink that writes nothing (`vmatrace report` replays silently).
+pub struct NullSink;
+
+impl Sink for NullSink {
+    fn start(&mut self, _: &Meta) -> io::Result<()> {
+        Ok(())
+    }
+    fn event(&mut self, _: &Event, _: &Applied, _: &Session) -> io::Result<()> {
+        Ok(())
+    }
+    fn snapshot(&mut self, _: u64, _: &str, _: &Process) -> io::Result<()> {
+        Ok(())
+    }
+    fn lost(&mut self, _: u64, _: &LossSummary) -> io::Result<()> {
+        Ok(())
+    }
+    fn drift(&mut self, _: u64, _: u32, _: &[String]) -> io::Result<()> {
+        Ok(())
+    }
+    fn tick(&mut self, _: &Session) -> io::Result<()> {
+        Ok(())
+    }
+    fn summary(&mut self, _: u64, _: &Summary) -> io::Result<()> {
+        Ok(())
+    }
+    fn findings(&mut self, _: &[Finding]) -> io::Result<()> {
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Whether a fault event should be shown under `filter`.

@@ -5,8 +5,9 @@ use std::io::{self, Write};
 use serde_json::{Value, json};
 use tracer_common::Syscall;
 
-use super::{FaultFilter, LossSummary, Sink, Summary, report::vma_rows, show_fault};
+use super::{FaultFilter, LossSummary, Meta, Sink, Summary, report::vma_rows, show_fault};
 use crate::{
+    analysis::Finding,
     event::{Event, SyscallRecord},
     flags,
     model::{Effect, Touch},
@@ -189,15 +190,29 @@ pub fn snapshot_json(ts_ns: u64, reason: &str, p: &Process) -> Value {
 }
 
 impl<W: Write> Sink for NdjsonSink<W> {
-    fn start(&mut self, fault_backend: &str) -> io::Result<()> {
+    fn start(&mut self, meta: &Meta) -> io::Result<()> {
         self.line(&json!({
             "type": "meta",
             "ts_ns": crate::clock::monotonic_ns(),
             "version": SCHEMA_VERSION,
             "tool": concat!("vmatrace ", env!("CARGO_PKG_VERSION")),
-            "fault_backend": fault_backend,
+            "fault_backend": meta.fault_backend,
             "faults": format!("{:?}", self.faults).to_lowercase(),
+            "max_map_count": meta.limits.max_map_count,
+            "cpus": meta.limits.cpus,
         }))
+    }
+
+    fn findings(&mut self, findings: &[Finding]) -> io::Result<()> {
+        for f in findings {
+            let mut v = serde_json::to_value(f).map_err(io::Error::other)?;
+            if let Value::Object(m) = &mut v {
+                m.insert("type".into(), json!("finding"));
+                m.insert("ts_ns".into(), json!(crate::clock::monotonic_ns()));
+            }
+            self.line(&v)?;
+        }
+        Ok(())
     }
 
     fn event(&mut self, event: &Event, applied: &Applied, _session: &Session) -> io::Result<()> {

@@ -1,0 +1,417 @@
+//! Allocator and address-space findings, from a process's model and the patterns the session
+//! recorded: the main heap, glibc arenas, mmap-threshold churn, purge churn, reserved but
+//! untouched memory, and fragmentation of the address space. Pure: no I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    flags::size,
+    model::{Backing, PAGE_SIZE},
+    session::{ARENA_SHIFT, Process},
+};
+
+/// How much a finding matters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// A number worth knowing; nothing looks wrong.
+    Info,
+    /// A pattern that wastes memory or time.
+    Warning,
+}
+
+/// One finding with its numbers, a plain explanation and what to try.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    /// A stable identifier (`heap`, `arenas`, `mmap_churn`, `purge_churn`, `untouched`,
+    /// `fragmentation`).
+    pub id: String,
+    pub pid: u32,
+    pub severity: Severity,
+    pub title: String,
+    pub numbers: BTreeMap<String, u64>,
+    pub explanation: String,
+    pub suggestion: Option<String>,
+}
+
+/// Thresholds, so that a healthy process raises no warning.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// `vm.max_map_count` of the machine the trace came from.
+    pub max_map_count: u64,
+    /// CPUs of that machine (glibc creates up to 8 arenas per CPU).
+    pub cpus: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_map_count: 65530,
+            cpus: 1,
+        }
+    }
+}
+
+const MIB: u64 = 1 << 20;
+/// glibc's arena heap size on 64-bit (`HEAP_MAX_SIZE`).
+const ARENA_SIZE: u64 = 64 * MIB;
+
+fn finding(p: &Process, id: &str, severity: Severity, title: String) -> Finding {
+    Finding {
+        id: id.to_string(),
+        pid: p.pid,
+        severity,
+        title,
+        numbers: BTreeMap::new(),
+        explanation: String::new(),
+        suggestion: None,
+    }
+}
+
+/// Every finding for one process.
+pub fn analyze(p: &Process, limits: &Limits) -> Vec<Finding> {
+    let mut out = vec![heap(p)];
+    out.extend(arenas(p, limits));
+    out.extend(mmap_churn(p));
+    out.extend(purge_churn(p));
+    out.push(untouched(p));
+    out.push(fragmentation(p, limits));
+    out
+}
+
+/// The main heap: high-water mark, current size, touched bytes, trims.
+fn heap(p: &Process) -> Finding {
+    let sp = &p.space;
+    let current = sp.heap_size();
+    let high = sp.heap_high_water.max(current);
+    let touched = sp.heap().map_or(0, |b| {
+        sp.pages_in(b.start, b.start + current).resident() * PAGE_SIZE
+    });
+    let pat = &p.patterns;
+    let retained = high >= 32 * MIB && pat.brk_shrinks == 0 && current == high;
+    let mut f = finding(
+        p,
+        "heap",
+        if retained {
+            Severity::Warning
+        } else {
+            Severity::Info
+        },
+        format!(
+            "main heap: {} now, {} high-water, {} touched, trimmed {} times",
+            size(current),
+            size(high),
+            size(touched),
+            pat.brk_shrinks
+        ),
+    );
+    f.numbers = BTreeMap::from([
+        ("current_bytes".into(), current),
+        ("high_water_bytes".into(), high),
+        ("touched_bytes".into(), touched),
+        ("brk_grows".into(), pat.brk_grows),
+        ("brk_shrinks".into(), pat.brk_shrinks),
+    ]);
+    if retained {
+        f.explanation = format!(
+            "The heap grew to {} and was never given back with brk: glibc returns the top of \
+             the heap only when the free space there exceeds M_TRIM_THRESHOLD, and one live \
+             chunk near the top keeps everything below it. Freed memory inside the heap stays \
+             resident ({} touched).",
+            size(high),
+            size(touched)
+        );
+        f.suggestion = Some(
+            "If the program has freed most of this, call malloc_trim(0) after large frees (it \
+             also releases free pages in the middle of the heap), or lower M_TRIM_THRESHOLD \
+             (MALLOC_TRIM_THRESHOLD_=131072)."
+                .into(),
+        );
+    } else {
+        f.explanation = "The heap grew and shrank as expected for its size.".into();
+    }
+    f
+}
+
+/// glibc arenas: 64 MiB aligned anonymous reservations, committed by mprotect.
+fn arenas(p: &Process, limits: &Limits) -> Vec<Finding> {
+    // A 64 MiB-aligned range covered by contiguous private anonymous VMAs, partly accessible
+    // (committed) and partly PROT_NONE (reserved). The model, like the kernel, may merge an
+    // arena's ends with neighbouring VMAs of the same protection, so ranges are clipped.
+    let vmas: Vec<_> = p
+        .space
+        .vmas()
+        .filter(|v| v.backing == Backing::Anonymous && !v.perms.shared)
+        .collect();
+    let mut found = Vec::new();
+    let mut next_free = 0;
+    for (i, v) in vmas.iter().enumerate() {
+        let mut a = v.start.next_multiple_of(ARENA_SIZE).max(next_free);
+        while a < v.end {
+            let limit = a + ARENA_SIZE;
+            let (mut covered, mut committed) = (a, 0);
+            for w in &vmas[i..] {
+                if w.start > covered || covered >= limit {
+                    break;
+                }
+                let end = w.end.min(limit);
+                if w.perms.read || w.perms.write {
+                    committed += end - covered;
+                }
+                covered = end;
+            }
+            if covered == limit && committed > 0 && committed < ARENA_SIZE {
+                let touched = p.space.pages_in(a, limit).resident() * PAGE_SIZE;
+                found.push((a, committed, touched));
+                next_free = limit;
+            }
+            a = limit;
+        }
+    }
+    if found.is_empty() {
+        return Vec::new();
+    }
+    let committed: u64 = found.iter().map(|a| a.1).sum();
+    let touched: u64 = found.iter().map(|a| a.2).sum();
+    let many = found.len() as u64 > limits.cpus.max(1) && touched >= 16 * MIB;
+    let mut f = finding(
+        p,
+        "arenas",
+        if many {
+            Severity::Warning
+        } else {
+            Severity::Info
+        },
+        format!(
+            "{} glibc arenas: {} committed, {} touched",
+            found.len(),
+            size(committed),
+            size(touched)
+        ),
+    );
+    f.numbers = BTreeMap::from([
+        ("arenas".into(), found.len() as u64),
+        ("committed_bytes".into(), committed),
+        ("touched_bytes".into(), touched),
+        ("cpus".into(), limits.cpus),
+    ]);
+    let mut lines = Vec::new();
+    for (start, committed, touched) in &found {
+        let threads: Vec<String> = p
+            .patterns
+            .touches_by_region_tid
+            .range((start >> ARENA_SHIFT, 0)..=(start >> ARENA_SHIFT, u32::MAX))
+            .map(|((_, tid), pages)| format!("{tid} ({pages} pages)"))
+            .collect();
+        lines.push(format!(
+            "arena {start:#x}: {} committed, {} touched; first touches by threads {}",
+            size(*committed),
+            size(*touched),
+            if threads.is_empty() {
+                "none".to_string()
+            } else {
+                threads.join(", ")
+            }
+        ));
+    }
+    f.explanation = format!(
+        "Each thread that contends on malloc gets an arena (up to 8 per CPU); each arena keeps \
+         its own free memory, so freed memory in one cannot serve another. {}",
+        lines.join("; ")
+    );
+    if many {
+        f.suggestion = Some(format!(
+            "Cap the arenas: MALLOC_ARENA_MAX={} in the environment; memory then is shared \
+             between threads at some cost in lock contention.",
+            limits.cpus.max(1)
+        ));
+    }
+    vec![f]
+}
+
+/// Repeated same-size mmap/munmap pairs: allocations just above the mmap threshold.
+fn mmap_churn(p: &Process) -> Vec<Finding> {
+    let span = |s: &crate::session::PairStats| s.last_ns.saturating_sub(s.first_ns).max(1);
+    let Some((len, stats)) = p
+        .patterns
+        .pairs
+        .iter()
+        .filter(|(len, s)| **len >= 64 * 1024 && s.count >= 100)
+        .max_by_key(|(_, s)| s.count)
+    else {
+        return Vec::new();
+    };
+    let rate = stats.count * 1_000_000_000 / span(stats);
+    let mut f = finding(
+        p,
+        "mmap_churn",
+        Severity::Warning,
+        format!(
+            "mmap-threshold churn: {} mmap/munmap pairs of {} ({} per second), {} faulted in again and again",
+            stats.count,
+            size(*len),
+            rate,
+            size(stats.released_pages * PAGE_SIZE)
+        ),
+    );
+    f.numbers = BTreeMap::from([
+        ("pairs".into(), stats.count),
+        ("size_bytes".into(), *len),
+        ("per_second".into(), rate),
+        ("refaulted_bytes".into(), stats.released_pages * PAGE_SIZE),
+    ]);
+    f.explanation = "Allocations of this size are above malloc's mmap threshold, so each one \
+                     is a fresh mmap whose pages are faulted in and then unmapped on free."
+        .into();
+    f.suggestion = Some(format!(
+        "Raise the threshold above {} (mallopt(M_MMAP_THRESHOLD, ...) or \
+         MALLOC_MMAP_THRESHOLD_={}) so that these blocks are reused from the heap, or keep and \
+         reuse the buffers.",
+        size(*len),
+        (len * 2).next_power_of_two()
+    ));
+    vec![f]
+}
+
+/// Pages released by madvise and touched again soon after.
+fn purge_churn(p: &Process) -> Vec<Finding> {
+    let pages = p.space.pages();
+    if pages.refaults_after_advice == 0 {
+        return Vec::new();
+    }
+    let quick = pages.quick_refaults_after_advice;
+    let warn = quick >= 1024;
+    let mut f = finding(
+        p,
+        "purge_churn",
+        if warn {
+            Severity::Warning
+        } else {
+            Severity::Info
+        },
+        format!(
+            "purge churn: {} released by madvise were touched again, {} of it within a second",
+            size(pages.refaults_after_advice * PAGE_SIZE),
+            size(quick * PAGE_SIZE)
+        ),
+    );
+    f.numbers = BTreeMap::from([
+        (
+            "refaulted_bytes".into(),
+            pages.refaults_after_advice * PAGE_SIZE,
+        ),
+        ("quick_refaulted_bytes".into(), quick * PAGE_SIZE),
+    ]);
+    f.explanation = "The allocator gives free pages back to the kernel (MADV_DONTNEED or \
+                     MADV_FREE) and the program needs them again soon after: each page costs a \
+                     fault and a zeroing."
+        .into();
+    if warn {
+        f.suggestion = Some(
+            "With jemalloc, purge later: MALLOC_CONF=dirty_decay_ms:10000,muzzy_decay_ms:10000; \
+             with glibc, raise M_TRIM_THRESHOLD (MALLOC_TRIM_THRESHOLD_)."
+                .into(),
+        );
+    }
+    vec![f]
+}
+
+/// Memory reserved but never touched, by kind and the largest VMAs.
+fn untouched(p: &Process) -> Finding {
+    let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
+    let mut largest = Vec::new();
+    for v in p.space.vmas() {
+        if !(v.perms.read || v.perms.write) {
+            continue; // guard pages and reservations without access are not memory
+        }
+        let touched = p.space.pages_in(v.start, v.end).touched() * PAGE_SIZE;
+        let never = v.len().saturating_sub(touched);
+        *by_kind.entry(v.backing.kind().to_string()).or_default() += never;
+        if touched == 0 && v.len() >= MIB && v.backing.is_anonymous() {
+            largest.push((v.len(), v.start));
+        }
+    }
+    largest.sort_unstable_by(|a, b| b.cmp(a));
+    let anon =
+        by_kind.get("anon").copied().unwrap_or(0) + by_kind.get("heap").copied().unwrap_or(0);
+    let mut f = finding(
+        p,
+        "untouched",
+        Severity::Info,
+        format!(
+            "reserved but never touched: {} of anonymous memory",
+            size(anon)
+        ),
+    );
+    f.numbers = by_kind
+        .iter()
+        .map(|(k, v)| (format!("{k}_bytes"), *v))
+        .collect();
+    f.explanation = format!(
+        "Reserved address space costs nothing until it is touched. Largest untouched anonymous \
+         VMAs: {}.",
+        if largest.is_empty() {
+            "none over 1 MiB".to_string()
+        } else {
+            largest
+                .iter()
+                .take(5)
+                .map(|(len, start)| format!("{start:#x} ({})", size(*len)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    f
+}
+
+/// VMA count against vm.max_map_count, holes and the largest free gap.
+fn fragmentation(p: &Process, limits: &Limits) -> Finding {
+    let vmas: Vec<_> = p.space.vmas().collect();
+    let count = vmas.len() as u64;
+    let mut holes = 0u64;
+    let mut largest = 0u64;
+    let mut small = 0u64;
+    for w in vmas.windows(2) {
+        let gap = w[1].start.saturating_sub(w[0].end);
+        if gap > 0 && w[1].start < 0x7fff_0000_0000 {
+            holes += 1;
+            largest = largest.max(gap);
+            if gap < MIB {
+                small += 1;
+            }
+        }
+    }
+    let near_limit = count * 2 >= limits.max_map_count;
+    let mut f = finding(
+        p,
+        "fragmentation",
+        if near_limit {
+            Severity::Warning
+        } else {
+            Severity::Info
+        },
+        format!(
+            "{count} VMAs of vm.max_map_count {}, {holes} holes ({small} under 1 MiB), largest free gap {}",
+            limits.max_map_count,
+            size(largest)
+        ),
+    );
+    f.numbers = BTreeMap::from([
+        ("vmas".into(), count),
+        ("max_map_count".into(), limits.max_map_count),
+        ("holes".into(), holes),
+        ("small_holes".into(), small),
+        ("largest_gap_bytes".into(), largest),
+    ]);
+    f.explanation = "Each VMA costs kernel memory and lookup time; mmap fails with ENOMEM at \
+                     vm.max_map_count."
+        .into();
+    if near_limit {
+        f.suggestion = Some(
+            "Fewer, larger mappings (allocate in bigger chunks), or raise vm.max_map_count.".into(),
+        );
+    }
+    f
+}

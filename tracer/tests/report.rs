@@ -1,0 +1,189 @@
+//! Privileged end-to-end tests of the fragmentation report: real workloads that exhibit each
+//! pathology are recorded, `vmatrace report` names it with numbers that match what the
+//! workload did, and a healthy workload gets no warning.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+
+/// Records `cmd` and returns the findings of `vmatrace report --json`.
+fn report(name: &str, cmd: &[&str]) -> Vec<Value> {
+    let file = temp_path(&format!("report-{name}.ndjson"));
+    let o = Command::new(vmatrace())
+        .args(["record", "-o"])
+        .arg(&file)
+        .arg("--")
+        .args(cmd)
+        .output()
+        .expect("vmatrace runs");
+    assert!(
+        o.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r = Command::new(vmatrace())
+        .args(["report", "--json"])
+        .arg(&file)
+        .output()
+        .expect("report runs");
+    assert!(
+        r.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("finding records are JSON"))
+        .collect()
+}
+
+fn warning<'a>(findings: &'a [Value], id: &str) -> &'a Value {
+    findings
+        .iter()
+        .find(|f| f["id"] == id && f["severity"] == "warning")
+        .unwrap_or_else(|| panic!("no '{id}' warning in {findings:#?}"))
+}
+
+fn n(f: &Value, key: &str) -> u64 {
+    f["numbers"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number '{key}' in {f}"))
+}
+
+fn within(actual: u64, expected: u64, percent: u64) -> bool {
+    actual.abs_diff(expected) * 100 <= expected * percent
+}
+
+#[test]
+fn glibc_arenas_of_a_multithreaded_program_are_named() {
+    if !privileged("glibc_arenas_of_a_multithreaded_program_are_named") {
+        return;
+    }
+    let w = workload();
+    // 4 threads, each keeping 8 MiB of 4 KB blocks: one arena each.
+    let f = report("arenas", &[w.to_str().expect("utf-8"), "arenas", "4", "8"]);
+    let a = warning(&f, "arenas");
+    assert_eq!(n(a, "arenas"), 4, "{a}");
+    // 8 MiB of 4000-byte blocks (plus headers) per arena.
+    assert!(within(n(a, "touched_bytes"), 4 * 8 * MIB, 10), "{a}");
+    assert!(
+        a["suggestion"]
+            .as_str()
+            .is_some_and(|s| s.contains("MALLOC_ARENA_MAX"))
+    );
+    // Each arena's first touches come from one worker thread.
+    let text = a["explanation"].as_str().expect("explanation");
+    assert_eq!(
+        text.matches("first touches by threads").count(),
+        4,
+        "{text}"
+    );
+}
+
+#[test]
+fn a_heap_freed_but_not_trimmed_is_named() {
+    if !privileged("a_heap_freed_but_not_trimmed_is_named") {
+        return;
+    }
+    let w = workload();
+    let f = report("heap", &[w.to_str().expect("utf-8"), "heap-retained", "64"]);
+    let h = warning(&f, "heap");
+    assert!(within(n(h, "high_water_bytes"), 64 * MIB, 5), "{h}");
+    assert_eq!(n(h, "current_bytes"), n(h, "high_water_bytes"));
+    assert!(within(n(h, "touched_bytes"), 64 * MIB, 5), "{h}");
+    assert_eq!(n(h, "brk_shrinks"), 0);
+    assert!(
+        h["suggestion"]
+            .as_str()
+            .is_some_and(|s| s.contains("malloc_trim"))
+    );
+}
+
+#[test]
+fn mmap_threshold_churn_is_named_with_its_size_and_count() {
+    if !privileged("mmap_threshold_churn_is_named_with_its_size_and_count") {
+        return;
+    }
+    let w = workload();
+    let f = report(
+        "churn",
+        &[w.to_str().expect("utf-8"), "mmap-churn", "500", "512"],
+    );
+    let c = warning(&f, "mmap_churn");
+    assert_eq!(n(c, "pairs"), 500, "{c}");
+    // 512 KiB plus malloc's header, page-rounded.
+    assert_eq!(n(c, "size_bytes"), 512 * 1024 + 4096, "{c}");
+    // Every pair faults its 512 KiB in again.
+    assert!(n(c, "refaulted_bytes") >= 500 * 512 * 1024, "{c}");
+    assert!(
+        c["suggestion"]
+            .as_str()
+            .is_some_and(|s| s.contains("M_MMAP_THRESHOLD"))
+    );
+}
+
+#[test]
+fn jemalloc_purge_churn_is_named() {
+    if !privileged("jemalloc_purge_churn_is_named") {
+        return;
+    }
+    assert!(
+        std::path::Path::new(JEMALLOC).exists(),
+        "{JEMALLOC} is missing: `cargo xtask test` installs Debian's libjemalloc2"
+    );
+    let w = workload();
+    let preload = format!("LD_PRELOAD={JEMALLOC}");
+    let f = report(
+        "purge",
+        &[
+            "env",
+            &preload,
+            "MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0",
+            w.to_str().expect("utf-8"),
+            "purge",
+            "20",
+            "16",
+        ],
+    );
+    let p = warning(&f, "purge_churn");
+    // 16 MiB allocated, freed (purged at once) and allocated again, 19 times after the first.
+    assert!(
+        n(p, "quick_refaulted_bytes") >= 19 * 16 * MIB * 9 / 10,
+        "{p}"
+    );
+    assert!(
+        p["suggestion"]
+            .as_str()
+            .is_some_and(|s| s.contains("dirty_decay_ms"))
+    );
+}
+
+#[test]
+fn a_healthy_workload_raises_no_warning_and_live_report_works() {
+    if !privileged("a_healthy_workload_raises_no_warning_and_live_report_works") {
+        return;
+    }
+    let t = trace_workload(&["--report"], &["basic"]);
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let findings: Vec<&Value> = t
+        .records
+        .iter()
+        .filter(|r| r["type"] == "finding")
+        .collect();
+    assert!(findings.iter().any(|f| f["id"] == "heap"), "{findings:#?}");
+    assert!(
+        findings.iter().any(|f| f["id"] == "fragmentation"),
+        "{findings:#?}"
+    );
+    let warnings: Vec<&&Value> = findings
+        .iter()
+        .filter(|f| f["severity"] == "warning")
+        .collect();
+    assert!(warnings.is_empty(), "false alarm: {warnings:#?}");
+}
