@@ -12,7 +12,7 @@ use tracer_common::{
     TARGET_STOP_AT_EXEC,
 };
 
-use crate::maps::{EVENTS, TARGETS, count, current_ids, now_ns};
+use crate::maps::{EVENTS, PENDING, TARGETS, count, current_ids, now_ns};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 const SIGSTOP: u32 = 19;
@@ -167,6 +167,8 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         count(Stat::ReadError);
         1u32
     })?;
+    // A thread killed inside a syscall never reaches its exit program.
+    let _ = PENDING.remove(&tid);
     if group_dead == 0 {
         return Ok(0);
     }

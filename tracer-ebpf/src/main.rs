@@ -10,8 +10,8 @@ mod maps;
 mod syscalls;
 
 use aya_ebpf::{
-    macros::{perf_event, tracepoint},
-    programs::{PerfEventContext, TracePointContext},
+    macros::{perf_event, raw_tracepoint, tracepoint},
+    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
 };
 use tracer_common::Syscall;
 
@@ -49,17 +49,17 @@ syscall_programs! {
     sys_enter_openat, sys_exit_openat => Syscall::Openat, 4;
 }
 
-#[tracepoint]
-pub fn page_fault_user(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
     match faults::try_page_fault(&ctx) {
-        Ok(ret) | Err(ret) => ret,
+        Ok(ret) | Err(ret) => ret as i32,
     }
 }
 
-#[tracepoint]
-pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
+#[raw_tracepoint(tracepoint = "page_fault_kernel")]
+pub fn page_fault_kernel(ctx: RawTracePointContext) -> i32 {
     match faults::try_page_fault(&ctx) {
-        Ok(ret) | Err(ret) => ret,
+        Ok(ret) | Err(ret) => ret as i32,
     }
 }
 

@@ -1,9 +1,11 @@
 //! The maps shared by every program, and small helpers around them.
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
 };
 use tracer_common::{DEFAULT_RING_BYTES, PendingSyscall, STAT_COUNT, Stat};
 
@@ -16,10 +18,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
-/// Syscall arguments saved at entry, keyed by thread id, until the exit. LRU so that threads
-/// killed inside a syscall cannot fill it.
+/// Syscall arguments saved at entry, keyed by thread id, until the exit. A plain preallocated
+/// hash (an LRU costs more per update); the exit program of a thread removes what a thread
+/// killed inside a syscall left behind.
 #[map]
-pub static PENDING: LruHashMap<u32, PendingSyscall> = LruHashMap::with_max_entries(16384, 0);
+pub static PENDING: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(16384, 0);
 
 /// Per-CPU counters indexed by [`Stat`].
 #[map]
@@ -45,16 +48,29 @@ pub fn is_target(tgid: u32) -> bool {
     TARGETS.get_ptr(&tgid).is_some()
 }
 
-/// The submit flags: wake the reader only when enough data waits.
+/// The submit flags for a record of `size` bytes: wake the reader once, when the data waiting
+/// crosses `WAKEUP_BYTES`; never for the records after it (while the reader is behind, a
+/// wakeup per record would cost the traced process more than the record itself). The reader
+/// also drains on a short timer, so nothing waits long.
 #[inline(always)]
-pub fn wakeup_flags() -> u64 {
+pub fn wakeup_flags(size: u64) -> u64 {
     // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
     let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    // The record is already reserved and counted in the available data.
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if avail >= threshold && avail < threshold + size + 8 {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
     }
+}
+
+/// Reads the `u64` at `offset` of a tracepoint record directly from the context (no helper
+/// call). `offset` must be 8-byte aligned and inside the record, as the formats above say.
+#[inline(always)]
+pub fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: the verifier allows aligned loads from a tracepoint context within its size.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
 }
 
 /// Splits `bpf_get_current_pid_tgid()` into (tgid, tid).

@@ -12,7 +12,7 @@ use tracer_common::{
     EventHeader, EventKind, OpenEvent, PendingSyscall, Stat, Syscall, SyscallEvent,
 };
 
-use crate::maps::{EVENTS, PENDING, count, current_ids, is_target, now_ns, wakeup_flags};
+use crate::maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_ns, wakeup_flags};
 
 // name: sys_enter_mmap (every sys_enter_* has this layout; unused argument slots are not read)
 // format:
@@ -28,11 +28,7 @@ use crate::maps::{EVENTS, PENDING, count, current_ids, is_target, now_ns, wakeup
 // 	field:unsigned long flags;	offset:40;	size:8;	signed:0;
 // 	field:unsigned long fd;	offset:48;	size:8;	signed:0;
 // 	field:unsigned long off;	offset:56;	size:8;	signed:0;
-/// The argument slots of a `syscalls:sys_enter_*` record.
-#[repr(C)]
-struct SysEnterArgs {
-    args: [u64; 6],
-}
+/// Where the six argument slots of a `syscalls:sys_enter_*` record start.
 const SYS_ENTER_ARGS_OFFSET: usize = 16;
 
 // name: sys_exit_mmap (every sys_exit_* has this layout)
@@ -46,6 +42,9 @@ const SYS_ENTER_ARGS_OFFSET: usize = 16;
 // 	field:long ret;	offset:16;	size:8;	signed:1;
 const SYS_EXIT_RET_OFFSET: usize = 16;
 
+/// A `PendingSyscall::syscall` value that matches no syscall: the slot's entry was used.
+const CONSUMED: u32 = u32::MAX;
+
 /// Saves the arguments of `syscall` (which has `nargs` arguments) for the current thread.
 #[inline(always)]
 pub fn try_enter(ctx: &TracePointContext, syscall: Syscall, nargs: usize) -> Result<u32, u32> {
@@ -54,21 +53,19 @@ pub fn try_enter(ctx: &TracePointContext, syscall: Syscall, nargs: usize) -> Res
     if syscall != Syscall::ProcessMadvise && !is_target(tgid) {
         return Ok(0);
     }
-    // SAFETY: the offset is inside every sys_enter_* record of this syscall family.
-    let raw: SysEnterArgs = unsafe { ctx.read_at(SYS_ENTER_ARGS_OFFSET) }.map_err(|_| {
-        count(Stat::ReadError);
-        1u32
-    })?;
     let mut pending = PendingSyscall {
         syscall: syscall as u32,
         _pad: 0,
         enter_ts_ns: now_ns(),
-        args: raw.args,
+        args: [0; 6],
         extra: [0; 2],
     };
-    let mut i = nargs;
+    // Only the syscall's own argument slots are inside its record.
+    let mut i = 0;
     while i < 6 {
-        pending.args[i] = 0;
+        if i < nargs {
+            pending.args[i] = ctx_u64(ctx, SYS_ENTER_ARGS_OFFSET + 8 * i);
+        }
         i += 1;
     }
     if syscall == Syscall::ProcessMadvise {
@@ -79,7 +76,11 @@ pub fn try_enter(ctx: &TracePointContext, syscall: Syscall, nargs: usize) -> Res
             Err(_) => count(Stat::ReadError),
         }
     }
-    if PENDING.insert(&tid, &pending, 0).is_err() {
+    // A thread's slot is reused in place: a store is much cheaper than a map update.
+    if let Some(slot) = PENDING.get_ptr_mut(&tid) {
+        // SAFETY: this thread's own slot; only this thread writes it while it is alive.
+        unsafe { *slot = pending };
+    } else if PENDING.insert(&tid, &pending, 0).is_err() {
         count(Stat::PendingFull);
         warn!(ctx, "vmatrace: cannot save syscall entry of tid {}", tid);
         return Err(1);
@@ -91,24 +92,24 @@ pub fn try_enter(ctx: &TracePointContext, syscall: Syscall, nargs: usize) -> Res
 #[inline(always)]
 pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    let Some(saved) = PENDING.get_ptr(&tid) else {
+    let Some(saved) = PENDING.get_ptr_mut(&tid) else {
         if is_target(tgid) {
             count(Stat::ExitWithoutEnter);
         }
         return Ok(0);
     };
-    // SAFETY: the value of a live map entry; copied out before it is removed.
+    // SAFETY: this thread's own slot: copied out, then marked consumed (the slot stays for the
+    // thread's next call; the thread's exit removes it).
     let pending = unsafe { *saved };
-    let _ = PENDING.remove(&tid);
+    unsafe { (*saved).syscall = CONSUMED };
     if pending.syscall != syscall as u32 {
-        count(Stat::ExitWithoutEnter);
+        // No entry for this call: it was in flight when tracing started (or after it ended).
+        if is_target(tgid) {
+            count(Stat::ExitWithoutEnter);
+        }
         return Ok(0);
     }
-    // SAFETY: `ret` is at this offset in every sys_exit_* record.
-    let ret: i64 = unsafe { ctx.read_at(SYS_EXIT_RET_OFFSET) }.map_err(|_| {
-        count(Stat::ReadError);
-        1u32
-    })?;
+    let ret = ctx_u64(ctx, SYS_EXIT_RET_OFFSET) as i64;
     if syscall == Syscall::Openat {
         return emit_open(tgid, tid, &pending, ret);
     }
@@ -129,7 +130,7 @@ pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
         ret,
         extra: pending.extra,
     });
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags(size_of::<SyscallEvent>() as u64));
     Ok(0)
 }
 
@@ -160,6 +161,6 @@ fn emit_open(tgid: u32, tid: u32, pending: &PendingSyscall, ret: i64) -> Result<
             count(Stat::ReadError);
         }
     }
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags(size_of::<OpenEvent>() as u64));
     Ok(0)
 }

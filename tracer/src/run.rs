@@ -181,6 +181,7 @@ struct Live {
     launched: Option<u32>,
     last_stats: KernelStats,
     undecodable: u64,
+    undecodable_total: u64,
     events: u64,
     /// Paths of the fds traced processes opened, by (pid, fd).
     opened: HashMap<(u32, i32), String>,
@@ -196,6 +197,7 @@ impl Live {
                 Ok(ev) => self.handle(ev)?,
                 Err(e) => {
                     self.undecodable += 1;
+                    self.undecodable_total += 1;
                     log::warn!("undecodable ring-buffer record: {e}");
                 }
             }
@@ -399,6 +401,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         launched: child,
         last_stats: KernelStats::default(),
         undecodable: 0,
+        undecodable_total: 0,
         events: 0,
         opened: HashMap::new(),
     };
@@ -416,10 +419,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     live.report_losses()?;
     live.probe.flush_logs();
     live.snapshots("final")?;
-    let lost = {
-        let k = live.probe.stats()?;
-        LossSummary::new(&k, live.undecodable)
-    };
+    // The same counters the last `lost` record reported, so that they add up.
+    let lost = LossSummary::new(&live.last_stats, live.undecodable_total);
     let summary = summarize(&live.session, lost);
     live.sink
         .summary(monotonic_ns(), &summary)

@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, TracePoint,
+        PerfEvent, RawTracePoint, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
@@ -210,10 +210,10 @@ impl Probe {
         };
         match probe.fault_backend {
             FaultBackend::Tracepoint => {
-                probe.attach_tracepoint("exceptions", "page_fault_user")?;
+                probe.attach_raw_tracepoint("page_fault_user")?;
                 // Faults the kernel takes on user memory for the process allocate pages too.
                 if tracefs::has_tracepoint(root, "exceptions", "page_fault_kernel") {
-                    probe.attach_tracepoint("exceptions", "page_fault_kernel")?;
+                    probe.attach_raw_tracepoint("page_fault_kernel")?;
                 }
             }
             FaultBackend::PerfEvent => probe.attach_fault_perf_event()?,
@@ -235,6 +235,22 @@ impl Probe {
             .map_err(attach_err)?;
         program.load().map_err(attach_err)?;
         program.attach(category, name).map_err(attach_err)?;
+        Ok(())
+    }
+
+    fn attach_raw_tracepoint(&mut self, name: &str) -> Result<(), ProbeError> {
+        let attach_err = |source| ProbeError::Attach {
+            name: format!("raw tracepoint {name}"),
+            source,
+        };
+        let program: &mut RawTracePoint = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| ProbeError::MissingTracepoint(format!("program {name}")))?
+            .try_into()
+            .map_err(attach_err)?;
+        program.load().map_err(attach_err)?;
+        program.attach(name).map_err(attach_err)?;
         Ok(())
     }
 
