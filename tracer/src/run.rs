@@ -308,10 +308,7 @@ impl Live {
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
         Some(path) => (
-            Box::new(io::BufWriter::with_capacity(
-                1 << 16,
-                file::create(path, cfg.force)?,
-            )),
+            Box::new(file::LineFile::new(file::create(path, cfg.force)?)),
             false,
         ),
         None => (

@@ -52,3 +52,97 @@ pub fn create(path: &Path, force: bool) -> Result<File, OutputError> {
             _ => OutputError::Io { path: name, source },
         })
 }
+
+/// A file writer that only ever leaves whole lines on disk: it buffers, writes up to the last
+/// newline, and when a write fails (a full disk) it cuts the file back to the last whole line,
+/// so that every line already written stays a valid record.
+pub struct LineFile {
+    file: File,
+    buf: Vec<u8>,
+    /// Bytes on disk, all whole lines.
+    committed: u64,
+}
+
+const LINE_FILE_BUFFER: usize = 1 << 16;
+
+impl LineFile {
+    /// Wraps a file opened for writing at its start.
+    pub fn new(file: File) -> Self {
+        Self {
+            file,
+            buf: Vec::with_capacity(LINE_FILE_BUFFER),
+            committed: 0,
+        }
+    }
+
+    fn write_whole_lines(&mut self) -> io::Result<()> {
+        use std::io::Write as _;
+        let Some(last) = self.buf.iter().rposition(|&b| b == b'\n') else {
+            return Ok(());
+        };
+        let lines = &self.buf[..=last];
+        if let Err(e) = self.file.write_all(lines) {
+            // Cut a partly written line back off; what remains is whole lines.
+            let _ = self.file.set_len(self.committed);
+            let _ = std::io::Seek::seek(&mut self.file, io::SeekFrom::Start(self.committed));
+            return Err(e);
+        }
+        self.committed += lines.len() as u64;
+        self.buf.drain(..=last);
+        Ok(())
+    }
+}
+
+impl io::Write for LineFile {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= LINE_FILE_BUFFER {
+            self.write_whole_lines()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write_whole_lines()?;
+        self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn only_whole_lines_reach_the_file() {
+        let path = std::env::temp_dir().join(format!("vmatrace-linefile-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut w = LineFile::new(create(&path, false).expect("creates"));
+        w.write_all(b"{\"a\":1}\n{\"b\":").expect("buffers");
+        w.flush().expect("flushes");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("reads"),
+            "{\"a\":1}\n"
+        );
+        w.write_all(b"2}\n").expect("buffers");
+        w.flush().expect("flushes");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("reads"),
+            "{\"a\":1}\n{\"b\":2}\n"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(matches!(create(&path, false), Err(OutputError::Exists(_))));
+        let link = path.with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        assert!(matches!(create(&link, true), Err(OutputError::Symlink(_))));
+        let _ = std::fs::remove_file(&link);
+        let _ = std::fs::remove_file(&path);
+    }
+}
