@@ -17,6 +17,8 @@ Examples:
                                           record everything (all faults) for replay
   vmatrace replay trace.ndjson            rebuild the model from a recording and summarise it
   vmatrace report trace.ndjson            diagnose allocator fragmentation in a recording
+  vmatrace report trace.ndjson --html out.html --perfetto out.json
+                                          and draw the address space over time
   sudo vmatrace --report -p 1234          the same diagnosis at the end of a live run
   kill -USR1 $(pidof vmatrace)            print a snapshot of every traced address space
 
@@ -60,6 +62,15 @@ pub struct ReportArgs {
     /// Write the findings as NDJSON `finding` records.
     #[arg(long)]
     pub json: bool,
+    /// Also write the address space over time as one self-contained HTML page.
+    #[arg(long, value_name = "OUT")]
+    pub html: Option<PathBuf>,
+    /// Also write the timeline in the Chrome trace event format (opens in ui.perfetto.dev).
+    #[arg(long, value_name = "OUT")]
+    pub perfetto: Option<PathBuf>,
+    /// Overwrite OUT files that exist.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Which program reports page faults.

@@ -1,12 +1,23 @@
 //! The `vmatrace` binary: parse the command line, call the library, map errors to exit codes.
 
-use std::{io::IsTerminal, process::ExitCode, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::{IsTerminal, Write as _},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::Parser as _;
 use tracer::{
     analysis,
     cli::{BackendArg, Cli, Command, TraceArgs},
-    output::{FaultFilter, NullSink, human::HumanSink, ndjson::NdjsonSink},
+    output::{
+        FaultFilter, file, html,
+        human::HumanSink,
+        ndjson::NdjsonSink,
+        perfetto,
+        timeline_view::{Sampler, bands},
+    },
     probe::FaultBackend,
     replay,
     run::{self, RunConfig},
@@ -62,7 +73,19 @@ fn real_main() -> anyhow::Result<u8> {
             Ok(0)
         }
         Some(Command::Report(r)) => {
-            let replayed = replay::replay(&r.file, &mut NullSink, false)?;
+            // Check the outputs before the (possibly long) replay.
+            let mut html_out = r
+                .html
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
+            let mut perfetto_out = r
+                .perfetto
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
+            let mut sampler = Sampler::new(10_000_000);
+            let replayed = replay::replay(&r.file, &mut sampler, true)?;
             let findings: Vec<_> = replayed
                 .session
                 .processes()
@@ -77,6 +100,24 @@ fn real_main() -> anyhow::Result<u8> {
             };
             sink.findings(&findings)?;
             sink.flush()?;
+            if html_out.is_some() || perfetto_out.is_some() {
+                let names: BTreeMap<u32, String> = replayed
+                    .session
+                    .processes()
+                    .map(|p| (p.pid, p.exe.clone().unwrap_or_else(|| "?".into())))
+                    .collect();
+                let bands: Vec<_> = replayed.session.processes().flat_map(bands).collect();
+                if let Some(out) = html_out.as_mut() {
+                    let page = html::page(&names, &bands, &sampler.samples, &findings);
+                    out.write_all(page.as_bytes())
+                        .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
+                }
+                if let Some(out) = perfetto_out.as_mut() {
+                    let trace = perfetto::trace(&names, &bands, &sampler.samples);
+                    serde_json::to_writer(std::io::BufWriter::new(out), &trace)
+                        .map_err(|e| anyhow::anyhow!("writing the Perfetto trace: {e}"))?;
+                }
+            }
             Ok(0)
         }
         Some(Command::Record(t)) => {

@@ -187,3 +187,125 @@ fn a_healthy_workload_raises_no_warning_and_live_report_works() {
         .collect();
     assert!(warnings.is_empty(), "false alarm: {warnings:#?}");
 }
+
+/// Headless Chromium, as the workplace's machines run it.
+fn chromium(args: &[&str], page: &std::path::Path) -> std::process::Output {
+    let profile = temp_path("chromium-profile");
+    Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .expect("chromium runs (cargo xtask test installs Debian's chromium)")
+}
+
+#[test]
+fn html_report_renders_and_perfetto_trace_is_valid() {
+    if !privileged("html_report_renders_and_perfetto_trace_is_valid") {
+        return;
+    }
+    let w = workload();
+    let file = temp_path("pictures.ndjson");
+    let o = Command::new(vmatrace())
+        .args(["record", "-o"])
+        .arg(&file)
+        .args(["--", w.to_str().expect("utf-8"), "mmap-churn", "300", "512"])
+        .output()
+        .expect("records");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let html = temp_path("report.html");
+    let trace = temp_path("report.trace.json");
+    let r = Command::new(vmatrace())
+        .arg("report")
+        .arg(&file)
+        .arg("--html")
+        .arg(&html)
+        .arg("--perfetto")
+        .arg(&trace)
+        .output()
+        .expect("report runs");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+
+    // The Chrome trace event format: an object with traceEvents, each event well formed.
+    let t: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("reads")).expect("JSON");
+    let events = t["traceEvents"].as_array().expect("traceEvents array");
+    let mut complete = 0;
+    let mut counters = 0;
+    for e in events {
+        assert!(e["pid"].is_u64() && e["tid"].is_u64(), "{e}");
+        match e["ph"].as_str().expect("ph") {
+            "M" => assert!(e["args"]["name"].is_string(), "{e}"),
+            "X" => {
+                assert!(e["name"].is_string(), "{e}");
+                assert!(e["ts"].as_f64().is_some_and(|v| v >= 0.0), "{e}");
+                assert!(e["dur"].as_f64().is_some_and(|v| v > 0.0), "{e}");
+                complete += 1;
+            }
+            "C" => {
+                assert!(e["ts"].as_f64().is_some_and(|v| v >= 0.0), "{e}");
+                let args = e["args"].as_object().expect("counter args");
+                assert!(
+                    !args.is_empty() && args.values().all(Value::is_number),
+                    "{e}"
+                );
+                counters += 1;
+            }
+            other => panic!("unexpected phase {other}: {e}"),
+        }
+    }
+    let churned = events
+        .iter()
+        .filter(|e| {
+            e["ph"] == "X"
+                && e["args"]["created_by"] == "mmap"
+                && e["args"]["removed_by"] == "munmap"
+        })
+        .count();
+    assert!(churned >= 300, "one band per churned mapping: {churned}");
+    assert!(complete > churned && counters > 0);
+
+    // The page renders in headless Chromium; keep a screenshot as an artefact.
+    let dom = chromium(&["--dump-dom"], &html);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.matches("class=\"vma\"").count() >= 300,
+        "the bands are in the rendered DOM"
+    );
+    assert!(
+        dom.contains("mmap-threshold churn"),
+        "the findings are on the page"
+    );
+    let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artefacts");
+    std::fs::create_dir_all(&artefacts).expect("artefact dir");
+    let png = artefacts.join("report.png");
+    let _ = std::fs::remove_file(&png);
+    let shot = chromium(
+        &[
+            "--window-size=1300,1200",
+            &format!("--screenshot={}", png.display()),
+        ],
+        &html,
+    );
+    assert!(
+        shot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot.stderr)
+    );
+    let bytes = std::fs::read(&png).expect("a screenshot");
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "a real picture"
+    );
+    eprintln!("screenshot: {}", png.display());
+}

@@ -156,20 +156,35 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload).
+/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload) and Chromium
+/// (renders the HTML report).
 fn test_dependencies() -> Result<()> {
-    if Path::new("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2").exists() {
-        step("libjemalloc2: present");
+    let wanted = [
+        ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+        ("chromium", "/usr/bin/chromium"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, path)| !Path::new(path).exists())
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() {
+        step("test packages: present");
         return Ok(());
     }
     if !is_root() {
-        step("libjemalloc2 is missing and we are not root: the jemalloc test will fail");
+        step(&format!(
+            "missing {missing:?} and not root: the tests that need them will fail"
+        ));
         return Ok(());
     }
-    step("installing Debian's libjemalloc2 for the purge-churn test");
+    step(&format!(
+        "installing Debian packages for the tests: {missing:?}"
+    ));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "libjemalloc2"])
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 

@@ -2,9 +2,12 @@
 //! from the live runner and from replay.
 
 pub mod file;
+pub mod html;
 pub mod human;
 pub mod ndjson;
+pub mod perfetto;
 pub mod report;
+pub mod timeline_view;
 
 use std::io;
 
