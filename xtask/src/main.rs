@@ -17,6 +17,10 @@ use clap::{Parser, Subcommand};
 
 /// The bpf-linker version the eBPF build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The cargo-fuzz version the fuzz smoke runs use.
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
+/// The fuzz targets in `fuzz/`, each run briefly by `cargo xtask test`.
+const FUZZ_TARGETS: [&str; 4] = ["decode_event", "parse_maps", "replay_line", "model_ops"];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "vmatrace project tasks")]
@@ -40,6 +44,9 @@ enum Task {
         /// Skip clippy and rustfmt.
         #[arg(long)]
         no_lint: bool,
+        /// Seconds each fuzz target runs (0: skip fuzzing).
+        #[arg(long, default_value_t = 10)]
+        fuzz_seconds: u32,
         /// Extra arguments for the privileged test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         filter: Vec<String>,
@@ -188,6 +195,34 @@ fn test_dependencies() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Runs every fuzz target for `seconds` from the committed corpus (`cargo fuzz`, nightly).
+fn fuzz(seconds: u32) -> Result<()> {
+    if !cargo_home().join("bin").join("cargo-fuzz").exists() {
+        step(&format!("installing cargo-fuzz {CARGO_FUZZ_VERSION}"));
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+            "--locked",
+        ]))?;
+    }
+    let dir = root().join("fuzz");
+    for target in FUZZ_TARGETS {
+        // New inputs go to a scratch corpus; the committed one is only read.
+        let scratch = root().join("target").join("fuzz-corpus").join(target);
+        std::fs::create_dir_all(&scratch)?;
+        run(Command::new("cargo")
+            .current_dir(&dir)
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&scratch)
+            .arg(dir.join("corpus").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}")))?;
+    }
+    Ok(())
+}
+
 fn install_bpf_linker() -> Result<()> {
     let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let llvm = vv
@@ -280,7 +315,11 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Test { no_lint, filter } => {
+        Task::Test {
+            no_lint,
+            fuzz_seconds,
+            filter,
+        } => {
             setup()?;
             test_dependencies()?;
             if !no_lint {
@@ -312,6 +351,9 @@ fn real_main() -> Result<()> {
             c.args(["test", "-p", "tracer", "--tests", "--", "--test-threads=1"]);
             c.args(&filter);
             run(&mut c)?;
+            if fuzz_seconds > 0 {
+                fuzz(fuzz_seconds)?;
+            }
             Ok(())
         }
         Task::Bench { rounds, soak } => {

@@ -171,10 +171,18 @@ pub fn mergeable(a: &Vma, b: &Vma) -> bool {
             || a.offset + a.len() == b.offset)
 }
 
-/// Inserts `vma` into a free range of `map`, merged with compatible neighbours.
+/// Inserts `vma` into `map`, merged with compatible neighbours. Whatever overlapped its range
+/// is removed first, so that no input (a hostile recording included) can make VMAs overlap.
 pub fn insert_merging(map: &mut BTreeMap<u64, Vma>, mut vma: Vma) {
     if vma.is_empty() {
         return;
+    }
+    if map
+        .range(..vma.end)
+        .next_back()
+        .is_some_and(|(_, v)| v.end > vma.start)
+    {
+        carve(map, vma.start, vma.end);
     }
     let prev_key = map
         .range(..vma.start)
