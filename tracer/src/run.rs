@@ -185,6 +185,8 @@ struct Live {
     events: u64,
     /// Paths of the fds traced processes opened, by (pid, fd).
     opened: HashMap<(u32, i32), String>,
+    /// Differences from /proc/PID/maps at the previous `--reconcile` check.
+    drift_seen: HashMap<u32, Vec<String>>,
 }
 
 impl Live {
@@ -283,6 +285,10 @@ impl Live {
                 continue;
             };
             let diff = normalize::diff(&kernel, &normalize::model_ranges(&p.space));
+            // A running process changes its map between our drain and our read: report only
+            // the differences that were already there at the previous check.
+            let previous = self.drift_seen.insert(pid, diff.clone()).unwrap_or_default();
+            let diff: Vec<String> = diff.into_iter().filter(|d| previous.contains(d)).collect();
             if !diff.is_empty() {
                 log::warn!(
                     "model of {pid} differs from /proc/{pid}/maps in {} ranges",
@@ -401,6 +407,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         undecodable_total: 0,
         events: 0,
         opened: HashMap::new(),
+        drift_seen: HashMap::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

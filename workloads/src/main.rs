@@ -465,6 +465,33 @@ fn purge(rounds: usize, mib: usize) {
     say(&format!("purge {rounds} {mib}"));
 }
 
+/// A 32-bit compat `mmap2` (int 0x80) from this 64-bit process: the syscall tracepoints do not
+/// report compat calls, so vmatrace must not misread it, and `--reconcile` must see the drift.
+/// Stays alive for `millis` after printing the address.
+fn compat_mmap(millis: u64) {
+    let ret: i32;
+    // SAFETY: the i386 mmap2 syscall (192) with valid arguments; rbx (address hint, 0) and rbp
+    // (page offset, 0) are saved and restored around it, as LLVM reserves them.
+    unsafe {
+        std::arch::asm!(
+            "push rbx",
+            "push rbp",
+            "xor ebx, ebx",
+            "xor ebp, ebp",
+            "int 0x80",
+            "pop rbp",
+            "pop rbx",
+            inlateout("eax") 192i32 => ret,
+            in("ecx") (8 * PAGE) as i32,
+            in("edx") libc::PROT_READ | libc::PROT_WRITE,
+            in("esi") libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            in("edi") -1i32,
+        );
+    }
+    say(&format!("compat_mmap {}", ret as u32));
+    std::thread::sleep(Duration::from_millis(millis));
+}
+
 fn arg(args: &[String], i: usize, default: usize) -> usize {
     args.get(i).and_then(|a| a.parse().ok()).unwrap_or(default)
 }
@@ -480,6 +507,7 @@ fn main() {
         Some("fork") => fork(),
         Some("burst") => burst(arg(&args, 2, 1 << 16)),
         Some("ipc") => ipc(),
+        Some("compat-mmap") => compat_mmap(arg(&args, 2, 3000) as u64),
         Some("arenas") => arenas(arg(&args, 2, 8), arg(&args, 3, 8)),
         Some("heap-retained") => heap_retained(arg(&args, 2, 64)),
         Some("mmap-churn") => mmap_churn(arg(&args, 2, 500), arg(&args, 3, 512)),
@@ -492,7 +520,7 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }
