@@ -287,7 +287,10 @@ impl Live {
             let diff = normalize::diff(&kernel, &normalize::model_ranges(&p.space));
             // A running process changes its map between our drain and our read: report only
             // the differences that were already there at the previous check.
-            let previous = self.drift_seen.insert(pid, diff.clone()).unwrap_or_default();
+            let previous = self
+                .drift_seen
+                .insert(pid, diff.clone())
+                .unwrap_or_default();
             let diff: Vec<String> = diff.into_iter().filter(|d| previous.contains(d)).collect();
             if !diff.is_empty() {
                 log::warn!(

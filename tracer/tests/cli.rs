@@ -272,11 +272,16 @@ fn reconcile_reports_a_compat_mapping_it_cannot_see_and_nothing_else() {
     }
     // A 32-bit int 0x80 mmap2 from a 64-bit process: not reported by the syscall tracepoints,
     // so it must not be misread as a 64-bit call, and the reconciliation must see it.
-    let t = trace_workload(&["--faults", "none", "--reconcile", "1"], &["compat-mmap", "3500"]);
+    let t = trace_workload(
+        &["--faults", "none", "--reconcile", "1"],
+        &["compat-mmap", "3500"],
+    );
     assert_eq!(t.status, 0, "{}", t.stderr);
     let addr = line_numbers(&t.stdout, "compat_mmap")[0] as u64;
     assert!(
-        !t.records.iter().any(|r| r["type"] == "mmap" && r["ret"] == addr),
+        !t.records
+            .iter()
+            .any(|r| r["type"] == "mmap" && r["ret"] == addr),
         "the compat call is not misread as a 64-bit mmap"
     );
     let range = format!("- {addr:x}-{:x} rw-p", addr + 8 * 4096);
@@ -285,11 +290,17 @@ fn reconcile_reports_a_compat_mapping_it_cannot_see_and_nothing_else() {
     for d in &drift {
         let diffs = d["differences"].as_array().expect("differences");
         assert_eq!(diffs.len(), 1, "{d}");
-        assert!(diffs[0].as_str().is_some_and(|s| s.starts_with(&range)), "{d} vs {range}");
+        assert!(
+            diffs[0].as_str().is_some_and(|s| s.starts_with(&range)),
+            "{d} vs {range}"
+        );
     }
 
     // A busy process whose every change is traced: silence.
-    let t = trace_workload(&["--faults", "all", "--reconcile", "1"], &["spin", "3500", "500"]);
+    let t = trace_workload(
+        &["--faults", "all", "--reconcile", "1"],
+        &["spin", "3500", "500"],
+    );
     assert_eq!(t.status, 0, "{}", t.stderr);
     let drift: Vec<&Value> = t.records.iter().filter(|r| r["type"] == "drift").collect();
     assert!(drift.is_empty(), "false drift: {drift:?}");
@@ -302,7 +313,9 @@ fn launched_command_runs_as_the_invoking_user() {
     }
     let id = |extra_env: Option<(&str, &str)>, args: &[&str]| {
         let mut c = Command::new(vmatrace());
-        c.args(["--faults", "none", "-o", "/dev/null", "--force"]).args(args).args(["--", "id", "-u"]);
+        c.args(["--faults", "none", "-o", "/dev/null", "--force"])
+            .args(args)
+            .args(["--", "id", "-u"]);
         if let Some((k, v)) = extra_env {
             c.env(k, v);
         }
@@ -311,7 +324,15 @@ fn launched_command_runs_as_the_invoking_user() {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     assert_eq!(id(None, &["-u", "nobody"]), "65534", "-u nobody");
-    assert_eq!(id(Some(("SUDO_USER", "nobody")), &[]), "65534", "under sudo: the invoking user");
-    assert_eq!(id(Some(("SUDO_USER", "nobody")), &["-u", "root"]), "0", "-u root keeps root");
+    assert_eq!(
+        id(Some(("SUDO_USER", "nobody")), &[]),
+        "65534",
+        "under sudo: the invoking user"
+    );
+    assert_eq!(
+        id(Some(("SUDO_USER", "nobody")), &["-u", "root"]),
+        "0",
+        "-u root keeps root"
+    );
     assert_one_line_error(&["-u", "no-such-user-here", "--", "true"], "no such user");
 }

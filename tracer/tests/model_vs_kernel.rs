@@ -126,8 +126,8 @@ fn anon_difference(snap: &Value, smaps: &[procfs::SmapsEntry]) -> (u64, u64, Str
 fn compare_stopped(
     vmatrace_pid: u32,
     out: &Path,
+    pid: u64,
 ) -> (u64, Vec<String>, Vec<procfs::SmapsEntry>, Value) {
-    let pid = exec_pid(out);
     wait_for(10, "the traced process to stop", || {
         state(pid as u32) == 'T'
     });
@@ -166,7 +166,7 @@ fn model_matches_proc_maps_and_smaps_at_every_checkpoint() {
         let Some(name) = line.strip_prefix("checkpoint ") else {
             continue;
         };
-        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out);
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, exec_pid(&out));
         assert!(
             diff.is_empty(),
             "checkpoint {name}: model differs from /proc/{pid}/maps:\n{}",
@@ -236,7 +236,7 @@ os.kill(os.getpid(), signal.SIGSTOP)\n";
         if line != "checkpoint python" {
             continue;
         }
-        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out);
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, exec_pid(&out));
         assert!(
             diff.is_empty(),
             "python: model differs from /proc/{pid}/maps:\n{}",
@@ -264,4 +264,56 @@ fn which_python() -> Result<String, ()> {
         .map_err(|_| ())?;
     let p = String::from_utf8_lossy(&o.stdout).trim().to_string();
     if p.is_empty() { Err(()) } else { Ok(p) }
+}
+
+#[test]
+fn a_followed_fork_child_matches_its_own_maps_and_smaps() {
+    if !privileged("a_followed_fork_child_matches_its_own_maps_and_smaps") {
+        return;
+    }
+    let out = temp_path("fork-checkpoint.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let w = workload();
+    let mut v = spawn(&[
+        "-f",
+        "--json",
+        "-o",
+        &out_s,
+        "--faults",
+        "all",
+        "--",
+        w.to_str().expect("utf-8"),
+        "fork-checkpoint",
+    ]);
+    let vmatrace_pid = v.child.id();
+    let mut child = 0u64;
+    let mut compared = false;
+    while let Some(Ok(line)) = v.lines.next() {
+        if let Some(rest) = line.strip_prefix("fork_child ") {
+            child = rest
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("child pid");
+        }
+        if line != "checkpoint fork_child" {
+            continue;
+        }
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, child);
+        assert!(
+            diff.is_empty(),
+            "child {pid}: model differs from its maps:\n{}",
+            diff.join("\n")
+        );
+        let (total, worst, where_) = anon_difference(&snap, &smaps);
+        eprintln!("fork child: anonymous bytes differ by {total} in all");
+        assert!(
+            total <= 64 * 1024,
+            "child: anonymous bytes differ by {total} (worst {worst}: {where_})"
+        );
+        compared = true;
+        kill(pid as u32, libc::SIGCONT);
+    }
+    assert!(v.child.wait().expect("exits").success());
+    assert!(compared, "the child reached its checkpoint");
 }

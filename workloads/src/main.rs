@@ -253,6 +253,30 @@ fn fork() {
     say(&format!("forked {pid}"));
 }
 
+/// Fork checkpoint: the parent maps and touches memory and forks; the child unmaps part of the
+/// inherited mapping, maps its own, touches some, and stops itself; the parent waits.
+fn fork_checkpoint() {
+    let shared = anon(32 * PAGE);
+    touch(shared, 32 * PAGE);
+    // SAFETY: the child only makes raw syscalls, prints and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        munmap(shared + 8 * PAGE, 8 * PAGE);
+        let own = anon(16 * PAGE);
+        touch(own, 8 * PAGE);
+        // Copy on write of inherited pages.
+        touch(shared, 4 * PAGE);
+        say(&format!("fork_child {} {shared} {own}", std::process::id()));
+        checkpoint("fork_child");
+        // SAFETY: leaving the child without running destructors.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    say(&format!("fork_parent {pid}"));
+}
+
 /// Touches `pages` fresh pages as fast as possible (ring-buffer overflow tests). Quiet before
 /// and after, so that the only events in the lossy moment are the burst's own faults.
 fn burst(pages: usize) {
@@ -507,6 +531,7 @@ fn main() {
         Some("fork") => fork(),
         Some("burst") => burst(arg(&args, 2, 1 << 16)),
         Some("ipc") => ipc(),
+        Some("fork-checkpoint") => fork_checkpoint(),
         Some("compat-mmap") => compat_mmap(arg(&args, 2, 3000) as u64),
         Some("arenas") => arenas(arg(&args, 2, 8), arg(&args, 3, 8)),
         Some("heap-retained") => heap_retained(arg(&args, 2, 64)),
@@ -520,7 +545,7 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }
