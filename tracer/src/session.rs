@@ -72,8 +72,6 @@ pub struct Process {
     pub exe: Option<String>,
     pub started_ns: u64,
     pub exited_ns: Option<u64>,
-    /// Multi-threaded faults: first touches by thread id.
-    pub first_touch_by_tid: BTreeMap<u32, u64>,
     pub patterns: Patterns,
 }
 
@@ -86,7 +84,6 @@ impl Process {
             exe,
             started_ns: ts,
             exited_ns: None,
-            first_touch_by_tid: BTreeMap::new(),
             patterns: Patterns::default(),
         }
     }
@@ -295,7 +292,6 @@ impl Session {
         match effect.touch {
             Touch::First { kind, .. } => {
                 *p.counts.first_touches.entry(kind).or_default() += 1;
-                *p.first_touch_by_tid.entry(f.tid).or_default() += 1;
                 *p.patterns
                     .touches_by_region_tid
                     .entry((f.address >> ARENA_SHIFT, f.tid))

@@ -374,7 +374,21 @@ fn real_main() -> Result<()> {
                 c.arg("--soak");
             }
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "workloads"]))?;
-            run(&mut c)
+            run(&mut c)?;
+            // Userspace: replay speed and model scaling (criterion), memory for 1M pages.
+            run(cargo().args(["bench", "-p", "tracer", "--bench", "model_memory"]))?;
+            run(cargo().args([
+                "bench",
+                "-p",
+                "tracer",
+                "--bench",
+                "model",
+                "--",
+                "--warm-up-time",
+                "1",
+                "--measurement-time",
+                "3",
+            ]))
         }
     }
 }

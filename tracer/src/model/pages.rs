@@ -45,7 +45,7 @@ pub const QUICK_REFAULT_NS: u64 = 1_000_000_000;
 const ADVISED: u64 = 1 << 63;
 const TS_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// At most this many released pages are remembered for refault detection.
-const RELEASED_CAP: usize = 1 << 20;
+const RELEASED_CAP: usize = 1 << 18;
 
 /// What a touch did to the page map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,7 +102,11 @@ impl Pages {
             None => {
                 self.touched
                     .insert(page, (ts & TS_MASK) | ((kind as u64) << KIND_SHIFT));
-                let released = self.released.remove(&page);
+                let released = if self.released.is_empty() {
+                    None
+                } else {
+                    self.released.remove(&page)
+                };
                 let refault = released.is_some();
                 if let Some(r) = released {
                     self.refaults += 1;

@@ -72,7 +72,7 @@ pub struct Timeline {
 
 impl Default for Timeline {
     fn default() -> Self {
-        Self::with_capacity(1 << 20)
+        Self::with_capacity(200_000)
     }
 }
 
@@ -200,4 +200,42 @@ pub fn insert_merging(map: &mut BTreeMap<u64, Vma>, mut vma: Vma) {
         vma.end = next.end;
     }
     map.insert(vma.start, vma);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::vma::{Backing, Perms};
+
+    fn vma(start: u64, end: u64) -> Vma {
+        Vma {
+            start,
+            end,
+            perms: Perms::from_prot(3, false),
+            offset: 0,
+            backing: Backing::Anonymous,
+            created_ns: 0,
+        }
+    }
+
+    #[test]
+    fn a_bounded_history_still_replays_to_the_present() {
+        let mut t = Timeline::with_capacity(4);
+        let mut map = BTreeMap::new();
+        for i in 0..100u64 {
+            let change = if i % 3 == 2 {
+                Change::Unmapped {
+                    start: (i - 1) * 0x2000,
+                    end: (i - 1) * 0x2000 + 0x1000,
+                }
+            } else {
+                Change::Mapped(vma(i * 0x2000, i * 0x2000 + 0x1000))
+            };
+            apply(&mut map, &change);
+            t.push(i, Cause::Mmap, change);
+            assert!(t.entries().len() <= 4);
+        }
+        assert_eq!(t.state_at(u64::MAX), map);
+        assert!(t.horizon_ns() > 0, "old entries were folded");
+    }
 }

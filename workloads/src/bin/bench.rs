@@ -1,10 +1,12 @@
-//! `cargo xtask bench`: each workload untraced and traced by vmatrace, alternating, several
-//! rounds in one invocation; prints medians and the traced/untraced ratio. The workload times
-//! its own loop, so vmatrace's start-up is not counted. Run as root, after a release build.
+//! `cargo xtask bench`: each workload untraced and under each tracer, alternating, several
+//! rounds in one invocation; prints medians and the traced/untraced ratio as Markdown tables.
+//! The workload times its own loop, so a tracer's start-up is not counted. Also: the slowdown
+//! of a process that is not traced while vmatrace traces another one, and the event rate
+//! vmatrace sustained without losing events. Run as root, after a release build.
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Stdio},
 };
 
 fn target_dir() -> PathBuf {
@@ -14,25 +16,95 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("target/release"))
 }
 
-/// Runs the workload (optionally under `tracer` args) and returns the ns it reported.
-fn once(tracer: Option<&[&str]>, args: &[&str]) -> Result<f64, String> {
-    let dir = target_dir();
-    let workload = dir.join("workload");
-    let mut cmd = match tracer {
-        None => Command::new(&workload),
-        Some(t) => {
-            let mut c = Command::new(dir.join("vmatrace"));
-            c.args(t).arg("--").arg(&workload);
+fn workload() -> PathBuf {
+    target_dir().join("workload")
+}
+
+fn vmatrace() -> PathBuf {
+    target_dir().join("vmatrace")
+}
+
+/// A way to run a workload.
+struct Tracer {
+    name: &'static str,
+    /// Command prefix; the workload and its arguments follow.
+    prefix: Vec<String>,
+}
+
+fn tracers() -> Vec<Tracer> {
+    let v = vmatrace().display().to_string();
+    let mut t = vec![
+        Tracer {
+            name: "untraced",
+            prefix: vec![],
+        },
+        Tracer {
+            name: "vmatrace",
+            prefix: [
+                &v,
+                "--json",
+                "-o",
+                "/dev/null",
+                "--force",
+                "--faults",
+                "first",
+                "--",
+            ]
+            .map(String::from)
+            .to_vec(),
+        },
+    ];
+    let have = |bin: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if have("strace") {
+        t.push(Tracer {
+            name: "strace -f -e trace=memory",
+            prefix: [
+                "strace",
+                "-f",
+                "-qq",
+                "-e",
+                "trace=memory",
+                "-o",
+                "/dev/null",
+            ]
+            .map(String::from)
+            .to_vec(),
+        });
+    }
+    if have("perf") {
+        t.push(Tracer {
+            name: "perf trace -F all",
+            prefix: ["perf", "trace", "-F", "all", "-o", "/dev/null", "--"]
+                .map(String::from)
+                .to_vec(),
+        });
+    }
+    t
+}
+
+/// Runs the workload under `prefix`; returns the nanoseconds the workload reported.
+fn once(prefix: &[String], args: &[&str]) -> Result<f64, String> {
+    let mut cmd = match prefix.split_first() {
+        None => Command::new(workload()),
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(workload());
             c
         }
     };
     let out = cmd
         .args(args)
+        .stderr(Stdio::piped())
         .output()
         .map_err(|e| format!("cannot run: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "{args:?} failed: {}",
+            "{prefix:?} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
@@ -52,6 +124,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+fn fail(e: String) -> ! {
+    eprintln!("bench: {e}");
+    std::process::exit(1)
+}
+
+fn background_target() -> Child {
+    Command::new("sleep")
+        .arg("3600")
+        .spawn()
+        .unwrap_or_else(|e| fail(format!("sleep: {e}")))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize = args
@@ -60,48 +144,143 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
-    let vmatrace_all: &[&str] = &["--json", "-o", "/dev/null", "--force", "--faults", "first"];
-    let workloads: [(&str, Vec<&str>, usize); 3] = [
+    let workloads: [(&str, Vec<&str>); 3] = [
         (
             "fault-heavy (map, touch 256 pages, unmap) x400",
             vec!["fault-loop", "400", "256"],
-            400 * 256,
         ),
         (
             "syscall churn (mmap, touch 1 page, munmap) x40000",
             vec!["churn", "40000"],
-            40000,
         ),
         (
             "malloc, 4 threads x 100000",
             vec!["malloc-mt", "4", "100000"],
-            400_000,
         ),
     ];
-    println!("| workload | untraced median | vmatrace median | ratio | per op untraced |");
-    println!("|---|---|---|---|---|");
-    for (name, wargs, ops) in workloads {
-        let mut base = Vec::new();
-        let mut traced = Vec::new();
+    let tracers = tracers();
+    println!(
+        "Medians of {rounds} rounds, each configuration alternating; ratio = traced / untraced.\n"
+    );
+    print!("| workload |");
+    for t in &tracers {
+        print!(" {} |", t.name);
+    }
+    println!();
+    println!("|---|{}", "---|".repeat(tracers.len()));
+    for (name, wargs) in &workloads {
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); tracers.len()];
         for _ in 0..rounds {
-            match (once(None, &wargs), once(Some(vmatrace_all), &wargs)) {
-                (Ok(b), Ok(t)) => {
-                    base.push(b);
-                    traced.push(t);
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    eprintln!("bench: {e}");
-                    std::process::exit(1);
-                }
+            for (i, t) in tracers.iter().enumerate() {
+                times[i].push(once(&t.prefix, wargs).unwrap_or_else(|e| fail(e)));
             }
         }
-        let (b, t) = (median(base), median(traced));
-        println!(
-            "| {name} | {:.1} ms | {:.1} ms | {:.3} | {:.2} µs |",
-            b / 1e6,
-            t / 1e6,
-            t / b,
-            b / 1e3 / ops as f64
-        );
+        let base = median(times[0].clone());
+        print!("| {name} | {:.1} ms |", base / 1e6);
+        for t in times.iter().skip(1) {
+            let m = median(t.clone());
+            print!(" {:.1} ms ({:.2}x) |", m / 1e6, m / base);
+        }
+        println!();
     }
+
+    // A bystander: the churn workload, not traced, while vmatrace traces a sleeping process.
+    let mut alone = Vec::new();
+    let mut beside = Vec::new();
+    let mut target = background_target();
+    for _ in 0..rounds {
+        alone.push(once(&[], &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
+        let mut v = Command::new(vmatrace())
+            .args([
+                "--json",
+                "-o",
+                "/dev/null",
+                "--force",
+                "-p",
+                &target.id().to_string(),
+            ])
+            .spawn()
+            .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        beside.push(once(&[], &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
+        // SAFETY: stopping our own child.
+        unsafe { libc::kill(v.id() as i32, libc::SIGINT) };
+        let _ = v.wait();
+    }
+    let _ = target.kill();
+    let _ = target.wait();
+    let (a, b) = (median(alone), median(beside));
+    println!(
+        "\nBystander (churn, not traced, while vmatrace traces another process): {:.1} ms alone, {:.1} ms beside vmatrace: {:.3}x",
+        a / 1e6,
+        b / 1e6,
+        b / a
+    );
+
+    // Sustained rate: the fault-heavy workload with every fault recorded; events and losses
+    // from the summary.
+    let file = std::env::temp_dir().join(format!("vmatrace-bench-{}.ndjson", std::process::id()));
+    let out = Command::new(vmatrace())
+        .args(["record", "--force", "-o"])
+        .arg(&file)
+        .arg("--")
+        .arg(workload())
+        .args(["fault-loop", "400", "256"])
+        .output()
+        .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
+    let ns = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or(1.0);
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    let faults = text.matches("\"type\":\"fault\"").count() as f64;
+    let lost = text
+        .lines()
+        .last()
+        .and_then(|l| l.split("\"lost_fault\":").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .unwrap_or("?")
+        .to_string();
+    let _ = std::fs::remove_file(&file);
+    println!(
+        "\nSustained: {:.0} fault events per second recorded in full (record mode, NDJSON of every fault), {lost} lost.",
+        faults / (ns / 1e9)
+    );
+    if args.iter().any(|a| a == "--soak") {
+        soak();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Ten minutes of map/touch/unmap under vmatrace: its memory must stay bounded.
+fn soak() {
+    let mut v = Command::new(vmatrace())
+        .args(["--json", "-o", "/dev/null", "--force", "--"])
+        .arg(workload())
+        .args(["spin", "600000", "0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        samples.push(rss_kib(v.id()));
+    }
+    let _ = v.wait();
+    let first = samples.iter().copied().find(|s| *s > 0).unwrap_or(0);
+    let max = samples.iter().copied().max().unwrap_or(0);
+    println!(
+        "\nSoak (10 min of map/touch/unmap traced): vmatrace RSS every 30 s (KiB): {samples:?}; first {first}, max {max}"
+    );
 }
