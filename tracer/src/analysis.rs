@@ -201,9 +201,9 @@ fn arenas(p: &Process, limits: &Limits) -> Vec<Finding> {
     for (start, committed, touched) in &found {
         let threads: Vec<String> = p
             .patterns
-            .touches_by_region_tid
-            .range((start >> ARENA_SHIFT, 0)..=(start >> ARENA_SHIFT, u32::MAX))
-            .map(|((_, tid), pages)| format!("{tid} ({pages} pages)"))
+            .touches_in_region(start >> ARENA_SHIFT)
+            .into_iter()
+            .map(|(tid, pages)| format!("{tid} ({pages} pages)"))
             .collect();
         lines.push(format!(
             "arena {start:#x}: {} committed, {} touched; first touches by threads {}",

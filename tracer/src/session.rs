@@ -7,7 +7,7 @@ use tracer_common::Syscall;
 
 use crate::{
     event::{Event, FaultRecord, SyscallRecord},
-    model::{AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, Touch, TouchKind, Vma},
+    model::{AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, Touch, Vma},
 };
 
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -30,7 +30,8 @@ pub struct Counts {
     pub failed: BTreeMap<(&'static str, i32), u64>,
     pub faults: u64,
     /// First touches by kind.
-    pub first_touches: BTreeMap<TouchKind, u64>,
+    /// First touches by kind, indexed by `TouchKind as usize`.
+    pub first_touches: [u64; 3],
     /// Zero or page-cache pages turned into private anonymous pages by a write.
     pub cow_upgrades: u64,
     /// Faults that could not be placed in any VMA.
@@ -51,13 +52,44 @@ pub struct PairStats {
 #[derive(Clone, Debug, Default)]
 pub struct Patterns {
     /// First touches per (64 MiB-aligned region, thread): which threads use which arena.
-    pub touches_by_region_tid: BTreeMap<(u64, u32), u64>,
+    touches_by_region_tid: BTreeMap<(u64, u32), u64>,
+    /// The run of first touches in progress (same region and thread), not yet in the map:
+    /// most first touches come in runs, and this keeps the map off the per-fault path.
+    touch_run: Option<((u64, u32), u64)>,
     /// Anonymous mappings still in place, by address: (length, time).
     live_anon: BTreeMap<u64, (u64, u64)>,
     /// Anonymous mappings unmapped whole, by length.
     pub pairs: BTreeMap<u64, PairStats>,
     pub brk_grows: u64,
     pub brk_shrinks: u64,
+}
+
+impl Patterns {
+    fn first_touch(&mut self, region: u64, tid: u32) {
+        match &mut self.touch_run {
+            Some((key, n)) if *key == (region, tid) => *n += 1,
+            run => {
+                if let Some((key, n)) = run.replace(((region, tid), 1)) {
+                    *self.touches_by_region_tid.entry(key).or_default() += n;
+                }
+            }
+        }
+    }
+
+    /// First touches in 64 MiB region `region` (address >> [`ARENA_SHIFT`]), by thread.
+    pub fn touches_in_region(&self, region: u64) -> BTreeMap<u32, u64> {
+        let mut out: BTreeMap<u32, u64> = self
+            .touches_by_region_tid
+            .range((region, 0)..=(region, u32::MAX))
+            .map(|((_, tid), n)| (*tid, *n))
+            .collect();
+        if let Some(((r, tid), n)) = self.touch_run
+            && r == region
+        {
+            *out.entry(tid).or_default() += n;
+        }
+        out
+    }
 }
 
 /// The 64 MiB (glibc `HEAP_MAX_SIZE`) region an address is in.
@@ -291,11 +323,8 @@ impl Session {
         let effect = p.space.fault(f.ts_ns, f.address, f.write(), f.present());
         match effect.touch {
             Touch::First { kind, .. } => {
-                *p.counts.first_touches.entry(kind).or_default() += 1;
-                *p.patterns
-                    .touches_by_region_tid
-                    .entry((f.address >> ARENA_SHIFT, f.tid))
-                    .or_default() += 1;
+                p.counts.first_touches[kind as usize] += 1;
+                p.patterns.first_touch(f.address >> ARENA_SHIFT, f.tid);
             }
             Touch::Upgraded { .. } => p.counts.cow_upgrades += 1,
             Touch::Again => {}

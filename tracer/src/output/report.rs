@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{Vma, timeline::Cause},
+    model::{TouchKind, Vma, timeline::Cause},
     probe::KernelStats,
     session::{Process, Session},
 };
@@ -168,11 +168,10 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
                     })
                     .collect(),
                 faults: p.counts.faults,
-                first_touches: p
-                    .counts
-                    .first_touches
-                    .iter()
-                    .map(|(k, v)| (k.name().to_string(), *v))
+                first_touches: [TouchKind::Zero, TouchKind::Anon, TouchKind::File]
+                    .into_iter()
+                    .map(|k| (k.name().to_string(), p.counts.first_touches[k as usize]))
+                    .filter(|(_, n)| *n > 0)
                     .collect(),
                 cow_upgrades: p.counts.cow_upgrades,
                 refaulted_pages: pages.refaults,
