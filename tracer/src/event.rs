@@ -23,7 +23,8 @@ pub enum DecodeError {
 pub struct Resolved {
     /// The mapped file's path (`mmap` of a file).
     pub path: Option<String>,
-    /// The mapped file's inode.
+    /// The mapped file's device (`major:minor` in hex) and inode.
+    pub dev: Option<String>,
     pub inode: Option<u64>,
     /// The System V segment's size and key (`shmat`).
     pub shm: Option<(u64, u64)>,

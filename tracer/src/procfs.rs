@@ -27,6 +27,8 @@ pub struct MapsEntry {
     pub end: u64,
     pub perms: Perms,
     pub offset: u64,
+    /// Device as `major:minor` in hex, as maps shows it.
+    pub dev: String,
     pub inode: u64,
     pub path: Option<String>,
 }
@@ -65,7 +67,7 @@ pub fn parse_maps(text: &str, origin: &str) -> Result<Vec<MapsEntry>, ProcError>
             .next()
             .and_then(|o| u64::from_str_radix(o, 16).ok())
             .ok_or(err("offset"))?;
-        let _dev = it.next().ok_or(err("dev"))?;
+        let dev = it.next().ok_or(err("dev"))?.to_string();
         let inode = it.next().and_then(|n| n.parse().ok()).ok_or(err("inode"))?;
         let path = it.next().map(str::trim_start).filter(|p| !p.is_empty());
         out.push(MapsEntry {
@@ -73,6 +75,7 @@ pub fn parse_maps(text: &str, origin: &str) -> Result<Vec<MapsEntry>, ProcError>
             end,
             perms,
             offset,
+            dev,
             inode,
             path: path.map(str::to_string),
         });
@@ -222,21 +225,51 @@ pub fn read_smaps(pid: u32) -> Result<Vec<SmapsEntry>, ProcError> {
     Ok(out)
 }
 
-/// The file mapped at `addr` in `pid` (path and inode), from its maps, else from its fd.
-pub fn mapped_file(pid: u32, addr: u64, fd: i32) -> Option<(String, u64)> {
+/// A mapped file: path, device (`major:minor` in hex, as maps shows it) and inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedFile {
+    pub path: String,
+    pub dev: Option<String>,
+    pub inode: Option<u64>,
+}
+
+/// Device and inode of `path` (`stat`), in the form maps uses.
+pub fn file_id(path: &str) -> (Option<String>, Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(path) {
+        Ok(m) => {
+            let dev = m.dev();
+            (
+                Some(format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev))),
+                Some(m.ino()),
+            )
+        }
+        Err(_) => (None, None),
+    }
+}
+
+/// The file mapped at `addr` in `pid`, from its maps, else from its fd.
+pub fn mapped_file(pid: u32, addr: u64, fd: i32) -> Option<MappedFile> {
     if let Ok(maps) = read_maps(pid)
         && let Some(e) = maps
             .iter()
             .find(|e| e.start <= addr && addr < e.end && e.inode != 0)
         && let Some(path) = &e.path
     {
-        return Some((path.clone(), e.inode));
+        return Some(MappedFile {
+            path: path.clone(),
+            dev: Some(e.dev.clone()),
+            inode: Some(e.inode),
+        });
     }
-    let path = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-    let inode = fs::metadata(format!("/proc/{pid}/fd/{fd}"))
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .unwrap_or(0);
-    Some((path.to_string_lossy().into_owned(), inode))
+    let link = format!("/proc/{pid}/fd/{fd}");
+    let path = fs::read_link(&link).ok()?;
+    let (dev, inode) = file_id(&link);
+    Some(MappedFile {
+        path: path.to_string_lossy().into_owned(),
+        dev,
+        inode,
+    })
 }
 
 /// The size and key of System V segment `shmid`, from `/proc/sysvipc/shm`.

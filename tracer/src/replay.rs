@@ -163,6 +163,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
             extra,
             resolved: Resolved {
                 path: opt_str(&v, "path"),
+                dev: opt_str(&v, "dev"),
                 inode: v.get("inode").and_then(Value::as_u64),
                 shm,
                 target_pid: v

@@ -143,11 +143,13 @@ fn resolve(event: &mut Event, opened: &mut HashMap<(u32, i32), String>) {
     match s.call {
         Syscall::Mmap if s.args[3] & 0x20 == 0 => {
             let fd = s.args[4] as i32;
-            // /proc first (absolute path and inode), else the path the process opened.
-            if let Some((path, inode)) = procfs::mapped_file(s.pid, s.ret as u64, fd) {
-                s.resolved.path = Some(path);
-                s.resolved.inode = Some(inode);
+            // /proc first, else the path the process opened (and that file's identity now).
+            if let Some(f) = procfs::mapped_file(s.pid, s.ret as u64, fd) {
+                s.resolved.path = Some(f.path);
+                s.resolved.dev = f.dev;
+                s.resolved.inode = f.inode;
             } else if let Some(path) = opened.get(&(s.pid, fd)) {
+                (s.resolved.dev, s.resolved.inode) = procfs::file_id(path);
                 s.resolved.path = Some(path.clone());
             }
         }

@@ -179,6 +179,15 @@ fn file_mappings_are_named_with_path_and_inode() {
         .expect("the file mmap");
     assert_eq!(mmap["path"], path.as_str());
     assert!(mmap["inode"].as_u64().is_some_and(|i| i > 0));
+    // The device, as maps shows it (major:minor in hex), and the same as stat says.
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata("/tmp").expect("stat /tmp");
+    let dev = format!(
+        "{:02x}:{:02x}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev())
+    );
+    assert_eq!(mmap["dev"], dev.as_str(), "{mmap}");
     // Its first touches are page-cache pages (a read of a private file mapping).
     let kinds: Vec<&Value> = recs
         .iter()

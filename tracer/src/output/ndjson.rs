@@ -90,6 +90,7 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
                 "errno": s.errno().map(flags::errno),
                 "extra": s.extra,
                 "path": s.resolved.path,
+                "dev": s.resolved.dev,
                 "inode": s.resolved.inode,
                 "shm_size": s.resolved.shm.map(|(size, _)| size),
                 "shm_key": s.resolved.shm.map(|(_, key)| key),
