@@ -499,7 +499,12 @@ async fn event_loop(
                 live.drain(fd.get_mut())?;
                 live.snapshots("signal")?;
             }
-            code = async { waiter.as_mut().expect("guarded by is_some").await }, if waiter.is_some() => {
+            code = async {
+                match waiter.as_mut() {
+                    Some(w) => w.await,
+                    None => std::future::pending().await,
+                }
+            }, if waiter.is_some() => {
                 status = code.unwrap_or(1);
                 waiter = None;
                 child_done = true;

@@ -129,13 +129,7 @@ fn faults_from_several_threads_are_attributed_to_their_threads() {
         .iter()
         .filter(|r| r["type"] == "fault" && r["pid"] == pid)
         .collect();
-    for line in t.stdout.lines().filter(|l| l.starts_with("thread ")) {
-        let n: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        let (tid, start, pages) = (n[0], n[1], n[2]);
+    for (tid, start, pages) in thread_lines(&t.stdout) {
         assert_ne!(tid, pid, "workers are threads, not the main thread");
         let end = start + pages * 4096;
         let mine: Vec<&&Value> = faults

@@ -259,13 +259,7 @@ fn perf_event_backend_reports_first_touches() {
     assert_eq!(t.status, 0, "{}", t.stderr);
     let meta = &t.records[0];
     assert_eq!(meta["fault_backend"], "perfevent");
-    for line in t.stdout.lines().filter(|l| l.starts_with("thread ")) {
-        let n: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|w| w.parse().ok())
-            .collect();
-        let (tid, start, pages) = (n[0], n[1], n[2]);
+    for (tid, start, pages) in thread_lines(&t.stdout) {
         let firsts: Vec<&Value> = t
             .records
             .iter()

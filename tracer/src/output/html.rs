@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-use super::timeline_view::{Band, Sample};
+use super::timeline_view::{Band, Sample, time_span};
 use crate::{
     analysis::{Finding, Severity},
     flags::size,
@@ -51,20 +51,7 @@ pub fn page(
     findings: &[Finding],
 ) -> String {
     let bands = &bands[..bands.len().min(MAX_BANDS)];
-    let t0 = bands
-        .iter()
-        .map(|b| b.from_ns)
-        .chain(samples.iter().map(|s| s.ts_ns))
-        .min()
-        .unwrap_or(0);
-    let t1 = bands
-        .iter()
-        .filter_map(|b| b.to_ns)
-        .chain(bands.iter().map(|b| b.from_ns))
-        .chain(samples.iter().map(|s| s.ts_ns))
-        .max()
-        .unwrap_or(t0)
-        .max(t0 + 1);
+    let (t0, t1) = time_span(bands, samples);
     let x = |ns: u64| 60.0 + (ns.saturating_sub(t0)) as f64 / (t1 - t0) as f64 * (WIDTH - 80.0);
     // Address axis: every boundary of every band, each gap between two boundaries a row whose
     // height grows with the log of its size.

@@ -6,23 +6,12 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use super::timeline_view::{Band, Sample};
+use super::timeline_view::{Band, Sample, time_span};
 use crate::flags::size;
 
 /// Builds the trace. Timestamps are microseconds from the first event.
 pub fn trace(names: &BTreeMap<u32, String>, bands: &[Band], samples: &[Sample]) -> Value {
-    let t0 = bands
-        .iter()
-        .map(|b| b.from_ns)
-        .chain(samples.iter().map(|s| s.ts_ns))
-        .min()
-        .unwrap_or(0);
-    let end = bands
-        .iter()
-        .filter_map(|b| b.to_ns)
-        .chain(samples.iter().map(|s| s.ts_ns))
-        .max()
-        .unwrap_or(t0);
+    let (t0, end) = time_span(bands, samples);
     let us = |ns: u64| ns.saturating_sub(t0) as f64 / 1000.0;
     let mut events = Vec::new();
     for (pid, name) in names {

@@ -98,6 +98,25 @@ fn carve_keeping(
     removed
 }
 
+/// The first and last moments the bands and samples cover (`end > start`).
+pub fn time_span(bands: &[Band], samples: &[Sample]) -> (u64, u64) {
+    let start = bands
+        .iter()
+        .map(|b| b.from_ns)
+        .chain(samples.iter().map(|s| s.ts_ns))
+        .min()
+        .unwrap_or(0);
+    let end = bands
+        .iter()
+        .flat_map(|b| [Some(b.from_ns), b.to_ns])
+        .flatten()
+        .chain(samples.iter().map(|s| s.ts_ns))
+        .max()
+        .unwrap_or(start)
+        .max(start + 1);
+    (start, end)
+}
+
 /// Reserved and touched bytes of a process at a moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sample {

@@ -149,6 +149,27 @@ pub fn line_numbers(stdout: &str, key: &str) -> Vec<i64> {
         .collect()
 }
 
+/// The `thread TID START PAGES` lines of the `threads` workload.
+pub fn thread_lines(stdout: &str) -> Vec<(u64, u64, u64)> {
+    let lines: Vec<(u64, u64, u64)> = stdout
+        .lines()
+        .filter(|l| l.starts_with("thread "))
+        .filter_map(|l| {
+            let n: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            (n.len() == 3).then(|| (n[0], n[1], n[2]))
+        })
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "the workload reported its threads: {stdout}"
+    );
+    lines
+}
+
 /// A vmatrace process with its stdout read line by line.
 pub struct Running {
     pub child: Child,
