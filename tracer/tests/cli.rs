@@ -336,3 +336,75 @@ fn launched_command_runs_as_the_invoking_user() {
     );
     assert_one_line_error(&["-u", "no-such-user-here", "--", "true"], "no such user");
 }
+
+#[test]
+fn duration_ends_the_run_with_a_summary() {
+    if !privileged("duration_ends_the_run_with_a_summary") {
+        return;
+    }
+    let mut sleeper = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep starts");
+    let file = temp_path("duration.ndjson");
+    let start = std::time::Instant::now();
+    let o = Command::new(vmatrace())
+        .args(["--json", "--duration", "1s", "-o"])
+        .arg(&file)
+        .args(["-p", &sleeper.id().to_string()])
+        .output()
+        .expect("runs");
+    let took = start.elapsed();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        took.as_secs_f64() >= 1.0 && took.as_secs_f64() < 15.0,
+        "{took:?}"
+    );
+    let recs = records(&file);
+    assert_eq!(
+        recs.last().map(|r| r["type"].clone()),
+        Some(Value::from("summary"))
+    );
+    assert!(
+        recs.iter()
+            .any(|r| r["type"] == "snapshot" && r["reason"] == "final")
+    );
+}
+
+#[test]
+fn tracefs_is_mounted_when_missing_and_own_pid_is_refused() {
+    if !privileged("tracefs_is_mounted_when_missing_and_own_pid_is_refused") {
+        return;
+    }
+    let events = std::path::Path::new("/sys/kernel/tracing/events");
+    if events.is_dir() {
+        let ok = Command::new("umount")
+            .arg("/sys/kernel/tracing")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "unmounting tracefs for the test");
+    }
+    assert!(!events.is_dir());
+    let (code, _, err) = run(&[
+        "--faults",
+        "none",
+        "-o",
+        "/dev/null",
+        "--force",
+        "--",
+        "true",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(events.is_dir(), "vmatrace mounted tracefs again");
+    // vmatrace refuses to trace itself: a shell execs it with the shell's (now its) own pid.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec {} -p $$", vmatrace().display()))
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("is vmatrace itself"), "{err}");
+}
