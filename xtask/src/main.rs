@@ -195,6 +195,31 @@ fn test_dependencies() -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Tools the benchmark compares against, from Debian's packages: strace, perf, bpftrace.
+fn bench_dependencies() -> Result<()> {
+    let wanted = [
+        ("strace", "/usr/bin/strace"),
+        ("linux-perf", "/usr/bin/perf"),
+        ("bpftrace", "/usr/bin/bpftrace"),
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, path)| !Path::new(path).exists())
+        .map(|(name, _)| *name)
+        .collect();
+    if missing.is_empty() || !is_root() {
+        return Ok(());
+    }
+    step(&format!(
+        "installing Debian packages for the comparison: {missing:?}"
+    ));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 /// Runs every fuzz target for `seconds` from the committed corpus (`cargo fuzz`, nightly).
 fn fuzz(seconds: u32) -> Result<()> {
     if !cargo_home().join("bin").join("cargo-fuzz").exists() {
@@ -358,6 +383,7 @@ fn real_main() -> Result<()> {
         }
         Task::Bench { rounds, soak } => {
             setup()?;
+            bench_dependencies()?;
             let mut c = cargo();
             c.args([
                 "run",

@@ -29,6 +29,21 @@ struct Tracer {
     name: &'static str,
     /// Command prefix; the workload and its arguments follow.
     prefix: Vec<String>,
+    /// The workload and its arguments go as one string (bpftrace -c).
+    one_string: bool,
+}
+
+/// What vmatrace captures, printed by bpftrace for the `-c` child: every memory syscall's
+/// exit with its return value and every user page fault.
+const BPFTRACE_SCRIPT: &str = "tracepoint:syscalls:sys_exit_mmap, tracepoint:syscalls:sys_exit_munmap, \
+tracepoint:syscalls:sys_exit_brk, tracepoint:syscalls:sys_exit_mremap, \
+tracepoint:syscalls:sys_exit_mprotect, tracepoint:syscalls:sys_exit_madvise \
+/pid == cpid/ { printf(\"%d %s %ld\\n\", tid, probe, args->ret); } \
+tracepoint:exceptions:page_fault_user /pid == cpid/ \
+{ printf(\"%d %lx %lx %lu\\n\", tid, args->address, args->ip, args->error_code); }";
+
+fn strings(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| (*w).to_string()).collect()
 }
 
 fn tracers() -> Vec<Tracer> {
@@ -37,10 +52,11 @@ fn tracers() -> Vec<Tracer> {
         Tracer {
             name: "untraced",
             prefix: vec![],
+            one_string: false,
         },
         Tracer {
             name: "vmatrace",
-            prefix: [
+            prefix: strings(&[
                 &v,
                 "--json",
                 "-o",
@@ -49,9 +65,8 @@ fn tracers() -> Vec<Tracer> {
                 "--faults",
                 "first",
                 "--",
-            ]
-            .map(String::from)
-            .to_vec(),
+            ]),
+            one_string: false,
         },
     ];
     let have = |bin: &str| {
@@ -63,7 +78,7 @@ fn tracers() -> Vec<Tracer> {
     if have("strace") {
         t.push(Tracer {
             name: "strace -f -e trace=memory",
-            prefix: [
+            prefix: strings(&[
                 "strace",
                 "-f",
                 "-qq",
@@ -71,34 +86,53 @@ fn tracers() -> Vec<Tracer> {
                 "trace=memory",
                 "-o",
                 "/dev/null",
-            ]
-            .map(String::from)
-            .to_vec(),
+            ]),
+            one_string: false,
         });
     }
     if have("perf") {
         t.push(Tracer {
             name: "perf trace -F all",
-            prefix: ["perf", "trace", "-F", "all", "-o", "/dev/null", "--"]
-                .map(String::from)
-                .to_vec(),
+            prefix: strings(&["perf", "trace", "-F", "all", "-o", "/dev/null", "--"]),
+            one_string: false,
+        });
+    }
+    if have("bpftrace") {
+        t.push(Tracer {
+            name: "bpftrace (print each event)",
+            prefix: strings(&[
+                "bpftrace",
+                "-q",
+                "-o",
+                "/dev/null",
+                "-e",
+                BPFTRACE_SCRIPT,
+                "-c",
+            ]),
+            one_string: true,
         });
     }
     t
 }
 
 /// Runs the workload under `prefix`; returns the nanoseconds the workload reported.
-fn once(prefix: &[String], args: &[&str]) -> Result<f64, String> {
+fn once(prefix: &[String], one_string: bool, args: &[&str]) -> Result<f64, String> {
     let mut cmd = match prefix.split_first() {
         None => Command::new(workload()),
         Some((first, rest)) => {
             let mut c = Command::new(first);
-            c.args(rest).arg(workload());
+            c.args(rest);
             c
         }
     };
+    if prefix.is_empty() {
+        cmd.args(args);
+    } else if one_string {
+        cmd.arg(format!("{} {}", workload().display(), args.join(" ")));
+    } else {
+        cmd.arg(workload()).args(args);
+    }
     let out = cmd
-        .args(args)
         .stderr(Stdio::piped())
         .output()
         .map_err(|e| format!("cannot run: {e}"))?;
@@ -172,7 +206,7 @@ fn main() {
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); tracers.len()];
         for _ in 0..rounds {
             for (i, t) in tracers.iter().enumerate() {
-                times[i].push(once(&t.prefix, wargs).unwrap_or_else(|e| fail(e)));
+                times[i].push(once(&t.prefix, t.one_string, wargs).unwrap_or_else(|e| fail(e)));
             }
         }
         let base = median(times[0].clone());
@@ -189,7 +223,7 @@ fn main() {
     let mut beside = Vec::new();
     let mut target = background_target();
     for _ in 0..rounds {
-        alone.push(once(&[], &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
+        alone.push(once(&[], false, &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
         let mut v = Command::new(vmatrace())
             .args([
                 "--json",
@@ -202,7 +236,7 @@ fn main() {
             .spawn()
             .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
         std::thread::sleep(std::time::Duration::from_millis(700));
-        beside.push(once(&[], &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
+        beside.push(once(&[], false, &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
         // SAFETY: stopping our own child.
         unsafe { libc::kill(v.id() as i32, libc::SIGINT) };
         let _ = v.wait();
