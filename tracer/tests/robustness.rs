@@ -4,13 +4,16 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::{
+    collections::BTreeSet,
+    process::{Command, Stdio},
+};
 
 use common::*;
 use serde_json::Value;
 
-/// Programs of ours currently loaded in the kernel (by the names of our entry points).
-fn our_programs() -> usize {
+/// Ids of the programs of ours loaded in the kernel now (by the names of our entry points).
+fn our_programs() -> BTreeSet<u32> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| {
@@ -20,13 +23,25 @@ fn our_programs() -> usize {
                     || n.starts_with("task_newtask")
             })
         })
-        .count()
+        .map(|p| p.id())
+        .collect()
 }
 
-fn assert_nothing_left(what: &str) {
-    // Links and programs go with the last fd, which the kernel closes at exit.
+/// The programs that appeared since `before` (those of the instance under test).
+fn loaded_since(before: &BTreeSet<u32>) -> BTreeSet<u32> {
+    our_programs().difference(before).copied().collect()
+}
+
+/// Waits until none of `mine` is loaded: programs and links go with the last fd, which the
+/// kernel closes when vmatrace exits, however it exits. Other instances on the machine do
+/// not matter.
+fn assert_unloaded(what: &str, mine: &BTreeSet<u32>) {
+    assert!(
+        !mine.is_empty(),
+        "{what}: the instance's programs were seen while it ran"
+    );
     wait_for(10, &format!("{what}: programs unloaded"), || {
-        our_programs() == 0
+        our_programs().is_disjoint(mine)
     });
 }
 
@@ -39,8 +54,8 @@ fn sigterm_and_sigint_end_with_a_summary_and_unload_everything() {
     if !privileged("sigterm_and_sigint_end_with_a_summary_and_unload_everything") {
         return;
     }
-    assert_nothing_left("before");
     for sig in [libc::SIGTERM, libc::SIGINT] {
+        let before = our_programs();
         let file = temp_path(&format!("sig-{sig}.ndjson"));
         let w = workload();
         let mut v = Command::new(vmatrace())
@@ -53,7 +68,7 @@ fn sigterm_and_sigint_end_with_a_summary_and_unload_everything() {
         wait_for(20, "tracing", || {
             std::fs::read_to_string(&file).is_ok_and(|t| t.contains("\"type\":\"munmap\""))
         });
-        assert!(our_programs() > 0, "the probe is loaded while tracing");
+        let mine = loaded_since(&before);
         kill(v.id(), sig);
         v.wait().expect("exits");
         assert_eq!(last_record(&file)["type"], "summary", "signal {sig}");
@@ -64,7 +79,7 @@ fn sigterm_and_sigint_end_with_a_summary_and_unload_everything() {
             .and_then(|r| r["pid"].as_u64())
             .expect("exec");
         kill(pid as u32, libc::SIGKILL);
-        assert_nothing_left(&format!("after signal {sig}"));
+        assert_unloaded(&format!("after signal {sig}"), &mine);
     }
 }
 
@@ -75,6 +90,7 @@ fn a_traced_process_killed_mid_trace_ends_the_run_cleanly() {
     }
     let file = temp_path("killed.ndjson");
     let w = workload();
+    let before = our_programs();
     let mut v = Command::new(vmatrace())
         .args(["--json", "--faults", "all", "-o"])
         .arg(&file)
@@ -96,6 +112,7 @@ fn a_traced_process_killed_mid_trace_ends_the_run_cleanly() {
         pid != 0
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
+    let mine = loaded_since(&before);
     kill(pid as u32, libc::SIGKILL);
     let status = v.wait().expect("exits");
     assert_eq!(
@@ -113,7 +130,7 @@ fn a_traced_process_killed_mid_trace_ends_the_run_cleanly() {
         recs.last().map(|r| r["type"].clone()),
         Some(Value::from("summary"))
     );
-    assert_nothing_left("after the traced process was killed");
+    assert_unloaded("after the traced process was killed", &mine);
 }
 
 #[test]
@@ -122,6 +139,7 @@ fn output_piped_to_head_ends_quietly() {
         return;
     }
     let w = workload();
+    let before = our_programs();
     let o = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -139,7 +157,10 @@ fn output_piped_to_head_ends_quietly() {
     }
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
-    assert_nothing_left("after SIGPIPE");
+    // The run is over: nothing it loaded may remain.
+    wait_for(10, "after SIGPIPE: programs unloaded", || {
+        loaded_since(&before).is_empty()
+    });
 }
 
 #[test]
@@ -195,6 +216,7 @@ fn a_full_disk_leaves_only_whole_lines() {
     assert!(ok, "mounting a 64 KiB tmpfs");
     let file = dir.join("out.ndjson");
     let w = workload();
+    let before = our_programs();
     let o = Command::new(vmatrace())
         .args(["--json", "--faults", "all", "-o"])
         .arg(&file)
@@ -211,5 +233,60 @@ fn a_full_disk_leaves_only_whole_lines() {
     for l in text.lines() {
         serde_json::from_str::<Value>(l).expect("every line on disk is whole JSON");
     }
-    assert_nothing_left("after a full disk");
+    wait_for(10, "after a full disk: programs unloaded", || {
+        loaded_since(&before).is_empty()
+    });
+}
+
+#[test]
+fn a_burst_of_forks_is_followed_and_counted() {
+    if !privileged("a_burst_of_forks_is_followed_and_counted") {
+        return;
+    }
+    let t = trace_workload(&["-f", "--faults", "none"], &["fork-burst", "300"]);
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let forks: Vec<&Value> = t.records.iter().filter(|r| r["type"] == "fork").collect();
+    assert_eq!(forks.len(), 300);
+    assert!(forks.iter().all(|f| f["followed"] == true));
+    let children: std::collections::BTreeSet<u64> =
+        forks.iter().filter_map(|f| f["child"].as_u64()).collect();
+    let exits = t
+        .records
+        .iter()
+        .filter(|r| r["type"] == "exit" && r["pid"].as_u64().is_some_and(|p| children.contains(&p)))
+        .count();
+    assert_eq!(exits, 300, "every child's exit is seen");
+    let mmaps = t
+        .records
+        .iter()
+        .filter(|r| r["type"] == "mmap" && r["pid"].as_u64().is_some_and(|p| children.contains(&p)))
+        .count();
+    assert_eq!(mmaps, 300, "every child's mmap is seen");
+    let summary = t.records.last().expect("summary");
+    assert_eq!(summary["lost"]["targets_full"], 0);
+    assert_eq!(summary["processes"].as_array().map(Vec::len), Some(301));
+}
+
+#[test]
+fn thousands_of_threads_are_traced() {
+    if !privileged("thousands_of_threads_are_traced") {
+        return;
+    }
+    let t = trace_workload(&["--faults", "all"], &["many-threads", "2000"]);
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let n = line_numbers(&t.stdout, "many_threads");
+    let (region, started) = (n[0] as u64, n[1] as u64);
+    assert_eq!(started, 2000);
+    let firsts: std::collections::BTreeSet<u64> = t
+        .records
+        .iter()
+        .filter(|r| r["type"] == "fault" && r["first_touch"] == true)
+        .filter_map(|r| r["address"].as_u64())
+        .filter(|a| *a >= region && *a < region + 2000 * 4096)
+        .map(|a| a & !4095)
+        .collect();
+    assert_eq!(firsts.len(), 2000, "one first touch per thread's page");
+    let summary = t.records.last().expect("summary");
+    assert_eq!(summary["lost"]["lost_fault"], 0);
+    assert_eq!(summary["lost"]["pending_full"], 0);
 }

@@ -277,6 +277,45 @@ fn fork_checkpoint() {
     say(&format!("fork_parent {pid}"));
 }
 
+/// A burst of `n` forks: each child maps a page, touches it and exits; the parent reaps all.
+fn fork_burst(n: usize) {
+    let mut pids = Vec::with_capacity(n);
+    for _ in 0..n {
+        // SAFETY: the child only makes raw syscalls and exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let a = anon(PAGE);
+            touch(a, PAGE);
+            // SAFETY: leaving the child without running destructors.
+            unsafe { libc::_exit(0) };
+        }
+        pids.push(pid);
+    }
+    for pid in pids {
+        let mut status = 0;
+        // SAFETY: reaping our children.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+    say(&format!("fork_burst {n}"));
+}
+
+/// `n` threads at once, each touching one page of a shared region.
+fn many_threads(n: usize) {
+    let region = anon(n * PAGE);
+    let hs: Vec<_> = (0..n)
+        .map(|i| {
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || touch(region + i * PAGE, PAGE))
+        })
+        .collect();
+    let started = hs.iter().filter(|h| h.is_ok()).count();
+    for h in hs.into_iter().flatten() {
+        let _ = h.join();
+    }
+    say(&format!("many_threads {region} {started}"));
+}
+
 /// Touches `pages` fresh pages as fast as possible (ring-buffer overflow tests). Quiet before
 /// and after, so that the only events in the lossy moment are the burst's own faults.
 fn burst(pages: usize) {
@@ -531,6 +570,8 @@ fn main() {
         Some("fork") => fork(),
         Some("burst") => burst(arg(&args, 2, 1 << 16)),
         Some("ipc") => ipc(),
+        Some("fork-burst") => fork_burst(arg(&args, 2, 200)),
+        Some("many-threads") => many_threads(arg(&args, 2, 2000)),
         Some("fork-checkpoint") => fork_checkpoint(),
         Some("compat-mmap") => compat_mmap(arg(&args, 2, 3000) as u64),
         Some("arenas") => arenas(arg(&args, 2, 8), arg(&args, 3, 8)),
@@ -545,7 +586,7 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }

@@ -59,6 +59,9 @@ pub fn create(path: &Path, force: bool) -> Result<File, OutputError> {
 pub struct LineFile {
     file: File,
     buf: Vec<u8>,
+    /// Where the last newline in `buf` is (found when it was written, so that a long line
+    /// written in many small pieces is not scanned again and again).
+    last_newline: Option<usize>,
     /// Bytes on disk, all whole lines.
     committed: u64,
 }
@@ -71,13 +74,14 @@ impl LineFile {
         Self {
             file,
             buf: Vec::with_capacity(LINE_FILE_BUFFER),
+            last_newline: None,
             committed: 0,
         }
     }
 
     fn write_whole_lines(&mut self) -> io::Result<()> {
         use std::io::Write as _;
-        let Some(last) = self.buf.iter().rposition(|&b| b == b'\n') else {
+        let Some(last) = self.last_newline else {
             return Ok(());
         };
         let lines = &self.buf[..=last];
@@ -89,14 +93,19 @@ impl LineFile {
         }
         self.committed += lines.len() as u64;
         self.buf.drain(..=last);
+        self.last_newline = None;
         Ok(())
     }
 }
 
 impl io::Write for LineFile {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let base = self.buf.len();
         self.buf.extend_from_slice(data);
-        if self.buf.len() >= LINE_FILE_BUFFER {
+        if let Some(i) = data.iter().rposition(|&b| b == b'\n') {
+            self.last_newline = Some(base + i);
+        }
+        if self.buf.len() >= LINE_FILE_BUFFER && self.last_newline.is_some() {
             self.write_whole_lines()?;
         }
         Ok(data.len())
@@ -113,6 +122,21 @@ mod tests {
     use std::io::Write;
 
     use super::*;
+
+    #[test]
+    fn a_long_line_written_in_small_pieces_is_not_quadratic() {
+        let path = std::env::temp_dir().join(format!("vmatrace-longline-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut w = LineFile::new(create(&path, false).expect("creates"));
+        // 4 MB in 1-byte writes: rescanning the buffer on each write would not finish.
+        for _ in 0..4_000_000 {
+            w.write_all(b"x").expect("buffers");
+        }
+        w.write_all(b"\n").expect("buffers");
+        w.flush().expect("flushes");
+        assert_eq!(std::fs::metadata(&path).expect("exists").len(), 4_000_001);
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn only_whole_lines_reach_the_file() {
