@@ -383,6 +383,10 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
                 ProcError::NoProcess(p) => RunError::ExitedDuringAttach(p),
                 other => RunError::Proc(other),
             })?;
+            // Now in the filter: if it died before that, its exit will never be reported.
+            if procfs::read_stat(pid).map_or(true, |s| s.is_dead()) {
+                return Err(RunError::ExitedDuringAttach(pid));
+            }
             session.add(pid, seed, ts, exe_of(pid));
             if let Some(p) = session.get(pid) {
                 sink.snapshot(ts, "seed", p).map_err(RunError::Write)?;
