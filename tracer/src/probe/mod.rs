@@ -222,33 +222,41 @@ impl Probe {
         Ok(probe)
     }
 
-    fn attach_tracepoint(&mut self, category: &str, name: &str) -> Result<(), ProbeError> {
-        let attach_err = |source| ProbeError::Attach {
-            name: format!("{category}:{name}"),
-            source,
-        };
-        let program: &mut TracePoint = self
-            .ebpf
+    /// The program `name` as type `P`; `what` names it in errors.
+    fn program<P>(&mut self, name: &str, what: &str) -> Result<&mut P, ProbeError>
+    where
+        for<'a> &'a mut P:
+            TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        self.ebpf
             .program_mut(name)
             .ok_or_else(|| ProbeError::MissingTracepoint(format!("program {name}")))?
             .try_into()
-            .map_err(attach_err)?;
+            .map_err(|source| ProbeError::Attach {
+                name: what.to_string(),
+                source,
+            })
+    }
+
+    fn attach_tracepoint(&mut self, category: &str, name: &str) -> Result<(), ProbeError> {
+        let what = format!("{category}:{name}");
+        let attach_err = |source| ProbeError::Attach {
+            name: what.clone(),
+            source,
+        };
+        let program: &mut TracePoint = self.program(name, &what)?;
         program.load().map_err(attach_err)?;
         program.attach(category, name).map_err(attach_err)?;
         Ok(())
     }
 
     fn attach_raw_tracepoint(&mut self, name: &str) -> Result<(), ProbeError> {
+        let what = format!("raw tracepoint {name}");
         let attach_err = |source| ProbeError::Attach {
-            name: format!("raw tracepoint {name}"),
+            name: what.clone(),
             source,
         };
-        let program: &mut RawTracePoint = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| ProbeError::MissingTracepoint(format!("program {name}")))?
-            .try_into()
-            .map_err(attach_err)?;
+        let program: &mut RawTracePoint = self.program(name, &what)?;
         program.load().map_err(attach_err)?;
         program.attach(name).map_err(attach_err)?;
         Ok(())
