@@ -6,6 +6,8 @@
 //! `TryFrom<u32>` and checks lengths before it reads a record (see `tracer::event`).
 #![no_std]
 
+pub mod layout;
+
 /// Which payload a ring-buffer record carries.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, TARGET_FOLLOW_FORKS,
-    TARGET_STOP_AT_EXEC,
+    TARGET_STOP_AT_EXEC, layout,
 };
 
 use crate::maps::{EVENTS, PENDING, TARGETS, count, current_ids, now_ns};
@@ -28,9 +28,7 @@ const SIGSTOP: u32 = 19;
 // 	field:char comm[16];	offset:12;	size:16;	signed:0;
 // 	field:u64 clone_flags;	offset:32;	size:8;	signed:0;
 // 	field:short oom_score_adj;	offset:40;	size:2;	signed:1;
-const NEWTASK_PID_OFFSET: usize = 8;
-const NEWTASK_CLONE_FLAGS_OFFSET: usize = 32;
-
+// Read at `layout::NEWTASK_*`; the daemon checks those against the kernel's format.
 /// `task:task_newtask`. It runs in the parent, inside `copy_process`, before the child is
 /// woken: a followed child is in `TARGETS` before it runs a single instruction.
 #[inline(always)]
@@ -45,8 +43,8 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
     // SAFETY: offsets and sizes match the format above.
     let (child, clone_flags) = unsafe {
         (
-            ctx.read_at::<i32>(NEWTASK_PID_OFFSET),
-            ctx.read_at::<u64>(NEWTASK_CLONE_FLAGS_OFFSET),
+            ctx.read_at::<i32>(layout::NEWTASK_PID.offset),
+            ctx.read_at::<u64>(layout::NEWTASK_CLONE_FLAGS.offset),
         )
     };
     let (Ok(child), Ok(clone_flags)) = (child, clone_flags) else {
@@ -91,9 +89,7 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
 // 	field:__data_loc char[] filename;	offset:8;	size:4;	signed:0;
 // 	field:pid_t pid;	offset:12;	size:4;	signed:1;
 // 	field:pid_t old_pid;	offset:16;	size:4;	signed:1;
-const EXEC_FILENAME_LOC_OFFSET: usize = 8;
-const EXEC_OLD_PID_OFFSET: usize = 16;
-
+// Read at `layout::EXEC_*`.
 /// `sched:sched_process_exec`: the address space was replaced.
 #[inline(always)]
 pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
@@ -112,8 +108,8 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
     // SAFETY: offsets and sizes match the format above.
     let (loc, old_pid) = unsafe {
         (
-            ctx.read_at::<u32>(EXEC_FILENAME_LOC_OFFSET),
-            ctx.read_at::<i32>(EXEC_OLD_PID_OFFSET),
+            ctx.read_at::<u32>(layout::EXEC_FILENAME.offset),
+            ctx.read_at::<i32>(layout::EXEC_OLD_PID.offset),
         )
     };
     let (Ok(loc), Ok(old_pid)) = (loc, old_pid) else {
@@ -152,8 +148,7 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
 // 	field:pid_t pid;	offset:24;	size:4;	signed:1;
 // 	field:int prio;	offset:28;	size:4;	signed:1;
 // 	field:bool group_dead;	offset:32;	size:1;	signed:0;
-const EXIT_GROUP_DEAD_OFFSET: usize = 32;
-
+// Read at `layout::EXIT_GROUP_DEAD`.
 /// `sched:sched_process_exit` of the last thread: the process is gone, so its tgid leaves the
 /// filter (a later process that reuses the pid is not traced).
 #[inline(always)]
@@ -163,10 +158,11 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     // SAFETY: offset and size match the format above.
-    let group_dead = unsafe { ctx.read_at::<u8>(EXIT_GROUP_DEAD_OFFSET) }.map_err(|_| {
-        count(Stat::ReadError);
-        1u32
-    })?;
+    let group_dead =
+        unsafe { ctx.read_at::<u8>(layout::EXIT_GROUP_DEAD.offset) }.map_err(|_| {
+            count(Stat::ReadError);
+            1u32
+        })?;
     // A thread killed inside a syscall never reaches its exit program.
     let _ = PENDING.remove(&tid);
     if group_dead == 0 {

@@ -10,6 +10,7 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use tracer_common::{
     EventHeader, EventKind, OpenEvent, PendingSyscall, Stat, Syscall, SyscallEvent,
+    layout::{SYS_ENTER_ARGS_OFFSET, SYS_EXIT_RET_OFFSET},
 };
 
 use crate::maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_ns, wakeup_flags};
@@ -28,8 +29,7 @@ use crate::maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_n
 // 	field:unsigned long flags;	offset:40;	size:8;	signed:0;
 // 	field:unsigned long fd;	offset:48;	size:8;	signed:0;
 // 	field:unsigned long off;	offset:56;	size:8;	signed:0;
-/// Where the six argument slots of a `syscalls:sys_enter_*` record start.
-const SYS_ENTER_ARGS_OFFSET: usize = 16;
+// Read at `layout::SYS_ENTER_ARGS_OFFSET`; the daemon checks it against the kernel's format.
 
 // name: sys_exit_mmap (every sys_exit_* has this layout)
 // format:
@@ -40,7 +40,7 @@ const SYS_ENTER_ARGS_OFFSET: usize = 16;
 //
 // 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
 // 	field:long ret;	offset:16;	size:8;	signed:1;
-const SYS_EXIT_RET_OFFSET: usize = 16;
+// Read at `layout::SYS_EXIT_RET_OFFSET`.
 
 /// A `PendingSyscall::syscall` value that matches no syscall: the slot's entry was used.
 const CONSUMED: u32 = u32::MAX;

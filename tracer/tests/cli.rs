@@ -22,18 +22,24 @@ fn run(args: &[&str]) -> (i32, String, String) {
 
 /// One line on stderr, starting with `vmatrace:`, containing `needle`; non-zero exit.
 fn assert_one_line_error(args: &[&str], needle: &str) {
-    let (code, _, err) = run(args);
-    assert_ne!(code, 0, "{args:?} must fail");
+    let o = Command::new(vmatrace()).args(args).output().expect("runs");
+    assert_one_line(&format!("{args:?}"), &o, needle);
+}
+
+/// `o` (of the run named `what`) failed with one `vmatrace:` line on stderr holding `needle`.
+fn assert_one_line(what: &str, o: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{what} must fail");
     assert!(
         !err.contains("panicked") && !err.contains("backtrace"),
-        "{args:?}: {err}"
+        "{what}: {err}"
     );
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?}: one line expected, got: {err}");
-    assert!(lines[0].starts_with("vmatrace: "), "{args:?}: {err}");
+    assert_eq!(lines.len(), 1, "{what}: one line expected, got: {err}");
+    assert!(lines[0].starts_with("vmatrace: "), "{what}: {err}");
     assert!(
         lines[0].contains(needle),
-        "{args:?}: '{needle}' not in: {err}"
+        "{what}: '{needle}' not in: {err}"
     );
 }
 
@@ -407,4 +413,85 @@ fn tracefs_is_mounted_when_missing_and_own_pid_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("is vmatrace itself"), "{err}");
+}
+
+/// Runs `script` in a private mount namespace (`unshare -m`), where it can hide parts of the
+/// kernel's interfaces from vmatrace without touching anything outside.
+fn in_private_mounts(script: &str) -> std::process::Output {
+    Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-ec", script])
+        .env("VMATRACE", vmatrace())
+        .env("WORKLOAD", workload())
+        .output()
+        .expect("unshare runs")
+}
+
+#[test]
+fn a_kernel_without_the_tracepoints_is_refused_and_btf_is_not_needed() {
+    if !privileged("a_kernel_without_the_tracepoints_is_refused_and_btf_is_not_needed") {
+        return;
+    }
+    // A tracefs without syscall tracepoints: what a kernel without CONFIG_FTRACE_SYSCALLS has.
+    let o = in_private_mounts(
+        "mount -t tmpfs none /sys/kernel/tracing
+         mkdir -p /sys/kernel/tracing/events/syscalls /sys/kernel/tracing/events/sched
+         exec \"$VMATRACE\" -o /dev/null --force -- true",
+    );
+    assert_one_line(
+        "fake tracefs",
+        &o,
+        "this kernel has no tracepoint syscalls:sys_enter_brk",
+    );
+    assert_eq!(o.status.code(), Some(1));
+
+    // Without BTF (an empty vmlinux): the programs read tracepoint records at offsets checked
+    // against the kernel's format files and use no CO-RE relocation, so tracing still works.
+    let out = temp_path("no-btf.ndjson");
+    let o = in_private_mounts(&format!(
+        ": > /tmp/vmatrace-empty-btf
+         mount --bind /tmp/vmatrace-empty-btf /sys/kernel/btf/vmlinux
+         test ! -s /sys/kernel/btf/vmlinux
+         exec \"$VMATRACE\" --json -o {} -- \"$WORKLOAD\" basic",
+        out.display()
+    ));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let recs = records(&out);
+    let pid = marker_pid(&recs);
+    let traced = between_markers(&recs, pid);
+    assert!(
+        traced.iter().any(|r| r["type"] == "mmap") && traced.iter().any(|r| r["type"] == "fault"),
+        "syscalls and faults traced without BTF: {traced:?}"
+    );
+}
+
+#[test]
+fn a_process_that_exits_during_attach_is_an_error() {
+    if !privileged("a_process_that_exits_during_attach_is_an_error") {
+        return;
+    }
+    // The target dies (killed and reaped) as soon as vmatrace has loaded its first eBPF
+    // program: after vmatrace checked the pid, before it could put it in the filter.
+    let mut target = Command::new("sleep").arg("600").spawn().expect("spawns");
+    let pid = target.id();
+    let vm = Command::new(vmatrace())
+        .args(["-p", &pid.to_string(), "-o", "/dev/null", "--force"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmatrace starts");
+    let vm_pid = vm.id();
+    wait_for(30, "vmatrace to load a program", || {
+        open_files(vm_pid)
+            .iter()
+            .any(|f| f == "anon_inode:bpf-prog")
+    });
+    target.kill().expect("kills the target");
+    target.wait().expect("reaps the target");
+    let o = vm.wait_with_output().expect("vmatrace ends");
+    assert_one_line(
+        "target killed during attach",
+        &o,
+        &format!("process {pid} exited while vmatrace was attaching"),
+    );
+    assert_eq!(o.status.code(), Some(1));
 }

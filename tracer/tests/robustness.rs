@@ -6,6 +6,7 @@ mod common;
 
 use std::{
     collections::BTreeSet,
+    os::unix::fs::PermissionsExt,
     process::{Command, Stdio},
 };
 
@@ -289,4 +290,121 @@ fn thousands_of_threads_are_traced() {
     let summary = t.records.last().expect("summary");
     assert_eq!(summary["lost"]["lost_fault"], 0);
     assert_eq!(summary["lost"]["pending_full"], 0);
+}
+
+#[test]
+fn exec_of_a_setuid_binary_is_traced_and_keeps_its_privileges() {
+    if !privileged("exec_of_a_setuid_binary_is_traced_and_keeps_its_privileges") {
+        return;
+    }
+    // A root-owned setuid copy of the workload, run by a shell that runs as nobody.
+    let setuid = temp_path("setuid-workload");
+    std::fs::copy(workload(), &setuid).expect("copies the workload");
+    std::os::unix::fs::chown(&setuid, Some(0), Some(0)).expect("chown root");
+    std::fs::set_permissions(&setuid, std::fs::Permissions::from_mode(0o4755)).expect("chmod");
+    let out = temp_path("setuid.ndjson");
+    let o = Command::new(vmatrace())
+        .args(["--json", "-o"])
+        .arg(&out)
+        .args(["-u", "nobody", "--", "sh", "-c", "exec \"$0\" ids"])
+        .arg(&setuid)
+        .output()
+        .expect("vmatrace runs");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Unlike under ptrace (strace), the setuid bit takes effect: eBPF does not touch the exec.
+    assert_eq!(line_numbers(&stdout, "ids"), vec![65534, 0], "{stdout}");
+    let recs = records(&out);
+    let pid = marker_pid(&recs);
+    let path = setuid.to_str().expect("utf-8");
+    let execs: Vec<&Value> = recs
+        .iter()
+        .filter(|r| r["type"] == "exec" && r["pid"] == pid)
+        .collect();
+    assert_eq!(execs.len(), 2, "sh, then the setuid binary: {execs:?}");
+    assert_eq!(execs[1]["filename"], path);
+    // After the exec the model was seeded again from the now privileged process's map.
+    let seed_after_exec = recs
+        .iter()
+        .rfind(|r| r["type"] == "snapshot" && r["pid"] == pid && r["reason"] == "exec")
+        .expect("a snapshot at exec");
+    assert!(
+        seed_after_exec["vmas"]
+            .as_array()
+            .expect("vmas")
+            .iter()
+            .any(|v| v["path"] == path),
+        "the setuid binary is mapped: {seed_after_exec}"
+    );
+    let mmap = line_numbers(&stdout, "mmap");
+    let traced = between_markers(&recs, pid);
+    assert!(
+        traced
+            .iter()
+            .any(|r| r["type"] == "mmap" && r["ret"].as_i64() == Some(mmap[0])),
+        "the setuid process's mmap is traced: {traced:?}"
+    );
+}
+
+#[test]
+fn vmatrace_opens_no_socket_so_no_network_port() {
+    if !privileged("vmatrace_opens_no_socket_so_no_network_port") {
+        return;
+    }
+    // Live tracing with every output and the event loop running. A network port needs an inet
+    // socket: vmatrace's only sockets are the unnamed Unix socket pair tokio uses to hear
+    // signals, which nothing outside the process can reach.
+    let out = temp_path("no-socket.ndjson");
+    let mut vm = Command::new(vmatrace())
+        .args(["--json", "-o"])
+        .arg(&out)
+        .arg("--")
+        .arg(workload())
+        .args(["spin", "3000", "1000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vmatrace starts");
+    let pid = vm.id();
+    wait_for(30, "vmatrace to trace", || {
+        open_files(pid).iter().any(|f| f == "anon_inode:bpf-map")
+            && std::fs::metadata(&out).is_ok_and(|m| m.len() > 0)
+    });
+    for _ in 0..10 {
+        let files = open_files(pid);
+        let unnamed_unix = unnamed_unix_sockets(pid);
+        for f in &files {
+            if let Some(inode) = f.strip_prefix("socket:[").and_then(|i| i.strip_suffix(']')) {
+                assert!(
+                    unnamed_unix.contains(inode),
+                    "vmatrace holds a socket that is not an unnamed Unix socket: {f} \
+                     (unnamed Unix sockets: {unnamed_unix:?})"
+                );
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(vm.wait().expect("vmatrace ends").success());
+    assert!(
+        records(&out).iter().any(|r| r["type"] == "summary"),
+        "the run was real and complete"
+    );
+}
+
+/// Inodes of the unnamed (socketpair) Unix sockets in `pid`'s network namespace, from
+/// `/proc/PID/net/unix` (`Num RefCount Protocol Flags Type St Inode [Path]`).
+fn unnamed_unix_sockets(pid: u32) -> BTreeSet<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/net/unix"))
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.len() == 7).then(|| cols[6].to_string())
+        })
+        .collect()
 }

@@ -92,6 +92,15 @@ fn basic() {
     say(&format!("brk {cur} {grown} {shrunk}"));
 }
 
+/// Issue #8: prints the real and effective user ids (a setuid binary runs with another
+/// effective id), then does what `basic` does.
+fn ids() {
+    // SAFETY: getuid and geteuid have no preconditions.
+    let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+    say(&format!("ids {uid} {euid}"));
+    basic();
+}
+
 /// Issue #3/#4: every kind of change, with a checkpoint after each.
 fn checkpoints() {
     // MAP_FIXED over the middle of an existing mapping.
@@ -563,6 +572,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("basic") => basic(),
+        Some("ids") => ids(),
         Some("checkpoints") => checkpoints(),
         Some("threads") => threads(arg(&args, 2, 4), arg(&args, 3, 16)),
         Some("fail") => fail(),
@@ -586,7 +596,7 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|ids|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }

@@ -58,6 +58,8 @@ pub enum ProbeError {
     Permission,
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
+    #[error(transparent)]
+    Layout(#[from] tracefs::LayoutError),
     #[error(
         "this kernel has no tracepoint {0}; vmatrace needs syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"
     )]
@@ -67,7 +69,7 @@ pub enum ProbeError {
     #[error("ring buffer size {0} must be a power of two and at least 4096 bytes")]
     RingSize(u32),
     #[error(
-        "cannot load the eBPF programs (does the kernel have BTF, /sys/kernel/btf/vmlinux?): {0}"
+        "this kernel refused vmatrace's eBPF programs (it needs Linux 5.8 or newer with BPF ring buffers): {0}"
     )]
     Load(#[source] aya::EbpfError),
     #[error("cannot attach {name}: {source}")]
@@ -139,14 +141,7 @@ impl Probe {
         // Wake the reader before a small ring can fill.
         let wakeup_bytes = opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4);
         let root = tracefs::ensure_mounted()?;
-        for call in Syscall::ALL {
-            for dir in ["enter", "exit"] {
-                let name = format!("sys_{dir}_{}", call.name());
-                if !tracefs::has_tracepoint(root, "syscalls", &name) {
-                    return Err(ProbeError::MissingTracepoint(format!("syscalls:{name}")));
-                }
-            }
-        }
+        tracefs::check_layout(root)?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_bytes)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)

@@ -209,3 +209,15 @@ pub fn kill(pid: u32, sig: i32) {
     // SAFETY: sending a signal.
     unsafe { libc::kill(pid as i32, sig) };
 }
+
+/// What the open file descriptors of `pid` point at (`anon_inode:bpf-prog`, `socket:[123]`,
+/// paths); empty when the process is gone.
+pub fn open_files(pid: u32) -> Vec<String> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.filter_map(Result::ok)
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .map(|l| l.to_string_lossy().into_owned())
+        .collect()
+}
