@@ -3,7 +3,9 @@
 
 use std::{fs, io, path::PathBuf, sync::Arc};
 
-use crate::model::{Backing, Perms, Vma};
+use crate::model::PAGE_SIZE;
+
+use crate::model::{Backing, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma};
 
 /// Errors reading `/proc`.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,8 @@ pub struct MapsEntry {
     pub dev: String,
     pub inode: u64,
     pub path: Option<String>,
+    /// Huge-page advice (`hg`/`nh` in smaps `VmFlags`; maps does not show it).
+    pub thp: ThpAdvice,
 }
 
 fn read(pid: u32, name: &str) -> Result<String, ProcError> {
@@ -46,41 +50,46 @@ fn read(pid: u32, name: &str) -> Result<String, ProcError> {
 pub fn parse_maps(text: &str, origin: &str) -> Result<Vec<MapsEntry>, ProcError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let err = |what| ProcError::Parse {
-            path: origin.to_string(),
-            line: i + 1,
-            what,
-        };
         if line.trim().is_empty() {
             continue;
         }
-        let mut it = line.splitn(6, ' ');
-        let range = it.next().ok_or(err("range"))?;
-        let (s, e) = range.split_once('-').ok_or(err("range"))?;
-        let start = u64::from_str_radix(s, 16).map_err(|_| err("start"))?;
-        let end = u64::from_str_radix(e, 16).map_err(|_| err("end"))?;
-        if end < start {
-            return Err(err("range"));
-        }
-        let perms = it.next().and_then(Perms::parse).ok_or(err("perms"))?;
-        let offset = it
-            .next()
-            .and_then(|o| u64::from_str_radix(o, 16).ok())
-            .ok_or(err("offset"))?;
-        let dev = it.next().ok_or(err("dev"))?.to_string();
-        let inode = it.next().and_then(|n| n.parse().ok()).ok_or(err("inode"))?;
-        let path = it.next().map(str::trim_start).filter(|p| !p.is_empty());
-        out.push(MapsEntry {
-            start,
-            end,
-            perms,
-            offset,
-            dev,
-            inode,
-            path: path.map(str::to_string),
-        });
+        out.push(parse_maps_line(line).map_err(|what| ProcError::Parse {
+            path: origin.to_string(),
+            line: i + 1,
+            what,
+        })?);
     }
     Ok(out)
+}
+
+/// One line of maps (or a VMA header line of smaps); the error names the bad column.
+fn parse_maps_line(line: &str) -> Result<MapsEntry, &'static str> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next().ok_or("range")?;
+    let (s, e) = range.split_once('-').ok_or("range")?;
+    let start = u64::from_str_radix(s, 16).map_err(|_| "start")?;
+    let end = u64::from_str_radix(e, 16).map_err(|_| "end")?;
+    if end < start {
+        return Err("range");
+    }
+    let perms = it.next().and_then(Perms::parse).ok_or("perms")?;
+    let offset = it
+        .next()
+        .and_then(|o| u64::from_str_radix(o, 16).ok())
+        .ok_or("offset")?;
+    let dev = it.next().ok_or("dev")?.to_string();
+    let inode = it.next().and_then(|n| n.parse().ok()).ok_or("inode")?;
+    let path = it.next().map(str::trim_start).filter(|p| !p.is_empty());
+    Ok(MapsEntry {
+        start,
+        end,
+        perms,
+        offset,
+        dev,
+        inode,
+        path: path.map(str::to_string),
+        thp: ThpAdvice::Default,
+    })
 }
 
 /// `/proc/PID/maps`.
@@ -120,6 +129,7 @@ impl MapsEntry {
             },
             backing,
             created_ns,
+            thp: self.thp,
         }
     }
 }
@@ -176,53 +186,199 @@ pub fn read_stat(pid: u32) -> Result<Stat, ProcError> {
     parse_stat(&read(pid, "stat")?, &format!("/proc/{pid}/stat"))
 }
 
-/// Per-VMA resident memory from `/proc/PID/smaps`, in bytes.
+/// One VMA of `/proc/PID/smaps`: its maps line and resident memory, in bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SmapsEntry {
-    pub start: u64,
-    pub end: u64,
+    pub map: MapsEntry,
     pub rss: u64,
     pub anonymous: u64,
+    /// Anonymous memory in PMD-sized transparent huge pages (`AnonHugePages`).
+    pub anon_huge: u64,
 }
 
-/// `/proc/PID/smaps`: RSS and anonymous bytes of each VMA.
+/// `/proc/PID/smaps`.
 pub fn read_smaps(pid: u32) -> Result<Vec<SmapsEntry>, ProcError> {
-    let text = read(pid, "smaps")?;
-    let origin = format!("/proc/{pid}/smaps");
+    parse_smaps(&read(pid, "smaps")?, &format!("/proc/{pid}/smaps"))
+}
+
+/// Parses the text of an smaps file: a maps line per VMA, then `Key: value` lines.
+pub fn parse_smaps(text: &str, origin: &str) -> Result<Vec<SmapsEntry>, ProcError> {
     let mut out: Vec<SmapsEntry> = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let kb = |l: &str| -> Result<u64, ProcError> {
-            l.split_whitespace()
+        let err = |what| ProcError::Parse {
+            path: origin.to_string(),
+            line: i + 1,
+            what,
+        };
+        let Some(key) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !key.ends_with(':') {
+            let map = parse_maps_line(line).map_err(err)?;
+            out.push(SmapsEntry {
+                map,
+                rss: 0,
+                anonymous: 0,
+                anon_huge: 0,
+            });
+            continue;
+        }
+        let Some(last) = out.last_mut() else {
+            return Err(err("a field before any VMA"));
+        };
+        let kb = || -> Result<u64, ProcError> {
+            line.split_whitespace()
                 .nth(1)
                 .and_then(|v| v.parse::<u64>().ok())
                 .map(|v| v * 1024)
-                .ok_or(ProcError::Parse {
-                    path: origin.clone(),
-                    line: i + 1,
-                    what: "size",
-                })
+                .ok_or(err("size"))
         };
-        if line.starts_with("Rss:") {
-            if let Some(last) = out.last_mut() {
-                last.rss = kb(line)?;
+        match key {
+            "Rss:" => last.rss = kb()?,
+            "Anonymous:" => last.anonymous = kb()?,
+            "AnonHugePages:" => last.anon_huge = kb()?,
+            "VmFlags:" => {
+                for flag in line.split_whitespace().skip(1) {
+                    match flag {
+                        "hg" => last.map.thp = ThpAdvice::Huge,
+                        "nh" => last.map.thp = ThpAdvice::NoHuge,
+                        _ => {}
+                    }
+                }
             }
-        } else if line.starts_with("Anonymous:") {
-            if let Some(last) = out.last_mut() {
-                last.anonymous = kb(line)?;
-            }
-        } else if let Some((range, _)) = line.split_once(' ')
-            && let Some((s, e)) = range.split_once('-')
-            && let (Ok(start), Ok(end)) = (u64::from_str_radix(s, 16), u64::from_str_radix(e, 16))
-        {
-            out.push(SmapsEntry {
-                start,
-                end,
-                rss: 0,
-                anonymous: 0,
-            });
+            _ => {}
         }
     }
     Ok(out)
+}
+
+/// pagemap entry bits (`Documentation/admin-guide/mm/pagemap.rst`).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAP: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+const PM_PFN: u64 = (1 << 55) - 1;
+/// Pagemap entries read per `pread`.
+const PAGEMAP_CHUNK: usize = 8192;
+
+/// The pages of `pid` that are resident or in swap (as runs of addresses), in each VMA of `smaps` that has any
+/// (VMAs with no RSS and no swap are skipped without reading). A present page of a private
+/// anonymous VMA counts as anonymous memory, one of a file or shared VMA as page cache unless
+/// pagemap says it is an anonymous copy.
+pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>, ProcError> {
+    use std::os::unix::fs::FileExt;
+    let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
+    let io_err = |source: io::Error| ProcError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = fs::File::open(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ProcError::NoProcess(pid),
+        _ => io_err(e),
+    })?;
+    let zero_pfn = zero_page_pfn();
+    let mut runs: Vec<ResidentRun> = Vec::new();
+    let mut buf = vec![0u8; PAGEMAP_CHUNK * 8];
+    for e in smaps.iter().filter(|e| e.rss > 0) {
+        let vma = e.map.to_vma(0);
+        if matches!(vma.backing, Backing::Special(_)) {
+            continue;
+        }
+        let private_anon = !vma.perms.shared && vma.backing.is_anonymous();
+        let mut page = e.map.start / PAGE_SIZE;
+        let end_page = e.map.end / PAGE_SIZE;
+        while page < end_page {
+            let n = (end_page - page).min(PAGEMAP_CHUNK as u64) as usize;
+            let got = file.read_at(&mut buf[..n * 8], page * 8).map_err(io_err)? / 8;
+            if got == 0 {
+                break;
+            }
+            for (i, entry) in buf[..got * 8].chunks_exact(8).enumerate() {
+                let bits = u64::from_ne_bytes(entry.try_into().unwrap_or([0; 8]));
+                if bits & (PM_PRESENT | PM_SWAP) == 0 {
+                    continue;
+                }
+                let kind = if zero_pfn.is_some_and(|z| bits & PM_PRESENT != 0 && bits & PM_PFN == z)
+                {
+                    TouchKind::Zero
+                } else if private_anon || bits & PM_FILE == 0 && !vma.perms.shared {
+                    TouchKind::Anon
+                } else {
+                    TouchKind::File
+                };
+                let addr = (page + i as u64) * PAGE_SIZE;
+                match runs.last_mut() {
+                    Some(r) if r.end == addr && r.kind == kind => r.end += PAGE_SIZE,
+                    _ => runs.push(ResidentRun {
+                        start: addr,
+                        end: addr + PAGE_SIZE,
+                        kind,
+                    }),
+                }
+            }
+            page += got as u64;
+        }
+    }
+    Ok(runs)
+}
+
+/// The frame number of the shared zero page (pagemap shows frame numbers to root only): read
+/// from vmatrace's own pagemap after reading a fresh anonymous page.
+fn zero_page_pfn() -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = PAGE_SIZE as usize;
+    // SAFETY: a fresh private anonymous mapping, read once and unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    // SAFETY: within the readable mapping just made; the read maps the zero page.
+    unsafe { std::ptr::read_volatile(p as *const u8) };
+    let mut entry = [0u8; 8];
+    let read = fs::File::open("/proc/self/pagemap")
+        .and_then(|f| f.read_exact_at(&mut entry, p as u64 / PAGE_SIZE * 8));
+    // SAFETY: unmapping the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    let bits = u64::from_ne_bytes(entry);
+    (read.is_ok() && bits & PM_PRESENT != 0 && bits & PM_PFN != 0).then_some(bits & PM_PFN)
+}
+
+/// The transparent huge page policy that applies to `pid` now (off when the kernel has none).
+pub fn thp_policy(pid: u32) -> ThpPolicy {
+    const ROOT: &str = "/sys/kernel/mm/transparent_hugepage";
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let mut sizes = Vec::new();
+    if let Ok(dir) = fs::read_dir(ROOT) {
+        for d in dir.filter_map(Result::ok) {
+            let name = d.file_name().to_string_lossy().into_owned();
+            if let Some(kib) = name
+                .strip_prefix("hugepages-")
+                .and_then(|n| n.strip_suffix("kB"))
+                .and_then(|n| n.parse::<u64>().ok())
+                && let Ok(text) = fs::read_to_string(d.path().join("enabled"))
+            {
+                sizes.push((kib, text));
+            }
+        }
+    }
+    let process_enabled = read(&format!("/proc/{pid}/status"))
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .is_none_or(|v| v.trim() != "0");
+    ThpPolicy::from_settings(
+        &read(&format!("{ROOT}/enabled")),
+        &sizes,
+        &read(&format!("{ROOT}/use_zero_page")),
+        process_enabled,
+    )
 }
 
 /// A mapped file: path, device (`major:minor` in hex, as maps shows it) and inode.

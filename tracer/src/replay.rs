@@ -13,7 +13,7 @@ use tracer_common::Syscall;
 use crate::{
     analysis::Limits,
     event::{Event, FaultRecord, Resolved, SyscallRecord},
-    model::{Backing, Perms, Vma},
+    model::{Backing, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma},
     output::{LossSummary, Meta, Sink, ndjson::SCHEMA_VERSION, report::summarize},
     session::{Applied, Seed, Session},
 };
@@ -124,7 +124,49 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
         offset: v.get("offset").and_then(Value::as_u64).unwrap_or(0),
         backing,
         created_ns: v.get("created_ns").and_then(Value::as_u64).unwrap_or(0),
+        thp: ThpAdvice::parse(v.get("thp_advice").and_then(Value::as_str)),
     })
+}
+
+/// The pages a seed snapshot lists as resident: `[[start, end, kind], ...]` (none in
+/// recordings made before vmatrace read them).
+fn resident_of(v: &Value) -> Result<Vec<ResidentRun>, String> {
+    let Some(runs) = v.get("resident").and_then(Value::as_array) else {
+        return Ok(Vec::new());
+    };
+    runs.iter()
+        .map(|r| {
+            let bad = || format!("bad resident run {r}");
+            let start = r.get(0).and_then(Value::as_u64).ok_or_else(bad)?;
+            let end = r.get(1).and_then(Value::as_u64).ok_or_else(bad)?;
+            let kind = r
+                .get(2)
+                .and_then(Value::as_str)
+                .and_then(TouchKind::parse)
+                .ok_or_else(bad)?;
+            Ok(ResidentRun { start, end, kind })
+        })
+        .collect()
+}
+
+/// The huge page policy of a seed snapshot (off when absent).
+fn thp_of(v: &Value) -> ThpPolicy {
+    let pages = |key: &str| -> Vec<u64> {
+        v["thp"][key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|kib| kib * 1024 / PAGE_SIZE)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    ThpPolicy {
+        always: pages("always_kib"),
+        madvise: pages("madvise_kib"),
+        huge_zero_page: v["thp"]["huge_zero_page"].as_bool().unwrap_or(false),
+    }
 }
 
 /// Parses one line of a recording.
@@ -231,6 +273,8 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     seed: Seed {
                         vmas,
                         start_brk: v.get("brk_start").and_then(Value::as_u64),
+                        resident: resident_of(&v)?,
+                        thp: thp_of(&v),
                     },
                     exe: opt_str(&v, "exe"),
                 }

@@ -106,13 +106,17 @@ fn validate_pid(pid: u32) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Reads the seed of `pid` from `/proc`.
+/// Reads the seed of `pid` from `/proc`: its VMAs (smaps, for the huge page flags), heap
+/// start, the pages already resident (pagemap) and the huge page policy.
 pub fn read_seed(pid: u32, ts: u64) -> Result<Seed, ProcError> {
-    let maps = procfs::read_maps(pid)?;
+    let smaps = procfs::read_smaps(pid)?;
     let stat = procfs::read_stat(pid)?;
+    let resident = procfs::read_resident(pid, &smaps)?;
     Ok(Seed {
-        vmas: maps.iter().map(|m| m.to_vma(ts)).collect(),
+        vmas: smaps.iter().map(|e| e.map.to_vma(ts)).collect(),
         start_brk: Some(stat.start_brk),
+        resident,
+        thp: procfs::thp_policy(pid),
     })
 }
 

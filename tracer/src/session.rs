@@ -7,7 +7,10 @@ use tracer_common::Syscall;
 
 use crate::{
     event::{Event, FaultRecord, SyscallRecord},
-    model::{AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, Touch, Vma},
+    model::{
+        AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, ResidentRun, ThpPolicy,
+        Touch, Vma,
+    },
 };
 
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -19,6 +22,17 @@ const SHM_EXEC: u64 = 0o100000;
 pub struct Seed {
     pub vmas: Vec<Vma>,
     pub start_brk: Option<u64>,
+    /// Pages already resident (touched before tracing began).
+    pub resident: Vec<ResidentRun>,
+    /// The kernel's transparent huge page settings for the process.
+    pub thp: ThpPolicy,
+}
+
+/// Replaces `space` with `seed`: map, heap, huge page policy, resident pages.
+fn seed_space(space: &mut AddressSpace, seed: Seed, ts: u64) {
+    space.seed(seed.vmas, seed.start_brk, ts);
+    space.set_thp(seed.thp);
+    space.seed_resident(&seed.resident);
 }
 
 /// Counters of one process.
@@ -154,14 +168,15 @@ pub struct Session {
 impl Session {
     /// Starts tracking `pid` from `seed`.
     pub fn add(&mut self, pid: u32, seed: Seed, ts: u64, exe: Option<String>) {
-        let space = AddressSpace::seeded(seed.vmas, seed.start_brk, ts);
+        let mut space = AddressSpace::default();
+        seed_space(&mut space, seed, ts);
         self.procs.insert(pid, Process::new(pid, space, exe, ts));
     }
 
     /// Replaces `pid`'s map after an exec.
     pub fn reseed(&mut self, pid: u32, seed: Seed, ts: u64) {
         if let Some(p) = self.procs.get_mut(&pid) {
-            p.space.seed(seed.vmas, seed.start_brk, ts);
+            seed_space(&mut p.space, seed, ts);
         }
     }
 
@@ -323,7 +338,7 @@ impl Session {
         let effect = p.space.fault(f.ts_ns, f.address, f.write(), f.present());
         match effect.touch {
             Touch::First { kind, .. } => {
-                p.counts.first_touches[kind as usize] += 1;
+                p.counts.first_touches[kind as usize] += effect.pages;
                 p.patterns.first_touch(f.address >> ARENA_SHIFT, f.tid);
             }
             Touch::Upgraded { .. } => p.counts.cow_upgrades += 1,

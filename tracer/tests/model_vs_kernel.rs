@@ -92,6 +92,16 @@ fn signal_snapshot(vmatrace_pid: u32, out: &Path, pid: u64) -> Value {
 /// (both sides split and merge VMAs differently, so each normalised range is compared whole),
 /// with the largest single difference.
 fn anon_difference(snap: &Value, smaps: &[procfs::SmapsEntry]) -> (u64, u64, String) {
+    bytes_difference(snap, smaps, "anon_bytes", |e| e.anonymous)
+}
+
+/// Like [`anon_difference`] for any snapshot field and the smaps value it corresponds to.
+fn bytes_difference(
+    snap: &Value,
+    smaps: &[procfs::SmapsEntry],
+    field: &str,
+    kernel_bytes: fn(&procfs::SmapsEntry) -> u64,
+) -> (u64, u64, String) {
     let rows = snap["vmas"].as_array().expect("vmas");
     let mut total = 0u64;
     let mut worst = (0u64, String::new());
@@ -105,12 +115,12 @@ fn anon_difference(snap: &Value, smaps: &[procfs::SmapsEntry]) -> (u64, u64, Str
                     v["end"].as_u64().unwrap_or(0),
                 )
             })
-            .map(|v| v["anon_bytes"].as_u64().unwrap_or(0))
+            .map(|v| v[field].as_u64().unwrap_or(0))
             .sum();
         let kernel: u64 = smaps
             .iter()
-            .filter(|e| inside(e.start, e.end))
-            .map(|e| e.anonymous)
+            .filter(|e| inside(e.map.start, e.map.end))
+            .map(kernel_bytes)
             .sum();
         let d = model.abs_diff(kernel);
         total += d;
@@ -119,6 +129,17 @@ fn anon_difference(snap: &Value, smaps: &[procfs::SmapsEntry]) -> (u64, u64, Str
         }
     }
     (total, worst.0, worst.1)
+}
+
+/// The sum of `field` over the snapshot rows inside `[start, end)`.
+fn model_bytes(snap: &Value, field: &str, start: u64, end: u64) -> u64 {
+    snap["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .filter(|v| v["start"].as_u64() >= Some(start) && v["end"].as_u64() <= Some(end))
+        .map(|v| v[field].as_u64().unwrap_or(0))
+        .sum()
 }
 
 /// At a checkpoint (the workload stopped itself): the map differences between the kernel and
@@ -316,4 +337,173 @@ fn a_followed_fork_child_matches_its_own_maps_and_smaps() {
     }
     assert!(v.child.wait().expect("exits").success());
     assert!(compared, "the child reached its checkpoint");
+}
+
+#[test]
+fn transparent_huge_pages_count_as_what_they_are() {
+    if !privileged("transparent_huge_pages_count_as_what_they_are") {
+        return;
+    }
+    let out = temp_path("thp.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let w = workload();
+    let mut v = spawn(&[
+        "--json",
+        "-o",
+        &out_s,
+        "--",
+        w.to_str().expect("utf-8"),
+        "thp",
+    ]);
+    let vmatrace_pid = v.child.id();
+    let mut base = 0u64;
+    let mut seen = Vec::new();
+    while let Some(Ok(line)) = v.lines.next() {
+        if let Some(rest) = line.strip_prefix("thp ") {
+            let n: Vec<u64> = rest
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            assert_eq!(n[1], 0, "madvise(MADV_HUGEPAGE) succeeded");
+            base = n[0];
+        }
+        let Some(name) = line.strip_prefix("checkpoint ") else {
+            continue;
+        };
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, exec_pid(&out));
+        assert!(diff.is_empty(), "{name}: maps differ:\n{}", diff.join("\n"));
+        let region = (base, base + (8 << 20));
+        let kernel_huge: u64 = smaps
+            .iter()
+            .filter(|e| e.map.start >= region.0 && e.map.end <= region.1)
+            .map(|e| e.anon_huge)
+            .sum();
+        let kernel_anon: u64 = smaps
+            .iter()
+            .filter(|e| e.map.start >= region.0 && e.map.end <= region.1)
+            .map(|e| e.anonymous)
+            .sum();
+        // Three huge pages written; the read block maps the huge zero page, which is not
+        // anonymous memory. After the split, the first block is small pages, one released.
+        let (want_huge, want_anon) = match name {
+            "huge" => (6 << 20, 6 << 20),
+            _ => (4 << 20, (6 << 20) - 4096),
+        };
+        assert_eq!(
+            (kernel_huge, kernel_anon),
+            (want_huge, want_anon),
+            "{name}: the kernel gave the huge pages this test expects (THP enabled = madvise)"
+        );
+        assert_eq!(
+            model_bytes(&snap, "huge_bytes", region.0, region.1),
+            kernel_huge,
+            "{name}: huge bytes"
+        );
+        assert_eq!(
+            model_bytes(&snap, "anon_bytes", region.0, region.1),
+            kernel_anon,
+            "{name}: anonymous bytes"
+        );
+        assert_eq!(
+            model_bytes(&snap, "zero_page_bytes", region.0, region.1),
+            2 << 20,
+            "{name}: the huge zero page"
+        );
+        let (total, worst, where_) = bytes_difference(&snap, &smaps, "huge_bytes", |e| e.anon_huge);
+        assert_eq!(
+            total, 0,
+            "{name}: huge bytes elsewhere (worst {worst}: {where_})"
+        );
+        let (total, worst, where_) = anon_difference(&snap, &smaps);
+        assert!(
+            total <= 64 * 1024,
+            "{name}: anonymous bytes differ by {total} (worst {worst}: {where_})"
+        );
+        seen.push(name.to_string());
+        kill(pid as u32, libc::SIGCONT);
+    }
+    assert!(v.child.wait().expect("exits").success());
+    assert_eq!(seen, ["huge", "split"]);
+    // Each huge page was one first-touch fault of 512 pages.
+    let recs = records(&out);
+    let huge_faults = recs
+        .iter()
+        .filter(|r| r["type"] == "fault" && r["pages"] == 512)
+        .count();
+    assert_eq!(huge_faults, 4, "three huge pages and the huge zero page");
+}
+
+#[test]
+fn attaching_to_a_running_process_finds_the_pages_it_touched_before() {
+    if !privileged("attaching_to_a_running_process_finds_the_pages_it_touched_before") {
+        return;
+    }
+    let mut target = KillOnDrop(
+        Command::new(workload())
+            .arg("pretouched")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("workload starts"),
+    );
+    let pid = target.0.id();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        target.0.stdout.take().expect("piped"),
+    ));
+    let mut region = 0u64;
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if let Some(rest) = line.strip_prefix("pretouched ") {
+            region = rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("addr");
+        }
+        if line == "checkpoint before_attach" {
+            break;
+        }
+    }
+    wait_for(10, "the workload to stop", || state(pid) == 'T');
+    let out = temp_path("pretouched.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let Running { child, .. } = spawn(&["-p", &pid.to_string(), "--json", "-o", &out_s]);
+    let mut vm = KillOnDrop(child);
+    let mut seed = Value::Null;
+    wait_for(30, "the seed snapshot", || {
+        seed = complete_records(&out)
+            .into_iter()
+            .find(|r| r["type"] == "snapshot" && r["reason"] == "seed")
+            .unwrap_or(Value::Null);
+        !seed.is_null()
+    });
+    let end = region + 1024 * 4096;
+    assert_eq!(
+        model_bytes(&seed, "anon_bytes", region, end),
+        256 * 4096,
+        "written before"
+    );
+    assert_eq!(
+        model_bytes(&seed, "zero_page_bytes", region, end),
+        64 * 4096,
+        "read before: the zero page, told apart by its frame number"
+    );
+    let smaps = procfs::read_smaps(pid).expect("smaps");
+    let (total, worst, where_) = anon_difference(&seed, &smaps);
+    assert_eq!(total, 0, "seed vs smaps (worst {worst}: {where_})");
+
+    // The process goes on: the model adds to what it found.
+    kill(pid, libc::SIGCONT);
+    for line in lines.by_ref() {
+        if line.expect("line") == "checkpoint after_attach" {
+            break;
+        }
+    }
+    let (_, diff, smaps, snap) = compare_stopped(vm.0.id(), &out, u64::from(pid));
+    assert!(diff.is_empty(), "maps differ:\n{}", diff.join("\n"));
+    assert_eq!(model_bytes(&snap, "anon_bytes", region, end), 384 * 4096);
+    let (total, worst, where_) = anon_difference(&snap, &smaps);
+    assert_eq!(total, 0, "after attach (worst {worst}: {where_})");
+    kill(pid, libc::SIGCONT);
+    assert!(target.0.wait().expect("workload ends").success());
+    assert!(vm.0.wait().expect("vmatrace ends").success());
 }

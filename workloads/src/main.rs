@@ -101,6 +101,41 @@ fn ids() {
     basic();
 }
 
+/// Issue #4: transparent huge pages. An 8 MiB region aligned to 2 MiB and advised
+/// `MADV_HUGEPAGE`: one write in each of three 2 MiB blocks (three huge pages), one read in a
+/// fourth (the huge zero page); then `MADV_DONTNEED` of one small page splits the first.
+fn thp() {
+    const MIB2: usize = 2 << 20;
+    let raw = anon(5 * MIB2);
+    let base = (raw + MIB2 - 1) & !(MIB2 - 1);
+    // SAFETY: advice on memory this program mapped.
+    let r = unsafe { libc::madvise(base as *mut _, 4 * MIB2, libc::MADV_HUGEPAGE) };
+    for block in 0..3 {
+        // SAFETY: within the writable mapping.
+        unsafe { std::ptr::write_volatile((base + block * MIB2 + 12345) as *mut u8, 1) };
+    }
+    let sum = read_touch(base + 3 * MIB2, PAGE);
+    say(&format!("thp {base} {r} {sum}"));
+    checkpoint("huge");
+    // SAFETY: releasing one page of memory this program mapped.
+    unsafe { libc::madvise((base + PAGE) as *mut _, PAGE, libc::MADV_DONTNEED) };
+    checkpoint("split");
+    munmap(raw, 5 * MIB2);
+}
+
+/// Issue #4 (`-p` mode): memory touched before vmatrace attaches. Writes 256 pages and reads 64
+/// (the zero page) of a 4 MiB mapping, stops; once continued, writes 128 more and stops again.
+fn pretouched() {
+    let a = anon(1024 * PAGE);
+    touch(a, 256 * PAGE);
+    let sum = read_touch(a + 256 * PAGE, 64 * PAGE);
+    say(&format!("pretouched {a} {sum}"));
+    checkpoint("before_attach");
+    touch(a + 512 * PAGE, 128 * PAGE);
+    checkpoint("after_attach");
+    munmap(a, 1024 * PAGE);
+}
+
 /// Issue #3/#4: every kind of change, with a checkpoint after each.
 fn checkpoints() {
     // MAP_FIXED over the middle of an existing mapping.
@@ -573,6 +608,8 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("basic") => basic(),
         Some("ids") => ids(),
+        Some("thp") => thp(),
+        Some("pretouched") => pretouched(),
         Some("checkpoints") => checkpoints(),
         Some("threads") => threads(arg(&args, 2, 4), arg(&args, 3, 16)),
         Some("fail") => fail(),
@@ -596,7 +633,7 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }

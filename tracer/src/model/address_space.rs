@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    pages::{PageCounts, Pages, Touch, TouchKind},
+    pages::{HugeBlock, PageCounts, Pages, ResidentRun, Touch, TouchKind},
+    thp::{PMD_PAGES, ThpAdvice, ThpPolicy},
     timeline::{self, Cause, Change, Timeline},
     vma::{Backing, PAGE_SHIFT, Perms, Vma, page_align_down, page_align_up},
 };
@@ -15,6 +16,9 @@ pub const MADV_DONTNEED: u64 = 4;
 pub const MADV_FREE: u64 = 8;
 pub const MADV_REMOVE: u64 = 9;
 pub const MADV_DONTNEED_LOCKED: u64 = 24;
+/// `madvise` advice values that set or clear a VMA's huge-page flag (and split it).
+pub const MADV_HUGEPAGE: u64 = 14;
+pub const MADV_NOHUGEPAGE: u64 = 15;
 /// `mremap` flags.
 pub const MREMAP_MAYMOVE: u64 = 1;
 pub const MREMAP_FIXED: u64 = 2;
@@ -91,6 +95,9 @@ impl Effect {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultEffect {
     pub touch: Touch,
+    /// Pages this fault made resident: 1 for a small page, the block for a huge page, 0 when
+    /// nothing was first touched.
+    pub pages: u64,
     /// Start of the VMA that took the fault (after any stack growth).
     pub vma_start: Option<u64>,
     /// The stack grew down to this address.
@@ -115,6 +122,10 @@ pub struct AddressSpace {
     pub heap_high_water: u64,
     /// Faults on addresses no VMA covers (the model has drifted, or the process will crash).
     pub faults_outside: u64,
+    /// Which faults get transparent huge pages.
+    thp: ThpPolicy,
+    /// Huge pages the kernel did not give after all (it fell back to small pages).
+    pub thp_fallbacks: u64,
 }
 
 impl AddressSpace {
@@ -142,6 +153,34 @@ impl AddressSpace {
             current: heap_end.unwrap_or(start).max(start),
         });
         self.heap_high_water = self.heap_size();
+    }
+
+    /// Sets the transparent huge page policy (the kernel's settings for this process).
+    pub fn set_thp(&mut self, policy: ThpPolicy) {
+        self.thp = policy;
+    }
+
+    /// The transparent huge page policy.
+    pub fn thp(&self) -> &ThpPolicy {
+        &self.thp
+    }
+
+    /// Marks pages found resident when tracing began as touched before tracing (first-touch
+    /// time 0). Only the parts of the runs inside VMAs count.
+    pub fn seed_resident(&mut self, runs: &[ResidentRun]) {
+        for r in runs {
+            let inside: Vec<(u64, u64)> = self
+                .vmas
+                .range(..r.end)
+                .rev()
+                .map(|(_, v)| (v.start.max(r.start), v.end.min(r.end)))
+                .take_while(|(start, end)| start < end)
+                .collect();
+            for (start, end) in inside {
+                self.pages
+                    .seed_resident(start >> PAGE_SHIFT, end >> PAGE_SHIFT, r.kind);
+            }
+        }
     }
 
     /// Forgets the whole map (exec, or the start of a seed).
@@ -210,6 +249,7 @@ impl AddressSpace {
     pub fn fork(&self, ts: u64) -> Self {
         let mut child = Self {
             pages: self.pages.clone(),
+            thp: self.thp.clone(),
             brk: self.brk,
             heap_high_water: self.heap_high_water,
             ..Self::default()
@@ -250,6 +290,7 @@ impl AddressSpace {
                 offset,
                 backing,
                 created_ns: ts,
+                thp: ThpAdvice::Default,
             },
         );
         e
@@ -301,6 +342,7 @@ impl AddressSpace {
                     offset: 0,
                     backing: Backing::Heap,
                     created_ns: ts,
+                    thp: ThpAdvice::Default,
                 },
             );
             self.heap_high_water = self.heap_high_water.max(new_end - start);
@@ -432,20 +474,39 @@ impl AddressSpace {
     /// `mprotect(addr, len, prot)` (or `pkey_mprotect`) that succeeded.
     pub fn mprotect(&mut self, ts: u64, addr: u64, len: u64, prot: u64) -> Effect {
         let end = addr.saturating_add(page_align_up(len));
-        let splits = self.boundary_splits(addr, end);
-        let pieces = timeline::carve(&mut self.vmas, addr, end);
-        if pieces.is_empty() {
+        let Some(splits) = self.reflag(ts, Cause::Mprotect, addr, end, |v| {
+            v.perms = Perms::from_prot(prot, v.perms.shared);
+        }) else {
             return Effect::default();
-        }
-        self.timeline
-            .push(ts, Cause::Mprotect, Change::Unmapped { start: addr, end });
-        for mut p in pieces {
-            p.perms = Perms::from_prot(prot, p.perms.shared);
-            self.place(ts, Cause::Mprotect, p);
-        }
+        };
         let mut e = Effect::new(EffectKind::Protected, addr, end);
         e.splits = splits;
         e
+    }
+
+    /// Changes the VMAs in `[start, end)` with `change`, splitting those that cross its ends
+    /// and merging what became compatible (the VMA split logic of `mprotect` and `madvise`).
+    /// Returns how many VMA boundaries the range cut, or None when nothing is mapped there.
+    fn reflag(
+        &mut self,
+        ts: u64,
+        cause: Cause,
+        start: u64,
+        end: u64,
+        change: impl Fn(&mut Vma),
+    ) -> Option<u32> {
+        let splits = self.boundary_splits(start, end);
+        let pieces = timeline::carve(&mut self.vmas, start, end);
+        if pieces.is_empty() {
+            return None;
+        }
+        self.timeline
+            .push(ts, cause, Change::Unmapped { start, end });
+        for mut p in pieces {
+            change(&mut p);
+            self.place(ts, cause, p);
+        }
+        Some(splits)
     }
 
     /// `madvise(addr, len, advice)` that succeeded. Releasing advices drop the touched pages.
@@ -457,6 +518,18 @@ impl AddressSpace {
                 e.released_pages =
                     self.pages
                         .release(addr >> PAGE_SHIFT, end >> PAGE_SHIFT, ts, true);
+                e
+            }
+            MADV_HUGEPAGE | MADV_NOHUGEPAGE => {
+                let thp = if advice == MADV_HUGEPAGE {
+                    ThpAdvice::Huge
+                } else {
+                    ThpAdvice::NoHuge
+                };
+                let mut e = Effect::new(EffectKind::Advised, addr, end);
+                e.splits = self
+                    .reflag(ts, Cause::Madvise, addr, end, |v| v.thp = thp)
+                    .unwrap_or(0);
                 e
             }
             _ => Effect::new(EffectKind::Advised, addr, end),
@@ -491,6 +564,7 @@ impl AddressSpace {
                 offset: 0,
                 backing: Backing::Shm { key },
                 created_ns: ts,
+                thp: ThpAdvice::Default,
             },
         );
         e.kind = EffectKind::Created;
@@ -543,6 +617,7 @@ impl AddressSpace {
                     self.faults_outside += 1;
                     return FaultEffect {
                         touch: Touch::Again,
+                        pages: 0,
                         vma_start: None,
                         stack_grown_to: None,
                     };
@@ -552,18 +627,69 @@ impl AddressSpace {
         let Some(vma) = self.find(addr) else {
             return FaultEffect {
                 touch: Touch::Again,
+                pages: 0,
                 vma_start: None,
                 stack_grown_to,
             };
         };
         let kind = classify(vma, write, present);
         let vma_start = Some(vma.start);
-        let touch = self.pages.touch(addr >> PAGE_SHIFT, ts, kind);
+        let page = addr >> PAGE_SHIFT;
+        if !present
+            && let Some(block) = self.pages.huge_block_of(page)
+            && block.origin != page
+        {
+            // A page of a block taken as a huge page faults in: the kernel fell back to small
+            // pages for it.
+            self.pages.revert_block(block);
+            self.thp_fallbacks += 1;
+        }
+        let block = self.huge_block(page, kind);
+        let (touch, pages) = match block {
+            Some(block) => (self.pages.touch_block(block, ts, kind), block.pages),
+            None => {
+                let touch = self.pages.touch(page, ts, kind);
+                (touch, u64::from(matches!(touch, Touch::First { .. })))
+            }
+        };
         FaultEffect {
             touch,
+            pages,
             vma_start,
             stack_grown_to,
         }
+    }
+
+    /// The transparent huge page a first touch of `page` as `kind` gets, if any (see
+    /// [`super::thp`] for the rules).
+    fn huge_block(&self, page: u64, kind: TouchKind) -> Option<HugeBlock> {
+        if self.thp.is_off() {
+            return None;
+        }
+        let vma = self.find(page << PAGE_SHIFT)?;
+        let eligible = !vma.perms.shared
+            && matches!(vma.backing, Backing::Anonymous | Backing::Heap)
+            && kind != TouchKind::File
+            && self.pages.get(page).is_none();
+        if !eligible {
+            return None;
+        }
+        let (first, last) = (vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT);
+        self.thp
+            .sizes_for(vma.thp)
+            .into_iter()
+            // A read maps the huge zero page (2 MiB only) or else the small zero page.
+            .filter(|&n| kind == TouchKind::Anon || (n == PMD_PAGES && self.thp.huge_zero_page))
+            .map(|n| HugeBlock {
+                start: page & !(n - 1),
+                pages: n,
+                origin: page,
+            })
+            .find(|b| {
+                b.start >= first
+                    && b.start + b.pages <= last
+                    && !self.pages.any_touched(b.start, b.start + b.pages)
+            })
     }
 
     /// Removes `[start, end)` from the map, releasing its pages; the effect counts what went.

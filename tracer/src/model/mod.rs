@@ -4,11 +4,13 @@
 pub mod address_space;
 pub mod normalize;
 pub mod pages;
+pub mod thp;
 pub mod timeline;
 pub mod vma;
 
 pub use address_space::{AddressSpace, Effect, EffectKind, FaultEffect};
-pub use pages::{PageCounts, Touch, TouchKind};
+pub use pages::{PageCounts, ResidentRun, Touch, TouchKind};
+pub use thp::{ThpAdvice, ThpPolicy};
 pub use vma::{Backing, PAGE_SIZE, Perms, Vma};
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! Which pages of an address space were touched, when, and how (lazy allocation).
 //!
 //! Each touched page costs one `u64 -> u64` entry in a B-tree: the first-touch time in the low
-//! 62 bits and the [`TouchKind`] in the top 2. Released pages (by `munmap` or
-//! `madvise(MADV_DONTNEED)`) are remembered, up to a bound, so that a later touch of the same
-//! page is counted as a refault.
+//! 60 bits, a refault flag, a huge-page flag and the [`TouchKind`] in the top 2. Released pages
+//! (by `munmap` or `madvise(MADV_DONTNEED)`) are remembered, up to a bound, so that a later
+//! touch of the same page is counted as a refault. Pages made resident together by one fault
+//! on a transparent huge page are a block, remembered until part of it goes.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +30,13 @@ impl TouchKind {
         }
     }
 
+    /// Parses [`TouchKind::name`].
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Zero, Self::Anon, Self::File]
+            .into_iter()
+            .find(|k| k.name() == name)
+    }
+
     fn from_bits(b: u64) -> Self {
         match b {
             0 => Self::Zero,
@@ -39,11 +47,15 @@ impl TouchKind {
 }
 
 const KIND_SHIFT: u32 = 62;
+/// The page was touched again after a release.
+const REFAULTED: u64 = 1 << 60;
+/// The page is part of a transparent huge page.
+const HUGE: u64 = 1 << 61;
 /// A refault this soon after the release counts as churn.
 pub const QUICK_REFAULT_NS: u64 = 1_000_000_000;
 /// Marks a release by `madvise` (rather than an unmap) in the released map's value.
 const ADVISED: u64 = 1 << 63;
-const TS_MASK: u64 = (1 << KIND_SHIFT) - 1;
+const TS_MASK: u64 = REFAULTED - 1;
 /// At most this many released pages are remembered for refault detection.
 const RELEASED_CAP: usize = 1 << 18;
 
@@ -64,6 +76,10 @@ pub struct PageCounts {
     pub zero: u64,
     pub anon: u64,
     pub file: u64,
+    /// Of the resident pages, those in transparent huge pages.
+    pub huge: u64,
+    /// Of the touched pages, those touched again after a release.
+    pub refaulted: u64,
     /// Earliest first touch in the range.
     pub first_touch_ns: Option<u64>,
 }
@@ -80,11 +96,30 @@ impl PageCounts {
     }
 }
 
+/// Pages `[start, end)` (addresses) found resident when tracing began, and their kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResidentRun {
+    pub start: u64,
+    pub end: u64,
+    pub kind: TouchKind,
+}
+
+/// Pages made resident by one fault on a transparent huge page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HugeBlock {
+    pub start: u64,
+    pub pages: u64,
+    /// The page whose fault allocated the block.
+    pub origin: u64,
+}
+
 /// The touched pages of one address space, by page number (`address >> 12`).
 #[derive(Clone, Debug, Default)]
 pub struct Pages {
     touched: BTreeMap<u64, u64>,
     released: BTreeMap<u64, u64>,
+    /// Huge-page blocks by first page: their page count and the page whose fault made them.
+    huge_blocks: BTreeMap<u64, HugeBlock>,
     /// Pages touched again after they were released.
     pub refaults: u64,
     /// Pages touched again after `madvise` released them, and of those within
@@ -100,35 +135,113 @@ impl Pages {
     pub fn touch(&mut self, page: u64, ts: u64, kind: TouchKind) -> Touch {
         match self.touched.get_mut(&page) {
             None => {
-                self.touched
-                    .insert(page, (ts & TS_MASK) | ((kind as u64) << KIND_SHIFT));
-                let released = if self.released.is_empty() {
-                    None
-                } else {
-                    self.released.remove(&page)
-                };
-                let refault = released.is_some();
-                if let Some(r) = released {
-                    self.refaults += 1;
-                    if r & ADVISED != 0 {
-                        self.refaults_after_advice += 1;
-                        if ts.saturating_sub(r & !ADVISED) <= QUICK_REFAULT_NS {
-                            self.quick_refaults_after_advice += 1;
-                        }
-                    }
-                }
+                let refault = self.note_refault(page, ts);
+                let flags = if refault { REFAULTED } else { 0 };
+                self.touched.insert(page, value(ts, kind, flags));
                 Touch::First { kind, refault }
             }
             Some(v) => {
                 let old = TouchKind::from_bits(*v >> KIND_SHIFT);
-                if kind == TouchKind::Anon && old != TouchKind::Anon {
-                    *v = (*v & TS_MASK) | ((TouchKind::Anon as u64) << KIND_SHIFT);
-                    Touch::Upgraded { from: old }
-                } else {
-                    Touch::Again
+                if kind != TouchKind::Anon || old == TouchKind::Anon {
+                    return Touch::Again;
                 }
+                *v = (*v & !(3 << KIND_SHIFT)) | ((TouchKind::Anon as u64) << KIND_SHIFT);
+                // Copy on write of one page of the huge zero page splits it into small pages.
+                if let Some(b) = self.huge_block_of(page) {
+                    self.huge_blocks.remove(&b.start);
+                    self.set_huge(b.start, b.start + b.pages, false);
+                }
+                Touch::Upgraded { from: old }
             }
         }
+    }
+
+    /// Records a fault on `origin` that made the whole block `[start, start + pages)` resident
+    /// as one transparent huge page. The block's pages must all be untouched.
+    pub fn touch_block(&mut self, block: HugeBlock, ts: u64, kind: TouchKind) -> Touch {
+        let mut refault_origin = false;
+        for page in block.start..block.start + block.pages {
+            let refault = self.note_refault(page, ts);
+            refault_origin |= refault && page == block.origin;
+            let flags = HUGE | if refault { REFAULTED } else { 0 };
+            self.touched.insert(page, value(ts, kind, flags));
+        }
+        self.huge_blocks.insert(block.start, block);
+        Touch::First {
+            kind,
+            refault: refault_origin,
+        }
+    }
+
+    /// Whether any page of `[start_page, end_page)` is touched.
+    pub fn any_touched(&self, start_page: u64, end_page: u64) -> bool {
+        start_page < end_page && self.touched.range(start_page..end_page).next().is_some()
+    }
+
+    /// The huge-page block that holds `page`.
+    pub fn huge_block_of(&self, page: u64) -> Option<HugeBlock> {
+        self.huge_blocks
+            .range(..=page)
+            .next_back()
+            .map(|(_, b)| *b)
+            .filter(|b| page < b.start + b.pages)
+    }
+
+    /// The kernel did not back `block` with a huge page after all (it fell back to small
+    /// pages): only its origin page stays touched. Returns the pages taken back.
+    pub fn revert_block(&mut self, block: HugeBlock) -> u64 {
+        self.huge_blocks.remove(&block.start);
+        let mut pages = self.take_pages(block.start, block.start + block.pages);
+        let n = pages.len() as u64;
+        if let Some(v) = pages.remove(&block.origin) {
+            self.touched.insert(block.origin, v & !HUGE);
+            return n - 1;
+        }
+        n
+    }
+
+    /// Marks `page` as no longer released; whether it was (a refault), counted.
+    fn note_refault(&mut self, page: u64, ts: u64) -> bool {
+        if self.released.is_empty() {
+            return false;
+        }
+        let Some(r) = self.released.remove(&page) else {
+            return false;
+        };
+        self.refaults += 1;
+        if r & ADVISED != 0 {
+            self.refaults_after_advice += 1;
+            if ts.saturating_sub(r & !ADVISED) <= QUICK_REFAULT_NS {
+                self.quick_refaults_after_advice += 1;
+            }
+        }
+        true
+    }
+
+    /// Marks the pages `[start_page, end_page)` as touched as `kind` before tracing began
+    /// (first-touch time 0).
+    pub fn seed_resident(&mut self, start_page: u64, end_page: u64, kind: TouchKind) {
+        for page in start_page..end_page {
+            self.touched.entry(page).or_insert(value(0, kind, 0));
+        }
+    }
+
+    /// Every touched page as runs of neighbours of one kind, in address order.
+    pub fn runs(&self) -> Vec<ResidentRun> {
+        let mut runs: Vec<ResidentRun> = Vec::new();
+        for (&page, &v) in &self.touched {
+            let kind = TouchKind::from_bits(v >> KIND_SHIFT);
+            let addr = page << super::vma::PAGE_SHIFT;
+            match runs.last_mut() {
+                Some(r) if r.end == addr && r.kind == kind => r.end += super::vma::PAGE_SIZE,
+                _ => runs.push(ResidentRun {
+                    start: addr,
+                    end: addr + super::vma::PAGE_SIZE,
+                    kind,
+                }),
+            }
+        }
+        runs
     }
 
     /// Forgets the pages in `[start_page, end_page)`, remembering them as released at `ts`
@@ -146,11 +259,39 @@ impl Pages {
         n
     }
 
-    /// Moves the touched pages of `[start_page, end_page)` to start at `to_page` (mremap).
+    /// Moves the touched pages of `[start_page, end_page)` to start at `to_page` (mremap). A
+    /// huge page moved whole to an address aligned like it stays huge (the kernel moves the
+    /// page-table entry); others are split into small pages.
     pub fn relocate(&mut self, start_page: u64, end_page: u64, to_page: u64) {
+        let blocks: Vec<HugeBlock> = self
+            .huge_blocks
+            .range(start_page..end_page)
+            .map(|(_, b)| *b)
+            .filter(|b| b.start + b.pages <= end_page)
+            .collect();
         let moved = self.take(start_page, end_page);
         for (page, v) in moved {
             self.touched.insert(page - start_page + to_page, v);
+        }
+        for b in blocks {
+            let start = b.start - start_page + to_page;
+            if start % b.pages == 0 {
+                self.set_huge(start, start + b.pages, true);
+                self.huge_blocks.insert(
+                    start,
+                    HugeBlock {
+                        start,
+                        origin: b.origin - b.start + start,
+                        ..b
+                    },
+                );
+            }
+        }
+    }
+
+    fn set_huge(&mut self, start_page: u64, end_page: u64, huge: bool) {
+        for (_, v) in self.touched.range_mut(start_page..end_page) {
+            *v = if huge { *v | HUGE } else { *v & !HUGE };
         }
     }
 
@@ -161,10 +302,17 @@ impl Pages {
             return c;
         }
         for &v in self.touched.range(start_page..end_page).map(|(_, v)| v) {
-            match TouchKind::from_bits(v >> KIND_SHIFT) {
+            let kind = TouchKind::from_bits(v >> KIND_SHIFT);
+            match kind {
                 TouchKind::Zero => c.zero += 1,
                 TouchKind::Anon => c.anon += 1,
                 TouchKind::File => c.file += 1,
+            }
+            if v & HUGE != 0 && kind != TouchKind::Zero {
+                c.huge += 1;
+            }
+            if v & REFAULTED != 0 {
+                c.refaulted += 1;
             }
             let ts = v & TS_MASK;
             c.first_touch_ns = Some(c.first_touch_ns.map_or(ts, |t: u64| t.min(ts)));
@@ -189,15 +337,37 @@ impl Pages {
         self.touched.is_empty()
     }
 
+    /// Removes and returns the pages of `[start_page, end_page)`. Huge pages cut by the range
+    /// are split: what stays of them outside the range is small pages now.
     fn take(&mut self, start_page: u64, end_page: u64) -> BTreeMap<u64, u64> {
         if start_page >= end_page {
             return BTreeMap::new();
         }
+        let cut: Vec<HugeBlock> = self
+            .huge_blocks
+            .range(..end_page)
+            .rev()
+            .map(|(_, b)| *b)
+            .take_while(|b| b.start + b.pages > start_page)
+            .collect();
+        for b in cut {
+            self.huge_blocks.remove(&b.start);
+            self.set_huge(b.start, b.start + b.pages, false);
+        }
+        self.take_pages(start_page, end_page)
+    }
+
+    fn take_pages(&mut self, start_page: u64, end_page: u64) -> BTreeMap<u64, u64> {
         let mut middle = self.touched.split_off(&start_page);
         let mut tail = middle.split_off(&end_page);
         self.touched.append(&mut tail);
         middle
     }
+}
+
+/// The stored value of a page.
+fn value(ts: u64, kind: TouchKind, flags: u64) -> u64 {
+    (ts & TS_MASK) | flags | ((kind as u64) << KIND_SHIFT)
 }
 
 #[cfg(test)]

@@ -397,6 +397,7 @@ fn stack_grows_down_on_faults_below_it() {
         offset: 0,
         backing: Backing::Stack,
         created_ns: 0,
+        thp: Default::default(),
     };
     let mut m = AddressSpace::seeded(vec![stack], None, 0);
     let e = m.fault(5, BASE + 60 * PAGE_SIZE + 8, Some(true), false);

@@ -162,11 +162,12 @@ pub fn carve(map: &mut BTreeMap<u64, Vma>, start: u64, end: u64) -> Vec<Vma> {
 }
 
 /// Whether `b` can extend `a` (which ends where `b` starts) as one VMA, as the kernel would
-/// merge them: same permissions, same backing, contiguous file offsets.
+/// merge them: same permissions, backing and huge-page advice, contiguous file offsets.
 pub fn mergeable(a: &Vma, b: &Vma) -> bool {
     a.end == b.start
         && a.perms == b.perms
         && a.backing == b.backing
+        && a.thp == b.thp
         && (!matches!(a.backing, super::vma::Backing::File { .. })
             || a.offset + a.len() == b.offset)
 }
@@ -215,6 +216,7 @@ mod tests {
             offset: 0,
             backing: Backing::Anonymous,
             created_ns: 0,
+            thp: Default::default(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! One VMA: a range of addresses with permissions and a backing.
 
+use super::thp::ThpAdvice;
 use std::{fmt, sync::Arc};
 
 /// The size of a page, in bytes.
@@ -135,6 +136,8 @@ pub struct Vma {
     pub backing: Backing,
     /// When the range was first reserved (0: before tracing started).
     pub created_ns: u64,
+    /// Huge-page advice (`MADV_HUGEPAGE`/`MADV_NOHUGEPAGE`); the kernel splits VMAs on it.
+    pub thp: ThpAdvice,
 }
 
 impl Vma {

@@ -239,6 +239,11 @@ impl<W: Write> Sink for HumanSink<W> {
                 };
                 if self.faults == FaultFilter::All {
                     let what = match fe.touch {
+                        Touch::First { kind, .. } if fe.pages > 1 => format!(
+                            "first touch ({}, a huge page of {})",
+                            kind.name(),
+                            size(fe.pages * crate::model::PAGE_SIZE)
+                        ),
                         Touch::First { kind, .. } => format!("first touch ({})", kind.name()),
                         Touch::Upgraded { from } => format!("copy on write from {}", from.name()),
                         Touch::Again => "again".into(),
@@ -262,7 +267,8 @@ impl<W: Write> Sink for HumanSink<W> {
                                 .unwrap_or_else(|| "anonymous memory".into())
                         })
                         .unwrap_or_default();
-                    self.touches.entry((f.pid, start)).or_insert((0, label)).0 += 1;
+                    // Pages, not faults: one fault on a huge page makes many resident.
+                    self.touches.entry((f.pid, start)).or_insert((0, label)).0 += fe.pages.max(1);
                 }
             }
             Event::Fork {

@@ -10,7 +10,7 @@ use crate::{
     analysis::Finding,
     event::{Event, SyscallRecord},
     flags,
-    model::{Effect, Touch},
+    model::{Effect, PAGE_SIZE, Touch},
     session::{Applied, Process, Session},
 };
 
@@ -137,6 +137,10 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
                 "error_code": f.error_code,
                 "first_touch": first,
                 "page_kind": kind,
+                "pages": match applied {
+                    Applied::Fault(fe) => fe.pages,
+                    _ => 0,
+                },
                 "changed": upgraded,
                 "vma_start": vma,
                 "stack_grown_to": stack,
@@ -178,6 +182,17 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
 /// The JSON record of a snapshot.
 pub fn snapshot_json(ts_ns: u64, reason: &str, p: &Process) -> Value {
     let brk = p.space.heap();
+    let thp = p.space.thp();
+    let kib = |pages: &[u64]| -> Vec<u64> { pages.iter().map(|n| n * PAGE_SIZE / 1024).collect() };
+    // A seed (or exec) lists the pages already resident, so that a replay starts from them.
+    let resident = matches!(reason, "seed" | "exec").then(|| {
+        p.space
+            .pages()
+            .runs()
+            .iter()
+            .map(|r| json!([r.start, r.end, r.kind.name()]))
+            .collect::<Vec<_>>()
+    });
     json!({
         "type": "snapshot",
         "ts_ns": ts_ns,
@@ -187,6 +202,12 @@ pub fn snapshot_json(ts_ns: u64, reason: &str, p: &Process) -> Value {
         "brk_start": brk.map(|b| b.start),
         "brk": brk.map(|b| b.current),
         "vmas": vma_rows(p),
+        "thp": {
+            "always_kib": kib(&thp.always),
+            "madvise_kib": kib(&thp.madvise),
+            "huge_zero_page": thp.huge_zero_page,
+        },
+        "resident": resident,
     })
 }
 

@@ -26,6 +26,15 @@ pub struct VmaRow {
     pub anon_bytes: u64,
     /// Pages that were read but only map the shared zero page.
     pub zero_page_bytes: u64,
+    /// Of the touched bytes, those in transparent huge pages.
+    #[serde(default)]
+    pub huge_bytes: u64,
+    /// Of the touched bytes, those touched again after `munmap` or `madvise` released them.
+    #[serde(default)]
+    pub refaulted_bytes: u64,
+    /// `huge` (`MADV_HUGEPAGE`), `nohuge` (`MADV_NOHUGEPAGE`) or none.
+    #[serde(default)]
+    pub thp_advice: Option<String>,
     pub created_ns: u64,
     pub first_touch_ns: Option<u64>,
 }
@@ -53,6 +62,9 @@ fn row(p: &Process, v: &Vma) -> VmaRow {
         touched_bytes: c.resident() * page,
         anon_bytes: c.anon * page,
         zero_page_bytes: c.zero * page,
+        huge_bytes: c.huge * page,
+        refaulted_bytes: c.refaulted * page,
+        thp_advice: v.thp.name().map(str::to_string),
         created_ns: v.created_ns,
         first_touch_ns: c.first_touch_ns,
     }

@@ -42,8 +42,11 @@ pub fn workload() -> PathBuf {
         .to_path_buf();
     let bin = target.join("workload");
     BUILD.call_once(|| {
+        // The same profile as the vmatrace under test (`target/release` or `target/debug`).
+        let release = target.ends_with("release");
         let status = Command::new(env!("CARGO"))
             .args(["build", "-p", "workloads", "--bin", "workload"])
+            .args(release.then_some("--release"))
             .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
             .status()
             .expect("cargo runs");
@@ -220,4 +223,15 @@ pub fn open_files(pid: u32) -> Vec<String> {
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
         .map(|l| l.to_string_lossy().into_owned())
         .collect()
+}
+
+/// A child process killed (and reaped) when dropped, so that a failing test leaves no process
+/// behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

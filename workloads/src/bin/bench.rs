@@ -281,40 +281,4 @@ fn main() {
         "\nSustained: {:.0} fault events per second recorded in full (record mode, NDJSON of every fault), {lost} lost.",
         faults / (ns / 1e9)
     );
-    if args.iter().any(|a| a == "--soak") {
-        soak();
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-/// Ten minutes of map/touch/unmap under vmatrace: its memory must stay bounded.
-fn soak() {
-    let mut v = Command::new(vmatrace())
-        .args(["--json", "-o", "/dev/null", "--force", "--"])
-        .arg(workload())
-        .args(["spin", "600000", "0"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
-    let mut samples = Vec::new();
-    for _ in 0..20 {
-        std::thread::sleep(std::time::Duration::from_secs(30));
-        samples.push(rss_kib(v.id()));
-    }
-    let _ = v.wait();
-    let first = samples.iter().copied().find(|s| *s > 0).unwrap_or(0);
-    let max = samples.iter().copied().max().unwrap_or(0);
-    println!(
-        "\nSoak (10 min of map/touch/unmap traced): vmatrace RSS every 30 s (KiB): {samples:?}; first {first}, max {max}"
-    );
 }
