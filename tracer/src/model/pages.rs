@@ -275,7 +275,7 @@ impl Pages {
         }
         for b in blocks {
             let start = b.start - start_page + to_page;
-            if start % b.pages == 0 {
+            if start.is_multiple_of(b.pages) {
                 self.set_huge(start, start + b.pages, true);
                 self.huge_blocks.insert(
                     start,
