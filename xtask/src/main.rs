@@ -59,6 +59,10 @@ enum Task {
         /// Also run the 10-minute soak test.
         #[arg(long)]
         soak: bool,
+        /// Only these tools besides the untraced baseline (comma-separated: vmatrace, strace,
+        /// perf, bpftrace).
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -381,7 +385,7 @@ fn real_main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench { rounds, soak } => {
+        Task::Bench { rounds, soak, only } => {
             setup()?;
             bench_dependencies()?;
             let mut c = cargo();
@@ -396,6 +400,9 @@ fn real_main() -> Result<()> {
             ])
             .arg("--rounds")
             .arg(rounds.to_string());
+            if let Some(only) = only {
+                c.arg("--only").arg(only);
+            }
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "workloads"]))?;
             run(&mut c)?;
             if soak {

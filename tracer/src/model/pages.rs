@@ -1,12 +1,14 @@
 //! Which pages of an address space were touched, when, and how (lazy allocation).
 //!
 //! Each touched page costs one `u64 -> u64` entry in a B-tree: the first-touch time in the low
-//! 60 bits, a refault flag, a huge-page flag and the [`TouchKind`] in the top 2. Released pages
-//! (by `munmap` or `madvise(MADV_DONTNEED)`) are remembered, up to a bound, so that a later
-//! touch of the same page is counted as a refault. Pages made resident together by one fault
-//! on a transparent huge page are a block, remembered until part of it goes.
+//! 60 bits, a refault flag, a huge-page flag and the [`TouchKind`] in the top 2. A page
+//! released by `munmap` or `madvise(MADV_DONTNEED)` keeps its entry, marked released with the
+//! time of the release, up to a bound, so that a later touch of it is a refault: a fault costs
+//! one B-tree look-up whether the page is new, released or touched. Pages made resident
+//! together by one fault on a transparent huge page are a block, remembered until part of it
+//! goes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, btree_map::Entry};
 
 /// How a page was first backed by memory. The rules (see `docs/architecture.md`):
 /// - a read or exec fault on private anonymous memory maps the shared zero page: `Zero`;
@@ -47,17 +49,19 @@ impl TouchKind {
 }
 
 const KIND_SHIFT: u32 = 62;
+/// The kind bits of a released page's entry (no [`TouchKind`] has this value).
+const RELEASED: u64 = 3;
 /// The page was touched again after a release.
 const REFAULTED: u64 = 1 << 60;
+/// In a released page's entry: released by `madvise` (rather than an unmap).
+const ADVISED: u64 = REFAULTED;
 /// The page is part of a transparent huge page.
 const HUGE: u64 = 1 << 61;
 /// A refault this soon after the release counts as churn.
 pub const QUICK_REFAULT_NS: u64 = 1_000_000_000;
-/// Marks a release by `madvise` (rather than an unmap) in the released map's value.
-const ADVISED: u64 = 1 << 63;
 const TS_MASK: u64 = REFAULTED - 1;
 /// At most this many released pages are remembered for refault detection.
-const RELEASED_CAP: usize = 1 << 18;
+const RELEASED_CAP: u64 = 1 << 18;
 
 /// What a touch did to the page map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,9 +120,11 @@ pub struct HugeBlock {
 /// The touched pages of one address space, by page number (`address >> 12`).
 #[derive(Clone, Debug, Default)]
 pub struct Pages {
-    touched: BTreeMap<u64, u64>,
-    released: BTreeMap<u64, u64>,
-    /// Huge-page blocks by first page: their page count and the page whose fault made them.
+    /// Touched and released pages.
+    entries: BTreeMap<u64, u64>,
+    /// How many entries are released pages.
+    released: u64,
+    /// Huge-page blocks by first page.
     huge_blocks: BTreeMap<u64, HugeBlock>,
     /// Pages touched again after they were released.
     pub refaults: u64,
@@ -130,41 +136,60 @@ pub struct Pages {
     pub released_total: u64,
 }
 
+/// Whether an entry is a released page.
+fn is_released(v: u64) -> bool {
+    v >> KIND_SHIFT == RELEASED
+}
+
 impl Pages {
     /// Records a touch of `page` at `ts` that backs it as `kind`.
     pub fn touch(&mut self, page: u64, ts: u64, kind: TouchKind) -> Touch {
-        match self.touched.get_mut(&page) {
-            None => {
-                let refault = self.note_refault(page, ts);
-                let flags = if refault { REFAULTED } else { 0 };
-                self.touched.insert(page, value(ts, kind, flags));
-                Touch::First { kind, refault }
+        let old = match self.entries.entry(page) {
+            Entry::Vacant(e) => {
+                e.insert(value(ts, kind, 0));
+                return Touch::First {
+                    kind,
+                    refault: false,
+                };
             }
-            Some(v) => {
-                let old = TouchKind::from_bits(*v >> KIND_SHIFT);
+            Entry::Occupied(mut e) => {
+                let v = *e.get();
+                if is_released(v) {
+                    e.insert(value(ts, kind, REFAULTED));
+                    self.refaulted(v, ts);
+                    return Touch::First {
+                        kind,
+                        refault: true,
+                    };
+                }
+                let old = TouchKind::from_bits(v >> KIND_SHIFT);
                 if kind != TouchKind::Anon || old == TouchKind::Anon {
                     return Touch::Again;
                 }
-                *v = (*v & !(3 << KIND_SHIFT)) | ((TouchKind::Anon as u64) << KIND_SHIFT);
-                // Copy on write of one page of the huge zero page splits it into small pages.
-                if let Some(b) = self.huge_block_of(page) {
-                    self.huge_blocks.remove(&b.start);
-                    self.set_huge(b.start, b.start + b.pages, false);
-                }
-                Touch::Upgraded { from: old }
+                e.insert((v & !(3 << KIND_SHIFT)) | ((TouchKind::Anon as u64) << KIND_SHIFT));
+                old
             }
+        };
+        // Copy on write of one page of the huge zero page splits it into small pages.
+        if let Some(b) = self.huge_block_of(page) {
+            self.split_block(b);
         }
+        Touch::Upgraded { from: old }
     }
 
-    /// Records a fault on `origin` that made the whole block `[start, start + pages)` resident
-    /// as one transparent huge page. The block's pages must all be untouched.
+    /// Records a fault on `block.origin` that made the whole block resident as one
+    /// transparent huge page. The block's pages must all be untouched (released is fine).
     pub fn touch_block(&mut self, block: HugeBlock, ts: u64, kind: TouchKind) -> Touch {
         let mut refault_origin = false;
         for page in block.start..block.start + block.pages {
-            let refault = self.note_refault(page, ts);
-            refault_origin |= refault && page == block.origin;
-            let flags = HUGE | if refault { REFAULTED } else { 0 };
-            self.touched.insert(page, value(ts, kind, flags));
+            let old = self.entries.insert(page, value(ts, kind, HUGE));
+            if let Some(old) = old.filter(|v| is_released(*v)) {
+                self.refaulted(old, ts);
+                if let Some(v) = self.entries.get_mut(&page) {
+                    *v |= REFAULTED;
+                }
+                refault_origin |= page == block.origin;
+            }
         }
         self.huge_blocks.insert(block.start, block);
         Touch::First {
@@ -173,13 +198,32 @@ impl Pages {
         }
     }
 
+    /// Counts the refault of a page whose released entry was `released`.
+    fn refaulted(&mut self, released: u64, ts: u64) {
+        self.released -= 1;
+        self.refaults += 1;
+        if released & ADVISED != 0 {
+            self.refaults_after_advice += 1;
+            if ts.saturating_sub(released & TS_MASK) <= QUICK_REFAULT_NS {
+                self.quick_refaults_after_advice += 1;
+            }
+        }
+    }
+
     /// Whether any page of `[start_page, end_page)` is touched.
     pub fn any_touched(&self, start_page: u64, end_page: u64) -> bool {
-        start_page < end_page && self.touched.range(start_page..end_page).next().is_some()
+        start_page < end_page
+            && self
+                .entries
+                .range(start_page..end_page)
+                .any(|(_, v)| !is_released(*v))
     }
 
     /// The huge-page block that holds `page`.
     pub fn huge_block_of(&self, page: u64) -> Option<HugeBlock> {
+        if self.huge_blocks.is_empty() {
+            return None;
+        }
         self.huge_blocks
             .range(..=page)
             .next_back()
@@ -191,45 +235,55 @@ impl Pages {
     /// pages): only its origin page stays touched. Returns the pages taken back.
     pub fn revert_block(&mut self, block: HugeBlock) -> u64 {
         self.huge_blocks.remove(&block.start);
-        let mut pages = self.take_pages(block.start, block.start + block.pages);
-        let n = pages.len() as u64;
-        if let Some(v) = pages.remove(&block.origin) {
-            self.touched.insert(block.origin, v & !HUGE);
-            return n - 1;
+        let mut pages = self.take_entries(block.start, block.start + block.pages);
+        let origin = pages.remove(&block.origin);
+        if let Some(v) = origin {
+            self.entries.insert(block.origin, v & !HUGE);
         }
-        n
+        pages.len() as u64
     }
 
-    /// Marks `page` as no longer released; whether it was (a refault), counted.
-    fn note_refault(&mut self, page: u64, ts: u64) -> bool {
-        if self.released.is_empty() {
-            return false;
+    /// A huge page became small pages: its pages stay, without the huge flag.
+    fn split_block(&mut self, b: HugeBlock) {
+        self.huge_blocks.remove(&b.start);
+        for (_, v) in self.entries.range_mut(b.start..b.start + b.pages) {
+            *v &= !HUGE;
         }
-        let Some(r) = self.released.remove(&page) else {
-            return false;
-        };
-        self.refaults += 1;
-        if r & ADVISED != 0 {
-            self.refaults_after_advice += 1;
-            if ts.saturating_sub(r & !ADVISED) <= QUICK_REFAULT_NS {
-                self.quick_refaults_after_advice += 1;
-            }
+    }
+
+    /// Splits the huge pages that `[start_page, end_page)` cuts or covers.
+    fn split_blocks_in(&mut self, start_page: u64, end_page: u64) {
+        if self.huge_blocks.is_empty() || start_page >= end_page {
+            return;
         }
-        true
+        let cut: Vec<HugeBlock> = self
+            .huge_blocks
+            .range(..end_page)
+            .rev()
+            .map(|(_, b)| *b)
+            .take_while(|b| b.start + b.pages > start_page)
+            .collect();
+        for b in cut {
+            self.split_block(b);
+        }
     }
 
     /// Marks the pages `[start_page, end_page)` as touched as `kind` before tracing began
     /// (first-touch time 0).
     pub fn seed_resident(&mut self, start_page: u64, end_page: u64, kind: TouchKind) {
         for page in start_page..end_page {
-            self.touched.entry(page).or_insert(value(0, kind, 0));
+            let v = self.entries.entry(page).or_insert(value(0, kind, 0));
+            if is_released(*v) {
+                *v = value(0, kind, 0);
+                self.released -= 1;
+            }
         }
     }
 
     /// Every touched page as runs of neighbours of one kind, in address order.
     pub fn runs(&self) -> Vec<ResidentRun> {
         let mut runs: Vec<ResidentRun> = Vec::new();
-        for (&page, &v) in &self.touched {
+        for (&page, &v) in self.entries.iter().filter(|(_, v)| !is_released(**v)) {
             let kind = TouchKind::from_bits(v >> KIND_SHIFT);
             let addr = page << super::vma::PAGE_SHIFT;
             match runs.last_mut() {
@@ -244,24 +298,39 @@ impl Pages {
         runs
     }
 
-    /// Forgets the pages in `[start_page, end_page)`, remembering them as released at `ts`
-    /// (`advised`: by `madvise`, else by an unmap). Returns how many touched pages went.
+    /// Releases the touched pages in `[start_page, end_page)` at `ts` (`advised`: by
+    /// `madvise`, else by an unmap); they stay known as released for refault detection while
+    /// fewer than [`RELEASED_CAP`] are. Returns how many touched pages went.
     pub fn release(&mut self, start_page: u64, end_page: u64, ts: u64, advised: bool) -> u64 {
-        let gone = self.take(start_page, end_page);
-        let n = gone.len() as u64;
-        let mark = (ts & !ADVISED) | if advised { ADVISED } else { 0 };
-        for page in gone.into_keys() {
-            if self.released.len() < RELEASED_CAP {
-                self.released.insert(page, mark);
+        if start_page >= end_page {
+            return 0;
+        }
+        self.split_blocks_in(start_page, end_page);
+        let mark = (ts & TS_MASK) | if advised { ADVISED } else { 0 } | (RELEASED << KIND_SHIFT);
+        let (mut gone, mut forget) = (0, Vec::new());
+        for (&page, v) in self.entries.range_mut(start_page..end_page) {
+            if is_released(*v) {
+                continue;
+            }
+            gone += 1;
+            if self.released < RELEASED_CAP {
+                *v = mark;
+                self.released += 1;
+            } else {
+                forget.push(page);
             }
         }
-        self.released_total += n;
-        n
+        for page in forget {
+            self.entries.remove(&page);
+        }
+        self.released_total += gone;
+        gone
     }
 
     /// Moves the touched pages of `[start_page, end_page)` to start at `to_page` (mremap). A
     /// huge page moved whole to an address aligned like it stays huge (the kernel moves the
-    /// page-table entry); others are split into small pages.
+    /// page-table entry); others are split into small pages. Released pages stay where they
+    /// were released.
     pub fn relocate(&mut self, start_page: u64, end_page: u64, to_page: u64) {
         let blocks: Vec<HugeBlock> = self
             .huge_blocks
@@ -269,14 +338,24 @@ impl Pages {
             .map(|(_, b)| *b)
             .filter(|b| b.start + b.pages <= end_page)
             .collect();
-        let moved = self.take(start_page, end_page);
+        self.split_blocks_in(start_page, end_page);
+        let moved = self.take_entries(start_page, end_page);
         for (page, v) in moved {
-            self.touched.insert(page - start_page + to_page, v);
+            if is_released(v) {
+                self.entries.insert(page, v);
+                self.released += 1;
+            } else if let Some(old) = self.entries.insert(page - start_page + to_page, v)
+                && is_released(old)
+            {
+                self.released -= 1;
+            }
         }
         for b in blocks {
             let start = b.start - start_page + to_page;
             if start.is_multiple_of(b.pages) {
-                self.set_huge(start, start + b.pages, true);
+                for (_, v) in self.entries.range_mut(start..start + b.pages) {
+                    *v |= HUGE;
+                }
                 self.huge_blocks.insert(
                     start,
                     HugeBlock {
@@ -289,19 +368,16 @@ impl Pages {
         }
     }
 
-    fn set_huge(&mut self, start_page: u64, end_page: u64, huge: bool) {
-        for (_, v) in self.touched.range_mut(start_page..end_page) {
-            *v = if huge { *v | HUGE } else { *v & !HUGE };
-        }
-    }
-
     /// Counts touched pages in `[start_page, end_page)`.
     pub fn count(&self, start_page: u64, end_page: u64) -> PageCounts {
         let mut c = PageCounts::default();
         if start_page >= end_page {
             return c;
         }
-        for &v in self.touched.range(start_page..end_page).map(|(_, v)| v) {
+        for &v in self.entries.range(start_page..end_page).map(|(_, v)| v) {
+            if is_released(v) {
+                continue;
+            }
             let kind = TouchKind::from_bits(v >> KIND_SHIFT);
             match kind {
                 TouchKind::Zero => c.zero += 1,
@@ -322,50 +398,37 @@ impl Pages {
 
     /// The state of one page: its first-touch time and kind.
     pub fn get(&self, page: u64) -> Option<(u64, TouchKind)> {
-        self.touched
+        self.entries
             .get(&page)
+            .filter(|v| !is_released(**v))
             .map(|v| (v & TS_MASK, TouchKind::from_bits(v >> KIND_SHIFT)))
     }
 
     /// Number of touched pages in the whole address space.
     pub fn len(&self) -> usize {
-        self.touched.len()
+        (self.entries.len() as u64 - self.released) as usize
     }
 
     /// Whether no page is touched.
     pub fn is_empty(&self) -> bool {
-        self.touched.is_empty()
+        self.len() == 0
     }
 
-    /// Removes and returns the pages of `[start_page, end_page)`. Huge pages cut by the range
-    /// are split: what stays of them outside the range is small pages now.
-    fn take(&mut self, start_page: u64, end_page: u64) -> BTreeMap<u64, u64> {
+    /// Removes and returns the entries of `[start_page, end_page)`, released ones included
+    /// (and no longer counted).
+    fn take_entries(&mut self, start_page: u64, end_page: u64) -> BTreeMap<u64, u64> {
         if start_page >= end_page {
             return BTreeMap::new();
         }
-        let cut: Vec<HugeBlock> = self
-            .huge_blocks
-            .range(..end_page)
-            .rev()
-            .map(|(_, b)| *b)
-            .take_while(|b| b.start + b.pages > start_page)
-            .collect();
-        for b in cut {
-            self.huge_blocks.remove(&b.start);
-            self.set_huge(b.start, b.start + b.pages, false);
-        }
-        self.take_pages(start_page, end_page)
-    }
-
-    fn take_pages(&mut self, start_page: u64, end_page: u64) -> BTreeMap<u64, u64> {
-        let mut middle = self.touched.split_off(&start_page);
+        let mut middle = self.entries.split_off(&start_page);
         let mut tail = middle.split_off(&end_page);
-        self.touched.append(&mut tail);
+        self.entries.append(&mut tail);
+        self.released -= middle.values().filter(|v| is_released(**v)).count() as u64;
         middle
     }
 }
 
-/// The stored value of a page.
+/// The stored value of a touched page.
 fn value(ts: u64, kind: TouchKind, flags: u64) -> u64 {
     (ts & TS_MASK) | flags | ((kind as u64) << KIND_SHIFT)
 }

@@ -24,16 +24,42 @@ struct RefPage {
     backing: Backing,
     file_offset: Option<u64>,
     touched: Option<TouchKind>,
+    /// First touched after a release of the same address.
+    refaulted: bool,
 }
 
 #[derive(Default, Debug)]
 struct Reference {
     pages: BTreeMap<u64, RefPage>,
     brk: Option<(u64, u64)>,
+    /// Addresses whose touched page was released (unmapped or advised away), not touched since.
+    released: std::collections::BTreeSet<u64>,
+    refaults: u64,
 }
 
 impl Reference {
+    /// Unmaps `[start, end)`, releasing its touched pages.
     fn unmap(&mut self, start: u64, end: u64) {
+        let keys: Vec<u64> = self.pages.range(start..end).map(|(k, _)| *k).collect();
+        for k in keys {
+            if self.pages.remove(&k).is_some_and(|p| p.touched.is_some()) {
+                self.released.insert(k);
+            }
+        }
+    }
+
+    /// Releases the touched page at `a` (madvise), keeping it mapped.
+    fn release(&mut self, a: u64) {
+        if let Some(p) = self.pages.get_mut(&a)
+            && p.touched.take().is_some()
+        {
+            p.refaulted = false;
+            self.released.insert(a);
+        }
+    }
+
+    /// Removes `[start, end)` without releasing (the pages moved elsewhere).
+    fn forget(&mut self, start: u64, end: u64) {
         let keys: Vec<u64> = self.pages.range(start..end).map(|(k, _)| *k).collect();
         for k in keys {
             self.pages.remove(&k);
@@ -51,6 +77,7 @@ impl Reference {
                     backing: backing.clone(),
                     file_offset: file.then_some(offset + i * PAGE_SIZE),
                     touched: None,
+                    refaulted: false,
                 },
             );
         }
@@ -155,7 +182,9 @@ fn check(model: &AddressSpace, reference: &Reference) -> Result<(), TestCaseErro
             _ => None,
         };
         prop_assert_eq!(kind, p.touched, "touched state at {:#x}", a);
+        prop_assert_eq!(c.refaulted, u64::from(p.refaulted), "refaulted at {:#x}", a);
     }
+    prop_assert_eq!(model.pages().refaults, reference.refaults, "refaults");
     // No VMA is empty or overlaps its neighbour; neighbours that could merge are merged.
     let vmas: Vec<&Vma> = model.vmas().collect();
     for w in vmas.windows(2) {
@@ -225,9 +254,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             Op::Madvise { page, pages } => {
                 m.madvise(ts, addr(page), pages * PAGE_SIZE, MADV_DONTNEED);
                 for p in page..page + pages {
-                    if let Some(rp) = r.pages.get_mut(&addr(p)) {
-                        rp.touched = None;
-                    }
+                    r.release(addr(p));
                 }
             }
             Op::Touch { page, pages, write } => {
@@ -236,6 +263,10 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     let Some(rp) = r.pages.get_mut(&a) else {
                         continue;
                     };
+                    if rp.touched.is_none() && r.released.remove(&a) {
+                        r.refaults += 1;
+                        rp.refaulted = true;
+                    }
                     {
                         let kind = if rp.perms.shared {
                             TouchKind::File
@@ -273,6 +304,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         let mut p = template.clone();
                         p.file_offset = p.file_offset.map(|o| o + (i + 1) * PAGE_SIZE);
                         p.touched = None;
+                        p.refaulted = false;
                         r.pages.insert(a, p);
                     }
                 } else {
@@ -315,10 +347,11 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     for (a, _) in &moved {
                         if let Some(p) = r.pages.get_mut(a) {
                             p.touched = None;
+                            p.refaulted = false;
                         }
                     }
                 } else {
-                    r.unmap(addr(page), v.end);
+                    r.forget(addr(page), v.end);
                 }
                 for (a, p) in moved {
                     r.pages.insert(a - addr(page) + dest, p);
@@ -342,6 +375,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                                 backing: Backing::Heap,
                                 file_offset: None,
                                 touched: None,
+                                refaulted: false,
                             },
                         );
                     }
