@@ -8,7 +8,7 @@ use tracer_common::Syscall;
 use super::{FaultFilter, LossSummary, Meta, Sink, Summary, report::vma_rows, show_fault};
 use crate::{
     analysis::Finding,
-    event::{Event, SyscallRecord},
+    event::{Event, FaultRecord, SyscallRecord},
     flags,
     model::{Effect, PAGE_SIZE, Touch},
     session::{Applied, Process, Session},
@@ -21,12 +21,18 @@ pub const SCHEMA_VERSION: u64 = 1;
 pub struct NdjsonSink<W: Write> {
     out: W,
     faults: FaultFilter,
+    /// A fault record is formatted here first and reaches `out` in one write.
+    scratch: Vec<u8>,
 }
 
 impl<W: Write> NdjsonSink<W> {
     /// A sink writing to `out`, showing faults as `faults` says.
     pub fn new(out: W, faults: FaultFilter) -> Self {
-        Self { out, faults }
+        Self {
+            out,
+            faults,
+            scratch: Vec::with_capacity(512),
+        }
     }
 
     fn line(&mut self, v: &Value) -> io::Result<()> {
@@ -45,6 +51,60 @@ fn effect_json(e: &Effect) -> Value {
         "released_pages": e.released_pages,
         "splits": e.splits,
     })
+}
+
+/// Writes a fault record as one JSON object, without building a `Value` first: faults are
+/// most of a trace, and this is the daemon's hottest output path. Every value is a number, a
+/// boolean, null or one of the fixed page-kind names, so nothing needs escaping. Keys are in
+/// the order `serde_json` writes the other records' keys (sorted).
+fn write_fault(out: &mut impl Write, f: &FaultRecord, applied: &Applied) -> io::Result<()> {
+    let fe = match applied {
+        Applied::Fault(fe) => Some(fe),
+        _ => None,
+    };
+    let (first, kind, changed) = match fe.map(|fe| fe.touch) {
+        Some(Touch::First { kind, refault }) => (true, Some(kind.name()), refault),
+        Some(Touch::Upgraded { .. }) => (false, Some("anon"), true),
+        Some(Touch::Again) | None => (false, None, false),
+    };
+    write!(
+        out,
+        "{{\"address\":{},\"changed\":{changed},\"error_code\":{},\"first_touch\":{first},\"ip\":{},\"page_kind\":{},\"pages\":{},\"pid\":{},\"stack_grown_to\":{},\"tid\":{},\"ts_ns\":{},\"type\":\"fault\",\"vma_start\":{}}}",
+        f.address,
+        JsonOpt(f.error_code.map(u64::from)),
+        f.ip,
+        JsonName(kind),
+        fe.map_or(0, |fe| fe.pages),
+        f.pid,
+        JsonOpt(fe.and_then(|fe| fe.stack_grown_to)),
+        f.tid,
+        f.ts_ns,
+        JsonOpt(fe.and_then(|fe| fe.vma_start)),
+    )
+}
+
+/// A JSON number or null.
+struct JsonOpt(Option<u64>);
+
+impl std::fmt::Display for JsonOpt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("null"),
+        }
+    }
+}
+
+/// A JSON string that needs no escaping (a fixed name), or null.
+struct JsonName(Option<&'static str>);
+
+impl std::fmt::Display for JsonName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "\"{v}\""),
+            None => f.write_str("null"),
+        }
+    }
 }
 
 /// The named arguments of a syscall record (the raw ones are in `args`).
@@ -111,40 +171,10 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             v
         }
         Event::Fault(f) => {
-            let (first, kind, upgraded, vma, stack) = match applied {
-                Applied::Fault(fe) => match fe.touch {
-                    Touch::First { kind, refault } => (
-                        true,
-                        Some(kind.name()),
-                        refault,
-                        fe.vma_start,
-                        fe.stack_grown_to,
-                    ),
-                    Touch::Upgraded { .. } => {
-                        (false, Some("anon"), true, fe.vma_start, fe.stack_grown_to)
-                    }
-                    Touch::Again => (false, None, false, fe.vma_start, fe.stack_grown_to),
-                },
-                _ => (false, None, false, None, None),
-            };
-            json!({
-                "type": "fault",
-                "ts_ns": f.ts_ns,
-                "pid": f.pid,
-                "tid": f.tid,
-                "address": f.address,
-                "ip": f.ip,
-                "error_code": f.error_code,
-                "first_touch": first,
-                "page_kind": kind,
-                "pages": match applied {
-                    Applied::Fault(fe) => fe.pages,
-                    _ => 0,
-                },
-                "changed": upgraded,
-                "vma_start": vma,
-                "stack_grown_to": stack,
-            })
+            let mut line = Vec::with_capacity(256);
+            // Writing to a Vec cannot fail.
+            let _ = write_fault(&mut line, f, applied);
+            serde_json::from_slice(&line).unwrap_or(Value::Null)
         }
         Event::Fork {
             ts_ns,
@@ -244,6 +274,12 @@ impl<W: Write> Sink for NdjsonSink<W> {
         if matches!(event, Event::Fault(_)) && !show_fault(self.faults, applied) {
             return Ok(());
         }
+        if let Event::Fault(f) = event {
+            self.scratch.clear();
+            write_fault(&mut self.scratch, f, applied)?;
+            self.scratch.push(b'\n');
+            return self.out.write_all(&self.scratch);
+        }
         self.line(&event_json(event, applied))
     }
 
@@ -280,5 +316,86 @@ impl<W: Write> Sink for NdjsonSink<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FaultEffect, TouchKind};
+
+    /// The fault record as `serde_json` would build it: what the direct writer must equal.
+    fn reference(f: &FaultRecord, applied: &Applied) -> Value {
+        let fe = match applied {
+            Applied::Fault(fe) => Some(*fe),
+            _ => None,
+        };
+        let (first, kind, changed) = match fe.map(|fe| fe.touch) {
+            Some(Touch::First { kind, refault }) => (true, Some(kind.name()), refault),
+            Some(Touch::Upgraded { .. }) => (false, Some("anon"), true),
+            _ => (false, None, false),
+        };
+        json!({
+            "type": "fault", "ts_ns": f.ts_ns, "pid": f.pid, "tid": f.tid,
+            "address": f.address, "ip": f.ip, "error_code": f.error_code,
+            "first_touch": first, "page_kind": kind, "pages": fe.map_or(0, |fe| fe.pages),
+            "changed": changed, "vma_start": fe.and_then(|fe| fe.vma_start),
+            "stack_grown_to": fe.and_then(|fe| fe.stack_grown_to),
+        })
+    }
+
+    #[test]
+    fn fault_records_written_directly_are_the_same_json() {
+        let f = FaultRecord {
+            ts_ns: u64::MAX,
+            pid: 7,
+            tid: 8,
+            address: 0x7fff_ffff_f000,
+            ip: 0x40_1000,
+            error_code: Some(6),
+        };
+        let effect = |touch, pages, stack| {
+            Applied::Fault(FaultEffect {
+                touch,
+                pages,
+                vma_start: Some(0x7fff_0000_0000),
+                stack_grown_to: stack,
+            })
+        };
+        let cases = [
+            effect(
+                Touch::First {
+                    kind: TouchKind::Anon,
+                    refault: true,
+                },
+                512,
+                Some(0x7ffe_0000_0000),
+            ),
+            effect(
+                Touch::Upgraded {
+                    from: TouchKind::Zero,
+                },
+                0,
+                None,
+            ),
+            effect(Touch::Again, 0, None),
+            Applied::Ignored,
+        ];
+        for applied in &cases {
+            for error_code in [Some(6), None] {
+                let f = FaultRecord {
+                    error_code,
+                    ..f.clone()
+                };
+                let mut line = Vec::new();
+                write_fault(&mut line, &f, applied).expect("writes");
+                let text = String::from_utf8(line).expect("utf-8");
+                assert_eq!(
+                    text,
+                    serde_json::to_string(&reference(&f, applied)).expect("serializes"),
+                    "{applied:?}"
+                );
+            }
+        }
     }
 }
