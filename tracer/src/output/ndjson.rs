@@ -383,10 +383,7 @@ mod tests {
         ];
         for applied in &cases {
             for error_code in [Some(6), None] {
-                let f = FaultRecord {
-                    error_code,
-                    ..f.clone()
-                };
+                let f = FaultRecord { error_code, ..f };
                 let mut line = Vec::new();
                 write_fault(&mut line, &f, applied).expect("writes");
                 let text = String::from_utf8(line).expect("utf-8");
