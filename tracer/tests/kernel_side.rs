@@ -133,17 +133,7 @@ fn file_mappings_are_named_with_path_and_inode() {
     if !privileged("file_mappings_are_named_with_path_and_inode") {
         return;
     }
-    let out = temp_path("file.ndjson");
-    let out_s = out.to_string_lossy().into_owned();
-    let w = workload();
-    let mut v = spawn(&[
-        "--json",
-        "-o",
-        &out_s,
-        "--",
-        w.to_str().expect("utf-8"),
-        "file",
-    ]);
+    let (mut v, out) = spawn_workload(&[], "file");
     let mut line = String::new();
     while let Some(Ok(l)) = v.lines.next() {
         if l.starts_with("checkpoint") {

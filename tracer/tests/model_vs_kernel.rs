@@ -168,19 +168,7 @@ fn model_matches_proc_maps_and_smaps_at_every_checkpoint() {
     if !privileged("model_matches_proc_maps_and_smaps_at_every_checkpoint") {
         return;
     }
-    let out = temp_path("checkpoints.ndjson");
-    let workload = workload();
-    let out_s = out.to_string_lossy().into_owned();
-    let mut v = spawn(&[
-        "--json",
-        "-o",
-        &out_s,
-        "--faults",
-        "all",
-        "--",
-        workload.to_str().expect("utf-8 path"),
-        "checkpoints",
-    ]);
+    let (mut v, out) = spawn_workload(&["--faults", "all"], "checkpoints");
     let vmatrace_pid = v.child.id();
     let mut seen = Vec::new();
     while let Some(Ok(line)) = v.lines.next() {
@@ -292,20 +280,7 @@ fn a_followed_fork_child_matches_its_own_maps_and_smaps() {
     if !privileged("a_followed_fork_child_matches_its_own_maps_and_smaps") {
         return;
     }
-    let out = temp_path("fork-checkpoint.ndjson");
-    let out_s = out.to_string_lossy().into_owned();
-    let w = workload();
-    let mut v = spawn(&[
-        "-f",
-        "--json",
-        "-o",
-        &out_s,
-        "--faults",
-        "all",
-        "--",
-        w.to_str().expect("utf-8"),
-        "fork-checkpoint",
-    ]);
+    let (mut v, out) = spawn_workload(&["-f", "--faults", "all"], "fork-checkpoint");
     let vmatrace_pid = v.child.id();
     let mut child = 0u64;
     let mut compared = false;
@@ -344,17 +319,7 @@ fn transparent_huge_pages_count_as_what_they_are() {
     if !privileged("transparent_huge_pages_count_as_what_they_are") {
         return;
     }
-    let out = temp_path("thp.ndjson");
-    let out_s = out.to_string_lossy().into_owned();
-    let w = workload();
-    let mut v = spawn(&[
-        "--json",
-        "-o",
-        &out_s,
-        "--",
-        w.to_str().expect("utf-8"),
-        "thp",
-    ]);
+    let (mut v, out) = spawn_workload(&[], "thp");
     let vmatrace_pid = v.child.id();
     let mut base = 0u64;
     let mut seen = Vec::new();

@@ -195,6 +195,18 @@ pub fn spawn(args: &[&str]) -> Running {
     }
 }
 
+/// Starts `vmatrace --json -o TEMP [extra] -- workload SCENARIO` with piped stdout; returns it
+/// and the output file.
+pub fn spawn_workload(extra: &[&str], scenario: &str) -> (Running, PathBuf) {
+    let out = temp_path(&format!("{scenario}.ndjson"));
+    let out_s = out.to_string_lossy().into_owned();
+    let w = workload();
+    let mut args = vec!["--json", "-o", &out_s];
+    args.extend_from_slice(extra);
+    args.extend(["--", w.to_str().expect("utf-8 path"), scenario]);
+    (spawn(&args), out)
+}
+
 /// Waits until `f` holds, or panics after `secs`.
 pub fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
