@@ -635,6 +635,7 @@ impl AddressSpace {
         let kind = classify(vma, write, present);
         let vma_start = Some(vma.start);
         let page = addr >> PAGE_SHIFT;
+        let block = self.huge_block(vma, page, kind);
         if !present
             && let Some(block) = self.pages.huge_block_of(page)
             && block.origin != page
@@ -644,7 +645,6 @@ impl AddressSpace {
             self.pages.revert_block(block);
             self.thp_fallbacks += 1;
         }
-        let block = self.huge_block(page, kind);
         let (touch, pages) = match block {
             Some(block) => (self.pages.touch_block(block, ts, kind), block.pages),
             None => {
@@ -660,36 +660,38 @@ impl AddressSpace {
         }
     }
 
-    /// The transparent huge page a first touch of `page` as `kind` gets, if any (see
-    /// [`super::thp`] for the rules).
-    fn huge_block(&self, page: u64, kind: TouchKind) -> Option<HugeBlock> {
-        if self.thp.is_off() {
-            return None;
-        }
-        let vma = self.find(page << PAGE_SHIFT)?;
+    /// The transparent huge page a first touch of `page` (in `vma`) as `kind` gets, if any
+    /// (see [`super::thp`] for the rules).
+    fn huge_block(&self, vma: &Vma, page: u64, kind: TouchKind) -> Option<HugeBlock> {
         let eligible = !vma.perms.shared
             && matches!(vma.backing, Backing::Anonymous | Backing::Heap)
-            && kind != TouchKind::File
-            && self.pages.get(page).is_none();
-        if !eligible {
+            && kind != TouchKind::File;
+        let mut sizes = if eligible {
+            self.thp.size_mask(vma.thp)
+        } else {
+            0
+        };
+        if sizes == 0 || self.pages.get(page).is_some() {
             return None;
         }
         let (first, last) = (vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT);
-        self.thp
-            .sizes_for(vma.thp)
-            .into_iter()
-            // A read maps the huge zero page (2 MiB only) or else the small zero page.
-            .filter(|&n| kind == TouchKind::Anon || (n == PMD_PAGES && self.thp.huge_zero_page))
-            .map(|n| HugeBlock {
-                start: page & !(n - 1),
-                pages: n,
-                origin: page,
-            })
-            .find(|b| {
-                b.start >= first
-                    && b.start + b.pages <= last
-                    && !self.pages.any_touched(b.start, b.start + b.pages)
-            })
+        // Largest first. A read maps the huge zero page (2 MiB only) or the small zero page.
+        while sizes != 0 {
+            let n = 1u64 << (63 - sizes.leading_zeros());
+            sizes &= !n;
+            if kind != TouchKind::Anon && !(n == PMD_PAGES && self.thp.huge_zero_page) {
+                continue;
+            }
+            let start = page & !(n - 1);
+            if start >= first && start + n <= last && !self.pages.any_touched(start, start + n) {
+                return Some(HugeBlock {
+                    start,
+                    pages: n,
+                    origin: page,
+                });
+            }
+        }
+        None
     }
 
     /// Removes `[start, end)` from the map, releasing its pages; the effect counts what went.

@@ -106,16 +106,15 @@ impl ThpPolicy {
         self.always.is_empty() && self.madvise.is_empty()
     }
 
-    /// The sizes (pages, largest first) a VMA with `advice` can get.
-    pub fn sizes_for(&self, advice: ThpAdvice) -> Vec<u64> {
-        let mut v = match advice {
-            ThpAdvice::NoHuge => return Vec::new(),
-            ThpAdvice::Default => self.always.clone(),
-            ThpAdvice::Huge => [&self.always[..], &self.madvise[..]].concat(),
-        };
-        v.sort_unstable_by(|a, b| b.cmp(a));
-        v.dedup();
-        v
+    /// The sizes (pages, each a power of two) a VMA with `advice` can get, as a bit mask: bit
+    /// `n` set means `1 << n` pages. No allocation: this is asked on first touches.
+    pub fn size_mask(&self, advice: ThpAdvice) -> u64 {
+        let mask = |sizes: &[u64]| sizes.iter().fold(0, |m, n| m | n);
+        match advice {
+            ThpAdvice::NoHuge => 0,
+            ThpAdvice::Default => mask(&self.always),
+            ThpAdvice::Huge => mask(&self.always) | mask(&self.madvise),
+        }
     }
 }
 
@@ -349,9 +348,9 @@ mod tests {
         assert_eq!(p.always, Vec::<u64>::new());
         assert_eq!(p.madvise, vec![PMD_PAGES]);
         assert!(p.huge_zero_page);
-        assert_eq!(p.sizes_for(ThpAdvice::Default), Vec::<u64>::new());
-        assert_eq!(p.sizes_for(ThpAdvice::Huge), vec![512]);
-        assert_eq!(p.sizes_for(ThpAdvice::NoHuge), Vec::<u64>::new());
+        assert_eq!(p.size_mask(ThpAdvice::Default), 0);
+        assert_eq!(p.size_mask(ThpAdvice::Huge), 512);
+        assert_eq!(p.size_mask(ThpAdvice::NoHuge), 0);
     }
 
     #[test]
@@ -362,7 +361,7 @@ mod tests {
             (16, "[always] inherit madvise never"),
         ]);
         let p = ThpPolicy::from_settings("[always] madvise never", &s, "0", true);
-        assert_eq!(p.sizes_for(ThpAdvice::Default), vec![512, 4]);
+        assert_eq!(p.size_mask(ThpAdvice::Default), 512 | 4);
         assert!(!p.huge_zero_page);
         let off = ThpPolicy::from_settings("[always] madvise never", &s, "1", false);
         assert!(off.is_off());
