@@ -215,7 +215,7 @@ mod tests {
         assert_eq!(s.fault(2, BASE + (64 << 10), Some(false), false).pages, 1);
         // That block now has a page: the next write in it gets a small page.
         assert_eq!(s.fault(3, BASE + (68 << 10), Some(true), false).pages, 1);
-        // The heap is eligible; a shared mapping and a file mapping are not.
+        // A shared mapping is not eligible.
         let shared = BASE + 8 * MIB2;
         s.mmap(
             4,
