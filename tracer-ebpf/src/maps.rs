@@ -1,11 +1,9 @@
 //! The maps shared by every program, and small helpers around them.
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
 };
 use tracer_common::{DEFAULT_RING_BYTES, PendingSyscall, STAT_COUNT, Stat};
 
@@ -63,14 +61,6 @@ pub fn wakeup_flags(size: u64) -> u64 {
     } else {
         BPF_RB_NO_WAKEUP as u64
     }
-}
-
-/// Reads the `u64` at `offset` of a tracepoint record directly from the context (no helper
-/// call). `offset` must be 8-byte aligned and inside the record, as the formats above say.
-#[inline(always)]
-pub fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
-    // SAFETY: the verifier allows aligned loads from a tracepoint context within its size.
-    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
 }
 
 /// Splits `bpf_get_current_pid_tgid()` into (tgid, tid).

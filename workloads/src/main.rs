@@ -572,10 +572,29 @@ fn purge(rounds: usize, mib: usize) {
     say(&format!("purge {rounds} {mib}"));
 }
 
-/// A 32-bit compat `mmap2` (int 0x80) from this 64-bit process: the syscall tracepoints do not
-/// report compat calls, so vmatrace must not misread it, and `--reconcile` must see the drift.
-/// Stays alive for `millis` after printing the address.
+/// A 32-bit compat `mmap2` (int 0x80) from this 64-bit process: vmatrace does not trace compat
+/// calls, so it must not misread it, and `--reconcile` must see the drift.
+/// Before it, two compat calls whose i386 numbers are x86-64 memory syscalls' (11 execve is
+/// munmap, 12 chdir is brk), both with a NULL path, so they fail with EFAULT. Stays alive for
+/// `millis` after printing the address.
 fn compat_mmap(millis: u64) {
+    for nr in [11i32, 12] {
+        let ret: i32;
+        // SAFETY: i386 execve / chdir with a NULL path: the kernel only returns -EFAULT. rbx
+        // (the path) is saved and restored around the call, as LLVM reserves it.
+        unsafe {
+            std::arch::asm!(
+                "push rbx",
+                "xor ebx, ebx",
+                "int 0x80",
+                "pop rbx",
+                inlateout("eax") nr => ret,
+                in("ecx") 0,
+                in("edx") 0,
+            );
+        }
+        say(&format!("compat_lookalike_{nr} {ret}"));
+    }
     let ret: i32;
     // SAFETY: the i386 mmap2 syscall (192) with valid arguments; rbx (address hint, 0) and rbp
     // (page offset, 0) are saved and restored around it, as LLVM reserves them.

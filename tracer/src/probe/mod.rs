@@ -14,7 +14,7 @@ use aya::{
     },
     util::online_cpus,
 };
-use tracer_common::{STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC};
+use tracer_common::{STAT_COUNT, Stat, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC};
 
 /// Which program reports page faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -181,13 +181,9 @@ impl Probe {
             logger,
             fault_backend: FaultBackend::Off,
         };
-        // Exits before enters: an entry saved after this point always meets its exit program.
-        for call in Syscall::ALL {
-            probe.attach_tracepoint("syscalls", &format!("sys_exit_{}", call.name()))?;
-        }
-        for call in Syscall::ALL {
-            probe.attach_tracepoint("syscalls", &format!("sys_enter_{}", call.name()))?;
-        }
+        // Exit before enter: an entry saved after this point always meets its exit program.
+        probe.attach_raw_tracepoint("sys_exit")?;
+        probe.attach_raw_tracepoint("sys_enter")?;
         probe.attach_tracepoint("task", "task_newtask")?;
         probe.attach_tracepoint("sched", "sched_process_exec")?;
         probe.attach_tracepoint("sched", "sched_process_exit")?;
