@@ -253,6 +253,14 @@ pub const TARGET_FOLLOW_FORKS: u32 = 1;
 /// (only its parent, vmatrace, can see the stop); children do not inherit it.
 pub const TARGET_STOP_AT_EXEC: u32 = 2;
 
+/// Slots of the `TARGETS_GEN` array: bumped after every change of `TARGETS` by the eBPF
+/// programs (this slot) ...
+pub const TARGETS_GEN_KERNEL: u32 = 0;
+/// ... and by userspace (this one), each writer in its own slot so no increment is lost.
+pub const TARGETS_GEN_USER: u32 = 1;
+/// Number of `TARGETS_GEN` slots.
+pub const TARGETS_GEN_SLOTS: u32 = 2;
+
 /// Counters kept per CPU in the `STATS` map; the index of each is its value.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

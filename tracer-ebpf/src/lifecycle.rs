@@ -12,7 +12,7 @@ use tracer_common::{
     TARGET_STOP_AT_EXEC, layout,
 };
 
-use crate::maps::{EVENTS, PENDING, TARGETS, count, current_ids, now_ns};
+use crate::maps::{EVENTS, PENDING, TARGETS, count, current_ids, now_ns, targets_changed};
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 const SIGSTOP: u32 = 19;
@@ -58,6 +58,7 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
     let mut followed = 0;
     if flags & TARGET_FOLLOW_FORKS != 0 {
         if TARGETS.insert(&child, &flags, BPF_NOEXIST as u64).is_ok() {
+            targets_changed();
             followed = 1;
         } else {
             count(Stat::TargetsFull);
@@ -169,6 +170,7 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let _ = TARGETS.remove(&tgid);
+    targets_changed();
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
         count(Stat::LostLifecycle);
         return Err(1);

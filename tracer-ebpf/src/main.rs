@@ -3,6 +3,9 @@
 //! `maps`.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the only atomic add the bpfel target offers (see `maps::targets_changed`).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod faults;
 mod lifecycle;

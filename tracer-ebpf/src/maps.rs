@@ -1,11 +1,16 @@
 //! The maps shared by every program, and small helpers around them.
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{DEFAULT_RING_BYTES, PendingSyscall, STAT_COUNT, Stat};
+use tracer_common::{
+    DEFAULT_RING_BYTES, PendingSyscall, STAT_COUNT, Stat, TARGETS_GEN_KERNEL, TARGETS_GEN_SLOTS,
+    TARGETS_GEN_USER,
+};
 
 /// Every event, in the order the kernel submitted them. Userspace may resize it before load.
 #[map]
@@ -21,6 +26,28 @@ pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 /// killed inside a syscall left behind.
 #[map]
 pub static PENDING: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(16384, 0);
+
+/// Generations of `TARGETS`: whoever changes it bumps its own slot afterwards (the fork and
+/// exit programs `TARGETS_GEN_KERNEL`, userspace `TARGETS_GEN_USER`), which invalidates every
+/// CPU's `FILTER_CACHE`.
+#[map]
+pub static TARGETS_GEN: Array<u64> = Array::with_max_entries(TARGETS_GEN_SLOTS, 0);
+
+/// The last answer of [`is_target`] on one CPU, and the generations it holds for.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FilterCache {
+    tgid: u32,
+    traced: u32,
+    gen_kernel: u64,
+    gen_user: u64,
+}
+
+/// Per CPU: most events come from the process of the event before them on the same CPU, so
+/// the filter answers from here with two array reads instead of a hash look-up (about 85 ns
+/// on the project's VM, for every fault and memory syscall of every process).
+#[map]
+pub static FILTER_CACHE: PerCpuArray<FilterCache> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters indexed by [`Stat`].
 #[map]
@@ -40,10 +67,49 @@ pub fn count(stat: Stat) {
     }
 }
 
-/// Whether `tgid` is traced. The first thing every program asks.
+/// Whether `tgid` is traced. The first thing every program asks (after the syscall number).
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
-    TARGETS.get_ptr(&tgid).is_some()
+    // The generations are read before the look-up: a change made after them makes the cached
+    // answer stale at once, whatever the look-up saw.
+    let (gen_kernel, gen_user) = (generation(TARGETS_GEN_KERNEL), generation(TARGETS_GEN_USER));
+    let Some(cache) = FILTER_CACHE.get_ptr_mut(0) else {
+        return TARGETS.get_ptr(&tgid).is_some();
+    };
+    // SAFETY: this CPU's slot; the programs do not nest on a CPU.
+    unsafe {
+        let c = *cache;
+        if c.tgid == tgid && c.gen_kernel == gen_kernel && c.gen_user == gen_user {
+            return c.traced != 0;
+        }
+        let traced = TARGETS.get_ptr(&tgid).is_some();
+        *cache = FilterCache {
+            tgid,
+            traced: traced as u32,
+            gen_kernel,
+            gen_user,
+        };
+        traced
+    }
+}
+
+/// One slot of `TARGETS_GEN`.
+#[inline(always)]
+fn generation(slot: u32) -> u64 {
+    // SAFETY: an array value; read volatile, since other CPUs and userspace change it.
+    TARGETS_GEN
+        .get_ptr(slot)
+        .map_or(0, |p| unsafe { core::ptr::read_volatile(p) })
+}
+
+/// Marks a change of `TARGETS` made by an eBPF program (after the change).
+#[inline(always)]
+pub fn targets_changed() {
+    if let Some(p) = TARGETS_GEN.get_ptr_mut(TARGETS_GEN_KERNEL) {
+        // SAFETY: an aligned u64 in an array value; programs on every CPU add to it, so the
+        // add is atomic (BPF `lock xadd`; `AtomicU64::fetch_add` does not exist for bpfel).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, 1) };
+    }
 }
 
 /// The submit flags for a record of `size` bytes: wake the reader once, when the data waiting

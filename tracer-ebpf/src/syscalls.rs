@@ -112,8 +112,13 @@ pub fn try_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
         return Ok(0);
     };
     let (tgid, tid) = current_ids();
+    // The (cached) filter first: a process that is not traced costs no look-up here.
+    let traced = is_target(tgid);
+    if !traced && syscall != Syscall::ProcessMadvise {
+        return Ok(0);
+    }
     let Some(saved) = PENDING.get_ptr_mut(&tid) else {
-        if is_target(tgid) {
+        if traced {
             count(Stat::ExitWithoutEnter);
         }
         return Ok(0);
@@ -125,7 +130,7 @@ pub fn try_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
     if pending.syscall != syscall as u32 {
         // No entry for this call: it was in flight when tracing started (or after it ended),
         // or it is a compat call, which the enter program skips on purpose.
-        if is_target(tgid) && !PtRegs::read(regs).is_some_and(|r| r.is_compat_syscall()) {
+        if traced && !PtRegs::read(regs).is_some_and(|r| r.is_compat_syscall()) {
             count(Stat::ExitWithoutEnter);
         }
         return Ok(0);

@@ -484,7 +484,9 @@ fn a_process_that_exits_during_attach_is_an_error() {
         return;
     }
     // The target dies (killed and reaped) as soon as vmatrace has loaded its first eBPF
-    // program: after vmatrace checked the pid, before it could put it in the filter.
+    // program: after vmatrace checked the pid, before it could put it in the filter. vmatrace
+    // is stopped (SIGSTOP) for that moment, since loading all its programs takes only
+    // milliseconds.
     let mut target = Command::new("sleep").arg("600").spawn().expect("spawns");
     let pid = target.id();
     let vm = Command::new(vmatrace())
@@ -493,13 +495,21 @@ fn a_process_that_exits_during_attach_is_an_error() {
         .spawn()
         .expect("vmatrace starts");
     let vm_pid = vm.id();
-    wait_for(30, "vmatrace to load a program", || {
-        open_files(vm_pid)
-            .iter()
-            .any(|f| f == "anon_inode:bpf-prog")
-    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !open_files(vm_pid)
+        .iter()
+        .any(|f| f == "anon_inode:bpf-prog")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vmatrace loaded no program"
+        );
+        std::hint::spin_loop();
+    }
+    kill(vm_pid, libc::SIGSTOP);
     target.kill().expect("kills the target");
     target.wait().expect("reaps the target");
+    kill(vm_pid, libc::SIGCONT);
     let o = vm.wait_with_output().expect("vmatrace ends");
     assert_one_line(
         "target killed during attach",

@@ -338,3 +338,51 @@ fn overflowing_a_tiny_ring_counts_exactly_the_lost_faults() {
         "the lost records add up to the summary"
     );
 }
+
+#[test]
+fn a_process_busy_on_one_cpu_before_attach_is_traced_once_attached() {
+    if !privileged("a_process_busy_on_one_cpu_before_attach_is_traced_once_attached") {
+        return;
+    }
+    // The eBPF filter keeps its last answer per CPU; adding a target must invalidate it. The
+    // target maps, touches and unmaps in a loop (1 ms pauses) on CPU 0, so CPU 0's cached
+    // answer is "not traced" for it right up to the attach; vmatrace runs on another CPU.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let spin = std::process::Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(workload())
+        .args(["spin", "6000", "1000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("taskset runs the workload");
+    let target = KillOnDrop(spin);
+    let pid = target.0.id();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = temp_path("busy-attach.ndjson");
+    let o = std::process::Command::new("taskset")
+        .args(["-c", &(cpus - 1).to_string()])
+        .arg(vmatrace())
+        .args([
+            "-p",
+            &pid.to_string(),
+            "--duration",
+            "1s",
+            "--json",
+            "--force",
+            "-o",
+        ])
+        .arg(&out)
+        .output()
+        .expect("vmatrace runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let recs = records(&out);
+    let mine = |ty: &str| {
+        recs.iter()
+            .filter(|r| r["type"] == ty && r["pid"] == pid)
+            .count()
+    };
+    // 16 first touches and one mmap and munmap per loop, several hundred loops a second.
+    assert!(mine("mmap") > 100, "mmaps traced: {}", mine("mmap"));
+    assert!(mine("munmap") > 100, "munmaps traced: {}", mine("munmap"));
+    assert!(mine("fault") > 1000, "faults traced: {}", mine("fault"));
+}

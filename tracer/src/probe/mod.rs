@@ -7,14 +7,14 @@ use std::{collections::HashMap as StdHashMap, io};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         PerfEvent, RawTracePoint, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
 };
-use tracer_common::{STAT_COUNT, Stat, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC};
+use tracer_common::{STAT_COUNT, Stat, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC, TARGETS_GEN_USER};
 
 /// Which program reports page faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -112,6 +112,9 @@ impl KernelStats {
 pub struct Probe {
     ebpf: Ebpf,
     targets: HashMap<MapData, u32, u32>,
+    /// Bumped after each change of `targets`, so that no CPU keeps a cached filter answer.
+    targets_gen: Array<MapData, u64>,
+    user_gen: u64,
     stats: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -166,6 +169,12 @@ impl Probe {
                     .ok_or(ProbeError::Missing("TARGETS"))?,
             )
             .map_err(map_err("TARGETS"))?,
+            targets_gen: Array::try_from(
+                ebpf.take_map("TARGETS_GEN")
+                    .ok_or(ProbeError::Missing("TARGETS_GEN"))?,
+            )
+            .map_err(map_err("TARGETS_GEN"))?,
+            user_gen: 0,
             stats: PerCpuArray::try_from(
                 ebpf.take_map("STATS").ok_or(ProbeError::Missing("STATS"))?,
             )
@@ -301,7 +310,16 @@ impl Probe {
         }
         self.targets
             .insert(pid, flags, 0)
-            .map_err(map_err("TARGETS insert"))
+            .map_err(map_err("TARGETS insert"))?;
+        self.targets_changed()
+    }
+
+    /// Invalidates the eBPF side's cached filter answers (after a change of `TARGETS`).
+    fn targets_changed(&mut self) -> Result<(), ProbeError> {
+        self.user_gen += 1;
+        self.targets_gen
+            .set(TARGETS_GEN_USER, self.user_gen, 0)
+            .map_err(map_err("TARGETS_GEN update"))
     }
 
     /// Stops tracing every process (the programs stay attached until the probe is dropped), so
@@ -312,7 +330,7 @@ impl Probe {
             // A key may vanish concurrently (its process exited): not an error.
             let _ = self.targets.remove(&k);
         }
-        Ok(())
+        self.targets_changed()
     }
 
     /// Takes the ring buffer, for the reader task.
