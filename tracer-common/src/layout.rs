@@ -18,11 +18,11 @@ pub struct TracepointField {
     pub size: usize,
 }
 
-/// The tracepoints the syscall programs attach to, raw: they read no record field (the
-/// arguments come from the task's `struct pt_regs`, whose layout is the architecture's ABI),
-/// so only their presence is checked.
-pub const RAW_SYSCALL_TRACEPOINTS: [(&str, &str); 2] =
-    [("raw_syscalls", "sys_enter"), ("raw_syscalls", "sys_exit")];
+/// Where the six 8-byte argument slots of every `syscalls:sys_enter_*` record start (the
+/// first slot's name is the syscall's own first argument).
+pub const SYS_ENTER_ARGS_OFFSET: usize = 16;
+/// Where the 8-byte `ret` sits in every `syscalls:sys_exit_*` record.
+pub const SYS_EXIT_RET_OFFSET: usize = 16;
 
 /// `task:task_newtask` `pid`: the new task.
 pub const NEWTASK_PID: TracepointField = field("task", "task_newtask", "pid", 8, 4);

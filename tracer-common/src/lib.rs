@@ -77,26 +77,6 @@ impl Syscall {
         Self::Openat,
     ];
 
-    /// The syscall with x86-64 number `nr` (the `id` of `raw_syscalls:sys_enter`), if it is
-    /// one vmatrace traces. Numbers from `arch/x86/entry/syscalls/syscall_64.tbl`.
-    #[inline(always)]
-    pub const fn from_x86_64_nr(nr: u64) -> Option<Syscall> {
-        Some(match nr {
-            9 => Self::Mmap,
-            10 => Self::Mprotect,
-            11 => Self::Munmap,
-            12 => Self::Brk,
-            25 => Self::Mremap,
-            28 => Self::Madvise,
-            30 => Self::Shmat,
-            67 => Self::Shmdt,
-            257 => Self::Openat,
-            329 => Self::PkeyMprotect,
-            440 => Self::ProcessMadvise,
-            _ => return None,
-        })
-    }
-
     /// How many arguments the syscall takes (the argument slots after them are not read).
     pub const fn nargs(self) -> usize {
         match self {
@@ -152,7 +132,7 @@ pub struct EventHeader {
     pub ts_ns: u64,
 }
 
-/// A memory syscall: its arguments (as the caller passed them) and its return value.
+/// A memory syscall: its arguments (as the tracepoint gives them) and its return value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyscallEvent {

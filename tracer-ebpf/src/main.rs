@@ -17,21 +17,40 @@ use aya_ebpf::{
     macros::{perf_event, raw_tracepoint, tracepoint},
     programs::{PerfEventContext, RawTracePointContext, TracePointContext},
 };
+use tracer_common::Syscall;
 
-/// `raw_syscalls:sys_enter`: saves the arguments of a traced memory syscall.
-#[raw_tracepoint(tracepoint = "sys_enter")]
-pub fn sys_enter(ctx: RawTracePointContext) -> i32 {
-    match syscalls::try_enter(&ctx) {
-        Ok(ret) | Err(ret) => ret as i32,
-    }
+/// One `sys_enter_*` and one `sys_exit_*` program per traced syscall, named after the
+/// tracepoint they attach to.
+macro_rules! syscall_programs {
+    ($($enter:ident, $exit:ident => $syscall:expr;)*) => {$(
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            match syscalls::try_enter(&ctx, $syscall) {
+                Ok(ret) | Err(ret) => ret,
+            }
+        }
+
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            match syscalls::try_exit(&ctx, $syscall) {
+                Ok(ret) | Err(ret) => ret,
+            }
+        }
+    )*};
 }
 
-/// `raw_syscalls:sys_exit`: emits the traced memory syscall with its return value.
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn sys_exit(ctx: RawTracePointContext) -> i32 {
-    match syscalls::try_exit(&ctx) {
-        Ok(ret) | Err(ret) => ret as i32,
-    }
+syscall_programs! {
+    sys_enter_brk, sys_exit_brk => Syscall::Brk;
+    sys_enter_mmap, sys_exit_mmap => Syscall::Mmap;
+    sys_enter_munmap, sys_exit_munmap => Syscall::Munmap;
+    sys_enter_mremap, sys_exit_mremap => Syscall::Mremap;
+    sys_enter_mprotect, sys_exit_mprotect => Syscall::Mprotect;
+    sys_enter_pkey_mprotect, sys_exit_pkey_mprotect => Syscall::PkeyMprotect;
+    sys_enter_madvise, sys_exit_madvise => Syscall::Madvise;
+    sys_enter_process_madvise, sys_exit_process_madvise => Syscall::ProcessMadvise;
+    sys_enter_shmat, sys_exit_shmat => Syscall::Shmat;
+    sys_enter_shmdt, sys_exit_shmdt => Syscall::Shmdt;
+    sys_enter_openat, sys_exit_openat => Syscall::Openat;
 }
 
 #[raw_tracepoint(tracepoint = "page_fault_user")]

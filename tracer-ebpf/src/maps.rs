@@ -3,9 +3,11 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
 };
 use tracer_common::{
     DEFAULT_RING_BYTES, PendingSyscall, STAT_COUNT, Stat, TARGETS_GEN_KERNEL, TARGETS_GEN_SLOTS,
@@ -67,7 +69,7 @@ pub fn count(stat: Stat) {
     }
 }
 
-/// Whether `tgid` is traced. The first thing every program asks (after the syscall number).
+/// Whether `tgid` is traced. The first thing every program asks.
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
     // The generations are read before the look-up: a change made after them makes the cached
@@ -127,6 +129,14 @@ pub fn wakeup_flags(size: u64) -> u64 {
     } else {
         BPF_RB_NO_WAKEUP as u64
     }
+}
+
+/// Reads the `u64` at `offset` of a tracepoint record directly from the context (no helper
+/// call). `offset` must be 8-byte aligned and inside the record, as the formats above say.
+#[inline(always)]
+pub fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: the verifier allows aligned loads from a tracepoint context within its size.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
 }
 
 /// Splits `bpf_get_current_pid_tgid()` into (tgid, tid).

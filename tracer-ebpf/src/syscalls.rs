@@ -1,91 +1,92 @@
-//! Memory syscalls, from the two raw syscall tracepoints. The enter program saves the
-//! arguments of a traced call per thread in `PENDING`; the exit program pairs them with the
-//! return value and emits one [`SyscallEvent`]. Userspace attaches the exit program before the
-//! enter program, so no saved entry waits for an exit that is not there.
-//!
-//! Attached raw, the programs run for every syscall on the machine but cost little: no perf
-//! record is built, and a call that is not a memory syscall is dismissed by its number before
-//! anything else. (The per-syscall `syscalls:sys_enter_*` tracepoints cost about twice as much
-//! per traced call; docs/benchmarks.md has the numbers.)
-
-use core::mem::offset_of;
+//! Memory syscalls. The enter program saves the arguments per thread in `PENDING`; the exit
+//! program pairs them with the return value and emits one [`SyscallEvent`]. Userspace attaches
+//! every exit program before its enter program, so no saved entry waits for an exit that is not
+//! there.
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_probe_read_user_str_bytes},
-    programs::RawTracePointContext,
+    programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
     EventHeader, EventKind, OpenEvent, PendingSyscall, Stat, Syscall, SyscallEvent,
+    layout::{SYS_ENTER_ARGS_OFFSET, SYS_EXIT_RET_OFFSET},
 };
 
-use crate::{
-    maps::{EVENTS, PENDING, count, current_ids, is_target, now_ns, wakeup_flags},
-    regs::PtRegs,
-};
+use crate::maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_ns, wakeup_flags};
 
-// raw_syscalls:sys_enter and raw_syscalls:sys_exit, attached raw. Their arguments
-// (include/trace/events/syscalls.h):
-// TRACE_EVENT_FN(sys_enter, TP_PROTO(struct pt_regs *regs, long id), ...)
-// TRACE_EVENT_FN(sys_exit, TP_PROTO(struct pt_regs *regs, long ret), ...)
-// and, for reference, the record format the programs do not read:
-// name: sys_enter
+// name: sys_enter_mmap (every sys_enter_* has this layout; unused argument slots are not read)
 // format:
-// 	field:long id;	offset:8;	size:8;	signed:1;
-// 	field:unsigned long args[6];	offset:16;	size:48;	signed:0;
-// name: sys_exit
+// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+// 	field:int common_pid;	offset:4;	size:4;	signed:1;
+//
+// 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+// 	field:unsigned long addr;	offset:16;	size:8;	signed:0;
+// 	field:unsigned long len;	offset:24;	size:8;	signed:0;
+// 	field:unsigned long prot;	offset:32;	size:8;	signed:0;
+// 	field:unsigned long flags;	offset:40;	size:8;	signed:0;
+// 	field:unsigned long fd;	offset:48;	size:8;	signed:0;
+// 	field:unsigned long off;	offset:56;	size:8;	signed:0;
+// Read at `layout::SYS_ENTER_ARGS_OFFSET`; the daemon checks it against the kernel's format.
+
+// name: sys_exit_mmap (every sys_exit_* has this layout)
 // format:
-// 	field:long id;	offset:8;	size:8;	signed:1;
-// 	field:long ret;	offset:16;	size:8;	signed:0;
-const RAW_ARG_REGS: usize = 0;
-/// `id` at enter, `ret` at exit.
-const RAW_ARG_ID_OR_RET: usize = 1;
+// 	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+// 	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+// 	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+// 	field:int common_pid;	offset:4;	size:4;	signed:1;
+//
+// 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
+// 	field:long ret;	offset:16;	size:8;	signed:1;
+// Read at `layout::SYS_EXIT_RET_OFFSET`.
 
 /// A `PendingSyscall::syscall` value that matches no syscall: the slot's entry was used.
 const CONSUMED: u32 = u32::MAX;
 
-/// Saves the arguments of a traced memory syscall for the current thread.
+/// Zero, as a value the compiler cannot see: on this target LLVM turns stores of constant
+/// zeros into a call to a byte-wise `memset` (a loop of 16 iterations per entry here).
+#[unsafe(no_mangle)]
+static OPAQUE_ZERO: u64 = 0;
+
+/// Saves the arguments of `syscall` for the current thread.
 #[inline(always)]
-pub fn try_enter(ctx: &RawTracePointContext) -> Result<u32, u32> {
-    let nr: u64 = ctx.arg(RAW_ARG_ID_OR_RET);
-    let Some(syscall) = Syscall::from_x86_64_nr(nr) else {
-        return Ok(0);
-    };
+pub fn try_enter(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
     // process_madvise may name a traced process from an untraced one: userspace decides.
     if syscall != Syscall::ProcessMadvise && !is_target(tgid) {
         return Ok(0);
     }
-    let Some(regs) = PtRegs::read(ctx.arg(RAW_ARG_REGS)) else {
-        count(Stat::ReadError);
-        return Err(1);
-    };
-    // A 32-bit call whose number happens to be a 64-bit memory syscall's (i386 11 is execve,
-    // x86-64 11 is munmap). The per-syscall tracepoints skip compat calls; so does vmatrace.
-    if regs.is_compat_syscall() {
-        return Ok(0);
-    }
-    // Only the syscall's own arguments: the other registers hold whatever the caller left.
-    // (Built element by element: a zeroed array and a loop become a byte-wise memset call.)
-    let all = regs.syscall_args();
+    // Only the syscall's own argument slots are inside its record; the others are zero.
+    // SAFETY: a constant, read volatile so that the zero stores below are not turned into a
+    // memset call.
+    let zero = unsafe { core::ptr::read_volatile(&OPAQUE_ZERO) };
     let nargs = syscall.nargs();
-    let arg = |i: usize| if i < nargs { all[i] } else { 0 };
+    let arg = |i: usize| {
+        if i < nargs {
+            ctx_u64(ctx, SYS_ENTER_ARGS_OFFSET + 8 * i)
+        } else {
+            zero
+        }
+    };
+    let args = [arg(0), arg(1), arg(2), arg(3), arg(4), arg(5)];
     // process_madvise: the first iovec (base, len) of the caller's vector, enough for the
     // common vlen == 1.
     let extra = if syscall == Syscall::ProcessMadvise {
         // SAFETY: a user pointer read with the fault-tolerant helper.
-        unsafe { bpf_probe_read_user(all[1] as *const [u64; 2]) }.unwrap_or_else(|_| {
+        unsafe { bpf_probe_read_user(args[1] as *const [u64; 2]) }.unwrap_or_else(|_| {
             count(Stat::ReadError);
-            [0, 0]
+            [zero, zero]
         })
     } else {
-        [0, 0]
+        [zero, zero]
     };
     let pending = PendingSyscall {
         syscall: syscall as u32,
         _pad: 0,
         enter_ts_ns: now_ns(),
-        args: [arg(0), arg(1), arg(2), arg(3), arg(4), arg(5)],
+        args,
         extra,
     };
     // A thread's slot is reused in place: a store is much cheaper than a map update.
@@ -100,17 +101,9 @@ pub fn try_enter(ctx: &RawTracePointContext) -> Result<u32, u32> {
     Ok(0)
 }
 
-/// Pairs the exit of a memory syscall with its saved entry and emits one event.
+/// Pairs the exit of `syscall` with its saved entry and emits one event.
 #[inline(always)]
-pub fn try_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
-    let regs: u64 = ctx.arg(RAW_ARG_REGS);
-    // The number is not an argument of sys_exit: it stays in orig_ax.
-    let Some(nr) = PtRegs::read_field(regs, offset_of!(PtRegs, orig_ax)) else {
-        return Ok(0);
-    };
-    let Some(syscall) = Syscall::from_x86_64_nr(nr) else {
-        return Ok(0);
-    };
+pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
     // The (cached) filter first: a process that is not traced costs no look-up here.
     let traced = is_target(tgid);
@@ -128,14 +121,13 @@ pub fn try_exit(ctx: &RawTracePointContext) -> Result<u32, u32> {
     let pending = unsafe { *saved };
     unsafe { (*saved).syscall = CONSUMED };
     if pending.syscall != syscall as u32 {
-        // No entry for this call: it was in flight when tracing started (or after it ended),
-        // or it is a compat call, which the enter program skips on purpose.
-        if traced && !PtRegs::read(regs).is_some_and(|r| r.is_compat_syscall()) {
+        // No entry for this call: it was in flight when tracing started (or after it ended).
+        if traced {
             count(Stat::ExitWithoutEnter);
         }
         return Ok(0);
     }
-    let ret: i64 = ctx.arg(RAW_ARG_ID_OR_RET);
+    let ret = ctx_u64(ctx, SYS_EXIT_RET_OFFSET) as i64;
     if syscall == Syscall::Openat {
         return emit_open(tgid, tid, &pending, ret);
     }

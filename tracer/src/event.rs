@@ -306,35 +306,4 @@ mod tests {
         s.call = Syscall::Brk;
         assert_eq!(s.errno(), None);
     }
-
-    #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn x86_64_syscall_numbers_are_the_kernels() {
-        // The eBPF side recognises memory syscalls by these numbers (raw_syscalls:sys_enter).
-        let table = [
-            (libc::SYS_brk, Syscall::Brk),
-            (libc::SYS_mmap, Syscall::Mmap),
-            (libc::SYS_munmap, Syscall::Munmap),
-            (libc::SYS_mremap, Syscall::Mremap),
-            (libc::SYS_mprotect, Syscall::Mprotect),
-            (libc::SYS_pkey_mprotect, Syscall::PkeyMprotect),
-            (libc::SYS_madvise, Syscall::Madvise),
-            (libc::SYS_process_madvise, Syscall::ProcessMadvise),
-            (libc::SYS_shmat, Syscall::Shmat),
-            (libc::SYS_shmdt, Syscall::Shmdt),
-            (libc::SYS_openat, Syscall::Openat),
-        ];
-        assert_eq!(table.len(), Syscall::ALL.len());
-        for (nr, call) in table {
-            assert_eq!(Syscall::from_x86_64_nr(nr as u64), Some(call), "{nr}");
-        }
-        // Nothing else is taken for a memory syscall.
-        let traced = (0..1024u64)
-            .filter(|&nr| Syscall::from_x86_64_nr(nr).is_some())
-            .count();
-        assert_eq!(traced, Syscall::ALL.len());
-        assert_eq!(Syscall::from_x86_64_nr(libc::SYS_execve as u64), None);
-        assert_eq!(Syscall::Mmap.nargs(), 6);
-        assert_eq!(Syscall::Brk.nargs(), 1);
-    }
 }

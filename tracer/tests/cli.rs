@@ -276,15 +276,15 @@ fn reconcile_reports_a_compat_mapping_it_cannot_see_and_nothing_else() {
     if !privileged("reconcile_reports_a_compat_mapping_it_cannot_see_and_nothing_else") {
         return;
     }
-    // 32-bit int 0x80 calls from a 64-bit process: vmatrace skips compat calls (their numbers
-    // and registers are i386's), so none is misread as a 64-bit call, and the reconciliation
-    // sees the compat mmap2.
+    // 32-bit int 0x80 calls from a 64-bit process: the syscall tracepoints do not report
+    // compat calls (their numbers and registers are i386's), so none is misread as a 64-bit
+    // call, and the reconciliation sees the compat mmap2.
     let t = trace_workload(
         &["--faults", "none", "--reconcile", "1"],
         &["compat-mmap", "3500"],
     );
     assert_eq!(t.status, 0, "{}", t.stderr);
-    // i386 execve (11) and chdir (12) are x86-64 munmap and brk: not taken for them.
+    // i386 execve (11) and chdir (12) have the numbers of x86-64 munmap and brk.
     for nr in [11, 12] {
         let ret = line_numbers(&t.stdout, &format!("compat_lookalike_{nr}"))[0];
         assert_eq!(ret, -i64::from(libc::EFAULT), "{}", t.stdout);
@@ -443,22 +443,22 @@ fn a_kernel_without_the_tracepoints_is_refused_and_btf_is_not_needed() {
     if !privileged("a_kernel_without_the_tracepoints_is_refused_and_btf_is_not_needed") {
         return;
     }
-    // A tracefs without syscall tracepoints: what a kernel without syscall tracing has.
+    // A tracefs without syscall tracepoints: what a kernel without CONFIG_FTRACE_SYSCALLS has.
     let o = in_private_mounts(
         "mount -t tmpfs none /sys/kernel/tracing
-         mkdir -p /sys/kernel/tracing/events/raw_syscalls /sys/kernel/tracing/events/sched
+         mkdir -p /sys/kernel/tracing/events/syscalls /sys/kernel/tracing/events/sched
          exec \"$VMATRACE\" -o /dev/null --force -- true",
     );
     assert_one_line(
         "fake tracefs",
         &o,
-        "this kernel has no tracepoint raw_syscalls:sys_enter",
+        "this kernel has no tracepoint syscalls:sys_enter_brk",
     );
     assert_eq!(o.status.code(), Some(1));
 
     // Without BTF (an empty vmlinux): the programs read tracepoint records at offsets checked
-    // against the kernel's format files, and `struct pt_regs` (an ABI); they use no CO-RE
-    // relocation, so tracing still works.
+    // against the kernel's format files, and `struct pt_regs` (an ABI, for the faulting
+    // instruction); they use no CO-RE relocation, so tracing still works.
     let out = temp_path("no-btf.ndjson");
     let o = in_private_mounts(&format!(
         ": > /tmp/vmatrace-empty-btf

@@ -19,7 +19,7 @@ fn our_programs() -> BTreeSet<u32> {
         .filter_map(Result::ok)
         .filter(|p| {
             p.name_as_str().is_some_and(|n| {
-                n.starts_with("sys_enter")
+                n.starts_with("sys_enter_mmap")
                     || n.starts_with("page_fault_user")
                     || n.starts_with("task_newtask")
             })

@@ -440,6 +440,17 @@ fn churn(iters: usize) {
     say(&format!("churn {} ns", start.elapsed().as_nanos()));
 }
 
+/// Benchmark: a syscall that is not a memory syscall (`getppid`, never answered by the vDSO),
+/// for the cost vmatrace adds to every other syscall on the machine.
+fn getppid_loop(iters: usize) {
+    let start = Instant::now();
+    for _ in 0..iters {
+        // SAFETY: getppid has no preconditions.
+        std::hint::black_box(unsafe { libc::getppid() });
+    }
+    say(&format!("getppid {} ns", start.elapsed().as_nanos()));
+}
+
 /// Benchmark: several threads malloc and free mixed sizes through glibc.
 fn malloc_mt(threads: usize, iters: usize) {
     let start = Instant::now();
@@ -572,8 +583,8 @@ fn purge(rounds: usize, mib: usize) {
     say(&format!("purge {rounds} {mib}"));
 }
 
-/// A 32-bit compat `mmap2` (int 0x80) from this 64-bit process: vmatrace does not trace compat
-/// calls, so it must not misread it, and `--reconcile` must see the drift.
+/// A 32-bit compat `mmap2` (int 0x80) from this 64-bit process: the syscall tracepoints do not
+/// report compat calls, so vmatrace must not misread it, and `--reconcile` must see the drift.
 /// Before it, two compat calls whose i386 numbers are x86-64 memory syscalls' (11 execve is
 /// munmap, 12 chdir is brk), both with a NULL path, so they fail with EFAULT. Stays alive for
 /// `millis` after printing the address.
@@ -647,12 +658,13 @@ fn main() {
         Some("wait-then-map") => wait_then_map(),
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
+        Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }

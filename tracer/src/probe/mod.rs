@@ -14,7 +14,9 @@ use aya::{
     },
     util::online_cpus,
 };
-use tracer_common::{STAT_COUNT, Stat, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC, TARGETS_GEN_USER};
+use tracer_common::{
+    STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC, TARGETS_GEN_USER,
+};
 
 /// Which program reports page faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -190,9 +192,13 @@ impl Probe {
             logger,
             fault_backend: FaultBackend::Off,
         };
-        // Exit before enter: an entry saved after this point always meets its exit program.
-        probe.attach_raw_tracepoint("sys_exit")?;
-        probe.attach_raw_tracepoint("sys_enter")?;
+        // Exits before enters: an entry saved after this point always meets its exit program.
+        for call in Syscall::ALL {
+            probe.attach_tracepoint("syscalls", &format!("sys_exit_{}", call.name()))?;
+        }
+        for call in Syscall::ALL {
+            probe.attach_tracepoint("syscalls", &format!("sys_enter_{}", call.name()))?;
+        }
         probe.attach_tracepoint("task", "task_newtask")?;
         probe.attach_tracepoint("sched", "sched_process_exec")?;
         probe.attach_tracepoint("sched", "sched_process_exit")?;

@@ -2,7 +2,7 @@
 
 use std::{ffi::CString, io, path::Path};
 
-use tracer_common::layout;
+use tracer_common::{Syscall, layout};
 
 /// Where tracefs is mounted on current kernels.
 pub const TRACEFS: &str = "/sys/kernel/tracing";
@@ -58,7 +58,7 @@ pub fn has_tracepoint(root: &str, category: &str, name: &str) -> bool {
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LayoutError {
     #[error(
-        "this kernel has no tracepoint {0}; vmatrace needs the raw_syscalls, sched and task tracepoints"
+        "this kernel has no tracepoint {0}; vmatrace needs the syscall, sched and task tracepoints (CONFIG_FTRACE_SYSCALLS)"
     )]
     Missing(String),
     #[error(
@@ -72,31 +72,69 @@ pub enum LayoutError {
     },
 }
 
+/// One field the probe reads: category, event, name (`None`: any name), offset, size.
+struct Expected<'a> {
+    category: &'a str,
+    event: &'a str,
+    field: Option<&'a str>,
+    offset: usize,
+    size: usize,
+}
+
 /// Checks every tracepoint the probe attaches to against the kernel's `format` files: each must
-/// exist, and hold each field the eBPF programs read at the offset and size they read it.
+/// exist and hold each field the eBPF programs read at the offset and size they read it.
 pub fn check_layout(root: &str) -> Result<(), LayoutError> {
-    let format = |category: &str, event: &str| {
+    let mut expected = Vec::new();
+    let names: Vec<(String, String)> = Syscall::ALL
+        .iter()
+        .map(|c| {
+            (
+                format!("sys_enter_{}", c.name()),
+                format!("sys_exit_{}", c.name()),
+            )
+        })
+        .collect();
+    for (enter, exit) in &names {
+        expected.push(Expected {
+            category: "syscalls",
+            event: enter,
+            field: None,
+            offset: layout::SYS_ENTER_ARGS_OFFSET,
+            size: 8,
+        });
+        expected.push(Expected {
+            category: "syscalls",
+            event: exit,
+            field: Some("ret"),
+            offset: layout::SYS_EXIT_RET_OFFSET,
+            size: 8,
+        });
+    }
+    expected.extend(layout::LIFECYCLE_FIELDS.iter().map(|f| Expected {
+        category: f.category,
+        event: f.event,
+        field: Some(f.field),
+        offset: f.offset,
+        size: f.size,
+    }));
+    for e in &expected {
+        let tracepoint = format!("{}:{}", e.category, e.event);
         let path = Path::new(root)
             .join("events")
-            .join(category)
-            .join(event)
+            .join(e.category)
+            .join(e.event)
             .join("format");
-        std::fs::read_to_string(path)
-            .map_err(|_| LayoutError::Missing(format!("{category}:{event}")))
-    };
-    for (category, event) in layout::RAW_SYSCALL_TRACEPOINTS {
-        format(category, event)?;
-    }
-    for f in &layout::LIFECYCLE_FIELDS {
-        let text = format(f.category, f.event)?;
-        if !format_fields(&text)
-            .any(|g| g.name == f.field && g.offset == f.offset && g.size == f.size)
-        {
+        let text =
+            std::fs::read_to_string(&path).map_err(|_| LayoutError::Missing(tracepoint.clone()))?;
+        let found = format_fields(&text).any(|f| {
+            f.offset == e.offset && f.size == e.size && e.field.is_none_or(|n| n == f.name)
+        });
+        if !found {
             return Err(LayoutError::Mismatch {
-                tracepoint: format!("{}:{}", f.category, f.event),
-                field: f.field.to_string(),
-                offset: f.offset,
-                size: f.size,
+                tracepoint,
+                field: e.field.unwrap_or("argument").to_string(),
+                offset: e.offset,
+                size: e.size,
             });
         }
     }
@@ -185,7 +223,7 @@ print fmt: \"comm=%s pid=%d\", REC->comm, REC->pid
     fn this_kernels_layout_is_the_one_the_programs_read() {
         let Some(root) = [TRACEFS, DEBUGFS_TRACING]
             .into_iter()
-            .find(|r| Path::new(r).join("events/raw_syscalls").is_dir())
+            .find(|r| Path::new(r).join("events/syscalls").is_dir())
         else {
             eprintln!("skipped: no readable tracefs (not root, or not mounted)");
             return;
@@ -204,22 +242,14 @@ print fmt: \"comm=%s pid=%d\", REC->comm, REC->pid
         let root = dir.to_str().unwrap();
         assert_eq!(
             check_layout(root),
-            Err(LayoutError::Missing("raw_syscalls:sys_enter".into()))
+            Err(LayoutError::Missing("syscalls:sys_enter_brk".into()))
         );
-        write(
-            "raw_syscalls",
-            "sys_enter",
-            "\tfield:long id;\toffset:8;\tsize:8;\tsigned:1;\n",
-        );
-        write(
-            "raw_syscalls",
-            "sys_exit",
-            "\tfield:long ret;\toffset:16;\tsize:8;\tsigned:1;\n",
-        );
-        assert_eq!(
-            check_layout(root),
-            Err(LayoutError::Missing("task:task_newtask".into()))
-        );
+        for c in Syscall::ALL {
+            let arg = "\tfield:unsigned long a;\toffset:16;\tsize:8;\tsigned:0;\n";
+            write("syscalls", &format!("sys_enter_{}", c.name()), arg);
+            let ret = "\tfield:long ret;\toffset:16;\tsize:8;\tsigned:1;\n";
+            write("syscalls", &format!("sys_exit_{}", c.name()), ret);
+        }
         write(
             "task",
             "task_newtask",
