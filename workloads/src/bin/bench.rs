@@ -244,39 +244,45 @@ fn main() {
         println!();
     }
 
-    // A bystander: the churn workload, not traced, while vmatrace traces a sleeping process.
-    let mut alone = Vec::new();
-    let mut beside = Vec::new();
+    // Bystanders: a workload not traced while vmatrace traces a sleeping process. Memory
+    // syscalls and faults (churn), and a syscall that is not a memory one (getppid): the
+    // syscall tracepoints put every task's syscalls on the slower path.
     let mut target = background_target();
-    for _ in 0..rounds {
-        alone.push(once(&[], false, &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
-        let mut v = Command::new(vmatrace())
-            .args([
-                "--json",
-                "-o",
-                "/dev/null",
-                "--force",
-                "-p",
-                &target.id().to_string(),
-            ])
-            .spawn()
-            .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
-        std::thread::sleep(std::time::Duration::from_millis(700));
-        beside.push(once(&[], false, &["churn", "40000"]).unwrap_or_else(|e| fail(e)));
-        // SAFETY: stopping our own child.
-        unsafe { libc::kill(v.id() as i32, libc::SIGINT) };
-        let _ = v.wait();
+    println!();
+    for args in [&["churn", "40000"][..], &["getppid", "2000000"][..]] {
+        let mut alone = Vec::new();
+        let mut beside = Vec::new();
+        for _ in 0..rounds {
+            alone.push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
+            let mut v = Command::new(vmatrace())
+                .args([
+                    "--json",
+                    "-o",
+                    "/dev/null",
+                    "--force",
+                    "-p",
+                    &target.id().to_string(),
+                ])
+                .spawn()
+                .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            beside.push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
+            // SAFETY: stopping our own child.
+            unsafe { libc::kill(v.id() as i32, libc::SIGINT) };
+            let _ = v.wait();
+        }
+        let fastest = minimum(&beside) / minimum(&alone);
+        let (a, b) = (median(alone), median(beside));
+        println!(
+            "Bystander ({}, not traced, while vmatrace traces another process): {:.1} ms alone, {:.1} ms beside vmatrace: {:.3}x (fastest rounds: {fastest:.3}x)",
+            args.join(" "),
+            a / 1e6,
+            b / 1e6,
+            b / a
+        );
     }
     let _ = target.kill();
     let _ = target.wait();
-    let fastest = minimum(&beside) / minimum(&alone);
-    let (a, b) = (median(alone), median(beside));
-    println!(
-        "\nBystander (churn, not traced, while vmatrace traces another process): {:.1} ms alone, {:.1} ms beside vmatrace: {:.3}x (fastest rounds: {fastest:.3}x)",
-        a / 1e6,
-        b / 1e6,
-        b / a
-    );
 
     // Sustained rate: the fault-heavy workload with every fault recorded; events and losses
     // from the summary.
