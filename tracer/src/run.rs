@@ -291,6 +291,29 @@ impl Live {
         Ok(())
     }
 
+    /// Once lifecycle events have been lost (a full ring), an exit may be among them: a
+    /// process the session still thinks alive but that /proc shows gone (or a zombie) is
+    /// marked exited, so that a run waiting for its processes ends.
+    fn reap_lost_exits(&mut self) {
+        if self.last_stats.lost_lifecycle == 0 {
+            return;
+        }
+        let gone: Vec<u32> = self
+            .session
+            .processes()
+            .filter(|p| p.exited_ns.is_none())
+            .map(|p| p.pid)
+            .filter(|&pid| procfs::read_stat(pid).map_or(true, |s| s.is_dead()))
+            .collect();
+        for pid in gone {
+            if self.session.mark_gone(pid, monotonic_ns()) {
+                log::warn!(
+                    "process {pid} has exited; its exit event was lost with others when the ring buffer was full"
+                );
+            }
+        }
+    }
+
     fn reconcile(&mut self) -> Result<(), RunError> {
         let pids: Vec<u32> = self
             .session
@@ -507,6 +530,7 @@ async fn event_loop(
                 live.drain(fd.get_mut())?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
+                live.reap_lost_exits();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
                     break;

@@ -190,6 +190,18 @@ impl Session {
         self.procs.values()
     }
 
+    /// Marks `pid` exited at `ts_ns` without its exit event (the event was lost); returns
+    /// whether it was alive until now.
+    pub fn mark_gone(&mut self, pid: u32, ts_ns: u64) -> bool {
+        match self.procs.get_mut(&pid) {
+            Some(p) if p.exited_ns.is_none() => {
+                p.exited_ns = Some(ts_ns);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Whether any traced process is still alive.
     pub fn any_alive(&self) -> bool {
         self.procs.values().any(|p| p.exited_ns.is_none())

@@ -386,3 +386,91 @@ fn a_process_busy_on_one_cpu_before_attach_is_traced_once_attached() {
     assert!(mine("munmap") > 100, "munmaps traced: {}", mine("munmap"));
     assert!(mine("fault") > 1000, "faults traced: {}", mine("fault"));
 }
+
+/// The pids of the processes whose parent is `ppid` (from /proc/PID/stat).
+fn children_of(ppid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(ppid)
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_ends_when_the_exits_of_followed_children_were_lost() {
+    if !privileged("a_run_ends_when_the_exits_of_followed_children_were_lost") {
+        return;
+    }
+    // Two followed children fault while vmatrace is stopped (SIGSTOP), so that the 4 KiB ring
+    // fills and their exit events are lost. The launched shell exits after them: vmatrace,
+    // which waits for every followed process, must see from /proc that they are gone.
+    let w = workload();
+    let w = w.to_str().expect("utf-8 path");
+    let out = temp_path("lost-exits.ndjson");
+    let script = format!("{w} spin 1500 & {w} spin 1500 & wait");
+    let vm = std::process::Command::new(vmatrace())
+        .args([
+            "-f",
+            "--json",
+            "--force",
+            "--faults",
+            "all",
+            "--ring-size",
+            "4K",
+            "-o",
+        ])
+        .arg(&out)
+        .args(["--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("vmatrace starts");
+    let vm = KillOnDrop(vm);
+    let vm_pid = vm.0.id();
+    let mut workers = Vec::new();
+    wait_for(20, "the shell and its two children", || {
+        workers = children_of(vm_pid)
+            .into_iter()
+            .flat_map(children_of)
+            .collect();
+        workers.len() == 2
+    });
+    // Let the reader take the fork events, then stop it until both children are gone.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    kill(vm_pid, libc::SIGSTOP);
+    wait_for(20, "the children to exit", || {
+        workers
+            .iter()
+            .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    });
+    kill(vm_pid, libc::SIGCONT);
+    let mut vm = vm;
+    let mut ended = None;
+    wait_for(20, "vmatrace to end", || {
+        ended = vm.0.try_wait().expect("waits");
+        ended.is_some()
+    });
+    assert_eq!(ended.and_then(|s| s.code()), Some(0));
+    let recs = records(&out);
+    let sum = summary(&recs);
+    assert!(
+        sum["lost"]["lost_lifecycle"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "exit events were lost: {}",
+        sum["lost"]
+    );
+    for pid in &workers {
+        assert!(
+            !recs.iter().any(|r| r["type"] == "exit" && r["pid"] == *pid),
+            "the exit of {pid} was lost, not recorded"
+        );
+    }
+}

@@ -331,15 +331,41 @@ fn sweep() {
                 std::env::temp_dir().join(format!("vmatrace-sweep-{}.ndjson", std::process::id()));
             let w = workload().display().to_string();
             let script = vec![format!("{w} fault-loop 400 256 &"); procs].join(" ") + " wait";
-            let out = Command::new(vmatrace())
+            // The workloads' output goes to a file, so that a run that does not end can be
+            // stopped (and reported) instead of hanging the bench.
+            let stdout_file = file.with_extension("stdout");
+            let stdout = std::fs::File::create(&stdout_file)
+                .unwrap_or_else(|e| fail(format!("{}: {e}", stdout_file.display())));
+            let mut child = Command::new(vmatrace())
                 .args(["record", "-f", "--force", "--ring-size", ring, "-o"])
                 .arg(&file)
                 .args(["--", "sh", "-c", &script])
-                .output()
+                .stdout(stdout)
+                .spawn()
                 .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
-            let status = out.status;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            let mut ended = None;
+            while std::time::Instant::now() < deadline {
+                ended = child.try_wait().ok().flatten();
+                if ended.is_some() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let verdict = match ended {
+                Some(s) if s.success() => "yes, exit 0".to_string(),
+                Some(s) => format!("with an error ({s})"),
+                None => {
+                    // SAFETY: stopping our own child.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+                    let _ = child.wait();
+                    "NO: still running after 60 s, stopped with SIGINT".to_string()
+                }
+            };
+            let out = std::fs::read_to_string(&stdout_file).unwrap_or_default();
+            let _ = std::fs::remove_file(&stdout_file);
             // The workloads' own loop times (`fault_loop N ns`): the longest is the duration.
-            let secs = String::from_utf8_lossy(&out.stdout)
+            let secs = out
                 .lines()
                 .filter_map(|l| {
                     let w: Vec<&str> = l.split_whitespace().collect();
@@ -359,14 +385,9 @@ fn sweep() {
                 .unwrap_or(0);
             let offered = (recorded + lost) as f64 / secs.max(1e-9);
             println!(
-                "| {procs} | {} KiB | {offered:.0} | {recorded} | {lost} | {:.2} % | {} |",
+                "| {procs} | {} KiB | {offered:.0} | {recorded} | {lost} | {:.2} % | {verdict} |",
                 ring.parse::<u64>().unwrap_or(0) / 1024,
                 100.0 * lost as f64 / (recorded + lost).max(1) as f64,
-                if status.success() {
-                    "yes, exit 0"
-                } else {
-                    "with an error"
-                },
             );
         }
     }
