@@ -465,6 +465,21 @@ pub fn limits() -> crate::analysis::Limits {
     }
 }
 
+/// Whether an ELF header (the first bytes of a program) is of a 32-bit program.
+pub fn elf_is_32bit(header: &[u8]) -> bool {
+    // e_ident: the magic, then EI_CLASS (1: ELFCLASS32, 2: ELFCLASS64).
+    header.len() >= 5 && header[..4] == *b"\x7fELF" && header[4] == 1
+}
+
+/// Whether `pid` runs a 32-bit program (its syscalls are compat ones). False when unknown.
+pub fn runs_32bit_program(pid: u32) -> bool {
+    use std::io::Read;
+    let mut header = [0u8; 5];
+    std::fs::File::open(format!("/proc/{pid}/exe"))
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok_and(|()| elf_is_32bit(&header))
+}
+
 /// Whether `pid` exists.
 pub fn exists(pid: u32) -> bool {
     PathBuf::from(format!("/proc/{pid}")).exists()
@@ -498,6 +513,16 @@ mod tests {
     fn rejects_garbage_with_line_number() {
         let err = parse_maps("zz-10 rw-p 0 0 0\n", "x").unwrap_err();
         assert!(err.to_string().contains("x:1"), "{err}");
+    }
+
+    #[test]
+    fn tells_32_bit_programs_apart() {
+        assert!(elf_is_32bit(b"\x7fELF\x01\x01\x01"));
+        assert!(!elf_is_32bit(b"\x7fELF\x02\x01\x01"));
+        assert!(!elf_is_32bit(b"#!/bin/sh"));
+        assert!(!elf_is_32bit(b"\x7fEL"));
+        // This test binary is a 64-bit program.
+        assert!(!runs_32bit_program(std::process::id()));
     }
 
     #[test]

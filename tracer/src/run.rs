@@ -109,6 +109,12 @@ fn validate_pid(pid: u32) -> Result<(), RunError> {
 /// Reads the seed of `pid` from `/proc`: its VMAs (smaps, for the huge page flags), heap
 /// start, the pages already resident (pagemap) and the huge page policy.
 pub fn read_seed(pid: u32, ts: u64) -> Result<Seed, ProcError> {
+    if procfs::runs_32bit_program(pid) {
+        log::warn!(
+            "process {pid} runs a 32-bit program ({}): the kernel's syscall tracepoints do not report 32-bit syscalls, so only its page faults are traced (--reconcile shows what its syscalls changed)",
+            exe_of(pid).unwrap_or_default()
+        );
+    }
     let smaps = procfs::read_smaps(pid)?;
     let stat = procfs::read_stat(pid)?;
     let resident = procfs::read_resident(pid, &smaps)?;

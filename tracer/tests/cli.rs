@@ -518,3 +518,63 @@ fn a_process_that_exits_during_attach_is_an_error() {
     );
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// The smallest 32-bit x86 program: one ELF header, one loadable segment, and `exit(0)` through
+/// `int $0x80`.
+fn tiny_32bit_program() -> Vec<u8> {
+    const BASE: u32 = 0x0804_8000;
+    const EHSIZE: u16 = 52;
+    const PHSIZE: u16 = 32;
+    // mov eax, 1 (exit); xor ebx, ebx; int 0x80
+    let code = [0xb8, 0x01, 0x00, 0x00, 0x00, 0x31, 0xdb, 0xcd, 0x80];
+    let size = u32::from(EHSIZE + PHSIZE) + code.len() as u32;
+    let mut elf = b"\x7fELF\x01\x01\x01".to_vec(); // 32-bit, little-endian, version 1
+    elf.resize(16, 0);
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(3u16.to_le_bytes()); // EM_386
+    elf.extend(1u32.to_le_bytes()); // e_version
+    elf.extend((BASE + u32::from(EHSIZE + PHSIZE)).to_le_bytes()); // e_entry
+    elf.extend(u32::from(EHSIZE).to_le_bytes()); // e_phoff
+    elf.extend(0u32.to_le_bytes()); // e_shoff
+    elf.extend(0u32.to_le_bytes()); // e_flags
+    elf.extend(EHSIZE.to_le_bytes());
+    elf.extend(PHSIZE.to_le_bytes());
+    elf.extend(1u16.to_le_bytes()); // e_phnum
+    elf.extend([0u8; 6]); // no section headers
+    for v in [1, 0, BASE, BASE, size, size, 5, 0x1000] {
+        // PT_LOAD at offset 0, R+X, page-aligned
+        elf.extend(u32::to_le_bytes(v));
+    }
+    elf.extend(code);
+    assert_eq!(elf.len() as u32, size);
+    elf
+}
+
+#[test]
+fn a_32_bit_program_is_traced_with_a_warning_that_its_syscalls_are_not() {
+    if !privileged("a_32_bit_program_is_traced_with_a_warning_that_its_syscalls_are_not") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let prog = temp_path("tiny32");
+    std::fs::write(&prog, tiny_32bit_program()).expect("writes the program");
+    std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let prog_s = prog.to_str().expect("utf-8 path");
+    let out = temp_path("tiny32.ndjson");
+    let out_s = out.to_str().expect("utf-8 path");
+    let (code, _, err) = run(&["--json", "--force", "-o", out_s, "--", prog_s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("runs a 32-bit program") && err.contains(prog_s),
+        "the user is told why no syscall shows up: {err}"
+    );
+    let recs = records(&out);
+    assert!(
+        recs.iter().any(|r| r["type"] == "exec"),
+        "the process is traced"
+    );
+    // A 64-bit program gets no such warning.
+    let (code, _, err) = run(&["--json", "--force", "-o", out_s, "--", "true"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("32-bit"), "{err}");
+}
