@@ -56,7 +56,8 @@ pub static FILTER_CACHE: PerCpuArray<FilterCache> = PerCpuArray::with_max_entrie
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
 
 /// Userspace is woken once this many bytes wait in the ring buffer; below that it polls on a
-/// short timer, so a busy process does not cost one wakeup per event. Set by userspace at load.
+/// short timer, so a busy process does not cost one wakeup per event. 0: never woken by data
+/// (a ring large enough for the timer alone). Set by userspace at load.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 64 * 1024;
 
@@ -122,6 +123,10 @@ pub fn targets_changed() {
 pub fn wakeup_flags(size: u64) -> u64 {
     // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
     let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    // 0: the ring is large enough for the reader's timer alone; skip the query (~30 ns).
+    if threshold == 0 {
+        return BPF_RB_NO_WAKEUP as u64;
+    }
     // The record is already reserved and counted in the available data.
     let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     if avail >= threshold && avail < threshold + size + 8 {

@@ -31,12 +31,17 @@ pub enum FaultBackend {
     PerfEvent,
 }
 
+/// Rings of this size or more are drained by the reader's 50 ms timer only: at the highest
+/// loss-free rate measured (about 500,000 records of 48 bytes a second) 50 ms is 1.2 MB, under
+/// a third of this.
+pub const TIMER_ONLY_RING_BYTES: u32 = 4 << 20;
+
 /// How to load the probe.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeOptions {
     /// Ring buffer size in bytes (a power of two, at least one page).
     pub ring_bytes: u32,
-    /// Wake the reader once this many bytes wait.
+    /// Wake the reader once this many bytes wait (rings under [`TIMER_ONLY_RING_BYTES`]).
     pub wakeup_bytes: u64,
     pub faults: FaultBackend,
 }
@@ -143,8 +148,13 @@ impl Probe {
             return Err(ProbeError::Permission);
         }
         raise_memlock();
-        // Wake the reader before a small ring can fill.
-        let wakeup_bytes = opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4);
+        // Wake the reader before a small ring can fill; a large one is drained by the
+        // reader's timer alone, which spares every record the query of the ring's fill.
+        let wakeup_bytes = if opts.ring_bytes >= TIMER_ONLY_RING_BYTES {
+            0
+        } else {
+            opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4)
+        };
         let root = tracefs::ensure_mounted()?;
         tracefs::check_layout(root)?;
         let mut ebpf = EbpfLoader::new()
