@@ -2,15 +2,13 @@
 //! program on the software page-fault perf event (for kernels or architectures without the
 //! tracepoint). Both emit the same compact [`FaultEvent`].
 
-use core::mem::offset_of;
-
-use aya_ebpf::programs::{PerfEventContext, RawTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    programs::{PerfEventContext, RawTracePointContext},
+};
 use tracer_common::{EventHeader, EventKind, FAULT_ERROR_UNKNOWN, FaultEvent, Stat};
 
-use crate::{
-    maps::{EVENTS, count, current_ids, is_target, now_ns, wakeup_flags},
-    regs::PtRegs,
-};
+use crate::maps::{EVENTS, count, current_ids, is_target, now_ns, wakeup_flags};
 
 // The x86 exception tracepoints, attached raw (no perf record is built, which halves their
 // cost). Their format, for reference:
@@ -24,6 +22,8 @@ use crate::{
 const RAW_ARG_ADDRESS: usize = 0;
 const RAW_ARG_REGS: usize = 1;
 const RAW_ARG_ERROR_CODE: usize = 2;
+/// Offset of `ip` in x86-64 `struct pt_regs` (after r15..di and orig_ax: 16 registers).
+const PT_REGS_IP_OFFSET: usize = 16 * 8;
 
 /// The end of the user half of the x86-64 address space.
 const USER_ADDRESS_END: u64 = 0x0000_8000_0000_0000;
@@ -43,7 +43,9 @@ pub fn try_page_fault(ctx: &RawTracePointContext) -> Result<u32, u32> {
     }
     let regs: u64 = ctx.arg(RAW_ARG_REGS);
     let error_code: u64 = ctx.arg(RAW_ARG_ERROR_CODE);
-    let ip = PtRegs::read_field(regs, offset_of!(PtRegs, ip)).unwrap_or(0);
+    // SAFETY: a kernel pointer read with the fault-tolerant helper.
+    let ip = unsafe { bpf_probe_read_kernel((regs as usize + PT_REGS_IP_OFFSET) as *const u64) }
+        .unwrap_or(0);
     emit(tgid, tid, address, ip, error_code as u32)
 }
 

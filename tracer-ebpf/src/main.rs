@@ -10,7 +10,6 @@
 mod faults;
 mod lifecycle;
 mod maps;
-mod regs;
 mod syscalls;
 
 use aya_ebpf::{
