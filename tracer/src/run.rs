@@ -107,7 +107,8 @@ fn validate_pid(pid: u32) -> Result<(), RunError> {
 }
 
 /// Reads the seed of `pid` from `/proc`: its VMAs (smaps, for the huge page flags), heap
-/// start, the pages already resident (pagemap) and the huge page policy.
+/// start, the pages already resident (pagemap) and the huge page policy. Every seed (attach,
+/// exec) is also where a 32-bit program, whose syscalls are not reported, is warned about.
 pub fn read_seed(pid: u32, ts: u64) -> Result<Seed, ProcError> {
     if procfs::runs_32bit_program(pid) {
         log::warn!(
