@@ -3,5 +3,6 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = tracer::event::decode(data);
+    let mut out = Vec::new();
+    let _ = tracer::event::decode_into(data, &mut out);
 });

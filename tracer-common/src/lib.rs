@@ -25,6 +25,8 @@ pub enum EventKind {
     /// A traced process opened a file (`openat`), so that later `mmap`s of the fd can be
     /// named even after the fd is closed: [`OpenEvent`].
     Open = 6,
+    /// Faults gathered on one CPU and written as one record: [`FaultBatch`].
+    FaultBatch = 7,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -37,6 +39,7 @@ impl TryFrom<u32> for EventKind {
             4 => Self::Exec,
             5 => Self::Exit,
             6 => Self::Open,
+            7 => Self::FaultBatch,
             other => return Err(other),
         })
     }
@@ -156,6 +159,32 @@ pub struct FaultEvent {
     pub address: u64,
     /// The user instruction pointer.
     pub ip: u64,
+}
+
+/// Faults a [`FaultBatch`] holds at most.
+pub const FAULT_BATCH_LEN: usize = 64;
+
+/// Faults gathered on one CPU (raw tracepoint backend), written as one record when the batch
+/// is full, and whenever the daemon asks (before each read of the ring). The record is cut
+/// after the faults it holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultBatch {
+    pub head: FaultBatchHead,
+    pub faults: [FaultEvent; FAULT_BATCH_LEN],
+}
+
+/// The start of a [`FaultBatch`]. `header.detail` is how many faults follow; `header.ts_ns` is
+/// when the batch was written: every fault this CPU took up to then is in this record or an
+/// earlier one (so the batch is a watermark for its CPU, even when empty). `header.tgid` and
+/// `header.tid` are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultBatchHead {
+    pub header: EventHeader,
+    /// The CPU the faults were taken on.
+    pub cpu: u32,
+    pub _pad: u32,
 }
 
 /// The fault backend could not know the error code (perf-event backend).
@@ -286,6 +315,8 @@ pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
 const _: () = assert!(core::mem::size_of::<SyscallEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<FaultEvent>() == 40);
+const _: () = assert!(core::mem::size_of::<FaultBatchHead>() == 32);
+const _: () = assert!(core::mem::size_of::<FaultBatch>() == 32 + 40 * FAULT_BATCH_LEN);
 const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + EXEC_FILENAME_LEN);
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 24);

@@ -1,14 +1,20 @@
 //! User page faults, from either backend: the `exceptions:page_fault_user` tracepoint or a BPF
 //! program on the software page-fault perf event (for kernels or architectures without the
-//! tracepoint). Both emit the same compact [`FaultEvent`].
+//! tracepoint). Both emit the same compact [`FaultEvent`]; the tracepoint backend gathers them
+//! per CPU into a [`FaultBatch`] first, which saves a ring-buffer reservation per fault.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_smp_processor_id, bpf_probe_read_kernel},
     programs::{PerfEventContext, RawTracePointContext},
 };
-use tracer_common::{EventHeader, EventKind, FAULT_ERROR_UNKNOWN, FaultEvent, Stat};
+use tracer_common::{
+    EventHeader, EventKind, FAULT_BATCH_LEN, FAULT_ERROR_UNKNOWN, FaultBatch, FaultBatchHead,
+    FaultEvent, Stat,
+};
 
-use crate::maps::{EVENTS, count, current_ids, is_target, now_ns, wakeup_flags};
+use crate::maps::{
+    EVENTS, FAULT_BATCH, count, count_n, current_ids, is_target, now_ns, wakeup_flags,
+};
 
 // The x86 exception tracepoints, attached raw (no perf record is built, which halves their
 // cost). Their format, for reference:
@@ -30,7 +36,8 @@ const USER_ADDRESS_END: u64 = 0x0000_8000_0000_0000;
 
 /// `page_fault_user` and `page_fault_kernel`, raw. The kernel variant reports faults the
 /// kernel takes on user memory for the process (a `read()` into a fresh buffer, for example):
-/// those allocate pages too. Faults on kernel addresses are skipped.
+/// those allocate pages too. Faults on kernel addresses are skipped. The fault joins this
+/// CPU's batch (see [`try_flush`]).
 #[inline(always)]
 pub fn try_page_fault(ctx: &RawTracePointContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
@@ -46,11 +53,74 @@ pub fn try_page_fault(ctx: &RawTracePointContext) -> Result<u32, u32> {
     // SAFETY: a kernel pointer read with the fault-tolerant helper.
     let ip = unsafe { bpf_probe_read_kernel((regs as usize + PT_REGS_IP_OFFSET) as *const u64) }
         .unwrap_or(0);
-    emit(tgid, tid, address, ip, error_code as u32)
+    let Some(batch) = FAULT_BATCH.get_ptr_mut(0) else {
+        count(Stat::LostFault);
+        return Err(1);
+    };
+    // SAFETY: this CPU's batch. The page-fault tracepoints run with interrupts off, so
+    // neither the flush timer nor another fault program can run on this CPU meanwhile.
+    let batch = unsafe { &mut *batch };
+    // Always below FAULT_BATCH_LEN (a full batch is written at once); the check bounds the
+    // index for the verifier.
+    let n = batch.head.header.detail as usize;
+    if n >= FAULT_BATCH_LEN {
+        return write_batch(batch, FAULT_BATCH_LEN);
+    }
+    batch.faults[n] = fault(tgid, tid, address, ip, error_code as u32);
+    if n + 1 < FAULT_BATCH_LEN {
+        batch.head.header.detail = (n + 1) as u32;
+        return Ok(0);
+    }
+    write_batch(batch, FAULT_BATCH_LEN)
+}
+
+/// Writes this CPU's batch, even when empty, so that the reader knows how far this CPU's
+/// faults have reached it. The daemon runs it on each CPU through `BPF_PROG_TEST_RUN`, from
+/// an interrupt (an IPI, or with preemption off on the daemon's own CPU): never inside a
+/// fault program, and no fault program can start on this CPU while it runs.
+#[inline(always)]
+pub fn try_flush() -> Result<u32, u32> {
+    let Some(batch) = FAULT_BATCH.get_ptr_mut(0) else {
+        return Err(1);
+    };
+    // SAFETY: this CPU's batch; see `try_page_fault`.
+    let batch = unsafe { &mut *batch };
+    let n = (batch.head.header.detail as usize).min(FAULT_BATCH_LEN);
+    write_batch(batch, n)
+}
+
+/// Writes the first `n` faults of `batch` as one record, stamped with the time and CPU, and
+/// empties it. A batch that does not fit is counted as `n` lost faults.
+#[inline(always)]
+fn write_batch(batch: &mut FaultBatch, n: usize) -> Result<u32, u32> {
+    batch.head = FaultBatchHead {
+        header: EventHeader {
+            kind: EventKind::FaultBatch as u32,
+            tgid: 0,
+            tid: 0,
+            detail: n as u32,
+            ts_ns: now_ns(),
+        },
+        // SAFETY: a helper without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        _pad: 0,
+    };
+    let size = size_of::<FaultBatch>() - (FAULT_BATCH_LEN - n) * size_of::<FaultEvent>();
+    // SAFETY: the start of the batch, `size` <= its size bytes.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((batch as *const FaultBatch).cast::<u8>(), size) };
+    let written = EVENTS.output::<[u8]>(bytes, wakeup_flags(size as u64));
+    batch.head.header.detail = 0;
+    if written.is_err() {
+        count_n(Stat::LostFault, n as u64);
+        return Err(1);
+    }
+    Ok(0)
 }
 
 /// The software page-fault perf event (`PERF_COUNT_SW_PAGE_FAULTS`, one sample per fault).
-/// The error code is not available there.
+/// The error code is not available there. This program runs with interrupts on, where the
+/// daemon's flush could interrupt it, so its faults go to the ring one by one instead.
 #[inline(always)]
 pub fn try_page_fault_perf(ctx: &PerfEventContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
@@ -59,18 +129,19 @@ pub fn try_page_fault_perf(ctx: &PerfEventContext) -> Result<u32, u32> {
     }
     // SAFETY: `ctx.ctx` is the program's context; `addr` and `regs` may be read directly.
     let (address, ip) = unsafe { ((*ctx.ctx).addr, (*ctx.ctx).regs.rip) };
-    emit(tgid, tid, address, ip, FAULT_ERROR_UNKNOWN)?;
-    // Returning 0 keeps the perf event from writing a sample of its own.
+    let Some(mut entry) = EVENTS.reserve::<FaultEvent>(0) else {
+        count(Stat::LostFault);
+        // Returning 0 keeps the perf event from writing a sample of its own.
+        return Ok(0);
+    };
+    entry.write(fault(tgid, tid, address, ip, FAULT_ERROR_UNKNOWN));
+    entry.submit(wakeup_flags(size_of::<FaultEvent>() as u64));
     Ok(0)
 }
 
 #[inline(always)]
-fn emit(tgid: u32, tid: u32, address: u64, ip: u64, error_code: u32) -> Result<u32, u32> {
-    let Some(mut entry) = EVENTS.reserve::<FaultEvent>(0) else {
-        count(Stat::LostFault);
-        return Err(1);
-    };
-    entry.write(FaultEvent {
+fn fault(tgid: u32, tid: u32, address: u64, ip: u64, error_code: u32) -> FaultEvent {
+    FaultEvent {
         header: EventHeader {
             kind: EventKind::Fault as u32,
             tgid,
@@ -80,7 +151,5 @@ fn emit(tgid: u32, tid: u32, address: u64, ip: u64, error_code: u32) -> Result<u
         },
         address,
         ip,
-    });
-    entry.submit(wakeup_flags(size_of::<FaultEvent>() as u64));
-    Ok(0)
+    }
 }

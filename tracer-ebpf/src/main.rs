@@ -66,6 +66,15 @@ pub fn page_fault_kernel(ctx: RawTracePointContext) -> i32 {
     }
 }
 
+/// Writes this CPU's fault batch. Not attached: the daemon runs it on each CPU in turn
+/// (`BPF_PROG_TEST_RUN` with `BPF_F_TEST_RUN_ON_CPU`) before it reads the ring.
+#[raw_tracepoint]
+pub fn fault_flush(_ctx: RawTracePointContext) -> i32 {
+    match faults::try_flush() {
+        Ok(ret) | Err(ret) => ret as i32,
+    }
+}
+
 #[perf_event]
 pub fn page_fault_perf(ctx: PerfEventContext) -> u32 {
     // Always 0: the perf event must not write samples of its own.

@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use tracer_common::{
-    DEFAULT_RING_BYTES, PendingSyscall, STAT_COUNT, Stat, TARGETS_GEN_KERNEL, TARGETS_GEN_SLOTS,
-    TARGETS_GEN_USER,
+    DEFAULT_RING_BYTES, FaultBatch, PendingSyscall, STAT_COUNT, Stat, TARGETS_GEN_KERNEL,
+    TARGETS_GEN_SLOTS, TARGETS_GEN_USER,
 };
 
 /// Every event, in the order the kernel submitted them. Userspace may resize it before load.
@@ -51,6 +51,10 @@ pub struct FilterCache {
 #[map]
 pub static FILTER_CACHE: PerCpuArray<FilterCache> = PerCpuArray::with_max_entries(1, 0);
 
+/// Each CPU's faults not yet written to `EVENTS` (see `faults::try_flush`).
+#[map]
+pub static FAULT_BATCH: PerCpuArray<FaultBatch> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU counters indexed by [`Stat`].
 #[map]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
@@ -64,9 +68,15 @@ static WAKEUP_BYTES: u64 = 64 * 1024;
 /// Adds one to a counter of this CPU.
 #[inline(always)]
 pub fn count(stat: Stat) {
+    count_n(stat, 1);
+}
+
+/// Adds `n` to a counter of this CPU.
+#[inline(always)]
+pub fn count_n(stat: Stat, n: u64) {
     if let Some(p) = STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot, the program cannot be preempted by itself on this CPU.
-        unsafe { *p += 1 };
+        unsafe { *p += n };
     }
 }
 

@@ -2,8 +2,9 @@
 //! checks every length and decodes kinds with `TryFrom`, never by transmute.
 
 use tracer_common::{
-    EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_ERROR_UNKNOWN,
-    FaultEvent, ForkEvent, OpenEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
+    EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_BATCH_LEN,
+    FAULT_ERROR_UNKNOWN, FaultBatchHead, FaultEvent, ForkEvent, OpenEvent, PF_PROT, PF_WRITE,
+    Syscall, SyscallEvent,
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -15,6 +16,10 @@ pub enum DecodeError {
     UnknownKind(u32),
     #[error("unknown syscall number {0}")]
     UnknownSyscall(u32),
+    #[error("fault batch of {0} faults (at most {FAULT_BATCH_LEN})")]
+    BatchCount(u32),
+    #[error("a fault batch holds a record of kind {0}")]
+    BatchKind(u32),
 }
 
 /// Data the daemon resolved from `/proc` when it saw a syscall (kept in recordings so that a
@@ -169,7 +174,51 @@ fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..len]).into_owned()
 }
 
-/// Decodes one ring-buffer record.
+/// A CPU's promise, carried by each fault batch: every fault it took up to `ts_ns` has been
+/// written to the ring (see [`crate::order`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watermark {
+    pub cpu: u32,
+    pub ts_ns: u64,
+}
+
+/// Decodes one ring-buffer record into `out`: one event, or every fault of a batch (with the
+/// batch's watermark). Nothing is added when the record is bad.
+pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermark>, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    if header.kind != EventKind::FaultBatch as u32 {
+        out.push(decode(bytes)?);
+        return Ok(None);
+    }
+    let head: FaultBatchHead = read(bytes)?;
+    let count = header.detail as usize;
+    if count > FAULT_BATCH_LEN {
+        return Err(DecodeError::BatchCount(header.detail));
+    }
+    let start = size_of::<FaultBatchHead>();
+    let need = start + count * size_of::<FaultEvent>();
+    let faults = bytes.get(start..need).ok_or(DecodeError::Short {
+        got: bytes.len(),
+        need,
+    })?;
+    let first = out.len();
+    for one in faults.chunks_exact(size_of::<FaultEvent>()) {
+        match decode(one) {
+            Ok(ev @ Event::Fault(_)) => out.push(ev),
+            _ => {
+                out.truncate(first);
+                let kind = read::<EventHeader>(one).map_or(0, |h| h.kind);
+                return Err(DecodeError::BatchKind(kind));
+            }
+        }
+    }
+    Ok(Some(Watermark {
+        cpu: head.cpu,
+        ts_ns: header.ts_ns,
+    }))
+}
+
+/// Decodes one ring-buffer record that is a single event (not a [`EventKind::FaultBatch`]).
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes)?;
     let kind = EventKind::try_from(header.kind).map_err(DecodeError::UnknownKind)?;
@@ -224,6 +273,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let _: ExitEvent = read(bytes)?;
             Event::Exit { ts_ns, pid, tid }
         }
+        EventKind::FaultBatch => return Err(DecodeError::BatchKind(header.kind)),
         EventKind::Open => {
             let e: OpenEvent = read(bytes)?;
             Event::Open {
@@ -287,6 +337,88 @@ mod tests {
             decode(&bytes_of(&h)),
             Err(DecodeError::Short { .. })
         ));
+    }
+
+    fn batch_of(addresses: &[u64]) -> Vec<u8> {
+        let mut bytes = bytes_of(&FaultBatchHead {
+            header: EventHeader {
+                kind: EventKind::FaultBatch as u32,
+                detail: addresses.len() as u32,
+                ts_ns: 500,
+                ..EventHeader::default()
+            },
+            cpu: 3,
+            _pad: 0,
+        });
+        for (i, &address) in addresses.iter().enumerate() {
+            bytes.extend(bytes_of(&FaultEvent {
+                header: EventHeader {
+                    kind: EventKind::Fault as u32,
+                    tgid: 7,
+                    tid: 8,
+                    detail: PF_WRITE,
+                    ts_ns: 100 + i as u64,
+                },
+                address,
+                ip: 1,
+            }));
+        }
+        bytes
+    }
+
+    #[test]
+    fn decodes_a_fault_batch_and_its_watermark() {
+        let mut out = Vec::new();
+        let w = decode_into(&batch_of(&[0x1000, 0x2000]), &mut out).expect("decodes");
+        assert_eq!(w, Some(Watermark { cpu: 3, ts_ns: 500 }));
+        let faults: Vec<_> = out
+            .iter()
+            .map(|e| match e {
+                Event::Fault(f) => (f.pid, f.tid, f.address, f.ts_ns, f.write()),
+                other => panic!("not a fault: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            faults,
+            [
+                (7, 8, 0x1000, 100, Some(true)),
+                (7, 8, 0x2000, 101, Some(true))
+            ]
+        );
+        // An empty batch is a watermark alone.
+        out.clear();
+        let w = decode_into(&batch_of(&[]), &mut out).expect("decodes");
+        assert_eq!((w.map(|w| w.ts_ns), out.len()), (Some(500), 0));
+    }
+
+    #[test]
+    fn rejects_bad_fault_batches_whole() {
+        let mut out = Vec::new();
+        // Cut inside its second fault.
+        let mut bytes = batch_of(&[0x1000, 0x2000]);
+        bytes.truncate(bytes.len() - 1);
+        assert!(matches!(
+            decode_into(&bytes, &mut out),
+            Err(DecodeError::Short { .. })
+        ));
+        // More faults than a batch holds.
+        let mut bytes = batch_of(&[]);
+        bytes[12..16].copy_from_slice(&(FAULT_BATCH_LEN as u32 + 1).to_ne_bytes());
+        assert!(matches!(
+            decode_into(&bytes, &mut out),
+            Err(DecodeError::BatchCount(_))
+        ));
+        // Something other than a fault inside.
+        let mut bytes = batch_of(&[0x1000, 0x2000]);
+        let second = size_of::<FaultBatchHead>() + size_of::<FaultEvent>();
+        bytes[second..second + 4].copy_from_slice(&(EventKind::Exit as u32).to_ne_bytes());
+        assert_eq!(
+            decode_into(&bytes, &mut out),
+            Err(DecodeError::BatchKind(EventKind::Exit as u32))
+        );
+        assert!(out.is_empty(), "nothing of a bad batch is kept");
+        // A batch is never decoded as a single event.
+        assert!(decode(&batch_of(&[0x1000])).is_err());
     }
 
     #[test]

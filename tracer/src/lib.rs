@@ -1,6 +1,7 @@
 //! vmatrace: an eBPF tracer of a process's memory syscalls, page faults and VMAs.
 //!
-//! Data flow: `probe` (eBPF load, attach, ring buffer) -> `event` (typed events) -> `session`
+//! Data flow: `probe` (eBPF load, attach, ring buffer) -> `event` (typed events) -> `order`
+//! (back in time order) -> `session`
 //! (one address space per process) -> `model` (pure VMA and page model) -> `output`.
 //! `replay` feeds recorded events into the same `session`.
 
@@ -11,6 +12,7 @@ pub mod event;
 pub mod flags;
 pub mod launch;
 pub mod model;
+pub mod order;
 pub mod output;
 pub mod probe;
 pub mod procfs;

@@ -22,6 +22,7 @@ use crate::{
     event::{self, Event},
     launch::{self, LaunchError},
     model::normalize,
+    order::Reorder,
     output::{
         FaultFilter, LossSummary, Meta, Sink,
         file::{self, OutputError},
@@ -200,27 +201,41 @@ struct Live {
     opened: HashMap<(u32, i32), String>,
     /// Differences from /proc/PID/maps at the previous `--reconcile` check.
     drift_seen: HashMap<u32, Vec<String>>,
-    /// Decoded records waiting to be handled (kept for its capacity).
+    /// Decoded events, until they can be handled in time order.
+    order: Reorder<Event>,
+    /// Events released to be handled (kept for its capacity).
     batch: Vec<Event>,
 }
 
 /// Records taken from the ring before they are handled.
 const DRAIN_BATCH: usize = 4096;
 
+/// How long an event waits for a CPU whose fault batch did not reach the ring (a full ring)
+/// before it is handled anyway.
+const ORDER_GRACE: Duration = Duration::from_millis(500);
+
+/// Collections at the end of a run before what did not arrive is given up.
+const FINAL_TRIES: usize = 4;
+
 impl Live {
-    /// Reads every record waiting in the ring. Records are decoded and released in batches
-    /// first and handled after: the ring's consumer position (a cache line the producing CPU
-    /// reads for every record it reserves) then moves in a short burst instead of once per
-    /// handled event, which keeps that line from bouncing between the cores all the time.
+    /// Reads every record waiting in the ring and handles, in time order, the events that
+    /// nothing still to come can precede (see [`crate::order`]). Records are decoded and
+    /// released in batches first and handled after: the ring's consumer position (a cache
+    /// line the producing CPU reads for every record it reserves) then moves in a short burst
+    /// instead of once per handled event, which keeps that line from bouncing between the
+    /// cores all the time.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
         let mut batch = std::mem::take(&mut self.batch);
         loop {
-            while batch.len() < DRAIN_BATCH {
+            let mut records = 0;
+            while records < DRAIN_BATCH {
                 let Some(item) = ring.next() else { break };
-                let decoded = event::decode(&item);
+                records += 1;
+                let decoded = event::decode_into(&item, self.order.incoming());
                 drop(item);
                 match decoded {
-                    Ok(ev) => batch.push(ev),
+                    Ok(Some(watermark)) => self.order.watermark(watermark),
+                    Ok(None) => {}
                     Err(e) => {
                         self.undecodable += 1;
                         self.undecodable_total += 1;
@@ -228,12 +243,47 @@ impl Live {
                     }
                 }
             }
-            if batch.is_empty() {
-                break;
-            }
+            self.order.release(monotonic_ns(), &mut batch);
             for ev in batch.drain(..) {
                 self.handle(ev)?;
             }
+            if records < DRAIN_BATCH {
+                break;
+            }
+        }
+        self.batch = batch;
+        Ok(())
+    }
+
+    /// Reads the ring, has every CPU write the faults it holds (into the room just made), then
+    /// reads the ring again: every event up to now is handled.
+    fn collect(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
+        self.drain(ring)?;
+        for cpu in self.probe.flush_faults() {
+            self.order.forget(cpu);
+        }
+        self.drain(ring)
+    }
+
+    /// No traced process is alive, and no event that could add one waits to be handled.
+    fn all_exited(&self) -> bool {
+        !self.session.any_alive() && self.order.held() == 0
+    }
+
+    /// At the end, once nothing is traced: collects what the CPUs still hold (again if a
+    /// full ring refused some of it) and handles every event left.
+    fn drain_last(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
+        let end = monotonic_ns();
+        for _ in 0..FINAL_TRIES {
+            self.collect(ring)?;
+            if self.order.covers(end) {
+                break;
+            }
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        self.order.release_all(&mut batch);
+        for ev in batch.drain(..) {
+            self.handle(ev)?;
         }
         self.batch = batch;
         Ok(())
@@ -459,7 +509,13 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         child = Some(pid);
     }
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
+    let order = if probe.batch_cpus().is_empty() {
+        Reorder::in_order()
+    } else {
+        Reorder::new(probe.batch_cpus(), ORDER_GRACE.as_nanos() as u64)
+    };
     let live = Live {
+        order,
         probe,
         session,
         sink,
@@ -482,7 +538,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let (mut live, mut ring, status) = looped?;
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
-    live.drain(&mut ring)?;
+    live.drain_last(&mut ring)?;
     live.report_losses()?;
     live.probe.flush_logs();
     live.snapshots("final")?;
@@ -534,7 +590,7 @@ async fn event_loop(
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                live.drain(fd.get_mut())?;
+                live.collect(fd.get_mut())?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
                 live.reap_lost_exits();
@@ -542,7 +598,7 @@ async fn event_loop(
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
                     break;
                 }
-                if child_done && !live.session.any_alive() {
+                if child_done && live.all_exited() {
                     break;
                 }
                 if let Some(every) = cfg.reconcile
@@ -555,7 +611,7 @@ async fn event_loop(
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sigusr1.recv() => {
-                live.drain(fd.get_mut())?;
+                live.collect(fd.get_mut())?;
                 live.snapshots("signal")?;
             }
             code = async {
@@ -567,8 +623,8 @@ async fn event_loop(
                 status = code.unwrap_or(1);
                 waiter = None;
                 child_done = true;
-                live.drain(fd.get_mut())?;
-                if !cfg.follow || !live.session.any_alive() {
+                live.collect(fd.get_mut())?;
+                if !cfg.follow || live.all_exited() {
                     break;
                 }
             }

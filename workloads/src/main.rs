@@ -440,6 +440,36 @@ fn churn(iters: usize) {
     say(&format!("churn {} ns", start.elapsed().as_nanos()));
 }
 
+/// Pins the calling thread to `cpu`; false if it cannot run there.
+fn pin_to(cpu: usize) -> bool {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it for cpu < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Touches pages on CPU 0, then unmaps them from CPU 1, `iters` times: the faults and the
+/// `munmap` after them are reported by different CPUs. Prints `migrate_regions START...`
+/// (one per iteration), or `migrate_skipped` with fewer than two CPUs.
+fn migrate(iters: usize) {
+    if !pin_to(0) || !pin_to(1) {
+        say("migrate_skipped");
+        return;
+    }
+    let mut line = String::from("migrate_regions");
+    for _ in 0..iters {
+        pin_to(0);
+        let a = anon(8 * PAGE);
+        touch(a, 8 * PAGE);
+        pin_to(1);
+        munmap(a, 8 * PAGE);
+        line.push_str(&format!(" {a}"));
+    }
+    say(&line);
+}
+
 /// Benchmark: a syscall that is not a memory syscall (`getppid`, never answered by the vDSO),
 /// for the cost vmatrace adds to every other syscall on the machine.
 fn getppid_loop(iters: usize) {
@@ -659,12 +689,13 @@ fn main() {
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
+        Some("migrate") => migrate(arg(&args, 2, 100)),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
             );
             std::process::exit(2);
         }

@@ -9,7 +9,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, RawTracePoint, TracePoint,
+        PerfEvent, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
@@ -126,6 +126,8 @@ pub struct Probe {
     ring: Option<RingBuf<MapData>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     fault_backend: FaultBackend,
+    /// The CPUs whose faults come in batches, each with a flush timer.
+    batch_cpus: Vec<u32>,
 }
 
 fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
@@ -201,6 +203,7 @@ impl Probe {
             ebpf,
             logger,
             fault_backend: FaultBackend::Off,
+            batch_cpus: Vec::new(),
         };
         // Exits before enters: an entry saved after this point always meets its exit program.
         for call in Syscall::ALL {
@@ -226,13 +229,31 @@ impl Probe {
         };
         match probe.fault_backend {
             FaultBackend::Tracepoint => {
+                // Run by `flush_faults` on each CPU; loaded before the fault programs start
+                // filling the batches.
+                let what = "the fault batches' flush program";
+                let attach_err = |source| ProbeError::Attach {
+                    name: what.into(),
+                    source,
+                };
+                let flush: &mut RawTracePoint = probe.program("fault_flush", what)?;
+                flush.load().map_err(attach_err)?;
+                probe.batch_cpus = online_cpus()
+                    .map_err(|(_, e)| attach_err(aya::programs::ProgramError::IOError(e)))?;
                 probe.attach_raw_tracepoint("page_fault_user")?;
                 // Faults the kernel takes on user memory for the process allocate pages too.
                 if tracefs::has_tracepoint(root, "exceptions", "page_fault_kernel") {
                     probe.attach_raw_tracepoint("page_fault_kernel")?;
                 }
             }
-            FaultBackend::PerfEvent => probe.attach_fault_perf_event()?,
+            FaultBackend::PerfEvent => {
+                probe.attach_per_cpu(
+                    "page_fault_perf",
+                    "perf software event page-faults",
+                    PerfEventConfig::Software(SoftwareEvent::PageFaults),
+                    SamplePolicy::Period(1),
+                )?;
+            }
             FaultBackend::Off | FaultBackend::Auto => {}
         }
         Ok(probe)
@@ -278,31 +299,70 @@ impl Probe {
         Ok(())
     }
 
-    fn attach_fault_perf_event(&mut self) -> Result<(), ProbeError> {
+    /// Attaches the perf-event program `name` to `config` on every online CPU; returns them.
+    fn attach_per_cpu(
+        &mut self,
+        name: &'static str,
+        what: &str,
+        config: PerfEventConfig,
+        policy: SamplePolicy,
+    ) -> Result<Vec<u32>, ProbeError> {
         let attach_err = |source| ProbeError::Attach {
-            name: "perf software event page-faults".into(),
+            name: what.to_string(),
             source,
         };
         let program: &mut PerfEvent = self
             .ebpf
-            .program_mut("page_fault_perf")
-            .ok_or(ProbeError::Missing("page_fault_perf"))?
+            .program_mut(name)
+            .ok_or(ProbeError::Missing(name))?
             .try_into()
             .map_err(attach_err)?;
         program.load().map_err(attach_err)?;
         let cpus =
             online_cpus().map_err(|(_, e)| attach_err(aya::programs::ProgramError::IOError(e)))?;
-        for cpu in cpus {
+        for &cpu in &cpus {
             program
                 .attach(
-                    PerfEventConfig::Software(SoftwareEvent::PageFaults),
+                    config,
                     PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Period(1),
+                    policy,
                     false,
                 )
                 .map_err(attach_err)?;
         }
-        Ok(())
+        Ok(cpus)
+    }
+
+    /// The CPUs whose faults come in batches with watermarks (see [`crate::order`]); empty
+    /// when faults come one by one.
+    pub fn batch_cpus(&self) -> &[u32] {
+        &self.batch_cpus
+    }
+
+    /// Has every CPU in [`Probe::batch_cpus`] write its fault batch to the ring now, with a
+    /// watermark. Returns the CPUs that could not (taken offline, say): they are dropped
+    /// from the list.
+    pub fn flush_faults(&mut self) -> Vec<u32> {
+        let Some(Ok(flush)) = self
+            .ebpf
+            .program("fault_flush")
+            .map(<&RawTracePoint>::try_from)
+        else {
+            return std::mem::take(&mut self.batch_cpus);
+        };
+        let mut failed = Vec::new();
+        for &cpu in &self.batch_cpus {
+            let opts = RawTracePointRunOptions {
+                cpu: Some(cpu),
+                ..RawTracePointRunOptions::new()
+            };
+            if let Err(e) = flush.test_run(opts) {
+                log::warn!("cannot collect the page faults of CPU {cpu}: {e}");
+                failed.push(cpu);
+            }
+        }
+        self.batch_cpus.retain(|c| !failed.contains(c));
+        failed
     }
 
     /// The fault backend in use.

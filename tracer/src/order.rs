@@ -1,0 +1,254 @@
+//! Puts ring-buffer events back in time order before the model sees them.
+//!
+//! Faults reach the ring in per-CPU batches (`tracer_common::FaultBatch`), later than the
+//! syscalls around them: when a batch fills, or when the daemon has every CPU write its batch
+//! before it reads the ring. Every other record is stamped after it is reserved, so the ring
+//! holds those in time order already. Each batch carries its CPU's watermark: all of that
+//! CPU's faults up to then are in the ring. An event is released once every CPU's watermark
+//! has passed it, since nothing still to be read can be older; or, should a CPU's batch not
+//! arrive (a full ring), once it is older than a grace period.
+//!
+//! Pure: the caller passes the current time.
+
+use crate::event::{Event, Watermark};
+
+/// Something with a time stamp.
+pub trait Timed {
+    /// Nanoseconds, `CLOCK_MONOTONIC`.
+    fn ts_ns(&self) -> u64;
+}
+
+impl Timed for Event {
+    fn ts_ns(&self) -> u64 {
+        Event::ts_ns(self)
+    }
+}
+
+/// Holds events until no event still to come can precede them.
+#[derive(Debug)]
+pub struct Reorder<T> {
+    /// The latest watermark of each CPU that sends them (index: CPU number); `None` until the
+    /// first. Empty when nothing is batched: events are then released as they come.
+    watermarks: Vec<Option<u64>>,
+    held: Vec<T>,
+    grace_ns: u64,
+}
+
+impl<T: Timed> Reorder<T> {
+    /// Waits for the watermarks of `cpus`, or for `grace_ns`, before releasing an event.
+    pub fn new(cpus: &[u32], grace_ns: u64) -> Self {
+        let len = cpus.iter().max().map_or(0, |&c| c as usize + 1);
+        let mut watermarks = vec![None; len];
+        // CPUs not in `cpus` do not hold anything back.
+        for (i, w) in watermarks.iter_mut().enumerate() {
+            if !cpus.contains(&(i as u32)) {
+                *w = Some(u64::MAX);
+            }
+        }
+        Self {
+            watermarks,
+            held: Vec::new(),
+            grace_ns,
+        }
+    }
+
+    /// Releases every event as soon as it comes (nothing is batched).
+    pub fn in_order() -> Self {
+        Self::new(&[], 0)
+    }
+
+    /// Where new events go, in ring order.
+    pub fn incoming(&mut self) -> &mut Vec<T> {
+        &mut self.held
+    }
+
+    /// Records a CPU's watermark. Watermarks of CPUs not waited for are ignored.
+    pub fn watermark(&mut self, w: Watermark) {
+        if let Some(slot) = self.watermarks.get_mut(w.cpu as usize)
+            && *slot != Some(u64::MAX)
+        {
+            *slot = Some(slot.map_or(w.ts_ns, |old| old.max(w.ts_ns)));
+        }
+    }
+
+    /// Stops waiting for `cpu` (it can no longer write its batches).
+    pub fn forget(&mut self, cpu: u32) {
+        if let Some(slot) = self.watermarks.get_mut(cpu as usize) {
+            *slot = Some(u64::MAX);
+        }
+    }
+
+    /// The time up to which every CPU has reported (`u64::MAX` when none is waited for).
+    fn reported(&self) -> u64 {
+        self.watermarks
+            .iter()
+            .map(|w| w.unwrap_or(0))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Whether every CPU has reported up to `ts_ns`.
+    pub fn covers(&self, ts_ns: u64) -> bool {
+        self.reported() >= ts_ns
+    }
+
+    /// Number of events held back.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Moves into `out`, oldest first, every event nothing still to come can precede: older
+    /// than every CPU's watermark, or than `now_ns` minus the grace period.
+    pub fn release(&mut self, now_ns: u64, out: &mut Vec<T>) {
+        let upto = self.reported().max(now_ns.saturating_sub(self.grace_ns));
+        self.release_upto(upto, out);
+    }
+
+    /// Moves every event into `out`, oldest first (at the end of a run).
+    pub fn release_all(&mut self, out: &mut Vec<T>) {
+        self.release_upto(u64::MAX, out);
+    }
+
+    fn release_upto(&mut self, upto: u64, out: &mut Vec<T>) {
+        if self.watermarks.is_empty() {
+            // Nothing is batched: the ring's order is the time order.
+            out.append(&mut self.held);
+            return;
+        }
+        // Stable: events with the same time stay in ring order. The held events are runs
+        // that are each in order already (what was left last time, each batch, the direct
+        // records between them), which the sort merges in about linear time.
+        self.held.sort_by_key(Timed::ts_ns);
+        let n = self.held.partition_point(|e| e.ts_ns() <= upto);
+        out.extend(self.held.drain(..n));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// (time, what) pairs.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct E(u64, u32);
+    impl Timed for E {
+        fn ts_ns(&self) -> u64 {
+            self.0
+        }
+    }
+
+    fn wm(cpu: u32, ts_ns: u64) -> Watermark {
+        Watermark { cpu, ts_ns }
+    }
+
+    #[test]
+    fn holds_events_until_every_cpu_has_passed_them() {
+        let mut r = Reorder::new(&[0, 1], 1_000_000);
+        r.incoming().extend([E(10, 1), E(30, 2)]);
+        let mut out = Vec::new();
+        r.release(100, &mut out);
+        assert!(out.is_empty(), "no watermark yet");
+        r.watermark(wm(0, 40));
+        r.release(100, &mut out);
+        assert!(out.is_empty(), "CPU 1 has not reported");
+        // CPU 1's batch: a fault older than the syscall already read.
+        r.incoming().extend([E(20, 3)]);
+        r.watermark(wm(1, 25));
+        r.release(100, &mut out);
+        assert_eq!(out, [E(10, 1), E(20, 3)]);
+        assert_eq!(r.held(), 1);
+        assert!(r.covers(25) && !r.covers(26));
+        out.clear();
+        r.release_all(&mut out);
+        assert_eq!(out, [E(30, 2)]);
+    }
+
+    #[test]
+    fn a_silent_cpu_holds_events_only_for_the_grace_period() {
+        let mut r = Reorder::new(&[0, 1], 50);
+        r.incoming().extend([E(10, 1), E(70, 2)]);
+        r.watermark(wm(0, 1_000));
+        let mut out = Vec::new();
+        r.release(100, &mut out);
+        assert_eq!(out, [E(10, 1)]);
+    }
+
+    #[test]
+    fn watermarks_never_go_back_and_unknown_cpus_are_ignored() {
+        let mut r: Reorder<E> = Reorder::new(&[0, 2], 1_000);
+        r.watermark(wm(0, 50));
+        r.watermark(wm(0, 40));
+        r.watermark(wm(2, 60));
+        r.watermark(wm(7, 10));
+        assert!(r.covers(50) && !r.covers(51));
+        // CPU 1 is not waited for.
+        r.watermark(wm(1, 0));
+        assert!(r.covers(50));
+    }
+
+    #[test]
+    fn without_batches_events_pass_in_ring_order() {
+        let mut r = Reorder::in_order();
+        r.incoming().extend([E(30, 1), E(10, 2)]);
+        let mut out = Vec::new();
+        r.release(0, &mut out);
+        assert_eq!(out, [E(30, 1), E(10, 2)]);
+    }
+
+    proptest! {
+        /// Two CPUs each fault in time order and write their faults in batches; syscalls go
+        /// to the ring directly. Whatever the interleaving, the output is every event, in
+        /// time order (ring order among equal times), and nothing is released early.
+        #[test]
+        fn output_is_complete_and_in_time_order(
+            steps in prop::collection::vec((0u8..4, 1u64..5), 1..200),
+            batch_len in 1usize..6,
+        ) {
+            let mut r = Reorder::new(&[0, 1], u64::MAX);
+            let mut now = 0u64;
+            let mut pending: [Vec<E>; 2] = [Vec::new(), Vec::new()];
+            let mut out = Vec::new();
+            let mut all = Vec::new();
+            let mut id = 0u32;
+            let flush = |r: &mut Reorder<E>, pending: &mut Vec<E>, cpu: u32, now: u64| {
+                r.incoming().append(pending);
+                r.watermark(wm(cpu, now));
+            };
+            for (what, dt) in steps {
+                now += dt;
+                id += 1;
+                match what {
+                    0 | 1 => {
+                        let cpu = usize::from(what);
+                        pending[cpu].push(E(now, id));
+                        all.push(E(now, id));
+                        if pending[cpu].len() >= batch_len {
+                            flush(&mut r, &mut pending[cpu], cpu as u32, now);
+                        }
+                    }
+                    2 => {
+                        r.incoming().push(E(now, id));
+                        all.push(E(now, id));
+                    }
+                    _ => {
+                        flush(&mut r, &mut pending[0], 0, now);
+                        flush(&mut r, &mut pending[1], 1, now);
+                    }
+                }
+                let before = out.len();
+                r.release(now, &mut out);
+                // Nothing released may be newer than what both CPUs have reported.
+                for e in &out[before..] {
+                    prop_assert!(r.covers(e.0));
+                }
+            }
+            flush(&mut r, &mut pending[0], 0, now);
+            flush(&mut r, &mut pending[1], 1, now);
+            r.release_all(&mut out);
+            let mut expected = all.clone();
+            expected.sort_by_key(|e| e.0);
+            prop_assert_eq!(out, expected);
+        }
+    }
+}
