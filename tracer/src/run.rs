@@ -207,7 +207,7 @@ struct Live {
     batch: Vec<Event>,
 }
 
-/// Records taken from the ring before they are handled.
+/// Events taken from the ring before they are handled.
 const DRAIN_BATCH: usize = 4096;
 
 /// How long an event waits for a CPU whose fault batch did not reach the ring (a full ring)
@@ -227,10 +227,15 @@ impl Live {
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
         let mut batch = std::mem::take(&mut self.batch);
         loop {
-            let mut records = 0;
-            while records < DRAIN_BATCH {
-                let Some(item) = ring.next() else { break };
-                records += 1;
+            // Up to DRAIN_BATCH events (a fault batch holds up to 64), so that the reorder
+            // sorts little at a time.
+            let first = self.order.held();
+            let mut empty = false;
+            while self.order.held() - first < DRAIN_BATCH {
+                let Some(item) = ring.next() else {
+                    empty = true;
+                    break;
+                };
                 let decoded = event::decode_into(&item, self.order.incoming());
                 drop(item);
                 match decoded {
@@ -247,7 +252,7 @@ impl Live {
             for ev in batch.drain(..) {
                 self.handle(ev)?;
             }
-            if records < DRAIN_BATCH {
+            if empty {
                 break;
             }
         }
