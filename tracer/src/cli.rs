@@ -111,7 +111,8 @@ pub struct TraceArgs {
     /// Which kernel program reports page faults.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub fault_backend: BackendArg,
-    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...).
+    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...). Faults arrive in records of up
+    /// to 2.6 KB (64 faults): rings under 256K lose some under heavy load (counted).
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]
     pub ring_size: u32,
     /// Run the command as this user (default under sudo: the invoking user).
