@@ -58,13 +58,15 @@ pub fn try_page_fault(ctx: &RawTracePointContext) -> Result<u32, u32> {
         return Err(1);
     };
     // SAFETY: this CPU's batch. The page-fault tracepoints run with interrupts off, so
-    // neither the flush timer nor another fault program can run on this CPU meanwhile.
+    // neither the flush program nor another fault program can run on this CPU meanwhile.
     let batch = unsafe { &mut *batch };
     // Always below FAULT_BATCH_LEN (a full batch is written at once); the check bounds the
     // index for the verifier.
     let n = batch.head.header.detail as usize;
     if n >= FAULT_BATCH_LEN {
-        return write_batch(batch, FAULT_BATCH_LEN);
+        let _ = write_batch(batch, FAULT_BATCH_LEN);
+        count(Stat::LostFault);
+        return Err(1);
     }
     batch.faults[n] = fault(tgid, tid, address, ip, error_code as u32);
     if n + 1 < FAULT_BATCH_LEN {

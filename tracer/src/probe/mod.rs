@@ -126,7 +126,7 @@ pub struct Probe {
     ring: Option<RingBuf<MapData>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     fault_backend: FaultBackend,
-    /// The CPUs whose faults come in batches, each with a flush timer.
+    /// The CPUs whose faults come in batches, written by [`Probe::flush_faults`].
     batch_cpus: Vec<u32>,
 }
 

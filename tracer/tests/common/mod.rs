@@ -6,7 +6,10 @@ use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::Once,
+    sync::{
+        Once,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -55,11 +58,13 @@ pub fn workload() -> PathBuf {
     bin
 }
 
-/// A fresh temporary path for an output file.
+/// A fresh temporary path for an output file, unique to this call: tests that run at the
+/// same time in one process never share a file, whatever `name` they give.
 pub fn temp_path(name: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("vmatrace-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let p = dir.join(name);
+    let p = dir.join(format!("{}-{name}", NEXT.fetch_add(1, Ordering::Relaxed)));
     let _ = std::fs::remove_file(&p);
     p
 }
