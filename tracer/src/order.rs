@@ -5,10 +5,10 @@
 //! before it reads the ring. Every other record is stamped after it is reserved, so the ring
 //! holds those in time order already. Each batch carries its CPU's watermark: all of that
 //! CPU's faults up to then are in the ring. An event is released once every CPU's watermark
-//! has passed it, since nothing still to be read can be older; or, should a CPU's batch not
-//! arrive (a full ring), once it is older than a grace period.
+//! has passed it, since nothing still to be read can be older. (When a full ring refuses a
+//! CPU's batch, the daemon gives that CPU's watermark itself: the batch was counted lost.)
 //!
-//! Pure: the caller passes the current time.
+//! Pure: no clock, no I/O.
 
 use crate::event::{Event, Watermark};
 
@@ -31,12 +31,11 @@ pub struct Reorder<T> {
     /// first. Empty when nothing is batched: events are then released as they come.
     watermarks: Vec<Option<u64>>,
     held: Vec<T>,
-    grace_ns: u64,
 }
 
 impl<T: Timed> Reorder<T> {
-    /// Waits for the watermarks of `cpus`, or for `grace_ns`, before releasing an event.
-    pub fn new(cpus: &[u32], grace_ns: u64) -> Self {
+    /// Waits for the watermarks of `cpus` before releasing an event.
+    pub fn new(cpus: &[u32]) -> Self {
         let len = cpus.iter().max().map_or(0, |&c| c as usize + 1);
         let mut watermarks = vec![None; len];
         // CPUs not in `cpus` do not hold anything back.
@@ -48,13 +47,12 @@ impl<T: Timed> Reorder<T> {
         Self {
             watermarks,
             held: Vec::new(),
-            grace_ns,
         }
     }
 
     /// Releases every event as soon as it comes (nothing is batched).
     pub fn in_order() -> Self {
-        Self::new(&[], 0)
+        Self::new(&[])
     }
 
     /// Where new events go, in ring order.
@@ -97,11 +95,10 @@ impl<T: Timed> Reorder<T> {
         self.held.len()
     }
 
-    /// Moves into `out`, oldest first, every event nothing still to come can precede: older
-    /// than every CPU's watermark, or than `now_ns` minus the grace period.
-    pub fn release(&mut self, now_ns: u64, out: &mut Vec<T>) {
-        let upto = self.reported().max(now_ns.saturating_sub(self.grace_ns));
-        self.release_upto(upto, out);
+    /// Moves into `out`, oldest first, every event nothing still to come can precede: those
+    /// no newer than every CPU's watermark.
+    pub fn release(&mut self, out: &mut Vec<T>) {
+        self.release_upto(self.reported(), out);
     }
 
     /// Moves every event into `out`, oldest first (at the end of a run).
@@ -144,18 +141,18 @@ mod tests {
 
     #[test]
     fn holds_events_until_every_cpu_has_passed_them() {
-        let mut r = Reorder::new(&[0, 1], 1_000_000);
+        let mut r = Reorder::new(&[0, 1]);
         r.incoming().extend([E(10, 1), E(30, 2)]);
         let mut out = Vec::new();
-        r.release(100, &mut out);
+        r.release(&mut out);
         assert!(out.is_empty(), "no watermark yet");
         r.watermark(wm(0, 40));
-        r.release(100, &mut out);
+        r.release(&mut out);
         assert!(out.is_empty(), "CPU 1 has not reported");
         // CPU 1's batch: a fault older than the syscall already read.
         r.incoming().extend([E(20, 3)]);
         r.watermark(wm(1, 25));
-        r.release(100, &mut out);
+        r.release(&mut out);
         assert_eq!(out, [E(10, 1), E(20, 3)]);
         assert_eq!(r.held(), 1);
         assert!(r.covers(25) && !r.covers(26));
@@ -165,18 +162,21 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_cpu_holds_events_only_for_the_grace_period() {
-        let mut r = Reorder::new(&[0, 1], 50);
+    fn a_forgotten_cpu_holds_nothing_back() {
+        let mut r = Reorder::new(&[0, 1]);
         r.incoming().extend([E(10, 1), E(70, 2)]);
         r.watermark(wm(0, 1_000));
         let mut out = Vec::new();
-        r.release(100, &mut out);
-        assert_eq!(out, [E(10, 1)]);
+        r.release(&mut out);
+        assert!(out.is_empty(), "CPU 1 has not reported");
+        r.forget(1);
+        r.release(&mut out);
+        assert_eq!(out, [E(10, 1), E(70, 2)]);
     }
 
     #[test]
     fn watermarks_never_go_back_and_unknown_cpus_are_ignored() {
-        let mut r: Reorder<E> = Reorder::new(&[0, 2], 1_000);
+        let mut r: Reorder<E> = Reorder::new(&[0, 2]);
         r.watermark(wm(0, 50));
         r.watermark(wm(0, 40));
         r.watermark(wm(2, 60));
@@ -192,20 +192,21 @@ mod tests {
         let mut r = Reorder::in_order();
         r.incoming().extend([E(30, 1), E(10, 2)]);
         let mut out = Vec::new();
-        r.release(0, &mut out);
+        r.release(&mut out);
         assert_eq!(out, [E(30, 1), E(10, 2)]);
     }
 
     proptest! {
         /// Two CPUs each fault in time order and write their faults in batches; syscalls go
-        /// to the ring directly. Whatever the interleaving, the output is every event, in
-        /// time order (ring order among equal times), and nothing is released early.
+        /// to the ring directly; a full ring sometimes refuses a batch. Whatever the
+        /// interleaving, the output is every event not refused, in time order, and nothing
+        /// is released early.
         #[test]
         fn output_is_complete_and_in_time_order(
-            steps in prop::collection::vec((0u8..4, 1u64..5), 1..200),
+            steps in prop::collection::vec((0u8..5, 1u64..5), 1..200),
             batch_len in 1usize..6,
         ) {
-            let mut r = Reorder::new(&[0, 1], u64::MAX);
+            let mut r = Reorder::new(&[0, 1]);
             let mut now = 0u64;
             let mut pending: [Vec<E>; 2] = [Vec::new(), Vec::new()];
             let mut out = Vec::new();
@@ -231,13 +232,20 @@ mod tests {
                         r.incoming().push(E(now, id));
                         all.push(E(now, id));
                     }
-                    _ => {
+                    3 => {
                         flush(&mut r, &mut pending[0], 0, now);
                         flush(&mut r, &mut pending[1], 1, now);
                     }
+                    _ => {
+                        // A full ring refuses CPU 0's batch: its faults are lost (counted),
+                        // and the daemon gives CPU 0's watermark itself.
+                        all.retain(|e| !pending[0].contains(e));
+                        pending[0].clear();
+                        r.watermark(wm(0, now));
+                    }
                 }
                 let before = out.len();
-                r.release(now, &mut out);
+                r.release(&mut out);
                 // Nothing released may be newer than what both CPUs have reported.
                 for e in &out[before..] {
                     prop_assert!(r.covers(e.0));

@@ -19,7 +19,7 @@ use tracer_common::Syscall;
 use crate::{
     analysis,
     clock::monotonic_ns,
-    event::{self, Event},
+    event::{self, Event, Watermark},
     launch::{self, LaunchError},
     model::normalize,
     order::Reorder,
@@ -210,13 +210,6 @@ struct Live {
 /// Events taken from the ring before they are handled.
 const DRAIN_BATCH: usize = 4096;
 
-/// How long an event waits for a CPU whose fault batch did not reach the ring (a full ring)
-/// before it is handled anyway.
-const ORDER_GRACE: Duration = Duration::from_millis(500);
-
-/// Collections at the end of a run before what did not arrive is given up.
-const FINAL_TRIES: usize = 4;
-
 impl Live {
     /// Reads every record waiting in the ring and handles, in time order, the events that
     /// nothing still to come can precede (see [`crate::order`]). Records are decoded and
@@ -248,7 +241,7 @@ impl Live {
                     }
                 }
             }
-            self.order.release(monotonic_ns(), &mut batch);
+            self.order.release(&mut batch);
             for ev in batch.drain(..) {
                 self.handle(ev)?;
             }
@@ -260,14 +253,33 @@ impl Live {
         Ok(())
     }
 
+    /// Handles the events the reorder can release now.
+    fn handle_released(&mut self) -> Result<(), RunError> {
+        let mut batch = std::mem::take(&mut self.batch);
+        self.order.release(&mut batch);
+        for ev in batch.drain(..) {
+            self.handle(ev)?;
+        }
+        self.batch = batch;
+        Ok(())
+    }
+
     /// Reads the ring, has every CPU write the faults it holds (into the room just made), then
     /// reads the ring again: every event up to now is handled.
     fn collect(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
         self.drain(ring)?;
-        for cpu in self.probe.flush_faults() {
+        let asked = monotonic_ns();
+        let outcome = self.probe.flush_faults();
+        self.drain(ring)?;
+        // A refused batch was counted lost and emptied, and everything the CPU wrote before
+        // is now read: none of its faults up to `asked` can still come.
+        for cpu in outcome.refused {
+            self.order.watermark(Watermark { cpu, ts_ns: asked });
+        }
+        for cpu in outcome.gone {
             self.order.forget(cpu);
         }
-        self.drain(ring)
+        self.handle_released()
     }
 
     /// No traced process is alive, and no event that could add one waits to be handled.
@@ -275,16 +287,10 @@ impl Live {
         !self.session.any_alive() && self.order.held() == 0
     }
 
-    /// At the end, once nothing is traced: collects what the CPUs still hold (again if a
-    /// full ring refused some of it) and handles every event left.
+    /// At the end, once nothing is traced: collects what the CPUs still hold and handles
+    /// every event left (after a collection, every CPU has reported up to the time it began).
     fn drain_last(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        let end = monotonic_ns();
-        for _ in 0..FINAL_TRIES {
-            self.collect(ring)?;
-            if self.order.covers(end) {
-                break;
-            }
-        }
+        self.collect(ring)?;
         let mut batch = std::mem::take(&mut self.batch);
         self.order.release_all(&mut batch);
         for ev in batch.drain(..) {
@@ -517,7 +523,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let order = if probe.batch_cpus().is_empty() {
         Reorder::in_order()
     } else {
-        Reorder::new(probe.batch_cpus(), ORDER_GRACE.as_nanos() as u64)
+        Reorder::new(probe.batch_cpus())
     };
     let live = Live {
         order,

@@ -492,17 +492,59 @@ fn faults_batched_on_one_cpu_come_before_an_unmap_on_another() {
     }
     let t = trace_workload(&["--faults", "all"], &["migrate", "50"]);
     assert_eq!(t.status, 0, "{}", t.stderr);
-    if t.stdout.contains("migrate_skipped") {
+    check_migrate_order(&t.stdout, &t.records, 50);
+}
+
+/// The same while the reader falls far behind (stopped for a second): the order must not
+/// depend on how late the reader is.
+#[test]
+fn order_holds_when_the_reader_is_a_second_behind() {
+    if !privileged("order_holds_when_the_reader_is_a_second_behind") {
+        return;
+    }
+    let out = temp_path("migrate-behind.ndjson");
+    let vm = std::process::Command::new(vmatrace())
+        .args(["--json", "--force", "--faults", "all", "-o"])
+        .arg(&out)
+        .arg("--")
+        .arg(workload())
+        .args(["migrate", "4000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("vmatrace starts");
+    let mut vm = KillOnDrop(vm);
+    let vm_pid = vm.0.id();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    kill(vm_pid, libc::SIGSTOP);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    kill(vm_pid, libc::SIGCONT);
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(vm.0.stdout.as_mut().expect("piped stdout"), &mut stdout)
+        .expect("reads stdout");
+    let status = vm.0.wait().expect("waits");
+    assert_eq!(status.code(), Some(0));
+    let recs = records(&out);
+    assert_eq!(
+        summary(&recs)["lost"]["lost_fault"],
+        0,
+        "the default ring holds a second of this"
+    );
+    check_migrate_order(&stdout, &recs, 4000);
+}
+
+/// Checks the output of `workload migrate N`: faults and syscalls in time order, and each
+/// region's 8 faults before its munmap, inside it.
+fn check_migrate_order(stdout: &str, recs: &[Value], n: usize) {
+    if stdout.contains("migrate_skipped") {
         eprintln!("skipped: this machine has one CPU");
         return;
     }
-    let regions: Vec<u64> = line_numbers(&t.stdout, "migrate_regions")
+    let regions: Vec<u64> = line_numbers(stdout, "migrate_regions")
         .into_iter()
         .map(|a| a as u64)
         .collect();
-    assert_eq!(regions.len(), 50, "{}", t.stdout);
-    let timed: Vec<u64> = t
-        .records
+    assert_eq!(regions.len(), n, "{stdout}");
+    let timed: Vec<u64> = recs
         .iter()
         .filter(|r| ["fault", "mmap", "munmap"].contains(&r["type"].as_str().unwrap_or("")))
         .filter_map(|r| r["ts_ns"].as_u64())
@@ -515,7 +557,7 @@ fn faults_batched_on_one_cpu_come_before_an_unmap_on_another() {
     // region's faults, then its munmap.
     let mut faults: Vec<&Value> = Vec::new();
     let mut unmapped = 0;
-    for r in &t.records {
+    for r in recs {
         let Some(&start) = regions.get(unmapped) else {
             break;
         };
@@ -539,5 +581,5 @@ fn faults_batched_on_one_cpu_come_before_an_unmap_on_another() {
             unmapped += 1;
         }
     }
-    assert_eq!(unmapped, 50, "every region's munmap is traced");
+    assert_eq!(unmapped, n, "every region's munmap is traced");
 }

@@ -115,6 +115,16 @@ impl KernelStats {
     }
 }
 
+/// What [`Probe::flush_faults`] could not do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlushOutcome {
+    /// CPUs whose batch the full ring refused: its faults were counted lost, and no
+    /// watermark was written.
+    pub refused: Vec<u32>,
+    /// CPUs that could not run the flush at all; they are no longer flushed.
+    pub gone: Vec<u32>,
+}
+
 /// A loaded and attached probe.
 pub struct Probe {
     ebpf: Ebpf,
@@ -340,29 +350,34 @@ impl Probe {
     }
 
     /// Has every CPU in [`Probe::batch_cpus`] write its fault batch to the ring now, with a
-    /// watermark. Returns the CPUs that could not (taken offline, say): they are dropped
-    /// from the list.
-    pub fn flush_faults(&mut self) -> Vec<u32> {
+    /// watermark. CPUs that could not run the flush (taken offline, say) are dropped from
+    /// the list.
+    pub fn flush_faults(&mut self) -> FlushOutcome {
+        let mut outcome = FlushOutcome::default();
         let Some(Ok(flush)) = self
             .ebpf
             .program("fault_flush")
             .map(<&RawTracePoint>::try_from)
         else {
-            return std::mem::take(&mut self.batch_cpus);
+            outcome.gone = std::mem::take(&mut self.batch_cpus);
+            return outcome;
         };
-        let mut failed = Vec::new();
         for &cpu in &self.batch_cpus {
             let opts = RawTracePointRunOptions {
                 cpu: Some(cpu),
                 ..RawTracePointRunOptions::new()
             };
-            if let Err(e) = flush.test_run(opts) {
-                log::warn!("cannot collect the page faults of CPU {cpu}: {e}");
-                failed.push(cpu);
+            match flush.test_run(opts) {
+                Ok(r) if r.return_value == 0 => {}
+                Ok(_) => outcome.refused.push(cpu),
+                Err(e) => {
+                    log::warn!("cannot collect the page faults of CPU {cpu}: {e}");
+                    outcome.gone.push(cpu);
+                }
             }
         }
-        self.batch_cpus.retain(|c| !failed.contains(c));
-        failed
+        self.batch_cpus.retain(|c| !outcome.gone.contains(c));
+        outcome
     }
 
     /// The fault backend in use.
