@@ -218,7 +218,6 @@ impl Live {
     /// instead of once per handled event, which keeps that line from bouncing between the
     /// cores all the time.
     fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        let mut batch = std::mem::take(&mut self.batch);
         loop {
             // Up to DRAIN_BATCH events (a fault batch holds up to 64), so that the reorder
             // sorts little at a time.
@@ -241,22 +240,21 @@ impl Live {
                     }
                 }
             }
-            self.order.release(&mut batch);
-            for ev in batch.drain(..) {
-                self.handle(ev)?;
-            }
+            self.handle_released(false)?;
             if empty {
-                break;
+                return Ok(());
             }
         }
-        self.batch = batch;
-        Ok(())
     }
 
-    /// Handles the events the reorder can release now.
-    fn handle_released(&mut self) -> Result<(), RunError> {
+    /// Handles the events the reorder can release now (`everything`: all it holds).
+    fn handle_released(&mut self, everything: bool) -> Result<(), RunError> {
         let mut batch = std::mem::take(&mut self.batch);
-        self.order.release(&mut batch);
+        if everything {
+            self.order.release_all(&mut batch);
+        } else {
+            self.order.release(&mut batch);
+        }
         for ev in batch.drain(..) {
             self.handle(ev)?;
         }
@@ -279,7 +277,7 @@ impl Live {
         for cpu in outcome.gone {
             self.order.forget(cpu);
         }
-        self.handle_released()
+        self.handle_released(false)
     }
 
     /// No traced process is alive, and no event that could add one waits to be handled.
@@ -291,13 +289,7 @@ impl Live {
     /// every event left (after a collection, every CPU has reported up to the time it began).
     fn drain_last(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
         self.collect(ring)?;
-        let mut batch = std::mem::take(&mut self.batch);
-        self.order.release_all(&mut batch);
-        for ev in batch.drain(..) {
-            self.handle(ev)?;
-        }
-        self.batch = batch;
-        Ok(())
+        self.handle_released(true)
     }
 
     fn handle(&mut self, mut ev: Event) -> Result<(), RunError> {
