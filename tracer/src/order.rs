@@ -86,7 +86,8 @@ impl<T: Timed> Reorder<T> {
     }
 
     /// Whether every CPU has reported up to `ts_ns`.
-    pub fn covers(&self, ts_ns: u64) -> bool {
+    #[cfg(test)]
+    fn covers(&self, ts_ns: u64) -> bool {
         self.reported() >= ts_ns
     }
 

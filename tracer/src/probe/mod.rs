@@ -256,14 +256,7 @@ impl Probe {
                     probe.attach_raw_tracepoint("page_fault_kernel")?;
                 }
             }
-            FaultBackend::PerfEvent => {
-                probe.attach_per_cpu(
-                    "page_fault_perf",
-                    "perf software event page-faults",
-                    PerfEventConfig::Software(SoftwareEvent::PageFaults),
-                    SamplePolicy::Period(1),
-                )?;
-            }
+            FaultBackend::PerfEvent => probe.attach_fault_perf_event()?,
             FaultBackend::Off | FaultBackend::Auto => {}
         }
         Ok(probe)
@@ -309,38 +302,32 @@ impl Probe {
         Ok(())
     }
 
-    /// Attaches the perf-event program `name` to `config` on every online CPU; returns them.
-    fn attach_per_cpu(
-        &mut self,
-        name: &'static str,
-        what: &str,
-        config: PerfEventConfig,
-        policy: SamplePolicy,
-    ) -> Result<Vec<u32>, ProbeError> {
+    /// The fault program on the software page-fault perf event of every online CPU.
+    fn attach_fault_perf_event(&mut self) -> Result<(), ProbeError> {
         let attach_err = |source| ProbeError::Attach {
-            name: what.to_string(),
+            name: "perf software event page-faults".into(),
             source,
         };
         let program: &mut PerfEvent = self
             .ebpf
-            .program_mut(name)
-            .ok_or(ProbeError::Missing(name))?
+            .program_mut("page_fault_perf")
+            .ok_or(ProbeError::Missing("page_fault_perf"))?
             .try_into()
             .map_err(attach_err)?;
         program.load().map_err(attach_err)?;
         let cpus =
             online_cpus().map_err(|(_, e)| attach_err(aya::programs::ProgramError::IOError(e)))?;
-        for &cpu in &cpus {
+        for cpu in cpus {
             program
                 .attach(
-                    config,
+                    PerfEventConfig::Software(SoftwareEvent::PageFaults),
                     PerfEventScope::AllProcessesOneCpu { cpu },
-                    policy,
+                    SamplePolicy::Period(1),
                     false,
                 )
                 .map_err(attach_err)?;
         }
-        Ok(cpus)
+        Ok(())
     }
 
     /// The CPUs whose faults come in batches with watermarks (see [`crate::order`]); empty
