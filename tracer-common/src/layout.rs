@@ -1,9 +1,16 @@
-//! Where the eBPF programs read the fields of the tracepoint records they attach to. The eBPF
-//! side reads at these offsets; the daemon checks them against the kernel's own `format` files
-//! before it attaches, so a kernel with another layout is refused with a clear error instead of
-//! being traced with wrong data. The formats are pasted as comments where each field is read.
+//! Where the eBPF programs read the kernel's data. Tracepoint records differ between kernels
+//! (`sched_process_exit` has `group_dead` on recent kernels such as 6.18 and 7.2, not on
+//! 5.10, 6.1 or 6.12), so the daemon reads each field's offset from the running kernel's
+//! `format` files at load time and hands them to the programs as the read-only global
+//! [`KernelLayout`]. A field that is missing is [`FIELD_ABSENT`], and the programs use
+//! another source (for `group_dead`: the thread group's count of live threads, reached
+//! through two `struct` offsets found in the kernel's BTF).
+//!
+//! Only the syscall records are read at fixed offsets (direct context loads, which the
+//! verifier allows only at constant offsets); their layout has not changed since Linux 3.x,
+//! and the daemon checks it.
 
-/// One field of a tracepoint record, read at a fixed offset.
+/// One field of a tracepoint record that the programs read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TracepointField {
     /// The tracepoint's category (`sched`), its directory under `events/`.
@@ -12,9 +19,7 @@ pub struct TracepointField {
     pub event: &'static str,
     /// The field's name in `format`.
     pub field: &'static str,
-    /// Byte offset in the record.
-    pub offset: usize,
-    /// Size in bytes.
+    /// Size in bytes the programs read.
     pub size: usize,
 }
 
@@ -25,39 +30,70 @@ pub const SYS_ENTER_ARGS_OFFSET: usize = 16;
 pub const SYS_EXIT_RET_OFFSET: usize = 16;
 
 /// `task:task_newtask` `pid`: the new task.
-pub const NEWTASK_PID: TracepointField = field("task", "task_newtask", "pid", 8, 4);
+pub const NEWTASK_PID: TracepointField = field("task", "task_newtask", "pid", 4);
 /// `task:task_newtask` `clone_flags`.
-pub const NEWTASK_CLONE_FLAGS: TracepointField =
-    field("task", "task_newtask", "clone_flags", 32, 8);
+pub const NEWTASK_CLONE_FLAGS: TracepointField = field("task", "task_newtask", "clone_flags", 8);
 /// `sched:sched_process_exec` `filename` (a `__data_loc`).
-pub const EXEC_FILENAME: TracepointField = field("sched", "sched_process_exec", "filename", 8, 4);
+pub const EXEC_FILENAME: TracepointField = field("sched", "sched_process_exec", "filename", 4);
 /// `sched:sched_process_exec` `old_pid`: the thread that called exec.
-pub const EXEC_OLD_PID: TracepointField = field("sched", "sched_process_exec", "old_pid", 16, 4);
-/// `sched:sched_process_exit` `group_dead`: the last thread of the process is exiting.
-pub const EXIT_GROUP_DEAD: TracepointField =
-    field("sched", "sched_process_exit", "group_dead", 32, 1);
+pub const EXEC_OLD_PID: TracepointField = field("sched", "sched_process_exec", "old_pid", 4);
+/// `sched:sched_process_exit` `group_dead`: the last thread of the process is exiting. Only
+/// on recent kernels; see [`KernelLayout::exit_group_dead`].
+pub const EXIT_GROUP_DEAD: TracepointField = field("sched", "sched_process_exit", "group_dead", 1);
 
-/// Every fixed-layout field of the lifecycle tracepoints.
-pub const LIFECYCLE_FIELDS: [TracepointField; 5] = [
-    NEWTASK_PID,
-    NEWTASK_CLONE_FLAGS,
-    EXEC_FILENAME,
-    EXEC_OLD_PID,
-    EXIT_GROUP_DEAD,
-];
+/// Marks a field of [`KernelLayout`] that this kernel does not have.
+pub const FIELD_ABSENT: u32 = u32::MAX;
+
+/// The offsets the lifecycle programs read on the running kernel, set by the daemon before
+/// the programs are loaded (the global `LAYOUT`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// [`NEWTASK_PID`].
+    pub newtask_pid: u32,
+    /// [`NEWTASK_CLONE_FLAGS`].
+    pub newtask_clone_flags: u32,
+    /// [`EXEC_FILENAME`].
+    pub exec_filename: u32,
+    /// [`EXEC_OLD_PID`].
+    pub exec_old_pid: u32,
+    /// [`EXIT_GROUP_DEAD`], or [`FIELD_ABSENT`]: then the exit program reads the process's
+    /// count of live threads, `current->signal->live`, which `do_exit` has already
+    /// decremented when the tracepoint fires (so 0 means the whole process is gone).
+    pub exit_group_dead: u32,
+    /// Offset of `signal` in `struct task_struct` (from BTF), or [`FIELD_ABSENT`].
+    pub task_signal: u32,
+    /// Offset of `live` in `struct signal_struct` (from BTF), or [`FIELD_ABSENT`].
+    pub signal_live: u32,
+    pub _pad: u32,
+}
+
+impl KernelLayout {
+    /// Nothing known: what the programs hold until the daemon sets the global.
+    pub const UNSET: Self = Self {
+        newtask_pid: FIELD_ABSENT,
+        newtask_clone_flags: FIELD_ABSENT,
+        exec_filename: FIELD_ABSENT,
+        exec_old_pid: FIELD_ABSENT,
+        exit_group_dead: FIELD_ABSENT,
+        task_signal: FIELD_ABSENT,
+        signal_live: FIELD_ABSENT,
+        _pad: 0,
+    };
+}
+
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 32);
 
 const fn field(
     category: &'static str,
     event: &'static str,
     name: &'static str,
-    offset: usize,
     size: usize,
 ) -> TracepointField {
     TracepointField {
         category,
         event,
         field: name,
-        offset,
         size,
     }
 }

@@ -328,4 +328,6 @@ mod pod {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers, with no implicit
     // padding (the size asserts above check the layout).
     unsafe impl aya::Pod for super::PendingSyscall {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::layout::KernelLayout {}
 }

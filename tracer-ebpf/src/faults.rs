@@ -12,8 +12,9 @@ use tracer_common::{
     FaultEvent, Stat,
 };
 
-use crate::maps::{
-    EVENTS, FAULT_BATCH, count, count_n, current_ids, is_target, now_ns, wakeup_flags,
+use crate::{
+    arch::{PT_REGS_IP_OFFSET, USER_ADDRESS_END, perf_fault},
+    maps::{EVENTS, FAULT_BATCH, count, count_n, current_ids, is_target, now_ns, wakeup_flags},
 };
 
 // The x86 exception tracepoints, attached raw (no perf record is built, which halves their
@@ -28,11 +29,6 @@ use crate::maps::{
 const RAW_ARG_ADDRESS: usize = 0;
 const RAW_ARG_REGS: usize = 1;
 const RAW_ARG_ERROR_CODE: usize = 2;
-/// Offset of `ip` in x86-64 `struct pt_regs` (after r15..di and orig_ax: 16 registers).
-const PT_REGS_IP_OFFSET: usize = 16 * 8;
-
-/// The end of the user half of the x86-64 address space.
-const USER_ADDRESS_END: u64 = 0x0000_8000_0000_0000;
 
 /// `page_fault_user` and `page_fault_kernel`, raw. The kernel variant reports faults the
 /// kernel takes on user memory for the process (a `read()` into a fresh buffer, for example):
@@ -129,8 +125,7 @@ pub fn try_page_fault_perf(ctx: &PerfEventContext) -> Result<u32, u32> {
     if !is_target(tgid) {
         return Ok(0);
     }
-    // SAFETY: `ctx.ctx` is the program's context; `addr` and `regs` may be read directly.
-    let (address, ip) = unsafe { ((*ctx.ctx).addr, (*ctx.ctx).regs.rip) };
+    let (address, ip) = perf_fault(ctx);
     let Some(mut entry) = EVENTS.reserve::<FaultEvent>(0) else {
         count(Stat::LostFault);
         // Returning 0 keeps the perf event from writing a sample of its own.

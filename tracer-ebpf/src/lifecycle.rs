@@ -3,16 +3,46 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
-    helpers::{bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal},
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
+        generated::bpf_send_signal,
+    },
     programs::TracePointContext,
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
     EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, TARGET_FOLLOW_FORKS,
-    TARGET_STOP_AT_EXEC, layout,
+    TARGET_STOP_AT_EXEC,
+    layout::{FIELD_ABSENT, KernelLayout},
 };
 
 use crate::maps::{EVENTS, PENDING, TARGETS, count, current_ids, now_ns, targets_changed};
+
+/// Where the tracepoint fields are on the running kernel: set by the daemon before load from
+/// the kernel's `format` files (and BTF), see `tracer_common::layout`.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = KernelLayout::UNSET;
+
+/// The layout global, read volatile so the compiler does not fold the placeholder.
+#[inline(always)]
+fn layout() -> KernelLayout {
+    // SAFETY: a read-only global set at load time.
+    unsafe { core::ptr::read_volatile(&LAYOUT) }
+}
+
+/// Reads a `T` at `offset` of the tracepoint record; a missing field is an error.
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, u32> {
+    if offset == FIELD_ABSENT {
+        count(Stat::ReadError);
+        return Err(1);
+    }
+    // SAFETY: the daemon found a field of this size at `offset` in the kernel's format.
+    unsafe { ctx.read_at::<T>(offset as usize) }.map_err(|_| {
+        count(Stat::ReadError);
+        1u32
+    })
+}
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 const SIGSTOP: u32 = 19;
@@ -28,7 +58,7 @@ const SIGSTOP: u32 = 19;
 // 	field:char comm[16];	offset:12;	size:16;	signed:0;
 // 	field:u64 clone_flags;	offset:32;	size:8;	signed:0;
 // 	field:short oom_score_adj;	offset:40;	size:2;	signed:1;
-// Read at `layout::NEWTASK_*`; the daemon checks those against the kernel's format.
+// (5.10 to 7.2 alike.) Read at the offsets the daemon found in the kernel's format.
 /// `task:task_newtask`. It runs in the parent, inside `copy_process`, before the child is
 /// woken: a followed child is in `TARGETS` before it runs a single instruction.
 #[inline(always)]
@@ -40,17 +70,9 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
     // SAFETY: a live map value, copied.
     // A child inherits following, never the one-shot stop at exec.
     let flags = unsafe { *flags } & !TARGET_STOP_AT_EXEC;
-    // SAFETY: offsets and sizes match the format above.
-    let (child, clone_flags) = unsafe {
-        (
-            ctx.read_at::<i32>(layout::NEWTASK_PID.offset),
-            ctx.read_at::<u64>(layout::NEWTASK_CLONE_FLAGS.offset),
-        )
-    };
-    let (Ok(child), Ok(clone_flags)) = (child, clone_flags) else {
-        count(Stat::ReadError);
-        return Err(1);
-    };
+    let at = layout();
+    let child: i32 = field(ctx, at.newtask_pid)?;
+    let clone_flags: u64 = field(ctx, at.newtask_clone_flags)?;
     if clone_flags & CLONE_THREAD != 0 {
         return Ok(0); // a thread shares the traced address space and tgid
     }
@@ -90,7 +112,7 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
 // 	field:__data_loc char[] filename;	offset:8;	size:4;	signed:0;
 // 	field:pid_t pid;	offset:12;	size:4;	signed:1;
 // 	field:pid_t old_pid;	offset:16;	size:4;	signed:1;
-// Read at `layout::EXEC_*`.
+// (5.10 to 7.2 alike.) Read at the offsets the daemon found in the kernel's format.
 /// `sched:sched_process_exec`: the address space was replaced.
 #[inline(always)]
 pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
@@ -106,17 +128,9 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
             warn!(ctx, "vmatrace: cannot stop {} at exec", tgid);
         }
     }
-    // SAFETY: offsets and sizes match the format above.
-    let (loc, old_pid) = unsafe {
-        (
-            ctx.read_at::<u32>(layout::EXEC_FILENAME.offset),
-            ctx.read_at::<i32>(layout::EXEC_OLD_PID.offset),
-        )
-    };
-    let (Ok(loc), Ok(old_pid)) = (loc, old_pid) else {
-        count(Stat::ReadError);
-        return Err(1);
-    };
+    let at = layout();
+    let loc: u32 = field(ctx, at.exec_filename)?;
+    let old_pid: i32 = field(ctx, at.exec_old_pid)?;
     let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
         count(Stat::LostLifecycle);
         return Err(1);
@@ -149,7 +163,8 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
 // 	field:pid_t pid;	offset:24;	size:4;	signed:1;
 // 	field:int prio;	offset:28;	size:4;	signed:1;
 // 	field:bool group_dead;	offset:32;	size:1;	signed:0;
-// Read at `layout::EXIT_GROUP_DEAD`.
+// `group_dead` is there on recent kernels only (6.18, 7.2; not 5.10, 6.1, 6.12), see
+// `group_dead` below.
 /// `sched:sched_process_exit` of the last thread: the process is gone, so its tgid leaves the
 /// filter (a later process that reuses the pid is not traced).
 #[inline(always)]
@@ -158,18 +173,16 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
     if TARGETS.get_ptr(&tgid).is_none() {
         return Ok(0);
     }
-    // SAFETY: offset and size match the format above.
-    let group_dead =
-        unsafe { ctx.read_at::<u8>(layout::EXIT_GROUP_DEAD.offset) }.map_err(|_| {
-            count(Stat::ReadError);
-            1u32
-        })?;
     // A thread killed inside a syscall never reaches its exit program.
     let _ = PENDING.remove(&tid);
-    if group_dead == 0 {
+    if !group_dead(ctx)? {
         return Ok(0);
     }
-    let _ = TARGETS.remove(&tgid);
+    // Without `group_dead`, several of the last threads may see the group dead at once: the
+    // one whose removal succeeds reports the exit.
+    if TARGETS.remove(&tgid).is_err() {
+        return Ok(0);
+    }
     targets_changed();
     let Some(mut entry) = EVENTS.reserve::<ExitEvent>(0) else {
         count(Stat::LostLifecycle);
@@ -181,6 +194,35 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
     // Rare and waited for (the launched child is stopped at exec): wake the reader now.
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     Ok(0)
+}
+
+/// Whether the exiting thread's process is gone: the tracepoint's `group_dead` where the
+/// kernel has it; else `current->signal->live == 0`. `do_exit` decrements `live` before this
+/// tracepoint, so it is 0 once every thread of the group has passed that point (and none
+/// runs user code again); it is what `group_dead` is computed from.
+#[inline(always)]
+fn group_dead(ctx: &TracePointContext) -> Result<bool, u32> {
+    let at = layout();
+    if at.exit_group_dead != FIELD_ABSENT {
+        return Ok(field::<u8>(ctx, at.exit_group_dead)? != 0);
+    }
+    if at.task_signal == FIELD_ABSENT || at.signal_live == FIELD_ABSENT {
+        count(Stat::ReadError);
+        return Err(1);
+    }
+    let failed = |_| {
+        count(Stat::ReadError);
+        1u32
+    };
+    // SAFETY: kernel pointers read with the fault-tolerant helper, at offsets from BTF.
+    let live = unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let signal: u64 = bpf_probe_read_kernel(task.add(at.task_signal as usize) as *const u64)
+            .map_err(failed)?;
+        bpf_probe_read_kernel((signal as *const u8).add(at.signal_live as usize) as *const i32)
+            .map_err(failed)?
+    };
+    Ok(live == 0)
 }
 
 #[inline(always)]

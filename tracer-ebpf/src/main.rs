@@ -7,21 +7,25 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod arch;
 mod faults;
 mod lifecycle;
 mod maps;
 mod syscalls;
 
 use aya_ebpf::{
-    macros::{perf_event, raw_tracepoint, tracepoint},
-    programs::{PerfEventContext, RawTracePointContext, TracePointContext},
+    macros::{fentry, fexit, perf_event, raw_tracepoint, tracepoint},
+    programs::{
+        FEntryContext, FExitContext, PerfEventContext, RawTracePointContext, TracePointContext,
+    },
 };
 use tracer_common::Syscall;
 
-/// One `sys_enter_*` and one `sys_exit_*` program per traced syscall, named after the
-/// tracepoint they attach to.
+/// Per traced syscall: one `sys_enter_*` and one `sys_exit_*` program, named after the
+/// tracepoint they attach to, and one `fentry_*` and one `fexit_*` program for the syscall
+/// function (whose name differs by architecture; the daemon gives it at load).
 macro_rules! syscall_programs {
-    ($($enter:ident, $exit:ident => $syscall:expr;)*) => {$(
+    ($($enter:ident, $exit:ident, $fentry:ident, $fexit:ident => $syscall:expr;)*) => {$(
         #[tracepoint]
         pub fn $enter(ctx: TracePointContext) -> u32 {
             match syscalls::try_enter(&ctx, $syscall) {
@@ -35,21 +39,35 @@ macro_rules! syscall_programs {
                 Ok(ret) | Err(ret) => ret,
             }
         }
+
+        #[fentry]
+        pub fn $fentry(ctx: FEntryContext) -> u32 {
+            match syscalls::try_fentry(&ctx, $syscall) {
+                Ok(_) | Err(_) => 0,
+            }
+        }
+
+        #[fexit]
+        pub fn $fexit(ctx: FExitContext) -> u32 {
+            match syscalls::try_fexit(&ctx, $syscall) {
+                Ok(_) | Err(_) => 0,
+            }
+        }
     )*};
 }
 
 syscall_programs! {
-    sys_enter_brk, sys_exit_brk => Syscall::Brk;
-    sys_enter_mmap, sys_exit_mmap => Syscall::Mmap;
-    sys_enter_munmap, sys_exit_munmap => Syscall::Munmap;
-    sys_enter_mremap, sys_exit_mremap => Syscall::Mremap;
-    sys_enter_mprotect, sys_exit_mprotect => Syscall::Mprotect;
-    sys_enter_pkey_mprotect, sys_exit_pkey_mprotect => Syscall::PkeyMprotect;
-    sys_enter_madvise, sys_exit_madvise => Syscall::Madvise;
-    sys_enter_process_madvise, sys_exit_process_madvise => Syscall::ProcessMadvise;
-    sys_enter_shmat, sys_exit_shmat => Syscall::Shmat;
-    sys_enter_shmdt, sys_exit_shmdt => Syscall::Shmdt;
-    sys_enter_openat, sys_exit_openat => Syscall::Openat;
+    sys_enter_brk, sys_exit_brk, fentry_brk, fexit_brk => Syscall::Brk;
+    sys_enter_mmap, sys_exit_mmap, fentry_mmap, fexit_mmap => Syscall::Mmap;
+    sys_enter_munmap, sys_exit_munmap, fentry_munmap, fexit_munmap => Syscall::Munmap;
+    sys_enter_mremap, sys_exit_mremap, fentry_mremap, fexit_mremap => Syscall::Mremap;
+    sys_enter_mprotect, sys_exit_mprotect, fentry_mprotect, fexit_mprotect => Syscall::Mprotect;
+    sys_enter_pkey_mprotect, sys_exit_pkey_mprotect, fentry_pkey_mprotect, fexit_pkey_mprotect => Syscall::PkeyMprotect;
+    sys_enter_madvise, sys_exit_madvise, fentry_madvise, fexit_madvise => Syscall::Madvise;
+    sys_enter_process_madvise, sys_exit_process_madvise, fentry_process_madvise, fexit_process_madvise => Syscall::ProcessMadvise;
+    sys_enter_shmat, sys_exit_shmat, fentry_shmat, fexit_shmat => Syscall::Shmat;
+    sys_enter_shmdt, sys_exit_shmdt, fentry_shmdt, fexit_shmdt => Syscall::Shmdt;
+    sys_enter_openat, sys_exit_openat, fentry_openat, fexit_openat => Syscall::Openat;
 }
 
 #[raw_tracepoint(tracepoint = "page_fault_user")]

@@ -1,19 +1,24 @@
-//! Memory syscalls. The enter program saves the arguments per thread in `PENDING`; the exit
-//! program pairs them with the return value and emits one [`SyscallEvent`]. Userspace attaches
-//! every exit program before its enter program, so no saved entry waits for an exit that is not
-//! there.
+//! Memory syscalls, from either backend: the `syscalls:sys_{enter,exit}_*` tracepoints, or
+//! fentry/fexit programs on the syscall functions (`__x64_sys_mmap`, ...), which cost nothing
+//! to other syscalls (an enabled syscall tracepoint sends every task of the machine down the
+//! slow syscall path). The enter program saves the arguments per thread in `PENDING`; the
+//! exit program pairs them with the return value and emits one [`SyscallEvent`]. Userspace
+//! attaches every exit program before its enter program, so no saved entry waits for an exit
+//! that is not there.
 
 use aya_ebpf::{
     helpers::{bpf_probe_read_user, bpf_probe_read_user_str_bytes},
-    programs::TracePointContext,
+    programs::{FEntryContext, FExitContext, TracePointContext},
 };
-use aya_log_ebpf::warn;
 use tracer_common::{
     EventHeader, EventKind, OpenEvent, PendingSyscall, Stat, Syscall, SyscallEvent,
     layout::{SYS_ENTER_ARGS_OFFSET, SYS_EXIT_RET_OFFSET},
 };
 
-use crate::maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_ns, wakeup_flags};
+use crate::{
+    arch::SYSCALL_ARG_OFFSETS,
+    maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_ns, wakeup_flags},
+};
 
 // name: sys_enter_mmap (every sys_enter_* has this layout; unused argument slots are not read)
 // format:
@@ -50,9 +55,38 @@ const CONSUMED: u32 = u32::MAX;
 #[unsafe(no_mangle)]
 static OPAQUE_ZERO: u64 = 0;
 
-/// Saves the arguments of `syscall` for the current thread.
+/// `sys_enter_*`: the arguments from the tracepoint's record.
 #[inline(always)]
 pub fn try_enter(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
+    enter(syscall, |i| ctx_u64(ctx, SYS_ENTER_ARGS_OFFSET + 8 * i))
+}
+
+/// fentry on the syscall function, whose one argument is the caller's `struct pt_regs`.
+#[inline(always)]
+pub fn try_fentry(ctx: &FEntryContext, syscall: Syscall) -> Result<u32, u32> {
+    let regs: *const u8 = ctx.arg(0);
+    // SAFETY: a BTF-typed `struct pt_regs *`, which the verifier lets the program load from
+    // directly at the register offsets.
+    enter(syscall, |i| unsafe {
+        *(regs.add(SYSCALL_ARG_OFFSETS[i]) as *const u64)
+    })
+}
+
+/// `sys_exit_*`: the return value from the tracepoint's record.
+#[inline(always)]
+pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
+    exit(syscall, || ctx_u64(ctx, SYS_EXIT_RET_OFFSET) as i64)
+}
+
+/// fexit on the syscall function: its return value follows its one argument.
+#[inline(always)]
+pub fn try_fexit(ctx: &FExitContext, syscall: Syscall) -> Result<u32, u32> {
+    exit(syscall, || ctx.arg::<i64>(1))
+}
+
+/// Saves the arguments of `syscall` (`arg(i)` reads the i-th) for the current thread.
+#[inline(always)]
+fn enter(syscall: Syscall, arg: impl Fn(usize) -> u64) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
     // process_madvise may name a traced process from an untraced one: userspace decides.
     if syscall != Syscall::ProcessMadvise && !is_target(tgid) {
@@ -63,13 +97,7 @@ pub fn try_enter(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> 
     // memset call.
     let zero = unsafe { core::ptr::read_volatile(&OPAQUE_ZERO) };
     let nargs = syscall.nargs();
-    let arg = |i: usize| {
-        if i < nargs {
-            ctx_u64(ctx, SYS_ENTER_ARGS_OFFSET + 8 * i)
-        } else {
-            zero
-        }
-    };
+    let arg = |i: usize| if i < nargs { arg(i) } else { zero };
     let args = [arg(0), arg(1), arg(2), arg(3), arg(4), arg(5)];
     // process_madvise: the first iovec (base, len) of the caller's vector, enough for the
     // common vlen == 1.
@@ -95,15 +123,15 @@ pub fn try_enter(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> 
         unsafe { *slot = pending };
     } else if PENDING.insert(&tid, &pending, 0).is_err() {
         count(Stat::PendingFull);
-        warn!(ctx, "vmatrace: cannot save syscall entry of tid {}", tid);
         return Err(1);
     }
     Ok(0)
 }
 
-/// Pairs the exit of `syscall` with its saved entry and emits one event.
+/// Pairs the exit of `syscall` (`ret()` reads its return value) with its saved entry and
+/// emits one event.
 #[inline(always)]
-pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
+fn exit(syscall: Syscall, ret: impl Fn() -> i64) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
     // The (cached) filter first: a process that is not traced costs no look-up here.
     let traced = is_target(tgid);
@@ -127,7 +155,7 @@ pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
         }
         return Ok(0);
     }
-    let ret = ctx_u64(ctx, SYS_EXIT_RET_OFFSET) as i64;
+    let ret = ret();
     if syscall == Syscall::Openat {
         return emit_open(tgid, tid, &pending, ret);
     }

@@ -84,6 +84,29 @@ pub enum BackendArg {
     PerfEvent,
 }
 
+/// Which programs report the memory syscalls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SyscallBackendArg {
+    /// fentry/fexit where the kernel allows them, else the tracepoints.
+    Auto,
+    /// The syscalls:sys_enter_*/sys_exit_* tracepoints (while enabled, every syscall of every
+    /// process on the machine takes the kernel's slower path).
+    Tracepoint,
+    /// fentry/fexit programs on the syscall functions (no cost to other syscalls).
+    Fentry,
+}
+
+/// How the end of a process is told (a test and diagnosis knob).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExitRuleArg {
+    /// The tracepoint's group_dead where the kernel has it, else the live-thread count.
+    Auto,
+    /// sched_process_exit's group_dead (recent kernels only).
+    GroupDead,
+    /// The process's count of live threads, found through BTF.
+    LiveThreads,
+}
+
 /// What to trace and how to show it.
 #[derive(Debug, Args, Clone)]
 pub struct TraceArgs {
@@ -111,6 +134,12 @@ pub struct TraceArgs {
     /// Which kernel program reports page faults.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub fault_backend: BackendArg,
+    /// Which kernel programs report the memory syscalls.
+    #[arg(long, value_enum, default_value_t = SyscallBackendArg::Auto)]
+    pub syscall_backend: SyscallBackendArg,
+    /// How the end of a process is told (kept for testing the rule of older kernels).
+    #[arg(long, value_enum, default_value_t = ExitRuleArg::Auto, hide = true)]
+    pub exit_rule: ExitRuleArg,
     /// Ring buffer size (a power of two: 4K, 256K, 8M, ...). Faults arrive in records of up
     /// to 2.6 KB (64 faults): rings under 256K lose some under heavy load (counted).
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]

@@ -10,7 +10,7 @@ use std::{
 use clap::Parser as _;
 use tracer::{
     analysis,
-    cli::{BackendArg, Cli, Command, TraceArgs},
+    cli::{BackendArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
     output::{
         FaultFilter, file, html,
         human::HumanSink,
@@ -18,7 +18,7 @@ use tracer::{
         perfetto,
         timeline_view::{Sampler, bands},
     },
-    probe::FaultBackend,
+    probe::{ExitRule, FaultBackend, SyscallBackend},
     replay,
     run::{self, RunConfig},
 };
@@ -41,6 +41,16 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
             BackendArg::Auto => FaultBackend::Auto,
             BackendArg::Tracepoint => FaultBackend::Tracepoint,
             BackendArg::PerfEvent => FaultBackend::PerfEvent,
+        },
+        syscall_backend: match t.syscall_backend {
+            SyscallBackendArg::Auto => SyscallBackend::Auto,
+            SyscallBackendArg::Tracepoint => SyscallBackend::Tracepoint,
+            SyscallBackendArg::Fentry => SyscallBackend::Fentry,
+        },
+        exit_rule: match t.exit_rule {
+            ExitRuleArg::Auto => ExitRule::Auto,
+            ExitRuleArg::GroupDead => ExitRule::GroupDead,
+            ExitRuleArg::LiveThreads => ExitRule::LiveThreads,
         },
         ring_bytes: t.ring_size,
         user: t.user,

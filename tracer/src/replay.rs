@@ -343,6 +343,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
                 limits = recorded;
                 sink.start(&Meta {
                     fault_backend: "replay".into(),
+                    syscall_backend: "replay".into(),
                     limits,
                 })
                 .map_err(ReplayError::Write)?;

@@ -30,7 +30,7 @@ use crate::{
         ndjson::NdjsonSink,
         report::summarize,
     },
-    probe::{FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions},
+    probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
     procfs::{self, ProcError},
     session::{Applied, Seed, Session},
 };
@@ -47,6 +47,8 @@ pub struct RunConfig {
     pub duration: Option<Duration>,
     pub faults: FaultFilter,
     pub backend: FaultBackend,
+    pub syscall_backend: SyscallBackend,
+    pub exit_rule: ExitRule,
     pub ring_bytes: u32,
     pub user: Option<String>,
     pub reconcile: Option<Duration>,
@@ -471,11 +473,14 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         } else {
             cfg.backend
         },
+        syscalls: cfg.syscall_backend,
+        exit_rule: cfg.exit_rule,
         ..ProbeOptions::default()
     })?;
     let limits = procfs::limits();
     let meta = Meta {
         fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
+        syscall_backend: format!("{:?}", probe.syscall_backend()).to_lowercase(),
         limits,
     };
     sink.start(&meta).map_err(RunError::Write)?;

@@ -18,6 +18,71 @@ fn summary(recs: &[Value]) -> &Value {
         .expect("a summary record")
 }
 
+/// Whether this kernel's `sched_process_exit` has `group_dead` (recent kernels only).
+fn kernel_has_group_dead() -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .filter_map(|r| {
+            std::fs::read_to_string(format!("{r}/events/sched/sched_process_exit/format")).ok()
+        })
+        .any(|f| f.contains(" group_dead;"))
+}
+
+/// A process whose first thread exits long before its last one ends when the last one does,
+/// whichever way the kernel tells it: `group_dead` where the tracepoint has it, the count of
+/// live threads (through BTF) everywhere.
+#[test]
+fn a_process_ends_with_its_last_thread_not_its_first() {
+    if !privileged("a_process_ends_with_its_last_thread_not_its_first") {
+        return;
+    }
+    for rule in ["auto", "live-threads", "group-dead"] {
+        let t = trace_workload(
+            &["--faults", "all", "--exit-rule", rule],
+            &["leader-exits-first", "300"],
+        );
+        if rule == "group-dead" && !kernel_has_group_dead() {
+            assert_eq!(t.status, 1, "{rule}: {}", t.stderr);
+            assert!(t.stderr.contains("has no group_dead"), "{}", t.stderr);
+            continue;
+        }
+        assert_eq!(t.status, 0, "{rule}: {}", t.stderr);
+        let leader = line_numbers(&t.stdout, "leader")[0];
+        let worker = line_numbers(&t.stdout, "worker")[0];
+        assert_ne!(leader, worker);
+        let pid = marker_pid(&t.records);
+        assert_eq!(
+            pid as i64, leader,
+            "the process is the leader's thread group"
+        );
+        // Everything the worker did after the leader exited is traced.
+        let traced = between_markers(&t.records, pid);
+        let mmap = traced
+            .iter()
+            .find(|r| r["type"] == "mmap")
+            .unwrap_or_else(|| panic!("{rule}: the worker's mmap is traced: {traced:?}"));
+        assert_eq!(mmap["tid"], worker);
+        let touches = traced
+            .iter()
+            .filter(|r| r["type"] == "fault" && r["first_touch"] == true)
+            .count();
+        assert_eq!(touches, 4, "{rule}: {traced:?}");
+        // One exit, after the worker's last call.
+        let exits = of_type(&t.records, "exit");
+        assert_eq!(exits.len(), 1, "{rule}: {exits:?}");
+        let end = t
+            .records
+            .iter()
+            .find(|r| r["type"] == "madvise" && r["args"][2] == 0xBEEF + 1)
+            .expect("end marker");
+        assert!(
+            exits[0]["ts_ns"].as_u64() > end["ts_ns"].as_u64(),
+            "{rule}: the exit comes after the last thread's calls: {exits:?}"
+        );
+        assert_eq!(exits[0]["pid"], pid);
+    }
+}
+
 #[test]
 fn fork_without_follow_is_reported_but_not_traced() {
     if !privileged("fork_without_follow_is_reported_but_not_traced") {

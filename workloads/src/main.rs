@@ -243,6 +243,29 @@ fn threads(n: usize, pages: usize) {
     }
 }
 
+/// The main thread exits first (`exit`, not `exit_group`: the process lives on), then a
+/// second thread maps, touches and unmaps 4 pages between the markers, `ms` later, and ends
+/// the process by returning. Prints `leader TID` and `worker TID`.
+fn leader_exits_first(ms: u64) {
+    // SAFETY: gettid has no preconditions.
+    let leader = unsafe { libc::syscall(libc::SYS_gettid) };
+    say(&format!("leader {leader}"));
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        say(&format!("worker {tid}"));
+        mark(MARK_BEGIN);
+        let a = anon(4 * PAGE);
+        touch(a, 4 * PAGE);
+        munmap(a, 4 * PAGE);
+        mark(MARK_END);
+        // Returning ends this thread, the last one: the process exits with status 0.
+    });
+    // SAFETY: ends this thread only; nothing of this thread is used after it (no unwinding).
+    unsafe { libc::syscall(libc::SYS_exit, 0) };
+}
+
 /// A failing mmap (ENOMEM) and a failing munmap (EINVAL).
 fn fail() {
     mark(MARK_BEGIN);
@@ -693,9 +716,10 @@ fn main() {
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
+        Some("leader-exits-first") => leader_exits_first(arg(&args, 2, 300) as u64),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS"
             );
             std::process::exit(2);
         }

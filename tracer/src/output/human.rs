@@ -185,7 +185,8 @@ pub fn effect_text(applied: &Applied) -> Option<String> {
 impl<W: Write> Sink for HumanSink<W> {
     fn start(&mut self, meta: &Meta) -> io::Result<()> {
         log::info!(
-            "tracing (fault events: {}); Ctrl-C to stop",
+            "tracing (syscall events: {}, fault events: {}); Ctrl-C to stop",
+            meta.syscall_backend,
             meta.fault_backend
         );
         Ok(())

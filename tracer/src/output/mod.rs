@@ -17,10 +17,11 @@ use crate::{
     session::{Applied, Process, Session},
 };
 
-/// What a run starts with: the fault backend and the machine's limits.
+/// What a run starts with: the kernel backends and the machine's limits.
 #[derive(Clone, Debug)]
 pub struct Meta {
     pub fault_backend: String,
+    pub syscall_backend: String,
     pub limits: Limits,
 }
 pub use report::{LossSummary, Summary};

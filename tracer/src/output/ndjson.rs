@@ -328,6 +328,7 @@ impl<W: Write> Sink for NdjsonSink<W> {
             "version": SCHEMA_VERSION,
             "tool": concat!("vmatrace ", env!("CARGO_PKG_VERSION")),
             "fault_backend": meta.fault_backend,
+            "syscall_backend": meta.syscall_backend,
             "faults": format!("{:?}", self.faults).to_lowercase(),
             "max_map_count": meta.limits.max_map_count,
             "cpus": meta.limits.cpus,

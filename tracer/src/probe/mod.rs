@@ -1,6 +1,8 @@
 //! The kernel side from userspace: load the embedded eBPF object, attach its programs, manage
 //! the traced-process filter, read the ring buffer and the loss counters.
 
+pub mod btf;
+pub mod layout;
 pub mod tracefs;
 
 use std::{collections::HashMap as StdHashMap, io};
@@ -9,7 +11,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        PerfEvent, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint,
+        FEntry, FExit, PerfEvent, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
@@ -17,6 +19,9 @@ use aya::{
 use tracer_common::{
     STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC, TARGETS_GEN_USER,
 };
+
+pub use self::layout::ExitRule;
+use self::{btf::KernelBtf, layout::LayoutError};
 
 /// Which program reports page faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +34,29 @@ pub enum FaultBackend {
     Tracepoint,
     /// A BPF program on the software page-fault perf event of every CPU.
     PerfEvent,
+}
+
+/// Which programs report the memory syscalls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallBackend {
+    /// fentry/fexit where the kernel allows them, else the tracepoints.
+    Auto,
+    /// `syscalls:sys_{enter,exit}_*`: every kernel with CONFIG_FTRACE_SYSCALLS, but while one is
+    /// enabled every syscall of every task on the machine takes the slow path.
+    Tracepoint,
+    /// fentry/fexit on the syscall functions (`__x64_sys_mmap`, ...): other syscalls pay
+    /// nothing. Needs BTF and a kernel that lets BPF trampolines attach.
+    Fentry,
+}
+
+/// The kernel function of `call` (the architecture's syscall wrapper, which takes the
+/// caller's `struct pt_regs`).
+pub fn syscall_function(call: Syscall) -> String {
+    #[cfg(target_arch = "x86_64")]
+    const PREFIX: &str = "__x64_sys_";
+    #[cfg(target_arch = "aarch64")]
+    const PREFIX: &str = "__arm64_sys_";
+    format!("{PREFIX}{}", call.name())
 }
 
 /// Rings of this size or more are drained by the reader's 50 ms timer only: at the highest
@@ -44,6 +72,8 @@ pub struct ProbeOptions {
     /// Wake the reader once this many bytes wait (rings under [`TIMER_ONLY_RING_BYTES`]).
     pub wakeup_bytes: u64,
     pub faults: FaultBackend,
+    pub syscalls: SyscallBackend,
+    pub exit_rule: ExitRule,
 }
 
 impl Default for ProbeOptions {
@@ -52,6 +82,8 @@ impl Default for ProbeOptions {
             ring_bytes: tracer_common::DEFAULT_RING_BYTES,
             wakeup_bytes: 64 * 1024,
             faults: FaultBackend::Auto,
+            syscalls: SyscallBackend::Auto,
+            exit_rule: ExitRule::Auto,
         }
     }
 }
@@ -66,7 +98,15 @@ pub enum ProbeError {
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
     #[error(transparent)]
-    Layout(#[from] tracefs::LayoutError),
+    Layout(#[from] LayoutError),
+    #[error(
+        "this kernel does not let vmatrace attach fentry/fexit programs to {function} ({source}); use --syscall-backend tracepoint"
+    )]
+    Fentry {
+        function: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error(
         "this kernel has no tracepoint {0}; vmatrace needs syscall tracepoints (CONFIG_FTRACE_SYSCALLS)"
     )]
@@ -136,6 +176,7 @@ pub struct Probe {
     ring: Option<RingBuf<MapData>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     fault_backend: FaultBackend,
+    syscall_backend: SyscallBackend,
     /// The CPUs whose faults come in batches, written by [`Probe::flush_faults`].
     batch_cpus: Vec<u32>,
 }
@@ -168,10 +209,16 @@ impl Probe {
             opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4)
         };
         let root = tracefs::ensure_mounted()?;
-        tracefs::check_layout(root)?;
+        let kernel_layout = layout::kernel_layout(
+            root,
+            opts.exit_rule,
+            opts.syscalls != SyscallBackend::Fentry,
+            KernelBtf::load,
+        )?;
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_bytes)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .override_global("LAYOUT", &kernel_layout, true)
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -213,15 +260,28 @@ impl Probe {
             ebpf,
             logger,
             fault_backend: FaultBackend::Off,
+            syscall_backend: opts.syscalls,
             batch_cpus: Vec::new(),
         };
-        // Exits before enters: an entry saved after this point always meets its exit program.
-        for call in Syscall::ALL {
-            probe.attach_tracepoint("syscalls", &format!("sys_exit_{}", call.name()))?;
-        }
-        for call in Syscall::ALL {
-            probe.attach_tracepoint("syscalls", &format!("sys_enter_{}", call.name()))?;
-        }
+        probe.syscall_backend = match opts.syscalls {
+            SyscallBackend::Fentry => {
+                probe.attach_syscall_fentry()?;
+                SyscallBackend::Fentry
+            }
+            SyscallBackend::Tracepoint => {
+                probe.attach_syscall_tracepoints()?;
+                SyscallBackend::Tracepoint
+            }
+            SyscallBackend::Auto => match probe.attach_syscall_fentry() {
+                Ok(()) => SyscallBackend::Fentry,
+                Err(e) => {
+                    log::info!("{e}: the syscall tracepoints report the syscalls instead");
+                    probe.detach_syscall_fentry();
+                    probe.attach_syscall_tracepoints()?;
+                    SyscallBackend::Tracepoint
+                }
+            },
+        };
         probe.attach_tracepoint("task", "task_newtask")?;
         probe.attach_tracepoint("sched", "sched_process_exec")?;
         probe.attach_tracepoint("sched", "sched_process_exit")?;
@@ -276,6 +336,61 @@ impl Probe {
                 name: what.to_string(),
                 source,
             })
+    }
+
+    /// The `sys_{enter,exit}_*` programs on the syscall tracepoints. Exits before enters: an
+    /// entry saved after this point always meets its exit program.
+    fn attach_syscall_tracepoints(&mut self) -> Result<(), ProbeError> {
+        for call in Syscall::ALL {
+            self.attach_tracepoint("syscalls", &format!("sys_exit_{}", call.name()))?;
+        }
+        for call in Syscall::ALL {
+            self.attach_tracepoint("syscalls", &format!("sys_enter_{}", call.name()))?;
+        }
+        Ok(())
+    }
+
+    /// The `fentry_*`/`fexit_*` programs on the syscall functions, exits first as above.
+    fn attach_syscall_fentry(&mut self) -> Result<(), ProbeError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Fentry {
+            function: "any kernel function".into(),
+            source: aya::programs::ProgramError::Btf(e),
+        })?;
+        for call in Syscall::ALL {
+            let function = syscall_function(call);
+            let err = |source| ProbeError::Fentry {
+                function: function.clone(),
+                source,
+            };
+            let name = format!("fexit_{}", call.name());
+            let program: &mut FExit = self.program(&name, &name)?;
+            program.load(&function, &btf).map_err(err)?;
+            program.attach().map_err(err)?;
+        }
+        for call in Syscall::ALL {
+            let function = syscall_function(call);
+            let err = |source| ProbeError::Fentry {
+                function: function.clone(),
+                source,
+            };
+            let name = format!("fentry_{}", call.name());
+            let program: &mut FEntry = self.program(&name, &name)?;
+            program.load(&function, &btf).map_err(err)?;
+            program.attach().map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches and unloads whatever [`Probe::attach_syscall_fentry`] got to load.
+    fn detach_syscall_fentry(&mut self) {
+        for call in Syscall::ALL {
+            if let Ok(p) = self.program::<FEntry>(&format!("fentry_{}", call.name()), "") {
+                let _ = p.unload();
+            }
+            if let Ok(p) = self.program::<FExit>(&format!("fexit_{}", call.name()), "") {
+                let _ = p.unload();
+            }
+        }
     }
 
     fn attach_tracepoint(&mut self, category: &str, name: &str) -> Result<(), ProbeError> {
@@ -370,6 +485,11 @@ impl Probe {
     /// The fault backend in use.
     pub fn fault_backend(&self) -> FaultBackend {
         self.fault_backend
+    }
+
+    /// The syscall backend in use.
+    pub fn syscall_backend(&self) -> SyscallBackend {
+        self.syscall_backend
     }
 
     /// Starts tracing thread group `pid`; with `follow`, its future children too.

@@ -1,0 +1,45 @@
+//! What differs between the architectures vmatrace runs on (x86_64, aarch64): where a
+//! syscall's arguments sit in `struct pt_regs`, the faulting instruction in the page-fault
+//! contexts, and the end of user addresses. The object is built for one architecture
+//! (aya-build passes `bpf_target_arch` from the daemon's target), so these are constants.
+
+use aya_ebpf::programs::PerfEventContext;
+
+/// Byte offsets in `struct pt_regs` of a syscall's six arguments, as the syscall wrappers
+/// (`__x64_sys_*`, `__arm64_sys_*`) read them.
+#[cfg(bpf_target_arch = "x86_64")]
+pub const SYSCALL_ARG_OFFSETS: [usize; 6] = [
+    14 * 8, // di
+    13 * 8, // si
+    12 * 8, // dx
+    7 * 8,  // r10
+    9 * 8,  // r8
+    8 * 8,  // r9
+];
+/// aarch64: x0 is overwritten by the return value when the syscall ends, so the first
+/// argument is read from `orig_x0` (after `regs[31]`, `sp`, `pc`, `pstate`).
+#[cfg(bpf_target_arch = "aarch64")]
+pub const SYSCALL_ARG_OFFSETS: [usize; 6] = [34 * 8, 8, 2 * 8, 3 * 8, 4 * 8, 5 * 8];
+
+/// Offset of the instruction pointer in `struct pt_regs` (x86-64: after r15..di and
+/// orig_ax, 16 registers), for the x86 exception tracepoints.
+#[cfg(bpf_target_arch = "x86_64")]
+pub const PT_REGS_IP_OFFSET: usize = 16 * 8;
+#[cfg(bpf_target_arch = "aarch64")]
+pub const PT_REGS_IP_OFFSET: usize = 32 * 8;
+
+/// The end of the user half of the address space (48-bit virtual addresses, as both
+/// architectures' default configurations use).
+pub const USER_ADDRESS_END: u64 = 0x0000_8000_0000_0000;
+
+/// The faulting address and instruction of a software page-fault perf event.
+#[inline(always)]
+pub fn perf_fault(ctx: &PerfEventContext) -> (u64, u64) {
+    // SAFETY: `ctx.ctx` is the program's context; `addr` and `regs` may be read directly.
+    #[cfg(bpf_target_arch = "x86_64")]
+    let regs = unsafe { ((*ctx.ctx).addr, (*ctx.ctx).regs.rip) };
+    // SAFETY: as above.
+    #[cfg(bpf_target_arch = "aarch64")]
+    let regs = unsafe { ((*ctx.ctx).addr, (*ctx.ctx).regs.pc) };
+    regs
+}

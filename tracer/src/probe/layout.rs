@@ -1,0 +1,273 @@
+//! What the eBPF programs read, found on the running kernel before they are loaded: the
+//! offsets of the lifecycle tracepoints' fields (from their `format` files), the fixed layout
+//! of the syscall records (checked), and, where `sched_process_exit` has no `group_dead`, the
+//! BTF offsets of the thread count that replaces it. The result is the programs' `LAYOUT`
+//! global (`tracer_common::layout`).
+
+use tracer_common::{
+    Syscall,
+    layout::{self, FIELD_ABSENT, KernelLayout, TracepointField},
+};
+
+use super::{
+    btf::{BtfError, KernelBtf},
+    tracefs,
+};
+
+/// How the exit program tells that the last thread of a process is exiting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExitRule {
+    /// `group_dead` where the tracepoint has it, else the live-thread count.
+    #[default]
+    Auto,
+    /// The tracepoint's `group_dead` field (recent kernels only).
+    GroupDead,
+    /// `current->signal->live`, found through BTF (every kernel with BTF).
+    LiveThreads,
+}
+
+/// A kernel whose tracepoints do not have what the programs read.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error(
+        "this kernel has no tracepoint {0}; vmatrace needs the syscall, sched and task tracepoints (CONFIG_FTRACE_SYSCALLS)"
+    )]
+    Missing(String),
+    #[error(
+        "this kernel's tracepoint {tracepoint} has no {field} of {size} bytes{at} (its format file says otherwise), so vmatrace cannot read it"
+    )]
+    Mismatch {
+        tracepoint: String,
+        field: String,
+        size: usize,
+        /// Where the field must be, for fields read at a fixed offset.
+        at: String,
+    },
+    #[error(
+        "this kernel's tracepoint sched:sched_process_exit has no group_dead, and the thread count that replaces it could not be found: {0}; vmatrace needs kernel BTF (CONFIG_DEBUG_INFO_BTF) on such kernels"
+    )]
+    NoExitSource(BtfError),
+    #[error(
+        "this kernel's tracepoint sched:sched_process_exit has no group_dead (recent kernels only); use --exit-rule auto"
+    )]
+    NoGroupDead,
+}
+
+/// The layout the programs read on this kernel. `btf` is asked only when the exit program
+/// needs it. `syscall_tracepoints`: the syscall records are read too (tracepoint backend).
+pub fn kernel_layout(
+    root: &str,
+    exit_rule: ExitRule,
+    syscall_tracepoints: bool,
+    btf: impl FnOnce() -> Result<KernelBtf, BtfError>,
+) -> Result<KernelLayout, LayoutError> {
+    if syscall_tracepoints {
+        check_syscall_records(root)?;
+    }
+    let mut out = KernelLayout {
+        newtask_pid: offset_of(root, &layout::NEWTASK_PID)?,
+        newtask_clone_flags: offset_of(root, &layout::NEWTASK_CLONE_FLAGS)?,
+        exec_filename: offset_of(root, &layout::EXEC_FILENAME)?,
+        exec_old_pid: offset_of(root, &layout::EXEC_OLD_PID)?,
+        ..KernelLayout::UNSET
+    };
+    let group_dead = match offset_of(root, &layout::EXIT_GROUP_DEAD) {
+        Ok(o) => Some(o),
+        Err(LayoutError::Mismatch { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    match (exit_rule, group_dead) {
+        (ExitRule::Auto | ExitRule::GroupDead, Some(o)) => out.exit_group_dead = o,
+        (ExitRule::GroupDead, None) => return Err(LayoutError::NoGroupDead),
+        (ExitRule::Auto, None) | (ExitRule::LiveThreads, _) => {
+            let btf = btf().map_err(LayoutError::NoExitSource)?;
+            out.task_signal = btf
+                .member_offset("task_struct", "signal")
+                .map_err(LayoutError::NoExitSource)?;
+            out.signal_live = btf
+                .member_offset("signal_struct", "live")
+                .map_err(LayoutError::NoExitSource)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The offset of `f` in its tracepoint's record, checked for its size.
+fn offset_of(root: &str, f: &TracepointField) -> Result<u32, LayoutError> {
+    let tracepoint = format!("{}:{}", f.category, f.event);
+    let fields = tracefs::read_format(root, f.category, f.event)
+        .ok_or_else(|| LayoutError::Missing(tracepoint.clone()))?;
+    fields
+        .iter()
+        .find(|x| x.name == f.field && x.size == f.size)
+        .and_then(|x| u32::try_from(x.offset).ok().filter(|&o| o != FIELD_ABSENT))
+        .ok_or(LayoutError::Mismatch {
+            tracepoint,
+            field: f.field.to_string(),
+            size: f.size,
+            at: String::new(),
+        })
+}
+
+/// Every `sys_enter_*` record holds its arguments from [`layout::SYS_ENTER_ARGS_OFFSET`], and
+/// every `sys_exit_*` its `ret` at [`layout::SYS_EXIT_RET_OFFSET`]: the programs read them at
+/// those constant offsets.
+fn check_syscall_records(root: &str) -> Result<(), LayoutError> {
+    for call in Syscall::ALL {
+        for (event, name, offset) in [
+            (
+                format!("sys_enter_{}", call.name()),
+                None,
+                layout::SYS_ENTER_ARGS_OFFSET,
+            ),
+            (
+                format!("sys_exit_{}", call.name()),
+                Some("ret"),
+                layout::SYS_EXIT_RET_OFFSET,
+            ),
+        ] {
+            let tracepoint = format!("syscalls:{event}");
+            let fields = tracefs::read_format(root, "syscalls", &event)
+                .ok_or_else(|| LayoutError::Missing(tracepoint.clone()))?;
+            let ok = fields
+                .iter()
+                .any(|f| f.offset == offset && f.size == 8 && name.is_none_or(|n| n == f.name));
+            if !ok {
+                return Err(LayoutError::Mismatch {
+                    tracepoint,
+                    field: name.unwrap_or("argument").to_string(),
+                    size: 8,
+                    at: format!(" at offset {offset}"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    const EXIT_OLD: &str = "\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prio;\toffset:28;\tsize:4;\tsigned:1;
+";
+
+    fn no_btf() -> Result<KernelBtf, BtfError> {
+        Err(BtfError::Read("none in this test".into()))
+    }
+
+    /// A fake tracefs with the records of Linux 6.1 (no `group_dead`).
+    fn fake_tracefs(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("vmatrace-layout-{name}-{}", std::process::id()));
+        let write = |cat: &str, ev: &str, text: &str| {
+            let d = dir.join("events").join(cat).join(ev);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("format"), text).unwrap();
+        };
+        for c in Syscall::ALL {
+            let arg = "\tfield:unsigned long a;\toffset:16;\tsize:8;\tsigned:0;\n";
+            write("syscalls", &format!("sys_enter_{}", c.name()), arg);
+            let ret = "\tfield:long ret;\toffset:16;\tsize:8;\tsigned:1;\n";
+            write("syscalls", &format!("sys_exit_{}", c.name()), ret);
+        }
+        write(
+            "task",
+            "task_newtask",
+            "\tfield:pid_t pid;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:u64 clone_flags;\toffset:32;\tsize:8;\tsigned:0;\n",
+        );
+        // Moved fields are followed: a kernel that put old_pid elsewhere still works.
+        write(
+            "sched",
+            "sched_process_exec",
+            "\tfield:__data_loc char[] filename;\toffset:8;\tsize:4;\tsigned:0;\n\tfield:pid_t old_pid;\toffset:20;\tsize:4;\tsigned:1;\n",
+        );
+        write("sched", "sched_process_exit", EXIT_OLD);
+        dir
+    }
+
+    #[test]
+    fn offsets_come_from_the_format_files() {
+        let dir = fake_tracefs("offsets");
+        let root = dir.to_str().unwrap();
+        let with_group_dead =
+            format!("{EXIT_OLD}\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n");
+        std::fs::write(
+            dir.join("events/sched/sched_process_exit/format"),
+            with_group_dead,
+        )
+        .unwrap();
+        let l = kernel_layout(root, ExitRule::Auto, true, no_btf).expect("a complete layout");
+        assert_eq!(
+            (
+                l.newtask_pid,
+                l.newtask_clone_flags,
+                l.exec_filename,
+                l.exec_old_pid
+            ),
+            (8, 32, 8, 20)
+        );
+        assert_eq!(l.exit_group_dead, 32);
+        assert_eq!((l.task_signal, l.signal_live), (FIELD_ABSENT, FIELD_ABSENT));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn without_group_dead_the_thread_count_comes_from_btf() {
+        let dir = fake_tracefs("old");
+        let root = dir.to_str().unwrap();
+        // No BTF either: one line that says what is missing.
+        let err = kernel_layout(root, ExitRule::Auto, true, no_btf).unwrap_err();
+        assert!(matches!(err, LayoutError::NoExitSource(_)), "{err}");
+        assert!(err.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+        assert_eq!(
+            kernel_layout(root, ExitRule::GroupDead, true, no_btf),
+            Err(LayoutError::NoGroupDead)
+        );
+        if Path::new(super::super::btf::VMLINUX_BTF).exists() {
+            let l = kernel_layout(root, ExitRule::Auto, true, KernelBtf::load).expect("layout");
+            assert_eq!(l.exit_group_dead, FIELD_ABSENT);
+            assert_ne!(l.task_signal, FIELD_ABSENT);
+            assert_ne!(l.signal_live, FIELD_ABSENT);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_tracepoints_and_moved_syscall_fields_are_refused() {
+        let dir = fake_tracefs("refused");
+        let root = dir.to_str().unwrap();
+        std::fs::write(
+            dir.join("events/syscalls/sys_exit_munmap/format"),
+            "\tfield:long ret;\toffset:24;\tsize:8;\tsigned:1;\n",
+        )
+        .unwrap();
+        let err = kernel_layout(root, ExitRule::Auto, true, no_btf).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "this kernel's tracepoint syscalls:sys_exit_munmap has no ret of 8 bytes at offset 16 (its format file says otherwise), so vmatrace cannot read it"
+        );
+        std::fs::remove_dir_all(dir.join("events/task")).unwrap();
+        let err = kernel_layout(root, ExitRule::Auto, false, no_btf).unwrap_err();
+        assert_eq!(err, LayoutError::Missing("task:task_newtask".into()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The layout of this machine's own kernel is complete.
+    #[test]
+    fn this_kernels_layout_is_complete() {
+        let Some(root) = [tracefs::TRACEFS, tracefs::DEBUGFS_TRACING]
+            .into_iter()
+            .find(|r| Path::new(r).join("events/syscalls").is_dir())
+        else {
+            eprintln!("skipped: no readable tracefs (not root, or not mounted)");
+            return;
+        };
+        let l = kernel_layout(root, ExitRule::Auto, true, KernelBtf::load).expect("layout");
+        assert!(l.exit_group_dead != FIELD_ABSENT || l.task_signal != FIELD_ABSENT);
+    }
+}
