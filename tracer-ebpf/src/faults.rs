@@ -103,7 +103,9 @@ fn write_batch(batch: &mut FaultBatch, n: usize) -> Result<u32, u32> {
         cpu: unsafe { bpf_get_smp_processor_id() },
         _pad: 0,
     };
-    let size = size_of::<FaultBatch>() - (FAULT_BATCH_LEN - n) * size_of::<FaultEvent>();
+    // Head plus n faults, computed upward: older verifiers (6.1) lose the bounds of
+    // `size_of::<FaultBatch>() - (64 - n) * 40` and refuse the ring output.
+    let size = size_of::<FaultBatchHead>() + n * size_of::<FaultEvent>();
     // SAFETY: the start of the batch, `size` <= its size bytes.
     let bytes =
         unsafe { core::slice::from_raw_parts((batch as *const FaultBatch).cast::<u8>(), size) };

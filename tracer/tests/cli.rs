@@ -396,26 +396,28 @@ fn tracefs_is_mounted_when_missing_and_own_pid_is_refused() {
     if !privileged("tracefs_is_mounted_when_missing_and_own_pid_is_refused") {
         return;
     }
-    let events = std::path::Path::new("/sys/kernel/tracing/events");
-    if events.is_dir() {
-        let ok = Command::new("umount")
-            .arg("/sys/kernel/tracing")
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "unmounting tracefs for the test");
-    }
-    assert!(!events.is_dir());
-    let (code, _, err) = run(&[
-        "--faults",
-        "none",
-        "-o",
-        "/dev/null",
-        "--force",
-        "--",
-        "true",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    assert!(events.is_dir(), "vmatrace mounted tracefs again");
+    // In a private mount namespace, so the machine's mounts stay as they are: wherever
+    // tracefs and debugfs are mounted (distributions, bpftrace and the test guests mount
+    // debugfs, which brings tracefs at /sys/kernel/debug/tracing too), both are taken away,
+    // and vmatrace mounts tracefs again where current kernels put it.
+    let o = in_private_mounts(
+        "umount /sys/kernel/debug/tracing 2>/dev/null || true
+         umount /sys/kernel/debug 2>/dev/null || true
+         while umount /sys/kernel/tracing 2>/dev/null; do :; done
+         test ! -d /sys/kernel/tracing/events
+         test ! -d /sys/kernel/debug/tracing/events
+         \"$VMATRACE\" --faults none -o /dev/null --force -- true
+         test -d /sys/kernel/tracing/events && echo remounted",
+    );
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}{err}");
+    assert!(
+        out.contains("remounted"),
+        "vmatrace mounted tracefs again: {out}{err}"
+    );
     // vmatrace refuses to trace itself: a shell execs it with the shell's (now its) own pid.
     let o = Command::new("sh")
         .arg("-c")

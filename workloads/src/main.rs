@@ -688,6 +688,13 @@ fn arg(args: &[String], i: usize, default: usize) -> usize {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    // The tests count one fault per page, and the kernels they run on may back any anonymous
+    // memory with huge pages (Debian's kernels default to THP `always`): only `thp` wants
+    // them. The model reads this setting (`THP_enabled` in /proc/PID/status).
+    if args.get(1).map(String::as_str) != Some("thp") {
+        // SAFETY: a prctl without pointers; it only changes this process's THP setting.
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
     match args.get(1).map(String::as_str) {
         Some("basic") => basic(),
         Some("ids") => ids(),

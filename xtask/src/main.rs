@@ -5,6 +5,10 @@
 //! - `run -- ARGS`: setup, build, run `vmatrace ARGS`.
 //! - `test`: setup, lint, unit tests, privileged end-to-end tests, fuzz smoke runs.
 //! - `bench`: setup, then the benchmarks in `tracer/benches` and `workloads`.
+//! - `kernels`: the privileged tests on other kernels (5.10 to 7.x, x86_64 and arm64) under
+//!   qemu, and a table kernel x result.
+
+mod kernels;
 
 use std::{
     env,
@@ -64,6 +68,9 @@ enum Task {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Boot pinned Debian kernels under qemu, run the privileged tests in each, print a table
+    /// kernel x result (e.g. `--kernel 6.1,6.12`, `--arch arm64`).
+    Kernels(kernels::Options),
 }
 
 fn root() -> PathBuf {
@@ -167,61 +174,55 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload) and Chromium
-/// (renders the HTML report).
-fn test_dependencies() -> Result<()> {
-    let wanted = [
-        ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
-        ("chromium", "/usr/bin/chromium"),
-    ];
+/// Installs the Debian packages of `wanted` (package, a file it installs) that are missing.
+fn apt_install(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(_, path)| !Path::new(path).exists())
         .map(|(name, _)| *name)
         .collect();
     if missing.is_empty() {
-        step("test packages: present");
+        step(&format!("packages for {what}: present"));
         return Ok(());
     }
     if !is_root() {
         step(&format!(
-            "missing {missing:?} and not root: the tests that need them will fail"
+            "missing {missing:?} for {what} and not root: what needs them will fail"
         ));
         return Ok(());
     }
     step(&format!(
-        "installing Debian packages for the tests: {missing:?}"
+        "installing Debian packages for {what}: {missing:?}"
     ));
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload) and Chromium
+/// (renders the HTML report).
+fn test_dependencies() -> Result<()> {
+    apt_install(
+        "the tests",
+        &[
+            ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+            ("chromium", "/usr/bin/chromium"),
+        ],
+    )
+}
+
 /// Tools the benchmark compares against, from Debian's packages: strace, perf, bpftrace.
 fn bench_dependencies() -> Result<()> {
-    let wanted = [
-        ("strace", "/usr/bin/strace"),
-        ("linux-perf", "/usr/bin/perf"),
-        ("bpftrace", "/usr/bin/bpftrace"),
-    ];
-    let missing: Vec<&str> = wanted
-        .iter()
-        .filter(|(_, path)| !Path::new(path).exists())
-        .map(|(name, _)| *name)
-        .collect();
-    if missing.is_empty() || !is_root() {
-        return Ok(());
-    }
-    step(&format!(
-        "installing Debian packages for the comparison: {missing:?}"
-    ));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    apt_install(
+        "the comparison",
+        &[
+            ("strace", "/usr/bin/strace"),
+            ("linux-perf", "/usr/bin/perf"),
+            ("bpftrace", "/usr/bin/bpftrace"),
+        ],
+    )
 }
 
 /// Runs every fuzz target for `seconds` from the committed corpus (`cargo fuzz`, nightly).
@@ -384,6 +385,10 @@ fn real_main() -> Result<()> {
                 fuzz(fuzz_seconds)?;
             }
             Ok(())
+        }
+        Task::Kernels(opts) => {
+            setup()?;
+            kernels::kernels(&opts)
         }
         Task::Bench { rounds, soak, only } => {
             setup()?;

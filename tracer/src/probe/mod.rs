@@ -100,7 +100,8 @@ pub enum ProbeError {
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error(
-        "this kernel does not let vmatrace attach fentry/fexit programs to {function} ({source}); use --syscall-backend tracepoint"
+        "this kernel does not let vmatrace attach fentry/fexit programs to {function} ({}); use --syscall-backend tracepoint",
+        first_line(source)
     )]
     Fentry {
         function: String,
@@ -179,6 +180,16 @@ pub struct Probe {
     syscall_backend: SyscallBackend,
     /// The CPUs whose faults come in batches, written by [`Probe::flush_faults`].
     batch_cpus: Vec<u32>,
+}
+
+/// The first line of an error's message (a verifier log follows it in aya's), without an
+/// empty "Verifier output:".
+fn first_line(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or_default().trim_end();
+    line.strip_suffix("Verifier output:")
+        .map_or(line, |l| l.trim_end().trim_end_matches('.'))
+        .to_string()
 }
 
 fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {

@@ -37,13 +37,17 @@ pub fn vmatrace() -> PathBuf {
 
 static BUILD: Once = Once::new();
 
-/// The workload binary (built on first use).
+/// The workload binary (built on first use, unless `VMATRACE_PREBUILT=1` says it was built
+/// beforehand, as in the guests of `cargo xtask kernels`, which have no toolchain to spare).
 pub fn workload() -> PathBuf {
     let target = Path::new(env!("CARGO_BIN_EXE_vmatrace"))
         .parent()
         .expect("binary has a parent")
         .to_path_buf();
     let bin = target.join("workload");
+    if std::env::var("VMATRACE_PREBUILT").is_ok_and(|v| v == "1") {
+        return bin;
+    }
     BUILD.call_once(|| {
         // The same profile as the vmatrace under test (`target/release` or `target/debug`).
         let release = target.ends_with("release");
