@@ -92,6 +92,16 @@ impl Syscall {
         }
     }
 
+    /// Whether a kernel may lack the syscall (memory protection keys exist on x86 and
+    /// powerpc only, `process_madvise` since 5.10, System V IPC only with CONFIG_SYSVIPC):
+    /// vmatrace then traces the others, since no program can make a call the kernel lacks.
+    pub const fn optional(self) -> bool {
+        matches!(
+            self,
+            Self::PkeyMprotect | Self::ProcessMadvise | Self::Shmat | Self::Shmdt
+        )
+    }
+
     /// The syscall's name, as in `syscalls:sys_enter_<name>`.
     pub const fn name(self) -> &'static str {
         match self {

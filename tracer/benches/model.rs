@@ -49,6 +49,7 @@ fn stream(events: usize) -> Vec<Event> {
                 address: addr + p * PAGE_SIZE,
                 ip: 0,
                 error_code: Some(PF_WRITE | PF_USER),
+                write_from_page: None,
             }));
         }
         ts += 1;

@@ -49,6 +49,7 @@ fn main() {
                 address: start + p * PAGE_SIZE,
                 ip: 0,
                 error_code: Some(tracer_common::PF_WRITE | tracer_common::PF_USER),
+                write_from_page: None,
             }));
         }
     }

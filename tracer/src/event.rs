@@ -68,12 +68,17 @@ pub struct FaultRecord {
     pub ip: u64,
     /// The x86 error code, or None when the backend cannot know it.
     pub error_code: Option<u32>,
+    /// Without an error code (perf-event backend): whether the access wrote, judged from the
+    /// page the kernel mapped for it (`crate::fault_access`); None when unknown.
+    pub write_from_page: Option<bool>,
 }
 
 impl FaultRecord {
     /// Whether the access was a write (None: unknown).
     pub fn write(&self) -> Option<bool> {
-        self.error_code.map(|c| c & PF_WRITE != 0)
+        self.error_code
+            .map(|c| c & PF_WRITE != 0)
+            .or(self.write_from_page)
     }
 
     /// Whether the page was present (a protection fault).
@@ -248,6 +253,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 address: e.address,
                 ip: e.ip,
                 error_code: (header.detail != FAULT_ERROR_UNKNOWN).then_some(header.detail),
+                write_from_page: None,
             })
         }
         EventKind::Fork => {

@@ -253,10 +253,10 @@ pub fn parse_smaps(text: &str, origin: &str) -> Result<Vec<SmapsEntry>, ProcErro
 }
 
 /// pagemap entry bits (`Documentation/admin-guide/mm/pagemap.rst`).
-const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAP: u64 = 1 << 62;
-const PM_FILE: u64 = 1 << 61;
-const PM_PFN: u64 = (1 << 55) - 1;
+pub(crate) const PM_FILE: u64 = 1 << 61;
+pub(crate) const PM_PFN: u64 = (1 << 55) - 1;
 /// Pagemap entries read per `pread`.
 const PAGEMAP_CHUNK: usize = 8192;
 
@@ -323,7 +323,7 @@ pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>,
 
 /// The frame number of the shared zero page (pagemap shows frame numbers to root only): read
 /// from vmatrace's own pagemap after reading a fresh anonymous page.
-fn zero_page_pfn() -> Option<u64> {
+pub(crate) fn zero_page_pfn() -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let len = PAGE_SIZE as usize;
     // SAFETY: a fresh private anonymous mapping, read once and unmapped below.

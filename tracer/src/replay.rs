@@ -236,6 +236,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                 .get("error_code")
                 .and_then(Value::as_u64)
                 .and_then(|c| u32::try_from(c).ok()),
+            write_from_page: v.get("write").and_then(Value::as_bool),
         })),
         "fork" => Record::Event(Event::Fork {
             ts_ns: ts_ns()?,

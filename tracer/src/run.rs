@@ -20,6 +20,7 @@ use crate::{
     analysis,
     clock::monotonic_ns,
     event::{self, Event, Watermark},
+    fault_access::FaultAccess,
     launch::{self, LaunchError},
     model::normalize,
     order::Reorder,
@@ -207,6 +208,9 @@ struct Live {
     order: Reorder<Event>,
     /// Events released to be handled (kept for its capacity).
     batch: Vec<Event>,
+    /// The perf-event backend's faults have no error code: whether they wrote is read from
+    /// the pages the kernel mapped.
+    access: Option<FaultAccess>,
 }
 
 /// Events taken from the ring before they are handled.
@@ -241,6 +245,10 @@ impl Live {
                         log::warn!("undecodable ring-buffer record: {e}");
                     }
                 }
+            }
+            if let Some(access) = self.access.as_mut() {
+                // As soon as read, while the pages are most likely as the faults left them.
+                access.resolve(&mut self.order.incoming()[first..]);
             }
             self.handle_released(false)?;
             if empty {
@@ -522,7 +530,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     } else {
         Reorder::new(probe.batch_cpus())
     };
+    let access = (probe.fault_backend() == FaultBackend::PerfEvent).then(FaultAccess::default);
     let live = Live {
+        access,
         order,
         probe,
         session,

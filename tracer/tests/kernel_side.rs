@@ -740,7 +740,7 @@ fn syscall_backends_give_the_same_records() {
     let tracepoint =
         trace_basic_without_aslr(&["--syscall-backend", "tracepoint", "--faults", "none"]);
     let (a, b) = (syscall_records(&fentry), syscall_records(&tracepoint));
-    assert!(a.len() > 20, "a whole run of syscalls: {a:?}");
+    assert!(a.len() >= 10, "a whole run of syscalls: {a:?}");
     if let Some(i) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) {
         panic!(
             "fentry and tracepoint records differ at record {i} of {} and {}:\nfentry:     {:?}\ntracepoint: {:?}",

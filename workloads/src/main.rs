@@ -597,8 +597,12 @@ fn heap_retained(mib: usize) {
 /// mmap-threshold churn: a fixed threshold, then `n` malloc/free pairs of `kib` KiB.
 fn mmap_churn(n: usize, kib: usize) {
     // SAFETY: mallopt with a documented parameter; a fixed threshold disables glibc's
-    // dynamic adjustment, as a program or MALLOC_MMAP_THRESHOLD_ does.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024) };
+    // dynamic adjustment, as a program or MALLOC_MMAP_THRESHOLD_ does. (glibc only: the
+    // static musl builds for other architectures have no mallopt.)
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024)
+    };
     for _ in 0..n {
         // SAFETY: malloc, touch, free.
         unsafe {
@@ -640,7 +644,8 @@ fn purge(rounds: usize, mib: usize) {
 /// report compat calls, so vmatrace must not misread it, and `--reconcile` must see the drift.
 /// Before it, two compat calls whose i386 numbers are x86-64 memory syscalls' (11 execve is
 /// munmap, 12 chdir is brk), both with a NULL path, so they fail with EFAULT. Stays alive for
-/// `millis` after printing the address.
+/// `millis` after printing the address. x86_64 only.
+#[cfg(target_arch = "x86_64")]
 fn compat_mmap(millis: u64) {
     for nr in [11i32, 12] {
         let ret: i32;
@@ -710,6 +715,7 @@ fn main() {
         Some("fork-burst") => fork_burst(arg(&args, 2, 200)),
         Some("many-threads") => many_threads(arg(&args, 2, 2000)),
         Some("fork-checkpoint") => fork_checkpoint(),
+        #[cfg(target_arch = "x86_64")]
         Some("compat-mmap") => compat_mmap(arg(&args, 2, 3000) as u64),
         Some("arenas") => arenas(arg(&args, 2, 8), arg(&args, 3, 8)),
         Some("heap-retained") => heap_retained(arg(&args, 2, 64)),

@@ -234,6 +234,21 @@ impl AddressSpace {
         self.brk
     }
 
+    /// The path column `/proc/PID/maps` shows for `v`. The kernel names by position: a
+    /// private anonymous VMA that overlaps the heap `[start_brk, brk)` is `[heap]` whatever
+    /// made it (musl's malloc maps guard pages there).
+    pub fn maps_path(&self, v: &Vma) -> Option<String> {
+        if v.backing == Backing::Anonymous
+            && !v.perms.shared
+            && self
+                .brk
+                .is_some_and(|b| v.start < page_align_up(b.current) && v.end > b.start)
+        {
+            return Some("[heap]".to_string());
+        }
+        v.backing.path(v.perms.shared)
+    }
+
     /// Current heap size in bytes (page aligned, as the heap VMA).
     pub fn heap_size(&self) -> u64 {
         self.brk

@@ -67,7 +67,7 @@ pub fn normalize<'a>(
 pub fn model_ranges(space: &AddressSpace) -> Vec<Range> {
     let paths: Vec<(u64, u64, Perms, Option<String>)> = space
         .vmas()
-        .map(|v| (v.start, v.end, v.perms, v.backing.path(v.perms.shared)))
+        .map(|v| (v.start, v.end, v.perms, space.maps_path(v)))
         .collect();
     normalize(
         paths

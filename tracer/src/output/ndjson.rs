@@ -93,6 +93,8 @@ fn write_fault(out: &mut Vec<u8>, f: &FaultRecord, applied: &Applied) {
     put(out, ",\"ts_ns\":", Some(f.ts_ns));
     out.extend_from_slice(b",\"type\":\"fault\"");
     put(out, ",\"vma_start\":", fe.and_then(|fe| fe.vma_start));
+    out.extend_from_slice(b",\"write\":");
+    out.extend_from_slice(f.write().map_or("null", boolean).as_bytes());
     out.push(b'}');
 }
 
@@ -423,7 +425,7 @@ mod tests {
             "address": f.address, "ip": f.ip, "error_code": f.error_code,
             "first_touch": first, "page_kind": kind, "pages": fe.map_or(0, |fe| fe.pages),
             "changed": changed, "vma_start": fe.and_then(|fe| fe.vma_start),
-            "stack_grown_to": fe.and_then(|fe| fe.stack_grown_to),
+            "stack_grown_to": fe.and_then(|fe| fe.stack_grown_to), "write": f.write(),
         })
     }
 
@@ -436,6 +438,7 @@ mod tests {
             address: 0x7fff_ffff_f000,
             ip: 0x40_1000,
             error_code: Some(6),
+            write_from_page: None,
         };
         let effect = |touch, pages, stack| {
             Applied::Fault(FaultEffect {
@@ -465,8 +468,13 @@ mod tests {
             Applied::Ignored,
         ];
         for applied in &cases {
-            for error_code in [Some(6), None] {
-                let f = FaultRecord { error_code, ..f };
+            for (error_code, write_from_page) in [(Some(6), None), (None, Some(true)), (None, None)]
+            {
+                let f = FaultRecord {
+                    error_code,
+                    write_from_page,
+                    ..f
+                };
                 let mut line = Vec::new();
                 write_fault(&mut line, &f, applied);
                 let text = String::from_utf8(line).expect("utf-8");

@@ -52,7 +52,7 @@ fn row(p: &Process, v: &Vma) -> VmaRow {
         end: v.end,
         perms: v.perms.to_string(),
         offset: v.offset,
-        path: v.backing.path(v.perms.shared),
+        path: p.space.maps_path(v),
         kind: v.backing.kind().to_string(),
         inode: match &v.backing {
             crate::model::Backing::File { inode, .. } => *inode,

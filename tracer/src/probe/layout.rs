@@ -62,7 +62,7 @@ pub fn kernel_layout(
     btf: impl FnOnce() -> Result<KernelBtf, BtfError>,
 ) -> Result<KernelLayout, LayoutError> {
     if syscall_tracepoints {
-        check_syscall_records(root)?;
+        check_syscall_records(root, &available_syscalls(root)?)?;
     }
     let mut out = KernelLayout {
         newtask_pid: offset_of(root, &layout::NEWTASK_PID)?,
@@ -109,11 +109,26 @@ fn offset_of(root: &str, f: &TracepointField) -> Result<u32, LayoutError> {
         })
 }
 
+/// The traced syscalls this kernel has (each has its `syscalls:sys_enter_*` tracepoint); a
+/// missing one that every kernel has means the syscall tracepoints are missing.
+pub fn available_syscalls(root: &str) -> Result<Vec<Syscall>, LayoutError> {
+    let mut out = Vec::new();
+    for call in Syscall::ALL {
+        let event = format!("sys_enter_{}", call.name());
+        if tracefs::has_tracepoint(root, "syscalls", &event) {
+            out.push(call);
+        } else if !call.optional() {
+            return Err(LayoutError::Missing(format!("syscalls:{event}")));
+        }
+    }
+    Ok(out)
+}
+
 /// Every `sys_enter_*` record holds its arguments from [`layout::SYS_ENTER_ARGS_OFFSET`], and
 /// every `sys_exit_*` its `ret` at [`layout::SYS_EXIT_RET_OFFSET`]: the programs read them at
 /// those constant offsets.
-fn check_syscall_records(root: &str) -> Result<(), LayoutError> {
-    for call in Syscall::ALL {
+fn check_syscall_records(root: &str, calls: &[Syscall]) -> Result<(), LayoutError> {
+    for &call in calls {
         for (event, name, offset) in [
             (
                 format!("sys_enter_{}", call.name()),
@@ -234,6 +249,29 @@ mod tests {
             assert_ne!(l.task_signal, FIELD_ABSENT);
             assert_ne!(l.signal_live, FIELD_ABSENT);
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// arm64 has no memory protection keys: vmatrace traces the other syscalls.
+    #[test]
+    fn optional_syscalls_the_kernel_lacks_are_left_out() {
+        let dir = fake_tracefs("optional");
+        let root = dir.to_str().unwrap();
+        for ev in ["sys_enter_pkey_mprotect", "sys_exit_pkey_mprotect"] {
+            std::fs::remove_dir_all(dir.join("events/syscalls").join(ev)).unwrap();
+        }
+        let calls = available_syscalls(root).expect("the others");
+        assert!(!calls.contains(&Syscall::PkeyMprotect));
+        assert_eq!(calls.len(), Syscall::ALL.len() - 1);
+        assert!(
+            kernel_layout(root, ExitRule::LiveThreads, true, KernelBtf::load).is_ok()
+                || !Path::new(super::super::btf::VMLINUX_BTF).exists()
+        );
+        std::fs::remove_dir_all(dir.join("events/syscalls/sys_enter_munmap")).unwrap();
+        assert_eq!(
+            available_syscalls(root),
+            Err(LayoutError::Missing("syscalls:sys_enter_munmap".into()))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -178,6 +178,8 @@ pub struct Probe {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     fault_backend: FaultBackend,
     syscall_backend: SyscallBackend,
+    /// The traced syscalls this kernel has.
+    syscalls: Vec<Syscall>,
     /// The CPUs whose faults come in batches, written by [`Probe::flush_faults`].
     batch_cpus: Vec<u32>,
 }
@@ -220,6 +222,15 @@ impl Probe {
             opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4)
         };
         let root = tracefs::ensure_mounted()?;
+        let syscalls = match layout::available_syscalls(root) {
+            Ok(calls) => calls,
+            // Without syscall tracepoints, fentry may still find every function.
+            Err(_) if opts.syscalls == SyscallBackend::Fentry => Syscall::ALL.to_vec(),
+            Err(e) => return Err(e.into()),
+        };
+        for call in Syscall::ALL.iter().filter(|c| !syscalls.contains(c)) {
+            log::info!("this kernel has no {} syscall: not traced", call.name());
+        }
         let kernel_layout = layout::kernel_layout(
             root,
             opts.exit_rule,
@@ -272,6 +283,7 @@ impl Probe {
             logger,
             fault_backend: FaultBackend::Off,
             syscall_backend: opts.syscalls,
+            syscalls,
             batch_cpus: Vec::new(),
         };
         probe.syscall_backend = match opts.syscalls {
@@ -352,10 +364,10 @@ impl Probe {
     /// The `sys_{enter,exit}_*` programs on the syscall tracepoints. Exits before enters: an
     /// entry saved after this point always meets its exit program.
     fn attach_syscall_tracepoints(&mut self) -> Result<(), ProbeError> {
-        for call in Syscall::ALL {
+        for call in self.syscalls.clone() {
             self.attach_tracepoint("syscalls", &format!("sys_exit_{}", call.name()))?;
         }
-        for call in Syscall::ALL {
+        for call in self.syscalls.clone() {
             self.attach_tracepoint("syscalls", &format!("sys_enter_{}", call.name()))?;
         }
         Ok(())
@@ -367,7 +379,7 @@ impl Probe {
             function: "any kernel function".into(),
             source: aya::programs::ProgramError::Btf(e),
         })?;
-        for call in Syscall::ALL {
+        for call in self.syscalls.clone() {
             let function = syscall_function(call);
             let err = |source| ProbeError::Fentry {
                 function: function.clone(),
@@ -378,7 +390,7 @@ impl Probe {
             program.load(&function, &btf).map_err(err)?;
             program.attach().map_err(err)?;
         }
-        for call in Syscall::ALL {
+        for call in self.syscalls.clone() {
             let function = syscall_function(call);
             let err = |source| ProbeError::Fentry {
                 function: function.clone(),

@@ -48,7 +48,7 @@ pub fn has_tracepoint(root: &str, category: &str, name: &str) -> bool {
         .join("events")
         .join(category)
         .join(name)
-        .join("id")
+        .join("format")
         .exists()
 }
 

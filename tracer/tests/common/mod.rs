@@ -30,6 +30,14 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// Whether the kernel has the syscall `name` (its `syscalls:sys_enter_*` tracepoint exists,
+/// wherever tracefs is mounted).
+pub fn kernel_has_syscall(name: &str) -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|r| Path::new(&format!("{r}/events/syscalls/sys_enter_{name}")).is_dir())
+}
+
 /// The vmatrace binary under test.
 pub fn vmatrace() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmatrace"))
@@ -188,13 +196,29 @@ pub struct Running {
     pub lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
-/// Starts vmatrace with piped stdout (the launched workload inherits it).
+impl Drop for Running {
+    /// A test that fails midway leaves nothing behind: vmatrace and what it launched (a
+    /// process group of their own) are killed, stopped processes included.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            kill(self.child.id(), libc::SIGKILL);
+        }
+        // SAFETY: signalling the process group this helper created.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts vmatrace with piped stdout (the launched workload inherits it), in a process group
+/// of its own.
 pub fn spawn(args: &[&str]) -> Running {
+    use std::os::unix::process::CommandExt as _;
     let mut child = Command::new(vmatrace())
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .process_group(0)
         .spawn()
         .expect("vmatrace starts");
     let stdout = child.stdout.take().expect("piped stdout");

@@ -174,6 +174,70 @@ fn background_target() -> Child {
         .unwrap_or_else(|e| fail(format!("sleep: {e}")))
 }
 
+/// `--syscall-backends tracepoint,fentry`: what each syscall backend costs, as ratios in one
+/// run: churn traced by it, and two bystanders (churn and a `getppid` loop, not traced)
+/// beside vmatrace tracing a sleeping process with it. Run in the guests of
+/// `cargo xtask kernels --bench`, where fentry attaches.
+fn syscall_backends(rounds: usize, backends: &[String]) {
+    let v = vmatrace().display().to_string();
+    println!(
+        "Syscall backends: medians of {rounds} alternating rounds; ratio = with vmatrace / without.\n"
+    );
+    println!("| measurement | untraced | {} |", backends.join(" | "));
+    println!("|---|---|{}", "---|".repeat(backends.len()));
+    // Traced: churn under each backend.
+    let churn = ["churn", "40000"];
+    let mut base = Vec::new();
+    let mut traced: Vec<Vec<f64>> = vec![Vec::new(); backends.len()];
+    for _ in 0..rounds {
+        base.push(once(&[], false, &churn).unwrap_or_else(|e| fail(e)));
+        for (i, b) in backends.iter().enumerate() {
+            let prefix = strings(&[
+                &v, "--json", "-o", "/dev/null", "--force", "--syscall-backend", b, "--",
+            ]);
+            traced[i].push(once(&prefix, false, &churn).unwrap_or_else(|e| fail(e)));
+        }
+    }
+    let b = median(base);
+    print!("| churn, traced | {:.1} ms |", b / 1e6);
+    for t in traced {
+        let m = median(t);
+        print!(" {:.1} ms ({:.2}x) |", m / 1e6, m / b);
+    }
+    println!();
+    // Bystanders beside vmatrace tracing another (sleeping) process.
+    let mut target = background_target();
+    for args in [&["churn", "40000"][..], &["getppid", "2000000"][..]] {
+        let mut alone = Vec::new();
+        let mut beside: Vec<Vec<f64>> = vec![Vec::new(); backends.len()];
+        for _ in 0..rounds {
+            alone.push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
+            for (i, b) in backends.iter().enumerate() {
+                let mut tracer = Command::new(vmatrace())
+                    .args(["--json", "-o", "/dev/null", "--force", "--syscall-backend", b])
+                    .arg("-p")
+                    .arg(target.id().to_string())
+                    .spawn()
+                    .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+                beside[i].push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
+                // SAFETY: stopping our own child.
+                unsafe { libc::kill(tracer.id() as i32, libc::SIGINT) };
+                let _ = tracer.wait();
+            }
+        }
+        let a = median(alone);
+        print!("| bystander {}, not traced | {:.1} ms |", args[0], a / 1e6);
+        for t in beside {
+            let m = median(t);
+            print!(" {:.1} ms ({:.3}x) |", m / 1e6, m / a);
+        }
+        println!();
+    }
+    let _ = target.kill();
+    let _ = target.wait();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize = args
@@ -182,6 +246,15 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
+    if let Some(list) = args
+        .iter()
+        .position(|a| a == "--syscall-backends")
+        .and_then(|i| args.get(i + 1))
+    {
+        let backends: Vec<String> = list.split(',').map(str::to_string).collect();
+        syscall_backends(rounds, &backends);
+        return;
+    }
     let workloads: [(&str, Vec<&str>); 3] = [
         (
             "fault-heavy (map, touch 256 pages, unmap) x400",
