@@ -71,7 +71,8 @@ fn signal_snapshot(vmatrace_pid: u32, out: &Path, pid: u64) -> Value {
     let before = count(&complete_records(out));
     kill(vmatrace_pid, libc::SIGUSR1);
     let mut snap = Value::Null;
-    wait_for(10, "the signal snapshot", || {
+    // Generous: under emulation (the kernel matrix) a busy daemon takes seconds.
+    wait_for(60, "the signal snapshot", || {
         let recs = complete_records(out);
         if count(&recs) > before {
             snap = recs

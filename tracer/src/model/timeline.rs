@@ -166,7 +166,7 @@ pub fn carve(map: &mut BTreeMap<u64, Vma>, start: u64, end: u64) -> Vec<Vma> {
 pub fn mergeable(a: &Vma, b: &Vma) -> bool {
     a.end == b.start
         && a.perms == b.perms
-        && a.backing == b.backing
+        && a.backing.same_object(&b.backing)
         && a.thp == b.thp
         && (!matches!(a.backing, super::vma::Backing::File { .. })
             || a.offset + a.len() == b.offset)

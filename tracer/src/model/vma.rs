@@ -119,6 +119,18 @@ impl Backing {
         }
     }
 
+    /// Whether two VMAs map the same object, as the kernel's merge rule asks: the same file
+    /// (by inode where known: a path may be spelled two ways, `/lib/...` through a symlink or
+    /// `/usr/lib/...` from `/proc`), else equal backings.
+    pub fn same_object(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::File { inode: a, .. }, Self::File { inode: b, .. }) if *a != 0 && *b != 0 => {
+                a == b
+            }
+            _ => self == other,
+        }
+    }
+
     /// Whether the VMA's private pages are anonymous memory once touched.
     pub fn is_anonymous(&self) -> bool {
         matches!(self, Self::Anonymous | Self::Heap | Self::Stack)
