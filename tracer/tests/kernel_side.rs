@@ -18,16 +18,6 @@ fn summary(recs: &[Value]) -> &Value {
         .expect("a summary record")
 }
 
-/// Whether this kernel's `sched_process_exit` has `group_dead` (recent kernels only).
-fn kernel_has_group_dead() -> bool {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .iter()
-        .filter_map(|r| {
-            std::fs::read_to_string(format!("{r}/events/sched/sched_process_exit/format")).ok()
-        })
-        .any(|f| f.contains(" group_dead;"))
-}
-
 /// A process whose first thread exits long before its last one ends when the last one does,
 /// whichever way the kernel tells it: `group_dead` where the tracepoint has it, the count of
 /// live threads (through BTF) everywhere.

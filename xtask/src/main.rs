@@ -51,6 +51,9 @@ enum Task {
         /// Seconds each fuzz target runs (0: skip fuzzing).
         #[arg(long, default_value_t = 10)]
         fuzz_seconds: u32,
+        /// Skip the kernel matrix (`cargo xtask kernels` for x86_64 and arm64 under qemu).
+        #[arg(long)]
+        no_kernels: bool,
         /// Extra arguments for the privileged test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         filter: Vec<String>,
@@ -348,6 +351,7 @@ fn real_main() -> Result<()> {
         Task::Test {
             no_lint,
             fuzz_seconds,
+            no_kernels,
             filter,
         } => {
             setup()?;
@@ -383,6 +387,21 @@ fn real_main() -> Result<()> {
             run(&mut c)?;
             if fuzz_seconds > 0 {
                 fuzz(fuzz_seconds)?;
+            }
+            // The other kernels (a focused run with a filter skips them).
+            if !no_kernels && filter.is_empty() && is_root() {
+                for arch in [kernels::ArchArg::X86_64, kernels::ArchArg::Arm64] {
+                    kernels::kernels(&kernels::Options {
+                        arch,
+                        kernel: vec!["all".into()],
+                        tests: kernels::Selection::Smoke,
+                        jobs: 2,
+                        no_host: false,
+                        timeout: 1500,
+                        bench: false,
+                        rounds: 5,
+                    })?;
+                }
             }
             Ok(())
         }

@@ -38,6 +38,16 @@ pub fn kernel_has_syscall(name: &str) -> bool {
         .any(|r| Path::new(&format!("{r}/events/syscalls/sys_enter_{name}")).is_dir())
 }
 
+/// Whether this kernel's `sched_process_exit` has `group_dead` (recent kernels only).
+pub fn kernel_has_group_dead() -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .filter_map(|r| {
+            std::fs::read_to_string(format!("{r}/events/sched/sched_process_exit/format")).ok()
+        })
+        .any(|f| f.contains(" group_dead;"))
+}
+
 /// The vmatrace binary under test.
 pub fn vmatrace() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmatrace"))
