@@ -16,7 +16,9 @@ use tracer_common::{
     layout::{FIELD_ABSENT, KernelLayout},
 };
 
-use crate::maps::{EVENTS, PENDING, TARGETS, count, current_ids, now_ns, targets_changed};
+use crate::maps::{
+    EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, now_ns, targets_changed,
+};
 
 /// Where the tracepoint fields are on the running kernel: set by the daemon before load from
 /// the kernel's `format` files (and BTF), see `tracer_common::layout`.
@@ -121,24 +123,34 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     };
     // SAFETY: a live map value, read once.
-    if unsafe { *flags } & TARGET_STOP_AT_EXEC != 0 {
-        // Delivered on the return to user mode: before the new image's first instruction.
-        // SAFETY: a helper that signals the current task.
-        if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
-            warn!(ctx, "vmatrace: cannot stop {} at exec", tgid);
-        }
-    }
+    let stop = unsafe { *flags } & TARGET_STOP_AT_EXEC != 0;
     let at = layout();
     let loc: u32 = field(ctx, at.exec_filename)?;
     let old_pid: i32 = field(ctx, at.exec_old_pid)?;
-    let Some(mut entry) = EVENTS.reserve::<ExecEvent>(0) else {
+    // Stamped after the reservation, as every record but fault batches, so that the ring
+    // holds them in time order.
+    let entry = EVENTS.reserve::<ExecEvent>(0);
+    let ts = now_ns();
+    if stop {
+        // Recorded first: a process is stopped only when whoever may continue it can tell
+        // (the daemon also finds stops whose exec event the full ring lost).
+        if EXEC_STOPS.insert(&tgid, &ts, 0).is_err() {
+            warn!(ctx, "vmatrace: cannot record the stop of {} at exec", tgid);
+        // Delivered on the return to user mode: before the new image's first instruction.
+        // SAFETY: a helper that signals the current task.
+        } else if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
+            let _ = EXEC_STOPS.remove(&tgid);
+            warn!(ctx, "vmatrace: cannot stop {} at exec", tgid);
+        }
+    }
+    let Some(mut entry) = entry else {
         count(Stat::LostLifecycle);
         return Err(1);
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points at a reserved, exclusively owned ring-buffer slot of this size.
     unsafe {
-        (*event).header = header(EventKind::Exec, tgid, tid, old_pid as u32);
+        (*event).header = header_at(EventKind::Exec, tgid, tid, old_pid as u32, ts);
         (*event).filename[0] = 0;
         // __data_loc: the low 16 bits are the offset of the string in the record.
         let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
@@ -227,11 +239,16 @@ fn group_dead(ctx: &TracePointContext) -> Result<bool, u32> {
 
 #[inline(always)]
 fn header(kind: EventKind, tgid: u32, tid: u32, detail: u32) -> EventHeader {
+    header_at(kind, tgid, tid, detail, now_ns())
+}
+
+#[inline(always)]
+fn header_at(kind: EventKind, tgid: u32, tid: u32, detail: u32, ts_ns: u64) -> EventHeader {
     EventHeader {
         kind: kind as u32,
         tgid,
         tid,
         detail,
-        ts_ns: now_ns(),
+        ts_ns,
     }
 }

@@ -29,6 +29,13 @@ pub static TARGETS: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 #[map]
 pub static PENDING: HashMap<u32, PendingSyscall> = HashMap::with_max_entries(16384, 0);
 
+/// The launched command's stops at exec, by pid: the exec's time (the `ts_ns` of its exec
+/// event), written before the stop. The daemon removes the entry when it continues the
+/// process; whoever finds an entry knows the process waits for vmatrace (the daemon when the
+/// exec event was lost, the guardian when the daemon is gone).
+#[map]
+pub static EXEC_STOPS: HashMap<u32, u64> = HashMap::with_max_entries(64, 0);
+
 /// Generations of `TARGETS`: whoever changes it bumps its own slot afterwards (the fork and
 /// exit programs `TARGETS_GEN_KERNEL`, userspace `TARGETS_GEN_USER`), which invalidates every
 /// CPU's `FILTER_CACHE`.

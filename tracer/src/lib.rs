@@ -20,3 +20,4 @@ pub mod procfs;
 pub mod replay;
 pub mod run;
 pub mod session;
+pub mod signals;

@@ -70,6 +70,10 @@ fn real_main() -> anyhow::Result<u8> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
         .init();
+    if !matches!(cli.command, None | Some(Command::Record(_))) {
+        // No handlers here: the default actions apply.
+        tracer::signals::release();
+    }
     match cli.command {
         Some(Command::Replay(r)) => {
             let stdout = std::io::BufWriter::new(std::io::stdout());
@@ -145,6 +149,8 @@ fn real_main() -> anyhow::Result<u8> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a signal sent while vmatrace starts waits for its handler.
+    tracer::signals::hold();
     // A closed pipe (`vmatrace ... | head`) ends the output quietly, like other Unix tools.
     // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };

@@ -211,7 +211,13 @@ struct Live {
     /// The perf-event backend's faults have no error code: whether they wrote is read from
     /// the pages the kernel mapped.
     access: Option<FaultAccess>,
+    /// Execs handled from a stop whose event was lost (pid, time): should the event come
+    /// after all, it is ignored.
+    recovered_execs: HashSet<(u32, u64)>,
 }
+
+/// A stop at exec this old without its exec event handled: the event was lost.
+const LOST_EXEC_AFTER_NS: u64 = 1_000_000_000;
 
 /// Events taken from the ring before they are handled.
 const DRAIN_BATCH: usize = 4096;
@@ -302,7 +308,67 @@ impl Live {
         self.handle_released(true)
     }
 
+    /// Continues the launched command if the kernel stopped it at the exec of `ts_ns` (not a
+    /// stop of its own, which only it may end).
+    fn continue_after_exec(&mut self, pid: u32, ts_ns: u64) {
+        if self
+            .probe
+            .exec_stops()
+            .iter()
+            .any(|&(p, t)| p == pid && t == ts_ns)
+        {
+            self.probe.clear_exec_stop(pid);
+            // SAFETY: signalling the process the kernel stopped for us.
+            unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        }
+    }
+
+    /// A stop at exec whose exec event the full ring lost: handled as that exec (the process
+    /// is stopped, so its map is read consistently), with a warning; the event, should it
+    /// arrive after all, is then ignored.
+    fn recover_lost_exec_stops(&mut self) -> Result<(), RunError> {
+        let now = monotonic_ns();
+        for (pid, ts) in self.probe.exec_stops() {
+            if now.saturating_sub(ts) < LOST_EXEC_AFTER_NS {
+                continue;
+            }
+            log::warn!(
+                "the exec event of process {pid} was lost with others when the ring buffer was full: its map is read again now"
+            );
+            self.recovered_execs.insert((pid, ts));
+            let filename = exe_of(pid).unwrap_or_default();
+            self.handle(Event::Exec {
+                ts_ns: ts,
+                pid,
+                tid: pid,
+                filename,
+            })?;
+            // Continued in any case (a process gone meanwhile has no entry to clear).
+            if self.probe.clear_exec_stop(pid) {
+                // SAFETY: signalling the process the kernel stopped for us.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end: a command still stopped at an exec is continued.
+    fn continue_all_exec_stops(&mut self) {
+        for (pid, _) in self.probe.exec_stops() {
+            if self.probe.clear_exec_stop(pid) {
+                // SAFETY: signalling the process the kernel stopped for us.
+                unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+            }
+        }
+    }
+
     fn handle(&mut self, mut ev: Event) -> Result<(), RunError> {
+        if let Event::Exec { pid, ts_ns, .. } = ev
+            && self.recovered_execs.remove(&(pid, ts_ns))
+        {
+            // Its exec was handled when the stop was found (recover_lost_exec_stops).
+            return Ok(());
+        }
         self.events += 1;
         resolve(&mut ev, &mut self.opened);
         let applied = self.session.apply(&ev);
@@ -322,8 +388,7 @@ impl Live {
                         .map_err(RunError::Write)?;
                 }
                 if self.launched == Some(pid) {
-                    // SAFETY: signalling our own child.
-                    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                    self.continue_after_exec(pid, *ts_ns);
                 }
             }
             (Event::Exit { pid, ts_ns, .. }, Applied::Exit) => {
@@ -494,6 +559,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     sink.start(&meta).map_err(RunError::Write)?;
     let mut session = Session::default();
     let mut child = None;
+    let mut guardian = None;
     if cfg.command.is_empty() {
         for &pid in &cfg.pids {
             probe.add_target(pid, cfg.follow, false)?;
@@ -512,7 +578,13 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
             }
         }
     } else {
-        let held = launch::spawn_held(&cfg.command, creds.as_ref())?;
+        let stops = probe.exec_stops_fd().map_err(|source| {
+            RunError::Launch(LaunchError::Os {
+                what: "sharing the exec stops with the guardian",
+                source,
+            })
+        })?;
+        let held = launch::spawn_held(&cfg.command, creds.as_ref(), stops)?;
         let pid = held.pid;
         probe.add_target(pid, cfg.follow, true)?;
         let ts = monotonic_ns();
@@ -521,7 +593,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         if let Some(p) = session.get(pid) {
             sink.snapshot(ts, "seed", p).map_err(RunError::Write)?;
         }
-        held.release()?;
+        guardian = Some(held.release()?);
         child = Some(pid);
     }
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
@@ -545,17 +617,19 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         events: 0,
         opened: HashMap::new(),
         drift_seen: HashMap::new(),
+        recovered_execs: HashSet::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
-    let looped = runtime.block_on(event_loop(live, ring, child, &cfg));
+    let looped = runtime.block_on(event_loop(live, ring, guardian, &cfg));
     // Do not wait for the thread blocked in waitpid when we stop before the child does.
     runtime.shutdown_background();
     let (mut live, mut ring, status) = looped?;
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
+    live.continue_all_exec_stops();
     live.drain_last(&mut ring)?;
     live.report_losses()?;
     live.probe.flush_logs();
@@ -582,7 +656,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
 async fn event_loop(
     mut live: Live,
     ring: RingBuf<MapData>,
-    child: Option<u32>,
+    guardian: Option<launch::Guardian>,
     cfg: &RunConfig,
 ) -> Result<(Live, RingBuf<MapData>, i32), RunError> {
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and the AsyncFd owns the
@@ -594,12 +668,15 @@ async fn event_loop(
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Runtime)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(RunError::Runtime)?;
-    let mut waiter =
-        child.map(|pid| tokio::task::spawn_blocking(move || launch::wait_exit_code(pid)));
+    let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
+    // Handlers in place: signals sent since vmatrace started are handled now.
+    crate::signals::release();
+    let child = guardian.is_some();
+    let mut waiter = guardian.map(|g| tokio::task::spawn_blocking(move || g.wait_exit_code()));
     let started = Instant::now();
     let mut last_reconcile = Instant::now();
     let mut status = 0;
-    let mut child_done = child.is_none();
+    let mut child_done = !child;
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
@@ -611,6 +688,7 @@ async fn event_loop(
                 live.collect(fd.get_mut())?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
+                live.recover_lost_exec_stops()?;
                 live.reap_lost_exits();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
@@ -628,6 +706,7 @@ async fn event_loop(
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
+            _ = sighup.recv() => break,
             _ = sigusr1.recv() => {
                 live.collect(fd.get_mut())?;
                 live.snapshots("signal")?;

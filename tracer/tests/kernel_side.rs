@@ -52,9 +52,15 @@ fn a_process_ends_with_its_last_thread_not_its_first() {
             .find(|r| r["type"] == "mmap")
             .unwrap_or_else(|| panic!("{rule}: the worker's mmap is traced: {traced:?}"));
         assert_eq!(mmap["tid"], worker);
+        let start = mmap["ret"].as_u64().expect("an address");
         let touches = traced
             .iter()
             .filter(|r| r["type"] == "fault" && r["first_touch"] == true)
+            .filter(|r| {
+                r["address"]
+                    .as_u64()
+                    .is_some_and(|a| a >= start && a < start + 4 * 4096)
+            })
             .count();
         assert_eq!(touches, 4, "{rule}: {traced:?}");
         // One exit, after the worker's last call.

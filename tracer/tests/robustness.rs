@@ -408,3 +408,204 @@ fn unnamed_unix_sockets(pid: u32) -> BTreeSet<String> {
         })
         .collect()
 }
+
+/// The state letter of `pid` in /proc (`T` stopped, `?` gone).
+fn proc_state(pid: u32) -> char {
+    tracer::procfs::read_stat(pid).map_or('?', |s| s.state)
+}
+
+/// Reads the launched workload's `ready PID` line.
+fn ready_pid(v: &mut Running) -> u32 {
+    while let Some(Ok(line)) = v.lines.next() {
+        if let Some(pid) = line.strip_prefix("ready ") {
+            return pid.trim().parse().expect("a pid");
+        }
+    }
+    panic!("the workload never said it was ready");
+}
+
+/// If the test is still running after `secs`, kills vmatrace's process group (the command is
+/// in it), so that a regression fails the test instead of hanging it.
+fn deadline(secs: u64, vpid: u32) {
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+        // SAFETY: signalling a process group this test created.
+        unsafe { libc::kill(-(vpid as i32), libc::SIGKILL) };
+    });
+}
+
+/// Says `go` to the launched workload (through vmatrace's stdin, which it inherits).
+fn go(v: &mut Running) {
+    use std::io::Write as _;
+    let stdin = v.child.stdin.as_mut().expect("piped stdin");
+    stdin.write_all(b"go\n").expect("write to the workload");
+    stdin.flush().expect("flush");
+}
+
+/// vmatrace killed (SIGKILL) while the kernel holds its command stopped at an exec, waiting
+/// for vmatrace: the command's guardian continues it and it completes, neither left stopped
+/// nor killed by the SIGHUP an orphaned process group with a stopped member gets.
+#[test]
+fn a_command_stopped_at_exec_survives_vmatrace_being_killed() {
+    if !privileged("a_command_stopped_at_exec_survives_vmatrace_being_killed") {
+        return;
+    }
+    let out = temp_path("killed.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let w = workload();
+    let mut v = spawn(&[
+        "--json",
+        "-o",
+        &out_s,
+        "--faults",
+        "none",
+        "--",
+        w.to_str().expect("utf-8"),
+        "reexec",
+        "0",
+    ]);
+    let vpid = v.child.id();
+    deadline(60, vpid);
+    let pid = ready_pid(&mut v);
+    // SAFETY: getpgid of a process.
+    let group = unsafe { libc::getpgid(pid as i32) };
+    assert_eq!(
+        group, vpid as i32,
+        "the command is in vmatrace's process group"
+    );
+    // Frozen, vmatrace cannot continue the command after its next exec.
+    kill(vpid, libc::SIGSTOP);
+    go(&mut v);
+    wait_for(10, "the command stopped at its exec", || {
+        proc_state(pid) == 'T'
+    });
+    kill(vpid, libc::SIGKILL);
+    let _ = v.child.wait();
+    // The new image (`basic`) runs to its end.
+    let mut said = Vec::new();
+    while let Some(Ok(line)) = v.lines.next() {
+        said.push(line);
+    }
+    assert!(
+        said.iter().any(|l| l.starts_with("brk ")),
+        "the command ran after its exec: {said:?}"
+    );
+    wait_for(10, "the command to end", || proc_state(pid) == '?');
+}
+
+/// The exec event lost in a full ring (vmatrace frozen while the command floods a 4 KiB ring
+/// with faults, then execs): the daemon finds the stop, reads the map of the stopped process,
+/// continues it, and the run ends with the command's status.
+#[test]
+fn a_command_whose_exec_event_was_lost_is_continued_and_the_run_ends() {
+    if !privileged("a_command_whose_exec_event_was_lost_is_continued_and_the_run_ends") {
+        return;
+    }
+    let out = temp_path("lost-exec.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let w = workload();
+    let mut v = spawn(&[
+        "--json",
+        "-o",
+        &out_s,
+        "--ring-size",
+        "4K",
+        "--faults",
+        "all",
+        // One small record per fault fills the ring to the brim (a fault batch would leave
+        // room for the exec record).
+        "--fault-backend",
+        "perf-event",
+        "--",
+        w.to_str().expect("utf-8"),
+        "reexec",
+        "20000",
+    ]);
+    let vpid = v.child.id();
+    deadline(60, vpid);
+    let pid = ready_pid(&mut v);
+    kill(vpid, libc::SIGSTOP);
+    go(&mut v);
+    wait_for(20, "the command stopped at its exec", || {
+        proc_state(pid) == 'T'
+    });
+    kill(vpid, libc::SIGCONT);
+    let mut said = Vec::new();
+    while let Some(Ok(line)) = v.lines.next() {
+        said.push(line);
+    }
+    assert!(
+        said.iter().any(|l| l.starts_with("brk ")),
+        "the command ran after its exec: {said:?}"
+    );
+    let mut status = None;
+    wait_for(30, "vmatrace to end", || {
+        status = v.child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    let recs = records(&out);
+    let lost: u64 = recs
+        .iter()
+        .filter(|r| r["type"] == "lost")
+        .filter_map(|r| r["lost_lifecycle"].as_u64())
+        .sum();
+    assert!(lost >= 1, "the exec event was lost");
+    // Its map was read again (while it was stopped): the new image's. (What the new image
+    // did next may be lost too: the tiny ring stays full.)
+    let exec_snapshot = recs
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "snapshot" && r["reason"] == "exec" && r["pid"] == pid)
+        .expect("an exec snapshot");
+    let vmas = exec_snapshot["vmas"].as_array().expect("vmas");
+    assert!(
+        vmas.iter().any(|v| v["kind"] == "stack") && vmas.len() > 3,
+        "the new image's map: {vmas:?}"
+    );
+}
+
+/// SIGUSR1 or SIGINT sent while vmatrace is still starting (its handlers not yet installed)
+/// waits for the handlers instead of killing vmatrace by the default action.
+#[test]
+fn signals_sent_while_vmatrace_starts_are_handled_not_fatal() {
+    if !privileged("signals_sent_while_vmatrace_starts_are_handled_not_fatal") {
+        return;
+    }
+    for sig in [libc::SIGUSR1, libc::SIGINT] {
+        let out = temp_path("early-signal.ndjson");
+        let mut child = Command::new(vmatrace())
+            .args(["--json", "-o"])
+            .arg(&out)
+            .arg("--")
+            .arg(workload())
+            .args(["spin", "300", "0"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("vmatrace starts");
+        // As soon as vmatrace holds its signals (its first instruction in main).
+        let held = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|s| {
+                    let m = s
+                        .lines()
+                        .find_map(|l| l.strip_prefix("SigBlk:"))?
+                        .trim()
+                        .to_string();
+                    u64::from_str_radix(&m, 16).ok()
+                })
+                .is_some_and(|m| m & (1 << (sig - 1)) != 0)
+        };
+        wait_for(10, "vmatrace to hold its signals", || held(child.id()));
+        kill(child.id(), sig);
+        let status = child.wait().expect("vmatrace ends");
+        assert_eq!(status.code(), Some(0), "signal {sig}: {status:?}");
+        let recs = records(&out);
+        assert_eq!(
+            recs.last().map(|r| r["type"].clone()),
+            Some(Value::from("summary")),
+            "signal {sig}: a complete output"
+        );
+    }
+}

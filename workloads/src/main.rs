@@ -441,6 +441,25 @@ fn wait_then_map() {
     let _ = std::io::stdin().read_line(&mut buf);
 }
 
+/// Prints `ready PID`, waits for a line on stdin, writes `pages` fresh pages (faults that
+/// fill a small ring while vmatrace is frozen), then execs itself as `basic`: an exec the
+/// kernel stops for vmatrace, at a moment the test chooses.
+fn reexec(pages: usize) {
+    say(&format!("ready {}", std::process::id()));
+    let mut buf = String::new();
+    let _ = std::io::stdin().read_line(&mut buf);
+    if pages > 0 {
+        let a = anon(pages * PAGE);
+        touch(a, pages * PAGE);
+    }
+    let exe = c"/proc/self/exe";
+    let args = [c"workload".as_ptr(), c"basic".as_ptr(), std::ptr::null()];
+    // SAFETY: NUL-terminated strings and a NULL-terminated argument vector.
+    unsafe { libc::execv(exe.as_ptr(), args.as_ptr()) };
+    say("exec failed");
+    std::process::exit(1);
+}
+
 /// Benchmark: map, touch every page, unmap; `secs` seconds or `iters` rounds.
 fn fault_loop(iters: usize, pages: usize) {
     let start = Instant::now();
@@ -730,9 +749,10 @@ fn main() {
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         Some("leader-exits-first") => leader_exits_first(arg(&args, 2, 300) as u64),
+        Some("reexec") => reexec(arg(&args, 2, 0)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES"
             );
             std::process::exit(2);
         }

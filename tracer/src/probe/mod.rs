@@ -170,6 +170,10 @@ pub struct FlushOutcome {
 pub struct Probe {
     ebpf: Ebpf,
     targets: HashMap<MapData, u32, u32>,
+    /// The launched command's stops at exec (pid -> the exec's time), see `launch`.
+    exec_stops: HashMap<MapData, u32, u64>,
+    /// A descriptor of the same map, duplicated for the command's guardian.
+    exec_stops_fd: std::os::fd::OwnedFd,
     /// Bumped after each change of `targets`, so that no CPU keeps a cached filter answer.
     targets_gen: Array<MapData, u64>,
     user_gen: u64,
@@ -256,12 +260,29 @@ impl Probe {
                 None
             }
         };
+        let stops = ebpf
+            .take_map("EXEC_STOPS")
+            .ok_or(ProbeError::Missing("EXEC_STOPS"))?;
         let mut probe = Self {
             targets: HashMap::try_from(
                 ebpf.take_map("TARGETS")
                     .ok_or(ProbeError::Missing("TARGETS"))?,
             )
             .map_err(map_err("TARGETS"))?,
+            exec_stops_fd: match &stops {
+                aya::maps::Map::HashMap(d) => {
+                    use std::os::fd::AsFd as _;
+                    d.fd()
+                        .as_fd()
+                        .try_clone_to_owned()
+                        .map_err(|e| ProbeError::Map {
+                            what: "EXEC_STOPS",
+                            source: aya::maps::MapError::IoError(e),
+                        })?
+                }
+                _ => return Err(ProbeError::Missing("EXEC_STOPS")),
+            },
+            exec_stops: HashMap::try_from(stops).map_err(map_err("EXEC_STOPS"))?,
             targets_gen: Array::try_from(
                 ebpf.take_map("TARGETS_GEN")
                     .ok_or(ProbeError::Missing("TARGETS_GEN"))?,
@@ -533,6 +554,21 @@ impl Probe {
             .insert(pid, flags, 0)
             .map_err(map_err("TARGETS insert"))?;
         self.targets_changed()
+    }
+
+    /// The launched command's stops at exec not yet continued: (pid, the exec's time).
+    pub fn exec_stops(&self) -> Vec<(u32, u64)> {
+        self.exec_stops.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Forgets the stop of `pid` (continued, or gone). Returns whether there was one.
+    pub fn clear_exec_stop(&mut self, pid: u32) -> bool {
+        self.exec_stops.remove(&pid).is_ok()
+    }
+
+    /// A descriptor of the stops map, for the launched command's guardian.
+    pub fn exec_stops_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        self.exec_stops_fd.try_clone()
     }
 
     /// Invalidates the eBPF side's cached filter answers (after a change of `TARGETS`).
