@@ -5,7 +5,7 @@ use std::{fs, io, path::PathBuf, sync::Arc};
 
 use crate::model::PAGE_SIZE;
 
-use crate::model::{Backing, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma};
+use crate::model::{Backing, ForkAdvice, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma};
 
 /// Errors reading `/proc`.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,10 @@ pub struct MapsEntry {
     pub path: Option<String>,
     /// Huge-page advice (`hg`/`nh` in smaps `VmFlags`; maps does not show it).
     pub thp: ThpAdvice,
+    /// Fork advice (`dc`/`wf` in smaps `VmFlags`).
+    pub fork: ForkAdvice,
+    /// smaps shows anonymous memory in the VMA (so the kernel gave it an `anon_vma`).
+    pub anon_vma: bool,
 }
 
 fn read(pid: u32, name: &str) -> Result<String, ProcError> {
@@ -89,6 +93,8 @@ fn parse_maps_line(line: &str) -> Result<MapsEntry, &'static str> {
         inode,
         path: path.map(str::to_string),
         thp: ThpAdvice::Default,
+        fork: ForkAdvice::default(),
+        anon_vma: false,
     })
 }
 
@@ -130,6 +136,8 @@ impl MapsEntry {
             backing,
             created_ns,
             thp: self.thp,
+            fork: self.fork,
+            anon_vma: self.anon_vma,
         }
     }
 }
@@ -235,13 +243,18 @@ pub fn parse_smaps(text: &str, origin: &str) -> Result<Vec<SmapsEntry>, ProcErro
         };
         match key {
             "Rss:" => last.rss = kb()?,
-            "Anonymous:" => last.anonymous = kb()?,
+            "Anonymous:" => {
+                last.anonymous = kb()?;
+                last.map.anon_vma = last.anonymous > 0;
+            }
             "AnonHugePages:" => last.anon_huge = kb()?,
             "VmFlags:" => {
                 for flag in line.split_whitespace().skip(1) {
                     match flag {
                         "hg" => last.map.thp = ThpAdvice::Huge,
                         "nh" => last.map.thp = ThpAdvice::NoHuge,
+                        "dc" => last.map.fork.dont_copy = true,
+                        "wf" => last.map.fork.wipe = true,
                         _ => {}
                     }
                 }

@@ -13,7 +13,9 @@ use tracer_common::Syscall;
 use crate::{
     analysis::Limits,
     event::{Event, FaultRecord, Resolved, SyscallRecord},
-    model::{Backing, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma},
+    model::{
+        Backing, ForkAdvice, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma,
+    },
     output::{LossSummary, Meta, Sink, ndjson::SCHEMA_VERSION, report::summarize},
     session::{Applied, Seed, Session},
 };
@@ -125,6 +127,14 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
         backing,
         created_ns: v.get("created_ns").and_then(Value::as_u64).unwrap_or(0),
         thp: ThpAdvice::parse(v.get("thp_advice").and_then(Value::as_str)),
+        fork: {
+            let advice = v.get("fork_advice").and_then(Value::as_str).unwrap_or("");
+            ForkAdvice {
+                dont_copy: advice.split(',').any(|a| a == "dontfork"),
+                wipe: advice.split(',').any(|a| a == "wipeonfork"),
+            }
+        },
+        anon_vma: v.get("anon_vma").and_then(Value::as_bool).unwrap_or(false),
     })
 }
 

@@ -18,6 +18,10 @@ pub const MADV_REMOVE: u64 = 9;
 pub const MADV_DONTNEED_LOCKED: u64 = 24;
 /// `madvise` advice values that set or clear a VMA's huge-page flag (and split it).
 pub const MADV_HUGEPAGE: u64 = 14;
+pub const MADV_DONTFORK: u64 = 10;
+pub const MADV_DOFORK: u64 = 11;
+pub const MADV_WIPEONFORK: u64 = 18;
+pub const MADV_KEEPONFORK: u64 = 19;
 pub const MADV_NOHUGEPAGE: u64 = 15;
 /// `mremap` flags.
 pub const MREMAP_MAYMOVE: u64 = 1;
@@ -41,6 +45,8 @@ pub enum EffectKind {
     Protected,
     /// Pages released (`madvise`), the map unchanged.
     Released,
+    /// Anonymous pages freed lazily (`MADV_FREE`): resident until the kernel reclaims them.
+    LazilyFreed,
     /// Advice recorded, nothing released.
     Advised,
 }
@@ -59,6 +65,7 @@ impl EffectKind {
             Self::Protected => "protected",
             Self::Released => "released",
             Self::Advised => "advised",
+            Self::LazilyFreed => "lazily_freed",
         }
     }
 }
@@ -260,7 +267,11 @@ impl AddressSpace {
         &self.timeline
     }
 
-    /// A copy for a forked child: same map and pages, a history that starts at the fork.
+    /// The child's address space after `fork`, by the kernel's copy rules: a VMA advised
+    /// `MADV_DONTFORK` is left out, one advised `MADV_WIPEONFORK` is there but empty, and
+    /// page tables are copied only for VMAs with an `anon_vma` (private anonymous pages): the
+    /// child touches the pages of the others (shared mappings, file mappings never written)
+    /// anew. The history starts at the fork.
     pub fn fork(&self, ts: u64) -> Self {
         let mut child = Self {
             pages: self.pages.clone(),
@@ -270,7 +281,17 @@ impl AddressSpace {
             ..Self::default()
         };
         for v in self.vmas.values() {
-            child.place(ts, Cause::Fork, v.clone());
+            let (first, last) = (v.start >> PAGE_SHIFT, v.end >> PAGE_SHIFT);
+            if v.fork.dont_copy || v.fork.wipe || !v.anon_vma {
+                child.pages.forget(first, last);
+            }
+            if v.fork.dont_copy {
+                continue;
+            }
+            let mut v = v.clone();
+            // Wiped, the child's range has no anonymous pages yet.
+            v.anon_vma &= !v.fork.wipe;
+            child.place(ts, Cause::Fork, v);
         }
         child
     }
@@ -306,6 +327,8 @@ impl AddressSpace {
                 backing,
                 created_ns: ts,
                 thp: ThpAdvice::Default,
+                fork: Default::default(),
+                anon_vma: false,
             },
         );
         e
@@ -358,6 +381,8 @@ impl AddressSpace {
                     backing: Backing::Heap,
                     created_ns: ts,
                     thp: ThpAdvice::Default,
+                    fork: Default::default(),
+                    anon_vma: false,
                 },
             );
             self.heap_high_water = self.heap_high_water.max(new_end - start);
@@ -528,7 +553,24 @@ impl AddressSpace {
     pub fn madvise(&mut self, ts: u64, addr: u64, len: u64, advice: u64) -> Effect {
         let end = addr.saturating_add(page_align_up(len));
         match advice {
-            MADV_DONTNEED | MADV_FREE | MADV_REMOVE | MADV_DONTNEED_LOCKED => {
+            MADV_FREE => {
+                self.pages
+                    .free_lazily(addr >> PAGE_SHIFT, end >> PAGE_SHIFT);
+                Effect::new(EffectKind::LazilyFreed, addr, end)
+            }
+            MADV_DONTFORK | MADV_DOFORK | MADV_WIPEONFORK | MADV_KEEPONFORK => {
+                let mut e = Effect::new(EffectKind::Advised, addr, end);
+                e.splits = self
+                    .reflag(ts, Cause::Madvise, addr, end, |v| match advice {
+                        MADV_DONTFORK => v.fork.dont_copy = true,
+                        MADV_DOFORK => v.fork.dont_copy = false,
+                        MADV_WIPEONFORK => v.fork.wipe = true,
+                        _ => v.fork.wipe = false,
+                    })
+                    .unwrap_or(0);
+                e
+            }
+            MADV_DONTNEED | MADV_REMOVE | MADV_DONTNEED_LOCKED => {
                 let mut e = Effect::new(EffectKind::Released, addr, end);
                 e.released_pages =
                     self.pages
@@ -580,6 +622,8 @@ impl AddressSpace {
                 backing: Backing::Shm { key },
                 created_ns: ts,
                 thp: ThpAdvice::Default,
+                fork: Default::default(),
+                anon_vma: false,
             },
         );
         e.kind = EffectKind::Created;
@@ -667,6 +711,33 @@ impl AddressSpace {
                 (touch, u64::from(matches!(touch, Touch::First { .. })))
             }
         };
+        // A private anonymous page gives the VMA an anon_vma (fork then copies it): recorded
+        // once per VMA, in the history too.
+        if matches!(
+            touch,
+            Touch::First {
+                kind: TouchKind::Anon,
+                ..
+            } | Touch::Upgraded { .. }
+        ) && let Some(v) = vma_start.and_then(|s| self.vmas.get(&s))
+            && !v.anon_vma
+        {
+            let v = Vma {
+                anon_vma: true,
+                ..v.clone()
+            };
+            self.timeline.push(
+                ts,
+                Cause::Fault,
+                Change::Unmapped {
+                    start: v.start,
+                    end: v.end,
+                },
+            );
+            self.timeline
+                .push(ts, Cause::Fault, Change::Mapped(v.clone()));
+            self.vmas.insert(v.start, v);
+        }
         FaultEffect {
             touch,
             pages,

@@ -11,7 +11,7 @@ pub mod vma;
 pub use address_space::{AddressSpace, Effect, EffectKind, FaultEffect};
 pub use pages::{PageCounts, ResidentRun, Touch, TouchKind};
 pub use thp::{ThpAdvice, ThpPolicy};
-pub use vma::{Backing, PAGE_SIZE, Perms, Vma};
+pub use vma::{Backing, ForkAdvice, PAGE_SIZE, Perms, Vma};
 
 #[cfg(test)]
 mod reference_tests;

@@ -57,9 +57,12 @@ const REFAULTED: u64 = 1 << 60;
 const ADVISED: u64 = REFAULTED;
 /// The page is part of a transparent huge page.
 const HUGE: u64 = 1 << 61;
+/// An anonymous page freed lazily (`MADV_FREE`): still resident until the kernel reclaims it,
+/// which only a later fault on it shows (a rewrite takes no fault and keeps it).
+const LAZYFREE: u64 = 1 << 59;
 /// A refault this soon after the release counts as churn.
 pub const QUICK_REFAULT_NS: u64 = 1_000_000_000;
-const TS_MASK: u64 = REFAULTED - 1;
+const TS_MASK: u64 = LAZYFREE - 1;
 /// At most this many released pages are remembered for refault detection.
 const RELEASED_CAP: u64 = 1 << 18;
 
@@ -84,6 +87,8 @@ pub struct PageCounts {
     pub huge: u64,
     /// Of the touched pages, those touched again after a release.
     pub refaulted: u64,
+    /// Of the anonymous pages, those freed lazily (`MADV_FREE`) and not seen reclaimed.
+    pub lazyfree: u64,
     /// Earliest first touch in the range.
     pub first_touch_ns: Option<u64>,
 }
@@ -134,6 +139,8 @@ pub struct Pages {
     pub quick_refaults_after_advice: u64,
     /// Pages released by `munmap`, `madvise` or `brk` shrink while touched.
     pub released_total: u64,
+    /// Lazily freed pages that faulted again: the kernel had reclaimed them.
+    pub lazyfree_reclaimed: u64,
 }
 
 /// Whether an entry is a released page.
@@ -157,6 +164,17 @@ impl Pages {
                 if is_released(v) {
                     e.insert(value(ts, kind, REFAULTED));
                     self.refaulted(v, ts);
+                    return Touch::First {
+                        kind,
+                        refault: true,
+                    };
+                }
+                if v & LAZYFREE != 0 {
+                    // A lazily freed page faults only once the kernel has reclaimed it: this
+                    // is a new page.
+                    e.insert(value(ts, kind, REFAULTED));
+                    self.refaults += 1;
+                    self.lazyfree_reclaimed += 1;
                     return Touch::First {
                         kind,
                         refault: true,
@@ -327,6 +345,29 @@ impl Pages {
         gone
     }
 
+    /// Marks the anonymous pages of `[start_page, end_page)` freed lazily (`MADV_FREE`); returns
+    /// how many. They stay resident (and counted) until a fault shows them reclaimed.
+    pub fn free_lazily(&mut self, start_page: u64, end_page: u64) -> u64 {
+        if start_page >= end_page {
+            return 0;
+        }
+        let mut n = 0;
+        for (_, v) in self.entries.range_mut(start_page..end_page) {
+            if !is_released(*v) && TouchKind::from_bits(*v >> KIND_SHIFT) == TouchKind::Anon {
+                *v |= LAZYFREE;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Forgets the pages of `[start_page, end_page)` without releasing them: what a forked
+    /// child does not get (its page tables are not copied).
+    pub fn forget(&mut self, start_page: u64, end_page: u64) {
+        self.split_blocks_in(start_page, end_page);
+        self.take_entries(start_page, end_page);
+    }
+
     /// Moves the touched pages of `[start_page, end_page)` to start at `to_page` (mremap). A
     /// huge page moved whole to an address aligned like it stays huge (the kernel moves the
     /// page-table entry); others are split into small pages. Released pages stay where they
@@ -389,6 +430,9 @@ impl Pages {
             }
             if v & REFAULTED != 0 {
                 c.refaulted += 1;
+            }
+            if v & LAZYFREE != 0 {
+                c.lazyfree += 1;
             }
             let ts = v & TS_MASK;
             c.first_touch_ns = Some(c.first_touch_ns.map_or(ts, |t: u64| t.min(ts)));

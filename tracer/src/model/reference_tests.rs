@@ -1,6 +1,7 @@
 //! Property tests: the model against a page-by-page reference model on random sequences of
 //! mmap (fixed or not), munmap, mprotect, mremap (shrink, grow in place, move, fixed,
-//! dontunmap), madvise, brk and faults.
+//! dontunmap), madvise (release, lazy free, fork advice), brk, faults and fork (the model
+//! then follows the child).
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -8,8 +9,11 @@ use proptest::prelude::*;
 
 use super::{
     AddressSpace, Backing, PAGE_SIZE, Perms, TouchKind,
-    address_space::{MADV_DONTNEED, MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE},
-    vma::Vma,
+    address_space::{
+        MADV_DOFORK, MADV_DONTFORK, MADV_DONTNEED, MADV_FREE, MADV_KEEPONFORK, MADV_WIPEONFORK,
+        MREMAP_DONTUNMAP, MREMAP_FIXED, MREMAP_MAYMOVE,
+    },
+    vma::{ForkAdvice, Vma},
 };
 
 const BASE: u64 = 0x1000_0000;
@@ -26,6 +30,39 @@ struct RefPage {
     touched: Option<TouchKind>,
     /// First touched after a release of the same address.
     refaulted: bool,
+    /// Freed lazily (`MADV_FREE`), not touched since.
+    lazyfree: bool,
+    fork: ForkAdvice,
+    /// The page's VMA got private anonymous memory here (its share of the anon_vma; the
+    /// whole VMA has one when any of its pages has).
+    anon_vma: bool,
+}
+
+impl RefPage {
+    fn new(perms: Perms, backing: Backing, file_offset: Option<u64>) -> Self {
+        Self {
+            perms,
+            backing,
+            file_offset,
+            touched: None,
+            refaulted: false,
+            lazyfree: false,
+            fork: ForkAdvice::default(),
+            anon_vma: false,
+        }
+    }
+
+    /// Whether the page at `a` continues this one (at `a - PAGE_SIZE`) in one VMA.
+    fn continued_by(&self, next: &RefPage) -> bool {
+        self.perms == next.perms
+            && self.backing == next.backing
+            && self.fork == next.fork
+            && match (self.file_offset, next.file_offset) {
+                (Some(a), Some(b)) => a + PAGE_SIZE == b,
+                (None, None) => true,
+                _ => false,
+            }
+    }
 }
 
 #[derive(Default, Debug)]
@@ -54,6 +91,7 @@ impl Reference {
             && p.touched.take().is_some()
         {
             p.refaulted = false;
+            p.lazyfree = false;
             self.released.insert(a);
         }
     }
@@ -72,19 +110,100 @@ impl Reference {
             let file = matches!(backing, Backing::File { .. });
             self.pages.insert(
                 start + i * PAGE_SIZE,
-                RefPage {
+                RefPage::new(
                     perms,
-                    backing: backing.clone(),
-                    file_offset: file.then_some(offset + i * PAGE_SIZE),
-                    touched: None,
-                    refaulted: false,
-                },
+                    backing.clone(),
+                    file.then_some(offset + i * PAGE_SIZE),
+                ),
             );
         }
     }
 
     fn free(&self, start: u64, len: u64) -> bool {
         self.pages.range(start..start + len).next().is_none()
+    }
+
+    /// Whether every page of `[start, end)` is mapped and passes `f`.
+    fn all(&self, start: u64, end: u64, f: impl Fn(&RefPage) -> bool) -> bool {
+        (start..end)
+            .step_by(PAGE_SIZE as usize)
+            .all(|a| self.pages.get(&a).is_some_and(&f))
+    }
+
+    /// Spreads the anon_vma flag over each VMA (maximal run of pages that continue one
+    /// another): the kernel shares one anon_vma in a VMA, keeps it in the pieces of a split,
+    /// and a merged VMA has one when either part had.
+    fn settle(&mut self) {
+        let addrs: Vec<u64> = self.pages.keys().copied().collect();
+        let mut i = 0;
+        while i < addrs.len() {
+            let mut j = i + 1;
+            while j < addrs.len()
+                && addrs[j] == addrs[j - 1] + PAGE_SIZE
+                && self.pages[&addrs[j - 1]].continued_by(&self.pages[&addrs[j]])
+            {
+                j += 1;
+            }
+            if addrs[i..j].iter().any(|a| self.pages[a].anon_vma) {
+                for a in &addrs[i..j] {
+                    if let Some(p) = self.pages.get_mut(a) {
+                        p.anon_vma = true;
+                    }
+                }
+            }
+            i = j;
+        }
+    }
+
+    /// The child after `fork`, by the kernel's rules: `dontfork` pages are not there, `wipe`
+    /// pages are there untouched, and the touched state is copied only from VMAs (maximal
+    /// runs of pages that continue one another) where some page has an anon_vma.
+    fn fork(&self) -> Reference {
+        let mut child = Reference {
+            brk: self.brk,
+            refaults: self.refaults,
+            // Released addresses no longer mapped stay known (for refaults) in the child.
+            released: self
+                .released
+                .iter()
+                .filter(|a| !self.pages.contains_key(a))
+                .copied()
+                .collect(),
+            ..Reference::default()
+        };
+        let mut run: Vec<(u64, &RefPage)> = Vec::new();
+        let flush = |run: &mut Vec<(u64, &RefPage)>, child: &mut Reference| {
+            let copied = run.iter().any(|(_, p)| p.anon_vma);
+            for (a, p) in run.drain(..) {
+                if p.fork.dont_copy {
+                    continue;
+                }
+                let mut c = p.clone();
+                if p.fork.wipe || !copied {
+                    c.touched = None;
+                    c.refaulted = false;
+                    c.lazyfree = false;
+                    c.anon_vma = false;
+                } else if self.released.contains(&a) {
+                    child.released.insert(a);
+                }
+                if !p.fork.wipe && copied {
+                    c.anon_vma = true;
+                }
+                child.pages.insert(a, c);
+            }
+        };
+        for (&a, p) in &self.pages {
+            let continues = run
+                .last()
+                .is_some_and(|(la, lp)| la + PAGE_SIZE == a && lp.continued_by(p));
+            if !continues {
+                flush(&mut run, &mut child);
+            }
+            run.push((a, p));
+        }
+        flush(&mut run, &mut child);
+        child
     }
 }
 
@@ -108,7 +227,9 @@ enum Op {
     Madvise {
         page: u64,
         pages: u64,
+        advice: u64,
     },
+    Fork,
     Touch {
         page: u64,
         pages: u64,
@@ -142,7 +263,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (page.clone(), pages.clone()).prop_map(|(page, pages)| Op::Munmap { page, pages }),
         1 => (page.clone(), pages.clone(), 0..8u64)
             .prop_map(|(page, pages, prot)| Op::Mprotect { page, pages, prot }),
-        1 => (page.clone(), pages.clone()).prop_map(|(page, pages)| Op::Madvise { page, pages }),
+        2 => (page.clone(), pages.clone(), prop::sample::select(vec![
+            MADV_DONTNEED, MADV_FREE, MADV_DONTFORK, MADV_DOFORK, MADV_WIPEONFORK,
+            MADV_KEEPONFORK,
+        ]))
+            .prop_map(|(page, pages, advice)| Op::Madvise { page, pages, advice }),
+        1 => Just(Op::Fork),
         3 => (page.clone(), pages.clone(), any::<bool>())
             .prop_map(|(page, pages, write)| Op::Touch { page, pages, write }),
         1 => (page.clone(), 1..4u64).prop_map(|(page, by)| Op::MremapShrink { page, by }),
@@ -183,6 +309,14 @@ fn check(model: &AddressSpace, reference: &Reference) -> Result<(), TestCaseErro
         };
         prop_assert_eq!(kind, p.touched, "touched state at {:#x}", a);
         prop_assert_eq!(c.refaulted, u64::from(p.refaulted), "refaulted at {:#x}", a);
+        prop_assert_eq!(
+            c.lazyfree,
+            u64::from(p.lazyfree),
+            "lazily freed at {:#x}",
+            a
+        );
+        prop_assert_eq!(v.fork, p.fork, "fork advice at {:#x}", a);
+        prop_assert_eq!(v.anon_vma, p.anon_vma, "anon_vma at {:#x}", a);
     }
     prop_assert_eq!(model.pages().refaults, reference.refaults, "refaults");
     // No VMA is empty or overlaps its neighbour; neighbours that could merge are merged.
@@ -251,11 +385,45 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     }
                 }
             }
-            Op::Madvise { page, pages } => {
-                m.madvise(ts, addr(page), pages * PAGE_SIZE, MADV_DONTNEED);
-                for p in page..page + pages {
-                    r.release(addr(p));
+            Op::Madvise {
+                page,
+                pages,
+                advice,
+            } => {
+                let (start, end) = (addr(page), addr(page + pages));
+                let anon = |p: &RefPage| !p.perms.shared && p.backing.is_anonymous();
+                match advice {
+                    MADV_DONTNEED => {
+                        m.madvise(ts, start, end - start, advice);
+                        for p in page..page + pages {
+                            r.release(addr(p));
+                        }
+                    }
+                    // EINVAL unless every page is private anonymous memory.
+                    MADV_FREE if r.all(start, end, anon) => {
+                        m.madvise(ts, start, end - start, advice);
+                        for (_, p) in r.pages.range_mut(start..end) {
+                            p.lazyfree |= p.touched == Some(TouchKind::Anon);
+                        }
+                    }
+                    MADV_WIPEONFORK | MADV_KEEPONFORK if r.all(start, end, anon) => {
+                        m.madvise(ts, start, end - start, advice);
+                        for (_, p) in r.pages.range_mut(start..end) {
+                            p.fork.wipe = advice == MADV_WIPEONFORK;
+                        }
+                    }
+                    MADV_DONTFORK | MADV_DOFORK if r.all(start, end, |_| true) => {
+                        m.madvise(ts, start, end - start, advice);
+                        for (_, p) in r.pages.range_mut(start..end) {
+                            p.fork.dont_copy = advice == MADV_DONTFORK;
+                        }
+                    }
+                    _ => {}
                 }
+            }
+            Op::Fork => {
+                m = m.fork(ts);
+                r = r.fork();
             }
             Op::Touch { page, pages, write } => {
                 for a in (addr(page)..addr(page + pages)).step_by(PAGE_SIZE as usize) {
@@ -264,6 +432,13 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         continue;
                     };
                     if rp.touched.is_none() && r.released.remove(&a) {
+                        r.refaults += 1;
+                        rp.refaulted = true;
+                    }
+                    // A lazily freed page faults only once reclaimed: a new page.
+                    if rp.lazyfree {
+                        rp.lazyfree = false;
+                        rp.touched = None;
                         r.refaults += 1;
                         rp.refaulted = true;
                     }
@@ -282,6 +457,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                             (Some(_), TouchKind::Anon) => Some(TouchKind::Anon),
                             (old, _) => old,
                         };
+                        rp.anon_vma |= rp.touched == Some(TouchKind::Anon);
                     }
                 }
             }
@@ -305,6 +481,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         p.file_offset = p.file_offset.map(|o| o + (i + 1) * PAGE_SIZE);
                         p.touched = None;
                         p.refaulted = false;
+                        p.lazyfree = false;
                         r.pages.insert(a, p);
                     }
                 } else {
@@ -348,6 +525,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                         if let Some(p) = r.pages.get_mut(a) {
                             p.touched = None;
                             p.refaulted = false;
+                            p.lazyfree = false;
                         }
                     }
                 } else {
@@ -368,16 +546,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 if new > old_end {
                     let perms = Perms::from_prot(3, false);
                     for a in (old_end..new).step_by(PAGE_SIZE as usize) {
-                        r.pages.insert(
-                            a,
-                            RefPage {
-                                perms,
-                                backing: Backing::Heap,
-                                file_offset: None,
-                                touched: None,
-                                refaulted: false,
-                            },
-                        );
+                        r.pages.insert(a, RefPage::new(perms, Backing::Heap, None));
                     }
                 } else {
                     r.unmap(new, old_end);
@@ -385,6 +554,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 r.brk = Some((start, new));
             }
         }
+        r.settle();
         check(&m, &r).map_err(|e| TestCaseError::fail(format!("after op {i} {op:?}: {e}")))?;
     }
     Ok(())
@@ -432,6 +602,8 @@ fn stack_grows_down_on_faults_below_it() {
         backing: Backing::Stack,
         created_ns: 0,
         thp: Default::default(),
+        fork: Default::default(),
+        anon_vma: false,
     };
     let mut m = AddressSpace::seeded(vec![stack], None, 0);
     let e = m.fault(5, BASE + 60 * PAGE_SIZE + 8, Some(true), false);

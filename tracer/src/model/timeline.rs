@@ -22,6 +22,8 @@ pub enum Cause {
     StackGrowth,
     Exec,
     Fork,
+    /// A VMA's first private anonymous page (it gets an anon_vma).
+    Fault,
 }
 
 impl Cause {
@@ -35,6 +37,7 @@ impl Cause {
             Self::Mremap => "mremap",
             Self::Mprotect => "mprotect",
             Self::Madvise => "madvise",
+            Self::Fault => "fault",
             Self::Shmat => "shmat",
             Self::Shmdt => "shmdt",
             Self::StackGrowth => "stack_growth",
@@ -168,6 +171,7 @@ pub fn mergeable(a: &Vma, b: &Vma) -> bool {
         && a.perms == b.perms
         && a.backing.same_object(&b.backing)
         && a.thp == b.thp
+        && a.fork == b.fork
         && (!matches!(a.backing, super::vma::Backing::File { .. })
             || a.offset + a.len() == b.offset)
 }
@@ -190,13 +194,16 @@ pub fn insert_merging(map: &mut BTreeMap<u64, Vma>, mut vma: Vma) {
         .next_back()
         .filter(|(_, prev)| mergeable(prev, &vma))
         .map(|(&k, _)| k);
+    // A merged VMA has an anon_vma when either part had one (the kernel shares it).
     if let Some(prev) = prev_key.and_then(|k| map.remove(&k)) {
+        vma.anon_vma |= prev.anon_vma;
         vma.created_ns = vma.created_ns.min(prev.created_ns);
         vma.offset = prev.offset;
         vma.start = prev.start;
     }
     let next_mergeable = map.get(&vma.end).is_some_and(|next| mergeable(&vma, next));
     if let Some(next) = next_mergeable.then(|| map.remove(&vma.end)).flatten() {
+        vma.anon_vma |= next.anon_vma;
         vma.created_ns = vma.created_ns.min(next.created_ns);
         vma.end = next.end;
     }
@@ -217,6 +224,8 @@ mod tests {
             backing: Backing::Anonymous,
             created_ns: 0,
             thp: Default::default(),
+            fork: Default::default(),
+            anon_vma: false,
         }
     }
 

@@ -137,6 +137,15 @@ impl Backing {
     }
 }
 
+/// What `fork` does with a VMA: `madvise(MADV_DONTFORK)` leaves it out of the child,
+/// `MADV_WIPEONFORK` gives the child the range empty (fresh zero-filled memory). The kernel
+/// keeps these as VMA flags, so they split VMAs as `mprotect` does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ForkAdvice {
+    pub dont_copy: bool,
+    pub wipe: bool,
+}
+
 /// A virtual memory area.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Vma {
@@ -150,6 +159,12 @@ pub struct Vma {
     pub created_ns: u64,
     /// Huge-page advice (`MADV_HUGEPAGE`/`MADV_NOHUGEPAGE`); the kernel splits VMAs on it.
     pub thp: ThpAdvice,
+    /// `fork` advice.
+    pub fork: ForkAdvice,
+    /// The VMA has had private anonymous pages (the kernel then gives it an `anon_vma`):
+    /// `fork` copies the page tables of such VMAs only; the child touches the others' pages
+    /// anew.
+    pub anon_vma: bool,
 }
 
 impl Vma {

@@ -166,6 +166,9 @@ pub fn effect_text(applied: &Applied) -> Option<String> {
             size(e.released_pages * PAGE_SIZE)
         ),
         EffectKind::Advised => "advice recorded".to_string(),
+        EffectKind::LazilyFreed => {
+            format!("{range} freed lazily: resident until the kernel reclaims it")
+        }
     };
     let mut extra = Vec::new();
     if e.splits > 0 {

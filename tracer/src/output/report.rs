@@ -35,6 +35,15 @@ pub struct VmaRow {
     /// `huge` (`MADV_HUGEPAGE`), `nohuge` (`MADV_NOHUGEPAGE`) or none.
     #[serde(default)]
     pub thp_advice: Option<String>,
+    /// Of the anonymous bytes, those freed lazily (`MADV_FREE`) and not seen reclaimed.
+    #[serde(default)]
+    pub lazyfree_bytes: u64,
+    /// `dontfork` (`MADV_DONTFORK`), `wipeonfork` (`MADV_WIPEONFORK`), both, or none.
+    #[serde(default)]
+    pub fork_advice: Option<String>,
+    /// The VMA has had private anonymous pages, so `fork` copies its pages.
+    #[serde(default)]
+    pub anon_vma: bool,
     pub created_ns: u64,
     pub first_touch_ns: Option<u64>,
 }
@@ -65,6 +74,14 @@ fn row(p: &Process, v: &Vma) -> VmaRow {
         huge_bytes: c.huge * page,
         refaulted_bytes: c.refaulted * page,
         thp_advice: v.thp.name().map(str::to_string),
+        lazyfree_bytes: c.lazyfree * page,
+        fork_advice: match (v.fork.dont_copy, v.fork.wipe) {
+            (false, false) => None,
+            (true, false) => Some("dontfork".to_string()),
+            (false, true) => Some("wipeonfork".to_string()),
+            (true, true) => Some("dontfork,wipeonfork".to_string()),
+        },
+        anon_vma: v.anon_vma,
         created_ns: v.created_ns,
         first_touch_ns: c.first_touch_ns,
     }
