@@ -62,11 +62,18 @@ pub enum Syscall {
     Shmdt = 9,
     /// Traced only to name the files that are mapped later (emits [`OpenEvent`]).
     Openat = 10,
+    /// The locking calls make memory resident without a fault (and `mlockall(MCL_FUTURE)`
+    /// makes later mappings resident).
+    Mlock = 11,
+    Mlock2 = 12,
+    Munlock = 13,
+    Mlockall = 14,
+    Munlockall = 15,
 }
 
 impl Syscall {
     /// Every traced syscall, in number order.
-    pub const ALL: [Syscall; 11] = [
+    pub const ALL: [Syscall; 16] = [
         Self::Brk,
         Self::Mmap,
         Self::Munmap,
@@ -78,14 +85,20 @@ impl Syscall {
         Self::Shmat,
         Self::Shmdt,
         Self::Openat,
+        Self::Mlock,
+        Self::Mlock2,
+        Self::Munlock,
+        Self::Mlockall,
+        Self::Munlockall,
     ];
 
     /// How many arguments the syscall takes (the argument slots after them are not read).
     pub const fn nargs(self) -> usize {
         match self {
-            Self::Brk | Self::Shmdt => 1,
-            Self::Munmap => 2,
-            Self::Mprotect | Self::Madvise | Self::Shmat => 3,
+            Self::Munlockall => 0,
+            Self::Brk | Self::Shmdt | Self::Mlockall => 1,
+            Self::Munmap | Self::Mlock | Self::Munlock => 2,
+            Self::Mprotect | Self::Madvise | Self::Shmat | Self::Mlock2 => 3,
             Self::PkeyMprotect | Self::Openat => 4,
             Self::Mremap | Self::ProcessMadvise => 5,
             Self::Mmap => 6,
@@ -116,6 +129,11 @@ impl Syscall {
             Self::Shmat => "shmat",
             Self::Shmdt => "shmdt",
             Self::Openat => "openat",
+            Self::Mlock => "mlock",
+            Self::Mlock2 => "mlock2",
+            Self::Munlock => "munlock",
+            Self::Mlockall => "mlockall",
+            Self::Munlockall => "munlockall",
         }
     }
 }

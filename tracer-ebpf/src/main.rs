@@ -68,6 +68,12 @@ syscall_programs! {
     sys_enter_shmat, sys_exit_shmat, fentry_shmat, fexit_shmat => Syscall::Shmat;
     sys_enter_shmdt, sys_exit_shmdt, fentry_shmdt, fexit_shmdt => Syscall::Shmdt;
     sys_enter_openat, sys_exit_openat, fentry_openat, fexit_openat => Syscall::Openat;
+    sys_enter_mlock, sys_exit_mlock, fentry_mlock, fexit_mlock => Syscall::Mlock;
+    sys_enter_mlock2, sys_exit_mlock2, fentry_mlock2, fexit_mlock2 => Syscall::Mlock2;
+    sys_enter_munlock, sys_exit_munlock, fentry_munlock, fexit_munlock => Syscall::Munlock;
+    sys_enter_mlockall, sys_exit_mlockall, fentry_mlockall, fexit_mlockall => Syscall::Mlockall;
+    sys_enter_munlockall, sys_exit_munlockall, fentry_munlockall, fexit_munlockall
+        => Syscall::Munlockall;
 }
 
 #[raw_tracepoint(tracepoint = "page_fault_user")]

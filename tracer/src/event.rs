@@ -1,6 +1,7 @@
 //! Typed events: decoded from ring-buffer bytes (live) or read from NDJSON (replay). Decoding
 //! checks every length and decodes kinds with `TryFrom`, never by transmute.
 
+use crate::model::ResidentRun;
 use tracer_common::{
     EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_BATCH_LEN,
     FAULT_ERROR_UNKNOWN, FaultBatchHead, FaultEvent, ForkEvent, OpenEvent, PF_PROT, PF_WRITE,
@@ -35,6 +36,9 @@ pub struct Resolved {
     pub shm: Option<(u64, u64)>,
     /// The target process of `process_madvise`.
     pub target_pid: Option<u32>,
+    /// Pages the call made resident without a fault (populate, lock), read from
+    /// `/proc/PID/pagemap` right after it.
+    pub resident: Option<Vec<ResidentRun>>,
 }
 
 /// A memory syscall with its arguments and return value.

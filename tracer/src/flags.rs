@@ -83,6 +83,15 @@ pub fn mremap(v: u64) -> String {
     )
 }
 
+/// `MCL_CURRENT|MCL_FUTURE`, ...
+pub fn mlockall(v: u64) -> String {
+    join(
+        v,
+        &[(1, "MCL_CURRENT"), (2, "MCL_FUTURE"), (4, "MCL_ONFAULT")],
+        "0",
+    )
+}
+
 /// `MADV_DONTNEED`, ...
 pub fn madvise(v: u64) -> String {
     let name = match v {

@@ -18,6 +18,7 @@ pub mod output;
 pub mod probe;
 pub mod procfs;
 pub mod replay;
+pub mod residency;
 pub mod run;
 pub mod session;
 pub mod signals;

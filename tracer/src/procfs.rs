@@ -117,6 +117,7 @@ impl MapsEntry {
                     .get(5..13)
                     .and_then(|k| u64::from_str_radix(k, 16).ok())
                     .unwrap_or(0),
+                shmid: self.inode,
             },
             Some(p) if p.starts_with('[') => Backing::Special(Arc::from(p)),
             Some(p) => Backing::File {
@@ -128,7 +129,7 @@ impl MapsEntry {
             start: self.start,
             end: self.end,
             perms: self.perms,
-            offset: if matches!(backing, Backing::File { .. }) {
+            offset: if matches!(backing, Backing::File { .. } | Backing::Shm { .. }) {
                 self.offset
             } else {
                 0
@@ -202,6 +203,8 @@ pub struct SmapsEntry {
     pub anonymous: u64,
     /// Anonymous memory in PMD-sized transparent huge pages (`AnonHugePages`).
     pub anon_huge: u64,
+    /// Anonymous memory freed with `MADV_FREE`, not yet reclaimed (`LazyFree`).
+    pub lazyfree: u64,
 }
 
 /// `/proc/PID/smaps`.
@@ -228,6 +231,7 @@ pub fn parse_smaps(text: &str, origin: &str) -> Result<Vec<SmapsEntry>, ProcErro
                 rss: 0,
                 anonymous: 0,
                 anon_huge: 0,
+                lazyfree: 0,
             });
             continue;
         }
@@ -248,6 +252,7 @@ pub fn parse_smaps(text: &str, origin: &str) -> Result<Vec<SmapsEntry>, ProcErro
                 last.map.anon_vma = last.anonymous > 0;
             }
             "AnonHugePages:" => last.anon_huge = kb()?,
+            "LazyFree:" => last.lazyfree = kb()?,
             "VmFlags:" => {
                 for flag in line.split_whitespace().skip(1) {
                     match flag {
@@ -334,9 +339,69 @@ pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>,
     Ok(runs)
 }
 
+/// The pages of `[start, end)` that are present in `pid`'s page tables now, as runs by kind:
+/// the zero page (by its frame number), page cache or shared memory (`PM_FILE`), else
+/// private anonymous memory. For calls that make memory resident without a fault.
+pub fn present_runs(
+    pid: u32,
+    start: u64,
+    end: u64,
+    zero_pfn: Option<u64>,
+) -> Result<Vec<ResidentRun>, ProcError> {
+    use std::os::unix::fs::FileExt;
+    let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
+    let file = fs::File::open(&path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => ProcError::NoProcess(pid),
+        _ => ProcError::Io {
+            path: path.clone(),
+            source: e,
+        },
+    })?;
+    let mut runs: Vec<ResidentRun> = Vec::new();
+    let mut buf = vec![0u8; PAGEMAP_CHUNK * 8];
+    let (mut page, end_page) = (start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+    while page < end_page {
+        let n = (end_page - page).min(PAGEMAP_CHUNK as u64) as usize;
+        let got = file
+            .read_at(&mut buf[..n * 8], page * 8)
+            .map_err(|source| ProcError::Io {
+                path: path.clone(),
+                source,
+            })?
+            / 8;
+        if got == 0 {
+            break;
+        }
+        for (i, entry) in buf[..got * 8].chunks_exact(8).enumerate() {
+            let bits = u64::from_ne_bytes(entry.try_into().unwrap_or([0; 8]));
+            if bits & PM_PRESENT == 0 {
+                continue;
+            }
+            let kind = if zero_pfn.is_some_and(|z| bits & PM_PFN == z) {
+                TouchKind::Zero
+            } else if bits & PM_FILE != 0 {
+                TouchKind::File
+            } else {
+                TouchKind::Anon
+            };
+            let addr = (page + i as u64) * PAGE_SIZE;
+            match runs.last_mut() {
+                Some(r) if r.end == addr && r.kind == kind => r.end += PAGE_SIZE,
+                _ => runs.push(ResidentRun {
+                    start: addr,
+                    end: addr + PAGE_SIZE,
+                    kind,
+                }),
+            }
+        }
+        page += got as u64;
+    }
+    Ok(runs)
+}
+
 /// The frame number of the shared zero page (pagemap shows frame numbers to root only): read
 /// from vmatrace's own pagemap after reading a fresh anonymous page.
-pub(crate) fn zero_page_pfn() -> Option<u64> {
+pub fn zero_page_pfn() -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let len = PAGE_SIZE as usize;
     // SAFETY: a fresh private anonymous mapping, read once and unmapped below.
@@ -458,6 +523,30 @@ pub fn shm_segment(shmid: u64) -> Option<(u64, u64)> {
     })
 }
 
+/// The size and key of the System V segment `pid` has attached at `addr`, from its own map:
+/// the pieces of that attach (same segment id in the inode column, offsets from `addr`). The
+/// process's map is read in its own IPC namespace's terms, unlike `/proc/sysvipc/shm`.
+pub fn attached_segment(pid: u32, addr: u64) -> Option<(u64, u64)> {
+    let maps = read_maps(pid).ok()?;
+    let first = maps.iter().find(|m| {
+        m.start == addr
+            && m.offset == 0
+            && m.path.as_deref().is_some_and(|p| p.starts_with("/SYSV"))
+    })?;
+    let end = maps
+        .iter()
+        .filter(|m| m.inode == first.inode && m.start >= addr && m.start - m.offset == addr)
+        .map(|m| m.end)
+        .max()?;
+    let key = first
+        .path
+        .as_deref()
+        .and_then(|p| p.get(5..13))
+        .and_then(|k| u64::from_str_radix(k, 16).ok())
+        .unwrap_or(0);
+    Some((end - addr, key))
+}
+
 /// The pid a pidfd held by `pid` refers to (`process_madvise`).
 pub fn pidfd_target(pid: u32, fd: i32) -> Option<u32> {
     let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
@@ -519,7 +608,10 @@ mod tests {
         assert_eq!(m[2].path, None);
         let kinds: Vec<&str> = m.iter().map(|e| e.to_vma(0).backing.kind()).collect();
         assert_eq!(kinds, ["file", "heap", "anon", "shm", "stack", "special"]);
-        assert_eq!(m[3].to_vma(0).backing, Backing::Shm { key: 0xabcd });
+        assert!(matches!(
+            m[3].to_vma(0).backing,
+            Backing::Shm { key: 0xabcd, .. }
+        ));
     }
 
     #[test]

@@ -111,6 +111,7 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
                 .get(5..13)
                 .and_then(|k| u64::from_str_radix(k, 16).ok())
                 .unwrap_or(0),
+            shmid: v.get("inode").and_then(Value::as_u64).unwrap_or(0),
         },
         ("special", Some(p)) => Backing::Special(Arc::from(p)),
         ("file", Some(p)) => Backing::File {
@@ -138,8 +139,8 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
     })
 }
 
-/// The pages a seed snapshot lists as resident: `[[start, end, kind], ...]` (none in
-/// recordings made before vmatrace read them).
+/// The pages a seed snapshot (or a populating syscall) lists as resident: `[[start, end,
+/// kind], ...]` (none in recordings made before vmatrace read them).
 fn resident_of(v: &Value) -> Result<Vec<ResidentRun>, String> {
     let Some(runs) = v.get("resident").and_then(Value::as_array) else {
         return Ok(Vec::new());
@@ -222,6 +223,10 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     .get("target_pid")
                     .and_then(Value::as_u64)
                     .and_then(|p| u32::try_from(p).ok()),
+                resident: match v.get("resident") {
+                    Some(Value::Array(_)) => Some(resident_of(&v)?),
+                    _ => None,
+                },
             },
         })));
     }

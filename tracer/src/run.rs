@@ -19,7 +19,7 @@ use tracer_common::Syscall;
 use crate::{
     analysis,
     clock::monotonic_ns,
-    event::{self, Event, Watermark},
+    event::{self, Event, SyscallRecord, Watermark},
     fault_access::FaultAccess,
     launch::{self, LaunchError},
     model::normalize,
@@ -33,6 +33,7 @@ use crate::{
     },
     probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
     procfs::{self, ProcError},
+    residency,
     session::{Applied, Seed, Session},
 };
 
@@ -168,12 +169,18 @@ fn resolve(event: &mut Event, opened: &mut HashMap<(u32, i32), String>) {
                 s.resolved.path = Some(path.clone());
             }
         }
-        Syscall::Shmat => s.resolved.shm = procfs::shm_segment(s.args[0]),
+        Syscall::Shmat if s.resolved.shm.is_none() => s.resolved.shm = shm_of(s),
         Syscall::ProcessMadvise => {
             s.resolved.target_pid = procfs::pidfd_target(s.pid, s.args[0] as i32);
         }
         _ => {}
     }
+}
+
+/// The size and key of the segment a successful `shmat` attached: from the process's map
+/// while it is attached, else from `/proc/sysvipc/shm` while the segment exists.
+fn shm_of(s: &SyscallRecord) -> Option<(u64, u64)> {
+    procfs::attached_segment(s.pid, s.ret as u64).or_else(|| procfs::shm_segment(s.args[0]))
 }
 
 fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary {
@@ -214,6 +221,8 @@ struct Live {
     /// Execs handled from a stop whose event was lost (pid, time): should the event come
     /// after all, it is ignored.
     recovered_execs: HashSet<(u32, u64)>,
+    /// The zero page's frame number (pagemap), for pages made resident without faults.
+    zero_pfn: Option<u64>,
 }
 
 /// A stop at exec this old without its exec event handled: the event was lost.
@@ -255,6 +264,15 @@ impl Live {
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
                 access.resolve(&mut self.order.incoming()[first..]);
+            }
+            // A segment's size too, while it is most likely still attached.
+            for ev in &mut self.order.incoming()[first..] {
+                if let Event::Syscall(s) = ev
+                    && s.call == Syscall::Shmat
+                    && s.errno().is_none()
+                {
+                    s.resolved.shm = shm_of(s);
+                }
             }
             self.handle_released(false)?;
             if empty {
@@ -371,6 +389,10 @@ impl Live {
         }
         self.events += 1;
         resolve(&mut ev, &mut self.opened);
+        if let Event::Syscall(s) = &mut ev {
+            let space = self.session.get(s.pid).map(|p| &p.space);
+            residency::resolve(s, space, self.zero_pfn);
+        }
         let applied = self.session.apply(&ev);
         self.sink
             .event(&ev, &applied, &self.session)
@@ -618,6 +640,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         opened: HashMap::new(),
         drift_seen: HashMap::new(),
         recovered_execs: HashSet::new(),
+        zero_pfn: procfs::zero_page_pfn(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

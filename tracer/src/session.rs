@@ -277,6 +277,10 @@ impl Session {
         };
         *p.counts.syscalls.entry(s.call.name()).or_default() += 1;
         if let Some(errno) = s.errno() {
+            // What a failed populate made resident before it failed.
+            if let Some(runs) = &s.resolved.resident {
+                p.space.populate(s.ts_ns, runs);
+            }
             *p.counts.failed.entry((s.call.name(), errno)).or_default() += 1;
             return Applied::Failed { errno };
         }
@@ -306,11 +310,27 @@ impl Session {
             Syscall::ProcessMadvise => space.madvise(ts, s.extra[0], s.extra[1], a3),
             Syscall::Shmat => {
                 let (size, key) = s.resolved.shm.unwrap_or((crate::model::PAGE_SIZE, 0));
-                space.shmat(ts, ret, size, key, a2 & SHM_RDONLY != 0, a2 & SHM_EXEC != 0)
+                space.shmat(
+                    ts,
+                    ret,
+                    size,
+                    key,
+                    a0,
+                    a2 & SHM_RDONLY != 0,
+                    a2 & SHM_EXEC != 0,
+                )
             }
             Syscall::Shmdt => space.shmdt(ts, a0),
+            Syscall::Mlock | Syscall::Mlock2 => space.lock(a0, a1, true),
+            Syscall::Munlock => space.lock(a0, a1, false),
+            Syscall::Mlockall => space.lock_all(Some(a0)),
+            Syscall::Munlockall => space.lock_all(None),
             Syscall::Openat => return Applied::Ignored,
         };
+        let mut effect = effect;
+        if let Some(runs) = &s.resolved.resident {
+            effect.populated_pages = space.populate(ts, runs);
+        }
         let _ = a4;
         let pat = &mut p.patterns;
         match (s.call, effect.kind) {

@@ -499,3 +499,107 @@ fn attaching_to_a_running_process_finds_the_pages_it_touched_before() {
     assert!(target.0.wait().expect("workload ends").success());
     assert!(vm.child.wait().expect("vmatrace ends").success());
 }
+
+/// Runs `scenario` under `vmatrace --faults all EXTRA`, and at each checkpoint (the stopped
+/// process: the launched one, or a child that said `fork_child PID`) compares the model with
+/// `/proc/PID/maps` and the anonymous bytes with smaps; `check` compares more. Returns the
+/// checkpoints seen.
+fn checkpoints_match(
+    extra: &[&str],
+    scenario: &str,
+    mut check: impl FnMut(&str, &Value, &[procfs::SmapsEntry]),
+) -> Vec<String> {
+    let mut args = vec!["--faults", "all"];
+    args.extend_from_slice(extra);
+    let (mut v, out) = spawn_workload(&args, scenario);
+    let vmatrace_pid = v.child.id();
+    let mut seen = Vec::new();
+    let mut child = None;
+    while let Some(Ok(line)) = v.lines.next() {
+        if let Some(pid) = line.strip_prefix("fork_child ") {
+            child = pid.trim().parse::<u64>().ok();
+        }
+        let Some(name) = line.strip_prefix("checkpoint ") else {
+            continue;
+        };
+        let pid = if name == "fork_child" {
+            child.expect("the child's pid")
+        } else {
+            exec_pid(&out)
+        };
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, pid);
+        assert!(
+            diff.is_empty(),
+            "checkpoint {name}: model differs from /proc/{pid}/maps:\n{}",
+            diff.join("\n")
+        );
+        let (total, worst, where_) = anon_difference(&snap, &smaps);
+        let kernel: u64 = smaps.iter().map(|e| e.anonymous).sum();
+        eprintln!("checkpoint {name}: anonymous bytes differ by {total} of {kernel}");
+        // The same tolerance as above: pages the kernel fills for exec and the loader.
+        assert!(
+            total <= 64 * 1024,
+            "checkpoint {name}: anonymous bytes differ by {total} of {kernel} (worst {worst}: {where_})"
+        );
+        check(name, &snap, &smaps);
+        seen.push(name.to_string());
+        kill(pid as u32, libc::SIGCONT);
+    }
+    let status = v.child.wait().expect("vmatrace exits");
+    assert!(status.success(), "vmatrace: {status:?}");
+    seen
+}
+
+/// Memory the kernel makes resident without a fault (MAP_POPULATE, MADV_POPULATE_WRITE and
+/// _READ, a populate that fails halfway, mlock, mlock2(MLOCK_ONFAULT), mlockall with
+/// MCL_FUTURE and the mappings after it), MADV_FREE (the pages stay resident, lazily free)
+/// followed by a rewrite (they stay resident; smaps no longer calls them lazily free, a change
+/// no event shows), and two System V segments side by side of which the first is detached:
+/// the model matches maps and smaps at each step.
+#[test]
+fn memory_resident_without_faults_lazy_frees_and_segments_match_smaps() {
+    if !privileged("memory_resident_without_faults_lazy_frees_and_segments_match_smaps") {
+        return;
+    }
+    let seen = checkpoints_match(&[], "residency", |name, snap, smaps| {
+        if name == "madv_free" {
+            let (total, _, where_) =
+                bytes_difference(snap, smaps, "lazyfree_bytes", |e| e.lazyfree);
+            let kernel: u64 = smaps.iter().map(|e| e.lazyfree).sum();
+            assert!(
+                kernel >= 15 << 20,
+                "the kernel has the lazily freed pages: {kernel}"
+            );
+            assert!(
+                total <= 64 * 1024,
+                "lazily freed bytes differ by {total}: {where_}"
+            );
+        }
+    });
+    assert_eq!(
+        seen,
+        [
+            "map_populate",
+            "madv_populate",
+            "populate_partial",
+            "mlock",
+            "mlockall",
+            "madv_free",
+            "madv_free_rewritten",
+            "shm_adjacent"
+        ]
+    );
+}
+
+/// fork copies by the kernel's rules: a MADV_DONTFORK range is not in the child, a
+/// MADV_WIPEONFORK range is there but empty, and the pages of mappings without private
+/// anonymous memory (a shared anonymous mapping, a file mapping only read) are not copied:
+/// the child and the parent each match their own maps and smaps.
+#[test]
+fn a_forked_child_gets_what_the_kernel_copies() {
+    if !privileged("a_forked_child_gets_what_the_kernel_copies") {
+        return;
+    }
+    let seen = checkpoints_match(&["-f"], "fork-advice", |_, _, _| {});
+    assert_eq!(seen, ["fork_child", "fork_parent"]);
+}

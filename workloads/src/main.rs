@@ -344,6 +344,151 @@ fn fork_checkpoint() {
     say(&format!("fork_parent {pid}"));
 }
 
+/// Issue #17: memory made resident without faults, locks, lazy frees and System V segments,
+/// each followed by a checkpoint (the test compares the model with smaps there).
+fn residency() {
+    const MIB: usize = 1 << 20;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let private_anon = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // 16 MiB populated by mmap itself.
+    let p = mmap(0, 16 * MIB, rw, private_anon | libc::MAP_POPULATE, -1, 0);
+    say(&format!("populate {p}"));
+    checkpoint("map_populate");
+    // MADV_POPULATE_WRITE of 16 MiB, and MADV_POPULATE_READ (zero pages) of 4 MiB.
+    let w = anon(16 * MIB);
+    let r = anon(4 * MIB);
+    // SAFETY: advice on memory this program mapped.
+    let (pw, pr) = unsafe {
+        (
+            libc::madvise(w as *mut _, 16 * MIB, 23),
+            libc::madvise(r as *mut _, 4 * MIB, 22),
+        )
+    };
+    say(&format!("madv_populate {w} {pw} {r} {pr}"));
+    checkpoint("madv_populate");
+    // A populate that fails partway: the second half is PROT_NONE (EFAULT there), the first
+    // half is populated all the same.
+    let half = anon(8 * MIB);
+    // SAFETY: on memory this program mapped.
+    let pf = unsafe {
+        libc::mprotect((half + 4 * MIB) as *mut _, 4 * MIB, libc::PROT_NONE);
+        libc::madvise(half as *mut _, 8 * MIB, 23)
+    };
+    say(&format!("partial {half} {pf}"));
+    checkpoint("populate_partial");
+    // mlock of 8 MiB, and mlock2(MLOCK_ONFAULT), which populates nothing.
+    let l = anon(8 * MIB);
+    let onfault = anon(4 * MIB);
+    // SAFETY: locking memory this program mapped (as root: no RLIMIT_MEMLOCK).
+    let (ml, ml2) = unsafe {
+        (
+            libc::mlock(l as *const _, 8 * MIB),
+            libc::syscall(libc::SYS_mlock2, onfault, 4 * MIB, 1) as i32,
+        )
+    };
+    say(&format!("mlock {l} {ml} {onfault} {ml2}"));
+    checkpoint("mlock");
+    // mlockall(MCL_CURRENT | MCL_FUTURE): what is mapped is made resident, and a later plain
+    // mmap and brk too.
+    // SAFETY: locking this process's memory.
+    let mla = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) };
+    let later = anon(4 * MIB);
+    let heap = brk(0);
+    brk(heap + MIB);
+    say(&format!("mlockall {mla} {later} {heap}"));
+    checkpoint("mlockall");
+    // SAFETY: unlocking.
+    unsafe { libc::munlockall() };
+    // MADV_FREE of 16 MiB, then the program writes it all again (no fault: still resident).
+    let f = anon(16 * MIB);
+    touch(f, 16 * MIB);
+    // SAFETY: advice on memory this program mapped.
+    let mf = unsafe { libc::madvise(f as *mut _, 16 * MIB, libc::MADV_FREE) };
+    say(&format!("madv_free {f} {mf}"));
+    checkpoint("madv_free");
+    touch(f, 16 * MIB);
+    checkpoint("madv_free_rewritten");
+    // Two private segments attached side by side (same /SYSV00000000 name), the first
+    // detached: the second stays.
+    // SAFETY: System V calls on ids this program creates.
+    unsafe {
+        let a = libc::shmget(libc::IPC_PRIVATE, MIB, libc::IPC_CREAT | 0o600);
+        let b = libc::shmget(libc::IPC_PRIVATE, MIB, libc::IPC_CREAT | 0o600);
+        // A reserved 2 MiB, each segment attached over one half (SHM_REMAP).
+        let region = mmap(0, 2 * MIB, libc::PROT_NONE, private_anon, -1, 0);
+        let at_a = libc::shmat(a, region as *const _, libc::SHM_REMAP) as usize;
+        let at_b = libc::shmat(b, (region + MIB) as *const _, libc::SHM_REMAP) as usize;
+        touch(at_a, MIB);
+        touch(at_b, MIB / 2);
+        // Used for a while, as programs do (vmatrace reads the size from the map on its next
+        // read of the ring).
+        std::thread::sleep(Duration::from_millis(200));
+        libc::shmctl(a, libc::IPC_RMID, null_mut());
+        libc::shmctl(b, libc::IPC_RMID, null_mut());
+        let dt = libc::shmdt(at_a as *const _);
+        say(&format!("shm_adjacent {at_a} {at_b} {dt}"));
+        checkpoint("shm_adjacent");
+    }
+}
+
+/// Issue #17: fork's copy rules. The parent has anonymous memory plain, `MADV_DONTFORK`,
+/// `MADV_WIPEONFORK`, a shared anonymous mapping and a private file mapping that was only
+/// read, all touched; the child and then the parent stop at checkpoints.
+fn fork_advice() {
+    const MIB: usize = 1 << 20;
+    let plain = anon(4 * MIB);
+    let dontfork = anon(4 * MIB);
+    let wipe = anon(4 * MIB);
+    let shared = mmap(
+        0,
+        8 * MIB,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    );
+    for (a, len) in [(plain, 4), (dontfork, 4), (wipe, 4), (shared, 8)] {
+        touch(a, len * MIB);
+    }
+    let path = format!("/tmp/vmatrace-fork-advice-{}.dat", std::process::id());
+    let _ = std::fs::write(&path, vec![7u8; 64 * PAGE]);
+    let file = std::fs::File::open(&path).map(|f| {
+        use std::os::fd::AsRawFd;
+        let m = mmap(
+            0,
+            64 * PAGE,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            f.as_raw_fd(),
+            0,
+        );
+        let _ = read_touch(m, 64 * PAGE);
+        m
+    });
+    let _ = std::fs::remove_file(&path);
+    // SAFETY: advice on memory this program mapped.
+    unsafe {
+        libc::madvise(dontfork as *mut _, 4 * MIB, libc::MADV_DONTFORK);
+        libc::madvise(wipe as *mut _, 4 * MIB, libc::MADV_WIPEONFORK);
+    }
+    say(&format!(
+        "fork_advice {plain} {dontfork} {wipe} {shared} {}",
+        file.unwrap_or(0)
+    ));
+    // SAFETY: the child only makes raw syscalls, prints, stops and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        say(&format!("fork_child {}", std::process::id()));
+        checkpoint("fork_child");
+        // SAFETY: leaving the child without running destructors.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    checkpoint("fork_parent");
+}
+
 /// A burst of `n` forks: each child maps a page, touches it and exits; the parent reaps all.
 fn fork_burst(n: usize) {
     let mut pids = Vec::with_capacity(n);
@@ -750,9 +895,11 @@ fn main() {
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         Some("leader-exits-first") => leader_exits_first(arg(&args, 2, 300) as u64),
         Some("reexec") => reexec(arg(&args, 2, 0)),
+        Some("residency") => residency(),
+        Some("fork-advice") => fork_advice(),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice"
             );
             std::process::exit(2);
         }

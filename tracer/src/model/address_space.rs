@@ -47,6 +47,10 @@ pub enum EffectKind {
     Released,
     /// Anonymous pages freed lazily (`MADV_FREE`): resident until the kernel reclaims them.
     LazilyFreed,
+    /// `mlock`, `mlock2`, `mlockall`: the range (or everything) locked in memory.
+    Locked,
+    /// `munlock`, `munlockall`.
+    Unlocked,
     /// Advice recorded, nothing released.
     Advised,
 }
@@ -66,6 +70,8 @@ impl EffectKind {
             Self::Released => "released",
             Self::Advised => "advised",
             Self::LazilyFreed => "lazily_freed",
+            Self::Locked => "locked",
+            Self::Unlocked => "unlocked",
         }
     }
 }
@@ -85,6 +91,8 @@ pub struct Effect {
     pub released_pages: u64,
     /// VMAs the operation split.
     pub splits: u32,
+    /// Pages the kernel made resident without a fault (populate, lock).
+    pub populated_pages: u64,
 }
 
 impl Effect {
@@ -131,6 +139,8 @@ pub struct AddressSpace {
     pub faults_outside: u64,
     /// Which faults get transparent huge pages.
     thp: ThpPolicy,
+    /// `mlockall(MCL_FUTURE)` is in force: the kernel makes every later mapping resident.
+    pub lock_future: bool,
     /// Huge pages the kernel did not give after all (it fell back to small pages).
     pub thp_fallbacks: u64,
 }
@@ -188,6 +198,55 @@ impl AddressSpace {
                     .seed_resident(start >> PAGE_SHIFT, end >> PAGE_SHIFT, r.kind);
             }
         }
+    }
+
+    /// Pages the kernel made resident without a fault (`MAP_POPULATE`, `MAP_LOCKED`,
+    /// `MADV_POPULATE_*`, `mlock`), as `/proc/PID/pagemap` showed them right after the call:
+    /// each untouched page is a first touch now (a zero or page-cache page that became
+    /// anonymous, an upgrade). Returns how many pages became resident or anonymous.
+    pub fn populate(&mut self, ts: u64, runs: &[ResidentRun]) -> u64 {
+        let mut n = 0;
+        for r in runs {
+            for page in r.start >> PAGE_SHIFT..r.end >> PAGE_SHIFT {
+                let Some(vma_start) = self.find(page << PAGE_SHIFT).map(|v| v.start) else {
+                    continue;
+                };
+                match self.pages.touch(page, ts, r.kind) {
+                    Touch::Again => continue,
+                    Touch::First {
+                        kind: TouchKind::Anon,
+                        ..
+                    }
+                    | Touch::Upgraded { .. } => self.mark_anon_vma(ts, vma_start),
+                    Touch::First { .. } => {}
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// The VMA at `vma_start` has private anonymous pages now: recorded once, in the history
+    /// too.
+    fn mark_anon_vma(&mut self, ts: u64, vma_start: u64) {
+        let Some(v) = self.vmas.get(&vma_start).filter(|v| !v.anon_vma) else {
+            return;
+        };
+        let v = Vma {
+            anon_vma: true,
+            ..v.clone()
+        };
+        self.timeline.push(
+            ts,
+            Cause::Fault,
+            Change::Unmapped {
+                start: v.start,
+                end: v.end,
+            },
+        );
+        self.timeline
+            .push(ts, Cause::Fault, Change::Mapped(v.clone()));
+        self.vmas.insert(v.start, v);
     }
 
     /// Forgets the whole map (exec, or the start of a seed).
@@ -593,13 +652,45 @@ impl AddressSpace {
         }
     }
 
-    /// `shmat` that attached a segment of `size` bytes (System V key `key`) at `addr`.
+    /// `mlock`, `mlock2` (`locked`) or `munlock` of `[addr, addr + len)`. What becomes resident
+    /// comes from pagemap (see [`AddressSpace::populate`]); the kernel's split of locked VMAs
+    /// is not modelled (`/proc/PID/maps` shows the pieces with the same permissions).
+    pub fn lock(&mut self, addr: u64, len: u64, locked: bool) -> Effect {
+        let end = addr.saturating_add(page_align_up(len));
+        let kind = if locked {
+            EffectKind::Locked
+        } else {
+            EffectKind::Unlocked
+        };
+        Effect::new(kind, addr, end)
+    }
+
+    /// `mlockall(flags)` (or `munlockall`, `None`): `MCL_FUTURE` makes later mappings
+    /// resident.
+    pub fn lock_all(&mut self, flags: Option<u64>) -> Effect {
+        const MCL_FUTURE: u64 = 2;
+        self.lock_future = flags.is_some_and(|f| f & MCL_FUTURE != 0);
+        let (start, end) = (
+            self.vmas.values().next().map_or(0, |v| v.start),
+            self.vmas.values().next_back().map_or(0, |v| v.end),
+        );
+        let kind = if flags.is_some() {
+            EffectKind::Locked
+        } else {
+            EffectKind::Unlocked
+        };
+        Effect::new(kind, start, end)
+    }
+
+    /// `shmat` that attached segment `shmid` of `size` bytes (System V key `key`) at `addr`.
+    #[allow(clippy::too_many_arguments)]
     pub fn shmat(
         &mut self,
         ts: u64,
         addr: u64,
         size: u64,
         key: u64,
+        shmid: u64,
         read_only: bool,
         exec: bool,
     ) -> Effect {
@@ -619,7 +710,7 @@ impl AddressSpace {
                 end,
                 perms,
                 offset: 0,
-                backing: Backing::Shm { key },
+                backing: Backing::Shm { key, shmid },
                 created_ns: ts,
                 thp: ThpAdvice::Default,
                 fork: Default::default(),
@@ -632,17 +723,37 @@ impl AddressSpace {
         e
     }
 
-    /// `shmdt(addr)` that succeeded: the segment's VMAs starting at `addr` go.
+    /// `shmdt(addr)` that succeeded: the VMAs of the segment attached at `addr` go (every
+    /// piece of that attach, as the kernel finds them: same segment, `start - offset ==
+    /// addr`), and nothing else, not another attach beside it.
     pub fn shmdt(&mut self, ts: u64, addr: u64) -> Effect {
-        let Some(first) = self.find(addr).filter(|v| v.start == addr).cloned() else {
+        let Some(first) = self
+            .find(addr)
+            .filter(|v| v.start == addr && v.offset == 0)
+            .cloned()
+        else {
             return Effect::default();
         };
-        let mut end = first.end;
-        while let Some(next) = self.vmas.get(&end).filter(|v| v.backing == first.backing) {
-            end = next.end;
+        let Backing::Shm { shmid, .. } = first.backing else {
+            return Effect::default();
+        };
+        let pieces: Vec<(u64, u64)> = self
+            .vmas
+            .range(addr..)
+            .map(|(_, v)| v)
+            .filter(|v| {
+                matches!(v.backing, Backing::Shm { shmid: s, .. } if s == shmid)
+                    && v.start - v.offset == addr
+            })
+            .map(|v| (v.start, v.end))
+            .collect();
+        let mut e = Effect::new(EffectKind::Unmapped, addr, first.end);
+        for (start, end) in pieces {
+            let piece = self.unmap_range(ts, Cause::Shmdt, start, end);
+            e.unmapped_bytes += piece.unmapped_bytes;
+            e.released_pages += piece.released_pages;
+            e.end = end;
         }
-        let mut e = self.unmap_range(ts, Cause::Shmdt, addr, end);
-        e.kind = EffectKind::Unmapped;
         e
     }
 
@@ -711,32 +822,16 @@ impl AddressSpace {
                 (touch, u64::from(matches!(touch, Touch::First { .. })))
             }
         };
-        // A private anonymous page gives the VMA an anon_vma (fork then copies it): recorded
-        // once per VMA, in the history too.
+        // A private anonymous page gives the VMA an anon_vma (fork then copies it).
         if matches!(
             touch,
             Touch::First {
                 kind: TouchKind::Anon,
                 ..
             } | Touch::Upgraded { .. }
-        ) && let Some(v) = vma_start.and_then(|s| self.vmas.get(&s))
-            && !v.anon_vma
+        ) && let Some(start) = vma_start
         {
-            let v = Vma {
-                anon_vma: true,
-                ..v.clone()
-            };
-            self.timeline.push(
-                ts,
-                Cause::Fault,
-                Change::Unmapped {
-                    start: v.start,
-                    end: v.end,
-                },
-            );
-            self.timeline
-                .push(ts, Cause::Fault, Change::Mapped(v.clone()));
-            self.vmas.insert(v.start, v);
+            self.mark_anon_vma(ts, start);
         }
         FaultEffect {
             touch,

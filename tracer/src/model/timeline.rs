@@ -172,8 +172,10 @@ pub fn mergeable(a: &Vma, b: &Vma) -> bool {
         && a.backing.same_object(&b.backing)
         && a.thp == b.thp
         && a.fork == b.fork
-        && (!matches!(a.backing, super::vma::Backing::File { .. })
-            || a.offset + a.len() == b.offset)
+        && (!matches!(
+            a.backing,
+            super::vma::Backing::File { .. } | super::vma::Backing::Shm { .. }
+        ) || a.offset + a.len() == b.offset)
 }
 
 /// Inserts `vma` into `map`, merged with compatible neighbours. Whatever overlapped its range

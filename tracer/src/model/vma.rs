@@ -87,8 +87,11 @@ pub enum Backing {
     Heap,
     /// The main thread's stack, which grows down on faults.
     Stack,
-    /// A System V shared memory segment (`shmat`).
-    Shm { key: u64 },
+    /// A System V shared memory segment (`shmat`): its key and id (the inode column of
+    /// `/proc/PID/maps`). The VMA's `offset` is its offset in the segment, so `start - offset`
+    /// is where the segment was attached: the attach is its identity (the kernel never merges
+    /// two attaches, even of one segment side by side, and `shmdt` detaches one).
+    Shm { key: u64, shmid: u64 },
     /// A kernel-provided mapping such as `[vdso]` or `[vvar]`.
     Special(Arc<str>),
 }
@@ -114,7 +117,7 @@ impl Backing {
             Self::File { path, .. } => Some(path.to_string()),
             Self::Heap => Some("[heap]".to_string()),
             Self::Stack => Some("[stack]".to_string()),
-            Self::Shm { key } => Some(format!("/SYSV{key:08x} (deleted)")),
+            Self::Shm { key, .. } => Some(format!("/SYSV{key:08x} (deleted)")),
             Self::Special(name) => Some(name.to_string()),
         }
     }
@@ -183,7 +186,7 @@ impl Vma {
         let start = start.max(self.start);
         let end = end.min(self.end);
         let mut v = self.clone();
-        if matches!(v.backing, Backing::File { .. }) {
+        if matches!(v.backing, Backing::File { .. } | Backing::Shm { .. }) {
             v.offset = self.offset + (start - self.start);
         }
         v.start = start;

@@ -118,6 +118,10 @@ pub fn call_text(s: &SyscallRecord) -> String {
         Syscall::Shmat => format!("{}, {}, {a2:#o}", a0 as i64, addr(a1)),
         Syscall::Shmdt => addr(a0),
         Syscall::Openat => format!("{}, {:#x}, {a2:#o}", a0 as i64 as i32, a1),
+        Syscall::Mlock | Syscall::Munlock => format!("{}, {}", addr(a0), len(a1)),
+        Syscall::Mlock2 => format!("{}, {}, {a2:#x}", addr(a0), len(a1)),
+        Syscall::Mlockall => flags::mlockall(a0),
+        Syscall::Munlockall => String::new(),
     };
     let ret = match s.errno() {
         Some(e) => format!("-1 {}", flags::errno(e)),
@@ -169,6 +173,8 @@ pub fn effect_text(applied: &Applied) -> Option<String> {
         EffectKind::LazilyFreed => {
             format!("{range} freed lazily: resident until the kernel reclaims it")
         }
+        EffectKind::Locked => format!("locked {range}"),
+        EffectKind::Unlocked => format!("unlocked {range}"),
     };
     let mut extra = Vec::new();
     if e.splits > 0 {

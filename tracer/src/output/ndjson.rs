@@ -104,6 +104,7 @@ struct EffectJson {
     end: u64,
     from: Option<u64>,
     kind: &'static str,
+    populated_pages: u64,
     released_pages: u64,
     splits: u32,
     start: u64,
@@ -160,6 +161,8 @@ struct SyscallJson<'a> {
     pkey: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     prot: Option<String>,
+    /// Pages made resident without a fault, from pagemap: `[start, end, kind]` runs.
+    resident: Option<Vec<(u64, u64, &'static str)>>,
     ret: i64,
     shm_key: Option<u64>,
     shm_size: Option<u64>,
@@ -187,6 +190,7 @@ impl<'a> SyscallJson<'a> {
                     end: e.end,
                     from: e.from,
                     kind: e.kind.name(),
+                    populated_pages: e.populated_pages,
                     released_pages: e.released_pages,
                     splits: e.splits,
                     start: e.start,
@@ -204,6 +208,11 @@ impl<'a> SyscallJson<'a> {
             shm_key: s.resolved.shm.map(|(_, key)| key),
             shm_size: s.resolved.shm.map(|(size, _)| size),
             target_pid: s.resolved.target_pid,
+            resident: s.resolved.resident.as_ref().map(|runs| {
+                runs.iter()
+                    .map(|r| (r.start, r.end, r.kind.name()))
+                    .collect()
+            }),
             tid: s.tid,
             ts_ns: s.ts_ns,
             kind: s.call.name(),
@@ -241,6 +250,12 @@ impl<'a> SyscallJson<'a> {
             Syscall::Openat => {
                 (j.dfd, j.flags) = (Some(a0 as i64 as i32), Some(FlagsJson::Bits(a2)));
             }
+            Syscall::Mlock | Syscall::Munlock => (j.addr, j.len) = (Some(a0), Some(a1)),
+            Syscall::Mlock2 => {
+                (j.addr, j.len, j.flags) = (Some(a0), Some(a1), Some(FlagsJson::Bits(a2)));
+            }
+            Syscall::Mlockall => j.flags = Some(FlagsJson::Names(flags::mlockall(a0))),
+            Syscall::Munlockall => {}
         }
         j
     }
@@ -512,12 +527,16 @@ mod tests {
             }),
             Syscall::Shmat => json!({ "shmid": a0 as i64, "addr": a1, "shmflg": a2 }),
             Syscall::Openat => json!({ "dfd": a0 as i64 as i32, "flags": a2 }),
+            Syscall::Mlock | Syscall::Munlock => json!({ "addr": a0, "len": a1 }),
+            Syscall::Mlock2 => json!({ "addr": a0, "len": a1, "flags": a2 }),
+            Syscall::Mlockall => json!({ "flags": flags::mlockall(a0) }),
+            Syscall::Munlockall => json!({}),
         };
         let effect = match applied {
             Applied::Syscall { effect: e, .. } => json!({
                 "kind": e.kind.name(), "start": e.start, "end": e.end, "from": e.from,
                 "unmapped_bytes": e.unmapped_bytes, "released_pages": e.released_pages,
-                "splits": e.splits,
+                "splits": e.splits, "populated_pages": e.populated_pages,
             }),
             _ => Value::Null,
         };
@@ -529,6 +548,9 @@ mod tests {
             "shm_size": s.resolved.shm.map(|(size, _)| size),
             "shm_key": s.resolved.shm.map(|(_, key)| key),
             "target_pid": s.resolved.target_pid, "effect": effect,
+            "resident": s.resolved.resident.as_ref().map(|runs| {
+                runs.iter().map(|r| json!([r.start, r.end, r.kind.name()])).collect::<Vec<_>>()
+            }),
         });
         if let (Value::Object(m), Value::Object(named)) = (&mut v, named) {
             m.extend(named);
@@ -550,6 +572,7 @@ mod tests {
             unmapped_bytes: 4096,
             released_pages: 3,
             splits: 2,
+            populated_pages: 5,
         };
         let resolved = Resolved {
             path: Some("/usr/lib/libc.so.6 \"quoted\"".into()),
@@ -557,6 +580,11 @@ mod tests {
             inode: Some(42),
             shm: Some((8192, 0x1234)),
             target_pid: Some(77),
+            resident: Some(vec![crate::model::ResidentRun {
+                start: 0x7f00_0000_0000,
+                end: 0x7f00_0000_2000,
+                kind: crate::model::TouchKind::Anon,
+            }]),
         };
         for call in Syscall::ALL {
             for (ret, applied) in [

@@ -65,6 +65,7 @@ fn row(p: &Process, v: &Vma) -> VmaRow {
         kind: v.backing.kind().to_string(),
         inode: match &v.backing {
             crate::model::Backing::File { inode, .. } => *inode,
+            crate::model::Backing::Shm { shmid, .. } => *shmid,
             _ => 0,
         },
         reserved_bytes: v.len(),
