@@ -16,7 +16,7 @@ use crate::{
     model::{
         Backing, ForkAdvice, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma,
     },
-    output::{LossSummary, Meta, Sink, ndjson::SCHEMA_VERSION, report::summarize},
+    output::{LossSummary, Meta, Sink, SnapshotReason, ndjson::SCHEMA_VERSION, report::summarize},
     session::{Applied, Seed, Session},
 };
 
@@ -46,14 +46,14 @@ pub enum Record {
     Seed {
         pid: u32,
         ts_ns: u64,
-        reason: String,
+        reason: SnapshotReason,
         seed: Seed,
         exe: Option<String>,
     },
     Snapshot {
         pid: u32,
         ts_ns: u64,
-        reason: String,
+        reason: SnapshotReason,
     },
     Event(Event),
     Lost(LossSummary),
@@ -272,9 +272,11 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
             tid: u32_of(&v, "tid")?,
         }),
         "snapshot" => {
-            let reason = opt_str(&v, "reason").unwrap_or_default();
+            let name = opt_str(&v, "reason").unwrap_or_default();
+            let reason = SnapshotReason::parse(&name)
+                .ok_or_else(|| format!("unknown snapshot reason '{name}'"))?;
             let pid = u32_of(&v, "pid")?;
-            if reason == "seed" || reason == "exec" {
+            if reason.seeds() {
                 let vmas = v
                     .get("vmas")
                     .and_then(Value::as_array)
@@ -371,8 +373,15 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
                 seed,
                 exe,
             } => {
-                match (reason.as_str(), session.get(pid).is_some()) {
-                    ("exec", true) => session.reseed(pid, seed, ts_ns),
+                match (reason, session.get(pid).is_some()) {
+                    (SnapshotReason::Exec, true) => session.reseed(pid, seed, ts_ns),
+                    (SnapshotReason::Resync, true) => {
+                        session.resync(pid, seed, ts_ns);
+                        if let Some(p) = session.get(pid) {
+                            sink.snapshot(ts_ns, reason, p)
+                                .map_err(ReplayError::Write)?;
+                        }
+                    }
                     // A followed child's seed repeats the fork copy the session already made.
                     (_, true) => {}
                     (_, false) => session.add(pid, seed, ts_ns, exe),
@@ -380,10 +389,10 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
             }
             Record::Snapshot { pid, ts_ns, reason } => {
                 // Exit snapshots are made again when the exit event is applied.
-                if reason != "exit"
+                if reason != SnapshotReason::Exit
                     && let Some(p) = session.get(pid)
                 {
-                    sink.snapshot(ts_ns, &reason, p)
+                    sink.snapshot(ts_ns, reason, p)
                         .map_err(ReplayError::Write)?;
                 }
             }
@@ -412,7 +421,7 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
                 if let (Event::Exit { pid, ts_ns, .. }, Applied::Exit) = (&ev, &applied)
                     && let Some(p) = session.get(*pid)
                 {
-                    sink.snapshot(*ts_ns, "exit", p)
+                    sink.snapshot(*ts_ns, SnapshotReason::Exit, p)
                         .map_err(ReplayError::Write)?;
                 }
             }

@@ -25,7 +25,7 @@ use crate::{
     model::normalize,
     order::Reorder,
     output::{
-        FaultFilter, LossSummary, Meta, Sink,
+        FaultFilter, LossSummary, Meta, Sink, SnapshotReason,
         file::{self, OutputError},
         human::HumanSink,
         ndjson::NdjsonSink,
@@ -223,7 +223,15 @@ struct Live {
     recovered_execs: HashSet<(u32, u64)>,
     /// The zero page's frame number (pagemap), for pages made resident without faults.
     zero_pfn: Option<u64>,
+    /// Events were lost since the maps were last read again.
+    resync_due: bool,
+    /// Events were lost in the last tick.
+    losing: bool,
+    last_resync_ns: u64,
 }
+
+/// While events go on being lost, the maps are read again at most this often.
+const RESYNC_EVERY_NS: u64 = 1_000_000_000;
 
 /// A stop at exec this old without its exec event handled: the event was lost.
 const LOST_EXEC_AFTER_NS: u64 = 1_000_000_000;
@@ -406,7 +414,7 @@ impl Live {
                 }
                 if let Some(p) = self.session.get(pid) {
                     self.sink
-                        .snapshot(*ts_ns, "exec", p)
+                        .snapshot(*ts_ns, SnapshotReason::Exec, p)
                         .map_err(RunError::Write)?;
                 }
                 if self.launched == Some(pid) {
@@ -416,14 +424,14 @@ impl Live {
             (Event::Exit { pid, ts_ns, .. }, Applied::Exit) => {
                 if let Some(p) = self.session.get(*pid) {
                     self.sink
-                        .snapshot(*ts_ns, "exit", p)
+                        .snapshot(*ts_ns, SnapshotReason::Exit, p)
                         .map_err(RunError::Write)?;
                 }
             }
             (Event::Fork { child, ts_ns, .. }, Applied::Fork { traced: true, .. }) => {
                 if let Some(p) = self.session.get(*child) {
                     self.sink
-                        .snapshot(*ts_ns, "seed", p)
+                        .snapshot(*ts_ns, SnapshotReason::Seed, p)
                         .map_err(RunError::Write)?;
                 }
             }
@@ -444,7 +452,44 @@ impl Live {
                 .lost(monotonic_ns(), &d)
                 .map_err(RunError::Write)?;
         }
+        self.losing = d.lost_syscall + d.lost_fault + d.lost_lifecycle > 0;
+        self.resync_due |= self.losing;
         self.last_stats = now;
+        Ok(())
+    }
+
+    /// After lost events the model of every live process may be wrong: once the losses stop
+    /// (or every second while they go on), each map is read again from `/proc` (its VMAs and
+    /// resident pages, as at attach) and written as a `resync` snapshot, from which a replay
+    /// reseeds too. The process runs meanwhile, so what it changes while its map is read may
+    /// be applied twice; the counts (calls, faults) miss the lost events, and the summary
+    /// says how many resyncs there were.
+    fn resync_after_losses(&mut self) -> Result<(), RunError> {
+        let now = monotonic_ns();
+        if !self.resync_due
+            || (self.losing && now.saturating_sub(self.last_resync_ns) < RESYNC_EVERY_NS)
+        {
+            return Ok(());
+        }
+        self.resync_due = false;
+        self.last_resync_ns = now;
+        let pids: Vec<u32> = self
+            .session
+            .processes()
+            .filter(|p| p.exited_ns.is_none())
+            .map(|p| p.pid)
+            .collect();
+        for pid in pids {
+            let Ok(seed) = read_seed(pid, now) else {
+                continue;
+            };
+            self.session.resync(pid, seed, now);
+            if let Some(p) = self.session.get(pid) {
+                self.sink
+                    .snapshot(now, SnapshotReason::Resync, p)
+                    .map_err(RunError::Write)?;
+            }
+        }
         Ok(())
     }
 
@@ -510,7 +555,7 @@ impl Live {
         Ok(())
     }
 
-    fn snapshots(&mut self, reason: &str) -> Result<(), RunError> {
+    fn snapshots(&mut self, reason: SnapshotReason) -> Result<(), RunError> {
         let ts = monotonic_ns();
         for p in self.session.processes().filter(|p| p.exited_ns.is_none()) {
             self.sink.snapshot(ts, reason, p).map_err(RunError::Write)?;
@@ -596,7 +641,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
             }
             session.add(pid, seed, ts, exe_of(pid));
             if let Some(p) = session.get(pid) {
-                sink.snapshot(ts, "seed", p).map_err(RunError::Write)?;
+                sink.snapshot(ts, SnapshotReason::Seed, p)
+                    .map_err(RunError::Write)?;
             }
         }
     } else {
@@ -613,7 +659,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         session.add(pid, Seed::default(), ts, None);
         // The (empty) seed, so that a replay knows the process before its exec.
         if let Some(p) = session.get(pid) {
-            sink.snapshot(ts, "seed", p).map_err(RunError::Write)?;
+            sink.snapshot(ts, SnapshotReason::Seed, p)
+                .map_err(RunError::Write)?;
         }
         guardian = Some(held.release()?);
         child = Some(pid);
@@ -641,6 +688,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         drift_seen: HashMap::new(),
         recovered_execs: HashSet::new(),
         zero_pfn: procfs::zero_page_pfn(),
+        resync_due: false,
+        losing: false,
+        last_resync_ns: 0,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -656,7 +706,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     live.drain_last(&mut ring)?;
     live.report_losses()?;
     live.probe.flush_logs();
-    live.snapshots("final")?;
+    live.snapshots(SnapshotReason::Final)?;
     // The same counters the last `lost` record reported, so that they add up.
     let lost = LossSummary::new(&live.last_stats, live.undecodable_total);
     let summary = summarize(&live.session, lost);
@@ -712,6 +762,7 @@ async fn event_loop(
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
                 live.recover_lost_exec_stops()?;
+                live.resync_after_losses()?;
                 live.reap_lost_exits();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
@@ -732,7 +783,7 @@ async fn event_loop(
             _ = sighup.recv() => break,
             _ = sigusr1.recv() => {
                 live.collect(fd.get_mut())?;
-                live.snapshots("signal")?;
+                live.snapshots(SnapshotReason::Signal)?;
             }
             code = async {
                 match waiter.as_mut() {

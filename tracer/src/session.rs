@@ -50,6 +50,9 @@ pub struct Counts {
     pub cow_upgrades: u64,
     /// Faults that could not be placed in any VMA.
     pub faults_outside: u64,
+    /// Times the map was read again from `/proc` after events were lost: the counts above
+    /// miss what the lost events did.
+    pub resyncs: u64,
 }
 
 /// Same-size `mmap`/`munmap` pairs of one size.
@@ -177,6 +180,14 @@ impl Session {
     pub fn reseed(&mut self, pid: u32, seed: Seed, ts: u64) {
         if let Some(p) = self.procs.get_mut(&pid) {
             seed_space(&mut p.space, seed, ts);
+        }
+    }
+
+    /// Reseeds `pid` from `/proc` after lost events (`seed` read now), and counts it.
+    pub fn resync(&mut self, pid: u32, seed: Seed, ts: u64) {
+        self.reseed(pid, seed, ts);
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.counts.resyncs += 1;
         }
     }
 

@@ -503,12 +503,12 @@ fn attaching_to_a_running_process_finds_the_pages_it_touched_before() {
 /// Runs `scenario` under `vmatrace --faults all EXTRA`, and at each checkpoint (the stopped
 /// process: the launched one, or a child that said `fork_child PID`) compares the model with
 /// `/proc/PID/maps` and the anonymous bytes with smaps; `check` compares more. Returns the
-/// checkpoints seen.
+/// checkpoints seen and the recording.
 fn checkpoints_match(
     extra: &[&str],
     scenario: &str,
     mut check: impl FnMut(&str, &Value, &[procfs::SmapsEntry]),
-) -> Vec<String> {
+) -> (Vec<String>, std::path::PathBuf) {
     let mut args = vec!["--faults", "all"];
     args.extend_from_slice(extra);
     let (mut v, out) = spawn_workload(&args, scenario);
@@ -541,13 +541,24 @@ fn checkpoints_match(
             total <= 64 * 1024,
             "checkpoint {name}: anonymous bytes differ by {total} of {kernel} (worst {worst}: {where_})"
         );
+        // The vDSO's data pages are mapped by pfn: never counted (smaps Rss 0).
+        for v in snap["vmas"].as_array().into_iter().flatten() {
+            if v["path"].as_str().is_some_and(|p| p.starts_with("[vvar")) {
+                let rss: u64 = smaps
+                    .iter()
+                    .filter(|e| e.map.start == v["start"].as_u64().unwrap_or(0))
+                    .map(|e| e.rss)
+                    .sum();
+                assert_eq!(v["touched_bytes"].as_u64(), Some(rss), "{name}: {v}");
+            }
+        }
         check(name, &snap, &smaps);
         seen.push(name.to_string());
         kill(pid as u32, libc::SIGCONT);
     }
     let status = v.child.wait().expect("vmatrace exits");
     assert!(status.success(), "vmatrace: {status:?}");
-    seen
+    (seen, out)
 }
 
 /// Memory the kernel makes resident without a fault (MAP_POPULATE, MADV_POPULATE_WRITE and
@@ -561,7 +572,7 @@ fn memory_resident_without_faults_lazy_frees_and_segments_match_smaps() {
     if !privileged("memory_resident_without_faults_lazy_frees_and_segments_match_smaps") {
         return;
     }
-    let seen = checkpoints_match(&[], "residency", |name, snap, smaps| {
+    let (seen, _) = checkpoints_match(&[], "residency", |name, snap, smaps| {
         if name == "madv_free" {
             let (total, _, where_) =
                 bytes_difference(snap, smaps, "lazyfree_bytes", |e| e.lazyfree);
@@ -600,6 +611,54 @@ fn a_forked_child_gets_what_the_kernel_copies() {
     if !privileged("a_forked_child_gets_what_the_kernel_copies") {
         return;
     }
-    let seen = checkpoints_match(&["-f"], "fork-advice", |_, _, _| {});
+    let (seen, _) = checkpoints_match(&["-f"], "fork-advice", |_, _, _| {});
     assert_eq!(seen, ["fork_child", "fork_parent"]);
+}
+
+/// A small ring loses events on purpose (thousands of maps, touches and unmaps): once the
+/// losses stop, vmatrace reads the map again (a `resync` snapshot), and at the next
+/// checkpoint the model matches the kernel again; a replay of the recording does the same.
+#[test]
+fn after_lost_events_the_model_matches_the_kernel_again() {
+    if !privileged("after_lost_events_the_model_matches_the_kernel_again") {
+        return;
+    }
+    let (seen, out) = checkpoints_match(&["--ring-size", "4K"], "lossy", |_, _, _| {});
+    assert_eq!(seen, ["after_losses"]);
+    let recs = records(&out);
+    let lost: u64 = recs
+        .iter()
+        .filter(|r| r["type"] == "lost")
+        .map(|r| r["lost_syscall"].as_u64().unwrap_or(0) + r["lost_fault"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(lost > 0, "events were lost");
+    assert!(
+        recs.iter()
+            .any(|r| r["type"] == "snapshot" && r["reason"] == "resync"),
+        "the map was read again"
+    );
+    let summary = recs.last().expect("records");
+    assert!(
+        summary["processes"][0]["resyncs"].as_u64() >= Some(1),
+        "{summary}"
+    );
+    // A replay reseeds from the resync too, and ends with the same map.
+    let o = std::process::Command::new(vmatrace())
+        .args(["replay", "--json"])
+        .arg(&out)
+        .output()
+        .expect("replay runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let replayed: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let last_map = |recs: &[Value]| {
+        recs.iter()
+            .rev()
+            .find(|r| r["type"] == "snapshot" && r["reason"] == "exit")
+            .map(|s| snapshot_ranges(s))
+            .expect("an exit snapshot")
+    };
+    assert_eq!(last_map(&replayed), last_map(&recs), "replay's last map");
 }

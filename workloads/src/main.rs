@@ -431,6 +431,24 @@ fn residency() {
     }
 }
 
+/// Issue #17: maps, touches and unmaps fast enough to overflow a small ring, then waits for
+/// vmatrace to read the map again and stops at a checkpoint.
+fn lossy() {
+    let mut kept = Vec::new();
+    for i in 0..4000 {
+        let a = anon(16 * PAGE);
+        touch(a, 16 * PAGE);
+        if i % 2 == 0 {
+            munmap(a, 16 * PAGE);
+        } else {
+            kept.push(a);
+        }
+    }
+    say(&format!("lossy {}", kept.len()));
+    std::thread::sleep(Duration::from_millis(1500));
+    checkpoint("after_losses");
+}
+
 /// Issue #17: fork's copy rules. The parent has anonymous memory plain, `MADV_DONTFORK`,
 /// `MADV_WIPEONFORK`, a shared anonymous mapping and a private file mapping that was only
 /// read, all touched; the child and then the parent stop at checkpoints.
@@ -897,9 +915,10 @@ fn main() {
         Some("reexec") => reexec(arg(&args, 2, 0)),
         Some("residency") => residency(),
         Some("fork-advice") => fork_advice(),
+        Some("lossy") => lossy(),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy"
             );
             std::process::exit(2);
         }

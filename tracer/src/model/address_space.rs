@@ -802,8 +802,18 @@ impl AddressSpace {
                 stack_grown_to,
             };
         };
-        let kind = classify(vma, write, present);
         let vma_start = Some(vma.start);
+        // The kernel's data pages for the vDSO (`[vvar]`, `[vvar_vclock]`) are mapped by pfn:
+        // never the process's memory (smaps shows Rss 0).
+        if matches!(&vma.backing, Backing::Special(name) if name.starts_with("[vvar")) {
+            return FaultEffect {
+                touch: Touch::Again,
+                pages: 0,
+                vma_start,
+                stack_grown_to,
+            };
+        }
+        let kind = classify(vma, write, present);
         let page = addr >> PAGE_SHIFT;
         let block = self.huge_block(vma, page, kind);
         if !present

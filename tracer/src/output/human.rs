@@ -8,7 +8,9 @@ use std::{
 
 use tracer_common::Syscall;
 
-use super::{FaultFilter, LossSummary, Meta, Sink, Summary, report::vma_rows, show_fault};
+use super::{
+    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, report::vma_rows, show_fault,
+};
 use crate::{
     analysis::{Finding, Severity},
     event::{Event, SyscallRecord},
@@ -316,10 +318,11 @@ impl<W: Write> Sink for HumanSink<W> {
         Ok(())
     }
 
-    fn snapshot(&mut self, ts_ns: u64, reason: &str, p: &Process) -> io::Result<()> {
-        if reason == "seed" || reason == "exec" {
+    fn snapshot(&mut self, ts_ns: u64, reason: SnapshotReason, p: &Process) -> io::Result<()> {
+        if matches!(reason, SnapshotReason::Seed | SnapshotReason::Exec) {
             return Ok(());
         }
+        let reason = reason.name();
         self.flush_touches()?;
         writeln!(
             self.out,
@@ -436,6 +439,13 @@ impl<W: Write> Sink for HumanSink<W> {
                 p.released_pages,
                 p.refaulted_pages
             )?;
+            if p.resyncs > 0 {
+                writeln!(
+                    self.out,
+                    "  events were lost: the map was read again {} time(s), so it is exact, but the counts above miss the lost events",
+                    p.resyncs
+                )?;
+            }
             writeln!(self.out, "  top VMAs by touched bytes:")?;
             for r in p.top_vmas.iter().filter(|r| r.touched_bytes > 0).take(10) {
                 writeln!(

@@ -37,14 +37,65 @@ pub enum FaultFilter {
     All,
 }
 
+/// Why a snapshot of a process's whole map was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotReason {
+    /// Tracing of the process starts (attach, launch, a followed fork).
+    Seed,
+    /// The process replaced its image.
+    Exec,
+    /// The map was read again from `/proc` after events were lost.
+    Resync,
+    /// SIGUSR1.
+    Signal,
+    /// The last map before the process's teardown.
+    Exit,
+    /// The end of the run.
+    Final,
+}
+
+impl SnapshotReason {
+    const ALL: [Self; 6] = [
+        Self::Seed,
+        Self::Exec,
+        Self::Resync,
+        Self::Signal,
+        Self::Exit,
+        Self::Final,
+    ];
+
+    /// The name in output (`reason`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Seed => "seed",
+            Self::Exec => "exec",
+            Self::Resync => "resync",
+            Self::Signal => "signal",
+            Self::Exit => "exit",
+            Self::Final => "final",
+        }
+    }
+
+    /// Parses [`SnapshotReason::name`].
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.name() == name)
+    }
+
+    /// Whether the snapshot (re)starts the model from `/proc`: it lists the resident pages,
+    /// and a replay seeds from it.
+    pub fn seeds(self) -> bool {
+        matches!(self, Self::Seed | Self::Exec | Self::Resync)
+    }
+}
+
 /// A consumer of the trace.
 pub trait Sink {
     /// The start of a run.
     fn start(&mut self, meta: &Meta) -> io::Result<()>;
     /// One applied event.
     fn event(&mut self, event: &Event, applied: &Applied, session: &Session) -> io::Result<()>;
-    /// A process's whole map. `reason`: seed, exec, signal, exit, final.
-    fn snapshot(&mut self, ts_ns: u64, reason: &str, p: &Process) -> io::Result<()>;
+    /// A process's whole map.
+    fn snapshot(&mut self, ts_ns: u64, reason: SnapshotReason, p: &Process) -> io::Result<()>;
     /// Events lost since the last report.
     fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()>;
     /// The model and the kernel disagree (`--reconcile`).
@@ -69,7 +120,7 @@ impl Sink for NullSink {
     fn event(&mut self, _: &Event, _: &Applied, _: &Session) -> io::Result<()> {
         Ok(())
     }
-    fn snapshot(&mut self, _: u64, _: &str, _: &Process) -> io::Result<()> {
+    fn snapshot(&mut self, _: u64, _: SnapshotReason, _: &Process) -> io::Result<()> {
         Ok(())
     }
     fn lost(&mut self, _: u64, _: &LossSummary) -> io::Result<()> {

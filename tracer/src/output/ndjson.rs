@@ -6,7 +6,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tracer_common::Syscall;
 
-use super::{FaultFilter, LossSummary, Meta, Sink, Summary, report::vma_rows, show_fault};
+use super::{
+    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, report::vma_rows, show_fault,
+};
 use crate::{
     analysis::Finding,
     event::{Event, FaultRecord, SyscallRecord},
@@ -306,12 +308,12 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
 }
 
 /// The JSON record of a snapshot.
-pub fn snapshot_json(ts_ns: u64, reason: &str, p: &Process) -> Value {
+pub fn snapshot_json(ts_ns: u64, reason: SnapshotReason, p: &Process) -> Value {
     let brk = p.space.heap();
     let thp = p.space.thp();
     let kib = |pages: &[u64]| -> Vec<u64> { pages.iter().map(|n| n * PAGE_SIZE / 1024).collect() };
-    // A seed (or exec) lists the pages already resident, so that a replay starts from them.
-    let resident = matches!(reason, "seed" | "exec").then(|| {
+    // A seed (exec, resync) lists the pages already resident, so a replay starts from them.
+    let resident = reason.seeds().then(|| {
         p.space
             .pages()
             .runs()
@@ -323,7 +325,7 @@ pub fn snapshot_json(ts_ns: u64, reason: &str, p: &Process) -> Value {
         "type": "snapshot",
         "ts_ns": ts_ns,
         "pid": p.pid,
-        "reason": reason,
+        "reason": reason.name(),
         "exe": p.exe,
         "brk_start": brk.map(|b| b.start),
         "brk": brk.map(|b| b.current),
@@ -383,7 +385,7 @@ impl<W: Write> Sink for NdjsonSink<W> {
         self.out.write_all(&self.scratch)
     }
 
-    fn snapshot(&mut self, ts_ns: u64, reason: &str, p: &Process) -> io::Result<()> {
+    fn snapshot(&mut self, ts_ns: u64, reason: SnapshotReason, p: &Process) -> io::Result<()> {
         self.line(&snapshot_json(ts_ns, reason, p))
     }
 

@@ -108,6 +108,9 @@ pub struct ProcessSummary {
     pub refaulted_pages: u64,
     pub released_pages: u64,
     pub faults_outside_vmas: u64,
+    /// Times the map was read again after lost events (the counts miss those events).
+    #[serde(default)]
+    pub resyncs: u64,
     pub history_entries: usize,
     /// The VMAs with the most touched bytes, at most ten.
     pub top_vmas: Vec<VmaRow>,
@@ -207,6 +210,7 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
                 refaulted_pages: pages.refaults,
                 released_pages: pages.released_total,
                 faults_outside_vmas: p.counts.faults_outside,
+                resyncs: p.counts.resyncs,
                 history_entries: p
                     .space
                     .timeline()

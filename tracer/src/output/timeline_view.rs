@@ -171,7 +171,12 @@ impl Sink for Sampler {
         }
         Ok(())
     }
-    fn snapshot(&mut self, ts_ns: u64, _: &str, p: &Process) -> std::io::Result<()> {
+    fn snapshot(
+        &mut self,
+        ts_ns: u64,
+        _: super::SnapshotReason,
+        p: &Process,
+    ) -> std::io::Result<()> {
         self.sample(ts_ns, p, true);
         Ok(())
     }
