@@ -657,7 +657,7 @@ fn after_lost_events_the_model_matches_the_kernel_again() {
         recs.iter()
             .rev()
             .find(|r| r["type"] == "snapshot" && r["reason"] == "exit")
-            .map(|s| snapshot_ranges(s))
+            .map(snapshot_ranges)
             .expect("an exit snapshot")
     };
     assert_eq!(last_map(&replayed), last_map(&recs), "replay's last map");
