@@ -2,7 +2,7 @@
 //! sinks as a live run, so that live and replay cannot disagree.
 
 use std::{
-    io::{self, BufRead},
+    io::{self, BufRead, Read},
     path::Path,
     sync::Arc,
 };
@@ -34,6 +34,20 @@ pub enum ReplayError {
     #[error("writing output: {0}")]
     Write(#[source] io::Error),
 }
+
+/// The longest line a recording may hold. A real snapshot of 65,530 VMAs (the default
+/// `vm.max_map_count`) with every page resident takes well under this; anything longer (such
+/// as `/dev/zero`, which has no newline at all) is refused instead of read into memory.
+pub const MAX_LINE: usize = 64 << 20;
+
+/// The end of the largest user address space (x86-64 with five-level page tables; arm64's is
+/// smaller). No VMA goes past it except the x86-64 `[vsyscall]` page.
+pub const USER_ADDRESS_END: u64 = 1 << 57;
+
+/// The most resident memory all the seed and exec snapshots of one recording may list (1 TiB):
+/// the model keeps about 16 bytes per resident 4 KiB page, so this bounds replay's memory for
+/// seeds at about 4 GiB, where a hostile seed (`[0, 2^47)` resident) would ask for 512 GiB.
+pub const MAX_RESIDENT_BYTES: u64 = 1 << 40;
 
 /// What one line of a recording holds.
 pub enum Record {
@@ -117,9 +131,24 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
         },
         (k, _) => return Err(format!("unknown vma kind '{k}'")),
     };
+    let start = u64_of(v, "start")?;
+    let end = u64_of(v, "end")?;
+    if end <= start {
+        return Err(format!("VMA {start:#x}-{end:#x} ends before it starts"));
+    }
+    if start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 {
+        return Err(format!("VMA {start:#x}-{end:#x} is not page-aligned"));
+    }
+    let vsyscall =
+        matches!(&backing, Backing::Special(n) if &**n == "[vsyscall]") && end - start == PAGE_SIZE;
+    if end > USER_ADDRESS_END && !vsyscall {
+        return Err(format!(
+            "VMA {start:#x}-{end:#x} goes past the end of any user address space ({USER_ADDRESS_END:#x})"
+        ));
+    }
     Ok(Vma {
-        start: u64_of(v, "start")?,
-        end: u64_of(v, "end")?,
+        start,
+        end,
         perms,
         offset: v.get("offset").and_then(Value::as_u64).unwrap_or(0),
         backing,
@@ -129,11 +158,14 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
 }
 
 /// The pages a seed snapshot lists as resident: `[[start, end, kind], ...]` (none in
-/// recordings made before vmatrace read them).
-fn resident_of(v: &Value) -> Result<Vec<ResidentRun>, String> {
+/// recordings made before vmatrace read them). Each run is page-aligned, in address order,
+/// and inside the snapshot's VMAs (`vmas`, in address order, without gaps under the run: a
+/// run may cross from one VMA into the next).
+fn resident_of(v: &Value, vmas: &[Vma]) -> Result<Vec<ResidentRun>, String> {
     let Some(runs) = v.get("resident").and_then(Value::as_array) else {
         return Ok(Vec::new());
     };
+    let mut last_end = 0;
     runs.iter()
         .map(|r| {
             let bad = || format!("bad resident run {r}");
@@ -144,9 +176,35 @@ fn resident_of(v: &Value) -> Result<Vec<ResidentRun>, String> {
                 .and_then(Value::as_str)
                 .and_then(TouchKind::parse)
                 .ok_or_else(bad)?;
+            if end <= start || start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || start < last_end
+            {
+                return Err(format!(
+                    "resident run {start:#x}-{end:#x} is empty, not page-aligned or out of order"
+                ));
+            }
+            last_end = end;
+            // Walk the VMAs from the one holding `start` until `end` is covered.
+            let mut i = vmas.partition_point(|m| m.end <= start);
+            let mut covered = start;
+            while covered < end {
+                match vmas.get(i) {
+                    Some(m) if m.start <= covered => covered = m.end,
+                    _ => {
+                        return Err(format!(
+                            "resident run {start:#x}-{end:#x} goes beyond its VMA (nothing mapped at {covered:#x})"
+                        ));
+                    }
+                }
+                i += 1;
+            }
             Ok(ResidentRun { start, end, kind })
         })
         .collect()
+}
+
+/// Bytes of memory that `runs` list as resident.
+pub fn resident_bytes(runs: &[ResidentRun]) -> u64 {
+    runs.iter().map(|r| r.end - r.start).sum()
 }
 
 /// The huge page policy of a seed snapshot (off when absent).
@@ -267,6 +325,19 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     .iter()
                     .map(vma_of)
                     .collect::<Result<Vec<_>, _>>()?;
+                if let Some(w) = vmas.windows(2).find(|w| w[0].end > w[1].start) {
+                    return Err(format!(
+                        "VMAs {:#x}-{:#x} and {:#x}-{:#x} overlap or are out of order",
+                        w[0].start, w[0].end, w[1].start, w[1].end
+                    ));
+                }
+                let resident = resident_of(&v, &vmas)?;
+                if resident_bytes(&resident) > MAX_RESIDENT_BYTES {
+                    return Err(format!(
+                        "the snapshot lists {} bytes resident, more than the {MAX_RESIDENT_BYTES} a recording may hold",
+                        resident_bytes(&resident)
+                    ));
+                }
                 Record::Seed {
                     pid,
                     ts_ns: ts_ns()?,
@@ -274,7 +345,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     seed: Seed {
                         vmas,
                         start_brk: v.get("brk_start").and_then(Value::as_u64),
-                        resident: resident_of(&v)?,
+                        resident,
                         thp: thp_of(&v),
                     },
                     exe: opt_str(&v, "exe"),
@@ -302,6 +373,24 @@ pub struct Replayed {
     pub limits: Limits,
 }
 
+/// Reads the next line of `reader` into `buf` (without its newline), reading at most
+/// [`MAX_LINE`] + 1 bytes of it (a longer line is cut there: the caller refuses it). None at
+/// the end of the input.
+fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>, io::Error> {
+    buf.clear();
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    Ok(Some(()))
+}
+
 /// Replays `path` into `sink`; `events` also passes every event on.
 pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed, ReplayError> {
     let name = path.display().to_string();
@@ -309,25 +398,52 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
         path: name.clone(),
         source,
     })?;
+    replay_from(io::BufReader::new(file), &name, sink, events)
+}
+
+/// Replays the recording read from `reader` (`name` in errors), one line at a time: memory
+/// holds one line (at most [`MAX_LINE`]) and the model, never the file.
+pub fn replay_from(
+    mut reader: impl BufRead,
+    name: &str,
+    sink: &mut dyn Sink,
+    events: bool,
+) -> Result<Replayed, ReplayError> {
     let mut session = Session::default();
     let mut limits = Limits::default();
     let mut lost = LossSummary::default();
     let mut last_ts = 0u64;
     let mut last_ts_by_thread = std::collections::HashMap::new();
     let mut lines = 0usize;
+    let mut resident_seeded = 0u64;
     let bad = |line: usize, what: String| ReplayError::Bad {
-        path: name.clone(),
+        path: name.to_string(),
         line,
         what,
     };
-    for (i, line) in io::BufReader::new(file).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|e| bad(n, format!("cannot read: {e}")))?;
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        n += 1;
+        match next_line(&mut reader, &mut buf) {
+            Ok(Some(())) => {}
+            Ok(None) => break,
+            Err(e) => return Err(bad(n, format!("cannot read: {e}"))),
+        }
+        if buf.len() > MAX_LINE {
+            return Err(bad(
+                n,
+                format!("line longer than {} MiB: not a recording", MAX_LINE >> 20),
+            ));
+        }
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            return Err(bad(n, "not UTF-8 text: not a recording".to_string()));
+        };
         if line.trim().is_empty() {
             continue;
         }
         lines += 1;
-        let record = parse_line(&line).map_err(|w| bad(n, w))?;
+        let record = parse_line(line).map_err(|w| bad(n, w))?;
         match record {
             Record::Meta {
                 version,
@@ -356,6 +472,15 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
                 seed,
                 exe,
             } => {
+                resident_seeded += resident_bytes(&seed.resident);
+                if resident_seeded > MAX_RESIDENT_BYTES {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "the snapshots so far list {resident_seeded} bytes resident, more than the {MAX_RESIDENT_BYTES} a recording may hold"
+                        ),
+                    ));
+                }
                 match (reason.as_str(), session.get(pid).is_some()) {
                     ("exec", true) => session.reseed(pid, seed, ts_ns),
                     // A followed child's seed repeats the fork copy the session already made.
@@ -415,7 +540,9 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
         }
     }
     if lines == 0 {
-        return Err(ReplayError::Empty { path: name });
+        return Err(ReplayError::Empty {
+            path: name.to_string(),
+        });
     }
     let summary = summarize(&session, lost);
     sink.summary(last_ts, &summary)

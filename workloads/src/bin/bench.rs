@@ -193,7 +193,14 @@ fn syscall_backends(rounds: usize, backends: &[String]) {
         base.push(once(&[], false, &churn).unwrap_or_else(|e| fail(e)));
         for (i, b) in backends.iter().enumerate() {
             let prefix = strings(&[
-                &v, "--json", "-o", "/dev/null", "--force", "--syscall-backend", b, "--",
+                &v,
+                "--json",
+                "-o",
+                "/dev/null",
+                "--force",
+                "--syscall-backend",
+                b,
+                "--",
             ]);
             traced[i].push(once(&prefix, false, &churn).unwrap_or_else(|e| fail(e)));
         }
@@ -214,7 +221,14 @@ fn syscall_backends(rounds: usize, backends: &[String]) {
             alone.push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
             for (i, b) in backends.iter().enumerate() {
                 let mut tracer = Command::new(vmatrace())
-                    .args(["--json", "-o", "/dev/null", "--force", "--syscall-backend", b])
+                    .args([
+                        "--json",
+                        "-o",
+                        "/dev/null",
+                        "--force",
+                        "--syscall-backend",
+                        b,
+                    ])
                     .arg("-p")
                     .arg(target.id().to_string())
                     .spawn()

@@ -577,7 +577,10 @@ fn bench(opts: &Options, pins: &[&Pin]) -> Result<()> {
             opts.rounds
         );
         std::fs::write(results.join("cmd.sh"), cmd)?;
-        step(&format!("benchmarking the syscall backends on {}", pin.label));
+        step(&format!(
+            "benchmarking the syscall backends on {}",
+            pin.label
+        ));
         let outcome = Guest {
             kernel: &p.kernel,
             image: p.image.clone(),
@@ -591,7 +594,10 @@ fn bench(opts: &Options, pins: &[&Pin]) -> Result<()> {
         .run()?;
         let log = std::fs::read_to_string(results.join("output.log")).unwrap_or_default();
         println!("\n### {} ({})\n", pin.label, p.kernel.release);
-        for l in log.lines().filter(|l| l.starts_with('|') || l.starts_with("Syscall")) {
+        for l in log
+            .lines()
+            .filter(|l| l.starts_with('|') || l.starts_with("Syscall"))
+        {
             println!("{l}");
         }
         if outcome.rc != Some(0) {
