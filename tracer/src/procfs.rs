@@ -563,6 +563,30 @@ mod tests {
     }
 
     #[test]
+    fn names_in_proc_files_are_bytes() {
+        // A path with invalid UTF-8 and a newline (which maps writes as `\012`), and a comm
+        // with invalid UTF-8 and a parenthesis.
+        let maps: &[u8] =
+            b"7f0000000000-7f0000004000 r--p 00001000 fe:01 99     /tmp/\xff\xfe\\012x\x1b[2J\n";
+        let m = parse_maps(maps, "t").expect("parses");
+        let path = m[0].path.as_deref().expect("a path");
+        assert_eq!(crate::name::to_bytes(path), b"/tmp/\xff\xfe\nx\x1b[2J");
+        assert_eq!((m[0].offset, m[0].inode), (0x1000, 99));
+        let mut smaps = maps.to_vec();
+        smaps.extend_from_slice(b"Rss:                  16 kB\nVmFlags: rd mr hg\n");
+        let s = parse_smaps(&smaps, "t").expect("parses");
+        assert_eq!((s[0].rss, s[0].map.thp), (16384, ThpAdvice::Huge));
+        assert_eq!(s[0].map.path, m[0].path);
+        let mut stat = b"42 (\xff\xfe) \x1b) S".to_vec();
+        for i in 4..=52 {
+            stat.extend_from_slice(format!(" {i}").as_bytes());
+        }
+        assert_eq!(parse_stat(&stat, "t").expect("parses").start_brk, 47);
+        // Fields after the name must still be text.
+        assert!(parse_stat(b"42 (a) S \xff 5", "t").is_err());
+    }
+
+    #[test]
     fn rejects_garbage_with_line_number() {
         let err = parse_maps("zz-10 rw-p 0 0 0\n", "x").unwrap_err();
         assert!(err.to_string().contains("x:1"), "{err}");

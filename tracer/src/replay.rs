@@ -44,10 +44,11 @@ pub const MAX_LINE: usize = 64 << 20;
 /// smaller). No VMA goes past it except the x86-64 `[vsyscall]` page.
 pub const USER_ADDRESS_END: u64 = 1 << 57;
 
-/// The most resident memory all the seed and exec snapshots of one recording may list (1 TiB):
-/// the model keeps about 16 bytes per resident 4 KiB page, so this bounds replay's memory for
-/// seeds at about 4 GiB, where a hostile seed (`[0, 2^47)` resident) would ask for 512 GiB.
-pub const MAX_RESIDENT_BYTES: u64 = 1 << 40;
+/// The most resident memory all the seed and exec snapshots of one recording may list
+/// (256 GiB): the model keeps about 16 bytes per resident 4 KiB page, so this bounds replay's
+/// memory for seeds at about 1 GiB, where a hostile seed (`[0, 2^47)` resident) would ask for
+/// 512 GiB.
+pub const MAX_RESIDENT_BYTES: u64 = 1 << 38;
 
 /// What one line of a recording holds.
 pub enum Record {
@@ -227,6 +228,55 @@ fn thp_of(v: &Value) -> ThpPolicy {
     }
 }
 
+/// Whether `[start, start + len)` (the length rounded up to pages, as the kernel does) lies in
+/// the user address space.
+fn in_user_space(start: u64, len: u64) -> bool {
+    crate::model::vma::page_align_up(len)
+        .checked_add(start)
+        .is_some_and(|end| end <= USER_ADDRESS_END)
+}
+
+/// A successful call can only have named ranges inside the user address space (the kernel
+/// refuses the others), and a file offset that does not wrap: a recording that says otherwise
+/// was not written by vmatrace.
+fn check_ranges(s: &SyscallRecord) -> Result<(), String> {
+    if s.errno().is_some() {
+        return Ok(());
+    }
+    let [a0, a1, a2, _, _, a5] = s.args;
+    let ret = s.ret as u64;
+    let ranges: &[(u64, u64)] = match s.call {
+        Syscall::Brk | Syscall::Shmdt => &[(ret, 0)],
+        Syscall::Mmap
+            if crate::model::vma::page_align_up(a1)
+                .checked_add(a5)
+                .is_none_or(|e| e > i64::MAX as u64) =>
+        {
+            return Err(format!(
+                "mmap of {a1:#x} bytes at file offset {a5:#x} goes past the largest file offset"
+            ));
+        }
+        Syscall::Mmap => &[(ret, a1)],
+        Syscall::Munmap | Syscall::Mprotect | Syscall::PkeyMprotect | Syscall::Madvise => {
+            &[(a0, a1)]
+        }
+        Syscall::Mremap => &[(a0, a1), (ret, a2)],
+        Syscall::ProcessMadvise => &[(s.extra[0], s.extra[1])],
+        Syscall::Shmat => &[(ret, s.resolved.shm.map_or(0, |(size, _)| size))],
+        Syscall::Openat => &[],
+    };
+    match ranges
+        .iter()
+        .find(|(start, len)| !in_user_space(*start, *len))
+    {
+        Some((start, len)) => Err(format!(
+            "{} succeeded on {start:#x} + {len:#x} bytes, beyond the end of any user address space ({USER_ADDRESS_END:#x})",
+            s.call.name()
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Parses one line of a recording.
 pub fn parse_line(line: &str) -> Result<Record, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
@@ -249,7 +299,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
             (Some(size), Some(key)) => Some((size, key)),
             _ => None,
         };
-        return Ok(Record::Event(Event::Syscall(SyscallRecord {
+        let record = SyscallRecord {
             ts_ns: ts_ns()?,
             enter_ts_ns: v.get("enter_ts_ns").and_then(Value::as_u64).unwrap_or(0),
             pid: u32_of(&v, "pid")?,
@@ -271,7 +321,9 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     .and_then(Value::as_u64)
                     .and_then(|p| u32::try_from(p).ok()),
             },
-        })));
+        };
+        check_ranges(&record)?;
+        return Ok(Record::Event(Event::Syscall(record)));
     }
     Ok(match ty {
         "meta" => Record::Meta {
@@ -404,10 +456,21 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
 /// Replays the recording read from `reader` (`name` in errors), one line at a time: memory
 /// holds one line (at most [`MAX_LINE`]) and the model, never the file.
 pub fn replay_from(
+    reader: impl BufRead,
+    name: &str,
+    sink: &mut dyn Sink,
+    events: bool,
+) -> Result<Replayed, ReplayError> {
+    replay_bounded(reader, name, sink, events, MAX_RESIDENT_BYTES)
+}
+
+/// [`replay_from`] with `resident_budget` bytes of resident memory for all the snapshots.
+fn replay_bounded(
     mut reader: impl BufRead,
     name: &str,
     sink: &mut dyn Sink,
     events: bool,
+    resident_budget: u64,
 ) -> Result<Replayed, ReplayError> {
     let mut session = Session::default();
     let mut limits = Limits::default();
@@ -473,11 +536,11 @@ pub fn replay_from(
                 exe,
             } => {
                 resident_seeded += resident_bytes(&seed.resident);
-                if resident_seeded > MAX_RESIDENT_BYTES {
+                if resident_seeded > resident_budget {
                     return Err(bad(
                         n,
                         format!(
-                            "the snapshots so far list {resident_seeded} bytes resident, more than the {MAX_RESIDENT_BYTES} a recording may hold"
+                            "the snapshots so far list {resident_seeded} bytes resident, more than the {resident_budget} a recording may hold"
                         ),
                     ));
                 }
@@ -549,4 +612,140 @@ pub fn replay_from(
         .map_err(ReplayError::Write)?;
     sink.flush().map_err(ReplayError::Write)?;
     Ok(Replayed { session, limits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::NullSink;
+
+    const META: &str = "{\"type\":\"meta\",\"ts_ns\":1,\"version\":1}\n";
+
+    fn replayed(text: &str) -> Result<Replayed, ReplayError> {
+        replay_from(text.as_bytes(), "t", &mut NullSink, true)
+    }
+
+    /// A syscall record of `call` with `args` returning `ret`.
+    fn call(ts: u64, call: &str, args: [u64; 6], ret: i64) -> String {
+        format!(
+            "{{\"type\":\"{call}\",\"ts_ns\":{ts},\"pid\":7,\"tid\":7,\"args\":{args:?},\"ret\":{ret}}}\n"
+        )
+    }
+
+    #[test]
+    fn calls_with_impossible_ranges_are_refused_and_edge_ones_do_not_break_the_model() {
+        let top = !4095u64;
+        let end = USER_ADDRESS_END;
+        let seed = format!(
+            "{META}{{\"type\":\"snapshot\",\"ts_ns\":2,\"pid\":7,\"reason\":\"seed\",\"exe\":null,\"vmas\":[],\"brk_start\":{}}}\n",
+            end - 8192
+        );
+        let impossible: [(&str, [u64; 6], i64); 10] = [
+            ("mmap", [0, u64::MAX, 3, 0x22, u64::MAX, 0], top as i64),
+            ("mmap", [0, 1 << 62, 3, 0x22, u64::MAX, 0], 4096),
+            ("mmap", [0, 8192, 3, 0x02, 3, !4095u64], 4096),
+            ("munmap", [4096, u64::MAX, 0, 0, 0, 0], 0),
+            ("mprotect", [top, 4096, 7, 0, 0, 0], 0),
+            ("madvise", [end, 4096, 4, 0, 0, 0], 0),
+            ("mremap", [4096, 4096, u64::MAX, 1, 0, 0], 4096),
+            ("mremap", [top, 4096, 4096, 3, 4096, 0], 4096),
+            ("brk", [top, 0, 0, 0, 0, 0], top as i64),
+            ("shmat", [1, top, 0, 0, 0, 0], top as i64),
+        ];
+        for (name, args, ret) in impossible {
+            let err = replayed(&format!("{seed}{}", call(10, name, args, ret)))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.starts_with("t:3: ")
+                    && (err.contains("beyond the end of any user address space")
+                        || err.contains("largest file offset")),
+                "{name} {args:?}: {err}"
+            );
+        }
+        // At the very end of user space, and faults anywhere: replayed, no overflow.
+        let mut text = seed;
+        let edge: [(&str, [u64; 6], i64); 8] = [
+            ("mmap", [0, 4096, 3, 0x22, u64::MAX, 0], (end - 4096) as i64),
+            ("mmap", [0, 8192, 3, 0x02, 3, 1 << 62], (end - 16384) as i64),
+            (
+                "mremap",
+                [end - 4096, 4096, 8192, 1, 0, 0],
+                (end - 8192) as i64,
+            ),
+            ("madvise", [0, end, 14, 0, 0, 0], 0),
+            ("mprotect", [0, end, 1, 0, 0, 0], 0),
+            ("brk", [end, 0, 0, 0, 0, 0], end as i64),
+            ("munmap", [0, end, 0, 0, 0, 0], 0),
+            ("madvise", [end, 0, 4, 0, 0, 0], 0),
+        ];
+        for (i, (name, args, ret)) in edge.iter().enumerate() {
+            text.push_str(&call(10 + i as u64, name, *args, *ret));
+        }
+        for (i, address) in [u64::MAX, end, end - 1, 0].iter().enumerate() {
+            text.push_str(&format!(
+                "{{\"type\":\"fault\",\"ts_ns\":{},\"pid\":7,\"tid\":7,\"address\":{address},\"ip\":0,\"error_code\":6}}\n",
+                100 + i
+            ));
+        }
+        let r = replayed(&text);
+        assert!(r.is_ok(), "{:?}", r.err());
+    }
+
+    #[test]
+    fn impossible_snapshots_are_refused_naming_the_line() {
+        let seed = |vmas: &str, resident: &str| {
+            format!(
+                "{META}{{\"type\":\"snapshot\",\"ts_ns\":2,\"pid\":7,\"reason\":\"seed\",\"exe\":null,\"vmas\":[{vmas}],\"resident\":[{resident}]}}\n"
+            )
+        };
+        let special = |start: u64, end: u64, name: &str| {
+            format!(
+                "{{\"start\":{start},\"end\":{end},\"perms\":\"r-xp\",\"path\":\"{name}\",\"kind\":\"special\"}}"
+            )
+        };
+        // The x86-64 vsyscall page is the one VMA above user space.
+        let vsyscall = 0xffff_ffff_ff60_0000u64;
+        assert!(replayed(&seed(&special(vsyscall, vsyscall + 4096, "[vsyscall]"), "")).is_ok());
+        let err = replayed(&seed(&special(vsyscall, vsyscall + 4096, "[vdso]"), ""))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("t:2: VMA"), "{err}");
+        // A run crossing from one VMA into the next one is fine; into a gap is not.
+        let anon = |s: u64, e: u64| {
+            format!("{{\"start\":{s},\"end\":{e},\"perms\":\"rw-p\",\"kind\":\"anon\"}}")
+        };
+        let two = format!("{},{}", anon(0x1000, 0x3000), anon(0x3000, 0x5000));
+        assert!(replayed(&seed(&two, "[4096, 20480, \"anon\"]")).is_ok());
+        let gap = format!("{},{}", anon(0x1000, 0x3000), anon(0x4000, 0x5000));
+        let err = replayed(&seed(&gap, "[4096, 20480, \"anon\"]"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("nothing mapped at 0x3000"), "{err}");
+        // Resident memory adds up over the snapshots of a recording (a small budget here, so
+        // that the test does not spend minutes seeding the real one).
+        let big = anon(1 << 40, 1 << 41);
+        let run = format!("[{}, {}, \"anon\"]", 1u64 << 40, (1u64 << 40) + (1 << 24));
+        let mut text = seed(&big, &run);
+        text.push_str(&seed(&big, &run)[META.len()..].replace("\"pid\":7", "\"pid\":8"));
+        text.push_str(&seed(&big, &run)[META.len()..].replace("\"pid\":7", "\"pid\":9"));
+        let err = replay_bounded(text.as_bytes(), "t", &mut NullSink, true, 5 << 23)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("t:4: the snapshots so far"), "{err}");
+    }
+
+    #[test]
+    fn a_line_without_end_is_refused_at_the_bound() {
+        let endless = std::io::repeat(b'x');
+        let err = replay_from(io::BufReader::new(endless), "zero", &mut NullSink, false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(err, "zero:1: line longer than 64 MiB: not a recording");
+    }
 }

@@ -52,6 +52,14 @@ fn bad_input_gives_one_line_and_non_zero_exit() {
         vec!["-p", "abc"],
         vec!["--ring-size", "5000", "-p", "1"],
         vec!["--duration", "0s", "-p", "1"],
+        vec!["--duration", "18446744073709551615s", "-p", "1"],
+        vec!["--duration", "9999999h", "-p", "1"],
+        vec!["--reconcile", "0", "-p", "1"],
+        vec!["--reconcile", "18446744073709551616", "-p", "1"],
+        vec!["--ring-size", "18446744073709551615K", "-p", "1"],
+        vec!["--ring-size", "2G", "-p", "1"],
+        vec!["-p", "4194305"],
+        vec!["-p", "99999999999999999999999"],
     ] {
         let (code, _, err) = run(&args);
         assert_eq!(code, 2, "{args:?}: {err}");

@@ -563,6 +563,8 @@ fn run_measured(args: &[&str], input: Option<&Path>) -> (std::process::Output, i
     if let Some(i) = input {
         c.arg(i);
     }
+    // Reaped by wait4 below, which also gives its peak memory.
+    #[allow(clippy::zombie_processes)]
     let child = c
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
