@@ -276,7 +276,7 @@ pub fn parse_smaps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<SmapsEntr
             line.split_whitespace()
                 .nth(1)
                 .and_then(|v| v.parse::<u64>().ok())
-                .map(|v| v * 1024)
+                .and_then(|v| v.checked_mul(1024))
                 .ok_or(err("size"))
         };
         match key {
@@ -590,6 +590,10 @@ mod tests {
     fn rejects_garbage_with_line_number() {
         let err = parse_maps("zz-10 rw-p 0 0 0\n", "x").unwrap_err();
         assert!(err.to_string().contains("x:1"), "{err}");
+        // A size in kB that overflows in bytes (found by the parse_maps fuzz target).
+        let err =
+            parse_smaps("1000-2000 rw-p 0 00:00 0\nRss: 18446744073709551 kB\n", "s").unwrap_err();
+        assert!(err.to_string().contains("s:2"), "{err}");
     }
 
     #[test]
