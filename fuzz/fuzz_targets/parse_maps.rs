@@ -1,14 +1,19 @@
-//! Any text parses as /proc/PID/maps or gives an error; parsed lines convert to VMAs.
+//! Any bytes parse as /proc/PID/maps, smaps or stat, or give an error; parsed lines convert
+//! to VMAs. Bytes, not text: a process chooses its own name and its files' names.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let text = String::from_utf8_lossy(data);
-    if let Ok(entries) = tracer::procfs::parse_maps(&text, "fuzz") {
+    if let Ok(entries) = tracer::procfs::parse_maps(data, "fuzz") {
         for e in entries {
             let v = e.to_vma(0);
             assert!(v.start <= v.end);
+            if let Some(p) = &e.path {
+                // The text form always gives bytes back.
+                let _ = tracer::name::to_bytes(p);
+            }
         }
     }
-    let _ = tracer::procfs::parse_stat(&text, "fuzz");
+    let _ = tracer::procfs::parse_smaps(data, "fuzz");
+    let _ = tracer::procfs::parse_stat(data, "fuzz");
 });

@@ -1,4 +1,6 @@
-//! Any line of a recording parses to a record or an error, never a panic.
+//! Any bytes given to `replay` as a recording are replayed or refused with an error, never a
+//! panic: each line is parsed alone, then the whole input is streamed through the replay
+//! reader into a session (hostile VMAs, resident runs and calls included).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -7,4 +9,6 @@ fuzz_target!(|data: &[u8]| {
     for line in text.lines() {
         let _ = tracer::replay::parse_line(line);
     }
+    let mut sink = tracer::output::NullSink;
+    let _ = tracer::replay::replay_from(data, "fuzz", &mut sink, true);
 });

@@ -148,8 +148,8 @@ pub struct TraceArgs {
     #[arg(short, long, value_name = "USER")]
     pub user: Option<String>,
     /// Compare the model with /proc/PID/maps every SECS seconds and report drift.
-    #[arg(long, value_name = "SECS")]
-    pub reconcile: Option<u64>,
+    #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+    pub reconcile: Option<Duration>,
     /// At the end, diagnose allocator fragmentation (heap, arenas, churn, untouched memory).
     #[arg(long)]
     pub report: bool,
@@ -171,17 +171,24 @@ pub struct ReplayArgs {
     pub events: bool,
 }
 
+/// The largest pid Linux can hand out (`PID_MAX_LIMIT` on 64-bit kernels).
+const PID_MAX_LIMIT: i64 = 1 << 22;
+
 fn parse_pid(s: &str) -> Result<u32, String> {
     match s.parse::<i64>() {
-        Ok(n) if n > 0 && n <= i64::from(i32::MAX) => Ok(n as u32),
+        Ok(n) if n > 0 && n <= PID_MAX_LIMIT => Ok(n as u32),
         Ok(_) => Err(format!(
-            "'{s}' is not a valid pid (pids are positive integers)"
+            "'{s}' is not a valid pid (pids are integers from 1 to {PID_MAX_LIMIT})"
         )),
         Err(_) => Err(format!("'{s}' is not a pid (expected a positive integer)")),
     }
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h` or plain seconds.
+/// The longest `--duration` and `--reconcile` interval: a year is already more than any trace
+/// needs, and every larger value would only risk overflow in time arithmetic.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Parses `500ms`, `30s`, `5m`, `1h` or plain seconds: more than 0, at most a year.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -201,7 +208,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if !(secs.is_finite() && secs > 0.0) {
         return Err(format!("'{s}': the duration must be positive"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d > Duration::ZERO && d <= MAX_INTERVAL => Ok(d),
+        Ok(d) if d == Duration::ZERO => Err(format!("'{s}': the duration must be positive")),
+        _ => Err(format!("'{s}' is too long (at most 365 days)")),
+    }
+}
+
+/// Parses the `--reconcile` interval: whole seconds, from 1 to a year.
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n > 0 && n <= MAX_INTERVAL.as_secs() => Ok(Duration::from_secs(n)),
+        Ok(_) => Err(format!(
+            "'{s}': the interval must be from 1 to {} seconds",
+            MAX_INTERVAL.as_secs()
+        )),
+        Err(_) => Err(format!("'{s}' is not a number of seconds")),
+    }
 }
 
 /// Parses `4096`, `256K`, `8M`, `1G`; the result must be a power of two of at least 4 KiB.
@@ -242,6 +265,21 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("18446744073709551615s").is_err());
+        assert!(parse_duration("1e400").is_err());
+        assert!(parse_duration("0.0000000001ms").is_err());
+        assert!(parse_duration("366d").is_err());
+        assert_eq!(parse_duration("8760h"), Ok(MAX_INTERVAL));
+        assert!(parse_duration("8761h").is_err());
+        assert_eq!(parse_seconds("5"), Ok(Duration::from_secs(5)));
+        for bad in ["0", "-1", "18446744073709551616", "31536001", "x"] {
+            assert!(parse_seconds(bad).is_err(), "{bad}");
+        }
+        assert!(parse_pid("4194304").is_ok());
+        assert!(parse_pid("4194305").is_err());
+        assert!(parse_pid("99999999999999999999999").is_err());
+        assert!(parse_size("16G").is_err());
+        assert!(parse_size("18446744073709551615K").is_err());
         assert_eq!(parse_size("8M"), Ok(8 << 20));
         assert!(parse_size("5000").is_err());
     }

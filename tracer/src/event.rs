@@ -177,10 +177,10 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// The text before the first NUL (invalid UTF-8 replaced).
+/// The name before the first NUL, in its reversible text form ([`crate::name`]).
 fn c_string(bytes: &[u8]) -> String {
     let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..len]).into_owned()
+    crate::name::from_bytes(&bytes[..len])
 }
 
 /// A CPU's promise, carried by each fault batch: every fault it took up to `ts_ns` has been

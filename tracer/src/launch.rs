@@ -16,7 +16,7 @@ use std::{
     io,
     os::{
         fd::{AsRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt,
+        unix::ffi::{OsStrExt, OsStringExt},
     },
     path::{Path, PathBuf},
 };
@@ -39,14 +39,15 @@ pub enum LaunchError {
     },
 }
 
-/// The user and groups the command runs as.
+/// The user and groups the command runs as, and the environment entries that name that user
+/// (`HOME`, `USER`, `LOGNAME`, as `sudo -u USER -i` sets them).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Credentials {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    pub env: Vec<(&'static str, Vec<u8>)>,
 }
-
 /// A forked child that waits for [`HeldChild::release`] before it execs.
 #[derive(Debug)]
 pub struct HeldChild {
@@ -92,41 +93,85 @@ fn resolve(cmd: &OsStr) -> Option<PathBuf> {
         })
 }
 
-/// The user to run as: `--user`, else the user who ran `sudo`, else nobody in particular
-/// (stay as we are).
+/// The supplementary groups of `user` (as `initgroups` would set them), with `gid` first.
+fn groups_of(user: &str, gid: u32) -> Vec<u32> {
+    let Ok(cname) = CString::new(user) else {
+        return vec![gid];
+    };
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut n = groups.len() as libc::c_int;
+        // SAFETY: buffer and length agree; on -1, n is set to the count needed.
+        let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        if rc >= 0 {
+            groups.truncate(n as usize);
+            break;
+        }
+        if n as usize <= groups.len() || groups.len() >= 1 << 16 {
+            groups = vec![gid];
+            break;
+        }
+        groups.resize(n as usize, 0);
+    }
+    groups
+}
+
+/// The user to run as: `--user`, else the user who ran `sudo` ([`crate::sudo::invoker`]),
+/// else nobody in particular (stay as we are).
 pub fn credentials(user: Option<&str>) -> Result<Option<Credentials>, LaunchError> {
-    let name = match user {
-        Some(u) => u.to_string(),
-        None => match std::env::var("SUDO_USER") {
-            Ok(u) if !u.is_empty() && u != "root" => u,
-            _ => return Ok(None),
+    let found = match user {
+        Some(name) => match crate::sudo::lookup(name) {
+            Some(u) => u,
+            // A numeric uid is accepted too (no passwd entry: no groups, home /).
+            None => match name.parse::<u32>() {
+                Ok(uid) => crate::sudo::User {
+                    name: name.to_string(),
+                    uid,
+                    gid: uid,
+                    home: b"/".to_vec(),
+                },
+                Err(_) => return Err(LaunchError::NoUser(name.to_string())),
+            },
+        },
+        None => match crate::sudo::invoker() {
+            Some(u) => u,
+            None => return Ok(None),
         },
     };
-    let cname = CString::new(name.clone()).map_err(|_| LaunchError::NoUser(name.clone()))?;
-    // SAFETY: getpwnam returns a pointer into static storage or NULL; read at once.
-    let pw = unsafe { libc::getpwnam(cname.as_ptr()) };
-    if pw.is_null() {
-        // A numeric uid is accepted too.
-        if let Ok(uid) = name.parse::<u32>() {
-            return Ok(Some(Credentials {
-                uid,
-                gid: uid,
-                groups: vec![uid],
-            }));
+    let groups = groups_of(&found.name, found.gid);
+    Ok(Some(Credentials {
+        uid: found.uid,
+        gid: found.gid,
+        groups,
+        env: vec![
+            ("HOME", found.home),
+            ("USER", found.name.as_bytes().to_vec()),
+            ("LOGNAME", found.name.into_bytes()),
+        ],
+    }))
+}
+
+/// vmatrace's environment for the command, with `creds`' entries in place of its own.
+fn environment(creds: Option<&Credentials>) -> Vec<CString> {
+    let set: &[(&str, Vec<u8>)] = creds.map_or(&[], |c| &c.env);
+    let mut out: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| !set.iter().any(|(name, _)| k.as_bytes() == name.as_bytes()))
+        .filter_map(|(k, v)| {
+            let mut entry = k.into_vec();
+            entry.push(b'=');
+            entry.extend_from_slice(v.as_bytes());
+            CString::new(entry).ok()
+        })
+        .collect();
+    for (name, value) in set {
+        let mut entry = name.as_bytes().to_vec();
+        entry.push(b'=');
+        entry.extend_from_slice(value);
+        if let Ok(c) = CString::new(entry) {
+            out.push(c);
         }
-        return Err(LaunchError::NoUser(name));
     }
-    // SAFETY: pw is non-null and valid until the next getpw* call.
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut n = groups.len() as libc::c_int;
-    // SAFETY: buffer and length agree.
-    let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
-    groups.truncate(if rc < 0 { 0 } else { n as usize });
-    if groups.is_empty() {
-        groups.push(gid);
-    }
-    Ok(Some(Credentials { uid, gid, groups }))
+    out
 }
 
 /// `bpf(2)` commands and attribute, for the guardian's two map operations (it must not use
@@ -180,6 +225,10 @@ pub fn spawn_held(
     let c_args: Vec<CString> = argv.iter().map(|a| to_c(a)).collect::<Result<_, _>>()?;
     let mut c_argv: Vec<*const libc::c_char> = c_args.iter().map(|a| a.as_ptr()).collect();
     c_argv.push(std::ptr::null());
+    // Built before fork: the child may only make async-signal-safe calls.
+    let c_env = environment(creds);
+    let mut c_envp: Vec<*const libc::c_char> = c_env.iter().map(|e| e.as_ptr()).collect();
+    c_envp.push(std::ptr::null());
 
     let pipe = || {
         let mut fds = [0i32; 2];
@@ -202,7 +251,7 @@ pub fn spawn_held(
         // SAFETY: the guardian's side of fork.
         unsafe {
             guard(
-                hold, err, status, life, group, map_fd, creds, &c_path, &c_argv,
+                hold, err, status, life, group, map_fd, creds, &c_path, &c_argv, &c_envp,
             )
         }
     }
@@ -253,6 +302,7 @@ unsafe fn guard(
     creds: Option<&Credentials>,
     c_path: &CString,
     c_argv: &[*const libc::c_char],
+    c_envp: &[*const libc::c_char],
 ) -> ! {
     // SAFETY: async-signal-safe calls only, on descriptors and memory prepared by the caller.
     unsafe {
@@ -289,7 +339,7 @@ unsafe fn guard(
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            libc::execv(c_path.as_ptr(), c_argv.as_ptr());
+            libc::execve(c_path.as_ptr(), c_argv.as_ptr(), c_envp.as_ptr());
             report_and_exit(err[1]);
         }
         libc::setpgid(cmd, group);

@@ -4,7 +4,6 @@ use std::{
     collections::BTreeMap,
     io::{IsTerminal, Write as _},
     process::ExitCode,
-    time::Duration,
 };
 
 use clap::Parser as _;
@@ -54,7 +53,7 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         },
         ring_bytes: t.ring_size,
         user: t.user,
-        reconcile: t.reconcile.map(Duration::from_secs),
+        reconcile: t.reconcile,
         report: t.report,
     }
 }

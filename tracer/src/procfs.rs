@@ -41,20 +41,50 @@ pub struct MapsEntry {
     pub anon_vma: bool,
 }
 
-fn read(pid: u32, name: &str) -> Result<String, ProcError> {
+/// The bytes of `/proc/PID/NAME`: never text, since the names in it (a process's `comm`, the
+/// paths of mapped files) are whatever bytes the process chose.
+fn read(pid: u32, name: &str) -> Result<Vec<u8>, ProcError> {
     let path = PathBuf::from(format!("/proc/{pid}/{name}"));
-    fs::read_to_string(&path).map_err(|source| match source.kind() {
+    fs::read(&path).map_err(|source| match source.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::InvalidInput => ProcError::NoProcess(pid),
         _ if source.raw_os_error() == Some(libc::ESRCH) => ProcError::NoProcess(pid),
         _ => ProcError::Io { path, source },
     })
 }
 
-/// Parses the text of a maps file (`origin` names it in errors).
-pub fn parse_maps(text: &str, origin: &str) -> Result<Vec<MapsEntry>, ProcError> {
+/// The lines of a `/proc` file's bytes.
+fn lines(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    text.split(|&b| b == b'\n')
+}
+
+/// The first whitespace-separated token of a line.
+fn first_token(line: &[u8]) -> Option<&[u8]> {
+    line.split(u8::is_ascii_whitespace).find(|t| !t.is_empty())
+}
+
+/// A path as maps shows it, in vmatrace's text form ([`crate::name`]). maps writes a newline
+/// in a name as `\012` (and nothing else escaped); it is turned back into the newline, so that
+/// a name from maps equals the same name read from a link.
+fn maps_path(raw: &[u8]) -> String {
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i..].starts_with(b"\\012") {
+            bytes.push(b'\n');
+            i += 4;
+        } else {
+            bytes.push(raw[i]);
+            i += 1;
+        }
+    }
+    crate::name::from_bytes(&bytes)
+}
+
+/// Parses the bytes of a maps file (`origin` names it in errors).
+pub fn parse_maps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<MapsEntry>, ProcError> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    for (i, line) in lines(text.as_ref()).enumerate() {
+        if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         out.push(parse_maps_line(line).map_err(|what| ProcError::Parse {
@@ -67,31 +97,41 @@ pub fn parse_maps(text: &str, origin: &str) -> Result<Vec<MapsEntry>, ProcError>
 }
 
 /// One line of maps (or a VMA header line of smaps); the error names the bad column.
-fn parse_maps_line(line: &str) -> Result<MapsEntry, &'static str> {
-    let mut it = line.splitn(6, ' ');
-    let range = it.next().ok_or("range")?;
+fn parse_maps_line(line: &[u8]) -> Result<MapsEntry, &'static str> {
+    let mut it = line.splitn(6, |&b| b == b' ');
+    // The five columns before the path are ASCII; the path is any bytes.
+    let mut column = |what| {
+        it.next()
+            .and_then(|c| std::str::from_utf8(c).ok())
+            .ok_or(what)
+    };
+    let range = column("range")?;
+    let perms = column("perms")?;
+    let offset = column("offset")?;
+    let dev = column("dev")?;
+    let inode = column("inode")?;
     let (s, e) = range.split_once('-').ok_or("range")?;
     let start = u64::from_str_radix(s, 16).map_err(|_| "start")?;
     let end = u64::from_str_radix(e, 16).map_err(|_| "end")?;
     if end < start {
         return Err("range");
     }
-    let perms = it.next().and_then(Perms::parse).ok_or("perms")?;
-    let offset = it
+    let perms = Perms::parse(perms).ok_or("perms")?;
+    let offset = u64::from_str_radix(offset, 16).map_err(|_| "offset")?;
+    let inode = inode.parse().map_err(|_| "inode")?;
+    let path = it
         .next()
-        .and_then(|o| u64::from_str_radix(o, 16).ok())
-        .ok_or("offset")?;
-    let dev = it.next().ok_or("dev")?.to_string();
-    let inode = it.next().and_then(|n| n.parse().ok()).ok_or("inode")?;
-    let path = it.next().map(str::trim_start).filter(|p| !p.is_empty());
+        .map(|p| p.trim_ascii_start())
+        .filter(|p| !p.is_empty())
+        .map(maps_path);
     Ok(MapsEntry {
         start,
         end,
         perms,
         offset,
-        dev,
+        dev: dev.to_string(),
         inode,
-        path: path.map(str::to_string),
+        path,
         thp: ThpAdvice::Default,
         fork: ForkAdvice::default(),
         anon_vma: false,
@@ -168,15 +208,18 @@ impl Stat {
     }
 }
 
-/// Parses `/proc/PID/stat` text.
-pub fn parse_stat(text: &str, origin: &str) -> Result<Stat, ProcError> {
+/// Parses the bytes of `/proc/PID/stat`.
+pub fn parse_stat(text: impl AsRef<[u8]>, origin: &str) -> Result<Stat, ProcError> {
     let err = |what| ProcError::Parse {
         path: origin.to_string(),
         line: 1,
         what,
     };
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = text.rsplit_once(')').ok_or(err("comm"))?.1;
+    // The command name may hold any bytes, spaces and parentheses included: fields start
+    // after the last ')', and only they need to be text.
+    let text = text.as_ref();
+    let close = text.iter().rposition(|&b| b == b')').ok_or(err("comm"))?;
+    let rest = std::str::from_utf8(&text[close + 1..]).map_err(|_| err("fields"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // fields[0] is field 3 (state); field N is fields[N - 3].
     let field = |n: usize| fields.get(n - 3).copied().ok_or(err("field count"));
@@ -212,20 +255,20 @@ pub fn read_smaps(pid: u32) -> Result<Vec<SmapsEntry>, ProcError> {
     parse_smaps(&read(pid, "smaps")?, &format!("/proc/{pid}/smaps"))
 }
 
-/// Parses the text of an smaps file: a maps line per VMA, then `Key: value` lines.
-pub fn parse_smaps(text: &str, origin: &str) -> Result<Vec<SmapsEntry>, ProcError> {
+/// Parses the bytes of an smaps file: a maps line per VMA, then `Key: value` lines.
+pub fn parse_smaps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<SmapsEntry>, ProcError> {
     let mut out: Vec<SmapsEntry> = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    for (i, bytes) in lines(text.as_ref()).enumerate() {
         let err = |what| ProcError::Parse {
             path: origin.to_string(),
             line: i + 1,
             what,
         };
-        let Some(key) = line.split_whitespace().next() else {
+        let Some(key) = first_token(bytes) else {
             continue;
         };
-        if !key.ends_with(':') {
-            let map = parse_maps_line(line).map_err(err)?;
+        if !key.ends_with(b":") {
+            let map = parse_maps_line(bytes).map_err(err)?;
             out.push(SmapsEntry {
                 map,
                 rss: 0,
@@ -238,11 +281,14 @@ pub fn parse_smaps(text: &str, origin: &str) -> Result<Vec<SmapsEntry>, ProcErro
         let Some(last) = out.last_mut() else {
             return Err(err("a field before any VMA"));
         };
+        // Field lines are ASCII (only the VMA lines carry names).
+        let line = std::str::from_utf8(bytes).map_err(|_| err("field"))?;
+        let key = line.split_whitespace().next().unwrap_or_default();
         let kb = || -> Result<u64, ProcError> {
             line.split_whitespace()
                 .nth(1)
                 .and_then(|v| v.parse::<u64>().ok())
-                .map(|v| v * 1024)
+                .and_then(|v| v.checked_mul(1024))
                 .ok_or(err("size"))
         };
         match key {
@@ -447,7 +493,9 @@ pub fn thp_policy(pid: u32) -> ThpPolicy {
             }
         }
     }
-    let process_enabled = read(&format!("/proc/{pid}/status"))
+    // Read as bytes: the Name line holds the process's comm, which may be any bytes.
+    let status = fs::read(format!("/proc/{pid}/status")).unwrap_or_default();
+    let process_enabled = String::from_utf8_lossy(&status)
         .lines()
         .find_map(|l| l.strip_prefix("THP_enabled:"))
         .is_none_or(|v| v.trim() != "0");
@@ -467,8 +515,8 @@ pub struct MappedFile {
     pub inode: Option<u64>,
 }
 
-/// Device and inode of `path` (`stat`), in the form maps uses.
-pub fn file_id(path: &str) -> (Option<String>, Option<u64>) {
+/// Device and inode of `path` (`stat`, following links), in the form maps uses.
+pub fn file_id(path: &std::path::Path) -> (Option<String>, Option<u64>) {
     use std::os::unix::fs::MetadataExt;
     match fs::metadata(path) {
         Ok(m) => {
@@ -482,27 +530,32 @@ pub fn file_id(path: &str) -> (Option<String>, Option<u64>) {
     }
 }
 
-/// The file mapped at `addr` in `pid`, from its maps, else from its fd.
-pub fn mapped_file(pid: u32, addr: u64, fd: i32) -> Option<MappedFile> {
-    if let Ok(maps) = read_maps(pid)
-        && let Some(e) = maps
-            .iter()
-            .find(|e| e.start <= addr && addr < e.end && e.inode != 0)
-        && let Some(path) = &e.path
-    {
-        return Some(MappedFile {
-            path: path.clone(),
-            dev: Some(e.dev.clone()),
-            inode: Some(e.inode),
-        });
+/// The file that a `mmap` of file offset `offset` returning `addr` mapped, as the kernel shows
+/// it now: the VMA at `addr` in `/proc/PID/maps`, named by its `map_files` link (the mapped
+/// file itself: exact bytes, and `stat` through it reaches that file whatever its name is now).
+/// None when what is mapped at `addr` now cannot be that mapping (unmapped, anonymous, or a
+/// file at another offset: replaced since the call), rather than a guess through a file
+/// descriptor that may have been closed and reused since.
+pub fn mapped_file(pid: u32, addr: u64, offset: u64) -> Option<MappedFile> {
+    let maps = read_maps(pid).ok()?;
+    let e = maps.iter().find(|e| e.start <= addr && addr < e.end)?;
+    if e.inode == 0 || e.offset.checked_add(addr - e.start)? != offset {
+        return None;
     }
-    let link = format!("/proc/{pid}/fd/{fd}");
-    let path = fs::read_link(&link).ok()?;
+    let link = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", e.start, e.end));
     let (dev, inode) = file_id(&link);
+    if inode.is_some_and(|i| i != e.inode) {
+        // Replaced between the two reads.
+        return None;
+    }
+    let path = match fs::read_link(&link) {
+        Ok(p) => crate::name::from_os(p.as_os_str()),
+        Err(_) => e.path.clone()?,
+    };
     Some(MappedFile {
-        path: path.to_string_lossy().into_owned(),
-        dev,
-        inode,
+        path,
+        dev: dev.or_else(|| Some(e.dev.clone())),
+        inode: Some(e.inode),
     })
 }
 
@@ -615,9 +668,37 @@ mod tests {
     }
 
     #[test]
+    fn names_in_proc_files_are_bytes() {
+        // A path with invalid UTF-8 and a newline (which maps writes as `\012`), and a comm
+        // with invalid UTF-8 and a parenthesis.
+        let maps: &[u8] =
+            b"7f0000000000-7f0000004000 r--p 00001000 fe:01 99     /tmp/\xff\xfe\\012x\x1b[2J\n";
+        let m = parse_maps(maps, "t").expect("parses");
+        let path = m[0].path.as_deref().expect("a path");
+        assert_eq!(crate::name::to_bytes(path), b"/tmp/\xff\xfe\nx\x1b[2J");
+        assert_eq!((m[0].offset, m[0].inode), (0x1000, 99));
+        let mut smaps = maps.to_vec();
+        smaps.extend_from_slice(b"Rss:                  16 kB\nVmFlags: rd mr hg\n");
+        let s = parse_smaps(&smaps, "t").expect("parses");
+        assert_eq!((s[0].rss, s[0].map.thp), (16384, ThpAdvice::Huge));
+        assert_eq!(s[0].map.path, m[0].path);
+        let mut stat = b"42 (\xff\xfe) \x1b) S".to_vec();
+        for i in 4..=52 {
+            stat.extend_from_slice(format!(" {i}").as_bytes());
+        }
+        assert_eq!(parse_stat(&stat, "t").expect("parses").start_brk, 47);
+        // Fields after the name must still be text.
+        assert!(parse_stat(b"42 (a) S \xff 5", "t").is_err());
+    }
+
+    #[test]
     fn rejects_garbage_with_line_number() {
         let err = parse_maps("zz-10 rw-p 0 0 0\n", "x").unwrap_err();
         assert!(err.to_string().contains("x:1"), "{err}");
+        // A size in kB that overflows in bytes (found by the parse_maps fuzz target).
+        let err =
+            parse_smaps("1000-2000 rw-p 0 00:00 0\nRss: 18446744073709551 kB\n", "s").unwrap_err();
+        assert!(err.to_string().contains("s:2"), "{err}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! sinks as a live run, so that live and replay cannot disagree.
 
 use std::{
-    io::{self, BufRead},
+    io::{self, BufRead, Read},
     path::Path,
     sync::Arc,
 };
@@ -36,6 +36,21 @@ pub enum ReplayError {
     #[error("writing output: {0}")]
     Write(#[source] io::Error),
 }
+
+/// The longest line a recording may hold. A real snapshot of 65,530 VMAs (the default
+/// `vm.max_map_count`) with every page resident takes well under this; anything longer (such
+/// as `/dev/zero`, which has no newline at all) is refused instead of read into memory.
+pub const MAX_LINE: usize = 64 << 20;
+
+/// The end of the largest user address space (x86-64 with five-level page tables; arm64's is
+/// smaller). No VMA goes past it except the x86-64 `[vsyscall]` page.
+pub const USER_ADDRESS_END: u64 = 1 << 57;
+
+/// The most resident memory all the seed and exec snapshots of one recording may list
+/// (256 GiB): the model keeps about 16 bytes per resident 4 KiB page, so this bounds replay's
+/// memory for seeds at about 1 GiB, where a hostile seed (`[0, 2^47)` resident) would ask for
+/// 512 GiB.
+pub const MAX_RESIDENT_BYTES: u64 = 1 << 38;
 
 /// What one line of a recording holds.
 pub enum Record {
@@ -120,9 +135,24 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
         },
         (k, _) => return Err(format!("unknown vma kind '{k}'")),
     };
+    let start = u64_of(v, "start")?;
+    let end = u64_of(v, "end")?;
+    if end <= start {
+        return Err(format!("VMA {start:#x}-{end:#x} ends before it starts"));
+    }
+    if start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 {
+        return Err(format!("VMA {start:#x}-{end:#x} is not page-aligned"));
+    }
+    let vsyscall =
+        matches!(&backing, Backing::Special(n) if &**n == "[vsyscall]") && end - start == PAGE_SIZE;
+    if end > USER_ADDRESS_END && !vsyscall {
+        return Err(format!(
+            "VMA {start:#x}-{end:#x} goes past the end of any user address space ({USER_ADDRESS_END:#x})"
+        ));
+    }
     Ok(Vma {
-        start: u64_of(v, "start")?,
-        end: u64_of(v, "end")?,
+        start,
+        end,
         perms,
         offset: v.get("offset").and_then(Value::as_u64).unwrap_or(0),
         backing,
@@ -139,12 +169,15 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
     })
 }
 
-/// The pages a seed snapshot (or a populating syscall) lists as resident: `[[start, end,
-/// kind], ...]` (none in recordings made before vmatrace read them).
-fn resident_of(v: &Value) -> Result<Vec<ResidentRun>, String> {
+/// The pages a seed snapshot lists as resident: `[[start, end, kind], ...]` (none in
+/// recordings made before vmatrace read them). Each run is page-aligned, in address order,
+/// and inside the snapshot's VMAs (`vmas`, in address order, without gaps under the run: a
+/// run may cross from one VMA into the next).
+fn resident_of(v: &Value, vmas: &[Vma]) -> Result<Vec<ResidentRun>, String> {
     let Some(runs) = v.get("resident").and_then(Value::as_array) else {
         return Ok(Vec::new());
     };
+    let mut last_end = 0;
     runs.iter()
         .map(|r| {
             let bad = || format!("bad resident run {r}");
@@ -155,9 +188,50 @@ fn resident_of(v: &Value) -> Result<Vec<ResidentRun>, String> {
                 .and_then(Value::as_str)
                 .and_then(TouchKind::parse)
                 .ok_or_else(bad)?;
+            if end <= start || start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || start < last_end
+            {
+                return Err(format!(
+                    "resident run {start:#x}-{end:#x} is empty, not page-aligned or out of order"
+                ));
+            }
+            last_end = end;
+            // Walk the VMAs from the one holding `start` until `end` is covered.
+            let mut i = vmas.partition_point(|m| m.end <= start);
+            let mut covered = start;
+            while covered < end {
+                match vmas.get(i) {
+                    Some(m) if m.start <= covered => covered = m.end,
+                    _ => {
+                        return Err(format!(
+                            "resident run {start:#x}-{end:#x} goes beyond its VMA (nothing mapped at {covered:#x})"
+                        ));
+                    }
+                }
+                i += 1;
+            }
             Ok(ResidentRun { start, end, kind })
         })
         .collect()
+}
+
+/// One VMA over the whole user address space, for checks that need no finer map.
+fn user_space() -> [Vma; 1] {
+    [Vma {
+        start: 0,
+        end: USER_ADDRESS_END,
+        perms: Perms::default(),
+        offset: 0,
+        backing: Backing::Anonymous,
+        created_ns: 0,
+        thp: ThpAdvice::Default,
+        fork: ForkAdvice::default(),
+        anon_vma: false,
+    }]
+}
+
+/// Bytes of memory that `runs` list as resident.
+pub fn resident_bytes(runs: &[ResidentRun]) -> u64 {
+    runs.iter().map(|r| r.end - r.start).sum()
 }
 
 /// The huge page policy of a seed snapshot (off when absent).
@@ -177,6 +251,59 @@ fn thp_of(v: &Value) -> ThpPolicy {
         always: pages("always_kib"),
         madvise: pages("madvise_kib"),
         huge_zero_page: v["thp"]["huge_zero_page"].as_bool().unwrap_or(false),
+    }
+}
+
+/// Whether `[start, start + len)` (the length rounded up to pages, as the kernel does) lies in
+/// the user address space.
+fn in_user_space(start: u64, len: u64) -> bool {
+    crate::model::vma::page_align_up(len)
+        .checked_add(start)
+        .is_some_and(|end| end <= USER_ADDRESS_END)
+}
+
+/// A successful call can only have named ranges inside the user address space (the kernel
+/// refuses the others), and a file offset that does not wrap: a recording that says otherwise
+/// was not written by vmatrace.
+fn check_ranges(s: &SyscallRecord) -> Result<(), String> {
+    if s.errno().is_some() {
+        return Ok(());
+    }
+    let [a0, a1, a2, _, _, a5] = s.args;
+    let ret = s.ret as u64;
+    let ranges: &[(u64, u64)] = match s.call {
+        Syscall::Brk | Syscall::Shmdt => &[(ret, 0)],
+        Syscall::Mmap
+            if crate::model::vma::page_align_up(a1)
+                .checked_add(a5)
+                .is_none_or(|e| e > i64::MAX as u64) =>
+        {
+            return Err(format!(
+                "mmap of {a1:#x} bytes at file offset {a5:#x} goes past the largest file offset"
+            ));
+        }
+        Syscall::Mmap => &[(ret, a1)],
+        Syscall::Munmap
+        | Syscall::Mprotect
+        | Syscall::PkeyMprotect
+        | Syscall::Madvise
+        | Syscall::Mlock
+        | Syscall::Mlock2
+        | Syscall::Munlock => &[(a0, a1)],
+        Syscall::Mremap => &[(a0, a1), (ret, a2)],
+        Syscall::ProcessMadvise => &[(s.extra[0], s.extra[1])],
+        Syscall::Shmat => &[(ret, s.resolved.shm.map_or(0, |(size, _)| size))],
+        Syscall::Openat | Syscall::Mlockall | Syscall::Munlockall => &[],
+    };
+    match ranges
+        .iter()
+        .find(|(start, len)| !in_user_space(*start, *len))
+    {
+        Some((start, len)) => Err(format!(
+            "{} succeeded on {start:#x} + {len:#x} bytes, beyond the end of any user address space ({USER_ADDRESS_END:#x})",
+            s.call.name()
+        )),
+        None => Ok(()),
     }
 }
 
@@ -202,7 +329,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
             (Some(size), Some(key)) => Some((size, key)),
             _ => None,
         };
-        return Ok(Record::Event(Event::Syscall(SyscallRecord {
+        let record = SyscallRecord {
             ts_ns: ts_ns()?,
             enter_ts_ns: v.get("enter_ts_ns").and_then(Value::as_u64).unwrap_or(0),
             pid: u32_of(&v, "pid")?,
@@ -224,11 +351,15 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     .and_then(Value::as_u64)
                     .and_then(|p| u32::try_from(p).ok()),
                 resident: match v.get("resident") {
-                    Some(Value::Array(_)) => Some(resident_of(&v)?),
+                    // Checked like a seed's, against the user address space: a call's runs
+                    // are read from pagemap over what it made resident.
+                    Some(Value::Array(_)) => Some(resident_of(&v, &user_space())?),
                     _ => None,
                 },
             },
-        })));
+        };
+        check_ranges(&record)?;
+        return Ok(Record::Event(Event::Syscall(record)));
     }
     Ok(match ty {
         "meta" => Record::Meta {
@@ -273,8 +404,9 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
         }),
         "snapshot" => {
             let name = opt_str(&v, "reason").unwrap_or_default();
-            let reason = SnapshotReason::parse(&name)
-                .ok_or_else(|| format!("unknown snapshot reason '{name}'"))?;
+            let reason = SnapshotReason::parse(&name).ok_or_else(|| {
+                format!("unknown snapshot reason '{}'", crate::name::shown(&name))
+            })?;
             let pid = u32_of(&v, "pid")?;
             if reason.seeds() {
                 let vmas = v
@@ -284,6 +416,19 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     .iter()
                     .map(vma_of)
                     .collect::<Result<Vec<_>, _>>()?;
+                if let Some(w) = vmas.windows(2).find(|w| w[0].end > w[1].start) {
+                    return Err(format!(
+                        "VMAs {:#x}-{:#x} and {:#x}-{:#x} overlap or are out of order",
+                        w[0].start, w[0].end, w[1].start, w[1].end
+                    ));
+                }
+                let resident = resident_of(&v, &vmas)?;
+                if resident_bytes(&resident) > MAX_RESIDENT_BYTES {
+                    return Err(format!(
+                        "the snapshot lists {} bytes resident, more than the {MAX_RESIDENT_BYTES} a recording may hold",
+                        resident_bytes(&resident)
+                    ));
+                }
                 Record::Seed {
                     pid,
                     ts_ns: ts_ns()?,
@@ -291,7 +436,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     seed: Seed {
                         vmas,
                         start_brk: v.get("brk_start").and_then(Value::as_u64),
-                        resident: resident_of(&v)?,
+                        resident,
                         thp: thp_of(&v),
                     },
                     exe: opt_str(&v, "exe"),
@@ -319,6 +464,24 @@ pub struct Replayed {
     pub limits: Limits,
 }
 
+/// Reads the next line of `reader` into `buf` (without its newline), reading at most
+/// [`MAX_LINE`] + 1 bytes of it (a longer line is cut there: the caller refuses it). None at
+/// the end of the input.
+fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>, io::Error> {
+    buf.clear();
+    let n = reader
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+    }
+    Ok(Some(()))
+}
+
 /// Replays `path` into `sink`; `events` also passes every event on.
 pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed, ReplayError> {
     let name = path.display().to_string();
@@ -326,25 +489,63 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
         path: name.clone(),
         source,
     })?;
+    replay_from(io::BufReader::new(file), &name, sink, events)
+}
+
+/// Replays the recording read from `reader` (`name` in errors), one line at a time: memory
+/// holds one line (at most [`MAX_LINE`]) and the model, never the file.
+pub fn replay_from(
+    reader: impl BufRead,
+    name: &str,
+    sink: &mut dyn Sink,
+    events: bool,
+) -> Result<Replayed, ReplayError> {
+    replay_bounded(reader, name, sink, events, MAX_RESIDENT_BYTES)
+}
+
+/// [`replay_from`] with `resident_budget` bytes of resident memory for all the snapshots.
+fn replay_bounded(
+    mut reader: impl BufRead,
+    name: &str,
+    sink: &mut dyn Sink,
+    events: bool,
+    resident_budget: u64,
+) -> Result<Replayed, ReplayError> {
     let mut session = Session::default();
     let mut limits = Limits::default();
     let mut lost = LossSummary::default();
     let mut last_ts = 0u64;
     let mut last_ts_by_thread = std::collections::HashMap::new();
     let mut lines = 0usize;
+    let mut resident_seeded = 0u64;
     let bad = |line: usize, what: String| ReplayError::Bad {
-        path: name.clone(),
+        path: name.to_string(),
         line,
         what,
     };
-    for (i, line) in io::BufReader::new(file).lines().enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|e| bad(n, format!("cannot read: {e}")))?;
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        n += 1;
+        match next_line(&mut reader, &mut buf) {
+            Ok(Some(())) => {}
+            Ok(None) => break,
+            Err(e) => return Err(bad(n, format!("cannot read: {e}"))),
+        }
+        if buf.len() > MAX_LINE {
+            return Err(bad(
+                n,
+                format!("line longer than {} MiB: not a recording", MAX_LINE >> 20),
+            ));
+        }
+        let Ok(line) = std::str::from_utf8(&buf) else {
+            return Err(bad(n, "not UTF-8 text: not a recording".to_string()));
+        };
         if line.trim().is_empty() {
             continue;
         }
         lines += 1;
-        let record = parse_line(&line).map_err(|w| bad(n, w))?;
+        let record = parse_line(line).map_err(|w| bad(n, w))?;
         match record {
             Record::Meta {
                 version,
@@ -373,6 +574,15 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
                 seed,
                 exe,
             } => {
+                resident_seeded += resident_bytes(&seed.resident);
+                if resident_seeded > resident_budget {
+                    return Err(bad(
+                        n,
+                        format!(
+                            "the snapshots so far list {resident_seeded} bytes resident, more than the {resident_budget} a recording may hold"
+                        ),
+                    ));
+                }
                 match (reason, session.get(pid).is_some()) {
                     (SnapshotReason::Exec, true) => session.reseed(pid, seed, ts_ns),
                     (SnapshotReason::Resync, true) => {
@@ -439,11 +649,149 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
         }
     }
     if lines == 0 {
-        return Err(ReplayError::Empty { path: name });
+        return Err(ReplayError::Empty {
+            path: name.to_string(),
+        });
     }
     let summary = summarize(&session, lost);
     sink.summary(last_ts, &summary)
         .map_err(ReplayError::Write)?;
     sink.flush().map_err(ReplayError::Write)?;
     Ok(Replayed { session, limits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::NullSink;
+
+    const META: &str = "{\"type\":\"meta\",\"ts_ns\":1,\"version\":1}\n";
+
+    fn replayed(text: &str) -> Result<Replayed, ReplayError> {
+        replay_from(text.as_bytes(), "t", &mut NullSink, true)
+    }
+
+    /// A syscall record of `call` with `args` returning `ret`.
+    fn call(ts: u64, call: &str, args: [u64; 6], ret: i64) -> String {
+        format!(
+            "{{\"type\":\"{call}\",\"ts_ns\":{ts},\"pid\":7,\"tid\":7,\"args\":{args:?},\"ret\":{ret}}}\n"
+        )
+    }
+
+    #[test]
+    fn calls_with_impossible_ranges_are_refused_and_edge_ones_do_not_break_the_model() {
+        let top = !4095u64;
+        let end = USER_ADDRESS_END;
+        let seed = format!(
+            "{META}{{\"type\":\"snapshot\",\"ts_ns\":2,\"pid\":7,\"reason\":\"seed\",\"exe\":null,\"vmas\":[],\"brk_start\":{}}}\n",
+            end - 8192
+        );
+        let impossible: [(&str, [u64; 6], i64); 10] = [
+            ("mmap", [0, u64::MAX, 3, 0x22, u64::MAX, 0], top as i64),
+            ("mmap", [0, 1 << 62, 3, 0x22, u64::MAX, 0], 4096),
+            ("mmap", [0, 8192, 3, 0x02, 3, !4095u64], 4096),
+            ("munmap", [4096, u64::MAX, 0, 0, 0, 0], 0),
+            ("mprotect", [top, 4096, 7, 0, 0, 0], 0),
+            ("madvise", [end, 4096, 4, 0, 0, 0], 0),
+            ("mremap", [4096, 4096, u64::MAX, 1, 0, 0], 4096),
+            ("mremap", [top, 4096, 4096, 3, 4096, 0], 4096),
+            ("brk", [top, 0, 0, 0, 0, 0], top as i64),
+            ("shmat", [1, top, 0, 0, 0, 0], top as i64),
+        ];
+        for (name, args, ret) in impossible {
+            let err = replayed(&format!("{seed}{}", call(10, name, args, ret)))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.starts_with("t:3: ")
+                    && (err.contains("beyond the end of any user address space")
+                        || err.contains("largest file offset")),
+                "{name} {args:?}: {err}"
+            );
+        }
+        // At the very end of user space, and faults anywhere: replayed, no overflow.
+        let mut text = seed;
+        let edge: [(&str, [u64; 6], i64); 8] = [
+            ("mmap", [0, 4096, 3, 0x22, u64::MAX, 0], (end - 4096) as i64),
+            ("mmap", [0, 8192, 3, 0x02, 3, 1 << 62], (end - 16384) as i64),
+            (
+                "mremap",
+                [end - 4096, 4096, 8192, 1, 0, 0],
+                (end - 8192) as i64,
+            ),
+            ("madvise", [0, end, 14, 0, 0, 0], 0),
+            ("mprotect", [0, end, 1, 0, 0, 0], 0),
+            ("brk", [end, 0, 0, 0, 0, 0], end as i64),
+            ("munmap", [0, end, 0, 0, 0, 0], 0),
+            ("madvise", [end, 0, 4, 0, 0, 0], 0),
+        ];
+        for (i, (name, args, ret)) in edge.iter().enumerate() {
+            text.push_str(&call(10 + i as u64, name, *args, *ret));
+        }
+        for (i, address) in [u64::MAX, end, end - 1, 0].iter().enumerate() {
+            text.push_str(&format!(
+                "{{\"type\":\"fault\",\"ts_ns\":{},\"pid\":7,\"tid\":7,\"address\":{address},\"ip\":0,\"error_code\":6}}\n",
+                100 + i
+            ));
+        }
+        let r = replayed(&text);
+        assert!(r.is_ok(), "{:?}", r.err());
+    }
+
+    #[test]
+    fn impossible_snapshots_are_refused_naming_the_line() {
+        let seed = |vmas: &str, resident: &str| {
+            format!(
+                "{META}{{\"type\":\"snapshot\",\"ts_ns\":2,\"pid\":7,\"reason\":\"seed\",\"exe\":null,\"vmas\":[{vmas}],\"resident\":[{resident}]}}\n"
+            )
+        };
+        let special = |start: u64, end: u64, name: &str| {
+            format!(
+                "{{\"start\":{start},\"end\":{end},\"perms\":\"r-xp\",\"path\":\"{name}\",\"kind\":\"special\"}}"
+            )
+        };
+        // The x86-64 vsyscall page is the one VMA above user space.
+        let vsyscall = 0xffff_ffff_ff60_0000u64;
+        assert!(replayed(&seed(&special(vsyscall, vsyscall + 4096, "[vsyscall]"), "")).is_ok());
+        let err = replayed(&seed(&special(vsyscall, vsyscall + 4096, "[vdso]"), ""))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("t:2: VMA"), "{err}");
+        // A run crossing from one VMA into the next one is fine; into a gap is not.
+        let anon = |s: u64, e: u64| {
+            format!("{{\"start\":{s},\"end\":{e},\"perms\":\"rw-p\",\"kind\":\"anon\"}}")
+        };
+        let two = format!("{},{}", anon(0x1000, 0x3000), anon(0x3000, 0x5000));
+        assert!(replayed(&seed(&two, "[4096, 20480, \"anon\"]")).is_ok());
+        let gap = format!("{},{}", anon(0x1000, 0x3000), anon(0x4000, 0x5000));
+        let err = replayed(&seed(&gap, "[4096, 20480, \"anon\"]"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("nothing mapped at 0x3000"), "{err}");
+        // Resident memory adds up over the snapshots of a recording (a small budget here, so
+        // that the test does not spend minutes seeding the real one).
+        let big = anon(1 << 40, 1 << 41);
+        let run = format!("[{}, {}, \"anon\"]", 1u64 << 40, (1u64 << 40) + (1 << 24));
+        let mut text = seed(&big, &run);
+        text.push_str(&seed(&big, &run)[META.len()..].replace("\"pid\":7", "\"pid\":8"));
+        text.push_str(&seed(&big, &run)[META.len()..].replace("\"pid\":7", "\"pid\":9"));
+        let err = replay_bounded(text.as_bytes(), "t", &mut NullSink, true, 5 << 23)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.starts_with("t:4: the snapshots so far"), "{err}");
+    }
+
+    #[test]
+    fn a_line_without_end_is_refused_at_the_bound() {
+        let endless = std::io::repeat(b'x');
+        let err = replay_from(io::BufReader::new(endless), "zero", &mut NullSink, false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(err, "zero:1: line longer than 64 MiB: not a recording");
+    }
 }

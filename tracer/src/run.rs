@@ -118,7 +118,7 @@ pub fn read_seed(pid: u32, ts: u64) -> Result<Seed, ProcError> {
     if procfs::runs_32bit_program(pid) {
         log::warn!(
             "process {pid} runs a 32-bit program ({}): the kernel's syscall tracepoints do not report 32-bit syscalls, so only its page faults are traced (--reconcile shows what its syscalls changed)",
-            exe_of(pid).unwrap_or_default()
+            crate::name::shown(&exe_of(pid).unwrap_or_default())
         );
     }
     let smaps = procfs::read_smaps(pid)?;
@@ -135,7 +135,7 @@ pub fn read_seed(pid: u32, ts: u64) -> Result<Seed, ProcError> {
 fn exe_of(pid: u32) -> Option<String> {
     std::fs::read_link(format!("/proc/{pid}/exe"))
         .ok()
-        .map(|p| p.to_string_lossy().into_owned())
+        .map(|p| crate::name::from_os(p.as_os_str()))
 }
 
 /// Fills in what the kernel could not know: file names, segment sizes, pidfd targets.
@@ -159,13 +159,16 @@ fn resolve(event: &mut Event, opened: &mut HashMap<(u32, i32), String>) {
     match s.call {
         Syscall::Mmap if s.args[3] & 0x20 == 0 => {
             let fd = s.args[4] as i32;
-            // /proc first, else the path the process opened (and that file's identity now).
-            if let Some(f) = procfs::mapped_file(s.pid, s.ret as u64, fd) {
+            // The kernel's own mapping at the returned address first; else the path the
+            // process opened as that fd (events are handled in order, so that is the file
+            // the fd named at the call, unlike /proc/PID/fd now), with its identity now.
+            if let Some(f) = procfs::mapped_file(s.pid, s.ret as u64, s.args[5]) {
                 s.resolved.path = Some(f.path);
                 s.resolved.dev = f.dev;
                 s.resolved.inode = f.inode;
             } else if let Some(path) = opened.get(&(s.pid, fd)) {
-                (s.resolved.dev, s.resolved.inode) = procfs::file_id(path);
+                (s.resolved.dev, s.resolved.inode) =
+                    procfs::file_id(std::path::Path::new(&crate::name::to_os(path)));
                 s.resolved.path = Some(path.clone());
             }
         }

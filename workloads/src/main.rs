@@ -301,6 +301,78 @@ fn file() {
     let _ = std::fs::remove_file(&path);
 }
 
+/// The name `hostile-names` gives itself and its file: bytes that are not UTF-8, and
+/// terminal controls that would clear the screen, retitle the window and forge a line.
+pub const HOSTILE_COMM: &[u8] = b"\xff\xfe\x1b[2J\nX";
+pub const HOSTILE_FILE: &[u8] = b"\x1b]0;PWNED\x07\x1b[2J\nFAKE LINE\r\xff\xfe\\x41";
+
+/// A process with a hostile name mapping a file with a hostile name in `dir`, between markers;
+/// then (`wait`) it waits for stdin to close, so that a test can attach with `-p`.
+fn hostile_names(dir: &str, wait: bool) {
+    use std::os::unix::ffi::OsStrExt;
+    let mut comm = HOSTILE_COMM.to_vec();
+    comm.push(0);
+    // SAFETY: a NUL-terminated name of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, comm.as_ptr()) };
+    let mut bytes = dir.as_bytes().to_vec();
+    bytes.push(b'/');
+    bytes.extend_from_slice(HOSTILE_FILE);
+    let path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(&bytes));
+    let _ = std::fs::write(&path, vec![7u8; 4 * PAGE]);
+    let Ok(f) = std::fs::File::open(&path) else {
+        say("error open");
+        return;
+    };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    mark(MARK_BEGIN);
+    let a = mmap(0, 4 * PAGE, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0);
+    let sum = read_touch(a, 4 * PAGE);
+    mark(MARK_END);
+    say(&format!("hostile {a} {sum}"));
+    if wait {
+        say(&format!("ready {}", std::process::id()));
+        let mut buf = String::new();
+        let _ = std::io::stdin().read_line(&mut buf);
+    }
+    munmap(a, 4 * PAGE);
+}
+
+/// A file mapped, unmapped and closed, and its descriptor reused at once for another file
+/// (`planted`) mapped at another offset: the first mmap must still name the first file, though
+/// when vmatrace reads /proc its fd names the second one.
+fn fd_reuse(dir: &str) {
+    let first = format!("{dir}/first.dat");
+    let planted = format!("{dir}/planted.dat");
+    let _ = std::fs::write(&first, vec![1u8; 4 * PAGE]);
+    let _ = std::fs::write(&planted, vec![2u8; 8 * PAGE]);
+    let open = |p: &str| {
+        let c = std::ffi::CString::new(p).unwrap_or_default();
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::open(c.as_ptr(), libc::O_RDONLY) }
+    };
+    mark(MARK_BEGIN);
+    let fd = open(&first);
+    let a = mmap(0, 4 * PAGE, libc::PROT_READ, libc::MAP_PRIVATE, fd, 0);
+    read_touch(a, 4 * PAGE);
+    munmap(a, 4 * PAGE);
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    let fd2 = open(&planted);
+    let b = mmap(
+        0,
+        4 * PAGE,
+        libc::PROT_READ,
+        libc::MAP_PRIVATE,
+        fd2,
+        4 * PAGE as i64,
+    );
+    read_touch(b, 4 * PAGE);
+    mark(MARK_END);
+    say(&format!("fd_reuse {fd} {fd2} {a} {b}"));
+    // Keep the planted mapping and fd while vmatrace resolves the first mmap.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 /// Fork: the child maps and touches memory, then exits; the parent waits.
 fn fork() {
     mark(MARK_BEGIN);
@@ -916,9 +988,14 @@ fn main() {
         Some("residency") => residency(),
         Some("fork-advice") => fork_advice(),
         Some("lossy") => lossy(),
+        Some("hostile-names") => hostile_names(
+            args.get(2).map_or("/tmp", String::as_str),
+            args.get(3).is_some_and(|w| w == "wait"),
+        ),
+        Some("fd-reuse") => fd_reuse(args.get(2).map_or("/tmp", String::as_str)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy"
+                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
             );
             std::process::exit(2);
         }

@@ -1,11 +1,31 @@
-//! Opening the output file safely: mode 0600, never through a symlink, never over an existing
-//! file without `--force`. Done before anything is attached.
+//! Opening an output file safely, before anything is attached. The path is walked one
+//! component at a time without following links (`O_PATH | O_NOFOLLOW`), so that nobody but
+//! the user decides where the output goes:
+//!
+//! - a symbolic link in the middle of the path is followed only where no one but root or the
+//!   invoking user could have planted it (a directory they own and nobody else can write, a
+//!   link they own); the last component is never a link;
+//! - a new file is created 0600 and, under sudo, given to the invoking user
+//!   ([`crate::sudo`]), so that `vmatrace replay` works without sudo;
+//! - an existing regular file needs `--force`, and is then replaced by a new file renamed over
+//!   it: vmatrace never writes into a file that someone else may own or hold open;
+//! - a FIFO or character device (`-o /dev/null`, a pipe the user made) is written to as it is,
+//!   since nothing is overwritten, unless another user owns it in a directory everyone can
+//!   write; it is opened without blocking, and a FIFO with no reader yet is opened in the
+//!   background, so that vmatrace attaches at once (its first write-out waits for a reader).
 
 use std::{
-    fs::{File, OpenOptions},
+    collections::VecDeque,
+    ffi::{CString, OsStr, OsString},
+    fs::File,
     io,
-    os::unix::fs::OpenOptionsExt,
-    path::Path,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Component, Path},
+    sync::atomic::{AtomicU32, Ordering},
+    thread::JoinHandle,
 };
 
 /// Errors opening the output.
@@ -17,47 +37,383 @@ pub enum OutputError {
     Directory(String),
     #[error("{0} is a symbolic link; refusing to write through it")]
     Symlink(String),
+    #[error(
+        "{path}: {link} is a symbolic link that another user could have planted; refusing to follow it"
+    )]
+    UntrustedLink { path: String, link: String },
+    #[error(
+        "{path} is owned by another user (uid {uid}) in a directory everyone can write; refusing to write to it"
+    )]
+    NotYours { path: String, uid: u32 },
+    #[error("{0} is not a regular file, FIFO or character device")]
+    Unsupported(String),
     #[error("cannot write {path}: {source}")]
     Io { path: String, source: io::Error },
 }
 
-/// Creates `path` for writing.
-pub fn create(path: &Path, force: bool) -> Result<File, OutputError> {
-    let name = path.display().to_string();
-    if let Ok(meta) = path.symlink_metadata() {
-        if meta.file_type().is_symlink() {
-            return Err(OutputError::Symlink(name));
-        }
-        if meta.is_dir() {
-            return Err(OutputError::Directory(name));
-        }
-        if !force {
-            return Err(OutputError::Exists(name));
+/// The users whose files and links are trusted: root, the effective user, the sudo user.
+struct Trusted {
+    uids: [u32; 3],
+}
+
+impl Trusted {
+    fn now() -> Self {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let sudo = crate::sudo::invoker().map_or(0, |u| u.uid);
+        Self {
+            uids: [0, euid, sudo],
         }
     }
-    let mut opts = OpenOptions::new();
-    opts.write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
-    if force {
-        opts.create(true).truncate(true);
-    } else {
-        opts.create_new(true);
+
+    fn owns(&self, st: &libc::stat) -> bool {
+        self.uids.contains(&st.st_uid)
     }
-    opts.open(path)
-        .map_err(|source| match source.raw_os_error() {
-            Some(libc::ELOOP) => OutputError::Symlink(name.clone()),
-            Some(libc::EISDIR) => OutputError::Directory(name.clone()),
-            Some(libc::EEXIST) => OutputError::Exists(name.clone()),
-            _ => OutputError::Io { path: name, source },
-        })
+
+    /// Whether a link (`link`) in directory `dir` can only have been made by a trusted user.
+    fn may_follow(&self, dir: &libc::stat, link: &libc::stat) -> bool {
+        self.owns(dir) && dir.st_mode & (libc::S_IWGRP | libc::S_IWOTH) == 0 && self.owns(link)
+    }
+}
+
+/// The kernel's limit on links followed in one look-up.
+const MAX_LINKS: usize = 40;
+
+fn c_name(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn openat(dir: &OwnedFd, name: &CString, flags: i32, mode: u32) -> io::Result<OwnedFd> {
+    // SAFETY: a valid directory fd and a NUL-terminated name.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_root(absolute: bool) -> io::Result<OwnedFd> {
+    let start = CString::new(if absolute { "/" } else { "." }).unwrap_or_default();
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            start.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: an all-zero stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid fd and out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn fstatat(dir: &OwnedFd, name: &CString) -> io::Result<libc::stat> {
+    // SAFETY: an all-zero stat is a valid out-buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid directory fd, name and out-pointer.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn is(st: &libc::stat, kind: libc::mode_t) -> bool {
+    st.st_mode & libc::S_IFMT == kind
+}
+
+/// Pushes the components of `path` in front of `todo` (in order); true when it is absolute.
+fn push_front(todo: &mut VecDeque<OsString>, path: &Path) -> bool {
+    let mut absolute = false;
+    let mut parts = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir => absolute = true,
+            Component::Prefix(_) | Component::CurDir => {}
+            Component::ParentDir => parts.push(OsString::from("..")),
+            Component::Normal(n) => parts.push(n.to_os_string()),
+        }
+    }
+    for p in parts.into_iter().rev() {
+        todo.push_front(p);
+    }
+    absolute
+}
+
+fn readlinkat(dir: &OwnedFd, name: &CString) -> io::Result<std::path::PathBuf> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: a valid directory fd and name; the buffer's length is passed.
+    let n = unsafe {
+        libc::readlinkat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(std::path::PathBuf::from(OsString::from(
+        <OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&buf),
+    )))
+}
+
+/// Opens the directory `dir` (every component of it a directory), following only the links
+/// a trusted user made.
+fn open_dir(dir: &Path, trusted: &Trusted, name: &str) -> Result<OwnedFd, OutputError> {
+    let io_err = |source| OutputError::Io {
+        path: name.to_string(),
+        source,
+    };
+    let mut todo = VecDeque::new();
+    let mut fd = open_root(push_front(&mut todo, dir)).map_err(io_err)?;
+    let mut links = 0;
+    while let Some(part) = todo.pop_front() {
+        let c = c_name(&part).map_err(io_err)?;
+        let next = openat(
+            &fd,
+            &c,
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0,
+        )
+        .map_err(io_err)?;
+        let st = fstat(&next).map_err(io_err)?;
+        if is(&st, libc::S_IFDIR) {
+            fd = next;
+            continue;
+        }
+        if !is(&st, libc::S_IFLNK) {
+            return Err(io_err(io::Error::from_raw_os_error(libc::ENOTDIR)));
+        }
+        let here = fstat(&fd).map_err(io_err)?;
+        if !trusted.may_follow(&here, &st) {
+            return Err(OutputError::UntrustedLink {
+                path: name.to_string(),
+                link: part.to_string_lossy().into_owned(),
+            });
+        }
+        links += 1;
+        if links > MAX_LINKS {
+            return Err(io_err(io::Error::from_raw_os_error(libc::ELOOP)));
+        }
+        let target = readlinkat(&fd, &c).map_err(io_err)?;
+        if push_front(&mut todo, &target) {
+            fd = open_root(true).map_err(io_err)?;
+        }
+    }
+    Ok(fd)
+}
+
+/// An opened output: a file, or a FIFO still waiting for its reader (opened in the
+/// background; the first write waits for it).
+pub struct Output {
+    file: Option<File>,
+    pending: Option<JoinHandle<io::Result<File>>>,
+}
+
+impl Output {
+    fn ready(fd: OwnedFd) -> Self {
+        Self {
+            file: Some(File::from(fd)),
+            pending: None,
+        }
+    }
+
+    fn file(&mut self) -> io::Result<&mut File> {
+        if let Some(pending) = self.pending.take() {
+            let file = pending
+                .join()
+                .map_err(|_| io::Error::other("the thread opening the FIFO panicked"))??;
+            self.file = Some(file);
+        }
+        self.file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("output not open"))
+    }
+
+    /// Cuts a regular file back to `len` bytes (nothing for a FIFO or device).
+    fn cut_back(&mut self, len: u64) {
+        if let Ok(f) = self.file() {
+            let _ = f.set_len(len);
+            let _ = io::Seek::seek(f, io::SeekFrom::Start(len));
+        }
+    }
+}
+
+impl io::Write for Output {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.file()?.write(data)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file()?.flush()
+    }
+}
+
+/// Gives a file vmatrace created to the user who ran sudo (still 0600).
+fn give_to_invoker(fd: &OwnedFd) -> io::Result<()> {
+    if let Some(user) = crate::sudo::invoker() {
+        // SAFETY: a valid fd.
+        if unsafe { libc::fchown(fd.as_raw_fd(), user.uid, user.gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+const NEW_FILE: i32 =
+    libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+
+/// Creates `name` in `dir`, 0600, owned by the invoking user.
+fn create_new(dir: &OwnedFd, name: &CString) -> io::Result<OwnedFd> {
+    let fd = openat(dir, name, NEW_FILE, 0o600)?;
+    give_to_invoker(&fd)?;
+    Ok(fd)
+}
+
+/// Replaces the regular file `name` in `dir` by a new one: written under a temporary name in
+/// the same directory, then renamed over it, so that the old file (whoever owns it, whatever
+/// its mode, whoever holds it open) is never written.
+fn replace(dir: &OwnedFd, name: &CString) -> io::Result<OwnedFd> {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let tmp = CString::new(format!(
+        ".vmatrace-{}-{}.tmp",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ))
+    .map_err(io::Error::other)?;
+    let fd = create_new(dir, &tmp)?;
+    // SAFETY: a valid directory fd and NUL-terminated names.
+    let rc = unsafe {
+        libc::renameat(
+            dir.as_raw_fd(),
+            tmp.as_ptr(),
+            dir.as_raw_fd(),
+            name.as_ptr(),
+        )
+    };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: as above; removing our own temporary file.
+        unsafe { libc::unlinkat(dir.as_raw_fd(), tmp.as_ptr(), 0) };
+        return Err(e);
+    }
+    Ok(fd)
+}
+
+/// Opens the FIFO or character device `name` in `dir` for writing, never blocking: the file
+/// opened must be the one checked (`st`).
+fn open_special(dir: OwnedFd, name: CString, st: &libc::stat) -> io::Result<Output> {
+    let flags = libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC;
+    let same = |fd: &OwnedFd, want: (u64, u64)| -> io::Result<()> {
+        let got = fstat(fd)?;
+        if (got.st_dev, got.st_ino) == want {
+            Ok(())
+        } else {
+            Err(io::Error::other("replaced while being opened"))
+        }
+    };
+    let want = (st.st_dev, st.st_ino);
+    match openat(&dir, &name, flags | libc::O_NONBLOCK, 0) {
+        Ok(fd) => {
+            same(&fd, want)?;
+            // Writes block as usual from now on (a slow reader slows vmatrace, as on stdout).
+            // SAFETY: a valid fd; clearing O_NONBLOCK.
+            unsafe {
+                let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+            }
+            Ok(Output::ready(fd))
+        }
+        // A FIFO nobody reads yet: wait for its reader on another thread.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) && is(st, libc::S_IFIFO) => {
+            let pending = std::thread::Builder::new()
+                .name("vmatrace-fifo".into())
+                .spawn(move || {
+                    let fd = openat(&dir, &name, flags, 0)?;
+                    same(&fd, want)?;
+                    Ok(File::from(fd))
+                })?;
+            Ok(Output {
+                file: None,
+                pending: Some(pending),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens `path` for writing as the module documentation describes.
+pub fn create(path: &Path, force: bool) -> Result<Output, OutputError> {
+    let shown = path.display().to_string();
+    let io_err = |source: io::Error| match source.raw_os_error() {
+        Some(libc::ELOOP) => OutputError::Symlink(shown.clone()),
+        Some(libc::EISDIR) => OutputError::Directory(shown.clone()),
+        Some(libc::EEXIST) => OutputError::Exists(shown.clone()),
+        _ => OutputError::Io {
+            path: shown.clone(),
+            source,
+        },
+    };
+    let Some(file_name) = path.file_name() else {
+        return Err(OutputError::Directory(shown));
+    };
+    let trusted = Trusted::now();
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = open_dir(parent.unwrap_or(Path::new(".")), &trusted, &shown)?;
+    let name = c_name(file_name).map_err(io_err)?;
+    let st = match fstatat(&dir, &name) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+            return create_new(&dir, &name).map(Output::ready).map_err(io_err);
+        }
+        Err(e) => return Err(io_err(e)),
+        Ok(st) => st,
+    };
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFLNK => Err(OutputError::Symlink(shown)),
+        libc::S_IFDIR => Err(OutputError::Directory(shown)),
+        libc::S_IFREG if !force => Err(OutputError::Exists(shown)),
+        libc::S_IFREG => replace(&dir, &name).map(Output::ready).map_err(io_err),
+        libc::S_IFIFO | libc::S_IFCHR => {
+            let here = fstat(&dir).map_err(io_err)?;
+            if here.st_mode & libc::S_IWOTH != 0 && !trusted.owns(&st) {
+                return Err(OutputError::NotYours {
+                    path: shown,
+                    uid: st.st_uid,
+                });
+            }
+            open_special(dir, name, &st).map_err(io_err)
+        }
+        _ => Err(OutputError::Unsupported(shown)),
+    }
 }
 
 /// A file writer that only ever leaves whole lines on disk: it buffers, writes up to the last
 /// newline, and when a write fails (a full disk) it cuts the file back to the last whole line,
 /// so that every line already written stays a valid record.
 pub struct LineFile {
-    file: File,
+    file: Output,
     buf: Vec<u8>,
     /// Where the last newline in `buf` is (found when it was written, so that a long line
     /// written in many small pieces is not scanned again and again).
@@ -69,8 +425,8 @@ pub struct LineFile {
 const LINE_FILE_BUFFER: usize = 1 << 16;
 
 impl LineFile {
-    /// Wraps a file opened for writing at its start.
-    pub fn new(file: File) -> Self {
+    /// Wraps an output opened for writing at its start.
+    pub fn new(file: Output) -> Self {
         Self {
             file,
             buf: Vec::with_capacity(LINE_FILE_BUFFER),
@@ -87,8 +443,7 @@ impl LineFile {
         let lines = &self.buf[..=last];
         if let Err(e) = self.file.write_all(lines) {
             // Cut a partly written line back off; what remains is whole lines.
-            let _ = self.file.set_len(self.committed);
-            let _ = std::io::Seek::seek(&mut self.file, io::SeekFrom::Start(self.committed));
+            self.file.cut_back(self.committed);
             return Err(e);
         }
         self.committed += lines.len() as u64;

@@ -16,6 +16,7 @@ use crate::{
     event::{Event, SyscallRecord},
     flags::{self, size},
     model::{EffectKind, PAGE_SIZE, Touch},
+    name::shown,
     session::{Applied, Process, Session},
 };
 
@@ -138,7 +139,7 @@ pub fn call_text(s: &SyscallRecord) -> String {
     };
     let mut text = format!("{}({args}) = {ret}", s.call.name());
     if let Some(p) = &s.resolved.path {
-        text.push_str(&format!(" <{p}>"));
+        text.push_str(&format!(" <{}>", shown(p)));
     }
     text
 }
@@ -273,10 +274,9 @@ impl<W: Write> Sink for HumanSink<W> {
                     let label = session
                         .get(f.pid)
                         .and_then(|p| p.space.find(start))
-                        .map(|v| {
-                            v.backing
-                                .path(v.perms.shared)
-                                .unwrap_or_else(|| "anonymous memory".into())
+                        .map(|v| match v.backing.path(v.perms.shared) {
+                            Some(path) => shown(&path).to_string(),
+                            None => "anonymous memory".into(),
                         })
                         .unwrap_or_default();
                     // Pages, not faults: one fault on a huge page makes many resident.
@@ -307,7 +307,12 @@ impl<W: Write> Sink for HumanSink<W> {
                 ts_ns,
                 ..
             } => {
-                writeln!(self.out, "{} [{pid}] exec {filename}", self.time(*ts_ns))?;
+                writeln!(
+                    self.out,
+                    "{} [{pid}] exec {}",
+                    self.time(*ts_ns),
+                    shown(filename)
+                )?;
             }
             Event::Exit { pid, ts_ns, .. } => {
                 self.flush_touches()?;
@@ -326,9 +331,10 @@ impl<W: Write> Sink for HumanSink<W> {
         self.flush_touches()?;
         writeln!(
             self.out,
-            "{} [{}] snapshot ({reason}): {} VMAs",
+            "{} [{}] snapshot ({}): {} VMAs",
             self.time(ts_ns),
             p.pid,
+            shown(reason),
             p.space.vma_count()
         )?;
         writeln!(
@@ -346,7 +352,7 @@ impl<W: Write> Sink for HumanSink<W> {
                 size(r.reserved_bytes),
                 size(r.touched_bytes),
                 size(r.anon_bytes),
-                r.path.as_deref().unwrap_or("")
+                shown(r.path.as_deref().unwrap_or(""))
             )?;
         }
         Ok(())
@@ -372,7 +378,7 @@ impl<W: Write> Sink for HumanSink<W> {
         );
         writeln!(self.out, "{}", self.paint("33", &line))?;
         for l in lines {
-            writeln!(self.out, "    {l}")?;
+            writeln!(self.out, "    {}", shown(l))?;
         }
         Ok(())
     }
@@ -390,7 +396,7 @@ impl<W: Write> Sink for HumanSink<W> {
                 self.out,
                 "process {} ({}){}",
                 p.pid,
-                p.exe.as_deref().unwrap_or("?"),
+                shown(p.exe.as_deref().unwrap_or("?")),
                 if p.exited { ", exited" } else { "" }
             )?;
             writeln!(
@@ -456,7 +462,7 @@ impl<W: Write> Sink for HumanSink<W> {
                     r.perms,
                     size(r.touched_bytes),
                     size(r.reserved_bytes),
-                    r.path.as_deref().unwrap_or("[anon]")
+                    shown(r.path.as_deref().unwrap_or("[anon]"))
                 )?;
             }
         }
