@@ -759,6 +759,9 @@ impl AddressSpace {
 
     /// A user page fault at `addr`. `write` is None when the backend cannot tell.
     pub fn fault(&mut self, ts: u64, addr: u64, write: Option<bool>, present: bool) -> FaultEffect {
+        // A fault inside a huge zero page kept whole acts on its pages one by one.
+        self.pages
+            .expand_zero(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + 1);
         let mut stack_grown_to = None;
         if self.find(addr).is_none() {
             let stack = self

@@ -131,6 +131,11 @@ pub struct Pages {
     released: u64,
     /// Huge-page blocks by first page.
     huge_blocks: BTreeMap<u64, HugeBlock>,
+    /// Huge zero pages kept whole: a read of an untouched 2 MiB block maps one page-table
+    /// entry, so the model keeps one entry (block, first-touch time), not 512, until
+    /// something acts on a page inside ([`Pages::expand_zero`]). A process reading one byte
+    /// per 2 MiB of a huge mapping costs what the kernel spends, not 512 times that.
+    zero_blocks: BTreeMap<u64, (HugeBlock, u64)>,
     /// Pages touched again after they were released.
     pub refaults: u64,
     /// Pages touched again after `madvise` released them, and of those within
@@ -149,8 +154,59 @@ fn is_released(v: u64) -> bool {
 }
 
 impl Pages {
+    /// Turns the whole huge zero pages that `[start_page, end_page)` meets into page entries
+    /// (what every other operation works on).
+    pub fn expand_zero(&mut self, start_page: u64, end_page: u64) {
+        if self.zero_blocks.is_empty() || start_page >= end_page {
+            return;
+        }
+        let met: Vec<u64> = self
+            .zero_blocks
+            .range(..end_page)
+            .rev()
+            .take_while(|(_, (b, _))| b.start + b.pages > start_page)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in met {
+            if let Some((block, ts)) = self.zero_blocks.remove(&k) {
+                for page in block.start..block.start + block.pages {
+                    self.entries.insert(page, value(ts, TouchKind::Zero, HUGE));
+                }
+                self.huge_blocks.insert(block.start, block);
+            }
+        }
+    }
+
+    /// Takes out the huge zero pages lying wholly inside `[start_page, end_page)`, so that an
+    /// operation on a large range costs one step per such page instead of 512.
+    fn take_zero_within(&mut self, start_page: u64, end_page: u64) -> Vec<(HugeBlock, u64)> {
+        let inside: Vec<u64> = self
+            .zero_blocks
+            .range(start_page..end_page)
+            .filter(|(_, (b, _))| b.start + b.pages <= end_page)
+            .map(|(&k, _)| k)
+            .collect();
+        inside
+            .into_iter()
+            .filter_map(|k| self.zero_blocks.remove(&k))
+            .collect()
+    }
+
+    /// The whole huge zero pages in `[start_page, end_page)`: (overlapping pages, time).
+    fn zero_overlaps(&self, start_page: u64, end_page: u64) -> impl Iterator<Item = (u64, u64)> {
+        self.zero_blocks
+            .range(..end_page)
+            .rev()
+            .take_while(move |(_, (b, _))| b.start + b.pages > start_page)
+            .map(move |(_, (b, ts))| {
+                let overlap = (b.start + b.pages).min(end_page) - b.start.max(start_page);
+                (overlap, *ts)
+            })
+    }
+
     /// Records a touch of `page` at `ts` that backs it as `kind`.
     pub fn touch(&mut self, page: u64, ts: u64, kind: TouchKind) -> Touch {
+        self.expand_zero(page, page + 1);
         let old = match self.entries.entry(page) {
             Entry::Vacant(e) => {
                 e.insert(value(ts, kind, 0));
@@ -198,6 +254,16 @@ impl Pages {
     /// Records a fault on `block.origin` that made the whole block resident as one
     /// transparent huge page. The block's pages must all be untouched (released is fine).
     pub fn touch_block(&mut self, block: HugeBlock, ts: u64, kind: TouchKind) -> Touch {
+        let end = block.start + block.pages;
+        if kind == TouchKind::Zero && self.entries.range(block.start..end).next().is_none() {
+            self.expand_zero(block.start, end);
+            self.zero_blocks.insert(block.start, (block, ts));
+            return Touch::First {
+                kind,
+                refault: false,
+            };
+        }
+        self.expand_zero(block.start, end);
         let mut refault_origin = false;
         for page in block.start..block.start + block.pages {
             let old = self.entries.insert(page, value(ts, kind, HUGE));
@@ -231,10 +297,11 @@ impl Pages {
     /// Whether any page of `[start_page, end_page)` is touched.
     pub fn any_touched(&self, start_page: u64, end_page: u64) -> bool {
         start_page < end_page
-            && self
+            && (self
                 .entries
                 .range(start_page..end_page)
                 .any(|(_, v)| !is_released(*v))
+                || self.zero_overlaps(start_page, end_page).next().is_some())
     }
 
     /// The huge-page block that holds `page`.
@@ -252,6 +319,7 @@ impl Pages {
     /// The kernel did not back `block` with a huge page after all (it fell back to small
     /// pages): only its origin page stays touched. Returns the pages taken back.
     pub fn revert_block(&mut self, block: HugeBlock) -> u64 {
+        self.expand_zero(block.start, block.start + block.pages);
         self.huge_blocks.remove(&block.start);
         let mut pages = self.take_entries(block.start, block.start + block.pages);
         let origin = pages.remove(&block.origin);
@@ -289,6 +357,7 @@ impl Pages {
     /// Marks the pages `[start_page, end_page)` as touched as `kind` before tracing began
     /// (first-touch time 0).
     pub fn seed_resident(&mut self, start_page: u64, end_page: u64, kind: TouchKind) {
+        self.expand_zero(start_page, end_page);
         for page in start_page..end_page {
             let v = self.entries.entry(page).or_insert(value(0, kind, 0));
             if is_released(*v) {
@@ -300,15 +369,26 @@ impl Pages {
 
     /// Every touched page as runs of neighbours of one kind, in address order.
     pub fn runs(&self) -> Vec<ResidentRun> {
+        use super::vma::{PAGE_SHIFT, PAGE_SIZE};
+        let pages = self
+            .entries
+            .iter()
+            .filter(|(_, v)| !is_released(**v))
+            .map(|(&page, &v)| (page, 1, TouchKind::from_bits(v >> KIND_SHIFT)));
+        let blocks = self
+            .zero_blocks
+            .values()
+            .map(|(b, _)| (b.start, b.pages, TouchKind::Zero));
+        let mut all: Vec<(u64, u64, TouchKind)> = pages.chain(blocks).collect();
+        all.sort_unstable_by_key(|&(page, _, _)| page);
         let mut runs: Vec<ResidentRun> = Vec::new();
-        for (&page, &v) in self.entries.iter().filter(|(_, v)| !is_released(**v)) {
-            let kind = TouchKind::from_bits(v >> KIND_SHIFT);
-            let addr = page << super::vma::PAGE_SHIFT;
+        for (page, n, kind) in all {
+            let addr = page << PAGE_SHIFT;
             match runs.last_mut() {
-                Some(r) if r.end == addr && r.kind == kind => r.end += super::vma::PAGE_SIZE,
+                Some(r) if r.end == addr && r.kind == kind => r.end += n * PAGE_SIZE,
                 _ => runs.push(ResidentRun {
                     start: addr,
-                    end: addr + super::vma::PAGE_SIZE,
+                    end: addr + n * PAGE_SIZE,
                     kind,
                 }),
             }
@@ -323,6 +403,14 @@ impl Pages {
         if start_page >= end_page {
             return 0;
         }
+        // Unmapped huge zero pages are counted but not kept as released: they cost no memory,
+        // so touching them again is no refault worth reporting.
+        let zero_gone: u64 = self
+            .take_zero_within(start_page, end_page)
+            .iter()
+            .map(|(b, _)| b.pages)
+            .sum();
+        self.expand_zero(start_page, end_page);
         self.split_blocks_in(start_page, end_page);
         let mark = (ts & TS_MASK) | if advised { ADVISED } else { 0 } | (RELEASED << KIND_SHIFT);
         let (mut gone, mut forget) = (0, Vec::new());
@@ -341,6 +429,7 @@ impl Pages {
         for page in forget {
             self.entries.remove(&page);
         }
+        gone += zero_gone;
         self.released_total += gone;
         gone
     }
@@ -351,6 +440,7 @@ impl Pages {
         if start_page >= end_page {
             return 0;
         }
+        // Only anonymous pages are freed lazily: huge zero pages stay as they are.
         let mut n = 0;
         for (_, v) in self.entries.range_mut(start_page..end_page) {
             if !is_released(*v) && TouchKind::from_bits(*v >> KIND_SHIFT) == TouchKind::Anon {
@@ -364,6 +454,8 @@ impl Pages {
     /// Forgets the pages of `[start_page, end_page)` without releasing them: what a forked
     /// child does not get (its page tables are not copied).
     pub fn forget(&mut self, start_page: u64, end_page: u64) {
+        self.take_zero_within(start_page, end_page);
+        self.expand_zero(start_page, end_page);
         self.split_blocks_in(start_page, end_page);
         self.take_entries(start_page, end_page);
     }
@@ -373,6 +465,9 @@ impl Pages {
     /// page-table entry); others are split into small pages. Released pages stay where they
     /// were released.
     pub fn relocate(&mut self, start_page: u64, end_page: u64, to_page: u64) {
+        let zero = self.take_zero_within(start_page, end_page);
+        self.expand_zero(start_page, end_page);
+        self.expand_zero(to_page, to_page + (end_page - start_page));
         let blocks: Vec<HugeBlock> = self
             .huge_blocks
             .range(start_page..end_page)
@@ -407,6 +502,23 @@ impl Pages {
                 );
             }
         }
+        for (b, ts) in zero {
+            let start = b.start - start_page + to_page;
+            let moved = HugeBlock {
+                start,
+                origin: b.origin - b.start + start,
+                ..b
+            };
+            let free = self.entries.range(start..start + b.pages).next().is_none();
+            if start.is_multiple_of(b.pages) && free {
+                self.zero_blocks.insert(start, (moved, ts));
+            } else {
+                // Moved out of alignment the kernel splits the mapping into small zero pages.
+                for page in start..start + b.pages {
+                    self.entries.insert(page, value(ts, TouchKind::Zero, 0));
+                }
+            }
+        }
     }
 
     /// Counts touched pages in `[start_page, end_page)`.
@@ -437,6 +549,10 @@ impl Pages {
             let ts = v & TS_MASK;
             c.first_touch_ns = Some(c.first_touch_ns.map_or(ts, |t: u64| t.min(ts)));
         }
+        for (pages, ts) in self.zero_overlaps(start_page, end_page) {
+            c.zero += pages;
+            c.first_touch_ns = Some(c.first_touch_ns.map_or(ts, |t: u64| t.min(ts)));
+        }
         c
     }
 
@@ -446,11 +562,23 @@ impl Pages {
             .get(&page)
             .filter(|v| !is_released(**v))
             .map(|v| (v & TS_MASK, TouchKind::from_bits(v >> KIND_SHIFT)))
+            .or_else(|| {
+                self.zero_overlaps(page, page + 1)
+                    .next()
+                    .map(|(_, ts)| (ts, TouchKind::Zero))
+            })
     }
 
     /// Number of touched pages in the whole address space.
     pub fn len(&self) -> usize {
-        (self.entries.len() as u64 - self.released) as usize
+        let zero: u64 = self.zero_blocks.values().map(|(b, _)| b.pages).sum();
+        (self.entries.len() as u64 - self.released + zero) as usize
+    }
+
+    /// Page-map entries the model holds (its memory cost): touched and released pages, and
+    /// one per huge zero page kept whole.
+    pub fn entries(&self) -> usize {
+        self.entries.len() + self.zero_blocks.len()
     }
 
     /// Whether no page is touched.
@@ -528,5 +656,121 @@ mod tests {
         assert_eq!(p.count(100, 104).anon, 1);
         assert_eq!(p.count(100, 104).file, 1);
         assert_eq!(p.count(9, 10).anon, 1);
+    }
+}
+
+/// Property: keeping a huge zero page as one entry changes no count. A page-by-page reference
+/// (page -> kind) follows random faults, releases, lazy frees, forgets and moves.
+#[cfg(test)]
+mod zero_block_tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Pages per block in these tests (small, so that ranges cut blocks often).
+    const BLOCK: u64 = 4;
+    /// Pages in the source area; moves go to `DEST`.
+    const AREA: u64 = 8 * BLOCK;
+    const DEST: u64 = 64 * BLOCK;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A read fault in an empty block maps the huge zero page, else a small one.
+        Read(u64),
+        Write(u64),
+        Release(u64, u64),
+        LazyFree(u64, u64),
+        Forget(u64, u64),
+        /// Moves `[start, start + len)` to `DEST + shift`.
+        Move(u64, u64, u64),
+    }
+
+    fn range() -> impl Strategy<Value = (u64, u64)> {
+        (0..AREA, 1..AREA).prop_map(|(s, n)| (s, (s + n).min(AREA)))
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..AREA).prop_map(Op::Read),
+            2 => (0..AREA).prop_map(Op::Write),
+            1 => range().prop_map(|(s, e)| Op::Release(s, e)),
+            1 => range().prop_map(|(s, e)| Op::LazyFree(s, e)),
+            1 => range().prop_map(|(s, e)| Op::Forget(s, e)),
+            1 => (range(), 0..2 * BLOCK).prop_map(|((s, e), d)| Op::Move(s, e, d)),
+        ]
+    }
+
+    /// The reference: each touched page's kind and whether it was freed lazily since.
+    type Reference = BTreeMap<u64, (TouchKind, bool)>;
+
+    fn counts(p: &Pages, r: &Reference, start: u64, end: u64) -> [u64; 2] {
+        let c = p.count(start, end);
+        let zero = r.range(start..end).filter(|(_, k)| k.0 == TouchKind::Zero);
+        let anon = r.range(start..end).filter(|(_, k)| k.0 == TouchKind::Anon);
+        assert_eq!([c.zero, c.anon], [zero.count() as u64, anon.count() as u64]);
+        [c.zero, c.anon]
+    }
+
+    proptest! {
+        #[test]
+        fn counts_match_a_page_by_page_reference(ops in prop::collection::vec(op(), 1..40)) {
+            let (mut p, mut r) = (Pages::default(), Reference::new());
+            for (ts, op) in ops.into_iter().enumerate() {
+                let ts = ts as u64 + 1;
+                match op {
+                    Op::Read(page) => {
+                        let start = page - page % BLOCK;
+                        if p.count(start, start + BLOCK).touched() == 0
+                            && p.entries.range(start..start + BLOCK).next().is_none()
+                        {
+                            let block = HugeBlock { start, pages: BLOCK, origin: page };
+                            p.touch_block(block, ts, TouchKind::Zero);
+                            r.extend((start..start + BLOCK).map(|q| (q, (TouchKind::Zero, false))));
+                        } else {
+                            p.touch(page, ts, TouchKind::Zero);
+                            // A fault on a lazily freed page means the kernel reclaimed it.
+                            let e = r.entry(page).or_insert((TouchKind::Zero, false));
+                            if e.1 {
+                                *e = (TouchKind::Zero, false);
+                            }
+                        }
+                    }
+                    Op::Write(page) => {
+                        p.touch(page, ts, TouchKind::Anon);
+                        r.insert(page, (TouchKind::Anon, false));
+                    }
+                    Op::Release(s, e) => {
+                        p.release(s, e, ts, true);
+                        r.retain(|q, _| !(s..e).contains(q));
+                    }
+                    Op::LazyFree(s, e) => {
+                        p.free_lazily(s, e);
+                        for (_, k) in r.range_mut(s..e) {
+                            k.1 |= k.0 == TouchKind::Anon;
+                        }
+                    }
+                    Op::Forget(s, e) => {
+                        p.forget(s, e);
+                        r.retain(|q, _| !(s..e).contains(q));
+                    }
+                    Op::Move(s, e, d) => {
+                        let to = DEST + d;
+                        p.forget(to, to + (e - s));
+                        r.retain(|q, _| !(to..to + (e - s)).contains(q));
+                        p.relocate(s, e, to);
+                        let moved: Vec<(u64, (TouchKind, bool))> =
+                            r.range(s..e).map(|(q, k)| (*q, *k)).collect();
+                        r.retain(|q, _| !(s..e).contains(q));
+                        r.extend(moved.into_iter().map(|(q, k)| (q - s + to, k)));
+                    }
+                }
+                counts(&p, &r, 0, DEST + AREA + 2 * BLOCK);
+                for b in (0..AREA).step_by(BLOCK as usize) {
+                    counts(&p, &r, b, b + BLOCK);
+                }
+            }
+        }
     }
 }

@@ -283,6 +283,69 @@ mod tests {
     }
 
     #[test]
+    fn reads_of_a_huge_sparse_mapping_cost_one_entry_per_block() {
+        // A 64 GiB advised reservation read once per 2 MiB block (a sparse-array scan) maps the
+        // huge zero page each time: the model keeps one entry per block, not 512 per block.
+        let mut s = AddressSpace::default();
+        s.set_thp(ThpPolicy {
+            always: vec![],
+            madvise: vec![PMD_PAGES],
+            huge_zero_page: true,
+        });
+        let len = 64 << 30;
+        s.mmap(
+            0,
+            BASE,
+            len,
+            Perms::from_prot(3, false),
+            Backing::Anonymous,
+            0,
+        );
+        s.madvise(1, BASE, len, a::MADV_HUGEPAGE);
+        let blocks = 8192;
+        for i in 0..blocks {
+            let e = s.fault(2 + i, BASE + i * MIB2 + 123 * PAGE_SIZE, Some(false), false);
+            assert_eq!(e.pages, PMD_PAGES);
+        }
+        assert_eq!(s.pages().entries(), blocks as usize);
+        assert_eq!(counts(&s, BASE, BASE + len), (0, 0, blocks * PMD_PAGES));
+        // A write to one block splits only that block; releasing a range drops only its blocks.
+        s.fault(20_000, BASE + 5 * MIB2, Some(true), true);
+        assert_eq!(counts(&s, BASE + 5 * MIB2, BASE + 6 * MIB2), (1, 0, 511));
+        s.madvise(20_001, BASE + 100 * MIB2, 100 * MIB2, a::MADV_DONTNEED);
+        assert_eq!(
+            counts(&s, BASE, BASE + len),
+            (1, 0, (blocks - 100) * PMD_PAGES - 1)
+        );
+        assert!(s.pages().entries() < blocks as usize + PMD_PAGES as usize);
+        // Releasing half a block splits it: the other half stays mapped to the zero page.
+        s.munmap(20_002, BASE + 300 * MIB2, MIB2 / 2);
+        assert_eq!(
+            counts(&s, BASE + 300 * MIB2, BASE + 301 * MIB2),
+            (0, 0, 256)
+        );
+        // Moving the reservation whole to an aligned address keeps one entry per block.
+        let before = s.pages().entries();
+        let to = BASE + len + 64 * MIB2;
+        let from = BASE + 1024 * MIB2;
+        s.mremap(
+            20_003,
+            from,
+            1024 * MIB2,
+            1024 * MIB2,
+            a::MREMAP_MAYMOVE | a::MREMAP_FIXED,
+            to,
+        );
+        assert_eq!(s.pages().entries(), before);
+        assert_eq!(counts(&s, to, to + 1024 * MIB2), (0, 0, 1024 * PMD_PAGES));
+        // Unmapping the rest drops the whole blocks without expanding them; only the pages of
+        // the two split blocks stay known as released (for refault detection).
+        s.munmap(20_004, BASE, len);
+        assert_eq!(counts(&s, BASE, BASE + len).2, 0);
+        assert!(s.pages().entries() <= 1024 + 2 * PMD_PAGES as usize);
+    }
+
+    #[test]
     fn a_huge_page_moved_whole_to_an_aligned_address_stays_huge() {
         let mut s = space(true);
         s.fault(2, BASE, Some(true), false);
