@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt as _;
+
 use common::*;
 use serde_json::Value;
 
@@ -500,6 +502,10 @@ fn a_run_ends_when_the_exits_of_followed_children_were_lost() {
         .arg(&out)
         .args(["--", "sh", "-c", &script])
         .stdout(std::process::Stdio::null())
+        // A group of its own: when the command ends while vmatrace is stopped, the group may
+        // become orphaned with a stopped member, and the kernel then sends it SIGHUP. It must
+        // not be the test runner's group (that killed the whole CI run).
+        .process_group(0)
         .spawn()
         .expect("vmatrace starts");
     let vm = KillOnDrop(vm);
@@ -571,6 +577,8 @@ fn order_holds_when_the_reader_is_a_second_behind() {
         .arg(workload())
         .args(["migrate", "4000"])
         .stdout(std::process::Stdio::piped())
+        // Its own group, as above: it is stopped while its command may end.
+        .process_group(0)
         .spawn()
         .expect("vmatrace starts");
     let mut vm = KillOnDrop(vm);
@@ -648,7 +656,6 @@ fn check_migrate_order(stdout: &str, recs: &[Value], n: usize) {
 /// Runs `vmatrace --json -o FILE ARGS -- workload basic` without address randomisation (so
 /// that two runs map the same addresses) and returns its records.
 fn trace_basic_without_aslr(args: &[&str]) -> Vec<Value> {
-    use std::os::unix::process::CommandExt as _;
     let out = temp_path("no-aslr.ndjson");
     let mut cmd = std::process::Command::new(vmatrace());
     cmd.args(["--json", "-o"])
