@@ -20,8 +20,8 @@ use std::{
 
 use crate::{
     event::Event,
-    model::PAGE_SIZE,
-    procfs::{PM_FILE, PM_PFN, PM_PRESENT, zero_page_pfn},
+    model::{PAGE_SIZE, TouchKind},
+    pagemap::{PM_PRESENT, ZeroFrames},
 };
 
 /// Pages closer than this to the previous one are read in the same `pread`.
@@ -32,30 +32,27 @@ const MAX_RUN: u64 = 4096;
 /// Reads pagemap entries for faults without an error code.
 #[derive(Debug)]
 pub struct FaultAccess {
-    zero_pfn: Option<u64>,
+    frames: ZeroFrames,
 }
 
 impl Default for FaultAccess {
     fn default() -> Self {
         Self {
-            zero_pfn: zero_page_pfn(),
+            frames: ZeroFrames::of_this_kernel(),
         }
     }
 }
 
 /// Whether the access that mapped a page with pagemap entry `bits` wrote (None: unknown).
-pub fn write_from_entry(bits: u64, zero_pfn: Option<u64>) -> Option<bool> {
+pub fn write_from_entry(bits: u64, frames: &ZeroFrames) -> Option<bool> {
     if bits & PM_PRESENT == 0 {
         return None;
     }
-    if bits & PM_FILE != 0 {
-        return Some(false);
-    }
-    match zero_pfn {
-        Some(z) if bits & PM_PFN == z => Some(false),
-        Some(_) => Some(true),
+    match frames.kind(bits, false) {
         // Without frame numbers (not root) the zero page cannot be told apart.
-        None => None,
+        _ if !frames.known() => None,
+        TouchKind::Anon => Some(true),
+        TouchKind::Zero | TouchKind::File => Some(false),
     }
 }
 
@@ -104,7 +101,7 @@ impl FaultAccess {
                         continue;
                     }
                     let bits = u64::from_ne_bytes(entry.try_into().unwrap_or([0; 8]));
-                    if let Some(w) = write_from_entry(bits, self.zero_pfn) {
+                    if let Some(w) = write_from_entry(bits, &self.frames) {
                         found.insert((pid, page), w);
                     }
                 }
@@ -136,10 +133,14 @@ fn runs(pages: &BTreeSet<u64>) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pagemap::PM_FILE;
 
     #[test]
     fn entries_tell_writes_from_reads() {
-        let zero = Some(0x1234);
+        let zero = &ZeroFrames {
+            small: Some(0x1234),
+            huge: Some(0x400),
+        };
         assert_eq!(write_from_entry(0, zero), None, "not present");
         assert_eq!(
             write_from_entry(PM_PRESENT | PM_FILE | 99, zero),
@@ -150,8 +151,13 @@ mod tests {
             Some(false),
             "zero page"
         );
+        assert_eq!(
+            write_from_entry(PM_PRESENT | 0x401, zero),
+            Some(false),
+            "huge zero page"
+        );
         assert_eq!(write_from_entry(PM_PRESENT | 0x5678, zero), Some(true));
-        assert_eq!(write_from_entry(PM_PRESENT, None), None);
+        assert_eq!(write_from_entry(PM_PRESENT, &ZeroFrames::default()), None);
     }
 
     #[test]
@@ -207,7 +213,7 @@ mod tests {
             .collect();
         // SAFETY: unmapping the mapping made above.
         unsafe { libc::munmap(p as *mut _, 3 * PAGE_SIZE as usize) };
-        if access.zero_pfn.is_none() {
+        if !access.frames.known() {
             eprintln!("not root: frame numbers hidden, the zero page cannot be told apart");
             assert_eq!(got[2], None);
             return;

@@ -16,6 +16,7 @@ pub mod model;
 pub mod name;
 pub mod order;
 pub mod output;
+pub mod pagemap;
 pub mod probe;
 pub mod procfs;
 pub mod replay;

@@ -3,9 +3,7 @@
 
 use std::{fs, io, path::PathBuf, sync::Arc};
 
-use crate::model::PAGE_SIZE;
-
-use crate::model::{Backing, ForkAdvice, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma};
+use crate::model::{Backing, ForkAdvice, Perms, ThpAdvice, ThpPolicy, Vma};
 
 /// Errors reading `/proc`.
 #[derive(Debug, thiserror::Error)]
@@ -316,165 +314,6 @@ pub fn parse_smaps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<SmapsEntr
     Ok(out)
 }
 
-/// pagemap entry bits (`Documentation/admin-guide/mm/pagemap.rst`).
-pub(crate) const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAP: u64 = 1 << 62;
-pub(crate) const PM_FILE: u64 = 1 << 61;
-pub(crate) const PM_PFN: u64 = (1 << 55) - 1;
-/// Pagemap entries read per `pread`.
-const PAGEMAP_CHUNK: usize = 8192;
-
-/// The pages of `pid` that are resident or in swap (as runs of addresses), in each VMA of `smaps` that has any
-/// (VMAs with no RSS and no swap are skipped without reading). A present page of a private
-/// anonymous VMA counts as anonymous memory, one of a file or shared VMA as page cache unless
-/// pagemap says it is an anonymous copy.
-pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>, ProcError> {
-    use std::os::unix::fs::FileExt;
-    let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
-    let io_err = |source: io::Error| ProcError::Io {
-        path: path.clone(),
-        source,
-    };
-    let file = fs::File::open(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ProcError::NoProcess(pid),
-        _ => io_err(e),
-    })?;
-    let zero_pfn = zero_page_pfn();
-    let mut runs: Vec<ResidentRun> = Vec::new();
-    let mut buf = vec![0u8; PAGEMAP_CHUNK * 8];
-    for e in smaps.iter().filter(|e| e.rss > 0) {
-        let vma = e.map.to_vma(0);
-        if matches!(vma.backing, Backing::Special(_)) {
-            continue;
-        }
-        let private_anon = !vma.perms.shared && vma.backing.is_anonymous();
-        let mut page = e.map.start / PAGE_SIZE;
-        let end_page = e.map.end / PAGE_SIZE;
-        while page < end_page {
-            let n = (end_page - page).min(PAGEMAP_CHUNK as u64) as usize;
-            let got = file.read_at(&mut buf[..n * 8], page * 8).map_err(io_err)? / 8;
-            if got == 0 {
-                break;
-            }
-            for (i, entry) in buf[..got * 8].chunks_exact(8).enumerate() {
-                let bits = u64::from_ne_bytes(entry.try_into().unwrap_or([0; 8]));
-                if bits & (PM_PRESENT | PM_SWAP) == 0 {
-                    continue;
-                }
-                let kind = if zero_pfn.is_some_and(|z| bits & PM_PRESENT != 0 && bits & PM_PFN == z)
-                {
-                    TouchKind::Zero
-                } else if private_anon || bits & PM_FILE == 0 && !vma.perms.shared {
-                    TouchKind::Anon
-                } else {
-                    TouchKind::File
-                };
-                let addr = (page + i as u64) * PAGE_SIZE;
-                match runs.last_mut() {
-                    Some(r) if r.end == addr && r.kind == kind => r.end += PAGE_SIZE,
-                    _ => runs.push(ResidentRun {
-                        start: addr,
-                        end: addr + PAGE_SIZE,
-                        kind,
-                    }),
-                }
-            }
-            page += got as u64;
-        }
-    }
-    Ok(runs)
-}
-
-/// The pages of `[start, end)` that are present in `pid`'s page tables now, as runs by kind:
-/// the zero page (by its frame number), page cache or shared memory (`PM_FILE`), else
-/// private anonymous memory. For calls that make memory resident without a fault.
-pub fn present_runs(
-    pid: u32,
-    start: u64,
-    end: u64,
-    zero_pfn: Option<u64>,
-) -> Result<Vec<ResidentRun>, ProcError> {
-    use std::os::unix::fs::FileExt;
-    let path = PathBuf::from(format!("/proc/{pid}/pagemap"));
-    let file = fs::File::open(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ProcError::NoProcess(pid),
-        _ => ProcError::Io {
-            path: path.clone(),
-            source: e,
-        },
-    })?;
-    let mut runs: Vec<ResidentRun> = Vec::new();
-    let mut buf = vec![0u8; PAGEMAP_CHUNK * 8];
-    let (mut page, end_page) = (start / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
-    while page < end_page {
-        let n = (end_page - page).min(PAGEMAP_CHUNK as u64) as usize;
-        let got = file
-            .read_at(&mut buf[..n * 8], page * 8)
-            .map_err(|source| ProcError::Io {
-                path: path.clone(),
-                source,
-            })?
-            / 8;
-        if got == 0 {
-            break;
-        }
-        for (i, entry) in buf[..got * 8].chunks_exact(8).enumerate() {
-            let bits = u64::from_ne_bytes(entry.try_into().unwrap_or([0; 8]));
-            if bits & PM_PRESENT == 0 {
-                continue;
-            }
-            let kind = if zero_pfn.is_some_and(|z| bits & PM_PFN == z) {
-                TouchKind::Zero
-            } else if bits & PM_FILE != 0 {
-                TouchKind::File
-            } else {
-                TouchKind::Anon
-            };
-            let addr = (page + i as u64) * PAGE_SIZE;
-            match runs.last_mut() {
-                Some(r) if r.end == addr && r.kind == kind => r.end += PAGE_SIZE,
-                _ => runs.push(ResidentRun {
-                    start: addr,
-                    end: addr + PAGE_SIZE,
-                    kind,
-                }),
-            }
-        }
-        page += got as u64;
-    }
-    Ok(runs)
-}
-
-/// The frame number of the shared zero page (pagemap shows frame numbers to root only): read
-/// from vmatrace's own pagemap after reading a fresh anonymous page.
-pub fn zero_page_pfn() -> Option<u64> {
-    use std::os::unix::fs::FileExt;
-    let len = PAGE_SIZE as usize;
-    // SAFETY: a fresh private anonymous mapping, read once and unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return None;
-    }
-    // SAFETY: within the readable mapping just made; the read maps the zero page.
-    unsafe { std::ptr::read_volatile(p as *const u8) };
-    let mut entry = [0u8; 8];
-    let read = fs::File::open("/proc/self/pagemap")
-        .and_then(|f| f.read_exact_at(&mut entry, p as u64 / PAGE_SIZE * 8));
-    // SAFETY: unmapping the mapping made above.
-    unsafe { libc::munmap(p, len) };
-    let bits = u64::from_ne_bytes(entry);
-    (read.is_ok() && bits & PM_PRESENT != 0 && bits & PM_PFN != 0).then_some(bits & PM_PFN)
-}
-
 /// The transparent huge page policy that applies to `pid` now (off when the kernel has none).
 pub fn thp_policy(pid: u32) -> ThpPolicy {
     const ROOT: &str = "/sys/kernel/mm/transparent_hugepage";
@@ -499,12 +338,28 @@ pub fn thp_policy(pid: u32) -> ThpPolicy {
         .lines()
         .find_map(|l| l.strip_prefix("THP_enabled:"))
         .is_none_or(|v| v.trim() != "0");
-    ThpPolicy::from_settings(
-        &read(&format!("{ROOT}/enabled")),
-        &sizes,
-        &read(&format!("{ROOT}/use_zero_page")),
-        process_enabled,
-    )
+    ThpPolicy {
+        zero_write_huge: kernel_release().is_some_and(|v| v >= (6, 13)),
+        ..ThpPolicy::from_settings(
+            &read(&format!("{ROOT}/enabled")),
+            &sizes,
+            &read(&format!("{ROOT}/use_zero_page")),
+            process_enabled,
+        )
+    }
+}
+
+/// The running kernel's version as (major, minor), from `/proc/sys/kernel/osrelease`.
+pub fn kernel_release() -> Option<(u32, u32)> {
+    parse_release(&fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
+}
+
+/// (major, minor) of a release string such as `6.1.0-31-amd64`.
+fn parse_release(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
 }
 
 /// A mapped file: path, device (`major:minor` in hex, as maps shows it) and inode.

@@ -251,6 +251,7 @@ fn thp_of(v: &Value) -> ThpPolicy {
         always: pages("always_kib"),
         madvise: pages("madvise_kib"),
         huge_zero_page: v["thp"]["huge_zero_page"].as_bool().unwrap_or(false),
+        zero_write_huge: v["thp"]["zero_write_huge"].as_bool().unwrap_or(false),
     }
 }
 

@@ -11,7 +11,7 @@ use tracer_common::Syscall;
 use crate::{
     event::SyscallRecord,
     model::{AddressSpace, PAGE_SIZE},
-    procfs,
+    pagemap,
 };
 
 const MAP_LOCKED: u64 = 0x2000;
@@ -55,7 +55,7 @@ pub fn populated_ranges(s: &SyscallRecord, space: Option<&AddressSpace>) -> Vec<
 
 /// Fills `s.resolved.resident` with the present pages of the ranges `s` populated (left
 /// `None` for other calls, and when the process is gone).
-pub fn resolve(s: &mut SyscallRecord, space: Option<&AddressSpace>, zero_pfn: Option<u64>) {
+pub fn resolve(s: &mut SyscallRecord, space: Option<&AddressSpace>) {
     // A populate or lock that failed partway has populated what came before the failure.
     if s.errno().is_some() && !matches!(s.call, Syscall::Madvise | Syscall::Mlock | Syscall::Mlock2)
     {
@@ -67,7 +67,7 @@ pub fn resolve(s: &mut SyscallRecord, space: Option<&AddressSpace>, zero_pfn: Op
     }
     let mut runs = Vec::new();
     for (start, end) in ranges {
-        match procfs::present_runs(s.pid, start, end, zero_pfn) {
+        match pagemap::present_runs(s.pid, start, end) {
             Ok(r) => runs.extend(r),
             Err(_) => return,
         }

@@ -31,6 +31,7 @@ use crate::{
         ndjson::NdjsonSink,
         report::summarize,
     },
+    pagemap,
     probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
     procfs::{self, ProcError},
     residency,
@@ -123,7 +124,7 @@ pub fn read_seed(pid: u32, ts: u64) -> Result<Seed, ProcError> {
     }
     let smaps = procfs::read_smaps(pid)?;
     let stat = procfs::read_stat(pid)?;
-    let resident = procfs::read_resident(pid, &smaps)?;
+    let resident = pagemap::read_resident(pid, &smaps)?;
     Ok(Seed {
         vmas: smaps.iter().map(|e| e.map.to_vma(ts)).collect(),
         start_brk: Some(stat.start_brk),
@@ -224,8 +225,6 @@ struct Live {
     /// Execs handled from a stop whose event was lost (pid, time): should the event come
     /// after all, it is ignored.
     recovered_execs: HashSet<(u32, u64)>,
-    /// The zero page's frame number (pagemap), for pages made resident without faults.
-    zero_pfn: Option<u64>,
     /// Events were lost since the maps were last read again.
     resync_due: bool,
     /// Events were lost in the last tick.
@@ -402,7 +401,7 @@ impl Live {
         resolve(&mut ev, &mut self.opened);
         if let Event::Syscall(s) = &mut ev {
             let space = self.session.get(s.pid).map(|p| &p.space);
-            residency::resolve(s, space, self.zero_pfn);
+            residency::resolve(s, space);
         }
         let applied = self.session.apply(&ev);
         self.sink
@@ -690,7 +689,6 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         opened: HashMap::new(),
         drift_seen: HashMap::new(),
         recovered_execs: HashSet::new(),
-        zero_pfn: procfs::zero_page_pfn(),
         resync_due: false,
         losing: false,
         last_resync_ns: 0,

@@ -662,3 +662,134 @@ fn after_lost_events_the_model_matches_the_kernel_again() {
     };
     assert_eq!(last_map(&replayed), last_map(&recs), "replay's last map");
 }
+
+/// `VmRSS` or `VmHWM` of `pid`, in bytes.
+fn memory_of(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("a size in kB")
+        * 1024
+}
+
+/// Zero-page bytes the kernel maps in `[start, end)` of `pid`, from its pagemap.
+fn kernel_zero_bytes(pid: u32, start: u64, end: u64) -> u64 {
+    tracer::pagemap::present_runs(pid, start, end)
+        .expect("pagemap")
+        .iter()
+        .filter(|r| r.kind == tracer::model::TouchKind::Zero)
+        .map(|r| r.end - r.start)
+        .sum()
+}
+
+#[test]
+fn a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block() {
+    if !privileged("a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block") {
+        return;
+    }
+    // Budget: what vmatrace may grow by while the workload maps 96 GiB of huge zero pages
+    // (before, one model entry per 4 KiB page: hundreds of MiB).
+    const BUDGET: u64 = 48 << 20;
+    let (mut v, out) = spawn_workload(&[], "sparse-scan");
+    let vmatrace_pid = v.child.id();
+    let (mut region, mut region2, mut peak_at_start) = ((0, 0), (0, 0), 0);
+    let mut seen = Vec::new();
+    while let Some(Ok(line)) = v.lines.next() {
+        let words: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if line.starts_with("sparse ") {
+            assert_eq!(words[2], 0, "madvise(MADV_HUGEPAGE) succeeded");
+            region = (words[0], words[0] + words[1]);
+        }
+        if line.starts_with("populated ") {
+            assert_eq!(words[2], 0, "madvise(MADV_POPULATE_READ) succeeded");
+            region2 = (words[0], words[0] + words[1]);
+        }
+        let Some(name) = line.strip_prefix("checkpoint ") else {
+            continue;
+        };
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, exec_pid(&out));
+        assert!(diff.is_empty(), "{name}: maps differ:\n{}", diff.join("\n"));
+        let (total, worst, where_) = anon_difference(&snap, &smaps);
+        assert_eq!(
+            total, 0,
+            "{name}: anonymous bytes (worst {worst}: {where_})"
+        );
+        for (start, end) in [region, region2] {
+            if start < end {
+                assert_eq!(
+                    model_bytes(&snap, "zero_page_bytes", start, end),
+                    kernel_zero_bytes(pid as u32, start, end),
+                    "{name}: zero-page bytes in {start:#x}-{end:#x}"
+                );
+            }
+        }
+        match name {
+            "start" => peak_at_start = memory_of(vmatrace_pid, "VmHWM"),
+            "scanned" => {
+                let zero = kernel_zero_bytes(pid as u32, region.0, region.1);
+                assert!(
+                    zero >= (64 << 30) - (2 << 20),
+                    "the kernel mapped huge zero pages"
+                );
+                // A vmatrace attaching now seeds its model from pagemap: the huge zero page is
+                // told apart by its frames (else 64 GiB of anonymous memory), one entry each.
+                let seed_out = temp_path("sparse-scan-attach.ndjson");
+                let seed_s = seed_out.to_string_lossy().into_owned();
+                let mut attached = spawn(&["-p", &pid.to_string(), "--json", "-o", &seed_s]);
+                let mut seed = Value::Null;
+                wait_for(60, "the seed snapshot", || {
+                    seed = complete_records(&seed_out)
+                        .into_iter()
+                        .find(|r| r["type"] == "snapshot" && r["reason"] == "seed")
+                        .unwrap_or(Value::Null);
+                    !seed.is_null()
+                });
+                assert_eq!(
+                    model_bytes(&seed, "zero_page_bytes", region.0, region.1),
+                    zero,
+                    "seeded zero pages"
+                );
+                let (total, worst, where_) = anon_difference(&seed, &smaps);
+                assert_eq!(total, 0, "seed vs smaps (worst {worst}: {where_})");
+                let peak = memory_of(attached.child.id(), "VmHWM");
+                eprintln!(
+                    "attached vmatrace: peak {} MiB, first at start {} MiB",
+                    peak >> 20,
+                    peak_at_start >> 20
+                );
+                assert!(
+                    peak < peak_at_start + BUDGET,
+                    "attached vmatrace peaked at {peak} bytes"
+                );
+                kill(attached.child.id(), libc::SIGINT);
+                assert!(attached.child.wait().expect("ends").success());
+            }
+            _ => {}
+        }
+        let peak = memory_of(vmatrace_pid, "VmHWM");
+        eprintln!(
+            "{name}: vmatrace peak {} MiB (at start {} MiB)",
+            peak >> 20,
+            peak_at_start >> 20
+        );
+        assert!(
+            peak < peak_at_start + BUDGET,
+            "{name}: vmatrace peaked at {peak} bytes"
+        );
+        seen.push(name.to_string());
+        kill(pid as u32, libc::SIGCONT);
+    }
+    assert!(v.child.wait().expect("exits").success());
+    assert_eq!(seen, ["start", "scanned", "populated"]);
+}

@@ -123,6 +123,47 @@ fn thp() {
     munmap(raw, 5 * MIB2);
 }
 
+/// Issue #16 (amplification): one read per 2 MiB of a 64 GiB `MADV_HUGEPAGE` reservation, each
+/// mapping the huge zero page, and one write (so the VMA has resident memory to seed from);
+/// then `MADV_POPULATE_READ` of a second 8 GiB reservation. A checkpoint before, after each.
+fn sparse_scan() {
+    const MIB2: usize = 2 << 20;
+    let reserve = |len: usize| {
+        let raw = mmap(
+            0,
+            len + MIB2,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        let base = (raw + MIB2 - 1) & !(MIB2 - 1);
+        // SAFETY: advice on memory this program mapped.
+        let r = unsafe { libc::madvise(base as *mut _, len, libc::MADV_HUGEPAGE) };
+        (raw, base, r)
+    };
+    let len = 64 << 30;
+    let (raw, base, r) = reserve(len);
+    say(&format!("sparse {base} {len} {r}"));
+    checkpoint("start");
+    let mut sum = 0u64;
+    for off in (0..len).step_by(MIB2) {
+        sum += read_touch(base + off, 1);
+    }
+    // SAFETY: within the writable mapping.
+    unsafe { std::ptr::write_volatile((base + 12345) as *mut u8, 1) };
+    say(&format!("scanned {sum}"));
+    checkpoint("scanned");
+    let len2 = 8 << 30;
+    let (raw2, base2, _) = reserve(len2);
+    // SAFETY: advice on memory this program mapped.
+    let r = unsafe { libc::madvise(base2 as *mut _, len2, libc::MADV_POPULATE_READ) };
+    say(&format!("populated {base2} {len2} {r}"));
+    checkpoint("populated");
+    munmap(raw, len + MIB2);
+    munmap(raw2, len2 + MIB2);
+}
+
 /// Issue #4 (`-p` mode): memory touched before vmatrace attaches. Writes 256 pages and reads 64
 /// (the zero page) of a 4 MiB mapping, stops; once continued, writes 128 more and stops again.
 fn pretouched() {
@@ -949,8 +990,8 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // The tests count one fault per page, and the kernels they run on may back any anonymous
     // memory with huge pages (Debian's kernels default to THP `always`): only `thp` wants
-    // them. The model reads this setting (`THP_enabled` in /proc/PID/status).
-    if args.get(1).map(String::as_str) != Some("thp") {
+    // them (and `sparse-scan`). The model reads this setting (`THP_enabled` in /proc/PID/status).
+    if !matches!(args.get(1).map(String::as_str), Some("thp" | "sparse-scan")) {
         // SAFETY: a prctl without pointers; it only changes this process's THP setting.
         unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
@@ -958,6 +999,7 @@ fn main() {
         Some("basic") => basic(),
         Some("ids") => ids(),
         Some("thp") => thp(),
+        Some("sparse-scan") => sparse_scan(),
         Some("pretouched") => pretouched(),
         Some("checkpoints") => checkpoints(),
         Some("threads") => threads(arg(&args, 2, 4), arg(&args, 3, 16)),
@@ -995,7 +1037,7 @@ fn main() {
         Some("fd-reuse") => fd_reuse(args.get(2).map_or("/tmp", String::as_str)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
+                "usage: workload basic|ids|thp|sparse-scan|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
             );
             std::process::exit(2);
         }

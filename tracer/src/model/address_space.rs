@@ -186,18 +186,21 @@ impl AddressSpace {
     /// time 0). Only the parts of the runs inside VMAs count.
     pub fn seed_resident(&mut self, runs: &[ResidentRun]) {
         for r in runs {
-            let inside: Vec<(u64, u64)> = self
-                .vmas
-                .range(..r.end)
-                .rev()
-                .map(|(_, v)| (v.start.max(r.start), v.end.min(r.end)))
-                .take_while(|(start, end)| start < end)
-                .collect();
-            for (start, end) in inside {
+            for (_, start, end) in self.overlaps(r.start, r.end) {
                 self.pages
                     .seed_resident(start >> PAGE_SHIFT, end >> PAGE_SHIFT, r.kind);
             }
         }
+    }
+
+    /// The parts of `[start, end)` inside VMAs: (VMA start, start, end), last first.
+    fn overlaps(&self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        self.vmas
+            .range(..end)
+            .rev()
+            .map(|(_, v)| (v.start, v.start.max(start), v.end.min(end)))
+            .take_while(|(_, s, e)| s < e)
+            .collect()
     }
 
     /// Pages the kernel made resident without a fault (`MAP_POPULATE`, `MAP_LOCKED`,
@@ -207,20 +210,27 @@ impl AddressSpace {
     pub fn populate(&mut self, ts: u64, runs: &[ResidentRun]) -> u64 {
         let mut n = 0;
         for r in runs {
-            for page in r.start >> PAGE_SHIFT..r.end >> PAGE_SHIFT {
-                let Some(vma_start) = self.find(page << PAGE_SHIFT).map(|v| v.start) else {
-                    continue;
+            for (vma_start, start, end) in self.overlaps(r.start, r.end) {
+                let (first, last) = (start >> PAGE_SHIFT, end >> PAGE_SHIFT);
+                let rest = if r.kind == TouchKind::Zero {
+                    let (mapped, rest) = self.pages.map_zero_blocks(first, last, ts);
+                    n += mapped;
+                    rest
+                } else {
+                    vec![(first, last)]
                 };
-                match self.pages.touch(page, ts, r.kind) {
-                    Touch::Again => continue,
-                    Touch::First {
-                        kind: TouchKind::Anon,
-                        ..
+                for page in rest.into_iter().flat_map(|(a, b)| a..b) {
+                    match self.pages.touch(page, ts, r.kind) {
+                        Touch::Again => continue,
+                        Touch::First {
+                            kind: TouchKind::Anon,
+                            ..
+                        }
+                        | Touch::Upgraded { .. } => self.mark_anon_vma(ts, vma_start),
+                        Touch::First { .. } => {}
                     }
-                    | Touch::Upgraded { .. } => self.mark_anon_vma(ts, vma_start),
-                    Touch::First { .. } => {}
+                    n += 1;
                 }
-                n += 1;
             }
         }
         n
@@ -828,9 +838,11 @@ impl AddressSpace {
             self.pages.revert_block(block);
             self.thp_fallbacks += 1;
         }
-        let (touch, pages) = match block {
-            Some(block) => (self.pages.touch_block(block, ts, kind), block.pages),
-            None => {
+        let written_zero = self.written_zero_block(page, kind);
+        let (touch, pages) = match (block, written_zero) {
+            (_, Some(zero)) => (self.pages.fill_zero_block(zero), zero.pages),
+            (Some(block), None) => (self.pages.touch_block(block, ts, kind), block.pages),
+            (None, None) => {
                 let touch = self.pages.touch(page, ts, kind);
                 (touch, u64::from(matches!(touch, Touch::First { .. })))
             }
@@ -852,6 +864,17 @@ impl AddressSpace {
             vma_start,
             stack_grown_to,
         }
+    }
+
+    /// The huge zero page that a write (`kind` anonymous) to `page` replaces with a huge page,
+    /// on kernels that do so ([`ThpPolicy::zero_write_huge`]).
+    fn written_zero_block(&self, page: u64, kind: TouchKind) -> Option<HugeBlock> {
+        if kind != TouchKind::Anon || !self.thp.zero_write_huge {
+            return None;
+        }
+        let block = self.pages.huge_block_of(page)?;
+        let zero = matches!(self.pages.get(page), Some((_, TouchKind::Zero)));
+        (zero && block.pages == PMD_PAGES).then_some(block)
     }
 
     /// The transparent huge page a first touch of `page` (in `vma`) as `kind` gets, if any

@@ -10,7 +10,7 @@ pub mod vma;
 
 pub use address_space::{AddressSpace, Effect, EffectKind, FaultEffect};
 pub use pages::{PageCounts, ResidentRun, Touch, TouchKind};
-pub use thp::{ThpAdvice, ThpPolicy};
+pub use thp::{PMD_PAGES, ThpAdvice, ThpPolicy};
 pub use vma::{Backing, ForkAdvice, PAGE_SIZE, Perms, Vma};
 
 #[cfg(test)]

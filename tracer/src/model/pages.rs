@@ -282,6 +282,23 @@ impl Pages {
         }
     }
 
+    /// A write to a huge zero page that gets a huge page in its place: the block's pages
+    /// become anonymous, keeping their first-touch times.
+    pub fn fill_zero_block(&mut self, block: HugeBlock) -> Touch {
+        self.expand_zero(block.start, block.start + block.pages);
+        for (_, v) in self
+            .entries
+            .range_mut(block.start..block.start + block.pages)
+        {
+            if !is_released(*v) {
+                *v = (*v & !(3 << KIND_SHIFT)) | ((TouchKind::Anon as u64) << KIND_SHIFT) | HUGE;
+            }
+        }
+        Touch::Upgraded {
+            from: TouchKind::Zero,
+        }
+    }
+
     /// Counts the refault of a page whose released entry was `released`.
     fn refaulted(&mut self, released: u64, ts: u64) {
         self.released -= 1;
@@ -354,9 +371,62 @@ impl Pages {
         }
     }
 
+    /// Maps the zero page over each whole aligned 2 MiB block of `[start_page, end_page)` that
+    /// has no page known, as one entry at `ts` (for pages pagemap shows: the huge zero page, or
+    /// 512 small ones, which count the same). Returns how many pages that mapped and the
+    /// ranges left for the caller to take page by page.
+    pub fn map_zero_blocks(
+        &mut self,
+        start_page: u64,
+        end_page: u64,
+        ts: u64,
+    ) -> (u64, Vec<(u64, u64)>) {
+        use super::thp::PMD_PAGES;
+        let (mut mapped, mut rest) = (0, Vec::new());
+        let mut add_rest = |from: u64, to: u64| match rest.last_mut() {
+            Some((_, end)) if *end == from => *end = to,
+            _ if from < to => rest.push((from, to)),
+            _ => {}
+        };
+        let mut page = start_page;
+        let mut block = start_page.next_multiple_of(PMD_PAGES);
+        while block + PMD_PAGES <= end_page {
+            add_rest(page, block);
+            let end = block + PMD_PAGES;
+            let empty = self.entries.range(block..end).next().is_none()
+                && self.zero_overlaps(block, end).next().is_none();
+            if empty {
+                let b = HugeBlock {
+                    start: block,
+                    pages: PMD_PAGES,
+                    origin: block,
+                };
+                self.zero_blocks.insert(block, (b, ts));
+                mapped += PMD_PAGES;
+            } else {
+                add_rest(block, end);
+            }
+            page = end;
+            block = end;
+        }
+        add_rest(page, end_page);
+        (mapped, rest)
+    }
+
     /// Marks the pages `[start_page, end_page)` as touched as `kind` before tracing began
     /// (first-touch time 0).
     pub fn seed_resident(&mut self, start_page: u64, end_page: u64, kind: TouchKind) {
+        if kind == TouchKind::Zero {
+            let (_, rest) = self.map_zero_blocks(start_page, end_page, 0);
+            for (start, end) in rest {
+                self.seed_pages(start, end, kind);
+            }
+        } else {
+            self.seed_pages(start_page, end_page, kind);
+        }
+    }
+
+    fn seed_pages(&mut self, start_page: u64, end_page: u64, kind: TouchKind) {
         self.expand_zero(start_page, end_page);
         for page in start_page..end_page {
             let v = self.entries.entry(page).or_insert(value(0, kind, 0));

@@ -55,6 +55,9 @@ pub struct ThpPolicy {
     pub madvise: Vec<u64>,
     /// A read fault maps the 2 MiB huge zero page.
     pub huge_zero_page: bool,
+    /// A write to the huge zero page gets a huge page in its place (Linux 6.13 and later);
+    /// before, one small page is copied and the rest of the block maps the small zero page.
+    pub zero_write_huge: bool,
 }
 
 impl ThpPolicy {
@@ -142,6 +145,7 @@ mod tests {
             always: vec![],
             madvise: vec![PMD_PAGES],
             huge_zero_page: true,
+            zero_write_huge: false,
         });
         s.mmap(
             0,
@@ -199,6 +203,7 @@ mod tests {
             always: vec![PMD_PAGES, 16],
             madvise: vec![],
             huge_zero_page: true,
+            zero_write_huge: false,
         });
         // 1 MiB + 64 KiB: no 2 MiB block fits, 64 KiB ones do.
         let len = (1 << 20) + (64 << 10);
@@ -247,6 +252,42 @@ mod tests {
     }
 
     #[test]
+    fn since_6_13_a_write_to_the_huge_zero_page_gets_a_huge_page() {
+        let mut s = space(true);
+        s.set_thp(ThpPolicy {
+            zero_write_huge: true,
+            ..s.thp().clone()
+        });
+        s.fault(2, BASE, Some(false), false);
+        let e = s.fault(3, BASE + 9 * PAGE_SIZE, Some(true), true);
+        assert_eq!(
+            (e.touch, e.pages),
+            (
+                Touch::Upgraded {
+                    from: TouchKind::Zero
+                },
+                PMD_PAGES
+            )
+        );
+        assert_eq!(counts(&s, BASE, BASE + MIB2), (512, 512, 0));
+        assert_eq!(
+            s.fault(4, BASE + PAGE_SIZE, Some(true), true).touch,
+            Touch::Again
+        );
+        // A small zero page (the block split by a release) is copied alone.
+        s.fault(5, BASE + MIB2 + PAGE_SIZE, Some(false), false);
+        s.madvise(6, BASE + MIB2, PAGE_SIZE, a::MADV_DONTNEED);
+        let e = s.fault(7, BASE + MIB2 + PAGE_SIZE, Some(true), true);
+        assert_eq!(
+            e.touch,
+            Touch::Upgraded {
+                from: TouchKind::Zero
+            }
+        );
+        assert_eq!(counts(&s, BASE + MIB2, BASE + 2 * MIB2), (1, 0, 510));
+    }
+
+    #[test]
     fn a_fault_inside_a_supposed_huge_page_takes_it_back() {
         let mut s = space(true);
         s.fault(2, BASE + 3 * PAGE_SIZE, Some(true), false);
@@ -291,6 +332,7 @@ mod tests {
             always: vec![],
             madvise: vec![PMD_PAGES],
             huge_zero_page: true,
+            zero_write_huge: false,
         });
         let len = 64 << 30;
         s.mmap(

@@ -334,6 +334,7 @@ pub fn snapshot_json(ts_ns: u64, reason: SnapshotReason, p: &Process) -> Value {
             "always_kib": kib(&thp.always),
             "madvise_kib": kib(&thp.madvise),
             "huge_zero_page": thp.huge_zero_page,
+            "zero_write_huge": thp.zero_write_huge,
         },
         "resident": resident,
     })
