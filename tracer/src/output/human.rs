@@ -469,13 +469,14 @@ impl<W: Write> Sink for HumanSink<W> {
         let l = &s.lost;
         writeln!(
             self.out,
-            "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {})",
+            "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {}; unread at the stop {})",
             l.total_lost(),
             l.lost_syscall,
             l.lost_fault,
             l.lost_lifecycle,
             l.pending_full,
-            l.undecodable
+            l.undecodable,
+            l.unread
         )?;
         self.out.flush()
     }
