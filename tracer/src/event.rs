@@ -39,6 +39,8 @@ pub struct Resolved {
     /// Pages the call made resident without a fault (populate, lock), read from
     /// `/proc/PID/pagemap` right after it.
     pub resident: Option<Vec<ResidentRun>>,
+    /// The caller's user stack (`--stacks`): the id of its `stack` record.
+    pub stack_id: Option<u64>,
 }
 
 /// A memory syscall with its arguments and return value.
@@ -75,6 +77,8 @@ pub struct FaultRecord {
     /// Without an error code (perf-event backend): whether the access wrote, judged from the
     /// page the kernel mapped for it (`crate::fault_access`); None when unknown.
     pub write_from_page: Option<bool>,
+    /// The faulting thread's user stack (`--fault-stacks`): the id of its `stack` record.
+    pub stack_id: Option<u64>,
 }
 
 impl FaultRecord {
@@ -258,6 +262,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ip: e.ip,
                 error_code: (header.detail != FAULT_ERROR_UNKNOWN).then_some(header.detail),
                 write_from_page: None,
+                stack_id: None,
             })
         }
         EventKind::Fork => {
@@ -283,7 +288,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let _: ExitEvent = read(bytes)?;
             Event::Exit { ts_ns, pid, tid }
         }
-        EventKind::FaultBatch => return Err(DecodeError::BatchKind(header.kind)),
+        EventKind::FaultBatch | EventKind::Stack => {
+            return Err(DecodeError::BatchKind(header.kind));
+        }
         EventKind::Open => {
             let e: OpenEvent = read(bytes)?;
             Event::Open {

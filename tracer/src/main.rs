@@ -17,7 +17,7 @@ use tracer::{
         perfetto,
         timeline_view::{Sampler, bands},
     },
-    probe::{ExitRule, FaultBackend, SyscallBackend},
+    probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
     replay,
     run::{self, RunConfig},
 };
@@ -55,6 +55,11 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         user: t.user,
         reconcile: t.reconcile,
         report: t.report,
+        stacks: StackOptions {
+            syscalls: t.stacks,
+            fault_every: t.fault_stacks.unwrap_or(0),
+            stack_bytes: t.stack_bytes,
+        },
     }
 }
 

@@ -32,10 +32,14 @@ use crate::{
         report::summarize,
     },
     pagemap,
-    probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
+    probe::{
+        ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, StackOptions,
+        SyscallBackend,
+    },
     procfs::{self, ProcError},
     residency,
     session::{Applied, Seed, Session},
+    stacks::{Collector, RawStack},
 };
 
 /// Everything a live run needs.
@@ -57,6 +61,8 @@ pub struct RunConfig {
     pub reconcile: Option<Duration>,
     /// Print allocator and address-space findings at the end.
     pub report: bool,
+    /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
+    pub stacks: StackOptions,
 }
 
 /// Errors of a live run, each one line for the user.
@@ -230,6 +236,8 @@ struct Live {
     /// Events were lost in the last tick.
     losing: bool,
     last_resync_ns: u64,
+    /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
+    stacks: Option<Collector>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -259,6 +267,21 @@ impl Live {
                     empty = true;
                     break;
                 };
+                if let Some(stacks) = self.stacks.as_mut() {
+                    match RawStack::decode(&item) {
+                        Ok(Some(raw)) => {
+                            stacks.receive(raw);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.undecodable += 1;
+                            self.undecodable_total += 1;
+                            log::warn!("undecodable stack record: {e}");
+                            continue;
+                        }
+                    }
+                }
                 let decoded = event::decode_into(&item, self.order.incoming());
                 drop(item);
                 match decoded {
@@ -270,6 +293,10 @@ impl Live {
                         log::warn!("undecodable ring-buffer record: {e}");
                     }
                 }
+            }
+            if let Some(stacks) = self.stacks.as_mut() {
+                // Unwound and symbolized now, while the process and its files are there.
+                stacks.attach(&mut self.order.incoming()[first..]);
             }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
@@ -402,6 +429,17 @@ impl Live {
         if let Event::Syscall(s) = &mut ev {
             let space = self.session.get(s.pid).map(|p| &p.space);
             residency::resolve(s, space);
+        }
+        let stack_id = match &ev {
+            Event::Syscall(s) => s.resolved.stack_id,
+            Event::Fault(f) => f.stack_id,
+            _ => None,
+        };
+        if let Some(id) = stack_id
+            && let Some(def) = self.stacks.as_mut().and_then(|c| c.first_use(id))
+        {
+            self.sink.stack(&def).map_err(RunError::Write)?;
+            self.session.stacks.insert(def);
         }
         let applied = self.session.apply(&ev);
         self.sink
@@ -617,6 +655,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         },
         syscalls: cfg.syscall_backend,
         exit_rule: cfg.exit_rule,
+        stacks: cfg.stacks,
         ..ProbeOptions::default()
     })?;
     let limits = procfs::limits();
@@ -692,6 +731,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         resync_due: false,
         losing: false,
         last_resync_ns: 0,
+        stacks: cfg.stacks.any().then(Collector::new),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -724,6 +764,15 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     }
     live.sink.flush().map_err(RunError::Write)?;
     log::debug!("{} events", live.events);
+    if let Some(c) = &live.stacks {
+        log::info!(
+            "stacks: {} received, {} unique, {} without their record, {} lost in the kernel",
+            c.received,
+            c.unique(),
+            c.orphaned,
+            live.last_stats.lost_stack
+        );
+    }
     Ok(status)
 }
 

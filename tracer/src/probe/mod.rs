@@ -74,6 +74,26 @@ pub struct ProbeOptions {
     pub faults: FaultBackend,
     pub syscalls: SyscallBackend,
     pub exit_rule: ExitRule,
+    /// User stacks (`--stacks`, `--fault-stacks`): what the kernel copies.
+    pub stacks: StackOptions,
+}
+
+/// What the eBPF programs capture of user stacks (see `tracer-ebpf/src/stacks.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackOptions {
+    /// Every memory syscall gets a stack.
+    pub syscalls: bool,
+    /// One not-present fault in this many (per CPU) gets a stack; 0: none.
+    pub fault_every: u32,
+    /// Bytes of the top of the user stack copied with each stack.
+    pub stack_bytes: u32,
+}
+
+impl StackOptions {
+    /// Whether any stack is captured.
+    pub fn any(&self) -> bool {
+        self.syscalls || self.fault_every > 0
+    }
 }
 
 impl Default for ProbeOptions {
@@ -84,6 +104,7 @@ impl Default for ProbeOptions {
             faults: FaultBackend::Auto,
             syscalls: SyscallBackend::Auto,
             exit_rule: ExitRule::Auto,
+            stacks: StackOptions::default(),
         }
     }
 }
@@ -147,6 +168,8 @@ pub struct KernelStats {
     pub exit_without_enter: u64,
     pub targets_full: u64,
     pub read_error: u64,
+    /// Stacks the full ring refused (their events were kept).
+    pub lost_stack: u64,
 }
 
 impl KernelStats {
@@ -241,10 +264,21 @@ impl Probe {
             opts.syscalls != SyscallBackend::Fentry,
             KernelBtf::load,
         )?;
+        let stack_bytes = if opts.stacks.any() {
+            opts.stacks
+                .stack_bytes
+                .min(tracer_common::STACK_COPY_MAX as u32)
+        } else {
+            0
+        };
+        let syscall_stacks = u32::from(opts.stacks.syscalls);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_bytes)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("LAYOUT", &kernel_layout, true)
+            .override_global("STACK_BYTES", &stack_bytes, true)
+            .override_global("SYSCALL_STACKS", &syscall_stacks, true)
+            .override_global("FAULT_STACK_EVERY", &opts.stacks.fault_every, true)
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -622,6 +656,7 @@ impl Probe {
             exit_without_enter: get(Stat::ExitWithoutEnter),
             targets_full: get(Stat::TargetsFull),
             read_error: get(Stat::ReadError),
+            lost_stack: get(Stat::LostStack),
         })
     }
 }
