@@ -2,6 +2,7 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
+use crate::output::profile::FoldedValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::output::FaultFilter;
@@ -68,6 +69,19 @@ pub struct ReportArgs {
     /// Also write the timeline in the Chrome trace event format (opens in ui.perfetto.dev).
     #[arg(long, value_name = "OUT")]
     pub perfetto: Option<PathBuf>,
+    /// Also write memory by call stack as a gzipped pprof profile (`go tool pprof OUT`):
+    /// calls, reserved, touched, still mapped and released bytes (recorded with --stacks).
+    #[arg(long, value_name = "OUT")]
+    pub pprof: Option<PathBuf>,
+    /// Also write folded stacks, one line per unique stack (flame graph tools read them).
+    #[arg(long, value_name = "OUT")]
+    pub folded: Option<PathBuf>,
+    /// The value of each folded stack.
+    #[arg(long, value_enum, default_value_t = FoldedValue::Reserved)]
+    pub folded_value: FoldedValue,
+    /// Show the whole stack under each call site.
+    #[arg(long)]
+    pub stacks: bool,
     /// Overwrite OUT files that exist.
     #[arg(long)]
     pub force: bool,

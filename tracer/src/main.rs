@@ -12,9 +12,9 @@ use tracer::{
     cli::{BackendArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
     output::{
         FaultFilter, file, html,
-        human::HumanSink,
+        human::{self, HumanSink},
         ndjson::NdjsonSink,
-        perfetto,
+        perfetto, profile,
         timeline_view::{Sampler, bands},
     },
     probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
@@ -102,12 +102,22 @@ fn real_main() -> anyhow::Result<u8> {
                 .as_ref()
                 .map(|p| file::create(p, r.force))
                 .transpose()?;
+            let pprof_out = r
+                .pprof
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
+            let folded_out = r
+                .folded
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
             let mut sampler = Sampler::new(10_000_000);
             let replayed = replay::replay(&r.file, &mut sampler, true)?;
             let findings: Vec<_> = replayed
                 .session
                 .processes()
-                .flat_map(|p| analysis::analyze(p, &replayed.limits))
+                .flat_map(|p| analysis::analyze(p, &replayed.limits, &replayed.session.stacks))
                 .collect();
             let stdout = std::io::BufWriter::new(std::io::stdout());
             let mut sink: Box<dyn tracer::output::Sink> = if r.json {
@@ -118,6 +128,24 @@ fn real_main() -> anyhow::Result<u8> {
             };
             sink.findings(&findings)?;
             sink.flush()?;
+            drop(sink);
+            if !r.json {
+                let mut stdout = std::io::BufWriter::new(std::io::stdout());
+                human::write_call_sites(&mut stdout, &replayed.session, r.stacks)?;
+                stdout.flush()?;
+            }
+            if let Some(out) = pprof_out {
+                let mut out = std::io::BufWriter::new(out);
+                profile::write_pprof(&mut out, &replayed.session, 0)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| anyhow::anyhow!("writing the pprof profile: {e}"))?;
+            }
+            if let Some(out) = folded_out {
+                let mut out = std::io::BufWriter::new(out);
+                profile::write_folded(&mut out, &replayed.session, r.folded_value)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| anyhow::anyhow!("writing the folded stacks: {e}"))?;
+            }
             if html_out.is_some() || perfetto_out.is_some() {
                 let names: BTreeMap<u32, String> = replayed
                     .session

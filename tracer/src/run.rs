@@ -758,7 +758,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         let findings: Vec<_> = live
             .session
             .processes()
-            .flat_map(|p| analysis::analyze(p, &limits))
+            .flat_map(|p| analysis::analyze(p, &limits, &live.session.stacks))
             .collect();
         live.sink.findings(&findings).map_err(RunError::Write)?;
     }

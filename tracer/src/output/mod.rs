@@ -6,6 +6,7 @@ pub mod html;
 pub mod human;
 pub mod ndjson;
 pub mod perfetto;
+pub mod profile;
 pub mod report;
 pub mod timeline_view;
 

@@ -7,6 +7,7 @@ use crate::{
     model::{TouchKind, Vma, timeline::Cause},
     probe::KernelStats,
     session::{Process, Session},
+    stacks::sites::{self, SiteRow},
 };
 
 /// One VMA of a snapshot.
@@ -114,7 +115,13 @@ pub struct ProcessSummary {
     pub history_entries: usize,
     /// The VMAs with the most touched bytes, at most ten.
     pub top_vmas: Vec<VmaRow>,
+    /// With stacks: the call sites that reserved the most, at most ten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<SiteRow>,
 }
+
+/// Call sites listed in the summary.
+pub const SUMMARY_SITES: usize = 10;
 
 /// Loss and error counters of the kernel side.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -219,6 +226,7 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
                     .filter(|e| e.cause != Cause::Seed)
                     .count(),
                 top_vmas: top,
+                call_sites: sites::table(&p.sites, &session.stacks, SUMMARY_SITES),
             }
         })
         .collect();

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracer_common::Syscall;
 
 use super::{Frame, StackDef, StackTable};
@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// What one stack did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteStats {
     /// Syscalls made with this stack.
     pub calls: u64,
@@ -46,6 +46,10 @@ impl SiteStats {
 #[derive(Clone, Debug, Default)]
 pub struct CallSites {
     pub by_stack: HashMap<u64, SiteStats>,
+    /// The syscalls each stack made (bit `Syscall as u32`).
+    pub calls_by_stack: HashMap<u64, u32>,
+    /// Successful mmap calls by (length, stack).
+    pub mmap_lens: HashMap<(u64, u64), u64>,
     /// Mapped ranges by the stack that mapped them: start -> (end, stack id).
     owners: BTreeMap<u64, (u64, u64)>,
     heap_end: Option<u64>,
@@ -77,10 +81,14 @@ impl CallSites {
                 let sid = s.resolved.stack_id;
                 if let Some(id) = sid {
                     self.by_stack.entry(id).or_default().calls += 1;
+                    *self.calls_by_stack.entry(id).or_default() |= 1 << (s.call as u32);
                 }
                 let Applied::Syscall { effect: e, .. } = applied else {
                     return;
                 };
+                if let (Syscall::Mmap, Some(id)) = (s.call, sid) {
+                    *self.mmap_lens.entry((e.end - e.start, id)).or_default() += 1;
+                }
                 match (s.call, e.kind) {
                     (
                         Syscall::Mmap | Syscall::Shmat,
@@ -244,10 +252,14 @@ const ALLOCATOR_FUNCTIONS: &[&str] = &[
     "free",
 ];
 
+fn module_base(f: &Frame) -> &str {
+    let module = f.module.as_deref().unwrap_or("");
+    module.rsplit('/').next().unwrap_or(module)
+}
+
 /// Whether `f` belongs to the allocator, libc or the loader.
 pub fn is_runtime(f: &Frame) -> bool {
-    let module = f.module.as_deref().unwrap_or("");
-    let base = module.rsplit('/').next().unwrap_or(module);
+    let base = module_base(f);
     if RUNTIME_MODULES.iter().any(|m| base.starts_with(m)) {
         return true;
     }
@@ -256,31 +268,55 @@ pub fn is_runtime(f: &Frame) -> bool {
         .is_some_and(|name| ALLOCATOR_FUNCTIONS.iter().any(|p| name.starts_with(p)))
 }
 
-/// The call site of a stack: its first frame outside the runtime, or its first frame when
-/// all of it is runtime.
+/// Whether `f` is a syscall wrapper (`__mmap64`, `__GI___sbrk`, ...).
+fn is_wrapper(f: &Frame) -> bool {
+    f.function.as_deref().is_some_and(|n| {
+        let n = n
+            .trim_start_matches('_')
+            .trim_start_matches("GI_")
+            .trim_start_matches('_');
+        [
+            "mmap", "munmap", "mremap", "mprotect", "madvise", "brk", "sbrk", "shmat", "shmdt",
+            "mlock", "munlock", "syscall",
+        ]
+        .iter()
+        .any(|w| n.starts_with(w))
+    })
+}
+
+/// The call site of a stack: its first frame outside the runtime; for the runtime's own
+/// calls (the loader mapping libraries), its first frame past the syscall wrapper.
 pub fn call_site(def: &StackDef) -> Option<&Frame> {
     def.frames
         .iter()
         .find(|f| !is_runtime(f))
+        .or_else(|| def.frames.iter().find(|f| !f.inlined && !is_wrapper(f)))
         .or(def.frames.first())
 }
 
-/// Whether malloc (or another libc allocator function) is on the stack: the mmap threshold
+/// Whether glibc's malloc (or calloc, realloc, memalign) is on the stack: the mmap threshold
 /// and arena advice apply to these calls only.
 pub fn through_malloc(def: &StackDef) -> bool {
     def.frames.iter().any(|f| {
-        f.function.as_deref().is_some_and(|n| {
-            matches!(
-                n,
-                "malloc" | "calloc" | "realloc" | "_int_malloc" | "sysmalloc" | "__libc_malloc"
-            ) || n.starts_with("_int_")
-                || n.starts_with("__libc_")
-        })
+        let base = module_base(f);
+        (base.starts_with("libc.so") || base.starts_with("libc-"))
+            && f.function.as_deref().is_some_and(|n| {
+                [
+                    "malloc",
+                    "calloc",
+                    "realloc",
+                    "memalign",
+                    "valloc",
+                    "aligned_alloc",
+                ]
+                .iter()
+                .any(|a| n.contains(a))
+            })
     })
 }
 
 /// One row of the call-site table.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteRow {
     /// `function (file:line)` or `module+offset` of the call site.
     pub site: String,
@@ -295,9 +331,32 @@ pub struct SiteRow {
 
 /// The call sites of `sites`, by reserved bytes (then touched, then calls), at most `top`.
 pub fn table(sites: &CallSites, stacks: &StackTable, top: usize) -> Vec<SiteRow> {
+    table_of(sites, stacks, top, |_| true)
+}
+
+/// The call sites of the stacks that made one of `calls`.
+pub fn table_of_calls(
+    sites: &CallSites,
+    stacks: &StackTable,
+    top: usize,
+    calls: &[Syscall],
+) -> Vec<SiteRow> {
+    let mask = calls.iter().fold(0u32, |m, c| m | 1 << (*c as u32));
+    table_of(sites, stacks, top, |id| {
+        sites.calls_by_stack.get(&id).is_some_and(|m| m & mask != 0)
+    })
+}
+
+/// The call sites of the stacks that `keep` accepts.
+pub fn table_of(
+    sites: &CallSites,
+    stacks: &StackTable,
+    top: usize,
+    keep: impl Fn(u64) -> bool,
+) -> Vec<SiteRow> {
     let still = sites.still_mapped();
     let mut rows: BTreeMap<String, SiteRow> = BTreeMap::new();
-    for (&id, stats) in &sites.by_stack {
+    for (&id, stats) in sites.by_stack.iter().filter(|(id, _)| keep(**id)) {
         let def = stacks.get(id);
         let label = def
             .and_then(|d| call_site(d))
@@ -415,6 +474,10 @@ mod tests {
                 frame("/work/a.out", "alloc::raw_vec::finish_grow"),
                 frame("/work/a.out", "grow_table"),
                 frame("/work/a.out", "main"),
+                frame(
+                    "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                    "__libc_start_call_main",
+                ),
             ],
         };
         assert_eq!(
@@ -422,5 +485,38 @@ mod tests {
             Some("grow_table")
         );
         assert!(through_malloc(&def));
+        // A program's own mmap: not malloc's, though libc started the program.
+        let own = StackDef {
+            id: 2,
+            frames: vec![
+                frame("/usr/lib/x86_64-linux-gnu/libc.so.6", "__GI___mmap64"),
+                frame("/work/a.out", "map_region"),
+                frame("/work/a.out", "main"),
+                frame(
+                    "/usr/lib/x86_64-linux-gnu/libc.so.6",
+                    "__libc_start_call_main",
+                ),
+            ],
+        };
+        assert!(!through_malloc(&own));
+        assert_eq!(
+            call_site(&own).and_then(|f| f.function.as_deref()),
+            Some("map_region")
+        );
+        // The loader's own calls: the first frame past the wrapper.
+        let ld = StackDef {
+            id: 3,
+            frames: vec![
+                frame("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "__mmap64"),
+                frame(
+                    "/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                    "_dl_map_segments",
+                ),
+            ],
+        };
+        assert_eq!(
+            call_site(&ld).and_then(|f| f.function.as_deref()),
+            Some("_dl_map_segments")
+        );
     }
 }
