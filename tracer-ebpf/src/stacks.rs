@@ -4,10 +4,12 @@
 //! `perf --call-graph dwarf` takes them. Userspace unwinds the copy with the binaries'
 //! `.eh_frame`. The record is built in this CPU's `STACK_SCRATCH` slot and written with one
 //! `bpf_ringbuf_output` cut to the bytes copied, just before the record it belongs to.
+//! Stacks are dropped (and counted) while the ring is more than half full: they never take
+//! the room of the events.
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::BPF_F_USER_STACK,
+    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
     helpers::generated::{
         bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_kernel, bpf_probe_read_user,
         bpf_ringbuf_output, bpf_task_pt_regs,
@@ -91,6 +93,19 @@ pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_
     if want == 0 {
         return;
     }
+    // Stacks give way to events: none while the ring is more than half full (a quarter for
+    // fault stacks, which give way to syscall stacks too), so that a burst of stacks never
+    // costs the events themselves (counted as lost stacks).
+    let ring = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let room = if owner == EventKind::Fault {
+        ring / 4
+    } else {
+        ring / 2
+    };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > room {
+        count(Stat::LostStack);
+        return;
+    }
     let Some(rec) = STACK_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -124,10 +139,16 @@ pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_
         let sp = regs[1];
         let mut copied = 0u32;
         if sp != 0 && sp < USER_ADDRESS_END {
-            // Near the top of the stack the whole length may run past its end: then as far
-            // as the end of the next page, then of sp's own page.
+            // Near the top of the stack (the main thread's first frames) the whole length
+            // runs past its end: then one page less at a time, down to sp's own page.
             let to_page_end = 4096 - (sp & 4095) as u32;
-            let tries = [want, to_page_end + 4096, to_page_end];
+            let tries = [
+                want,
+                to_page_end + 3 * 4096,
+                to_page_end + 2 * 4096,
+                to_page_end + 4096,
+                to_page_end,
+            ];
             for len in tries {
                 let len = if len > STACK_COPY_MAX as u32 {
                     STACK_COPY_MAX as u32

@@ -671,6 +671,7 @@ fn replay_bounded(
                 lost.targets_full += l.targets_full;
                 lost.read_error += l.read_error;
                 lost.undecodable += l.undecodable;
+                lost.lost_stack += l.lost_stack;
             }
             Record::Other => {}
         }

@@ -203,6 +203,7 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary
         targets_full: now.targets_full - last.targets_full,
         read_error: now.read_error - last.read_error,
         undecodable,
+        lost_stack: now.lost_stack - last.lost_stack,
     }
 }
 
@@ -293,10 +294,6 @@ impl Live {
                         log::warn!("undecodable ring-buffer record: {e}");
                     }
                 }
-            }
-            if let Some(stacks) = self.stacks.as_mut() {
-                // Unwound and symbolized now, while the process and its files are there.
-                stacks.attach(&mut self.order.incoming()[first..]);
             }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
@@ -430,6 +427,11 @@ impl Live {
             let space = self.session.get(s.pid).map(|p| &p.space);
             residency::resolve(s, space);
         }
+        if let Some(c) = self.stacks.as_mut() {
+            // Unwound in the mappings the model has just before the event.
+            let space = self.session.get(ev.pid()).map(|p| &p.space);
+            c.resolve(&mut ev, space);
+        }
         let stack_id = match &ev {
             Event::Syscall(s) => s.resolved.stack_id,
             Event::Fault(f) => f.stack_id,
@@ -442,6 +444,11 @@ impl Live {
             self.session.stacks.insert(def);
         }
         let applied = self.session.apply(&ev);
+        if let (Some(c), Event::Exec { pid, .. } | Event::Exit { pid, .. }) =
+            (self.stacks.as_mut(), &ev)
+        {
+            c.forget(*pid);
+        }
         self.sink
             .event(&ev, &applied, &self.session)
             .map_err(RunError::Write)?;

@@ -484,6 +484,13 @@ impl<W: Write> Sink for HumanSink<W> {
             l.pending_full,
             l.undecodable
         )?;
+        if l.lost_stack > 0 {
+            writeln!(
+                self.out,
+                "stacks dropped: {} (the ring was more than half full; their events were kept)",
+                l.lost_stack
+            )?;
+        }
         self.out.flush()
     }
 

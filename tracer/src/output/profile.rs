@@ -78,15 +78,20 @@ fn folded_name(f: &Frame) -> String {
     name.replace([';', '\n', '\r'], "_")
 }
 
-/// Folded stacks: one line per unique stack, root first, frames separated by `;`, then a
-/// space and the stack's value.
+/// Folded stacks: one line per unique stack of function names, root first, frames
+/// separated by `;`, then a space and the stack's value (stacks that differ only in
+/// addresses or lines are one line, their values added).
 pub fn write_folded(out: &mut impl Write, session: &Session, value: FoldedValue) -> io::Result<()> {
+    let mut lines: BTreeMap<String, u64> = BTreeMap::new();
     for (id, t) in totals(session) {
         let Some(def) = session.stacks.get(id) else {
             continue;
         };
         let names: Vec<String> = def.frames.iter().rev().map(folded_name).collect();
-        writeln!(out, "{} {}", names.join(";"), value.of(&t))?;
+        *lines.entry(names.join(";")).or_default() += value.of(&t);
+    }
+    for (stack, v) in lines {
+        writeln!(out, "{stack} {v}")?;
     }
     Ok(())
 }

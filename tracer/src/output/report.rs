@@ -135,6 +135,14 @@ pub struct LossSummary {
     pub read_error: u64,
     /// Records that could not be decoded.
     pub undecodable: u64,
+    /// Stacks dropped in the kernel (ring more than half full): their events were kept,
+    /// without a stack. Not counted in the lost events.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_stack: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl LossSummary {
@@ -149,6 +157,7 @@ impl LossSummary {
             targets_full: k.targets_full,
             read_error: k.read_error,
             undecodable,
+            lost_stack: k.lost_stack,
         }
     }
 

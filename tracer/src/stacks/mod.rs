@@ -12,7 +12,10 @@ use std::{collections::HashMap, sync::Arc};
 use serde::{Deserialize, Serialize};
 use tracer_common::{EventHeader, EventKind, STACK_FRAMES_MAX, StackHead};
 
-use crate::event::{DecodeError, Event};
+use crate::{
+    event::{DecodeError, Event},
+    model::AddressSpace,
+};
 
 /// One frame of a symbolized stack (innermost first). An inlined function is a frame of its
 /// own at the same `addr`, before the function it was inlined into, as `perf` shows it.
@@ -161,6 +164,8 @@ const MAX_WAITING: usize = 8192;
 /// the process lives, and each unique stack gets an id.
 pub struct Collector {
     waiting: HashMap<(u32, u32, u64), RawStack>,
+    /// The executable ranges whose files were opened, by process.
+    warmed: HashMap<u32, Vec<std::ops::Range<u64>>>,
     unwinder: unwind::Unwinder,
     symbols: symbols::Symbols,
     /// Unique stacks: module identity and offset of each frame -> id.
@@ -183,6 +188,7 @@ impl Collector {
     pub fn new() -> Self {
         Self {
             waiting: HashMap::new(),
+            warmed: HashMap::new(),
             unwinder: unwind::Unwinder::default(),
             symbols: symbols::Symbols::new(),
             ids: HashMap::new(),
@@ -193,41 +199,52 @@ impl Collector {
         }
     }
 
-    /// Keeps a raw stack until its record is decoded.
+    /// Keeps a raw stack until its record is handled, and opens the files of the process's
+    /// code now, while it lives.
     pub fn receive(&mut self, raw: RawStack) {
         self.received += 1;
         if self.waiting.len() >= MAX_WAITING {
             self.orphaned += self.waiting.len() as u64;
             self.waiting.clear();
         }
+        let (pid, ip) = (raw.pid, raw.regs[0]);
+        let warmed = self.warmed.entry(pid).or_default();
+        if !warmed.iter().any(|r| r.contains(&ip)) {
+            *warmed = self.unwinder.warm(pid);
+        }
         self.waiting.insert((raw.tid, raw.owner, raw.key_ts), raw);
     }
 
-    /// Gives each syscall and fault in `events` its stack's id, unwinding and symbolizing the
-    /// stacks not seen before (now, while the process and its files are there).
-    pub fn attach(&mut self, events: &mut [Event]) {
+    /// Gives a syscall or fault its stack's id, unwinding and symbolizing a stack not seen
+    /// before. `space` is the process's model just before the event: the mappings the stack's
+    /// addresses were in.
+    pub fn resolve(&mut self, ev: &mut Event, space: Option<&AddressSpace>) {
         if self.waiting.is_empty() {
             return;
         }
-        for ev in events {
-            let (key, slot) = match ev {
-                Event::Syscall(s) => (
-                    (s.tid, EventKind::Syscall as u32, s.enter_ts_ns),
-                    &mut s.resolved.stack_id,
-                ),
-                Event::Fault(f) => ((f.tid, EventKind::Fault as u32, f.ts_ns), &mut f.stack_id),
-                _ => continue,
-            };
-            let Some(raw) = self.waiting.remove(&key) else {
-                continue;
-            };
-            *slot = self.resolve(&raw);
-        }
+        let (key, slot) = match ev {
+            Event::Syscall(s) => (
+                (s.tid, EventKind::Syscall as u32, s.enter_ts_ns),
+                &mut s.resolved.stack_id,
+            ),
+            Event::Fault(f) => ((f.tid, EventKind::Fault as u32, f.ts_ns), &mut f.stack_id),
+            _ => return,
+        };
+        let Some(raw) = self.waiting.remove(&key) else {
+            return;
+        };
+        *slot = self.id_of(&raw, space);
+    }
+
+    /// Forgets a process's mappings (it exited; its files stay open for the others).
+    pub fn forget(&mut self, pid: u32) {
+        self.unwinder.forget(pid);
+        self.warmed.remove(&pid);
     }
 
     /// The id of `raw`'s stack (symbolized once per unique stack).
-    fn resolve(&mut self, raw: &RawStack) -> Option<u64> {
-        let unwound = self.unwinder.unwind(raw);
+    fn id_of(&mut self, raw: &RawStack, space: Option<&AddressSpace>) -> Option<u64> {
+        let unwound = self.unwinder.unwind(raw, space);
         if unwound.frames.is_empty() {
             return None;
         }

@@ -245,6 +245,11 @@ const ALLOCATOR_FUNCTIONS: &[&str] = &[
     "core::alloc",
     "<std::alloc",
     "hashbrown::raw",
+    // Rust's standard library below the program's own code.
+    "core::",
+    "<core::",
+    "std::",
+    "<std::",
     "operator new",
     "malloc",
     "calloc",

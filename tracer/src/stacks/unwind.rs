@@ -17,12 +17,19 @@ use std::{
 use framehop::{ExplicitModuleSectionInfo, Module, Unwinder as _};
 use object::{Object, ObjectSection, ObjectSegment};
 
+use std::os::unix::ffi::OsStrExt;
+
 use super::RawStack;
-use crate::procfs;
+use crate::{
+    model::{AddressSpace, Backing},
+    procfs,
+};
 
 /// Files larger than this are not read for unwinding (their frames are still named by
 /// module and offset).
 const MAX_FILE_BYTES: u64 = 1 << 30;
+
+const PAGE: u64 = 4096;
 
 /// Frames kept per stack at most.
 pub const MAX_FRAMES: usize = 128;
@@ -129,27 +136,74 @@ struct Process {
     maps: Vec<Mapping>,
     unwinder: Native,
     cache: NativeCache,
-    /// `/proc/PID/maps` could not be read again (the process is gone): keep what we have.
-    gone: bool,
+    /// The model's generation the maps were built from (`None`: from `/proc/PID/maps`).
+    generation: Option<usize>,
 }
 
 /// Unwinds stacks of every traced process.
 #[derive(Default)]
 pub struct Unwinder {
     procs: HashMap<u32, Process>,
-    /// Mapped files by (device, inode).
+    /// Mapped files by (path, inode), opened while the process lives where possible.
     files: HashMap<(String, u64), Option<Arc<ModuleFile>>>,
+}
+
+/// An executable mapping as the model or `/proc/PID/maps` has it.
+struct ExecMapping {
+    start: u64,
+    end: u64,
+    offset: u64,
+    path: Option<String>,
+    inode: u64,
+}
+
+/// The executable mappings of the model (the address space at the time of the event), and a
+/// generation that changes whenever the model does.
+fn model_mappings(space: &AddressSpace) -> (Vec<ExecMapping>, usize) {
+    let maps = space
+        .vmas()
+        .filter(|v| v.perms.exec)
+        .map(|v| ExecMapping {
+            start: v.start,
+            end: v.end,
+            offset: v.offset,
+            path: space.maps_path(v),
+            inode: match &v.backing {
+                Backing::File { inode, .. } => *inode,
+                _ => 0,
+            },
+        })
+        .collect();
+    (maps, model_generation(space))
+}
+
+fn model_generation(space: &AddressSpace) -> usize {
+    space.timeline().entries().len() ^ (space.vma_count() << 32)
 }
 
 impl Unwinder {
     /// The frames of `raw`: DWARF unwinding of the copy, joined to or replaced by the
     /// kernel's frame-pointer walk where that one sees further.
-    pub fn unwind(&mut self, raw: &RawStack) -> Unwound {
+    /// `space` is the process's model just before the event (its mappings then); without
+    /// it, `/proc/PID/maps` now.
+    pub fn unwind(&mut self, raw: &RawStack, space: Option<&AddressSpace>) -> Unwound {
         let ip = raw.regs[0];
+        let mut refreshed = false;
         if self.mapping_of(raw.pid, ip).is_none() {
-            self.refresh(raw.pid);
+            refreshed = self.refresh(raw.pid, space);
         }
-        let dwarf = self.dwarf_frames(raw);
+        let mut dwarf = self.dwarf_frames(raw);
+        // The walk went into code mapped since the mappings were read (a library just
+        // loaded): read them again and walk again.
+        if !refreshed
+            && dwarf
+                .iter()
+                .any(|&(a, _)| self.mapping_of(raw.pid, a).is_none())
+            && self.refresh(raw.pid, space)
+        {
+            refreshed = true;
+            dwarf = self.dwarf_frames(raw);
+        }
         let fp = &raw.fp_frames;
         let mut addrs: Vec<(u64, bool)> = if dwarf.len() >= 2 || fp.len() < 2 {
             dwarf
@@ -166,11 +220,12 @@ impl Unwinder {
         }
         addrs.truncate(MAX_FRAMES);
         // A return address outside every known mapping may be a module mapped since.
-        if addrs
-            .iter()
-            .any(|&(a, _)| self.mapping_of(raw.pid, a).is_none())
+        if !refreshed
+            && addrs
+                .iter()
+                .any(|&(a, _)| self.mapping_of(raw.pid, a).is_none())
         {
-            self.refresh(raw.pid);
+            self.refresh(raw.pid, space);
         }
         let frames = addrs
             .into_iter()
@@ -217,10 +272,32 @@ impl Unwinder {
         let mut it = p
             .unwinder
             .iter_frames(raw.regs[0], regs, &mut p.cache, &mut read_stack);
-        while let Ok(Some(frame)) = it.next() {
-            out.push((frame.address(), out.is_empty()));
-            if out.len() >= MAX_FRAMES {
-                break;
+        loop {
+            match it.next() {
+                Ok(Some(frame)) => {
+                    out.push((frame.address(), out.is_empty()));
+                    if out.len() >= MAX_FRAMES {
+                        break;
+                    }
+                }
+                Ok(None) => {
+                    log::trace!(
+                        "unwinding {} ended after {} frames (sp {:#x}, {} bytes of stack)",
+                        raw.pid,
+                        out.len(),
+                        sp,
+                        stack.len()
+                    );
+                    break;
+                }
+                Err(e) => {
+                    log::trace!(
+                        "unwinding {} stopped after {} frames: {e}",
+                        raw.pid,
+                        out.len()
+                    );
+                    break;
+                }
             }
         }
         if out.is_empty() {
@@ -229,22 +306,49 @@ impl Unwinder {
         out
     }
 
-    /// Reads `pid`'s executable mappings again and rebuilds its unwinder.
-    fn refresh(&mut self, pid: u32) {
-        if self.procs.get(&pid).is_some_and(|p| p.gone) {
-            return;
-        }
-        let Ok(entries) = procfs::read_maps(pid) else {
-            if let Some(p) = self.procs.get_mut(&pid) {
-                p.gone = true;
+    /// Opens the files of `pid`'s executable mappings now, while the process lives (a
+    /// binary deleted since, or in another mount namespace, can only be opened through it).
+    /// Returns the executable ranges read.
+    pub fn warm(&mut self, pid: u32) -> Vec<Range<u64>> {
+        let Some(maps) = proc_mappings(pid) else {
+            return Vec::new();
+        };
+        for m in &maps {
+            if let Some(path) = &m.path
+                && m.inode != 0
+            {
+                self.file(pid, m, path);
             }
-            return;
+        }
+        maps.iter().map(|m| m.start..m.end).collect()
+    }
+
+    /// Rebuilds `pid`'s mappings and unwinder: from the model when it changed since, else
+    /// from `/proc/PID/maps`. Whether anything was read again.
+    fn refresh(&mut self, pid: u32, space: Option<&AddressSpace>) -> bool {
+        let (entries, generation) = match space {
+            Some(space) => {
+                let generation = model_generation(space);
+                if self
+                    .procs
+                    .get(&pid)
+                    .is_some_and(|p| p.generation == Some(generation))
+                {
+                    return false;
+                }
+                let (maps, generation) = model_mappings(space);
+                (maps, Some(generation))
+            }
+            None => match proc_mappings(pid) {
+                Some(maps) => (maps, None),
+                None => return false,
+            },
         };
         let mut maps = Vec::new();
         let mut unwinder = Native::new();
-        for e in entries.iter().filter(|e| e.perms.exec) {
-            let file = match (&e.path, e.inode) {
-                (Some(_), inode) if inode != 0 => self.file(pid, e.start, e.end, &e.dev, inode),
+        for e in &entries {
+            let file = match &e.path {
+                Some(path) if e.inode != 0 => self.file(pid, e, path),
                 _ => None,
             };
             let m = Mapping {
@@ -254,8 +358,10 @@ impl Unwinder {
                 path: e.path.clone(),
                 file,
             };
-            if let Some(module) = m.file.as_ref().and_then(|f| module_of(&m, f)) {
-                unwinder.add_module(module);
+            match m.file.as_ref().map(|f| module_of(&m, f)) {
+                Some(Some(module)) => unwinder.add_module(module),
+                Some(None) => log::debug!("no unwind information for {:?}", m.path),
+                None => {}
             }
             maps.push(m);
         }
@@ -265,42 +371,70 @@ impl Unwinder {
                 maps,
                 unwinder,
                 cache: NativeCache::new(),
-                gone: false,
+                generation,
             },
         );
+        true
     }
 
-    /// The file mapped at `start-end` in `pid`, read once per (device, inode).
-    fn file(
-        &mut self,
-        pid: u32,
-        start: u64,
-        end: u64,
-        dev: &str,
-        inode: u64,
-    ) -> Option<Arc<ModuleFile>> {
+    /// The file of mapping `m` (at `path`), read once per (path, inode).
+    fn file(&mut self, pid: u32, m: &ExecMapping, path: &str) -> Option<Arc<ModuleFile>> {
+        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+        let key = (path.to_string(), m.inode);
+        if let Some(f) = self.files.get(&key) {
+            return f.clone();
+        }
         let next_id = self.files.len() as u64 + 1;
-        self.files
-            .entry((dev.to_string(), inode))
-            .or_insert_with(|| open_module(pid, start, end, next_id))
-            .clone()
+        let opened = open_module(pid, m, path, next_id);
+        // A file that cannot be opened now may be openable later (a process still loading).
+        if opened.is_some() {
+            self.files.insert(key, opened.clone());
+        }
+        opened
     }
 }
 
-/// Opens the file of a mapping through `/proc/PID/map_files` (the file the process mapped,
-/// even deleted or in another mount namespace) and reads it.
-fn open_module(pid: u32, start: u64, end: u64, id: u64) -> Option<Arc<ModuleFile>> {
-    let link = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
-    let mut file = File::open(&link)
-        .map_err(|e| log::debug!("cannot open {link}: {e}"))
-        .ok()?;
+/// The executable mappings in `/proc/PID/maps`; `None` when the process is gone.
+fn proc_mappings(pid: u32) -> Option<Vec<ExecMapping>> {
+    let entries = procfs::read_maps(pid).ok()?;
+    Some(
+        entries
+            .into_iter()
+            .filter(|e| e.perms.exec)
+            .map(|e| ExecMapping {
+                start: e.start,
+                end: e.end,
+                offset: e.offset,
+                path: e.path,
+                inode: e.inode,
+            })
+            .collect(),
+    )
+}
+
+/// Opens the file of a mapping: through `/proc/PID/map_files` while the process lives (the
+/// file it mapped, even deleted or in another mount namespace), else by its path in the
+/// process's root, else by its path here; a file found by path must have the mapping's inode.
+fn open_module(pid: u32, m: &ExecMapping, path: &str, id: u64) -> Option<Arc<ModuleFile>> {
+    use std::os::{fd::AsRawFd, unix::fs::MetadataExt};
+    let bytes = crate::name::to_bytes(path);
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&bytes));
+    let candidates = [
+        PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
+        PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path)),
+        path.to_path_buf(),
+    ];
+    let mut file = candidates.iter().enumerate().find_map(|(i, c)| {
+        let f = File::open(c).ok()?;
+        let ino = f.metadata().ok()?.ino();
+        (i == 0 || m.inode == 0 || ino == m.inode).then_some(f)
+    })?;
     let len = file.metadata().ok()?.len();
     if len > MAX_FILE_BYTES {
         return None;
     }
     let mut data = Vec::with_capacity(len as usize);
     file.read_to_end(&mut data).ok()?;
-    use std::os::fd::AsRawFd;
     let fd_path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     Some(Arc::new(ModuleFile {
         id,
@@ -314,10 +448,16 @@ fn open_module(pid: u32, start: u64, end: u64, id: u64) -> Option<Arc<ModuleFile
 /// addresses are in the process (from the segment that holds the mapping's file offset).
 fn module_of(m: &Mapping, f: &ModuleFile) -> Option<Module<Slice>> {
     let elf = object::File::parse(&f.data[..]).ok()?;
-    let seg = elf.segments().find(|s| {
-        let (off, size) = s.file_range();
-        off <= m.offset && m.offset < off + size
-    })?;
+    // The mapping starts at the page of the segment's first byte (lld does not page-align
+    // segments in the file, so the previous segment may end in that page too: the last
+    // segment that starts at or before the mapping is its own).
+    let seg = elf
+        .segments()
+        .filter(|s| {
+            let (off, size) = s.file_range();
+            off & !(PAGE - 1) <= m.offset && m.offset < off + size
+        })
+        .max_by_key(|s| s.file_range().0)?;
     let (seg_off, _) = seg.file_range();
     // avma = svma + bias, for every byte of the segment.
     let bias = (m.start as i64 - m.offset as i64 + seg_off as i64 - seg.address() as i64) as u64;
