@@ -247,6 +247,9 @@ const RESYNC_EVERY_NS: u64 = 1_000_000_000;
 /// A stop at exec this old without its exec event handled: the event was lost.
 const LOST_EXEC_AFTER_NS: u64 = 1_000_000_000;
 
+/// The default ring with stacks (`--ring-size` not given).
+const STACKS_RING_BYTES: u32 = 64 << 20;
+
 /// Events taken from the ring before they are handled.
 const DRAIN_BATCH: usize = 4096;
 
@@ -294,6 +297,9 @@ impl Live {
                         log::warn!("undecodable ring-buffer record: {e}");
                     }
                 }
+            }
+            if let Some(stacks) = self.stacks.as_mut() {
+                stacks.attach(&mut self.order.incoming()[first..]);
             }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
@@ -654,7 +660,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let start_ns = monotonic_ns();
     let mut sink = make_sink(&cfg, start_ns)?;
     let mut probe = Probe::load(ProbeOptions {
-        ring_bytes: cfg.ring_bytes,
+        // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
+        ring_bytes: if cfg.stacks.any() && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES {
+            STACKS_RING_BYTES
+        } else {
+            cfg.ring_bytes
+        },
         faults: if cfg.faults == FaultFilter::None {
             FaultBackend::Off
         } else {
@@ -773,8 +784,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     log::debug!("{} events", live.events);
     if let Some(c) = &live.stacks {
         log::info!(
-            "stacks: {} received, {} unique, {} without their record, {} lost in the kernel",
+            "stacks: {} received ({} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",
             c.received,
+            c.memo_hits,
             c.unique(),
             c.orphaned,
             live.last_stats.lost_stack

@@ -118,13 +118,18 @@ fn stack_records_are_defined_once_before_the_records_that_name_them() {
             let frames = r["frames"].as_array().expect("frames");
             assert!(!frames.is_empty());
             for f in frames {
-                for field in ["addr", "module", "offset", "function", "file", "line", "inlined"] {
+                for field in [
+                    "addr", "module", "offset", "function", "file", "line", "inlined",
+                ] {
                     assert!(f.get(field).is_some(), "frame lacks '{field}': {f}");
                 }
             }
         } else if let Some(id) = r.get("stack_id") {
             let id = id.as_u64().expect("an integer stack_id");
-            assert!(defined.contains(&id), "stack {id} named before it is defined: {r}");
+            assert!(
+                defined.contains(&id),
+                "stack {id} named before it is defined: {r}"
+            );
             if r["type"] == "fault" {
                 faults += 1;
             } else {
@@ -132,5 +137,8 @@ fn stack_records_are_defined_once_before_the_records_that_name_them() {
             }
         }
     }
-    assert!(syscalls > 0 && faults > 0, "{syscalls} syscalls, {faults} faults with stacks");
+    assert!(
+        syscalls > 0 && faults > 0,
+        "{syscalls} syscalls, {faults} faults with stacks"
+    );
 }

@@ -243,7 +243,13 @@ impl Probe {
         raise_memlock();
         // Wake the reader before a small ring can fill; a large one is drained by the
         // reader's timer alone, which spares every record the query of the ring's fill.
-        let wakeup_bytes = if opts.ring_bytes >= TIMER_ONLY_RING_BYTES {
+        // With stacks (up to 17 KiB a record) the reader is woken after 1 MiB whatever the
+        // ring's size: a ring drained every 50 ms would drop most of a busy process's stacks.
+        let wakeup_bytes = if opts.stacks.any() {
+            opts.wakeup_bytes
+                .max(1 << 20)
+                .min(u64::from(opts.ring_bytes) / 4)
+        } else if opts.ring_bytes >= TIMER_ONLY_RING_BYTES {
             0
         } else {
             opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4)

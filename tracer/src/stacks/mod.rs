@@ -158,12 +158,38 @@ fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
 
 /// Raw stacks waiting for their record, at most this many (a record lost with a full ring
 /// leaves its stack behind).
-const MAX_WAITING: usize = 8192;
+const MAX_WAITING: usize = 16384;
+
+/// What links a stack to its record: thread, record kind, the record's key time.
+type StackKey = (u32, u32, u64);
+
+/// The key of the stack an event waits for, and where its id goes.
+fn key_of(ev: &mut Event) -> Option<(StackKey, &mut Option<u64>)> {
+    match ev {
+        Event::Syscall(s) => Some((
+            (s.tid, EventKind::Syscall as u32, s.enter_ts_ns),
+            &mut s.resolved.stack_id,
+        )),
+        Event::Fault(f) => Some(((f.tid, EventKind::Fault as u32, f.ts_ns), &mut f.stack_id)),
+        _ => None,
+    }
+}
+
+/// Walks remembered at most.
+const MAX_MEMO: usize = 65536;
+
+/// A remembered walk (see `Collector::memo`).
+struct Memo {
+    generation: Option<(usize, usize)>,
+    fp_frames: Vec<u64>,
+    reads: Vec<(u64, u64)>,
+    id: Option<u64>,
+}
 
 /// The live side: raw stacks wait here for their record, are unwound and symbolized while
 /// the process lives, and each unique stack gets an id.
 pub struct Collector {
-    waiting: HashMap<(u32, u32, u64), RawStack>,
+    waiting: HashMap<StackKey, RawStack>,
     /// The executable ranges whose files were opened, by process.
     warmed: HashMap<u32, Vec<std::ops::Range<u64>>>,
     unwinder: unwind::Unwinder,
@@ -172,9 +198,15 @@ pub struct Collector {
     ids: HashMap<Vec<unwind::FrameKey>, u64>,
     /// Symbolized, not yet written.
     fresh: HashMap<u64, Arc<StackDef>>,
+    /// The last walk from each (pid, ip, sp, bp): the same registers, the same stack words
+    /// where the walk read them, the same frame-pointer frames and the same mappings give the
+    /// same stack, so a call site in a loop is unwound once.
+    memo: HashMap<(u32, [u64; 4]), Memo>,
     next_id: u64,
     /// Stacks the reader received, and those whose record never came.
     pub received: u64,
+    /// Stacks recognised as an earlier walk without unwinding.
+    pub memo_hits: u64,
     pub orphaned: u64,
 }
 
@@ -193,8 +225,10 @@ impl Collector {
             symbols: symbols::Symbols::new(),
             ids: HashMap::new(),
             fresh: HashMap::new(),
+            memo: HashMap::new(),
             next_id: 1,
             received: 0,
+            memo_hits: 0,
             orphaned: 0,
         }
     }
@@ -215,6 +249,38 @@ impl Collector {
         self.waiting.insert((raw.tid, raw.owner, raw.key_ts), raw);
     }
 
+    /// At read time: gives each syscall and fault in `events` its stack's id now, while the
+    /// process lives (its mappings from `/proc/PID/maps`), or at once when the stack is one
+    /// walked before (same registers, same stack words where the walk read them). Stacks of a
+    /// process already gone wait for [`Collector::resolve`], which walks them in the model's
+    /// mappings at the event.
+    pub fn attach(&mut self, events: &mut [Event]) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        for ev in events {
+            let Some((key, slot)) = key_of(ev) else {
+                continue;
+            };
+            let Some(raw) = self.waiting.get(&key) else {
+                continue;
+            };
+            if let Some(id) = self.memo_hit(raw) {
+                self.memo_hits += 1;
+                *slot = id;
+                self.waiting.remove(&key);
+            } else if let Some(raw) = self.waiting.remove(&key) {
+                match self.id_if_mapped(&raw, None) {
+                    Some(id) => *slot = id,
+                    // Gone (or a zombie): walked at the event, in the model's mappings.
+                    None => {
+                        self.waiting.insert(key, raw);
+                    }
+                }
+            }
+        }
+    }
+
     /// Gives a syscall or fault its stack's id, unwinding and symbolizing a stack not seen
     /// before. `space` is the process's model just before the event: the mappings the stack's
     /// addresses were in.
@@ -222,29 +288,81 @@ impl Collector {
         if self.waiting.is_empty() {
             return;
         }
-        let (key, slot) = match ev {
-            Event::Syscall(s) => (
-                (s.tid, EventKind::Syscall as u32, s.enter_ts_ns),
-                &mut s.resolved.stack_id,
-            ),
-            Event::Fault(f) => ((f.tid, EventKind::Fault as u32, f.ts_ns), &mut f.stack_id),
-            _ => return,
+        let Some((key, slot)) = key_of(ev) else {
+            return;
         };
+        if slot.is_some() {
+            return;
+        }
         let Some(raw) = self.waiting.remove(&key) else {
             return;
         };
         *slot = self.id_of(&raw, space);
     }
 
+    /// The id of the remembered walk `raw` repeats, if it does (`Some(None)`: a walk that
+    /// gave no stack).
+    fn memo_hit(&self, raw: &RawStack) -> Option<Option<u64>> {
+        let generation = self.unwinder.generation(raw.pid);
+        let m = self.memo.get(&(raw.pid, raw.regs))?;
+        (generation.is_some()
+            && m.generation == generation
+            && m.fp_frames == raw.fp_frames
+            && m.reads
+                .iter()
+                .all(|&(off, v)| unwind::word_at(&raw.stack, off) == Some(v)))
+        .then_some(m.id)
+    }
+
     /// Forgets a process's mappings (it exited; its files stay open for the others).
     pub fn forget(&mut self, pid: u32) {
         self.unwinder.forget(pid);
         self.warmed.remove(&pid);
+        self.memo.retain(|(p, _), _| *p != pid);
     }
 
     /// The id of `raw`'s stack (symbolized once per unique stack).
     fn id_of(&mut self, raw: &RawStack, space: Option<&AddressSpace>) -> Option<u64> {
+        if let Some(id) = self.memo_hit(raw) {
+            self.memo_hits += 1;
+            return id;
+        }
         let unwound = self.unwinder.unwind(raw, space);
+        self.remember(raw, &unwound)
+    }
+
+    /// The id of `raw`'s stack walked in the mappings `space` (or `/proc/PID/maps`), or
+    /// `None` when there are none (the process is gone).
+    fn id_if_mapped(
+        &mut self,
+        raw: &RawStack,
+        space: Option<&AddressSpace>,
+    ) -> Option<Option<u64>> {
+        let unwound = self.unwinder.unwind(raw, space);
+        self.unwinder.generation(raw.pid)?;
+        Some(self.remember(raw, &unwound))
+    }
+
+    /// Names `unwound` and remembers the walk of `raw`.
+    fn remember(&mut self, raw: &RawStack, unwound: &unwind::Unwound) -> Option<u64> {
+        let memo_key = (raw.pid, raw.regs);
+        let id = self.id_of_unwound(unwound);
+        if self.memo.len() >= MAX_MEMO {
+            self.memo.clear();
+        }
+        self.memo.insert(
+            memo_key,
+            Memo {
+                generation: self.unwinder.generation(raw.pid),
+                fp_frames: raw.fp_frames.clone(),
+                reads: self.unwinder.reads.clone(),
+                id,
+            },
+        );
+        id
+    }
+
+    fn id_of_unwound(&mut self, unwound: &unwind::Unwound) -> Option<u64> {
         if unwound.frames.is_empty() {
             return None;
         }
@@ -255,7 +373,7 @@ impl Collector {
         let id = self.next_id;
         self.next_id += 1;
         self.ids.insert(keys, id);
-        let frames = self.symbols.symbolize(&unwound);
+        let frames = self.symbols.symbolize(unwound);
         self.fresh.insert(id, Arc::new(StackDef { id, frames }));
         Some(id)
     }

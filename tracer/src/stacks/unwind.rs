@@ -140,10 +140,20 @@ struct Process {
     generation: Option<usize>,
 }
 
+/// The word at `off` of a copied stack.
+pub fn word_at(stack: &[u8], off: u64) -> Option<u64> {
+    let off = usize::try_from(off).ok()?;
+    let bytes = stack.get(off..off.checked_add(8)?)?;
+    Some(u64::from_ne_bytes(bytes.try_into().ok()?))
+}
+
 /// Unwinds stacks of every traced process.
 #[derive(Default)]
 pub struct Unwinder {
     procs: HashMap<u32, Process>,
+    /// The stack words (offset from sp, value) the last DWARF walk read: the walk is a pure
+    /// function of the registers, these words and the mappings.
+    pub reads: Vec<(u64, u64)>,
     /// Mapped files by (path, inode), opened while the process lives where possible.
     files: HashMap<(String, u64), Option<Arc<ModuleFile>>>,
 }
@@ -248,6 +258,13 @@ impl Unwinder {
         p.maps[..i].last().filter(|m| addr < m.end)
     }
 
+    /// A number that changes whenever `pid`'s mappings are read again.
+    pub fn generation(&self, pid: u32) -> Option<(usize, usize)> {
+        self.procs
+            .get(&pid)
+            .map(|p| (p.generation.unwrap_or(usize::MAX), p.maps.len()))
+    }
+
     /// Forgets a process (its files stay open for other processes and for symbolizing).
     pub fn forget(&mut self, pid: u32) {
         self.procs.remove(&pid);
@@ -259,10 +276,13 @@ impl Unwinder {
         };
         let sp = raw.regs[1];
         let stack = &raw.stack;
+        let reads = &mut self.reads;
+        reads.clear();
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
-            let off = addr.checked_sub(sp).ok_or(())? as usize;
-            let bytes = stack.get(off..off + 8).ok_or(())?;
-            Ok(u64::from_ne_bytes(bytes.try_into().map_err(|_| ())?))
+            let off = addr.checked_sub(sp).ok_or(())?;
+            let value = word_at(stack, off).ok_or(())?;
+            reads.push((off, value));
+            Ok(value)
         };
         #[cfg(target_arch = "x86_64")]
         let regs = framehop::x86_64::UnwindRegsX86_64::new(raw.regs[0], sp, raw.regs[2]);
@@ -340,8 +360,12 @@ impl Unwinder {
                 (maps, Some(generation))
             }
             None => match proc_mappings(pid) {
-                Some(maps) => (maps, None),
-                None => return false,
+                Some(maps) if !maps.is_empty() => (maps, None),
+                // Gone, or a zombie (no map left).
+                _ => {
+                    self.procs.remove(&pid);
+                    return false;
+                }
             },
         };
         let mut maps = Vec::new();
