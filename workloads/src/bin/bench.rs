@@ -425,7 +425,9 @@ fn stacks_cost(rounds: usize) {
     );
     println!("| workload | untraced | traced | with stacks | with stacks | ");
     println!("|---|---|---|---|---|");
-    let cases: [(&str, Vec<&str>, Vec<Vec<&str>>); 2] = [
+    // (name, workload arguments, the vmatrace options of each traced configuration)
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<Vec<&'a str>>);
+    let cases: [Case; 2] = [
         (
             "syscall churn x40000: none / --stacks",
             vec!["churn", "40000"],
