@@ -134,12 +134,17 @@ pub fn try_page_fault_perf(ctx: &PerfEventContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let (address, ip) = perf_fault(ctx);
+    let ts = now_ns();
+    // Without an error code every fault is a candidate: one in N gets a stack.
+    if stacks::fault_wants_stack() {
+        stacks::emit(ctx, EventKind::Fault, tgid, tid, ts);
+    }
     let Some(mut entry) = EVENTS.reserve::<FaultEvent>(0) else {
         count(Stat::LostFault);
         // Returning 0 keeps the perf event from writing a sample of its own.
         return Ok(0);
     };
-    entry.write(fault(tgid, tid, address, ip, FAULT_ERROR_UNKNOWN, now_ns()));
+    entry.write(fault(tgid, tid, address, ip, FAULT_ERROR_UNKNOWN, ts));
     entry.submit(wakeup_flags(size_of::<FaultEvent>() as u64));
     Ok(0)
 }

@@ -62,8 +62,9 @@ pub fn syscall_stacks() -> bool {
     unsafe { core::ptr::read_volatile(&SYSCALL_STACKS) != 0 }
 }
 
-/// Whether this fault (not-present, so most likely a first touch) is the one in
-/// `FAULT_STACK_EVERY` that gets a stack.
+/// Whether this fault is the one in `FAULT_STACK_EVERY` that gets a stack. The tracepoint
+/// backend asks for not-present faults only (most likely first touches); the perf-event
+/// backend, which has no error code, for every fault.
 #[inline(always)]
 pub fn fault_wants_stack() -> bool {
     // SAFETY: as in `stack_bytes`.
