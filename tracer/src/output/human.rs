@@ -521,7 +521,7 @@ fn write_site(out: &mut impl Write, r: &SiteRow) -> io::Result<()> {
     {
         writeln!(
             out,
-            "    {:>22} {:>10} {:>13} {:>10} {:>7}  {}{}",
+            "    {:>24} {:>10} {:>13} {:>10} {:>7}  {}{}",
             size(r.stats.reserved_bytes),
             size(r.stats.touched_bytes + r.stats.first_touch_bytes),
             size(r.still_mapped_bytes),
