@@ -768,6 +768,31 @@ mod tests {
     }
 
     #[test]
+    fn a_stack_of_more_than_4096_frames_is_refused_naming_the_line() {
+        let frame = "{\"addr\":4096,\"module\":null,\"offset\":0,\"function\":null,\"file\":null,\"line\":null,\"inlined\":false}";
+        let stack = |n: usize| {
+            format!(
+                "{{\"type\":\"stack\",\"ts_ns\":2,\"id\":1,\"frames\":[{}]}}\n",
+                vec![frame; n].join(",")
+            )
+        };
+        let r = replayed(&format!("{META}{}", stack(MAX_STACK_FRAMES)));
+        assert_eq!(
+            r.map(|r| r.session.stacks.get(1).map(|d| d.frames.len()))
+                .map_err(|e| e.to_string()),
+            Ok(Some(MAX_STACK_FRAMES))
+        );
+        let err = replayed(&format!("{META}{}", stack(MAX_STACK_FRAMES + 1)))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("t:2: ") && err.contains("4097 frames"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn impossible_snapshots_are_refused_naming_the_line() {
         let seed = |vmas: &str, resident: &str| {
             format!(

@@ -220,6 +220,26 @@ fn c_call_sites_name_function_and_line_with_and_without_frame_pointers() {
 }
 
 #[test]
+fn fault_stacks_with_the_perf_event_backend_name_the_touching_function() {
+    if !privileged("fault_stacks_with_the_perf_event_backend_name_the_touching_function") {
+        return;
+    }
+    // The backend arm64 uses (no fault tracepoints there), forced here.
+    let bin = compile(false);
+    let (recs, _) = record(
+        &[
+            "--fault-backend",
+            "perf-event",
+            "--stacks",
+            "--fault-stacks",
+            "1",
+        ],
+        &[bin.to_str().expect("utf-8 path")],
+    );
+    assert_c_call_sites(&recs, &file_name(&bin), true);
+}
+
+#[test]
 fn rust_workload_call_sites_name_its_functions() {
     if !privileged("rust_workload_call_sites_name_its_functions") {
         return;
@@ -256,6 +276,50 @@ fn rust_workload_call_sites_name_its_functions() {
         rows.iter()
             .any(|r| r.contains("workload::stacks_grow_heap") && r.contains("through malloc")),
         "{rows:#?}"
+    );
+}
+
+#[test]
+fn a_burst_of_stacks_loses_no_event_and_counts_every_stack_it_drops() {
+    if !privileged("a_burst_of_stacks_loses_no_event_and_counts_every_stack_it_drops") {
+        return;
+    }
+    // 5,000 rounds of mmap, first touch, munmap, each with a stack.
+    let w = workload();
+    let (recs, _) = record(
+        &["--stacks", "--fault-stacks", "1"],
+        &[w.to_str().expect("utf-8 path"), "churn", "5000"],
+    );
+    let summary = recs
+        .iter()
+        .rfind(|r| r["type"] == "summary")
+        .expect("a summary record");
+    let lost = &summary["lost"];
+    assert_eq!(
+        (lost["lost_syscall"].as_u64(), lost["lost_fault"].as_u64()),
+        (Some(0), Some(0)),
+        "stacks cost no event: {lost}"
+    );
+    let dropped = lost["lost_stack"].as_u64().unwrap_or(0);
+    let churn: Vec<&Value> = recs
+        .iter()
+        .filter(|r| (r["type"] == "mmap" || r["type"] == "munmap") && r["args"][1] == 16 * 4096)
+        .collect();
+    assert_eq!(churn.len(), 10_000, "every churn call recorded");
+    let without = churn.iter().filter(|r| r.get("stack_id").is_none()).count() as u64;
+    assert!(
+        without <= dropped,
+        "{without} churn calls without a stack, only {dropped} stacks counted as dropped"
+    );
+    // A call site in a loop is one stack, however often it runs.
+    let ids: std::collections::HashSet<u64> = churn
+        .iter()
+        .filter_map(|r| r["stack_id"].as_u64())
+        .collect();
+    assert!(
+        !ids.is_empty() && ids.len() <= 4,
+        "{} stacks for the two call sites of the loop",
+        ids.len()
     );
 }
 
