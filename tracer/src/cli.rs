@@ -63,7 +63,8 @@ pub struct ReportArgs {
     /// Write the findings as NDJSON `finding` records.
     #[arg(long)]
     pub json: bool,
-    /// Also write the address space over time as one self-contained HTML page.
+    /// Also write the address space over time as one self-contained HTML page (recorded
+    /// with --stacks: with the top call sites and a flame graph of touched bytes).
     #[arg(long, value_name = "OUT")]
     pub html: Option<PathBuf>,
     /// Also write the timeline in the Chrome trace event format (opens in ui.perfetto.dev).

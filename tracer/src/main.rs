@@ -154,7 +154,24 @@ fn real_main() -> anyhow::Result<u8> {
                     .collect();
                 let bands: Vec<_> = replayed.session.processes().flat_map(bands).collect();
                 if let Some(out) = html_out.as_mut() {
-                    let page = html::page(&names, &bands, &sampler.samples, &findings);
+                    let code = html::Code {
+                        sites: replayed
+                            .session
+                            .processes()
+                            .map(|p| {
+                                let rows = tracer::stacks::sites::table(
+                                    &p.sites,
+                                    &replayed.session.stacks,
+                                    usize::MAX,
+                                );
+                                (p.pid, rows)
+                            })
+                            .collect(),
+                        // Charged to the stacks that mapped the memory, not also to those
+                        // that touched it (--fault-stacks), which would count it twice.
+                        touched: profile::by_names(&replayed.session, |t| t.stats.touched_bytes),
+                    };
+                    let page = html::page(&names, &bands, &sampler.samples, &findings, &code);
                     out.write_all(page.as_bytes())
                         .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
                 }

@@ -482,6 +482,7 @@ fn pprof_lists_the_workload_function_first_and_folded_has_one_line_per_stack() {
     let (recs, out) = record(&["--stacks"], &[bin.to_str().expect("utf-8")]);
     let pprof = temp_path("profile.pb.gz");
     let folded = temp_path("folded.txt");
+    let html = temp_path("report.html");
     let o = Command::new(vmatrace())
         .arg("report")
         .arg(&out)
@@ -489,9 +490,27 @@ fn pprof_lists_the_workload_function_first_and_folded_has_one_line_per_stack() {
         .arg(&pprof)
         .arg("--folded")
         .arg(&folded)
+        .arg("--html")
+        .arg(&html)
         .output()
         .expect("report runs");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The HTML report: the call-site table and a flame graph of touched bytes, where the
+    // four touched MiB of map_region's mappings are a frame of their own.
+    let page = std::fs::read_to_string(&html).expect("HTML written");
+    let table = &page[page
+        .find("<h2>Top call sites")
+        .expect("call sites in the HTML")..];
+    assert!(
+        table.contains(&format!(
+            "<td>map_region (stack_workload.c:{})</td><td>4 MiB</td>",
+            line_of("map_region")
+        )),
+        "{table}"
+    );
+    let flame = &page[page.find("id=\"flame\"").expect("a flame graph")..];
+    assert!(flame.contains("<title>map_region (4"), "{flame}");
+    assert!(flame.contains("<title>main ("), "{flame}");
     let home = temp_path("gohome");
     std::fs::create_dir_all(&home).expect("home");
     let top = Command::new(go)

@@ -78,20 +78,28 @@ fn folded_name(f: &Frame) -> String {
     name.replace([';', '\n', '\r'], "_")
 }
 
-/// Folded stacks: one line per unique stack of function names, root first, frames
-/// separated by `;`, then a space and the stack's value (stacks that differ only in
-/// addresses or lines are one line, their values added).
-pub fn write_folded(out: &mut impl Write, session: &Session, value: FoldedValue) -> io::Result<()> {
-    let mut lines: BTreeMap<String, u64> = BTreeMap::new();
+/// Each unique stack of function names, root first, with its value (stacks that differ
+/// only in addresses or lines are one, their values added).
+pub fn by_names(
+    session: &Session,
+    value: impl Fn(&StackTotals) -> u64,
+) -> BTreeMap<Vec<String>, u64> {
+    let mut stacks: BTreeMap<Vec<String>, u64> = BTreeMap::new();
     for (id, t) in totals(session) {
         let Some(def) = session.stacks.get(id) else {
             continue;
         };
         let names: Vec<String> = def.frames.iter().rev().map(folded_name).collect();
-        *lines.entry(names.join(";")).or_default() += value.of(&t);
+        *stacks.entry(names).or_default() += value(&t);
     }
-    for (stack, v) in lines {
-        writeln!(out, "{stack} {v}")?;
+    stacks
+}
+
+/// Folded stacks: one line per unique stack of function names (see [`by_names`]), frames
+/// separated by `;`, then a space and the stack's value.
+pub fn write_folded(out: &mut impl Write, session: &Session, value: FoldedValue) -> io::Result<()> {
+    for (names, v) in by_names(session, |t| value.of(t)) {
+        writeln!(out, "{} {v}", names.join(";"))?;
     }
     Ok(())
 }
