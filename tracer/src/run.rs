@@ -32,10 +32,14 @@ use crate::{
         report::summarize,
     },
     pagemap,
-    probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
+    probe::{
+        ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, StackOptions,
+        SyscallBackend,
+    },
     procfs::{self, ProcError},
     residency,
     session::{Applied, Seed, Session},
+    stacks::{Collector, RawStack},
 };
 
 /// Everything a live run needs.
@@ -57,6 +61,8 @@ pub struct RunConfig {
     pub reconcile: Option<Duration>,
     /// Print allocator and address-space findings at the end.
     pub report: bool,
+    /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
+    pub stacks: StackOptions,
 }
 
 /// Errors of a live run, each one line for the user.
@@ -198,6 +204,7 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64, unread: u64) -
         read_error: now.read_error - last.read_error,
         undecodable,
         unread,
+        lost_stack: now.lost_stack - last.lost_stack,
     }
 }
 
@@ -236,6 +243,8 @@ struct Live {
     last_resync_ns: u64,
     /// Watermarks owed to CPUs whose flushed batch was refused.
     refused: Vec<Refused>,
+    /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
+    stacks: Option<Collector>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -269,6 +278,8 @@ struct Refused {
     asked: u64,
     flushed: u64,
 }
+/// The default ring with stacks (`--ring-size` not given).
+const STACKS_RING_BYTES: u32 = 64 << 20;
 
 impl Live {
     /// Reads the records waiting in the ring, until it is empty or `until` has passed, and
@@ -293,6 +304,21 @@ impl Live {
                     empty = true;
                     break;
                 };
+                if let Some(stacks) = self.stacks.as_mut() {
+                    match RawStack::decode(&item) {
+                        Ok(Some(raw)) => {
+                            stacks.receive(raw);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.undecodable += 1;
+                            self.undecodable_total += 1;
+                            log::warn!("undecodable stack record: {e}");
+                            continue;
+                        }
+                    }
+                }
                 let decoded = event::decode_into(&item, self.order.incoming());
                 drop(item);
                 match decoded {
@@ -310,6 +336,9 @@ impl Live {
             }
             if empty {
                 self.settle_refused(u64::MAX);
+            }
+            if let Some(stacks) = self.stacks.as_mut() {
+                stacks.attach(&mut self.order.incoming()[first..]);
             }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
@@ -485,7 +514,28 @@ impl Live {
             let space = self.session.get(s.pid).map(|p| &p.space);
             residency::resolve(s, space);
         }
+        if let Some(c) = self.stacks.as_mut() {
+            // Unwound in the mappings the model has just before the event.
+            let space = self.session.get(ev.pid()).map(|p| &p.space);
+            c.resolve(&mut ev, space);
+        }
+        let stack_id = match &ev {
+            Event::Syscall(s) => s.resolved.stack_id,
+            Event::Fault(f) => f.stack_id,
+            _ => None,
+        };
+        if let Some(id) = stack_id
+            && let Some(def) = self.stacks.as_mut().and_then(|c| c.first_use(id))
+        {
+            self.sink.stack(&def).map_err(RunError::Write)?;
+            self.session.stacks.insert(def);
+        }
         let applied = self.session.apply(&ev);
+        if let (Some(c), Event::Exec { pid, .. } | Event::Exit { pid, .. }) =
+            (self.stacks.as_mut(), &ev)
+        {
+            c.forget(*pid);
+        }
         self.sink
             .event(&ev, &applied, &self.session)
             .map_err(RunError::Write)?;
@@ -713,7 +763,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let start_ns = monotonic_ns();
     let mut sink = make_sink(&cfg, start_ns)?;
     let mut probe = Probe::load(ProbeOptions {
-        ring_bytes: cfg.ring_bytes,
+        // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
+        ring_bytes: if cfg.stacks.any() && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES {
+            STACKS_RING_BYTES
+        } else {
+            cfg.ring_bytes
+        },
         faults: if cfg.faults == FaultFilter::None {
             FaultBackend::Off
         } else {
@@ -721,6 +776,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         },
         syscalls: cfg.syscall_backend,
         exit_rule: cfg.exit_rule,
+        stacks: cfg.stacks,
         ..ProbeOptions::default()
     })?;
     let limits = procfs::limits();
@@ -799,6 +855,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         losing: false,
         last_resync_ns: 0,
         refused: Vec::new(),
+        stacks: cfg.stacks.any().then(Collector::new),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -825,13 +882,23 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         let findings: Vec<_> = live
             .session
             .processes()
-            .flat_map(|p| analysis::analyze(p, &limits))
+            .flat_map(|p| analysis::analyze(p, &limits, &live.session.stacks))
             .collect();
         live.sink.findings(&findings).map_err(RunError::Write)?;
     }
     live.sink.flush().map_err(RunError::Write)?;
     crate::signals::finished();
     log::debug!("{} events", live.events);
+    if let Some(c) = &live.stacks {
+        log::info!(
+            "stacks: {} received ({} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",
+            c.received,
+            c.memo_hits,
+            c.unique(),
+            c.orphaned,
+            live.last_stats.lost_stack
+        );
+    }
     Ok(status)
 }
 
