@@ -129,6 +129,14 @@ pub enum Event {
         fd: i32,
         path: String,
     },
+    /// The kernel made the 2 MiB block at `start` of `pid` one huge page without a fault
+    /// (khugepaged, or `MADV_COLLAPSE`): seen by the daemon in pagemap, not sent by the
+    /// kernel programs.
+    Collapse {
+        ts_ns: u64,
+        pid: u32,
+        start: u64,
+    },
 }
 
 impl Event {
@@ -140,7 +148,8 @@ impl Event {
             Self::Fork { ts_ns, .. }
             | Self::Exec { ts_ns, .. }
             | Self::Exit { ts_ns, .. }
-            | Self::Open { ts_ns, .. } => *ts_ns,
+            | Self::Open { ts_ns, .. }
+            | Self::Collapse { ts_ns, .. } => *ts_ns,
         }
     }
 
@@ -153,6 +162,7 @@ impl Event {
             | Self::Exec { tid, .. }
             | Self::Exit { tid, .. }
             | Self::Open { tid, .. } => *tid,
+            Self::Collapse { .. } => 0,
         }
     }
 
@@ -164,7 +174,8 @@ impl Event {
             Self::Fork { pid, .. }
             | Self::Exec { pid, .. }
             | Self::Exit { pid, .. }
-            | Self::Open { pid, .. } => *pid,
+            | Self::Open { pid, .. }
+            | Self::Collapse { pid, .. } => *pid,
         }
     }
 }

@@ -243,6 +243,8 @@ struct Live {
     last_resync_ns: u64,
     /// Watermarks owed to CPUs whose flushed batch was refused.
     refused: Vec<Refused>,
+    /// khugepaged's collapses, looked for in the traced processes when its count moves.
+    khugepaged: crate::collapse::Khugepaged,
     /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
     stacks: Option<Collector>,
 }
@@ -569,9 +571,36 @@ impl Live {
                         .map_err(RunError::Write)?;
                 }
             }
+            (Event::Syscall(s), Applied::Syscall { .. }) => {
+                // MADV_COLLAPSE made huge pages within the call, without faults.
+                if let Some((pid, start, end)) = crate::collapse::advised(s)
+                    && let Some(p) = self.session.get(pid)
+                {
+                    for c in crate::collapse::found(pid, &p.space, (start, end), true, s.ts_ns) {
+                        self.handle(c)?;
+                    }
+                }
+            }
             _ => {}
         }
         Ok(())
+    }
+
+    /// When khugepaged has collapsed pages since the last look, the traced processes' blocks
+    /// that it may have collapsed are looked at in pagemap; collapses found are handled in
+    /// time order with the events (stamped now).
+    fn look_for_collapses(&mut self) {
+        if !self.khugepaged.collapsed_since() {
+            return;
+        }
+        let ts = monotonic_ns();
+        let found: Vec<Event> = self
+            .session
+            .processes()
+            .filter(|p| p.exited_ns.is_none())
+            .flat_map(|p| crate::collapse::found(p.pid, &p.space, (0, u64::MAX), false, ts))
+            .collect();
+        self.order.incoming().extend(found);
     }
 
     fn report_losses(&mut self) -> Result<(), RunError> {
@@ -855,6 +884,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         losing: false,
         last_resync_ns: 0,
         refused: Vec::new(),
+        khugepaged: crate::collapse::Khugepaged::default(),
         stacks: cfg.stacks.any().then(Collector::new),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -868,6 +898,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
     live.continue_all_exec_stops();
+    live.look_for_collapses();
     live.drain_last(&mut ring, stop_asked.then(|| Instant::now() + FINAL_DRAIN))?;
     live.report_losses()?;
     live.probe.flush_logs();
@@ -956,6 +987,7 @@ async fn event_loop(
                 live.recover_lost_exec_stops()?;
                 live.resync_after_losses()?;
                 live.reap_lost_exits();
+                live.look_for_collapses();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
                     stop_asked = true;
@@ -984,6 +1016,9 @@ async fn event_loop(
                 break;
             }
             _ = sigusr1.recv() => {
+                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
+                // Collapses found now are handled by the next collect, in time order.
+                live.look_for_collapses();
                 live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
                 live.snapshots(SnapshotReason::Signal)?;
             }

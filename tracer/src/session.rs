@@ -161,6 +161,10 @@ pub enum Applied {
     /// The process's map was cleared; the caller should [`Session::reseed`] it.
     Exec,
     Exit,
+    /// A block became a huge page without a fault: `pages` became resident or anonymous.
+    Collapsed {
+        pages: u64,
+    },
     /// The event is not about a traced process.
     Ignored,
 }
@@ -286,6 +290,12 @@ impl Session {
             }
             // Opens only name files for later mmaps (see `run`); the model ignores them.
             Event::Open { .. } => Applied::Ignored,
+            Event::Collapse { ts_ns, pid, start } => match self.procs.get_mut(pid) {
+                Some(p) => Applied::Collapsed {
+                    pages: p.space.collapse(*ts_ns, *start),
+                },
+                None => Applied::Ignored,
+            },
         }
     }
 

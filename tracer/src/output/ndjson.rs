@@ -13,7 +13,7 @@ use crate::{
     analysis::Finding,
     event::{Event, FaultRecord, SyscallRecord},
     flags,
-    model::{PAGE_SIZE, Touch},
+    model::{PAGE_SIZE, PMD_PAGES, Touch},
     session::{Applied, Process, Session},
     stacks::StackDef,
 };
@@ -310,6 +310,16 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             path,
         } => {
             json!({ "type": "open", "ts_ns": ts_ns, "pid": pid, "tid": tid, "fd": fd, "path": path })
+        }
+        Event::Collapse { ts_ns, pid, start } => {
+            let pages = match applied {
+                Applied::Collapsed { pages } => *pages,
+                _ => 0,
+            };
+            json!({
+                "type": "collapse", "ts_ns": ts_ns, "pid": pid, "start": start,
+                "end": start + PMD_PAGES * PAGE_SIZE, "pages": pages,
+            })
         }
     }
 }
