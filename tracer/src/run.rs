@@ -263,10 +263,10 @@ const DRAIN_BATCH: usize = 1024;
 /// the timer, `--duration`): a reader that is behind still stops on time.
 const DRAIN_SLICE: Duration = Duration::from_millis(20);
 
-/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may go without
-/// progress before vmatrace gives up on the rest: a reader of its output that does not read
-/// must not keep it (and the kernel programs) alive.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may be stuck in
+/// one write of its output before vmatrace gives up on the rest: a reader of its output that
+/// does not read must not keep it (and the kernel programs) alive.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// After a stop is asked, how long the last read of the ring may take; what is left then is
 /// counted as unread.
@@ -356,7 +356,6 @@ impl Live {
                 }
             }
             self.handle_released(false)?;
-            crate::signals::progress();
             if empty {
                 return Ok(true);
             }
@@ -728,35 +727,34 @@ impl Live {
     }
 }
 
-/// The output, telling the stop watchdog of each write it accepts: a slow end goes on, a
-/// blocked one does not.
-struct Progressing<W>(W);
+/// The output, telling the stop watchdog when a write is under way: an end blocked on its
+/// output is cut short, a slow one is not.
+struct Watched<W>(W);
 
-impl<W: Write> Write for Progressing<W> {
+impl<W: Write> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.0.write(buf)?;
-        crate::signals::progress();
-        Ok(n)
+        crate::signals::writing(true);
+        let r = self.0.write(buf);
+        crate::signals::writing(false);
+        r
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        crate::signals::writing(true);
+        let r = self.0.flush();
+        crate::signals::writing(false);
+        r
     }
 }
 
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
         Some(path) => (
-            Box::new(Progressing(file::LineFile::new(file::create(
-                path, cfg.force,
-            )?))),
+            Box::new(Watched(file::LineFile::new(file::create(path, cfg.force)?))),
             false,
         ),
         None => (
-            Box::new(Progressing(io::BufWriter::with_capacity(
-                1 << 16,
-                io::stdout(),
-            ))),
+            Box::new(Watched(io::BufWriter::with_capacity(1 << 16, io::stdout()))),
             io::stdout().is_terminal(),
         ),
     };
