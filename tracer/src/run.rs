@@ -512,12 +512,12 @@ impl Live {
         self.events += 1;
         resolve(&mut ev, &mut self.opened);
         if let Event::Syscall(s) = &mut ev {
-            let space = self.session.get(s.pid).map(|p| &p.space);
+            let space = self.session.space_of(s.pid);
             residency::resolve(s, space);
         }
         if let Some(c) = self.stacks.as_mut() {
             // Unwound in the mappings the model has just before the event.
-            let space = self.session.get(ev.pid()).map(|p| &p.space);
+            let space = self.session.space_of(ev.pid());
             c.resolve(&mut ev, space);
         }
         let stack_id = match &ev {
@@ -563,7 +563,14 @@ impl Live {
                         .map_err(RunError::Write)?;
                 }
             }
-            (Event::Fork { child, ts_ns, .. }, Applied::Fork { traced: true, .. }) => {
+            (
+                Event::Fork { child, ts_ns, .. },
+                Applied::Fork {
+                    traced: true,
+                    shares_vm: false,
+                    ..
+                },
+            ) => {
                 if let Some(p) = self.session.get(*child) {
                     self.sink
                         .snapshot(*ts_ns, SnapshotReason::Seed, p)
@@ -573,9 +580,9 @@ impl Live {
             (Event::Syscall(s), Applied::Syscall { .. }) => {
                 // MADV_COLLAPSE made huge pages within the call, without faults.
                 if let Some((pid, start, end)) = crate::collapse::advised(s)
-                    && let Some(p) = self.session.get(pid)
+                    && let Some(space) = self.session.space_of(pid)
                 {
-                    for c in crate::collapse::found(pid, &p.space, (start, end), true, s.ts_ns) {
+                    for c in crate::collapse::found(pid, space, (start, end), true, s.ts_ns) {
                         self.handle(c)?;
                     }
                 }
@@ -636,10 +643,11 @@ impl Live {
         }
         self.resync_due = false;
         self.last_resync_ns = now;
+        // (A process sharing another's memory is resynchronised with that one.)
         let pids: Vec<u32> = self
             .session
             .processes()
-            .filter(|p| p.exited_ns.is_none())
+            .filter(|p| p.exited_ns.is_none() && self.session.memory_owner(p.pid) == p.pid)
             .map(|p| p.pid)
             .collect();
         for pid in pids {
@@ -694,10 +702,10 @@ impl Live {
                 maps.iter()
                     .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
             );
-            let Some(p) = self.session.get(pid) else {
+            let Some(space) = self.session.space_of(pid) else {
                 continue;
             };
-            let diff = normalize::diff(&kernel, &normalize::model_ranges(&p.space));
+            let diff = normalize::diff(&kernel, &normalize::model_ranges(space));
             // A running process changes its map between our drain and our read: report only
             // the differences that were already there at the previous check.
             let previous = self
