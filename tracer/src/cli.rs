@@ -20,6 +20,8 @@ Examples:
   vmatrace report trace.ndjson --html out.html --perfetto out.json
                                           and draw the address space over time
   sudo vmatrace --report -p 1234          the same diagnosis at the end of a live run
+  sudo vmatrace --heap --report -- ./server
+                                          with the allocator's live bytes: exact, not estimated
   kill -USR1 $(pidof vmatrace)            print a snapshot of every traced address space
 
 vmatrace needs root, or CAP_BPF and CAP_PERFMON.";
@@ -153,6 +155,10 @@ pub struct TraceArgs {
     /// At the end, diagnose allocator fragmentation (heap, arenas, churn, untouched memory).
     #[arg(long)]
     pub report: bool,
+    /// Also trace the allocator itself (malloc, free, ... of glibc, jemalloc, tcmalloc, by
+    /// uprobes): live bytes per heap region, and a fragmentation diagnosis from them.
+    #[arg(long)]
+    pub heap: bool,
     /// The command to launch and trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,

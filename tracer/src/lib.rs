@@ -11,6 +11,7 @@ pub mod clock;
 pub mod event;
 pub mod fault_access;
 pub mod flags;
+pub mod heap;
 pub mod launch;
 pub mod model;
 pub mod name;

@@ -453,6 +453,8 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
         "lost" => {
             Record::Lost(serde_json::from_value(v).map_err(|e| format!("bad lost record: {e}"))?)
         }
+        "heap" => Record::Event(crate::heap::record::parse_heap(&v)?),
+        "heap_attach" => Record::Event(crate::heap::record::parse_attach(&v)?),
         "summary" | "drift" | "finding" => Record::Other,
         other => return Err(format!("unknown record type '{other}'")),
     })
@@ -645,6 +647,10 @@ fn replay_bounded(
                 lost.targets_full += l.targets_full;
                 lost.read_error += l.read_error;
                 lost.undecodable += l.undecodable;
+                lost.lost_heap += l.lost_heap;
+                if l.lost_heap > 0 {
+                    session.heap_events_lost();
+                }
             }
             Record::Other => {}
         }

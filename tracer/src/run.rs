@@ -19,8 +19,9 @@ use tracer_common::Syscall;
 use crate::{
     analysis,
     clock::monotonic_ns,
-    event::{self, Event, SyscallRecord, Watermark},
+    event::{self, Event, Lane, SyscallRecord, Watermark},
     fault_access::FaultAccess,
+    heap::tracker::{HeapError, HeapTracer, Scope},
     launch::{self, LaunchError},
     model::normalize,
     order::Reorder,
@@ -57,6 +58,8 @@ pub struct RunConfig {
     pub reconcile: Option<Duration>,
     /// Print allocator and address-space findings at the end.
     pub report: bool,
+    /// Trace the allocator functions too (`--heap`).
+    pub heap: bool,
 }
 
 /// Errors of a live run, each one line for the user.
@@ -88,6 +91,8 @@ pub enum RunError {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Proc(#[from] ProcError),
+    #[error(transparent)]
+    Heap(#[from] HeapError),
     #[error("writing output: {0}")]
     Write(#[source] io::Error),
     #[error("{0}")]
@@ -197,6 +202,7 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary
         targets_full: now.targets_full - last.targets_full,
         read_error: now.read_error - last.read_error,
         undecodable,
+        lost_heap: now.lost_heap - last.lost_heap,
     }
 }
 
@@ -230,6 +236,8 @@ struct Live {
     /// Events were lost in the last tick.
     losing: bool,
     last_resync_ns: u64,
+    /// The allocator side (`--heap`).
+    heap: Option<HeapTracer>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -312,14 +320,32 @@ impl Live {
         self.drain(ring)?;
         let asked = monotonic_ns();
         let outcome = self.probe.flush_faults();
+        let heap = self.heap.is_some().then(|| self.probe.flush_heap());
         self.drain(ring)?;
+        if let Some(heap) = heap {
+            // As for faults; a CPU whose batch was busy gives its watermark next time.
+            for cpu in heap.faults_like.refused {
+                self.order.watermark(Watermark {
+                    lane: Lane::Heap,
+                    cpu,
+                    ts_ns: asked,
+                });
+            }
+            for cpu in heap.faults_like.gone {
+                self.order.forget(Lane::Heap, cpu);
+            }
+        }
         // A refused batch was counted lost and emptied, and everything the CPU wrote before
         // is now read: none of its faults up to `asked` can still come.
         for cpu in outcome.refused {
-            self.order.watermark(Watermark { cpu, ts_ns: asked });
+            self.order.watermark(Watermark {
+                lane: Lane::Faults,
+                cpu,
+                ts_ns: asked,
+            });
         }
         for cpu in outcome.gone {
-            self.order.forget(cpu);
+            self.order.forget(Lane::Faults, cpu);
         }
         self.handle_released(false)
     }
@@ -397,6 +423,12 @@ impl Live {
             // Its exec was handled when the stop was found (recover_lost_exec_stops).
             return Ok(());
         }
+        if let Event::HeapRaw(raw) = &ev {
+            let Some(call) = self.heap.as_mut().and_then(|h| h.pair(raw, &self.session)) else {
+                return Ok(());
+            };
+            ev = Event::Heap(call);
+        }
         self.events += 1;
         resolve(&mut ev, &mut self.opened);
         if let Event::Syscall(s) = &mut ev {
@@ -404,6 +436,14 @@ impl Live {
             residency::resolve(s, space);
         }
         let applied = self.session.apply(&ev);
+        let mut follow_up = Vec::new();
+        if let (Some(heap), Event::Syscall(s), Applied::Syscall { effect, .. }) =
+            (self.heap.as_mut(), &ev, &applied)
+            && s.call == Syscall::Mmap
+            && s.args[2] & libc::PROT_EXEC as u64 != 0
+        {
+            follow_up.extend(heap.mapped(&mut self.probe, s, effect));
+        }
         self.sink
             .event(&ev, &applied, &self.session)
             .map_err(RunError::Write)?;
@@ -419,11 +459,24 @@ impl Live {
                         .snapshot(*ts_ns, SnapshotReason::Exec, p)
                         .map_err(RunError::Write)?;
                 }
+                if let Some(heap) = self.heap.as_mut() {
+                    // The new image may preload another allocator: probed before it runs
+                    // when the kernel holds it (our launched command), else as soon as seen.
+                    heap.forget(pid);
+                    let held = self.launched == Some(pid);
+                    match heap.cover(&mut self.probe, pid, *ts_ns, !held) {
+                        Ok(events) => follow_up.extend(events),
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
                 if self.launched == Some(pid) {
                     self.continue_after_exec(pid, *ts_ns);
                 }
             }
             (Event::Exit { pid, ts_ns, .. }, Applied::Exit) => {
+                if let Some(heap) = self.heap.as_mut() {
+                    heap.forget(*pid);
+                }
                 if let Some(p) = self.session.get(*pid) {
                     self.sink
                         .snapshot(*ts_ns, SnapshotReason::Exit, p)
@@ -438,6 +491,9 @@ impl Live {
                 }
             }
             _ => {}
+        }
+        for ev in follow_up {
+            self.handle(ev)?;
         }
         Ok(())
     }
@@ -455,6 +511,9 @@ impl Live {
                 .map_err(RunError::Write)?;
         }
         self.losing = d.lost_syscall + d.lost_fault + d.lost_lifecycle > 0;
+        if d.lost_heap > 0 {
+            self.session.heap_events_lost();
+        }
         self.resync_due |= self.losing;
         self.last_stats = now;
         Ok(())
@@ -619,6 +678,16 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         exit_rule: cfg.exit_rule,
         ..ProbeOptions::default()
     })?;
+    let mut heap = if cfg.heap {
+        probe.load_heap()?;
+        Some(HeapTracer::new(if cfg.follow {
+            Scope::All
+        } else {
+            Scope::PerProcess
+        }))
+    } else {
+        None
+    };
     let limits = procfs::limits();
     let meta = Meta {
         fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
@@ -646,6 +715,16 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
                 sink.snapshot(ts, SnapshotReason::Seed, p)
                     .map_err(RunError::Write)?;
             }
+            if let Some(heap) = heap.as_mut() {
+                for ev in heap.cover(&mut probe, pid, ts, true)? {
+                    let applied = session.apply(&ev);
+                    sink.event(&ev, &applied, &session)
+                        .map_err(RunError::Write)?;
+                }
+                if !heap.covers(pid) {
+                    return Err(HeapError::NoAllocator(pid).into());
+                }
+            }
         }
     } else {
         let stops = probe.exec_stops_fd().map_err(|source| {
@@ -657,6 +736,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         let held = launch::spawn_held(&cfg.command, creds.as_ref(), stops)?;
         let pid = held.pid;
         probe.add_target(pid, cfg.follow, true)?;
+        if let Some(heap) = heap.as_mut() {
+            heap.prepare_launch(&mut probe, pid)?;
+        }
         let ts = monotonic_ns();
         session.add(pid, Seed::default(), ts, None);
         // The (empty) seed, so that a replay knows the process before its exec.
@@ -668,11 +750,14 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         child = Some(pid);
     }
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
-    let order = if probe.batch_cpus().is_empty() {
+    let mut order = if probe.batch_cpus().is_empty() {
         Reorder::in_order()
     } else {
         Reorder::new(probe.batch_cpus())
     };
+    if heap.is_some() {
+        order.wait_for_heap(probe.heap_cpus());
+    }
     let access = (probe.fault_backend() == FaultBackend::PerfEvent).then(FaultAccess::default);
     let live = Live {
         access,
@@ -692,6 +777,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         resync_due: false,
         losing: false,
         last_resync_ns: 0,
+        heap,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -7,6 +7,7 @@ use tracer_common::Syscall;
 
 use crate::{
     event::{Event, FaultRecord, SyscallRecord},
+    heap::{HeapEffect, LiveHeap, LiveKind},
     model::{
         AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, ResidentRun, ThpPolicy,
         Touch, Vma,
@@ -122,6 +123,8 @@ pub struct Process {
     pub started_ns: u64,
     pub exited_ns: Option<u64>,
     pub patterns: Patterns,
+    /// Live blocks as the allocator sees them (`--heap`).
+    pub heap: LiveHeap,
 }
 
 impl Process {
@@ -134,6 +137,7 @@ impl Process {
             started_ns: ts,
             exited_ns: None,
             patterns: Patterns::default(),
+            heap: LiveHeap::default(),
         }
     }
 }
@@ -158,6 +162,8 @@ pub enum Applied {
     /// The process's map was cleared; the caller should [`Session::reseed`] it.
     Exec,
     Exit,
+    /// An allocator call or coverage (`--heap`) applied to the live blocks.
+    Heap(HeapEffect),
     /// The event is not about a traced process.
     Ignored,
 }
@@ -201,6 +207,13 @@ impl Session {
         self.procs.values()
     }
 
+    /// Allocator events were lost: every live process's live bytes may be wrong from now.
+    pub fn heap_events_lost(&mut self) {
+        for p in self.procs.values_mut().filter(|p| p.exited_ns.is_none()) {
+            p.heap.lost_events();
+        }
+    }
+
     /// Marks `pid` exited at `ts_ns` without its exit event (the event was lost); returns
     /// whether it was alive until now.
     pub fn mark_gone(&mut self, pid: u32, ts_ns: u64) -> bool {
@@ -234,12 +247,13 @@ impl Session {
                     return Applied::Ignored;
                 };
                 if *followed {
-                    let child_proc = Process::new(
+                    let mut child_proc = Process::new(
                         *child,
                         parent.space.fork(*ts_ns),
                         parent.exe.clone(),
                         *ts_ns,
                     );
+                    child_proc.heap = parent.heap.fork();
                     self.procs.insert(*child, child_proc);
                 }
                 Applied::Fork {
@@ -257,6 +271,7 @@ impl Session {
                     return Applied::Ignored;
                 };
                 p.space.clear(*ts_ns, crate::model::timeline::Cause::Exec);
+                p.heap.exec();
                 p.exe = Some(filename.clone());
                 Applied::Exec
             }
@@ -269,6 +284,28 @@ impl Session {
             }
             // Opens only name files for later mmaps (see `run`); the model ignores them.
             Event::Open { .. } => Applied::Ignored,
+            // Raw allocator records are paired into calls first (`heap::tracker`).
+            Event::HeapRaw(_) => Applied::Ignored,
+            Event::Heap(call) => match self.procs.get_mut(&call.pid) {
+                Some(p) => Applied::Heap(p.heap.apply(call)),
+                None => Applied::Ignored,
+            },
+            Event::HeapAttach {
+                ts_ns,
+                pid,
+                allocator,
+                late,
+                ..
+            } => match self.procs.get_mut(pid) {
+                Some(p) => {
+                    p.heap.attached(*allocator, *late, *ts_ns);
+                    Applied::Heap(HeapEffect {
+                        kind: LiveKind::None,
+                        live_bytes: p.heap.live_bytes(),
+                    })
+                }
+                None => Applied::Ignored,
+            },
         }
     }
 
@@ -343,6 +380,9 @@ impl Session {
             effect.populated_pages = space.populate(ts, runs);
         }
         let _ = a4;
+        if p.heap.enabled {
+            note_mapping(&mut p.heap, s, &effect);
+        }
         let pat = &mut p.patterns;
         match (s.call, effect.kind) {
             (Syscall::Brk, EffectKind::Grown) => pat.brk_grows += 1,
@@ -391,5 +431,29 @@ impl Session {
             p.counts.faults_outside += 1;
         }
         Applied::Fault(effect)
+    }
+}
+
+/// Tells the live heap what a successful call did to the map: mappings an allocator may have
+/// made (claimed when its call returns), ranges that are gone.
+fn note_mapping(heap: &mut LiveHeap, s: &SyscallRecord, effect: &Effect) {
+    let (start, end) = (effect.start, effect.end);
+    match (s.call, effect.kind) {
+        (Syscall::Mmap, EffectKind::Created | EffectKind::Replaced) => {
+            heap.note_unmap(start, end);
+            if s.args[3] & MAP_ANONYMOUS != 0 {
+                heap.note_mapping(s.tid, s.ts_ns, start, end, true);
+            }
+        }
+        (Syscall::Mremap, EffectKind::Moved | EffectKind::Grown) => {
+            if let Some(from) = effect.from {
+                heap.note_unmap(from, from.saturating_add(s.args[1]));
+            }
+            heap.note_mapping(s.tid, s.ts_ns, start, end, false);
+        }
+        (Syscall::Mremap, EffectKind::Shrunk) | (Syscall::Munmap | Syscall::Shmdt, _) => {
+            heap.note_unmap(start, end);
+        }
+        _ => {}
     }
 }

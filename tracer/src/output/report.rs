@@ -128,6 +128,9 @@ pub struct LossSummary {
     pub read_error: u64,
     /// Records that could not be decoded.
     pub undecodable: u64,
+    /// Allocator events (`--heap`) dropped because the ring buffer was full.
+    #[serde(default)]
+    pub lost_heap: u64,
 }
 
 impl LossSummary {
@@ -142,6 +145,7 @@ impl LossSummary {
             targets_full: k.targets_full,
             read_error: k.read_error,
             undecodable,
+            lost_heap: k.lost_heap,
         }
     }
 
@@ -152,6 +156,7 @@ impl LossSummary {
             + self.lost_lifecycle
             + self.pending_full
             + self.undecodable
+            + self.lost_heap
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod layout;
 pub mod tracefs;
+pub mod uprobes;
 
 use std::{collections::HashMap as StdHashMap, io};
 
@@ -147,12 +148,13 @@ pub struct KernelStats {
     pub exit_without_enter: u64,
     pub targets_full: u64,
     pub read_error: u64,
+    pub lost_heap: u64,
 }
 
 impl KernelStats {
     /// Events dropped because the ring buffer was full.
     pub fn lost(&self) -> u64 {
-        self.lost_syscall + self.lost_fault + self.lost_lifecycle
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_heap
     }
 }
 
@@ -186,6 +188,8 @@ pub struct Probe {
     syscalls: Vec<Syscall>,
     /// The CPUs whose faults come in batches, written by [`Probe::flush_faults`].
     batch_cpus: Vec<u32>,
+    /// The CPUs whose allocator events come in batches (`--heap`), see `uprobes`.
+    heap_cpus: Vec<u32>,
 }
 
 /// The first line of an error's message (a verifier log follows it in aya's), without an
@@ -306,6 +310,7 @@ impl Probe {
             syscall_backend: opts.syscalls,
             syscalls,
             batch_cpus: Vec::new(),
+            heap_cpus: Vec::new(),
         };
         probe.syscall_backend = match opts.syscalls {
             SyscallBackend::Fentry => {
@@ -622,6 +627,7 @@ impl Probe {
             exit_without_enter: get(Stat::ExitWithoutEnter),
             targets_full: get(Stat::TargetsFull),
             read_error: get(Stat::ReadError),
+            lost_heap: get(Stat::LostHeap),
         })
     }
 }
