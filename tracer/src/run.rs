@@ -810,6 +810,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     }
     live.sink.flush().map_err(RunError::Write)?;
     log::debug!("{} events", live.events);
+    if let Some(h) = &live.heap {
+        let st = h.pairing_stats();
+        if st != Default::default() {
+            log::info!("--heap: allocator records not paired: {st:?}");
+        }
+    }
     Ok(status)
 }
 

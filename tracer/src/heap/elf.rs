@@ -69,12 +69,13 @@ pub fn allocator_in_bytes(data: &[u8]) -> Result<Option<AllocatorFile>, object::
     if !by_name.contains_key("malloc") || !by_name.contains_key("free") {
         return Ok(None);
     }
-    let allocator = if by_name.contains_key("__libc_malloc") {
-        Allocator::Glibc
+    // tcmalloc defines glibc's `__libc_malloc` too (to take its internal calls).
+    let allocator = if by_name.contains_key("tc_malloc") {
+        Allocator::Tcmalloc
     } else if by_name.contains_key("mallocx") {
         Allocator::Jemalloc
-    } else if by_name.contains_key("tc_malloc") {
-        Allocator::Tcmalloc
+    } else if by_name.contains_key("__libc_malloc") {
+        Allocator::Glibc
     } else {
         Allocator::Other
     };

@@ -176,10 +176,14 @@ pub struct LiveHeap {
     pub complete: bool,
     /// When the allocator's probes began to cover the process.
     pub since_ns: Option<u64>,
-    /// The allocators its calls went to.
+    /// The allocators its calls went to (a preloaded one takes the calls of glibc's, which
+    /// is probed too).
     pub allocators: BTreeSet<Allocator>,
     /// glibc arenas by base (0: the main arena), for the arena-count knob.
     pub arenas: BTreeMap<u64, ArenaLive>,
+    /// The bytes of all glibc arenas together (main heap included, mmapped chunks not), now
+    /// and at most: what one arena for every thread would have had to hold.
+    pub arenas_total: ArenaLive,
     /// Mappings made inside allocator calls: start -> (end, allocator).
     owned: BTreeMap<u64, (u64, Allocator)>,
     recent: HashMap<u32, VecDeque<MapChange>>,
@@ -231,7 +235,8 @@ impl LiveHeap {
             self.enabled = true;
             self.since_ns = Some(ts_ns);
         }
-        self.allocators.insert(allocator);
+        // Which allocator serves the calls shows in the calls (`allocators`).
+        let _ = allocator;
         if late {
             self.complete = false;
         }
@@ -407,6 +412,9 @@ impl LiveHeap {
             let a = self.arenas.entry(key).or_default();
             a.live += b.bytes;
             a.peak = a.peak.max(a.live);
+            let t = &mut self.arenas_total;
+            t.live += b.bytes;
+            t.peak = t.peak.max(t.live);
         }
         self.blocks.insert(ptr, b);
     }
@@ -421,6 +429,7 @@ impl LiveHeap {
             && let Some(a) = self.arenas.get_mut(&key)
         {
             a.live -= b.bytes;
+            self.arenas_total.live -= b.bytes;
         }
         true
     }

@@ -11,12 +11,15 @@
 //! | `live.rs` | live blocks per process (pure, applied by the session) |
 //! | `regions.rs` | live, touched and retained bytes per heap region, and what pins them |
 //! | `record.rs` | the `heap` and `heap_attach` NDJSON records |
+//! | `findings.rs` | the diagnosis: live data, retained free memory, what each setting would give back |
 
 pub mod call;
 pub mod elf;
+pub mod findings;
 pub mod live;
 pub mod pairing;
 pub mod record;
+pub mod regions;
 pub mod tracker;
 
 pub use call::{Allocator, Chunk, HeapCall, HeapFn, HeapRaw};

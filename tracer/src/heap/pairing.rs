@@ -11,6 +11,16 @@ use std::collections::HashMap;
 
 use super::call::{Allocator, Chunk, HeapCall, HeapFn, HeapRaw};
 
+/// An entry older than this is not the caller of a new one: no allocator call lasts this long
+/// (its return was lost).
+const STALE_NS: u64 = 10_000_000_000;
+
+/// An entry at the same stack pointer as the waiting one, right after it (nothing else of the
+/// thread in between, within this long), is a tail call it made: glibc's `reallocarray` ends
+/// with `return realloc (...)`, `realloc (NULL, n)` with `return malloc (n)`. The frame is the
+/// same, so both returns come at once with the same stack pointer.
+const TAIL_CALL_NS: u64 = 1_000_000;
+
 /// An entry waiting for its return.
 #[derive(Clone, Copy, Debug)]
 struct Pending {
@@ -32,10 +42,18 @@ pub struct PairingStats {
     pub nested: u64,
 }
 
+/// One thread's entries waiting for their returns, outermost first.
+#[derive(Debug, Default)]
+struct Thread {
+    stack: Vec<Pending>,
+    /// The time of the thread's last record.
+    last_ts: u64,
+}
+
 /// The entries waiting for their returns, per thread.
 #[derive(Debug, Default)]
 pub struct Pairing {
-    pending: HashMap<(u32, u32), Vec<Pending>>,
+    pending: HashMap<(u32, u32), Thread>,
     pub stats: PairingStats,
 }
 
@@ -53,8 +71,20 @@ impl Pairing {
                 self.stats.unresolved += 1;
                 return None;
             };
-            let stack = self.pending.entry(key).or_default();
-            while stack.last().is_some_and(|p| p.raw.sp <= raw.sp) {
+            let thread = self.pending.entry(key).or_default();
+            let last_ts = std::mem::replace(&mut thread.last_ts, raw.ts_ns);
+            let stack = &mut thread.stack;
+            // Waiting entries that cannot be callers of this one are dead: below its return
+            // stack pointer, at it but for a tail call, or too old.
+            while let Some(top) = stack.last() {
+                let tail_call = top.raw.ts_ns == last_ts
+                    && raw.ts_ns.saturating_sub(top.raw.ts_ns) < TAIL_CALL_NS;
+                let dead = top.raw.sp < raw.sp
+                    || (top.raw.sp == raw.sp && !tail_call)
+                    || raw.ts_ns.saturating_sub(top.raw.ts_ns) > STALE_NS;
+                if !dead {
+                    break;
+                }
                 stack.pop();
                 self.stats.lost_returns += 1;
             }
@@ -76,10 +106,12 @@ impl Pairing {
             }
             return Some(call(raw, None, func, allocator));
         }
-        let Some(stack) = self.pending.get_mut(&key) else {
+        let Some(thread) = self.pending.get_mut(&key) else {
             self.stats.returns_without_entry += 1;
             return None;
         };
+        thread.last_ts = raw.ts_ns;
+        let stack = &mut thread.stack;
         while stack.last().is_some_and(|p| p.raw.sp < raw.sp) {
             stack.pop();
             self.stats.lost_returns += 1;
@@ -237,30 +269,75 @@ mod tests {
         let c5 = p.push(&ret(4, 5, 0x9000, 0x50), resolve).expect("thread 5");
         assert_eq!((c5.args[0], c6.args[0]), (1, 2));
         // A malloc whose return was lost (longjmp out of a handler, say), then another call at
-        // the same depth: the first is dropped, the second pairs.
+        // the same depth later: the first is dropped, the second pairs.
         p.push(&entry(5, 5, MALLOC, 0x9000, [3, 0, 0]), resolve);
-        p.push(&entry(6, 5, MALLOC, 0x9000, [4, 0, 0]), resolve);
+        p.push(&entry(5_000_000, 5, MALLOC, 0x9000, [4, 0, 0]), resolve);
         let c = p
-            .push(&ret(7, 5, 0x9000, 0x70), resolve)
+            .push(&ret(5_000_001, 5, 0x9000, 0x70), resolve)
             .expect("the second");
         assert_eq!(c.args[0], 4);
         assert_eq!(p.stats.lost_returns, 1);
         // A free at the same depth is not nested in a dead malloc.
-        p.push(&entry(8, 5, MALLOC, 0x9000, [5, 0, 0]), resolve);
+        p.push(&entry(8_000_000, 5, MALLOC, 0x9000, [5, 0, 0]), resolve);
         assert!(
-            p.push(&entry(9, 5, FREE, 0x9000, [0x70, 0, 0]), resolve)
+            p.push(&entry(19_000_000, 5, FREE, 0x9000, [0x70, 0, 0]), resolve)
                 .is_some()
         );
         // A return without its entry, an unknown address.
-        assert!(p.push(&ret(10, 7, 0x9000, 1), resolve).is_none());
+        assert!(p.push(&ret(20_000_000, 7, 0x9000, 1), resolve).is_none());
         assert!(
-            p.push(&entry(11, 5, 0xdead, 0x9000, [0; 3]), resolve)
+            p.push(&entry(21_000_000, 5, 0xdead, 0x9000, [0; 3]), resolve)
                 .is_none()
         );
         assert_eq!(p.stats.returns_without_entry, 1);
         assert_eq!(p.stats.unresolved, 1);
         p.forget(1);
         assert_eq!(p.waiting(), 0);
+    }
+
+    #[test]
+    fn a_tail_call_is_the_outer_calls_business() {
+        const REALLOCARRAY: u64 = 0x7300;
+        let resolve = |pid, ip| match ip {
+            REALLOCARRAY => Some((HeapFn::Reallocarray, Allocator::Glibc)),
+            other => resolve(pid, other),
+        };
+        let mut p = Pairing::default();
+        // reallocarray jumps to realloc, which jumps to malloc: one frame, three returns at
+        // once.
+        p.push(&entry(1, 5, REALLOCARRAY, 0x9000, [0, 100, 30]), resolve);
+        p.push(&entry(2, 5, REALLOC, 0x9000, [0, 3000, 0]), resolve);
+        p.push(&entry(3, 5, MALLOC, 0x9000, [3000, 0, 0]), resolve);
+        assert!(p.push(&ret(4, 5, 0x9000, 0xc0), resolve).is_none());
+        assert!(p.push(&ret(4, 5, 0x9000, 0xc0), resolve).is_none());
+        let c = p
+            .push(&ret(4, 5, 0x9000, 0xc0), resolve)
+            .expect("the reallocarray");
+        assert_eq!(
+            (c.func, c.requested(), c.ptr),
+            (HeapFn::Reallocarray, 3000, 0xc0)
+        );
+        assert_eq!(p.stats.lost_returns, 0);
+        // A malloc whose return was lost is not taken for the caller of the next call at its
+        // depth once something else happened between them.
+        p.push(&entry(10, 5, MALLOC, 0x9000, [7, 0, 0]), resolve);
+        p.push(&entry(11, 5, FREE, 0x8000, [0xc0, 0, 0]), resolve);
+        p.push(&entry(12, 5, MALLOC, 0x9000, [8, 0, 0]), resolve);
+        let c = p
+            .push(&ret(13, 5, 0x9000, 0xd0), resolve)
+            .expect("the second malloc");
+        assert_eq!(c.args[0], 8);
+        p.forget(1);
+        // An entry left waiting for ten seconds is dead, whatever its depth.
+        p.push(&entry(10, 5, MALLOC, 0x9100, [1, 0, 0]), resolve);
+        p.push(
+            &entry(20_000_000_000, 5, MALLOC, 0x9000, [2, 0, 0]),
+            resolve,
+        );
+        let c = p
+            .push(&ret(20_000_000_001, 5, 0x9000, 0x10), resolve)
+            .expect("a call");
+        assert_eq!(c.args[0], 2);
     }
 
     #[test]

@@ -75,8 +75,8 @@ pub struct HeapTracer {
     scope: Scope,
     /// Files examined, by inode: the allocator in them, if any.
     examined: HashMap<u64, Option<Arc<AllocatorFile>>>,
-    /// Probes attached: (inode, pid; 0 for every process).
-    attached: HashSet<(u64, u32)>,
+    /// Probes attached: (inode, pid; 0 for every process) -> when.
+    attached: HashMap<(u64, u32), u64>,
     /// (pid, inode) whose coverage was announced with a `heap_attach` event.
     announced: HashSet<(u32, u64)>,
     pairing: Pairing,
@@ -90,7 +90,7 @@ impl HeapTracer {
         Self {
             scope,
             examined: HashMap::new(),
-            attached: HashSet::new(),
+            attached: HashMap::new(),
             announced: HashSet::new(),
             pairing: Pairing::default(),
             resolved: HashMap::new(),
@@ -125,17 +125,18 @@ impl HeapTracer {
         found
     }
 
-    /// Attaches the probes for `alloc` in `f` for `pid` (its scope), once.
+    /// Attaches the probes for `alloc` in `f` for `pid` (its scope), once; returns when they
+    /// were attached (`CLOCK_MONOTONIC`).
     fn attach(
         &mut self,
         probe: &mut Probe,
         pid: u32,
         f: &MappedFile,
         alloc: &AllocatorFile,
-    ) -> Result<bool, HeapError> {
+    ) -> Result<u64, HeapError> {
         let key = (f.inode, self.key_pid(pid));
-        if self.attached.contains(&key) {
-            return Ok(false);
+        if let Some(&when) = self.attached.get(&key) {
+            return Ok(when);
         }
         let scope_pid = (self.scope == Scope::PerProcess).then_some(pid);
         let glibc = alloc.allocator == Allocator::Glibc;
@@ -149,7 +150,8 @@ impl HeapTracer {
                     })?;
             }
         }
-        self.attached.insert(key);
+        let when = crate::clock::monotonic_ns();
+        self.attached.insert(key, when);
         log::info!(
             "--heap: probes on {} ({}, {} functions) for {}",
             crate::name::shown(&f.path),
@@ -157,7 +159,7 @@ impl HeapTracer {
             alloc.functions.len(),
             scope_pid.map_or("every process".to_string(), |p| format!("process {p}"))
         );
-        Ok(true)
+        Ok(when)
     }
 
     /// Before a launched command (`pid`, held before its exec) runs: probes on the C library
@@ -187,14 +189,15 @@ impl HeapTracer {
             let Some(alloc) = self.examine(&f) else {
                 continue;
             };
-            let new = self.attach(probe, pid, &f, &alloc)?;
+            let when = self.attach(probe, pid, &f, &alloc)?;
+            // At an exec the kernel holds (`late` false) nothing has run yet.
             if self.announced.insert((pid, f.inode)) {
                 out.push(Event::HeapAttach {
                     ts_ns,
                     pid,
                     path: f.path.clone(),
                     allocator: alloc.allocator,
-                    late: late && new,
+                    late: late && when >= ts_ns,
                 });
             }
         }
@@ -238,8 +241,9 @@ impl HeapTracer {
             inode,
         };
         let alloc = self.examine(&f)?;
+        // Late when the probes came after the process mapped the file.
         let late = match self.attach(probe, pid, &f, &alloc) {
-            Ok(new) => new,
+            Ok(when) => when > ts_ns,
             Err(e) => {
                 log::warn!("{e}");
                 return None;

@@ -357,6 +357,7 @@ pub fn snapshot_json(ts_ns: u64, reason: SnapshotReason, p: &Process) -> Value {
             "zero_write_huge": thp.zero_write_huge,
         },
         "resident": resident,
+        "heap": heap::regions::view(p),
     })
 }
 

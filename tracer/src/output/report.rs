@@ -114,6 +114,9 @@ pub struct ProcessSummary {
     pub history_entries: usize,
     /// The VMAs with the most touched bytes, at most ten.
     pub top_vmas: Vec<VmaRow>,
+    /// The allocator's view (`--heap`): live bytes, calls, regions.
+    #[serde(default)]
+    pub heap: Option<crate::heap::regions::HeapView>,
 }
 
 /// Loss and error counters of the kernel side.
@@ -224,6 +227,7 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
                     .filter(|e| e.cause != Cause::Seed)
                     .count(),
                 top_vmas: top,
+                heap: crate::heap::regions::view(p),
             }
         })
         .collect();
