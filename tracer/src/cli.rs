@@ -142,10 +142,11 @@ pub struct TraceArgs {
     /// How the end of a process is told (kept for testing the rule of older kernels).
     #[arg(long, value_enum, default_value_t = ExitRuleArg::Auto, hide = true)]
     pub exit_rule: ExitRuleArg,
-    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...). Faults arrive in records of up
-    /// to 2.6 KB (64 faults): rings under 256K lose some under heavy load (counted).
-    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]
-    pub ring_size: u32,
+    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...; 8M by default, 64M with --heap).
+    /// Faults arrive in records of up to 2.6 KB (64 faults): rings under 256K lose some under
+    /// heavy load (counted).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub ring_size: Option<u32>,
     /// Run the command as this user (default under sudo: the invoking user).
     #[arg(short, long, value_name = "USER")]
     pub user: Option<String>,

@@ -22,6 +22,9 @@ use tracer::{
     run::{self, RunConfig},
 };
 
+/// The ring buffer's size with `--heap` when `--ring-size` is not given.
+const HEAP_RING_BYTES: u32 = 64 << 20;
+
 fn config(t: TraceArgs, record: bool) -> RunConfig {
     RunConfig {
         pids: t.pids,
@@ -51,7 +54,14 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
             ExitRuleArg::GroupDead => ExitRule::GroupDead,
             ExitRuleArg::LiveThreads => ExitRule::LiveThreads,
         },
-        ring_bytes: t.ring_size,
+        // An allocator call is two 72-byte records and a busy program makes millions a
+        // second, where faults come in thousands: --heap needs a deeper ring to ride out the
+        // reader's pauses.
+        ring_bytes: t.ring_size.unwrap_or(if t.heap {
+            HEAP_RING_BYTES
+        } else {
+            tracer_common::DEFAULT_RING_BYTES
+        }),
         user: t.user,
         reconcile: t.reconcile,
         report: t.report,
