@@ -128,7 +128,7 @@ pub struct Process {
 }
 
 impl Process {
-    fn new(pid: u32, space: AddressSpace, exe: Option<String>, ts: u64) -> Self {
+    pub(crate) fn new(pid: u32, space: AddressSpace, exe: Option<String>, ts: u64) -> Self {
         Self {
             pid,
             space,

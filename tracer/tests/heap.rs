@@ -330,9 +330,16 @@ fn attached_to_a_running_process_live_bytes_count_what_it_allocates_after() {
 /// Records the workload (`env` then `args`) with `--heap`; returns the findings of
 /// `vmatrace report --json` and the workload's last line.
 fn heap_report(name: &str, env: &[&str], args: &[&str]) -> (Vec<Value>, String) {
+    report_of(name, &["--heap"], env, args)
+}
+
+/// Records the workload with `flags`; returns the findings and the workload's last line.
+fn report_of(name: &str, flags: &[&str], env: &[&str], args: &[&str]) -> (Vec<Value>, String) {
     let file = temp_path(&format!("heap-report-{name}.ndjson"));
     let o = Command::new(vmatrace())
-        .args(["record", "--heap", "-o"])
+        .arg("record")
+        .args(flags)
+        .arg("-o")
         .arg(&file)
         .args(["--", "env"])
         .args(env)
@@ -615,5 +622,93 @@ fn jemalloc_and_tcmalloc_live_bytes_are_what_the_workload_holds() {
                 .is_some_and(|e| e.contains(name)),
             "{name} serves the calls: {live}"
         );
+    }
+}
+
+#[test]
+fn a_heap_that_grew_and_shrank_is_told_apart_from_one_that_never_shrank() {
+    if !privileged("a_heap_that_grew_and_shrank_is_told_apart_from_one_that_never_shrank") {
+        return;
+    }
+    for flags in [&[][..], &["--heap"][..]] {
+        // 24 MiB kept: the heap grows and is never given back, at a size that costs little.
+        let (f, _) = report_of("kept", flags, &[], &["live", "24"]);
+        let heap = find(&f, "heap").expect("the heap finding");
+        let (title, text) = (
+            heap["title"].as_str().unwrap_or(""),
+            heap["explanation"].as_str().unwrap_or(""),
+        );
+        assert!(title.contains("trimmed 0 times"), "{flags:?}: {heap}");
+        assert!(
+            !text.contains("shrank") && !text.contains("given back to the kernel"),
+            "{flags:?}: {heap}"
+        );
+        assert_eq!(n(&heap["numbers"], "brk_shrinks"), 0);
+        if flags.is_empty() {
+            assert!(
+                text.contains("Run with --heap"),
+                "an estimate says so: {heap}"
+            );
+        } else {
+            assert!(text.contains("is live data"), "{heap}");
+        }
+        // 24 MiB freed from the top: glibc gives the heap back as it shrinks.
+        let (f, line) = report_of("shrank", flags, &[], &["grow_shrink", "24"]);
+        let heap = find(&f, "heap").expect("the heap finding");
+        let shrinks = n(&heap["numbers"], "brk_shrinks");
+        assert!(shrinks > 0, "{heap}");
+        let title = heap["title"].as_str().unwrap_or("");
+        assert!(
+            title.contains(&format!("trimmed {shrinks} times")),
+            "{heap}"
+        );
+        assert_eq!(heap["severity"], "info", "{heap}");
+        assert!(
+            value(&line, "rss") * 4 < value(&line, "high"),
+            "the workload's RSS fell as it shrank: {line}"
+        );
+        assert!(find(&f, "heap_fragmentation").is_none(), "{f:#?}");
+    }
+}
+
+#[test]
+fn children_followed_with_f_have_their_own_live_bytes() {
+    if !privileged("children_followed_with_f_have_their_own_live_bytes") {
+        return;
+    }
+    let out = temp_path("heap-follow.ndjson");
+    let script = format!("{w} live 8; {w} live 16", w = hw());
+    let o = Command::new(vmatrace())
+        .args(["record", "--heap", "-f", "-o"])
+        .arg(&out)
+        .args(["--", "sh", "-c", &script])
+        .output()
+        .expect("vmatrace runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut held: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("live "))
+        .map(|l| value(l, "live"))
+        .collect();
+    let recs = records(&out);
+    let summary = recs.last().expect("a summary");
+    let mut ours: Vec<u64> = summary["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| {
+            p["exe"]
+                .as_str()
+                .is_some_and(|e| e.ends_with("heap_workload"))
+        })
+        .map(|p| n(&p["heap"], "live_bytes"))
+        .collect();
+    held.sort_unstable();
+    ours.sort_unstable();
+    eprintln!("children: vmatrace {ours:?} live bytes, the workloads {held:?}");
+    assert_eq!(ours.len(), 2, "{summary}");
+    for (o, h) in ours.iter().zip(&held) {
+        assert!(within(*o, *h, 1.0), "{ours:?} / {held:?}");
     }
 }

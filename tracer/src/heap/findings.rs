@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::{
     call::Allocator,
-    regions::{RegionRow, regions},
+    regions::{RegionRow, live_sites, regions},
 };
 use crate::{
     analysis::{Finding, Severity},
@@ -167,15 +167,35 @@ fn live(p: &Process, rows: &[RegionRow]) -> Finding {
             )
         })
         .collect();
+    let sites: Vec<String> = live_sites(p)
+        .iter()
+        .take(3)
+        .map(|s| {
+            format!(
+                "{} ({} blocks, {})",
+                s.site
+                    .clone()
+                    .or(s.caller.map(|c| format!("{c:#x}")))
+                    .unwrap_or_else(|| "unknown call site".into()),
+                s.blocks,
+                size(s.live_bytes)
+            )
+        })
+        .collect();
     f.explanation = format!(
         "Memory the program still holds ({}): it is not fragmentation; only the program can \
-         make it smaller. {}{}",
+         make it smaller. {}.{}{}",
         h.allocators
             .iter()
             .map(|a| a.name())
             .collect::<Vec<_>>()
             .join(", "),
         parts.join("; "),
+        if sites.is_empty() {
+            String::new()
+        } else {
+            format!(" Held most by the blocks from {}.", sites.join(", "))
+        },
         coverage(p)
     );
     f
@@ -337,4 +357,150 @@ pub fn heap_view(p: &Process) -> Option<(u64, u64)> {
     let rows = regions(p);
     let main = rows.iter().find(|r| r.kind == "main_heap")?;
     Some((main.live_bytes.unwrap_or(0), main.retained_bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        heap::{Chunk, HeapCall, HeapFn},
+        model::{AddressSpace, PAGE_SIZE},
+    };
+
+    const HEAP: u64 = 0x5555_0000_0000;
+
+    /// A process whose main heap spans `pages` touched pages, with glibc blocks of `bytes`
+    /// (chunk size) at each of `at` (offsets in the heap), allocated from `site`.
+    fn process(pages: u64, blocks: &[(u64, u64, u64)]) -> Process {
+        let mut space = AddressSpace::seeded(Vec::new(), Some(HEAP), 0);
+        space.brk(1, HEAP + pages * PAGE_SIZE);
+        for i in 0..pages {
+            space.fault(2, HEAP + i * PAGE_SIZE, Some(true), false);
+        }
+        let mut p = Process::new(1, space, Some("/usr/bin/server".into()), 0);
+        p.heap.exec();
+        for (i, &(at, bytes, site)) in blocks.iter().enumerate() {
+            let ptr = HEAP + at + 16;
+            p.heap.apply(&HeapCall {
+                ts_ns: 10 + i as u64,
+                enter_ts_ns: 9 + i as u64,
+                pid: 1,
+                tid: 1,
+                func: HeapFn::Malloc,
+                allocator: Allocator::Glibc,
+                args: [bytes - 8, 0, 0],
+                ret: ptr,
+                ptr,
+                chunk: Some(Chunk {
+                    bytes,
+                    mmapped: false,
+                    thread_arena: false,
+                }),
+                freed_chunk: None,
+                caller: site,
+                stack: None,
+            });
+        }
+        p
+    }
+
+    fn frag(p: &Process) -> Option<Finding> {
+        findings(p)
+            .into_iter()
+            .find(|f| f.id == "heap_fragmentation")
+    }
+
+    #[test]
+    fn a_heap_full_of_live_blocks_is_live_data_not_fragmentation() {
+        // 4000 pages (15.6 MiB), each filled by one live 4096-byte chunk.
+        let blocks: Vec<_> = (0..4000)
+            .map(|i| (i * PAGE_SIZE, PAGE_SIZE, 0x40_1000))
+            .collect();
+        let p = process(4000, &blocks);
+        assert!(frag(&p).is_none());
+        let live = findings(&p)
+            .into_iter()
+            .find(|f| f.id == "live")
+            .expect("live");
+        assert_eq!(live.numbers["live_bytes"], 4000 * PAGE_SIZE);
+        assert!(
+            live.explanation.contains("not fragmentation"),
+            "{}",
+            live.explanation
+        );
+        let sites = live_sites(&p);
+        assert_eq!((sites.len(), sites[0].blocks), (1, 4000));
+        let main = &regions(&p)[0];
+        assert_eq!((main.retained_bytes, main.pinned_pages), (0, 0));
+    }
+
+    #[test]
+    fn pages_pinned_by_one_block_each_are_fragmentation_no_setting_gives_back() {
+        // 2000 pages, each with one live 208-byte chunk at its start.
+        let blocks: Vec<_> = (0..2000).map(|i| (i * PAGE_SIZE, 208, 0x40_2000)).collect();
+        let p = process(2000, &blocks);
+        let f = frag(&p).expect("a fragmentation finding");
+        assert_eq!(f.numbers["retained_bytes"], 2000 * (PAGE_SIZE - 208));
+        assert_eq!(f.numbers["free_page_bytes"], 0);
+        assert_eq!(f.numbers["malloc_trim_saves_bytes"], 0);
+        let s = f.suggestion.unwrap_or_default();
+        assert!(s.starts_with("No allocator setting"), "{s}");
+        assert!(!s.contains("MALLOC_"), "{s}");
+        let r = &regions(&p)[0];
+        assert_eq!(r.pinned_pages, 2000);
+        assert_eq!(r.pinning_sites[0].caller, Some(0x40_2000));
+    }
+
+    #[test]
+    fn free_pages_below_a_live_block_are_what_malloc_trim_gives_back() {
+        // 3000 pages, one live block on the last: 2999 whole free pages inside one free chunk.
+        let p = process(3000, &[(2999 * PAGE_SIZE, 1024, 0x40_3000)]);
+        let f = frag(&p).expect("a fragmentation finding");
+        assert_eq!(f.numbers["free_page_bytes"], 2999 * PAGE_SIZE);
+        // The free chunk's header keeps its first page.
+        assert_eq!(f.numbers["malloc_trim_saves_bytes"], 2998 * PAGE_SIZE);
+        // Nothing is free at the top: no trim threshold would help.
+        assert_eq!(f.numbers["trim_threshold_saves_bytes"], 0);
+        let s = f.suggestion.unwrap_or_default();
+        assert!(
+            s.contains("malloc_trim(0)") && !s.contains("MALLOC_TRIM_THRESHOLD_"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_free_top_is_given_back_by_the_trim_threshold_and_malloc_trim() {
+        // 3000 pages, one live block on the first: the rest is the heap's free top.
+        let p = process(3000, &[(0, 1024, 0x40_4000)]);
+        let f = frag(&p).expect("a fragmentation finding");
+        let top = 2999 * PAGE_SIZE;
+        assert_eq!(f.numbers["trim_threshold_saves_bytes"], top - GLIBC_TOP_PAD);
+        assert_eq!(f.numbers["malloc_trim_saves_bytes"], top);
+        let s = f.suggestion.unwrap_or_default();
+        assert!(
+            s.contains("malloc_trim(0)") && s.contains("MALLOC_TRIM_THRESHOLD_"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_run_that_missed_allocations_suggests_no_setting() {
+        let mut p = process(3000, &[(2999 * PAGE_SIZE, 1024, 0x40_3000)]);
+        p.heap.lost_events();
+        let f = frag(&p).expect("a fragmentation finding");
+        assert_eq!(f.numbers["complete"], 0);
+        let s = f.suggestion.unwrap_or_default();
+        assert!(
+            s.starts_with("Run vmatrace --heap from the program's start"),
+            "{s}"
+        );
+        assert!(f.explanation.contains("did not see every allocation"));
+    }
+
+    #[test]
+    fn without_heap_there_is_no_allocator_finding() {
+        let mut p = process(10, &[]);
+        p.heap = Default::default();
+        assert!(findings(&p).is_empty());
+    }
 }

@@ -50,6 +50,44 @@ pub struct SiteRow {
     pub pinned_free_bytes: u64,
 }
 
+/// A call site's live blocks.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveSiteRow {
+    /// The return address of the allocations (null: not known), and where that is.
+    pub caller: Option<u64>,
+    pub site: Option<String>,
+    pub blocks: u64,
+    pub live_bytes: u64,
+    pub largest_block_bytes: u64,
+}
+
+/// Call sites listed by live bytes.
+const TOP_SITES: usize = 10;
+
+/// The call sites holding the most live bytes, most first.
+pub fn live_sites(p: &Process) -> Vec<LiveSiteRow> {
+    let mut by: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    for (_, b) in p.heap.blocks() {
+        let e = by.entry(b.caller).or_default();
+        e.0 += 1;
+        e.1 += b.bytes;
+        e.2 = e.2.max(b.bytes);
+    }
+    let mut rows: Vec<LiveSiteRow> = by
+        .into_iter()
+        .map(|(caller, (blocks, live_bytes, largest))| LiveSiteRow {
+            caller: (caller != 0).then_some(caller),
+            site: site_label(&p.space, caller),
+            blocks,
+            live_bytes,
+            largest_block_bytes: largest,
+        })
+        .collect();
+    rows.sort_by_key(|r| (std::cmp::Reverse(r.live_bytes), r.caller));
+    rows.truncate(TOP_SITES);
+    rows
+}
+
 /// One heap region in a snapshot or the summary.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegionRow {
@@ -437,6 +475,9 @@ pub struct HeapView {
     pub failed: u64,
     pub trims: u64,
     pub regions: Vec<RegionRow>,
+    /// The call sites holding the most live bytes.
+    #[serde(default)]
+    pub sites: Vec<LiveSiteRow>,
 }
 
 /// The allocator view of `p` (None without `--heap`).
@@ -464,5 +505,6 @@ pub fn view(p: &Process) -> Option<HeapView> {
         failed: c.failed,
         trims: c.trims,
         regions: regions(p),
+        sites: live_sites(p),
     })
 }

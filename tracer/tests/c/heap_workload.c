@@ -2,6 +2,7 @@
  * gcc). Each mode prints what it did; "checkpoint" lines are followed by a SIGSTOP, at which
  * the test compares vmatrace with glibc's own figures (mallinfo2, malloc_info). */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
@@ -13,15 +14,22 @@
 
 static const char *info_prefix = "/tmp/heap-workload";
 
+/* With open and read, not stdio: a FILE is a malloc'd block that would stay in the heap
+ * (a freed FILE goes to glibc's per-thread cache) and pin its top. */
 static long rss_kib(void) {
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
+    char buf[4096];
+    int fd = open("/proc/self/status", O_RDONLY);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = 0;
+    const char *at = strstr(buf, "VmRSS:");
     long kib = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (sscanf(line, "VmRSS: %ld kB", &kib) == 1)
-            break;
-    if (f)
-        fclose(f);
+    if (at)
+        sscanf(at, "VmRSS: %ld kB", &kib);
     return kib;
 }
 
@@ -276,6 +284,20 @@ static void arenas(int threads, size_t mib, int trim) {
         pthread_join(t[k], NULL);
 }
 
+/* A heap that grows, then shrinks as its top is freed: glibc gives the top back with brk
+ * each time it exceeds the trim threshold. */
+static void grow_shrink(size_t mib) {
+    size_t n = mib * 1024 * 1024 / 4000;
+    void **p = malloc(n * sizeof *p);
+    for (size_t i = 0; i < n; i++)
+        p[i] = xmalloc(4000);
+    long high = rss_kib();
+    for (size_t i = n; i-- > 0;)
+        free(p[i]);
+    free(p);
+    printf("grow_shrink high %ld rss %ld\n", high, rss_kib());
+}
+
 /* Any allocator (LD_PRELOAD): blocks of several sizes, some freed; prints what is held. */
 static void hold(size_t mib) {
     size_t sizes[] = {24, 100, 700, 4000, 20000, 100000, 1000000};
@@ -333,12 +355,14 @@ int main(int argc, char **argv) {
         top(n, trim);
     } else if (strcmp(mode, "arenas") == 0) {
         arenas(argc > 3 ? atoi(argv[3]) : 4, n, argc > 4 && strcmp(argv[4], "trim") == 0);
+    } else if (strcmp(mode, "grow_shrink") == 0) {
+        grow_shrink(n);
     } else if (strcmp(mode, "hold") == 0) {
         hold(n);
     } else if (strcmp(mode, "decay") == 0) {
         decay(n);
     } else {
-        fprintf(stderr, "usage: heap_workload checkpoints|attach PREFIX | live|pinned|trimmable|top MIB [trim] | arenas MIB THREADS [trim] | hold|decay MIB\n");
+        fprintf(stderr, "usage: heap_workload checkpoints|attach PREFIX | live|pinned|trimmable|top MIB [trim] | grow_shrink MIB | arenas MIB THREADS [trim] | hold|decay MIB\n");
         return 2;
     }
     return 0;
