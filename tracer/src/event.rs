@@ -146,6 +146,9 @@ pub enum Event {
         allocator: Allocator,
         late: bool,
     },
+    /// CPython's object arenas as their pool headers said when the daemon read them
+    /// (`--heap`).
+    Pymalloc(crate::heap::pymalloc::Reading),
 }
 
 impl Event {
@@ -161,6 +164,7 @@ impl Event {
             | Self::HeapAttach { ts_ns, .. } => *ts_ns,
             Self::HeapRaw(h) => h.ts_ns,
             Self::Heap(h) => h.ts_ns,
+            Self::Pymalloc(r) => r.ts_ns,
         }
     }
 
@@ -177,6 +181,7 @@ impl Event {
             Self::Heap(h) => h.tid,
             // Not a thread's event: the daemon's.
             Self::HeapAttach { pid, .. } => *pid,
+            Self::Pymalloc(r) => r.pid,
         }
     }
 
@@ -192,6 +197,7 @@ impl Event {
             | Self::HeapAttach { pid, .. } => *pid,
             Self::HeapRaw(h) => h.pid,
             Self::Heap(h) => h.pid,
+            Self::Pymalloc(r) => r.pid,
         }
     }
 }

@@ -455,6 +455,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
         }
         "heap" => Record::Event(crate::heap::record::parse_heap(&v)?),
         "heap_attach" => Record::Event(crate::heap::record::parse_attach(&v)?),
+        "pymalloc" => Record::Event(crate::heap::record::parse_pymalloc(v)?),
         "summary" | "drift" | "finding" => Record::Other,
         other => return Err(format!("unknown record type '{other}'")),
     })

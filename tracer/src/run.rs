@@ -618,6 +618,19 @@ impl Live {
 
     fn snapshots(&mut self, reason: SnapshotReason) -> Result<(), RunError> {
         let ts = monotonic_ns();
+        if self.heap.is_some() {
+            // CPython's own count of its objects' bytes, read now from its pool headers, so
+            // that the snapshot (and the findings) see its arenas' live bytes.
+            let readings: Vec<Event> = self
+                .session
+                .processes()
+                .filter_map(|p| crate::heap::pymalloc::read_process(p, ts))
+                .map(Event::Pymalloc)
+                .collect();
+            for ev in readings {
+                self.handle(ev)?;
+            }
+        }
         for p in self.session.processes().filter(|p| p.exited_ns.is_none()) {
             self.sink.snapshot(ts, reason, p).map_err(RunError::Write)?;
         }

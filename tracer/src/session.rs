@@ -290,6 +290,16 @@ impl Session {
                 Some(p) => Applied::Heap(p.heap.apply(call)),
                 None => Applied::Ignored,
             },
+            Event::Pymalloc(r) => match self.procs.get_mut(&r.pid) {
+                Some(p) => {
+                    p.heap.pymalloc = Some(r.clone());
+                    Applied::Heap(HeapEffect {
+                        kind: LiveKind::None,
+                        live_bytes: p.heap.live_bytes(),
+                    })
+                }
+                None => Applied::Ignored,
+            },
             Event::HeapAttach {
                 ts_ns,
                 pid,

@@ -712,3 +712,110 @@ fn children_followed_with_f_have_their_own_live_bytes() {
         assert!(within(*o, *h, 1.0), "{ours:?} / {held:?}");
     }
 }
+
+/// A CPython program that fills its object arenas with small strings and frees all but one in
+/// a hundred: every pool keeps a few, so no arena can be given back. Writes CPython's own
+/// statistics (`sys._debugmallocstats`) to the file in argv[1], says "ready" and stops.
+const PYMALLOC_FRAGMENTED: &str = r#"
+import os, signal, sys
+print("pid", os.getpid(), flush=True)
+x = [str(i) * 3 for i in range(1_500_000)]
+keep = x[::100]
+del x
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+saved = os.dup(2)
+os.dup2(fd, 2)
+sys._debugmallocstats()
+os.dup2(saved, 2)
+print("ready", len(keep), flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"#;
+
+/// A number after `key` in `_debugmallocstats`'s output (`# bytes in allocated blocks = 1,234`).
+fn mallocstat(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.rsplit('=').next())
+        .map(|v| v.trim().replace(',', ""))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no '{key}' in {text}"))
+}
+
+#[test]
+fn pymalloc_fragmentation_is_found_in_cpythons_object_arenas() {
+    if !privileged("pymalloc_fragmentation_is_found_in_cpythons_object_arenas") {
+        return;
+    }
+    let out = temp_path("heap-pymalloc.ndjson");
+    let stats = temp_path("heap-pymalloc-stats.txt");
+    let (o, s) = (out.to_string_lossy(), stats.to_string_lossy());
+    let mut v = spawn(&[
+        "--json",
+        "-o",
+        &o,
+        "--heap",
+        "--",
+        "python3",
+        "-c",
+        PYMALLOC_FRAGMENTED,
+        &s,
+    ]);
+    let mut pid = 0u32;
+    while let Some(Ok(line)) = v.lines.next() {
+        if let Some(rest) = line.strip_prefix("pid ") {
+            pid = rest.trim().parse().expect("pid");
+        }
+        if line.starts_with("ready") {
+            break;
+        }
+    }
+    let snap = signal_snapshot(v.child.id(), &out, pid);
+    let text = std::fs::read_to_string(&stats).expect("the statistics file");
+    let allocated = mallocstat(&text, "# bytes in allocated blocks");
+    let region = snap["heap"]["regions"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["kind"] == "pymalloc_arenas"))
+        .unwrap_or_else(|| panic!("no pymalloc region: {}", snap["heap"]));
+    let live = n(region, "live_bytes");
+    eprintln!(
+        "pymalloc: vmatrace {live} live bytes in {} arenas, CPython {allocated} bytes in allocated blocks; {} touched",
+        region["mappings"], region["touched_bytes"]
+    );
+    assert!(within(live, allocated, 1.0), "{region}");
+    assert_eq!(
+        n(region, "mappings"),
+        mallocstat(&text, "# arenas allocated current"),
+        "{region}"
+    );
+    // Tracing ends while the program still runs (as with -p on a server): the findings see
+    // its arenas as they are.
+    kill(v.child.id(), libc::SIGINT);
+    let status = v.child.wait().expect("vmatrace exits");
+    kill(pid, libc::SIGKILL);
+    assert!(status.success(), "{status:?}");
+    let r = Command::new(vmatrace())
+        .args(["report", "--json"])
+        .arg(&out)
+        .output()
+        .expect("report runs");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let findings: Vec<Value> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let frag = find(&findings, "heap_fragmentation").expect("a fragmentation finding");
+    let text = frag["explanation"].as_str().unwrap_or("");
+    assert!(text.contains("CPython object arenas"), "{frag}");
+    let retained = n(&frag["numbers"], "retained_bytes");
+    let touched = n(region, "touched_bytes");
+    assert!(
+        within(retained, touched - live, 5.0),
+        "retained {retained}, touched {touched} - live {live}: {frag}"
+    );
+    for k in KNOBS {
+        assert!(
+            !suggestion(frag).contains(k),
+            "{k} does not act on pymalloc: {frag}"
+        );
+    }
+}

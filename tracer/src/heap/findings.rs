@@ -322,6 +322,22 @@ fn fragmentation(p: &Process, rows: &[RegionRow]) -> Option<Finding> {
             size(s.jemalloc_decay)
         ));
     }
+    let pymalloc_retained: u64 = measured
+        .iter()
+        .filter(|r| r.kind == "pymalloc_arenas")
+        .map(|r| r.retained_bytes)
+        .sum();
+    let python = if pymalloc_retained >= MIB {
+        format!(
+            " CPython gives an object arena back only once every object in it is freed, and \
+             no setting changes that: the {} free in its arenas stays until the objects still \
+             alive there (created among many that were freed) are freed too, or are created \
+             apart from the short-lived ones.",
+            size(pymalloc_retained)
+        )
+    } else {
+        String::new()
+    };
     let note = if pinned >= MIB {
         format!(
             " No allocator setting gives back the {} on pages that still hold a live block: \
@@ -334,16 +350,15 @@ fn fragmentation(p: &Process, rows: &[RegionRow]) -> Option<Finding> {
     };
     f.suggestion = if tries.is_empty() {
         Some(format!(
-            "{}{}",
+            "{}{note}{python}",
             if complete {
                 "No allocator setting would give this memory back."
             } else {
                 "Run vmatrace --heap from the program's start for exact numbers before changing settings."
-            },
-            note
+            }
         ))
     } else {
-        Some(format!("Try {}.{note}", tries.join("; or ")))
+        Some(format!("Try {}.{note}{python}", tries.join("; or ")))
     };
     Some(f)
 }

@@ -190,6 +190,8 @@ pub struct LiveHeap {
     /// Anonymous mappings of a pymalloc arena's size made outside allocator calls: start ->
     /// end.
     arena_candidates: BTreeMap<u64, u64>,
+    /// The last reading of CPython's pool headers.
+    pub pymalloc: Option<super::pymalloc::Reading>,
 }
 
 impl LiveHeap {

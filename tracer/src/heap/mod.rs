@@ -10,6 +10,7 @@
 //! | `pairing.rs` | entries and returns paired per thread (pure) |
 //! | `live.rs` | live blocks per process (pure, applied by the session) |
 //! | `regions.rs` | live, touched and retained bytes per heap region, and what pins them |
+//! | `pymalloc.rs` | CPython's object arenas, read from their pool headers |
 //! | `record.rs` | the `heap` and `heap_attach` NDJSON records |
 //! | `findings.rs` | the diagnosis: live data, retained free memory, what each setting would give back |
 
@@ -18,6 +19,7 @@ pub mod elf;
 pub mod findings;
 pub mod live;
 pub mod pairing;
+pub mod pymalloc;
 pub mod record;
 pub mod regions;
 pub mod tracker;

@@ -86,6 +86,23 @@ pub fn attach_json(ts_ns: u64, pid: u32, path: &str, allocator: Allocator, late:
     })
 }
 
+/// The `pymalloc` record of a reading of CPython's pool headers.
+pub fn pymalloc_json(r: &super::pymalloc::Reading) -> Value {
+    let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("type".into(), "pymalloc".into());
+        m.insert("live_bytes".into(), r.live_bytes().into());
+    }
+    v
+}
+
+/// Reads a `pymalloc` record back.
+pub fn parse_pymalloc(v: Value) -> Result<Event, String> {
+    serde_json::from_value(v)
+        .map(Event::Pymalloc)
+        .map_err(|e| format!("bad pymalloc record: {e}"))
+}
+
 fn u64_of(v: &Value, key: &str) -> Result<u64, String> {
     v.get(key)
         .and_then(Value::as_u64)
@@ -219,5 +236,32 @@ mod tests {
         let mut bad = v.clone();
         bad["call"] = "mmap".into();
         assert!(parse_heap(&bad).is_err());
+    }
+
+    #[test]
+    fn a_pymalloc_record_reads_back_as_the_same_reading() {
+        use crate::heap::pymalloc::{Arena, Pool, Reading};
+        let r = Reading {
+            ts_ns: 7,
+            pid: 3,
+            pool_bytes: 16384,
+            arenas: vec![Arena {
+                start: 0x10_0000,
+                end: 0x20_0000,
+                pools: vec![Pool {
+                    start: 0x10_4000,
+                    block_bytes: 48,
+                    blocks: 10,
+                }],
+                unreadable_pools: 1,
+            }],
+        };
+        let v = pymalloc_json(&r);
+        assert_eq!(
+            (v["type"].as_str(), v["live_bytes"].as_u64()),
+            (Some("pymalloc"), Some(480))
+        );
+        assert_eq!(parse_pymalloc(v), Ok(Event::Pymalloc(r)));
+        assert!(parse_pymalloc(serde_json::json!({"type": "pymalloc", "pid": 1})).is_err());
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     call::Allocator,
     live::{Block, GLIBC_ARENA_SIZE},
+    pymalloc::Reading,
 };
 use crate::{
     model::{AddressSpace, Backing, PAGE_SIZE},
@@ -123,6 +124,9 @@ pub struct RegionRow {
     /// Their call sites.
     pub pinning_sites: Vec<SiteRow>,
 }
+
+/// An address range: (start, end).
+type Range = (u64, u64);
 
 /// A block's allocator span and address: (start, end, pointer).
 type Span = (u64, u64, u64);
@@ -243,17 +247,20 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
             blocks: Vec::new(),
         });
     }
-    // CPython's object arenas (mapped directly, not through malloc).
+    // CPython's object arenas (mapped directly, not through malloc): those whose pool
+    // headers were read, and those not read (live bytes unknown).
+    let mut pymalloc_read = Vec::new();
     if is_python(p) {
-        let arenas: Vec<(u64, u64)> = h
+        let (read, unread): (Vec<Range>, Vec<Range>) = h
             .arena_candidates()
             .filter(|(s, e)| !taken(*s, *e, &defs))
-            .collect();
-        if !arenas.is_empty() {
+            .partition(|(s, _)| h.pymalloc.as_ref().is_some_and(|r| r.arena(*s).is_some()));
+        pymalloc_read = read;
+        if !unread.is_empty() {
             defs.push(Def {
                 kind: "pymalloc_arenas",
                 allocator: None,
-                ranges: arenas,
+                ranges: unread,
                 glibc_heap: false,
                 trims_top: false,
                 blocks: Vec::new(),
@@ -288,10 +295,63 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
             blocks,
         });
     }
-    defs.into_iter()
+    let mut rows: Vec<RegionRow> = defs
+        .into_iter()
         .map(|d| measure(p, d))
         .filter(|r| r.touched_bytes > 0 || r.live_blocks > 0)
-        .collect()
+        .collect();
+    if let Some(r) = h.pymalloc.as_ref().filter(|_| !pymalloc_read.is_empty()) {
+        rows.push(measure_pymalloc(p, &pymalloc_read, r));
+    }
+    rows
+}
+
+/// CPython's arenas whose pool headers were read: live bytes pool by pool, as pymalloc
+/// counts them; the free bytes of a touched pool are its touched bytes less its live bytes.
+fn measure_pymalloc(p: &Process, ranges: &[(u64, u64)], reading: &Reading) -> RegionRow {
+    let sp = &p.space;
+    let pool_size = reading.pool_bytes;
+    let (mut touched, mut live, mut blocks, mut retained, mut free_pools, mut pinned) =
+        (0, 0, 0, 0, 0, 0);
+    for &(s, e) in ranges {
+        let arena_touched = sp.pages_in(s, e).resident() * PAGE_SIZE;
+        touched += arena_touched;
+        let mut in_pools = 0;
+        if let Some(a) = reading.arena(s) {
+            for pool in &a.pools {
+                let t = sp.pages_in(pool.start, pool.start + pool_size).resident() * PAGE_SIZE;
+                in_pools += t;
+                let l = pool.live_bytes();
+                live += l;
+                blocks += pool.blocks;
+                retained += t.saturating_sub(l);
+                if t.saturating_sub(l) * 2 >= t && t > 0 {
+                    pinned += t / PAGE_SIZE;
+                }
+            }
+        }
+        // Touched pages in no pool with allocated blocks: emptied pools and the arena's
+        // header page.
+        free_pools += arena_touched.saturating_sub(in_pools);
+        retained += arena_touched.saturating_sub(in_pools);
+    }
+    RegionRow {
+        kind: "pymalloc_arenas".into(),
+        allocator: Some("pymalloc".into()),
+        start: ranges.first().map_or(0, |r| r.0),
+        end: ranges.last().map_or(0, |r| r.1),
+        mappings: ranges.len() as u64,
+        touched_bytes: touched,
+        live_bytes: Some(live),
+        live_blocks: blocks,
+        retained_bytes: retained,
+        free_page_bytes: free_pools,
+        pinned_pages: pinned,
+        trim_bytes: None,
+        top_free_bytes: None,
+        pinning: Vec::new(),
+        pinning_sites: Vec::new(),
+    }
 }
 
 /// Whether `p` runs CPython (its executable, or a libpython it maps).

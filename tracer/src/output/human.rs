@@ -320,7 +320,7 @@ impl<W: Write> Sink for HumanSink<W> {
             }
             Event::Open { .. } => {}
             // Allocator calls are too many to show one by one: the summary has their sums.
-            Event::HeapRaw(_) | Event::Heap(_) => {}
+            Event::HeapRaw(_) | Event::Heap(_) | Event::Pymalloc(_) => {}
             Event::HeapAttach {
                 ts_ns,
                 pid,

@@ -322,6 +322,7 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             allocator,
             late,
         } => heap::record::attach_json(*ts_ns, *pid, path, *allocator, *late),
+        Event::Pymalloc(r) => heap::record::pymalloc_json(r),
         // Paired before it reaches a sink.
         Event::HeapRaw(_) => Value::Null,
     }
