@@ -72,6 +72,9 @@ enum Task {
         /// perf, bpftrace).
         #[arg(long)]
         only: Option<String>,
+        /// Only the `--heap` comparison (vmatrace --heap, heaptrack, bpftrace uprobes).
+        #[arg(long)]
+        heap: bool,
     },
     /// Boot pinned Debian kernels under qemu, run the privileged tests in each, print a table
     /// kernel x result (e.g. `--kernel 6.1,6.12`, `--arch arm64`).
@@ -239,7 +242,8 @@ fn test_dependencies() -> Result<()> {
     )
 }
 
-/// Tools the benchmark compares against, from Debian's packages: strace, perf, bpftrace.
+/// Tools the benchmark compares against, from Debian's packages: strace, perf, bpftrace,
+/// heaptrack.
 fn bench_dependencies() -> Result<()> {
     apt_install(
         "the comparison",
@@ -247,6 +251,7 @@ fn bench_dependencies() -> Result<()> {
             ("strace", "/usr/bin/strace"),
             ("linux-perf", "/usr/bin/perf"),
             ("bpftrace", "/usr/bin/bpftrace"),
+            ("heaptrack", "/usr/bin/heaptrack"),
         ],
     )
 }
@@ -432,7 +437,12 @@ fn real_main() -> Result<()> {
             setup()?;
             kernels::kernels(&opts)
         }
-        Task::Bench { rounds, soak, only } => {
+        Task::Bench {
+            rounds,
+            soak,
+            only,
+            heap,
+        } => {
             setup()?;
             bench_dependencies()?;
             let mut c = cargo();
@@ -450,8 +460,14 @@ fn real_main() -> Result<()> {
             if let Some(only) = only {
                 c.arg("--only").arg(only);
             }
+            if heap {
+                c.arg("--heap");
+            }
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "workloads"]))?;
             run(&mut c)?;
+            if heap {
+                return Ok(());
+            }
             if soak {
                 // Ten minutes traced; bounded memory is asserted by the (ignored) test.
                 run(cargo().args([
