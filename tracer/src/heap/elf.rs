@@ -93,15 +93,46 @@ pub fn allocator_in_bytes(data: &[u8]) -> Result<Option<AllocatorFile>, object::
         let Some(func) = HeapFn::from_symbol(name) else {
             continue;
         };
-        let Some(offset) = file_offset(&segments, address) else {
+        let Some(mut offset) = file_offset(&segments, address) else {
             continue;
         };
+        if !func.has_return()
+            && let Some(code) = usize::try_from(offset)
+                .ok()
+                .and_then(|o| data.get(o..o + 16))
+            && let Some(skip) = past_null_test(code)
+        {
+            offset += skip;
+        }
         functions.entry(offset).or_insert(func);
     }
     Ok(Some(AllocatorFile {
         allocator,
         functions,
     }))
+}
+
+/// Where to put the entry probe of a function without a return probe that starts (x86-64)
+/// `test %rdi,%rdi; je ...` and then a `push`, as glibc's `free` does: after the branch, on
+/// the push, bytes from the start. The kernel emulates a `push` at a uprobe but single-steps
+/// a `test` out of line, which cost 13.5 µs per `free` on this project's VM against 1.8 µs
+/// for `malloc`, whose first instruction is a push. Only a null pointer takes the branch, and
+/// `free(NULL)` frees nothing; the stack pointer and the arguments are still the entry's.
+fn past_null_test(code: &[u8]) -> Option<u64> {
+    if !cfg!(target_arch = "x86_64") {
+        return None;
+    }
+    let rest = code.strip_prefix(&[0x48, 0x85, 0xff])?;
+    let branch = match rest {
+        [0x74, ..] => 2,
+        [0x0f, 0x84, ..] => 6,
+        _ => return None,
+    };
+    let push = matches!(
+        rest.get(branch..)?,
+        [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..]
+    );
+    push.then_some(3 + branch as u64)
 }
 
 /// The file offset of virtual address `address` (the loadable segment that holds it).
@@ -173,6 +204,25 @@ mod tests {
             })
             .expect("malloc is in a mapping of libc");
         assert_eq!(found.at(offset), Some(HeapFn::Malloc));
+    }
+
+    #[test]
+    fn a_probe_skips_a_leading_null_test_only_before_a_push() {
+        // glibc 2.36's free: test %rdi,%rdi; je rel32; push %rbp.
+        let free = [
+            0x48, 0x85, 0xff, 0x0f, 0x84, 0xbf, 0, 0, 0, 0x55, 0x48, 0x8d,
+        ];
+        let short = [0x48, 0x85, 0xff, 0x74, 0x10, 0x41, 0x54, 0x55];
+        let expected = |n: u64| cfg!(target_arch = "x86_64").then_some(n);
+        assert_eq!(past_null_test(&free), expected(9));
+        assert_eq!(past_null_test(&short), expected(5));
+        // Another register tested, or no push after the branch: the entry stays.
+        assert_eq!(past_null_test(&[0x48, 0x85, 0xc0, 0x74, 0x10, 0x55]), None);
+        assert_eq!(
+            past_null_test(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x48, 0x89]),
+            None
+        );
+        assert_eq!(past_null_test(&[0x48, 0x85, 0xff]), None);
     }
 
     #[test]

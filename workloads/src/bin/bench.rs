@@ -43,15 +43,15 @@ tracepoint:exceptions:page_fault_user /pid == cpid/ \
 { printf(\"%d %lx %lx %lu\\n\", tid, args->address, args->ip, args->error_code); }";
 
 /// What `--heap` captures of the workload's allocator, printed by bpftrace for the `-c` child:
-/// each `malloc` with its size and result, each `free` with its pointer (entry and return
-/// probes, as vmatrace's).
+/// each `malloc` with its size and result (entry and return probes), each `free` with its
+/// pointer (entry probe), the probes vmatrace attaches. bpftrace puts the `free` probe on the
+/// function's first instruction, which the kernel single-steps (vmatrace's skips glibc's
+/// null test to an emulated push: `heap::elf`).
 const BPFTRACE_HEAP_SCRIPT: &str = "uprobe:/lib/x86_64-linux-gnu/libc.so.6:malloc /pid == cpid/ \
 { @size[tid] = arg0; } \
 uretprobe:/lib/x86_64-linux-gnu/libc.so.6:malloc /pid == cpid/ \
 { printf(\"%d malloc %lu %lx\\n\", tid, @size[tid], retval); delete(@size[tid]); } \
-uprobe:/lib/x86_64-linux-gnu/libc.so.6:free /pid == cpid/ { @ptr[tid] = arg0; } \
-uretprobe:/lib/x86_64-linux-gnu/libc.so.6:free /pid == cpid/ \
-{ printf(\"%d free %lx\\n\", tid, @ptr[tid]); delete(@ptr[tid]); }";
+uprobe:/lib/x86_64-linux-gnu/libc.so.6:free /pid == cpid/ { printf(\"%d free %lx\\n\", tid, arg0); }";
 
 fn strings(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| (*w).to_string()).collect()
