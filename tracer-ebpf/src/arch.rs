@@ -42,6 +42,14 @@ pub const UPROBE_IP_SP_OFFSETS: (usize, usize) = (PT_REGS_IP_OFFSET, 31 * 8);
 pub const SP_AFTER_RETURN: u64 = 8;
 #[cfg(bpf_target_arch = "aarch64")]
 pub const SP_AFTER_RETURN: u64 = 0;
+/// Offsets in `struct pt_regs` of the user registers a stack is unwound from, in the order
+/// of `StackHead::regs`: x86_64 ip, sp, bp (and no fourth).
+#[cfg(bpf_target_arch = "x86_64")]
+pub const STACK_REG_OFFSETS: [Option<usize>; 4] = [Some(16 * 8), Some(19 * 8), Some(4 * 8), None];
+/// aarch64: pc, sp, fp (x29), lr (x30).
+#[cfg(bpf_target_arch = "aarch64")]
+pub const STACK_REG_OFFSETS: [Option<usize>; 4] =
+    [Some(32 * 8), Some(31 * 8), Some(29 * 8), Some(30 * 8)];
 
 /// The end of the user half of the address space (48-bit virtual addresses, as both
 /// architectures' default configurations use).

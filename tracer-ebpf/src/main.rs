@@ -12,6 +12,7 @@ mod faults;
 mod heap;
 mod lifecycle;
 mod maps;
+mod stacks;
 mod syscalls;
 
 use aya_ebpf::{

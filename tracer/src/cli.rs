@@ -2,6 +2,7 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
+use crate::output::profile::FoldedValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::output::FaultFilter;
@@ -64,12 +65,26 @@ pub struct ReportArgs {
     /// Write the findings as NDJSON `finding` records.
     #[arg(long)]
     pub json: bool,
-    /// Also write the address space over time as one self-contained HTML page.
+    /// Also write the address space over time as one self-contained HTML page (recorded
+    /// with --stacks: with the top call sites and a flame graph of touched bytes).
     #[arg(long, value_name = "OUT")]
     pub html: Option<PathBuf>,
     /// Also write the timeline in the Chrome trace event format (opens in ui.perfetto.dev).
     #[arg(long, value_name = "OUT")]
     pub perfetto: Option<PathBuf>,
+    /// Also write memory by call stack as a gzipped pprof profile (`go tool pprof OUT`):
+    /// calls, reserved, touched, still mapped and released bytes (recorded with --stacks).
+    #[arg(long, value_name = "OUT")]
+    pub pprof: Option<PathBuf>,
+    /// Also write folded stacks, one line per unique stack (flame graph tools read them).
+    #[arg(long, value_name = "OUT")]
+    pub folded: Option<PathBuf>,
+    /// The value of each folded stack.
+    #[arg(long, value_enum, default_value_t = FoldedValue::Reserved)]
+    pub folded_value: FoldedValue,
+    /// Show the whole stack under each call site.
+    #[arg(long)]
+    pub stacks: bool,
     /// Overwrite OUT files that exist.
     #[arg(long)]
     pub force: bool,
@@ -142,11 +157,11 @@ pub struct TraceArgs {
     /// How the end of a process is told (kept for testing the rule of older kernels).
     #[arg(long, value_enum, default_value_t = ExitRuleArg::Auto, hide = true)]
     pub exit_rule: ExitRuleArg,
-    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...; 8M by default, 64M with --heap).
-    /// Faults arrive in records of up to 2.6 KB (64 faults): rings under 256K lose some under
-    /// heavy load (counted).
-    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
-    pub ring_size: Option<u32>,
+    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...; 64M with --stacks or --heap
+    /// unless given). Faults arrive in records of up to 2.6 KB (64 faults): rings under 256K
+    /// lose some under heavy load (counted).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]
+    pub ring_size: u32,
     /// Run the command as this user (default under sudo: the invoking user).
     #[arg(short, long, value_name = "USER")]
     pub user: Option<String>,
@@ -160,6 +175,17 @@ pub struct TraceArgs {
     /// uprobes): live bytes per heap region, and a fragmentation diagnosis from them.
     #[arg(long)]
     pub heap: bool,
+    /// Record the user call stack of every memory syscall (unwound and symbolized while
+    /// tracing; Linux 5.15 or later).
+    #[arg(long)]
+    pub stacks: bool,
+    /// Record the user call stack of one first-touch fault in N (per CPU; 1: every one).
+    #[arg(long, value_name = "N", value_parser = parse_fault_stacks)]
+    pub fault_stacks: Option<u32>,
+    /// Bytes of the top of the user stack copied with each stack, for unwinding (at most
+    /// 16K; deeper frames come from frame pointers where the code has them).
+    #[arg(long, value_name = "BYTES", value_parser = parse_stack_bytes, default_value = "8K")]
+    pub stack_bytes: u32,
     /// The command to launch and trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -258,9 +284,50 @@ pub fn parse_size(s: &str) -> Result<u32, String> {
     Ok(bytes as u32)
 }
 
+/// Parses `--fault-stacks N`: 1 to 1,000,000.
+pub fn parse_fault_stacks(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n @ 1..=1_000_000) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a whole number from 1 (every fault) to 1000000"
+        )),
+    }
+}
+
+/// Parses `--stack-bytes`: 512 bytes to 16 KiB, a multiple of 8 (`4096`, `8K`, `16K`).
+pub fn parse_stack_bytes(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1024u64),
+        _ => (t, 1),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|b| (512..=tracer_common::STACK_COPY_MAX as u64).contains(b) && b % 8 == 0)
+        .ok_or(format!(
+            "'{s}': the stack copy must be 512 bytes to 16K, a multiple of 8"
+        ))?;
+    Ok(bytes as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_stack_options() {
+        assert_eq!(parse_stack_bytes("8K"), Ok(8192));
+        assert_eq!(parse_stack_bytes("4096"), Ok(4096));
+        for bad in ["32K", "100", "0", "x", "513", "18446744073709551615K"] {
+            assert!(parse_stack_bytes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_fault_stacks("64"), Ok(64));
+        for bad in ["0", "-1", "x", "1000001"] {
+            assert!(parse_fault_stacks(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_values() {

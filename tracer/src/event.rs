@@ -46,6 +46,8 @@ pub struct Resolved {
     /// Pages the call made resident without a fault (populate, lock), read from
     /// `/proc/PID/pagemap` right after it.
     pub resident: Option<Vec<ResidentRun>>,
+    /// The caller's user stack (`--stacks`): the id of its `stack` record.
+    pub stack_id: Option<u64>,
 }
 
 /// A memory syscall with its arguments and return value.
@@ -82,6 +84,8 @@ pub struct FaultRecord {
     /// Without an error code (perf-event backend): whether the access wrote, judged from the
     /// page the kernel mapped for it (`crate::fault_access`); None when unknown.
     pub write_from_page: Option<bool>,
+    /// The faulting thread's user stack (`--fault-stacks`): the id of its `stack` record.
+    pub stack_id: Option<u64>,
 }
 
 impl FaultRecord {
@@ -309,6 +313,22 @@ fn decode_heap_batch(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Waterm
     }))
 }
 
+/// How many events one ring-buffer record holds (the faults or allocator events of a batch, none
+/// for a stack, else one), from its header alone: for records counted without being handled.
+pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    Ok(if header.kind == EventKind::FaultBatch as u32 {
+        u64::from(header.detail.min(FAULT_BATCH_LEN as u32))
+    } else if header.kind == EventKind::HeapBatch as u32 {
+        u64::from(header.detail.min(HEAP_BATCH_LEN as u32))
+    } else if header.kind == EventKind::Stack as u32 {
+        // A stack belongs to the event after it.
+        0
+    } else {
+        1
+    })
+}
+
 /// Decodes one ring-buffer record that is a single event (not a [`EventKind::FaultBatch`]).
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes)?;
@@ -340,6 +360,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ip: e.ip,
                 error_code: (header.detail != FAULT_ERROR_UNKNOWN).then_some(header.detail),
                 write_from_page: None,
+                stack_id: None,
             })
         }
         EventKind::Fork => {
@@ -365,7 +386,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let _: ExitEvent = read(bytes)?;
             Event::Exit { ts_ns, pid, tid }
         }
-        EventKind::FaultBatch => return Err(DecodeError::BatchKind(header.kind)),
+        EventKind::FaultBatch | EventKind::Stack => {
+            return Err(DecodeError::BatchKind(header.kind));
+        }
         EventKind::HeapBatch => return Err(DecodeError::HeapBatchKind(header.kind)),
         EventKind::Heap => {
             let e: HeapEvent = read(bytes)?;

@@ -25,4 +25,5 @@ pub mod residency;
 pub mod run;
 pub mod session;
 pub mod signals;
+pub mod stacks;
 pub mod sudo;

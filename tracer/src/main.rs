@@ -12,18 +12,15 @@ use tracer::{
     cli::{BackendArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
     output::{
         FaultFilter, file, html,
-        human::HumanSink,
+        human::{self, HumanSink},
         ndjson::NdjsonSink,
-        perfetto,
+        perfetto, profile,
         timeline_view::{Sampler, bands},
     },
-    probe::{ExitRule, FaultBackend, SyscallBackend},
+    probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
     replay,
     run::{self, RunConfig},
 };
-
-/// The ring buffer's size with `--heap` when `--ring-size` is not given.
-const HEAP_RING_BYTES: u32 = 64 << 20;
 
 fn config(t: TraceArgs, record: bool) -> RunConfig {
     RunConfig {
@@ -54,18 +51,16 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
             ExitRuleArg::GroupDead => ExitRule::GroupDead,
             ExitRuleArg::LiveThreads => ExitRule::LiveThreads,
         },
-        // An allocator call is two 72-byte records and a busy program makes millions a
-        // second, where faults come in thousands: --heap needs a deeper ring to ride out the
-        // reader's pauses.
-        ring_bytes: t.ring_size.unwrap_or(if t.heap {
-            HEAP_RING_BYTES
-        } else {
-            tracer_common::DEFAULT_RING_BYTES
-        }),
+        ring_bytes: t.ring_size,
         user: t.user,
         reconcile: t.reconcile,
         report: t.report,
         heap: t.heap,
+        stacks: StackOptions {
+            syscalls: t.stacks,
+            fault_every: t.fault_stacks.unwrap_or(0),
+            stack_bytes: t.stack_bytes,
+        },
     }
 }
 
@@ -108,12 +103,22 @@ fn real_main() -> anyhow::Result<u8> {
                 .as_ref()
                 .map(|p| file::create(p, r.force))
                 .transpose()?;
+            let pprof_out = r
+                .pprof
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
+            let folded_out = r
+                .folded
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
             let mut sampler = Sampler::new(10_000_000);
             let replayed = replay::replay(&r.file, &mut sampler, true)?;
             let findings: Vec<_> = replayed
                 .session
                 .processes()
-                .flat_map(|p| analysis::analyze(p, &replayed.limits))
+                .flat_map(|p| analysis::analyze(p, &replayed.limits, &replayed.session.stacks))
                 .collect();
             let stdout = std::io::BufWriter::new(std::io::stdout());
             let mut sink: Box<dyn tracer::output::Sink> = if r.json {
@@ -124,6 +129,24 @@ fn real_main() -> anyhow::Result<u8> {
             };
             sink.findings(&findings)?;
             sink.flush()?;
+            drop(sink);
+            if !r.json {
+                let mut stdout = std::io::BufWriter::new(std::io::stdout());
+                human::write_call_sites(&mut stdout, &replayed.session, r.stacks)?;
+                stdout.flush()?;
+            }
+            if let Some(out) = pprof_out {
+                let mut out = std::io::BufWriter::new(out);
+                profile::write_pprof(&mut out, &replayed.session, 0)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| anyhow::anyhow!("writing the pprof profile: {e}"))?;
+            }
+            if let Some(out) = folded_out {
+                let mut out = std::io::BufWriter::new(out);
+                profile::write_folded(&mut out, &replayed.session, r.folded_value)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| anyhow::anyhow!("writing the folded stacks: {e}"))?;
+            }
             if html_out.is_some() || perfetto_out.is_some() {
                 let names: BTreeMap<u32, String> = replayed
                     .session
@@ -132,7 +155,24 @@ fn real_main() -> anyhow::Result<u8> {
                     .collect();
                 let bands: Vec<_> = replayed.session.processes().flat_map(bands).collect();
                 if let Some(out) = html_out.as_mut() {
-                    let page = html::page(&names, &bands, &sampler.samples, &findings);
+                    let code = html::Code {
+                        sites: replayed
+                            .session
+                            .processes()
+                            .map(|p| {
+                                let rows = tracer::stacks::sites::table(
+                                    &p.sites,
+                                    &replayed.session.stacks,
+                                    usize::MAX,
+                                );
+                                (p.pid, rows)
+                            })
+                            .collect(),
+                        // Charged to the stacks that mapped the memory, not also to those
+                        // that touched it (--fault-stacks), which would count it twice.
+                        touched: profile::by_names(&replayed.session, |t| t.stats.touched_bytes),
+                    };
+                    let page = html::page(&names, &bands, &sampler.samples, &findings, &code);
                     out.write_all(page.as_bytes())
                         .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
                 }

@@ -33,10 +33,14 @@ use crate::{
         report::summarize,
     },
     pagemap,
-    probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
+    probe::{
+        ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, StackOptions,
+        SyscallBackend,
+    },
     procfs::{self, ProcError},
     residency,
     session::{Applied, Seed, Session},
+    stacks::{Collector, RawStack},
 };
 
 /// Everything a live run needs.
@@ -60,6 +64,8 @@ pub struct RunConfig {
     pub report: bool,
     /// Trace the allocator functions too (`--heap`).
     pub heap: bool,
+    /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
+    pub stacks: StackOptions,
 }
 
 /// Errors of a live run, each one line for the user.
@@ -192,7 +198,7 @@ fn shm_of(s: &SyscallRecord) -> Option<(u64, u64)> {
     procfs::attached_segment(s.pid, s.ret as u64).or_else(|| procfs::shm_segment(s.args[0]))
 }
 
-fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary {
+fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64, unread: u64) -> LossSummary {
     LossSummary {
         lost_syscall: now.lost_syscall - last.lost_syscall,
         lost_fault: now.lost_fault - last.lost_fault,
@@ -203,6 +209,8 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary
         read_error: now.read_error - last.read_error,
         undecodable,
         lost_heap: now.lost_heap - last.lost_heap,
+        unread,
+        lost_stack: now.lost_stack - last.lost_stack,
     }
 }
 
@@ -216,6 +224,9 @@ struct Live {
     last_stats: KernelStats,
     undecodable: u64,
     undecodable_total: u64,
+    /// Events left unhandled in the ring at a stop (not yet in a `lost` record, and in all).
+    unread: u64,
+    unread_total: u64,
     events: u64,
     /// Paths of the fds traced processes opened, by (pid, fd).
     opened: HashMap<(u32, i32), String>,
@@ -238,6 +249,10 @@ struct Live {
     last_resync_ns: u64,
     /// The allocator side (`--heap`).
     heap: Option<HeapTracer>,
+    /// Watermarks owed to CPUs whose flushed batch was refused.
+    refused: Vec<Refused>,
+    /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
+    stacks: Option<Collector>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -246,31 +261,81 @@ const RESYNC_EVERY_NS: u64 = 1_000_000_000;
 /// A stop at exec this old without its exec event handled: the event was lost.
 const LOST_EXEC_AFTER_NS: u64 = 1_000_000_000;
 
-/// Events taken from the ring before they are handled.
-const DRAIN_BATCH: usize = 4096;
+/// Events taken from the ring before they are handled (small enough that a batch takes a few
+/// milliseconds, so that a deadline is kept to within that).
+const DRAIN_BATCH: usize = 1024;
+
+/// How long one read of the ring may go on before the loop sees to its other work (signals,
+/// the timer, `--duration`): a reader that is behind still stops on time.
+const DRAIN_SLICE: Duration = Duration::from_millis(20);
+
+/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may go without
+/// progress before vmatrace gives up on the rest: a reader of its output that does not read
+/// must not keep it (and the kernel programs) alive.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// After a stop is asked, how long the last read of the ring may take; what is left then is
+/// counted as unread.
+const FINAL_DRAIN: Duration = Duration::from_millis(300);
+
+/// A CPU whose batch a full ring refused at a flush: its watermark `asked` is given once a
+/// batch stamped after `flushed` is read (every record reserved before then has been read).
+#[derive(Clone, Copy, Debug)]
+struct Refused {
+    lane: Lane,
+    cpu: u32,
+    asked: u64,
+    flushed: u64,
+}
+/// The default ring with stacks or `--heap` (`--ring-size` not given): a stack record is up to
+/// 17 KiB, an allocator call two 72-byte records at millions of calls a second.
+const STACKS_RING_BYTES: u32 = 64 << 20;
 
 impl Live {
-    /// Reads every record waiting in the ring and handles, in time order, the events that
-    /// nothing still to come can precede (see [`crate::order`]). Records are decoded and
+    /// Reads the records waiting in the ring, until it is empty or `until` has passed, and
+    /// handles, in time order, the events that nothing still to come can precede (see
+    /// [`crate::order`]). Returns whether the ring was emptied. Records are decoded and
     /// released in batches first and handled after: the ring's consumer position (a cache
     /// line the producing CPU reads for every record it reserves) then moves in a short burst
     /// instead of once per handled event, which keeps that line from bouncing between the
     /// cores all the time.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
+    fn drain(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        until: Option<Instant>,
+    ) -> Result<bool, RunError> {
         loop {
             // Up to DRAIN_BATCH events (a fault batch holds up to 64), so that the reorder
             // sorts little at a time.
-            let first = self.order.held();
+            let first = self.order.incoming().len();
             let mut empty = false;
-            while self.order.held() - first < DRAIN_BATCH {
+            while self.order.incoming().len() - first < DRAIN_BATCH {
                 let Some(item) = ring.next() else {
                     empty = true;
                     break;
                 };
+                if let Some(stacks) = self.stacks.as_mut() {
+                    match RawStack::decode(&item) {
+                        Ok(Some(raw)) => {
+                            stacks.receive(raw);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.undecodable += 1;
+                            self.undecodable_total += 1;
+                            log::warn!("undecodable stack record: {e}");
+                            continue;
+                        }
+                    }
+                }
                 let decoded = event::decode_into(&item, self.order.incoming());
                 drop(item);
                 match decoded {
-                    Ok(Some(watermark)) => self.order.watermark(watermark),
+                    Ok(Some(watermark)) => {
+                        self.order.watermark(watermark);
+                        self.settle_refused(watermark.ts_ns);
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         self.undecodable += 1;
@@ -278,6 +343,12 @@ impl Live {
                         log::warn!("undecodable ring-buffer record: {e}");
                     }
                 }
+            }
+            if empty {
+                self.settle_refused(u64::MAX);
+            }
+            if let Some(stacks) = self.stacks.as_mut() {
+                stacks.attach(&mut self.order.incoming()[first..]);
             }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
@@ -293,10 +364,32 @@ impl Live {
                 }
             }
             self.handle_released(false)?;
+            crate::signals::progress();
             if empty {
-                return Ok(());
+                return Ok(true);
+            }
+            if until.is_some_and(|u| Instant::now() >= u) {
+                return Ok(false);
             }
         }
+    }
+
+    /// Gives the watermarks owed to CPUs whose batch was refused at a flush that ended before
+    /// `read_past` (the stamp of a batch just read, stamped before it was reserved; `MAX` once
+    /// the ring is empty): every record those CPUs reserved before the flush is read.
+    fn settle_refused(&mut self, read_past: u64) {
+        let order = &mut self.order;
+        self.refused.retain(|r| {
+            let due = r.flushed < read_past;
+            if due {
+                order.watermark(Watermark {
+                    lane: r.lane,
+                    cpu: r.cpu,
+                    ts_ns: r.asked,
+                });
+            }
+            !due
+        });
     }
 
     /// Handles the events the reorder can release now (`everything`: all it holds).
@@ -315,39 +408,46 @@ impl Live {
     }
 
     /// Reads the ring, has every CPU write the faults it holds (into the room just made), then
-    /// reads the ring again: every event up to now is handled.
-    fn collect(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        self.drain(ring)?;
+    /// reads the ring again: every event up to now is handled, unless `until` passed first
+    /// (the reader is behind; the rest waits in the ring).
+    fn collect(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        until: Option<Instant>,
+    ) -> Result<bool, RunError> {
+        self.drain(ring, until)?;
         let asked = monotonic_ns();
         let outcome = self.probe.flush_faults();
         let heap = self.heap.is_some().then(|| self.probe.flush_heap());
-        self.drain(ring)?;
+        let flushed = monotonic_ns();
+        // A refused batch was counted lost and emptied: none of that CPU's faults (or
+        // allocator events) up to `asked` can still come once what it wrote before the flush
+        // is read. A CPU whose allocator batch was busy gives its watermark next time.
+        self.refused
+            .extend(outcome.refused.into_iter().map(|cpu| Refused {
+                lane: Lane::Faults,
+                cpu,
+                asked,
+                flushed,
+            }));
         if let Some(heap) = heap {
-            // As for faults; a CPU whose batch was busy gives its watermark next time.
-            for cpu in heap.faults_like.refused {
-                self.order.watermark(Watermark {
+            self.refused
+                .extend(heap.faults_like.refused.into_iter().map(|cpu| Refused {
                     lane: Lane::Heap,
                     cpu,
-                    ts_ns: asked,
-                });
-            }
+                    asked,
+                    flushed,
+                }));
             for cpu in heap.faults_like.gone {
                 self.order.forget(Lane::Heap, cpu);
             }
         }
-        // A refused batch was counted lost and emptied, and everything the CPU wrote before
-        // is now read: none of its faults up to `asked` can still come.
-        for cpu in outcome.refused {
-            self.order.watermark(Watermark {
-                lane: Lane::Faults,
-                cpu,
-                ts_ns: asked,
-            });
-        }
         for cpu in outcome.gone {
             self.order.forget(Lane::Faults, cpu);
         }
-        self.handle_released(false)
+        let emptied = self.drain(ring, until)?;
+        self.handle_released(false)?;
+        Ok(emptied)
     }
 
     /// No traced process is alive, and no event that could add one waits to be handled.
@@ -357,8 +457,19 @@ impl Live {
 
     /// At the end, once nothing is traced: collects what the CPUs still hold and handles
     /// every event left (after a collection, every CPU has reported up to the time it began).
-    fn drain_last(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        self.collect(ring)?;
+    /// With `until` (a stop was asked), what is still in the ring then is counted as unread
+    /// instead: a reader far behind must not keep a stopped run going.
+    fn drain_last(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        until: Option<Instant>,
+    ) -> Result<(), RunError> {
+        if !self.collect(ring, until)? {
+            while let Some(item) = ring.next() {
+                self.unread += event::events_in(&item).unwrap_or(1);
+            }
+            self.unread_total += self.unread;
+        }
         self.handle_released(true)
     }
 
@@ -435,6 +546,22 @@ impl Live {
             let space = self.session.get(s.pid).map(|p| &p.space);
             residency::resolve(s, space);
         }
+        if let Some(c) = self.stacks.as_mut() {
+            // Unwound in the mappings the model has just before the event.
+            let space = self.session.get(ev.pid()).map(|p| &p.space);
+            c.resolve(&mut ev, space);
+        }
+        let stack_id = match &ev {
+            Event::Syscall(s) => s.resolved.stack_id,
+            Event::Fault(f) => f.stack_id,
+            _ => None,
+        };
+        if let Some(id) = stack_id
+            && let Some(def) = self.stacks.as_mut().and_then(|c| c.first_use(id))
+        {
+            self.sink.stack(&def).map_err(RunError::Write)?;
+            self.session.stacks.insert(def);
+        }
         let applied = self.session.apply(&ev);
         let mut follow_up = Vec::new();
         if let (Some(heap), Event::Syscall(s), Applied::Syscall { effect, .. }) =
@@ -443,6 +570,11 @@ impl Live {
             && s.args[2] & libc::PROT_EXEC as u64 != 0
         {
             follow_up.extend(heap.mapped(&mut self.probe, s, effect));
+        }
+        if let (Some(c), Event::Exec { pid, .. } | Event::Exit { pid, .. }) =
+            (self.stacks.as_mut(), &ev)
+        {
+            c.forget(*pid);
         }
         self.sink
             .event(&ev, &applied, &self.session)
@@ -504,6 +636,7 @@ impl Live {
             &now,
             &self.last_stats,
             std::mem::take(&mut self.undecodable),
+            std::mem::take(&mut self.unread),
         );
         if d != LossSummary::default() {
             self.sink
@@ -638,14 +771,35 @@ impl Live {
     }
 }
 
+/// The output, telling the stop watchdog of each write it accepts: a slow end goes on, a
+/// blocked one does not.
+struct Progressing<W>(W);
+
+impl<W: Write> Write for Progressing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(buf)?;
+        crate::signals::progress();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
         Some(path) => (
-            Box::new(file::LineFile::new(file::create(path, cfg.force)?)),
+            Box::new(Progressing(file::LineFile::new(file::create(
+                path, cfg.force,
+            )?))),
             false,
         ),
         None => (
-            Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout())),
+            Box::new(Progressing(io::BufWriter::with_capacity(
+                1 << 16,
+                io::stdout(),
+            ))),
             io::stdout().is_terminal(),
         ),
     };
@@ -681,7 +835,14 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let start_ns = monotonic_ns();
     let mut sink = make_sink(&cfg, start_ns)?;
     let mut probe = Probe::load(ProbeOptions {
-        ring_bytes: cfg.ring_bytes,
+        // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
+        ring_bytes: if (cfg.stacks.any() || cfg.heap)
+            && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES
+        {
+            STACKS_RING_BYTES
+        } else {
+            cfg.ring_bytes
+        },
         faults: if cfg.faults == FaultFilter::None {
             FaultBackend::Off
         } else {
@@ -689,6 +850,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         },
         syscalls: cfg.syscall_backend,
         exit_rule: cfg.exit_rule,
+        stacks: cfg.stacks,
         ..ProbeOptions::default()
     })?;
     let mut heap = if cfg.heap {
@@ -783,6 +945,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         undecodable: 0,
         batch: Vec::with_capacity(DRAIN_BATCH),
         undecodable_total: 0,
+        unread: 0,
+        unread_total: 0,
         events: 0,
         opened: HashMap::new(),
         drift_seen: HashMap::new(),
@@ -791,6 +955,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         losing: false,
         last_resync_ns: 0,
         heap,
+        refused: Vec::new(),
+        stacks: cfg.stacks.any().then(Collector::new),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -799,16 +965,16 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let looped = runtime.block_on(event_loop(live, ring, guardian, &cfg));
     // Do not wait for the thread blocked in waitpid when we stop before the child does.
     runtime.shutdown_background();
-    let (mut live, mut ring, status) = looped?;
+    let (mut live, mut ring, status, stop_asked) = looped?;
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
     live.continue_all_exec_stops();
-    live.drain_last(&mut ring)?;
+    live.drain_last(&mut ring, stop_asked.then(|| Instant::now() + FINAL_DRAIN))?;
     live.report_losses()?;
     live.probe.flush_logs();
     live.snapshots(SnapshotReason::Final)?;
     // The same counters the last `lost` record reported, so that they add up.
-    let lost = LossSummary::new(&live.last_stats, live.undecodable_total);
+    let lost = LossSummary::new(&live.last_stats, live.undecodable_total, live.unread_total);
     let summary = summarize(&live.session, lost);
     live.sink
         .summary(monotonic_ns(), &summary)
@@ -817,17 +983,28 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         let findings: Vec<_> = live
             .session
             .processes()
-            .flat_map(|p| analysis::analyze(p, &limits))
+            .flat_map(|p| analysis::analyze(p, &limits, &live.session.stacks))
             .collect();
         live.sink.findings(&findings).map_err(RunError::Write)?;
     }
     live.sink.flush().map_err(RunError::Write)?;
+    crate::signals::finished();
     log::debug!("{} events", live.events);
     if let Some(h) = &live.heap {
         let st = h.pairing_stats();
         if st != Default::default() {
             log::info!("--heap: allocator records not paired: {st:?}");
         }
+    }
+    if let Some(c) = &live.stacks {
+        log::info!(
+            "stacks: {} received ({} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",
+            c.received,
+            c.memo_hits,
+            c.unique(),
+            c.orphaned,
+            live.last_stats.lost_stack
+        );
     }
     Ok(status)
 }
@@ -837,7 +1014,7 @@ async fn event_loop(
     ring: RingBuf<MapData>,
     guardian: Option<launch::Guardian>,
     cfg: &RunConfig,
-) -> Result<(Live, RingBuf<MapData>, i32), RunError> {
+) -> Result<(Live, RingBuf<MapData>, i32, bool), RunError> {
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and the AsyncFd owns the
     // RingBuf until `into_inner` below.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -848,6 +1025,7 @@ async fn event_loop(
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(RunError::Runtime)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
+    crate::signals::watch_stop(cfg.duration, STOP_GRACE).map_err(RunError::Runtime)?;
     // Handlers in place: signals sent since vmatrace started are handled now.
     crate::signals::release();
     let child = guardian.is_some();
@@ -856,15 +1034,30 @@ async fn event_loop(
     let mut last_reconcile = Instant::now();
     let mut status = 0;
     let mut child_done = !child;
+    // A stop was asked (a signal, or the end of `--duration`), rather than the run ending.
+    let mut stop_asked = false;
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Runtime)?;
-                live.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
+                // Left ready while records remain: the next turn reads on, after any tick
+                // that is due. A ring that is never empty keeps tokio from polling its signal
+                // streams and timers for seconds, so the stop is looked for here too.
+                if live.drain(guard.get_inner_mut(), Some(Instant::now() + DRAIN_SLICE))? {
+                    guard.clear_ready();
+                } else {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                }
+                if crate::signals::stop_asked()
+                    || cfg.duration.is_some_and(|d| started.elapsed() >= d)
+                {
+                    stop_asked = true;
+                    break;
+                }
             }
             _ = tick.tick() => {
-                live.collect(fd.get_mut())?;
+                live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
                 live.recover_lost_exec_stops()?;
@@ -872,6 +1065,7 @@ async fn event_loop(
                 live.reap_lost_exits();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
+                    stop_asked = true;
                     break;
                 }
                 if child_done && live.all_exited() {
@@ -884,11 +1078,20 @@ async fn event_loop(
                     live.reconcile()?;
                 }
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = sighup.recv() => break,
+            _ = sigint.recv() => {
+                stop_asked = true;
+                break;
+            }
+            _ = sigterm.recv() => {
+                stop_asked = true;
+                break;
+            }
+            _ = sighup.recv() => {
+                stop_asked = true;
+                break;
+            }
             _ = sigusr1.recv() => {
-                live.collect(fd.get_mut())?;
+                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
                 live.snapshots(SnapshotReason::Signal)?;
             }
             code = async {
@@ -900,12 +1103,12 @@ async fn event_loop(
                 status = code.unwrap_or(1);
                 waiter = None;
                 child_done = true;
-                live.collect(fd.get_mut())?;
+                live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
                 if !cfg.follow || live.all_exited() {
                     break;
                 }
             }
         }
     }
-    Ok((live, fd.into_inner(), status))
+    Ok((live, fd.into_inner(), status, stop_asked))
 }

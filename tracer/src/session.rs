@@ -125,6 +125,8 @@ pub struct Process {
     pub patterns: Patterns,
     /// Live blocks as the allocator sees them (`--heap`).
     pub heap: LiveHeap,
+    /// Memory by the user stack that asked for it (`--stacks`).
+    pub sites: crate::stacks::sites::CallSites,
 }
 
 impl Process {
@@ -138,6 +140,7 @@ impl Process {
             exited_ns: None,
             patterns: Patterns::default(),
             heap: LiveHeap::default(),
+            sites: Default::default(),
         }
     }
 }
@@ -172,6 +175,8 @@ pub enum Applied {
 #[derive(Clone, Debug, Default)]
 pub struct Session {
     procs: BTreeMap<u32, Process>,
+    /// The user stacks the events name, by id.
+    pub stacks: crate::stacks::StackTable,
 }
 
 impl Session {
@@ -233,6 +238,18 @@ impl Session {
 
     /// Applies one event.
     pub fn apply(&mut self, event: &Event) -> Applied {
+        let applied = self.apply_to_model(event);
+        let pid = match &applied {
+            Applied::Syscall { pid, .. } => *pid,
+            _ => event.pid(),
+        };
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.sites.observe(event, &applied);
+        }
+        applied
+    }
+
+    fn apply_to_model(&mut self, event: &Event) -> Applied {
         match event {
             Event::Syscall(s) => self.syscall(s),
             Event::Fault(f) => self.fault(f),

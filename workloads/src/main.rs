@@ -707,6 +707,41 @@ fn ipc() {
 }
 
 /// Waits for stdin to close, then maps once (the `-p` attach test).
+/// Issue #18: memory asked for by named functions, for the stack tests: `stacks_map_region`
+/// maps 1 MiB itself and `stacks_touch_region` touches it; `stacks_grow_heap` grows the heap
+/// through malloc (a 100 KB vector, under the mmap threshold).
+fn stacks_scenario() {
+    mark(MARK_BEGIN);
+    let mut heap = Vec::new();
+    for _ in 0..4 {
+        let a = stacks_map_region(1 << 20);
+        stacks_touch_region(a, 1 << 20);
+        heap.push(stacks_grow_heap());
+    }
+    mark(MARK_END);
+    say(&format!(
+        "heap {}",
+        heap.iter().map(Vec::len).sum::<usize>()
+    ));
+}
+
+#[inline(never)]
+fn stacks_map_region(len: usize) -> usize {
+    std::hint::black_box(anon(len))
+}
+
+#[inline(never)]
+fn stacks_touch_region(addr: usize, len: usize) {
+    touch(addr, len);
+}
+
+#[inline(never)]
+fn stacks_grow_heap() -> Vec<u8> {
+    let mut v = Vec::with_capacity(100_000);
+    v.resize(100_000, 1u8);
+    std::hint::black_box(v)
+}
+
 fn wait_then_map() {
     say(&format!("ready {}", std::process::id()));
     let mut buf = String::new();
@@ -1055,6 +1090,7 @@ fn main() {
         Some("leader-exits-first") => leader_exits_first(arg(&args, 2, 300) as u64),
         Some("reexec") => reexec(arg(&args, 2, 0)),
         Some("residency") => residency(),
+        Some("stacks") => stacks_scenario(),
         Some("fork-advice") => fork_advice(),
         Some("lossy") => lossy(),
         Some("hostile-names") => hostile_names(

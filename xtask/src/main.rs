@@ -230,14 +230,18 @@ fn apt_install(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload) and Chromium
-/// (renders the HTML report).
+/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload), Chromium
+/// (renders the HTML report), gcc (the stack tests build C workloads), Go (`go tool pprof`
+/// reads the exported profile) and Python (a script's stacks).
 fn test_dependencies() -> Result<()> {
     apt_install(
         "the tests",
         &[
             ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
             ("chromium", "/usr/bin/chromium"),
+            ("gcc", "/usr/bin/gcc"),
+            ("golang-go", "/usr/bin/go"),
+            ("python3", "/usr/bin/python3"),
         ],
     )
 }

@@ -79,6 +79,7 @@ fn finding(p: &Process, id: &str, severity: Severity, title: String) -> Finding 
         numbers: BTreeMap::new(),
         explanation: String::new(),
         suggestion: None,
+        call_sites: Vec::new(),
     }
 }
 

@@ -18,6 +18,7 @@ use crate::{
     model::{EffectKind, PAGE_SIZE, Touch},
     name::shown,
     session::{Applied, Process, Session},
+    stacks::sites::SiteRow,
 };
 
 /// Writes human-readable lines.
@@ -213,6 +214,11 @@ impl<W: Write> Sink for HumanSink<W> {
             };
             writeln!(self.out, "[{}] {tag} {}", f.pid, f.title)?;
             writeln!(self.out, "    {}", f.explanation)?;
+            if !f.call_sites.is_empty() {
+                let sites: Vec<String> =
+                    f.call_sites.iter().map(|s| shown(s).to_string()).collect();
+                writeln!(self.out, "    call sites: {}", sites.join("; "))?;
+            }
             if let Some(s) = &f.suggestion {
                 writeln!(self.out, "    try: {s}")?;
             }
@@ -487,18 +493,27 @@ impl<W: Write> Sink for HumanSink<W> {
                     shown(r.path.as_deref().unwrap_or("[anon]"))
                 )?;
             }
+            write_sites(&mut self.out, &p.call_sites)?;
         }
         let l = &s.lost;
         writeln!(
             self.out,
-            "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {})",
+            "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {}; unread at the stop {})",
             l.total_lost(),
             l.lost_syscall,
             l.lost_fault,
             l.lost_lifecycle,
             l.pending_full,
-            l.undecodable
+            l.undecodable,
+            l.unread
         )?;
+        if l.lost_stack > 0 {
+            writeln!(
+                self.out,
+                "stacks dropped: {} (the ring was more than half full; their events were kept)",
+                l.lost_stack
+            )?;
+        }
         self.out.flush()
     }
 
@@ -506,4 +521,97 @@ impl<W: Write> Sink for HumanSink<W> {
         self.flush_touches()?;
         self.out.flush()
     }
+}
+
+/// The call-site table of a process (with stacks): what each site reserved, how much of it
+/// was touched, is still mapped and was released, and how many calls it made.
+pub fn write_sites(out: &mut impl Write, rows: &[SiteRow]) -> io::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  top call sites:   reserved    touched  still mapped   released   calls"
+    )?;
+    for r in rows {
+        write_site(out, r)?;
+    }
+    Ok(())
+}
+
+/// One row of the call-site table.
+fn write_site(out: &mut impl Write, r: &SiteRow) -> io::Result<()> {
+    {
+        writeln!(
+            out,
+            "    {:>24} {:>10} {:>13} {:>10} {:>7}  {}{}",
+            size(r.stats.reserved_bytes),
+            size(r.stats.touched_bytes + r.stats.first_touch_bytes),
+            size(r.still_mapped_bytes),
+            size(r.stats.released_bytes),
+            r.stats.calls,
+            shown(&r.site),
+            if r.through_malloc {
+                " (through malloc)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// `vmatrace report`: each process's call sites (recorded with `--stacks`), and with
+/// `full`, the whole stack of each under it.
+pub fn write_call_sites(out: &mut impl Write, session: &Session, full: bool) -> io::Result<()> {
+    for p in session.processes() {
+        let rows = crate::stacks::sites::table(&p.sites, &session.stacks, usize::MAX);
+        if rows.is_empty() {
+            continue;
+        }
+        writeln!(
+            out,
+            "\n=== call sites of {} ({}) ===",
+            p.pid,
+            shown(p.exe.as_deref().unwrap_or("?"))
+        )?;
+        let shown_rows = if full {
+            &rows[..]
+        } else {
+            &rows[..rows.len().min(20)]
+        };
+        writeln!(
+            out,
+            "  call sites:       reserved    touched  still mapped   released   calls"
+        )?;
+        for r in shown_rows {
+            write_site(out, r)?;
+            if !full {
+                continue;
+            }
+            for id in &r.stack_ids {
+                let Some(def) = session.stacks.get(*id) else {
+                    continue;
+                };
+                writeln!(out, "      stack {id}:")?;
+                for f in &def.frames {
+                    writeln!(
+                        out,
+                        "        {:#x} {}{}",
+                        f.addr,
+                        shown(&f.label()),
+                        if f.inlined { " (inlined)" } else { "" }
+                    )?;
+                }
+            }
+        }
+        if !full && rows.len() > shown_rows.len() {
+            writeln!(
+                out,
+                "    ... {} more (--stacks shows all, with their stacks)",
+                rows.len() - shown_rows.len()
+            )?;
+        }
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@ use crate::{
     model::{TouchKind, Vma, timeline::Cause},
     probe::KernelStats,
     session::{Process, Session},
+    stacks::sites::{self, SiteRow},
 };
 
 /// One VMA of a snapshot.
@@ -117,7 +118,13 @@ pub struct ProcessSummary {
     /// The allocator's view (`--heap`): live bytes, calls, regions.
     #[serde(default)]
     pub heap: Option<crate::heap::regions::HeapView>,
+    /// With stacks: the call sites that reserved the most, at most ten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<SiteRow>,
 }
+
+/// Call sites listed in the summary.
+pub const SUMMARY_SITES: usize = 10;
 
 /// Loss and error counters of the kernel side.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -131,14 +138,43 @@ pub struct LossSummary {
     pub read_error: u64,
     /// Records that could not be decoded.
     pub undecodable: u64,
+    /// Events still in the ring when a stop was asked (SIGINT, SIGTERM, SIGHUP, the end of
+    /// `--duration`) that the reader, far behind, had no time left to handle: counted, not
+    /// handled (absent in older recordings).
+    #[serde(default)]
+    pub unread: u64,
+    /// Stacks dropped in the kernel (ring more than half full): their events were kept,
+    /// without a stack. Not counted in the lost events.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_stack: u64,
     /// Allocator events (`--heap`) dropped because the ring buffer was full.
     #[serde(default)]
     pub lost_heap: u64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl std::ops::AddAssign<&LossSummary> for LossSummary {
+    fn add_assign(&mut self, l: &LossSummary) {
+        self.lost_syscall += l.lost_syscall;
+        self.lost_fault += l.lost_fault;
+        self.lost_lifecycle += l.lost_lifecycle;
+        self.pending_full += l.pending_full;
+        self.exit_without_enter += l.exit_without_enter;
+        self.targets_full += l.targets_full;
+        self.read_error += l.read_error;
+        self.undecodable += l.undecodable;
+        self.unread += l.unread;
+        self.lost_stack += l.lost_stack;
+        self.lost_heap += l.lost_heap;
+    }
+}
+
 impl LossSummary {
-    /// From the kernel counters and the reader's own count.
-    pub fn new(k: &KernelStats, undecodable: u64) -> Self {
+    /// From the kernel counters and the reader's own counts.
+    pub fn new(k: &KernelStats, undecodable: u64, unread: u64) -> Self {
         Self {
             lost_syscall: k.lost_syscall,
             lost_fault: k.lost_fault,
@@ -148,6 +184,8 @@ impl LossSummary {
             targets_full: k.targets_full,
             read_error: k.read_error,
             undecodable,
+            unread,
+            lost_stack: k.lost_stack,
             lost_heap: k.lost_heap,
         }
     }
@@ -159,6 +197,7 @@ impl LossSummary {
             + self.lost_lifecycle
             + self.pending_full
             + self.undecodable
+            + self.unread
             + self.lost_heap
     }
 }
@@ -228,6 +267,7 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
                     .count(),
                 top_vmas: top,
                 heap: crate::heap::regions::view(p),
+                call_sites: sites::table(&p.sites, &session.stacks, SUMMARY_SITES),
             }
         })
         .collect();
