@@ -119,6 +119,11 @@ fn coverage(p: &Process) -> String {
     )
 }
 
+/// "1 block", "2 blocks".
+fn blocks(n: u64) -> String {
+    format!("{n} block{}", if n == 1 { "" } else { "s" })
+}
+
 /// Every finding from the allocator's view (none without `--heap`).
 pub fn findings(p: &Process) -> Vec<Finding> {
     if !p.heap.enabled {
@@ -173,12 +178,12 @@ fn live(p: &Process, rows: &[RegionRow]) -> Finding {
         .take(3)
         .map(|s| {
             format!(
-                "{} ({} blocks, {})",
+                "{} ({}, {})",
                 s.site
                     .clone()
                     .or(s.caller.map(|c| format!("{c:#x}")))
                     .unwrap_or_else(|| "unknown call site".into()),
-                s.blocks,
+                blocks(s.blocks),
                 size(s.live_bytes)
             )
         })
@@ -256,12 +261,12 @@ fn fragmentation(p: &Process, rows: &[RegionRow]) -> Option<Finding> {
             .take(3)
             .map(|s| {
                 format!(
-                    "{} ({} live blocks, {}, pin {} free)",
+                    "{} ({} live, {}, pin {} free)",
                     s.site
                         .clone()
                         .or(s.caller.map(|c| format!("{c:#x}")))
                         .unwrap_or_else(|| "unknown call site".into()),
-                    s.blocks,
+                    blocks(s.blocks),
                     size(s.live_bytes),
                     size(s.pinned_free_bytes)
                 )
@@ -295,7 +300,7 @@ fn fragmentation(p: &Process, rows: &[RegionRow]) -> Option<Finding> {
         .sum();
     if complete && worth(s.malloc_trim, glibc_touched) {
         tries.push(format!(
-            "call malloc_trim(0) after large frees: it gives back whole free pages inside glibc's heaps and the main heap's free top (expect about {} back)",
+            "calling malloc_trim(0) after large frees: it gives back whole free pages inside glibc's heaps and the main heap's free top (expect about {} back)",
             size(s.malloc_trim)
         ));
     }
