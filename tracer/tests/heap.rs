@@ -819,3 +819,79 @@ fn pymalloc_fragmentation_is_found_in_cpythons_object_arenas() {
         );
     }
 }
+
+#[test]
+fn pymalloc_arenas_of_a_running_process_are_found_by_their_pools_with_p() {
+    if !privileged("pymalloc_arenas_of_a_running_process_are_found_by_their_pools_with_p") {
+        return;
+    }
+    let stats = temp_path("heap-pymalloc-p-stats.txt");
+    let mut child = Command::new("python3")
+        .args(["-c", PYMALLOC_FRAGMENTED])
+        .arg(&stats)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 starts");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        child.stdout.take().expect("stdout"),
+    ));
+    let child = KillOnDrop(child);
+    let pid = child.0.id();
+    for line in lines.by_ref() {
+        if line.expect("a line").starts_with("ready") {
+            break;
+        }
+    }
+    wait_for(10, "python to stop itself", || state(pid) == 'T');
+    // Every arena was mapped before vmatrace came.
+    let out = temp_path("heap-pymalloc-p.ndjson");
+    let o = out.to_string_lossy().into_owned();
+    let p = pid.to_string();
+    let mut v = spawn(&["--json", "-o", &o, "--heap", "-p", &p]);
+    wait_for(30, "the probes to be attached", || {
+        complete_records(&out)
+            .iter()
+            .any(|r| r["type"] == "heap_attach" && r["pid"] == pid)
+    });
+    let snap = signal_snapshot(v.child.id(), &out, pid);
+    let text = std::fs::read_to_string(&stats).expect("the statistics file");
+    let allocated = mallocstat(&text, "# bytes in allocated blocks");
+    let region = snap["heap"]["regions"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["kind"] == "pymalloc_arenas"))
+        .unwrap_or_else(|| panic!("no pymalloc region: {}", snap["heap"]));
+    let live = n(region, "live_bytes");
+    eprintln!(
+        "pymalloc -p: vmatrace {live} live bytes in {} arenas, CPython {allocated} bytes in allocated blocks",
+        region["mappings"]
+    );
+    assert!(within(live, allocated, 1.0), "{region}");
+    assert_eq!(
+        n(region, "mappings"),
+        mallocstat(&text, "# arenas allocated current"),
+        "{region}"
+    );
+    kill(v.child.id(), libc::SIGINT);
+    let status = v.child.wait().expect("vmatrace exits");
+    assert!(status.success(), "{status:?}");
+    drop(child);
+    let r = Command::new(vmatrace())
+        .args(["report", "--json"])
+        .arg(&out)
+        .output()
+        .expect("report runs");
+    let findings: Vec<Value> = String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    let frag = find(&findings, "heap_fragmentation").expect("a fragmentation finding");
+    assert!(
+        frag["explanation"]
+            .as_str()
+            .is_some_and(|e| e.contains("CPython object arenas")),
+        "{frag}"
+    );
+    for k in KNOBS {
+        assert!(!suggestion(frag).contains(k), "{k}: {frag}");
+    }
+}

@@ -11,8 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Bytes of a pool header vmatrace reads.
-pub const HEADER_BYTES: usize = 40;
+/// Bytes of a pool header vmatrace reads (through `maxnextoffset`).
+pub const HEADER_BYTES: usize = 48;
 /// Size classes: blocks up to 512 bytes in steps of 16.
 const SIZE_CLASSES: u32 = 32;
 const ALIGNMENT_SHIFT: u32 = 4;
@@ -84,13 +84,98 @@ pub fn read_process(p: &crate::session::Process, ts_ns: u64) -> Option<Reading> 
         .arena_candidates()
         .filter(|(s, e)| e - s == layout.arena_size)
         .collect();
-    if arenas.is_empty() {
-        return None;
-    }
     let page = crate::model::PAGE_SIZE;
-    Some(read(p.pid, ts_ns, layout, &arenas, |pool| {
-        p.space.pages_in(pool, pool + page).resident() > 0
-    }))
+    let resident = |pool: u64| p.space.pages_in(pool, pool + page).resident() > 0;
+    let mut reading = read(p.pid, ts_ns, layout, &arenas, resident);
+    // Arenas mapped before vmatrace saw the process (`-p`, a late attach): found by their
+    // pools in the other anonymous memory the allocators did not map while traced.
+    let mut known: Vec<(u64, u64)> = arenas.clone();
+    known.extend(p.heap.owned().map(|(s, e, _)| (s, e)));
+    known.sort_unstable();
+    let ranges: Vec<(u64, u64)> = p
+        .space
+        .vmas()
+        .filter(|v| matches!(v.backing, crate::model::Backing::Anonymous))
+        .filter(|v| v.perms.read && v.perms.write)
+        .flat_map(|v| without(v.start, v.end, &known))
+        .collect();
+    reading
+        .arenas
+        .extend(scan(p.pid, layout, &ranges, resident));
+    reading
+        .arenas
+        .retain(|a| !a.pools.is_empty() || arenas.contains(&(a.start, a.end)));
+    (!reading.arenas.is_empty()).then_some(reading)
+}
+
+/// `[start, end)` less the sorted ranges `cut`.
+fn without(start: u64, end: u64, cut: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    for &(s, e) in cut {
+        if e <= at || s >= end {
+            continue;
+        }
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
+}
+
+/// The arenas in `ranges` of process `pid`, found by their carved pools (pool-aligned, first
+/// page resident): one per arena index, from its first pool to the end of its last. Only the
+/// pools with allocated blocks are kept, as in [`read`].
+pub fn scan(
+    pid: u32,
+    layout: Layout,
+    ranges: &[(u64, u64)],
+    resident: impl Fn(u64) -> bool,
+) -> Vec<Arena> {
+    let mut pools: Vec<u64> = Vec::new();
+    for &(s, e) in ranges {
+        let mut p = s.next_multiple_of(layout.pool_size);
+        while p + layout.pool_size <= e {
+            if resident(p) {
+                pools.push(p);
+            }
+            p += layout.pool_size;
+        }
+    }
+    let mut by_arena: std::collections::BTreeMap<u32, Arena> = std::collections::BTreeMap::new();
+    for chunk in pools.chunks(256) {
+        let mut buf = vec![0u8; chunk.len() * HEADER_BYTES];
+        let read = read_headers(pid, chunk, &mut buf);
+        for (i, &pool) in chunk.iter().enumerate().take(read) {
+            let bytes = &buf[i * HEADER_BYTES..(i + 1) * HEADER_BYTES];
+            let Some((block_bytes, blocks, index)) = parse_carved(bytes, layout.pool_size) else {
+                continue;
+            };
+            let a = by_arena.entry(index).or_insert(Arena {
+                start: pool,
+                end: pool,
+                pools: Vec::new(),
+                unreadable_pools: 0,
+            });
+            // Pools of one arena lie within one arena's size of each other.
+            if pool.saturating_sub(a.start) >= layout.arena_size {
+                continue;
+            }
+            a.end = pool + layout.pool_size;
+            if blocks > 0 {
+                a.pools.push(Pool {
+                    start: pool,
+                    block_bytes,
+                    blocks,
+                });
+            }
+        }
+    }
+    by_arena.into_values().collect()
 }
 
 /// One pool in use, as its header says.
@@ -123,6 +208,27 @@ pub fn parse_header(bytes: &[u8], pool_size: u64) -> Option<(u64, u64)> {
     }
     let block = u64::from(szidx + 1) << ALIGNMENT_SHIFT;
     (count * block <= pool_size).then_some((block, count))
+}
+
+/// A pool header as pymalloc writes it when it carves the pool (`init_pool`), strictly:
+/// `maxnextoffset` is the pool size less one block, `nextoffset` a block boundary after the
+/// header, and the allocated blocks fit below it. Returns `(block size, allocated blocks,
+/// arena index)`. Used to find arenas vmatrace did not see mapped (a `-p` run).
+pub fn parse_carved(bytes: &[u8], pool_size: u64) -> Option<(u64, u64, u32)> {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_ne_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+    };
+    let (block, count) = parse_header(bytes, pool_size)?;
+    let arena = u32_at(32)?;
+    let next = u64::from(u32_at(40)?);
+    let max_next = u64::from(u32_at(44)?);
+    let header = 48;
+    let carved = max_next == pool_size - block
+        && next >= header
+        && next <= pool_size
+        && (next - header) % block == 0
+        && count * block <= next - header;
+    carved.then_some((block, count, arena))
 }
 
 /// One arena as read.
@@ -245,12 +351,39 @@ fn read_headers(pid: u32, pools: &[u64], buf: &mut [u8]) -> usize {
 mod tests {
     use super::*;
 
+    /// A header as pymalloc carves it, in a 16 KiB pool, with `count` blocks allocated.
     fn header(count: u32, szidx: u32) -> Vec<u8> {
+        let block = (szidx + 1) * 16;
         let mut b = vec![0u8; HEADER_BYTES];
         b[0..4].copy_from_slice(&count.to_ne_bytes());
         b[32..36].copy_from_slice(&7u32.to_ne_bytes());
         b[36..40].copy_from_slice(&szidx.to_ne_bytes());
+        b[40..44].copy_from_slice(&(48 + count.max(1) * block).to_ne_bytes());
+        b[44..48].copy_from_slice(&(16384u32.saturating_sub(block)).to_ne_bytes());
         b
+    }
+
+    #[test]
+    fn known_ranges_are_cut_out_of_a_mapping() {
+        assert_eq!(
+            without(0, 100, &[(10, 20), (15, 30), (90, 120)]),
+            [(0, 10), (30, 90)]
+        );
+        assert_eq!(without(0, 100, &[]), [(0, 100)]);
+        assert_eq!(without(40, 50, &[(0, 100)]), []);
+    }
+
+    #[test]
+    fn a_carved_pool_header_is_told_from_other_bytes() {
+        assert_eq!(parse_carved(&header(10, 3), 16384), Some((64, 10, 7)));
+        // maxnextoffset not the pool less one block, nextoffset off a block boundary.
+        let mut b = header(10, 3);
+        b[44..48].copy_from_slice(&100u32.to_ne_bytes());
+        assert_eq!(parse_carved(&b, 16384), None);
+        let mut b = header(10, 3);
+        b[40..44].copy_from_slice(&(48 + 10 * 64 + 8u32).to_ne_bytes());
+        assert_eq!(parse_carved(&b, 16384), None);
+        assert_eq!(parse_carved(&[0u8; HEADER_BYTES], 16384), None);
     }
 
     #[test]
@@ -298,5 +431,16 @@ mod tests {
         assert_eq!(r.live_bytes(), 160);
         assert_eq!(r.arenas[0].pools[0].start, base + 2 * l.pool_size);
         assert_eq!(r.arenas[0].unreadable_pools, 0);
+        // Found again by a scan of the memory around it, as an arena vmatrace did not see
+        // mapped.
+        let found = scan(
+            std::process::id(),
+            l,
+            &[(base, base + l.arena_size)],
+            |_| true,
+        );
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].start, base + 2 * l.pool_size);
+        assert_eq!(found[0].live_bytes(), 160);
     }
 }

@@ -251,11 +251,20 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
     // headers were read, and those not read (live bytes unknown).
     let mut pymalloc_read = Vec::new();
     if is_python(p) {
-        let (read, unread): (Vec<Range>, Vec<Range>) = h
+        let (_, unread): (Vec<Range>, Vec<Range>) = h
             .arena_candidates()
             .filter(|(s, e)| !taken(*s, *e, &defs))
             .partition(|(s, _)| h.pymalloc.as_ref().is_some_and(|r| r.arena(*s).is_some()));
-        pymalloc_read = read;
+        // Every arena read, also those found by their pools (mapped before tracing), while
+        // still mapped.
+        pymalloc_read = h
+            .pymalloc
+            .iter()
+            .flat_map(|r| &r.arenas)
+            .map(|a| (a.start, a.end))
+            .filter(|(s, e)| s < e && sp.find(*s).is_some() && !taken(*s, *e, &defs))
+            .collect();
+        pymalloc_read.sort_unstable();
         if !unread.is_empty() {
             defs.push(Def {
                 kind: "pymalloc_arenas",
