@@ -153,6 +153,14 @@ pub enum Event {
     /// CPython's object arenas as their pool headers said when the daemon read them
     /// (`--heap`).
     Pymalloc(crate::heap::pymalloc::Reading),
+    /// The kernel made the 2 MiB block at `start` of `pid` one huge page without a fault
+    /// (khugepaged, or `MADV_COLLAPSE`): seen by the daemon in pagemap, not sent by the
+    /// kernel programs.
+    Collapse {
+        ts_ns: u64,
+        pid: u32,
+        start: u64,
+    },
 }
 
 impl Event {
@@ -165,7 +173,8 @@ impl Event {
             | Self::Exec { ts_ns, .. }
             | Self::Exit { ts_ns, .. }
             | Self::Open { ts_ns, .. }
-            | Self::HeapAttach { ts_ns, .. } => *ts_ns,
+            | Self::HeapAttach { ts_ns, .. }
+            | Self::Collapse { ts_ns, .. } => *ts_ns,
             Self::HeapRaw(h) => h.ts_ns,
             Self::Heap(h) => h.ts_ns,
             Self::Pymalloc(r) => r.ts_ns,
@@ -186,6 +195,7 @@ impl Event {
             // Not a thread's event: the daemon's.
             Self::HeapAttach { pid, .. } => *pid,
             Self::Pymalloc(r) => r.pid,
+            Self::Collapse { .. } => 0,
         }
     }
 
@@ -198,7 +208,8 @@ impl Event {
             | Self::Exec { pid, .. }
             | Self::Exit { pid, .. }
             | Self::Open { pid, .. }
-            | Self::HeapAttach { pid, .. } => *pid,
+            | Self::HeapAttach { pid, .. }
+            | Self::Collapse { pid, .. } => *pid,
             Self::HeapRaw(h) => h.pid,
             Self::Heap(h) => h.pid,
             Self::Pymalloc(r) => r.pid,

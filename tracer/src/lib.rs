@@ -8,6 +8,7 @@
 pub mod analysis;
 pub mod cli;
 pub mod clock;
+pub mod collapse;
 pub mod event;
 pub mod fault_access;
 pub mod flags;

@@ -424,6 +424,11 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
             pid: u32_of(&v, "pid")?,
             tid: u32_of(&v, "tid")?,
         }),
+        "collapse" => Record::Event(Event::Collapse {
+            ts_ns: ts_ns()?,
+            pid: u32_of(&v, "pid")?,
+            start: u64_of(&v, "start")?,
+        }),
         "snapshot" => {
             let name = opt_str(&v, "reason").unwrap_or_default();
             let reason = SnapshotReason::parse(&name).ok_or_else(|| {

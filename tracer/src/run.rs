@@ -251,6 +251,8 @@ struct Live {
     heap: Option<HeapTracer>,
     /// Watermarks owed to CPUs whose flushed batch was refused.
     refused: Vec<Refused>,
+    /// khugepaged's collapses, looked for in the traced processes when its count moves.
+    khugepaged: crate::collapse::Khugepaged,
     /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
     stacks: Option<Collector>,
 }
@@ -269,10 +271,10 @@ const DRAIN_BATCH: usize = 1024;
 /// the timer, `--duration`): a reader that is behind still stops on time.
 const DRAIN_SLICE: Duration = Duration::from_millis(20);
 
-/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may go without
-/// progress before vmatrace gives up on the rest: a reader of its output that does not read
-/// must not keep it (and the kernel programs) alive.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may be stuck in
+/// one write of its output before vmatrace gives up on the rest: a reader of its output that
+/// does not read must not keep it (and the kernel programs) alive.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// After a stop is asked, how long the last read of the ring may take; what is left then is
 /// counted as unread.
@@ -364,7 +366,6 @@ impl Live {
                 }
             }
             self.handle_released(false)?;
-            crate::signals::progress();
             if empty {
                 return Ok(true);
             }
@@ -622,12 +623,39 @@ impl Live {
                         .map_err(RunError::Write)?;
                 }
             }
+            (Event::Syscall(s), Applied::Syscall { .. }) => {
+                // MADV_COLLAPSE made huge pages within the call, without faults.
+                if let Some((pid, start, end)) = crate::collapse::advised(s)
+                    && let Some(p) = self.session.get(pid)
+                {
+                    for c in crate::collapse::found(pid, &p.space, (start, end), true, s.ts_ns) {
+                        self.handle(c)?;
+                    }
+                }
+            }
             _ => {}
         }
         for ev in follow_up {
             self.handle(ev)?;
         }
         Ok(())
+    }
+
+    /// When khugepaged has collapsed pages since the last look, the traced processes' blocks
+    /// that it may have collapsed are looked at in pagemap; collapses found are handled in
+    /// time order with the events (stamped now).
+    fn look_for_collapses(&mut self) {
+        if !self.khugepaged.collapsed_since() {
+            return;
+        }
+        let ts = monotonic_ns();
+        let found: Vec<Event> = self
+            .session
+            .processes()
+            .filter(|p| p.exited_ns.is_none())
+            .flat_map(|p| crate::collapse::found(p.pid, &p.space, (0, u64::MAX), false, ts))
+            .collect();
+        self.order.incoming().extend(found);
     }
 
     fn report_losses(&mut self) -> Result<(), RunError> {
@@ -771,35 +799,34 @@ impl Live {
     }
 }
 
-/// The output, telling the stop watchdog of each write it accepts: a slow end goes on, a
-/// blocked one does not.
-struct Progressing<W>(W);
+/// The output, telling the stop watchdog when a write is under way: an end blocked on its
+/// output is cut short, a slow one is not.
+struct Watched<W>(W);
 
-impl<W: Write> Write for Progressing<W> {
+impl<W: Write> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.0.write(buf)?;
-        crate::signals::progress();
-        Ok(n)
+        crate::signals::writing(true);
+        let r = self.0.write(buf);
+        crate::signals::writing(false);
+        r
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        crate::signals::writing(true);
+        let r = self.0.flush();
+        crate::signals::writing(false);
+        r
     }
 }
 
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
         Some(path) => (
-            Box::new(Progressing(file::LineFile::new(file::create(
-                path, cfg.force,
-            )?))),
+            Box::new(Watched(file::LineFile::new(file::create(path, cfg.force)?))),
             false,
         ),
         None => (
-            Box::new(Progressing(io::BufWriter::with_capacity(
-                1 << 16,
-                io::stdout(),
-            ))),
+            Box::new(Watched(io::BufWriter::with_capacity(1 << 16, io::stdout()))),
             io::stdout().is_terminal(),
         ),
     };
@@ -956,6 +983,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         last_resync_ns: 0,
         heap,
         refused: Vec::new(),
+        khugepaged: crate::collapse::Khugepaged::default(),
         stacks: cfg.stacks.any().then(Collector::new),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -969,6 +997,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
     live.continue_all_exec_stops();
+    live.look_for_collapses();
     live.drain_last(&mut ring, stop_asked.then(|| Instant::now() + FINAL_DRAIN))?;
     live.report_losses()?;
     live.probe.flush_logs();
@@ -1063,6 +1092,7 @@ async fn event_loop(
                 live.recover_lost_exec_stops()?;
                 live.resync_after_losses()?;
                 live.reap_lost_exits();
+                live.look_for_collapses();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
                     stop_asked = true;
@@ -1091,6 +1121,9 @@ async fn event_loop(
                 break;
             }
             _ = sigusr1.recv() => {
+                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
+                // Collapses found now are handled by the next collect, in time order.
+                live.look_for_collapses();
                 live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
                 live.snapshots(SnapshotReason::Signal)?;
             }

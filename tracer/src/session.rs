@@ -167,6 +167,10 @@ pub enum Applied {
     Exit,
     /// An allocator call or coverage (`--heap`) applied to the live blocks.
     Heap(HeapEffect),
+    /// A block became a huge page without a fault: `pages` became resident or anonymous.
+    Collapsed {
+        pages: u64,
+    },
     /// The event is not about a traced process.
     Ignored,
 }
@@ -331,6 +335,12 @@ impl Session {
                         live_bytes: p.heap.live_bytes(),
                     })
                 }
+                None => Applied::Ignored,
+            },
+            Event::Collapse { ts_ns, pid, start } => match self.procs.get_mut(pid) {
+                Some(p) => Applied::Collapsed {
+                    pages: p.space.collapse(*ts_ns, *start),
+                },
                 None => Applied::Ignored,
             },
         }

@@ -347,6 +347,19 @@ impl<W: Write> Sink for HumanSink<W> {
                     }
                 )?;
             }
+            Event::Collapse { pid, ts_ns, start } => {
+                self.flush_touches()?;
+                let pages = match applied {
+                    Applied::Collapsed { pages } => *pages,
+                    _ => 0,
+                };
+                writeln!(
+                    self.out,
+                    "{} [{pid}] huge page made without a fault at {start:#x} (khugepaged or MADV_COLLAPSE): {} more resident or anonymous",
+                    self.time(*ts_ns),
+                    size(pages * PAGE_SIZE)
+                )?;
+            }
         }
         Ok(())
     }

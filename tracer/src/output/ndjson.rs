@@ -13,7 +13,7 @@ use crate::{
     analysis::Finding,
     event::{Event, FaultRecord, SyscallRecord},
     flags, heap,
-    model::{PAGE_SIZE, Touch},
+    model::{PAGE_SIZE, PMD_PAGES, Touch},
     session::{Applied, Process, Session},
     stacks::StackDef,
 };
@@ -332,6 +332,16 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
         Event::Pymalloc(r) => heap::record::pymalloc_json(r),
         // Paired before it reaches a sink.
         Event::HeapRaw(_) => Value::Null,
+        Event::Collapse { ts_ns, pid, start } => {
+            let pages = match applied {
+                Applied::Collapsed { pages } => *pages,
+                _ => 0,
+            };
+            json!({
+                "type": "collapse", "ts_ns": ts_ns, "pid": pid, "start": start,
+                "end": start + PMD_PAGES * PAGE_SIZE, "pages": pages,
+            })
+        }
     }
 }
 
