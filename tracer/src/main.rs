@@ -55,6 +55,7 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         user: t.user,
         reconcile: t.reconcile,
         report: t.report,
+        heap: t.heap,
         stacks: StackOptions {
             syscalls: t.stacks,
             fault_every: t.fault_stacks.unwrap_or(0),

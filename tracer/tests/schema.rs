@@ -60,6 +60,7 @@ fn record_types_match_the_documented_schema() {
             vec!["--faults", "first", "--ring-size", "4K"],
             vec!["burst", "4000"],
         ),
+        (vec!["--heap"], vec!["ipc"]),
     ] {
         let t = trace_workload(&extra, &args);
         assert_eq!(t.status, 0, "{}", t.stderr);
@@ -82,6 +83,8 @@ fn record_types_match_the_documented_schema() {
         "exit",
         "lost",
         "summary",
+        "heap",
+        "heap_attach",
     ] {
         assert!(
             seen.contains_key(ty),

@@ -689,6 +689,17 @@ impl Pages {
         c
     }
 
+    /// The resident pages (anonymous or page cache, not the zero page) in
+    /// `[start_page, end_page)`, in order.
+    pub fn resident_pages(&self, start_page: u64, end_page: u64) -> impl Iterator<Item = u64> + '_ {
+        self.entries
+            .range(start_page..end_page.max(start_page))
+            .filter(|(_, v)| {
+                !is_released(**v) && TouchKind::from_bits(**v >> KIND_SHIFT) != TouchKind::Zero
+            })
+            .map(|(p, _)| *p)
+    }
+
     /// The state of one page: its first-touch time and kind.
     pub fn get(&self, page: u64) -> Option<(u64, TouchKind)> {
         self.entries
