@@ -89,6 +89,10 @@ pub enum RunError {
     ExitedDuringAttach(u32),
     #[error("--user applies to a launched command only")]
     UserWithoutCommand,
+    #[error(
+        "--stacks and --fault-stacks need Linux 5.15 or later (bpf_task_pt_regs); this kernel is {0}.{1}"
+    )]
+    StacksNeedNewerKernel(u32, u32),
     #[error(transparent)]
     Output(#[from] OutputError),
     #[error(transparent)]
@@ -854,6 +858,11 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     }
     if cfg.user.is_some() && cfg.command.is_empty() {
         return Err(RunError::UserWithoutCommand);
+    }
+    if cfg.stacks.any()
+        && let Some((major, minor)) = procfs::kernel_release().filter(|&v| v < (5, 15))
+    {
+        return Err(RunError::StacksNeedNewerKernel(major, minor));
     }
     let mut seen = HashSet::new();
     for &pid in &cfg.pids {
