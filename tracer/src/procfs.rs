@@ -360,6 +360,18 @@ pub fn thp_policy(pid: u32) -> ThpPolicy {
     }
 }
 
+/// The inode of the kernel's first PID namespace (`PROC_PID_INIT_INO`), the one the kernel
+/// programs' pids belong to.
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
+/// Whether vmatrace runs in a PID namespace of its own (a container), where the pids it is
+/// given and sees in `/proc` are not the kernel's (`None` when it cannot tell).
+pub fn in_child_pid_namespace() -> Option<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = fs::metadata("/proc/self/ns/pid").ok()?.ino();
+    Some(ino != INITIAL_PID_NAMESPACE)
+}
+
 /// The running kernel's version as (major, minor), from `/proc/sys/kernel/osrelease`.
 pub fn kernel_release() -> Option<(u32, u32)> {
     parse_release(&fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)

@@ -90,6 +90,10 @@ pub enum RunError {
     #[error("--user applies to a launched command only")]
     UserWithoutCommand,
     #[error(
+        "this is a PID namespace of its own (a container), whose pids are not the kernel's: nothing would be traced; run vmatrace in the host's PID namespace (for a containerised process, give its host pid)"
+    )]
+    InChildPidNamespace,
+    #[error(
         "--stacks and --fault-stacks need Linux 5.15 or later (bpf_task_pt_regs); this kernel is {0}.{1}"
     )]
     StacksNeedNewerKernel(u32, u32),
@@ -858,6 +862,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     }
     if cfg.user.is_some() && cfg.command.is_empty() {
         return Err(RunError::UserWithoutCommand);
+    }
+    if procfs::in_child_pid_namespace() == Some(true) {
+        return Err(RunError::InChildPidNamespace);
     }
     if cfg.stacks.any()
         && let Some((major, minor)) = procfs::kernel_release().filter(|&v| v < (5, 15))

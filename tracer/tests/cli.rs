@@ -597,3 +597,26 @@ fn a_32_bit_program_is_traced_with_a_warning_that_its_syscalls_are_not() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("32-bit"), "{err}");
 }
+
+/// Issue #20 (containers): run inside a PID namespace of its own, where the pids it would
+/// take and the kernel's differ, vmatrace says so in one line and exits 1 instead of tracing
+/// nothing and exiting 0 (what it did, launch and `-p` alike).
+#[test]
+fn inside_a_pid_namespace_it_refuses_in_one_line_instead_of_tracing_nothing() {
+    if !privileged("inside_a_pid_namespace_it_refuses_in_one_line_instead_of_tracing_nothing") {
+        return;
+    }
+    for args in [vec!["--", "true"], vec!["-p", "1"]] {
+        let o = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(vmatrace())
+            .args(&args)
+            .output()
+            .expect("unshare runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("PID namespace"), "{args:?}: {err}");
+        assert!(o.stdout.is_empty(), "{args:?}: nothing traced");
+    }
+}
