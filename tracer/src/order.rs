@@ -153,15 +153,25 @@ impl<T: Timed> Reorder<T> {
         self.release_upto(self.reported(), out);
     }
 
+    /// Like [`Reorder::release`], but at most `max` events (the oldest): the rest stay held.
+    pub fn release_at_most(&mut self, max: usize, out: &mut Vec<T>) {
+        self.release_upto_at_most(self.reported(), max, out);
+    }
+
     /// Moves every event into `out`, oldest first (at the end of a run).
     pub fn release_all(&mut self, out: &mut Vec<T>) {
         self.release_upto(u64::MAX, out);
     }
 
     fn release_upto(&mut self, upto: u64, out: &mut Vec<T>) {
+        self.release_upto_at_most(upto, usize::MAX, out);
+    }
+
+    fn release_upto_at_most(&mut self, upto: u64, max: usize, out: &mut Vec<T>) {
         if self.watermarks.iter().all(Vec::is_empty) {
             // Nothing is batched: the ring's order is the time order.
-            out.append(&mut self.incoming);
+            let n = self.incoming.len().min(max);
+            out.extend(self.incoming.drain(..n));
             return;
         }
         for event in self.incoming.drain(..) {
@@ -172,11 +182,13 @@ impl<T: Timed> Reorder<T> {
                 event,
             });
         }
+        let mut released = 0;
         while let Some(top) = self.held.peek_mut() {
-            if top.ts_ns > upto {
+            if top.ts_ns > upto || released == max {
                 break;
             }
             out.push(std::collections::binary_heap::PeekMut::pop(top).event);
+            released += 1;
         }
     }
 }
@@ -223,6 +235,37 @@ mod tests {
         out.clear();
         r.release_all(&mut out);
         assert_eq!(out, [E(30, 2)]);
+    }
+
+    #[test]
+    fn a_bounded_release_gives_the_oldest_and_keeps_the_rest_in_order() {
+        let mut r = Reorder::new(&[0]);
+        r.incoming()
+            .extend([E(30, 1), E(10, 2), E(20, 3), E(50, 4)]);
+        r.watermark(wm(0, 40));
+        let mut out = Vec::new();
+        r.release_at_most(2, &mut out);
+        assert_eq!(out, [E(10, 2), E(20, 3)]);
+        r.incoming().extend([E(25, 5)]);
+        out.clear();
+        r.release_at_most(2, &mut out);
+        assert_eq!(
+            out,
+            [E(25, 5), E(30, 1)],
+            "a later arrival still in time order"
+        );
+        out.clear();
+        r.release_at_most(2, &mut out);
+        assert!(out.is_empty(), "50 is past the watermark");
+        // Nothing batched: ring order, at most `max` at a time.
+        let mut plain = Reorder::new(&[]);
+        plain.incoming().extend([E(1, 1), E(2, 2), E(3, 3)]);
+        out.clear();
+        plain.release_at_most(2, &mut out);
+        assert_eq!(out, [E(1, 1), E(2, 2)]);
+        out.clear();
+        plain.release_at_most(2, &mut out);
+        assert_eq!(out, [E(3, 3)]);
     }
 
     #[test]

@@ -284,6 +284,9 @@ const DRAIN_SLICE: Duration = Duration::from_millis(20);
 /// does not read must not keep it (and the kernel programs) alive.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
+/// Events handled between looks at the clock when handling is bounded in time.
+const RELEASE_CHUNK: usize = 4096;
+
 /// After a stop is asked, how long the last read of the ring may take; what is left then is
 /// counted as unread.
 const FINAL_DRAIN: Duration = Duration::from_millis(300);
@@ -373,7 +376,7 @@ impl Live {
                     s.resolved.shm = shm_of(s);
                 }
             }
-            self.handle_released(false)?;
+            self.handle_released(until)?;
             if empty {
                 return Ok(true);
             }
@@ -401,19 +404,23 @@ impl Live {
         });
     }
 
-    /// Handles the events the reorder can release now (`everything`: all it holds).
-    fn handle_released(&mut self, everything: bool) -> Result<(), RunError> {
-        let mut batch = std::mem::take(&mut self.batch);
-        if everything {
-            self.order.release_all(&mut batch);
-        } else {
-            self.order.release(&mut batch);
+    /// Handles the events the reorder can release now, oldest first; with `until`, only
+    /// until then (checked every [`RELEASE_CHUNK`] events): what is left stays held, in order,
+    /// for the next call. A flush can release a ring's worth of events at once, whose
+    /// handling took seconds without a tick or a look at the stop.
+    fn handle_released(&mut self, until: Option<Instant>) -> Result<(), RunError> {
+        loop {
+            let mut batch = std::mem::take(&mut self.batch);
+            self.order.release_at_most(RELEASE_CHUNK, &mut batch);
+            let n = batch.len();
+            for ev in batch.drain(..) {
+                self.handle(ev)?;
+            }
+            self.batch = batch;
+            if n < RELEASE_CHUNK || until.is_some_and(|u| Instant::now() >= u) {
+                return Ok(());
+            }
         }
-        for ev in batch.drain(..) {
-            self.handle(ev)?;
-        }
-        self.batch = batch;
-        Ok(())
     }
 
     /// Reads the ring, has every CPU write the faults it holds (into the room just made), then
@@ -455,7 +462,7 @@ impl Live {
             self.order.forget(Lane::Faults, cpu);
         }
         let emptied = self.drain(ring, until)?;
-        self.handle_released(false)?;
+        self.handle_released(until)?;
         Ok(emptied)
     }
 
@@ -466,20 +473,35 @@ impl Live {
 
     /// At the end, once nothing is traced: collects what the CPUs still hold and handles
     /// every event left (after a collection, every CPU has reported up to the time it began).
-    /// With `until` (a stop was asked), what is still in the ring then is counted as unread
-    /// instead: a reader far behind must not keep a stopped run going.
+    /// With `until` (a stop was asked), what is still in the ring then, and what the reorder
+    /// still holds, is counted as unread instead: a reader far behind must not keep a stopped
+    /// run going (handling a reorder's worth of held events took seconds).
     fn drain_last(
         &mut self,
         ring: &mut RingBuf<MapData>,
         until: Option<Instant>,
     ) -> Result<(), RunError> {
+        let mut unread = 0;
         if !self.collect(ring, until)? {
             while let Some(item) = ring.next() {
-                self.unread += event::events_in(&item).unwrap_or(1);
+                unread += event::events_in(&item).unwrap_or(1);
             }
-            self.unread_total += self.unread;
         }
-        self.handle_released(true)
+        let mut batch = std::mem::take(&mut self.batch);
+        self.order.release_all(&mut batch);
+        let mut events = batch.drain(..);
+        for (i, ev) in events.by_ref().enumerate() {
+            if i % 256 == 0 && until.is_some_and(|u| Instant::now() >= u) {
+                unread += 1;
+                break;
+            }
+            self.handle(ev)?;
+        }
+        unread += events.count() as u64;
+        self.batch = batch;
+        self.unread += unread;
+        self.unread_total += unread;
+        Ok(())
     }
 
     /// Continues the launched command if the kernel stopped it at the exec of `ts_ns` (not a
@@ -1146,9 +1168,12 @@ async fn event_loop(
             }
             _ = sigusr1.recv() => {
                 live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
+                live.handle_released(None)?;
                 // Collapses found now are handled by the next collect, in time order.
                 live.look_for_collapses();
                 live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
+                // A snapshot has every event up to now.
+                live.handle_released(None)?;
                 live.snapshots(SnapshotReason::Signal)?;
             }
             code = async {
