@@ -8,7 +8,10 @@ use crate::output::FaultFilter;
 
 const EXAMPLES: &str = "\
 Examples:
-  sudo vmatrace -p 1234                   trace a running process until Ctrl-C
+  sudo vmatrace -p 1234                   trace a running process until Ctrl-C: a line per
+                                          active region (heap, arena, file) and second
+  sudo vmatrace -v -p 1234                every event on its own line
+  sudo vmatrace -q --min-size 64M -p 1234 the summary only (-q); calls of 64 MiB or more
   sudo vmatrace -f -p 1234 --duration 30s follow its children, stop after 30 s
   sudo vmatrace -- ./server --port 8080   launch a command and trace it from its first instruction
   sudo vmatrace --json -o trace.ndjson -p 1234
@@ -38,7 +41,8 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub trace: TraceArgs,
-    /// More diagnostics on stderr (repeat for more).
+    /// Every event on its own line instead of the per-second roll-up, and more diagnostics on
+    /// stderr (-vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }
@@ -128,9 +132,17 @@ pub struct TraceArgs {
     /// Stop after this long (e.g. 500ms, 30s, 5m).
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Which page faults to show: none (not captured), first touches, or all.
-    #[arg(long, value_enum, default_value_t = FaultFilter::First)]
-    pub faults: FaultFilter,
+    /// Which page faults to capture and show: none (not captured), first touches, or all
+    /// [default: first; for record: all].
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub faults: Option<FaultFilter>,
+    /// No event lines: the banner, the status line and the summary only.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Calls that map, unmap, move, protect or release at least SIZE are shown on their own
+    /// line; smaller ones are rolled up per region and second (e.g. 64K, 1M, 0 for all).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "1M")]
+    pub min_size: u64,
     /// Which kernel program reports page faults.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub fault_backend: BackendArg,
@@ -227,6 +239,24 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses `0`, `4096`, `64K`, `1M`, `2G`: a number of bytes, at most 1 TiB.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|b| *b <= 1 << 40)
+        .ok_or(format!(
+            "'{s}' is not a size of at most 1T (try 64K, 1M or 0)"
+        ))
+}
+
 /// Parses `4096`, `256K`, `8M`, `1G`; the result must be a power of two of at least 4 KiB.
 pub fn parse_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
@@ -281,6 +311,11 @@ mod tests {
         assert!(parse_size("16G").is_err());
         assert!(parse_size("18446744073709551615K").is_err());
         assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        for bad in ["-1", "1X", "2T", "18446744073709551615K", ""] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
         assert!(parse_size("5000").is_err());
     }
 

@@ -13,6 +13,7 @@ use tracer::{
     output::{
         FaultFilter, file, html,
         human::HumanSink,
+        live_view::ViewOptions,
         ndjson::NdjsonSink,
         perfetto,
         timeline_view::{Sampler, bands},
@@ -22,7 +23,7 @@ use tracer::{
     run::{self, RunConfig},
 };
 
-fn config(t: TraceArgs, record: bool) -> RunConfig {
+fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
     RunConfig {
         pids: t.pids,
         command: t.command,
@@ -31,11 +32,12 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         output: t.output,
         force: t.force,
         duration: t.duration,
-        faults: if record && t.faults != FaultFilter::None {
+        // Honoured as given; a recording has every fault unless told otherwise.
+        faults: t.faults.unwrap_or(if record {
             FaultFilter::All
         } else {
-            t.faults
-        },
+            FaultFilter::First
+        }),
         backend: match t.fault_backend {
             BackendArg::Auto => FaultBackend::Auto,
             BackendArg::Tracepoint => FaultBackend::Tracepoint,
@@ -55,6 +57,12 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         user: t.user,
         reconcile: t.reconcile,
         report: t.report,
+        view: ViewOptions {
+            verbose: verbose > 0,
+            quiet: t.quiet,
+            min_size: t.min_size,
+        },
+        recording: record,
     }
 }
 
@@ -68,6 +76,9 @@ fn real_main() -> anyhow::Result<u8> {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
+        .target(env_logger::Target::Pipe(Box::new(
+            tracer::output::status::LogStderr,
+        )))
         .init();
     if !matches!(cli.command, None | Some(Command::Record(_))) {
         // No handlers here: the default actions apply.
@@ -137,11 +148,11 @@ fn real_main() -> anyhow::Result<u8> {
             if t.output.is_none() {
                 anyhow::bail!("record needs -o FILE");
             }
-            let code = run::run(config(t, true))?;
+            let code = run::run(config(t, true, cli.verbose))?;
             Ok(code.clamp(0, 255) as u8)
         }
         None => {
-            let code = run::run(config(cli.trace, false))?;
+            let code = run::run(config(cli.trace, false, cli.verbose))?;
             Ok(code.clamp(0, 255) as u8)
         }
     }

@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     ffi::OsString,
-    io::{self, IsTerminal, Write},
+    io,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -25,11 +25,7 @@ use crate::{
     model::normalize,
     order::Reorder,
     output::{
-        FaultFilter, LossSummary, Meta, Sink, SnapshotReason,
-        file::{self, OutputError},
-        human::HumanSink,
-        ndjson::NdjsonSink,
-        report::summarize,
+        FaultFilter, LossSummary, Meta, Sink, SnapshotReason, file::OutputError, report::summarize,
     },
     pagemap,
     probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
@@ -57,6 +53,10 @@ pub struct RunConfig {
     pub reconcile: Option<Duration>,
     /// Print allocator and address-space findings at the end.
     pub report: bool,
+    /// How human output shows events (roll-up, `-v`, `--quiet`, `--min-size`).
+    pub view: crate::output::live_view::ViewOptions,
+    /// `vmatrace record` (for the banner and the status line).
+    pub recording: bool,
 }
 
 /// Errors of a live run, each one line for the user.
@@ -241,14 +241,25 @@ const LOST_EXEC_AFTER_NS: u64 = 1_000_000_000;
 /// Events taken from the ring before they are handled.
 const DRAIN_BATCH: usize = 4096;
 
+/// The longest one read of the ring takes (twice per tick) before the loop goes on.
+const COLLECT_BUDGET: Duration = Duration::from_millis(200);
+
 impl Live {
-    /// Reads every record waiting in the ring and handles, in time order, the events that
+    /// Reads the records waiting in the ring and handles, in time order, the events that
     /// nothing still to come can precede (see [`crate::order`]). Records are decoded and
     /// released in batches first and handled after: the ring's consumer position (a cache
     /// line the producing CPU reads for every record it reserves) then moves in a short burst
     /// instead of once per handled event, which keeps that line from bouncing between the
     /// cores all the time.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
+    ///
+    /// It stops at `deadline` when the ring is not empty by then (a reader
+    /// slower than the traced processes would never see it empty, and ticks, the output's
+    /// timer and the status line, would wait for ever). Returns whether the ring was emptied.
+    fn drain_until(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        deadline: Option<Instant>,
+    ) -> Result<bool, RunError> {
         loop {
             // Up to DRAIN_BATCH events (a fault batch holds up to 64), so that the reorder
             // sorts little at a time.
@@ -286,7 +297,10 @@ impl Live {
             }
             self.handle_released(false)?;
             if empty {
-                return Ok(());
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
             }
         }
     }
@@ -309,13 +323,24 @@ impl Live {
     /// Reads the ring, has every CPU write the faults it holds (into the room just made), then
     /// reads the ring again: every event up to now is handled.
     fn collect(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        self.drain(ring)?;
+        self.collect_within(ring, Some(COLLECT_BUDGET))
+    }
+
+    /// [`Live::collect`], each read of the ring stopping after `budget` (none: to its end).
+    fn collect_within(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        budget: Option<Duration>,
+    ) -> Result<(), RunError> {
+        let deadline = || budget.map(|d| Instant::now() + d);
+        self.drain_until(ring, deadline())?;
         let asked = monotonic_ns();
         let outcome = self.probe.flush_faults();
-        self.drain(ring)?;
-        // A refused batch was counted lost and emptied, and everything the CPU wrote before
-        // is now read: none of its faults up to `asked` can still come.
-        for cpu in outcome.refused {
+        let emptied = self.drain_until(ring, deadline())?;
+        // A refused batch was counted lost and emptied, and (once the ring has been read to
+        // its end) everything the CPU wrote before is read: none of its faults up to `asked`
+        // can still come.
+        for cpu in outcome.refused.into_iter().filter(|_| emptied) {
             self.order.watermark(Watermark { cpu, ts_ns: asked });
         }
         for cpu in outcome.gone {
@@ -332,7 +357,7 @@ impl Live {
     /// At the end, once nothing is traced: collects what the CPUs still hold and handles
     /// every event left (after a collection, every CPU has reported up to the time it began).
     fn drain_last(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        self.collect(ring)?;
+        self.collect_within(ring, None)?;
         self.handle_released(true)
     }
 
@@ -567,21 +592,7 @@ impl Live {
 }
 
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
-    let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
-        Some(path) => (
-            Box::new(file::LineFile::new(file::create(path, cfg.force)?)),
-            false,
-        ),
-        None => (
-            Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout())),
-            io::stdout().is_terminal(),
-        ),
-    };
-    Ok(if cfg.json {
-        Box::new(NdjsonSink::new(writer, cfg.faults))
-    } else {
-        Box::new(HumanSink::new(writer, cfg.faults, tty, start_ns))
-    })
+    Ok(crate::output::status::live_sink(cfg, start_ns)?)
 }
 
 /// Runs a live trace; returns the exit code (the launched command's, or 0).
@@ -667,6 +678,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         guardian = Some(held.release()?);
         child = Some(pid);
     }
+    crate::output::status::banner(&cfg, &meta, &session);
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
     let order = if probe.batch_cpus().is_empty() {
         Reorder::in_order()
@@ -755,8 +767,10 @@ async fn event_loop(
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Runtime)?;
-                live.drain(guard.get_inner_mut())?;
-                guard.clear_ready();
+                let deadline = Instant::now() + COLLECT_BUDGET;
+                if live.drain_until(guard.get_inner_mut(), Some(deadline))? {
+                    guard.clear_ready();
+                }
             }
             _ = tick.tick() => {
                 live.collect(fd.get_mut())?;

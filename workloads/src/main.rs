@@ -799,6 +799,37 @@ fn getppid_loop(iters: usize) {
     say(&format!("getppid {} ns", start.elapsed().as_nanos()));
 }
 
+/// Issue #21: a busy multi-threaded process for `seconds` (the live view's test): each thread
+/// mallocs and frees mixed sizes through glibc (its own arena, the heap, mmaps above the
+/// threshold) and maps, touches and unmaps 16 pages now and then.
+fn busy(threads: usize, seconds: u64) {
+    let start = Instant::now();
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut keep: Vec<Vec<u8>> = Vec::with_capacity(64);
+                let mut i = 0usize;
+                while start.elapsed() < Duration::from_secs(seconds) {
+                    let size = [64, 1024, 16 << 10, 200 << 10][(i + t) % 4];
+                    keep.push(vec![1u8; size]);
+                    if keep.len() >= 64 {
+                        keep.drain(..32);
+                    }
+                    if i.is_multiple_of(64) {
+                        let a = anon(16 * PAGE);
+                        touch(a, 16 * PAGE);
+                        munmap(a, 16 * PAGE);
+                    }
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    let rounds: usize = hs.into_iter().filter_map(|h| h.join().ok()).sum();
+    say(&format!("busy {threads} {rounds}"));
+}
+
 /// Benchmark: several threads malloc and free mixed sizes through glibc.
 fn malloc_mt(threads: usize, iters: usize) {
     let start = Instant::now();
@@ -1022,6 +1053,7 @@ fn main() {
         Some("churn") => churn(arg(&args, 2, 20_000)),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
         Some("migrate") => migrate(arg(&args, 2, 100)),
+        Some("busy") => busy(arg(&args, 2, 4), arg(&args, 3, 10) as u64),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),

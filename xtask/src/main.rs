@@ -204,14 +204,15 @@ fn apt_install(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload) and Chromium
-/// (renders the HTML report).
+/// Debian packages the end-to-end tests use: jemalloc (purge-churn workload), Chromium
+/// (renders the HTML report) and tmux (drives the live view as a terminal would).
 fn test_dependencies() -> Result<()> {
     apt_install(
         "the tests",
         &[
             ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
             ("chromium", "/usr/bin/chromium"),
+            ("tmux", "/usr/bin/tmux"),
         ],
     )
 }

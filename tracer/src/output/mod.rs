@@ -4,9 +4,11 @@
 pub mod file;
 pub mod html;
 pub mod human;
+pub mod live_view;
 pub mod ndjson;
 pub mod perfetto;
 pub mod report;
+pub mod status;
 pub mod timeline_view;
 
 use std::io;
