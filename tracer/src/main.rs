@@ -1,7 +1,6 @@
 //! The `vmatrace` binary: parse the command line, call the library, map errors to exit codes.
 
 use std::{
-    collections::BTreeMap,
     io::{IsTerminal, Write as _},
     process::ExitCode,
 };
@@ -11,12 +10,8 @@ use tracer::{
     analysis,
     cli::{BackendArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
     output::{
-        FaultFilter, file, html,
-        human::HumanSink,
-        live_view::ViewOptions,
-        ndjson::NdjsonSink,
-        perfetto,
-        timeline_view::{Sampler, bands},
+        FaultFilter, file, html, human::HumanSink, live_view::ViewOptions, ndjson::NdjsonSink,
+        perfetto, timeline_view::Pictures,
     },
     probe::{ExitRule, FaultBackend, SyscallBackend},
     replay,
@@ -108,8 +103,8 @@ fn real_main() -> anyhow::Result<u8> {
                 .as_ref()
                 .map(|p| file::create(p, r.force))
                 .transpose()?;
-            let mut sampler = Sampler::new(10_000_000);
-            let replayed = replay::replay(&r.file, &mut sampler, true)?;
+            let mut pictures = Pictures::new();
+            let replayed = replay::replay(&r.file, &mut pictures, true)?;
             let findings: Vec<_> = replayed
                 .session
                 .processes()
@@ -124,23 +119,15 @@ fn real_main() -> anyhow::Result<u8> {
             };
             sink.findings(&findings)?;
             sink.flush()?;
-            if html_out.is_some() || perfetto_out.is_some() {
-                let names: BTreeMap<u32, String> = replayed
-                    .session
-                    .processes()
-                    .map(|p| (p.pid, p.exe.clone().unwrap_or_else(|| "?".into())))
-                    .collect();
-                let bands: Vec<_> = replayed.session.processes().flat_map(bands).collect();
-                if let Some(out) = html_out.as_mut() {
-                    let page = html::page(&names, &bands, &sampler.samples, &findings);
-                    out.write_all(page.as_bytes())
-                        .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
-                }
-                if let Some(out) = perfetto_out.as_mut() {
-                    let trace = perfetto::trace(&names, &bands, &sampler.samples);
-                    serde_json::to_writer(std::io::BufWriter::new(out), &trace)
-                        .map_err(|e| anyhow::anyhow!("writing the Perfetto trace: {e}"))?;
-                }
+            if let Some(out) = html_out.as_mut() {
+                let page = html::page(&pictures.picture(html::COLUMNS), &findings);
+                out.write_all(page.as_bytes())
+                    .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
+            }
+            if let Some(out) = perfetto_out.as_mut() {
+                let trace = perfetto::trace(&pictures.picture(perfetto::COLUMNS));
+                serde_json::to_writer(std::io::BufWriter::new(out), &trace)
+                    .map_err(|e| anyhow::anyhow!("writing the Perfetto trace: {e}"))?;
             }
             Ok(0)
         }

@@ -830,6 +830,37 @@ fn busy(threads: usize, seconds: u64) {
     say(&format!("busy {threads} {rounds}"));
 }
 
+/// Issue #21: a run with many VMA pieces for the pictures: `threads` threads each keep `mib` MiB
+/// of small blocks (one glibc arena each, a 64 MiB PROT_NONE reservation committed bit by bit)
+/// while the main thread maps, touches one page of and unmaps 16 pages `churn` times.
+fn big_picture(threads: usize, mib: usize, churn: usize) {
+    let hs: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut kept = 0usize;
+                for _ in 0..mib * 256 {
+                    // SAFETY: malloc of a small block, written once, deliberately kept.
+                    let p = unsafe { libc::malloc(4000) } as *mut u8;
+                    if !p.is_null() {
+                        // SAFETY: within the block.
+                        unsafe { std::ptr::write_bytes(p, 1, 4000) };
+                        kept += 1;
+                    }
+                    std::thread::yield_now();
+                }
+                kept
+            })
+        })
+        .collect();
+    for _ in 0..churn {
+        let a = anon(16 * PAGE);
+        touch(a, PAGE);
+        munmap(a, 16 * PAGE);
+    }
+    let kept: usize = hs.into_iter().filter_map(|h| h.join().ok()).sum();
+    say(&format!("big_picture {threads} {kept} {churn}"));
+}
+
 /// Benchmark: several threads malloc and free mixed sizes through glibc.
 fn malloc_mt(threads: usize, iters: usize) {
     let start = Instant::now();
@@ -1053,6 +1084,9 @@ fn main() {
         Some("churn") => churn(arg(&args, 2, 20_000)),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
         Some("migrate") => migrate(arg(&args, 2, 100)),
+        Some("big-picture") => {
+            big_picture(arg(&args, 2, 4), arg(&args, 3, 8), arg(&args, 4, 60_000))
+        }
         Some("busy") => busy(arg(&args, 2, 4), arg(&args, 3, 10) as u64),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),

@@ -578,7 +578,7 @@ fn label(session: &Session, pid: u32, region: &Region) -> String {
 
 /// Whether `[start, end)` looks like a glibc arena heap: covered by private anonymous VMAs, part
 /// of it without access (reserved, not yet committed).
-fn is_arena(p: &Process, start: u64, end: u64) -> bool {
+pub(crate) fn is_arena(p: &Process, start: u64, end: u64) -> bool {
     let mut at = start;
     let mut reserved = false;
     while at < end {
