@@ -129,7 +129,9 @@ pub struct TraceArgs {
     /// Overwrite the output file if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Stop after this long (e.g. 500ms, 30s, 5m).
+    /// Stop after this long (e.g. 500ms, 30s, 5m). A launched command is then ended (SIGTERM,
+    /// SIGKILL 2 s later) and its end traced, vmatrace exiting with its status (143 after
+    /// SIGTERM); attached processes (-p) are left running, no longer traced.
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Which page faults to capture and show: none (not captured), first touches, or all

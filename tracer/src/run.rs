@@ -635,6 +635,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
         syscall_backend: format!("{:?}", probe.syscall_backend()).to_lowercase(),
         limits,
+        clock: Some(crate::clock::anchor()),
     };
     sink.start(&meta).map_err(RunError::Write)?;
     let mut session = Session::default();
@@ -763,6 +764,8 @@ async fn event_loop(
     let mut last_reconcile = Instant::now();
     let mut status = 0;
     let mut child_done = !child;
+    // Once --duration is over: the launched command being ended (see launch::Ending).
+    let mut ending: Option<launch::Ending> = None;
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
@@ -781,7 +784,14 @@ async fn event_loop(
                 live.reap_lost_exits();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
-                    break;
+                    match (live.launched, child_done) {
+                        (Some(pid), false) => {
+                            if ending.get_or_insert_with(|| launch::Ending::start(pid)).step() {
+                                break;
+                            }
+                        }
+                        _ => break,
+                    }
                 }
                 if child_done && live.all_exited() {
                     break;
@@ -810,7 +820,7 @@ async fn event_loop(
                 waiter = None;
                 child_done = true;
                 live.collect(fd.get_mut())?;
-                if !cfg.follow || live.all_exited() {
+                if !cfg.follow || live.all_exited() || ending.is_some() {
                     break;
                 }
             }

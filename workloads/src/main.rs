@@ -830,6 +830,50 @@ fn busy(threads: usize, seconds: u64) {
     say(&format!("busy {threads} {rounds}"));
 }
 
+/// Issue #21: mapping ids through what the kernel does to VMAs, inside a 64-page PROT_NONE
+/// reservation R (so that nothing else merges in): A (8 pages) mapped over its pages 8-16;
+/// split by mprotect and merged back; B mapped right after A (the kernel merges them into one
+/// VMA); A's 8 pages moved to R+40; grown in place to 12 pages; a 2-page hole punched in it.
+/// Prints `vma_ids R A`, and a checkpoint after each step.
+fn vma_ids() {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let fixed = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+    let r = mmap(
+        0,
+        64 * PAGE,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    );
+    let a = mmap(r + 8 * PAGE, 8 * PAGE, rw, fixed, -1, 0);
+    touch(a, PAGE);
+    say(&format!("vma_ids {r} {a}"));
+    checkpoint("mapped");
+    // SAFETY: protection changes and remaps of memory this program mapped.
+    unsafe {
+        libc::mprotect((a + 2 * PAGE) as *mut _, 2 * PAGE, libc::PROT_READ);
+        checkpoint("split");
+        libc::mprotect((a + 2 * PAGE) as *mut _, 2 * PAGE, rw);
+        checkpoint("merged_back");
+        mmap(a + 8 * PAGE, 4 * PAGE, rw, fixed, -1, 0);
+        checkpoint("neighbour_merged");
+        libc::mremap(
+            a as *mut _,
+            8 * PAGE,
+            8 * PAGE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            (r + 40 * PAGE) as *mut libc::c_void,
+        );
+        checkpoint("moved");
+        munmap(r + 48 * PAGE, 4 * PAGE);
+        libc::mremap((r + 40 * PAGE) as *mut _, 8 * PAGE, 12 * PAGE, 0);
+        checkpoint("grown");
+        munmap(r + 44 * PAGE, 2 * PAGE);
+        checkpoint("hole");
+    }
+}
+
 /// Issue #21: a run with many VMA pieces for the pictures: `threads` threads each keep `mib` MiB
 /// of small blocks (one glibc arena each, a 64 MiB PROT_NONE reservation committed bit by bit)
 /// while the main thread maps, touches one page of and unmaps 16 pages `churn` times.
@@ -1084,6 +1128,7 @@ fn main() {
         Some("churn") => churn(arg(&args, 2, 20_000)),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
         Some("migrate") => migrate(arg(&args, 2, 100)),
+        Some("vma-ids") => vma_ids(),
         Some("big-picture") => {
             big_picture(arg(&args, 2, 4), arg(&args, 3, 8), arg(&args, 4, 60_000))
         }

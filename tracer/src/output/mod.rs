@@ -25,6 +25,8 @@ pub struct Meta {
     pub fault_backend: String,
     pub syscall_backend: String,
     pub limits: Limits,
+    /// The wall-clock time of the run's start and its boot (replay: the recording's).
+    pub clock: Option<crate::clock::Anchor>,
 }
 pub use report::{LossSummary, Summary};
 
