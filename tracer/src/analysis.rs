@@ -408,7 +408,8 @@ fn untouched(p: &Process) -> Finding {
         let touched = p.space.pages_in(v.start, v.end).touched() * PAGE_SIZE;
         let never = v.len().saturating_sub(touched);
         *by_kind.entry(v.backing.kind().to_string()).or_default() += never;
-        if v.backing.is_anonymous() {
+        // The mappings listed are those the title counts: anonymous memory and the heap.
+        if matches!(v.backing.kind(), "anon" | "heap") {
             for (s, e, id) in p.space.ids().ranges_in(v.start, v.end) {
                 let touched = p.space.pages_in(s, e).touched() * PAGE_SIZE;
                 let m = by_mapping.entry(id).or_insert((0, 0, s));
@@ -418,6 +419,7 @@ fn untouched(p: &Process) -> Finding {
             }
         }
     }
+    let untouched_mappings = by_mapping.values().filter(|m| m.0 > 0).count();
     let mut largest: Vec<(u64, u64, u64, u64)> = by_mapping
         .into_iter()
         .filter(|(_, (never, _, _))| *never >= MIB)
@@ -442,8 +444,14 @@ fn untouched(p: &Process) -> Finding {
     f.explanation = format!(
         "Reserved address space costs nothing until it is touched (reservations without \
          access, such as glibc's arena reserves, are not counted). {}.",
-        if largest.is_empty() {
-            "No anonymous mapping has 1 MiB or more never touched".to_string()
+        if untouched_mappings == 0 {
+            "Every anonymous mapping was touched throughout".to_string()
+        } else if largest.is_empty() {
+            format!(
+                "It is spread over {untouched_mappings} mapping{}, none with 1 MiB or more never \
+                 touched",
+                if untouched_mappings == 1 { "" } else { "s" }
+            )
         } else {
             format!(
                 "The anonymous mappings with the most never touched: {}",
@@ -600,6 +608,48 @@ mod tests {
                 && u.explanation
                     .contains(&format!("{:#x} (mapping ", a + 8 * MIB))
                 && u.explanation.contains("8 MiB of 8 MiB never touched"),
+            "{}",
+            u.explanation
+        );
+    }
+
+    #[test]
+    fn untouched_memory_spread_over_small_mappings_is_said_so_and_reserves_are_left_out() {
+        let mut s = Session::default();
+        s.add(7, Seed::default(), 0, None);
+        // 300 mappings of 512 KiB with gaps between them, none touched: 150 MiB in all, none
+        // with 1 MiB; and a 64 MiB reservation without access, which is not memory.
+        let base = 0x7f00_0000_0000u64;
+        for i in 0..300u64 {
+            let at = base + i * MIB;
+            call(
+                &mut s,
+                i + 1,
+                Syscall::Mmap,
+                [0, MIB / 2, 3, 0x22, u64::MAX, 0],
+                at as i64,
+            );
+        }
+        let reserve = 0x7e00_0000_0000u64;
+        call(
+            &mut s,
+            400,
+            Syscall::Mmap,
+            [0, 64 * MIB, 0, 0x22, u64::MAX, 0],
+            reserve as i64,
+        );
+        let p = s.get(7).expect("traced");
+        let f = analyze(p, &Limits::default());
+        let u = f.iter().find(|f| f.id == "untouched").expect("untouched");
+        assert_eq!(
+            u.numbers["anon_bytes"],
+            150 * MIB,
+            "the reservation is not counted"
+        );
+        assert!(u.title.contains("150 MiB"), "{}", u.title);
+        assert!(
+            u.explanation
+                .contains("spread over 300 mappings, none with 1 MiB or more never touched"),
             "{}",
             u.explanation
         );

@@ -11,8 +11,10 @@ Examples:
   sudo vmatrace -p 1234                   trace a running process until Ctrl-C: a line per
                                           active region (heap, arena, file) and second
   sudo vmatrace -v -p 1234                every event on its own line
-  sudo vmatrace -q --min-size 64M -p 1234 the summary only (-q); calls of 64 MiB or more
-  sudo vmatrace -f -p 1234 --duration 30s follow its children, stop after 30 s
+  sudo vmatrace -q --min-size 64M -p 1234
+                                          the summary only (-q); calls of 64 MiB or more
+  sudo vmatrace -f -p 1234 --duration 30s
+                                          follow its children, stop after 30 s
   sudo vmatrace -- ./server --port 8080   launch a command and trace it from its first instruction
   sudo vmatrace --json -o trace.ndjson -p 1234
                                           export every event as NDJSON
@@ -47,14 +49,45 @@ pub struct Cli {
     pub verbose: u8,
 }
 
+const RECORD_EXAMPLES: &str = "\
+Examples:
+  sudo vmatrace record -o trace.ndjson -- python3 script.py
+                                          launch a command, record it until it ends
+  sudo vmatrace record -f -o trace.ndjson -p 1234
+                                          a running process and its children, until Ctrl-C
+  sudo vmatrace record --duration 10s -o trace.ndjson -- ./server
+                                          end ./server after 10 s (SIGTERM, SIGKILL 2 s later)
+  sudo vmatrace record --faults first -o trace.ndjson -p 1234
+                                          only the faults that change the model (smaller)
+  vmatrace replay trace.ndjson            then, without sudo: the file is the sudo user's
+
+record prints on stderr how many records it wrote and how many events were lost.";
+
+const REPLAY_EXAMPLES: &str = "\
+Examples:
+  vmatrace replay trace.ndjson            the snapshots and summary of a recording
+  vmatrace replay --events trace.ndjson   every replayed event on its own line
+  vmatrace replay --json trace.ndjson     the same as NDJSON records";
+
+const REPORT_EXAMPLES: &str = "\
+Examples:
+  vmatrace report trace.ndjson            findings: heap, arenas, churn, untouched memory
+  vmatrace report --json trace.ndjson     the findings as NDJSON `finding` records
+  vmatrace report trace.ndjson --html out.html --perfetto out.json
+                                          the address space over time: a page for a browser,
+                                          a trace for ui.perfetto.dev";
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Trace and write every event (all faults included) to an NDJSON file for `replay`.
+    #[command(after_help = RECORD_EXAMPLES)]
     Record(TraceArgs),
     /// Rebuild the model from a recorded NDJSON file; print its snapshots and summary.
+    #[command(after_help = REPLAY_EXAMPLES)]
     Replay(ReplayArgs),
     /// Diagnose allocator fragmentation from a recorded NDJSON file.
+    #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
 }
 
@@ -330,5 +363,55 @@ mod tests {
         let c = Cli::try_parse_from(["vmatrace", "record", "-o", "x", "--", "ls"]).expect("parses");
         assert!(matches!(c.command, Some(Command::Record(_))));
         assert!(Cli::try_parse_from(["vmatrace", "-p", "x"]).is_err());
+    }
+
+    /// The command lines of an examples text: each `vmatrace ...` line, up to the
+    /// two-space gap before its explanation, with the lines that continue it.
+    fn example_commands(text: &str) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        for line in text.lines() {
+            // Examples are indented; the sentences after them are not.
+            let Some(line) = line.strip_prefix("  ") else {
+                continue;
+            };
+            let line = line.trim_start();
+            let line = line.strip_prefix("sudo ").unwrap_or(line);
+            if !line.starts_with("vmatrace ") {
+                continue;
+            }
+            let command = line.split("  ").next().unwrap_or(line);
+            out.push(command.split_whitespace().map(str::to_string).collect());
+        }
+        out
+    }
+
+    #[test]
+    fn every_example_in_the_help_parses() {
+        let texts = [EXAMPLES, RECORD_EXAMPLES, REPLAY_EXAMPLES, REPORT_EXAMPLES];
+        let mut n = 0;
+        for text in texts {
+            for args in example_commands(text) {
+                Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 20, "{n} examples");
+        // And each subcommand's help shows its own.
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        for (sub, first) in [
+            ("record", "vmatrace record -o trace.ndjson"),
+            ("replay", "vmatrace replay --events"),
+            ("report", "vmatrace report --json"),
+        ] {
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .expect("subcommand")
+                .render_long_help()
+                .to_string();
+            assert!(
+                help.contains("Examples:") && help.contains(first),
+                "{sub}: {help}"
+            );
+        }
     }
 }

@@ -139,7 +139,10 @@ fn meta_anchors_record_times_to_the_wall_clock_and_the_boot() {
     for r in &t.records[1..] {
         let ts = r["ts_ns"].as_u64().expect("ts_ns");
         let at = m_wall + ts - m_ts;
-        assert!(before <= at && at <= after, "{r}: {at} not in {before}..{after}");
+        assert!(
+            before <= at && at <= after,
+            "{r}: {at} not in {before}..{after}"
+        );
     }
     // A replay writes the recording's anchor again.
     let rec = temp_path("anchor.ndjson");
