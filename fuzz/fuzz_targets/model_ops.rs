@@ -59,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
                 m.mremap(ts, a, len, len / 2, 0, a);
             }
             _ => {
-                m.shmat(ts, a, len, u64::from(op[3]), false, false);
+                m.shmat(ts, a, len, u64::from(op[3]), u64::from(op[2]), false, false);
             }
         }
         let v: Vec<_> = m.vmas().cloned().collect();
