@@ -227,6 +227,17 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermar
     }))
 }
 
+/// How many events one ring-buffer record holds (the faults of a batch, else one), from its
+/// header alone: for records counted without being handled.
+pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
+    let header: EventHeader = read(bytes)?;
+    Ok(if header.kind == EventKind::FaultBatch as u32 {
+        u64::from(header.detail.min(FAULT_BATCH_LEN as u32))
+    } else {
+        1
+    })
+}
+
 /// Decodes one ring-buffer record that is a single event (not a [`EventKind::FaultBatch`]).
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let header: EventHeader = read(bytes)?;

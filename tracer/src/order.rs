@@ -10,6 +10,8 @@
 //!
 //! Pure: no clock, no I/O.
 
+use std::collections::BinaryHeap;
+
 use crate::event::{Event, Watermark};
 
 /// Something with a time stamp.
@@ -24,13 +26,51 @@ impl Timed for Event {
     }
 }
 
+/// An event held back, ordered by time, then by arrival (so that events with the same time
+/// keep their ring order), earliest first out of a [`BinaryHeap`].
+#[derive(Debug)]
+struct Held<T> {
+    ts_ns: u64,
+    seq: u64,
+    event: T,
+}
+
+impl<T> PartialEq for Held<T> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.ts_ns, self.seq) == (other.ts_ns, other.seq)
+    }
+}
+
+impl<T> Eq for Held<T> {}
+
+impl<T> PartialOrd for Held<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T> Ord for Held<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Reversed: the max-heap gives the earliest first.
+        (other.ts_ns, other.seq).cmp(&(self.ts_ns, self.seq))
+    }
+}
+
 /// Holds events until no event still to come can precede them.
 #[derive(Debug)]
 pub struct Reorder<T> {
     /// The latest watermark of each CPU that sends them (index: CPU number); `None` until the
     /// first. Empty when nothing is batched: events are then released as they come.
     watermarks: Vec<Option<u64>>,
-    held: Vec<T>,
+    /// Events just decoded, in ring order, not yet sorted in.
+    incoming: Vec<T>,
+    /// Events waiting for the watermarks. A heap, so that each release costs what it
+    /// releases: when a reader far behind holds a ring's worth of events (an idle CPU's
+    /// watermark comes only with the flush written at the ring's end), sorting them all at
+    /// each release took most of the reader's time.
+    held: BinaryHeap<Held<T>>,
+    /// Arrival counter, for stable order among equal times.
+    seq: u64,
 }
 
 impl<T: Timed> Reorder<T> {
@@ -46,7 +86,9 @@ impl<T: Timed> Reorder<T> {
         }
         Self {
             watermarks,
-            held: Vec::new(),
+            incoming: Vec::new(),
+            held: BinaryHeap::new(),
+            seq: 0,
         }
     }
 
@@ -55,9 +97,9 @@ impl<T: Timed> Reorder<T> {
         Self::new(&[])
     }
 
-    /// Where new events go, in ring order.
+    /// Where new events go, in ring order (they may be changed there until the next release).
     pub fn incoming(&mut self) -> &mut Vec<T> {
-        &mut self.held
+        &mut self.incoming
     }
 
     /// Records a CPU's watermark. Watermarks of CPUs not waited for are ignored.
@@ -91,9 +133,9 @@ impl<T: Timed> Reorder<T> {
         self.reported() >= ts_ns
     }
 
-    /// Number of events held back.
+    /// Number of events held back (incoming ones included).
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.incoming.len() + self.held.len()
     }
 
     /// Moves into `out`, oldest first, every event nothing still to come can precede: those
@@ -110,15 +152,23 @@ impl<T: Timed> Reorder<T> {
     fn release_upto(&mut self, upto: u64, out: &mut Vec<T>) {
         if self.watermarks.is_empty() {
             // Nothing is batched: the ring's order is the time order.
-            out.append(&mut self.held);
+            out.append(&mut self.incoming);
             return;
         }
-        // Stable: events with the same time stay in ring order. The held events are runs
-        // that are each in order already (what was left last time, each batch, the direct
-        // records between them), which the sort merges in about linear time.
-        self.held.sort_by_key(Timed::ts_ns);
-        let n = self.held.partition_point(|e| e.ts_ns() <= upto);
-        out.extend(self.held.drain(..n));
+        for event in self.incoming.drain(..) {
+            self.seq += 1;
+            self.held.push(Held {
+                ts_ns: event.ts_ns(),
+                seq: self.seq,
+                event,
+            });
+        }
+        while let Some(top) = self.held.peek_mut() {
+            if top.ts_ns > upto {
+                break;
+            }
+            out.push(std::collections::binary_heap::PeekMut::pop(top).event);
+        }
     }
 }
 

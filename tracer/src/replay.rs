@@ -685,16 +685,7 @@ fn replay_bounded(
                         .map_err(ReplayError::Write)?;
                 }
             }
-            Record::Lost(l) => {
-                lost.lost_syscall += l.lost_syscall;
-                lost.lost_fault += l.lost_fault;
-                lost.lost_lifecycle += l.lost_lifecycle;
-                lost.pending_full += l.pending_full;
-                lost.exit_without_enter += l.exit_without_enter;
-                lost.targets_full += l.targets_full;
-                lost.read_error += l.read_error;
-                lost.undecodable += l.undecodable;
-            }
+            Record::Lost(l) => lost += &l,
             Record::Other => {}
         }
     }

@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     ffi::OsString,
-    io,
+    io::{self, Write},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -187,7 +187,7 @@ fn shm_of(s: &SyscallRecord) -> Option<(u64, u64)> {
     procfs::attached_segment(s.pid, s.ret as u64).or_else(|| procfs::shm_segment(s.args[0]))
 }
 
-fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary {
+fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64, unread: u64) -> LossSummary {
     LossSummary {
         lost_syscall: now.lost_syscall - last.lost_syscall,
         lost_fault: now.lost_fault - last.lost_fault,
@@ -197,6 +197,7 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64) -> LossSummary
         targets_full: now.targets_full - last.targets_full,
         read_error: now.read_error - last.read_error,
         undecodable,
+        unread,
     }
 }
 
@@ -210,6 +211,9 @@ struct Live {
     last_stats: KernelStats,
     undecodable: u64,
     undecodable_total: u64,
+    /// Events left unhandled in the ring at a stop (not yet in a `lost` record, and in all).
+    unread: u64,
+    unread_total: u64,
     events: u64,
     /// Paths of the fds traced processes opened, by (pid, fd).
     opened: HashMap<(u32, i32), String>,
@@ -230,6 +234,8 @@ struct Live {
     /// Events were lost in the last tick.
     losing: bool,
     last_resync_ns: u64,
+    /// Watermarks owed to CPUs whose flushed batch was refused.
+    refused: Vec<Refused>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -238,34 +244,51 @@ const RESYNC_EVERY_NS: u64 = 1_000_000_000;
 /// A stop at exec this old without its exec event handled: the event was lost.
 const LOST_EXEC_AFTER_NS: u64 = 1_000_000_000;
 
-/// Events taken from the ring before they are handled.
-const DRAIN_BATCH: usize = 4096;
+/// Events taken from the ring before they are handled (small enough that a batch takes a few
+/// milliseconds, so that a deadline is kept to within that).
+const DRAIN_BATCH: usize = 1024;
 
-/// The longest one read of the ring takes (twice per tick) before the loop goes on.
-const COLLECT_BUDGET: Duration = Duration::from_millis(200);
+/// How long one read of the ring may go on before the loop sees to its other work (signals,
+/// the timer, `--duration`): a reader that is behind still stops on time.
+const DRAIN_SLICE: Duration = Duration::from_millis(20);
+
+/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may go without
+/// progress before vmatrace gives up on the rest: a reader of its output that does not read
+/// must not keep it (and the kernel programs) alive.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// After a stop is asked, how long the last read of the ring may take; what is left then is
+/// counted as unread.
+const FINAL_DRAIN: Duration = Duration::from_millis(300);
+
+/// A CPU whose batch a full ring refused at a flush: its watermark `asked` is given once a
+/// batch stamped after `flushed` is read (every record reserved before then has been read).
+#[derive(Clone, Copy, Debug)]
+struct Refused {
+    cpu: u32,
+    asked: u64,
+    flushed: u64,
+}
 
 impl Live {
-    /// Reads the records waiting in the ring and handles, in time order, the events that
-    /// nothing still to come can precede (see [`crate::order`]). Records are decoded and
+    /// Reads the records waiting in the ring, until it is empty or `until` has passed, and
+    /// handles, in time order, the events that nothing still to come can precede (see
+    /// [`crate::order`]). Returns whether the ring was emptied. Records are decoded and
     /// released in batches first and handled after: the ring's consumer position (a cache
     /// line the producing CPU reads for every record it reserves) then moves in a short burst
     /// instead of once per handled event, which keeps that line from bouncing between the
     /// cores all the time.
-    ///
-    /// It stops at `deadline` when the ring is not empty by then (a reader
-    /// slower than the traced processes would never see it empty, and ticks, the output's
-    /// timer and the status line, would wait for ever). Returns whether the ring was emptied.
-    fn drain_until(
+    fn drain(
         &mut self,
         ring: &mut RingBuf<MapData>,
-        deadline: Option<Instant>,
+        until: Option<Instant>,
     ) -> Result<bool, RunError> {
         loop {
             // Up to DRAIN_BATCH events (a fault batch holds up to 64), so that the reorder
             // sorts little at a time.
-            let first = self.order.held();
+            let first = self.order.incoming().len();
             let mut empty = false;
-            while self.order.held() - first < DRAIN_BATCH {
+            while self.order.incoming().len() - first < DRAIN_BATCH {
                 let Some(item) = ring.next() else {
                     empty = true;
                     break;
@@ -273,7 +296,10 @@ impl Live {
                 let decoded = event::decode_into(&item, self.order.incoming());
                 drop(item);
                 match decoded {
-                    Ok(Some(watermark)) => self.order.watermark(watermark),
+                    Ok(Some(watermark)) => {
+                        self.order.watermark(watermark);
+                        self.settle_refused(watermark.ts_ns);
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         self.undecodable += 1;
@@ -281,6 +307,9 @@ impl Live {
                         log::warn!("undecodable ring-buffer record: {e}");
                     }
                 }
+            }
+            if empty {
+                self.settle_refused(u64::MAX);
             }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
@@ -296,13 +325,31 @@ impl Live {
                 }
             }
             self.handle_released(false)?;
+            crate::signals::progress();
             if empty {
                 return Ok(true);
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if until.is_some_and(|u| Instant::now() >= u) {
                 return Ok(false);
             }
         }
+    }
+
+    /// Gives the watermarks owed to CPUs whose batch was refused at a flush that ended before
+    /// `read_past` (the stamp of a batch just read, stamped before it was reserved; `MAX` once
+    /// the ring is empty): every record those CPUs reserved before the flush is read.
+    fn settle_refused(&mut self, read_past: u64) {
+        let order = &mut self.order;
+        self.refused.retain(|r| {
+            let due = r.flushed < read_past;
+            if due {
+                order.watermark(Watermark {
+                    cpu: r.cpu,
+                    ts_ns: r.asked,
+                });
+            }
+            !due
+        });
     }
 
     /// Handles the events the reorder can release now (`everything`: all it holds).
@@ -321,32 +368,31 @@ impl Live {
     }
 
     /// Reads the ring, has every CPU write the faults it holds (into the room just made), then
-    /// reads the ring again: every event up to now is handled.
-    fn collect(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        self.collect_within(ring, Some(COLLECT_BUDGET))
-    }
-
-    /// [`Live::collect`], each read of the ring stopping after `budget` (none: to its end).
-    fn collect_within(
+    /// reads the ring again: every event up to now is handled, unless `until` passed first
+    /// (the reader is behind; the rest waits in the ring).
+    fn collect(
         &mut self,
         ring: &mut RingBuf<MapData>,
-        budget: Option<Duration>,
-    ) -> Result<(), RunError> {
-        let deadline = || budget.map(|d| Instant::now() + d);
-        self.drain_until(ring, deadline())?;
+        until: Option<Instant>,
+    ) -> Result<bool, RunError> {
+        self.drain(ring, until)?;
         let asked = monotonic_ns();
         let outcome = self.probe.flush_faults();
-        let emptied = self.drain_until(ring, deadline())?;
-        // A refused batch was counted lost and emptied, and (once the ring has been read to
-        // its end) everything the CPU wrote before is read: none of its faults up to `asked`
-        // can still come.
-        for cpu in outcome.refused.into_iter().filter(|_| emptied) {
-            self.order.watermark(Watermark { cpu, ts_ns: asked });
-        }
+        let flushed = monotonic_ns();
+        // A refused batch was counted lost and emptied: none of that CPU's faults up to
+        // `asked` can still come once what it wrote before the flush is read.
+        self.refused
+            .extend(outcome.refused.into_iter().map(|cpu| Refused {
+                cpu,
+                asked,
+                flushed,
+            }));
         for cpu in outcome.gone {
             self.order.forget(cpu);
         }
-        self.handle_released(false)
+        let emptied = self.drain(ring, until)?;
+        self.handle_released(false)?;
+        Ok(emptied)
     }
 
     /// No traced process is alive, and no event that could add one waits to be handled.
@@ -356,8 +402,19 @@ impl Live {
 
     /// At the end, once nothing is traced: collects what the CPUs still hold and handles
     /// every event left (after a collection, every CPU has reported up to the time it began).
-    fn drain_last(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        self.collect_within(ring, None)?;
+    /// With `until` (a stop was asked), what is still in the ring then is counted as unread
+    /// instead: a reader far behind must not keep a stopped run going.
+    fn drain_last(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        until: Option<Instant>,
+    ) -> Result<(), RunError> {
+        if !self.collect(ring, until)? {
+            while let Some(item) = ring.next() {
+                self.unread += event::events_in(&item).unwrap_or(1);
+            }
+            self.unread_total += self.unread;
+        }
         self.handle_released(true)
     }
 
@@ -473,6 +530,7 @@ impl Live {
             &now,
             &self.last_stats,
             std::mem::take(&mut self.undecodable),
+            std::mem::take(&mut self.unread),
         );
         if d != LossSummary::default() {
             self.sink
@@ -591,6 +649,22 @@ impl Live {
     }
 }
 
+/// The output, telling the stop watchdog of each write it accepts: a slow end goes on, a
+/// blocked one does not.
+pub(crate) struct Progressing<W>(pub(crate) W);
+
+impl<W: Write> Write for Progressing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(buf)?;
+        crate::signals::progress();
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
     Ok(crate::output::status::live_sink(cfg, start_ns)?)
 }
@@ -698,6 +772,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         undecodable: 0,
         batch: Vec::with_capacity(DRAIN_BATCH),
         undecodable_total: 0,
+        unread: 0,
+        unread_total: 0,
         events: 0,
         opened: HashMap::new(),
         drift_seen: HashMap::new(),
@@ -705,6 +781,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         resync_due: false,
         losing: false,
         last_resync_ns: 0,
+        refused: Vec::new(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -713,16 +790,16 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let looped = runtime.block_on(event_loop(live, ring, guardian, &cfg));
     // Do not wait for the thread blocked in waitpid when we stop before the child does.
     runtime.shutdown_background();
-    let (mut live, mut ring, status) = looped?;
+    let (mut live, mut ring, status, stop_asked) = looped?;
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
     live.continue_all_exec_stops();
-    live.drain_last(&mut ring)?;
+    live.drain_last(&mut ring, stop_asked.then(|| Instant::now() + FINAL_DRAIN))?;
     live.report_losses()?;
     live.probe.flush_logs();
     live.snapshots(SnapshotReason::Final)?;
     // The same counters the last `lost` record reported, so that they add up.
-    let lost = LossSummary::new(&live.last_stats, live.undecodable_total);
+    let lost = LossSummary::new(&live.last_stats, live.undecodable_total, live.unread_total);
     let summary = summarize(&live.session, lost);
     live.sink
         .summary(monotonic_ns(), &summary)
@@ -736,8 +813,21 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         live.sink.findings(&findings).map_err(RunError::Write)?;
     }
     live.sink.flush().map_err(RunError::Write)?;
+    crate::signals::finished();
     log::debug!("{} events", live.events);
     Ok(status)
+}
+
+/// `--duration` is over: true when the run should stop now. A launched command still running
+/// is ended first (SIGTERM, then SIGKILL, see [`launch::Ending`]) and the run goes on until
+/// its end is traced; an attached process is left running.
+fn duration_over(live: &Live, child_done: bool, ending: &mut Option<launch::Ending>) -> bool {
+    match (live.launched, child_done) {
+        (Some(pid), false) => ending
+            .get_or_insert_with(|| launch::Ending::start(pid))
+            .step(),
+        _ => true,
+    }
 }
 
 async fn event_loop(
@@ -745,7 +835,7 @@ async fn event_loop(
     ring: RingBuf<MapData>,
     guardian: Option<launch::Guardian>,
     cfg: &RunConfig,
-) -> Result<(Live, RingBuf<MapData>, i32), RunError> {
+) -> Result<(Live, RingBuf<MapData>, i32, bool), RunError> {
     // SAFETY: the RingBuf owns its map fd for as long as it lives, and the AsyncFd owns the
     // RingBuf until `into_inner` below.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -756,6 +846,7 @@ async fn event_loop(
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(RunError::Runtime)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
+    crate::signals::watch_stop(cfg.duration, STOP_GRACE).map_err(RunError::Runtime)?;
     // Handlers in place: signals sent since vmatrace started are handled now.
     crate::signals::release();
     let child = guardian.is_some();
@@ -766,32 +857,45 @@ async fn event_loop(
     let mut child_done = !child;
     // Once --duration is over: the launched command being ended (see launch::Ending).
     let mut ending: Option<launch::Ending> = None;
+    // A stop was asked (a signal, or the end of `--duration`), rather than the run ending.
+    let mut stop_asked = false;
     loop {
         tokio::select! {
             guard = fd.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Runtime)?;
-                let deadline = Instant::now() + COLLECT_BUDGET;
-                if live.drain_until(guard.get_inner_mut(), Some(deadline))? {
+                // Left ready while records remain: the next turn reads on, after any tick
+                // that is due. A ring that is never empty keeps tokio from polling its signal
+                // streams and timers for seconds, so the stop is looked for here too.
+                if live.drain(guard.get_inner_mut(), Some(Instant::now() + DRAIN_SLICE))? {
                     guard.clear_ready();
+                } else {
+                    drop(guard);
+                    tokio::task::yield_now().await;
+                }
+                if crate::signals::stop_asked() {
+                    stop_asked = true;
+                    break;
+                }
+                if cfg.duration.is_some_and(|d| started.elapsed() >= d)
+                    && duration_over(&live, child_done, &mut ending)
+                {
+                    stop_asked = true;
+                    break;
                 }
             }
             _ = tick.tick() => {
-                live.collect(fd.get_mut())?;
+                live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
                 live.recover_lost_exec_stops()?;
                 live.resync_after_losses()?;
                 live.reap_lost_exits();
                 live.probe.flush_logs();
-                if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
-                    match (live.launched, child_done) {
-                        (Some(pid), false) => {
-                            if ending.get_or_insert_with(|| launch::Ending::start(pid)).step() {
-                                break;
-                            }
-                        }
-                        _ => break,
-                    }
+                if cfg.duration.is_some_and(|d| started.elapsed() >= d)
+                    && duration_over(&live, child_done, &mut ending)
+                {
+                    stop_asked = true;
+                    break;
                 }
                 if child_done && live.all_exited() {
                     break;
@@ -803,11 +907,20 @@ async fn event_loop(
                     live.reconcile()?;
                 }
             }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = sighup.recv() => break,
+            _ = sigint.recv() => {
+                stop_asked = true;
+                break;
+            }
+            _ = sigterm.recv() => {
+                stop_asked = true;
+                break;
+            }
+            _ = sighup.recv() => {
+                stop_asked = true;
+                break;
+            }
             _ = sigusr1.recv() => {
-                live.collect(fd.get_mut())?;
+                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
                 live.snapshots(SnapshotReason::Signal)?;
             }
             code = async {
@@ -819,12 +932,17 @@ async fn event_loop(
                 status = code.unwrap_or(1);
                 waiter = None;
                 child_done = true;
-                live.collect(fd.get_mut())?;
-                if !cfg.follow || live.all_exited() || ending.is_some() {
+                live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
+                if ending.is_some() {
+                    // Ended by --duration: a stop, its end now traced.
+                    stop_asked = true;
+                    break;
+                }
+                if !cfg.follow || live.all_exited() {
                     break;
                 }
             }
         }
     }
-    Ok((live, fd.into_inner(), status))
+    Ok((live, fd.into_inner(), status, stop_asked))
 }

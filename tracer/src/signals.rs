@@ -1,7 +1,15 @@
 //! The signals vmatrace handles (SIGINT, SIGTERM and SIGHUP to stop cleanly, SIGUSR1 for
 //! snapshots) are blocked from its first instruction until its handlers are in place, so that
 //! one sent early is handled late instead of killing vmatrace by its default action (which
-//! left an empty output and, before the guardian, a stopped command).
+//! left an empty output and, before the guardian, a stopped command). Once a stop is asked, a
+//! watchdog thread makes sure the run ends even when the main thread is blocked writing to a
+//! reader that does not read: the end may take as long as it needs while it makes progress
+//! (a slow machine, many processes to snapshot), not a grace time without any.
+
+use std::{
+    sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 /// The signals held.
 const HELD: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGUSR1];
@@ -28,4 +36,105 @@ pub fn hold() {
 /// for the commands that install none.
 pub fn release() {
     set(libc::SIG_UNBLOCK);
+}
+
+/// Stop requests (SIGINT, SIGTERM, SIGHUP) received in a live run.
+static STOP_REQUESTS: AtomicU32 = AtomicU32::new(0);
+/// The run has written all it had to.
+static FINISHED: AtomicBool = AtomicBool::new(false);
+/// Steps of the run (output accepted by the writer, batches read from the ring), counted so
+/// that the watchdog tells a slow end from a blocked one.
+static PROGRESS: AtomicU64 = AtomicU64::new(0);
+
+/// How often the watchdog looks.
+const WATCH_EVERY: Duration = Duration::from_millis(20);
+
+/// Watches the end of a live run from a thread of its own, which nothing in the run can
+/// block. Once a stop is asked (SIGINT, SIGTERM or SIGHUP, or `duration` after now), the run
+/// goes on for as long as it makes [`progress`]; when it makes none for `grace`, or at a
+/// second SIGINT, vmatrace exits without the rest of its output (the kernel unloads its
+/// programs when its descriptors close, and the launched command's guardian continues the
+/// command should it be stopped at an exec). What this guards against: a reader of stdout
+/// that does not read, which blocks every write.
+pub fn watch_stop(duration: Option<Duration>, grace: Duration) -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the action is one atomic add, which is async-signal-safe; tokio's handlers
+        // for the same signals stay registered.
+        unsafe {
+            signal_hook_registry::register(sig, || {
+                STOP_REQUESTS.fetch_add(1, Ordering::SeqCst);
+            })
+        }?;
+    }
+    let ends_at = duration.map(|d| Instant::now() + d);
+    std::thread::Builder::new()
+        .name("stop-watchdog".into())
+        .spawn(move || {
+            // The last progress count seen, and when it was first seen.
+            let mut seen = (PROGRESS.load(Ordering::SeqCst), Instant::now());
+            // When the watchdog first saw the stop (within one look of it).
+            let mut stop_seen: Option<Instant> = None;
+            loop {
+                std::thread::sleep(WATCH_EVERY);
+                if FINISHED.load(Ordering::SeqCst) {
+                    return;
+                }
+                if STOP_REQUESTS.load(Ordering::SeqCst) >= 2 {
+                    exit_now(
+                        "vmatrace: stopped at once (asked twice); the rest of the output and the summary are not written\n",
+                        130,
+                    );
+                }
+                let now = Instant::now();
+                let progress = PROGRESS.load(Ordering::SeqCst);
+                if progress != seen.0 {
+                    seen = (progress, now);
+                }
+                if stop_seen.is_none() {
+                    if STOP_REQUESTS.load(Ordering::SeqCst) > 0 {
+                        stop_seen = Some(now);
+                    } else if let Some(t) = ends_at.filter(|t| now >= *t) {
+                        stop_seen = Some(t);
+                    }
+                }
+                let Some(stopped) = stop_seen else {
+                    continue;
+                };
+                if now.saturating_duration_since(seen.1.max(stopped)) > grace {
+                    exit_now(
+                        "vmatrace: its output was not taken for 2 s after the stop (is it being read?); the rest of the output and the summary are not written\n",
+                        1,
+                    );
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The run has taken a step (written output, read a batch of events): while it does, the
+/// end of a run is not cut short.
+pub fn progress() {
+    PROGRESS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Whether a stop was asked by a signal since [`watch_stop`]: seen at once, even while the
+/// event loop is too busy for tokio to poll its signal streams.
+pub fn stop_asked() -> bool {
+    STOP_REQUESTS.load(Ordering::SeqCst) > 0
+}
+
+/// The run has written everything: the watchdog has nothing left to guard.
+pub fn finished() {
+    FINISHED.store(true, Ordering::SeqCst);
+}
+
+fn exit_now(message: &str, code: i32) -> ! {
+    // SAFETY: a write to stderr, then `_exit`, which ends every thread at once: no lock that
+    // the blocked thread may hold is taken, nothing is flushed into the output that is not
+    // being read, and no descriptor is closed under the feet of the main thread (the kernel
+    // closes them all, detaching the programs).
+    unsafe {
+        libc::write(2, message.as_ptr().cast(), message.len());
+        libc::_exit(code)
+    }
 }

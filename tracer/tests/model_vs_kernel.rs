@@ -126,7 +126,25 @@ fn bytes_difference(
         let d = model.abs_diff(kernel);
         total += d;
         if d > worst.0 {
-            worst = (d, format!("{r}: model {model} kernel {kernel}"));
+            // Each VMA of the range, for the failure message.
+            let mut each = String::new();
+            for e in smaps.iter().filter(|e| inside(e.map.start, e.map.end)) {
+                let m: u64 = rows
+                    .iter()
+                    .filter(|v| {
+                        v["start"].as_u64() == Some(e.map.start)
+                            && v["end"].as_u64() == Some(e.map.end)
+                    })
+                    .map(|v| v[field].as_u64().unwrap_or(0))
+                    .sum();
+                each.push_str(&format!(
+                    "\n  {:x}-{:x}: model {m} kernel {}",
+                    e.map.start,
+                    e.map.end,
+                    kernel_bytes(e)
+                ));
+            }
+            worst = (d, format!("{r}: model {model} kernel {kernel}{each}"));
         }
     }
     (total, worst.0, worst.1)
@@ -661,23 +679,6 @@ fn after_lost_events_the_model_matches_the_kernel_again() {
             .expect("an exit snapshot")
     };
     assert_eq!(last_map(&replayed), last_map(&recs), "replay's last map");
-}
-
-/// `VmRSS` or `VmHWM` of `pid`, in bytes.
-fn memory_of(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim_start_matches(':')
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .expect("a size in kB")
-        * 1024
 }
 
 /// Zero-page bytes the kernel maps in `[start, end)` of `pid`, from its pagemap.

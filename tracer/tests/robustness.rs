@@ -609,3 +609,211 @@ fn signals_sent_while_vmatrace_starts_are_handled_not_fatal() {
         );
     }
 }
+
+/// A shell running three `fault-loop`s for ever (mmap, touch 64 pages, munmap), each in a
+/// followed child: far more events than a vmatrace sharing the two CPUs can handle.
+fn overload_command() -> Vec<String> {
+    let w = workload();
+    let w = w.to_str().expect("utf-8");
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("for i in 1 2 3; do {w} fault-loop 1000000000 64 & done; wait"),
+    ]
+}
+
+/// The time stamps (ns since `meta`) of the run's `lost` records.
+fn lost_record_times(recs: &[Value]) -> Vec<u64> {
+    let start = recs
+        .iter()
+        .find(|r| r["type"] == "meta")
+        .and_then(|r| r["ts_ns"].as_u64())
+        .unwrap_or(0);
+    recs.iter()
+        .filter(|r| r["type"] == "lost")
+        .map(|r| r["ts_ns"].as_u64().unwrap_or(0).saturating_sub(start))
+        .collect()
+}
+
+/// Issue #16 (overload): with the reader far behind (three processes faulting as fast as
+/// they can on two CPUs, every fault written), vmatrace's memory stays flat, it says what it
+/// loses every second, and SIGINT ends it within a second with a summary.
+#[test]
+fn a_reader_far_behind_stays_bounded_reports_losses_and_stops_on_sigint() {
+    if !privileged("a_reader_far_behind_stays_bounded_reports_losses_and_stops_on_sigint") {
+        return;
+    }
+    let file = temp_path("overload.ndjson");
+    let file_s = file.to_string_lossy().into_owned();
+    let cmd = overload_command();
+    let mut args = vec![
+        "--json", "--faults", "all", "-f", "--force", "-o", &file_s, "--",
+    ];
+    args.extend(cmd.iter().map(String::as_str));
+    let mut v = spawn(&args);
+    let vpid = v.child.id();
+    deadline(60, vpid);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let rss_early = memory_of(vpid, "VmRSS");
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let peak = memory_of(vpid, "VmHWM");
+    eprintln!(
+        "vmatrace RSS at 2 s: {} MiB, peak by 8 s: {} MiB",
+        rss_early >> 20,
+        peak >> 20
+    );
+    let asked = std::time::Instant::now();
+    let asked_ns = tracer::clock::monotonic_ns();
+    kill(vpid, libc::SIGINT);
+    let status = v.child.wait().expect("exits");
+    let took = asked.elapsed();
+    let recs = records(&file);
+    let summary = recs.last().cloned().unwrap_or(Value::Null);
+    assert_eq!(summary["type"], "summary", "a summary after SIGINT");
+    let stopped_ns = summary["ts_ns"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(asked_ns);
+    eprintln!(
+        "summary written {} ms after SIGINT, exited after {took:?} ({status}); unread at the stop: {}",
+        stopped_ns / 1_000_000,
+        summary["lost"]["unread"]
+    );
+    assert!(
+        stopped_ns < 1_000_000_000,
+        "the run ended {stopped_ns} ns after SIGINT"
+    );
+    // Then the kernel detaches the programs (RCU grace periods: seconds under load).
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "exited after {took:?}"
+    );
+    // Before: the reorder held every event while a CPU's refused flush owed its watermark,
+    // and the reader never left its loop: +15-20 MiB/s.
+    assert!(
+        peak < rss_early + (48 << 20),
+        "vmatrace grew from {rss_early} to {peak} bytes under overload"
+    );
+    // Losses are reported each second while they go on (a busy machine may slow the
+    // workload or the report a little: no gap over 2 s from the first to the stop).
+    let lost = lost_record_times(&recs);
+    let gaps: Vec<u64> = lost.windows(2).map(|w| (w[1] - w[0]) / 1_000_000).collect();
+    eprintln!(
+        "lost records at (ms): {:?}",
+        lost.iter().map(|t| t / 1_000_000).collect::<Vec<_>>()
+    );
+    assert!(
+        lost.len() >= 7 && lost.first().is_some_and(|&t| t < 3_000_000_000),
+        "lost records from early on: {lost:?}"
+    );
+    assert!(
+        gaps.iter().all(|&g| g <= 2_000),
+        "a lost record every second while losing; gaps (ms): {gaps:?}"
+    );
+}
+
+/// Issue #16 (overload): `--duration` ends a run whose reader is far behind on time.
+#[test]
+fn duration_ends_a_run_that_is_far_behind_on_time() {
+    if !privileged("duration_ends_a_run_that_is_far_behind_on_time") {
+        return;
+    }
+    let file = temp_path("overload-duration.ndjson");
+    let file_s = file.to_string_lossy().into_owned();
+    let cmd = overload_command();
+    let mut args = vec![
+        "--json",
+        "--faults",
+        "all",
+        "-f",
+        "--force",
+        "--duration",
+        "3s",
+        "-o",
+        &file_s,
+        "--",
+    ];
+    args.extend(cmd.iter().map(String::as_str));
+    let started = std::time::Instant::now();
+    let mut v = spawn(&args);
+    deadline(60, v.child.id());
+    v.child.wait().expect("exits");
+    let took = started.elapsed();
+    let recs = records(&file);
+    let summary = recs.last().cloned().unwrap_or(Value::Null);
+    assert_eq!(summary["type"], "summary");
+    let start_ns = recs[0]["ts_ns"].as_u64().unwrap_or(0);
+    let ran_ns = summary["ts_ns"]
+        .as_u64()
+        .unwrap_or(0)
+        .saturating_sub(start_ns);
+    eprintln!(
+        "--duration 3s: summary {} ms after the start, exited after {took:?}",
+        ran_ns / 1_000_000
+    );
+    // The launched command is ended first (SIGTERM) and its end traced, which takes a
+    // moment more than the duration on a loaded machine; before, the run went on until the
+    // command ended by itself.
+    assert!(
+        ran_ns < 5_000_000_000,
+        "--duration 3s ended {ran_ns} ns after the start"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(9),
+        "exited after {took:?}"
+    );
+}
+
+/// Issue #16 (overload): stdout is a pipe nobody reads, so every write of vmatrace blocks;
+/// SIGINT still ends it once its output has not been taken for 2 s, saying why the output is
+/// incomplete, and its programs are unloaded.
+#[test]
+fn sigint_ends_a_run_whose_output_is_not_read() {
+    if !privileged("sigint_ends_a_run_whose_output_is_not_read") {
+        return;
+    }
+    use std::os::unix::process::CommandExt as _;
+    let before = our_programs();
+    let w = workload();
+    let mut v = Command::new(vmatrace())
+        // -v: every event on its own line (the roll-up's few lines a second would not fill
+        // the pipe).
+        .args(["-v", "--faults", "all", "--"])
+        .arg(&w)
+        .args(["fault-loop", "1000000000", "64"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("starts");
+    let vpid = v.id();
+    deadline(60, vpid);
+    // Until the pipe is full and vmatrace blocked writing to it.
+    wait_for(20, "vmatrace blocked on its output", || {
+        std::fs::read_to_string(format!("/proc/{vpid}/wchan")).is_ok_and(|w| w.contains("pipe"))
+            || std::fs::read_to_string(format!("/proc/{vpid}/stack"))
+                .is_ok_and(|s| s.contains("pipe_write"))
+    });
+    let mine = loaded_since(&before);
+    let asked = std::time::Instant::now();
+    kill(vpid, libc::SIGINT);
+    let status = v.wait().expect("exits");
+    let took = asked.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut v.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    eprintln!("ended {took:?} after SIGINT: {status}; stderr: {err}");
+    // Two seconds without progress for the run to end, then the programs' detach (seconds
+    // under load).
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "exited after {took:?}"
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        err.contains("its output was not taken for 2 s after the stop"),
+        "says why: {err}"
+    );
+    // SAFETY: signalling the process group made for this test (the workload is in it).
+    unsafe { libc::kill(-(vpid as i32), libc::SIGKILL) };
+    assert_unloaded("after the watchdog's exit", &mine);
+}

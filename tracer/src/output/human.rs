@@ -495,13 +495,14 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
     let l = &s.lost;
     writeln!(
         out,
-        "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {})",
+        "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {}; unread at the stop {})",
         l.total_lost(),
         l.lost_syscall,
         l.lost_fault,
         l.lost_lifecycle,
         l.pending_full,
-        l.undecodable
+        l.undecodable,
+        l.unread
     )?;
     out.flush()
 }

@@ -536,12 +536,14 @@ impl<W: Write> LiveView<W> {
         let l = std::mem::take(&mut self.lost);
         if l.total_lost() > 0 {
             let line = format!(
-                "{time} LOST {} events (syscalls {}, faults {}, lifecycle {}, unsaved entries {})",
+                "{time} LOST {} events (syscalls {}, faults {}, lifecycle {}, unsaved entries {}, undecodable {}, unread at the stop {})",
                 l.total_lost(),
                 l.lost_syscall,
                 l.lost_fault,
                 l.lost_lifecycle,
-                l.pending_full
+                l.pending_full,
+                l.undecodable,
+                l.unread
             );
             writeln!(self.out, "{}", paint(self.color, "1;31", &line))?;
         }
@@ -713,12 +715,7 @@ impl<W: Write> Sink for LiveView<W> {
     }
 
     fn lost(&mut self, _ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
-        let l = &mut self.lost;
-        l.lost_syscall += delta.lost_syscall;
-        l.lost_fault += delta.lost_fault;
-        l.lost_lifecycle += delta.lost_lifecycle;
-        l.pending_full += delta.pending_full;
-        l.undecodable += delta.undecodable;
+        self.lost += delta;
         Ok(())
     }
 

@@ -29,7 +29,7 @@ use crate::{
     event::Event,
     flags::size,
     name::shown,
-    run::RunConfig,
+    run::{Progressing, RunConfig},
     session::{Applied, Process, Session},
 };
 
@@ -388,26 +388,28 @@ impl Sink for Feedback {
 pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, OutputError> {
     let stdout_tty = io::stdout().is_terminal();
     let written = Arc::new(Written::default());
+    // Every writer tells the stop watchdog of the writes it gets through (see
+    // [`crate::signals::watch_stop`]).
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
         Some(path) => (
-            Box::new(Counted::new(
+            Box::new(Progressing(Counted::new(
                 file::LineFile::new(file::create(path, cfg.force)?),
                 written.clone(),
-            )),
+            ))),
             false,
         ),
         None if stdout_tty => (
-            Box::new(io::BufWriter::with_capacity(
+            Box::new(Progressing(io::BufWriter::with_capacity(
                 1 << 16,
                 TerminalOut(io::stdout()),
-            )),
+            ))),
             true,
         ),
         None => (
-            Box::new(Counted::new(
+            Box::new(Progressing(Counted::new(
                 io::BufWriter::with_capacity(1 << 16, io::stdout()),
                 written.clone(),
-            )),
+            ))),
             false,
         ),
     };

@@ -290,3 +290,20 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// `VmRSS` or `VmHWM` of `pid`, in bytes.
+pub fn memory_of(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim_start_matches(':')
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("a size in kB")
+        * 1024
+}
