@@ -228,8 +228,15 @@ fn a_full_disk_leaves_only_whole_lines() {
     let text = std::fs::read_to_string(&file).expect("reads");
     let _ = Command::new("umount").arg(&dir).status();
     assert_ne!(o.status.code(), Some(0), "a full disk is an error");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("No space left on device"), "{err}");
+    // After the banner (two lines), the error in one line.
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines.len() == 3
+            && lines[0].starts_with("vmatrace: tracing `")
+            && lines[1].starts_with("vmatrace: syscalls from "),
+        "{err}"
+    );
+    assert!(lines[2].contains("No space left on device"), "{err}");
     assert!(text.ends_with('\n'), "no partial last line");
     for l in text.lines() {
         serde_json::from_str::<Value>(l).expect("every line on disk is whole JSON");
