@@ -27,6 +27,10 @@ pub enum EventKind {
     Open = 6,
     /// Faults gathered on one CPU and written as one record: [`FaultBatch`].
     FaultBatch = 7,
+    /// The user stack of the thread at a syscall or fault: [`StackHead`], then the
+    /// frame-pointer walk and the copied top of the stack. It precedes (in the ring) the
+    /// record it belongs to, which userspace finds by thread and time.
+    Stack = 8,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -40,6 +44,7 @@ impl TryFrom<u32> for EventKind {
             5 => Self::Exit,
             6 => Self::Open,
             7 => Self::FaultBatch,
+            8 => Self::Stack,
             other => return Err(other),
         })
     }
@@ -318,10 +323,12 @@ pub enum Stat {
     ReadError = 6,
     /// Events submitted to the ring buffer.
     Submitted = 7,
+    /// Stacks dropped because the ring buffer was full (their events are kept, without one).
+    LostStack = 8,
 }
 
 /// Number of [`Stat`] counters.
-pub const STAT_COUNT: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
 
 impl Stat {
     /// Every counter, in index order.
@@ -334,7 +341,41 @@ impl Stat {
         Self::TargetsFull,
         Self::ReadError,
         Self::Submitted,
+        Self::LostStack,
     ];
+}
+
+/// Frame-pointer frames a [`StackRecord`] carries at most (`bpf_get_stack`).
+pub const STACK_FRAMES_MAX: usize = 64;
+/// Bytes of the top of the user stack a [`StackRecord`] can carry (the `--stack-bytes`
+/// bound: a per-CPU array value is at most 32 KiB).
+pub const STACK_COPY_MAX: usize = 16 * 1024;
+/// Default bytes of user stack copied per stack.
+pub const STACK_COPY_DEFAULT: u32 = 8 * 1024;
+
+/// The start of a [`EventKind::Stack`] record. `header.detail` is the [`EventKind`] of the
+/// record the stack belongs to (`Syscall` or `Fault`); `header.ts_ns` is that record's key
+/// time: the syscall's `enter_ts_ns`, or the fault's `ts_ns`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackHead {
+    pub header: EventHeader,
+    /// The user registers needed to unwind: x86_64 `[ip, sp, bp, 0]`, aarch64
+    /// `[pc, sp, fp (x29), lr (x30)]`.
+    pub regs: [u64; 4],
+    /// Frame-pointer frames that follow (at most [`STACK_FRAMES_MAX`]; the first is the ip).
+    pub frames: u32,
+    /// Bytes of user stack copied from `regs[1]` (sp) up, after the frames array.
+    pub stack_bytes: u32,
+}
+
+/// A user stack as the kernel writes it: the record is cut after `stack_bytes` of `stack`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackRecord {
+    pub head: StackHead,
+    pub frames: [u64; STACK_FRAMES_MAX],
+    pub stack: [u8; STACK_COPY_MAX],
 }
 
 /// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
@@ -350,6 +391,10 @@ const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + EXEC_FILENAME_LE
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<OpenEvent>() == 256);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 80);
+const _: () = assert!(core::mem::size_of::<StackHead>() == 64);
+const _: () =
+    assert!(core::mem::size_of::<StackRecord>() == 64 + 8 * STACK_FRAMES_MAX + STACK_COPY_MAX);
+const _: () = assert!(core::mem::size_of::<StackRecord>() <= 32 * 1024);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -28,6 +28,15 @@ pub const PT_REGS_IP_OFFSET: usize = 16 * 8;
 #[cfg(bpf_target_arch = "aarch64")]
 pub const PT_REGS_IP_OFFSET: usize = 32 * 8;
 
+/// Offsets in `struct pt_regs` of the user registers a stack is unwound from, in the order
+/// of `StackHead::regs`: x86_64 ip, sp, bp (and no fourth).
+#[cfg(bpf_target_arch = "x86_64")]
+pub const STACK_REG_OFFSETS: [Option<usize>; 4] = [Some(16 * 8), Some(19 * 8), Some(4 * 8), None];
+/// aarch64: pc, sp, fp (x29), lr (x30).
+#[cfg(bpf_target_arch = "aarch64")]
+pub const STACK_REG_OFFSETS: [Option<usize>; 4] =
+    [Some(32 * 8), Some(31 * 8), Some(29 * 8), Some(30 * 8)];
+
 /// The end of the user half of the address space (48-bit virtual addresses, as both
 /// architectures' default configurations use).
 pub const USER_ADDRESS_END: u64 = 0x0000_8000_0000_0000;

@@ -9,12 +9,13 @@ use aya_ebpf::{
 };
 use tracer_common::{
     EventHeader, EventKind, FAULT_BATCH_LEN, FAULT_ERROR_UNKNOWN, FaultBatch, FaultBatchHead,
-    FaultEvent, Stat,
+    FaultEvent, PF_PROT, Stat,
 };
 
 use crate::{
     arch::{PT_REGS_IP_OFFSET, USER_ADDRESS_END, perf_fault},
     maps::{EVENTS, FAULT_BATCH, count, count_n, current_ids, is_target, now_ns, wakeup_flags},
+    stacks,
 };
 
 // The x86 exception tracepoints, attached raw (no perf record is built, which halves their
@@ -64,7 +65,12 @@ pub fn try_page_fault(ctx: &RawTracePointContext) -> Result<u32, u32> {
         count(Stat::LostFault);
         return Err(1);
     }
-    batch.faults[n] = fault(tgid, tid, address, ip, error_code as u32);
+    let ts = now_ns();
+    // A not-present fault is a first touch unless the page was released or swapped out.
+    if error_code as u32 & PF_PROT == 0 && stacks::fault_wants_stack() {
+        stacks::emit(ctx, EventKind::Fault, tgid, tid, ts);
+    }
+    batch.faults[n] = fault(tgid, tid, address, ip, error_code as u32, ts);
     if n + 1 < FAULT_BATCH_LEN {
         batch.head.header.detail = (n + 1) as u32;
         return Ok(0);
@@ -128,25 +134,30 @@ pub fn try_page_fault_perf(ctx: &PerfEventContext) -> Result<u32, u32> {
         return Ok(0);
     }
     let (address, ip) = perf_fault(ctx);
+    let ts = now_ns();
+    // Without an error code every fault is a candidate: one in N gets a stack.
+    if stacks::fault_wants_stack() {
+        stacks::emit(ctx, EventKind::Fault, tgid, tid, ts);
+    }
     let Some(mut entry) = EVENTS.reserve::<FaultEvent>(0) else {
         count(Stat::LostFault);
         // Returning 0 keeps the perf event from writing a sample of its own.
         return Ok(0);
     };
-    entry.write(fault(tgid, tid, address, ip, FAULT_ERROR_UNKNOWN));
+    entry.write(fault(tgid, tid, address, ip, FAULT_ERROR_UNKNOWN, ts));
     entry.submit(wakeup_flags(size_of::<FaultEvent>() as u64));
     Ok(0)
 }
 
 #[inline(always)]
-fn fault(tgid: u32, tid: u32, address: u64, ip: u64, error_code: u32) -> FaultEvent {
+fn fault(tgid: u32, tid: u32, address: u64, ip: u64, error_code: u32, ts_ns: u64) -> FaultEvent {
     FaultEvent {
         header: EventHeader {
             kind: EventKind::Fault as u32,
             tgid,
             tid,
             detail: error_code,
-            ts_ns: now_ns(),
+            ts_ns,
         },
         address,
         ip,

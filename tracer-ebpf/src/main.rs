@@ -11,6 +11,7 @@ mod arch;
 mod faults;
 mod lifecycle;
 mod maps;
+mod stacks;
 mod syscalls;
 
 use aya_ebpf::{

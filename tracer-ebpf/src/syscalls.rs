@@ -7,6 +7,7 @@
 //! that is not there.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_probe_read_user, bpf_probe_read_user_str_bytes},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
@@ -18,6 +19,7 @@ use tracer_common::{
 use crate::{
     arch::SYSCALL_ARG_OFFSETS,
     maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_ns, wakeup_flags},
+    stacks,
 };
 
 // name: sys_enter_mmap (every sys_enter_* has this layout; unused argument slots are not read)
@@ -75,13 +77,13 @@ pub fn try_fentry(ctx: &FEntryContext, syscall: Syscall) -> Result<u32, u32> {
 /// `sys_exit_*`: the return value from the tracepoint's record.
 #[inline(always)]
 pub fn try_exit(ctx: &TracePointContext, syscall: Syscall) -> Result<u32, u32> {
-    exit(syscall, || ctx_u64(ctx, SYS_EXIT_RET_OFFSET) as i64)
+    exit(ctx, syscall, || ctx_u64(ctx, SYS_EXIT_RET_OFFSET) as i64)
 }
 
 /// fexit on the syscall function: its return value follows its one argument.
 #[inline(always)]
 pub fn try_fexit(ctx: &FExitContext, syscall: Syscall) -> Result<u32, u32> {
-    exit(syscall, || ctx.arg::<i64>(1))
+    exit(ctx, syscall, || ctx.arg::<i64>(1))
 }
 
 /// Saves the arguments of `syscall` (`arg(i)` reads the i-th) for the current thread.
@@ -131,7 +133,7 @@ fn enter(syscall: Syscall, arg: impl Fn(usize) -> u64) -> Result<u32, u32> {
 /// Pairs the exit of `syscall` (`ret()` reads its return value) with its saved entry and
 /// emits one event.
 #[inline(always)]
-fn exit(syscall: Syscall, ret: impl Fn() -> i64) -> Result<u32, u32> {
+fn exit<C: EbpfContext>(ctx: &C, syscall: Syscall, ret: impl Fn() -> i64) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
     // The (cached) filter first: a process that is not traced costs no look-up here.
     let traced = is_target(tgid);
@@ -158,6 +160,10 @@ fn exit(syscall: Syscall, ret: impl Fn() -> i64) -> Result<u32, u32> {
     let ret = ret();
     if syscall == Syscall::Openat {
         return emit_open(tgid, tid, &pending, ret);
+    }
+    // The stack first: the syscall's record follows it in the ring.
+    if traced && stacks::syscall_stacks() {
+        stacks::emit(ctx, EventKind::Syscall, tgid, tid, pending.enter_ts_ns);
     }
     let Some(mut entry) = EVENTS.reserve::<SyscallEvent>(0) else {
         count(Stat::LostSyscall);

@@ -50,6 +50,7 @@ fn stream(events: usize) -> Vec<Event> {
                 ip: 0,
                 error_code: Some(PF_WRITE | PF_USER),
                 write_from_page: None,
+                stack_id: None,
             }));
         }
         ts += 1;

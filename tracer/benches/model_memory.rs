@@ -50,6 +50,7 @@ fn main() {
                 ip: 0,
                 error_code: Some(tracer_common::PF_WRITE | tracer_common::PF_USER),
                 write_from_page: None,
+                stack_id: None,
             }));
         }
     }

@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use tracer_common::Syscall;
+
 use crate::{
     flags::size,
     model::{Backing, PAGE_SIZE},
     session::{ARENA_SHIFT, Process},
+    stacks::{StackTable, sites},
 };
 
 /// How much a finding matters.
@@ -34,6 +37,9 @@ pub struct Finding {
     pub numbers: BTreeMap<String, u64>,
     pub explanation: String,
     pub suggestion: Option<String>,
+    /// With stacks: the call sites responsible, most memory first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<String>,
 }
 
 /// Thresholds, so that a healthy process raises no warning.
@@ -67,18 +73,61 @@ fn finding(p: &Process, id: &str, severity: Severity, title: String) -> Finding 
         numbers: BTreeMap::new(),
         explanation: String::new(),
         suggestion: None,
+        call_sites: Vec::new(),
     }
 }
 
-/// Every finding for one process.
-pub fn analyze(p: &Process, limits: &Limits) -> Vec<Finding> {
-    let mut out = vec![heap(p)];
-    out.extend(arenas(p, limits));
-    out.extend(mmap_churn(p));
-    out.extend(purge_churn(p));
-    out.push(untouched(p));
+/// Call sites a finding names at most.
+const FINDING_SITES: usize = 3;
+
+/// Every finding for one process; with stacks, each names the call sites responsible.
+pub fn analyze(p: &Process, limits: &Limits, stacks: &StackTable) -> Vec<Finding> {
+    let labels = |rows: Vec<sites::SiteRow>| rows.into_iter().map(|r| r.site).collect();
+    let mut heap = heap(p);
+    let mut growers = sites::table_of_calls(&p.sites, stacks, usize::MAX, &[Syscall::Brk]);
+    growers.retain(|r| r.stats.reserved_bytes > 0);
+    growers.truncate(FINDING_SITES);
+    heap.call_sites = labels(growers);
+    let mut out = vec![heap];
+    for mut f in arenas(p, limits) {
+        f.call_sites = labels(sites::table_of(&p.sites, stacks, FINDING_SITES, |id| {
+            stacks.get(id).is_some_and(|d| sites::through_malloc(d))
+                && p.sites.calls_by_stack.get(&id).is_some_and(|m| {
+                    m & (1 << Syscall::Mmap as u32 | 1 << Syscall::Mprotect as u32) != 0
+                })
+        }));
+        out.push(f);
+    }
+    out.extend(mmap_churn(p, stacks));
+    for mut f in purge_churn(p) {
+        f.call_sites = labels(sites::table_of_calls(
+            &p.sites,
+            stacks,
+            FINDING_SITES,
+            &[Syscall::Madvise, Syscall::ProcessMadvise],
+        ));
+        out.push(f);
+    }
+    let mut untouched = untouched(p);
+    let mut idle = sites::table(&p.sites, stacks, usize::MAX);
+    idle.retain(|r| r.still_mapped_bytes > 0);
+    idle.sort_by_key(|r| {
+        std::cmp::Reverse(
+            r.still_mapped_bytes
+                .saturating_sub(r.stats.touched_bytes + r.stats.first_touch_bytes),
+        )
+    });
+    idle.truncate(FINDING_SITES);
+    untouched.call_sites = labels(idle);
+    out.push(untouched);
     out.extend(growth(p));
-    out.push(fragmentation(p, limits));
+    let mut frag = fragmentation(p, limits);
+    let mut mapped = sites::table(&p.sites, stacks, usize::MAX);
+    mapped.sort_by_key(|r| std::cmp::Reverse(r.still_mapped_bytes));
+    mapped.retain(|r| r.still_mapped_bytes > 0);
+    mapped.truncate(FINDING_SITES);
+    frag.call_sites = labels(mapped);
+    out.push(frag);
     out
 }
 
@@ -309,8 +358,9 @@ fn arenas(p: &Process, limits: &Limits) -> Vec<Finding> {
     vec![f]
 }
 
-/// Repeated same-size mmap/munmap pairs: allocations just above the mmap threshold.
-fn mmap_churn(p: &Process) -> Vec<Finding> {
+/// Repeated same-size mmap/munmap pairs: allocations just above the mmap threshold, or a
+/// program that maps and unmaps buffers itself (which the stacks tell apart).
+fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
     let span = |s: &crate::session::PairStats| s.last_ns.saturating_sub(s.first_ns).max(1);
     let Some((len, stats)) = p
         .patterns
@@ -340,16 +390,54 @@ fn mmap_churn(p: &Process) -> Vec<Finding> {
         ("per_second".into(), rate),
         ("refaulted_bytes".into(), stats.released_pages * PAGE_SIZE),
     ]);
-    f.explanation = "Allocations of this size are above malloc's mmap threshold, so each one \
-                     is a fresh mmap whose pages are faulted in and then unmapped on free."
-        .into();
-    f.suggestion = Some(format!(
+    // Who made these mmap calls: malloc, or the program itself.
+    let callers: Vec<u64> = p
+        .sites
+        .mmap_lens
+        .keys()
+        .filter(|(l, _)| l == len)
+        .map(|&(_, id)| id)
+        .collect();
+    let known: Vec<_> = callers.iter().filter_map(|id| stacks.get(*id)).collect();
+    let by_malloc = known.iter().filter(|d| sites::through_malloc(d)).count();
+    f.call_sites = sites::table_of(&p.sites, stacks, FINDING_SITES, |id| callers.contains(&id))
+        .into_iter()
+        .map(|r| r.site)
+        .collect();
+    let threshold_advice = format!(
         "Raise the threshold above {} (mallopt(M_MMAP_THRESHOLD, ...) or \
          MALLOC_MMAP_THRESHOLD_={}) so that these blocks are reused from the heap, or keep and \
          reuse the buffers.",
         size(*len),
         (len * 2).next_power_of_two()
-    ));
+    );
+    if known.is_empty() {
+        f.explanation = "Allocations of this size are above malloc's mmap threshold, so each \
+                         one is a fresh mmap whose pages are faulted in and then unmapped on \
+                         free (record with --stacks to see whether malloc makes these calls)."
+            .into();
+        f.suggestion = Some(threshold_advice);
+    } else if by_malloc == 0 {
+        f.explanation = format!(
+            "The program maps and unmaps these buffers itself (no malloc on the stacks of \
+             these calls{}), so each one is faulted in again and malloc's settings change \
+             nothing.",
+            if f.call_sites.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", f.call_sites.join("; "))
+            }
+        );
+        f.suggestion = Some(
+            "Keep and reuse the buffers at these call sites instead of mapping them again.".into(),
+        );
+    } else {
+        f.explanation = "Allocations of this size are above malloc's mmap threshold (malloc \
+                         is on the stacks of these calls), so each one is a fresh mmap whose \
+                         pages are faulted in and then unmapped on free."
+            .into();
+        f.suggestion = Some(threshold_advice);
+    }
     vec![f]
 }
 
@@ -591,7 +679,7 @@ mod tests {
         );
         let p = s.get(7).expect("traced");
         assert_eq!(p.space.vma_count(), 2, "the two mappings are one VMA");
-        let f = analyze(p, &Limits::default());
+        let f = analyze(p, &Limits::default(), &s.stacks);
         let g = f
             .iter()
             .find(|f| f.id == "growth")
@@ -639,7 +727,7 @@ mod tests {
             reserve as i64,
         );
         let p = s.get(7).expect("traced");
-        let f = analyze(p, &Limits::default());
+        let f = analyze(p, &Limits::default(), &s.stacks);
         let u = f.iter().find(|f| f.id == "untouched").expect("untouched");
         assert_eq!(
             u.numbers["anon_bytes"],

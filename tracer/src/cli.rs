@@ -2,6 +2,7 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
+use crate::output::profile::FoldedValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::output::FaultFilter;
@@ -59,6 +60,9 @@ Examples:
                                           end ./server after 10 s (SIGTERM, SIGKILL 2 s later)
   sudo vmatrace record --faults first -o trace.ndjson -p 1234
                                           only the faults that change the model (smaller)
+  sudo vmatrace record --stacks --fault-stacks 64 -o trace.ndjson -- ./app
+                                          with the call stack of every memory syscall and
+                                          of one first touch in 64
   vmatrace replay trace.ndjson            then, without sudo: the file is the sudo user's
 
 record prints on stderr how many records it wrote and how many events were lost.";
@@ -73,6 +77,10 @@ const REPORT_EXAMPLES: &str = "\
 Examples:
   vmatrace report trace.ndjson            findings: heap, arenas, churn, untouched memory
   vmatrace report --json trace.ndjson     the findings as NDJSON `finding` records
+  vmatrace report --stacks trace.ndjson   with the call sites' stacks (recorded with --stacks)
+  vmatrace report trace.ndjson --pprof mem.pb.gz --folded mem.txt
+                                          memory by call stack for `go tool pprof` and flame
+                                          graph tools
   vmatrace report trace.ndjson --html out.html --perfetto out.json
                                           the address space over time: a page for a browser,
                                           a trace for ui.perfetto.dev";
@@ -99,12 +107,26 @@ pub struct ReportArgs {
     /// Write the findings as NDJSON `finding` records.
     #[arg(long)]
     pub json: bool,
-    /// Also write the address space over time as one self-contained HTML page.
+    /// Also write the address space over time as one self-contained HTML page (recorded
+    /// with --stacks: with the top call sites and a flame graph of touched bytes).
     #[arg(long, value_name = "OUT")]
     pub html: Option<PathBuf>,
     /// Also write the timeline in the Chrome trace event format (opens in ui.perfetto.dev).
     #[arg(long, value_name = "OUT")]
     pub perfetto: Option<PathBuf>,
+    /// Also write memory by call stack as a gzipped pprof profile (`go tool pprof OUT`):
+    /// calls, reserved, touched, still mapped and released bytes (recorded with --stacks).
+    #[arg(long, value_name = "OUT")]
+    pub pprof: Option<PathBuf>,
+    /// Also write folded stacks, one line per unique stack (flame graph tools read them).
+    #[arg(long, value_name = "OUT")]
+    pub folded: Option<PathBuf>,
+    /// The value of each folded stack.
+    #[arg(long, value_enum, default_value_t = FoldedValue::Reserved)]
+    pub folded_value: FoldedValue,
+    /// Show the whole stack under each call site.
+    #[arg(long)]
+    pub stacks: bool,
     /// Overwrite OUT files that exist.
     #[arg(long)]
     pub force: bool,
@@ -200,6 +222,17 @@ pub struct TraceArgs {
     /// At the end, diagnose allocator fragmentation (heap, arenas, churn, untouched memory).
     #[arg(long)]
     pub report: bool,
+    /// Record the user call stack of every memory syscall (unwound and symbolized while
+    /// tracing; Linux 5.15 or later).
+    #[arg(long)]
+    pub stacks: bool,
+    /// Record the user call stack of one first-touch fault in N (per CPU; 1: every one).
+    #[arg(long, value_name = "N", value_parser = parse_fault_stacks)]
+    pub fault_stacks: Option<u32>,
+    /// Bytes of the top of the user stack copied with each stack, for unwinding (at most
+    /// 16K; deeper frames come from frame pointers where the code has them).
+    #[arg(long, value_name = "BYTES", value_parser = parse_stack_bytes, default_value = "8K")]
+    pub stack_bytes: u32,
     /// The command to launch and trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -316,9 +349,50 @@ pub fn parse_size(s: &str) -> Result<u32, String> {
     Ok(bytes as u32)
 }
 
+/// Parses `--fault-stacks N`: 1 to 1,000,000.
+pub fn parse_fault_stacks(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(n @ 1..=1_000_000) => Ok(n),
+        _ => Err(format!(
+            "'{s}' is not a whole number from 1 (every fault) to 1000000"
+        )),
+    }
+}
+
+/// Parses `--stack-bytes`: 512 bytes to 16 KiB, a multiple of 8 (`4096`, `8K`, `16K`).
+pub fn parse_stack_bytes(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1024u64),
+        _ => (t, 1),
+    };
+    let bytes = num
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|b| (512..=tracer_common::STACK_COPY_MAX as u64).contains(b) && b % 8 == 0)
+        .ok_or(format!(
+            "'{s}': the stack copy must be 512 bytes to 16K, a multiple of 8"
+        ))?;
+    Ok(bytes as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_stack_options() {
+        assert_eq!(parse_stack_bytes("8K"), Ok(8192));
+        assert_eq!(parse_stack_bytes("4096"), Ok(4096));
+        for bad in ["32K", "100", "0", "x", "513", "18446744073709551615K"] {
+            assert!(parse_stack_bytes(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_fault_stacks("64"), Ok(64));
+        for bad in ["0", "-1", "x", "1000001"] {
+            assert!(parse_fault_stacks(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_values() {

@@ -39,6 +39,8 @@ pub struct Resolved {
     /// Pages the call made resident without a fault (populate, lock), read from
     /// `/proc/PID/pagemap` right after it.
     pub resident: Option<Vec<ResidentRun>>,
+    /// The caller's user stack (`--stacks`): the id of its `stack` record.
+    pub stack_id: Option<u64>,
 }
 
 /// A memory syscall with its arguments and return value.
@@ -75,6 +77,8 @@ pub struct FaultRecord {
     /// Without an error code (perf-event backend): whether the access wrote, judged from the
     /// page the kernel mapped for it (`crate::fault_access`); None when unknown.
     pub write_from_page: Option<bool>,
+    /// The faulting thread's user stack (`--fault-stacks`): the id of its `stack` record.
+    pub stack_id: Option<u64>,
 }
 
 impl FaultRecord {
@@ -125,6 +129,14 @@ pub enum Event {
         fd: i32,
         path: String,
     },
+    /// The kernel made the 2 MiB block at `start` of `pid` one huge page without a fault
+    /// (khugepaged, or `MADV_COLLAPSE`): seen by the daemon in pagemap, not sent by the
+    /// kernel programs.
+    Collapse {
+        ts_ns: u64,
+        pid: u32,
+        start: u64,
+    },
 }
 
 impl Event {
@@ -136,7 +148,8 @@ impl Event {
             Self::Fork { ts_ns, .. }
             | Self::Exec { ts_ns, .. }
             | Self::Exit { ts_ns, .. }
-            | Self::Open { ts_ns, .. } => *ts_ns,
+            | Self::Open { ts_ns, .. }
+            | Self::Collapse { ts_ns, .. } => *ts_ns,
         }
     }
 
@@ -149,6 +162,7 @@ impl Event {
             | Self::Exec { tid, .. }
             | Self::Exit { tid, .. }
             | Self::Open { tid, .. } => *tid,
+            Self::Collapse { .. } => 0,
         }
     }
 
@@ -160,7 +174,8 @@ impl Event {
             Self::Fork { pid, .. }
             | Self::Exec { pid, .. }
             | Self::Exit { pid, .. }
-            | Self::Open { pid, .. } => *pid,
+            | Self::Open { pid, .. }
+            | Self::Collapse { pid, .. } => *pid,
         }
     }
 }
@@ -227,12 +242,15 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermar
     }))
 }
 
-/// How many events one ring-buffer record holds (the faults of a batch, else one), from its
-/// header alone: for records counted without being handled.
+/// How many events one ring-buffer record holds (the faults of a batch, none for a stack, else
+/// one), from its header alone: for records counted without being handled.
 pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
     let header: EventHeader = read(bytes)?;
     Ok(if header.kind == EventKind::FaultBatch as u32 {
         u64::from(header.detail.min(FAULT_BATCH_LEN as u32))
+    } else if header.kind == EventKind::Stack as u32 {
+        // A stack belongs to the event after it.
+        0
     } else {
         1
     })
@@ -269,6 +287,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 ip: e.ip,
                 error_code: (header.detail != FAULT_ERROR_UNKNOWN).then_some(header.detail),
                 write_from_page: None,
+                stack_id: None,
             })
         }
         EventKind::Fork => {
@@ -294,7 +313,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let _: ExitEvent = read(bytes)?;
             Event::Exit { ts_ns, pid, tid }
         }
-        EventKind::FaultBatch => return Err(DecodeError::BatchKind(header.kind)),
+        EventKind::FaultBatch | EventKind::Stack => {
+            return Err(DecodeError::BatchKind(header.kind));
+        }
         EventKind::Open => {
             let e: OpenEvent = read(bytes)?;
             Event::Open {

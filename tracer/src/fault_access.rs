@@ -199,6 +199,7 @@ mod tests {
                 ip: 0,
                 error_code: None,
                 write_from_page: None,
+                stack_id: None,
             })
         };
         let mut events = vec![fault(p), fault(p + PAGE_SIZE), fault(p + 2 * PAGE_SIZE)];

@@ -8,6 +8,7 @@
 pub mod analysis;
 pub mod cli;
 pub mod clock;
+pub mod collapse;
 pub mod event;
 pub mod fault_access;
 pub mod flags;
@@ -24,4 +25,5 @@ pub mod residency;
 pub mod run;
 pub mod session;
 pub mod signals;
+pub mod stacks;
 pub mod sudo;

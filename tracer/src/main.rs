@@ -10,10 +10,14 @@ use tracer::{
     analysis,
     cli::{BackendArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
     output::{
-        FaultFilter, file, html, human::HumanSink, live_view::ViewOptions, ndjson::NdjsonSink,
-        perfetto, timeline_view::Pictures,
+        FaultFilter, file, html,
+        human::{self, HumanSink},
+        live_view::ViewOptions,
+        ndjson::NdjsonSink,
+        perfetto, profile,
+        timeline_view::Pictures,
     },
-    probe::{ExitRule, FaultBackend, SyscallBackend},
+    probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
     replay,
     run::{self, RunConfig},
 };
@@ -58,6 +62,11 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
             min_size: t.min_size,
         },
         recording: record,
+        stacks: StackOptions {
+            syscalls: t.stacks,
+            fault_every: t.fault_stacks.unwrap_or(0),
+            stack_bytes: t.stack_bytes,
+        },
     }
 }
 
@@ -103,12 +112,22 @@ fn real_main() -> anyhow::Result<u8> {
                 .as_ref()
                 .map(|p| file::create(p, r.force))
                 .transpose()?;
+            let pprof_out = r
+                .pprof
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
+            let folded_out = r
+                .folded
+                .as_ref()
+                .map(|p| file::create(p, r.force))
+                .transpose()?;
             let mut pictures = Pictures::new();
             let replayed = replay::replay(&r.file, &mut pictures, true)?;
             let findings: Vec<_> = replayed
                 .session
                 .processes()
-                .flat_map(|p| analysis::analyze(p, &replayed.limits))
+                .flat_map(|p| analysis::analyze(p, &replayed.limits, &replayed.session.stacks))
                 .collect();
             let stdout = std::io::BufWriter::new(std::io::stdout());
             let mut sink: Box<dyn tracer::output::Sink> = if r.json {
@@ -119,8 +138,48 @@ fn real_main() -> anyhow::Result<u8> {
             };
             sink.findings(&findings)?;
             sink.flush()?;
+            drop(sink);
+            if !r.json {
+                let mut stdout = std::io::BufWriter::new(std::io::stdout());
+                human::write_call_sites(&mut stdout, &replayed.session, r.stacks)?;
+                stdout.flush()?;
+            }
+            if let Some(out) = pprof_out {
+                let mut out = std::io::BufWriter::new(out);
+                profile::write_pprof(&mut out, &replayed.session, 0)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| anyhow::anyhow!("writing the pprof profile: {e}"))?;
+            }
+            if let Some(out) = folded_out {
+                let mut out = std::io::BufWriter::new(out);
+                profile::write_folded(&mut out, &replayed.session, r.folded_value)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| anyhow::anyhow!("writing the folded stacks: {e}"))?;
+            }
             if let Some(out) = html_out.as_mut() {
-                let page = html::page(&pictures.picture(html::COLUMNS), &findings);
+                let code = html::Code {
+                    names: replayed
+                        .session
+                        .processes()
+                        .map(|p| (p.pid, p.exe.clone().unwrap_or_else(|| "?".into())))
+                        .collect(),
+                    sites: replayed
+                        .session
+                        .processes()
+                        .map(|p| {
+                            let rows = tracer::stacks::sites::table(
+                                &p.sites,
+                                &replayed.session.stacks,
+                                usize::MAX,
+                            );
+                            (p.pid, rows)
+                        })
+                        .collect(),
+                    // Charged to the stacks that mapped the memory, not also to those
+                    // that touched it (--fault-stacks), which would count it twice.
+                    touched: profile::by_names(&replayed.session, |t| t.stats.touched_bytes),
+                };
+                let page = html::page(&pictures.picture(html::COLUMNS), &findings, &code);
                 out.write_all(page.as_bytes())
                     .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
             }

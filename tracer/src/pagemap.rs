@@ -208,6 +208,48 @@ pub fn present_runs(pid: u32, start: u64, end: u64) -> Result<Vec<ResidentRun>, 
     Ok(runs)
 }
 
+/// Which of the 2 MiB blocks at `blocks` (addresses, aligned) `pid` has as one anonymous huge
+/// page now: every page present, private, on physically contiguous frames that start at a
+/// 2 MiB frame boundary, and not the huge zero page. How a collapse by khugepaged or
+/// `MADV_COLLAPSE`, which takes no fault, is seen.
+pub fn huge_blocks(pid: u32, blocks: &[u64]) -> Result<Vec<u64>, ProcError> {
+    if blocks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let map = Pagemap::open(pid)?;
+    let frames = ZeroFrames::of_this_kernel();
+    let pages = crate::model::PMD_PAGES;
+    let mut buf = vec![0u8; pages as usize * 8];
+    let mut out = Vec::new();
+    for &addr in blocks {
+        match map.file.read_at(&mut buf, addr / PAGE_SIZE * 8) {
+            Ok(n) if n == buf.len() => {}
+            Ok(_) => continue,
+            Err(source) => {
+                return Err(ProcError::Io {
+                    path: map.path.clone(),
+                    source,
+                });
+            }
+        }
+        let entry =
+            |i: usize| u64::from_ne_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let first = entry(0);
+        let pfn = first & PM_PFN;
+        let huge = pfn != 0
+            && pfn.is_multiple_of(pages)
+            && !frames.holds(pfn)
+            && (0..pages as usize).all(|i| {
+                let bits = entry(i);
+                bits & PM_PRESENT != 0 && bits & PM_FILE == 0 && bits & PM_PFN == pfn + i as u64
+            });
+        if huge {
+            out.push(addr);
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -314,6 +314,17 @@ pub fn parse_smaps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<SmapsEntr
     Ok(out)
 }
 
+/// How many huge pages khugepaged has made by collapsing small ones, system-wide (none when
+/// the kernel has no transparent huge pages). It changes when a collapse happened, in any
+/// process: the daemon then looks for collapses in the traced ones.
+pub fn khugepaged_collapses() -> Option<u64> {
+    fs::read_to_string("/sys/kernel/mm/transparent_hugepage/khugepaged/pages_collapsed")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The transparent huge page policy that applies to `pid` now (off when the kernel has none).
 pub fn thp_policy(pid: u32) -> ThpPolicy {
     const ROOT: &str = "/sys/kernel/mm/transparent_hugepage";

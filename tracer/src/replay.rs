@@ -18,6 +18,7 @@ use crate::{
     },
     output::{LossSummary, Meta, Sink, SnapshotReason, ndjson::SCHEMA_VERSION, report::summarize},
     session::{Applied, Seed, Session},
+    stacks::StackDef,
 };
 
 /// Errors reading a recording; each names the line.
@@ -52,6 +53,10 @@ pub const USER_ADDRESS_END: u64 = 1 << 57;
 /// 512 GiB.
 pub const MAX_RESIDENT_BYTES: u64 = 1 << 38;
 
+/// The most frames a `stack` record may have (vmatrace writes at most 128 addresses, each
+/// with its inlined functions).
+pub const MAX_STACK_FRAMES: usize = 4096;
+
 /// What one line of a recording holds.
 pub enum Record {
     Meta {
@@ -73,6 +78,8 @@ pub enum Record {
         reason: SnapshotReason,
     },
     Event(Event),
+    /// A unique user stack, defined before the records that name it.
+    Stack(StackDef),
     Lost(LossSummary),
     /// Summary, drift and other records that replay recomputes or ignores.
     Other,
@@ -392,6 +399,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     Some(Value::Array(_)) => Some(resident_of(&v, &user_space())?),
                     _ => None,
                 },
+                stack_id: v.get("stack_id").and_then(Value::as_u64),
             },
         };
         check_ranges(&record)?;
@@ -430,7 +438,20 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                 .and_then(Value::as_u64)
                 .and_then(|c| u32::try_from(c).ok()),
             write_from_page: v.get("write").and_then(Value::as_bool),
+            stack_id: v.get("stack_id").and_then(Value::as_u64),
         })),
+        "stack" => {
+            let def: StackDef =
+                serde_json::from_value(v).map_err(|e| format!("bad stack record: {e}"))?;
+            if def.frames.len() > MAX_STACK_FRAMES {
+                return Err(format!(
+                    "stack {} has {} frames, more than {MAX_STACK_FRAMES}",
+                    def.id,
+                    def.frames.len()
+                ));
+            }
+            Record::Stack(def)
+        }
         "fork" => Record::Event(Event::Fork {
             ts_ns: ts_ns()?,
             pid: u32_of(&v, "pid")?,
@@ -448,6 +469,11 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
             ts_ns: ts_ns()?,
             pid: u32_of(&v, "pid")?,
             tid: u32_of(&v, "tid")?,
+        }),
+        "collapse" => Record::Event(Event::Collapse {
+            ts_ns: ts_ns()?,
+            pid: u32_of(&v, "pid")?,
+            start: u64_of(&v, "start")?,
         }),
         "snapshot" => {
             let name = opt_str(&v, "reason").unwrap_or_default();
@@ -685,6 +711,11 @@ fn replay_bounded(
                         .map_err(ReplayError::Write)?;
                 }
             }
+            Record::Stack(def) => {
+                let def = Arc::new(def);
+                sink.stack(&def).map_err(ReplayError::Write)?;
+                session.stacks.insert(def);
+            }
             Record::Lost(l) => lost += &l,
             Record::Other => {}
         }
@@ -778,6 +809,31 @@ mod tests {
         }
         let r = replayed(&text);
         assert!(r.is_ok(), "{:?}", r.err());
+    }
+
+    #[test]
+    fn a_stack_of_more_than_4096_frames_is_refused_naming_the_line() {
+        let frame = "{\"addr\":4096,\"module\":null,\"offset\":0,\"function\":null,\"file\":null,\"line\":null,\"inlined\":false}";
+        let stack = |n: usize| {
+            format!(
+                "{{\"type\":\"stack\",\"ts_ns\":2,\"id\":1,\"frames\":[{}]}}\n",
+                vec![frame; n].join(",")
+            )
+        };
+        let r = replayed(&format!("{META}{}", stack(MAX_STACK_FRAMES)));
+        assert_eq!(
+            r.map(|r| r.session.stacks.get(1).map(|d| d.frames.len()))
+                .map_err(|e| e.to_string()),
+            Ok(Some(MAX_STACK_FRAMES))
+        );
+        let err = replayed(&format!("{META}{}", stack(MAX_STACK_FRAMES + 1)))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.starts_with("t:2: ") && err.contains("4097 frames"),
+            "{err}"
+        );
     }
 
     #[test]

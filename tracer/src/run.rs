@@ -28,10 +28,14 @@ use crate::{
         FaultFilter, LossSummary, Meta, Sink, SnapshotReason, file::OutputError, report::summarize,
     },
     pagemap,
-    probe::{ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, SyscallBackend},
+    probe::{
+        ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, StackOptions,
+        SyscallBackend,
+    },
     procfs::{self, ProcError},
     residency,
     session::{Applied, Seed, Session},
+    stacks::{Collector, RawStack},
 };
 
 /// Everything a live run needs.
@@ -57,6 +61,8 @@ pub struct RunConfig {
     pub view: crate::output::live_view::ViewOptions,
     /// `vmatrace record` (for the banner and the status line).
     pub recording: bool,
+    /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
+    pub stacks: StackOptions,
 }
 
 /// Errors of a live run, each one line for the user.
@@ -198,6 +204,7 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64, unread: u64) -
         read_error: now.read_error - last.read_error,
         undecodable,
         unread,
+        lost_stack: now.lost_stack - last.lost_stack,
     }
 }
 
@@ -236,6 +243,10 @@ struct Live {
     last_resync_ns: u64,
     /// Watermarks owed to CPUs whose flushed batch was refused.
     refused: Vec<Refused>,
+    /// khugepaged's collapses, looked for in the traced processes when its count moves.
+    khugepaged: crate::collapse::Khugepaged,
+    /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
+    stacks: Option<Collector>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -269,6 +280,8 @@ struct Refused {
     asked: u64,
     flushed: u64,
 }
+/// The default ring with stacks (`--ring-size` not given).
+const STACKS_RING_BYTES: u32 = 64 << 20;
 
 impl Live {
     /// Reads the records waiting in the ring, until it is empty or `until` has passed, and
@@ -293,6 +306,21 @@ impl Live {
                     empty = true;
                     break;
                 };
+                if let Some(stacks) = self.stacks.as_mut() {
+                    match RawStack::decode(&item) {
+                        Ok(Some(raw)) => {
+                            stacks.receive(raw);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.undecodable += 1;
+                            self.undecodable_total += 1;
+                            log::warn!("undecodable stack record: {e}");
+                            continue;
+                        }
+                    }
+                }
                 let decoded = event::decode_into(&item, self.order.incoming());
                 drop(item);
                 match decoded {
@@ -310,6 +338,9 @@ impl Live {
             }
             if empty {
                 self.settle_refused(u64::MAX);
+            }
+            if let Some(stacks) = self.stacks.as_mut() {
+                stacks.attach(&mut self.order.incoming()[first..]);
             }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
@@ -485,7 +516,28 @@ impl Live {
             let space = self.session.get(s.pid).map(|p| &p.space);
             residency::resolve(s, space);
         }
+        if let Some(c) = self.stacks.as_mut() {
+            // Unwound in the mappings the model has just before the event.
+            let space = self.session.get(ev.pid()).map(|p| &p.space);
+            c.resolve(&mut ev, space);
+        }
+        let stack_id = match &ev {
+            Event::Syscall(s) => s.resolved.stack_id,
+            Event::Fault(f) => f.stack_id,
+            _ => None,
+        };
+        if let Some(id) = stack_id
+            && let Some(def) = self.stacks.as_mut().and_then(|c| c.first_use(id))
+        {
+            self.sink.stack(&def).map_err(RunError::Write)?;
+            self.session.stacks.insert(def);
+        }
         let applied = self.session.apply(&ev);
+        if let (Some(c), Event::Exec { pid, .. } | Event::Exit { pid, .. }) =
+            (self.stacks.as_mut(), &ev)
+        {
+            c.forget(*pid);
+        }
         self.sink
             .event(&ev, &applied, &self.session)
             .map_err(RunError::Write)?;
@@ -519,9 +571,36 @@ impl Live {
                         .map_err(RunError::Write)?;
                 }
             }
+            (Event::Syscall(s), Applied::Syscall { .. }) => {
+                // MADV_COLLAPSE made huge pages within the call, without faults.
+                if let Some((pid, start, end)) = crate::collapse::advised(s)
+                    && let Some(p) = self.session.get(pid)
+                {
+                    for c in crate::collapse::found(pid, &p.space, (start, end), true, s.ts_ns) {
+                        self.handle(c)?;
+                    }
+                }
+            }
             _ => {}
         }
         Ok(())
+    }
+
+    /// When khugepaged has collapsed pages since the last look, the traced processes' blocks
+    /// that it may have collapsed are looked at in pagemap; collapses found are handled in
+    /// time order with the events (stamped now).
+    fn look_for_collapses(&mut self) {
+        if !self.khugepaged.collapsed_since() {
+            return;
+        }
+        let ts = monotonic_ns();
+        let found: Vec<Event> = self
+            .session
+            .processes()
+            .filter(|p| p.exited_ns.is_none())
+            .flat_map(|p| crate::collapse::found(p.pid, &p.space, (0, u64::MAX), false, ts))
+            .collect();
+        self.order.incoming().extend(found);
     }
 
     fn report_losses(&mut self) -> Result<(), RunError> {
@@ -694,7 +773,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let start_ns = monotonic_ns();
     let mut sink = make_sink(&cfg, start_ns)?;
     let mut probe = Probe::load(ProbeOptions {
-        ring_bytes: cfg.ring_bytes,
+        // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
+        ring_bytes: if cfg.stacks.any() && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES {
+            STACKS_RING_BYTES
+        } else {
+            cfg.ring_bytes
+        },
         faults: if cfg.faults == FaultFilter::None {
             FaultBackend::Off
         } else {
@@ -702,6 +786,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         },
         syscalls: cfg.syscall_backend,
         exit_rule: cfg.exit_rule,
+        stacks: cfg.stacks,
         ..ProbeOptions::default()
     })?;
     let limits = procfs::limits();
@@ -782,6 +867,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         losing: false,
         last_resync_ns: 0,
         refused: Vec::new(),
+        khugepaged: crate::collapse::Khugepaged::default(),
+        stacks: cfg.stacks.any().then(Collector::new),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -794,6 +881,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     // Stop producing, then read everything still in the ring, then the final state.
     live.probe.clear_targets()?;
     live.continue_all_exec_stops();
+    live.look_for_collapses();
     live.drain_last(&mut ring, stop_asked.then(|| Instant::now() + FINAL_DRAIN))?;
     live.report_losses()?;
     live.probe.flush_logs();
@@ -808,13 +896,23 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         let findings: Vec<_> = live
             .session
             .processes()
-            .flat_map(|p| analysis::analyze(p, &limits))
+            .flat_map(|p| analysis::analyze(p, &limits, &live.session.stacks))
             .collect();
         live.sink.findings(&findings).map_err(RunError::Write)?;
     }
     live.sink.flush().map_err(RunError::Write)?;
     crate::signals::finished();
     log::debug!("{} events", live.events);
+    if let Some(c) = &live.stacks {
+        log::info!(
+            "stacks: {} received ({} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",
+            c.received,
+            c.memo_hits,
+            c.unique(),
+            c.orphaned,
+            live.last_stats.lost_stack
+        );
+    }
     Ok(status)
 }
 
@@ -890,6 +988,7 @@ async fn event_loop(
                 live.recover_lost_exec_stops()?;
                 live.resync_after_losses()?;
                 live.reap_lost_exits();
+                live.look_for_collapses();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d)
                     && duration_over(&live, child_done, &mut ending)
@@ -920,6 +1019,9 @@ async fn event_loop(
                 break;
             }
             _ = sigusr1.recv() => {
+                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
+                // Collapses found now are handled by the next collect, in time order.
+                live.look_for_collapses();
                 live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
                 live.snapshots(SnapshotReason::Signal)?;
             }

@@ -122,6 +122,8 @@ pub struct Process {
     pub started_ns: u64,
     pub exited_ns: Option<u64>,
     pub patterns: Patterns,
+    /// Memory by the user stack that asked for it (`--stacks`).
+    pub sites: crate::stacks::sites::CallSites,
 }
 
 impl Process {
@@ -134,6 +136,7 @@ impl Process {
             started_ns: ts,
             exited_ns: None,
             patterns: Patterns::default(),
+            sites: Default::default(),
         }
     }
 }
@@ -158,6 +161,10 @@ pub enum Applied {
     /// The process's map was cleared; the caller should [`Session::reseed`] it.
     Exec,
     Exit,
+    /// A block became a huge page without a fault: `pages` became resident or anonymous.
+    Collapsed {
+        pages: u64,
+    },
     /// The event is not about a traced process.
     Ignored,
 }
@@ -166,6 +173,8 @@ pub enum Applied {
 #[derive(Clone, Debug, Default)]
 pub struct Session {
     procs: BTreeMap<u32, Process>,
+    /// The user stacks the events name, by id.
+    pub stacks: crate::stacks::StackTable,
 }
 
 impl Session {
@@ -220,6 +229,18 @@ impl Session {
 
     /// Applies one event.
     pub fn apply(&mut self, event: &Event) -> Applied {
+        let applied = self.apply_to_model(event);
+        let pid = match &applied {
+            Applied::Syscall { pid, .. } => *pid,
+            _ => event.pid(),
+        };
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.sites.observe(event, &applied);
+        }
+        applied
+    }
+
+    fn apply_to_model(&mut self, event: &Event) -> Applied {
         match event {
             Event::Syscall(s) => self.syscall(s),
             Event::Fault(f) => self.fault(f),
@@ -269,6 +290,12 @@ impl Session {
             }
             // Opens only name files for later mmaps (see `run`); the model ignores them.
             Event::Open { .. } => Applied::Ignored,
+            Event::Collapse { ts_ns, pid, start } => match self.procs.get_mut(pid) {
+                Some(p) => Applied::Collapsed {
+                    pages: p.space.collapse(*ts_ns, *start),
+                },
+                None => Applied::Ignored,
+            },
         }
     }
 

@@ -794,3 +794,142 @@ fn a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block() {
     assert!(v.child.wait().expect("exits").success());
     assert_eq!(seen, ["start", "scanned", "populated"]);
 }
+
+/// Sets khugepaged's pause between scans for as long as it lives, then puts it back: so that
+/// a test sees a collapse within seconds rather than after its default 10 s pauses.
+struct KhugepagedPace {
+    old: Option<String>,
+}
+
+const KHUGEPAGED_SLEEP: &str =
+    "/sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs";
+
+impl KhugepagedPace {
+    fn fast() -> Self {
+        let old = std::fs::read_to_string(KHUGEPAGED_SLEEP).ok();
+        if old.is_some() {
+            std::fs::write(KHUGEPAGED_SLEEP, "50").expect("khugepaged's pause is set");
+        }
+        Self { old }
+    }
+}
+
+impl Drop for KhugepagedPace {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            let _ = std::fs::write(KHUGEPAGED_SLEEP, old.trim());
+        }
+    }
+}
+
+/// Issue #17: huge pages the kernel makes from small ones without a fault: `MADV_COLLAPSE`
+/// (Linux 6.1+) within the call, khugepaged in the background (here while the program is
+/// stopped). The model's anonymous and huge bytes match smaps exactly after each.
+#[test]
+fn collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged() {
+    if !privileged("collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged") {
+        return;
+    }
+    let (mut v, out) = spawn_workload(&["--faults", "all"], "collapse");
+    let vmatrace_pid = v.child.id();
+    let mut region = (0, 0);
+    let mut collapse_ok = false;
+    let mut seen = Vec::new();
+    while let Some(Ok(line)) = v.lines.next() {
+        let words: Vec<i64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if line.starts_with("collapse ") {
+            region = (words[0] as u64, words[0] as u64 + (6 << 20));
+            assert_eq!(words[1], 0, "madvise(MADV_HUGEPAGE) succeeded");
+            collapse_ok = words[2] == 0;
+        }
+        let Some(name) = line.strip_prefix("checkpoint ") else {
+            continue;
+        };
+        let pid = exec_pid(&out);
+        let _pace = (name == "khugepaged").then(|| {
+            let pace = KhugepagedPace::fast();
+            wait_for(120, "khugepaged to collapse the blocks", || {
+                procfs::read_smaps(pid as u32)
+                    .expect("smaps")
+                    .iter()
+                    .filter(|e| e.map.start >= region.0 && e.map.end <= region.1)
+                    .map(|e| e.anon_huge)
+                    .sum::<u64>()
+                    >= 4 << 20
+            });
+            pace
+        });
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, pid);
+        assert!(diff.is_empty(), "{name}: maps differ:\n{}", diff.join("\n"));
+        // What may not change while the process is stopped: after MADV_COLLAPSE its block, a
+        // VMA of its own (khugepaged, woken by MADV_HUGEPAGE, may be doing the other one
+        // meanwhile); after khugepaged both.
+        let (start, end) = match name {
+            "advised" => (region.0, region.0 + (2 << 20)),
+            _ => region,
+        };
+        let kernel = |f: fn(&procfs::SmapsEntry) -> u64| -> u64 {
+            smaps
+                .iter()
+                .filter(|e| e.map.start >= start && e.map.end <= end)
+                .map(f)
+                .sum()
+        };
+        let (huge, anon) = (kernel(|e| e.anon_huge), kernel(|e| e.anonymous));
+        eprintln!("{name}: kernel huge {huge} anon {anon} (MADV_COLLAPSE ok: {collapse_ok})");
+        if name == "advised" && collapse_ok {
+            assert_eq!(huge, 2 << 20, "MADV_COLLAPSE made the first block huge");
+        }
+        assert_eq!(
+            model_bytes(&snap, "huge_bytes", start, end),
+            huge,
+            "{name}: huge bytes"
+        );
+        assert_eq!(
+            model_bytes(&snap, "anon_bytes", start, end),
+            anon,
+            "{name}: anonymous bytes"
+        );
+        let (total, worst, where_) = anon_difference(&snap, &smaps);
+        assert_eq!(
+            total, 0,
+            "{name}: anonymous bytes (worst {worst}: {where_})"
+        );
+        seen.push(name.to_string());
+        kill(pid as u32, libc::SIGCONT);
+    }
+    assert!(v.child.wait().expect("exits").success());
+    assert_eq!(seen, ["advised", "khugepaged"]);
+    // A replay of the recording applies the collapses (`collapse` records) too: its snapshots
+    // at the checkpoints have the recording's huge and anonymous bytes.
+    let recs = records(&out);
+    assert!(
+        recs.iter().any(|r| r["type"] == "collapse"),
+        "collapses are recorded"
+    );
+    let o = std::process::Command::new(vmatrace())
+        .args(["replay", "--json"])
+        .arg(&out)
+        .output()
+        .expect("replay runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let replayed: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let at_checkpoints = |recs: &[Value]| -> Vec<(u64, u64)> {
+        recs.iter()
+            .filter(|r| r["type"] == "snapshot" && r["reason"] == "signal")
+            .map(|r| {
+                (
+                    model_bytes(r, "huge_bytes", region.0, region.1),
+                    model_bytes(r, "anon_bytes", region.0, region.1),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(at_checkpoints(&replayed), at_checkpoints(&recs), "replay");
+}

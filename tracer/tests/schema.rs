@@ -171,3 +171,51 @@ fn meta_anchors_record_times_to_the_wall_clock_and_the_boot() {
         assert_eq!(replayed[k], meta[k], "{k}");
     }
 }
+
+#[test]
+fn stack_records_are_defined_once_before_the_records_that_name_them() {
+    if !privileged("stack_records_are_defined_once_before_the_records_that_name_them") {
+        return;
+    }
+    let schema = documented();
+    let mut seen = BTreeMap::new();
+    let t = trace_workload(
+        &["--faults", "all", "--stacks", "--fault-stacks", "1"],
+        &["stacks"],
+    );
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    check(&t.records, &schema, &mut seen);
+    assert!(seen.contains_key("stack"), "{seen:?}");
+    let mut defined = std::collections::HashSet::new();
+    let (mut syscalls, mut faults) = (0, 0);
+    for r in &t.records {
+        if r["type"] == "stack" {
+            let id = r["id"].as_u64().expect("an integer id");
+            assert!(defined.insert(id), "stack {id} defined twice");
+            let frames = r["frames"].as_array().expect("frames");
+            assert!(!frames.is_empty());
+            for f in frames {
+                for field in [
+                    "addr", "module", "offset", "function", "file", "line", "inlined",
+                ] {
+                    assert!(f.get(field).is_some(), "frame lacks '{field}': {f}");
+                }
+            }
+        } else if let Some(id) = r.get("stack_id") {
+            let id = id.as_u64().expect("an integer stack_id");
+            assert!(
+                defined.contains(&id),
+                "stack {id} named before it is defined: {r}"
+            );
+            if r["type"] == "fault" {
+                faults += 1;
+            } else {
+                syscalls += 1;
+            }
+        }
+    }
+    assert!(
+        syscalls > 0 && faults > 0,
+        "{syscalls} syscalls, {faults} faults with stacks"
+    );
+}

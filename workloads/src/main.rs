@@ -164,6 +164,39 @@ fn sparse_scan() {
     munmap(raw2, len2 + MIB2);
 }
 
+/// Issue #17 (huge pages made without a fault): two 2 MiB blocks, aligned, in VMAs of their
+/// own (the block between them unmapped), first touched as small pages under
+/// `MADV_NOHUGEPAGE` (a write and a read in each); then `MADV_HUGEPAGE`, and `MADV_COLLAPSE`
+/// of the first (Linux 6.1+; its result printed). The second is left to khugepaged while the
+/// program waits at a checkpoint.
+fn collapse() {
+    const MIB2: usize = 2 << 20;
+    let raw = anon(4 * MIB2);
+    let base = (raw + MIB2 - 1) & !(MIB2 - 1);
+    // SAFETY: advice on memory this program mapped.
+    unsafe { libc::madvise(base as *mut _, 3 * MIB2, libc::MADV_NOHUGEPAGE) };
+    munmap(base + MIB2, MIB2);
+    let mut sum = 0;
+    for block in [0, 2] {
+        // SAFETY: within the writable mapping.
+        unsafe { std::ptr::write_volatile((base + block * MIB2 + 12345) as *mut u8, 1) };
+        sum += read_touch(base + block * MIB2 + 64 * PAGE, PAGE);
+    }
+    let mut huge = 0;
+    for block in [0, 2] {
+        // SAFETY: advice on memory this program mapped.
+        huge |=
+            unsafe { libc::madvise((base + block * MIB2) as *mut _, MIB2, libc::MADV_HUGEPAGE) };
+    }
+    // SAFETY: as above (MADV_COLLAPSE = 25; EINVAL before Linux 6.1).
+    let r = unsafe { libc::madvise(base as *mut _, MIB2, 25) };
+    say(&format!("collapse {base} {huge} {r} {sum}"));
+    checkpoint("advised");
+    checkpoint("khugepaged");
+    munmap(raw, base - raw + MIB2);
+    munmap(base + 2 * MIB2, raw + 4 * MIB2 - (base + 2 * MIB2));
+}
+
 /// Issue #4 (`-p` mode): memory touched before vmatrace attaches. Writes 256 pages and reads 64
 /// (the zero page) of a 4 MiB mapping, stops; once continued, writes 128 more and stops again.
 fn pretouched() {
@@ -707,6 +740,41 @@ fn ipc() {
 }
 
 /// Waits for stdin to close, then maps once (the `-p` attach test).
+/// Issue #18: memory asked for by named functions, for the stack tests: `stacks_map_region`
+/// maps 1 MiB itself and `stacks_touch_region` touches it; `stacks_grow_heap` grows the heap
+/// through malloc (a 100 KB vector, under the mmap threshold).
+fn stacks_scenario() {
+    mark(MARK_BEGIN);
+    let mut heap = Vec::new();
+    for _ in 0..4 {
+        let a = stacks_map_region(1 << 20);
+        stacks_touch_region(a, 1 << 20);
+        heap.push(stacks_grow_heap());
+    }
+    mark(MARK_END);
+    say(&format!(
+        "heap {}",
+        heap.iter().map(Vec::len).sum::<usize>()
+    ));
+}
+
+#[inline(never)]
+fn stacks_map_region(len: usize) -> usize {
+    std::hint::black_box(anon(len))
+}
+
+#[inline(never)]
+fn stacks_touch_region(addr: usize, len: usize) {
+    touch(addr, len);
+}
+
+#[inline(never)]
+fn stacks_grow_heap() -> Vec<u8> {
+    let mut v = Vec::with_capacity(100_000);
+    v.resize(100_000, 1u8);
+    std::hint::black_box(v)
+}
+
 fn wait_then_map() {
     say(&format!("ready {}", std::process::id()));
     let mut buf = String::new();
@@ -1096,8 +1164,11 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // The tests count one fault per page, and the kernels they run on may back any anonymous
     // memory with huge pages (Debian's kernels default to THP `always`): only `thp` wants
-    // them (and `sparse-scan`). The model reads this setting (`THP_enabled` in /proc/PID/status).
-    if !matches!(args.get(1).map(String::as_str), Some("thp" | "sparse-scan")) {
+    // them (and `sparse-scan`, `collapse`). The model reads this setting (`THP_enabled` in /proc/PID/status).
+    if !matches!(
+        args.get(1).map(String::as_str),
+        Some("thp" | "sparse-scan" | "collapse")
+    ) {
         // SAFETY: a prctl without pointers; it only changes this process's THP setting.
         unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     }
@@ -1106,6 +1177,7 @@ fn main() {
         Some("ids") => ids(),
         Some("thp") => thp(),
         Some("sparse-scan") => sparse_scan(),
+        Some("collapse") => collapse(),
         Some("pretouched") => pretouched(),
         Some("checkpoints") => checkpoints(),
         Some("threads") => threads(arg(&args, 2, 4), arg(&args, 3, 16)),
@@ -1139,6 +1211,7 @@ fn main() {
         Some("leader-exits-first") => leader_exits_first(arg(&args, 2, 300) as u64),
         Some("reexec") => reexec(arg(&args, 2, 0)),
         Some("residency") => residency(),
+        Some("stacks") => stacks_scenario(),
         Some("fork-advice") => fork_advice(),
         Some("lossy") => lossy(),
         Some("hostile-names") => hostile_names(
@@ -1148,7 +1221,7 @@ fn main() {
         Some("fd-reuse") => fd_reuse(args.get(2).map_or("/tmp", String::as_str)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|sparse-scan|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
+                "usage: workload basic|ids|thp|sparse-scan|collapse|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
             );
             std::process::exit(2);
         }

@@ -247,6 +247,52 @@ impl AddressSpace {
         n
     }
 
+    /// The 2 MiB blocks (their addresses) that the kernel may collapse into huge pages
+    /// without a fault: aligned and whole inside a private anonymous VMA, holding a small
+    /// anonymous page (khugepaged needs one; `MADV_COLLAPSE` too), in `[start, end)`.
+    /// khugepaged works where huge pages are enabled; `MADV_COLLAPSE` (`advised`) wherever
+    /// they are not refused (`MADV_NOHUGEPAGE`), whatever the system setting.
+    pub fn collapsible(&self, start: u64, end: u64, advised: bool) -> Vec<u64> {
+        let mut out = Vec::new();
+        for v in self.vmas.values() {
+            let (s, e) = (v.start.max(start), v.end.min(end));
+            let enabled = if advised {
+                v.thp != ThpAdvice::NoHuge
+            } else {
+                self.thp.size_mask(v.thp) & PMD_PAGES != 0
+            };
+            if s >= e
+                || v.perms.shared
+                || !matches!(v.backing, Backing::Anonymous | Backing::Heap)
+                || !enabled
+            {
+                continue;
+            }
+            out.extend(
+                self.pages
+                    .collapsible_blocks(s >> PAGE_SHIFT, e >> PAGE_SHIFT, PMD_PAGES)
+                    .into_iter()
+                    .map(|p| p << PAGE_SHIFT),
+            );
+        }
+        out
+    }
+
+    /// The kernel made the 2 MiB block at `addr` one anonymous huge page (khugepaged or
+    /// `MADV_COLLAPSE`, seen in pagemap): its pages are resident and anonymous now. Returns
+    /// how many pages became resident or anonymous (0 when the block is no longer wholly
+    /// inside a VMA).
+    pub fn collapse(&mut self, ts: u64, addr: u64) -> u64 {
+        let start = addr & !((PMD_PAGES << PAGE_SHIFT) - 1);
+        let end = start + (PMD_PAGES << PAGE_SHIFT);
+        let Some(vma_start) = self.find(start).filter(|v| v.end >= end).map(|v| v.start) else {
+            return 0;
+        };
+        let n = self.pages.collapse(start >> PAGE_SHIFT, PMD_PAGES, ts);
+        self.mark_anon_vma(ts, vma_start);
+        n
+    }
+
     /// The VMA at `vma_start` has private anonymous pages now: recorded once, in the history
     /// too.
     fn mark_anon_vma(&mut self, ts: u64, vma_start: u64) {

@@ -1,6 +1,8 @@
 //! A common form for comparing the model with `/proc/PID/maps`: adjacent ranges with the same
 //! permissions and name merged (the kernel merges or splits VMAs for reasons a syscall trace
 //! cannot see, such as anon_vma compatibility or `madvise` flags), anonymous names dropped.
+//! The `[uprobes]` page is left out: the kernel maps it (for the instructions it steps out of
+//! line) at a process's first hit of any uprobe, anyone's, without a syscall.
 
 use std::fmt;
 
@@ -44,6 +46,9 @@ pub fn normalize<'a>(
 ) -> Vec<Range> {
     let mut out: Vec<Range> = Vec::new();
     for (start, end, perms, path) in items {
+        if path == Some("[uprobes]") {
+            continue;
+        }
         let path = canonical_path(path);
         if let Some(last) = out.last_mut()
             && last.end == start

@@ -299,6 +299,69 @@ impl Pages {
         }
     }
 
+    /// The first pages of the whole, aligned blocks of `pages` pages in `[start_page,
+    /// end_page)` that hold a small anonymous page: what khugepaged (or `MADV_COLLAPSE`) may
+    /// turn into a huge page. Blocks already huge, or with only zero pages, are not.
+    pub fn collapsible_blocks(&self, start_page: u64, end_page: u64, pages: u64) -> Vec<u64> {
+        let mut out: Vec<u64> = Vec::new();
+        for (&page, &v) in self
+            .entries
+            .range(start_page.next_multiple_of(pages)..end_page)
+        {
+            let block = page - page % pages;
+            if block + pages > end_page {
+                break;
+            }
+            if out.last() != Some(&block)
+                && !is_released(v)
+                && v & HUGE == 0
+                && TouchKind::from_bits(v >> KIND_SHIFT) == TouchKind::Anon
+            {
+                out.push(block);
+            }
+        }
+        out
+    }
+
+    /// The kernel made `[start, start + pages)` one anonymous huge page without a fault
+    /// (khugepaged, `MADV_COLLAPSE`): every page of it is resident and anonymous now, those
+    /// touched before keeping their first-touch times. Returns the pages that became
+    /// resident or anonymous.
+    pub fn collapse(&mut self, start: u64, pages: u64, ts: u64) -> u64 {
+        let end = start + pages;
+        self.expand_zero(start, end);
+        self.split_blocks_in(start, end);
+        let mut n = 0;
+        for page in start..end {
+            let old = self.entries.get(&page).copied();
+            let v = match old {
+                Some(v) if !is_released(v) => {
+                    if TouchKind::from_bits(v >> KIND_SHIFT) != TouchKind::Anon {
+                        n += 1;
+                    }
+                    (v & !(3 << KIND_SHIFT)) | ((TouchKind::Anon as u64) << KIND_SHIFT) | HUGE
+                }
+                released => {
+                    if released.is_some() {
+                        self.released -= 1;
+                    }
+                    n += 1;
+                    value(ts, TouchKind::Anon, HUGE)
+                }
+            };
+            self.entries.insert(page, v);
+        }
+        self.huge_blocks.insert(
+            start,
+            HugeBlock {
+                start,
+                pages,
+                origin: start,
+            },
+        );
+        n
+    }
+
     /// Counts the refault of a page whose released entry was `released`.
     fn refaulted(&mut self, released: u64, ts: u64) {
         self.released -= 1;
@@ -726,6 +789,37 @@ mod tests {
         assert_eq!(p.count(100, 104).anon, 1);
         assert_eq!(p.count(100, 104).file, 1);
         assert_eq!(p.count(9, 10).anon, 1);
+    }
+
+    #[test]
+    fn a_collapse_fills_the_block_with_anonymous_memory() {
+        let mut p = Pages::default();
+        // Block 0: one anonymous page, a zero page, a released page. Block 1: zero pages
+        // only (nothing to collapse). Block 2: already huge.
+        p.touch(3, 1, TouchKind::Anon);
+        p.touch(7, 1, TouchKind::Zero);
+        p.touch(9, 1, TouchKind::Anon);
+        p.release(9, 10, 2, true);
+        p.touch(512 + 4, 1, TouchKind::Zero);
+        let huge = HugeBlock {
+            start: 1024,
+            pages: 512,
+            origin: 1030,
+        };
+        p.touch_block(huge, 1, TouchKind::Anon);
+        assert_eq!(p.collapsible_blocks(0, 1536, 512), vec![0]);
+        assert_eq!(p.collapsible_blocks(1, 1536, 512), Vec::<u64>::new());
+        // All but the one anonymous page became resident or anonymous.
+        assert_eq!(p.collapse(0, 512, 5), 511);
+        let c = p.count(0, 512);
+        assert_eq!((c.anon, c.zero, c.huge), (512, 0, 512));
+        assert_eq!(p.get(3), Some((1, TouchKind::Anon)), "first touch kept");
+        assert_eq!(p.get(100), Some((5, TouchKind::Anon)));
+        assert_eq!(p.huge_block_of(100).map(|b| b.start), Some(0));
+        assert_eq!(p.collapsible_blocks(0, 1536, 512), Vec::<u64>::new());
+        // Releasing part of it splits it, as the kernel does.
+        p.release(0, 1, 6, true);
+        assert_eq!(p.count(0, 512).huge, 0);
     }
 }
 

@@ -9,17 +9,30 @@
 //! - one row per region (heap, stack, arena or block of anonymous memory, file), each on its own
 //!   scale: touched memory solid, reserved memory with access light, reservations without
 //!   access as a hatched strip, and marks where mappings were created or removed (churn);
-//! - the findings.
+//! - the findings, and with stacks the top call sites and a flame graph of touched bytes.
 //!
 //! Every axis is labelled. Every string from the traced process is escaped.
 
-use std::fmt::Write as _;
+use std::{collections::BTreeMap, fmt::Write as _};
 
 use super::timeline_view::{LanePicture, Picture, Series};
 use crate::{
     analysis::{Finding, Severity},
     flags::size,
+    stacks::sites::SiteRow,
 };
+
+/// What the page shows of the code (recorded with stacks; empty otherwise).
+#[derive(Clone, Debug, Default)]
+pub struct Code {
+    /// Each process's name, for the call-site tables.
+    pub names: BTreeMap<u32, String>,
+    /// Each process's top call sites.
+    pub sites: Vec<(u32, Vec<SiteRow>)>,
+    /// Touched bytes by the stack of function names (root first) that mapped them
+    /// (`profile::by_names`).
+    pub touched: BTreeMap<Vec<String>, u64>,
+}
 
 /// Escapes text for HTML element content and attribute values.
 pub fn escape(s: &str) -> String {
@@ -401,8 +414,146 @@ fn truncate(s: &str, n: usize) -> String {
     }
 }
 
+/// Call sites shown per process.
+const PAGE_SITES: usize = 20;
+
+/// The call-site tables, one per process.
+fn sites_html(code: &Code) -> String {
+    let mut out = String::new();
+    for (pid, rows) in code.sites.iter().filter(|(_, rows)| !rows.is_empty()) {
+        let _ = write!(
+            out,
+            "<h3>{} ({pid})</h3><table><tr><th>call site</th><th>reserved</th><th>touched</th>\
+<th>still mapped</th><th>released</th><th>calls</th></tr>",
+            escape(code.names.get(pid).map_or("?", String::as_str))
+        );
+        for r in rows.iter().take(PAGE_SITES) {
+            let _ = write!(
+                out,
+                "<tr><td>{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&r.site),
+                if r.through_malloc {
+                    " <i>(through malloc)</i>"
+                } else {
+                    ""
+                },
+                size(r.stats.reserved_bytes),
+                size(r.stats.touched_bytes + r.stats.first_touch_bytes),
+                size(r.still_mapped_bytes),
+                size(r.stats.released_bytes),
+                r.stats.calls
+            );
+        }
+        out.push_str("</table>");
+    }
+    out
+}
+
+/// A frame of the flame graph and the frames called from it.
+#[derive(Default)]
+struct FlameNode {
+    value: u64,
+    children: BTreeMap<String, FlameNode>,
+}
+
+impl FlameNode {
+    fn depth(&self) -> usize {
+        self.children
+            .values()
+            .map(|c| 1 + c.depth())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+const FLAME_ROW: f64 = 17.0;
+
+/// Frames narrower than this many pixels are left out (as flame graph tools do).
+const FLAME_MIN_WIDTH: f64 = 0.3;
+
+/// A flame graph of `stacks` (root first): each frame as wide as the bytes touched under it,
+/// its callers below it.
+fn flame_svg(stacks: &BTreeMap<Vec<String>, u64>) -> String {
+    let mut root = FlameNode::default();
+    for (names, &v) in stacks.iter().filter(|(_, v)| **v > 0) {
+        root.value += v;
+        let mut node = &mut root;
+        for n in names {
+            node = node.children.entry(n.clone()).or_default();
+            node.value += v;
+        }
+    }
+    if root.value == 0 {
+        return String::new();
+    }
+    let depth = root.depth();
+    let height = (depth + 1) as f64 * FLAME_ROW + 10.0;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" id=\"flame\">"
+    );
+    let scale = (WIDTH - 20.0) / root.value as f64;
+    let total = root.value;
+    let frame = |name: &str, value: u64, x: f64, level: usize, svg: &mut String| {
+        let w = value as f64 * scale;
+        let y = height - (level + 1) as f64 * FLAME_ROW;
+        // Warm colours, the same for the same name.
+        let h = name
+            .bytes()
+            .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+        let fill = format!(
+            "rgb({},{},{})",
+            205 + h % 50,
+            60 + (h >> 8) % 150,
+            (h >> 16) % 55
+        );
+        let label = if w > 30.0 {
+            let fits = ((w - 6.0) / 7.0) as usize;
+            let shown: String = name.chars().take(fits).collect();
+            format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" class=\"fl\">{}</text>",
+                x + 3.0,
+                y + 12.0,
+                escape(&shown)
+            )
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            svg,
+            "<g><title>{} ({}, {:.1} %)</title><rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{:.1}\" fill=\"{fill}\" rx=\"2\"/>{label}</g>",
+            escape(name),
+            size(value),
+            value as f64 * 100.0 / total as f64,
+            FLAME_ROW - 1.0
+        );
+    };
+    frame("all", total, 10.0, 0, &mut svg);
+    // Depth first, an explicit stack: (node, x, level).
+    let mut todo: Vec<(&String, &FlameNode, f64, usize)> = Vec::new();
+    let mut x = 10.0;
+    for (name, child) in &root.children {
+        todo.push((name, child, x, 1));
+        x += child.value as f64 * scale;
+    }
+    while let Some((name, node, x, level)) = todo.pop() {
+        if node.value as f64 * scale < FLAME_MIN_WIDTH {
+            continue;
+        }
+        frame(name, node.value, x, level, &mut svg);
+        let mut cx = x;
+        for (n, c) in &node.children {
+            todo.push((n, c, cx, level + 1));
+            cx += c.value as f64 * scale;
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 /// Renders the page.
-pub fn page(pic: &Picture, findings: &[Finding]) -> String {
+pub fn page(pic: &Picture, findings: &[Finding], code: &Code) -> String {
     let span_s = ((pic.t1_ns - pic.t0_ns) as f64 / 1e9).max(1e-9);
     let axes = Axes { span_s };
     let mut body = String::new();
@@ -416,7 +567,7 @@ pub fn page(pic: &Picture, findings: &[Finding]) -> String {
     for f in findings {
         let _ = write!(
             list,
-            "<li class=\"{}\"><b>[{}] {}</b><br>{}{}</li>",
+            "<li class=\"{}\"><b>[{}] {}</b><br>{}{}{}</li>",
             if f.severity == Severity::Warning {
                 "warning"
             } else {
@@ -425,10 +576,34 @@ pub fn page(pic: &Picture, findings: &[Finding]) -> String {
             f.pid,
             escape(&f.title),
             escape(&f.explanation),
+            if f.call_sites.is_empty() {
+                String::new()
+            } else {
+                format!("<br>call sites: {}", escape(&f.call_sites.join("; ")))
+            },
             f.suggestion
                 .as_deref()
                 .map(|s| format!("<br><i>try: {}</i>", escape(s)))
                 .unwrap_or_default()
+        );
+    }
+    let sites = sites_html(code);
+    let flame = flame_svg(&code.touched);
+    let mut code_html = String::new();
+    if !sites.is_empty() {
+        let _ = write!(
+            code_html,
+            "<h2>Top call sites</h2><p>The first frame outside libc, the loader, the allocator \
+and Rust's standard library; touched: bytes of what the site mapped that were touched, and \
+bytes it touched itself (<code>--fault-stacks</code>).</p>{sites}"
+        );
+    }
+    if !flame.is_empty() {
+        let _ = write!(
+            code_html,
+            "<h2>Touched bytes by call stack</h2><p>A flame graph of the memory touched, charged to \
+the stacks that mapped it: each frame as wide as the bytes under it, callers below. Hover a \
+frame for its bytes.</p>{flame}"
         );
     }
     let procs: Vec<String> = pic
@@ -448,10 +623,12 @@ pub fn page(pic: &Picture, findings: &[Finding]) -> String {
 <style>body{{font-family:sans-serif;margin:20px}} .tick{{font-size:10px;fill:#555}} .axis{{font-size:11px;fill:#333}} \
 .title{{font-size:13px;font-weight:bold;fill:#222}} .proc{{font-size:13px;font-weight:bold}} .label{{font-size:11px;fill:#222}} \
 .small{{font-size:9px;fill:#666}} .ax{{stroke:#555;stroke-width:1}} .grid{{stroke:#ddd;stroke-width:1}} \
-g.lane:hover .label{{font-weight:bold}} li.warning{{color:#8a4b00}} li{{margin-bottom:8px}}</style>\
+g.lane:hover .label{{font-weight:bold}} li.warning{{color:#8a4b00}} li{{margin-bottom:8px}} \
+.fl{{font-size:11px;font-family:monospace;pointer-events:none}} #flame g:hover rect{{stroke:#000}} \
+td,th{{padding:2px 10px;text-align:right}} td:first-child,th:first-child{{text-align:left}}</style>\
 </head><body><h1>vmatrace report</h1><p id=\"about\">Processes: {}. {} VMA pieces created over {:.3} s, \
 drawn as {rows} rows for {} regions (the heap, the stack, each file, each 64 MiB block of anonymous memory or glibc arena; \
-the least active folded by kind). Hover a row for its numbers.</p>{svg}<h2>Findings</h2><ul>{list}</ul></body></html>\n",
+the least active folded by kind). Hover a row for its numbers.</p>{svg}<h2>Findings</h2><ul>{list}</ul>{code_html}</body></html>\n",
         procs.join(", "),
         pic.pieces_created,
         span_s,
@@ -462,6 +639,30 @@ the least active folded by kind). Hover a row for its numbers.</p>{svg}<h2>Findi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_flame_graph_is_as_wide_as_the_bytes_under_each_frame() {
+        let mut stacks = BTreeMap::new();
+        let names = |s: &str| s.split(';').map(str::to_string).collect::<Vec<_>>();
+        stacks.insert(names("main;fill;<memset>"), 3 << 20);
+        stacks.insert(names("main;load"), 1 << 20);
+        stacks.insert(names("main;idle"), 0);
+        let svg = flame_svg(&stacks);
+        // all, main, fill, <memset>, load: five frames; `idle` touched nothing.
+        assert_eq!(svg.matches("<rect").count(), 5, "{svg}");
+        assert!(!svg.contains("idle"));
+        let width_of = |name: &str| -> f64 {
+            let at = svg.find(&format!("<title>{name} (")).expect(name);
+            let rest = &svg[at..];
+            let w = &rest[rest.find("width=\"").expect("width") + 7..];
+            w[..w.find('"').expect("quote")].parse().expect("a number")
+        };
+        assert_eq!(width_of("main"), WIDTH - 20.0);
+        assert!((width_of("fill") - 3.0 * width_of("load")).abs() < 0.2);
+        // Names from the traced process are escaped.
+        assert!(svg.contains("&lt;memset&gt; (3 MiB, 75.0 %)"), "{svg}");
+        assert!(flame_svg(&BTreeMap::new()).is_empty());
+    }
 
     #[test]
     fn escapes_what_the_traced_process_controls() {

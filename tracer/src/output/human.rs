@@ -18,6 +18,7 @@ use crate::{
     model::{EffectKind, PAGE_SIZE, Touch},
     name::shown,
     session::{Applied, Process, Session},
+    stacks::sites::SiteRow,
 };
 
 /// Writes human-readable lines.
@@ -343,6 +344,19 @@ impl<W: Write> Sink for HumanSink<W> {
                 writeln!(self.out, "{} [{pid}] exited", self.time(*ts_ns))?;
             }
             Event::Open { .. } => {}
+            Event::Collapse { pid, ts_ns, start } => {
+                self.flush_touches()?;
+                let pages = match applied {
+                    Applied::Collapsed { pages } => *pages,
+                    _ => 0,
+                };
+                writeln!(
+                    self.out,
+                    "{} [{pid}] huge page made without a fault at {start:#x} (khugepaged or MADV_COLLAPSE): {} more resident or anonymous",
+                    self.time(*ts_ns),
+                    size(pages * PAGE_SIZE)
+                )?;
+            }
         }
         Ok(())
     }
@@ -407,6 +421,10 @@ pub fn write_findings(out: &mut impl Write, findings: &[Finding], color: bool) -
         };
         writeln!(out, "[{}] {tag} {}", f.pid, f.title)?;
         writeln!(out, "    {}", f.explanation)?;
+        if !f.call_sites.is_empty() {
+            let sites: Vec<String> = f.call_sites.iter().map(|s| shown(s).to_string()).collect();
+            writeln!(out, "    call sites: {}", sites.join("; "))?;
+        }
         if let Some(s) = &f.suggestion {
             writeln!(out, "    try: {s}")?;
         }
@@ -491,6 +509,7 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
                 shown(r.path.as_deref().unwrap_or("[anon]"))
             )?;
         }
+        write_sites(out, &p.call_sites)?;
     }
     let l = &s.lost;
     writeln!(
@@ -504,6 +523,13 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
         l.undecodable,
         l.unread
     )?;
+    if l.lost_stack > 0 {
+        writeln!(
+            out,
+            "stacks dropped: {} (the ring was more than half full; their events were kept)",
+            l.lost_stack
+        )?;
+    }
     out.flush()
 }
 
@@ -538,6 +564,99 @@ pub fn write_snapshot(
             size(r.anon_bytes),
             shown(r.path.as_deref().unwrap_or(""))
         )?;
+    }
+    Ok(())
+}
+
+/// The call-site table of a process (with stacks): what each site reserved, how much of it
+/// was touched, is still mapped and was released, and how many calls it made.
+pub fn write_sites(out: &mut impl Write, rows: &[SiteRow]) -> io::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  top call sites:   reserved    touched  still mapped   released   calls"
+    )?;
+    for r in rows {
+        write_site(out, r)?;
+    }
+    Ok(())
+}
+
+/// One row of the call-site table.
+fn write_site(out: &mut impl Write, r: &SiteRow) -> io::Result<()> {
+    {
+        writeln!(
+            out,
+            "    {:>24} {:>10} {:>13} {:>10} {:>7}  {}{}",
+            size(r.stats.reserved_bytes),
+            size(r.stats.touched_bytes + r.stats.first_touch_bytes),
+            size(r.still_mapped_bytes),
+            size(r.stats.released_bytes),
+            r.stats.calls,
+            shown(&r.site),
+            if r.through_malloc {
+                " (through malloc)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    Ok(())
+}
+
+/// `vmatrace report`: each process's call sites (recorded with `--stacks`), and with
+/// `full`, the whole stack of each under it.
+pub fn write_call_sites(out: &mut impl Write, session: &Session, full: bool) -> io::Result<()> {
+    for p in session.processes() {
+        let rows = crate::stacks::sites::table(&p.sites, &session.stacks, usize::MAX);
+        if rows.is_empty() {
+            continue;
+        }
+        writeln!(
+            out,
+            "\n=== call sites of {} ({}) ===",
+            p.pid,
+            shown(p.exe.as_deref().unwrap_or("?"))
+        )?;
+        let shown_rows = if full {
+            &rows[..]
+        } else {
+            &rows[..rows.len().min(20)]
+        };
+        writeln!(
+            out,
+            "  call sites:       reserved    touched  still mapped   released   calls"
+        )?;
+        for r in shown_rows {
+            write_site(out, r)?;
+            if !full {
+                continue;
+            }
+            for id in &r.stack_ids {
+                let Some(def) = session.stacks.get(*id) else {
+                    continue;
+                };
+                writeln!(out, "      stack {id}:")?;
+                for f in &def.frames {
+                    writeln!(
+                        out,
+                        "        {:#x} {}{}",
+                        f.addr,
+                        shown(&f.label()),
+                        if f.inlined { " (inlined)" } else { "" }
+                    )?;
+                }
+            }
+        }
+        if !full && rows.len() > shown_rows.len() {
+            writeln!(
+                out,
+                "    ... {} more (--stacks shows all, with their stacks)",
+                rows.len() - shown_rows.len()
+            )?;
+        }
     }
     Ok(())
 }

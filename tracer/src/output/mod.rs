@@ -7,6 +7,7 @@ pub mod human;
 pub mod live_view;
 pub mod ndjson;
 pub mod perfetto;
+pub mod profile;
 pub mod report;
 pub mod status;
 pub mod timeline_view;
@@ -98,6 +99,10 @@ pub trait Sink {
     fn start(&mut self, meta: &Meta) -> io::Result<()>;
     /// One applied event.
     fn event(&mut self, event: &Event, applied: &Applied, session: &Session) -> io::Result<()>;
+    /// A user stack, before the first event that names it.
+    fn stack(&mut self, _def: &crate::stacks::StackDef) -> io::Result<()> {
+        Ok(())
+    }
     /// A process's whole map.
     fn snapshot(&mut self, ts_ns: u64, reason: SnapshotReason, p: &Process) -> io::Result<()>;
     /// Events lost since the last report.

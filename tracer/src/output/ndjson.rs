@@ -13,8 +13,9 @@ use crate::{
     analysis::Finding,
     event::{Event, FaultRecord, SyscallRecord},
     flags,
-    model::{PAGE_SIZE, Touch},
+    model::{PAGE_SIZE, PMD_PAGES, Touch},
     session::{Applied, Process, Session},
+    stacks::StackDef,
 };
 
 /// The version of the record schema; replay refuses files of another version.
@@ -91,6 +92,9 @@ fn write_fault(out: &mut Vec<u8>, f: &FaultRecord, applied: &Applied) {
         ",\"stack_grown_to\":",
         fe.and_then(|fe| fe.stack_grown_to),
     );
+    if f.stack_id.is_some() {
+        put(out, ",\"stack_id\":", f.stack_id);
+    }
     put(out, ",\"tid\":", Some(u64::from(f.tid)));
     put(out, ",\"ts_ns\":", Some(f.ts_ns));
     out.extend_from_slice(b",\"type\":\"fault\"");
@@ -172,6 +176,8 @@ struct SyscallJson<'a> {
     shmflg: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     shmid: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stack_id: Option<u64>,
     target_pid: Option<u32>,
     tid: u32,
     ts_ns: u64,
@@ -210,6 +216,7 @@ impl<'a> SyscallJson<'a> {
             shm_key: s.resolved.shm.map(|(_, key)| key),
             shm_size: s.resolved.shm.map(|(size, _)| size),
             target_pid: s.resolved.target_pid,
+            stack_id: s.resolved.stack_id,
             resident: s.resolved.resident.as_ref().map(|runs| {
                 runs.iter()
                     .map(|r| (r.start, r.end, r.kind.name()))
@@ -304,7 +311,27 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
         } => {
             json!({ "type": "open", "ts_ns": ts_ns, "pid": pid, "tid": tid, "fd": fd, "path": path })
         }
+        Event::Collapse { ts_ns, pid, start } => {
+            let pages = match applied {
+                Applied::Collapsed { pages } => *pages,
+                _ => 0,
+            };
+            json!({
+                "type": "collapse", "ts_ns": ts_ns, "pid": pid, "start": start,
+                "end": start + PMD_PAGES * PAGE_SIZE, "pages": pages,
+            })
+        }
     }
+}
+
+/// The JSON record of a unique stack (`stack`), read back by replay as a [`StackDef`].
+pub fn stack_json(ts_ns: u64, def: &StackDef) -> Value {
+    let mut v = serde_json::to_value(def).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut v {
+        m.insert("type".into(), json!("stack"));
+        m.insert("ts_ns".into(), json!(ts_ns));
+    }
+    v
 }
 
 /// The JSON record of a snapshot.
@@ -393,6 +420,10 @@ impl<W: Write> Sink for NdjsonSink<W> {
         self.line(&snapshot_json(ts_ns, reason, p))
     }
 
+    fn stack(&mut self, def: &StackDef) -> io::Result<()> {
+        self.line(&stack_json(crate::clock::monotonic_ns(), def))
+    }
+
     fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
         let mut v = serde_json::to_value(delta).map_err(io::Error::other)?;
         if let Value::Object(m) = &mut v {
@@ -441,13 +472,17 @@ mod tests {
             Some(Touch::Upgraded { .. }) => (false, Some("anon"), true),
             _ => (false, None, false),
         };
-        json!({
+        let mut v = json!({
             "type": "fault", "ts_ns": f.ts_ns, "pid": f.pid, "tid": f.tid,
             "address": f.address, "ip": f.ip, "error_code": f.error_code,
             "first_touch": first, "page_kind": kind, "pages": fe.map_or(0, |fe| fe.pages),
             "changed": changed, "vma_start": fe.and_then(|fe| fe.vma_start),
             "stack_grown_to": fe.and_then(|fe| fe.stack_grown_to), "write": f.write(),
-        })
+        });
+        if let (Value::Object(m), Some(id)) = (&mut v, f.stack_id) {
+            m.insert("stack_id".into(), json!(id));
+        }
+        v
     }
 
     #[test]
@@ -460,6 +495,7 @@ mod tests {
             ip: 0x40_1000,
             error_code: Some(6),
             write_from_page: None,
+            stack_id: None,
         };
         let effect = |touch, pages, stack| {
             Applied::Fault(FaultEffect {
@@ -489,11 +525,15 @@ mod tests {
             Applied::Ignored,
         ];
         for applied in &cases {
-            for (error_code, write_from_page) in [(Some(6), None), (None, Some(true)), (None, None)]
-            {
+            for (error_code, write_from_page, stack_id) in [
+                (Some(6), None, None),
+                (None, Some(true), Some(3)),
+                (None, None, None),
+            ] {
                 let f = FaultRecord {
                     error_code,
                     write_from_page,
+                    stack_id,
                     ..f
                 };
                 let mut line = Vec::new();
@@ -561,6 +601,9 @@ mod tests {
         if let (Value::Object(m), Value::Object(named)) = (&mut v, named) {
             m.extend(named);
         }
+        if let (Value::Object(m), Some(id)) = (&mut v, s.resolved.stack_id) {
+            m.insert("stack_id".into(), json!(id));
+        }
         v
     }
 
@@ -591,6 +634,7 @@ mod tests {
                 end: 0x7f00_0000_2000,
                 kind: crate::model::TouchKind::Anon,
             }]),
+            stack_id: Some(12),
         };
         for call in Syscall::ALL {
             for (ret, applied) in [

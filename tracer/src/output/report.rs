@@ -7,6 +7,7 @@ use crate::{
     model::{TouchKind, Vma, timeline::Cause},
     probe::KernelStats,
     session::{Process, Session},
+    stacks::sites::{self, SiteRow},
 };
 
 /// One VMA of a snapshot.
@@ -123,7 +124,13 @@ pub struct ProcessSummary {
     pub history_entries: usize,
     /// The VMAs with the most touched bytes, at most ten.
     pub top_vmas: Vec<VmaRow>,
+    /// With stacks: the call sites that reserved the most, at most ten.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub call_sites: Vec<SiteRow>,
 }
+
+/// Call sites listed in the summary.
+pub const SUMMARY_SITES: usize = 10;
 
 /// Loss and error counters of the kernel side.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -142,6 +149,14 @@ pub struct LossSummary {
     /// handled (absent in older recordings).
     #[serde(default)]
     pub unread: u64,
+    /// Stacks dropped in the kernel (ring more than half full): their events were kept,
+    /// without a stack. Not counted in the lost events.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_stack: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl std::ops::AddAssign<&LossSummary> for LossSummary {
@@ -155,6 +170,7 @@ impl std::ops::AddAssign<&LossSummary> for LossSummary {
         self.read_error += l.read_error;
         self.undecodable += l.undecodable;
         self.unread += l.unread;
+        self.lost_stack += l.lost_stack;
     }
 }
 
@@ -171,6 +187,7 @@ impl LossSummary {
             read_error: k.read_error,
             undecodable,
             unread,
+            lost_stack: k.lost_stack,
         }
     }
 
@@ -249,6 +266,7 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
                     .filter(|e| e.cause != Cause::Seed)
                     .count(),
                 top_vmas: top,
+                call_sites: sites::table(&p.sites, &session.stacks, SUMMARY_SITES),
             }
         })
         .collect();

@@ -338,6 +338,10 @@ impl Sink for Feedback {
         self.inner.event(event, applied, session)
     }
 
+    fn stack(&mut self, def: &crate::stacks::StackDef) -> io::Result<()> {
+        self.inner.stack(def)
+    }
+
     fn snapshot(&mut self, ts_ns: u64, reason: SnapshotReason, p: &Process) -> io::Result<()> {
         self.inner.snapshot(ts_ns, reason, p)
     }

@@ -953,6 +953,7 @@ mod tests {
                 ip: 0,
                 error_code: Some(6),
                 write_from_page: None,
+                stack_id: None,
             }));
         }
     }

@@ -74,6 +74,26 @@ pub struct ProbeOptions {
     pub faults: FaultBackend,
     pub syscalls: SyscallBackend,
     pub exit_rule: ExitRule,
+    /// User stacks (`--stacks`, `--fault-stacks`): what the kernel copies.
+    pub stacks: StackOptions,
+}
+
+/// What the eBPF programs capture of user stacks (see `tracer-ebpf/src/stacks.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackOptions {
+    /// Every memory syscall gets a stack.
+    pub syscalls: bool,
+    /// One not-present fault in this many (per CPU) gets a stack; 0: none.
+    pub fault_every: u32,
+    /// Bytes of the top of the user stack copied with each stack.
+    pub stack_bytes: u32,
+}
+
+impl StackOptions {
+    /// Whether any stack is captured.
+    pub fn any(&self) -> bool {
+        self.syscalls || self.fault_every > 0
+    }
 }
 
 impl Default for ProbeOptions {
@@ -84,6 +104,7 @@ impl Default for ProbeOptions {
             faults: FaultBackend::Auto,
             syscalls: SyscallBackend::Auto,
             exit_rule: ExitRule::Auto,
+            stacks: StackOptions::default(),
         }
     }
 }
@@ -147,6 +168,8 @@ pub struct KernelStats {
     pub exit_without_enter: u64,
     pub targets_full: u64,
     pub read_error: u64,
+    /// Stacks the full ring refused (their events were kept).
+    pub lost_stack: u64,
 }
 
 impl KernelStats {
@@ -237,7 +260,13 @@ impl Probe {
         raise_memlock();
         // Wake the reader before a small ring can fill; a large one is drained by the
         // reader's timer alone, which spares every record the query of the ring's fill.
-        let wakeup_bytes = if opts.ring_bytes >= TIMER_ONLY_RING_BYTES {
+        // With stacks (up to 17 KiB a record) the reader is woken after 1 MiB whatever the
+        // ring's size: a ring drained every 50 ms would drop most of a busy process's stacks.
+        let wakeup_bytes = if opts.stacks.any() {
+            opts.wakeup_bytes
+                .max(1 << 20)
+                .min(u64::from(opts.ring_bytes) / 4)
+        } else if opts.ring_bytes >= TIMER_ONLY_RING_BYTES {
             0
         } else {
             opts.wakeup_bytes.min(u64::from(opts.ring_bytes) / 4)
@@ -258,10 +287,21 @@ impl Probe {
             opts.syscalls != SyscallBackend::Fentry,
             KernelBtf::load,
         )?;
+        let stack_bytes = if opts.stacks.any() {
+            opts.stacks
+                .stack_bytes
+                .min(tracer_common::STACK_COPY_MAX as u32)
+        } else {
+            0
+        };
+        let syscall_stacks = u32::from(opts.stacks.syscalls);
         let mut ebpf = EbpfLoader::new()
             .map_max_entries("EVENTS", opts.ring_bytes)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("LAYOUT", &kernel_layout, true)
+            .override_global("STACK_BYTES", &stack_bytes, true)
+            .override_global("SYSCALL_STACKS", &syscall_stacks, true)
+            .override_global("FAULT_STACK_EVERY", &opts.stacks.fault_every, true)
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -653,6 +693,7 @@ impl Probe {
             exit_without_enter: get(Stat::ExitWithoutEnter),
             targets_full: get(Stat::TargetsFull),
             read_error: get(Stat::ReadError),
+            lost_stack: get(Stat::LostStack),
         })
     }
 }

@@ -269,6 +269,11 @@ fn main() {
         syscall_backends(rounds, &backends);
         return;
     }
+    // `--stacks-only`: just the cost of user stacks.
+    if args.iter().any(|a| a == "--stacks-only") {
+        stacks_cost(rounds);
+        return;
+    }
     let workloads: [(&str, Vec<&str>); 3] = [
         (
             "fault-heavy (map, touch 256 pages, unmap) x400",
@@ -371,6 +376,9 @@ fn main() {
     let _ = target.kill();
     let _ = target.wait();
 
+    println!();
+    stacks_cost(rounds);
+
     // Sustained rate: the fault-heavy workload with every fault recorded; events and losses
     // from the summary.
     let file = std::env::temp_dir().join(format!("vmatrace-bench-{}.ndjson", std::process::id()));
@@ -448,6 +456,70 @@ fn syscall_sweep() {
             100.0 * lost as f64 / (recorded + lost).max(1) as f64,
         );
     }
+}
+
+/// The cost of user stacks, as ratios in one run: churn traced without and with `--stacks`,
+/// and fault-heavy traced without and with `--fault-stacks 64` and `--fault-stacks 1`, each
+/// against the untraced workload; with the stacks the kernel dropped (the ring was more than
+/// half full) and the records written.
+fn stacks_cost(rounds: usize) {
+    let v = vmatrace().display().to_string();
+    let file = std::env::temp_dir().join(format!("vmatrace-stacks-{}.ndjson", std::process::id()));
+    let f = file.display().to_string();
+    println!(
+        "User stacks: medians of {rounds} alternating rounds; ratio = traced / untraced; stacks dropped by the kernel (ring over half full) of the last round.\n"
+    );
+    println!("| workload | untraced | traced | with stacks | with stacks | ");
+    println!("|---|---|---|---|---|");
+    // (name, workload arguments, the vmatrace options of each traced configuration)
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<Vec<&'a str>>);
+    let cases: [Case; 2] = [
+        (
+            "syscall churn x40000: none / --stacks",
+            vec!["churn", "40000"],
+            vec![vec![], vec!["--stacks"]],
+        ),
+        (
+            "fault-heavy x400: none / --fault-stacks 64 / --fault-stacks 1",
+            vec!["fault-loop", "400", "256"],
+            vec![
+                vec![],
+                vec!["--fault-stacks", "64"],
+                vec!["--fault-stacks", "1"],
+            ],
+        ),
+    ];
+    for (name, wargs, configs) in cases {
+        let mut base = Vec::new();
+        let mut traced: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+        let mut dropped = vec![String::new(); configs.len()];
+        for _ in 0..rounds {
+            base.push(once(&[], false, &wargs).unwrap_or_else(|e| fail(e)));
+            for (i, extra) in configs.iter().enumerate() {
+                let mut prefix = strings(&[&v, "record", "--force", "-o", &f]);
+                prefix.extend(strings(extra));
+                prefix.push("--".into());
+                traced[i].push(once(&prefix, false, &wargs).unwrap_or_else(|e| fail(e)));
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let summary = text.lines().last().unwrap_or("");
+                let lost = summary
+                    .split("\"lost_stack\":")
+                    .nth(1)
+                    .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                    .unwrap_or("0");
+                let stacks = text.matches("\"type\":\"stack\"").count();
+                dropped[i] = format!("{stacks} unique, {lost} dropped");
+            }
+        }
+        let b = median(base);
+        print!("| {name} | {:.1} ms |", b / 1e6);
+        for (t, d) in traced.into_iter().zip(&dropped) {
+            let m = median(t);
+            print!(" {:.1} ms ({:.2}x; {d}) |", m / 1e6, m / b);
+        }
+        println!();
+    }
+    let _ = std::fs::remove_file(&file);
 }
 
 /// Past the loss-free rate: one and then two fault-heavy processes at once (followed), with

@@ -51,6 +51,7 @@ const SMOKE: &[(&str, &[&str])] = &[
             "model_matches_proc_maps_and_smaps_at_every_checkpoint",
             "a_followed_fork_child_matches_its_own_maps_and_smaps",
             "a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block",
+            "collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged",
         ],
     ),
     (

@@ -1,0 +1,198 @@
+//! User stacks for memory events (`--stacks`, `--fault-stacks`): the frame-pointer walk of
+//! `bpf_get_stack(BPF_F_USER_STACK)`, and, since most distribution code has no frame
+//! pointers, the top of the user stack and the registers to unwind it from, as
+//! `perf --call-graph dwarf` takes them. Userspace unwinds the copy with the binaries'
+//! `.eh_frame`. The record is built in this CPU's `STACK_SCRATCH` slot and written with one
+//! `bpf_ringbuf_output` cut to the bytes copied, just before the record it belongs to.
+//! Stacks are dropped (and counted) while the ring is more than half full: they never take
+//! the room of the events.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
+    helpers::generated::{
+        bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_ringbuf_output, bpf_task_pt_regs,
+    },
+    macros::map,
+    maps::PerCpuArray,
+};
+use tracer_common::{
+    EventHeader, EventKind, STACK_COPY_MAX, STACK_FRAMES_MAX, StackHead, StackRecord, Stat,
+};
+
+use crate::{
+    arch::{STACK_REG_OFFSETS, USER_ADDRESS_END},
+    maps::{EVENTS, count, wakeup_flags},
+};
+
+/// Bytes of user stack copied for each stack; 0: no stacks at all. Set by userspace at load
+/// (at most `STACK_COPY_MAX`); programs on kernels without `bpf_task_pt_regs` (before 5.15)
+/// load only with 0, as the verifier never visits the code behind it.
+#[unsafe(no_mangle)]
+static STACK_BYTES: u32 = 0;
+
+/// 1: every traced memory syscall gets a stack (`--stacks`).
+#[unsafe(no_mangle)]
+static SYSCALL_STACKS: u32 = 0;
+
+/// One first-touch fault in this many (per CPU) gets a stack; 0: none.
+#[unsafe(no_mangle)]
+static FAULT_STACK_EVERY: u32 = 0;
+
+/// Each CPU's record being built (16 KiB, too large for the eBPF stack).
+#[map]
+static STACK_SCRATCH: PerCpuArray<StackRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// Not-present faults this CPU has seen since its last fault stack.
+#[map]
+static FAULT_STACK_COUNT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Bytes of stack to copy per stack (0: off).
+#[inline(always)]
+pub fn stack_bytes() -> u32 {
+    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
+    unsafe { core::ptr::read_volatile(&STACK_BYTES) }
+}
+
+/// Whether memory syscalls get a stack.
+#[inline(always)]
+pub fn syscall_stacks() -> bool {
+    // SAFETY: as in `stack_bytes`.
+    unsafe { core::ptr::read_volatile(&SYSCALL_STACKS) != 0 }
+}
+
+/// Whether this fault is the one in `FAULT_STACK_EVERY` that gets a stack. The tracepoint
+/// backend asks for not-present faults only (most likely first touches); the perf-event
+/// backend, which has no error code, for every fault.
+#[inline(always)]
+pub fn fault_wants_stack() -> bool {
+    // SAFETY: as in `stack_bytes`.
+    let every = unsafe { core::ptr::read_volatile(&FAULT_STACK_EVERY) };
+    if every == 0 {
+        return false;
+    }
+    let Some(n) = FAULT_STACK_COUNT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot; the fault programs do not nest on a CPU.
+    unsafe {
+        *n += 1;
+        if *n < every {
+            return false;
+        }
+        *n = 0;
+    }
+    true
+}
+
+/// Writes the current thread's user stack, for the record of kind `owner` keyed by `key_ts`
+/// (a syscall's entry time, a fault's time). Failures are counted, never fatal to the event.
+#[inline(always)]
+pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_ts: u64) {
+    let want = stack_bytes();
+    if want == 0 {
+        return;
+    }
+    // Stacks give way to events: none while the ring is more than half full (a quarter for
+    // fault stacks, which give way to syscall stacks too), so that a burst of stacks never
+    // costs the events themselves (counted as lost stacks).
+    let ring = EVENTS.query(BPF_RB_RING_SIZE as u64);
+    let room = if owner == EventKind::Fault {
+        ring / 4
+    } else {
+        ring / 2
+    };
+    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > room {
+        count(Stat::LostStack);
+        return;
+    }
+    let Some(rec) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: `rec` is this CPU's scratch slot (programs do not nest on a CPU); every helper
+    // below writes inside it with a constant or bounded size.
+    unsafe {
+        let task = bpf_get_current_task_btf();
+        let regs_ptr = bpf_task_pt_regs(task) as *const u8;
+        let mut regs = [0u64; 4];
+        for (i, off) in STACK_REG_OFFSETS.iter().enumerate() {
+            if let Some(off) = off {
+                let mut v = 0u64;
+                if bpf_probe_read_kernel(
+                    &mut v as *mut u64 as *mut _,
+                    8,
+                    regs_ptr.add(*off) as *const _,
+                ) != 0
+                {
+                    count(Stat::ReadError);
+                }
+                regs[i] = v;
+            }
+        }
+        let frames = bpf_get_stack(
+            ctx.as_ptr(),
+            (*rec).frames.as_mut_ptr() as *mut _,
+            (8 * STACK_FRAMES_MAX) as u32,
+            BPF_F_USER_STACK as u64,
+        );
+        let frames = if frames > 0 { frames as u32 / 8 } else { 0 };
+        let sp = regs[1];
+        let mut copied = 0u32;
+        if sp != 0 && sp < USER_ADDRESS_END {
+            // Near the top of the stack (the main thread's first frames) the whole length
+            // runs past its end: then one page less at a time, down to sp's own page.
+            let to_page_end = 4096 - (sp & 4095) as u32;
+            let tries = [
+                want,
+                to_page_end + 3 * 4096,
+                to_page_end + 2 * 4096,
+                to_page_end + 4096,
+                to_page_end,
+            ];
+            for len in tries {
+                let len = if len > STACK_COPY_MAX as u32 {
+                    STACK_COPY_MAX as u32
+                } else {
+                    len
+                };
+                if len > want {
+                    continue;
+                }
+                if bpf_probe_read_user((*rec).stack.as_mut_ptr() as *mut _, len, sp as *const _)
+                    == 0
+                {
+                    copied = len;
+                    break;
+                }
+            }
+        }
+        (*rec).head = StackHead {
+            header: EventHeader {
+                kind: EventKind::Stack as u32,
+                tgid,
+                tid,
+                detail: owner as u32,
+                ts_ns: key_ts,
+            },
+            regs,
+            frames,
+            stack_bytes: copied,
+        };
+        let size = (size_of::<StackHead>() + 8 * STACK_FRAMES_MAX) as u64 + copied as u64;
+        let size = if size > size_of::<StackRecord>() as u64 {
+            size_of::<StackRecord>() as u64
+        } else {
+            size
+        };
+        if bpf_ringbuf_output(
+            &EVENTS as *const _ as *mut _,
+            rec as *mut _,
+            size,
+            wakeup_flags(size),
+        ) != 0
+        {
+            count(Stat::LostStack);
+        }
+    }
+}

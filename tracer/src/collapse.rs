@@ -1,0 +1,77 @@
+//! Huge pages the kernel makes from small ones without a fault: khugepaged, in the
+//! background, and `madvise(MADV_COLLAPSE)`, within the call. Either fills the rest of a
+//! 2 MiB block (zero pages, pages never touched) with anonymous memory, which no fault event
+//! reports. The daemon looks at the blocks that may have been collapsed (the model's
+//! [`AddressSpace::collapsible`]) in `/proc/PID/pagemap`: after each `MADV_COLLAPSE`, and
+//! whenever khugepaged's system-wide count of collapses has moved. What it finds becomes an
+//! [`Event::Collapse`], recorded (`collapse`) so that a replay applies it too.
+
+use tracer_common::Syscall;
+
+use crate::{event::Event, event::SyscallRecord, model::AddressSpace, pagemap, procfs};
+
+const MADV_COLLAPSE: u64 = 25;
+
+/// khugepaged's count of collapses, as last seen.
+#[derive(Debug)]
+pub struct Khugepaged {
+    seen: Option<u64>,
+}
+
+impl Default for Khugepaged {
+    /// Starts from the count now.
+    fn default() -> Self {
+        Self {
+            seen: procfs::khugepaged_collapses(),
+        }
+    }
+}
+
+impl Khugepaged {
+    /// Whether khugepaged has collapsed pages (in any process) since the last look.
+    pub fn collapsed_since(&mut self) -> bool {
+        let now = procfs::khugepaged_collapses();
+        let moved = now.is_some() && now != self.seen;
+        self.seen = now;
+        moved
+    }
+}
+
+/// The range a successful `MADV_COLLAPSE` acted on, and whose process.
+pub fn advised(s: &SyscallRecord) -> Option<(u32, u64, u64)> {
+    if s.errno().is_some() {
+        return None;
+    }
+    let [a0, a1, a2, a3, _, _] = s.args;
+    match s.call {
+        Syscall::Madvise if a2 == MADV_COLLAPSE => Some((s.pid, a0, a0.saturating_add(a1))),
+        Syscall::ProcessMadvise if a3 == MADV_COLLAPSE => Some((
+            s.resolved.target_pid.unwrap_or(s.pid),
+            s.extra[0],
+            s.extra[0].saturating_add(s.extra[1]),
+        )),
+        _ => None,
+    }
+}
+
+/// The collapses of `pid`'s blocks in `[start, end)` that pagemap shows now, as events at
+/// `ts_ns` (none when the process is gone); `advised`: by `MADV_COLLAPSE`, else khugepaged.
+pub fn found(
+    pid: u32,
+    space: &AddressSpace,
+    (start, end): (u64, u64),
+    advised: bool,
+    ts_ns: u64,
+) -> Vec<Event> {
+    let blocks = space.collapsible(start, end, advised);
+    match pagemap::huge_blocks(pid, &blocks) {
+        Ok(huge) => huge
+            .into_iter()
+            .map(|start| Event::Collapse { ts_ns, pid, start })
+            .collect(),
+        Err(e) => {
+            log::debug!("cannot look for collapsed huge pages of {pid}: {e}");
+            Vec::new()
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! User call stacks of memory events: decoded from the kernel's stack records
+//! (`EventKind::Stack`), unwound (`unwind`), symbolized (`symbols`) and deduplicated while
+//! recording, so that a recording names its code without the binaries. `sites` charges
+//! memory to the code that asked for it.
+
+pub mod sites;
+pub mod symbols;
+pub mod unwind;
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+use tracer_common::{EventHeader, EventKind, STACK_FRAMES_MAX, StackHead};
+
+use crate::{
+    event::{DecodeError, Event},
+    model::AddressSpace,
+};
+
+/// One frame of a symbolized stack (innermost first). An inlined function is a frame of its
+/// own at the same `addr`, before the function it was inlined into, as `perf` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Frame {
+    /// The instruction pointer (first frame) or the return address.
+    pub addr: u64,
+    /// The mapped file's path, `[anon]` for anonymous executable memory (JIT), `[vdso]`, or
+    /// null when the address was in no mapping.
+    pub module: Option<String>,
+    /// `addr`'s offset in the module's file (in `[anon]`, from the start of its mapping).
+    pub offset: u64,
+    /// The function, demangled; null when the module has no symbol for it.
+    pub function: Option<String>,
+    /// Source file and line, where the module has DWARF line information.
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// The frame is a function inlined into the next one.
+    pub inlined: bool,
+}
+
+impl Frame {
+    /// `function (file:line)`, `function`, or `module+0xoffset`.
+    pub fn label(&self) -> String {
+        match (&self.function, &self.file, self.line) {
+            (Some(f), Some(file), Some(line)) => {
+                let short = file.rsplit('/').next().unwrap_or(file);
+                format!("{f} ({short}:{line})")
+            }
+            (Some(f), _, _) => f.clone(),
+            _ => format!(
+                "{}+{:#x}",
+                self.module
+                    .as_deref()
+                    .map_or("[unknown]", |m| m.rsplit('/').next().unwrap_or(m)),
+                self.offset
+            ),
+        }
+    }
+}
+
+/// A unique stack: written once (a `stack` record) before the first record that names it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackDef {
+    pub id: u64,
+    pub frames: Vec<Frame>,
+}
+
+/// The stacks known so far, by id (live: as symbolized; replay: as read).
+#[derive(Clone, Debug, Default)]
+pub struct StackTable {
+    by_id: HashMap<u64, Arc<StackDef>>,
+}
+
+impl StackTable {
+    pub fn insert(&mut self, def: Arc<StackDef>) {
+        self.by_id.insert(def.id, def);
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Arc<StackDef>> {
+        self.by_id.get(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<StackDef>> {
+        self.by_id.values()
+    }
+}
+
+/// A stack as the kernel wrote it, before unwinding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawStack {
+    pub pid: u32,
+    pub tid: u32,
+    /// The kind of record it belongs to (`Syscall` or `Fault`).
+    pub owner: u32,
+    /// That record's key time: a syscall's `enter_ts_ns`, a fault's `ts_ns`.
+    pub key_ts: u64,
+    /// x86_64 `[ip, sp, bp, 0]`; aarch64 `[pc, sp, fp, lr]`.
+    pub regs: [u64; 4],
+    /// The kernel's frame-pointer walk (first: the ip).
+    pub fp_frames: Vec<u64>,
+    /// The top of the user stack, from `regs[1]` up.
+    pub stack: Vec<u8>,
+}
+
+impl RawStack {
+    /// The stack record in `bytes`, or `None` when the record is of another kind.
+    pub fn decode(bytes: &[u8]) -> Result<Option<RawStack>, DecodeError> {
+        let header: EventHeader = read(bytes)?;
+        if header.kind != EventKind::Stack as u32 {
+            return Ok(None);
+        }
+        let head: StackHead = read(bytes)?;
+        let frames = (head.frames as usize).min(STACK_FRAMES_MAX);
+        let frames_start = size_of::<StackHead>();
+        let stack_start = frames_start + 8 * STACK_FRAMES_MAX;
+        let need = stack_start + head.stack_bytes as usize;
+        if bytes.len() < need {
+            return Err(DecodeError::Short {
+                got: bytes.len(),
+                need,
+            });
+        }
+        let fp_frames = bytes[frames_start..frames_start + 8 * frames]
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])))
+            .take_while(|&a| a != 0)
+            .collect();
+        Ok(Some(RawStack {
+            pid: header.tgid,
+            tid: header.tid,
+            owner: header.detail,
+            key_ts: header.ts_ns,
+            regs: head.regs,
+            fp_frames,
+            stack: bytes[stack_start..need].to_vec(),
+        }))
+    }
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let need = size_of::<T>();
+    if bytes.len() < need {
+        return Err(DecodeError::Short {
+            got: bytes.len(),
+            need,
+        });
+    }
+    // SAFETY: the length was checked; T is a plain-old-data ABI type read unaligned.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Raw stacks waiting for their record, at most this many (a record lost with a full ring
+/// leaves its stack behind).
+const MAX_WAITING: usize = 16384;
+
+/// What links a stack to its record: thread, record kind, the record's key time.
+type StackKey = (u32, u32, u64);
+
+/// The key of the stack an event waits for, and where its id goes.
+fn key_of(ev: &mut Event) -> Option<(StackKey, &mut Option<u64>)> {
+    match ev {
+        Event::Syscall(s) => Some((
+            (s.tid, EventKind::Syscall as u32, s.enter_ts_ns),
+            &mut s.resolved.stack_id,
+        )),
+        Event::Fault(f) => Some(((f.tid, EventKind::Fault as u32, f.ts_ns), &mut f.stack_id)),
+        _ => None,
+    }
+}
+
+/// Walks remembered at most.
+const MAX_MEMO: usize = 65536;
+
+/// A remembered walk (see `Collector::memo`).
+struct Memo {
+    generation: Option<(usize, usize)>,
+    fp_frames: Vec<u64>,
+    reads: Vec<(u64, u64)>,
+    id: Option<u64>,
+}
+
+/// The live side: raw stacks wait here for their record, are unwound and symbolized while
+/// the process lives, and each unique stack gets an id.
+pub struct Collector {
+    waiting: HashMap<StackKey, RawStack>,
+    /// The executable ranges whose files were opened, by process.
+    warmed: HashMap<u32, Vec<std::ops::Range<u64>>>,
+    unwinder: unwind::Unwinder,
+    symbols: symbols::Symbols,
+    /// Unique stacks: module identity and offset of each frame -> id.
+    ids: HashMap<Vec<unwind::FrameKey>, u64>,
+    /// Symbolized, not yet written.
+    fresh: HashMap<u64, Arc<StackDef>>,
+    /// The last walk from each (pid, ip, sp, bp): the same registers, the same stack words
+    /// where the walk read them, the same frame-pointer frames and the same mappings give the
+    /// same stack, so a call site in a loop is unwound once.
+    memo: HashMap<(u32, [u64; 4]), Memo>,
+    next_id: u64,
+    /// Stacks the reader received, and those whose record never came.
+    pub received: u64,
+    /// Stacks recognised as an earlier walk without unwinding.
+    pub memo_hits: u64,
+    pub orphaned: u64,
+}
+
+impl Default for Collector {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Collector {
+    pub fn new() -> Self {
+        Self {
+            waiting: HashMap::new(),
+            warmed: HashMap::new(),
+            unwinder: unwind::Unwinder::default(),
+            symbols: symbols::Symbols::new(),
+            ids: HashMap::new(),
+            fresh: HashMap::new(),
+            memo: HashMap::new(),
+            next_id: 1,
+            received: 0,
+            memo_hits: 0,
+            orphaned: 0,
+        }
+    }
+
+    /// Keeps a raw stack until its record is handled, and opens the files of the process's
+    /// code now, while it lives.
+    pub fn receive(&mut self, raw: RawStack) {
+        self.received += 1;
+        if self.waiting.len() >= MAX_WAITING {
+            self.orphaned += self.waiting.len() as u64;
+            self.waiting.clear();
+        }
+        let (pid, ip) = (raw.pid, raw.regs[0]);
+        let warmed = self.warmed.entry(pid).or_default();
+        if !warmed.iter().any(|r| r.contains(&ip)) {
+            *warmed = self.unwinder.warm(pid);
+        }
+        self.waiting.insert((raw.tid, raw.owner, raw.key_ts), raw);
+    }
+
+    /// At read time: gives each syscall and fault in `events` its stack's id now, while the
+    /// process lives (its mappings from `/proc/PID/maps`), or at once when the stack is one
+    /// walked before (same registers, same stack words where the walk read them). Stacks of a
+    /// process already gone wait for [`Collector::resolve`], which walks them in the model's
+    /// mappings at the event.
+    pub fn attach(&mut self, events: &mut [Event]) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        for ev in events {
+            let Some((key, slot)) = key_of(ev) else {
+                continue;
+            };
+            let Some(raw) = self.waiting.get(&key) else {
+                continue;
+            };
+            if let Some(id) = self.memo_hit(raw) {
+                self.memo_hits += 1;
+                *slot = id;
+                self.waiting.remove(&key);
+            } else if let Some(raw) = self.waiting.remove(&key) {
+                match self.id_if_mapped(&raw, None) {
+                    Some(id) => *slot = id,
+                    // Gone (or a zombie): walked at the event, in the model's mappings.
+                    None => {
+                        self.waiting.insert(key, raw);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives a syscall or fault its stack's id, unwinding and symbolizing a stack not seen
+    /// before. `space` is the process's model just before the event: the mappings the stack's
+    /// addresses were in.
+    pub fn resolve(&mut self, ev: &mut Event, space: Option<&AddressSpace>) {
+        if self.waiting.is_empty() {
+            return;
+        }
+        let Some((key, slot)) = key_of(ev) else {
+            return;
+        };
+        if slot.is_some() {
+            return;
+        }
+        let Some(raw) = self.waiting.remove(&key) else {
+            return;
+        };
+        *slot = self.id_of(&raw, space);
+    }
+
+    /// The id of the remembered walk `raw` repeats, if it does (`Some(None)`: a walk that
+    /// gave no stack).
+    fn memo_hit(&self, raw: &RawStack) -> Option<Option<u64>> {
+        let generation = self.unwinder.generation(raw.pid);
+        let m = self.memo.get(&(raw.pid, raw.regs))?;
+        (generation.is_some()
+            && m.generation == generation
+            && m.fp_frames == raw.fp_frames
+            && m.reads
+                .iter()
+                .all(|&(off, v)| unwind::word_at(&raw.stack, off) == Some(v)))
+        .then_some(m.id)
+    }
+
+    /// Forgets a process's mappings (it exited; its files stay open for the others).
+    pub fn forget(&mut self, pid: u32) {
+        self.unwinder.forget(pid);
+        self.warmed.remove(&pid);
+        self.memo.retain(|(p, _), _| *p != pid);
+    }
+
+    /// The id of `raw`'s stack (symbolized once per unique stack).
+    fn id_of(&mut self, raw: &RawStack, space: Option<&AddressSpace>) -> Option<u64> {
+        if let Some(id) = self.memo_hit(raw) {
+            self.memo_hits += 1;
+            return id;
+        }
+        let unwound = self.unwinder.unwind(raw, space);
+        self.remember(raw, &unwound)
+    }
+
+    /// The id of `raw`'s stack walked in the mappings `space` (or `/proc/PID/maps`), or
+    /// `None` when there are none (the process is gone).
+    fn id_if_mapped(
+        &mut self,
+        raw: &RawStack,
+        space: Option<&AddressSpace>,
+    ) -> Option<Option<u64>> {
+        let unwound = self.unwinder.unwind(raw, space);
+        self.unwinder.generation(raw.pid)?;
+        Some(self.remember(raw, &unwound))
+    }
+
+    /// Names `unwound` and remembers the walk of `raw`.
+    fn remember(&mut self, raw: &RawStack, unwound: &unwind::Unwound) -> Option<u64> {
+        let memo_key = (raw.pid, raw.regs);
+        let id = self.id_of_unwound(unwound);
+        if self.memo.len() >= MAX_MEMO {
+            self.memo.clear();
+        }
+        self.memo.insert(
+            memo_key,
+            Memo {
+                generation: self.unwinder.generation(raw.pid),
+                fp_frames: raw.fp_frames.clone(),
+                reads: self.unwinder.reads.clone(),
+                id,
+            },
+        );
+        id
+    }
+
+    fn id_of_unwound(&mut self, unwound: &unwind::Unwound) -> Option<u64> {
+        if unwound.frames.is_empty() {
+            return None;
+        }
+        let keys = unwound.keys();
+        if let Some(&id) = self.ids.get(&keys) {
+            return Some(id);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ids.insert(keys, id);
+        let frames = self.symbols.symbolize(unwound);
+        self.fresh.insert(id, Arc::new(StackDef { id, frames }));
+        Some(id)
+    }
+
+    /// The stack `id` the first time it is asked for (to be written before its first use).
+    pub fn first_use(&mut self, id: u64) -> Option<Arc<StackDef>> {
+        self.fresh.remove(&id)
+    }
+
+    /// Unique stacks so far.
+    pub fn unique(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracer_common::StackRecord;
+
+    #[test]
+    fn decodes_a_stack_record_cut_after_its_bytes() {
+        let mut rec = StackRecord {
+            head: StackHead {
+                header: EventHeader {
+                    kind: EventKind::Stack as u32,
+                    tgid: 5,
+                    tid: 6,
+                    detail: EventKind::Syscall as u32,
+                    ts_ns: 77,
+                },
+                regs: [0x1000, 0x7ff0, 0x7ff8, 0],
+                frames: 2,
+                stack_bytes: 16,
+            },
+            frames: [0; STACK_FRAMES_MAX],
+            stack: [0; tracer_common::STACK_COPY_MAX],
+        };
+        rec.frames[0] = 0x1000;
+        rec.frames[1] = 0x2000;
+        rec.stack[..16].copy_from_slice(&[7; 16]);
+        // SAFETY: test helper over a plain-old-data ABI type.
+        let all = unsafe {
+            std::slice::from_raw_parts(
+                (&rec as *const StackRecord).cast::<u8>(),
+                size_of::<StackRecord>(),
+            )
+        };
+        let cut = &all[..size_of::<StackHead>() + 8 * STACK_FRAMES_MAX + 16];
+        let raw = RawStack::decode(cut).expect("decodes").expect("a stack");
+        assert_eq!(
+            (raw.pid, raw.tid, raw.key_ts, raw.fp_frames, raw.stack),
+            (5, 6, 77, vec![0x1000, 0x2000], vec![7; 16])
+        );
+        // One byte short of what it says it carries.
+        assert!(RawStack::decode(&cut[..cut.len() - 1]).is_err());
+        // Another kind is not a stack.
+        let mut other = cut.to_vec();
+        other[..4].copy_from_slice(&(EventKind::Exit as u32).to_ne_bytes());
+        assert_eq!(RawStack::decode(&other), Ok(None));
+    }
+}
