@@ -216,7 +216,8 @@ pub struct TraceArgs {
     /// Run the command as this user (default under sudo: the invoking user).
     #[arg(short, long, value_name = "USER")]
     pub user: Option<String>,
-    /// Compare the model with /proc/PID/maps every SECS seconds and report drift.
+    /// Compare the model with /proc/PID/maps every SECS seconds and report drift (differences
+    /// seen at two checks in a row: the process runs while its map is read).
     #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
     pub reconcile: Option<Duration>,
     /// At the end, diagnose allocator fragmentation (heap, arenas, churn, untouched memory).

@@ -23,6 +23,9 @@ pub enum DecodeError {
     BatchKind(u32),
 }
 
+/// `clone`'s flag for a child that shares its parent's memory.
+const CLONE_VM: u64 = 0x100;
+
 /// Data the daemon resolved from `/proc` when it saw a syscall (kept in recordings so that a
 /// replay needs nothing but the file).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -100,13 +103,16 @@ impl FaultRecord {
 pub enum Event {
     Syscall(SyscallRecord),
     Fault(FaultRecord),
-    /// `pid` created process `child`; `followed` when the child is traced too.
+    /// `pid` created process `child`; `followed` when the child is traced too; `shares_vm`
+    /// when the child shares its memory (`CLONE_VM`: `vfork`, `posix_spawn`) instead of
+    /// getting a copy.
     Fork {
         ts_ns: u64,
         pid: u32,
         tid: u32,
         child: u32,
         followed: bool,
+        shares_vm: bool,
     },
     /// `pid` exec'd `filename`.
     Exec {
@@ -298,6 +304,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 tid,
                 child: e.child_pid,
                 followed: e.followed != 0,
+                shares_vm: e.clone_flags & CLONE_VM != 0,
             }
         }
         EventKind::Exec => {

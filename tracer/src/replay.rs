@@ -458,6 +458,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
             tid: u32_of(&v, "tid")?,
             child: u32_of(&v, "child")?,
             followed: v.get("followed").and_then(Value::as_bool).unwrap_or(false),
+            shares_vm: v.get("shares_vm").and_then(Value::as_bool).unwrap_or(false),
         }),
         "exec" => Record::Event(Event::Exec {
             ts_ns: ts_ns()?,

@@ -263,10 +263,10 @@ const DRAIN_BATCH: usize = 1024;
 /// the timer, `--duration`): a reader that is behind still stops on time.
 const DRAIN_SLICE: Duration = Duration::from_millis(20);
 
-/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may go without
-/// progress before vmatrace gives up on the rest: a reader of its output that does not read
-/// must not keep it (and the kernel programs) alive.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How long the end of a run (after SIGINT, SIGTERM, SIGHUP or `--duration`) may be stuck in
+/// one write of its output before vmatrace gives up on the rest: a reader of its output that
+/// does not read must not keep it (and the kernel programs) alive.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// After a stop is asked, how long the last read of the ring may take; what is left then is
 /// counted as unread.
@@ -356,7 +356,6 @@ impl Live {
                 }
             }
             self.handle_released(false)?;
-            crate::signals::progress();
             if empty {
                 return Ok(true);
             }
@@ -513,12 +512,12 @@ impl Live {
         self.events += 1;
         resolve(&mut ev, &mut self.opened);
         if let Event::Syscall(s) = &mut ev {
-            let space = self.session.get(s.pid).map(|p| &p.space);
+            let space = self.session.space_of(s.pid);
             residency::resolve(s, space);
         }
         if let Some(c) = self.stacks.as_mut() {
             // Unwound in the mappings the model has just before the event.
-            let space = self.session.get(ev.pid()).map(|p| &p.space);
+            let space = self.session.space_of(ev.pid());
             c.resolve(&mut ev, space);
         }
         let stack_id = match &ev {
@@ -564,7 +563,14 @@ impl Live {
                         .map_err(RunError::Write)?;
                 }
             }
-            (Event::Fork { child, ts_ns, .. }, Applied::Fork { traced: true, .. }) => {
+            (
+                Event::Fork { child, ts_ns, .. },
+                Applied::Fork {
+                    traced: true,
+                    shares_vm: false,
+                    ..
+                },
+            ) => {
                 if let Some(p) = self.session.get(*child) {
                     self.sink
                         .snapshot(*ts_ns, SnapshotReason::Seed, p)
@@ -574,9 +580,9 @@ impl Live {
             (Event::Syscall(s), Applied::Syscall { .. }) => {
                 // MADV_COLLAPSE made huge pages within the call, without faults.
                 if let Some((pid, start, end)) = crate::collapse::advised(s)
-                    && let Some(p) = self.session.get(pid)
+                    && let Some(space) = self.session.space_of(pid)
                 {
-                    for c in crate::collapse::found(pid, &p.space, (start, end), true, s.ts_ns) {
+                    for c in crate::collapse::found(pid, space, (start, end), true, s.ts_ns) {
                         self.handle(c)?;
                     }
                 }
@@ -637,10 +643,11 @@ impl Live {
         }
         self.resync_due = false;
         self.last_resync_ns = now;
+        // (A process sharing another's memory is resynchronised with that one.)
         let pids: Vec<u32> = self
             .session
             .processes()
-            .filter(|p| p.exited_ns.is_none())
+            .filter(|p| p.exited_ns.is_none() && self.session.memory_owner(p.pid) == p.pid)
             .map(|p| p.pid)
             .collect();
         for pid in pids {
@@ -695,10 +702,10 @@ impl Live {
                 maps.iter()
                     .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
             );
-            let Some(p) = self.session.get(pid) else {
+            let Some(space) = self.session.space_of(pid) else {
                 continue;
             };
-            let diff = normalize::diff(&kernel, &normalize::model_ranges(&p.space));
+            let diff = normalize::diff(&kernel, &normalize::model_ranges(space));
             // A running process changes its map between our drain and our read: report only
             // the differences that were already there at the previous check.
             let previous = self
@@ -728,19 +735,23 @@ impl Live {
     }
 }
 
-/// The output, telling the stop watchdog of each write it accepts: a slow end goes on, a
-/// blocked one does not.
-pub(crate) struct Progressing<W>(pub(crate) W);
+/// The output, telling the stop watchdog when a write is under way: an end blocked on its
+/// output is cut short, a slow one is not.
+pub(crate) struct Watched<W>(pub(crate) W);
 
-impl<W: Write> Write for Progressing<W> {
+impl<W: Write> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.0.write(buf)?;
-        crate::signals::progress();
-        Ok(n)
+        crate::signals::writing(true);
+        let r = self.0.write(buf);
+        crate::signals::writing(false);
+        r
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        crate::signals::writing(true);
+        let r = self.0.flush();
+        crate::signals::writing(false);
+        r
     }
 }
 

@@ -153,10 +153,12 @@ pub enum Applied {
         errno: i32,
     },
     Fault(FaultEffect),
-    /// A process was forked; `traced` when its model was created.
+    /// A process was forked; `traced` when its model was created; `shares_vm` when it shares
+    /// its parent's memory (its model is the parent's).
     Fork {
         child: u32,
         traced: bool,
+        shares_vm: bool,
     },
     /// The process's map was cleared; the caller should [`Session::reseed`] it.
     Exec,
@@ -173,6 +175,10 @@ pub enum Applied {
 #[derive(Clone, Debug, Default)]
 pub struct Session {
     procs: BTreeMap<u32, Process>,
+    /// Processes that share another's memory (`CLONE_VM`: `vfork`, `posix_spawn`), until
+    /// they exec or exit: child -> the process whose model holds that memory. Their memory
+    /// events act on that model; their own stays empty.
+    shared_vm: BTreeMap<u32, u32>,
     /// The user stacks the events name, by id.
     pub stacks: crate::stacks::StackTable,
 }
@@ -203,6 +209,16 @@ impl Session {
     /// A traced process.
     pub fn get(&self, pid: u32) -> Option<&Process> {
         self.procs.get(&pid)
+    }
+
+    /// The process whose model holds `pid`'s memory: itself, or the one it shares it with.
+    pub fn memory_owner(&self, pid: u32) -> u32 {
+        self.shared_vm.get(&pid).copied().unwrap_or(pid)
+    }
+
+    /// The model of `pid`'s memory (shared memory included).
+    pub fn space_of(&self, pid: u32) -> Option<&AddressSpace> {
+        self.procs.get(&self.memory_owner(pid)).map(|p| &p.space)
     }
 
     /// Every traced process, by pid.
@@ -249,23 +265,30 @@ impl Session {
                 pid,
                 child,
                 followed,
+                shares_vm,
                 ..
             } => {
-                let Some(parent) = self.procs.get(pid) else {
+                let owner = self.memory_owner(*pid);
+                let Some(parent) = self.procs.get(&owner) else {
                     return Applied::Ignored;
                 };
                 if *followed {
-                    let child_proc = Process::new(
-                        *child,
-                        parent.space.fork(*ts_ns),
-                        parent.exe.clone(),
-                        *ts_ns,
-                    );
+                    // A child that shares the memory gets no model of its own until it execs.
+                    let space = if *shares_vm {
+                        AddressSpace::default()
+                    } else {
+                        parent.space.fork(*ts_ns)
+                    };
+                    let child_proc = Process::new(*child, space, parent.exe.clone(), *ts_ns);
                     self.procs.insert(*child, child_proc);
+                    if *shares_vm {
+                        self.shared_vm.insert(*child, owner);
+                    }
                 }
                 Applied::Fork {
                     child: *child,
                     traced: *followed,
+                    shares_vm: *shares_vm,
                 }
             }
             Event::Exec {
@@ -277,6 +300,8 @@ impl Session {
                 let Some(p) = self.procs.get_mut(pid) else {
                     return Applied::Ignored;
                 };
+                // An exec gives a process that shared its parent's memory its own.
+                self.shared_vm.remove(pid);
                 p.space.clear(*ts_ns, crate::model::timeline::Cause::Exec);
                 p.exe = Some(filename.clone());
                 Applied::Exec
@@ -286,16 +311,19 @@ impl Session {
                     return Applied::Ignored;
                 };
                 p.exited_ns = Some(*ts_ns);
+                self.shared_vm.remove(pid);
                 Applied::Exit
             }
             // Opens only name files for later mmaps (see `run`); the model ignores them.
             Event::Open { .. } => Applied::Ignored,
-            Event::Collapse { ts_ns, pid, start } => match self.procs.get_mut(pid) {
-                Some(p) => Applied::Collapsed {
-                    pages: p.space.collapse(*ts_ns, *start),
-                },
-                None => Applied::Ignored,
-            },
+            Event::Collapse { ts_ns, pid, start } => {
+                match self.procs.get_mut(&self.memory_owner(*pid)) {
+                    Some(p) => Applied::Collapsed {
+                        pages: p.space.collapse(*ts_ns, *start),
+                    },
+                    None => Applied::Ignored,
+                }
+            }
         }
     }
 
@@ -310,6 +338,7 @@ impl Session {
             Syscall::Openat => return Applied::Ignored,
             _ => s.pid,
         };
+        let pid = self.memory_owner(pid);
         let Some(p) = self.procs.get_mut(&pid) else {
             return Applied::Ignored;
         };
@@ -401,7 +430,7 @@ impl Session {
     }
 
     fn fault(&mut self, f: &FaultRecord) -> Applied {
-        let Some(p) = self.procs.get_mut(&f.pid) else {
+        let Some(p) = self.procs.get_mut(&self.memory_owner(f.pid)) else {
             return Applied::Ignored;
         };
         p.counts.faults += 1;

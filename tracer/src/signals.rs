@@ -3,9 +3,10 @@
 //! one sent early is handled late instead of killing vmatrace by its default action (which
 //! left an empty output and, before the guardian, a stopped command). Once a stop is asked, a
 //! watchdog thread makes sure the run ends even when the main thread is blocked writing to a
-//! reader that does not read: the end may take as long as it needs while it makes progress
-//! (a slow machine, many processes to snapshot), not a grace time without any.
+//! reader that does not read; an end that is only slow (a loaded machine, many processes to
+//! snapshot) goes on.
 
+use crate::clock::monotonic_ns;
 use std::{
     sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -42,20 +43,20 @@ pub fn release() {
 static STOP_REQUESTS: AtomicU32 = AtomicU32::new(0);
 /// The run has written all it had to.
 static FINISHED: AtomicBool = AtomicBool::new(false);
-/// Steps of the run (output accepted by the writer, batches read from the ring), counted so
-/// that the watchdog tells a slow end from a blocked one.
-static PROGRESS: AtomicU64 = AtomicU64::new(0);
+/// When the write the main thread is in began (`CLOCK_MONOTONIC` ns; 0: not writing), so
+/// that the watchdog tells an end blocked on its output from a slow one.
+static WRITING_SINCE_NS: AtomicU64 = AtomicU64::new(0);
 
 /// How often the watchdog looks.
 const WATCH_EVERY: Duration = Duration::from_millis(20);
 
 /// Watches the end of a live run from a thread of its own, which nothing in the run can
 /// block. Once a stop is asked (SIGINT, SIGTERM or SIGHUP, or `duration` after now), the run
-/// goes on for as long as it makes [`progress`]; when it makes none for `grace`, or at a
-/// second SIGINT, vmatrace exits without the rest of its output (the kernel unloads its
-/// programs when its descriptors close, and the launched command's guardian continues the
-/// command should it be stopped at an exec). What this guards against: a reader of stdout
-/// that does not read, which blocks every write.
+/// goes on for as long as it needs, unless it is stuck in one write of its output for
+/// `grace` (counted from the stop at the earliest), or a second SIGINT comes: then vmatrace
+/// exits without the rest of its output (the kernel unloads its programs when its
+/// descriptors close, and the launched command's guardian continues the command should it be
+/// stopped at an exec). What this guards against: a reader of stdout that does not read.
 pub fn watch_stop(duration: Option<Duration>, grace: Duration) -> std::io::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the action is one atomic add, which is async-signal-safe; tokio's handlers
@@ -70,10 +71,8 @@ pub fn watch_stop(duration: Option<Duration>, grace: Duration) -> std::io::Resul
     std::thread::Builder::new()
         .name("stop-watchdog".into())
         .spawn(move || {
-            // The last progress count seen, and when it was first seen.
-            let mut seen = (PROGRESS.load(Ordering::SeqCst), Instant::now());
-            // When the watchdog first saw the stop (within one look of it).
-            let mut stop_seen: Option<Instant> = None;
+            // When the watchdog first saw the stop (within one look of it), as a clock value.
+            let mut stop_seen: Option<u64> = None;
             loop {
                 std::thread::sleep(WATCH_EVERY);
                 if FINISHED.load(Ordering::SeqCst) {
@@ -85,24 +84,20 @@ pub fn watch_stop(duration: Option<Duration>, grace: Duration) -> std::io::Resul
                         130,
                     );
                 }
-                let now = Instant::now();
-                let progress = PROGRESS.load(Ordering::SeqCst);
-                if progress != seen.0 {
-                    seen = (progress, now);
+                let now = monotonic_ns();
+                if stop_seen.is_none()
+                    && (STOP_REQUESTS.load(Ordering::SeqCst) > 0
+                        || ends_at.is_some_and(|t| Instant::now() >= t))
+                {
+                    stop_seen = Some(now);
                 }
-                if stop_seen.is_none() {
-                    if STOP_REQUESTS.load(Ordering::SeqCst) > 0 {
-                        stop_seen = Some(now);
-                    } else if let Some(t) = ends_at.filter(|t| now >= *t) {
-                        stop_seen = Some(t);
-                    }
-                }
-                let Some(stopped) = stop_seen else {
-                    continue;
-                };
-                if now.saturating_duration_since(seen.1.max(stopped)) > grace {
+                let writing = WRITING_SINCE_NS.load(Ordering::SeqCst);
+                if let Some(stopped) = stop_seen
+                    && writing != 0
+                    && now.saturating_sub(writing.max(stopped)) > grace.as_nanos() as u64
+                {
                     exit_now(
-                        "vmatrace: its output was not taken for 2 s after the stop (is it being read?); the rest of the output and the summary are not written\n",
+                        "vmatrace: its output was not taken for a second after the stop (is it being read?); the rest of the output and the summary are not written\n",
                         1,
                     );
                 }
@@ -111,10 +106,11 @@ pub fn watch_stop(duration: Option<Duration>, grace: Duration) -> std::io::Resul
     Ok(())
 }
 
-/// The run has taken a step (written output, read a batch of events): while it does, the
-/// end of a run is not cut short.
-pub fn progress() {
-    PROGRESS.fetch_add(1, Ordering::Relaxed);
+/// Marks the main thread as in a write of its output (`true`) or out of it: the watchdog's
+/// view of a blocked output.
+pub fn writing(now: bool) {
+    let since = if now { monotonic_ns().max(1) } else { 0 };
+    WRITING_SINCE_NS.store(since, Ordering::SeqCst);
 }
 
 /// Whether a stop was asked by a signal since [`watch_stop`]: seen at once, even while the

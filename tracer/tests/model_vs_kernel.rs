@@ -933,3 +933,52 @@ fn collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged() {
     };
     assert_eq!(at_checkpoints(&replayed), at_checkpoints(&recs), "replay");
 }
+
+/// Issue #17 (`CLONE_VM`): a child made as `vfork` and `posix_spawn` make theirs maps 1 MiB
+/// and writes to it, then exits without exec. The memory is its parent's: the parent's model
+/// has the mapping and the page (it matches its maps and smaps), and the fork record says the
+/// child shared the memory.
+#[test]
+fn a_child_sharing_memory_changes_its_parents_model() {
+    if !privileged("a_child_sharing_memory_changes_its_parents_model") {
+        return;
+    }
+    let (mut v, out) = spawn_workload(&["-f", "--faults", "all"], "vfork-map");
+    let vmatrace_pid = v.child.id();
+    let mut mapped = 0;
+    let mut seen = 0;
+    while let Some(Ok(line)) = v.lines.next() {
+        let words: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        if line.starts_with("vfork ") {
+            assert_eq!(words[2], 0, "the child exited with 0");
+            mapped = words[1];
+        }
+        if !line.starts_with("checkpoint ") {
+            continue;
+        }
+        let (pid, diff, smaps, snap) = compare_stopped(vmatrace_pid, &out, exec_pid(&out));
+        assert!(diff.is_empty(), "maps differ:\n{}", diff.join("\n"));
+        let (total, worst, where_) = anon_difference(&snap, &smaps);
+        assert_eq!(total, 0, "anonymous bytes (worst {worst}: {where_})");
+        // The child's mapping is in the parent's map (possibly merged with a neighbour).
+        assert!(
+            smaps
+                .iter()
+                .any(|e| e.map.start <= mapped && e.map.end >= mapped + (1 << 20)),
+            "the kernel has the child's mapping in the parent"
+        );
+        seen += 1;
+        kill(pid as u32, libc::SIGCONT);
+    }
+    assert!(v.child.wait().expect("exits").success());
+    assert_eq!(seen, 1);
+    let recs = records(&out);
+    assert!(
+        recs.iter()
+            .any(|r| r["type"] == "fork" && r["shares_vm"] == true && r["followed"] == true),
+        "a fork record of a followed child sharing the memory"
+    );
+}

@@ -197,6 +197,44 @@ fn collapse() {
     munmap(base + 2 * MIB2, raw + 4 * MIB2 - (base + 2 * MIB2));
 }
 
+/// What the child of [`vfork_map`] mapped, for the parent to print.
+static VFORK_MAPPED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The child of [`vfork_map`]: on the parent's memory, it maps 1 MiB, writes its first page
+/// and exits.
+extern "C" fn vfork_child(_: *mut libc::c_void) -> libc::c_int {
+    let a = anon(256 * PAGE);
+    // SAFETY: within the mapping just made.
+    unsafe { std::ptr::write_volatile(a as *mut u8, 1) };
+    VFORK_MAPPED.store(a, std::sync::atomic::Ordering::SeqCst);
+    0
+}
+
+/// Issue #17 (`CLONE_VM`): a child made as `vfork` and `posix_spawn` make theirs (`CLONE_VM |
+/// CLONE_VFORK`, on a stack of its own) maps memory and exits without exec: the mapping is
+/// the parent's. Checkpoint after.
+fn vfork_map() {
+    let stack = anon(16 * PAGE);
+    // SAFETY: the child runs `vfork_child` on its own stack while this thread waits
+    // (CLONE_VFORK); it only maps memory and stores to an atomic.
+    let child = unsafe {
+        libc::clone(
+            vfork_child,
+            (stack + 16 * PAGE) as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    let mut status = 0;
+    // SAFETY: reaping the child made above.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    let mapped = VFORK_MAPPED.load(std::sync::atomic::Ordering::SeqCst);
+    say(&format!("vfork {child} {mapped} {status}"));
+    checkpoint("after");
+    munmap(mapped, 256 * PAGE);
+    munmap(stack, 16 * PAGE);
+}
+
 /// Issue #4 (`-p` mode): memory touched before vmatrace attaches. Writes 256 pages and reads 64
 /// (the zero page) of a 4 MiB mapping, stops; once continued, writes 128 more and stops again.
 fn pretouched() {
@@ -1178,6 +1216,7 @@ fn main() {
         Some("thp") => thp(),
         Some("sparse-scan") => sparse_scan(),
         Some("collapse") => collapse(),
+        Some("vfork-map") => vfork_map(),
         Some("pretouched") => pretouched(),
         Some("checkpoints") => checkpoints(),
         Some("threads") => threads(arg(&args, 2, 4), arg(&args, 3, 16)),
@@ -1221,7 +1260,7 @@ fn main() {
         Some("fd-reuse") => fd_reuse(args.get(2).map_or("/tmp", String::as_str)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|sparse-scan|collapse|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
+                "usage: workload basic|ids|thp|sparse-scan|collapse|vfork-map|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
             );
             std::process::exit(2);
         }

@@ -312,13 +312,15 @@ impl<W: Write> Sink for HumanSink<W> {
                 pid,
                 child,
                 followed,
+                shares_vm,
                 ts_ns,
                 ..
             } => {
-                let how = if *followed {
-                    "followed"
-                } else {
-                    "not followed"
+                let how = match (*followed, *shares_vm) {
+                    (true, false) => "followed",
+                    (true, true) => "followed, shares its memory",
+                    (false, false) => "not followed",
+                    (false, true) => "not followed, shares its memory",
                 };
                 writeln!(
                     self.out,

@@ -607,25 +607,27 @@ impl<W: Write> Sink for LiveView<W> {
         self.window_last_ns = self.window_last_ns.max(event.ts_ns());
         match (event, applied) {
             (Event::Fault(f), Applied::Fault(fe)) => {
+                // A child sharing its parent's memory (vfork, posix_spawn) touches the parent's.
+                let pid = session.memory_owner(f.pid);
                 let region = match fe.vma_start {
                     // A launched command faults before its exec gives it a map: not news.
-                    None if session.get(f.pid).is_none_or(|p| p.space.vma_count() == 0) => {
+                    None if session.get(pid).is_none_or(|p| p.space.vma_count() == 0) => {
                         return Ok(());
                     }
                     None => Region::Outside,
                     Some(start) => match &self.last_fault {
-                        Some((key, Region::Anon(_))) if *key == (f.pid, start) => {
+                        Some((key, Region::Anon(_))) if *key == (pid, start) => {
                             Region::Anon(f.address >> ARENA_SHIFT)
                         }
-                        Some((key, r)) if *key == (f.pid, start) => r.clone(),
+                        Some((key, r)) if *key == (pid, start) => r.clone(),
                         _ => {
-                            let r = self.region_at(session.get(f.pid), f.pid, f.address);
-                            self.last_fault = Some(((f.pid, start), r.clone()));
+                            let r = self.region_at(session.get(pid), pid, f.address);
+                            self.last_fault = Some(((pid, start), r.clone()));
                             r
                         }
                     },
                 };
-                let r = self.rollup(session, f.pid, region);
+                let r = self.rollup(session, pid, region);
                 r.faults += 1;
                 if matches!(fe.touch, Touch::First { .. }) {
                     r.touched_pages += fe.pages.max(1);
@@ -821,11 +823,15 @@ mod tests {
         }
 
         fn fault(&mut self, address: u64) {
+            self.fault_by(PID, address);
+        }
+
+        fn fault_by(&mut self, pid: u32, address: u64) {
             let ts = self.ts;
             self.apply(Event::Fault(FaultRecord {
                 ts_ns: ts,
-                pid: PID,
-                tid: PID,
+                pid,
+                tid: pid,
                 address,
                 ip: 0,
                 error_code: Some(6),
@@ -846,6 +852,37 @@ mod tests {
         text.lines()
             .take_while(|l| !l.is_empty() && !l.starts_with("==="))
             .collect()
+    }
+
+    #[test]
+    fn a_child_sharing_its_parents_memory_touches_the_parents_regions() {
+        let mut r = Run::new(ViewOptions::default());
+        let a = 0x7f00_0000_0000u64;
+        r.mmap_anon(a, 2 * MIB);
+        // posix_spawn: a CLONE_VM child writes to its parent's memory before it execs.
+        let ts = r.ts;
+        r.apply(Event::Fork {
+            ts_ns: ts,
+            pid: PID,
+            tid: PID,
+            child: 8,
+            followed: true,
+            shares_vm: true,
+        });
+        for i in 0..4 {
+            r.fault_by(8, a + i * 4096);
+        }
+        let text = r.text();
+        let lines = lines_before_summary(&text);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("[{PID}] anon {a:#x}"))
+                    && l.contains("+16 KiB touched")
+                    && l.contains("4 faults")),
+            "{text}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("[8] anon")), "{text}");
     }
 
     #[test]
@@ -911,6 +948,7 @@ mod tests {
                 tid: PID,
                 child,
                 followed: true,
+                shares_vm: false,
             });
             r.apply(Event::Exit {
                 ts_ns: ts + 1,

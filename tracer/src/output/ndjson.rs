@@ -287,9 +287,10 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             tid,
             child,
             followed,
+            shares_vm,
         } => json!({
             "type": "fork", "ts_ns": ts_ns, "pid": pid, "tid": tid,
-            "child": child, "followed": followed,
+            "child": child, "followed": followed, "shares_vm": shares_vm,
         }),
         Event::Exec {
             ts_ns,

@@ -29,7 +29,7 @@ use crate::{
     event::Event,
     flags::size,
     name::shown,
-    run::{Progressing, RunConfig},
+    run::{RunConfig, Watched},
     session::{Applied, Process, Session},
 };
 
@@ -392,25 +392,25 @@ impl Sink for Feedback {
 pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, OutputError> {
     let stdout_tty = io::stdout().is_terminal();
     let written = Arc::new(Written::default());
-    // Every writer tells the stop watchdog of the writes it gets through (see
+    // Every writer tells the stop watchdog when a write is under way (see
     // [`crate::signals::watch_stop`]).
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
         Some(path) => (
-            Box::new(Progressing(Counted::new(
+            Box::new(Watched(Counted::new(
                 file::LineFile::new(file::create(path, cfg.force)?),
                 written.clone(),
             ))),
             false,
         ),
         None if stdout_tty => (
-            Box::new(Progressing(io::BufWriter::with_capacity(
+            Box::new(Watched(io::BufWriter::with_capacity(
                 1 << 16,
                 TerminalOut(io::stdout()),
             ))),
             true,
         ),
         None => (
-            Box::new(Progressing(Counted::new(
+            Box::new(Watched(Counted::new(
                 io::BufWriter::with_capacity(1 << 16, io::stdout()),
                 written.clone(),
             ))),

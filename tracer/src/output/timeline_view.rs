@@ -536,6 +536,8 @@ impl Sink for Pictures {
         let pid = match applied {
             Applied::Syscall { pid, .. } => *pid,
             Applied::Ignored => return Ok(()),
+            // A child sharing its parent's memory (vfork, posix_spawn) acts on the parent's.
+            Applied::Fault(_) | Applied::Collapsed { .. } => session.memory_owner(event.pid()),
             _ => event.pid(),
         };
         let Some(p) = session.get(pid) else {
@@ -945,10 +947,14 @@ mod tests {
         }
 
         fn fault(&mut self, ts: u64, address: u64) {
+            self.fault_by(ts, PID, address);
+        }
+
+        fn fault_by(&mut self, ts: u64, pid: u32, address: u64) {
             self.apply(Event::Fault(FaultRecord {
                 ts_ns: ts,
-                pid: PID,
-                tid: PID,
+                pid,
+                tid: pid,
                 address,
                 ip: 0,
                 error_code: Some(6),
@@ -990,6 +996,44 @@ mod tests {
         assert_eq!(
             *lane.series.touched.last().expect("columns"),
             64 * PAGE_SIZE
+        );
+    }
+
+    #[test]
+    fn a_child_sharing_its_parents_memory_is_drawn_in_the_parents_rows() {
+        let mut r = Run::new();
+        let a = 0x7f00_0000_0000u64;
+        r.call(MS, Syscall::Mmap, [0, MIB, 3, 0x22, u64::MAX, 0], a as i64);
+        // posix_spawn: the CLONE_VM child touches 16 of its parent's pages.
+        r.apply(Event::Fork {
+            ts_ns: 2 * MS,
+            pid: PID,
+            tid: PID,
+            child: 10,
+            followed: true,
+            shares_vm: true,
+        });
+        for page in 0..16 {
+            r.fault_by(3 * MS + page, 10, a + page * PAGE_SIZE);
+        }
+        let pic = r.pics.picture(10);
+        let parent = pic
+            .processes
+            .iter()
+            .find(|p| p.pid == PID)
+            .expect("the parent");
+        let lane = parent
+            .lanes
+            .iter()
+            .find(|l| l.label.contains("0x7f0000000000"))
+            .expect("the block's row");
+        assert_eq!(lane.series.max_touched(), 16 * PAGE_SIZE);
+        assert!(
+            pic.processes
+                .iter()
+                .filter(|p| p.pid == 10)
+                .all(|p| p.lanes.iter().all(|l| l.series.max_touched() == 0)),
+            "the child has no memory of its own"
         );
     }
 

@@ -52,6 +52,7 @@ const SMOKE: &[(&str, &[&str])] = &[
             "a_followed_fork_child_matches_its_own_maps_and_smaps",
             "a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block",
             "collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged",
+            "a_child_sharing_memory_changes_its_parents_model",
         ],
     ),
     (
