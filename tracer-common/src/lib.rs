@@ -31,6 +31,10 @@ pub enum EventKind {
     /// frame-pointer walk and the copied top of the stack. It precedes (in the ring) the
     /// record it belongs to, which userspace finds by thread and time.
     Stack = 8,
+    /// An allocator call's entry or return (`--heap`): [`HeapEvent`].
+    Heap = 9,
+    /// Allocator events gathered on one CPU and written as one record: [`HeapBatch`].
+    HeapBatch = 10,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -45,6 +49,8 @@ impl TryFrom<u32> for EventKind {
             6 => Self::Open,
             7 => Self::FaultBatch,
             8 => Self::Stack,
+            9 => Self::Heap,
+            10 => Self::HeapBatch,
             other => return Err(other),
         })
     }
@@ -207,7 +213,8 @@ pub struct FaultBatch {
     pub faults: [FaultEvent; FAULT_BATCH_LEN],
 }
 
-/// The start of a [`FaultBatch`]. `header.detail` is how many faults follow; `header.ts_ns` is
+/// The start of a [`FaultBatch`] (and of a [`HeapBatch`]). `header.detail` is how many faults
+/// (allocator events) follow; `header.ts_ns` is
 /// when the batch was written: every fault this CPU took up to then is in this record or an
 /// earlier one (so the batch is a watermark for its CPU, even when empty). `header.tgid` and
 /// `header.tid` are 0.
@@ -288,6 +295,51 @@ pub struct OpenEvent {
     pub path: [u8; OPEN_PATH_LEN],
 }
 
+/// Allocator events a [`HeapBatch`] holds at most.
+pub const HEAP_BATCH_LEN: usize = 64;
+
+/// `header.detail` of a [`HeapEvent`]: the event is a return (else an entry).
+pub const HEAP_RETURN: u32 = 1;
+/// `header.detail` of a [`HeapEvent`]: the last argument words hold a glibc chunk header read
+/// from the traced process (entry: the size word of the block `args[0]`; return: the
+/// `prev_size` and size words of the block returned).
+pub const HEAP_CHUNK: u32 = 2;
+/// `header.detail` of a return [`HeapEvent`]: the block was read through the pointer the
+/// entry saved (`posix_memalign`'s first argument), not from the return value.
+pub const HEAP_MEMPTR: u32 = 4;
+
+/// An allocator function's entry or return, from a uprobe or uretprobe (`--heap`).
+///
+/// Entry: `ip` is the function's address, `sp` the stack pointer the call will return with,
+/// `args` the first three arguments and, with [`HEAP_CHUNK`], the glibc chunk size word of the
+/// block `args[0]` (for `free` and `realloc`).
+///
+/// Return: `ip` is the address returned to (the call site), `sp` the stack pointer there (equal
+/// to the entry's `sp`, which pairs them), `args` the raw return value, the block the call
+/// returned (the return value, or with [`HEAP_MEMPTR`] the pointer stored through the first
+/// argument), and with [`HEAP_CHUNK`] the block's glibc chunk header (`prev_size`, size word).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapEvent {
+    /// `detail`: [`HEAP_RETURN`], [`HEAP_CHUNK`], [`HEAP_MEMPTR`] bits.
+    pub header: EventHeader,
+    pub ip: u64,
+    pub sp: u64,
+    pub args: [u64; 4],
+}
+
+/// Allocator events gathered on one CPU, written as one record when the batch is full and
+/// whenever the daemon asks (`heap_flush`); the record is cut after the events it holds.
+/// Like [`FaultBatch`], its `head.header.ts_ns` is a watermark: every allocator event this CPU
+/// put in a batch up to then is in this record or an earlier one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapBatch {
+    /// `header.kind` is [`EventKind::HeapBatch`], `header.detail` the number of events.
+    pub head: FaultBatchHead,
+    pub events: [HeapEvent; HEAP_BATCH_LEN],
+}
+
 /// Flags stored per traced tgid in the `TARGETS` map: add forked children to the filter.
 pub const TARGET_FOLLOW_FORKS: u32 = 1;
 /// Flag in `TARGETS`: stop the process with `SIGSTOP` at each exec, so that the daemon can
@@ -325,10 +377,12 @@ pub enum Stat {
     Submitted = 7,
     /// Stacks dropped because the ring buffer was full (their events are kept, without one).
     LostStack = 8,
+    /// Allocator events (`--heap`) dropped because the ring buffer was full.
+    LostHeap = 9,
 }
 
 /// Number of [`Stat`] counters.
-pub const STAT_COUNT: u32 = 9;
+pub const STAT_COUNT: u32 = 10;
 
 impl Stat {
     /// Every counter, in index order.
@@ -342,6 +396,7 @@ impl Stat {
         Self::ReadError,
         Self::Submitted,
         Self::LostStack,
+        Self::LostHeap,
     ];
 }
 
@@ -391,6 +446,8 @@ const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + EXEC_FILENAME_LE
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<OpenEvent>() == 256);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 80);
+const _: () = assert!(core::mem::size_of::<HeapEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<HeapBatch>() == 32 + 72 * HEAP_BATCH_LEN);
 const _: () = assert!(core::mem::size_of::<StackHead>() == 64);
 const _: () =
     assert!(core::mem::size_of::<StackRecord>() == 64 + 8 * STACK_FRAMES_MAX + STACK_COPY_MAX);

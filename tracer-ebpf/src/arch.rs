@@ -28,6 +28,20 @@ pub const PT_REGS_IP_OFFSET: usize = 16 * 8;
 #[cfg(bpf_target_arch = "aarch64")]
 pub const PT_REGS_IP_OFFSET: usize = 32 * 8;
 
+/// Offsets in `struct pt_regs` of the instruction pointer and the stack pointer, for the
+/// uprobes on allocator functions (x86-64: `sp` after `ip`, `cs` and `flags`; arm64: after
+/// `regs[31]`, before `pc`).
+#[cfg(bpf_target_arch = "x86_64")]
+pub const UPROBE_IP_SP_OFFSETS: (usize, usize) = (PT_REGS_IP_OFFSET, 19 * 8);
+#[cfg(bpf_target_arch = "aarch64")]
+pub const UPROBE_IP_SP_OFFSETS: (usize, usize) = (PT_REGS_IP_OFFSET, 31 * 8);
+
+/// At a function's first instruction, what the stack pointer will be once it has returned:
+/// on x86-64 `call` pushed the return address, which `ret` pops; arm64 keeps it in x30.
+#[cfg(bpf_target_arch = "x86_64")]
+pub const SP_AFTER_RETURN: u64 = 8;
+#[cfg(bpf_target_arch = "aarch64")]
+pub const SP_AFTER_RETURN: u64 = 0;
 /// Offsets in `struct pt_regs` of the user registers a stack is unwound from, in the order
 /// of `StackHead::regs`: x86_64 ip, sp, bp (and no fourth).
 #[cfg(bpf_target_arch = "x86_64")]

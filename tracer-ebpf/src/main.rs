@@ -9,15 +9,17 @@
 
 mod arch;
 mod faults;
+mod heap;
 mod lifecycle;
 mod maps;
 mod stacks;
 mod syscalls;
 
 use aya_ebpf::{
-    macros::{fentry, fexit, perf_event, raw_tracepoint, tracepoint},
+    macros::{fentry, fexit, perf_event, raw_tracepoint, tracepoint, uprobe, uretprobe},
     programs::{
-        FEntryContext, FExitContext, PerfEventContext, RawTracePointContext, TracePointContext,
+        FEntryContext, FExitContext, PerfEventContext, ProbeContext, RawTracePointContext,
+        RetProbeContext, TracePointContext,
     },
 };
 use tracer_common::Syscall;
@@ -105,6 +107,47 @@ pub fn page_fault_perf(ctx: PerfEventContext) -> u32 {
     // Always 0: the perf event must not write samples of its own.
     let _ = faults::try_page_fault_perf(&ctx);
     0
+}
+
+/// Allocator functions (`--heap`): one program per kind of entry and return; the daemon
+/// attaches each to the functions it fits (`chunk`: glibc's block headers are read;
+/// `memptr`: `posix_memalign`).
+macro_rules! heap_programs {
+    ($($entry:ident => $echunk:expr, $ememptr:expr;)* / $($ret:ident => $rchunk:expr, $rmemptr:expr;)*) => {
+        $(
+            #[uprobe]
+            pub fn $entry(ctx: ProbeContext) -> u32 {
+                let _ = heap::try_entry(&ctx, $echunk, $ememptr);
+                0
+            }
+        )*
+        $(
+            #[uretprobe]
+            pub fn $ret(ctx: RetProbeContext) -> u32 {
+                let _ = heap::try_return(&ctx, $rchunk, $rmemptr);
+                0
+            }
+        )*
+    };
+}
+
+heap_programs! {
+    heap_entry => false, false;
+    heap_entry_chunk => true, false;
+    heap_entry_memptr => false, true;
+    /
+    heap_return => false, false;
+    heap_return_chunk => true, false;
+    heap_return_memptr => false, true;
+    heap_return_memptr_chunk => true, true;
+}
+
+/// Writes this CPU's allocator-event batch. Not attached: run like `fault_flush`.
+#[raw_tracepoint]
+pub fn heap_flush(_ctx: RawTracePointContext) -> i32 {
+    match heap::try_flush() {
+        Ok(ret) | Err(ret) => ret as i32,
+    }
 }
 
 #[tracepoint]

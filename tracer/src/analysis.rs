@@ -128,6 +128,7 @@ pub fn analyze(p: &Process, limits: &Limits, stacks: &StackTable) -> Vec<Finding
     mapped.truncate(FINDING_SITES);
     frag.call_sites = labels(mapped);
     out.push(frag);
+    out.extend(crate::heap::findings::findings(p));
     out
 }
 
@@ -208,6 +209,10 @@ fn growth(p: &Process) -> Option<Finding> {
     Some(f)
 }
 
+/// Said by the findings that need live bytes when the run did not trace the allocator.
+const ESTIMATE: &str = " This is an estimate from the pages alone: without --heap vmatrace cannot \
+                        tell live data from freed memory. Run with --heap for exact live bytes.";
+
 /// The main heap: high-water mark, current size, touched bytes, trims.
 fn heap(p: &Process) -> Finding {
     let sp = &p.space;
@@ -217,7 +222,13 @@ fn heap(p: &Process) -> Finding {
         sp.pages_in(b.start, b.start + current).resident() * PAGE_SIZE
     });
     let pat = &p.patterns;
-    let retained = high >= 32 * MIB && pat.brk_shrinks == 0 && current == high;
+    // With the allocator traced, the free memory in the heap is known (heap_fragmentation);
+    // without it, a large heap never trimmed is the sign to look at.
+    let live = crate::heap::findings::heap_view(p);
+    let retained = match live {
+        Some((_, free)) => free >= 32 * MIB,
+        None => high >= 32 * MIB && pat.brk_shrinks == 0 && current == high,
+    };
     let mut f = finding(
         p,
         "heap",
@@ -241,23 +252,49 @@ fn heap(p: &Process) -> Finding {
         ("brk_grows".into(), pat.brk_grows),
         ("brk_shrinks".into(), pat.brk_shrinks),
     ]);
-    if retained {
+    if let Some((live, free)) = live {
+        f.numbers.insert("live_bytes".into(), live);
+        f.numbers.insert("free_bytes".into(), free);
+        f.explanation = format!(
+            "Of the {} touched in the heap, {} is live data and {} is free memory kept \
+             resident{}.",
+            size(touched),
+            size(live),
+            size(free),
+            if retained {
+                " (heap_fragmentation says where and what would give it back)"
+            } else {
+                ""
+            }
+        );
+    } else if retained {
         f.explanation = format!(
             "The heap grew to {} and was never given back with brk: glibc returns the top of \
              the heap only when the free space there exceeds M_TRIM_THRESHOLD, and one live \
-             chunk near the top keeps everything below it. Freed memory inside the heap stays \
-             resident ({} touched).",
+             chunk near the top keeps everything below it. If the program freed this memory, \
+             it stays resident ({} touched); if it still holds it, it is live data.{ESTIMATE}",
             size(high),
             size(touched)
         );
         f.suggestion = Some(
             "If the program has freed most of this, call malloc_trim(0) after large frees (it \
              also releases free pages in the middle of the heap), or lower M_TRIM_THRESHOLD \
-             (MALLOC_TRIM_THRESHOLD_=131072)."
+             (MALLOC_TRIM_THRESHOLD_=131072); --heap says whether they would help and how much."
                 .into(),
         );
+    } else if pat.brk_shrinks > 0 {
+        f.explanation = format!(
+            "The heap grew and was given back to the kernel {} times.",
+            pat.brk_shrinks
+        );
+    } else if high > 0 {
+        f.explanation = format!(
+            "The heap grew to {} and was not given back with brk; at this size that costs \
+             little.{ESTIMATE}",
+            size(high)
+        );
     } else {
-        f.explanation = "The heap grew and shrank as expected for its size.".into();
+        f.explanation = "The main heap was not used.".into();
     }
     f
 }
@@ -348,7 +385,22 @@ fn arenas(p: &Process, limits: &Limits) -> Vec<Finding> {
          its own free memory, so freed memory in one cannot serve another. {}",
         lines.join("; ")
     );
-    if many {
+    if p.heap.enabled {
+        // The allocator's view says what fewer arenas would save (heap_fragmentation).
+        let rows = crate::heap::regions::regions(p);
+        let saves = crate::heap::findings::savings(p, &rows).arena_max;
+        f.numbers.insert("arena_max_saves_bytes".into(), saves);
+        f.explanation.push_str(&format!(
+            " All the arenas together held at most {} live at once; one shared arena would \
+             need about {} less.",
+            size(p.heap.arenas_total.peak),
+            size(saves)
+        ));
+        if saves < MIB {
+            f.severity = Severity::Info;
+        }
+    } else if many {
+        f.explanation.push_str(ESTIMATE);
         f.suggestion = Some(format!(
             "Cap the arenas: MALLOC_ARENA_MAX={} in the environment; memory then is shared \
              between threads at some cost in lock contention.",

@@ -26,6 +26,8 @@ Examples:
   vmatrace report trace.ndjson --html out.html --perfetto out.json
                                           and draw the address space over time
   sudo vmatrace --report -p 1234          the same diagnosis at the end of a live run
+  sudo vmatrace --heap --report -- ./server
+                                          with the allocator's live bytes: exact, not estimated
   kill -USR1 $(pidof vmatrace)            print a snapshot of every traced address space
 
 vmatrace needs root, or CAP_BPF and CAP_PERFMON.";
@@ -209,8 +211,9 @@ pub struct TraceArgs {
     /// How the end of a process is told (kept for testing the rule of older kernels).
     #[arg(long, value_enum, default_value_t = ExitRuleArg::Auto, hide = true)]
     pub exit_rule: ExitRuleArg,
-    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...). Faults arrive in records of up
-    /// to 2.6 KB (64 faults): rings under 256K lose some under heavy load (counted).
+    /// Ring buffer size (a power of two: 4K, 256K, 8M, ...; 64M with --stacks or --heap
+    /// unless given). Faults arrive in records of up to 2.6 KB (64 faults): rings under 256K
+    /// lose some under heavy load (counted).
     #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "8M")]
     pub ring_size: u32,
     /// Run the command as this user (default under sudo: the invoking user).
@@ -223,6 +226,10 @@ pub struct TraceArgs {
     /// At the end, diagnose allocator fragmentation (heap, arenas, churn, untouched memory).
     #[arg(long)]
     pub report: bool,
+    /// Also trace the allocator itself (malloc, free, ... of glibc, jemalloc, tcmalloc, by
+    /// uprobes): live bytes per heap region, and a fragmentation diagnosis from them.
+    #[arg(long)]
+    pub heap: bool,
     /// Record the user call stack of every memory syscall (unwound and symbolized while
     /// tracing; Linux 5.15 or later).
     #[arg(long)]

@@ -1,11 +1,14 @@
 //! Typed events: decoded from ring-buffer bytes (live) or read from NDJSON (replay). Decoding
 //! checks every length and decodes kinds with `TryFrom`, never by transmute.
 
-use crate::model::ResidentRun;
+use crate::{
+    heap::{Allocator, HeapCall, HeapRaw},
+    model::ResidentRun,
+};
 use tracer_common::{
     EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_BATCH_LEN,
-    FAULT_ERROR_UNKNOWN, FaultBatchHead, FaultEvent, ForkEvent, OpenEvent, PF_PROT, PF_WRITE,
-    Syscall, SyscallEvent,
+    FAULT_ERROR_UNKNOWN, FaultBatchHead, FaultEvent, ForkEvent, HEAP_BATCH_LEN, HeapEvent,
+    OpenEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -21,6 +24,10 @@ pub enum DecodeError {
     BatchCount(u32),
     #[error("a fault batch holds a record of kind {0}")]
     BatchKind(u32),
+    #[error("allocator batch of {0} events (at most {HEAP_BATCH_LEN})")]
+    HeapBatchCount(u32),
+    #[error("an allocator batch holds a record of kind {0}")]
+    HeapBatchKind(u32),
 }
 
 /// `clone`'s flag for a child that shares its parent's memory.
@@ -135,6 +142,23 @@ pub enum Event {
         fd: i32,
         path: String,
     },
+    /// An allocator function's entry or return as the kernel reported it (`--heap`; live
+    /// only: paired into [`Event::Heap`] before the session sees it).
+    HeapRaw(HeapRaw),
+    /// One allocator call (`--heap`).
+    Heap(HeapCall),
+    /// The allocator probes cover `pid`'s `allocator` (mapped from `path`) from now; `late`:
+    /// the process had it mapped before the probes were attached, so calls were missed.
+    HeapAttach {
+        ts_ns: u64,
+        pid: u32,
+        path: String,
+        allocator: Allocator,
+        late: bool,
+    },
+    /// CPython's object arenas as their pool headers said when the daemon read them
+    /// (`--heap`).
+    Pymalloc(crate::heap::pymalloc::Reading),
     /// The kernel made the 2 MiB block at `start` of `pid` one huge page without a fault
     /// (khugepaged, or `MADV_COLLAPSE`): seen by the daemon in pagemap, not sent by the
     /// kernel programs.
@@ -155,7 +179,11 @@ impl Event {
             | Self::Exec { ts_ns, .. }
             | Self::Exit { ts_ns, .. }
             | Self::Open { ts_ns, .. }
+            | Self::HeapAttach { ts_ns, .. }
             | Self::Collapse { ts_ns, .. } => *ts_ns,
+            Self::HeapRaw(h) => h.ts_ns,
+            Self::Heap(h) => h.ts_ns,
+            Self::Pymalloc(r) => r.ts_ns,
         }
     }
 
@@ -168,6 +196,11 @@ impl Event {
             | Self::Exec { tid, .. }
             | Self::Exit { tid, .. }
             | Self::Open { tid, .. } => *tid,
+            Self::HeapRaw(h) => h.tid,
+            Self::Heap(h) => h.tid,
+            // Not a thread's event: the daemon's.
+            Self::HeapAttach { pid, .. } => *pid,
+            Self::Pymalloc(r) => r.pid,
             Self::Collapse { .. } => 0,
         }
     }
@@ -181,7 +214,11 @@ impl Event {
             | Self::Exec { pid, .. }
             | Self::Exit { pid, .. }
             | Self::Open { pid, .. }
+            | Self::HeapAttach { pid, .. }
             | Self::Collapse { pid, .. } => *pid,
+            Self::HeapRaw(h) => h.pid,
+            Self::Heap(h) => h.pid,
+            Self::Pymalloc(r) => r.pid,
         }
     }
 }
@@ -204,10 +241,20 @@ fn c_string(bytes: &[u8]) -> String {
     crate::name::from_bytes(&bytes[..len])
 }
 
-/// A CPU's promise, carried by each fault batch: every fault it took up to `ts_ns` has been
-/// written to the ring (see [`crate::order`]).
+/// Which batches a watermark is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Page faults ([`EventKind::FaultBatch`]).
+    Faults = 0,
+    /// Allocator events ([`EventKind::HeapBatch`]).
+    Heap = 1,
+}
+
+/// A CPU's promise, carried by each batch: every event of its lane it took up to `ts_ns` has
+/// been written to the ring (see [`crate::order`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Watermark {
+    pub lane: Lane,
     pub cpu: u32,
     pub ts_ns: u64,
 }
@@ -216,6 +263,9 @@ pub struct Watermark {
 /// batch's watermark). Nothing is added when the record is bad.
 pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermark>, DecodeError> {
     let header: EventHeader = read(bytes)?;
+    if header.kind == EventKind::HeapBatch as u32 {
+        return decode_heap_batch(bytes, out);
+    }
     if header.kind != EventKind::FaultBatch as u32 {
         out.push(decode(bytes)?);
         return Ok(None);
@@ -243,17 +293,51 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermar
         }
     }
     Ok(Some(Watermark {
+        lane: Lane::Faults,
         cpu: head.cpu,
         ts_ns: header.ts_ns,
     }))
 }
 
-/// How many events one ring-buffer record holds (the faults of a batch, none for a stack, else
-/// one), from its header alone: for records counted without being handled.
+/// Every allocator event of a batch, and the batch's watermark.
+fn decode_heap_batch(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermark>, DecodeError> {
+    let head: FaultBatchHead = read(bytes)?;
+    let count = head.header.detail as usize;
+    if count > HEAP_BATCH_LEN {
+        return Err(DecodeError::HeapBatchCount(head.header.detail));
+    }
+    let start = size_of::<FaultBatchHead>();
+    let need = start + count * size_of::<HeapEvent>();
+    let events = bytes.get(start..need).ok_or(DecodeError::Short {
+        got: bytes.len(),
+        need,
+    })?;
+    let first = out.len();
+    for one in events.chunks_exact(size_of::<HeapEvent>()) {
+        match decode(one) {
+            Ok(ev @ Event::HeapRaw(_)) => out.push(ev),
+            _ => {
+                out.truncate(first);
+                let kind = read::<EventHeader>(one).map_or(0, |h| h.kind);
+                return Err(DecodeError::HeapBatchKind(kind));
+            }
+        }
+    }
+    Ok(Some(Watermark {
+        lane: Lane::Heap,
+        cpu: head.cpu,
+        ts_ns: head.header.ts_ns,
+    }))
+}
+
+/// How many events one ring-buffer record holds (the faults or allocator events of a batch, none
+/// for a stack, else one), from its header alone: for records counted without being handled.
 pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
     let header: EventHeader = read(bytes)?;
     Ok(if header.kind == EventKind::FaultBatch as u32 {
         u64::from(header.detail.min(FAULT_BATCH_LEN as u32))
+    } else if header.kind == EventKind::HeapBatch as u32 {
+        u64::from(header.detail.min(HEAP_BATCH_LEN as u32))
     } else if header.kind == EventKind::Stack as u32 {
         // A stack belongs to the event after it.
         0
@@ -322,6 +406,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::FaultBatch | EventKind::Stack => {
             return Err(DecodeError::BatchKind(header.kind));
+        }
+        EventKind::HeapBatch => return Err(DecodeError::HeapBatchKind(header.kind)),
+        EventKind::Heap => {
+            let e: HeapEvent = read(bytes)?;
+            Event::HeapRaw(HeapRaw::from_event(&e))
         }
         EventKind::Open => {
             let e: OpenEvent = read(bytes)?;
@@ -419,7 +508,14 @@ mod tests {
     fn decodes_a_fault_batch_and_its_watermark() {
         let mut out = Vec::new();
         let w = decode_into(&batch_of(&[0x1000, 0x2000]), &mut out).expect("decodes");
-        assert_eq!(w, Some(Watermark { cpu: 3, ts_ns: 500 }));
+        assert_eq!(
+            w,
+            Some(Watermark {
+                lane: Lane::Faults,
+                cpu: 3,
+                ts_ns: 500
+            })
+        );
         let faults: Vec<_> = out
             .iter()
             .map(|e| match e {
@@ -468,6 +564,83 @@ mod tests {
         assert!(out.is_empty(), "nothing of a bad batch is kept");
         // A batch is never decoded as a single event.
         assert!(decode(&batch_of(&[0x1000])).is_err());
+    }
+
+    fn heap_batch_of(n: usize) -> Vec<u8> {
+        let mut bytes = bytes_of(&FaultBatchHead {
+            header: EventHeader {
+                kind: EventKind::HeapBatch as u32,
+                detail: n as u32,
+                ts_ns: 900,
+                ..EventHeader::default()
+            },
+            cpu: 1,
+            _pad: 0,
+        });
+        for i in 0..n {
+            bytes.extend(bytes_of(&HeapEvent {
+                header: EventHeader {
+                    kind: EventKind::Heap as u32,
+                    tgid: 7,
+                    tid: 9,
+                    detail: if i % 2 == 1 {
+                        tracer_common::HEAP_RETURN | tracer_common::HEAP_CHUNK
+                    } else {
+                        0
+                    },
+                    ts_ns: 800 + i as u64,
+                },
+                ip: 0x7000,
+                sp: 0x9000,
+                args: [100, 0xa0, 0, 113],
+            }));
+        }
+        bytes
+    }
+
+    #[test]
+    fn decodes_an_allocator_batch_as_a_lane_of_its_own() {
+        let mut out = Vec::new();
+        let w = decode_into(&heap_batch_of(2), &mut out).expect("decodes");
+        assert_eq!(
+            w,
+            Some(Watermark {
+                lane: Lane::Heap,
+                cpu: 1,
+                ts_ns: 900
+            })
+        );
+        let raws: Vec<(bool, bool, u64)> = out
+            .iter()
+            .map(|e| match e {
+                Event::HeapRaw(h) => (h.ret, h.chunk, h.ts_ns),
+                other => panic!("not an allocator event: {other:?}"),
+            })
+            .collect();
+        assert_eq!(raws, [(false, false, 800), (true, true, 801)]);
+        out.clear();
+        let mut bytes = heap_batch_of(2);
+        bytes.truncate(bytes.len() - 8);
+        assert!(matches!(
+            decode_into(&bytes, &mut out),
+            Err(DecodeError::Short { .. })
+        ));
+        let mut bytes = heap_batch_of(0);
+        bytes[12..16].copy_from_slice(&(HEAP_BATCH_LEN as u32 + 1).to_ne_bytes());
+        assert!(matches!(
+            decode_into(&bytes, &mut out),
+            Err(DecodeError::HeapBatchCount(_))
+        ));
+        let mut bytes = heap_batch_of(1);
+        bytes[32..36].copy_from_slice(&(EventKind::Fault as u32).to_ne_bytes());
+        assert!(matches!(
+            decode_into(&bytes, &mut out),
+            Err(DecodeError::HeapBatchKind(_))
+        ));
+        assert!(out.is_empty());
+        // One event alone (written directly when the batch was busy).
+        let single = &heap_batch_of(1)[32..];
+        assert!(matches!(decode(single), Ok(Event::HeapRaw(_))));
     }
 
     #[test]

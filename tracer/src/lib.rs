@@ -12,6 +12,7 @@ pub mod collapse;
 pub mod event;
 pub mod fault_access;
 pub mod flags;
+pub mod heap;
 pub mod launch;
 pub mod model;
 pub mod name;

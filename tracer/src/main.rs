@@ -62,6 +62,7 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
             min_size: t.min_size,
         },
         recording: record,
+        heap: t.heap,
         stacks: StackOptions {
             syscalls: t.stacks,
             fault_every: t.fault_stacks.unwrap_or(0),

@@ -2,7 +2,9 @@
 //!
 //! Faults reach the ring in per-CPU batches (`tracer_common::FaultBatch`), later than the
 //! syscalls around them: when a batch fills, or when the daemon has every CPU write its batch
-//! before it reads the ring. Every other record is stamped after it is reserved, so the ring
+//! before it reads the ring. Allocator events (`--heap`) come in batches of their own
+//! (`tracer_common::HeapBatch`), each CPU's a second lane with its own watermarks. Every other
+//! record is stamped after it is reserved, so the ring
 //! holds those in time order already. Each batch carries its CPU's watermark: all of that
 //! CPU's faults up to then are in the ring. An event is released once every CPU's watermark
 //! has passed it, since nothing still to be read can be older. (When a full ring refuses a
@@ -12,7 +14,7 @@
 
 use std::collections::BinaryHeap;
 
-use crate::event::{Event, Watermark};
+use crate::event::{Event, Lane, Watermark};
 
 /// Something with a time stamp.
 pub trait Timed {
@@ -59,9 +61,10 @@ impl<T> Ord for Held<T> {
 /// Holds events until no event still to come can precede them.
 #[derive(Debug)]
 pub struct Reorder<T> {
-    /// The latest watermark of each CPU that sends them (index: CPU number); `None` until the
-    /// first. Empty when nothing is batched: events are then released as they come.
-    watermarks: Vec<Option<u64>>,
+    /// Per lane (faults, allocator events), the latest watermark of each CPU that sends them
+    /// (index: CPU number); `None` until the first. Empty when nothing is batched in that
+    /// lane: events are then released as they come.
+    watermarks: [Vec<Option<u64>>; 2],
     /// Events just decoded, in ring order, not yet sorted in.
     incoming: Vec<T>,
     /// Events waiting for the watermarks. A heap, so that each release costs what it
@@ -73,23 +76,28 @@ pub struct Reorder<T> {
     seq: u64,
 }
 
+/// The watermarks of `cpus`: CPUs not listed do not hold anything back.
+fn lane_of(cpus: &[u32]) -> Vec<Option<u64>> {
+    let len = cpus.iter().max().map_or(0, |&c| c as usize + 1);
+    (0..len)
+        .map(|i| (!cpus.contains(&(i as u32))).then_some(u64::MAX))
+        .collect()
+}
+
 impl<T: Timed> Reorder<T> {
-    /// Waits for the watermarks of `cpus` before releasing an event.
+    /// Waits for the fault watermarks of `cpus` before releasing an event.
     pub fn new(cpus: &[u32]) -> Self {
-        let len = cpus.iter().max().map_or(0, |&c| c as usize + 1);
-        let mut watermarks = vec![None; len];
-        // CPUs not in `cpus` do not hold anything back.
-        for (i, w) in watermarks.iter_mut().enumerate() {
-            if !cpus.contains(&(i as u32)) {
-                *w = Some(u64::MAX);
-            }
-        }
         Self {
-            watermarks,
+            watermarks: [lane_of(cpus), Vec::new()],
             incoming: Vec::new(),
             held: BinaryHeap::new(),
             seq: 0,
         }
+    }
+
+    /// Also waits for the allocator-event watermarks of `cpus`.
+    pub fn wait_for_heap(&mut self, cpus: &[u32]) {
+        self.watermarks[Lane::Heap as usize] = lane_of(cpus);
     }
 
     /// Releases every event as soon as it comes (nothing is batched).
@@ -104,16 +112,16 @@ impl<T: Timed> Reorder<T> {
 
     /// Records a CPU's watermark. Watermarks of CPUs not waited for are ignored.
     pub fn watermark(&mut self, w: Watermark) {
-        if let Some(slot) = self.watermarks.get_mut(w.cpu as usize)
+        if let Some(slot) = self.watermarks[w.lane as usize].get_mut(w.cpu as usize)
             && *slot != Some(u64::MAX)
         {
             *slot = Some(slot.map_or(w.ts_ns, |old| old.max(w.ts_ns)));
         }
     }
 
-    /// Stops waiting for `cpu` (it can no longer write its batches).
-    pub fn forget(&mut self, cpu: u32) {
-        if let Some(slot) = self.watermarks.get_mut(cpu as usize) {
+    /// Stops waiting for `cpu` in `lane` (it can no longer write its batches).
+    pub fn forget(&mut self, lane: Lane, cpu: u32) {
+        if let Some(slot) = self.watermarks[lane as usize].get_mut(cpu as usize) {
             *slot = Some(u64::MAX);
         }
     }
@@ -122,6 +130,7 @@ impl<T: Timed> Reorder<T> {
     fn reported(&self) -> u64 {
         self.watermarks
             .iter()
+            .flatten()
             .map(|w| w.unwrap_or(0))
             .min()
             .unwrap_or(u64::MAX)
@@ -150,7 +159,7 @@ impl<T: Timed> Reorder<T> {
     }
 
     fn release_upto(&mut self, upto: u64, out: &mut Vec<T>) {
-        if self.watermarks.is_empty() {
+        if self.watermarks.iter().all(Vec::is_empty) {
             // Nothing is batched: the ring's order is the time order.
             out.append(&mut self.incoming);
             return;
@@ -187,7 +196,11 @@ mod tests {
     }
 
     fn wm(cpu: u32, ts_ns: u64) -> Watermark {
-        Watermark { cpu, ts_ns }
+        Watermark {
+            lane: Lane::Faults,
+            cpu,
+            ts_ns,
+        }
     }
 
     #[test]
@@ -220,7 +233,7 @@ mod tests {
         let mut out = Vec::new();
         r.release(&mut out);
         assert!(out.is_empty(), "CPU 1 has not reported");
-        r.forget(1);
+        r.forget(Lane::Faults, 1);
         r.release(&mut out);
         assert_eq!(out, [E(10, 1), E(70, 2)]);
     }
@@ -245,6 +258,38 @@ mod tests {
         let mut out = Vec::new();
         r.release(&mut out);
         assert_eq!(out, [E(30, 1), E(10, 2)]);
+    }
+
+    #[test]
+    fn allocator_batches_are_a_lane_of_their_own() {
+        let mut r = Reorder::new(&[0]);
+        r.wait_for_heap(&[0]);
+        r.incoming().extend([E(10, 1), E(30, 2)]);
+        r.watermark(wm(0, 40));
+        let mut out = Vec::new();
+        r.release(&mut out);
+        assert!(out.is_empty(), "the heap lane of CPU 0 has not reported");
+        r.incoming().push(E(20, 3));
+        r.watermark(Watermark {
+            lane: Lane::Heap,
+            cpu: 0,
+            ts_ns: 35,
+        });
+        r.release(&mut out);
+        assert_eq!(out, [E(10, 1), E(20, 3), E(30, 2)]);
+        // Only the heap lane batched (the perf-event fault backend): still reordered.
+        let mut r = Reorder::in_order();
+        r.wait_for_heap(&[0]);
+        r.incoming().extend([E(30, 1), E(10, 2)]);
+        r.watermark(Watermark {
+            lane: Lane::Heap,
+            cpu: 0,
+            ts_ns: 35,
+        });
+        out.clear();
+        r.release(&mut out);
+        assert_eq!(out, [E(10, 2), E(30, 1)]);
+        r.forget(Lane::Heap, 0);
     }
 
     proptest! {

@@ -527,6 +527,9 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
         "lost" => {
             Record::Lost(serde_json::from_value(v).map_err(|e| format!("bad lost record: {e}"))?)
         }
+        "heap" => Record::Event(crate::heap::record::parse_heap(&v)?),
+        "heap_attach" => Record::Event(crate::heap::record::parse_attach(&v)?),
+        "pymalloc" => Record::Event(crate::heap::record::parse_pymalloc(v)?),
         "summary" | "drift" | "finding" => Record::Other,
         other => return Err(format!("unknown record type '{other}'")),
     })
@@ -717,7 +720,12 @@ fn replay_bounded(
                 sink.stack(&def).map_err(ReplayError::Write)?;
                 session.stacks.insert(def);
             }
-            Record::Lost(l) => lost += &l,
+            Record::Lost(l) => {
+                if l.lost_heap > 0 {
+                    session.heap_events_lost();
+                }
+                lost += &l;
+            }
             Record::Other => {}
         }
     }

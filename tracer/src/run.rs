@@ -19,8 +19,9 @@ use tracer_common::Syscall;
 use crate::{
     analysis,
     clock::monotonic_ns,
-    event::{self, Event, SyscallRecord, Watermark},
+    event::{self, Event, Lane, SyscallRecord, Watermark},
     fault_access::FaultAccess,
+    heap::tracker::{HeapError, HeapTracer, Scope},
     launch::{self, LaunchError},
     model::normalize,
     order::Reorder,
@@ -61,6 +62,8 @@ pub struct RunConfig {
     pub view: crate::output::live_view::ViewOptions,
     /// `vmatrace record` (for the banner and the status line).
     pub recording: bool,
+    /// Trace the allocator functions too (`--heap`).
+    pub heap: bool,
     /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
     pub stacks: StackOptions,
 }
@@ -86,6 +89,10 @@ pub enum RunError {
     ExitedDuringAttach(u32),
     #[error("--user applies to a launched command only")]
     UserWithoutCommand,
+    #[error(
+        "--stacks and --fault-stacks need Linux 5.15 or later (bpf_task_pt_regs); this kernel is {0}.{1}"
+    )]
+    StacksNeedNewerKernel(u32, u32),
     #[error(transparent)]
     Output(#[from] OutputError),
     #[error(transparent)]
@@ -94,6 +101,8 @@ pub enum RunError {
     Launch(#[from] LaunchError),
     #[error(transparent)]
     Proc(#[from] ProcError),
+    #[error(transparent)]
+    Heap(#[from] HeapError),
     #[error("writing output: {0}")]
     Write(#[source] io::Error),
     #[error("{0}")]
@@ -203,6 +212,7 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64, unread: u64) -
         targets_full: now.targets_full - last.targets_full,
         read_error: now.read_error - last.read_error,
         undecodable,
+        lost_heap: now.lost_heap - last.lost_heap,
         unread,
         lost_stack: now.lost_stack - last.lost_stack,
     }
@@ -241,6 +251,8 @@ struct Live {
     /// Events were lost in the last tick.
     losing: bool,
     last_resync_ns: u64,
+    /// The allocator side (`--heap`).
+    heap: Option<HeapTracer>,
     /// Watermarks owed to CPUs whose flushed batch was refused.
     refused: Vec<Refused>,
     /// khugepaged's collapses, looked for in the traced processes when its count moves.
@@ -276,11 +288,13 @@ const FINAL_DRAIN: Duration = Duration::from_millis(300);
 /// batch stamped after `flushed` is read (every record reserved before then has been read).
 #[derive(Clone, Copy, Debug)]
 struct Refused {
+    lane: Lane,
     cpu: u32,
     asked: u64,
     flushed: u64,
 }
-/// The default ring with stacks (`--ring-size` not given).
+/// The default ring with stacks or `--heap` (`--ring-size` not given): a stack record is up to
+/// 17 KiB, an allocator call two 72-byte records at millions of calls a second.
 const STACKS_RING_BYTES: u32 = 64 << 20;
 
 impl Live {
@@ -374,6 +388,7 @@ impl Live {
             let due = r.flushed < read_past;
             if due {
                 order.watermark(Watermark {
+                    lane: r.lane,
                     cpu: r.cpu,
                     ts_ns: r.asked,
                 });
@@ -408,17 +423,32 @@ impl Live {
         self.drain(ring, until)?;
         let asked = monotonic_ns();
         let outcome = self.probe.flush_faults();
+        let heap = self.heap.is_some().then(|| self.probe.flush_heap());
         let flushed = monotonic_ns();
-        // A refused batch was counted lost and emptied: none of that CPU's faults up to
-        // `asked` can still come once what it wrote before the flush is read.
+        // A refused batch was counted lost and emptied: none of that CPU's faults (or
+        // allocator events) up to `asked` can still come once what it wrote before the flush
+        // is read. A CPU whose allocator batch was busy gives its watermark next time.
         self.refused
             .extend(outcome.refused.into_iter().map(|cpu| Refused {
+                lane: Lane::Faults,
                 cpu,
                 asked,
                 flushed,
             }));
+        if let Some(heap) = heap {
+            self.refused
+                .extend(heap.faults_like.refused.into_iter().map(|cpu| Refused {
+                    lane: Lane::Heap,
+                    cpu,
+                    asked,
+                    flushed,
+                }));
+            for cpu in heap.faults_like.gone {
+                self.order.forget(Lane::Heap, cpu);
+            }
+        }
         for cpu in outcome.gone {
-            self.order.forget(cpu);
+            self.order.forget(Lane::Faults, cpu);
         }
         let emptied = self.drain(ring, until)?;
         self.handle_released(false)?;
@@ -509,6 +539,12 @@ impl Live {
             // Its exec was handled when the stop was found (recover_lost_exec_stops).
             return Ok(());
         }
+        if let Event::HeapRaw(raw) = &ev {
+            let Some(call) = self.heap.as_mut().and_then(|h| h.pair(raw, &self.session)) else {
+                return Ok(());
+            };
+            ev = Event::Heap(call);
+        }
         self.events += 1;
         resolve(&mut ev, &mut self.opened);
         if let Event::Syscall(s) = &mut ev {
@@ -532,6 +568,14 @@ impl Live {
             self.session.stacks.insert(def);
         }
         let applied = self.session.apply(&ev);
+        let mut follow_up = Vec::new();
+        if let (Some(heap), Event::Syscall(s), Applied::Syscall { effect, .. }) =
+            (self.heap.as_mut(), &ev, &applied)
+            && s.call == Syscall::Mmap
+            && s.args[2] & libc::PROT_EXEC as u64 != 0
+        {
+            follow_up.extend(heap.mapped(&mut self.probe, s, effect));
+        }
         if let (Some(c), Event::Exec { pid, .. } | Event::Exit { pid, .. }) =
             (self.stacks.as_mut(), &ev)
         {
@@ -552,11 +596,24 @@ impl Live {
                         .snapshot(*ts_ns, SnapshotReason::Exec, p)
                         .map_err(RunError::Write)?;
                 }
+                if let Some(heap) = self.heap.as_mut() {
+                    // The new image may preload another allocator: probed before it runs
+                    // when the kernel holds it (our launched command), else as soon as seen.
+                    heap.forget(pid);
+                    let held = self.launched == Some(pid);
+                    match heap.cover(&mut self.probe, pid, *ts_ns, !held) {
+                        Ok(events) => follow_up.extend(events),
+                        Err(e) => log::warn!("{e}"),
+                    }
+                }
                 if self.launched == Some(pid) {
                     self.continue_after_exec(pid, *ts_ns);
                 }
             }
             (Event::Exit { pid, ts_ns, .. }, Applied::Exit) => {
+                if let Some(heap) = self.heap.as_mut() {
+                    heap.forget(*pid);
+                }
                 if let Some(p) = self.session.get(*pid) {
                     self.sink
                         .snapshot(*ts_ns, SnapshotReason::Exit, p)
@@ -588,6 +645,9 @@ impl Live {
                 }
             }
             _ => {}
+        }
+        for ev in follow_up {
+            self.handle(ev)?;
         }
         Ok(())
     }
@@ -623,6 +683,9 @@ impl Live {
                 .map_err(RunError::Write)?;
         }
         self.losing = d.lost_syscall + d.lost_fault + d.lost_lifecycle > 0;
+        if d.lost_heap > 0 {
+            self.session.heap_events_lost();
+        }
         self.resync_due |= self.losing;
         self.last_stats = now;
         Ok(())
@@ -728,6 +791,19 @@ impl Live {
 
     fn snapshots(&mut self, reason: SnapshotReason) -> Result<(), RunError> {
         let ts = monotonic_ns();
+        if self.heap.is_some() {
+            // CPython's own count of its objects' bytes, read now from its pool headers, so
+            // that the snapshot (and the findings) see its arenas' live bytes.
+            let readings: Vec<Event> = self
+                .session
+                .processes()
+                .filter_map(|p| crate::heap::pymalloc::read_process(p, ts))
+                .map(Event::Pymalloc)
+                .collect();
+            for ev in readings {
+                self.handle(ev)?;
+            }
+        }
         for p in self.session.processes().filter(|p| p.exited_ns.is_none()) {
             self.sink.snapshot(ts, reason, p).map_err(RunError::Write)?;
         }
@@ -769,6 +845,11 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     if cfg.user.is_some() && cfg.command.is_empty() {
         return Err(RunError::UserWithoutCommand);
     }
+    if cfg.stacks.any()
+        && let Some((major, minor)) = procfs::kernel_release().filter(|&v| v < (5, 15))
+    {
+        return Err(RunError::StacksNeedNewerKernel(major, minor));
+    }
     let mut seen = HashSet::new();
     for &pid in &cfg.pids {
         if !seen.insert(pid) {
@@ -785,7 +866,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let mut sink = make_sink(&cfg, start_ns)?;
     let mut probe = Probe::load(ProbeOptions {
         // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
-        ring_bytes: if cfg.stacks.any() && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES {
+        ring_bytes: if (cfg.stacks.any() || cfg.heap)
+            && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES
+        {
             STACKS_RING_BYTES
         } else {
             cfg.ring_bytes
@@ -800,6 +883,16 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         stacks: cfg.stacks,
         ..ProbeOptions::default()
     })?;
+    let mut heap = if cfg.heap {
+        probe.load_heap()?;
+        Some(HeapTracer::new(if cfg.follow {
+            Scope::All
+        } else {
+            Scope::PerProcess
+        }))
+    } else {
+        None
+    };
     let limits = procfs::limits();
     let meta = Meta {
         fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
@@ -828,6 +921,16 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
                 sink.snapshot(ts, SnapshotReason::Seed, p)
                     .map_err(RunError::Write)?;
             }
+            if let Some(heap) = heap.as_mut() {
+                for ev in heap.cover(&mut probe, pid, ts, true)? {
+                    let applied = session.apply(&ev);
+                    sink.event(&ev, &applied, &session)
+                        .map_err(RunError::Write)?;
+                }
+                if !heap.covers(pid) {
+                    return Err(HeapError::NoAllocator(pid).into());
+                }
+            }
         }
     } else {
         let stops = probe.exec_stops_fd().map_err(|source| {
@@ -839,6 +942,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         let held = launch::spawn_held(&cfg.command, creds.as_ref(), stops)?;
         let pid = held.pid;
         probe.add_target(pid, cfg.follow, true)?;
+        if let Some(heap) = heap.as_mut() {
+            heap.prepare_launch(&mut probe, pid)?;
+        }
         let ts = monotonic_ns();
         session.add(pid, Seed::default(), ts, None);
         // The (empty) seed, so that a replay knows the process before its exec.
@@ -851,11 +957,14 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     }
     crate::output::status::banner(&cfg, &meta, &session);
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
-    let order = if probe.batch_cpus().is_empty() {
+    let mut order = if probe.batch_cpus().is_empty() {
         Reorder::in_order()
     } else {
         Reorder::new(probe.batch_cpus())
     };
+    if heap.is_some() {
+        order.wait_for_heap(probe.heap_cpus());
+    }
     let access = (probe.fault_backend() == FaultBackend::PerfEvent).then(FaultAccess::default);
     let live = Live {
         access,
@@ -877,6 +986,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         resync_due: false,
         losing: false,
         last_resync_ns: 0,
+        heap,
         refused: Vec::new(),
         khugepaged: crate::collapse::Khugepaged::default(),
         stacks: cfg.stacks.any().then(Collector::new),
@@ -914,6 +1024,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     live.sink.flush().map_err(RunError::Write)?;
     crate::signals::finished();
     log::debug!("{} events", live.events);
+    if let Some(h) = &live.heap {
+        let st = h.pairing_stats();
+        if st != Default::default() {
+            log::info!("--heap: allocator records not paired: {st:?}");
+        }
+    }
     if let Some(c) = &live.stacks {
         log::info!(
             "stacks: {} received ({} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",

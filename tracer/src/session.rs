@@ -7,6 +7,7 @@ use tracer_common::Syscall;
 
 use crate::{
     event::{Event, FaultRecord, SyscallRecord},
+    heap::{HeapEffect, LiveHeap, LiveKind},
     model::{
         AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, ResidentRun, ThpPolicy,
         Touch, Vma,
@@ -122,12 +123,14 @@ pub struct Process {
     pub started_ns: u64,
     pub exited_ns: Option<u64>,
     pub patterns: Patterns,
+    /// Live blocks as the allocator sees them (`--heap`).
+    pub heap: LiveHeap,
     /// Memory by the user stack that asked for it (`--stacks`).
     pub sites: crate::stacks::sites::CallSites,
 }
 
 impl Process {
-    fn new(pid: u32, space: AddressSpace, exe: Option<String>, ts: u64) -> Self {
+    pub(crate) fn new(pid: u32, space: AddressSpace, exe: Option<String>, ts: u64) -> Self {
         Self {
             pid,
             space,
@@ -136,6 +139,7 @@ impl Process {
             started_ns: ts,
             exited_ns: None,
             patterns: Patterns::default(),
+            heap: LiveHeap::default(),
             sites: Default::default(),
         }
     }
@@ -163,6 +167,8 @@ pub enum Applied {
     /// The process's map was cleared; the caller should [`Session::reseed`] it.
     Exec,
     Exit,
+    /// An allocator call or coverage (`--heap`) applied to the live blocks.
+    Heap(HeapEffect),
     /// A block became a huge page without a fault: `pages` became resident or anonymous.
     Collapsed {
         pages: u64,
@@ -226,6 +232,13 @@ impl Session {
         self.procs.values()
     }
 
+    /// Allocator events were lost: every live process's live bytes may be wrong from now.
+    pub fn heap_events_lost(&mut self) {
+        for p in self.procs.values_mut().filter(|p| p.exited_ns.is_none()) {
+            p.heap.lost_events();
+        }
+    }
+
     /// Marks `pid` exited at `ts_ns` without its exit event (the event was lost); returns
     /// whether it was alive until now.
     pub fn mark_gone(&mut self, pid: u32, ts_ns: u64) -> bool {
@@ -274,12 +287,13 @@ impl Session {
                 };
                 if *followed {
                     // A child that shares the memory gets no model of its own until it execs.
-                    let space = if *shares_vm {
-                        AddressSpace::default()
+                    let (space, heap) = if *shares_vm {
+                        (AddressSpace::default(), Default::default())
                     } else {
-                        parent.space.fork(*ts_ns)
+                        (parent.space.fork(*ts_ns), parent.heap.fork())
                     };
-                    let child_proc = Process::new(*child, space, parent.exe.clone(), *ts_ns);
+                    let mut child_proc = Process::new(*child, space, parent.exe.clone(), *ts_ns);
+                    child_proc.heap = heap;
                     self.procs.insert(*child, child_proc);
                     if *shares_vm {
                         self.shared_vm.insert(*child, owner);
@@ -303,6 +317,7 @@ impl Session {
                 // An exec gives a process that shared its parent's memory its own.
                 self.shared_vm.remove(pid);
                 p.space.clear(*ts_ns, crate::model::timeline::Cause::Exec);
+                p.heap.exec();
                 p.exe = Some(filename.clone());
                 Applied::Exec
             }
@@ -316,6 +331,38 @@ impl Session {
             }
             // Opens only name files for later mmaps (see `run`); the model ignores them.
             Event::Open { .. } => Applied::Ignored,
+            // Raw allocator records are paired into calls first (`heap::tracker`).
+            Event::HeapRaw(_) => Applied::Ignored,
+            Event::Heap(call) => match self.procs.get_mut(&self.memory_owner(call.pid)) {
+                Some(p) => Applied::Heap(p.heap.apply(call)),
+                None => Applied::Ignored,
+            },
+            Event::Pymalloc(r) => match self.procs.get_mut(&r.pid) {
+                Some(p) => {
+                    p.heap.pymalloc = Some(r.clone());
+                    Applied::Heap(HeapEffect {
+                        kind: LiveKind::None,
+                        live_bytes: p.heap.live_bytes(),
+                    })
+                }
+                None => Applied::Ignored,
+            },
+            Event::HeapAttach {
+                ts_ns,
+                pid,
+                allocator,
+                late,
+                ..
+            } => match self.procs.get_mut(pid) {
+                Some(p) => {
+                    p.heap.attached(*allocator, *late, *ts_ns);
+                    Applied::Heap(HeapEffect {
+                        kind: LiveKind::None,
+                        live_bytes: p.heap.live_bytes(),
+                    })
+                }
+                None => Applied::Ignored,
+            },
             Event::Collapse { ts_ns, pid, start } => {
                 match self.procs.get_mut(&self.memory_owner(*pid)) {
                     Some(p) => Applied::Collapsed {
@@ -399,6 +446,9 @@ impl Session {
             effect.populated_pages = space.populate(ts, runs);
         }
         let _ = a4;
+        if p.heap.enabled {
+            note_mapping(&mut p.heap, s, &effect);
+        }
         let pat = &mut p.patterns;
         match (s.call, effect.kind) {
             (Syscall::Brk, EffectKind::Grown) => pat.brk_grows += 1,
@@ -447,5 +497,29 @@ impl Session {
             p.counts.faults_outside += 1;
         }
         Applied::Fault(effect)
+    }
+}
+
+/// Tells the live heap what a successful call did to the map: mappings an allocator may have
+/// made (claimed when its call returns), ranges that are gone.
+fn note_mapping(heap: &mut LiveHeap, s: &SyscallRecord, effect: &Effect) {
+    let (start, end) = (effect.start, effect.end);
+    match (s.call, effect.kind) {
+        (Syscall::Mmap, EffectKind::Created | EffectKind::Replaced) => {
+            heap.note_unmap(start, end);
+            if s.args[3] & MAP_ANONYMOUS != 0 {
+                heap.note_mapping(s.tid, s.ts_ns, start, end, true);
+            }
+        }
+        (Syscall::Mremap, EffectKind::Moved | EffectKind::Grown) => {
+            if let Some(from) = effect.from {
+                heap.note_unmap(from, from.saturating_add(s.args[1]));
+            }
+            heap.note_mapping(s.tid, s.ts_ns, start, end, false);
+        }
+        (Syscall::Mremap, EffectKind::Shrunk) | (Syscall::Munmap | Syscall::Shmdt, _) => {
+            heap.note_unmap(start, end);
+        }
+        _ => {}
     }
 }

@@ -77,6 +77,7 @@ fn record_types_match_the_documented_schema() {
             vec!["--faults", "first", "--ring-size", "4K"],
             vec!["burst", "4000"],
         ),
+        (vec!["--heap"], vec!["ipc"]),
     ] {
         let t = trace_workload(&extra, &args);
         assert_eq!(t.status, 0, "{}", t.stderr);
@@ -99,6 +100,8 @@ fn record_types_match_the_documented_schema() {
         "exit",
         "lost",
         "summary",
+        "heap",
+        "heap_attach",
     ] {
         assert!(
             seen.contains_key(ty),
@@ -183,6 +186,16 @@ fn stack_records_are_defined_once_before_the_records_that_name_them() {
         &["--faults", "all", "--stacks", "--fault-stacks", "1"],
         &["stacks"],
     );
+    // Before Linux 5.15 (no bpf_task_pt_regs): a one-line refusal, nothing traced.
+    if tracer::procfs::kernel_release().is_some_and(|v| v < (5, 15)) {
+        assert_eq!(t.status, 1, "{}", t.stderr);
+        assert!(
+            t.stderr.trim().lines().count() == 1 && t.stderr.contains("need Linux 5.15"),
+            "{}",
+            t.stderr
+        );
+        return;
+    }
     assert_eq!(t.status, 0, "{}", t.stderr);
     check(&t.records, &schema, &mut seen);
     assert!(seen.contains_key("stack"), "{seen:?}");

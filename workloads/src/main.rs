@@ -1035,6 +1035,32 @@ fn malloc_mt(threads: usize, iters: usize) {
     say(&format!("malloc_mt {} ns", start.elapsed().as_nanos()));
 }
 
+/// `iters` rounds of one `malloc` and one `free` (sizes 16 to 1 KiB, 64 blocks kept live at a
+/// time) straight through libc: the per-call cost of tracing the allocator (`--heap`).
+fn malloc_calls(iters: usize) {
+    const LIVE: usize = 64;
+    let mut live = [std::ptr::null_mut::<libc::c_void>(); LIVE];
+    let start = Instant::now();
+    for i in 0..iters {
+        let slot = (i * 7) % LIVE;
+        // SAFETY: each pointer is from malloc (or null) and freed once before replaced.
+        unsafe {
+            libc::free(live[slot]);
+            live[slot] = libc::malloc(16 + (i * 37) % 1008);
+        }
+        if live[slot].is_null() {
+            eprintln!("malloc failed");
+            std::process::exit(1);
+        }
+    }
+    let ns = start.elapsed().as_nanos();
+    for p in live {
+        // SAFETY: from malloc.
+        unsafe { libc::free(p) };
+    }
+    say(&format!("malloc_calls {ns} ns"));
+}
+
 /// Map, touch and unmap 16 pages in a loop for `millis`, pausing `pause_us` between rounds
 /// (a steady load for signal tests; the benchmarks' bystander with no pause).
 fn spin(millis: u64, pause_us: u64) {
@@ -1245,6 +1271,7 @@ fn main() {
         }
         Some("busy") => busy(arg(&args, 2, 4), arg(&args, 3, 10) as u64),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
+        Some("malloc-calls") => malloc_calls(arg(&args, 2, 1_000_000)),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         Some("leader-exits-first") => leader_exits_first(arg(&args, 2, 300) as u64),
@@ -1260,7 +1287,7 @@ fn main() {
         Some("fd-reuse") => fd_reuse(args.get(2).map_or("/tmp", String::as_str)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|sparse-scan|collapse|vfork-map|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
+                "usage: workload basic|ids|thp|sparse-scan|collapse|vfork-map|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|malloc-calls I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
             );
             std::process::exit(2);
         }

@@ -1,7 +1,8 @@
 //! `cargo xtask`: provisioning, running, testing and benchmarking vmatrace.
 //!
 //! - `setup`: the nightly `rust-src`, a `bpf-linker` built against the nightly toolchain's own
-//!   libLLVM, tracefs mounted. Idempotent; quick when already done.
+//!   libLLVM, tracefs mounted, and the Debian packages `--heap` is tested and measured with
+//!   (jemalloc, tcmalloc, gcc, heaptrack, bpftrace). Idempotent; quick when already done.
 //! - `run -- ARGS`: setup, build, run `vmatrace ARGS`.
 //! - `test`: setup, lint, unit tests, privileged end-to-end tests, fuzz smoke runs.
 //! - `bench`: setup, then the benchmarks in `tracer/benches` and `workloads`.
@@ -35,7 +36,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the eBPF build needs (nightly rust-src, bpf-linker) and mount tracefs.
+    /// Install what the eBPF build needs (nightly rust-src, bpf-linker), mount tracefs, and
+    /// install the allocators and tools `--heap`'s tests and benchmark use.
     Setup,
     /// Set up, build in release mode and run vmatrace with ARGS (e.g. `-- -- ls -l /`).
     Run {
@@ -70,6 +72,9 @@ enum Task {
         /// perf, bpftrace).
         #[arg(long)]
         only: Option<String>,
+        /// Only the `--heap` comparison (vmatrace --heap, heaptrack, bpftrace uprobes).
+        #[arg(long)]
+        heap: bool,
     },
     /// Boot pinned Debian kernels under qemu, run the privileged tests in each, print a table
     /// kernel x result (e.g. `--kernel 6.1,6.12`, `--arch arm64`).
@@ -174,7 +179,28 @@ fn setup() -> Result<()> {
     } else {
         step("tracefs is not mounted; vmatrace mounts it when run as root");
     }
-    Ok(())
+
+    // 4. What `--heap` is tested and measured with: the allocators its tests preload, gcc
+    //    for their C workloads, and the tools its benchmark compares with.
+    heap_dependencies()
+}
+
+/// Debian packages for `--heap`: jemalloc and tcmalloc (preloaded by the tests), gcc (the
+/// tests' C workloads), heaptrack and bpftrace (the benchmark's comparison).
+fn heap_dependencies() -> Result<()> {
+    apt_install(
+        "--heap's tests and benchmark",
+        &[
+            ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
+            (
+                "libtcmalloc-minimal4",
+                "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+            ),
+            ("gcc", "/usr/bin/gcc"),
+            ("heaptrack", "/usr/bin/heaptrack"),
+            ("bpftrace", "/usr/bin/bpftrace"),
+        ],
+    )
 }
 
 /// Installs the Debian packages of `wanted` (package, a file it installs) that are missing.
@@ -222,7 +248,8 @@ fn test_dependencies() -> Result<()> {
     )
 }
 
-/// Tools the benchmark compares against, from Debian's packages: strace, perf, bpftrace.
+/// Tools the benchmark compares against, from Debian's packages: strace, perf, bpftrace,
+/// heaptrack.
 fn bench_dependencies() -> Result<()> {
     apt_install(
         "the comparison",
@@ -230,6 +257,7 @@ fn bench_dependencies() -> Result<()> {
             ("strace", "/usr/bin/strace"),
             ("linux-perf", "/usr/bin/perf"),
             ("bpftrace", "/usr/bin/bpftrace"),
+            ("heaptrack", "/usr/bin/heaptrack"),
         ],
     )
 }
@@ -415,7 +443,12 @@ fn real_main() -> Result<()> {
             setup()?;
             kernels::kernels(&opts)
         }
-        Task::Bench { rounds, soak, only } => {
+        Task::Bench {
+            rounds,
+            soak,
+            only,
+            heap,
+        } => {
             setup()?;
             bench_dependencies()?;
             let mut c = cargo();
@@ -433,8 +466,14 @@ fn real_main() -> Result<()> {
             if let Some(only) = only {
                 c.arg("--only").arg(only);
             }
+            if heap {
+                c.arg("--heap");
+            }
             run(cargo().args(["build", "--release", "-p", "tracer", "-p", "workloads"]))?;
             run(&mut c)?;
+            if heap {
+                return Ok(());
+            }
             if soak {
                 // Ten minutes traced; bounded memory is asserted by the (ignored) test.
                 run(cargo().args([

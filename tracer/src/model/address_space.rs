@@ -357,6 +357,13 @@ impl AddressSpace {
             .count(start >> PAGE_SHIFT, page_align_up(end) >> PAGE_SHIFT)
     }
 
+    /// The addresses of the resident pages in `[start, end)`, in order.
+    pub fn resident_pages(&self, start: u64, end: u64) -> impl Iterator<Item = u64> + '_ {
+        self.pages
+            .resident_pages(start >> PAGE_SHIFT, page_align_up(end) >> PAGE_SHIFT)
+            .map(|p| p << PAGE_SHIFT)
+    }
+
     /// The page map (for whole-space counters such as refaults).
     pub fn pages(&self) -> &Pages {
         &self.pages

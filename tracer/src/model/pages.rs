@@ -304,10 +304,11 @@ impl Pages {
     /// turn into a huge page. Blocks already huge, or with only zero pages, are not.
     pub fn collapsible_blocks(&self, start_page: u64, end_page: u64, pages: u64) -> Vec<u64> {
         let mut out: Vec<u64> = Vec::new();
-        for (&page, &v) in self
-            .entries
-            .range(start_page.next_multiple_of(pages)..end_page)
-        {
+        let first = start_page.next_multiple_of(pages);
+        if first >= end_page {
+            return out;
+        }
+        for (&page, &v) in self.entries.range(first..end_page) {
             let block = page - page % pages;
             if block + pages > end_page {
                 break;
@@ -689,6 +690,17 @@ impl Pages {
         c
     }
 
+    /// The resident pages (anonymous or page cache, not the zero page) in
+    /// `[start_page, end_page)`, in order.
+    pub fn resident_pages(&self, start_page: u64, end_page: u64) -> impl Iterator<Item = u64> + '_ {
+        self.entries
+            .range(start_page..end_page.max(start_page))
+            .filter(|(_, v)| {
+                !is_released(**v) && TouchKind::from_bits(**v >> KIND_SHIFT) != TouchKind::Zero
+            })
+            .map(|(p, _)| *p)
+    }
+
     /// The state of one page: its first-touch time and kind.
     pub fn get(&self, page: u64) -> Option<(u64, TouchKind)> {
         self.entries
@@ -809,6 +821,8 @@ mod tests {
         p.touch_block(huge, 1, TouchKind::Anon);
         assert_eq!(p.collapsible_blocks(0, 1536, 512), vec![0]);
         assert_eq!(p.collapsible_blocks(1, 1536, 512), Vec::<u64>::new());
+        // A range inside one block, starting past its start: none (and no panic).
+        assert_eq!(p.collapsible_blocks(3, 100, 512), Vec::<u64>::new());
         // All but the one anonymous page became resident or anonymous.
         assert_eq!(p.collapse(0, 512, 5), 511);
         let c = p.count(0, 512);

@@ -346,6 +346,28 @@ impl<W: Write> Sink for HumanSink<W> {
                 writeln!(self.out, "{} [{pid}] exited", self.time(*ts_ns))?;
             }
             Event::Open { .. } => {}
+            // Allocator calls are too many to show one by one: the summary has their sums.
+            Event::HeapRaw(_) | Event::Heap(_) | Event::Pymalloc(_) => {}
+            Event::HeapAttach {
+                ts_ns,
+                pid,
+                path,
+                allocator,
+                late,
+            } => {
+                writeln!(
+                    self.out,
+                    "{} [{pid}] heap: allocator {} ({}) probed{}",
+                    self.time(*ts_ns),
+                    shown(path),
+                    allocator.name(),
+                    if *late {
+                        ", late: its calls before now were not seen"
+                    } else {
+                        ""
+                    }
+                )?;
+            }
             Event::Collapse { pid, ts_ns, start } => {
                 self.flush_touches()?;
                 let pages = match applied {

@@ -12,7 +12,7 @@ use super::{
 use crate::{
     analysis::Finding,
     event::{Event, FaultRecord, SyscallRecord},
-    flags,
+    flags, heap,
     model::{PAGE_SIZE, PMD_PAGES, Touch},
     session::{Applied, Process, Session},
     stacks::StackDef,
@@ -312,6 +312,27 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
         } => {
             json!({ "type": "open", "ts_ns": ts_ns, "pid": pid, "tid": tid, "fd": fd, "path": path })
         }
+        Event::Heap(c) => {
+            let mut line = Vec::with_capacity(256);
+            let effect = match applied {
+                Applied::Heap(e) => Some(e),
+                _ => None,
+            };
+            match heap::record::write_heap(&mut line, c, effect) {
+                Ok(()) => serde_json::from_slice(&line).unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            }
+        }
+        Event::HeapAttach {
+            ts_ns,
+            pid,
+            path,
+            allocator,
+            late,
+        } => heap::record::attach_json(*ts_ns, *pid, path, *allocator, *late),
+        Event::Pymalloc(r) => heap::record::pymalloc_json(r),
+        // Paired before it reaches a sink.
+        Event::HeapRaw(_) => Value::Null,
         Event::Collapse { ts_ns, pid, start } => {
             let pages = match applied {
                 Applied::Collapsed { pages } => *pages,
@@ -365,6 +386,7 @@ pub fn snapshot_json(ts_ns: u64, reason: SnapshotReason, p: &Process) -> Value {
             "zero_write_huge": thp.zero_write_huge,
         },
         "resident": resident,
+        "heap": heap::regions::view(p),
     })
 }
 
@@ -411,6 +433,14 @@ impl<W: Write> Sink for NdjsonSink<W> {
             Event::Syscall(s) => {
                 serde_json::to_writer(&mut self.scratch, &SyscallJson::new(s, applied))?
             }
+            Event::Heap(c) => {
+                let effect = match applied {
+                    Applied::Heap(e) => Some(e),
+                    _ => None,
+                };
+                heap::record::write_heap(&mut self.scratch, c, effect)?;
+            }
+            Event::HeapRaw(_) => return Ok(()),
             other => return self.line(&event_json(other, applied)),
         }
         self.scratch.push(b'\n');

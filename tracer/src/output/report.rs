@@ -124,6 +124,9 @@ pub struct ProcessSummary {
     pub history_entries: usize,
     /// The VMAs with the most touched bytes, at most ten.
     pub top_vmas: Vec<VmaRow>,
+    /// The allocator's view (`--heap`): live bytes, calls, regions.
+    #[serde(default)]
+    pub heap: Option<crate::heap::regions::HeapView>,
     /// With stacks: the call sites that reserved the most, at most ten.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub call_sites: Vec<SiteRow>,
@@ -153,6 +156,9 @@ pub struct LossSummary {
     /// without a stack. Not counted in the lost events.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_stack: u64,
+    /// Allocator events (`--heap`) dropped because the ring buffer was full.
+    #[serde(default)]
+    pub lost_heap: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -171,6 +177,7 @@ impl std::ops::AddAssign<&LossSummary> for LossSummary {
         self.undecodable += l.undecodable;
         self.unread += l.unread;
         self.lost_stack += l.lost_stack;
+        self.lost_heap += l.lost_heap;
     }
 }
 
@@ -188,6 +195,7 @@ impl LossSummary {
             undecodable,
             unread,
             lost_stack: k.lost_stack,
+            lost_heap: k.lost_heap,
         }
     }
 
@@ -199,6 +207,7 @@ impl LossSummary {
             + self.pending_full
             + self.undecodable
             + self.unread
+            + self.lost_heap
     }
 }
 
@@ -266,6 +275,7 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
                     .filter(|e| e.cause != Cause::Seed)
                     .count(),
                 top_vmas: top,
+                heap: crate::heap::regions::view(p),
                 call_sites: sites::table(&p.sites, &session.stacks, SUMMARY_SITES),
             }
         })

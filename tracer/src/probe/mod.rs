@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod layout;
 pub mod tracefs;
+pub mod uprobes;
 
 use std::{collections::HashMap as StdHashMap, io};
 
@@ -170,12 +171,14 @@ pub struct KernelStats {
     pub read_error: u64,
     /// Stacks the full ring refused (their events were kept).
     pub lost_stack: u64,
+    /// Allocator events (`--heap`) the full ring refused.
+    pub lost_heap: u64,
 }
 
 impl KernelStats {
     /// Events dropped because the ring buffer was full.
     pub fn lost(&self) -> u64 {
-        self.lost_syscall + self.lost_fault + self.lost_lifecycle
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_heap
     }
 }
 
@@ -209,6 +212,8 @@ pub struct Probe {
     syscalls: Vec<Syscall>,
     /// The CPUs whose faults come in batches, written by [`Probe::flush_faults`].
     batch_cpus: Vec<u32>,
+    /// The CPUs whose allocator events come in batches (`--heap`), see `uprobes`.
+    heap_cpus: Vec<u32>,
     /// Every attachment, by program name: detached all at once when the probe is dropped.
     links: Vec<(String, Box<dyn Send>)>,
 }
@@ -363,6 +368,7 @@ impl Probe {
             syscall_backend: opts.syscalls,
             syscalls,
             batch_cpus: Vec::new(),
+            heap_cpus: Vec::new(),
             links: Vec::new(),
         };
         probe.syscall_backend = match opts.syscalls {
@@ -693,6 +699,7 @@ impl Probe {
             exit_without_enter: get(Stat::ExitWithoutEnter),
             targets_full: get(Stat::TargetsFull),
             read_error: get(Stat::ReadError),
+            lost_heap: get(Stat::LostHeap),
             lost_stack: get(Stat::LostStack),
         })
     }

@@ -42,6 +42,17 @@ tracepoint:syscalls:sys_exit_mprotect, tracepoint:syscalls:sys_exit_madvise \
 tracepoint:exceptions:page_fault_user /pid == cpid/ \
 { printf(\"%d %lx %lx %lu\\n\", tid, args->address, args->ip, args->error_code); }";
 
+/// What `--heap` captures of the workload's allocator, printed by bpftrace for the `-c` child:
+/// each `malloc` with its size and result (entry and return probes), each `free` with its
+/// pointer (entry probe), the probes vmatrace attaches. bpftrace puts the `free` probe on the
+/// function's first instruction, which the kernel single-steps (vmatrace's skips glibc's
+/// null test to an emulated push: `heap::elf`).
+const BPFTRACE_HEAP_SCRIPT: &str = "uprobe:/lib/x86_64-linux-gnu/libc.so.6:malloc /pid == cpid/ \
+{ @size[tid] = arg0; } \
+uretprobe:/lib/x86_64-linux-gnu/libc.so.6:malloc /pid == cpid/ \
+{ printf(\"%d malloc %lu %lx\\n\", tid, @size[tid], retval); delete(@size[tid]); } \
+uprobe:/lib/x86_64-linux-gnu/libc.so.6:free /pid == cpid/ { printf(\"%d free %lx\\n\", tid, arg0); }";
+
 fn strings(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| (*w).to_string()).collect()
 }
@@ -260,6 +271,10 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|r| r.parse().ok())
         .unwrap_or(5);
+    if args.iter().any(|a| a == "--heap") {
+        heap(rounds);
+        return;
+    }
     if let Some(list) = args
         .iter()
         .position(|a| a == "--syscall-backends")
@@ -411,6 +426,105 @@ fn main() {
     );
     sweep();
     syscall_sweep();
+    heap(rounds);
+}
+
+/// `--heap`: a malloc-heavy workload (one malloc and one free per round, straight through
+/// libc) untraced, under `vmatrace --heap`, heaptrack (launch mode) and a bpftrace script with
+/// the same probes; medians, ratios and the cost per allocator call.
+fn heap(rounds: usize) {
+    const ITERS: usize = 1_000_000;
+    let iters = ITERS.to_string();
+    let wargs = ["malloc-calls", iters.as_str()];
+    let v = vmatrace().display().to_string();
+    let have = |bin: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {bin}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let heaptrack_out =
+        std::env::temp_dir().join(format!("vmatrace-bench-heaptrack-{}", std::process::id()));
+    let mut tracers = vec![
+        Tracer {
+            name: "untraced",
+            prefix: vec![],
+            one_string: false,
+        },
+        Tracer {
+            name: "vmatrace --heap",
+            prefix: strings(&[&v, "--heap", "--json", "-o", "/dev/null", "--force", "--"]),
+            one_string: false,
+        },
+        Tracer {
+            name: "vmatrace (no --heap)",
+            prefix: strings(&[&v, "--json", "-o", "/dev/null", "--force", "--"]),
+            one_string: false,
+        },
+    ];
+    if have("heaptrack") {
+        tracers.push(Tracer {
+            name: "heaptrack",
+            prefix: strings(&["heaptrack", "-o", &heaptrack_out.display().to_string()]),
+            one_string: false,
+        });
+    }
+    if have("bpftrace") {
+        tracers.push(Tracer {
+            name: "bpftrace (same probes, print each call)",
+            prefix: strings(&[
+                "bpftrace",
+                "-q",
+                "-o",
+                "/dev/null",
+                "-e",
+                BPFTRACE_HEAP_SCRIPT,
+                "-c",
+            ]),
+            one_string: true,
+        });
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); tracers.len()];
+    for _ in 0..rounds {
+        for (i, t) in tracers.iter().enumerate() {
+            times[i].push(once(&t.prefix, t.one_string, &wargs).unwrap_or_else(|e| fail(e)));
+        }
+    }
+    // heaptrack writes a compressed trace per run.
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        let prefix = heaptrack_out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    println!(
+        "\n`--heap`: {ITERS} rounds of malloc + free (2 allocator calls each), medians of {rounds} alternating rounds.\n"
+    );
+    println!("| tool | time | ratio to untraced (fastest rounds) | per allocator call |");
+    println!("|---|---|---|---|");
+    let base = median(times[0].clone());
+    let base_min = minimum(&times[0]);
+    println!(
+        "| untraced | {:.1} ms | 1.00x | {:.0} ns |",
+        base / 1e6,
+        base / (2 * ITERS) as f64
+    );
+    for (t, ts) in tracers.iter().zip(&times).skip(1) {
+        let m = median(ts.clone());
+        println!(
+            "| {} | {:.1} ms | {:.2}x ({:.2}x) | +{:.0} ns |",
+            t.name,
+            m / 1e6,
+            m / base,
+            minimum(ts) / base_min,
+            (m - base) / (2 * ITERS) as f64
+        );
+    }
 }
 
 /// The syscall rate sustained with nothing lost: one to three `churn` processes at once

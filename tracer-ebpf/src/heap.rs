@@ -1,0 +1,240 @@
+//! Allocator calls (`--heap`): uprobes on the entry and uretprobes on the return of `malloc`,
+//! `free` and the other allocator functions of the libraries a traced process maps. Each
+//! entry and each return is one [`HeapEvent`]; userspace pairs them by thread and stack
+//! pointer. Events are gathered per CPU in a [`HeapBatch`] and written as one record when it
+//! is full or when the daemon runs `heap_flush` on the CPU, as faults are.
+//!
+//! Unlike the fault programs, uprobe programs run with interrupts on and, on preemptible
+//! kernels, can be preempted: the daemon's flush (an IPI) can land in the middle of an append,
+//! and another task on the same CPU can enter the program meanwhile. So each CPU's batch has
+//! an owner count: a program adds one (an atomic add, which 5.10 has) and owns the batch only
+//! when the count it then reads is one; otherwise it takes its one away and writes its event
+//! to the ring directly, stamped after its reservation like the syscall records. The flush
+//! writes nothing while the count is not zero (it returns 2: ask again).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_smp_processor_id, bpf_probe_read_user},
+    macros::map,
+    maps::{HashMap, PerCpuArray},
+    programs::{ProbeContext, RetProbeContext},
+};
+use tracer_common::{
+    EventHeader, EventKind, FaultBatchHead, HEAP_BATCH_LEN, HEAP_CHUNK, HEAP_MEMPTR, HEAP_RETURN,
+    HeapBatch, HeapEvent, Stat,
+};
+
+use crate::{
+    arch::{SP_AFTER_RETURN, UPROBE_IP_SP_OFFSETS},
+    maps::{EVENTS, count, count_n, current_ids, is_target, now_ns, wakeup_flags},
+};
+
+/// One CPU's batch and the count of programs using it.
+#[repr(C)]
+pub struct HeapSlot {
+    batch: HeapBatch,
+    owners: u64,
+}
+
+/// Each CPU's allocator events not yet written to `EVENTS`.
+#[map]
+pub static HEAP_BATCH: PerCpuArray<HeapSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// `posix_memalign`'s first argument (where the block's address will be stored), saved at the
+/// entry by thread id until the return reads the block through it.
+#[map]
+pub static SAVED_MEMPTR: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+/// Reads the `u64` at `offset` of the probe's `struct pt_regs` (an aligned context load).
+#[inline(always)]
+fn reg(ctx: &impl EbpfContext, offset: usize) -> u64 {
+    // SAFETY: the verifier allows aligned loads from a kprobe-type context within its size.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
+}
+
+/// An allocator function's entry. `chunk`: glibc, whose block `args[0]` (of `free`, `realloc`)
+/// has its size word just before it; `memptr`: `posix_memalign`, whose first argument is saved
+/// for the return.
+#[inline(always)]
+pub fn try_entry(ctx: &ProbeContext, chunk: bool, memptr: bool) -> Result<u32, u32> {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return Ok(0);
+    }
+    let a0: u64 = ctx.arg(0).unwrap_or(0);
+    let a1: u64 = ctx.arg(1).unwrap_or(0);
+    let a2: u64 = ctx.arg(2).unwrap_or(0);
+    let mut detail = 0;
+    let mut size_word = 0;
+    if chunk && a0 >= 16 {
+        // SAFETY: a user address read with the fault-tolerant helper.
+        size_word = unsafe { bpf_probe_read_user((a0 - 8) as *const u64) }.unwrap_or(0);
+        detail |= HEAP_CHUNK;
+    }
+    if memptr {
+        let _ = SAVED_MEMPTR.insert(&tid, &a0, 0);
+    }
+    let (ip, sp) = UPROBE_IP_SP_OFFSETS;
+    emit(HeapEvent {
+        header: header(tgid, tid, detail),
+        ip: reg(ctx, ip),
+        sp: reg(ctx, sp) + SP_AFTER_RETURN,
+        args: [a0, a1, a2, size_word],
+    })
+}
+
+/// An allocator function's return. `chunk`: read the glibc chunk header of the block returned;
+/// `memptr`: the block is the one stored through the pointer the entry saved.
+#[inline(always)]
+pub fn try_return(ctx: &RetProbeContext, chunk: bool, memptr: bool) -> Result<u32, u32> {
+    let (tgid, tid) = current_ids();
+    if !is_target(tgid) {
+        return Ok(0);
+    }
+    let ret: u64 = ctx.ret();
+    let mut detail = HEAP_RETURN;
+    let mut block = ret;
+    if memptr {
+        detail |= HEAP_MEMPTR;
+        // SAFETY: a value of this map, copied at once.
+        let saved = unsafe { SAVED_MEMPTR.get(&tid) }.copied();
+        let _ = SAVED_MEMPTR.remove(&tid);
+        block = match saved {
+            // SAFETY: a user address read with the fault-tolerant helper.
+            Some(p) if ret == 0 && p != 0 => {
+                unsafe { bpf_probe_read_user(p as *const u64) }.unwrap_or(0)
+            }
+            _ => 0,
+        };
+    }
+    let mut header_words = [0u64; 2];
+    if chunk && block >= 16 {
+        // SAFETY: a user address read with the fault-tolerant helper.
+        header_words =
+            unsafe { bpf_probe_read_user((block - 16) as *const [u64; 2]) }.unwrap_or([0; 2]);
+        detail |= HEAP_CHUNK;
+    }
+    let (ip, sp) = UPROBE_IP_SP_OFFSETS;
+    emit(HeapEvent {
+        header: header(tgid, tid, detail),
+        ip: reg(ctx, ip),
+        sp: reg(ctx, sp),
+        args: [ret, block, header_words[0], header_words[1]],
+    })
+}
+
+#[inline(always)]
+fn header(tgid: u32, tid: u32, detail: u32) -> EventHeader {
+    EventHeader {
+        kind: EventKind::Heap as u32,
+        tgid,
+        tid,
+        detail,
+        ts_ns: 0,
+    }
+}
+
+/// Adds `ev` to this CPU's batch when no other program holds it, else writes it alone.
+#[inline(always)]
+fn emit(mut ev: HeapEvent) -> Result<u32, u32> {
+    let Some(slot) = HEAP_BATCH.get_ptr_mut(0) else {
+        count(Stat::LostHeap);
+        return Err(1);
+    };
+    // SAFETY: this CPU's slot; `owners` is only changed by atomic adds.
+    let owners = unsafe { &raw mut (*slot).owners };
+    // SAFETY: an aligned u64 in a map value; the add is atomic (BPF `lock xadd`).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(owners, 1) };
+    // SAFETY: as above; read after our own add, on this CPU.
+    if unsafe { core::ptr::read_volatile(owners) } != 1 {
+        // Another program (preempted, or interrupted by the flush) is using the batch.
+        // SAFETY: as above (adding u64::MAX takes our one away).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(owners, u64::MAX) };
+        return direct(ev);
+    }
+    // SAFETY: owned by this program until the count goes back to zero.
+    let batch = unsafe { &mut (*slot).batch };
+    let n = batch.head.header.detail as usize;
+    let result = if n >= HEAP_BATCH_LEN {
+        // Never: a full batch is written at once. The check bounds the index.
+        let _ = write_batch(batch, HEAP_BATCH_LEN);
+        count(Stat::LostHeap);
+        Err(1)
+    } else {
+        // Stamped while owning the batch: every event batched after a write is newer.
+        ev.header.ts_ns = now_ns();
+        batch.events[n] = ev;
+        if n + 1 < HEAP_BATCH_LEN {
+            batch.head.header.detail = (n + 1) as u32;
+            Ok(0)
+        } else {
+            write_batch(batch, HEAP_BATCH_LEN)
+        }
+    };
+    // SAFETY: as above.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(owners, u64::MAX) };
+    result
+}
+
+/// Writes one event as its own record, stamped after its reservation (so that the ring holds
+/// such records in time order, as the syscall records).
+#[inline(always)]
+fn direct(mut ev: HeapEvent) -> Result<u32, u32> {
+    let Some(mut entry) = EVENTS.reserve::<HeapEvent>(0) else {
+        count(Stat::LostHeap);
+        return Err(1);
+    };
+    ev.header.ts_ns = now_ns();
+    entry.write(ev);
+    entry.submit(wakeup_flags(size_of::<HeapEvent>() as u64));
+    Ok(0)
+}
+
+/// Writes this CPU's batch, even when empty (a watermark), unless a program is adding to it
+/// (returns 2: the daemon asks again). Run by the daemon on each CPU (`BPF_PROG_TEST_RUN`).
+#[inline(always)]
+pub fn try_flush() -> Result<u32, u32> {
+    let Some(slot) = HEAP_BATCH.get_ptr_mut(0) else {
+        return Err(1);
+    };
+    // SAFETY: this CPU's slot; see `emit`.
+    if unsafe { core::ptr::read_volatile(&raw const (*slot).owners) } != 0 {
+        return Ok(2);
+    }
+    // SAFETY: no program holds the batch, and none can start on this CPU while this runs.
+    let batch = unsafe { &mut (*slot).batch };
+    let n = (batch.head.header.detail as usize).min(HEAP_BATCH_LEN);
+    write_batch(batch, n)
+}
+
+/// Writes the first `n` events of `batch` as one record, stamped with the time and CPU, and
+/// empties it. A batch that does not fit is counted as `n` lost events.
+#[inline(always)]
+fn write_batch(batch: &mut HeapBatch, n: usize) -> Result<u32, u32> {
+    batch.head = FaultBatchHead {
+        header: EventHeader {
+            kind: EventKind::HeapBatch as u32,
+            tgid: 0,
+            tid: 0,
+            detail: n as u32,
+            ts_ns: now_ns(),
+        },
+        // SAFETY: a helper without arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        _pad: 0,
+    };
+    // Computed upward, as for the fault batches (older verifiers lose the bounds otherwise).
+    let size = size_of::<FaultBatchHead>() + n * size_of::<HeapEvent>();
+    // SAFETY: the start of the batch, `size` <= its size bytes.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((batch as *const HeapBatch).cast::<u8>(), size) };
+    let written = EVENTS.output::<[u8]>(bytes, wakeup_flags(size as u64));
+    batch.head.header.detail = 0;
+    if written.is_err() {
+        count_n(Stat::LostHeap, n as u64);
+        return Err(1);
+    }
+    Ok(0)
+}

@@ -1,0 +1,466 @@
+//! The live side of `--heap`: which files the traced processes map are allocators, the probes
+//! on their functions, and the pairing of the kernel's raw records into calls.
+//!
+//! Probes are attached per file (uprobes are keyed by inode in the kernel, so every process
+//! that maps the file gets them, now and later): for the traced processes only when children
+//! are not followed (the kernel installs the breakpoints in those processes alone, and keeps
+//! doing so across their execs), else for every process, filtered by the traced-process map in
+//! the programs. A launched command gets probes on the C library before it runs; an attached
+//! process on what it has mapped; a library mapped later on first sight (late: its first calls
+//! are missed, which the `heap_attach` record says).
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use super::{
+    call::{Allocator, HeapCall, HeapFn, HeapRaw},
+    elf::{self, AllocatorFile},
+    pairing::{Pairing, PairingStats},
+};
+use crate::{
+    event::{Event, SyscallRecord},
+    model::{Backing, Effect},
+    probe::{Probe, ProbeError},
+    procfs,
+    session::Session,
+};
+
+/// Errors of `--heap` that end a run, one line each.
+#[derive(Debug, thiserror::Error)]
+pub enum HeapError {
+    #[error(
+        "--heap: process {0} maps no allocator vmatrace knows (no library or executable of it defines malloc and free)"
+    )]
+    NoAllocator(u32),
+    #[error(
+        "--heap: no C library found to probe for the launched command (looked in vmatrace's own map and {0})"
+    )]
+    NoLibc(String),
+    #[error("--heap: cannot attach the allocator probes to {path}: {source}")]
+    Attach {
+        path: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
+}
+
+/// A mapped file and where to reach it.
+#[derive(Clone, Debug)]
+struct MappedFile {
+    /// The path as the process's map shows it.
+    path: String,
+    /// Where vmatrace opens it: the process's `map_files` link (the very file mapped, in any
+    /// mount namespace), else the path.
+    open: PathBuf,
+    inode: u64,
+}
+
+/// Where the probes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Each traced process's own probes (no bystander pays a trap).
+    PerProcess,
+    /// Every process that maps the file, filtered in the programs (children are followed).
+    All,
+}
+
+/// The live run's allocator side.
+#[derive(Debug)]
+pub struct HeapTracer {
+    scope: Scope,
+    /// Files examined, by inode: the allocator in them, if any.
+    examined: HashMap<u64, Option<Arc<AllocatorFile>>>,
+    /// Probes attached: (inode, pid; 0 for every process) -> when.
+    attached: HashMap<(u64, u32), u64>,
+    /// (pid, inode) whose coverage was announced with a `heap_attach` event.
+    announced: HashSet<(u32, u64)>,
+    pairing: Pairing,
+    /// (pid, address) -> the function there.
+    resolved: HashMap<(u32, u64), Option<(HeapFn, Allocator)>>,
+}
+
+impl HeapTracer {
+    /// A tracer whose probes go to `scope`.
+    pub fn new(scope: Scope) -> Self {
+        Self {
+            scope,
+            examined: HashMap::new(),
+            attached: HashMap::new(),
+            announced: HashSet::new(),
+            pairing: Pairing::default(),
+            resolved: HashMap::new(),
+        }
+    }
+
+    /// What could not be paired.
+    pub fn pairing_stats(&self) -> PairingStats {
+        self.pairing.stats
+    }
+
+    fn key_pid(&self, pid: u32) -> u32 {
+        match self.scope {
+            Scope::PerProcess => pid,
+            Scope::All => 0,
+        }
+    }
+
+    /// The allocator in `f`, examined once per inode.
+    fn examine(&mut self, f: &MappedFile) -> Option<Arc<AllocatorFile>> {
+        if let Some(known) = self.examined.get(&f.inode) {
+            return known.clone();
+        }
+        let found = match elf::allocator_in(&f.open) {
+            Ok(found) => found.map(Arc::new),
+            Err(e) => {
+                log::debug!("--heap: {e}");
+                None
+            }
+        };
+        self.examined.insert(f.inode, found.clone());
+        found
+    }
+
+    /// Attaches the probes for `alloc` in `f` for `pid` (its scope), once; returns when they
+    /// were attached (`CLOCK_MONOTONIC`).
+    fn attach(
+        &mut self,
+        probe: &mut Probe,
+        pid: u32,
+        f: &MappedFile,
+        alloc: &AllocatorFile,
+    ) -> Result<u64, HeapError> {
+        let key = (f.inode, self.key_pid(pid));
+        if let Some(&when) = self.attached.get(&key) {
+            return Ok(when);
+        }
+        let scope_pid = (self.scope == Scope::PerProcess).then_some(pid);
+        let glibc = alloc.allocator == Allocator::Glibc;
+        for (&offset, &func) in &alloc.functions {
+            for program in programs(func, glibc) {
+                probe
+                    .attach_uprobe(program, &f.open, offset, scope_pid)
+                    .map_err(|source| HeapError::Attach {
+                        path: crate::name::shown(&f.path).to_string(),
+                        source,
+                    })?;
+            }
+        }
+        let when = crate::clock::monotonic_ns();
+        self.attached.insert(key, when);
+        log::info!(
+            "--heap: probes on {} ({}, {} functions) for {}",
+            crate::name::shown(&f.path),
+            alloc.allocator.name(),
+            alloc.functions.len(),
+            scope_pid.map_or("every process".to_string(), |p| format!("process {p}"))
+        );
+        Ok(when)
+    }
+
+    /// Before a launched command (`pid`, held before its exec) runs: probes on the C library
+    /// vmatrace itself runs with, which the command most likely loads too.
+    pub fn prepare_launch(&mut self, probe: &mut Probe, pid: u32) -> Result<(), HeapError> {
+        let libc = own_libc().ok_or_else(|| HeapError::NoLibc(LIBC_PATHS.join(", ")))?;
+        let Some(alloc) = self.examine(&libc) else {
+            return Err(HeapError::NoLibc(libc.path.clone()));
+        };
+        self.attach(probe, pid, &libc, &alloc)?;
+        Ok(())
+    }
+
+    /// Covers every allocator `pid` maps now, and those its image will preload (after an
+    /// exec, from its environment's `LD_PRELOAD` and `/etc/ld.so.preload`): attaches what is
+    /// missing and returns the `heap_attach` events of what `pid` maps (`late`: the process
+    /// has been running, so what had no probes yet was called unseen).
+    pub fn cover(
+        &mut self,
+        probe: &mut Probe,
+        pid: u32,
+        ts_ns: u64,
+        late: bool,
+    ) -> Result<Vec<Event>, HeapError> {
+        let mut out = Vec::new();
+        for f in mapped_executables(pid) {
+            let Some(alloc) = self.examine(&f) else {
+                continue;
+            };
+            let when = self.attach(probe, pid, &f, &alloc)?;
+            // At an exec the kernel holds (`late` false) nothing has run yet.
+            if self.announced.insert((pid, f.inode)) {
+                out.push(Event::HeapAttach {
+                    ts_ns,
+                    pid,
+                    path: f.path.clone(),
+                    allocator: alloc.allocator,
+                    late: late && when >= ts_ns,
+                });
+            }
+        }
+        for f in preloads(pid) {
+            if let Some(alloc) = self.examine(&f) {
+                self.attach(probe, pid, &f, &alloc)?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the probes cover any allocator of `pid` (announced).
+    pub fn covers(&self, pid: u32) -> bool {
+        self.announced.iter().any(|(p, _)| *p == pid)
+    }
+
+    /// A traced process mapped a file executable (`s`, an `mmap` whose `effect` made the VMA
+    /// `[start, end)`): when the file is an allocator, the probes cover it (attached now if
+    /// they were not: late) and the returned event says so.
+    pub fn mapped(
+        &mut self,
+        probe: &mut Probe,
+        s: &SyscallRecord,
+        effect: &Effect,
+    ) -> Option<Event> {
+        let (Some(path), Some(inode)) = (s.resolved.path.as_deref(), s.resolved.inode) else {
+            return None;
+        };
+        let (pid, ts_ns, start, end) = (s.pid, s.ts_ns, effect.start, effect.end);
+        if self.announced.contains(&(pid, inode)) {
+            return None;
+        }
+        let link = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
+        let f = MappedFile {
+            path: path.to_string(),
+            open: if link.exists() {
+                link
+            } else {
+                PathBuf::from(crate::name::to_os(path))
+            },
+            inode,
+        };
+        let alloc = self.examine(&f)?;
+        // Late when the probes came after the process mapped the file.
+        let late = match self.attach(probe, pid, &f, &alloc) {
+            Ok(when) => when > ts_ns,
+            Err(e) => {
+                log::warn!("{e}");
+                return None;
+            }
+        };
+        if late {
+            log::warn!(
+                "--heap: process {pid} loaded the allocator {} ({}) that vmatrace had not probed: its calls before now are not seen",
+                crate::name::shown(path),
+                alloc.allocator.name()
+            );
+        }
+        self.announced.insert((pid, inode));
+        Some(Event::HeapAttach {
+            ts_ns,
+            pid,
+            path: path.to_string(),
+            allocator: alloc.allocator,
+            late,
+        })
+    }
+
+    /// Pairs one raw record; returns the call it completes.
+    pub fn pair(&mut self, raw: &HeapRaw, session: &Session) -> Option<HeapCall> {
+        let (examined, resolved) = (&self.examined, &mut self.resolved);
+        self.pairing.push(raw, |pid, ip| {
+            *resolved
+                .entry((pid, ip))
+                .or_insert_with(|| resolve(examined, session, pid, ip))
+        })
+    }
+
+    /// `pid` exec'd or exited: its waiting entries and addresses are stale.
+    pub fn forget(&mut self, pid: u32) {
+        self.pairing.forget(pid);
+        self.resolved.retain(|(p, _), _| *p != pid);
+        self.announced.retain(|(p, _)| *p != pid);
+    }
+}
+
+/// The probe programs for `func` (glibc's read its chunk headers).
+fn programs(func: HeapFn, glibc: bool) -> Vec<&'static str> {
+    let entry = match func {
+        HeapFn::PosixMemalign => "heap_entry_memptr",
+        f if glibc && f.frees_first_argument() => "heap_entry_chunk",
+        _ => "heap_entry",
+    };
+    let ret = match (func, glibc) {
+        (f, _) if !f.has_return() => None,
+        (HeapFn::PosixMemalign, true) => Some("heap_return_memptr_chunk"),
+        (HeapFn::PosixMemalign, false) => Some("heap_return_memptr"),
+        (HeapFn::MallocTrim, _) | (_, false) => Some("heap_return"),
+        (_, true) => Some("heap_return_chunk"),
+    };
+    // The return first: an entry seen is then always followed by its return.
+    ret.into_iter().chain([entry]).collect()
+}
+
+/// The function at address `ip` of `pid`: the file mapped there and the offset in it.
+fn resolve(
+    examined: &HashMap<u64, Option<Arc<AllocatorFile>>>,
+    session: &Session,
+    pid: u32,
+    ip: u64,
+) -> Option<(HeapFn, Allocator)> {
+    let vma = session.get(pid)?.space.find(ip)?;
+    let Backing::File { inode, .. } = &vma.backing else {
+        return None;
+    };
+    let alloc = examined.get(inode)?.as_ref()?;
+    let offset = vma.offset + (ip - vma.start);
+    Some((alloc.at(offset)?, alloc.allocator))
+}
+
+/// The executable file mappings of `pid`, one per file.
+fn mapped_executables(pid: u32) -> Vec<MappedFile> {
+    let Ok(maps) = procfs::read_maps(pid) else {
+        return Vec::new();
+    };
+    let mut seen = HashSet::new();
+    maps.iter()
+        .filter(|m| m.perms.exec && m.inode != 0)
+        .filter_map(|m| {
+            let path = m.path.clone()?;
+            seen.insert(m.inode).then(|| MappedFile {
+                open: PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
+                path,
+                inode: m.inode,
+            })
+        })
+        .collect()
+}
+
+/// Where a C library usually is, when vmatrace's own map has none (a static build).
+const LIBC_PATHS: [&str; 6] = [
+    "/lib/x86_64-linux-gnu/libc.so.6",
+    "/usr/lib/x86_64-linux-gnu/libc.so.6",
+    "/lib/aarch64-linux-gnu/libc.so.6",
+    "/usr/lib/aarch64-linux-gnu/libc.so.6",
+    "/lib64/libc.so.6",
+    "/usr/lib64/libc.so.6",
+];
+
+/// The C library vmatrace runs with, else the first of [`LIBC_PATHS`] that exists.
+fn own_libc() -> Option<MappedFile> {
+    let own = procfs::read_maps(std::process::id()).ok().and_then(|maps| {
+        maps.into_iter()
+            .find(|m| m.path.as_deref().is_some_and(|p| p.contains("/libc.so")))
+    });
+    if let Some(m) = own {
+        let path = m.path.unwrap_or_default();
+        return Some(MappedFile {
+            open: PathBuf::from(crate::name::to_os(&path)),
+            path,
+            inode: m.inode,
+        });
+    }
+    LIBC_PATHS.iter().find_map(|p| file_at(Path::new(p)))
+}
+
+/// A file by path, with its inode.
+fn file_at(path: &Path) -> Option<MappedFile> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(MappedFile {
+        path: crate::name::from_os(path.as_os_str()),
+        open: path.to_path_buf(),
+        inode: meta.ino(),
+    })
+}
+
+/// The libraries the dynamic linker will preload into `pid`'s image: `LD_PRELOAD` of its
+/// environment and `/etc/ld.so.preload` (names without a slash looked up in the usual
+/// directories), resolved in the process's root.
+fn preloads(pid: u32) -> Vec<MappedFile> {
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) {
+        for var in env.split(|&b| b == 0) {
+            if let Some(v) = var.strip_prefix(b"LD_PRELOAD=") {
+                names.extend(
+                    String::from_utf8_lossy(v)
+                        .split([' ', ':'])
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string),
+                );
+            }
+        }
+    }
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    if let Ok(text) = std::fs::read_to_string(root.join("etc/ld.so.preload")) {
+        names.extend(text.split_whitespace().map(str::to_string));
+    }
+    names
+        .iter()
+        .filter_map(|name| {
+            let candidates: Vec<PathBuf> = if name.contains('/') {
+                vec![PathBuf::from(name)]
+            } else {
+                LIB_DIRS.iter().map(|d| Path::new(d).join(name)).collect()
+            };
+            candidates.into_iter().find_map(|c| {
+                let inside = root.join(c.strip_prefix("/").unwrap_or(&c));
+                file_at(&inside).map(|mut f| {
+                    f.path = crate::name::from_os(c.as_os_str());
+                    f
+                })
+            })
+        })
+        .collect()
+}
+
+/// Where preloaded libraries named without a directory are looked for.
+const LIB_DIRS: [&str; 8] = [
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/aarch64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib64",
+    "/usr/lib64",
+    "/lib",
+    "/usr/lib",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_function_gets_the_programs_its_contract_needs() {
+        assert_eq!(
+            programs(HeapFn::Malloc, true),
+            ["heap_return_chunk", "heap_entry"]
+        );
+        assert_eq!(programs(HeapFn::Free, true), ["heap_entry_chunk"]);
+        assert_eq!(
+            programs(HeapFn::Realloc, true),
+            ["heap_return_chunk", "heap_entry_chunk"]
+        );
+        assert_eq!(
+            programs(HeapFn::PosixMemalign, true),
+            ["heap_return_memptr_chunk", "heap_entry_memptr"]
+        );
+        assert_eq!(programs(HeapFn::Free, false), ["heap_entry"]);
+        assert_eq!(
+            programs(HeapFn::PosixMemalign, false),
+            ["heap_return_memptr", "heap_entry_memptr"]
+        );
+        assert_eq!(
+            programs(HeapFn::MallocTrim, true),
+            ["heap_return", "heap_entry"]
+        );
+        assert_eq!(programs(HeapFn::Sdallocx, false), ["heap_entry"]);
+    }
+
+    #[test]
+    fn the_own_c_library_is_found() {
+        let libc = own_libc().expect("a C library");
+        assert!(libc.inode != 0 && libc.open.exists(), "{libc:?}");
+    }
+}
