@@ -29,7 +29,7 @@ pub enum Severity {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Finding {
     /// A stable identifier (`heap`, `arenas`, `mmap_churn`, `purge_churn`, `untouched`,
-    /// `fragmentation`).
+    /// `growth`, `fragmentation`).
     pub id: String,
     pub pid: u32,
     pub severity: Severity,
@@ -120,6 +120,7 @@ pub fn analyze(p: &Process, limits: &Limits, stacks: &StackTable) -> Vec<Finding
     idle.truncate(FINDING_SITES);
     untouched.call_sites = labels(idle);
     out.push(untouched);
+    out.extend(growth(p));
     let mut frag = fragmentation(p, limits);
     let mut mapped = sites::table(&p.sites, stacks, usize::MAX);
     mapped.sort_by_key(|r| std::cmp::Reverse(r.still_mapped_bytes));
@@ -129,6 +130,83 @@ pub fn analyze(p: &Process, limits: &Limits, stacks: &StackTable) -> Vec<Finding
     out.push(frag);
     out.extend(crate::heap::findings::findings(p));
     out
+}
+
+/// Where mapping `id` of `p` is now, for a person: its path or kind and address.
+fn mapping_label(p: &Process, id: u64) -> String {
+    let Some((start, _, _)) = p
+        .space
+        .ids()
+        .ranges_in(0, u64::MAX)
+        .into_iter()
+        .find(|(_, _, i)| *i == id)
+    else {
+        return format!("mapping {id} (unmapped since)");
+    };
+    let what = p
+        .space
+        .find(start)
+        .and_then(|v| p.space.maps_path(v))
+        .unwrap_or_else(|| "anonymous".to_string());
+    format!("mapping {id} ({} at {start:#x})", crate::name::shown(&what))
+}
+
+/// The mappings that grew most (by their ids, so that merges and moves do not count).
+fn growth(p: &Process) -> Option<Finding> {
+    let mut grown: Vec<(u64, crate::model::ids::Growth)> = p
+        .space
+        .ids()
+        .grown()
+        .iter()
+        .map(|(id, g)| (*id, *g))
+        .collect();
+    grown.sort_by(|a, b| {
+        (b.1.peak_bytes - b.1.first_bytes)
+            .cmp(&(a.1.peak_bytes - a.1.first_bytes))
+            .then(a.0.cmp(&b.0))
+    });
+    let (id, top) = *grown.first()?;
+    let mut f = finding(
+        p,
+        "growth",
+        Severity::Info,
+        format!(
+            "the mapping that grew most: {}, from {} to {} (+{})",
+            mapping_label(p, id),
+            size(top.first_bytes),
+            size(top.peak_bytes),
+            size(top.peak_bytes - top.first_bytes)
+        ),
+    );
+    f.numbers = BTreeMap::from([
+        ("mapping_id".into(), id),
+        ("first_bytes".into(), top.first_bytes),
+        ("peak_bytes".into(), top.peak_bytes),
+        ("now_bytes".into(), top.now_bytes),
+        ("grown_bytes".into(), top.peak_bytes - top.first_bytes),
+        ("mappings_grown".into(), grown.len() as u64),
+    ]);
+    let list: Vec<String> = grown
+        .iter()
+        .take(5)
+        .map(|(id, g)| {
+            format!(
+                "{}: {} to {}, {} now",
+                mapping_label(p, *id),
+                size(g.first_bytes),
+                size(g.peak_bytes),
+                size(g.now_bytes)
+            )
+        })
+        .collect();
+    f.explanation = format!(
+        "Growth is counted per mapping (the call that created it): a mapping keeps its id when it \
+         is split, merged with a neighbour or moved, so neighbours the kernel merged do not look \
+         like growth. {} mapping(s) grew: {}.",
+        grown.len(),
+        list.join("; ")
+    );
+    Some(f)
 }
 
 /// Said by the findings that need live bytes when the run did not trace the allocator.
@@ -458,10 +536,11 @@ fn purge_churn(p: &Process) -> Vec<Finding> {
     vec![f]
 }
 
-/// Memory reserved but never touched, by kind and the largest VMAs.
+/// Memory reserved but never touched, by kind and the mappings with the most of it.
 fn untouched(p: &Process) -> Finding {
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
-    let mut largest = Vec::new();
+    // Per anonymous mapping: never touched bytes, reserved bytes, where it starts.
+    let mut by_mapping: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
     for v in p.space.vmas() {
         if !(v.perms.read || v.perms.write) {
             continue; // guard pages and reservations without access are not memory
@@ -469,10 +548,23 @@ fn untouched(p: &Process) -> Finding {
         let touched = p.space.pages_in(v.start, v.end).touched() * PAGE_SIZE;
         let never = v.len().saturating_sub(touched);
         *by_kind.entry(v.backing.kind().to_string()).or_default() += never;
-        if touched == 0 && v.len() >= MIB && v.backing.is_anonymous() {
-            largest.push((v.len(), v.start));
+        // The mappings listed are those the title counts: anonymous memory and the heap.
+        if matches!(v.backing.kind(), "anon" | "heap") {
+            for (s, e, id) in p.space.ids().ranges_in(v.start, v.end) {
+                let touched = p.space.pages_in(s, e).touched() * PAGE_SIZE;
+                let m = by_mapping.entry(id).or_insert((0, 0, s));
+                m.0 += (e - s).saturating_sub(touched);
+                m.1 += e - s;
+                m.2 = m.2.min(s);
+            }
         }
     }
+    let untouched_mappings = by_mapping.values().filter(|m| m.0 > 0).count();
+    let mut largest: Vec<(u64, u64, u64, u64)> = by_mapping
+        .into_iter()
+        .filter(|(_, (never, _, _))| *never >= MIB)
+        .map(|(id, (never, reserved, start))| (never, reserved, start, id))
+        .collect();
     largest.sort_unstable_by(|a, b| b.cmp(a));
     let anon =
         by_kind.get("anon").copied().unwrap_or(0) + by_kind.get("heap").copied().unwrap_or(0);
@@ -481,7 +573,7 @@ fn untouched(p: &Process) -> Finding {
         "untouched",
         Severity::Info,
         format!(
-            "reserved but never touched: {} of anonymous memory",
+            "reserved but never touched: {} of anonymous memory with access",
             size(anon)
         ),
     );
@@ -490,17 +582,30 @@ fn untouched(p: &Process) -> Finding {
         .map(|(k, v)| (format!("{k}_bytes"), *v))
         .collect();
     f.explanation = format!(
-        "Reserved address space costs nothing until it is touched. Largest untouched anonymous \
-         VMAs: {}.",
-        if largest.is_empty() {
-            "none over 1 MiB".to_string()
+        "Reserved address space costs nothing until it is touched (reservations without \
+         access, such as glibc's arena reserves, are not counted). {}.",
+        if untouched_mappings == 0 {
+            "Every anonymous mapping was touched throughout".to_string()
+        } else if largest.is_empty() {
+            format!(
+                "It is spread over {untouched_mappings} mapping{}, none with 1 MiB or more never \
+                 touched",
+                if untouched_mappings == 1 { "" } else { "s" }
+            )
         } else {
-            largest
-                .iter()
-                .take(5)
-                .map(|(len, start)| format!("{start:#x} ({})", size(*len)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            format!(
+                "The anonymous mappings with the most never touched: {}",
+                largest
+                    .iter()
+                    .take(5)
+                    .map(|(never, reserved, start, id)| format!(
+                        "{start:#x} (mapping {id}: {} of {} never touched)",
+                        size(*never),
+                        size(*reserved)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         }
     );
     f
@@ -554,4 +659,139 @@ fn fragmentation(p: &Process, limits: &Limits) -> Finding {
         );
     }
     f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::{Event, Resolved, SyscallRecord},
+        session::{Seed, Session},
+    };
+    use tracer_common::Syscall;
+
+    fn call(s: &mut Session, ts: u64, call: Syscall, args: [u64; 6], ret: i64) {
+        s.apply(&Event::Syscall(SyscallRecord {
+            ts_ns: ts,
+            enter_ts_ns: ts,
+            pid: 7,
+            tid: 7,
+            call,
+            args,
+            ret,
+            extra: [0; 2],
+            resolved: Resolved::default(),
+        }));
+    }
+
+    #[test]
+    fn growth_is_per_mapping_and_merged_neighbours_are_not_growth() {
+        let mut s = Session::default();
+        let heap = 0x5555_0000_0000u64;
+        s.add(
+            7,
+            Seed {
+                start_brk: Some(heap),
+                ..Seed::default()
+            },
+            0,
+            None,
+        );
+        let a = 0x7f00_0000_0000u64;
+        // Two anonymous mappings side by side: the kernel (and the model) merge them into one
+        // VMA of 16 MiB, which grew by nothing.
+        call(
+            &mut s,
+            1,
+            Syscall::Mmap,
+            [0, 8 * MIB, 3, 0x22, u64::MAX, 0],
+            a as i64,
+        );
+        call(
+            &mut s,
+            2,
+            Syscall::Mmap,
+            [0, 8 * MIB, 3, 0x22, u64::MAX, 0],
+            (a + 8 * MIB) as i64,
+        );
+        // The heap grows from 1 MiB to 4 MiB.
+        call(
+            &mut s,
+            3,
+            Syscall::Brk,
+            [heap + MIB, 0, 0, 0, 0, 0],
+            (heap + MIB) as i64,
+        );
+        call(
+            &mut s,
+            4,
+            Syscall::Brk,
+            [heap + 4 * MIB, 0, 0, 0, 0, 0],
+            (heap + 4 * MIB) as i64,
+        );
+        let p = s.get(7).expect("traced");
+        assert_eq!(p.space.vma_count(), 2, "the two mappings are one VMA");
+        let f = analyze(p, &Limits::default(), &s.stacks);
+        let g = f
+            .iter()
+            .find(|f| f.id == "growth")
+            .expect("a growth finding");
+        assert_eq!(g.numbers["first_bytes"], MIB);
+        assert_eq!(g.numbers["peak_bytes"], 4 * MIB);
+        assert_eq!(g.numbers["mappings_grown"], 1, "{g:?}");
+        assert!(g.title.contains("[heap]"), "{}", g.title);
+        // Never touched: listed per mapping, each of the merged two on its own.
+        let u = f.iter().find(|f| f.id == "untouched").expect("untouched");
+        assert_eq!(u.numbers["anon_bytes"], 16 * MIB);
+        assert!(
+            u.explanation.contains(&format!("{a:#x} (mapping "))
+                && u.explanation
+                    .contains(&format!("{:#x} (mapping ", a + 8 * MIB))
+                && u.explanation.contains("8 MiB of 8 MiB never touched"),
+            "{}",
+            u.explanation
+        );
+    }
+
+    #[test]
+    fn untouched_memory_spread_over_small_mappings_is_said_so_and_reserves_are_left_out() {
+        let mut s = Session::default();
+        s.add(7, Seed::default(), 0, None);
+        // 300 mappings of 512 KiB with gaps between them, none touched: 150 MiB in all, none
+        // with 1 MiB; and a 64 MiB reservation without access, which is not memory.
+        let base = 0x7f00_0000_0000u64;
+        for i in 0..300u64 {
+            let at = base + i * MIB;
+            call(
+                &mut s,
+                i + 1,
+                Syscall::Mmap,
+                [0, MIB / 2, 3, 0x22, u64::MAX, 0],
+                at as i64,
+            );
+        }
+        let reserve = 0x7e00_0000_0000u64;
+        call(
+            &mut s,
+            400,
+            Syscall::Mmap,
+            [0, 64 * MIB, 0, 0x22, u64::MAX, 0],
+            reserve as i64,
+        );
+        let p = s.get(7).expect("traced");
+        let f = analyze(p, &Limits::default(), &s.stacks);
+        let u = f.iter().find(|f| f.id == "untouched").expect("untouched");
+        assert_eq!(
+            u.numbers["anon_bytes"],
+            150 * MIB,
+            "the reservation is not counted"
+        );
+        assert!(u.title.contains("150 MiB"), "{}", u.title);
+        assert!(
+            u.explanation
+                .contains("spread over 300 mappings, none with 1 MiB or more never touched"),
+            "{}",
+            u.explanation
+        );
+    }
 }

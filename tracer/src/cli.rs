@@ -9,8 +9,13 @@ use crate::output::FaultFilter;
 
 const EXAMPLES: &str = "\
 Examples:
-  sudo vmatrace -p 1234                   trace a running process until Ctrl-C
-  sudo vmatrace -f -p 1234 --duration 30s follow its children, stop after 30 s
+  sudo vmatrace -p 1234                   trace a running process until Ctrl-C: a line per
+                                          active region (heap, arena, file) and second
+  sudo vmatrace -v -p 1234                every event on its own line
+  sudo vmatrace -q --min-size 64M -p 1234
+                                          the summary only (-q); calls of 64 MiB or more
+  sudo vmatrace -f -p 1234 --duration 30s
+                                          follow its children, stop after 30 s
   sudo vmatrace -- ./server --port 8080   launch a command and trace it from its first instruction
   sudo vmatrace --json -o trace.ndjson -p 1234
                                           export every event as NDJSON
@@ -41,19 +46,58 @@ pub struct Cli {
     pub command: Option<Command>,
     #[command(flatten)]
     pub trace: TraceArgs,
-    /// More diagnostics on stderr (repeat for more).
+    /// Every event on its own line instead of the per-second roll-up, and more diagnostics on
+    /// stderr (-vv: debug).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 }
+
+const RECORD_EXAMPLES: &str = "\
+Examples:
+  sudo vmatrace record -o trace.ndjson -- python3 script.py
+                                          launch a command, record it until it ends
+  sudo vmatrace record -f -o trace.ndjson -p 1234
+                                          a running process and its children, until Ctrl-C
+  sudo vmatrace record --duration 10s -o trace.ndjson -- ./server
+                                          end ./server after 10 s (SIGTERM, SIGKILL 2 s later)
+  sudo vmatrace record --faults first -o trace.ndjson -p 1234
+                                          only the faults that change the model (smaller)
+  sudo vmatrace record --stacks --fault-stacks 64 -o trace.ndjson -- ./app
+                                          with the call stack of every memory syscall and
+                                          of one first touch in 64
+  vmatrace replay trace.ndjson            then, without sudo: the file is the sudo user's
+
+record prints on stderr how many records it wrote and how many events were lost.";
+
+const REPLAY_EXAMPLES: &str = "\
+Examples:
+  vmatrace replay trace.ndjson            the snapshots and summary of a recording
+  vmatrace replay --events trace.ndjson   every replayed event on its own line
+  vmatrace replay --json trace.ndjson     the same as NDJSON records";
+
+const REPORT_EXAMPLES: &str = "\
+Examples:
+  vmatrace report trace.ndjson            findings: heap, arenas, churn, untouched memory
+  vmatrace report --json trace.ndjson     the findings as NDJSON `finding` records
+  vmatrace report --stacks trace.ndjson   with the call sites' stacks (recorded with --stacks)
+  vmatrace report trace.ndjson --pprof mem.pb.gz --folded mem.txt
+                                          memory by call stack for `go tool pprof` and flame
+                                          graph tools
+  vmatrace report trace.ndjson --html out.html --perfetto out.json
+                                          the address space over time: a page for a browser,
+                                          a trace for ui.perfetto.dev";
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Trace and write every event (all faults included) to an NDJSON file for `replay`.
+    #[command(after_help = RECORD_EXAMPLES)]
     Record(TraceArgs),
     /// Rebuild the model from a recorded NDJSON file; print its snapshots and summary.
+    #[command(after_help = REPLAY_EXAMPLES)]
     Replay(ReplayArgs),
     /// Diagnose allocator fragmentation from a recorded NDJSON file.
+    #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
 }
 
@@ -142,12 +186,22 @@ pub struct TraceArgs {
     /// Overwrite the output file if it exists.
     #[arg(long)]
     pub force: bool,
-    /// Stop after this long (e.g. 500ms, 30s, 5m).
+    /// Stop after this long (e.g. 500ms, 30s, 5m). A launched command is then ended (SIGTERM,
+    /// SIGKILL 2 s later) and its end traced, vmatrace exiting with its status (143 after
+    /// SIGTERM); attached processes (-p) are left running, no longer traced.
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Which page faults to show: none (not captured), first touches, or all.
-    #[arg(long, value_enum, default_value_t = FaultFilter::First)]
-    pub faults: FaultFilter,
+    /// Which page faults to capture and show: none (not captured), first touches, or all
+    /// [default: first; for record: all].
+    #[arg(long, value_enum, value_name = "WHICH")]
+    pub faults: Option<FaultFilter>,
+    /// No event lines: the banner, the status line and the summary only.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Calls that map, unmap, move, protect or release at least SIZE are shown on their own
+    /// line; smaller ones are rolled up per region and second (e.g. 64K, 1M, 0 for all).
+    #[arg(long, value_name = "SIZE", value_parser = parse_bytes, default_value = "1M")]
+    pub min_size: u64,
     /// Which kernel program reports page faults.
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     pub fault_backend: BackendArg,
@@ -261,6 +315,24 @@ pub fn parse_seconds(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// Parses `0`, `4096`, `64K`, `1M`, `2G`: a number of bytes, at most 1 TiB.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|b| *b <= 1 << 40)
+        .ok_or(format!(
+            "'{s}' is not a size of at most 1T (try 64K, 1M or 0)"
+        ))
+}
+
 /// Parses `4096`, `256K`, `8M`, `1G`; the result must be a power of two of at least 4 KiB.
 pub fn parse_size(s: &str) -> Result<u32, String> {
     let t = s.trim();
@@ -356,6 +428,11 @@ mod tests {
         assert!(parse_size("16G").is_err());
         assert!(parse_size("18446744073709551615K").is_err());
         assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_bytes("0"), Ok(0));
+        assert_eq!(parse_bytes("64K"), Ok(64 << 10));
+        for bad in ["-1", "1X", "2T", "18446744073709551615K", ""] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
         assert!(parse_size("5000").is_err());
     }
 
@@ -368,5 +445,55 @@ mod tests {
         let c = Cli::try_parse_from(["vmatrace", "record", "-o", "x", "--", "ls"]).expect("parses");
         assert!(matches!(c.command, Some(Command::Record(_))));
         assert!(Cli::try_parse_from(["vmatrace", "-p", "x"]).is_err());
+    }
+
+    /// The command lines of an examples text: each `vmatrace ...` line, up to the
+    /// two-space gap before its explanation, with the lines that continue it.
+    fn example_commands(text: &str) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        for line in text.lines() {
+            // Examples are indented; the sentences after them are not.
+            let Some(line) = line.strip_prefix("  ") else {
+                continue;
+            };
+            let line = line.trim_start();
+            let line = line.strip_prefix("sudo ").unwrap_or(line);
+            if !line.starts_with("vmatrace ") {
+                continue;
+            }
+            let command = line.split("  ").next().unwrap_or(line);
+            out.push(command.split_whitespace().map(str::to_string).collect());
+        }
+        out
+    }
+
+    #[test]
+    fn every_example_in_the_help_parses() {
+        let texts = [EXAMPLES, RECORD_EXAMPLES, REPLAY_EXAMPLES, REPORT_EXAMPLES];
+        let mut n = 0;
+        for text in texts {
+            for args in example_commands(text) {
+                Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 20, "{n} examples");
+        // And each subcommand's help shows its own.
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        for (sub, first) in [
+            ("record", "vmatrace record -o trace.ndjson"),
+            ("replay", "vmatrace replay --events"),
+            ("report", "vmatrace report --json"),
+        ] {
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .expect("subcommand")
+                .render_long_help()
+                .to_string();
+            assert!(
+                help.contains("Examples:") && help.contains(first),
+                "{sub}: {help}"
+            );
+        }
     }
 }

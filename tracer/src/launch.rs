@@ -458,3 +458,45 @@ impl Guardian {
         }
     }
 }
+
+/// How a launched command is ended when `--duration` is over, in every subcommand: SIGTERM
+/// first; SIGKILL if it is still there [`Ending::KILL_AFTER`] later; the run goes on meanwhile,
+/// so that the command's end is traced, and stops [`Ending::GIVE_UP_AFTER`] after the
+/// SIGTERM whatever happens. (An attached process is not the run's to end: it is left
+/// running, no longer traced.)
+#[derive(Debug)]
+pub struct Ending {
+    pid: u32,
+    since: std::time::Instant,
+    killed: bool,
+}
+
+impl Ending {
+    pub const KILL_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+    pub const GIVE_UP_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Sends the command SIGTERM.
+    pub fn start(pid: u32) -> Self {
+        // SAFETY: signalling the command vmatrace launched, still running as far as vmatrace
+        // knows (its guardian reports its end as soon as it has reaped it; only a pid reused
+        // within that moment could be hit).
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        Self {
+            pid,
+            since: std::time::Instant::now(),
+            killed: false,
+        }
+    }
+
+    /// Called on each tick while the command runs: SIGKILL when it is time; true once the run
+    /// should stop without waiting any longer.
+    pub fn step(&mut self) -> bool {
+        let waited = self.since.elapsed();
+        if waited >= Self::KILL_AFTER && !self.killed {
+            self.killed = true;
+            // SAFETY: as in `start`.
+            unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+        }
+        waited >= Self::GIVE_UP_AFTER
+    }
+}

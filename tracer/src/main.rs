@@ -1,7 +1,6 @@
 //! The `vmatrace` binary: parse the command line, call the library, map errors to exit codes.
 
 use std::{
-    collections::BTreeMap,
     io::{IsTerminal, Write as _},
     process::ExitCode,
 };
@@ -13,16 +12,17 @@ use tracer::{
     output::{
         FaultFilter, file, html,
         human::{self, HumanSink},
+        live_view::ViewOptions,
         ndjson::NdjsonSink,
         perfetto, profile,
-        timeline_view::{Sampler, bands},
+        timeline_view::Pictures,
     },
     probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
     replay,
     run::{self, RunConfig},
 };
 
-fn config(t: TraceArgs, record: bool) -> RunConfig {
+fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
     RunConfig {
         pids: t.pids,
         command: t.command,
@@ -31,11 +31,12 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         output: t.output,
         force: t.force,
         duration: t.duration,
-        faults: if record && t.faults != FaultFilter::None {
+        // Honoured as given; a recording has every fault unless told otherwise.
+        faults: t.faults.unwrap_or(if record {
             FaultFilter::All
         } else {
-            t.faults
-        },
+            FaultFilter::First
+        }),
         backend: match t.fault_backend {
             BackendArg::Auto => FaultBackend::Auto,
             BackendArg::Tracepoint => FaultBackend::Tracepoint,
@@ -55,6 +56,12 @@ fn config(t: TraceArgs, record: bool) -> RunConfig {
         user: t.user,
         reconcile: t.reconcile,
         report: t.report,
+        view: ViewOptions {
+            verbose: verbose > 0,
+            quiet: t.quiet,
+            min_size: t.min_size,
+        },
+        recording: record,
         heap: t.heap,
         stacks: StackOptions {
             syscalls: t.stacks,
@@ -74,6 +81,9 @@ fn real_main() -> anyhow::Result<u8> {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
+        .target(env_logger::Target::Pipe(Box::new(
+            tracer::output::status::LogStderr,
+        )))
         .init();
     if !matches!(cli.command, None | Some(Command::Record(_))) {
         // No handlers here: the default actions apply.
@@ -113,8 +123,8 @@ fn real_main() -> anyhow::Result<u8> {
                 .as_ref()
                 .map(|p| file::create(p, r.force))
                 .transpose()?;
-            let mut sampler = Sampler::new(10_000_000);
-            let replayed = replay::replay(&r.file, &mut sampler, true)?;
+            let mut pictures = Pictures::new();
+            let replayed = replay::replay(&r.file, &mut pictures, true)?;
             let findings: Vec<_> = replayed
                 .session
                 .processes()
@@ -147,40 +157,37 @@ fn real_main() -> anyhow::Result<u8> {
                     .and_then(|()| out.flush())
                     .map_err(|e| anyhow::anyhow!("writing the folded stacks: {e}"))?;
             }
-            if html_out.is_some() || perfetto_out.is_some() {
-                let names: BTreeMap<u32, String> = replayed
-                    .session
-                    .processes()
-                    .map(|p| (p.pid, p.exe.clone().unwrap_or_else(|| "?".into())))
-                    .collect();
-                let bands: Vec<_> = replayed.session.processes().flat_map(bands).collect();
-                if let Some(out) = html_out.as_mut() {
-                    let code = html::Code {
-                        sites: replayed
-                            .session
-                            .processes()
-                            .map(|p| {
-                                let rows = tracer::stacks::sites::table(
-                                    &p.sites,
-                                    &replayed.session.stacks,
-                                    usize::MAX,
-                                );
-                                (p.pid, rows)
-                            })
-                            .collect(),
-                        // Charged to the stacks that mapped the memory, not also to those
-                        // that touched it (--fault-stacks), which would count it twice.
-                        touched: profile::by_names(&replayed.session, |t| t.stats.touched_bytes),
-                    };
-                    let page = html::page(&names, &bands, &sampler.samples, &findings, &code);
-                    out.write_all(page.as_bytes())
-                        .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
-                }
-                if let Some(out) = perfetto_out.as_mut() {
-                    let trace = perfetto::trace(&names, &bands, &sampler.samples);
-                    serde_json::to_writer(std::io::BufWriter::new(out), &trace)
-                        .map_err(|e| anyhow::anyhow!("writing the Perfetto trace: {e}"))?;
-                }
+            if let Some(out) = html_out.as_mut() {
+                let code = html::Code {
+                    names: replayed
+                        .session
+                        .processes()
+                        .map(|p| (p.pid, p.exe.clone().unwrap_or_else(|| "?".into())))
+                        .collect(),
+                    sites: replayed
+                        .session
+                        .processes()
+                        .map(|p| {
+                            let rows = tracer::stacks::sites::table(
+                                &p.sites,
+                                &replayed.session.stacks,
+                                usize::MAX,
+                            );
+                            (p.pid, rows)
+                        })
+                        .collect(),
+                    // Charged to the stacks that mapped the memory, not also to those
+                    // that touched it (--fault-stacks), which would count it twice.
+                    touched: profile::by_names(&replayed.session, |t| t.stats.touched_bytes),
+                };
+                let page = html::page(&pictures.picture(html::COLUMNS), &findings, &code);
+                out.write_all(page.as_bytes())
+                    .map_err(|e| anyhow::anyhow!("writing the HTML report: {e}"))?;
+            }
+            if let Some(out) = perfetto_out.as_mut() {
+                let trace = perfetto::trace(&pictures.picture(perfetto::COLUMNS));
+                serde_json::to_writer(std::io::BufWriter::new(out), &trace)
+                    .map_err(|e| anyhow::anyhow!("writing the Perfetto trace: {e}"))?;
             }
             Ok(0)
         }
@@ -188,11 +195,11 @@ fn real_main() -> anyhow::Result<u8> {
             if t.output.is_none() {
                 anyhow::bail!("record needs -o FILE");
             }
-            let code = run::run(config(t, true))?;
+            let code = run::run(config(t, true, cli.verbose))?;
             Ok(code.clamp(0, 255) as u8)
         }
         None => {
-            let code = run::run(config(cli.trace, false))?;
+            let code = run::run(config(cli.trace, false, cli.verbose))?;
             Ok(code.clamp(0, 255) as u8)
         }
     }

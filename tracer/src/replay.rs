@@ -62,6 +62,8 @@ pub enum Record {
     Meta {
         version: u64,
         limits: Limits,
+        /// The recording's wall-clock anchor (none in recordings made before it was written).
+        clock: Option<crate::clock::Anchor>,
     },
     Seed {
         pid: u32,
@@ -219,6 +221,39 @@ fn resident_of(v: &Value, vmas: &[Vma]) -> Result<Vec<ResidentRun>, String> {
             Ok(ResidentRun { start, end, kind })
         })
         .collect()
+}
+
+/// The seed's VMAs cut where the rows say several mappings were merged (`parts`): the live
+/// run seeded each of those apart, one mapping id each, and so does the replay, so that the
+/// ids given after are the same. Parts that are not inside their row are ignored.
+fn split_parts(snapshot: &Value, vmas: Vec<Vma>) -> Vec<Vma> {
+    let rows = snapshot.get("vmas").and_then(Value::as_array);
+    let mut out = Vec::with_capacity(vmas.len());
+    for (i, v) in vmas.into_iter().enumerate() {
+        let parts: Vec<(u64, u64)> = rows
+            .and_then(|r| r.get(i))
+            .and_then(|r| r.get("parts"))
+            .and_then(Value::as_array)
+            .map(|parts| {
+                parts
+                    .iter()
+                    .filter_map(|p| Some((p.get(0)?.as_u64()?, p.get(1)?.as_u64()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let whole = parts.first().is_some_and(|p| p.0 == v.start)
+            && parts.last().is_some_and(|p| p.1 == v.end)
+            && parts
+                .windows(2)
+                .all(|w| w[0].1 == w[1].0 && w[0].0 < w[0].1)
+            && parts.iter().all(|p| p.0 < p.1 && p.0 % PAGE_SIZE == 0);
+        if parts.len() > 1 && whole {
+            out.extend(parts.iter().map(|&(s, e)| v.slice(s, e)));
+        } else {
+            out.push(v);
+        }
+    }
+    out
 }
 
 /// One VMA over the whole user address space, for checks that need no finer map.
@@ -380,6 +415,17 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     .unwrap_or(Limits::default().max_map_count),
                 cpus: v.get("cpus").and_then(Value::as_u64).unwrap_or(1),
             },
+            clock: match (
+                v.get("ts_ns").and_then(Value::as_u64),
+                v.get("realtime_ns").and_then(Value::as_u64),
+            ) {
+                (Some(ts_ns), Some(realtime_ns)) => Some(crate::clock::Anchor {
+                    ts_ns,
+                    realtime_ns,
+                    boot_id: opt_str(&v, "boot_id"),
+                }),
+                _ => None,
+            },
         },
         "fault" => Record::Event(Event::Fault(FaultRecord {
             ts_ns: ts_ns()?,
@@ -444,6 +490,7 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                     .iter()
                     .map(vma_of)
                     .collect::<Result<Vec<_>, _>>()?;
+                let vmas = split_parts(&v, vmas);
                 if let Some(w) = vmas.windows(2).find(|w| w[0].end > w[1].start) {
                     return Err(format!(
                         "VMAs {:#x}-{:#x} and {:#x}-{:#x} overlap or are out of order",
@@ -581,6 +628,7 @@ fn replay_bounded(
             Record::Meta {
                 version,
                 limits: recorded,
+                clock,
             } => {
                 if version != SCHEMA_VERSION {
                     return Err(bad(
@@ -595,6 +643,7 @@ fn replay_bounded(
                     fault_backend: "replay".into(),
                     syscall_backend: "replay".into(),
                     limits,
+                    clock,
                 })
                 .map_err(ReplayError::Write)?;
             }

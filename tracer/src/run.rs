@@ -4,7 +4,7 @@
 use std::{
     collections::{HashMap, HashSet},
     ffi::OsString,
-    io::{self, IsTerminal, Write},
+    io::{self, Write},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -26,11 +26,7 @@ use crate::{
     model::normalize,
     order::Reorder,
     output::{
-        FaultFilter, LossSummary, Meta, Sink, SnapshotReason,
-        file::{self, OutputError},
-        human::HumanSink,
-        ndjson::NdjsonSink,
-        report::summarize,
+        FaultFilter, LossSummary, Meta, Sink, SnapshotReason, file::OutputError, report::summarize,
     },
     pagemap,
     probe::{
@@ -62,6 +58,10 @@ pub struct RunConfig {
     pub reconcile: Option<Duration>,
     /// Print allocator and address-space findings at the end.
     pub report: bool,
+    /// How human output shows events (roll-up, `-v`, `--quiet`, `--min-size`).
+    pub view: crate::output::live_view::ViewOptions,
+    /// `vmatrace record` (for the banner and the status line).
+    pub recording: bool,
     /// Trace the allocator functions too (`--heap`).
     pub heap: bool,
     /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
@@ -839,7 +839,7 @@ impl Live {
 
 /// The output, telling the stop watchdog when a write is under way: an end blocked on its
 /// output is cut short, a slow one is not.
-struct Watched<W>(W);
+pub(crate) struct Watched<W>(pub(crate) W);
 
 impl<W: Write> Write for Watched<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -858,21 +858,7 @@ impl<W: Write> Write for Watched<W> {
 }
 
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
-    let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
-        Some(path) => (
-            Box::new(Watched(file::LineFile::new(file::create(path, cfg.force)?))),
-            false,
-        ),
-        None => (
-            Box::new(Watched(io::BufWriter::with_capacity(1 << 16, io::stdout()))),
-            io::stdout().is_terminal(),
-        ),
-    };
-    Ok(if cfg.json {
-        Box::new(NdjsonSink::new(writer, cfg.faults))
-    } else {
-        Box::new(HumanSink::new(writer, cfg.faults, tty, start_ns))
-    })
+    Ok(crate::output::status::live_sink(cfg, start_ns)?)
 }
 
 /// Runs a live trace; returns the exit code (the launched command's, or 0).
@@ -941,6 +927,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
         syscall_backend: format!("{:?}", probe.syscall_backend()).to_lowercase(),
         limits,
+        clock: Some(crate::clock::anchor()),
     };
     sink.start(&meta).map_err(RunError::Write)?;
     let mut session = Session::default();
@@ -997,6 +984,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         guardian = Some(held.release()?);
         child = Some(pid);
     }
+    crate::output::status::banner(&cfg, &meta, &session);
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
     let mut order = if probe.batch_cpus().is_empty() {
         Reorder::in_order()
@@ -1084,6 +1072,18 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     Ok(status)
 }
 
+/// `--duration` is over: true when the run should stop now. A launched command still running
+/// is ended first (SIGTERM, then SIGKILL, see [`launch::Ending`]) and the run goes on until
+/// its end is traced; an attached process is left running.
+fn duration_over(live: &Live, child_done: bool, ending: &mut Option<launch::Ending>) -> bool {
+    match (live.launched, child_done) {
+        (Some(pid), false) => ending
+            .get_or_insert_with(|| launch::Ending::start(pid))
+            .step(),
+        _ => true,
+    }
+}
+
 async fn event_loop(
     mut live: Live,
     ring: RingBuf<MapData>,
@@ -1109,6 +1109,8 @@ async fn event_loop(
     let mut last_reconcile = Instant::now();
     let mut status = 0;
     let mut child_done = !child;
+    // Once --duration is over: the launched command being ended (see launch::Ending).
+    let mut ending: Option<launch::Ending> = None;
     // A stop was asked (a signal, or the end of `--duration`), rather than the run ending.
     let mut stop_asked = false;
     loop {
@@ -1124,8 +1126,12 @@ async fn event_loop(
                     drop(guard);
                     tokio::task::yield_now().await;
                 }
-                if crate::signals::stop_asked()
-                    || cfg.duration.is_some_and(|d| started.elapsed() >= d)
+                if crate::signals::stop_asked() {
+                    stop_asked = true;
+                    break;
+                }
+                if cfg.duration.is_some_and(|d| started.elapsed() >= d)
+                    && duration_over(&live, child_done, &mut ending)
                 {
                     stop_asked = true;
                     break;
@@ -1140,7 +1146,9 @@ async fn event_loop(
                 live.reap_lost_exits();
                 live.look_for_collapses();
                 live.probe.flush_logs();
-                if cfg.duration.is_some_and(|d| started.elapsed() >= d) {
+                if cfg.duration.is_some_and(|d| started.elapsed() >= d)
+                    && duration_over(&live, child_done, &mut ending)
+                {
                     stop_asked = true;
                     break;
                 }
@@ -1186,6 +1194,11 @@ async fn event_loop(
                 waiter = None;
                 child_done = true;
                 live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
+                if ending.is_some() {
+                    // Ended by --duration: a stop, its end now traced.
+                    stop_asked = true;
+                    break;
+                }
                 if !cfg.follow || live.all_exited() {
                     break;
                 }

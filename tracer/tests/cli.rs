@@ -620,3 +620,155 @@ fn inside_a_pid_namespace_it_refuses_in_one_line_instead_of_tracing_nothing() {
         assert!(o.stdout.is_empty(), "{args:?}: nothing traced");
     }
 }
+
+#[test]
+fn duration_ends_a_launched_command_the_same_way_in_every_subcommand() {
+    if !privileged("duration_ends_a_launched_command_the_same_way_in_every_subcommand") {
+        return;
+    }
+    let w = workload();
+    for sub in [&["--json"][..], &["record"][..]] {
+        let file = temp_path("duration-launched.ndjson");
+        let start = std::time::Instant::now();
+        let o = Command::new(vmatrace())
+            .args(sub)
+            .args(["--duration", "1s", "-o"])
+            .arg(&file)
+            .args(["--", w.to_str().expect("utf-8"), "spin", "600000", "1000"])
+            .output()
+            .expect("runs");
+        let took = start.elapsed().as_secs_f64();
+        // Ended with SIGTERM: the status the shell would show, and the end is traced.
+        assert_eq!(
+            o.status.code(),
+            Some(128 + libc::SIGTERM),
+            "{sub:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!((1.0..15.0).contains(&took), "{sub:?}: {took} s");
+        let recs = records(&file);
+        let pid = recs
+            .iter()
+            .find(|r| r["type"] == "exec")
+            .and_then(|r| r["pid"].as_u64())
+            .expect("exec record");
+        assert!(
+            recs.iter().any(|r| r["type"] == "exit" && r["pid"] == pid),
+            "{sub:?}: the command's end is in the output"
+        );
+        assert_eq!(
+            recs.last().map(|r| r["type"].clone()),
+            Some(Value::from("summary"))
+        );
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "{sub:?}: the command is not left running"
+        );
+    }
+}
+
+#[test]
+fn record_honours_faults_first_and_records_every_fault_by_default() {
+    if !privileged("record_honours_faults_first_and_records_every_fault_by_default") {
+        return;
+    }
+    let w = workload();
+    let repeated = |recs: &[Value]| {
+        recs.iter()
+            .filter(|r| {
+                r["type"] == "fault"
+                    && r["first_touch"] == false
+                    && r["changed"] == false
+                    && r["stack_grown_to"].is_null()
+            })
+            .count()
+    };
+    for (extra, faults) in [(&[][..], "all"), (&["--faults", "first"][..], "first")] {
+        let file = temp_path("record-faults.ndjson");
+        let o = Command::new(vmatrace())
+            .arg("record")
+            .args(extra)
+            .arg("-o")
+            .arg(&file)
+            .args(["--", w.to_str().expect("utf-8"), "basic"])
+            .output()
+            .expect("runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let recs = records(&file);
+        assert_eq!(recs[0]["type"], "meta");
+        assert_eq!(recs[0]["faults"], faults, "{extra:?}");
+        let n = repeated(&recs);
+        if faults == "first" {
+            assert_eq!(n, 0, "only faults that changed the model are recorded");
+            assert!(recs.iter().any(|r| r["type"] == "fault"));
+        } else {
+            assert!(n > 0, "every fault is recorded");
+        }
+        // record says what it wrote, and what was lost.
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.lines().any(|l| l.starts_with("vmatrace: ")
+                && l.contains(" records (")
+                && l.contains("written to")),
+            "{err}"
+        );
+        assert!(err.contains(" events lost"), "{err}");
+        let replayed = Command::new(vmatrace())
+            .args(["replay"])
+            .arg(&file)
+            .output()
+            .expect("runs");
+        assert!(replayed.status.success());
+    }
+}
+
+#[test]
+fn a_banner_says_what_is_traced_and_the_end_is_summarised_on_stderr() {
+    if !privileged("a_banner_says_what_is_traced_and_the_end_is_summarised_on_stderr") {
+        return;
+    }
+    let w = workload();
+    let file = temp_path("banner.ndjson");
+    let o = Command::new(vmatrace())
+        .args(["--json", "-o"])
+        .arg(&file)
+        .args(["--", w.to_str().expect("utf-8"), "basic"])
+        .output()
+        .expect("runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    // The banner first: what, how, where to.
+    assert!(
+        lines[0].starts_with("vmatrace: tracing `") && lines[0].contains(" basic` (pid "),
+        "{err}"
+    );
+    assert!(
+        lines[1].contains("syscalls from ")
+            && lines[1].contains("page faults from ")
+            && lines[1].contains(&format!("NDJSON to {}", file.display()))
+            && lines[1].contains("Ctrl-C to stop"),
+        "{err}"
+    );
+    // The end: processes, events, losses, and what was written.
+    let pid = records(&file)
+        .iter()
+        .find(|r| r["type"] == "exec")
+        .and_then(|r| r["pid"].as_u64())
+        .expect("exec");
+    assert!(
+        err.contains("vmatrace: 1 process traced for ")
+            && err.contains(" events lost")
+            && err.contains(&format!("  [{pid}] "))
+            && err.contains("exited: "),
+        "{err}"
+    );
+    let written = records(&file).len();
+    assert!(
+        err.contains(&format!(
+            "vmatrace: {} records (",
+            tracer::output::status::thousands(written as u64)
+        )),
+        "{written} records: {err}"
+    );
+}

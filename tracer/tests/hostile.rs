@@ -169,27 +169,40 @@ fn human_output_shows_hostile_names_as_one_escaped_line_live_and_in_replay() {
     let dir = temp_dir("human");
     let dir_s = dir.to_str().expect("utf-8 dir");
     let escaped = format!("{dir_s}/\\x1b]0;PWNED\\x07\\x1b[2J\\x0aFAKE LINE\\x0d\\xff\\xfe\\\\x41");
-    let o = Command::new(vmatrace())
-        .args(["--faults", "first", "--"])
-        .arg(workload())
-        .args(["hostile-names", dir_s])
-        .output()
-        .expect("runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // The workload's own stdout line is not vmatrace's: keep vmatrace's lines only.
-    let live: Vec<u8> = o
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.starts_with(b"hostile "))
-        .flat_map(|l| l.iter().copied().chain([b'\n']))
-        .collect();
-    assert_inert("live", &live);
-    let live = String::from_utf8_lossy(&live);
-    assert!(
-        live.lines()
-            .any(|l| l.contains("mmap(") && l.contains(&format!("<{escaped}>"))),
-        "the mmap line shows the escaped name: {live}"
-    );
+    // Every event (-v), and the default view (one line per region and second, which names
+    // the file's region), and what vmatrace writes on stderr (banner, summary).
+    for (view, line_shows_name) in [
+        (
+            "-v",
+            &(|l: &str, e: &str| l.contains("mmap(") && l.contains(&format!("<{e}>")))
+                as &dyn Fn(&str, &str) -> bool,
+        ),
+        ("--min-size=1G", &|l: &str, e: &str| {
+            l.contains(&format!("] {e}: "))
+        }),
+    ] {
+        let o = Command::new(vmatrace())
+            .args([view, "--faults", "first", "--"])
+            .arg(workload())
+            .args(["hostile-names", dir_s])
+            .output()
+            .expect("runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // The workload's own stdout line is not vmatrace's: keep vmatrace's lines only.
+        let live: Vec<u8> = o
+            .stdout
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.starts_with(b"hostile "))
+            .flat_map(|l| l.iter().copied().chain([b'\n']))
+            .collect();
+        assert_inert(&format!("live {view}"), &live);
+        assert_inert(&format!("stderr {view}"), &o.stderr);
+        let live = String::from_utf8_lossy(&live);
+        assert!(
+            live.lines().any(|l| line_shows_name(l, &escaped)),
+            "{view}: a line shows the escaped name: {live}"
+        );
+    }
 
     let t = trace_workload(&[], &["hostile-names", dir_s]);
     let rec = temp_path("human.ndjson");

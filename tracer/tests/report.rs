@@ -264,38 +264,53 @@ fn html_report_renders_and_perfetto_trace_is_valid() {
             other => panic!("unexpected phase {other}: {e}"),
         }
     }
-    let churned = events
+    // The churn is one region whose slice counts every churned mapping (no band per piece).
+    let churned: u64 = events
         .iter()
-        .filter(|e| {
-            e["ph"] == "X"
-                && e["args"]["created_by"] == "mmap"
-                && e["args"]["removed_by"] == "munmap"
-        })
-        .count();
-    assert!(churned >= 300, "one band per churned mapping: {churned}");
-    assert!(complete > churned && counters > 0);
+        .filter(|e| e["ph"] == "X")
+        .filter_map(|e| e["args"]["mappings_created"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        churned >= 300,
+        "the churned mappings are counted: {churned}"
+    );
+    assert!(complete > 0 && counters > 0);
 
     // The page renders in headless Chromium; keep a screenshot as an artefact.
     let dom = chromium(&["--dump-dom"], &html);
     let dom = String::from_utf8_lossy(&dom.stdout);
+    let mappings = |dom: &str| -> u64 {
+        dom.split("<title>")
+            .filter_map(|t| t.split(" mappings").next())
+            .filter_map(|t| t.rsplit(' ').next())
+            .filter_map(|n| n.parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
     assert!(
-        dom.matches("class=\"vma\"").count() >= 300,
-        "the bands are in the rendered DOM"
+        dom.contains("class=\"lane\"") && mappings(&dom) >= 300,
+        "a row of the rendered DOM counts the churned mappings"
     );
     assert!(
         dom.contains("mmap-threshold churn"),
         "the findings are on the page"
     );
+    screenshot(&html, "report.png");
+}
+
+/// Saves a screenshot of `page` as `target/tmp/artefacts/NAME`.
+fn screenshot(page: &std::path::Path, name: &str) {
     let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("artefacts");
     std::fs::create_dir_all(&artefacts).expect("artefact dir");
-    let png = artefacts.join("report.png");
+    let png = artefacts.join(name);
     let _ = std::fs::remove_file(&png);
     let shot = chromium(
         &[
-            "--window-size=1300,1200",
+            "--window-size=1300,1500",
             &format!("--screenshot={}", png.display()),
         ],
-        &html,
+        page,
     );
     assert!(
         shot.status.success(),
@@ -308,4 +323,149 @@ fn html_report_renders_and_perfetto_trace_is_valid() {
         "a real picture"
     );
     eprintln!("screenshot: {}", png.display());
+}
+
+#[test]
+fn pictures_of_a_run_with_over_50000_pieces_cover_it_whole_in_under_5_mb() {
+    if !privileged("pictures_of_a_run_with_over_50000_pieces_cover_it_whole_in_under_5_mb") {
+        return;
+    }
+    let w = workload();
+    let file = temp_path("big-picture.ndjson");
+    // A ring that holds the whole run, so that no piece is lost whatever the reader's speed.
+    let o = Command::new(vmatrace())
+        .args(["record", "--ring-size", "256M", "-o"])
+        .arg(&file)
+        .args([
+            "--",
+            w.to_str().expect("utf-8"),
+            "big-picture",
+            "4",
+            "8",
+            "60000",
+        ])
+        .output()
+        .expect("records");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&file).expect("reads");
+    let mut mmaps = 0u64;
+    let (mut first, mut last) = (u64::MAX, 0u64);
+    for line in text.lines() {
+        let r: Value = serde_json::from_str(line).expect("JSON");
+        if r["type"] == "mmap" {
+            mmaps += 1;
+        }
+        if matches!(
+            r["type"].as_str(),
+            Some("meta" | "summary" | "finding" | "lost")
+        ) {
+            continue;
+        }
+        // The axis starts at the first event (the launch's empty seed comes before it).
+        if let Some(ts) = r["ts_ns"].as_u64() {
+            if r["type"] != "snapshot" {
+                first = first.min(ts);
+            }
+            last = last.max(ts);
+        }
+    }
+    assert!(mmaps > 50_000, "{mmaps} mappings");
+    drop(text);
+
+    let html = temp_path("big-picture.html");
+    let trace = temp_path("big-picture.trace.json");
+    let r = Command::new(vmatrace())
+        .arg("report")
+        .arg(&file)
+        .arg("--html")
+        .arg(&html)
+        .arg("--perfetto")
+        .arg(&trace)
+        .output()
+        .expect("report runs");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let limit = 5_000_000;
+    for f in [&html, &trace] {
+        let len = std::fs::metadata(f).expect("written").len();
+        assert!(len < limit, "{}: {len} bytes", f.display());
+        eprintln!("{}: {len} bytes", f.display());
+    }
+
+    // Perfetto: tracks per region, not per piece; the counters reach the end of the run; the
+    // churn region counts every mapping.
+    let t: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("reads")).expect("JSON");
+    let events = t["traceEvents"].as_array().expect("traceEvents");
+    let span_us = (last - first) as f64 / 1000.0;
+    let tracks: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter(|e| e["ph"] == "C")
+        .filter_map(|e| e["name"].as_str())
+        .collect();
+    assert!(tracks.len() <= 100, "{} counter tracks", tracks.len());
+    let end = events
+        .iter()
+        .filter(|e| e["ph"] == "C")
+        .filter_map(|e| e["ts"].as_f64())
+        .fold(0.0, f64::max);
+    assert!(
+        end >= span_us * 0.99,
+        "the counters end at {end} us of {span_us}"
+    );
+    let churned = events
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .filter_map(|e| e["args"]["mappings_created"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(churned >= 50_000, "{churned}");
+    let arenas = events
+        .iter()
+        .filter(|e| e["ph"] == "X" && e["args"]["kind"] == "arena")
+        .count();
+    assert_eq!(arenas, 4, "one region per glibc arena");
+
+    // HTML: the whole run on one labelled time axis, the arenas as rows.
+    let page = std::fs::read_to_string(&html).expect("reads");
+    let about = page
+        .split("id=\"about\">")
+        .nth(1)
+        .and_then(|t| t.split("</p>").next())
+        .expect("the page says what it shows");
+    let pieces: u64 = about
+        .split(" VMA pieces created over ")
+        .next()
+        .and_then(|t| t.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a number of pieces");
+    let seconds: f64 = about
+        .split(" VMA pieces created over ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a duration");
+    assert!(pieces > 50_000, "{about}");
+    assert!(
+        (seconds - span_us / 1e6).abs() <= span_us / 1e6 * 0.01 + 0.001,
+        "the axis covers the run: {about} ({span_us} us)"
+    );
+    for label in [
+        "time since the first event (s)",
+        "touched bytes",
+        "reserved bytes",
+    ] {
+        assert!(page.contains(label), "axis label {label}");
+    }
+    assert_eq!(
+        page.matches("class=\"label\">arena 0x").count(),
+        4,
+        "four arena rows"
+    );
+
+    let dom = chromium(&["--dump-dom"], &html);
+    assert!(
+        String::from_utf8_lossy(&dom.stdout).contains("class=\"lane\""),
+        "the rows are in the rendered DOM"
+    );
+    screenshot(&html, "big-picture.png");
 }

@@ -228,8 +228,15 @@ fn a_full_disk_leaves_only_whole_lines() {
     let text = std::fs::read_to_string(&file).expect("reads");
     let _ = Command::new("umount").arg(&dir).status();
     assert_ne!(o.status.code(), Some(0), "a full disk is an error");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("No space left on device"), "{err}");
+    // After the banner (two lines), the error in one line.
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines.len() == 3
+            && lines[0].starts_with("vmatrace: tracing `")
+            && lines[1].starts_with("vmatrace: syscalls from "),
+        "{err}"
+    );
+    assert!(lines[2].contains("No space left on device"), "{err}");
     assert!(text.ends_with('\n'), "no partial last line");
     for l in text.lines() {
         serde_json::from_str::<Value>(l).expect("every line on disk is whole JSON");
@@ -753,6 +760,9 @@ fn duration_ends_a_run_that_is_far_behind_on_time() {
         "--duration 3s: summary {} ms after the start, exited after {took:?}",
         ran_ns / 1_000_000
     );
+    // The launched command is ended first (SIGTERM) and its end traced, which takes a
+    // moment more than the duration on a loaded machine; before, the run went on until the
+    // command ended by itself.
     assert!(
         ran_ns < 5_000_000_000,
         "--duration 3s ended {ran_ns} ns after the start"
@@ -775,7 +785,9 @@ fn sigint_ends_a_run_whose_output_is_not_read() {
     let before = our_programs();
     let w = workload();
     let mut v = Command::new(vmatrace())
-        .args(["--faults", "all", "--"])
+        // -v: every event on its own line (the roll-up's few lines a second would not fill
+        // the pipe).
+        .args(["-v", "--faults", "all", "--"])
         .arg(&w)
         .args(["fault-loop", "1000000000", "64"])
         .stdout(Stdio::piped())

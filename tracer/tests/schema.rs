@@ -42,6 +42,23 @@ fn check(
                 "record '{ty}' lacks documented field '{f}': {r}"
             );
         }
+        // `type.field: ...` lines: each element of the array `field` has those fields.
+        for (key, fields) in schema {
+            let Some(array) = key.strip_prefix(&format!("{ty}.")) else {
+                continue;
+            };
+            let items = r[array]
+                .as_array()
+                .unwrap_or_else(|| panic!("record '{ty}' has no array '{array}': {r}"));
+            for item in items {
+                for f in fields {
+                    assert!(
+                        item.get(f).is_some(),
+                        "an element of '{ty}.{array}' lacks documented field '{f}': {item}"
+                    );
+                }
+            }
+        }
         *seen.entry(ty.to_string()).or_default() += 1;
     }
 }
@@ -95,6 +112,66 @@ fn record_types_match_the_documented_schema() {
     // kernel has it.
     if kernel_has_syscall("pkey_mprotect") {
         assert!(seen.contains_key("pkey_mprotect"), "{seen:?}");
+    }
+}
+
+#[test]
+fn meta_anchors_record_times_to_the_wall_clock_and_the_boot() {
+    if !privileged("meta_anchors_record_times_to_the_wall_clock_and_the_boot") {
+        return;
+    }
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_nanos() as u64
+    };
+    let before = wall();
+    let t = trace_workload(&[], &["basic"]);
+    let after = wall();
+    assert_eq!(t.status, 0, "{}", t.stderr);
+    let meta = &t.records[0];
+    assert_eq!(meta["type"], "meta");
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    assert_eq!(meta["boot_id"].as_str(), Some(boot.trim()));
+    let (m_ts, m_wall) = (
+        meta["ts_ns"].as_u64().expect("ts_ns"),
+        meta["realtime_ns"].as_u64().expect("realtime_ns"),
+    );
+    // Every record's wall-clock time, by the documented formula, falls within the run.
+    for r in &t.records[1..] {
+        let ts = r["ts_ns"].as_u64().expect("ts_ns");
+        let at = m_wall + ts - m_ts;
+        assert!(
+            before <= at && at <= after,
+            "{r}: {at} not in {before}..{after}"
+        );
+    }
+    // A replay writes the recording's anchor again.
+    let rec = temp_path("anchor.ndjson");
+    std::fs::write(
+        &rec,
+        t.records
+            .iter()
+            .map(|r| format!("{r}\n"))
+            .collect::<String>(),
+    )
+    .expect("writes");
+    let o = std::process::Command::new(vmatrace())
+        .args(["replay", "--json"])
+        .arg(&rec)
+        .output()
+        .expect("replay runs");
+    assert!(o.status.success());
+    let replayed: Value = serde_json::from_str(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .next()
+            .expect("a meta line"),
+    )
+    .expect("JSON");
+    for k in ["ts_ns", "realtime_ns", "boot_id"] {
+        assert_eq!(replayed[k], meta[k], "{k}");
     }
 }
 

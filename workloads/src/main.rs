@@ -905,6 +905,112 @@ fn getppid_loop(iters: usize) {
     say(&format!("getppid {} ns", start.elapsed().as_nanos()));
 }
 
+/// Issue #21: a busy multi-threaded process for `seconds` (the live view's test): each thread
+/// mallocs and frees mixed sizes through glibc (its own arena, the heap, mmaps above the
+/// threshold) and maps, touches and unmaps 16 pages now and then.
+fn busy(threads: usize, seconds: u64) {
+    let start = Instant::now();
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut keep: Vec<Vec<u8>> = Vec::with_capacity(64);
+                let mut i = 0usize;
+                while start.elapsed() < Duration::from_secs(seconds) {
+                    let size = [64, 1024, 16 << 10, 200 << 10][(i + t) % 4];
+                    keep.push(vec![1u8; size]);
+                    if keep.len() >= 64 {
+                        keep.drain(..32);
+                    }
+                    if i.is_multiple_of(64) {
+                        let a = anon(16 * PAGE);
+                        touch(a, 16 * PAGE);
+                        munmap(a, 16 * PAGE);
+                    }
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    let rounds: usize = hs.into_iter().filter_map(|h| h.join().ok()).sum();
+    say(&format!("busy {threads} {rounds}"));
+}
+
+/// Issue #21: mapping ids through what the kernel does to VMAs, inside a 64-page PROT_NONE
+/// reservation R (so that nothing else merges in): A (8 pages) mapped over its pages 8-16;
+/// split by mprotect and merged back; B mapped right after A (the kernel merges them into one
+/// VMA); A's 8 pages moved to R+40; grown in place to 12 pages; a 2-page hole punched in it.
+/// Prints `vma_ids R A`, and a checkpoint after each step.
+fn vma_ids() {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let fixed = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED;
+    let r = mmap(
+        0,
+        64 * PAGE,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    );
+    let a = mmap(r + 8 * PAGE, 8 * PAGE, rw, fixed, -1, 0);
+    touch(a, PAGE);
+    say(&format!("vma_ids {r} {a}"));
+    checkpoint("mapped");
+    // SAFETY: protection changes and remaps of memory this program mapped.
+    unsafe {
+        libc::mprotect((a + 2 * PAGE) as *mut _, 2 * PAGE, libc::PROT_READ);
+        checkpoint("split");
+        libc::mprotect((a + 2 * PAGE) as *mut _, 2 * PAGE, rw);
+        checkpoint("merged_back");
+        mmap(a + 8 * PAGE, 4 * PAGE, rw, fixed, -1, 0);
+        checkpoint("neighbour_merged");
+        libc::mremap(
+            a as *mut _,
+            8 * PAGE,
+            8 * PAGE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            (r + 40 * PAGE) as *mut libc::c_void,
+        );
+        checkpoint("moved");
+        munmap(r + 48 * PAGE, 4 * PAGE);
+        libc::mremap((r + 40 * PAGE) as *mut _, 8 * PAGE, 12 * PAGE, 0);
+        checkpoint("grown");
+        munmap(r + 44 * PAGE, 2 * PAGE);
+        checkpoint("hole");
+    }
+}
+
+/// Issue #21: a run with many VMA pieces for the pictures: `threads` threads each keep `mib` MiB
+/// of small blocks (one glibc arena each, a 64 MiB PROT_NONE reservation committed bit by bit)
+/// while the main thread maps, touches one page of and unmaps 16 pages `churn` times.
+fn big_picture(threads: usize, mib: usize, churn: usize) {
+    let hs: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut kept = 0usize;
+                for _ in 0..mib * 256 {
+                    // SAFETY: malloc of a small block, written once, deliberately kept.
+                    let p = unsafe { libc::malloc(4000) } as *mut u8;
+                    if !p.is_null() {
+                        // SAFETY: within the block.
+                        unsafe { std::ptr::write_bytes(p, 1, 4000) };
+                        kept += 1;
+                    }
+                    std::thread::yield_now();
+                }
+                kept
+            })
+        })
+        .collect();
+    for _ in 0..churn {
+        let a = anon(16 * PAGE);
+        touch(a, PAGE);
+        munmap(a, 16 * PAGE);
+    }
+    let kept: usize = hs.into_iter().filter_map(|h| h.join().ok()).sum();
+    say(&format!("big_picture {threads} {kept} {churn}"));
+}
+
 /// Benchmark: several threads malloc and free mixed sizes through glibc.
 fn malloc_mt(threads: usize, iters: usize) {
     let start = Instant::now();
@@ -1159,6 +1265,11 @@ fn main() {
         Some("churn") => churn(arg(&args, 2, 20_000)),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
         Some("migrate") => migrate(arg(&args, 2, 100)),
+        Some("vma-ids") => vma_ids(),
+        Some("big-picture") => {
+            big_picture(arg(&args, 2, 4), arg(&args, 3, 8), arg(&args, 4, 60_000))
+        }
+        Some("busy") => busy(arg(&args, 2, 4), arg(&args, 3, 10) as u64),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
         Some("malloc-calls") => malloc_calls(arg(&args, 2, 1_000_000)),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),

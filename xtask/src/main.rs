@@ -231,14 +231,16 @@ fn apt_install(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
 }
 
 /// Debian packages the end-to-end tests use: jemalloc (purge-churn workload), Chromium
-/// (renders the HTML report), gcc (the stack tests build C workloads), Go (`go tool pprof`
-/// reads the exported profile) and Python (a script's stacks).
+/// (renders the HTML report), tmux (drives the live view as a terminal would), gcc (the stack
+/// tests build C workloads), Go (`go tool pprof` reads the exported profile) and Python (a
+/// script's stacks).
 fn test_dependencies() -> Result<()> {
     apt_install(
         "the tests",
         &[
             ("libjemalloc2", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"),
             ("chromium", "/usr/bin/chromium"),
+            ("tmux", "/usr/bin/tmux"),
             ("gcc", "/usr/bin/gcc"),
             ("golang-go", "/usr/bin/go"),
             ("python3", "/usr/bin/python3"),

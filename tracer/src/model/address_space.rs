@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{
+    ids::Ids,
     pages::{HugeBlock, PageCounts, Pages, ResidentRun, Touch, TouchKind},
     thp::{PMD_PAGES, ThpAdvice, ThpPolicy},
     timeline::{self, Cause, Change, Timeline},
@@ -143,6 +144,8 @@ pub struct AddressSpace {
     pub lock_future: bool,
     /// Huge pages the kernel did not give after all (it fell back to small pages).
     pub thp_fallbacks: u64,
+    /// Which mapping each address belongs to (see [`super::ids`]).
+    ids: Ids,
 }
 
 impl AddressSpace {
@@ -163,13 +166,21 @@ impl AddressSpace {
             if v.backing == Backing::Heap {
                 heap_end = Some(heap_end.map_or(v.end, |e: u64| e.max(v.end)));
             }
+            let (start, end) = (v.start, v.end);
             self.place(ts, Cause::Seed, v);
+            let id = self.ids.fresh();
+            self.ids.set(start, end, id, ts);
         }
         self.brk = start_brk.map(|start| Brk {
             start,
             current: heap_end.unwrap_or(start).max(start),
         });
         self.heap_high_water = self.heap_size();
+    }
+
+    /// Which mapping each address belongs to.
+    pub fn ids(&self) -> &Ids {
+        &self.ids
     }
 
     /// Sets the transparent huge page policy (the kernel's settings for this process).
@@ -400,6 +411,7 @@ impl AddressSpace {
             thp: self.thp.clone(),
             brk: self.brk,
             heap_high_water: self.heap_high_water,
+            ids: self.ids.clone(),
             ..Self::default()
         };
         for v in self.vmas.values() {
@@ -408,6 +420,7 @@ impl AddressSpace {
                 child.pages.forget(first, last);
             }
             if v.fork.dont_copy {
+                child.ids.remove(v.start, v.end);
                 continue;
             }
             let mut v = v.clone();
@@ -453,6 +466,8 @@ impl AddressSpace {
                 anon_vma: false,
             },
         );
+        let id = self.ids.fresh();
+        self.ids.set(addr, end, id, ts);
         e
     }
 
@@ -507,6 +522,12 @@ impl AddressSpace {
                     anon_vma: false,
                 },
             );
+            // The heap's mapping grows (a new one when there was no heap yet).
+            let id = match self.ids.at(old_end.saturating_sub(1)) {
+                Some(id) if old_end > start => id,
+                _ => self.ids.fresh(),
+            };
+            self.ids.set(old_end, new_end, id, ts);
             self.heap_high_water = self.heap_high_water.max(new_end - start);
             e.kind = EffectKind::Grown;
             e.start = start;
@@ -556,6 +577,8 @@ impl AddressSpace {
                     ..template
                 };
                 self.place(ts, Cause::Mremap, grown);
+                let id = self.ids.at(old_end - 1).unwrap_or_else(|| self.ids.fresh());
+                self.ids.set(old_end, old + new_len, id, ts);
                 return Effect::new(EffectKind::Grown, old, old + new_len);
             }
             return Effect::new(EffectKind::None, old, old_end);
@@ -583,6 +606,9 @@ impl AddressSpace {
         };
         let keep = old_len.min(new_len);
         if old_len > 0 {
+            // The mapping's ids go with its pages; what is beyond the new length is gone.
+            self.ids.remove(old + keep, old_end);
+            self.ids.relocate(old, keep, new_addr);
             // Pages beyond the new length are released; the rest move.
             e.released_pages +=
                 self.pages
@@ -608,6 +634,11 @@ impl AddressSpace {
             last = Some(moved.clone());
             self.place(ts, Cause::Mremap, moved);
         }
+        if old_len == 0 {
+            // A second mapping of the same pages.
+            let id = self.ids.fresh();
+            self.ids.set(new_addr, new_end, id, ts);
+        }
         if let Some(last) = last
             && last.end < new_end
         {
@@ -618,11 +649,18 @@ impl AddressSpace {
                 created_ns: ts,
                 ..last
             };
+            let id = self
+                .ids
+                .at(last.end - 1)
+                .unwrap_or_else(|| self.ids.fresh());
+            self.ids.set(last.end, new_end, id, ts);
             self.place(ts, Cause::Mremap, tail);
         }
         if flags & MREMAP_DONTUNMAP != 0 && old_len > 0 {
-            // The old range stays mapped, emptied of its pages.
+            // The old range stays mapped, emptied of its pages: a new mapping.
+            let id = self.ids.fresh();
             for p in pieces {
+                self.ids.set(p.start, p.end, id, ts);
                 self.place(ts, Cause::Mremap, p);
             }
         }
@@ -780,6 +818,8 @@ impl AddressSpace {
                 anon_vma: false,
             },
         );
+        let id = self.ids.fresh();
+        self.ids.set(addr, end, id, ts);
         e.kind = EffectKind::Created;
         e.start = addr;
         e.end = end;
@@ -837,6 +877,8 @@ impl AddressSpace {
             match stack {
                 Some(stack) => {
                     let start = page_align_down(addr);
+                    let id = self.ids.at(stack.start).unwrap_or_else(|| self.ids.fresh());
+                    self.ids.set(start, stack.start, id, ts);
                     self.place(
                         ts,
                         Cause::StackGrowth,
@@ -972,6 +1014,7 @@ impl AddressSpace {
         if removed.is_empty() {
             return e;
         }
+        self.ids.remove(start, end);
         self.timeline
             .push(ts, cause, Change::Unmapped { start, end });
         e.unmapped_bytes = removed.iter().map(Vma::len).sum();

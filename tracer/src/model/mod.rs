@@ -2,6 +2,7 @@
 //! Nothing here does I/O; `session` feeds it and `procfs` seeds it.
 
 pub mod address_space;
+pub mod ids;
 pub mod normalize;
 pub mod pages;
 pub mod thp;

@@ -36,6 +36,9 @@ struct RefPage {
     /// The page's VMA got private anonymous memory here (its share of the anon_vma; the
     /// whole VMA has one when any of its pages has).
     anon_vma: bool,
+    /// The mapping the page belongs to (the reference's own numbering: the model's ids must
+    /// group the pages the same way).
+    mapping: u64,
 }
 
 impl RefPage {
@@ -49,6 +52,7 @@ impl RefPage {
             lazyfree: false,
             fork: ForkAdvice::default(),
             anon_vma: false,
+            mapping: 0,
         }
     }
 
@@ -72,6 +76,8 @@ struct Reference {
     /// Addresses whose touched page was released (unmapped or advised away), not touched since.
     released: std::collections::BTreeSet<u64>,
     refaults: u64,
+    /// The last mapping number given.
+    mappings: u64,
 }
 
 impl Reference {
@@ -106,16 +112,16 @@ impl Reference {
 
     fn map(&mut self, start: u64, len: u64, perms: Perms, backing: Backing, offset: u64) {
         self.unmap(start, start + len);
+        self.mappings += 1;
         for i in 0..len / PAGE_SIZE {
             let file = matches!(backing, Backing::File { .. });
-            self.pages.insert(
-                start + i * PAGE_SIZE,
-                RefPage::new(
-                    perms,
-                    backing.clone(),
-                    file.then_some(offset + i * PAGE_SIZE),
-                ),
+            let mut p = RefPage::new(
+                perms,
+                backing.clone(),
+                file.then_some(offset + i * PAGE_SIZE),
             );
+            p.mapping = self.mappings;
+            self.pages.insert(start + i * PAGE_SIZE, p);
         }
     }
 
@@ -162,6 +168,7 @@ impl Reference {
         let mut child = Reference {
             brk: self.brk,
             refaults: self.refaults,
+            mappings: self.mappings,
             // Released addresses no longer mapped stay known (for refaults) in the child.
             released: self
                 .released
@@ -326,6 +333,33 @@ fn check(model: &AddressSpace, reference: &Reference) -> Result<(), TestCaseErro
         prop_assert!(
             !super::timeline::mergeable(w[0], w[1]),
             "unmerged neighbours"
+        );
+    }
+    // Mapping ids: every mapped page has one, nothing else has, and they group the pages as
+    // the reference's mappings do (one id per mapping, one mapping per id).
+    let ids = model.ids().ranges_in(0, u64::MAX);
+    prop_assert_eq!(
+        ids.iter().map(|(s, e, _)| e - s).sum::<u64>(),
+        model_pages * PAGE_SIZE,
+        "bytes with an id"
+    );
+    let mut to_model = BTreeMap::new();
+    let mut to_ref = BTreeMap::new();
+    for (&a, p) in &reference.pages {
+        let id = model.ids().at(a);
+        prop_assert!(id.is_some(), "page {:#x} has no mapping id", a);
+        let id = id.expect("checked");
+        prop_assert_eq!(
+            *to_model.entry(p.mapping).or_insert(id),
+            id,
+            "id at {:#x}",
+            a
+        );
+        prop_assert_eq!(
+            *to_ref.entry(id).or_insert(p.mapping),
+            p.mapping,
+            "mapping at {:#x}",
+            a
         );
     }
     // The history replays to the present.
@@ -521,11 +555,14 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                     .collect();
                 r.unmap(dest, dest + len);
                 if dontunmap {
+                    // The old range stays, emptied: a new mapping.
+                    r.mappings += 1;
                     for (a, _) in &moved {
                         if let Some(p) = r.pages.get_mut(a) {
                             p.touched = None;
                             p.refaulted = false;
                             p.lazyfree = false;
+                            p.mapping = r.mappings;
                         }
                     }
                 } else {
@@ -545,8 +582,18 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
                 m.brk(ts, new);
                 if new > old_end {
                     let perms = Perms::from_prot(3, false);
+                    // The heap's mapping grows; there is a new one when there was no heap.
+                    let mapping = match r.pages.get(&(old_end - PAGE_SIZE)) {
+                        Some(p) if old_end > start => p.mapping,
+                        _ => {
+                            r.mappings += 1;
+                            r.mappings
+                        }
+                    };
                     for a in (old_end..new).step_by(PAGE_SIZE as usize) {
-                        r.pages.insert(a, RefPage::new(perms, Backing::Heap, None));
+                        let mut p = RefPage::new(perms, Backing::Heap, None);
+                        p.mapping = mapping;
+                        r.pages.insert(a, p);
                     }
                 } else {
                     r.unmap(new, old_end);

@@ -71,6 +71,8 @@ pub struct Timeline {
     base_ts_ns: u64,
     entries: Vec<Entry>,
     cap: usize,
+    /// Entries pushed since the history began, folded ones included.
+    pushed: u64,
 }
 
 impl Default for Timeline {
@@ -87,6 +89,7 @@ impl Timeline {
             base_ts_ns: 0,
             entries: Vec::new(),
             cap: cap.max(2),
+            pushed: 0,
         }
     }
 
@@ -100,11 +103,19 @@ impl Timeline {
                 self.base_ts_ns = e.ts_ns;
             }
         }
+        self.pushed += 1;
         self.entries.push(Entry {
             ts_ns,
             cause,
             change,
         });
+    }
+
+    /// Entries pushed since the history began (folded ones included): a reader that kept this
+    /// number finds the entries pushed since at the end of [`Timeline::entries`], unless more
+    /// than `entries().len()` were pushed.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
     }
 
     /// The recorded entries (after the base).

@@ -27,8 +27,17 @@ pub struct HumanSink<W: Write> {
     faults: FaultFilter,
     color: bool,
     start_ns: u64,
-    /// Coalesced first touches: (pid, vma start) -> (pages, label).
-    touches: BTreeMap<(u32, u64), (u64, String)>,
+    /// Coalesced first touches: (pid, vma start) -> what was touched there.
+    touches: BTreeMap<(u32, u64), Touched>,
+}
+
+/// First touches coalesced in one VMA within one timer tick.
+struct Touched {
+    pages: u64,
+    label: String,
+    /// The faulting pages' range: from the lowest to the end of the highest.
+    low: u64,
+    high: u64,
 }
 
 impl<W: Write> HumanSink<W> {
@@ -44,11 +53,7 @@ impl<W: Write> HumanSink<W> {
     }
 
     fn paint(&self, code: &str, text: &str) -> String {
-        if self.color {
-            format!("\x1b[{code}m{text}\x1b[0m")
-        } else {
-            text.to_string()
-        }
+        paint(self.color, code, text)
     }
 
     fn time(&self, ts: u64) -> String {
@@ -57,15 +62,36 @@ impl<W: Write> HumanSink<W> {
 
     fn flush_touches(&mut self) -> io::Result<()> {
         let touches = std::mem::take(&mut self.touches);
-        for ((pid, start), (pages, label)) in touches {
+        for ((pid, _), t) in touches {
             let line = format!(
-                "{} [{pid}] first touch: {pages} pages ({}) of {label} at {start:#x}",
+                "{} [{pid}] first touch: {} pages ({}) of {} in {:#x}-{:#x}",
                 " ".repeat(11),
-                size(pages * PAGE_SIZE)
+                t.pages,
+                size(t.pages * PAGE_SIZE),
+                t.label,
+                t.low,
+                t.high
             );
             writeln!(self.out, "{}", self.paint("2", &line))?;
         }
         Ok(())
+    }
+}
+
+/// The pages a fault at `address` made resident: its page, or the aligned block of `pages`
+/// pages (a transparent huge page) around it.
+pub fn touched_range(address: u64, pages: u64) -> (u64, u64) {
+    let block = pages.max(1).next_power_of_two() * PAGE_SIZE;
+    let low = address & !(block - 1);
+    (low, low.saturating_add(block))
+}
+
+/// `text` in the ANSI colour `code` when `color` is on.
+pub fn paint(color: bool, code: &str, text: &str) -> String {
+    if color {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
     }
 }
 
@@ -206,24 +232,7 @@ impl<W: Write> Sink for HumanSink<W> {
     }
 
     fn findings(&mut self, findings: &[Finding]) -> io::Result<()> {
-        writeln!(self.out, "\n=== vmatrace report ===")?;
-        for f in findings {
-            let tag = match f.severity {
-                Severity::Warning => self.paint("1;33", "WARNING"),
-                Severity::Info => self.paint("2", "info"),
-            };
-            writeln!(self.out, "[{}] {tag} {}", f.pid, f.title)?;
-            writeln!(self.out, "    {}", f.explanation)?;
-            if !f.call_sites.is_empty() {
-                let sites: Vec<String> =
-                    f.call_sites.iter().map(|s| shown(s).to_string()).collect();
-                writeln!(self.out, "    call sites: {}", sites.join("; "))?;
-            }
-            if let Some(s) = &f.suggestion {
-                writeln!(self.out, "    try: {s}")?;
-            }
-        }
-        self.out.flush()
+        write_findings(&mut self.out, findings, self.color)
     }
 
     fn event(&mut self, event: &Event, applied: &Applied, session: &Session) -> io::Result<()> {
@@ -286,7 +295,17 @@ impl<W: Write> Sink for HumanSink<W> {
                         })
                         .unwrap_or_default();
                     // Pages, not faults: one fault on a huge page makes many resident.
-                    self.touches.entry((f.pid, start)).or_insert((0, label)).0 += fe.pages.max(1);
+                    let pages = fe.pages.max(1);
+                    let (low, high) = touched_range(f.address, pages);
+                    let t = self.touches.entry((f.pid, start)).or_insert(Touched {
+                        pages: 0,
+                        label,
+                        low,
+                        high,
+                    });
+                    t.pages += pages;
+                    t.low = t.low.min(low);
+                    t.high = t.high.max(high);
                 }
             }
             Event::Fork {
@@ -370,35 +389,9 @@ impl<W: Write> Sink for HumanSink<W> {
         if matches!(reason, SnapshotReason::Seed | SnapshotReason::Exec) {
             return Ok(());
         }
-        let reason = reason.name();
         self.flush_touches()?;
-        writeln!(
-            self.out,
-            "{} [{}] snapshot ({}): {} VMAs",
-            self.time(ts_ns),
-            p.pid,
-            shown(reason),
-            p.space.vma_count()
-        )?;
-        writeln!(
-            self.out,
-            "  {:<33} {:<4} {:>10} {:>10} {:>10}  path",
-            "range", "perm", "reserved", "touched", "anon"
-        )?;
-        for r in vma_rows(p) {
-            writeln!(
-                self.out,
-                "  {:>16x}-{:<16x} {:<4} {:>10} {:>10} {:>10}  {}",
-                r.start,
-                r.end,
-                r.perms,
-                size(r.reserved_bytes),
-                size(r.touched_bytes),
-                size(r.anon_bytes),
-                shown(r.path.as_deref().unwrap_or(""))
-            )?;
-        }
-        Ok(())
+        let time = self.time(ts_ns);
+        write_snapshot(&mut self.out, &time, reason, p)
     }
 
     fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
@@ -433,109 +426,170 @@ impl<W: Write> Sink for HumanSink<W> {
 
     fn summary(&mut self, _ts_ns: u64, s: &Summary) -> io::Result<()> {
         self.flush_touches()?;
-        writeln!(self.out, "\n=== vmatrace summary ===")?;
-        for p in &s.processes {
-            writeln!(
-                self.out,
-                "process {} ({}){}",
-                p.pid,
-                shown(p.exe.as_deref().unwrap_or("?")),
-                if p.exited { ", exited" } else { "" }
-            )?;
-            writeln!(
-                self.out,
-                "  {} VMAs, reserved {}, touched {} ({} anonymous), heap {} (high-water {})",
-                p.vma_count,
-                size(p.reserved_bytes),
-                size(p.touched_bytes),
-                size(p.anon_bytes),
-                size(p.heap_bytes),
-                size(p.heap_high_water_bytes)
-            )?;
-            let calls: Vec<String> = p.syscalls.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            writeln!(
-                self.out,
-                "  syscalls: {}",
-                if calls.is_empty() {
-                    "none".into()
-                } else {
-                    calls.join(", ")
-                }
-            )?;
-            if !p.failed_syscalls.is_empty() {
-                let failed: Vec<String> = p
-                    .failed_syscalls
-                    .iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect();
-                writeln!(self.out, "  failed: {}", failed.join(", "))?;
-            }
-            let touches: Vec<String> = p
-                .first_touches
-                .iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect();
-            writeln!(
-                self.out,
-                "  faults: {}, first touches: {}, copy-on-write: {}, released pages: {}, refaulted: {}",
-                p.faults,
-                if touches.is_empty() {
-                    "0".into()
-                } else {
-                    touches.join(", ")
-                },
-                p.cow_upgrades,
-                p.released_pages,
-                p.refaulted_pages
-            )?;
-            if p.resyncs > 0 {
-                writeln!(
-                    self.out,
-                    "  events were lost: the map was read again {} time(s), so it is exact, but the counts above miss the lost events",
-                    p.resyncs
-                )?;
-            }
-            writeln!(self.out, "  top VMAs by touched bytes:")?;
-            for r in p.top_vmas.iter().filter(|r| r.touched_bytes > 0).take(10) {
-                writeln!(
-                    self.out,
-                    "    {:>12x}-{:<12x} {} {:>10} of {:>10}  {}",
-                    r.start,
-                    r.end,
-                    r.perms,
-                    size(r.touched_bytes),
-                    size(r.reserved_bytes),
-                    shown(r.path.as_deref().unwrap_or("[anon]"))
-                )?;
-            }
-            write_sites(&mut self.out, &p.call_sites)?;
-        }
-        let l = &s.lost;
-        writeln!(
-            self.out,
-            "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {}; unread at the stop {})",
-            l.total_lost(),
-            l.lost_syscall,
-            l.lost_fault,
-            l.lost_lifecycle,
-            l.pending_full,
-            l.undecodable,
-            l.unread
-        )?;
-        if l.lost_stack > 0 {
-            writeln!(
-                self.out,
-                "stacks dropped: {} (the ring was more than half full; their events were kept)",
-                l.lost_stack
-            )?;
-        }
-        self.out.flush()
+        write_summary(&mut self.out, s)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         self.flush_touches()?;
         self.out.flush()
     }
+}
+
+/// The findings of `--report` and `vmatrace report`, as human lines.
+pub fn write_findings(out: &mut impl Write, findings: &[Finding], color: bool) -> io::Result<()> {
+    writeln!(out, "\n=== vmatrace report ===")?;
+    for f in findings {
+        let tag = match f.severity {
+            Severity::Warning => paint(color, "1;33", "WARNING"),
+            Severity::Info => paint(color, "2", "info"),
+        };
+        writeln!(out, "[{}] {tag} {}", f.pid, f.title)?;
+        writeln!(out, "    {}", f.explanation)?;
+        if !f.call_sites.is_empty() {
+            let sites: Vec<String> = f.call_sites.iter().map(|s| shown(s).to_string()).collect();
+            writeln!(out, "    call sites: {}", sites.join("; "))?;
+        }
+        if let Some(s) = &f.suggestion {
+            writeln!(out, "    try: {s}")?;
+        }
+    }
+    out.flush()
+}
+
+/// The end-of-run summary, as human lines.
+pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
+    writeln!(out, "\n=== vmatrace summary ===")?;
+    for p in &s.processes {
+        writeln!(
+            out,
+            "process {} ({}){}",
+            p.pid,
+            shown(p.exe.as_deref().unwrap_or("?")),
+            if p.exited { ", exited" } else { "" }
+        )?;
+        writeln!(
+            out,
+            "  {} VMAs, reserved {}, touched {} ({} anonymous), heap {} (high-water {})",
+            p.vma_count,
+            size(p.reserved_bytes),
+            size(p.touched_bytes),
+            size(p.anon_bytes),
+            size(p.heap_bytes),
+            size(p.heap_high_water_bytes)
+        )?;
+        let calls: Vec<String> = p.syscalls.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        writeln!(
+            out,
+            "  syscalls: {}",
+            if calls.is_empty() {
+                "none".into()
+            } else {
+                calls.join(", ")
+            }
+        )?;
+        if !p.failed_syscalls.is_empty() {
+            let failed: Vec<String> = p
+                .failed_syscalls
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            writeln!(out, "  failed: {}", failed.join(", "))?;
+        }
+        let touches: Vec<String> = p
+            .first_touches
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        writeln!(
+            out,
+            "  faults: {}, first touches: {}, copy-on-write: {}, released pages: {}, refaulted: {}",
+            p.faults,
+            if touches.is_empty() {
+                "0".into()
+            } else {
+                touches.join(", ")
+            },
+            p.cow_upgrades,
+            p.released_pages,
+            p.refaulted_pages
+        )?;
+        if p.resyncs > 0 {
+            writeln!(
+                out,
+                "  events were lost: the map was read again {} time(s), so it is exact, but the counts above miss the lost events",
+                p.resyncs
+            )?;
+        }
+        writeln!(out, "  top VMAs by touched bytes:")?;
+        for r in p.top_vmas.iter().filter(|r| r.touched_bytes > 0).take(10) {
+            writeln!(
+                out,
+                "    {:>12x}-{:<12x} {} {:>10} of {:>10}  {}",
+                r.start,
+                r.end,
+                r.perms,
+                size(r.touched_bytes),
+                size(r.reserved_bytes),
+                shown(r.path.as_deref().unwrap_or("[anon]"))
+            )?;
+        }
+        write_sites(out, &p.call_sites)?;
+    }
+    let l = &s.lost;
+    writeln!(
+        out,
+        "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {}; unread at the stop {})",
+        l.total_lost(),
+        l.lost_syscall,
+        l.lost_fault,
+        l.lost_lifecycle,
+        l.pending_full,
+        l.undecodable,
+        l.unread
+    )?;
+    if l.lost_stack > 0 {
+        writeln!(
+            out,
+            "stacks dropped: {} (the ring was more than half full; their events were kept)",
+            l.lost_stack
+        )?;
+    }
+    out.flush()
+}
+
+/// A process's whole map as a table (`time` is the line's time column).
+pub fn write_snapshot(
+    out: &mut impl Write,
+    time: &str,
+    reason: SnapshotReason,
+    p: &Process,
+) -> io::Result<()> {
+    writeln!(
+        out,
+        "{time} [{}] snapshot ({}): {} VMAs",
+        p.pid,
+        shown(reason.name()),
+        p.space.vma_count()
+    )?;
+    writeln!(
+        out,
+        "  {:<33} {:<4} {:>10} {:>10} {:>10}  path",
+        "range", "perm", "reserved", "touched", "anon"
+    )?;
+    for r in vma_rows(p) {
+        writeln!(
+            out,
+            "  {:>16x}-{:<16x} {:<4} {:>10} {:>10} {:>10}  {}",
+            r.start,
+            r.end,
+            r.perms,
+            size(r.reserved_bytes),
+            size(r.touched_bytes),
+            size(r.anon_bytes),
+            shown(r.path.as_deref().unwrap_or(""))
+        )?;
+    }
+    Ok(())
 }
 
 /// The call-site table of a process (with stacks): what each site reserved, how much of it

@@ -4,10 +4,12 @@
 pub mod file;
 pub mod html;
 pub mod human;
+pub mod live_view;
 pub mod ndjson;
 pub mod perfetto;
 pub mod profile;
 pub mod report;
+pub mod status;
 pub mod timeline_view;
 
 use std::io;
@@ -24,6 +26,8 @@ pub struct Meta {
     pub fault_backend: String,
     pub syscall_backend: String,
     pub limits: Limits,
+    /// The wall-clock time of the run's start and its boot (replay: the recording's).
+    pub clock: Option<crate::clock::Anchor>,
 }
 pub use report::{LossSummary, Summary};
 

@@ -392,9 +392,12 @@ pub fn snapshot_json(ts_ns: u64, reason: SnapshotReason, p: &Process) -> Value {
 
 impl<W: Write> Sink for NdjsonSink<W> {
     fn start(&mut self, meta: &Meta) -> io::Result<()> {
+        let clock = meta.clock.as_ref();
         self.line(&json!({
             "type": "meta",
-            "ts_ns": crate::clock::monotonic_ns(),
+            "ts_ns": clock.map_or_else(crate::clock::monotonic_ns, |c| c.ts_ns),
+            "realtime_ns": clock.map(|c| c.realtime_ns),
+            "boot_id": clock.and_then(|c| c.boot_id.as_deref()),
             "version": SCHEMA_VERSION,
             "tool": concat!("vmatrace ", env!("CARGO_PKG_VERSION")),
             "fault_backend": meta.fault_backend,

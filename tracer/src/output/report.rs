@@ -15,6 +15,12 @@ use crate::{
 pub struct VmaRow {
     pub start: u64,
     pub end: u64,
+    /// The mapping the VMA belongs to (`model::ids`): the one at its start.
+    #[serde(default)]
+    pub id: u64,
+    /// When the kernel merged several mappings into this VMA: each one's `[start, end, id]`.
+    #[serde(default)]
+    pub parts: Option<Vec<[u64; 3]>>,
     pub perms: String,
     pub offset: u64,
     pub path: Option<String>,
@@ -57,9 +63,12 @@ pub fn vma_rows(p: &Process) -> Vec<VmaRow> {
 fn row(p: &Process, v: &Vma) -> VmaRow {
     let c = p.space.pages_in(v.start, v.end);
     let page = crate::model::PAGE_SIZE;
+    let ids = p.space.ids().ranges_in(v.start, v.end);
     VmaRow {
         start: v.start,
         end: v.end,
+        id: p.space.ids().at(v.start).unwrap_or(0),
+        parts: (ids.len() > 1).then(|| ids.iter().map(|&(s, e, id)| [s, e, id]).collect()),
         perms: v.perms.to_string(),
         offset: v.offset,
         path: p.space.maps_path(v),
