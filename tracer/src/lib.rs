@@ -9,6 +9,7 @@ pub mod analysis;
 pub mod cli;
 pub mod clock;
 pub mod collapse;
+pub mod config;
 pub mod event;
 pub mod fault_access;
 pub mod flags;

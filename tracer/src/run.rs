@@ -3,9 +3,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    ffi::OsString,
-    io::{self, Write},
-    path::PathBuf,
+    io,
     time::{Duration, Instant},
 };
 
@@ -29,44 +27,14 @@ use crate::{
         FaultFilter, LossSummary, Meta, Sink, SnapshotReason, file::OutputError, report::summarize,
     },
     pagemap,
-    probe::{
-        ExitRule, FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions, StackOptions,
-        SyscallBackend,
-    },
+    probe::{FaultBackend, KernelStats, Probe, ProbeError, ProbeOptions},
     procfs::{self, ProcError},
     residency,
     session::{Applied, Seed, Session},
     stacks::{Collector, RawStack},
 };
 
-/// Everything a live run needs.
-#[derive(Clone, Debug)]
-pub struct RunConfig {
-    pub pids: Vec<u32>,
-    pub command: Vec<OsString>,
-    pub follow: bool,
-    pub json: bool,
-    pub output: Option<PathBuf>,
-    pub force: bool,
-    pub duration: Option<Duration>,
-    pub faults: FaultFilter,
-    pub backend: FaultBackend,
-    pub syscall_backend: SyscallBackend,
-    pub exit_rule: ExitRule,
-    pub ring_bytes: u32,
-    pub user: Option<String>,
-    pub reconcile: Option<Duration>,
-    /// Print allocator and address-space findings at the end.
-    pub report: bool,
-    /// How human output shows events (roll-up, `-v`, `--quiet`, `--min-size`).
-    pub view: crate::output::live_view::ViewOptions,
-    /// `vmatrace record` (for the banner and the status line).
-    pub recording: bool,
-    /// Trace the allocator functions too (`--heap`).
-    pub heap: bool,
-    /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
-    pub stacks: StackOptions,
-}
+pub use crate::config::RunConfig;
 
 /// Errors of a live run, each one line for the user.
 #[derive(Debug, thiserror::Error)]
@@ -834,26 +802,6 @@ impl Live {
             self.sink.snapshot(ts, reason, p).map_err(RunError::Write)?;
         }
         self.sink.flush().map_err(RunError::Write)
-    }
-}
-
-/// The output, telling the stop watchdog when a write is under way: an end blocked on its
-/// output is cut short, a slow one is not.
-pub(crate) struct Watched<W>(pub(crate) W);
-
-impl<W: Write> Write for Watched<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        crate::signals::writing(true);
-        let r = self.0.write(buf);
-        crate::signals::writing(false);
-        r
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        crate::signals::writing(true);
-        let r = self.0.flush();
-        crate::signals::writing(false);
-        r
     }
 }
 

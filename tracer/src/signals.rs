@@ -8,6 +8,7 @@
 
 use crate::clock::monotonic_ns;
 use std::{
+    io::{self, Write},
     sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
@@ -132,5 +133,25 @@ fn exit_now(message: &str, code: i32) -> ! {
     unsafe {
         libc::write(2, message.as_ptr().cast(), message.len());
         libc::_exit(code)
+    }
+}
+
+/// The output, telling the stop watchdog when a write is under way: an end blocked on its
+/// output is cut short, a slow one is not.
+pub struct Watched<W>(pub W);
+
+impl<W: Write> Write for Watched<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        writing(true);
+        let r = self.0.write(buf);
+        writing(false);
+        r
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        writing(true);
+        let r = self.0.flush();
+        writing(false);
+        r
     }
 }

@@ -767,7 +767,7 @@ fn a_banner_says_what_is_traced_and_the_end_is_summarised_on_stderr() {
     assert!(
         err.contains(&format!(
             "vmatrace: {} records (",
-            tracer::output::status::thousands(written as u64)
+            tracer::output::thousands(written as u64)
         )),
         "{written} records: {err}"
     );

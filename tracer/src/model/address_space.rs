@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 use super::{
     ids::Ids,
     pages::{HugeBlock, PageCounts, Pages, ResidentRun, Touch, TouchKind},
-    thp::{PMD_PAGES, ThpAdvice, ThpPolicy},
+    thp::{PMD_PAGES, ThpPolicy},
     timeline::{self, Cause, Change, Timeline},
-    vma::{Backing, PAGE_SHIFT, Perms, Vma, page_align_down, page_align_up},
+    vma::{Backing, PAGE_SHIFT, Perms, ThpAdvice, Vma, page_align_down, page_align_up},
 };
 
 /// `madvise` advice values that release pages.

@@ -11,8 +11,8 @@ pub mod vma;
 
 pub use address_space::{AddressSpace, Effect, EffectKind, FaultEffect};
 pub use pages::{PageCounts, ResidentRun, Touch, TouchKind};
-pub use thp::{PMD_PAGES, ThpAdvice, ThpPolicy};
-pub use vma::{Backing, ForkAdvice, PAGE_SIZE, Perms, Vma};
+pub use thp::{PMD_PAGES, ThpPolicy};
+pub use vma::{Backing, ForkAdvice, PAGE_SIZE, Perms, ThpAdvice, Vma};
 
 #[cfg(test)]
 mod reference_tests;

@@ -10,38 +10,7 @@
 //! back to small pages (no huge page free), the next fault in the block shows it and the model
 //! takes the block back (see `Pages::revert_block`).
 
-use super::vma::PAGE_SIZE;
-
-/// A VMA's own huge-page advice (`madvise`, or `hg`/`nh` in `/proc/PID/smaps` `VmFlags`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum ThpAdvice {
-    #[default]
-    Default,
-    /// `MADV_HUGEPAGE`.
-    Huge,
-    /// `MADV_NOHUGEPAGE`.
-    NoHuge,
-}
-
-impl ThpAdvice {
-    /// The name used in output (`None` for no advice).
-    pub fn name(self) -> Option<&'static str> {
-        match self {
-            Self::Default => None,
-            Self::Huge => Some("huge"),
-            Self::NoHuge => Some("nohuge"),
-        }
-    }
-
-    /// Parses [`ThpAdvice::name`].
-    pub fn parse(s: Option<&str>) -> Self {
-        match s {
-            Some("huge") => Self::Huge,
-            Some("nohuge") => Self::NoHuge,
-            _ => Self::Default,
-        }
-    }
-}
+use super::vma::{PAGE_SIZE, ThpAdvice};
 
 /// Pages in a PMD-sized (2 MiB) huge page.
 pub const PMD_PAGES: u64 = (2 << 20) / PAGE_SIZE;

@@ -1,6 +1,5 @@
 //! One VMA: a range of addresses with permissions and a backing.
 
-use super::thp::ThpAdvice;
 use std::{fmt, sync::Arc};
 
 /// The size of a page, in bytes.
@@ -192,5 +191,36 @@ impl Vma {
         v.start = start;
         v.end = end;
         v
+    }
+}
+
+/// A VMA's own huge-page advice (`madvise`, or `hg`/`nh` in `/proc/PID/smaps` `VmFlags`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ThpAdvice {
+    #[default]
+    Default,
+    /// `MADV_HUGEPAGE`.
+    Huge,
+    /// `MADV_NOHUGEPAGE`.
+    NoHuge,
+}
+
+impl ThpAdvice {
+    /// The name used in output (`None` for no advice).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            Self::Default => None,
+            Self::Huge => Some("huge"),
+            Self::NoHuge => Some("nohuge"),
+        }
+    }
+
+    /// Parses [`ThpAdvice::name`].
+    pub fn parse(s: Option<&str>) -> Self {
+        match s {
+            Some("huge") => Self::Huge,
+            Some("nohuge") => Self::NoHuge,
+            _ => Self::Default,
+        }
     }
 }

@@ -19,7 +19,7 @@ use tracer_common::Syscall;
 use super::{
     LossSummary, Meta, Sink, SnapshotReason, Summary,
     human::{call_text, effect_text, paint, write_findings, write_snapshot, write_summary},
-    status::thousands,
+    thousands,
 };
 use crate::{
     analysis::Finding,

@@ -23,14 +23,16 @@ use super::{
     human::HumanSink,
     live_view::LiveView,
     ndjson::NdjsonSink,
+    thousands,
 };
 use crate::{
     analysis::Finding,
+    config::RunConfig,
     event::Event,
     flags::size,
     name::shown,
-    run::{RunConfig, Watched},
     session::{Applied, Process, Session},
+    signals::Watched,
 };
 
 /// Whether a status line is on the terminal now.
@@ -102,19 +104,6 @@ impl<W: Write> Write for Counted<W> {
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
-}
-
-/// `12345678` as `12,345,678`.
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// Bytes as `12.3 MB` (the unit people see for files).
