@@ -690,11 +690,14 @@ impl Live {
     /// resident pages, as at attach) and written as a `resync` snapshot, from which a replay
     /// reseeds too. The process runs meanwhile, so what it changes while its map is read may
     /// be applied twice; the counts (calls, faults) miss the lost events, and the summary
-    /// says how many resyncs there were.
-    fn resync_after_losses(&mut self) -> Result<(), RunError> {
+    /// says how many resyncs there were. `now_asked`: before a SIGUSR1 snapshot, at once
+    /// whatever the pace, so that the snapshot is the kernel's state.
+    fn resync_after_losses(&mut self, now_asked: bool) -> Result<(), RunError> {
         let now = monotonic_ns();
         if !self.resync_due
-            || (self.losing && now.saturating_sub(self.last_resync_ns) < RESYNC_EVERY_NS)
+            || (!now_asked
+                && self.losing
+                && now.saturating_sub(self.last_resync_ns) < RESYNC_EVERY_NS)
         {
             return Ok(());
         }
@@ -1090,7 +1093,7 @@ async fn event_loop(
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
                 live.recover_lost_exec_stops()?;
-                live.resync_after_losses()?;
+                live.resync_after_losses(false)?;
                 live.reap_lost_exits();
                 live.look_for_collapses();
                 live.probe.flush_logs();
@@ -1128,8 +1131,11 @@ async fn event_loop(
                 // Collapses found now are handled by the next collect, in time order.
                 live.look_for_collapses();
                 live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
-                // A snapshot has every event up to now.
+                // A snapshot has every event up to now, and a model read again from /proc
+                // if events were lost since the last resync.
                 live.handle_released(None)?;
+                live.report_losses()?;
+                live.resync_after_losses(true)?;
                 live.snapshots(SnapshotReason::Signal)?;
             }
             code = async {
