@@ -65,7 +65,39 @@ pub struct KernelLayout {
     pub task_signal: u32,
     /// Offset of `live` in `struct signal_struct` (from BTF), or [`FIELD_ABSENT`].
     pub signal_live: u32,
+    /// Offset of `thread_pid` in `struct task_struct` (from BTF), or [`FIELD_ABSENT`]: read,
+    /// with the three below, only inside a PID namespace (see [`PidNamespace`]).
+    pub task_thread_pid: u32,
+    /// Offset of `level` in `struct pid`.
+    pub pid_level: u32,
+    /// Offset of `numbers` (the pid in each namespace level) in `struct pid`.
+    pub pid_numbers: u32,
+    /// Size of `struct upid`, one element of `numbers` (`nr` is its first member).
+    pub upid_size: u32,
     pub _pad: u32,
+    /// The PID namespace whose pids the programs report, or none (`ino` 0): the kernel's own.
+    pub pid_namespace: PidNamespace,
+}
+
+/// A PID namespace, named as `bpf_get_ns_current_pid_tgid` wants it: the device and inode
+/// of `/proc/self/ns/pid`. Inside a container, vmatrace is given, reads in `/proc` and prints
+/// that namespace's pids, so the programs report those: a task of another namespace (the
+/// host's, or one nested deeper) is not traced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PidNamespace {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl PidNamespace {
+    /// The kernel's own namespace: the programs use the kernel's pids.
+    pub const KERNEL: Self = Self { dev: 0, ino: 0 };
+
+    /// Whether this is the kernel's own namespace (nothing to translate).
+    pub const fn is_kernel(&self) -> bool {
+        self.ino == 0
+    }
 }
 
 impl KernelLayout {
@@ -78,11 +110,17 @@ impl KernelLayout {
         exit_group_dead: FIELD_ABSENT,
         task_signal: FIELD_ABSENT,
         signal_live: FIELD_ABSENT,
+        task_thread_pid: FIELD_ABSENT,
+        pid_level: FIELD_ABSENT,
+        pid_numbers: FIELD_ABSENT,
+        upid_size: FIELD_ABSENT,
         _pad: 0,
+        pid_namespace: PidNamespace::KERNEL,
     };
 }
 
-const _: () = assert!(core::mem::size_of::<KernelLayout>() == 32);
+const _: () = assert!(core::mem::size_of::<KernelLayout>() == 64);
+const _: () = assert!(core::mem::offset_of!(KernelLayout, pid_namespace) == 48);
 
 const fn field(
     category: &'static str,

@@ -7,30 +7,17 @@ use aya_ebpf::{
         bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
         generated::bpf_send_signal,
     },
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
 use tracer_common::{
     EventHeader, EventKind, ExecEvent, ExitEvent, ForkEvent, Stat, TARGET_FOLLOW_FORKS,
-    TARGET_STOP_AT_EXEC,
-    layout::{FIELD_ABSENT, KernelLayout},
+    TARGET_STOP_AT_EXEC, layout::FIELD_ABSENT,
 };
 
 use crate::maps::{
-    EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, now_ns, targets_changed,
+    EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, layout, now_ns, targets_changed,
 };
-
-/// Where the tracepoint fields are on the running kernel: set by the daemon before load from
-/// the kernel's `format` files (and BTF), see `tracer_common::layout`.
-#[unsafe(no_mangle)]
-static LAYOUT: KernelLayout = KernelLayout::UNSET;
-
-/// The layout global, read volatile so the compiler does not fold the placeholder.
-#[inline(always)]
-fn layout() -> KernelLayout {
-    // SAFETY: a read-only global set at load time.
-    unsafe { core::ptr::read_volatile(&LAYOUT) }
-}
 
 /// Reads a `T` at `offset` of the tracepoint record; a missing field is an error.
 #[inline(always)]
@@ -47,6 +34,7 @@ fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, u32> {
 }
 
 const CLONE_THREAD: u64 = 0x0001_0000;
+const CLONE_NEWPID: u64 = 0x2000_0000;
 const SIGSTOP: u32 = 19;
 
 // name: task_newtask
@@ -70,15 +58,77 @@ pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
         return Ok(0);
     };
     // SAFETY: a live map value, copied.
-    // A child inherits following, never the one-shot stop at exec.
-    let flags = unsafe { *flags } & !TARGET_STOP_AT_EXEC;
+    let flags = unsafe { *flags };
     let at = layout();
     let child: i32 = field(ctx, at.newtask_pid)?;
     let clone_flags: u64 = field(ctx, at.newtask_clone_flags)?;
+    new_task(ctx, (tgid, tid), flags, child as u32, clone_flags)
+}
+
+// The raw `task_newtask` (include/trace/events/task.h):
+// TP_PROTO(struct task_struct *task, unsigned long clone_flags)
+const RAW_ARG_TASK: usize = 0;
+const RAW_ARG_CLONE_FLAGS: usize = 1;
+
+/// `task_newtask`, raw, for a daemon in a PID namespace of its own: the record's `pid` is the
+/// kernel's, so the child's pid in the namespace is read from the task itself,
+/// `task->thread_pid->numbers[level].nr` (offsets from BTF).
+#[inline(always)]
+pub fn try_task_newtask_raw(ctx: &RawTracePointContext) -> Result<u32, u32> {
+    let (tgid, tid) = current_ids();
+    let Some(flags) = TARGETS.get_ptr(&tgid) else {
+        return Ok(0);
+    };
+    // SAFETY: a live map value, copied.
+    let flags = unsafe { *flags };
+    let task: u64 = ctx.arg(RAW_ARG_TASK);
+    let clone_flags: u64 = ctx.arg(RAW_ARG_CLONE_FLAGS);
+    if clone_flags & CLONE_NEWPID != 0 {
+        // The child lives in a namespace nested in the daemon's: its pids are not ours, and
+        // the programs do not see it.
+        return Ok(0);
+    }
+    let at = layout();
+    if at.task_thread_pid == FIELD_ABSENT || at.pid_level == FIELD_ABSENT {
+        count(Stat::ReadError);
+        return Err(1);
+    }
+    // SAFETY: kernel pointers read with the fault-tolerant helper, at offsets from BTF.
+    let child = unsafe {
+        let pid: u64 = bpf_probe_read_kernel(
+            (task as *const u8).add(at.task_thread_pid as usize) as *const u64
+        )
+        .map_err(|_| read_error())?;
+        let pid = pid as *const u8;
+        let level: u32 = bpf_probe_read_kernel(pid.add(at.pid_level as usize) as *const u32)
+            .map_err(|_| read_error())?;
+        // Bounded for the verifier; namespaces nest at most 32 deep (MAX_PID_NS_LEVEL).
+        let number = (at.pid_numbers + (level & 63) * at.upid_size) as usize;
+        bpf_probe_read_kernel(pid.add(number) as *const u32).map_err(|_| read_error())?
+    };
+    new_task(ctx, (tgid, tid), flags, child, clone_flags)
+}
+
+fn read_error() -> u32 {
+    count(Stat::ReadError);
+    1
+}
+
+/// A new task `child` of the traced process `tgid` (thread `tid`, its `TARGET_*` `flags`): a
+/// new process is followed if its parent is, and reported.
+#[inline(always)]
+fn new_task<C: EbpfContext>(
+    ctx: &C,
+    (tgid, tid): (u32, u32),
+    flags: u32,
+    child: u32,
+    clone_flags: u64,
+) -> Result<u32, u32> {
     if clone_flags & CLONE_THREAD != 0 {
         return Ok(0); // a thread shares the traced address space and tgid
     }
-    let child = child as u32;
+    // A child inherits following, never the one-shot stop at exec.
+    let flags = flags & !TARGET_STOP_AT_EXEC;
     let mut followed = 0;
     if flags & TARGET_FOLLOW_FORKS != 0 {
         if TARGETS.insert(&child, &flags, BPF_NOEXIST as u64).is_ok() {

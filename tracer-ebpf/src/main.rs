@@ -157,6 +157,14 @@ pub fn task_newtask(ctx: TracePointContext) -> u32 {
     }
 }
 
+/// `task_newtask` for a daemon in a PID namespace of its own (the child's pid there).
+#[raw_tracepoint(tracepoint = "task_newtask")]
+pub fn task_newtask_raw(ctx: RawTracePointContext) -> i32 {
+    match lifecycle::try_task_newtask_raw(&ctx) {
+        Ok(ret) | Err(ret) => ret as i32,
+    }
+}
+
 #[tracepoint]
 pub fn sched_process_exec(ctx: TracePointContext) -> u32 {
     match lifecycle::try_exec(&ctx) {

@@ -4,14 +4,15 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info},
+    helpers::generated::bpf_get_ns_current_pid_tgid,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
     DEFAULT_RING_BYTES, FaultBatch, PendingSyscall, STAT_COUNT, Stat, TARGETS_GEN_KERNEL,
-    TARGETS_GEN_SLOTS, TARGETS_GEN_USER,
+    TARGETS_GEN_SLOTS, TARGETS_GEN_USER, layout::KernelLayout,
 };
 
 /// Every event, in the order the kernel submitted them. Userspace may resize it before load.
@@ -161,11 +162,43 @@ pub fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
     unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
 }
 
-/// Splits `bpf_get_current_pid_tgid()` into (tgid, tid).
+/// Where the programs read the kernel's data: set by the daemon before load from the kernel's
+/// `format` files and BTF, see `tracer_common::layout`.
+#[unsafe(no_mangle)]
+static LAYOUT: KernelLayout = KernelLayout::UNSET;
+
+/// The layout global, read volatile so the compiler does not fold the placeholder.
+#[inline(always)]
+pub fn layout() -> KernelLayout {
+    // SAFETY: a read-only global set at load time.
+    unsafe { core::ptr::read_volatile(&LAYOUT) }
+}
+
+/// The current task's (tgid, tid): the kernel's, or, when the daemon runs in a PID namespace
+/// of its own, that namespace's. A task outside it gets (0, 0), which is never traced.
 #[inline(always)]
 pub fn current_ids() -> (u32, u32) {
-    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
-    ((id >> 32) as u32, id as u32)
+    // SAFETY: a read-only global set at load time (the verifier knows its value, so the branch
+    // not taken is not even checked).
+    let ns = unsafe { core::ptr::read_volatile(&LAYOUT.pid_namespace) };
+    if ns.is_kernel() {
+        let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+        return ((id >> 32) as u32, id as u32);
+    }
+    let mut info = bpf_pidns_info { pid: 0, tgid: 0 };
+    // SAFETY: the helper writes `size_of::<bpf_pidns_info>()` bytes into `info`.
+    let r = unsafe {
+        bpf_get_ns_current_pid_tgid(
+            ns.dev,
+            ns.ino,
+            &mut info,
+            size_of::<bpf_pidns_info>() as u32,
+        )
+    };
+    if r != 0 {
+        return (0, 0);
+    }
+    (info.tgid, info.pid)
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds.

@@ -142,6 +142,13 @@ impl<T: Timed> Reorder<T> {
         self.reported() >= ts_ns
     }
 
+    /// The time of the oldest event held back (incoming ones included), if any.
+    pub fn oldest(&self) -> Option<u64> {
+        let incoming = self.incoming.iter().map(Timed::ts_ns).min();
+        let held = self.held.peek().map(|h| h.ts_ns);
+        incoming.into_iter().chain(held).min()
+    }
+
     /// Number of events held back (incoming ones included).
     pub fn held(&self) -> usize {
         self.incoming.len() + self.held.len()

@@ -3,6 +3,8 @@
 
 use std::{fs, io, path::PathBuf, sync::Arc};
 
+use tracer_common::layout::PidNamespace;
+
 use crate::model::{Backing, ForkAdvice, Perms, ThpAdvice, ThpPolicy, Vma};
 
 /// Errors reading `/proc`.
@@ -360,16 +362,41 @@ pub fn thp_policy(pid: u32) -> ThpPolicy {
     }
 }
 
-/// The inode of the kernel's first PID namespace (`PROC_PID_INIT_INO`), the one the kernel
-/// programs' pids belong to.
+/// The inode of the kernel's first PID namespace (`PROC_PID_INIT_INO`), the one the kernel's
+/// own pids belong to.
 const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
 
-/// Whether vmatrace runs in a PID namespace of its own (a container), where the pids it is
-/// given and sees in `/proc` are not the kernel's (`None` when it cannot tell).
-pub fn in_child_pid_namespace() -> Option<bool> {
+/// The PID namespace vmatrace runs in, as the eBPF programs name it; the kernel's own when it
+/// runs in the first one (or cannot tell). In a PID namespace of its own (a container) the
+/// pids it is given and sees in `/proc` are that namespace's, so the programs report those.
+pub fn own_pid_namespace() -> PidNamespace {
     use std::os::unix::fs::MetadataExt as _;
-    let ino = fs::metadata("/proc/self/ns/pid").ok()?.ino();
-    Some(ino != INITIAL_PID_NAMESPACE)
+    match fs::metadata("/proc/self/ns/pid") {
+        Ok(m) if m.ino() != INITIAL_PID_NAMESPACE => PidNamespace {
+            // The kernel compares its own `dev_t` encoding (major << 20 | minor), not the
+            // one `stat` gives.
+            dev: (u64::from(libc::major(m.dev())) << 20) | u64::from(libc::minor(m.dev())),
+            ino: m.ino(),
+        },
+        _ => PidNamespace::KERNEL,
+    }
+}
+
+/// The pids of `pid` in each PID namespace it belongs to, from the reader's outward in
+/// (`NSpid` in `/proc/PID/status`): one entry for a process of the reader's namespace, more
+/// for one in a container (the last is its pid there).
+pub fn namespace_pids(pid: u32) -> Vec<u32> {
+    // Read as bytes: the Name line holds the process's comm, which may be any bytes.
+    let status = fs::read(format!("/proc/{pid}/status")).unwrap_or_default();
+    String::from_utf8_lossy(&status)
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .map(|v| {
+            v.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The running kernel's version as (major, minor), from `/proc/sys/kernel/osrelease`.

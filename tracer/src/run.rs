@@ -58,10 +58,6 @@ pub enum RunError {
     #[error("--user applies to a launched command only")]
     UserWithoutCommand,
     #[error(
-        "this is a PID namespace of its own (a container), whose pids are not the kernel's: nothing would be traced; run vmatrace in the host's PID namespace (for a containerised process, give its host pid)"
-    )]
-    InChildPidNamespace,
-    #[error(
         "--stacks and --fault-stacks need Linux 5.15 or later (bpf_task_pt_regs); this kernel is {0}.{1}"
     )]
     StacksNeedNewerKernel(u32, u32),
@@ -231,6 +227,13 @@ struct Live {
     khugepaged: crate::collapse::Khugepaged,
     /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
     stacks: Option<Collector>,
+    /// When the last collection that emptied the ring began: every event before then has
+    /// been read (it is handled, or held in the reorder).
+    caught_up_ns: u64,
+    /// A snapshot asked for (SIGUSR1) at this time, written once every event before it is
+    /// handled: a reader that is behind (under overload, or emulation) must not write the
+    /// model of an earlier moment. At most [`SNAPSHOT_WAIT`] later, it is written anyway.
+    snapshot_due: Option<(u64, Instant)>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -251,6 +254,10 @@ const DRAIN_SLICE: Duration = Duration::from_millis(20);
 /// one write of its output before vmatrace gives up on the rest: a reader of its output that
 /// does not read must not keep it (and the kernel programs) alive.
 const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// A snapshot asked for (SIGUSR1) is written at most this long after, even if the reader
+/// has not yet handled every event up to the asking.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(30);
 
 /// Events handled between looks at the clock when handling is bounded in time.
 const RELEASE_CHUNK: usize = 4096;
@@ -399,6 +406,7 @@ impl Live {
         ring: &mut RingBuf<MapData>,
         until: Option<Instant>,
     ) -> Result<bool, RunError> {
+        let began = monotonic_ns();
         self.drain(ring, until)?;
         let asked = monotonic_ns();
         let outcome = self.probe.flush_faults();
@@ -431,7 +439,35 @@ impl Live {
         }
         let emptied = self.drain(ring, until)?;
         self.handle_released(until)?;
+        if emptied {
+            self.caught_up_ns = began;
+        }
         Ok(emptied)
+    }
+
+    /// Writes the snapshot asked for (SIGUSR1) once every event before the asking is
+    /// handled: then collapses are looked for (on a model that has caught up), handled, and
+    /// the maps read again if events were lost since the last resync.
+    fn snapshot_if_due(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
+        let Some((asked, when)) = self.snapshot_due else {
+            return Ok(());
+        };
+        let behind = self.caught_up_ns < asked || self.order.oldest().is_some_and(|t| t <= asked);
+        if behind && when.elapsed() < SNAPSHOT_WAIT {
+            return Ok(());
+        }
+        if behind {
+            log::warn!(
+                "the snapshot asked for {:.1} s ago is written before the events up to then were all read: vmatrace is behind",
+                when.elapsed().as_secs_f64()
+            );
+        }
+        self.snapshot_due = None;
+        self.look_for_collapses();
+        self.collect(ring, Some(Instant::now() + STOP_GRACE))?;
+        self.report_losses()?;
+        self.resync_after_losses(true)?;
+        self.snapshots(SnapshotReason::Signal)
     }
 
     /// No traced process is alive, and no event that could add one waits to be handled.
@@ -822,9 +858,6 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     if cfg.user.is_some() && cfg.command.is_empty() {
         return Err(RunError::UserWithoutCommand);
     }
-    if procfs::in_child_pid_namespace() == Some(true) {
-        return Err(RunError::InChildPidNamespace);
-    }
     if cfg.stacks.any()
         && let Some((major, minor)) = procfs::kernel_release().filter(|&v| v < (5, 15))
     {
@@ -861,6 +894,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         syscalls: cfg.syscall_backend,
         exit_rule: cfg.exit_rule,
         stacks: cfg.stacks,
+        pid_namespace: procfs::own_pid_namespace(),
         ..ProbeOptions::default()
     })?;
     let mut heap = if cfg.heap {
@@ -965,6 +999,8 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         recovered_execs: HashSet::new(),
         resync_due: false,
         losing: false,
+        caught_up_ns: 0,
+        snapshot_due: None,
         last_resync_ns: 0,
         heap,
         refused: Vec::new(),
@@ -1090,6 +1126,7 @@ async fn event_loop(
             }
             _ = tick.tick() => {
                 live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
+                live.snapshot_if_due(fd.get_mut())?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
                 live.recover_lost_exec_stops()?;
@@ -1126,17 +1163,11 @@ async fn event_loop(
                 break;
             }
             _ = sigusr1.recv() => {
-                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
-                live.handle_released(None)?;
-                // Collapses found now are handled by the next collect, in time order.
-                live.look_for_collapses();
-                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
-                // A snapshot has every event up to now, and a model read again from /proc
-                // if events were lost since the last resync.
-                live.handle_released(None)?;
-                live.report_losses()?;
-                live.resync_after_losses(true)?;
-                live.snapshots(SnapshotReason::Signal)?;
+                // A snapshot has every event up to now: written as soon as the reader has
+                // handled them (at once, unless it is behind).
+                live.snapshot_due = Some((monotonic_ns(), Instant::now()));
+                live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
+                live.snapshot_if_due(fd.get_mut())?;
             }
             code = async {
                 match waiter.as_mut() {

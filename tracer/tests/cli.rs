@@ -598,27 +598,89 @@ fn a_32_bit_program_is_traced_with_a_warning_that_its_syscalls_are_not() {
     assert!(!err.contains("32-bit"), "{err}");
 }
 
-/// Issue #20 (containers): run inside a PID namespace of its own, where the pids it would
-/// take and the kernel's differ, vmatrace says so in one line and exits 1 instead of tracing
-/// nothing and exiting 0 (what it did, launch and `-p` alike).
+/// Issue #20 (containers): `-p` takes the pid that the container's own tools show, from
+/// inside its PID namespace (the kernel's differs); from the host, a process of a container is
+/// traced by its host pid and shown with both.
 #[test]
-fn inside_a_pid_namespace_it_refuses_in_one_line_instead_of_tracing_nothing() {
-    if !privileged("inside_a_pid_namespace_it_refuses_in_one_line_instead_of_tracing_nothing") {
+fn a_process_in_a_pid_namespace_is_traced_by_its_pid_from_inside_and_from_the_host() {
+    if !privileged(
+        "a_process_in_a_pid_namespace_is_traced_by_its_pid_from_inside_and_from_the_host",
+    ) {
         return;
     }
-    for args in [vec!["--", "true"], vec!["-p", "1"]] {
-        let o = Command::new("unshare")
-            .args(["--pid", "--fork", "--mount-proc"])
-            .arg(vmatrace())
-            .args(&args)
-            .output()
-            .expect("unshare runs");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
-        assert!(err.contains("PID namespace"), "{args:?}: {err}");
-        assert!(o.stdout.is_empty(), "{args:?}: nothing traced");
-    }
+    let w = workload();
+    let calls_of = |recs: &[serde_json::Value], pid: u64| {
+        recs.iter()
+            .filter(|r| r["pid"] == pid && (r["type"] == "mmap" || r["type"] == "munmap"))
+            .count()
+    };
+    // Inside: the shell's `$!` is the namespace's pid.
+    let out = temp_path("pidns-inside.ndjson");
+    let script = format!(
+        "{} spin 4000 1000 > /dev/null & exec {} --json -o {} --force --duration 2s -p $!",
+        w.display(),
+        vmatrace().display(),
+        out.display()
+    );
+    let o = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script])
+        .output()
+        .expect("unshare runs");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("pids are this PID namespace's"), "{err}");
+    let recs = records(&out);
+    let seed = recs
+        .iter()
+        .find(|r| r["type"] == "snapshot" && r["reason"] == "seed")
+        .expect("a seed snapshot");
+    let pid = seed["pid"].as_u64().expect("pid");
+    assert!(pid < 100, "the namespace's pid: {pid}");
+    assert!(err.contains(&format!("process {pid} (")), "{err}");
+    assert!(
+        seed["vmas"].as_array().is_some_and(|v| v.len() > 5),
+        "{seed}"
+    );
+    assert!(calls_of(&recs, pid) >= 4, "the target's calls are seen");
+
+    // From the host: the container's pid 1.
+    let mut container = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(&w)
+        .args(["spin", "4000", "1000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("unshare runs");
+    let unshare = container.id();
+    let mut host_pid: u32 = 0;
+    wait_for(10, "the container's first process", || {
+        host_pid = std::fs::read_to_string(format!("/proc/{unshare}/task/{unshare}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        host_pid != 0
+            && std::fs::read_to_string(format!("/proc/{host_pid}/cmdline"))
+                .is_ok_and(|c| c.contains("spin"))
+    });
+    let out = temp_path("pidns-host.ndjson");
+    let o = Command::new(vmatrace())
+        .args(["--json", "--force", "--duration", "1500ms", "-o"])
+        .arg(&out)
+        .args(["-p", &host_pid.to_string()])
+        .output()
+        .expect("vmatrace runs");
+    let _ = container.kill();
+    let _ = container.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("process {host_pid} = pid 1 in its PID namespace")),
+        "{err}"
+    );
+    assert!(
+        calls_of(&records(&out), u64::from(host_pid)) >= 4,
+        "the target's calls are seen"
+    );
 }
 
 #[test]

@@ -337,8 +337,8 @@ fn perf_event_backend_reports_first_touches() {
 }
 
 #[test]
-fn overflowing_a_tiny_ring_counts_exactly_the_lost_faults() {
-    if !privileged("overflowing_a_tiny_ring_counts_exactly_the_lost_faults") {
+fn overflowing_a_tiny_ring_counts_the_lost_faults() {
+    if !privileged("overflowing_a_tiny_ring_counts_the_lost_faults") {
         return;
     }
     let pages: u64 = 20_000;
@@ -391,10 +391,14 @@ fn overflowing_a_tiny_ring_counts_exactly_the_lost_faults() {
         .as_u64()
         .expect("lost_fault");
     assert!(lost > 0, "a 4 KiB ring cannot hold {pages} faults");
-    assert_eq!(
-        arrived + lost,
-        pages,
-        "every fault either arrived or was counted as lost"
+    // A lost fault has no address: the count may also hold the few other faults the workload
+    // takes while the ring is still full (its code and stack around the burst; seen under
+    // emulation on arm64, where those pages are not yet mapped: 3 of them).
+    const OTHER_FAULTS: u64 = 8;
+    assert!(
+        (pages..=pages + OTHER_FAULTS).contains(&(arrived + lost)),
+        "every fault either arrived or was counted as lost: {arrived} arrived + {lost} lost, \
+         for {pages} faults"
     );
     assert_eq!(
         lost_total, summary_lost,
@@ -656,14 +660,27 @@ fn check_migrate_order(stdout: &str, recs: &[Value], n: usize) {
 /// Runs `vmatrace --json -o FILE ARGS -- workload basic` without address randomisation (so
 /// that two runs map the same addresses) and returns its records.
 fn trace_basic_without_aslr(args: &[&str]) -> Vec<Value> {
+    trace_without_aslr(&[], args, "basic")
+}
+
+/// The records of `vmatrace --json ARGS -- workload SCENARIO`, run through `wrapper` (a
+/// command that runs the rest, or nothing), with address-space randomisation off.
+fn trace_without_aslr(wrapper: &[&str], args: &[&str], scenario: &str) -> Vec<Value> {
     let out = temp_path("no-aslr.ndjson");
-    let mut cmd = std::process::Command::new(vmatrace());
+    let mut cmd = match wrapper {
+        [first, rest @ ..] => {
+            let mut c = std::process::Command::new(first);
+            c.args(rest).arg(vmatrace());
+            c
+        }
+        [] => std::process::Command::new(vmatrace()),
+    };
     cmd.args(["--json", "-o"])
         .arg(&out)
         .args(args)
         .arg("--")
         .arg(workload())
-        .arg("basic");
+        .arg(scenario);
     // SAFETY: personality() only sets this process's execution domain flags; inherited by
     // vmatrace and the workload it launches.
     unsafe {
@@ -752,5 +769,79 @@ fn syscall_backends_give_the_same_records() {
             a.get(i),
             b.get(i)
         );
+    }
+}
+
+/// Issue #20 (containers): run inside a PID namespace of its own, as in a container,
+/// vmatrace takes, reads and prints that namespace's pids (the kernel's differ), follows a
+/// forked child there, and records what it records on the host: the same calls (ASLR off, so
+/// the same addresses) and the same final maps and anonymous memory.
+#[test]
+fn inside_a_pid_namespace_the_same_calls_and_maps_are_seen_with_its_pids() {
+    if !privileged("inside_a_pid_namespace_the_same_calls_and_maps_are_seen_with_its_pids") {
+        return;
+    }
+    let args = ["--faults", "first", "-f", "--force"];
+    let host = trace_without_aslr(&[], &args, "fork");
+    let inside = trace_without_aslr(
+        &["unshare", "--pid", "--fork", "--mount-proc"],
+        &args,
+        "fork",
+    );
+    let (a, b) = (syscall_records(&host), syscall_records(&inside));
+    assert!(a.len() >= 10, "a whole run of syscalls: {a:?}");
+    if let Some(i) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) {
+        panic!(
+            "host and namespace records differ at record {i}:\nhost:      {:?}\nnamespace: {:?}",
+            a.get(i),
+            b.get(i)
+        );
+    }
+    // Each run: the command and its followed child, each with its exit and final map.
+    let processes = |recs: &[Value]| -> (u64, u64) {
+        let parent = of_type(recs, "exec")[0]["pid"].as_u64().expect("exec pid");
+        let fork = of_type(recs, "fork")
+            .into_iter()
+            .find(|r| r["pid"] == parent)
+            .expect("the fork is seen");
+        assert_eq!(fork["followed"], true, "{fork}");
+        (parent, fork["child"].as_u64().expect("child pid"))
+    };
+    let (host_parent, host_child) = processes(&host);
+    let (parent, child) = processes(&inside);
+    // The namespace numbers its processes from 1 (vmatrace, its threads, then the command).
+    assert!(
+        parent < 100 && child < 100,
+        "namespace pids: {parent}, {child}"
+    );
+    assert_ne!(
+        (parent, child),
+        (host_parent, host_child),
+        "the kernel's pids differ"
+    );
+    let final_map = |recs: &[Value], pid: u64| -> Vec<Value> {
+        let snap = recs
+            .iter()
+            .rev()
+            .find(|r| r["type"] == "snapshot" && r["pid"] == pid && r["reason"] == "exit")
+            .unwrap_or_else(|| panic!("an exit snapshot of {pid}"));
+        snap["vmas"]
+            .as_array()
+            .expect("vmas")
+            .iter()
+            // Touched bytes of files vary between runs (the page cache maps pages around
+            // a fault); anonymous memory does not.
+            .map(|v| {
+                serde_json::json!([v["start"], v["end"], v["perms"], v["path"], v["anon_bytes"]])
+            })
+            .collect()
+    };
+    for ((h, i), who) in [
+        ((host_parent, parent), "command"),
+        ((host_child, child), "child"),
+    ] {
+        let (h, i) = (final_map(&host, h), final_map(&inside, i));
+        assert!(!h.is_empty(), "{who}: a map");
+        assert_eq!(h, i, "{who}: the final maps agree");
     }
 }

@@ -444,7 +444,14 @@ pub fn banner(cfg: &RunConfig, meta: &Meta, session: &Session) {
     let targets = if cfg.command.is_empty() {
         let procs: Vec<String> = session
             .processes()
-            .map(|p| format!("{} ({})", p.pid, shown(p.exe.as_deref().unwrap_or("?"))))
+            .map(|p| {
+                format!(
+                    "{}{} ({})",
+                    p.pid,
+                    in_container(p.pid),
+                    shown(p.exe.as_deref().unwrap_or("?"))
+                )
+            })
             .collect();
         format!("{what} process {}{follow}", procs.join(", "))
     } else {
@@ -483,14 +490,28 @@ pub fn banner(cfg: &RunConfig, meta: &Meta, session: &Session) {
         Some(d) => format!("Ctrl-C to stop (stops by itself after {})", clock(d)),
         None => "Ctrl-C to stop".into(),
     };
+    let namespace = if crate::procfs::own_pid_namespace().is_kernel() {
+        ""
+    } else {
+        " (pids are this PID namespace's; processes of other namespaces are not seen)"
+    };
     clear_status_line();
     let mut err = io::stderr().lock();
-    let _ = writeln!(err, "vmatrace: {targets}");
+    let _ = writeln!(err, "vmatrace: {targets}{namespace}");
     let _ = writeln!(
         err,
         "vmatrace: syscalls from {}, {faults}; output: {output}; {stop}",
         meta.syscall_backend
     );
+}
+
+/// ` = pid N in its PID namespace` for a process of a container seen from outside, else
+/// nothing.
+fn in_container(pid: u32) -> String {
+    match crate::procfs::namespace_pids(pid).as_slice() {
+        [_, .., inner] => format!(" = pid {inner} in its PID namespace"),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]

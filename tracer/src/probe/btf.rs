@@ -9,7 +9,7 @@ use std::path::Path;
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Why a member offset could not be found.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read the kernel's BTF ({0})")]
     Read(String),
@@ -104,9 +104,14 @@ impl KernelBtf {
         Some(&rest[..len])
     }
 
-    /// The byte offset of `member` in `struct strukt` (the first struct of that name that
-    /// has the member).
-    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+    /// The first `struct strukt` for which `pick` (given the type's start, `vlen` and
+    /// `kind_flag`) answers something; `NoStruct` when there is no struct of that name.
+    fn find_struct<T>(
+        &self,
+        strukt: &str,
+        mut pick: impl FnMut(usize, usize, bool) -> Option<Result<T, BtfError>>,
+        missing: BtfError,
+    ) -> Result<T, BtfError> {
         let mut at = self.types.start;
         let mut found_struct = false;
         while at + 12 <= self.types.end {
@@ -115,15 +120,33 @@ impl KernelBtf {
             };
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 != 0;
-            let body = at + 12;
             let len = trailing_bytes(kind, vlen).ok_or(BtfError::Malformed("unknown kind"))?;
             if kind == KIND_STRUCT && self.name(name_off) == Some(strukt.as_bytes()) {
                 found_struct = true;
+                if let Some(answer) = pick(at, vlen, info >> 31 != 0) {
+                    return answer;
+                }
+            }
+            at += 12 + len;
+        }
+        if found_struct {
+            Err(missing)
+        } else {
+            Err(BtfError::NoStruct(strukt.into()))
+        }
+    }
+
+    /// The byte offset of `member` in `struct strukt` (the first struct of that name that
+    /// has the member).
+    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let missing = BtfError::NoMember(strukt.into(), member.into());
+        self.find_struct(
+            strukt,
+            |at, vlen, kind_flag| {
                 for i in 0..vlen {
-                    let m = body + 12 * i;
+                    let m = at + 12 + 12 * i;
                     let (Some(m_name), Some(m_off)) = (self.u32_at(m), self.u32_at(m + 8)) else {
-                        return Err(BtfError::Malformed("truncated member"));
+                        return Some(Err(BtfError::Malformed("truncated member")));
                     };
                     if self.name(m_name) != Some(member.as_bytes()) {
                         continue;
@@ -135,18 +158,30 @@ impl KernelBtf {
                         (m_off, false)
                     };
                     if bitfield || bits % 8 != 0 {
-                        return Err(BtfError::BitField(strukt.into(), member.into()));
+                        return Some(Err(BtfError::BitField(strukt.into(), member.into())));
                     }
-                    return Ok(bits / 8);
+                    return Some(Ok(bits / 8));
                 }
-            }
-            at = body + len;
-        }
-        if found_struct {
-            Err(BtfError::NoMember(strukt.into(), member.into()))
-        } else {
-            Err(BtfError::NoStruct(strukt.into()))
-        }
+                None
+            },
+            missing,
+        )
+    }
+
+    /// The size in bytes of `struct strukt` (the first one of that name with members: a
+    /// declaration-only twin has none).
+    pub fn struct_size(&self, strukt: &str) -> Result<u32, BtfError> {
+        let missing = BtfError::NoStruct(strukt.into());
+        self.find_struct(
+            strukt,
+            |at, vlen, _| {
+                (vlen > 0).then(|| {
+                    self.u32_at(at + 8)
+                        .ok_or(BtfError::Malformed("truncated type"))
+                })
+            },
+            missing,
+        )
     }
 }
 
@@ -205,6 +240,11 @@ mod tests {
             btf.member_offset("other", "a"),
             Err(BtfError::NoStruct("other".into()))
         );
+        assert_eq!(btf.struct_size("pair"), Ok(8));
+        assert_eq!(
+            btf.struct_size("other"),
+            Err(BtfError::NoStruct("other".into()))
+        );
     }
 
     #[test]
@@ -233,5 +273,25 @@ mod tests {
             .expect("signal_struct.live");
         assert!(signal > 0 && signal < 16384, "{signal}");
         assert!(live < 64, "{live}");
+    }
+
+    /// ... and what the fork program needs inside a PID namespace.
+    #[test]
+    fn this_kernels_pid_numbers_are_found() {
+        let Ok(btf) = KernelBtf::load() else {
+            eprintln!("skipped: no readable {VMLINUX_BTF}");
+            return;
+        };
+        let thread_pid = btf.member_offset("task_struct", "thread_pid");
+        assert!(
+            thread_pid.as_ref().is_ok_and(|&o| o > 0 && o < 16384),
+            "{thread_pid:?}"
+        );
+        assert_eq!(btf.member_offset("upid", "nr"), Ok(0));
+        // struct upid { int nr; struct pid_namespace *ns; }
+        assert_eq!(btf.struct_size("upid"), Ok(16));
+        let level = btf.member_offset("pid", "level").expect("pid.level");
+        let numbers = btf.member_offset("pid", "numbers").expect("pid.numbers");
+        assert!(level < numbers, "numbers is the last member");
     }
 }

@@ -6,7 +6,7 @@
 
 use tracer_common::{
     Syscall,
-    layout::{self, FIELD_ABSENT, KernelLayout, TracepointField},
+    layout::{self, FIELD_ABSENT, KernelLayout, PidNamespace, TracepointField},
 };
 
 use super::{
@@ -51,16 +51,23 @@ pub enum LayoutError {
         "this kernel's tracepoint sched:sched_process_exit has no group_dead (recent kernels only); use --exit-rule auto"
     )]
     NoGroupDead,
+    #[error(
+        "vmatrace runs in a PID namespace of its own, and the kernel's pid structures that translate a new process's pid could not be found: {0}; vmatrace needs kernel BTF (CONFIG_DEBUG_INFO_BTF) there, or run it in the host's PID namespace"
+    )]
+    NoPidNamespaceSource(BtfError),
 }
 
-/// The layout the programs read on this kernel. `btf` is asked only when the exit program
-/// needs it. `syscall_tracepoints`: the syscall records are read too (tracepoint backend).
+/// The layout the programs read on this kernel, reporting pids of `pid_namespace`. `btf` is
+/// asked only when the exit program or the namespace needs it. `syscall_tracepoints`: the
+/// syscall records are read too (tracepoint backend).
 pub fn kernel_layout(
     root: &str,
     exit_rule: ExitRule,
     syscall_tracepoints: bool,
+    pid_namespace: PidNamespace,
     btf: impl FnOnce() -> Result<KernelBtf, BtfError>,
 ) -> Result<KernelLayout, LayoutError> {
+    let mut btf = Lazy::new(btf);
     if syscall_tracepoints {
         check_syscall_records(root, &available_syscalls(root)?)?;
     }
@@ -80,7 +87,7 @@ pub fn kernel_layout(
         (ExitRule::Auto | ExitRule::GroupDead, Some(o)) => out.exit_group_dead = o,
         (ExitRule::GroupDead, None) => return Err(LayoutError::NoGroupDead),
         (ExitRule::Auto, None) | (ExitRule::LiveThreads, _) => {
-            let btf = btf().map_err(LayoutError::NoExitSource)?;
+            let btf = btf.get().map_err(LayoutError::NoExitSource)?;
             out.task_signal = btf
                 .member_offset("task_struct", "signal")
                 .map_err(LayoutError::NoExitSource)?;
@@ -89,7 +96,58 @@ pub fn kernel_layout(
                 .map_err(LayoutError::NoExitSource)?;
         }
     }
+    if !pid_namespace.is_kernel() {
+        let found = btf.get().and_then(|btf| {
+            Ok((
+                btf.member_offset("task_struct", "thread_pid")?,
+                btf.member_offset("pid", "level")?,
+                btf.member_offset("pid", "numbers")?,
+                btf.struct_size("upid")?,
+                btf.member_offset("upid", "nr")?,
+            ))
+        });
+        match found.map_err(LayoutError::NoPidNamespaceSource)? {
+            (thread_pid, level, numbers, upid, 0) => {
+                out.task_thread_pid = thread_pid;
+                out.pid_level = level;
+                out.pid_numbers = numbers;
+                out.upid_size = upid;
+                out.pid_namespace = pid_namespace;
+            }
+            _ => {
+                return Err(LayoutError::NoPidNamespaceSource(BtfError::Malformed(
+                    "upid.nr is not its first member",
+                )));
+            }
+        }
+    }
     Ok(out)
+}
+
+/// The kernel's BTF, read at most once, when first asked for.
+struct Lazy<F> {
+    load: Option<F>,
+    btf: Option<Result<KernelBtf, BtfError>>,
+}
+
+impl<F: FnOnce() -> Result<KernelBtf, BtfError>> Lazy<F> {
+    fn new(load: F) -> Self {
+        Self {
+            load: Some(load),
+            btf: None,
+        }
+    }
+
+    fn get(&mut self) -> Result<&KernelBtf, BtfError> {
+        if let Some(load) = self.load.take() {
+            self.btf = Some(load());
+        }
+        match &self.btf {
+            Some(Ok(btf)) => Ok(btf),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(BtfError::Read("not loaded".into())),
+        }
+    }
 }
 
 /// The offset of `f` in its tracepoint's record, checked for its size.
@@ -218,7 +276,8 @@ mod tests {
             with_group_dead,
         )
         .unwrap();
-        let l = kernel_layout(root, ExitRule::Auto, true, no_btf).expect("a complete layout");
+        let l = kernel_layout(root, ExitRule::Auto, true, PidNamespace::KERNEL, no_btf)
+            .expect("a complete layout");
         assert_eq!(
             (
                 l.newtask_pid,
@@ -238,15 +297,29 @@ mod tests {
         let dir = fake_tracefs("old");
         let root = dir.to_str().unwrap();
         // No BTF either: one line that says what is missing.
-        let err = kernel_layout(root, ExitRule::Auto, true, no_btf).unwrap_err();
+        let err =
+            kernel_layout(root, ExitRule::Auto, true, PidNamespace::KERNEL, no_btf).unwrap_err();
         assert!(matches!(err, LayoutError::NoExitSource(_)), "{err}");
         assert!(err.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
         assert_eq!(
-            kernel_layout(root, ExitRule::GroupDead, true, no_btf),
+            kernel_layout(
+                root,
+                ExitRule::GroupDead,
+                true,
+                PidNamespace::KERNEL,
+                no_btf
+            ),
             Err(LayoutError::NoGroupDead)
         );
         if Path::new(super::super::btf::VMLINUX_BTF).exists() {
-            let l = kernel_layout(root, ExitRule::Auto, true, KernelBtf::load).expect("layout");
+            let l = kernel_layout(
+                root,
+                ExitRule::Auto,
+                true,
+                PidNamespace::KERNEL,
+                KernelBtf::load,
+            )
+            .expect("layout");
             assert_eq!(l.exit_group_dead, FIELD_ABSENT);
             assert_ne!(l.task_signal, FIELD_ABSENT);
             assert_ne!(l.signal_live, FIELD_ABSENT);
@@ -266,7 +339,14 @@ mod tests {
         assert!(!calls.contains(&Syscall::PkeyMprotect));
         assert_eq!(calls.len(), Syscall::ALL.len() - 1);
         assert!(
-            kernel_layout(root, ExitRule::LiveThreads, true, KernelBtf::load).is_ok()
+            kernel_layout(
+                root,
+                ExitRule::LiveThreads,
+                true,
+                PidNamespace::KERNEL,
+                KernelBtf::load
+            )
+            .is_ok()
                 || !Path::new(super::super::btf::VMLINUX_BTF).exists()
         );
         std::fs::remove_dir_all(dir.join("events/syscalls/sys_enter_munmap")).unwrap();
@@ -286,13 +366,15 @@ mod tests {
             "\tfield:long ret;\toffset:24;\tsize:8;\tsigned:1;\n",
         )
         .unwrap();
-        let err = kernel_layout(root, ExitRule::Auto, true, no_btf).unwrap_err();
+        let err =
+            kernel_layout(root, ExitRule::Auto, true, PidNamespace::KERNEL, no_btf).unwrap_err();
         assert_eq!(
             err.to_string(),
             "this kernel's tracepoint syscalls:sys_exit_munmap has no ret of 8 bytes at offset 16 (its format file says otherwise), so vmatrace cannot read it"
         );
         std::fs::remove_dir_all(dir.join("events/task")).unwrap();
-        let err = kernel_layout(root, ExitRule::Auto, false, no_btf).unwrap_err();
+        let err =
+            kernel_layout(root, ExitRule::Auto, false, PidNamespace::KERNEL, no_btf).unwrap_err();
         assert_eq!(err, LayoutError::Missing("task:task_newtask".into()));
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -307,7 +389,32 @@ mod tests {
             eprintln!("skipped: no readable tracefs (not root, or not mounted)");
             return;
         };
-        let l = kernel_layout(root, ExitRule::Auto, true, KernelBtf::load).expect("layout");
+        let l = kernel_layout(
+            root,
+            ExitRule::Auto,
+            true,
+            PidNamespace::KERNEL,
+            KernelBtf::load,
+        )
+        .expect("layout");
         assert!(l.exit_group_dead != FIELD_ABSENT || l.task_signal != FIELD_ABSENT);
+        assert_eq!(l.pid_namespace, PidNamespace::KERNEL);
+        // Inside a PID namespace the fork program also reads the child's pid there.
+        let ns = PidNamespace {
+            dev: 4,
+            ino: 4026532000,
+        };
+        let l = kernel_layout(root, ExitRule::Auto, true, ns, KernelBtf::load).expect("layout");
+        assert_eq!(l.pid_namespace, ns);
+        assert_eq!(l.upid_size, 16);
+        assert!(l.task_thread_pid != FIELD_ABSENT && l.pid_level < l.pid_numbers);
+        let err = kernel_layout(root, ExitRule::GroupDead, true, ns, no_btf).map(|_| ());
+        assert!(
+            matches!(
+                err,
+                Err(LayoutError::NoPidNamespaceSource(_)) | Err(LayoutError::NoGroupDead)
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -17,6 +17,7 @@ use aya::{
     },
     util::online_cpus,
 };
+pub use tracer_common::layout::PidNamespace;
 use tracer_common::{
     STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC, TARGETS_GEN_USER,
 };
@@ -77,6 +78,8 @@ pub struct ProbeOptions {
     pub exit_rule: ExitRule,
     /// User stacks (`--stacks`, `--fault-stacks`): what the kernel copies.
     pub stacks: StackOptions,
+    /// The PID namespace whose pids the programs take and report: the daemon's own.
+    pub pid_namespace: PidNamespace,
 }
 
 /// What the eBPF programs capture of user stacks (see `tracer-ebpf/src/stacks.rs`).
@@ -106,6 +109,7 @@ impl Default for ProbeOptions {
             syscalls: SyscallBackend::Auto,
             exit_rule: ExitRule::Auto,
             stacks: StackOptions::default(),
+            pid_namespace: PidNamespace::KERNEL,
         }
     }
 }
@@ -290,6 +294,7 @@ impl Probe {
             root,
             opts.exit_rule,
             opts.syscalls != SyscallBackend::Fentry,
+            opts.pid_namespace,
             KernelBtf::load,
         )?;
         let stack_bytes = if opts.stacks.any() {
@@ -390,7 +395,11 @@ impl Probe {
                 }
             },
         };
-        probe.attach_tracepoint("task", "task_newtask")?;
+        if opts.pid_namespace.is_kernel() {
+            probe.attach_tracepoint("task", "task_newtask")?;
+        } else {
+            probe.attach_raw_tracepoint("task_newtask_raw", "task_newtask")?;
+        }
         probe.attach_tracepoint("sched", "sched_process_exec")?;
         probe.attach_tracepoint("sched", "sched_process_exit")?;
         let has_tp = tracefs::has_tracepoint(root, "exceptions", "page_fault_user");
@@ -418,10 +427,10 @@ impl Probe {
                 flush.load().map_err(attach_err)?;
                 probe.batch_cpus = online_cpus()
                     .map_err(|(_, e)| attach_err(aya::programs::ProgramError::IOError(e)))?;
-                probe.attach_raw_tracepoint("page_fault_user")?;
+                probe.attach_raw_tracepoint("page_fault_user", "page_fault_user")?;
                 // Faults the kernel takes on user memory for the process allocate pages too.
                 if tracefs::has_tracepoint(root, "exceptions", "page_fault_kernel") {
-                    probe.attach_raw_tracepoint("page_fault_kernel")?;
+                    probe.attach_raw_tracepoint("page_fault_kernel", "page_fault_kernel")?;
                 }
             }
             FaultBackend::PerfEvent => probe.attach_fault_perf_event()?,
@@ -521,15 +530,16 @@ impl Probe {
         Ok(())
     }
 
-    fn attach_raw_tracepoint(&mut self, name: &str) -> Result<(), ProbeError> {
-        let what = format!("raw tracepoint {name}");
+    /// Attaches the program `name` to the raw tracepoint `tracepoint`.
+    fn attach_raw_tracepoint(&mut self, name: &str, tracepoint: &str) -> Result<(), ProbeError> {
+        let what = format!("raw tracepoint {tracepoint}");
         let attach_err = |source| ProbeError::Attach {
             name: what.clone(),
             source,
         };
         let program: &mut RawTracePoint = self.program(name, &what)?;
         program.load().map_err(attach_err)?;
-        let id = program.attach(name).map_err(attach_err)?;
+        let id = program.attach(tracepoint).map_err(attach_err)?;
         let link = program.take_link(id).map_err(attach_err)?;
         self.links.push((name.to_string(), Box::new(link)));
         Ok(())

@@ -82,6 +82,20 @@ pub fn workload() -> PathBuf {
 
 /// A fresh temporary path for an output file, unique to this call: tests that run at the
 /// same time in one process never share a file, whatever `name` they give.
+/// Whether the ELF program at `path` is statically linked (no `PT_INTERP` program header):
+/// it maps no C library.
+pub fn statically_linked(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let elf = std::fs::read(path).expect("the program is readable");
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (size, count) = (u16_at(0x36), u16_at(0x38));
+    !(0..count).any(|i| {
+        let at = phoff + i * size;
+        u32::from_le_bytes(elf[at..at + 4].try_into().expect("4 bytes")) == PT_INTERP
+    })
+}
+
 pub fn temp_path(name: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!("vmatrace-test-{}", std::process::id()));

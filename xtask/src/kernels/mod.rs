@@ -40,9 +40,10 @@ const SMOKE: &[(&str, &[&str])] = &[
             "fork_with_follow_traces_the_child_from_its_first_instruction",
             "exec_replaces_the_model_and_is_followed_by_the_new_image",
             "a_process_ends_with_its_last_thread_not_its_first",
-            "overflowing_a_tiny_ring_counts_exactly_the_lost_faults",
+            "overflowing_a_tiny_ring_counts_the_lost_faults",
             "perf_event_backend_reports_first_touches",
             "syscall_backends_give_the_same_records",
+            "inside_a_pid_namespace_the_same_calls_and_maps_are_seen_with_its_pids",
         ],
     ),
     (
@@ -70,10 +71,11 @@ const SMOKE: &[(&str, &[&str])] = &[
 
 /// Tests that need what an arm64 guest (busybox only, static musl builds) does not have: left
 /// out of the arm64 smoke set. The first checks the dynamic loader's mappings (the static
-/// workload has none), the second uses util-linux's `unshare` and `umount`.
+/// workload has none), the others use util-linux's `unshare` and `umount`.
 const NOT_ON_ARM64: &[&str] = &[
     "launch_mode_sees_the_dynamic_loader_and_propagates_the_exit_status",
     "tracefs_is_mounted_when_missing_and_own_pid_is_refused",
+    "inside_a_pid_namespace_the_same_calls_and_maps_are_seen_with_its_pids",
 ];
 
 /// Which tests run in each guest.
