@@ -234,7 +234,13 @@ struct Live {
     /// handled: a reader that is behind (under overload, or emulation) must not write the
     /// model of an earlier moment. At most [`SNAPSHOT_WAIT`] later, it is written anyway.
     snapshot_due: Option<(u64, Instant)>,
+    /// Live processes already warned about for giving no event at all.
+    silent_warned: HashSet<u32>,
 }
+
+/// A traced process alive this long without a single event gets a warning: a run must not
+/// look empty without saying why.
+const SILENT_AFTER_NS: u64 = 10_000_000_000;
 
 /// While events go on being lost, the maps are read again at most this often.
 const RESYNC_EVERY_NS: u64 = 1_000_000_000;
@@ -443,6 +449,29 @@ impl Live {
             self.caught_up_ns = began;
         }
         Ok(emptied)
+    }
+
+    /// Warns, once per process, about a traced process that is alive but has given no event
+    /// at all (no memory call, no fault) for [`SILENT_AFTER_NS`]: it is idle, or something
+    /// keeps vmatrace from seeing it; either way the user is told, not shown an empty run.
+    fn warn_about_silent_targets(&mut self) {
+        let now = monotonic_ns();
+        for p in self.session.processes() {
+            let c = &p.counts;
+            if p.exited_ns.is_none()
+                && c.faults == 0
+                && c.syscalls.is_empty()
+                && now.saturating_sub(p.started_ns) >= SILENT_AFTER_NS
+                && self.silent_warned.insert(p.pid)
+            {
+                log::warn!(
+                    "process {} ({}) is alive but gave no event in {} s: no memory call, no page fault (idle?); its memory is as its seed snapshot shows",
+                    p.pid,
+                    crate::name::shown(p.exe.as_deref().unwrap_or("?")),
+                    SILENT_AFTER_NS / 1_000_000_000
+                );
+            }
+        }
     }
 
     /// Writes the snapshot asked for (SIGUSR1) once every event before the asking is
@@ -1001,6 +1030,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         losing: false,
         caught_up_ns: 0,
         snapshot_due: None,
+        silent_warned: HashSet::new(),
         last_resync_ns: 0,
         heap,
         refused: Vec::new(),
@@ -1133,6 +1163,7 @@ async fn event_loop(
                 live.resync_after_losses(false)?;
                 live.reap_lost_exits();
                 live.look_for_collapses();
+                live.warn_about_silent_targets();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d)
                     && duration_over(&live, child_done, &mut ending)

@@ -834,3 +834,44 @@ fn a_banner_says_what_is_traced_and_the_end_is_summarised_on_stderr() {
         "{written} records: {err}"
     );
 }
+
+/// Issue #20: a traced process that is alive but gives no event at all (an idle one, or one
+/// vmatrace cannot see) is named in a warning after 10 s, never left as a silent empty run;
+/// a busy one traced alongside is not.
+#[test]
+fn a_target_alive_without_any_event_gets_a_warning() {
+    if !privileged("a_target_alive_without_any_event_gets_a_warning") {
+        return;
+    }
+    let mut idle = Command::new("sleep").arg("60").spawn().expect("sleep runs");
+    let mut busy = Command::new(workload())
+        .args(["spin", "20000", "1000"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("workload runs");
+    let (idle_pid, busy_pid) = (idle.id().to_string(), busy.id().to_string());
+    let o = Command::new(vmatrace())
+        .args([
+            "--quiet",
+            "--duration",
+            "12s",
+            "-p",
+            &idle_pid,
+            "-p",
+            &busy_pid,
+        ])
+        .output()
+        .expect("vmatrace runs");
+    let _ = idle.kill();
+    let _ = busy.kill();
+    let _ = idle.wait();
+    let _ = busy.wait();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let warned = |pid: &str| {
+        err.lines()
+            .any(|l| l.contains(&format!("process {pid} (")) && l.contains("gave no event in 10 s"))
+    };
+    assert!(warned(&idle_pid), "{err}");
+    assert!(!warned(&busy_pid), "{err}");
+}
