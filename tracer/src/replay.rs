@@ -560,14 +560,28 @@ fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>,
     Ok(Some(()))
 }
 
-/// Replays `path` into `sink`; `events` also passes every event on.
-pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed, ReplayError> {
-    let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| ReplayError::Open {
-        path: name.clone(),
+/// Opens the recording `path` for reading: plain NDJSON, or zstd-compressed NDJSON (told by
+/// its first bytes, whatever its name; a sequence of frames is read as one stream).
+pub fn open(path: &Path) -> Result<Box<dyn BufRead>, ReplayError> {
+    let open_err = |source| ReplayError::Open {
+        path: path.display().to_string(),
         source,
-    })?;
-    replay_from(io::BufReader::new(file), &name, sink, events)
+    };
+    let mut file = io::BufReader::new(std::fs::File::open(path).map_err(open_err)?);
+    if file
+        .fill_buf()
+        .map_err(open_err)?
+        .starts_with(&crate::output::compress::MAGIC)
+    {
+        let decoder = zstd::stream::read::Decoder::with_buffer(file).map_err(open_err)?;
+        return Ok(Box::new(io::BufReader::new(decoder)));
+    }
+    Ok(Box::new(file))
+}
+
+/// Replays `path` (see [`open`]) into `sink`; `events` also passes every event on.
+pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed, ReplayError> {
+    replay_from(open(path)?, &path.display().to_string(), sink, events)
 }
 
 /// Replays the recording read from `reader` (`name` in errors), one line at a time: memory

@@ -560,6 +560,7 @@ impl Live {
         {
             self.sink.stack(&def).map_err(RunError::Write)?;
             self.session.stacks.insert(def);
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         let applied = self.session.apply(&ev);
         let mut follow_up = Vec::new();
@@ -640,6 +641,8 @@ impl Live {
             }
             _ => {}
         }
+        // After the snapshot an exec, exit or fork writes: a rotated output may cut here.
+        self.sink.boundary(&self.session).map_err(RunError::Write)?;
         for ev in follow_up {
             self.handle(ev)?;
         }
@@ -675,6 +678,7 @@ impl Live {
             self.sink
                 .lost(monotonic_ns(), &d)
                 .map_err(RunError::Write)?;
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         self.losing = d.lost_syscall + d.lost_fault + d.lost_lifecycle > 0;
         if d.lost_heap > 0 {
@@ -720,6 +724,7 @@ impl Live {
                     .snapshot(now, SnapshotReason::Resync, p)
                     .map_err(RunError::Write)?;
             }
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         Ok(())
     }
@@ -781,6 +786,7 @@ impl Live {
                 self.sink
                     .drift(monotonic_ns(), pid, &diff)
                     .map_err(RunError::Write)?;
+                self.sink.boundary(&self.session).map_err(RunError::Write)?;
             }
         }
         Ok(())
@@ -803,8 +809,27 @@ impl Live {
         }
         for p in self.session.processes().filter(|p| p.exited_ns.is_none()) {
             self.sink.snapshot(ts, reason, p).map_err(RunError::Write)?;
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         self.sink.flush().map_err(RunError::Write)
+    }
+
+    /// A snapshot of every traced process now (SIGUSR1, `--snapshot-every`): with every event
+    /// up to now, and a model read again from /proc if events were lost since the last resync.
+    fn snapshot_now(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        reason: SnapshotReason,
+    ) -> Result<(), RunError> {
+        self.collect(ring, Some(Instant::now() + STOP_GRACE))?;
+        self.handle_released(None)?;
+        // Collapses found now are handled by the next collect, in time order.
+        self.look_for_collapses();
+        self.collect(ring, Some(Instant::now() + STOP_GRACE))?;
+        self.handle_released(None)?;
+        self.report_losses()?;
+        self.resync_after_losses(true)?;
+        self.snapshots(reason)
     }
 }
 
@@ -1051,6 +1076,11 @@ async fn event_loop(
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(RunError::Runtime)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
+    let mut periodic = cfg.snapshot_every.map(|every| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     crate::signals::watch_stop(cfg.duration, STOP_GRACE).map_err(RunError::Runtime)?;
     // Handlers in place: signals sent since vmatrace started are handled now.
     crate::signals::release();
@@ -1125,19 +1155,13 @@ async fn event_loop(
                 stop_asked = true;
                 break;
             }
-            _ = sigusr1.recv() => {
-                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
-                live.handle_released(None)?;
-                // Collapses found now are handled by the next collect, in time order.
-                live.look_for_collapses();
-                live.collect(fd.get_mut(), Some(Instant::now() + STOP_GRACE))?;
-                // A snapshot has every event up to now, and a model read again from /proc
-                // if events were lost since the last resync.
-                live.handle_released(None)?;
-                live.report_losses()?;
-                live.resync_after_losses(true)?;
-                live.snapshots(SnapshotReason::Signal)?;
-            }
+            _ = sigusr1.recv() => live.snapshot_now(fd.get_mut(), SnapshotReason::Signal)?,
+            _ = async {
+                match periodic.as_mut() {
+                    Some(every) => every.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => live.snapshot_now(fd.get_mut(), SnapshotReason::Periodic)?,
             code = async {
                 match waiter.as_mut() {
                     Some(w) => w.await,
