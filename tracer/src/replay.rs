@@ -905,6 +905,44 @@ mod tests {
         assert!(err.starts_with("t:4: the snapshots so far"), "{err}");
     }
 
+    /// A recording compressed with zstd (two frames, as vmatrace writes them) is read by its
+    /// magic bytes, whatever its name, and replays exactly like the plain one.
+    #[test]
+    fn a_zstd_recording_replays_like_the_plain_one() {
+        // A meta with its clock, so that the replayed meta is the same both times.
+        let meta = "{\"type\":\"meta\",\"ts_ns\":1,\"realtime_ns\":5,\"version\":1}\n";
+        let text = format!(
+            "{meta}{{\"type\":\"snapshot\",\"ts_ns\":2,\"pid\":7,\"reason\":\"seed\",\"exe\":null,\"vmas\":[]}}\n{}{}",
+            call(10, "mmap", [0, 8192, 3, 0x22, u64::MAX, 0], 0x10000),
+            call(11, "munmap", [0x10000, 4096, 0, 0, 0, 0], 0),
+        );
+        let (first, second) = text.split_at(meta.len());
+        let mut compressed = zstd::encode_all(first.as_bytes(), 3).expect("compresses");
+        compressed.extend(zstd::encode_all(second.as_bytes(), 3).expect("compresses"));
+        let dir = std::env::temp_dir();
+        let plain = dir.join(format!("vmatrace-replay-plain-{}", std::process::id()));
+        let packed = dir.join(format!(
+            "vmatrace-replay-packed-{}.ndjson",
+            std::process::id()
+        ));
+        std::fs::write(&plain, &text).expect("writes");
+        std::fs::write(&packed, &compressed).expect("writes");
+        let out = |path: &Path| {
+            let mut sink =
+                crate::output::ndjson::NdjsonSink::new(Vec::new(), crate::output::FaultFilter::All);
+            replay(path, &mut sink, true).map_err(|e| e.to_string())?;
+            Ok::<_, String>(String::from_utf8_lossy(sink.get_mut()).into_owned())
+        };
+        let (a, b) = (out(&plain), out(&packed));
+        let _ = std::fs::remove_file(&plain);
+        let _ = std::fs::remove_file(&packed);
+        assert!(
+            a.as_ref().is_ok_and(|a| a.contains("\"type\":\"munmap\"")),
+            "{a:?}"
+        );
+        assert_eq!(a, b);
+    }
+
     #[test]
     fn a_line_without_end_is_refused_at_the_bound() {
         let endless = std::io::repeat(b'x');

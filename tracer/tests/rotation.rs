@@ -218,11 +218,20 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
             "{name}: meta is followed by a seed snapshot of {pid}: {}",
             recs[1]
         );
+        // Over 1 MiB by its last record at most; the newest also keeps the end of the run
+        // (from the workload's exit on).
+        let end = match name {
+            "t.ndjson" => recs
+                .iter()
+                .rposition(|r| r["type"] == "exit")
+                .expect("the newest file has the exit"),
+            _ => lines.len() - 1,
+        };
+        let before: u64 = lines[..end].iter().map(|l| l.len() as u64 + 1).sum();
         let size = text.len() as u64;
-        let last = lines.last().map_or(0, |l| l.len() as u64 + 1);
         assert!(
-            size - last < CAP,
-            "{name}: {size} bytes, over 1 MiB before its last record ({last} bytes)"
+            before < CAP,
+            "{name}: {size} bytes, {before} before its last record"
         );
         if name != "t.ndjson" {
             assert!(size >= CAP, "{name} was cut before 1 MiB: {size} bytes");
@@ -474,5 +483,65 @@ fn snapshot_every_writes_periodic_snapshots_that_match_the_kernel() {
         assert_eq!(ranges(a), ranges(l), "periodic snapshot at {}", l["ts_ns"]);
         assert_eq!(total(a, "touched_bytes"), total(l, "touched_bytes"));
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--max-size` where nothing can be rotated: stdout, a FIFO, a device, human output; and
+/// sizes under 4K, or `--max-files` without it: one line each, before anything is traced.
+#[test]
+fn max_size_is_refused_in_one_line_where_it_cannot_rotate() {
+    let dir = temp_dir("refused");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo_s = fifo.to_str().expect("utf-8");
+    let file_s = dir.join("t.ndjson").to_str().expect("utf-8").to_string();
+    let cases: [(&[&str], i32, &str); 6] = [
+        (
+            &["--json", "--max-size", "1M"],
+            1,
+            "stdout cannot be rotated",
+        ),
+        (
+            &["--json", "-o", fifo_s, "--max-size", "1M"],
+            1,
+            "is not one",
+        ),
+        (
+            &["--json", "-o", "/dev/null", "--max-size", "1M"],
+            1,
+            "is not one",
+        ),
+        (
+            &["-o", &file_s, "--max-size", "1M"],
+            1,
+            "needs NDJSON output",
+        ),
+        (
+            &["--json", "-o", &file_s, "--max-size", "1K"],
+            2,
+            "at least 4K",
+        ),
+        (
+            &["--json", "-o", &file_s, "--max-files", "3"],
+            2,
+            "--max-size",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let o = Command::new(vmatrace())
+            .args(args)
+            .args(["--", "true"])
+            .output()
+            .expect("vmatrace runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?}: {err}");
+        if code == 1 {
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        }
+    }
+    assert!(!dir.join("t.ndjson").exists(), "nothing was written");
     let _ = std::fs::remove_dir_all(&dir);
 }

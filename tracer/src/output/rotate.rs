@@ -11,7 +11,8 @@
 //! A file is cut only where everything written is consistent with the session (after an
 //! event, at a tick, and where the runner says so: [`Sink::boundary`]), so it holds at most
 //! `--max-size` plus the record that crossed it (compressed, plus what the compressor still
-//! held: see [`super::compress::Frames::bytes`]). A file whose start alone is large (many
+//! held: see [`super::compress::Frames::bytes`]); the last file also keeps the end of the run
+//! (once no traced process is alive: exit snapshots, summary). A file whose start alone is large (many
 //! processes, many stacks) is cut only once its events weigh as much as its start, so that
 //! the run never rotates at every record.
 //!
@@ -304,6 +305,11 @@ impl Sink for RotatingSink {
     }
 
     fn boundary(&mut self, session: &Session) -> io::Result<()> {
+        // Once no traced process is alive the run is ending: its last records (exit
+        // snapshots, summary) stay with its last events rather than make a file of their own.
+        if !session.any_alive() {
+            return Ok(());
+        }
         let bytes = self.bytes();
         if bytes >= self.max_size && bytes - self.start_bytes >= self.start_bytes {
             self.rotate(session)?;

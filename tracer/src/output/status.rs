@@ -432,11 +432,27 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
     if !tty {
         f.written = Some(written);
         f.output = Some(match &cfg.output {
-            Some(path) => shown(&crate::name::from_os(path.as_os_str())).to_string(),
+            Some(path) => output_name(path, cfg),
             None => "stdout".into(),
         });
     }
     Ok(Box::new(f))
+}
+
+/// The output file as shown: its name, and how it is compressed and rotated.
+fn output_name(path: &std::path::Path, cfg: &RunConfig) -> String {
+    let mut name = shown(&crate::name::from_os(path.as_os_str())).to_string();
+    if super::compress::by_name(path) {
+        name.push_str(" (zstd; sizes before compression)");
+    }
+    if let Some(r) = cfg.rotation {
+        name.push_str(&format!(
+            " and older files (a new one at {}, the {} newest kept)",
+            size(r.max_size),
+            r.max_files
+        ));
+    }
+    name
 }
 
 /// The banner: what is traced, by which kernel programs, where the output goes.
@@ -479,7 +495,7 @@ pub fn banner(cfg: &RunConfig, meta: &Meta, session: &Session) {
         (Some(path), json) => format!(
             "{} to {}",
             if json { "NDJSON" } else { "human lines" },
-            shown(&crate::name::from_os(path.as_os_str()))
+            output_name(path, cfg)
         ),
         (None, true) => "NDJSON on stdout".into(),
         (None, false) if cfg.view.quiet => "the summary only (--quiet)".into(),
