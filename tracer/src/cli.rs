@@ -65,6 +65,12 @@ Examples:
   sudo vmatrace record --stacks --fault-stacks 64 -o trace.ndjson -- ./app
                                           with the call stack of every memory syscall and
                                           of one first touch in 64
+  sudo vmatrace record --max-size 100M --max-files 10 -o trace.ndjson.zst -p 1234
+                                          always on: zstd-compressed (.zst), a new file at
+                                          100 MB, the 10 newest kept (trace.1.ndjson.zst is
+                                          the one before trace.ndjson.zst)
+  sudo vmatrace record --snapshot-every 10s -o trace.ndjson -p 1234
+                                          and a snapshot of every process every 10 s
   vmatrace replay trace.ndjson            then, without sudo: the file is the sudo user's
 
 record prints on stderr how many records it wrote and how many events were lost.";
@@ -241,6 +247,19 @@ pub struct TraceArgs {
     /// 16K; deeper frames come from frame pointers where the code has them).
     #[arg(long, value_name = "BYTES", value_parser = parse_stack_bytes, default_value = "8K")]
     pub stack_bytes: u32,
+    /// With -o FILE (NDJSON): start a new file once this one reaches SIZE (e.g. 512K, 100M);
+    /// older files are renamed FILE.1, FILE.2, ... (trace.1.ndjson), each a recording of its
+    /// own (it starts with meta and a snapshot of every process). A FILE ending in .zst is
+    /// zstd-compressed, rotated or not.
+    #[arg(long, value_name = "SIZE", value_parser = parse_max_size)]
+    pub max_size: Option<u64>,
+    /// With --max-size: the files kept, the newest included; the oldest is removed.
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "max_size",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_files: u32,
+    /// Snapshot every traced process this often (e.g. 200ms, 10s), as SIGUSR1 does.
+    #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+    pub snapshot_every: Option<Duration>,
     /// The command to launch and trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -301,6 +320,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         Ok(d) if d == Duration::ZERO => Err(format!("'{s}': the duration must be positive")),
         _ => Err(format!("'{s}' is too long (at most 365 days)")),
     }
+}
+
+/// Parses `--max-size`: a size as [`parse_bytes`] reads it, at least 4K.
+pub fn parse_max_size(s: &str) -> Result<u64, String> {
+    Some(parse_bytes(s)?)
+        .filter(|&b| b >= 4096)
+        .ok_or(format!("'{s}': --max-size must be at least 4K"))
 }
 
 /// Parses the `--reconcile` interval: whole seconds, from 1 to a year.

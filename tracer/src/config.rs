@@ -35,4 +35,8 @@ pub struct RunConfig {
     pub heap: bool,
     /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
     pub stacks: StackOptions,
+    /// `--max-size`, `--max-files`: the output rotated.
+    pub rotation: Option<crate::output::rotate::Rotation>,
+    /// `--snapshot-every`.
+    pub snapshot_every: Option<Duration>,
 }

@@ -68,6 +68,11 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
             fault_every: t.fault_stacks.unwrap_or(0),
             stack_bytes: t.stack_bytes,
         },
+        rotation: t.max_size.map(|max_size| tracer::output::rotate::Rotation {
+            max_size,
+            max_files: t.max_files,
+        }),
+        snapshot_every: t.snapshot_every,
     }
 }
 

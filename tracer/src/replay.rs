@@ -560,14 +560,28 @@ fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>,
     Ok(Some(()))
 }
 
-/// Replays `path` into `sink`; `events` also passes every event on.
-pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed, ReplayError> {
-    let name = path.display().to_string();
-    let file = std::fs::File::open(path).map_err(|source| ReplayError::Open {
-        path: name.clone(),
+/// Opens the recording `path` for reading: plain NDJSON, or zstd-compressed NDJSON (told by
+/// its first bytes, whatever its name; a sequence of frames is read as one stream).
+pub fn open(path: &Path) -> Result<Box<dyn BufRead>, ReplayError> {
+    let open_err = |source| ReplayError::Open {
+        path: path.display().to_string(),
         source,
-    })?;
-    replay_from(io::BufReader::new(file), &name, sink, events)
+    };
+    let mut file = io::BufReader::new(std::fs::File::open(path).map_err(open_err)?);
+    if file
+        .fill_buf()
+        .map_err(open_err)?
+        .starts_with(&crate::output::compress::MAGIC)
+    {
+        let decoder = zstd::stream::read::Decoder::with_buffer(file).map_err(open_err)?;
+        return Ok(Box::new(io::BufReader::new(decoder)));
+    }
+    Ok(Box::new(file))
+}
+
+/// Replays `path` (see [`open`]) into `sink`; `events` also passes every event on.
+pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed, ReplayError> {
+    replay_from(open(path)?, &path.display().to_string(), sink, events)
 }
 
 /// Replays the recording read from `reader` (`name` in errors), one line at a time: memory
@@ -889,6 +903,44 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.starts_with("t:4: the snapshots so far"), "{err}");
+    }
+
+    /// A recording compressed with zstd (two frames, as vmatrace writes them) is read by its
+    /// magic bytes, whatever its name, and replays exactly like the plain one.
+    #[test]
+    fn a_zstd_recording_replays_like_the_plain_one() {
+        // A meta with its clock, so that the replayed meta is the same both times.
+        let meta = "{\"type\":\"meta\",\"ts_ns\":1,\"realtime_ns\":5,\"version\":1}\n";
+        let text = format!(
+            "{meta}{{\"type\":\"snapshot\",\"ts_ns\":2,\"pid\":7,\"reason\":\"seed\",\"exe\":null,\"vmas\":[]}}\n{}{}",
+            call(10, "mmap", [0, 8192, 3, 0x22, u64::MAX, 0], 0x10000),
+            call(11, "munmap", [0x10000, 4096, 0, 0, 0, 0], 0),
+        );
+        let (first, second) = text.split_at(meta.len());
+        let mut compressed = zstd::encode_all(first.as_bytes(), 3).expect("compresses");
+        compressed.extend(zstd::encode_all(second.as_bytes(), 3).expect("compresses"));
+        let dir = std::env::temp_dir();
+        let plain = dir.join(format!("vmatrace-replay-plain-{}", std::process::id()));
+        let packed = dir.join(format!(
+            "vmatrace-replay-packed-{}.ndjson",
+            std::process::id()
+        ));
+        std::fs::write(&plain, &text).expect("writes");
+        std::fs::write(&packed, &compressed).expect("writes");
+        let out = |path: &Path| {
+            let mut sink =
+                crate::output::ndjson::NdjsonSink::new(Vec::new(), crate::output::FaultFilter::All);
+            replay(path, &mut sink, true).map_err(|e| e.to_string())?;
+            Ok::<_, String>(String::from_utf8_lossy(sink.get_mut()).into_owned())
+        };
+        let (a, b) = (out(&plain), out(&packed));
+        let _ = std::fs::remove_file(&plain);
+        let _ = std::fs::remove_file(&packed);
+        assert!(
+            a.as_ref().is_ok_and(|a| a.contains("\"type\":\"munmap\"")),
+            "{a:?}"
+        );
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -233,7 +233,7 @@ struct Live {
     /// A snapshot asked for (SIGUSR1) at this time, written once every event before it is
     /// handled: a reader that is behind (under overload, or emulation) must not write the
     /// model of an earlier moment. At most [`SNAPSHOT_WAIT`] later, it is written anyway.
-    snapshot_due: Option<(u64, Instant)>,
+    snapshot_due: Option<(u64, Instant, SnapshotReason)>,
     /// Live processes already warned about for giving no event at all.
     silent_warned: HashSet<u32>,
 }
@@ -474,11 +474,11 @@ impl Live {
         }
     }
 
-    /// Writes the snapshot asked for (SIGUSR1) once every event before the asking is
+    /// Writes the snapshot asked for (SIGUSR1, `--snapshot-every`) once every event before the asking is
     /// handled: then collapses are looked for (on a model that has caught up), handled, and
     /// the maps read again if events were lost since the last resync.
     fn snapshot_if_due(&mut self, ring: &mut RingBuf<MapData>) -> Result<(), RunError> {
-        let Some((asked, when)) = self.snapshot_due else {
+        let Some((asked, when, reason)) = self.snapshot_due else {
             return Ok(());
         };
         let behind = self.caught_up_ns < asked || self.order.oldest().is_some_and(|t| t <= asked);
@@ -496,7 +496,7 @@ impl Live {
         self.collect(ring, Some(Instant::now() + STOP_GRACE))?;
         self.report_losses()?;
         self.resync_after_losses(true)?;
-        self.snapshots(SnapshotReason::Signal)
+        self.snapshots(reason)
     }
 
     /// No traced process is alive, and no event that could add one waits to be handled.
@@ -625,6 +625,7 @@ impl Live {
         {
             self.sink.stack(&def).map_err(RunError::Write)?;
             self.session.stacks.insert(def);
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         let applied = self.session.apply(&ev);
         let mut follow_up = Vec::new();
@@ -705,6 +706,8 @@ impl Live {
             }
             _ => {}
         }
+        // After the snapshot an exec, exit or fork writes: a rotated output may cut here.
+        self.sink.boundary(&self.session).map_err(RunError::Write)?;
         for ev in follow_up {
             self.handle(ev)?;
         }
@@ -740,6 +743,7 @@ impl Live {
             self.sink
                 .lost(monotonic_ns(), &d)
                 .map_err(RunError::Write)?;
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         self.losing = d.lost_syscall + d.lost_fault + d.lost_lifecycle > 0;
         if d.lost_heap > 0 {
@@ -785,6 +789,7 @@ impl Live {
                     .snapshot(now, SnapshotReason::Resync, p)
                     .map_err(RunError::Write)?;
             }
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         Ok(())
     }
@@ -846,6 +851,7 @@ impl Live {
                 self.sink
                     .drift(monotonic_ns(), pid, &diff)
                     .map_err(RunError::Write)?;
+                self.sink.boundary(&self.session).map_err(RunError::Write)?;
             }
         }
         Ok(())
@@ -868,8 +874,26 @@ impl Live {
         }
         for p in self.session.processes().filter(|p| p.exited_ns.is_none()) {
             self.sink.snapshot(ts, reason, p).map_err(RunError::Write)?;
+            self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
         self.sink.flush().map_err(RunError::Write)
+    }
+
+    /// A snapshot of every traced process now (SIGUSR1, `--snapshot-every`): written as soon
+    /// as the reader has handled every event up to now (at once, unless it is behind).
+    fn snapshot_now(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        reason: SnapshotReason,
+    ) -> Result<(), RunError> {
+        // One snapshot pending at a time, the latest asked for; a signal's is never relabelled.
+        let reason = match self.snapshot_due {
+            Some((_, _, SnapshotReason::Signal)) => SnapshotReason::Signal,
+            _ => reason,
+        };
+        self.snapshot_due = Some((monotonic_ns(), Instant::now(), reason));
+        self.collect(ring, Some(Instant::now() + DRAIN_SLICE))?;
+        self.snapshot_if_due(ring)
     }
 }
 
@@ -1117,6 +1141,11 @@ async fn event_loop(
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Runtime)?;
     let mut sigusr1 = signal(SignalKind::user_defined1()).map_err(RunError::Runtime)?;
     let mut sighup = signal(SignalKind::hangup()).map_err(RunError::Runtime)?;
+    let mut periodic = cfg.snapshot_every.map(|every| {
+        let mut i = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     crate::signals::watch_stop(cfg.duration, STOP_GRACE).map_err(RunError::Runtime)?;
     // Handlers in place: signals sent since vmatrace started are handled now.
     crate::signals::release();
@@ -1193,13 +1222,13 @@ async fn event_loop(
                 stop_asked = true;
                 break;
             }
-            _ = sigusr1.recv() => {
-                // A snapshot has every event up to now: written as soon as the reader has
-                // handled them (at once, unless it is behind).
-                live.snapshot_due = Some((monotonic_ns(), Instant::now()));
-                live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
-                live.snapshot_if_due(fd.get_mut())?;
-            }
+            _ = sigusr1.recv() => live.snapshot_now(fd.get_mut(), SnapshotReason::Signal)?,
+            _ = async {
+                match periodic.as_mut() {
+                    Some(every) => every.tick().await,
+                    None => std::future::pending().await,
+                }
+            } => live.snapshot_now(fd.get_mut(), SnapshotReason::Periodic)?,
             code = async {
                 match waiter.as_mut() {
                     Some(w) => w.await,

@@ -853,6 +853,29 @@ fn fault_loop(iters: usize, pages: usize) {
     say(&format!("fault_loop {} ns", start.elapsed().as_nanos()));
 }
 
+/// Bounded output (issue #20): `iters` rounds of mapping 16 pages, touching them and
+/// unmapping them, the first half of one mapping in 8 kept (so that the map at the end has
+/// history), `pause_us` between rounds; prints `churn_then_stop KEPT PID`, then a checkpoint
+/// `end`.
+fn churn_then_stop(iters: usize, pause_us: u64) {
+    let mut kept = 0;
+    for i in 0..iters {
+        let a = anon(16 * PAGE);
+        touch(a, 16 * PAGE);
+        if i % 8 == 0 {
+            munmap(a + 8 * PAGE, 8 * PAGE);
+            kept += 1;
+        } else {
+            munmap(a, 16 * PAGE);
+        }
+        if pause_us > 0 {
+            std::thread::sleep(Duration::from_micros(pause_us));
+        }
+    }
+    say(&format!("churn_then_stop {kept} {}", std::process::id()));
+    checkpoint("end");
+}
+
 /// Benchmark: mmap, touch one page, munmap.
 fn churn(iters: usize) {
     let start = Instant::now();
@@ -1263,6 +1286,7 @@ fn main() {
         Some("wait-then-map") => wait_then_map(),
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
+        Some("churn-then-stop") => churn_then_stop(arg(&args, 2, 3000), arg(&args, 3, 0) as u64),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
         Some("migrate") => migrate(arg(&args, 2, 100)),
         Some("vma-ids") => vma_ids(),

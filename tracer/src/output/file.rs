@@ -49,6 +49,14 @@ pub enum OutputError {
     Unsupported(String),
     #[error("cannot write {path}: {source}")]
     Io { path: String, source: io::Error },
+    #[error(
+        "--max-size rotates a regular file; {0} is not one (a FIFO or a device cannot be rotated)"
+    )]
+    NotRotatable(String),
+    #[error("--max-size needs -o FILE, a regular file (stdout cannot be rotated)")]
+    RotateStdout,
+    #[error("--max-size needs NDJSON output (--json, or record): each file is a recording")]
+    RotateNeedsJson,
 }
 
 /// The users whose files and links are trusted: root, the effective user, the sudo user.
@@ -253,7 +261,7 @@ impl Output {
     }
 
     /// Cuts a regular file back to `len` bytes (nothing for a FIFO or device).
-    fn cut_back(&mut self, len: u64) {
+    pub(crate) fn cut_back(&mut self, len: u64) {
         if let Ok(f) = self.file() {
             let _ = f.set_len(len);
             let _ = io::Seek::seek(f, io::SeekFrom::Start(len));
@@ -364,49 +372,157 @@ fn open_special(dir: OwnedFd, name: CString, st: &libc::stat) -> io::Result<Outp
     }
 }
 
-/// Opens `path` for writing as the module documentation describes.
-pub fn create(path: &Path, force: bool) -> Result<Output, OutputError> {
-    let shown = path.display().to_string();
-    let io_err = |source: io::Error| match source.raw_os_error() {
-        Some(libc::ELOOP) => OutputError::Symlink(shown.clone()),
-        Some(libc::EISDIR) => OutputError::Directory(shown.clone()),
-        Some(libc::EEXIST) => OutputError::Exists(shown.clone()),
-        _ => OutputError::Io {
+/// A name in a directory opened as the module documentation describes (no untrusted link on
+/// the way): where an output is created, and where a rotated output (`output::rotate`)
+/// renames and creates its files again, always by name in that one directory.
+pub struct Place {
+    dir: OwnedFd,
+    name: CString,
+    shown: String,
+    trusted: Trusted,
+}
+
+impl Place {
+    /// Walks to the directory of `path`.
+    pub fn new(path: &Path) -> Result<Self, OutputError> {
+        let shown = path.display().to_string();
+        let Some(file_name) = path.file_name() else {
+            return Err(OutputError::Directory(shown));
+        };
+        let trusted = Trusted::now();
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let dir = open_dir(parent.unwrap_or(Path::new(".")), &trusted, &shown)?;
+        let name = c_name(file_name).map_err(|source| OutputError::Io {
             path: shown.clone(),
             source,
-        },
-    };
-    let Some(file_name) = path.file_name() else {
-        return Err(OutputError::Directory(shown));
-    };
-    let trusted = Trusted::now();
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let dir = open_dir(parent.unwrap_or(Path::new(".")), &trusted, &shown)?;
-    let name = c_name(file_name).map_err(io_err)?;
-    let st = match fstatat(&dir, &name) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-            return create_new(&dir, &name).map(Output::ready).map_err(io_err);
-        }
-        Err(e) => return Err(io_err(e)),
-        Ok(st) => st,
-    };
-    match st.st_mode & libc::S_IFMT {
-        libc::S_IFLNK => Err(OutputError::Symlink(shown)),
-        libc::S_IFDIR => Err(OutputError::Directory(shown)),
-        libc::S_IFREG if !force => Err(OutputError::Exists(shown)),
-        libc::S_IFREG => replace(&dir, &name).map(Output::ready).map_err(io_err),
-        libc::S_IFIFO | libc::S_IFCHR => {
-            let here = fstat(&dir).map_err(io_err)?;
-            if here.st_mode & libc::S_IWOTH != 0 && !trusted.owns(&st) {
-                return Err(OutputError::NotYours {
-                    path: shown,
-                    uid: st.st_uid,
-                });
-            }
-            open_special(dir, name, &st).map_err(io_err)
-        }
-        _ => Err(OutputError::Unsupported(shown)),
+        })?;
+        Ok(Self {
+            dir,
+            name,
+            shown,
+            trusted,
+        })
     }
+
+    /// The same directory, another name in it.
+    pub fn sibling(&self, file_name: &OsStr) -> Result<Self, OutputError> {
+        let path = Path::new(&self.shown).with_file_name(file_name);
+        let shown = path.display().to_string();
+        let io_err = |source| OutputError::Io {
+            path: shown.clone(),
+            source,
+        };
+        Ok(Self {
+            dir: self.dir.try_clone().map_err(io_err)?,
+            name: c_name(file_name).map_err(io_err)?,
+            shown: shown.clone(),
+            trusted: Trusted::now(),
+        })
+    }
+
+    /// The path as the user gave it (for messages).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+
+    fn error(&self, source: io::Error) -> OutputError {
+        let shown = self.shown.clone();
+        match source.raw_os_error() {
+            Some(libc::ELOOP) => OutputError::Symlink(shown),
+            Some(libc::EISDIR) => OutputError::Directory(shown),
+            Some(libc::EEXIST) => OutputError::Exists(shown),
+            _ => OutputError::Io {
+                path: shown,
+                source,
+            },
+        }
+    }
+
+    /// What is there now (`S_IFREG`, `S_IFIFO`, ...; links not followed), or None.
+    pub fn file_type(&self) -> Result<Option<libc::mode_t>, OutputError> {
+        match fstatat(&self.dir, &self.name) {
+            Ok(st) => Ok(Some(st.st_mode & libc::S_IFMT)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    /// Creates a new file here (nothing may be there), 0600, owned by the invoking user.
+    pub fn create_new(&self) -> Result<Output, OutputError> {
+        create_new(&self.dir, &self.name)
+            .map(Output::ready)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Renames the file here to `to` (in the same directory), replacing what is there; false
+    /// when there was nothing to rename. Names, not files, are renamed: a link is never
+    /// followed.
+    pub fn rename_to(&self, to: &Place) -> Result<bool, OutputError> {
+        // SAFETY: valid directory fds and NUL-terminated names.
+        let rc = unsafe {
+            libc::renameat(
+                self.dir.as_raw_fd(),
+                self.name.as_ptr(),
+                to.dir.as_raw_fd(),
+                to.name.as_ptr(),
+            )
+        };
+        match rc {
+            0 => Ok(true),
+            _ => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+                e => Err(self.error(e)),
+            },
+        }
+    }
+
+    /// Removes the file (or link) here; false when there was none.
+    pub fn remove(&self) -> Result<bool, OutputError> {
+        // SAFETY: a valid directory fd and a NUL-terminated name.
+        match unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) } {
+            0 => Ok(true),
+            _ => match io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+                e => Err(self.error(e)),
+            },
+        }
+    }
+
+    /// Opens the output here for writing as the module documentation describes.
+    pub fn create(&self, force: bool) -> Result<Output, OutputError> {
+        let io_err = |e| self.error(e);
+        let st = match fstatat(&self.dir, &self.name) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return self.create_new(),
+            Err(e) => return Err(io_err(e)),
+            Ok(st) => st,
+        };
+        let shown = self.shown.clone();
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFLNK => Err(OutputError::Symlink(shown)),
+            libc::S_IFDIR => Err(OutputError::Directory(shown)),
+            libc::S_IFREG if !force => Err(OutputError::Exists(shown)),
+            libc::S_IFREG => replace(&self.dir, &self.name)
+                .map(Output::ready)
+                .map_err(io_err),
+            libc::S_IFIFO | libc::S_IFCHR => {
+                let here = fstat(&self.dir).map_err(io_err)?;
+                if here.st_mode & libc::S_IWOTH != 0 && !self.trusted.owns(&st) {
+                    return Err(OutputError::NotYours {
+                        path: shown,
+                        uid: st.st_uid,
+                    });
+                }
+                let dir = self.dir.try_clone().map_err(io_err)?;
+                open_special(dir, self.name.clone(), &st).map_err(io_err)
+            }
+            _ => Err(OutputError::Unsupported(shown)),
+        }
+    }
+}
+
+/// Opens `path` for writing as the module documentation describes.
+pub fn create(path: &Path, force: bool) -> Result<Output, OutputError> {
+    Place::new(path)?.create(force)
 }
 
 /// A file writer that only ever leaves whole lines on disk: it buffers, writes up to the last
@@ -433,6 +549,11 @@ impl LineFile {
             last_newline: None,
             committed: 0,
         }
+    }
+
+    /// Bytes this file holds once flushed.
+    pub fn bytes(&self) -> u64 {
+        self.committed + self.buf.len() as u64
     }
 
     fn write_whole_lines(&mut self) -> io::Result<()> {

@@ -683,11 +683,11 @@ impl<W: Write> Sink for LiveView<W> {
         if reason.seeds() {
             self.learn(p);
         }
-        if self.opts.quiet && reason != SnapshotReason::Signal {
+        if self.opts.quiet && !matches!(reason, SnapshotReason::Signal | SnapshotReason::Periodic) {
             return Ok(());
         }
         match reason {
-            SnapshotReason::Signal => {
+            SnapshotReason::Signal | SnapshotReason::Periodic => {
                 let time = self.time(ts_ns);
                 write_snapshot(&mut self.out, &time, reason, p)
             }

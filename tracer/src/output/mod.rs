@@ -1,6 +1,7 @@
 //! Where events go: human lines or NDJSON, snapshots, summaries. Every sink sees the same calls
 //! from the live runner and from replay.
 
+pub mod compress;
 pub mod file;
 pub mod html;
 pub mod human;
@@ -9,6 +10,7 @@ pub mod ndjson;
 pub mod perfetto;
 pub mod profile;
 pub mod report;
+pub mod rotate;
 pub mod status;
 pub mod timeline_view;
 
@@ -53,6 +55,8 @@ pub enum SnapshotReason {
     Resync,
     /// SIGUSR1.
     Signal,
+    /// `--snapshot-every`.
+    Periodic,
     /// The last map before the process's teardown.
     Exit,
     /// The end of the run.
@@ -60,11 +64,12 @@ pub enum SnapshotReason {
 }
 
 impl SnapshotReason {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Seed,
         Self::Exec,
         Self::Resync,
         Self::Signal,
+        Self::Periodic,
         Self::Exit,
         Self::Final,
     ];
@@ -76,6 +81,7 @@ impl SnapshotReason {
             Self::Exec => "exec",
             Self::Resync => "resync",
             Self::Signal => "signal",
+            Self::Periodic => "periodic",
             Self::Exit => "exit",
             Self::Final => "final",
         }
@@ -117,6 +123,11 @@ pub trait Sink {
     fn findings(&mut self, findings: &[Finding]) -> io::Result<()>;
     /// Flushes buffered output.
     fn flush(&mut self) -> io::Result<()>;
+    /// Everything written so far is consistent with `session` (each event written is applied,
+    /// no other is): an output that starts new files (`--max-size`) may start one here.
+    fn boundary(&mut self, _session: &Session) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A sink that writes nothing (`vmatrace report` replays silently).

@@ -39,6 +39,11 @@ impl<W: Write> NdjsonSink<W> {
         }
     }
 
+    /// The writer (a rotated output starts its next file through it).
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+
     fn line(&mut self, v: &Value) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, v)?;
         self.out.write_all(b"\n")

@@ -18,12 +18,8 @@ use std::{
 };
 
 use super::{
-    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary,
-    file::{self, OutputError},
-    human::HumanSink,
-    live_view::LiveView,
-    ndjson::NdjsonSink,
-    thousands,
+    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, compress::OutFile,
+    file::OutputError, human::HumanSink, live_view::LiveView, ndjson::NdjsonSink, thousands,
 };
 use crate::{
     analysis::Finding,
@@ -90,6 +86,11 @@ impl<W: Write> Counted<W> {
     /// Counts into `written` what is written to `inner`.
     pub fn new(inner: W, written: Arc<Written>) -> Self {
         Self { inner, written }
+    }
+
+    /// The writer counted.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
     }
 }
 
@@ -374,6 +375,10 @@ impl Sink for Feedback {
         }
         Ok(())
     }
+
+    fn boundary(&mut self, session: &Session) -> io::Result<()> {
+        self.inner.boundary(session)
+    }
 }
 
 /// The sink of a live run: NDJSON, every event (`-v`) or the live view, to the output file or
@@ -381,12 +386,15 @@ impl Sink for Feedback {
 pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, OutputError> {
     let stdout_tty = io::stdout().is_terminal();
     let written = Arc::new(Written::default());
+    // --max-size: NDJSON into files that it rotates (no other writer is opened).
+    let rotating = super::rotate::sink(cfg, &written)?;
     // Every writer tells the stop watchdog when a write is under way (see
     // [`crate::signals::watch_stop`]).
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
+        _ if rotating.is_some() => (Box::new(io::sink()), false),
         Some(path) => (
             Box::new(Watched(Counted::new(
-                file::LineFile::new(file::create(path, cfg.force)?),
+                OutFile::create(path, cfg.force)?,
                 written.clone(),
             ))),
             false,
@@ -406,7 +414,9 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
             false,
         ),
     };
-    let inner: Box<dyn Sink> = if cfg.json {
+    let inner: Box<dyn Sink> = if let Some(rotating) = rotating {
+        rotating
+    } else if cfg.json {
         Box::new(NdjsonSink::new(writer, cfg.faults))
     } else if cfg.view.verbose {
         Box::new(HumanSink::new(writer, cfg.faults, tty, start_ns))
@@ -422,11 +432,27 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
     if !tty {
         f.written = Some(written);
         f.output = Some(match &cfg.output {
-            Some(path) => shown(&crate::name::from_os(path.as_os_str())).to_string(),
+            Some(path) => output_name(path, cfg),
             None => "stdout".into(),
         });
     }
     Ok(Box::new(f))
+}
+
+/// The output file as shown: its name, and how it is compressed and rotated.
+fn output_name(path: &std::path::Path, cfg: &RunConfig) -> String {
+    let mut name = shown(&crate::name::from_os(path.as_os_str())).to_string();
+    if super::compress::by_name(path) {
+        name.push_str(" (zstd; sizes before compression)");
+    }
+    if let Some(r) = cfg.rotation {
+        name.push_str(&format!(
+            " and older files (a new one at {}, the {} newest kept)",
+            size(r.max_size),
+            r.max_files
+        ));
+    }
+    name
 }
 
 /// The banner: what is traced, by which kernel programs, where the output goes.
@@ -476,7 +502,7 @@ pub fn banner(cfg: &RunConfig, meta: &Meta, session: &Session) {
         (Some(path), json) => format!(
             "{} to {}",
             if json { "NDJSON" } else { "human lines" },
-            shown(&crate::name::from_os(path.as_os_str()))
+            output_name(path, cfg)
         ),
         (None, true) => "NDJSON on stdout".into(),
         (None, false) if cfg.view.quiet => "the summary only (--quiet)".into(),

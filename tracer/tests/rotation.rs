@@ -1,0 +1,547 @@
+//! Privileged end-to-end tests of bounded output (issue #20): `--max-size` rotation, zstd
+//! recordings, `--snapshot-every`. Each runs the real vmatrace on the real `workload` and
+//! checks the files with the real tools (`vmatrace replay`, Debian's `zstd`) and the kernel's
+//! own view of the process (`/proc/PID/maps` and `smaps` while it is stopped).
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+use tracer::{
+    model::{Perms, normalize},
+    procfs,
+};
+
+/// A fresh directory for one test's files.
+fn temp_dir(name: &str) -> PathBuf {
+    let d = temp_path(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+/// The file names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The complete lines of a plain recording that may be being written (or renamed) now.
+fn complete_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete.lines().map(str::to_string).collect()
+}
+
+fn parse(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect()
+}
+
+/// `vmatrace replay --json FILE`: its records (it must succeed).
+fn replayed(path: &Path) -> Vec<Value> {
+    let o = Command::new(vmatrace())
+        .args(["replay", "--json"])
+        .arg(path)
+        .output()
+        .expect("replay runs");
+    assert!(
+        o.status.success(),
+        "replay {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("replay writes JSON"))
+        .collect()
+}
+
+/// The normalised map of a snapshot record.
+fn ranges(snap: &Value) -> Vec<normalize::Range> {
+    let rows: Vec<(u64, u64, Perms, Option<String>)> = snap["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .map(|v| {
+            (
+                v["start"].as_u64().expect("start"),
+                v["end"].as_u64().expect("end"),
+                Perms::parse(v["perms"].as_str().expect("perms")).expect("perms"),
+                v["path"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    normalize::normalize(
+        rows.iter()
+            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
+    )
+}
+
+/// The sum of `field` over a snapshot's VMAs.
+fn total(snap: &Value, field: &str) -> u64 {
+    snap["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .map(|v| v[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// The kernel's normalised map of `pid`.
+fn kernel_ranges(pid: u32) -> Vec<normalize::Range> {
+    let maps = procfs::read_maps(pid).expect("maps");
+    normalize::normalize(
+        maps.iter()
+            .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
+    )
+}
+
+/// Runs vmatrace with `args` on `workload churn-then-stop ITERS PAUSE_US` until the workload
+/// stops at its checkpoint; returns vmatrace and the workload's pid, stopped.
+fn until_checkpoint(args: &[&str], iters: &str, pause_us: &str) -> (Running, u32) {
+    let w = workload();
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend([
+        "--",
+        w.to_str().expect("utf-8"),
+        "churn-then-stop",
+        iters,
+        pause_us,
+    ]);
+    let mut v = spawn(&all);
+    let mut pid = None;
+    while let Some(Ok(line)) = v.lines.next() {
+        if let Some(rest) = line.strip_prefix("churn_then_stop ") {
+            pid = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+        }
+        if line == "checkpoint end" {
+            break;
+        }
+    }
+    let pid: u32 = pid.expect("the workload said its pid");
+    wait_for(10, "the workload to stop", || {
+        procfs::read_stat(pid).is_ok_and(|s| s.state == 'T')
+    });
+    (v, pid)
+}
+
+/// Lets the workload end and vmatrace with it; vmatrace must succeed.
+fn finish(mut v: Running, pid: u32) {
+    kill(pid, libc::SIGCONT);
+    let status = v.child.wait().expect("vmatrace exits");
+    assert!(status.success(), "vmatrace: {status:?}");
+}
+
+/// `--max-size 1M --max-files 3` on a workload writing about 20 MB: several rotations, three
+/// files kept (the first, with the exec, dropped), each at least 1 MiB and over it by its last
+/// record only, each starting with `meta` and a seed snapshot, each accepted by `replay`. The
+/// file holding a SIGUSR1 snapshot taken while the workload is stopped, replayed alone (from
+/// its seed), gives the kernel's map and the live model's bytes; the newest file's replay ends
+/// with the live run's summary of the model.
+#[test]
+fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
+    if !privileged("max_size_rotates_into_files_that_each_replay_to_the_kernels_map") {
+        return;
+    }
+    const CAP: u64 = 1 << 20;
+    let dir = temp_dir("rotation");
+    let out = dir.join("t.ndjson");
+    let out_s = out.to_str().expect("utf-8").to_string();
+    let (v, pid) = until_checkpoint(
+        &[
+            "--json",
+            "-o",
+            &out_s,
+            "--max-size",
+            "1M",
+            "--max-files",
+            "3",
+        ],
+        "3000",
+        "100",
+    );
+    let kernel = kernel_ranges(pid);
+    let smaps = procfs::read_smaps(pid).expect("smaps");
+    let kernel_anon: u64 = smaps.iter().map(|e| e.anonymous).sum();
+    kill(v.child.id(), libc::SIGUSR1);
+    let is_signal = |r: &Value| r["type"] == "snapshot" && r["reason"] == "signal";
+    let with_signal = |name: &str| {
+        parse(&complete_lines(&dir.join(name)))
+            .iter()
+            .any(is_signal)
+    };
+    wait_for(30, "the signal snapshot", || {
+        with_signal("t.ndjson") || with_signal("t.1.ndjson")
+    });
+    // Where the snapshot is, before the run's end writes more (and may rotate).
+    let snap_file = if with_signal("t.ndjson") {
+        "t.ndjson"
+    } else {
+        "t.1.ndjson"
+    };
+    let snap_copy = dir.join("with-signal.ndjson.copy");
+    std::fs::copy(dir.join(snap_file), &snap_copy).expect("copies");
+    finish(v, pid);
+
+    assert_eq!(
+        names_in(&dir),
+        [
+            "t.1.ndjson",
+            "t.2.ndjson",
+            "t.ndjson",
+            "with-signal.ndjson.copy"
+        ]
+    );
+    for name in ["t.ndjson", "t.1.ndjson", "t.2.ndjson"] {
+        let path = dir.join(name);
+        let text = std::fs::read_to_string(&path).expect("reads");
+        let lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let recs = parse(&lines);
+        assert_eq!(recs[0]["type"], "meta", "{name} starts with meta");
+        let first_snapshot = recs.iter().find(|r| r["type"] == "snapshot");
+        assert!(
+            recs[1]["type"] == "snapshot"
+                && first_snapshot.is_some_and(|s| s["reason"] == "seed" && s["pid"] == pid),
+            "{name}: meta is followed by a seed snapshot of {pid}: {}",
+            recs[1]
+        );
+        // Over 1 MiB by its last record at most; the newest also keeps the end of the run
+        // (from the workload's exit on).
+        let end = match name {
+            "t.ndjson" => recs
+                .iter()
+                .rposition(|r| r["type"] == "exit")
+                .expect("the newest file has the exit"),
+            _ => lines.len() - 1,
+        };
+        let before: u64 = lines[..end].iter().map(|l| l.len() as u64 + 1).sum();
+        let size = text.len() as u64;
+        assert!(
+            before < CAP,
+            "{name}: {size} bytes, {before} before its last record"
+        );
+        if name != "t.ndjson" {
+            assert!(size >= CAP, "{name} was cut before 1 MiB: {size} bytes");
+        }
+        replayed(&path);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .expect("exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    let oldest = std::fs::read_to_string(dir.join("t.2.ndjson")).expect("reads");
+    assert!(
+        !oldest.contains("\"type\":\"exec\""),
+        "the first file (with the exec) was dropped"
+    );
+
+    // The file with the signal snapshot, replayed from its own seed, gives the kernel's map
+    // and the live model's bytes at that moment.
+    let live = parse(&complete_lines(&snap_copy))
+        .into_iter()
+        .find(|r| is_signal(r) && r["pid"] == pid)
+        .expect("the live signal snapshot");
+    let again = replayed(&snap_copy)
+        .into_iter()
+        .find(|r| is_signal(r) && r["pid"] == pid)
+        .expect("the replayed signal snapshot");
+    assert_eq!(
+        normalize::diff(&kernel, &ranges(&again)),
+        Vec::<String>::new(),
+        "the replayed map differs from /proc/{pid}/maps"
+    );
+    assert_eq!(ranges(&again), ranges(&live));
+    for field in ["reserved_bytes", "touched_bytes", "anon_bytes"] {
+        assert_eq!(total(&again, field), total(&live, field), "{field}");
+    }
+    // The same tolerance as model_vs_kernel: pages the kernel fills for exec and the loader.
+    assert!(
+        total(&again, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
+        "anonymous bytes: replayed {} kernel {kernel_anon}",
+        total(&again, "anon_bytes")
+    );
+
+    // The newest file's replay ends with the model the live run ended with.
+    let newest = parse(&complete_lines(&dir.join("t.ndjson")));
+    let summary_of = |recs: &[Value]| {
+        recs.iter()
+            .rev()
+            .find(|r| r["type"] == "summary")
+            .and_then(|s| {
+                s["processes"]
+                    .as_array()?
+                    .iter()
+                    .find(|p| p["pid"] == pid)
+                    .cloned()
+            })
+            .expect("a summary of the workload")
+    };
+    let (recorded, again) = (
+        summary_of(&newest),
+        summary_of(&replayed(&dir.join("t.ndjson"))),
+    );
+    for field in [
+        "reserved_bytes",
+        "touched_bytes",
+        "anon_bytes",
+        "heap_bytes",
+    ] {
+        assert_eq!(
+            recorded[field], again[field],
+            "{field}: {recorded} vs {again}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A zstd recording (`-o FILE.zst`), rotated at 256K and ended by SIGINT in the middle of the
+/// run: every file is a complete zstd stream (`zstd -t`) and replays; the newest, which holds
+/// the end of the run (nothing lost on Ctrl-C: its last record is the summary), replays to
+/// exactly what its decompression by Debian's `zstd` replays to.
+#[test]
+fn zstd_recordings_are_complete_after_ctrl_c_and_replay_like_their_decompression() {
+    if !privileged("zstd_recordings_are_complete_after_ctrl_c_and_replay_like_their_decompression")
+    {
+        return;
+    }
+    if Command::new("zstd").arg("--version").output().is_err() {
+        panic!("the zstd tool is needed (apt-get install zstd)");
+    }
+    let dir = temp_dir("zstd");
+    let out = dir.join("t.ndjson.zst");
+    let out_s = out.to_str().expect("utf-8").to_string();
+    let w = workload();
+    let mut v = spawn(&[
+        "--json",
+        "-o",
+        &out_s,
+        "--max-size",
+        "256K",
+        "--max-files",
+        "100",
+        "--",
+        w.to_str().expect("utf-8"),
+        "spin",
+        "20000",
+        "200",
+    ]);
+    wait_for(30, "a few rotated files", || {
+        dir.join("t.3.ndjson.zst").exists()
+    });
+    kill(v.child.id(), libc::SIGINT);
+    let status = v.child.wait().expect("vmatrace exits");
+    assert!(status.success(), "vmatrace: {status:?}");
+    let names = names_in(&dir);
+    assert!(names.len() >= 4, "{names:?}");
+    for name in &names {
+        let path = dir.join(name);
+        assert!(name.ends_with(".ndjson.zst"), "{name}");
+        let t = Command::new("zstd")
+            .args(["-t", "-q"])
+            .arg(&path)
+            .output()
+            .expect("zstd runs");
+        assert!(
+            t.status.success(),
+            "zstd -t {name}: {}",
+            String::from_utf8_lossy(&t.stderr)
+        );
+        let recs = replayed(&path);
+        assert_eq!(recs[0]["type"], "meta", "{name}");
+        if name != "t.ndjson.zst" {
+            let size = std::fs::metadata(&path).expect("exists").len();
+            // Compressed: over by the last record and what the compressor still held.
+            assert!(
+                (256 << 10..(256 << 10) + (128 << 10)).contains(&size),
+                "{name}: {size} bytes"
+            );
+        }
+    }
+    let plain = dir.join("newest.ndjson");
+    let d = Command::new("zstd")
+        .args(["-d", "-q", "-f"])
+        .arg(&out)
+        .arg("-o")
+        .arg(&plain)
+        .output()
+        .expect("zstd runs");
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    let lines = complete_lines(&plain);
+    let recs = parse(&lines);
+    assert_eq!(recs[0]["type"], "meta");
+    assert_eq!(
+        recs.last().map(|r| r["type"].clone()),
+        Some(Value::from("summary")),
+        "the end of the run reached the compressed file"
+    );
+    let from_zstd = replayed(&out);
+    assert!(
+        from_zstd.iter().any(|r| r["type"] == "snapshot") && from_zstd.len() > 2,
+        "a replay with snapshots"
+    );
+    assert_eq!(from_zstd, replayed(&plain));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds (the clock of `ts_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `--snapshot-every 200ms`: `periodic` snapshot records about every 200 ms while the workload
+/// runs; one taken while it is stopped has the kernel's map and anonymous bytes; a replay
+/// writes them again from its own model, the same.
+#[test]
+fn snapshot_every_writes_periodic_snapshots_that_match_the_kernel() {
+    if !privileged("snapshot_every_writes_periodic_snapshots_that_match_the_kernel") {
+        return;
+    }
+    let dir = temp_dir("periodic");
+    let out = dir.join("t.ndjson");
+    let out_s = out.to_str().expect("utf-8").to_string();
+    let started = monotonic_ns();
+    let (v, pid) = until_checkpoint(
+        &["--json", "-o", &out_s, "--snapshot-every", "200ms"],
+        "2000",
+        "500",
+    );
+    let stopped = monotonic_ns();
+    let kernel = kernel_ranges(pid);
+    let smaps = procfs::read_smaps(pid).expect("smaps");
+    let kernel_anon: u64 = smaps.iter().map(|e| e.anonymous).sum();
+    let periodic =
+        |r: &Value| r["type"] == "snapshot" && r["reason"] == "periodic" && r["pid"] == pid;
+    let mut after_stop = Value::Null;
+    wait_for(10, "a periodic snapshot of the stopped workload", || {
+        let recs = parse(&complete_lines(&out));
+        after_stop = recs
+            .into_iter()
+            .find(|r| periodic(r) && r["ts_ns"].as_u64() > Some(stopped))
+            .unwrap_or(Value::Null);
+        !after_stop.is_null()
+    });
+    finish(v, pid);
+    assert_eq!(
+        normalize::diff(&kernel, &ranges(&after_stop)),
+        Vec::<String>::new(),
+        "the periodic snapshot differs from /proc/{pid}/maps"
+    );
+    assert!(
+        total(&after_stop, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
+        "anonymous bytes: snapshot {} kernel {kernel_anon}",
+        total(&after_stop, "anon_bytes")
+    );
+
+    let recs = parse(&complete_lines(&out));
+    let times: Vec<u64> = recs
+        .iter()
+        .filter(|r| periodic(r))
+        .filter_map(|r| r["ts_ns"].as_u64())
+        .collect();
+    let ran = Duration::from_nanos(stopped - started);
+    assert!(
+        times.len() as u128 >= ran.as_millis() / 200 / 2,
+        "{} periodic snapshots in {ran:?}",
+        times.len()
+    );
+    let mut gaps: Vec<u64> = times
+        .windows(2)
+        .map(|w| (w[1] - w[0]) / 1_000_000)
+        .collect();
+    gaps.sort_unstable();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        (180..=300).contains(&median),
+        "periodic snapshots {median} ms apart (median), not about 200: {gaps:?}"
+    );
+    // A replay writes each periodic snapshot again from its own model: the same maps.
+    let again: Vec<Value> = replayed(&out).into_iter().filter(|r| periodic(r)).collect();
+    let live: Vec<&Value> = recs.iter().filter(|r| periodic(r)).collect();
+    assert_eq!(again.len(), live.len());
+    for (a, l) in again.iter().zip(live) {
+        assert_eq!(ranges(a), ranges(l), "periodic snapshot at {}", l["ts_ns"]);
+        assert_eq!(total(a, "touched_bytes"), total(l, "touched_bytes"));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--max-size` where nothing can be rotated: stdout, a FIFO, a device, human output; and
+/// sizes under 4K, or `--max-files` without it: one line each, before anything is traced.
+#[test]
+fn max_size_is_refused_in_one_line_where_it_cannot_rotate() {
+    let dir = temp_dir("refused");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("path");
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo_s = fifo.to_str().expect("utf-8");
+    let file_s = dir.join("t.ndjson").to_str().expect("utf-8").to_string();
+    let cases: [(&[&str], i32, &str); 6] = [
+        (
+            &["--json", "--max-size", "1M"],
+            1,
+            "stdout cannot be rotated",
+        ),
+        (
+            &["--json", "-o", fifo_s, "--max-size", "1M"],
+            1,
+            "is not one",
+        ),
+        (
+            &["--json", "-o", "/dev/null", "--max-size", "1M"],
+            1,
+            "is not one",
+        ),
+        (
+            &["-o", &file_s, "--max-size", "1M"],
+            1,
+            "needs NDJSON output",
+        ),
+        (
+            &["--json", "-o", &file_s, "--max-size", "1K"],
+            2,
+            "at least 4K",
+        ),
+        (
+            &["--json", "-o", &file_s, "--max-files", "3"],
+            2,
+            "--max-size",
+        ),
+    ];
+    for (args, code, message) in cases {
+        let o = Command::new(vmatrace())
+            .args(args)
+            .args(["--", "true"])
+            .output()
+            .expect("vmatrace runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(message), "{args:?}: {err}");
+        if code == 1 {
+            assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        }
+    }
+    assert!(!dir.join("t.ndjson").exists(), "nothing was written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
