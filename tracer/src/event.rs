@@ -99,9 +99,9 @@ impl FaultRecord {
             .or(self.write_from_page)
     }
 
-    /// Whether the page was present (a protection fault).
-    pub fn present(&self) -> bool {
-        self.error_code.is_some_and(|c| c & PF_PROT != 0)
+    /// Whether the page was present (a protection fault); None when the backend cannot tell.
+    pub fn present(&self) -> Option<bool> {
+        self.error_code.map(|c| c & PF_PROT != 0)
     }
 }
 

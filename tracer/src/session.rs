@@ -484,7 +484,10 @@ impl Session {
             return Applied::Ignored;
         };
         p.counts.faults += 1;
-        let effect = p.space.fault(f.ts_ns, f.address, f.write(), f.present());
+        let present = f
+            .present()
+            .unwrap_or_else(|| p.space.likely_present(f.address, f.write()));
+        let effect = p.space.fault(f.ts_ns, f.address, f.write(), present);
         match effect.touch {
             Touch::First { kind, .. } => {
                 p.counts.first_touches[kind as usize] += effect.pages;

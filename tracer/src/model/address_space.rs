@@ -860,6 +860,20 @@ impl AddressSpace {
         e
     }
 
+    /// Whether a fault at `addr` whose backend cannot tell if the page was present (the
+    /// perf-event backend) hit a mapped page: a write (as the mapped page showed) to a page
+    /// the model has read-only mapped, the zero page or a page-cache page of a private
+    /// mapping, is a copy on write of that present page. Anything else is taken as a fault on
+    /// a page not mapped.
+    pub fn likely_present(&self, addr: u64, write: Option<bool>) -> bool {
+        write == Some(true)
+            && matches!(
+                self.pages.get(addr >> PAGE_SHIFT),
+                Some((_, TouchKind::Zero | TouchKind::File))
+            )
+            && self.find(addr).is_some_and(|v| !v.perms.shared)
+    }
+
     /// A user page fault at `addr`. `write` is None when the backend cannot tell.
     pub fn fault(&mut self, ts: u64, addr: u64, write: Option<bool>, present: bool) -> FaultEffect {
         // A fault inside a huge zero page kept whole acts on its pages one by one.
