@@ -180,6 +180,11 @@ pub struct TraceArgs {
     /// Trace this running process (repeatable).
     #[arg(short = 'p', long = "pid", value_name = "PID", value_parser = parse_pid)]
     pub pids: Vec<u32>,
+    /// Trace every process of this cgroup v2 group (and the groups below it), and those that
+    /// join it later; children are followed. A path under the cgroup2 mount, or relative to
+    /// it (e.g. system.slice/nginx.service).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
     /// Also trace processes the traced ones create (joined in the kernel before they run).
     #[arg(short, long)]
     pub follow: bool,

@@ -12,6 +12,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct RunConfig {
     pub pids: Vec<u32>,
+    /// Trace the processes of this cgroup (v2) and those that join it (`--cgroup`).
+    pub cgroup: Option<PathBuf>,
     pub command: Vec<OsString>,
     pub follow: bool,
     pub json: bool,

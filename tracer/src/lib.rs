@@ -6,6 +6,7 @@
 //! `replay` feeds recorded events into the same `session`.
 
 pub mod analysis;
+pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod collapse;

@@ -25,6 +25,7 @@ use tracer::{
 fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
     RunConfig {
         pids: t.pids,
+        cgroup: t.cgroup,
         command: t.command,
         follow: t.follow,
         json: t.json || record,

@@ -39,10 +39,12 @@ pub use crate::config::RunConfig;
 /// Errors of a live run, each one line for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("nothing to trace: give -p PID or a command after --")]
+    #[error("nothing to trace: give -p PID, --cgroup PATH or a command after --")]
     NoTarget,
-    #[error("give either -p PID or a command, not both")]
+    #[error("give either -p PID (or --cgroup) or a command, not both")]
     PidAndCommand,
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("pid {0} is given twice")]
     DuplicatePid(u32),
     #[error("pid {0} is vmatrace itself")]
@@ -236,6 +238,8 @@ struct Live {
     snapshot_due: Option<(u64, Instant, SnapshotReason)>,
     /// Live processes already warned about for giving no event at all.
     silent_warned: HashSet<u32>,
+    /// The cgroup whose members are traced (`--cgroup`), looked at for newcomers each tick.
+    cgroup: Option<crate::cgroup::Cgroup>,
 }
 
 /// A traced process alive this long without a single event gets a warning: a run must not
@@ -449,6 +453,23 @@ impl Live {
             self.caught_up_ns = began;
         }
         Ok(emptied)
+    }
+
+    /// Attaches the members of the traced cgroup that joined it since the last look.
+    fn join_cgroup(&mut self) -> Result<(), RunError> {
+        let Some(members) = self.cgroup.as_ref().map(crate::cgroup::Cgroup::pids) else {
+            return Ok(());
+        };
+        let mut attached = Attached {
+            probe: &mut self.probe,
+            session: &mut self.session,
+            sink: self.sink.as_mut(),
+            heap: self.heap.as_mut(),
+        };
+        for pid in members {
+            attached.join(pid)?;
+        }
+        Ok(())
     }
 
     /// Warns, once per process, about a traced process that is alive but has given no event
@@ -897,17 +918,86 @@ impl Live {
     }
 }
 
+/// What attaching to a running process changes: the kernel's targets, the session, the
+/// output (its seed snapshot) and the allocator probes.
+struct Attached<'a> {
+    probe: &'a mut Probe,
+    session: &'a mut Session,
+    sink: &'a mut dyn Sink,
+    heap: Option<&'a mut HeapTracer>,
+}
+
+impl Attached<'_> {
+    /// Traces the running process `pid` from now (`-p`): in the kernel's filter first, then
+    /// seeded from `/proc`, so that nothing it does after the seed is missed.
+    fn attach(&mut self, pid: u32, follow: bool) -> Result<(), RunError> {
+        self.probe.add_target(pid, follow, false)?;
+        let ts = monotonic_ns();
+        let seed = read_seed(pid, ts).map_err(|e| match e {
+            ProcError::NoProcess(p) => RunError::ExitedDuringAttach(p),
+            other => RunError::Proc(other),
+        })?;
+        // Now in the filter: if it died before that, its exit will never be reported.
+        if procfs::read_stat(pid).map_or(true, |s| s.is_dead()) {
+            return Err(RunError::ExitedDuringAttach(pid));
+        }
+        self.session.add(pid, seed, ts, exe_of(pid));
+        if let Some(p) = self.session.get(pid) {
+            self.sink
+                .snapshot(ts, SnapshotReason::Seed, p)
+                .map_err(RunError::Write)?;
+        }
+        if let Some(heap) = self.heap.as_deref_mut() {
+            for ev in heap.cover(self.probe, pid, ts, true)? {
+                let applied = self.session.apply(&ev);
+                self.sink
+                    .event(&ev, &applied, self.session)
+                    .map_err(RunError::Write)?;
+            }
+            if !heap.covers(pid) {
+                return Err(HeapError::NoAllocator(pid).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches a member of the traced cgroup not traced yet (followed: its children stay in
+    /// its group). Members that vanish meanwhile, kernel threads, vmatrace itself and
+    /// processes without an allocator to probe (`--heap`) are skipped.
+    fn join(&mut self, pid: u32) -> Result<(), RunError> {
+        if pid == std::process::id()
+            || self.session.get(pid).is_some_and(|p| p.exited_ns.is_none())
+            || procfs::read_stat(pid).map_or(true, |s| s.is_kernel_thread() || s.is_dead())
+        {
+            return Ok(());
+        }
+        match self.attach(pid, true) {
+            Err(RunError::ExitedDuringAttach(_) | RunError::Proc(_) | RunError::Heap(_)) => {
+                let _ = self.probe.remove_target(pid);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
     Ok(crate::output::status::live_sink(cfg, start_ns)?)
 }
 
 /// Runs a live trace; returns the exit code (the launched command's, or 0).
 pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
-    match (cfg.pids.is_empty(), cfg.command.is_empty()) {
-        (true, true) => return Err(RunError::NoTarget),
-        (false, false) => return Err(RunError::PidAndCommand),
+    let attaching = !cfg.pids.is_empty() || cfg.cgroup.is_some();
+    match (attaching, cfg.command.is_empty()) {
+        (false, true) => return Err(RunError::NoTarget),
+        (true, false) => return Err(RunError::PidAndCommand),
         _ => {}
     }
+    let cgroup = cfg
+        .cgroup
+        .as_deref()
+        .map(crate::cgroup::Cgroup::open)
+        .transpose()?;
     if cfg.user.is_some() && cfg.command.is_empty() {
         return Err(RunError::UserWithoutCommand);
     }
@@ -972,32 +1062,17 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let mut child = None;
     let mut guardian = None;
     if cfg.command.is_empty() {
+        let mut attached = Attached {
+            probe: &mut probe,
+            session: &mut session,
+            sink: sink.as_mut(),
+            heap: heap.as_mut(),
+        };
         for &pid in &cfg.pids {
-            probe.add_target(pid, cfg.follow, false)?;
-            let ts = monotonic_ns();
-            let seed = read_seed(pid, ts).map_err(|e| match e {
-                ProcError::NoProcess(p) => RunError::ExitedDuringAttach(p),
-                other => RunError::Proc(other),
-            })?;
-            // Now in the filter: if it died before that, its exit will never be reported.
-            if procfs::read_stat(pid).map_or(true, |s| s.is_dead()) {
-                return Err(RunError::ExitedDuringAttach(pid));
-            }
-            session.add(pid, seed, ts, exe_of(pid));
-            if let Some(p) = session.get(pid) {
-                sink.snapshot(ts, SnapshotReason::Seed, p)
-                    .map_err(RunError::Write)?;
-            }
-            if let Some(heap) = heap.as_mut() {
-                for ev in heap.cover(&mut probe, pid, ts, true)? {
-                    let applied = session.apply(&ev);
-                    sink.event(&ev, &applied, &session)
-                        .map_err(RunError::Write)?;
-                }
-                if !heap.covers(pid) {
-                    return Err(HeapError::NoAllocator(pid).into());
-                }
-            }
+            attached.attach(pid, cfg.follow)?;
+        }
+        for pid in cgroup.iter().flat_map(|c| c.pids()) {
+            attached.join(pid)?;
         }
     } else {
         let stops = probe.exec_stops_fd().map_err(|source| {
@@ -1055,6 +1130,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         caught_up_ns: 0,
         snapshot_due: None,
         silent_warned: HashSet::new(),
+        cgroup,
         last_resync_ns: 0,
         heap,
         refused: Vec::new(),
@@ -1192,6 +1268,7 @@ async fn event_loop(
                 live.resync_after_losses(false)?;
                 live.reap_lost_exits();
                 live.look_for_collapses();
+                live.join_cgroup()?;
                 live.warn_about_silent_targets();
                 live.probe.flush_logs();
                 if cfg.duration.is_some_and(|d| started.elapsed() >= d)
@@ -1200,7 +1277,8 @@ async fn event_loop(
                     stop_asked = true;
                     break;
                 }
-                if child_done && live.all_exited() {
+                // A cgroup's run goes on while it is empty: processes may join it.
+                if child_done && live.all_exited() && live.cgroup.is_none() {
                     break;
                 }
                 if let Some(every) = cfg.reconcile

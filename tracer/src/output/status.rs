@@ -467,7 +467,13 @@ pub fn banner(cfg: &RunConfig, meta: &Meta, session: &Session) {
     } else {
         ""
     };
-    let targets = if cfg.command.is_empty() {
+    let targets = if let Some(group) = &cfg.cgroup {
+        format!(
+            "{what} cgroup {} ({} processes now, and those that join it; what they start is followed)",
+            shown(&crate::name::from_os(group.as_os_str())),
+            session.processes().count()
+        )
+    } else if cfg.command.is_empty() {
         let procs: Vec<String> = session
             .processes()
             .map(|p| {

@@ -643,6 +643,13 @@ impl Probe {
         self.targets_changed()
     }
 
+    /// Stops tracing `pid` (an attach that failed halfway).
+    pub fn remove_target(&mut self, pid: u32) -> Result<(), ProbeError> {
+        // Gone already if the process exited meanwhile: not an error.
+        let _ = self.targets.remove(&pid);
+        self.targets_changed()
+    }
+
     /// The launched command's stops at exec not yet continued: (pid, the exec's time).
     pub fn exec_stops(&self) -> Vec<(u32, u64)> {
         self.exec_stops.iter().filter_map(Result::ok).collect()

@@ -1,0 +1,183 @@
+//! `--cgroup` (issue #20): the processes of a cgroup v2 group, and those that join it later,
+//! are traced; others are not.
+
+mod common;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use common::*;
+use serde_json::Value;
+use tracer::{model::normalize, procfs};
+
+/// A fresh cgroup v2 group, removed (its processes moved back to the root) when dropped.
+struct Group(PathBuf);
+
+impl Group {
+    fn new(name: &str) -> Self {
+        let mount = tracer::cgroup::cgroup2_mount().expect("a cgroup2 file system is mounted");
+        let dir = mount.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir(&dir).expect("a new group");
+        Self(dir)
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).expect("moved into the group");
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let root = self.0.parent().expect("the mount").join("cgroup.procs");
+        if let Ok(procs) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write(&root, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+fn spin(ms: &str) -> Child {
+    Command::new(workload())
+        .args(["spin", ms, "1000"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the workload runs")
+}
+
+fn mmaps_of(recs: &[Value], pid: u32) -> usize {
+    recs.iter()
+        .filter(|r| r["type"] == "mmap" && r["pid"] == pid)
+        .count()
+}
+
+/// The last snapshot of `pid` (the end of the run).
+fn last_map(recs: &[Value], pid: u32) -> Vec<normalize::Range> {
+    let snap = recs
+        .iter()
+        .rev()
+        .find(|r| r["type"] == "snapshot" && r["pid"] == pid)
+        .unwrap_or_else(|| panic!("a snapshot of {pid}"));
+    let items: Vec<(u64, u64, tracer::model::Perms, Option<String>)> = snap["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .map(|v| {
+            (
+                v["start"].as_u64().expect("start"),
+                v["end"].as_u64().expect("end"),
+                tracer::model::Perms::parse(v["perms"].as_str().expect("perms")).expect("perms"),
+                v["path"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    normalize::normalize(
+        items
+            .iter()
+            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
+    )
+}
+
+#[test]
+fn a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others() {
+    if !privileged("a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others") {
+        return;
+    }
+    let group = Group::new("vmatrace-test");
+    let mut member = spin("15000");
+    group.add(member.id());
+    let mut outsider = spin("15000");
+    let out = temp_path("cgroup.ndjson");
+    let mut v = Command::new(vmatrace())
+        .args(["--json", "--force", "--duration", "4s", "-o"])
+        .arg(&out)
+        .arg("--cgroup")
+        .arg(&group.0)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmatrace runs");
+    // Joins once tracing has started (the member's seed is written).
+    wait_for(20, "the member's seed snapshot", || {
+        out.exists() && records_so_far(&out).iter().any(|r| r["type"] == "snapshot")
+    });
+    let mut joiner = spin("15000");
+    group.add(joiner.id());
+    // Stopped for the end of the run, so that its last map is the kernel's now.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    kill(joiner.id(), libc::SIGSTOP);
+    wait_for(10, "the joiner to stop", || {
+        procfs::read_stat(joiner.id()).is_ok_and(|s| s.state == 'T')
+    });
+    let kernel = procfs::read_maps(joiner.id()).expect("maps");
+    let status = v.wait().expect("vmatrace ends");
+    let mut err = String::new();
+    if let Some(mut e) = v.stderr.take() {
+        use std::io::Read as _;
+        let _ = e.read_to_string(&mut err);
+    }
+    for c in [&mut member, &mut outsider, &mut joiner] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert!(status.success(), "{err}");
+    assert!(err.contains("tracing cgroup"), "{err}");
+    let recs = records(&out);
+    assert!(
+        mmaps_of(&recs, member.id()) >= 4,
+        "the member's calls are seen"
+    );
+    assert!(
+        mmaps_of(&recs, joiner.id()) >= 4,
+        "the joiner's calls are seen"
+    );
+    assert_eq!(
+        mmaps_of(&recs, outsider.id()),
+        0,
+        "the outsider is not traced"
+    );
+    assert!(
+        !recs.iter().any(|r| r["pid"] == outsider.id()),
+        "nothing of the outsider"
+    );
+    let kernel = normalize::normalize(
+        kernel
+            .iter()
+            .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
+    );
+    let diff = normalize::diff(&kernel, &last_map(&recs, joiner.id()));
+    assert!(diff.is_empty(), "the joiner's map:\n{}", diff.join("\n"));
+}
+
+#[test]
+fn what_is_not_a_cgroup2_group_is_refused_in_one_line() {
+    if !privileged("what_is_not_a_cgroup2_group_is_refused_in_one_line") {
+        return;
+    }
+    for path in ["/tmp", "/nonexistent/group"] {
+        let o = Command::new(vmatrace())
+            .args(["--cgroup", path])
+            .output()
+            .expect("vmatrace runs");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{path}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{path}: {err}");
+        assert!(err.contains("--cgroup"), "{path}: {err}");
+    }
+    let o = Command::new(vmatrace())
+        .args(["--cgroup", "/tmp", "--", "true"])
+        .output()
+        .expect("vmatrace runs");
+    assert_eq!(o.status.code(), Some(1));
+}
+
+/// The complete lines of a recording still being written.
+fn records_so_far(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
