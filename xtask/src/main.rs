@@ -103,6 +103,40 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs a build whose output is shown afterwards, and fails if the eBPF build's progress
+/// leaked into it as cargo warnings (`warning: tracer@0.1.0: Compiling ...`).
+fn quiet_build(cmd: &mut Command) -> Result<()> {
+    step(&format!("running {cmd:?}"));
+    let out = cmd
+        .stdout(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprint!("{err}");
+    if !out.status.success() {
+        bail!("{cmd:?} failed with {}", out.status);
+    }
+    let leaked: Vec<&str> = err.lines().filter(|l| leaked_progress(l)).collect();
+    if let Some(first) = leaked.first() {
+        bail!(
+            "the eBPF build printed its progress as {} cargo warnings (the first: {first})",
+            leaked.len()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `line` is cargo's progress report of the inner eBPF build forwarded as a warning.
+fn leaked_progress(line: &str) -> bool {
+    line.strip_prefix("warning: tracer@")
+        .and_then(|rest| rest.split_once(": "))
+        .is_some_and(|(_, text)| {
+            ["Compiling ", "Finished ", "Fresh ", "Downloaded ", "Updating "]
+                .iter()
+                .any(|p| text.trim_start().starts_with(p))
+        })
+}
+
 fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
@@ -392,7 +426,9 @@ fn real_main() -> Result<()> {
             test_dependencies()?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--check"]))?;
-                run(cargo().args([
+                // On a fresh clone (CI) this is the first build, eBPF included: its progress
+                // must not show (issue #21: hundreds of `warning: tracer@...: Compiling` lines).
+                quiet_build(cargo().args([
                     "clippy",
                     "--workspace",
                     "--exclude",
@@ -503,5 +539,24 @@ fn real_main() -> Result<()> {
                 "3",
             ]))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ebpf_builds_progress_is_told_from_real_warnings() {
+        assert!(leaked_progress(
+            "warning: tracer@0.1.0: Compiling tracer-ebpf v0.1.0 (/work/main/tracer-ebpf)"
+        ));
+        assert!(leaked_progress(
+            "warning: tracer@0.1.0:    Finished `release` profile [optimized] target(s) in 9.1s"
+        ));
+        assert!(!leaked_progress(
+            "warning: tracer@0.1.0: unused variable: `x` (tracer-ebpf/src/maps.rs:3)"
+        ));
+        assert!(!leaked_progress("   Compiling tracer v0.1.0 (/work/main/tracer)"));
     }
 }
