@@ -895,3 +895,46 @@ fn pymalloc_arenas_of_a_running_process_are_found_by_their_pools_with_p() {
         assert!(!suggestion(frag).contains(k), "{k}: {frag}");
     }
 }
+
+/// Issue #21: the live view shows the allocator's calls, rolled up per process and second
+/// (`allocator: 5,000 allocated, 4,936 freed, live 40 KiB (+2 KiB)`): a program making 5,000
+/// `malloc` and `free` pairs shows at least those, and ends with what it still holds.
+#[test]
+fn the_live_view_rolls_up_allocator_calls_per_second() {
+    if !privileged("the_live_view_rolls_up_allocator_calls_per_second") {
+        return;
+    }
+    let iters: u64 = 5000;
+    let out = temp_path("heap-live-view.txt");
+    let o = Command::new(vmatrace())
+        .args(["--heap", "--force", "-o"])
+        .arg(&out)
+        .arg("--")
+        .arg(workload())
+        .args(["malloc-calls", &iters.to_string()])
+        .output()
+        .expect("vmatrace runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&out).expect("the view");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("] allocator: "))
+        .collect();
+    assert!(!lines.is_empty(), "allocator lines:\n{text}");
+    let count = |what: &str| -> u64 {
+        lines
+            .iter()
+            .flat_map(|l| l.split(", "))
+            .filter_map(|part| {
+                let part = part.rsplit(": ").next()?;
+                let (n, kind) = part.split_once(' ')?;
+                (kind == what).then(|| n.replace(',', "").parse::<u64>().ok())?
+            })
+            .sum()
+    };
+    // free(NULL) of the 64 empty slots frees nothing; the last 64 blocks are freed at the end.
+    assert!(count("allocated") >= iters, "{lines:#?}");
+    assert!(count("freed") >= iters, "{lines:#?}");
+    let last = lines.last().expect("a line");
+    assert!(last.contains("live "), "{last}");
+}

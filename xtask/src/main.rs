@@ -131,9 +131,15 @@ fn leaked_progress(line: &str) -> bool {
     line.strip_prefix("warning: tracer@")
         .and_then(|rest| rest.split_once(": "))
         .is_some_and(|(_, text)| {
-            ["Compiling ", "Finished ", "Fresh ", "Downloaded ", "Updating "]
-                .iter()
-                .any(|p| text.trim_start().starts_with(p))
+            [
+                "Compiling ",
+                "Finished ",
+                "Fresh ",
+                "Downloaded ",
+                "Updating ",
+            ]
+            .iter()
+            .any(|p| text.trim_start().starts_with(p))
         })
 }
 
@@ -557,6 +563,8 @@ mod tests {
         assert!(!leaked_progress(
             "warning: tracer@0.1.0: unused variable: `x` (tracer-ebpf/src/maps.rs:3)"
         ));
-        assert!(!leaked_progress("   Compiling tracer v0.1.0 (/work/main/tracer)"));
+        assert!(!leaked_progress(
+            "   Compiling tracer v0.1.0 (/work/main/tracer)"
+        ));
     }
 }

@@ -26,6 +26,7 @@ use crate::{
     clock::monotonic_ns,
     event::{Event, SyscallRecord},
     flags::{errno, size},
+    heap::LiveKind,
     model::{Backing, EffectKind, PAGE_SIZE, Touch, Vma, vma::page_align_up},
     name::shown,
     session::{ARENA_SHIFT, Applied, Process, Session},
@@ -83,6 +84,8 @@ enum Region {
     Outside,
     /// Calls that failed.
     Failed,
+    /// The allocator's calls (`--heap`).
+    Allocator,
 }
 
 /// The region of `address` inside `v`.
@@ -112,11 +115,17 @@ struct Rollup {
     faults: u64,
     /// Calls already shown on their own line.
     shown: u64,
+    /// Allocator calls by what they did to the live blocks (`--heap`).
+    heap_calls: BTreeMap<&'static str, u64>,
+    /// The process's live bytes before the second's first allocator call, and after its last.
+    live: Option<(u64, u64)>,
 }
 
 impl Rollup {
     fn calls_total(&self) -> u64 {
-        self.calls.values().sum::<u64>() + self.failed.values().sum::<u64>()
+        self.calls.values().sum::<u64>()
+            + self.failed.values().sum::<u64>()
+            + self.heap_calls.values().sum::<u64>()
     }
 
     /// How much happened, to choose which regions get a line.
@@ -151,6 +160,9 @@ impl Rollup {
         self.released_pages += o.released_pages;
         self.faults += o.faults;
         self.shown += o.shown;
+        for (k, v) in &o.heap_calls {
+            *self.heap_calls.entry(k).or_default() += v;
+        }
     }
 
     /// `+4.0 MiB reserved, +3.2 MiB touched, 812 faults (brk 12)`.
@@ -183,6 +195,17 @@ impl Rollup {
         }
         for ((call, e), n) in &self.failed {
             parts.push(format!("{call} failed {n}x ({})", errno(*e)));
+        }
+        for (kind, n) in &self.heap_calls {
+            parts.push(format!("{} {kind}", thousands(*n)));
+        }
+        if let Some((from, to)) = self.live {
+            let change = if to >= from {
+                format!("+{}", size(to - from))
+            } else {
+                format!("-{}", size(from - to))
+            };
+            parts.push(format!("live {} ({change})", size(to)));
         }
         let mut text = parts.join(", ");
         if !self.calls.is_empty() {
@@ -236,6 +259,8 @@ pub struct LiveView<W: Write> {
     lost: LossSummary,
     /// The region of the last fault's VMA (pid, VMA start): most faults come in runs.
     last_fault: Option<((u32, u64), Region)>,
+    /// Each process's live bytes after its latest allocator call (`--heap`).
+    live_bytes: HashMap<u32, u64>,
 }
 
 impl<W: Write> LiveView<W> {
@@ -258,6 +283,7 @@ impl<W: Write> LiveView<W> {
             folded: Folded::default(),
             lost: LossSummary::default(),
             last_fault: None,
+            live_bytes: HashMap::new(),
         }
     }
 
@@ -565,6 +591,7 @@ fn label(session: &Session, pid: u32, region: &Region) -> String {
         Region::Special(name) => shown(name).to_string(),
         Region::Outside => "outside any known VMA".into(),
         Region::Failed => "failed calls".into(),
+        Region::Allocator => "allocator".into(),
         Region::Anon(block) => {
             let start = block << ARENA_SHIFT;
             let end = (block + 1) << ARENA_SHIFT;
@@ -661,6 +688,15 @@ impl<W: Write> Sink for LiveView<W> {
                 };
                 let line = format!("{} [{pid}] fork -> {child} ({how})", self.time(*ts_ns));
                 self.lifecycle(line, false, |f| f.forks += 1)?;
+            }
+            (Event::Heap(call), Applied::Heap(effect)) if effect.kind != LiveKind::None => {
+                let pid = session.memory_owner(call.pid);
+                let before = self.live_bytes.get(&pid).copied().unwrap_or(0);
+                self.live_bytes.insert(pid, effect.live_bytes);
+                let r = self.rollup(session, pid, Region::Allocator);
+                *r.heap_calls.entry(effect.kind.name()).or_default() += 1;
+                let from = r.live.map_or(before, |(from, _)| from);
+                r.live = Some((from, effect.live_bytes));
             }
             (
                 Event::Exec {
