@@ -4,8 +4,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use tracer_common::Syscall;
 
 use crate::{
@@ -15,32 +13,7 @@ use crate::{
     stacks::{StackTable, sites},
 };
 
-/// How much a finding matters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    /// A number worth knowing; nothing looks wrong.
-    Info,
-    /// A pattern that wastes memory or time.
-    Warning,
-}
-
-/// One finding with its numbers, a plain explanation and what to try.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Finding {
-    /// A stable identifier (`heap`, `arenas`, `mmap_churn`, `purge_churn`, `untouched`,
-    /// `growth`, `fragmentation`).
-    pub id: String,
-    pub pid: u32,
-    pub severity: Severity,
-    pub title: String,
-    pub numbers: BTreeMap<String, u64>,
-    pub explanation: String,
-    pub suggestion: Option<String>,
-    /// With stacks: the call sites responsible, most memory first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub call_sites: Vec<String>,
-}
+pub use crate::finding::{Finding, Severity};
 
 /// Thresholds, so that a healthy process raises no warning.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +22,16 @@ pub struct Limits {
     pub max_map_count: u64,
     /// CPUs of that machine (glibc creates up to 8 arenas per CPU).
     pub cpus: u64,
+}
+
+impl Limits {
+    /// This machine's: its `vm.max_map_count` and CPU count.
+    pub fn of_this_machine() -> Self {
+        Self {
+            max_map_count: crate::procfs::max_map_count().unwrap_or(Self::default().max_map_count),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
+        }
+    }
 }
 
 impl Default for Limits {

@@ -6,6 +6,7 @@
 //! `replay` feeds recorded events into the same `session`.
 
 pub mod analysis;
+pub mod applied;
 pub mod cgroup;
 pub mod cli;
 pub mod clock;
@@ -13,6 +14,7 @@ pub mod collapse;
 pub mod config;
 pub mod event;
 pub mod fault_access;
+pub mod finding;
 pub mod flags;
 pub mod heap;
 pub mod launch;

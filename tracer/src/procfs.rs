@@ -513,16 +513,11 @@ pub fn pidfd_target(pid: u32, fd: i32) -> Option<u32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// This machine's `vm.max_map_count` and CPU count, for the analysis.
-pub fn limits() -> crate::analysis::Limits {
-    let default = crate::analysis::Limits::default();
-    crate::analysis::Limits {
-        max_map_count: fs::read_to_string("/proc/sys/vm/max_map_count")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(default.max_map_count),
-        cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
-    }
+/// This machine's `vm.max_map_count`.
+pub fn max_map_count() -> Option<u64> {
+    fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
 }
 
 /// Whether an ELF header (the first bytes of a program) is of a 32-bit program.

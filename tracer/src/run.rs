@@ -886,7 +886,7 @@ impl Live {
             let readings: Vec<Event> = self
                 .session
                 .processes()
-                .filter_map(|p| crate::heap::pymalloc::read_process(p, ts))
+                .filter_map(|p| p.pymalloc_reading(ts))
                 .map(Event::Pymalloc)
                 .collect();
             for ev in readings {
@@ -1050,7 +1050,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     } else {
         None
     };
-    let limits = procfs::limits();
+    let limits = crate::analysis::Limits::of_this_machine();
     let meta = Meta {
         fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
         syscall_backend: format!("{:?}", probe.syscall_backend()).to_lowercase(),

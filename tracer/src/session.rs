@@ -8,10 +8,7 @@ use tracer_common::Syscall;
 use crate::{
     event::{Event, FaultRecord, SyscallRecord},
     heap::{HeapEffect, LiveHeap, LiveKind},
-    model::{
-        AddressSpace, Backing, Effect, EffectKind, FaultEffect, Perms, ResidentRun, ThpPolicy,
-        Touch, Vma,
-    },
+    model::{AddressSpace, Backing, Effect, EffectKind, Perms, ResidentRun, ThpPolicy, Touch, Vma},
 };
 
 const MAP_ANONYMOUS: u64 = 0x20;
@@ -145,36 +142,24 @@ impl Process {
     }
 }
 
-/// What the session did with an event.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Applied {
-    Syscall {
-        pid: u32,
-        effect: Effect,
-    },
-    /// A failed syscall: nothing changed.
-    Failed {
-        errno: i32,
-    },
-    Fault(FaultEffect),
-    /// A process was forked; `traced` when its model was created; `shares_vm` when it shares
-    /// its parent's memory (its model is the parent's).
-    Fork {
-        child: u32,
-        traced: bool,
-        shares_vm: bool,
-    },
-    /// The process's map was cleared; the caller should [`Session::reseed`] it.
-    Exec,
-    Exit,
-    /// An allocator call or coverage (`--heap`) applied to the live blocks.
-    Heap(HeapEffect),
-    /// A block became a huge page without a fault: `pages` became resident or anonymous.
-    Collapsed {
-        pages: u64,
-    },
-    /// The event is not about a traced process.
-    Ignored,
+pub use crate::applied::Applied;
+
+impl Process {
+    /// A reading of its CPython arenas' pool headers (`--heap`), when it runs CPython, lives
+    /// and has some.
+    pub fn pymalloc_reading(&self, ts_ns: u64) -> Option<crate::heap::pymalloc::Reading> {
+        if !self.heap.enabled || self.exited_ns.is_some() {
+            return None;
+        }
+        crate::heap::pymalloc::read_process(
+            self.pid,
+            self.exe.as_deref(),
+            &self.space,
+            self.heap.arena_candidates(),
+            self.heap.owned().map(|(s, e, _)| (s, e)),
+            ts_ns,
+        )
+    }
 }
 
 /// Every traced process.

@@ -10,7 +10,7 @@ use super::{
     regions::{RegionRow, live_sites, regions},
 };
 use crate::{
-    analysis::{Finding, Severity},
+    finding::{Finding, Severity},
     flags::size,
     session::Process,
 };

@@ -11,6 +11,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::{AddressSpace, Backing, PAGE_SIZE};
+
 /// Bytes of a pool header vmatrace reads (through `maxnextoffset`).
 pub const HEADER_BYTES: usize = 48;
 /// Size classes: blocks up to 512 bytes in steps of 16.
@@ -63,45 +65,45 @@ impl Layout {
     }
 }
 
-/// The layout of the CPython `p` runs (its executable, or a libpython it maps).
-pub fn layout_of(p: &crate::session::Process) -> Option<Layout> {
-    p.exe.as_deref().and_then(Layout::for_name).or_else(|| {
-        p.space.vmas().find_map(|v| match &v.backing {
-            crate::model::Backing::File { path, .. } => Layout::for_name(path),
+/// The layout of the CPython a process runs: its executable `exe`, or a libpython it maps.
+pub fn layout_of(exe: Option<&str>, space: &AddressSpace) -> Option<Layout> {
+    exe.and_then(Layout::for_name).or_else(|| {
+        space.vmas().find_map(|v| match &v.backing {
+            Backing::File { path, .. } => Layout::for_name(path),
             _ => None,
         })
     })
 }
 
-/// Reads the pool headers of `p`'s CPython arenas, when it runs CPython and has some.
-pub fn read_process(p: &crate::session::Process, ts_ns: u64) -> Option<Reading> {
-    if !p.heap.enabled || p.exited_ns.is_some() {
-        return None;
-    }
-    let layout = layout_of(p)?;
-    let arenas: Vec<(u64, u64)> = p
-        .heap
-        .arena_candidates()
+/// Reads the pool headers of the CPython arenas of process `pid` (running `exe`, with the
+/// map `space`), when it runs CPython and has some. `candidates`: the blocks of the arena
+/// size its allocators mapped while traced; `owned`: all the memory they mapped.
+pub fn read_process(
+    pid: u32,
+    exe: Option<&str>,
+    space: &AddressSpace,
+    candidates: impl Iterator<Item = (u64, u64)>,
+    owned: impl Iterator<Item = (u64, u64)>,
+    ts_ns: u64,
+) -> Option<Reading> {
+    let layout = layout_of(exe, space)?;
+    let arenas: Vec<(u64, u64)> = candidates
         .filter(|(s, e)| e - s == layout.arena_size)
         .collect();
-    let page = crate::model::PAGE_SIZE;
-    let resident = |pool: u64| p.space.pages_in(pool, pool + page).resident() > 0;
-    let mut reading = read(p.pid, ts_ns, layout, &arenas, resident);
+    let resident = |pool: u64| space.pages_in(pool, pool + PAGE_SIZE).resident() > 0;
+    let mut reading = read(pid, ts_ns, layout, &arenas, resident);
     // Arenas mapped before vmatrace saw the process (`-p`, a late attach): found by their
     // pools in the other anonymous memory the allocators did not map while traced.
     let mut known: Vec<(u64, u64)> = arenas.clone();
-    known.extend(p.heap.owned().map(|(s, e, _)| (s, e)));
+    known.extend(owned);
     known.sort_unstable();
-    let ranges: Vec<(u64, u64)> = p
-        .space
+    let ranges: Vec<(u64, u64)> = space
         .vmas()
-        .filter(|v| matches!(v.backing, crate::model::Backing::Anonymous))
+        .filter(|v| matches!(v.backing, Backing::Anonymous))
         .filter(|v| v.perms.read && v.perms.write)
         .flat_map(|v| without(v.start, v.end, &known))
         .collect();
-    reading
-        .arenas
-        .extend(scan(p.pid, layout, &ranges, resident));
+    reading.arenas.extend(scan(pid, layout, &ranges, resident));
     reading
         .arenas
         .retain(|a| !a.pools.is_empty() || arenas.contains(&(a.start, a.end)));

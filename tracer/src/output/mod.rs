@@ -2,6 +2,7 @@
 //! from the live runner and from replay.
 
 pub mod compress;
+pub mod counted;
 pub mod file;
 pub mod html;
 pub mod human;

@@ -24,19 +24,19 @@ use std::{
     ffi::{OsStr, OsString},
     io::{self, Write},
     os::unix::ffi::{OsStrExt, OsStringExt},
+    path::Path,
     sync::Arc,
 };
 
 use super::{
     LossSummary, Meta, Sink, SnapshotReason, Summary,
     compress::{self, OutFile},
+    counted::{Counted, Written},
     file::{OutputError, Place},
     ndjson::NdjsonSink,
-    status::{Counted, Written},
 };
 use crate::{
     analysis::Finding,
-    config::RunConfig,
     event::Event,
     session::{Applied, Process, Session},
     signals::Watched,
@@ -184,23 +184,21 @@ pub struct RotatingSink {
     warned: bool,
 }
 
-/// The sink of a run with `--max-size` (None without it).
-pub fn sink(cfg: &RunConfig, written: &Arc<Written>) -> Result<Option<Box<dyn Sink>>, OutputError> {
-    let Some(rotation) = cfg.rotation else {
-        return Ok(None);
-    };
-    let Some(path) = &cfg.output else {
-        return Err(OutputError::RotateStdout);
-    };
-    if !cfg.json {
-        return Err(OutputError::RotateNeedsJson);
-    }
-    let segments = Segments::open(path, cfg.force, rotation.max_files)?;
-    Ok(Some(Box::new(RotatingSink::new(
+/// The sink of a run with `--max-size`: NDJSON (`faults` as asked) into `path` and the files
+/// it rotates into, counted into `written`. `path` may not be a FIFO or character device.
+pub fn sink(
+    path: &Path,
+    force: bool,
+    rotation: Rotation,
+    faults: super::FaultFilter,
+    written: &Arc<Written>,
+) -> Result<Box<dyn Sink>, OutputError> {
+    let segments = Segments::open(path, force, rotation.max_files)?;
+    Ok(Box::new(RotatingSink::new(
         Watched(Counted::new(segments, written.clone())),
-        cfg.faults,
+        faults,
         rotation.max_size,
-    ))))
+    )))
 }
 
 impl RotatingSink {

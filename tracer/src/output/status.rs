@@ -12,14 +12,20 @@ use std::{
     io::{self, IsTerminal, Write},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use super::{
-    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, compress::OutFile,
-    file::OutputError, human::HumanSink, live_view::LiveView, ndjson::NdjsonSink, thousands,
+    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary,
+    compress::OutFile,
+    counted::{Counted, Written},
+    file::OutputError,
+    human::HumanSink,
+    live_view::LiveView,
+    ndjson::NdjsonSink,
+    thousands,
 };
 use crate::{
     analysis::Finding,
@@ -66,44 +72,6 @@ impl<W: Write> Write for TerminalOut<W> {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.0.flush()
-    }
-}
-
-/// Records (lines) and bytes an output has taken.
-#[derive(Debug, Default)]
-pub struct Written {
-    pub lines: AtomicU64,
-    pub bytes: AtomicU64,
-}
-
-/// A writer that counts what passes through it.
-pub struct Counted<W: Write> {
-    inner: W,
-    written: Arc<Written>,
-}
-
-impl<W: Write> Counted<W> {
-    /// Counts into `written` what is written to `inner`.
-    pub fn new(inner: W, written: Arc<Written>) -> Self {
-        Self { inner, written }
-    }
-
-    /// The writer counted.
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
-}
-
-impl<W: Write> Write for Counted<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        let lines = buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
-        self.written.lines.fetch_add(lines, Ordering::Relaxed);
-        self.written.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
@@ -387,7 +355,14 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
     let stdout_tty = io::stdout().is_terminal();
     let written = Arc::new(Written::default());
     // --max-size: NDJSON into files that it rotates (no other writer is opened).
-    let rotating = super::rotate::sink(cfg, &written)?;
+    let rotating = match (cfg.rotation, &cfg.output) {
+        (None, _) => None,
+        (Some(_), None) => return Err(OutputError::RotateStdout),
+        (Some(_), Some(_)) if !cfg.json => return Err(OutputError::RotateNeedsJson),
+        (Some(rotation), Some(path)) => Some(super::rotate::sink(
+            path, cfg.force, rotation, cfg.faults, &written,
+        )?),
+    };
     // Every writer tells the stop watchdog when a write is under way (see
     // [`crate::signals::watch_stop`]).
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
@@ -559,14 +534,5 @@ mod tests {
         assert_eq!(file_size(12_300_000), "12.3 MB");
         assert_eq!(clock(Duration::from_secs(75)), "1:15");
         assert_eq!(clock(Duration::from_secs(3675)), "1:01:15");
-    }
-
-    #[test]
-    fn counted_writes_count_lines_and_bytes() {
-        let w = Arc::new(Written::default());
-        let mut c = Counted::new(Vec::new(), w.clone());
-        c.write_all(b"{\"a\":1}\n{\"b\":2}\n").expect("writes");
-        assert_eq!(w.lines.load(Ordering::Relaxed), 2);
-        assert_eq!(w.bytes.load(Ordering::Relaxed), 16);
     }
 }

@@ -10,9 +10,9 @@ use tracer_common::Syscall;
 
 use super::{Frame, StackDef, StackTable};
 use crate::{
+    applied::Applied,
     event::Event,
     model::{EffectKind, PAGE_SIZE, Touch},
-    session::Applied,
 };
 
 /// What one stack did.
