@@ -35,6 +35,9 @@ pub enum EventKind {
     Heap = 9,
     /// Allocator events gathered on one CPU and written as one record: [`HeapBatch`].
     HeapBatch = 10,
+    /// A process of the traced cgroup (`--cgroup`) not traced yet was seen: the programs now
+    /// trace it (and follow its children); the daemon seeds it. [`JoinEvent`].
+    Join = 11,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -51,6 +54,7 @@ impl TryFrom<u32> for EventKind {
             8 => Self::Stack,
             9 => Self::Heap,
             10 => Self::HeapBatch,
+            11 => Self::Join,
             other => return Err(other),
         })
     }
@@ -271,6 +275,13 @@ pub struct ExitEvent {
     pub header: EventHeader,
 }
 
+/// A process of the traced cgroup joined the traced set (its first event seen by a program).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JoinEvent {
+    pub header: EventHeader,
+}
+
 /// A syscall's arguments saved at entry, keyed by thread id until the exit.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -444,6 +455,7 @@ const _: () = assert!(core::mem::size_of::<FaultBatch>() == 32 + 40 * FAULT_BATC
 const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + EXEC_FILENAME_LEN);
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<JoinEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<OpenEvent>() == 256);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 80);
 const _: () = assert!(core::mem::size_of::<HeapEvent>() == 72);

@@ -16,7 +16,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, layout, now_ns, targets_changed,
+    EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, is_target, layout, now_ns,
+    targets_changed,
 };
 
 /// Reads a `T` at `offset` of the tracepoint record; a missing field is an error.
@@ -169,6 +170,10 @@ fn new_task<C: EbpfContext>(
 #[inline(always)]
 pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
+    // The filter, not the map alone: a process of the traced cgroup joins at its exec.
+    if !is_target(tgid) {
+        return Ok(0);
+    }
     let Some(flags) = TARGETS.get_ptr(&tgid) else {
         return Ok(0);
     };

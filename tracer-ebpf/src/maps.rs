@@ -4,15 +4,18 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info},
-    helpers::generated::bpf_get_ns_current_pid_tgid,
+    bindings::{
+        BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info,
+    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use tracer_common::{
-    DEFAULT_RING_BYTES, FaultBatch, PendingSyscall, STAT_COUNT, Stat, TARGETS_GEN_KERNEL,
-    TARGETS_GEN_SLOTS, TARGETS_GEN_USER, layout::KernelLayout,
+    DEFAULT_RING_BYTES, EventHeader, EventKind, FaultBatch, JoinEvent, PendingSyscall, STAT_COUNT,
+    Stat, TARGET_FOLLOW_FORKS, TARGETS_GEN_KERNEL, TARGETS_GEN_SLOTS, TARGETS_GEN_USER,
+    layout::KernelLayout,
 };
 
 /// Every event, in the order the kernel submitted them. Userspace may resize it before load.
@@ -51,6 +54,9 @@ pub struct FilterCache {
     traced: u32,
     gen_kernel: u64,
     gen_user: u64,
+    /// With `--cgroup`, the cgroup the answer was for: a process moved into the traced group
+    /// must not keep its cached "not traced".
+    cgroup: u64,
 }
 
 /// Per CPU: most events come from the process of the event before them on the same CPU, so
@@ -88,6 +94,67 @@ pub fn count_n(stat: Stat, n: u64) {
     }
 }
 
+/// The cgroup ids (`--cgroup`: the group and those below it) whose processes are traced as
+/// soon as a program sees them. Written by userspace.
+#[map]
+pub static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Whether `CGROUPS` is in use (`--cgroup`), set at load time.
+#[unsafe(no_mangle)]
+static CGROUP_MODE: u32 = 0;
+
+/// The daemon's own process (as `current_ids` names it), never traced even if it runs in
+/// the traced cgroup. Set at load time.
+#[unsafe(no_mangle)]
+static DAEMON_TGID: u32 = 0;
+
+/// With `--cgroup`, the current task's cgroup id; else 0 (no helper call).
+#[inline(always)]
+fn current_cgroup() -> u64 {
+    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
+    if unsafe { core::ptr::read_volatile(&CGROUP_MODE) } == 0 {
+        return 0;
+    }
+    // SAFETY: a helper without arguments.
+    unsafe { bpf_get_current_cgroup_id() }
+}
+
+/// With `--cgroup`: whether the current task's cgroup is traced; if so its process `tgid`
+/// joins `TARGETS` (its children followed) and a [`JoinEvent`] tells the daemon.
+#[inline(always)]
+fn joins(tgid: u32) -> bool {
+    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
+    let daemon = unsafe { core::ptr::read_volatile(&DAEMON_TGID) };
+    let group = current_cgroup();
+    if group == 0 || tgid == 0 || tgid == daemon || CGROUPS.get_ptr(&group).is_none() {
+        return false;
+    }
+    if TARGETS
+        .insert(&tgid, &TARGET_FOLLOW_FORKS, BPF_NOEXIST as u64)
+        .is_err()
+    {
+        // Inserted meanwhile by another CPU (traced), or the map is full (not traced).
+        return TARGETS.get_ptr(&tgid).is_some();
+    }
+    targets_changed();
+    let (_, tid) = current_ids();
+    if let Some(mut entry) = EVENTS.reserve::<JoinEvent>(0) {
+        entry.write(JoinEvent {
+            header: EventHeader {
+                kind: EventKind::Join as u32,
+                tgid,
+                tid,
+                detail: 0,
+                ts_ns: now_ns(),
+            },
+        });
+        entry.submit(BPF_RB_FORCE_WAKEUP as u64);
+    } else {
+        count(Stat::LostLifecycle);
+    }
+    true
+}
+
 /// Whether `tgid` is traced. The first thing every program asks.
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
@@ -95,20 +162,26 @@ pub fn is_target(tgid: u32) -> bool {
     // answer stale at once, whatever the look-up saw.
     let (gen_kernel, gen_user) = (generation(TARGETS_GEN_KERNEL), generation(TARGETS_GEN_USER));
     let Some(cache) = FILTER_CACHE.get_ptr_mut(0) else {
-        return TARGETS.get_ptr(&tgid).is_some();
+        return TARGETS.get_ptr(&tgid).is_some() || joins(tgid);
     };
+    let cgroup = current_cgroup();
     // SAFETY: this CPU's slot; the programs do not nest on a CPU.
     unsafe {
         let c = *cache;
-        if c.tgid == tgid && c.gen_kernel == gen_kernel && c.gen_user == gen_user {
+        if c.tgid == tgid
+            && c.gen_kernel == gen_kernel
+            && c.gen_user == gen_user
+            && c.cgroup == cgroup
+        {
             return c.traced != 0;
         }
-        let traced = TARGETS.get_ptr(&tgid).is_some();
+        let traced = TARGETS.get_ptr(&tgid).is_some() || joins(tgid);
         *cache = FilterCache {
             tgid,
             traced: traced as u32,
             gen_kernel,
             gen_user,
+            cgroup,
         };
         traced
     }

@@ -1,11 +1,12 @@
 //! Tracing a cgroup (v2), which is how production names a container or a systemd unit: every
 //! process in it or in a group below it, and every process that joins later.
 //!
-//! The members are read from `cgroup.procs` (of the group and each group under it) when the run
-//! starts and at every tick (50 ms) after; each new one is attached as `-p` attaches (seeded
-//! from `/proc`), and followed: what a member starts is traced from its first instruction, as
-//! its children start in its group. The kernel filter stays the set of traced pids, so a
-//! process that leaves the group is traced until it exits.
+//! The programs are given the group's id and those of the groups below it (`CGROUPS`): the
+//! first event of a process of those groups that is not traced yet adds it to the traced set
+//! (`TARGETS`, its children followed) and tells the daemon (a `Join` event), which seeds it from
+//! `/proc`. The members are also read from `cgroup.procs` at the start and at every tick
+//! (50 ms), for those that give no event (idle), and new groups below it are handed over then.
+//! A process that leaves the group is traced until it exits.
 
 use std::{
     collections::BTreeSet,
@@ -62,25 +63,46 @@ impl Cgroup {
         &self.dir
     }
 
-    /// The processes in the group and in every group below it now (a group removed meanwhile
-    /// is skipped).
-    pub fn pids(&self) -> BTreeSet<u32> {
-        let mut out = BTreeSet::new();
-        let mut dirs = vec![self.dir.clone()];
-        while let Some(dir) = dirs.pop() {
-            if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
-                out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
-            }
+    /// The ids (as `bpf_get_current_cgroup_id` gives them: the directory's inode) of the group
+    /// and of every group below it now.
+    pub fn ids(&self) -> Vec<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        self.dirs()
+            .iter()
+            .filter_map(|d| fs::metadata(d).ok().map(|m| m.ino()))
+            .collect()
+    }
+
+    /// The group's directory and those below it.
+    fn dirs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut todo = vec![self.dir.clone()];
+        while let Some(dir) = todo.pop() {
             if let Ok(entries) = fs::read_dir(&dir) {
-                dirs.extend(
+                todo.extend(
                     entries
                         .filter_map(Result::ok)
                         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                         .map(|e| e.path()),
                 );
             }
+            out.push(dir);
         }
         out
+    }
+
+    /// The processes in the group and in every group below it now (a group removed meanwhile
+    /// is skipped).
+    pub fn pids(&self) -> BTreeSet<u32> {
+        self.dirs()
+            .iter()
+            .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .filter_map(|l| l.trim().parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 

@@ -8,7 +8,7 @@ use crate::{
 use tracer_common::{
     EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_BATCH_LEN,
     FAULT_ERROR_UNKNOWN, FaultBatchHead, FaultEvent, ForkEvent, HEAP_BATCH_LEN, HeapEvent,
-    OpenEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
+    JoinEvent, OpenEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -128,6 +128,13 @@ pub enum Event {
         tid: u32,
         filename: String,
     },
+    /// `pid`, a process of the traced cgroup, was seen by the programs and is traced from now
+    /// (`--cgroup`): the daemon seeds it. Live only, never written.
+    Join {
+        ts_ns: u64,
+        pid: u32,
+        tid: u32,
+    },
     /// The last thread of `pid` exited.
     Exit {
         ts_ns: u64,
@@ -178,6 +185,7 @@ impl Event {
             Self::Fork { ts_ns, .. }
             | Self::Exec { ts_ns, .. }
             | Self::Exit { ts_ns, .. }
+            | Self::Join { ts_ns, .. }
             | Self::Open { ts_ns, .. }
             | Self::HeapAttach { ts_ns, .. }
             | Self::Collapse { ts_ns, .. } => *ts_ns,
@@ -195,6 +203,7 @@ impl Event {
             Self::Fork { tid, .. }
             | Self::Exec { tid, .. }
             | Self::Exit { tid, .. }
+            | Self::Join { tid, .. }
             | Self::Open { tid, .. } => *tid,
             Self::HeapRaw(h) => h.tid,
             Self::Heap(h) => h.tid,
@@ -213,6 +222,7 @@ impl Event {
             Self::Fork { pid, .. }
             | Self::Exec { pid, .. }
             | Self::Exit { pid, .. }
+            | Self::Join { pid, .. }
             | Self::Open { pid, .. }
             | Self::HeapAttach { pid, .. }
             | Self::Collapse { pid, .. } => *pid,
@@ -403,6 +413,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         EventKind::Exit => {
             let _: ExitEvent = read(bytes)?;
             Event::Exit { ts_ns, pid, tid }
+        }
+        EventKind::Join => {
+            let _: JoinEvent = read(bytes)?;
+            Event::Join { ts_ns, pid, tid }
         }
         EventKind::FaultBatch | EventKind::Stack => {
             return Err(DecodeError::BatchKind(header.kind));

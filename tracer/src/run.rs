@@ -455,18 +455,26 @@ impl Live {
         Ok(emptied)
     }
 
-    /// Attaches the members of the traced cgroup that joined it since the last look.
-    fn join_cgroup(&mut self) -> Result<(), RunError> {
-        let Some(members) = self.cgroup.as_ref().map(crate::cgroup::Cgroup::pids) else {
-            return Ok(());
-        };
-        let mut attached = Attached {
+    /// What attaching to a process changes.
+    fn attached(&mut self) -> Attached<'_> {
+        Attached {
             probe: &mut self.probe,
             session: &mut self.session,
             sink: self.sink.as_mut(),
             heap: self.heap.as_mut(),
+        }
+    }
+
+    /// Attaches the members of the traced cgroup that joined it since the last look and gave
+    /// no event yet (the programs add those that do at once), and hands the programs the
+    /// groups created below it since.
+    fn join_cgroup(&mut self) -> Result<(), RunError> {
+        let Some(group) = self.cgroup.clone() else {
+            return Ok(());
         };
-        for pid in members {
+        self.probe.trace_cgroups(&group.ids())?;
+        let mut attached = self.attached();
+        for pid in group.pids() {
             attached.join(pid)?;
         }
         Ok(())
@@ -618,6 +626,10 @@ impl Live {
         {
             // Its exec was handled when the stop was found (recover_lost_exec_stops).
             return Ok(());
+        }
+        if let Event::Join { pid, ts_ns, .. } = ev {
+            // A process of the traced cgroup, seen by the programs (now in their filter).
+            return self.attached().joined(pid, ts_ns);
         }
         if let Event::HeapRaw(raw) = &ev {
             let Some(call) = self.heap.as_mut().and_then(|h| h.pair(raw, &self.session)) else {
@@ -979,6 +991,31 @@ impl Attached<'_> {
             other => other,
         }
     }
+
+    /// A process of the traced cgroup that the programs added to their filter when they saw
+    /// it (at `ts`). Seeded from `/proc` when it can be read; a process already gone (or
+    /// about to exec) starts empty, and its events still apply (its exec seeds it again).
+    fn joined(&mut self, pid: u32, ts: u64) -> Result<(), RunError> {
+        if self.session.get(pid).is_some_and(|p| p.exited_ns.is_none()) {
+            return Ok(());
+        }
+        let seed = read_seed(pid, monotonic_ns()).unwrap_or_default();
+        self.session.add(pid, seed, ts, exe_of(pid));
+        if let Some(p) = self.session.get(pid) {
+            self.sink
+                .snapshot(ts, SnapshotReason::Seed, p)
+                .map_err(RunError::Write)?;
+        }
+        if let Some(heap) = self.heap.as_deref_mut() {
+            for ev in heap.cover(self.probe, pid, ts, true)? {
+                let applied = self.session.apply(&ev);
+                self.sink
+                    .event(&ev, &applied, self.session)
+                    .map_err(RunError::Write)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn make_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, RunError> {
@@ -1038,8 +1075,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         exit_rule: cfg.exit_rule,
         stacks: cfg.stacks,
         pid_namespace: procfs::own_pid_namespace(),
+        cgroup: cgroup.is_some(),
         ..ProbeOptions::default()
     })?;
+    if let Some(group) = &cgroup {
+        probe.trace_cgroups(&group.ids())?;
+    }
     let mut heap = if cfg.heap {
         probe.load_heap()?;
         Some(HeapTracer::new(if cfg.follow {

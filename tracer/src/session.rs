@@ -315,7 +315,7 @@ impl Session {
                 Applied::Exit
             }
             // Opens only name files for later mmaps (see `run`); the model ignores them.
-            Event::Open { .. } => Applied::Ignored,
+            Event::Open { .. } | Event::Join { .. } => Applied::Ignored,
             // Raw allocator records are paired into calls first (`heap::tracker`).
             Event::HeapRaw(_) => Applied::Ignored,
             Event::Heap(call) => match self.procs.get_mut(&self.memory_owner(call.pid)) {

@@ -151,6 +151,63 @@ fn a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others() {
     assert!(diff.is_empty(), "the joiner's map:\n{}", diff.join("\n"));
 }
 
+/// A process that joins the group and is gone within a tick (a shell that moves itself into
+/// the group, then execs a short program) is traced from its first event: the programs add it
+/// as they see it, so its exec and every call of the program are in the recording (a look at
+/// `cgroup.procs` each tick alone would see it too late, or not at all).
+#[test]
+fn a_short_lived_process_joining_the_cgroup_is_traced_from_its_first_event() {
+    if !privileged("a_short_lived_process_joining_the_cgroup_is_traced_from_its_first_event") {
+        return;
+    }
+    let group = Group::new("vmatrace-test-short");
+    let out = temp_path("cgroup-short.ndjson");
+    let mut v = Command::new(vmatrace())
+        .args(["--json", "--force", "--duration", "3s", "-o"])
+        .arg(&out)
+        .arg("--cgroup")
+        .arg(&group.0)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vmatrace runs");
+    wait_for(20, "the run's start", || {
+        records_so_far(&out).iter().any(|r| r["type"] == "meta")
+    });
+    // Tracing has started once meta is written; give the attach a moment on a busy machine.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let script = format!(
+        "echo $$ > {} && exec {} basic",
+        group.0.join("cgroup.procs").display(),
+        workload().display()
+    );
+    let o = Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("sh runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let status = v.wait().expect("vmatrace ends");
+    assert!(status.success());
+    let recs = records(&out);
+    let pid = recs
+        .iter()
+        .find(|r| r["type"] == "exec")
+        .and_then(|r| r["pid"].as_u64())
+        .expect("the exec is traced");
+    assert!(
+        recs.iter()
+            .any(|r| r["type"] == "snapshot" && r["reason"] == "seed" && r["pid"] == pid),
+        "seeded when it joined"
+    );
+    // The workload's known calls between its markers (see capture::basic_... for the values).
+    let calls = between_markers(&recs, pid);
+    let kinds: Vec<&str> = calls
+        .iter()
+        .filter(|r| r["args"].is_array())
+        .filter_map(|r| r["type"].as_str())
+        .collect();
+    assert_eq!(kinds, ["mmap", "munmap", "brk", "brk", "brk"], "{calls:#?}");
+}
+
 #[test]
 fn what_is_not_a_cgroup2_group_is_refused_in_one_line() {
     if !privileged("what_is_not_a_cgroup2_group_is_refused_in_one_line") {

@@ -345,7 +345,7 @@ impl<W: Write> Sink for HumanSink<W> {
                 self.flush_touches()?;
                 writeln!(self.out, "{} [{pid}] exited", self.time(*ts_ns))?;
             }
-            Event::Open { .. } => {}
+            Event::Open { .. } | Event::Join { .. } => {}
             // Allocator calls are too many to show one by one: the summary has their sums.
             Event::HeapRaw(_) | Event::Heap(_) | Event::Pymalloc(_) => {}
             Event::HeapAttach {

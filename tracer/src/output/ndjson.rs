@@ -308,6 +308,8 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
         Event::Exit { ts_ns, pid, tid } => {
             json!({ "type": "exit", "ts_ns": ts_ns, "pid": pid, "tid": tid })
         }
+        // Handled by the live run before any sink: the seed snapshot that follows is recorded.
+        Event::Join { .. } => Value::Null,
         Event::Open {
             ts_ns,
             pid,

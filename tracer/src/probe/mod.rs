@@ -80,6 +80,9 @@ pub struct ProbeOptions {
     pub stacks: StackOptions,
     /// The PID namespace whose pids the programs take and report: the daemon's own.
     pub pid_namespace: PidNamespace,
+    /// The programs trace the processes of the cgroups in `CGROUPS` as they see them
+    /// (`--cgroup`, see [`Probe::trace_cgroups`]).
+    pub cgroup: bool,
 }
 
 /// What the eBPF programs capture of user stacks (see `tracer-ebpf/src/stacks.rs`).
@@ -110,6 +113,7 @@ impl Default for ProbeOptions {
             exit_rule: ExitRule::Auto,
             stacks: StackOptions::default(),
             pid_namespace: PidNamespace::KERNEL,
+            cgroup: false,
         }
     }
 }
@@ -312,6 +316,8 @@ impl Probe {
             .override_global("STACK_BYTES", &stack_bytes, true)
             .override_global("SYSCALL_STACKS", &syscall_stacks, true)
             .override_global("FAULT_STACK_EVERY", &opts.stacks.fault_every, true)
+            .override_global("CGROUP_MODE", &u32::from(opts.cgroup), true)
+            .override_global("DAEMON_TGID", &std::process::id(), true)
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
@@ -641,6 +647,20 @@ impl Probe {
             .insert(pid, flags, 0)
             .map_err(map_err("TARGETS insert"))?;
         self.targets_changed()
+    }
+
+    /// Has the programs trace every process of the cgroups `ids` (cgroup v2 ids) they see.
+    pub fn trace_cgroups(&mut self, ids: &[u64]) -> Result<(), ProbeError> {
+        let mut map: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut("CGROUPS")
+                .ok_or(ProbeError::Missing("CGROUPS"))?,
+        )
+        .map_err(map_err("CGROUPS"))?;
+        for id in ids {
+            map.insert(id, 1, 0).map_err(map_err("CGROUPS insert"))?;
+        }
+        Ok(())
     }
 
     /// Stops tracing `pid` (an attach that failed halfway).
