@@ -35,4 +35,6 @@ pub struct RunConfig {
     pub heap: bool,
     /// User stacks of syscalls and faults (`--stacks`, `--fault-stacks`, `--stack-bytes`).
     pub stacks: StackOptions,
+    /// Serve Prometheus metrics on this address (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }

@@ -15,6 +15,7 @@ pub mod fault_access;
 pub mod flags;
 pub mod heap;
 pub mod launch;
+pub mod metrics;
 pub mod model;
 pub mod name;
 pub mod order;

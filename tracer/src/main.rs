@@ -68,6 +68,7 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
             fault_every: t.fault_stacks.unwrap_or(0),
             stack_bytes: t.stack_bytes,
         },
+        metrics: t.metrics,
     }
 }
 

@@ -75,6 +75,8 @@ pub enum RunError {
     Proc(#[from] ProcError),
     #[error(transparent)]
     Heap(#[from] HeapError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("writing output: {0}")]
     Write(#[source] io::Error),
     #[error("{0}")]
@@ -231,6 +233,8 @@ struct Live {
     khugepaged: crate::collapse::Khugepaged,
     /// User stacks: unwound and symbolized as they arrive (`--stacks`, `--fault-stacks`).
     stacks: Option<Collector>,
+    /// `--metrics`: numbers for the scrapes that wait, gathered at the tick.
+    metrics: Option<crate::metrics::Exporter>,
 }
 
 /// While events go on being lost, the maps are read again at most this often.
@@ -786,6 +790,18 @@ impl Live {
         Ok(())
     }
 
+    /// `--metrics`: when a scrape waits, the numbers of now (the counters the summary uses).
+    fn export_metrics(&mut self) {
+        if let Some(m) = self.metrics.as_mut() {
+            m.tick(&self.session, || crate::metrics::DaemonMetrics {
+                lost: LossSummary::new(&self.last_stats, self.undecodable_total, self.unread_total),
+                events: self.events,
+                rss_bytes: procfs::rss_bytes(std::process::id()),
+                ..Default::default()
+            });
+        }
+    }
+
     fn snapshots(&mut self, reason: SnapshotReason) -> Result<(), RunError> {
         let ts = monotonic_ns();
         if self.heap.is_some() {
@@ -842,17 +858,22 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     } else {
         launch::credentials(cfg.user.as_deref())?
     };
-    let start_ns = monotonic_ns();
-    let mut sink = make_sink(&cfg, start_ns)?;
-    let mut probe = Probe::load(ProbeOptions {
-        // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
-        ring_bytes: if (cfg.stacks.any() || cfg.heap)
-            && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES
-        {
+    // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
+    let ring_bytes =
+        if (cfg.stacks.any() || cfg.heap) && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES {
             STACKS_RING_BYTES
         } else {
             cfg.ring_bytes
-        },
+        };
+    // Before the output file is made: a port in use leaves nothing behind.
+    let metrics = cfg
+        .metrics
+        .map(|addr| crate::metrics::Exporter::start(addr, procfs::limits(), ring_bytes))
+        .transpose()?;
+    let start_ns = monotonic_ns();
+    let mut sink = make_sink(&cfg, start_ns)?;
+    let mut probe = Probe::load(ProbeOptions {
+        ring_bytes,
         faults: if cfg.faults == FaultFilter::None {
             FaultBackend::Off
         } else {
@@ -970,6 +991,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         refused: Vec::new(),
         khugepaged: crate::collapse::Khugepaged::default(),
         stacks: cfg.stacks.any().then(Collector::new),
+        metrics,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1092,6 +1114,7 @@ async fn event_loop(
                 live.collect(fd.get_mut(), Some(Instant::now() + DRAIN_SLICE))?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
+                live.export_metrics();
                 live.recover_lost_exec_stops()?;
                 live.resync_after_losses(false)?;
                 live.reap_lost_exits();
