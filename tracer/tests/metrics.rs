@@ -227,3 +227,33 @@ fn prometheus_scrapes_the_touched_bytes_of_the_snapshot_and_the_kernel() {
         .expect("an exit snapshot");
     assert!(snapshot_sum(&end, "touched_bytes") >= 32 * 4096);
 }
+
+#[test]
+fn a_port_in_use_or_a_bad_address_is_one_line_and_nothing_is_written() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = taken.local_addr().expect("its address").port();
+    let out = temp_path("metrics-port-in-use.ndjson");
+    let o = Command::new(vmatrace())
+        .args(["--json", "-o"])
+        .arg(&out)
+        .args(["--metrics", &format!("127.0.0.1:{port}"), "--", "true"])
+        .output()
+        .expect("vmatrace runs");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("--metrics 127.0.0.1:{port}: cannot listen there")),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "no output file is left");
+    for bad in ["127.0.0.1", "localhost:9464", "127.0.0.1:99999", ""] {
+        let o = Command::new(vmatrace())
+            .args(["--metrics", bad, "--", "true"])
+            .output()
+            .expect("vmatrace runs");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains("is not ADDR:PORT"), "{bad}: {stderr}");
+    }
+}

@@ -54,10 +54,12 @@ impl Exporter {
     /// vmatrace's own, from `daemon`) and hands them over. Else one atomic load.
     pub fn tick(&mut self, session: &Session, daemon: impl FnOnce() -> DaemonMetrics) {
         if let Some(mark) = self.publisher.due() {
+            let started = std::time::Instant::now();
             let mut daemon = daemon();
             daemon.ring_bytes = self.ring_bytes.into();
             let snapshot = self.gatherer.gather(session, daemon);
             self.publisher.publish(mark, snapshot);
+            log::debug!("metrics gathered in {:?}", started.elapsed());
         }
     }
 }
