@@ -112,6 +112,16 @@ impl Publisher {
         // The old snapshot is freed here, outside the lock (or by the last scrape using it).
         drop(old);
     }
+
+    /// Answers the scrapes up to `mark` with the snapshot already published.
+    pub fn republish(&mut self, mark: u64) {
+        {
+            let mut g = lock(&self.shared.state);
+            g.covers = g.covers.max(mark);
+        }
+        self.served = mark;
+        self.shared.fresh.notify_all();
+    }
 }
 
 /// Listens on `addr` and serves the metrics from a thread of its own.
