@@ -11,8 +11,8 @@
 //! waits (at most [`server::FRESH_WAIT`]) for the loop, which at its next tick (every 50 ms)
 //! sees the flag, gathers the numbers and hands them over (an `Arc` swapped under a lock).
 //! With no scraper the loop's cost is one atomic load per tick; nothing is done per event.
-//! It gathers at most once every [`GATHER_AT_MOST_EVERY`]: scrapes closer than that get the
-//! same numbers.
+//! It gathers at most once every [`GATHER_AT_MOST_EVERY`], and spends at most a twentieth of
+//! its time gathering: scrapes closer than that get the same numbers.
 //!
 //! Exited processes: their series are in the first gather after the exit (with their final
 //! values), then dropped.
@@ -34,13 +34,18 @@ pub struct Exporter {
     publisher: Publisher,
     gatherer: Gatherer,
     ring_bytes: u32,
-    last_gather: Option<std::time::Instant>,
+    /// Until when scrapes get the last gather's numbers again.
+    next_gather: Option<std::time::Instant>,
 }
 
 /// Scrapes within this time of a gather get its numbers again: however many scrapers, the
 /// loop gathers at most once a second (a gather walks every touched page of every process:
 /// about 10-40 ms for 1 GiB touched on this project's VM).
 pub const GATHER_AT_MOST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// And at most this share of the loop's time: a gather that took 100 ms is not done again
+/// for 2 s (huge processes; the loop reads no event while it gathers).
+const GATHER_SHARE: u32 = 20;
 
 impl Exporter {
     /// Listens on `addr` (findings judged with this machine's `limits`; the ring buffer has
@@ -50,7 +55,7 @@ impl Exporter {
             publisher: server::start(addr)?,
             gatherer: Gatherer::new(limits),
             ring_bytes,
-            last_gather: None,
+            next_gather: None,
         })
     }
 
@@ -63,20 +68,18 @@ impl Exporter {
     /// vmatrace's own, from `daemon`) and hands them over. Else one atomic load.
     pub fn tick(&mut self, session: &Session, daemon: impl FnOnce() -> DaemonMetrics) {
         if let Some(mark) = self.publisher.due() {
-            if self
-                .last_gather
-                .is_some_and(|t| t.elapsed() < GATHER_AT_MOST_EVERY)
-            {
+            let started = std::time::Instant::now();
+            if self.next_gather.is_some_and(|t| started < t) {
                 self.publisher.republish(mark);
                 return;
             }
-            let started = std::time::Instant::now();
-            self.last_gather = Some(started);
             let mut daemon = daemon();
             daemon.ring_bytes = self.ring_bytes.into();
             let snapshot = self.gatherer.gather(session, daemon);
             self.publisher.publish(mark, snapshot);
-            log::debug!("metrics gathered in {:?}", started.elapsed());
+            let took = started.elapsed();
+            self.next_gather = Some(started + GATHER_AT_MOST_EVERY.max(took * GATHER_SHARE));
+            log::debug!("metrics gathered in {took:?}");
         }
     }
 }
@@ -300,7 +303,7 @@ mod tests {
             publisher: server::start(addr).expect("listens"),
             gatherer: gatherer(),
             ring_bytes: 1 << 20,
-            last_gather: None,
+            next_gather: None,
         };
         let addr = exporter.local_addr();
         // Nothing asked yet: the tick does nothing.
@@ -326,7 +329,8 @@ mod tests {
             "{body}"
         );
         // A second scrape within a second: answered with the same numbers, not gathered again.
-        let gathered = exporter.last_gather;
+        let next = exporter.next_gather;
+        assert!(next.is_some());
         let scrape = std::thread::spawn(move || get(addr, "/metrics", "text/plain"));
         while !scrape.is_finished() {
             exporter.tick(&s, daemon);
@@ -335,8 +339,7 @@ mod tests {
         let (head, _) = scrape.join().expect("the scrape");
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         assert!(
-            exporter.last_gather == gathered
-                || gathered.is_some_and(|t| t.elapsed() >= GATHER_AT_MOST_EVERY)
+            exporter.next_gather == next || next.is_some_and(|t| std::time::Instant::now() >= t)
         );
         // No loop answering: after the wait, the last numbers.
         let (head, body) = get(addr, "/metrics", "text/plain");
