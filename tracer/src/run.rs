@@ -957,6 +957,13 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         child = Some(pid);
     }
     crate::output::status::banner(&cfg, &meta, &session);
+    if let Some(m) = &metrics {
+        // The port too when the kernel chose it (`--metrics 127.0.0.1:0`).
+        eprintln!(
+            "vmatrace: Prometheus metrics at http://{}/metrics",
+            m.local_addr()
+        );
+    }
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
     let mut order = if probe.batch_cpus().is_empty() {
         Reorder::in_order()
