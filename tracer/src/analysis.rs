@@ -283,7 +283,9 @@ fn heap(p: &Process) -> Finding {
 }
 
 /// glibc arenas: 64 MiB aligned anonymous reservations, committed by mprotect.
-fn arenas(p: &Process, limits: &Limits) -> Vec<Finding> {
+/// The glibc arenas of `p`, as `(start, committed bytes, touched bytes)`: the `arenas`
+/// finding and the metrics (`vmatrace_arenas`) count the same ones.
+pub fn arena_ranges(p: &Process) -> Vec<(u64, u64, u64)> {
     // A 64 MiB-aligned range covered by contiguous private anonymous VMAs, partly accessible
     // (committed) and partly PROT_NONE (reserved). The model, like the kernel, may merge an
     // arena's ends with neighbouring VMAs of the same protection, so ranges are clipped.
@@ -317,6 +319,11 @@ fn arenas(p: &Process, limits: &Limits) -> Vec<Finding> {
             a = limit;
         }
     }
+    found
+}
+
+fn arenas(p: &Process, limits: &Limits) -> Vec<Finding> {
+    let found = arena_ranges(p);
     if found.is_empty() {
         return Vec::new();
     }

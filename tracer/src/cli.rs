@@ -265,6 +265,11 @@ pub struct TraceArgs {
     /// Snapshot every traced process this often (e.g. 200ms, 10s), as SIGUSR1 does.
     #[arg(long, value_name = "TIME", value_parser = parse_duration)]
     pub snapshot_every: Option<Duration>,
+    /// Serve Prometheus metrics over HTTP at ADDR:PORT/metrics (e.g. 127.0.0.1:9464): per
+    /// traced process (reserved, touched, anonymous bytes, faults, syscalls, findings) and
+    /// vmatrace's own (lost events, RSS). See docs/metrics.md.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = parse_listen)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// The command to launch and trace, after `--`.
     #[arg(last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -281,6 +286,14 @@ pub struct ReplayArgs {
     /// Show every replayed event, not just snapshots and the summary.
     #[arg(long)]
     pub events: bool,
+}
+
+/// Parses `--metrics`: an IP address and a port (`127.0.0.1:9464`, `[::1]:9464`,
+/// `0.0.0.0:9464` for every interface).
+pub fn parse_listen(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!("'{s}' is not ADDR:PORT (an IP address and a port: 127.0.0.1:9464, [::1]:9464)")
+    })
 }
 
 /// The largest pid Linux can hand out (`PID_MAX_LIMIT` on 64-bit kernels).

@@ -41,4 +41,6 @@ pub struct RunConfig {
     pub rotation: Option<crate::output::rotate::Rotation>,
     /// `--snapshot-every`.
     pub snapshot_every: Option<Duration>,
+    /// Serve Prometheus metrics on this address (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }

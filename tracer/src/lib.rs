@@ -18,6 +18,7 @@ pub mod finding;
 pub mod flags;
 pub mod heap;
 pub mod launch;
+pub mod metrics;
 pub mod model;
 pub mod name;
 pub mod order;

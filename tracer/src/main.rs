@@ -74,6 +74,7 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
             max_files: t.max_files,
         }),
         snapshot_every: t.snapshot_every,
+        metrics: t.metrics,
     }
 }
 

@@ -535,6 +535,37 @@ pub fn runs_32bit_program(pid: u32) -> bool {
         .is_ok_and(|()| elf_is_32bit(&header))
 }
 
+/// The name (`comm`) of `pid`, in vmatrace's text form ([`crate::name`]).
+pub fn comm(pid: u32) -> Option<String> {
+    let bytes = read(pid, "comm").ok()?;
+    Some(crate::name::from_bytes(
+        bytes.strip_suffix(b"\n").unwrap_or(&bytes),
+    ))
+}
+
+/// The cgroup v2 path of `pid` (the `0::PATH` line of `/proc/PID/cgroup`); None on a host
+/// with cgroup v1 only, or when the process is gone.
+pub fn cgroup(pid: u32) -> Option<String> {
+    let bytes = read(pid, "cgroup").ok()?;
+    lines(&bytes)
+        .find_map(|l| l.strip_prefix(b"0::"))
+        .map(crate::name::from_bytes)
+}
+
+/// Resident bytes of `pid` (`/proc/PID/statm`'s second field, in pages).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let bytes = read(pid, "statm").ok()?;
+    let pages: u64 = std::str::from_utf8(&bytes)
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
 /// Whether `pid` exists.
 pub fn exists(pid: u32) -> bool {
     PathBuf::from(format!("/proc/{pid}")).exists()

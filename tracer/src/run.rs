@@ -73,6 +73,8 @@ pub enum RunError {
     Proc(#[from] ProcError),
     #[error(transparent)]
     Heap(#[from] HeapError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("writing output: {0}")]
     Write(#[source] io::Error),
     #[error("{0}")]
@@ -240,6 +242,8 @@ struct Live {
     silent_warned: HashSet<u32>,
     /// The cgroup whose members are traced (`--cgroup`), looked at for newcomers each tick.
     cgroup: Option<crate::cgroup::Cgroup>,
+    /// `--metrics`: numbers for the scrapes that wait, gathered at the tick.
+    metrics: Option<crate::metrics::Exporter>,
 }
 
 /// A traced process alive this long without a single event gets a warning: a run must not
@@ -890,6 +894,18 @@ impl Live {
         Ok(())
     }
 
+    /// `--metrics`: when a scrape waits, the numbers of now (the counters the summary uses).
+    fn export_metrics(&mut self) {
+        if let Some(m) = self.metrics.as_mut() {
+            m.tick(&self.session, || crate::metrics::DaemonMetrics {
+                lost: LossSummary::new(&self.last_stats, self.undecodable_total, self.unread_total),
+                events: self.events,
+                rss_bytes: procfs::rss_bytes(std::process::id()),
+                ..Default::default()
+            });
+        }
+    }
+
     fn snapshots(&mut self, reason: SnapshotReason) -> Result<(), RunError> {
         let ts = monotonic_ns();
         if self.heap.is_some() {
@@ -1055,17 +1071,23 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     } else {
         launch::credentials(cfg.user.as_deref())?
     };
-    let start_ns = monotonic_ns();
-    let mut sink = make_sink(&cfg, start_ns)?;
-    let mut probe = Probe::load(ProbeOptions {
-        // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
-        ring_bytes: if (cfg.stacks.any() || cfg.heap)
-            && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES
-        {
+    // Stacks are up to 17 KiB a record: the default ring grows to hold a burst of them.
+    let ring_bytes =
+        if (cfg.stacks.any() || cfg.heap) && cfg.ring_bytes == tracer_common::DEFAULT_RING_BYTES {
             STACKS_RING_BYTES
         } else {
             cfg.ring_bytes
-        },
+        };
+    let limits = crate::analysis::Limits::of_this_machine();
+    // Before the output file is made: a port in use leaves nothing behind.
+    let metrics = cfg
+        .metrics
+        .map(|addr| crate::metrics::Exporter::start(addr, limits, ring_bytes))
+        .transpose()?;
+    let start_ns = monotonic_ns();
+    let mut sink = make_sink(&cfg, start_ns)?;
+    let mut probe = Probe::load(ProbeOptions {
+        ring_bytes,
         faults: if cfg.faults == FaultFilter::None {
             FaultBackend::Off
         } else {
@@ -1091,7 +1113,6 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     } else {
         None
     };
-    let limits = crate::analysis::Limits::of_this_machine();
     let meta = Meta {
         fault_backend: format!("{:?}", probe.fault_backend()).to_lowercase(),
         syscall_backend: format!("{:?}", probe.syscall_backend()).to_lowercase(),
@@ -1139,6 +1160,13 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         child = Some(pid);
     }
     crate::output::status::banner(&cfg, &meta, &session);
+    if let Some(m) = &metrics {
+        // The port too when the kernel chose it (`--metrics 127.0.0.1:0`).
+        eprintln!(
+            "vmatrace: Prometheus metrics at http://{}/metrics",
+            m.local_addr()
+        );
+    }
     let ring = probe.take_ring().ok_or(ProbeError::Missing("EVENTS"))?;
     let mut order = if probe.batch_cpus().is_empty() {
         Reorder::in_order()
@@ -1177,6 +1205,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         refused: Vec::new(),
         khugepaged: crate::collapse::Khugepaged::default(),
         stacks: cfg.stacks.any().then(Collector::new),
+        metrics,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1305,6 +1334,7 @@ async fn event_loop(
                 live.snapshot_if_due(fd.get_mut())?;
                 live.sink.tick(&live.session).map_err(RunError::Write)?;
                 live.report_losses()?;
+                live.export_metrics();
                 live.recover_lost_exec_stops()?;
                 live.resync_after_losses(false)?;
                 live.reap_lost_exits();

@@ -272,8 +272,9 @@ fn apt_install(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
 
 /// Debian packages the end-to-end tests use: jemalloc (purge-churn workload), Chromium
 /// (renders the HTML report), tmux (drives the live view as a terminal would), gcc (the stack
-/// tests build C workloads), Go (`go tool pprof` reads the exported profile) and Python (a
-/// script's stacks).
+/// tests build C workloads), Go (`go tool pprof` reads the exported profile), Python (a
+/// script's stacks) and Prometheus (scrapes `--metrics`; the test runs its own server, the
+/// package's service is not needed).
 fn test_dependencies() -> Result<()> {
     apt_install(
         "the tests",
@@ -284,6 +285,7 @@ fn test_dependencies() -> Result<()> {
             ("gcc", "/usr/bin/gcc"),
             ("golang-go", "/usr/bin/go"),
             ("python3", "/usr/bin/python3"),
+            ("prometheus", "/usr/bin/prometheus"),
         ],
     )
 }

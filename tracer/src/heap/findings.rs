@@ -207,10 +207,20 @@ fn live(p: &Process, rows: &[RegionRow]) -> Finding {
     f
 }
 
+/// Free bytes the allocator keeps on touched pages, over the regions whose live bytes are
+/// known: the fragmentation finding and the metrics (`vmatrace_heap_retained_free_bytes`)
+/// report this one number.
+pub fn retained_bytes(rows: &[RegionRow]) -> u64 {
+    rows.iter()
+        .filter(|r| r.live_bytes.is_some())
+        .map(|r| r.retained_bytes)
+        .sum()
+}
+
 /// Free memory kept resident: where, what pins it, and what would give it back.
 fn fragmentation(p: &Process, rows: &[RegionRow]) -> Option<Finding> {
     let measured: Vec<&RegionRow> = rows.iter().filter(|r| r.live_bytes.is_some()).collect();
-    let retained: u64 = measured.iter().map(|r| r.retained_bytes).sum();
+    let retained = retained_bytes(rows);
     let touched: u64 = measured.iter().map(|r| r.touched_bytes).sum();
     if retained < 4 * MIB || retained * 5 < touched {
         return None;

@@ -98,6 +98,26 @@ fn row(p: &Process, v: &Vma) -> VmaRow {
     }
 }
 
+/// A process's totals over its VMAs: what the summary and the metrics (`--metrics`) report,
+/// summed from the snapshot's rows so that all three agree.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub vma_count: usize,
+    pub reserved_bytes: u64,
+    pub touched_bytes: u64,
+    pub anon_bytes: u64,
+}
+
+/// The totals of a process's snapshot rows ([`vma_rows`]).
+pub fn totals(rows: &[VmaRow]) -> Totals {
+    Totals {
+        vma_count: rows.len(),
+        reserved_bytes: rows.iter().map(|r| r.reserved_bytes).sum(),
+        touched_bytes: rows.iter().map(|r| r.touched_bytes).sum(),
+        anon_bytes: rows.iter().map(|r| r.anon_bytes).sum(),
+    }
+}
+
 /// A process in the end-of-run summary.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProcessSummary {
@@ -232,14 +252,15 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
             });
             top.truncate(10);
             let pages = p.space.pages();
+            let t = totals(&rows);
             ProcessSummary {
                 pid: p.pid,
                 exe: p.exe.clone(),
                 exited: p.exited_ns.is_some(),
-                vma_count: rows.len(),
-                reserved_bytes: rows.iter().map(|r| r.reserved_bytes).sum(),
-                touched_bytes: rows.iter().map(|r| r.touched_bytes).sum(),
-                anon_bytes: rows.iter().map(|r| r.anon_bytes).sum(),
+                vma_count: t.vma_count,
+                reserved_bytes: t.reserved_bytes,
+                touched_bytes: t.touched_bytes,
+                anon_bytes: t.anon_bytes,
                 heap_bytes: p.space.heap_size(),
                 heap_high_water_bytes: p.space.heap_high_water,
                 syscalls: p

@@ -321,3 +321,55 @@ pub fn memory_of(pid: u32, field: &str) -> u64 {
         .expect("a size in kB")
         * 1024
 }
+
+/// The complete NDJSON records written so far to `path` (the writer may be mid-line).
+pub fn complete_records(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect()
+}
+
+/// Asks vmatrace (`vmatrace_pid`, writing to `out`) for a snapshot with SIGUSR1 and returns
+/// the new `signal` snapshot of `pid`.
+pub fn signal_snapshot_of(vmatrace_pid: u32, out: &Path, pid: u64) -> Value {
+    let is_snap = |r: &Value| r["type"] == "snapshot" && r["reason"] == "signal" && r["pid"] == pid;
+    let before = complete_records(out).iter().filter(|r| is_snap(r)).count();
+    kill(vmatrace_pid, libc::SIGUSR1);
+    let mut snap = Value::Null;
+    wait_for(60, "the signal snapshot", || {
+        let recs = complete_records(out);
+        if recs.iter().filter(|r| is_snap(r)).count() > before {
+            snap = recs
+                .iter()
+                .rev()
+                .find(|r| is_snap(r))
+                .cloned()
+                .unwrap_or_default();
+            true
+        } else {
+            false
+        }
+    });
+    snap
+}
+
+/// The sum of `field` over a snapshot's VMA rows.
+pub fn snapshot_sum(snap: &Value, field: &str) -> u64 {
+    snap["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .map(|v| v[field].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
