@@ -142,6 +142,13 @@ heap_programs! {
     heap_return_memptr_chunk => true, true;
 }
 
+/// Records how full the ring is. Not attached: the daemon runs it at its tick (`--metrics`).
+#[raw_tracepoint]
+pub fn ring_fill(_ctx: RawTracePointContext) -> i32 {
+    maps::record_ring_fill();
+    0
+}
+
 /// Writes this CPU's allocator-event batch. Not attached: run like `fault_flush`.
 #[raw_tracepoint]
 pub fn heap_flush(_ctx: RawTracePointContext) -> i32 {

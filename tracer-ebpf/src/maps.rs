@@ -94,6 +94,20 @@ pub fn count_n(stat: Stat, n: u64) {
     }
 }
 
+/// How many bytes of the ring wait to be read, written by [`record_ring_fill`].
+#[map]
+pub static RING_FILL: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Records how full the ring is now (the daemon runs this through `BPF_PROG_TEST_RUN` at its
+/// tick: the ring's positions are the kernel's to read).
+#[inline(always)]
+pub fn record_ring_fill() {
+    if let Some(slot) = RING_FILL.get_ptr_mut(0) {
+        // SAFETY: an array value, written whole.
+        unsafe { *slot = EVENTS.query(BPF_RB_AVAIL_DATA as u64) };
+    }
+}
+
 /// The cgroup ids (`--cgroup`: the group and those below it) whose processes are traced as
 /// soon as a program sees them. Written by userspace.
 #[map]

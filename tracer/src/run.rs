@@ -897,10 +897,12 @@ impl Live {
     /// `--metrics`: when a scrape waits, the numbers of now (the counters the summary uses).
     fn export_metrics(&mut self) {
         if let Some(m) = self.metrics.as_mut() {
+            let probe = &mut self.probe;
             m.tick(&self.session, || crate::metrics::DaemonMetrics {
                 lost: LossSummary::new(&self.last_stats, self.undecodable_total, self.unread_total),
                 events: self.events,
                 rss_bytes: procfs::rss_bytes(std::process::id()),
+                ring_used_bytes: probe.ring_fill(),
                 ..Default::default()
             });
         }

@@ -213,6 +213,15 @@ fn prometheus_scrapes_the_touched_bytes_of_the_snapshot_and_the_kernel() {
     assert_eq!(last("vmatrace_anon_bytes"), Some(anon));
     assert_eq!(last("vmatrace_vmas"), Some(vmas as u64));
     assert!(last("vmatrace_faults_total").is_some_and(|n| n >= 32));
+    // The ring's fill, read from the kernel at the tick: within the ring.
+    let ring = prometheus
+        .samples("vmatrace_ring_buffer_bytes[1h]")
+        .last()
+        .map(|(_, v)| *v as u64)
+        .expect("the ring's size");
+    let used = prometheus.samples("vmatrace_ring_buffer_used_bytes[1h]");
+    assert!(!used.is_empty(), "the ring's fill is exported");
+    assert!(used.iter().all(|&(_, v)| (v as u64) < ring), "{used:?}");
     eprintln!(
         "pid {pid}: Prometheus has touched {touched} bytes ({} samples after the snapshot), anon {anon}, {vmas} VMAs",
         after.len()

@@ -51,6 +51,8 @@ pub struct DaemonMetrics {
     pub rss_bytes: Option<u64>,
     /// The ring buffer's size.
     pub ring_bytes: u64,
+    /// Bytes waiting in the ring at the tick, not yet read.
+    pub ring_used_bytes: Option<u64>,
 }
 
 /// Everything one scrape shows.

@@ -154,6 +154,7 @@ mod tests {
             events: 17,
             rss_bytes: Some(40 << 20),
             ring_bytes: 8 << 20,
+            ring_used_bytes: Some(4096),
         }
     }
 
@@ -210,6 +211,10 @@ mod tests {
                 "{text}"
             );
             assert!(text.contains("\nvmatrace_events_total 17\n"), "{text}");
+            assert!(
+                text.contains("\nvmatrace_ring_buffer_used_bytes 4096\n"),
+                "{text}"
+            );
             assert!(
                 text.lines().any(|l| l.starts_with("vmatrace_findings{")
                     && l.contains(r#"id="heap",severity="info""#)),

@@ -273,6 +273,15 @@ fn registry(snap: &Snapshot) -> Registry {
         bytes(),
         d.ring_bytes,
     );
+    if let Some(used) = d.ring_used_bytes {
+        gauge(
+            &mut reg,
+            "ring_buffer_used",
+            "Bytes waiting in the ring buffer at the last tick, not yet read by vmatrace",
+            bytes(),
+            used,
+        );
+    }
     if let Some(rss) = d.rss_bytes {
         gauge(
             &mut reg,

@@ -619,6 +619,19 @@ impl Probe {
         outcome
     }
 
+    /// Bytes of the ring not yet read, from the kernel (its `ring_fill` program, loaded on
+    /// first use); None if it cannot run.
+    pub fn ring_fill(&mut self) -> Option<u64> {
+        let program: &mut RawTracePoint = self.ebpf.program_mut("ring_fill")?.try_into().ok()?;
+        if program.fd().is_err() {
+            program.load().ok()?;
+        }
+        program.test_run(RawTracePointRunOptions::new()).ok()?;
+        let map: aya::maps::Array<_, u64> =
+            aya::maps::Array::try_from(self.ebpf.map("RING_FILL")?).ok()?;
+        map.get(&0, 0).ok()
+    }
+
     /// The fault backend in use.
     pub fn fault_backend(&self) -> FaultBackend {
         self.fault_backend
