@@ -30,7 +30,8 @@ Examples:
                                           with the allocator's live bytes: exact, not estimated
   kill -USR1 $(pidof vmatrace)            print a snapshot of every traced address space
 
-vmatrace needs root, or CAP_BPF and CAP_PERFMON.";
+vmatrace needs root, or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH (attaching to another
+user's process: CAP_SYS_PTRACE; zero pages told apart: CAP_SYS_ADMIN).";
 
 /// vmatrace: trace a process's memory syscalls, page faults and VMAs with eBPF.
 #[derive(Debug, Parser)]
@@ -105,6 +106,25 @@ pub enum Command {
     /// Diagnose allocator fragmentation from a recorded NDJSON file.
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
+    /// Write the man pages or a shell completion script (for packagers: `cargo xtask dist`).
+    #[command(hide = true, subcommand)]
+    Generate(Generate),
+}
+
+/// What `vmatrace generate` writes.
+#[derive(Debug, Subcommand)]
+pub enum Generate {
+    /// The man pages (vmatrace.1 and one per subcommand) into DIR.
+    Man {
+        /// The directory to write the pages into (created if missing).
+        dir: PathBuf,
+    },
+    /// The completion script of SHELL, on stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Report options.

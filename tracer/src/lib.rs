@@ -14,6 +14,7 @@ pub mod config;
 pub mod event;
 pub mod fault_access;
 pub mod flags;
+pub mod generate;
 pub mod heap;
 pub mod launch;
 pub mod model;

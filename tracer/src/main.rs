@@ -197,6 +197,10 @@ fn real_main() -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        Some(Command::Generate(what)) => {
+            tracer::generate::generate(&what, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
         Some(Command::Record(t)) => {
             if t.output.is_none() {
                 anyhow::bail!("record needs -o FILE");
