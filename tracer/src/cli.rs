@@ -106,25 +106,6 @@ pub enum Command {
     /// Diagnose allocator fragmentation from a recorded NDJSON file.
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
-    /// Write the man pages or a shell completion script (for packagers: `cargo xtask dist`).
-    #[command(hide = true, subcommand)]
-    Generate(Generate),
-}
-
-/// What `vmatrace generate` writes.
-#[derive(Debug, Subcommand)]
-pub enum Generate {
-    /// The man pages (vmatrace.1 and one per subcommand) into DIR.
-    Man {
-        /// The directory to write the pages into (created if missing).
-        dir: PathBuf,
-    },
-    /// The completion script of SHELL, on stdout.
-    Completions {
-        /// The shell.
-        #[arg(value_enum)]
-        shell: clap_complete::Shell,
-    },
 }
 
 /// Report options.

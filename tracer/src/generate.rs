@@ -1,12 +1,48 @@
-//! `vmatrace generate` (hidden): the man pages and shell completions, made from the same clap
-//! [`Cli`] that parses the command line, so a packaged page never disagrees with `--help`.
-//! `cargo xtask dist` runs it on the host build and puts the files in the packages.
+//! `vmatrace generate man DIR | completions SHELL`: the man pages and shell completions, made
+//! from the same clap [`Cli`] that parses the command line, so a packaged page never disagrees
+//! with `--help`. `cargo xtask dist` runs it on the host build and puts the files in the
+//! packages. It is parsed apart from [`Cli`] (by `main` when the first argument is
+//! `generate`), so that the pages and completions do not offer it.
 
-use std::{io::Write, path::Path};
+use std::{
+    ffi::OsString,
+    io::Write,
+    path::{Path, PathBuf},
+};
 
-use clap::CommandFactory as _;
+use clap::{CommandFactory as _, Parser, Subcommand};
 
-use crate::cli::{Cli, Generate};
+use crate::cli::Cli;
+
+/// Man pages and shell completions for packagers.
+#[derive(Debug, Parser)]
+#[command(name = "vmatrace generate")]
+pub struct GenerateCli {
+    #[command(subcommand)]
+    pub what: Generate,
+}
+
+/// What `vmatrace generate` writes.
+#[derive(Debug, Subcommand)]
+pub enum Generate {
+    /// The man pages (vmatrace.1 and one per subcommand) into DIR.
+    Man {
+        /// The directory to write the pages into (created if missing).
+        dir: PathBuf,
+    },
+    /// The completion script of SHELL, on stdout.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `vmatrace generate ARGS` (`args` starts with `generate`); clap's own exit on bad usage.
+pub fn main(args: impl Iterator<Item = OsString>) -> Result<(), GenerateError> {
+    let cli = GenerateCli::parse_from(args);
+    generate(&cli.what, &mut std::io::stdout().lock())
+}
 
 /// Why a man page or completion script could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +86,10 @@ fn man_pages(dir: &Path) -> Result<(), GenerateError> {
     let mut pages = vec![("vmatrace".to_string(), cmd.clone())];
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = format!("vmatrace-{}", sub.get_name());
-        let page = sub.clone().display_name(&name).bin_name(&name);
+        let page = sub
+            .clone()
+            .display_name(&name)
+            .bin_name(format!("vmatrace {}", sub.get_name()));
         pages.push((name, page));
     }
     for (name, page) in pages {

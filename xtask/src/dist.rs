@@ -5,7 +5,7 @@
 //!   `target/dist/vmatrace-VERSION-ARCH-linux-musl`.
 //! - A Debian package per architecture, `target/dist/vmatrace_VERSION_DEBARCH.deb`, built with
 //!   `dpkg-deb` from a staging tree written here: the binary, man pages and bash/zsh/fish
-//!   completions (made by the binary's hidden `vmatrace generate`, from the same clap `Cli`
+//!   completions (made by the binary's own `vmatrace generate`, kept out of its `--help`, from the same clap `Cli`
 //!   that parses its command line), the systemd unit and its defaults from `deploy/`, docs.
 //!   The man pages come from the binary rather than from xtask linking the `tracer` crate:
 //!   that crate's build script compiles the eBPF programs with nightly, which xtask must not
@@ -94,7 +94,8 @@ fn dependencies(arches: &[Arch]) -> Result<()> {
     Ok(())
 }
 
-/// Builds the static binary of `arch` (profile `dist`) and copies it into `target/dist`.
+/// Builds the static binary of `arch` (profile `dist-build`: cargo's own `target/dist-build`
+/// keeps clear of `target/dist`) and copies it into `target/dist`.
 fn build(arch: Arch) -> Result<PathBuf> {
     let target = arch.musl_target();
     let env_target = target.replace('-', "_");
@@ -106,7 +107,7 @@ fn build(arch: Arch) -> Result<PathBuf> {
         .args([
             "build",
             "--profile",
-            "dist",
+            "dist-build",
             "-p",
             "tracer",
             "--bin",
@@ -121,7 +122,7 @@ fn build(arch: Arch) -> Result<PathBuf> {
     let built = root()
         .join("target")
         .join(target)
-        .join("dist")
+        .join("dist-build")
         .join("vmatrace");
     let bytes = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
     check_static(&bytes).with_context(|| built.display().to_string())?;
