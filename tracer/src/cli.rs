@@ -30,7 +30,8 @@ Examples:
                                           with the allocator's live bytes: exact, not estimated
   kill -USR1 $(pidof vmatrace)            print a snapshot of every traced address space
 
-vmatrace needs root, or CAP_BPF and CAP_PERFMON.";
+vmatrace needs root, or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH (attaching to another
+user's process: CAP_SYS_PTRACE; zero pages told apart: CAP_SYS_ADMIN).";
 
 /// vmatrace: trace a process's memory syscalls, page faults and VMAs with eBPF.
 #[derive(Debug, Parser)]

@@ -16,6 +16,7 @@ pub mod event;
 pub mod fault_access;
 pub mod finding;
 pub mod flags;
+pub mod generate;
 pub mod heap;
 pub mod launch;
 pub mod metrics;

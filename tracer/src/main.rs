@@ -79,6 +79,12 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
 }
 
 fn real_main() -> anyhow::Result<u8> {
+    // `vmatrace generate ...` (for packagers) is parsed apart: it stays out of the man pages
+    // and completions it writes.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "generate") {
+        tracer::generate::main(std::env::args_os().skip(1))?;
+        return Ok(0);
+    }
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",

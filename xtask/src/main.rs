@@ -8,7 +8,10 @@
 //! - `bench`: setup, then the benchmarks in `tracer/benches` and `workloads`.
 //! - `kernels`: the privileged tests on other kernels (5.10 to 7.x, x86_64 and arm64) under
 //!   qemu, and a table kernel x result.
+//! - `dist`: static binaries and Debian packages for machines without Rust (`--check`: run on
+//!   the 6.1 guests; `--verify`: installed into a fresh Debian root).
 
+mod dist;
 mod kernels;
 
 use std::{
@@ -79,6 +82,10 @@ enum Task {
     /// Boot pinned Debian kernels under qemu, run the privileged tests in each, print a table
     /// kernel x result (e.g. `--kernel 6.1,6.12`, `--arch arm64`).
     Kernels(kernels::Options),
+    /// Build static binaries (x86_64, arm64) and Debian packages into target/dist, with man
+    /// pages, completions and the systemd unit; `--check` runs them on the 6.1 guests,
+    /// `--verify` installs the amd64 package into a fresh Debian 12 root.
+    Dist(dist::Options),
 }
 
 fn root() -> PathBuf {
@@ -486,6 +493,10 @@ fn real_main() -> Result<()> {
         Task::Kernels(opts) => {
             setup()?;
             kernels::kernels(&opts)
+        }
+        Task::Dist(opts) => {
+            setup()?;
+            dist::dist(&opts)
         }
         Task::Bench {
             rounds,

@@ -122,9 +122,10 @@ impl Default for ProbeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error(
-        "permission denied loading eBPF programs: vmatrace needs root, or CAP_BPF and CAP_PERFMON (try `sudo vmatrace ...`)"
+        "permission denied loading eBPF programs: vmatrace needs root, or CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH{} (try `sudo vmatrace ...`)",
+        lacking(.0)
     )]
-    Permission,
+    Permission(Vec<&'static str>),
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
     #[error(transparent)]
@@ -267,8 +268,11 @@ impl Probe {
             return Err(ProbeError::RingSize(opts.ring_bytes));
         }
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 && !has_bpf_caps() {
-            return Err(ProbeError::Permission);
+        if unsafe { libc::geteuid() } != 0 {
+            let missing = missing_caps(&[(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON")]);
+            if !missing.is_empty() {
+                return Err(ProbeError::Permission(missing));
+            }
         }
         raise_memlock();
         // Wake the reader before a small ring can fill; a large one is drained by the
@@ -321,7 +325,7 @@ impl Probe {
             .load(EBPF_OBJECT)
             .map_err(|e| {
                 if is_permission(&e) {
-                    ProbeError::Permission
+                    ProbeError::Permission(Vec::new())
                 } else {
                     ProbeError::Load(e)
                 }
@@ -769,14 +773,34 @@ fn raise_memlock() {
     }
 }
 
-/// Whether the process has CAP_BPF (39) and CAP_PERFMON (38) in its effective set.
-fn has_bpf_caps() -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << 39) != 0 && caps & (1 << 38) != 0)
+/// Capability numbers (`linux/capability.h`).
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+/// The names of `caps` (number, name) missing from this process's effective set (all of them
+/// when it cannot be read).
+pub fn missing_caps(caps: &[(u32, &'static str)]) -> Vec<&'static str> {
+    let effective = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    caps.iter()
+        .filter(|(n, _)| effective & (1u64 << n) == 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// "; this process lacks X and Y" for the permission error, or nothing.
+fn lacking(missing: &[&str]) -> String {
+    if missing.is_empty() {
+        String::new()
+    } else {
+        format!("; this process lacks {}", missing.join(" and "))
+    }
 }

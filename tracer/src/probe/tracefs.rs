@@ -14,6 +14,10 @@ pub enum TracefsError {
         "tracefs is not mounted and mounting it failed ({0}); run `sudo mount -t tracefs tracefs {TRACEFS}` and try again"
     )]
     Mount(io::Error),
+    #[error(
+        "cannot read tracefs at {0} (permission denied): without root, vmatrace needs CAP_DAC_READ_SEARCH besides CAP_BPF and CAP_PERFMON; this process lacks CAP_DAC_READ_SEARCH"
+    )]
+    Unreadable(&'static str),
 }
 
 /// Returns the tracefs root, mounting tracefs on [`TRACEFS`] when no mount is found.
@@ -22,6 +26,15 @@ pub fn ensure_mounted() -> Result<&'static str, TracefsError> {
         if Path::new(root).join("events").is_dir() {
             return Ok(root);
         }
+    }
+    // Mounted but root's only (mode 0700): a non-root user with the BPF capabilities but not
+    // CAP_DAC_READ_SEARCH. Mounting again would fail too, with a less useful message.
+    let lacks_dac = !super::missing_caps(&[(super::CAP_DAC_READ_SEARCH, "")]).is_empty();
+    if lacks_dac
+        && std::fs::read_dir(Path::new(TRACEFS).join("events"))
+            .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied)
+    {
+        return Err(TracefsError::Unreadable(TRACEFS));
     }
     let c = |s: &str| CString::new(s).map_err(|e| TracefsError::Mount(io::Error::other(e)));
     let (src, target, fstype) = (c("tracefs")?, c(TRACEFS)?, c("tracefs")?);

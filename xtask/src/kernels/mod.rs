@@ -649,3 +649,48 @@ fn print_table(arch: Arch, rows: &[Row]) {
         );
     }
 }
+
+/// Boots the pinned `label` kernel of `arch` once and runs `script` there (bash from the host
+/// root on x86_64; busybox sh with `shares` mounted read-only on arm64). Returns the exit
+/// status and the command's output (`results/output.log`). For `cargo xtask dist --check`.
+pub fn run_once(
+    arch: Arch,
+    label: &str,
+    script: &str,
+    results: &Path,
+    shares: Vec<PathBuf>,
+    timeout: Duration,
+) -> Result<(Option<i32>, String)> {
+    dependencies(arch)?;
+    let pin = KERNELS
+        .iter()
+        .find(|p| p.arch == arch && p.label == label)
+        .with_context(|| format!("no pinned {arch:?} kernel {label}"))?;
+    let p = prepare(pin).with_context(|| format!("preparing kernel {label}"))?;
+    std::fs::create_dir_all(results)?;
+    std::fs::write(results.join("cmd.sh"), script)?;
+    step(&format!(
+        "booting {label} ({}) under qemu",
+        p.kernel.release
+    ));
+    let outcome = Guest {
+        kernel: &p.kernel,
+        image: p.image.clone(),
+        initrd: p.initrd.clone(),
+        results: results.to_path_buf(),
+        shares,
+        cpus: 1,
+        memory: "1G",
+        timeout,
+    }
+    .run()?;
+    if outcome.timed_out {
+        bail!(
+            "the {label} guest timed out after {}s (see {})",
+            timeout.as_secs(),
+            results.join("console.log").display()
+        );
+    }
+    let log = std::fs::read_to_string(results.join("output.log")).unwrap_or_default();
+    Ok((outcome.rc, log))
+}
