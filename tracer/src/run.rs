@@ -971,6 +971,16 @@ impl Attached<'_> {
         if procfs::read_stat(pid).map_or(true, |s| s.is_dead()) {
             return Err(RunError::ExitedDuringAttach(pid));
         }
+        self.seeded(pid, seed, ts)?;
+        if self.heap.as_deref().is_some_and(|h| !h.covers(pid)) {
+            return Err(HeapError::NoAllocator(pid).into());
+        }
+        Ok(())
+    }
+
+    /// Adds `pid` to the session from `seed` (at `ts`), writes its seed snapshot and, with
+    /// `--heap`, places the allocator probes in it.
+    fn seeded(&mut self, pid: u32, seed: Seed, ts: u64) -> Result<(), RunError> {
         self.session.add(pid, seed, ts, exe_of(pid));
         if let Some(p) = self.session.get(pid) {
             self.sink
@@ -983,9 +993,6 @@ impl Attached<'_> {
                 self.sink
                     .event(&ev, &applied, self.session)
                     .map_err(RunError::Write)?;
-            }
-            if !heap.covers(pid) {
-                return Err(HeapError::NoAllocator(pid).into());
             }
         }
         Ok(())
@@ -1018,21 +1025,7 @@ impl Attached<'_> {
             return Ok(());
         }
         let seed = read_seed(pid, monotonic_ns()).unwrap_or_default();
-        self.session.add(pid, seed, ts, exe_of(pid));
-        if let Some(p) = self.session.get(pid) {
-            self.sink
-                .snapshot(ts, SnapshotReason::Seed, p)
-                .map_err(RunError::Write)?;
-        }
-        if let Some(heap) = self.heap.as_deref_mut() {
-            for ev in heap.cover(self.probe, pid, ts, true)? {
-                let applied = self.session.apply(&ev);
-                self.sink
-                    .event(&ev, &applied, self.session)
-                    .map_err(RunError::Write)?;
-            }
-        }
-        Ok(())
+        self.seeded(pid, seed, ts)
     }
 }
 
