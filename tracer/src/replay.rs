@@ -16,7 +16,10 @@ use crate::{
     model::{
         Backing, ForkAdvice, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma,
     },
-    output::{LossSummary, Meta, Sink, SnapshotReason, ndjson::SCHEMA_VERSION, report::summarize},
+    output::{
+        LossSummary, Meta, Sink, SnapshotReason, ndjson::SCHEMA_VERSION, report::summarize,
+        touch_runs::TouchesRecord,
+    },
     session::{Applied, Seed, Session},
     stacks::StackDef,
 };
@@ -78,6 +81,8 @@ pub enum Record {
         reason: SnapshotReason,
     },
     Event(Event),
+    /// A run of first touches, one fault per page.
+    Touches(TouchesRecord),
     /// A unique user stack, defined before the records that name it.
     Stack(StackDef),
     Lost(LossSummary),
@@ -427,6 +432,12 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
                 _ => None,
             },
         },
+        "touches" => {
+            let run: TouchesRecord =
+                serde_json::from_value(v).map_err(|e| format!("bad touches record: {e}"))?;
+            run.check(USER_ADDRESS_END)?;
+            Record::Touches(run)
+        }
         "fault" => Record::Event(Event::Fault(FaultRecord {
             ts_ns: ts_ns()?,
             pid: u32_of(&v, "pid")?,
@@ -595,6 +606,61 @@ pub fn replay_from(
     replay_bounded(reader, name, sink, events, MAX_RESIDENT_BYTES)
 }
 
+/// Why an event could not be replayed.
+enum EventError {
+    /// Earlier than the thread's previous event.
+    OutOfOrder(String),
+    Write(io::Error),
+}
+
+impl EventError {
+    fn at(self, path: &str, line: usize) -> ReplayError {
+        match self {
+            Self::OutOfOrder(what) => ReplayError::Bad {
+                path: path.to_string(),
+                line,
+                what,
+            },
+            Self::Write(e) => ReplayError::Write(e),
+        }
+    }
+}
+
+/// Applies one event to the session and shows it, as the live run did (with the exit
+/// snapshot the live run writes after an exit).
+fn replay_event(
+    ev: &Event,
+    session: &mut Session,
+    last_ts_by_thread: &mut std::collections::HashMap<(u32, u32), u64>,
+    sink: &mut dyn Sink,
+    events: bool,
+) -> Result<(), EventError> {
+    // Each thread's events are in order in the ring; across CPUs, two threads' timestamps
+    // may cross by the time between reserving and stamping.
+    let ts = ev.ts_ns();
+    let key = (ev.pid(), ev.tid());
+    let last = last_ts_by_thread.entry(key).or_insert(0);
+    if ts < *last {
+        return Err(EventError::OutOfOrder(format!(
+            "record out of order: time {ts} comes after {last} in thread {}",
+            key.1
+        )));
+    }
+    *last = ts;
+    let applied = session.apply(ev);
+    if events {
+        sink.event(ev, &applied, session)
+            .map_err(EventError::Write)?;
+    }
+    if let (Event::Exit { pid, ts_ns, .. }, Applied::Exit) = (ev, &applied)
+        && let Some(p) = session.get(*pid)
+    {
+        sink.snapshot(*ts_ns, SnapshotReason::Exit, p)
+            .map_err(EventError::Write)?;
+    }
+    Ok(())
+}
+
 /// [`replay_from`] with `resident_budget` bytes of resident memory for all the snapshots.
 fn replay_bounded(
     mut reader: impl BufRead,
@@ -644,11 +710,11 @@ fn replay_bounded(
                 limits: recorded,
                 clock,
             } => {
-                if version != SCHEMA_VERSION {
+                if !(1..=SCHEMA_VERSION).contains(&version) {
                     return Err(bad(
                         n,
                         format!(
-                            "schema version {version}; this vmatrace reads version {SCHEMA_VERSION}"
+                            "schema version {version}; this vmatrace reads versions 1 to {SCHEMA_VERSION}"
                         ),
                     ));
                 }
@@ -701,33 +767,17 @@ fn replay_bounded(
                 }
             }
             Record::Event(ev) => {
-                // Each thread's events are in order in the ring; across CPUs, two threads'
-                // timestamps may cross by the time between reserving and stamping.
-                let ts = ev.ts_ns();
-                let key = (ev.pid(), ev.tid());
-                let last = last_ts_by_thread.entry(key).or_insert(0);
-                if ts < *last {
-                    return Err(bad(
-                        n,
-                        format!(
-                            "record out of order: time {ts} comes after {last} in thread {}",
-                            key.1
-                        ),
-                    ));
+                replay_event(&ev, &mut session, &mut last_ts_by_thread, sink, events)
+                    .map_err(|e| e.at(name, n))?;
+                last_ts = last_ts.max(ev.ts_ns());
+            }
+            Record::Touches(run) => {
+                for f in run.faults() {
+                    let ev = Event::Fault(f);
+                    replay_event(&ev, &mut session, &mut last_ts_by_thread, sink, events)
+                        .map_err(|e| e.at(name, n))?;
                 }
-                *last = ts;
-                last_ts = last_ts.max(ts);
-                let applied = session.apply(&ev);
-                if events {
-                    sink.event(&ev, &applied, &session)
-                        .map_err(ReplayError::Write)?;
-                }
-                if let (Event::Exit { pid, ts_ns, .. }, Applied::Exit) = (&ev, &applied)
-                    && let Some(p) = session.get(*pid)
-                {
-                    sink.snapshot(*ts_ns, SnapshotReason::Exit, p)
-                        .map_err(ReplayError::Write)?;
-                }
+                last_ts = last_ts.max(run.end_ns);
             }
             Record::Stack(def) => {
                 let def = Arc::new(def);
@@ -857,6 +907,43 @@ mod tests {
             err.starts_with("t:2: ") && err.contains("4097 frames"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_touches_run_replays_as_its_faults_and_impossible_ones_are_refused() {
+        let seed = format!(
+            "{META}{{\"type\":\"snapshot\",\"ts_ns\":2,\"pid\":7,\"reason\":\"seed\",\"exe\":null,\"vmas\":[{{\"start\":65536,\"end\":131072,\"perms\":\"rw-p\",\"kind\":\"anon\"}}]}}\n"
+        );
+        let run = |address: u64, pages: u64, offsets: &str, end: u64| {
+            format!(
+                "{{\"type\":\"touches\",\"ts_ns\":10,\"end_ns\":{end},\"pid\":7,\"tid\":7,\"address\":{address},\"pages\":{pages},\"offsets_ns\":[{offsets}],\"ip\":0,\"error_code\":6,\"write\":true,\"first_touch\":true,\"changed\":false,\"page_kind\":\"anon\",\"vma_start\":65536}}\n"
+            )
+        };
+        let r = replayed(&format!("{seed}{}", run(65536 + 4096, 3, "2,1,0", 12)))
+            .map_err(|e| e.to_string());
+        let touched = r.map(|r| {
+            r.session
+                .get(7)
+                .map(|p| p.space.pages_in(65536, 131072).anon)
+        });
+        assert_eq!(touched, Ok(Some(3)));
+        for (bad, what) in [
+            (run(65536, 70_000, "0", 12), "70000 pages"),
+            (run(65536 + 1, 1, "0", 12), "not pages of user space"),
+            (run(65536, 2, "0", 12), "has 1 offsets_ns"),
+            (run(65536, 1, "5", 12), "past its end"),
+            (run(65536, 1, "0", 9), "before it starts"),
+            (run(65536, 1, "-1", 12), "bad touches record"),
+        ] {
+            let err = replayed(&format!("{seed}{bad}"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.starts_with("t:3: ") && err.contains(what),
+                "{what}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -825,7 +825,7 @@ fn a_banner_says_what_is_traced_and_the_end_is_summarised_on_stderr() {
             && err.contains("exited: "),
         "{err}"
     );
-    let written = records(&file).len();
+    let written = raw_records(&file).len();
     assert!(
         err.contains(&format!(
             "vmatrace: {} records (",

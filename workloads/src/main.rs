@@ -71,6 +71,19 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
+/// Prints `cpu_ns N`: the CPU time (user and system) this process has used so far, which a
+/// benchmark subtracts from its tracer's to get the tracer's own.
+fn say_cpu() {
+    // SAFETY: getrusage writes one rusage into the zeroed struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let ns = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+    say(&format!("cpu_ns {}", ns(ru.ru_utime) + ns(ru.ru_stime)));
+}
+
 fn checkpoint(name: &str) {
     say(&format!("checkpoint {name}"));
     // SAFETY: stopping ourselves; the test continues us with SIGCONT.
@@ -851,6 +864,7 @@ fn fault_loop(iters: usize, pages: usize) {
         munmap(a, pages * PAGE);
     }
     say(&format!("fault_loop {} ns", start.elapsed().as_nanos()));
+    say_cpu();
 }
 
 /// Bounded output (issue #20): `iters` rounds of mapping 16 pages, touching them and
@@ -885,6 +899,7 @@ fn churn(iters: usize) {
         munmap(a, 16 * PAGE);
     }
     say(&format!("churn {} ns", start.elapsed().as_nanos()));
+    say_cpu();
 }
 
 /// Pins the calling thread to `cpu`; false if it cannot run there.

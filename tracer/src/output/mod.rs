@@ -14,6 +14,7 @@ pub mod report;
 pub mod rotate;
 pub mod status;
 pub mod timeline_view;
+pub mod touch_runs;
 
 use std::io;
 

@@ -7,7 +7,10 @@ use serde_json::{Value, json};
 use tracer_common::Syscall;
 
 use super::{
-    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, report::vma_rows, show_fault,
+    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary,
+    report::vma_rows,
+    show_fault,
+    touch_runs::{PendingRuns, TouchesRecord},
 };
 use crate::{
     analysis::Finding,
@@ -18,8 +21,10 @@ use crate::{
     stacks::StackDef,
 };
 
-/// The version of the record schema; replay refuses files of another version.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The version of the record schema: 2 added `touches` records (runs of first touches).
+/// Replay reads every version up to this one (each is a superset of the one before) and
+/// refuses later ones.
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// Writes NDJSON records.
 pub struct NdjsonSink<W: Write> {
@@ -27,6 +32,9 @@ pub struct NdjsonSink<W: Write> {
     faults: FaultFilter,
     /// A fault record is formatted here first and reaches `out` in one write.
     scratch: Vec<u8>,
+    /// First touches not yet written (`--faults first`): written before any other record.
+    runs: PendingRuns,
+    ready: Vec<TouchesRecord>,
 }
 
 impl<W: Write> NdjsonSink<W> {
@@ -36,7 +44,21 @@ impl<W: Write> NdjsonSink<W> {
             out,
             faults,
             scratch: Vec::with_capacity(512),
+            runs: PendingRuns::default(),
+            ready: Vec::new(),
         }
+    }
+
+    /// Writes the runs of first touches that are ready, then (`all`) every pending one.
+    fn write_runs(&mut self, all: bool) -> io::Result<()> {
+        if all {
+            self.ready.extend(self.runs.drain());
+        }
+        for run in self.ready.drain(..) {
+            serde_json::to_writer(&mut self.out, &run)?;
+            self.out.write_all(b"\n")?;
+        }
+        Ok(())
     }
 
     /// The writer (a rotated output starts its next file through it).
@@ -45,6 +67,7 @@ impl<W: Write> NdjsonSink<W> {
     }
 
     fn line(&mut self, v: &Value) -> io::Result<()> {
+        self.write_runs(true)?;
         serde_json::to_writer(&mut self.out, v)?;
         self.out.write_all(b"\n")
     }
@@ -434,6 +457,17 @@ impl<W: Write> Sink for NdjsonSink<W> {
         if matches!(event, Event::Fault(_)) && !show_fault(self.faults, applied) {
             return Ok(());
         }
+        if let (Event::Fault(f), Applied::Fault(fe), FaultFilter::First) =
+            (event, applied, self.faults)
+        {
+            let taken = self.runs.take(f, fe, &mut self.ready);
+            self.write_runs(!taken)?;
+            if taken {
+                return Ok(());
+            }
+        } else {
+            self.write_runs(true)?;
+        }
         self.scratch.clear();
         match event {
             Event::Fault(f) => write_fault(&mut self.scratch, f, applied),
@@ -477,7 +511,7 @@ impl<W: Write> Sink for NdjsonSink<W> {
 
     fn tick(&mut self, _session: &Session) -> io::Result<()> {
         // Readers of a growing file (tail -f, tests) see records within one tick.
-        self.out.flush()
+        self.flush()
     }
 
     fn summary(&mut self, ts_ns: u64, summary: &Summary) -> io::Result<()> {
@@ -490,6 +524,7 @@ impl<W: Write> Sink for NdjsonSink<W> {
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        self.write_runs(true)?;
         self.out.flush()
     }
 }

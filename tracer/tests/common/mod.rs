@@ -126,8 +126,15 @@ pub fn temp_path(name: &str) -> PathBuf {
     p
 }
 
-/// Reads every NDJSON record of `path`, asserting each line parses.
+/// Reads every NDJSON record of `path`, asserting each line parses, with each `touches`
+/// record (a run of first touches) read as the `fault` records it stands for: one per page,
+/// in place, each with the run's fields. [`raw_records`] gives the lines as written.
 pub fn records(path: &Path) -> Vec<Value> {
+    per_fault(raw_records(path))
+}
+
+/// Every NDJSON record of `path` as written, asserting each line parses.
+pub fn raw_records(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).expect("output file readable");
     text.lines()
         .enumerate()
@@ -138,12 +145,56 @@ pub fn records(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `records` with each `touches` record replaced by its faults (docs/json-schema.md: the
+/// run's pages from `address` up, one fault each, at `ts_ns` plus its `offsets_ns`), in the
+/// order they were taken.
+pub fn per_fault(records: Vec<Value>) -> Vec<Value> {
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        if r["type"] != "touches" {
+            out.push(r);
+            continue;
+        }
+        let start = r["address"].as_u64().expect("a touches address");
+        let ts = r["ts_ns"].as_u64().expect("a touches time");
+        let offsets: Vec<u64> = r["offsets_ns"]
+            .as_array()
+            .expect("touches offsets")
+            .iter()
+            .map(|o| o.as_u64().expect("an offset"))
+            .collect();
+        assert_eq!(Some(offsets.len() as u64), r["pages"].as_u64(), "{r}");
+        let mut faults: Vec<Value> = offsets
+            .iter()
+            .enumerate()
+            .map(|(i, offset)| {
+                let mut f = r.clone();
+                let m = f.as_object_mut().expect("an object");
+                m.insert("type".into(), "fault".into());
+                m.insert("address".into(), (start + i as u64 * 4096).into());
+                m.insert("ts_ns".into(), (ts + offset).into());
+                m.insert("pages".into(), 1.into());
+                m.insert("stack_grown_to".into(), Value::Null);
+                m.remove("end_ns");
+                m.remove("offsets_ns");
+                f
+            })
+            .collect();
+        faults.sort_by_key(|f| f["ts_ns"].as_u64());
+        out.extend(faults);
+    }
+    out
+}
+
 /// The result of `vmatrace --json -o FILE [extra] -- workload ARGS`.
 pub struct Traced {
     pub status: i32,
     pub stdout: String,
     pub stderr: String,
+    /// The records, each run of first touches read as its faults ([`records`]).
     pub records: Vec<Value>,
+    /// The records as written.
+    pub raw: Vec<Value>,
 }
 
 /// Runs a workload under vmatrace with NDJSON output and returns everything.
@@ -161,15 +212,17 @@ pub fn trace_workload(extra: &[&str], args: &[&str]) -> Traced {
         .args(args)
         .output()
         .expect("vmatrace runs");
+    let raw = if out.exists() {
+        raw_records(&out)
+    } else {
+        Vec::new()
+    };
     Traced {
         status: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
-        records: if out.exists() {
-            records(&out)
-        } else {
-            Vec::new()
-        },
+        records: per_fault(raw.clone()),
+        raw,
     }
 }
 
@@ -347,10 +400,12 @@ pub fn memory_of(pid: u32, field: &str) -> u64 {
 pub fn complete_records(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-        .collect()
+    per_fault(
+        complete
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+            .collect(),
+    )
 }
 
 /// Asks vmatrace (`vmatrace_pid`, writing to `out`) for a snapshot with SIGUSR1 and returns

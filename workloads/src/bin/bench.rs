@@ -263,6 +263,174 @@ fn syscall_backends(rounds: usize, backends: &[String]) {
     let _ = target.wait();
 }
 
+/// One traced run as users run it: what the workload paid, what vmatrace itself used, and
+/// what it wrote.
+struct Costed {
+    /// The workload's own time for its loop.
+    ns: f64,
+    /// vmatrace's CPU time (user and system), the workload's own taken out.
+    daemon_cpu_ns: f64,
+    /// Syscalls and faults vmatrace reported.
+    events: f64,
+    /// Bytes of output (0 for /dev/null).
+    bytes: f64,
+}
+
+/// Runs `vmatrace -o OUT EXTRA -- workload ARGS` and measures it (see [`Costed`]).
+fn costed(out: &Path, extra: &[&str], args: &[&str]) -> Result<Costed, String> {
+    let child = Command::new(vmatrace())
+        .arg("-o")
+        .arg(out)
+        .arg("--force")
+        .args(extra)
+        .arg("--")
+        .arg(workload())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("vmatrace: {e}"))?;
+    let pid = child.id() as i32;
+    let (mut stdout, mut stderr) = (child.stdout, child.stderr);
+    let read = |s: &mut Option<std::process::ChildStdout>| {
+        let mut text = String::new();
+        if let Some(s) = s {
+            let _ = std::io::Read::read_to_string(s, &mut text);
+        }
+        text
+    };
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = std::io::Read::read_to_string(s, &mut text);
+        }
+        text
+    });
+    let text = read(&mut stdout);
+    let err = err_reader.join().unwrap_or_default();
+    // SAFETY: wait4 on our own child writes its status and rusage (which includes the
+    // workload it launched and reaped).
+    let (status, ru) = unsafe {
+        let mut status = 0;
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::wait4(pid, &mut status, 0, &mut ru);
+        (status, ru)
+    };
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("vmatrace {extra:?} {args:?} failed: {err}"));
+    }
+    let ns_of = |t: libc::timeval| t.tv_sec as f64 * 1e9 + t.tv_usec as f64 * 1e3;
+    let value = |key: &str| {
+        text.lines().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.first() == Some(&key))
+                .then(|| w.get(1).and_then(|n| n.parse::<f64>().ok()))
+                .flatten()
+        })
+    };
+    let ns = text
+        .lines()
+        .find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 3 && w[2] == "ns")
+                .then(|| w[1].parse::<f64>().ok())
+                .flatten()
+        })
+        .ok_or_else(|| format!("no timing in output: {text}"))?;
+    let workload_cpu = value("cpu_ns").ok_or_else(|| format!("no cpu_ns in output: {text}"))?;
+    // "... traced for 1.8 s: 823 syscalls, 102,488 faults, 0 events lost"
+    let count_before = |word: &str| -> f64 {
+        err.lines()
+            .find(|l| l.contains("traced for"))
+            .and_then(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                let at = words.iter().position(|w| w.trim_end_matches(',') == word)?;
+                words.get(at.checked_sub(1)?)?.replace(',', "").parse().ok()
+            })
+            .unwrap_or(0.0)
+    };
+    Ok(Costed {
+        ns,
+        daemon_cpu_ns: ns_of(ru.ru_utime) + ns_of(ru.ru_stime) - workload_cpu,
+        events: count_before("syscalls") + count_before("faults"),
+        bytes: std::fs::metadata(out).map_or(
+            0.0,
+            |m| {
+                if m.is_file() { m.len() as f64 } else { 0.0 }
+            },
+        ),
+    })
+}
+
+/// What output costs, as users run it: the workloads untraced, traced with NDJSON to
+/// /dev/null, to a file on the disk of this checkout (first touches in runs, the default),
+/// and to a file with a record per fault (`--faults all`); alternating rounds, medians.
+/// Prints the ratio, the bytes written per event and vmatrace's own CPU per event.
+fn output_costs(rounds: usize) {
+    let dir = target_dir();
+    let file = dir.join(format!("bench-output-{}.ndjson", std::process::id()));
+    let devnull = PathBuf::from("/dev/null");
+    let configs: [(&str, &Path, &[&str]); 3] = [
+        (
+            "NDJSON to /dev/null",
+            &devnull,
+            &["--json", "--faults", "first"],
+        ),
+        (
+            "NDJSON to a file (runs of first touches)",
+            &file,
+            &["--json", "--faults", "first"],
+        ),
+        (
+            "NDJSON to a file, a record per fault (--faults all)",
+            &file,
+            &["--json", "--faults", "all"],
+        ),
+    ];
+    println!(
+        "Output costs: medians of {rounds} alternating rounds; output files in {} (the checkout's disk).\n",
+        dir.display()
+    );
+    println!(
+        "| workload | output | workload time | ratio | bytes per event | vmatrace CPU per event |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, args) in [
+        ("fault-heavy x400", &["fault-loop", "400", "256"][..]),
+        ("syscall churn x40000", &["churn", "40000"][..]),
+    ] {
+        let mut base = Vec::new();
+        let mut runs: Vec<Vec<Costed>> = configs.iter().map(|_| Vec::new()).collect();
+        for _ in 0..rounds {
+            base.push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
+            for (i, (_, out, extra)) in configs.iter().enumerate() {
+                runs[i].push(costed(out, extra, args).unwrap_or_else(|e| fail(e)));
+            }
+        }
+        let b = median(base);
+        println!("| {name} | untraced | {:.1} ms | 1.00x | | |", b / 1e6);
+        for ((label, _, _), r) in configs.iter().zip(runs) {
+            let t = median(r.iter().map(|c| c.ns).collect());
+            let per_event = |f: fn(&Costed) -> f64| {
+                median(r.iter().map(|c| f(c) / c.events.max(1.0)).collect())
+            };
+            let bytes = per_event(|c| c.bytes);
+            println!(
+                "| {name} | {label} | {:.1} ms | {:.2}x | {} | {:.0} ns |",
+                t / 1e6,
+                t / b,
+                if bytes > 0.0 {
+                    format!("{bytes:.1}")
+                } else {
+                    "-".into()
+                },
+                per_event(|c| c.daemon_cpu_ns)
+            );
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let rounds: usize = args
@@ -282,6 +450,11 @@ fn main() {
     {
         let backends: Vec<String> = list.split(',').map(str::to_string).collect();
         syscall_backends(rounds, &backends);
+        return;
+    }
+    // `--output-only`: just what output costs.
+    if args.iter().any(|a| a == "--output-only") {
+        output_costs(rounds);
         return;
     }
     // `--stacks-only`: just the cost of user stacks.
@@ -390,6 +563,9 @@ fn main() {
     }
     let _ = target.kill();
     let _ = target.wait();
+
+    println!();
+    output_costs(rounds);
 
     println!();
     stacks_cost(rounds);
