@@ -10,7 +10,7 @@ use super::{
     FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary,
     report::vma_rows,
     show_fault,
-    touch_runs::{PendingRuns, TouchesRecord},
+    touch_runs::{PendingRuns, Written},
 };
 use crate::{
     analysis::Finding,
@@ -34,7 +34,7 @@ pub struct NdjsonSink<W: Write> {
     scratch: Vec<u8>,
     /// First touches not yet written (`--faults first`): written before any other record.
     runs: PendingRuns,
-    ready: Vec<TouchesRecord>,
+    ready: Vec<Written>,
 }
 
 impl<W: Write> NdjsonSink<W> {
@@ -54,9 +54,14 @@ impl<W: Write> NdjsonSink<W> {
         if all {
             self.ready.extend(self.runs.drain());
         }
-        for run in self.ready.drain(..) {
-            serde_json::to_writer(&mut self.out, &run)?;
-            self.out.write_all(b"\n")?;
+        for written in self.ready.drain(..) {
+            self.scratch.clear();
+            match written {
+                Written::Fault(f, fe) => write_fault(&mut self.scratch, &f, &Applied::Fault(fe)),
+                Written::Run(run) => serde_json::to_writer(&mut self.scratch, &run)?,
+            }
+            self.scratch.push(b'\n');
+            self.out.write_all(&self.scratch)?;
         }
         Ok(())
     }
@@ -66,10 +71,14 @@ impl<W: Write> NdjsonSink<W> {
         &mut self.out
     }
 
+    /// Writes a record in one write (the output below is told of each write: see
+    /// `signals::Watched`), after the pending runs.
     fn line(&mut self, v: &Value) -> io::Result<()> {
         self.write_runs(true)?;
-        serde_json::to_writer(&mut self.out, v)?;
-        self.out.write_all(b"\n")
+        self.scratch.clear();
+        serde_json::to_writer(&mut self.scratch, v)?;
+        self.scratch.push(b'\n');
+        self.out.write_all(&self.scratch)
     }
 }
 

@@ -182,12 +182,36 @@ impl TouchesRecord {
     }
 }
 
+/// What a pending run is written as: a run of one page is the fault itself (its exact
+/// address, through the fault record's writer), a longer one a `touches` record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Written {
+    Fault(FaultRecord, FaultEffect),
+    Run(TouchesRecord),
+}
+
+/// A run being gathered, with the fault that started it.
+struct Pending {
+    run: TouchesRecord,
+    first: (FaultRecord, FaultEffect),
+}
+
+impl Pending {
+    fn written(self) -> Written {
+        if self.run.pages == 1 {
+            Written::Fault(self.first.0, self.first.1)
+        } else {
+            Written::Run(self.run)
+        }
+    }
+}
+
 /// The runs not yet written, one at most per thread. Every record written so far is no
 /// later than the start of each pending run, so writing them in start order before any other
 /// record keeps the output in time order.
 #[derive(Default)]
 pub struct PendingRuns {
-    runs: Vec<TouchesRecord>,
+    runs: Vec<Pending>,
 }
 
 impl PendingRuns {
@@ -195,37 +219,38 @@ impl PendingRuns {
     /// the caller writes everything pending ([`PendingRuns::drain`]) and then the fault. The
     /// runs that must be written now (`ready`, in start order) are those that started no later
     /// than a run the fault ended.
-    pub fn take(
-        &mut self,
-        f: &FaultRecord,
-        fe: &FaultEffect,
-        ready: &mut Vec<TouchesRecord>,
-    ) -> bool {
+    pub fn take(&mut self, f: &FaultRecord, fe: &FaultEffect, ready: &mut Vec<Written>) -> bool {
         let Some(one) = TouchesRecord::start(f, fe) else {
             return false;
         };
         match self
             .runs
             .iter()
-            .position(|r| r.pid == f.pid && r.tid == f.tid)
+            .position(|p| p.run.pid == f.pid && p.run.tid == f.tid)
         {
-            Some(i) if self.runs[i].extend(&one) => {}
+            Some(i) if self.runs[i].run.extend(&one) => {}
             Some(i) => {
-                let ended = self.runs[i].ts_ns;
-                self.runs.sort_by_key(|r| r.ts_ns);
-                let cut = self.runs.partition_point(|r| r.ts_ns <= ended);
-                ready.extend(self.runs.drain(..cut));
-                self.runs.push(one);
+                let ended = self.runs[i].run.ts_ns;
+                self.runs.sort_by_key(|p| p.run.ts_ns);
+                let cut = self.runs.partition_point(|p| p.run.ts_ns <= ended);
+                ready.extend(self.runs.drain(..cut).map(Pending::written));
+                self.runs.push(Pending {
+                    run: one,
+                    first: (*f, *fe),
+                });
             }
-            None => self.runs.push(one),
+            None => self.runs.push(Pending {
+                run: one,
+                first: (*f, *fe),
+            }),
         }
         true
     }
 
     /// Every pending run, in start order, leaving none.
-    pub fn drain(&mut self) -> impl Iterator<Item = TouchesRecord> + '_ {
-        self.runs.sort_by_key(|r| r.ts_ns);
-        self.runs.drain(..)
+    pub fn drain(&mut self) -> impl Iterator<Item = Written> + '_ {
+        self.runs.sort_by_key(|p| p.run.ts_ns);
+        self.runs.drain(..).map(Pending::written)
     }
 }
 
@@ -259,14 +284,25 @@ mod tests {
         }
     }
 
+    /// The one run pending.
+    fn only_run(pending: &mut PendingRuns) -> TouchesRecord {
+        let written: Vec<Written> = pending.drain().collect();
+        match written.as_slice() {
+            [Written::Run(r)] => r.clone(),
+            other => panic!("not one run: {other:?}"),
+        }
+    }
+
     /// Feeds faults through the runs; returns what would be written, in order, with `F` for
     /// a fault written on its own.
     fn written(faults: &[(FaultRecord, FaultEffect)]) -> Vec<String> {
         let mut pending = PendingRuns::default();
         let mut out = Vec::new();
         let mut ready = Vec::new();
-        let show =
-            |r: &TouchesRecord| format!("{}:{:#x}+{}@{}", r.tid, r.address, r.pages, r.ts_ns);
+        let show = |w: &Written| match w {
+            Written::Run(r) => format!("{}:{:#x}+{}@{}", r.tid, r.address, r.pages, r.ts_ns),
+            Written::Fault(f, _) => format!("{}:{:#x}@{}", f.tid, f.address, f.ts_ns),
+        };
         for (f, fe) in faults {
             let taken = pending.take(f, fe, &mut ready);
             out.extend(ready.drain(..).map(|r| show(&r)));
@@ -295,13 +331,9 @@ mod tests {
         for (f, fe) in &down {
             assert!(pending.take(f, fe, &mut Vec::new()));
         }
-        let run: Vec<TouchesRecord> = pending.drain().collect();
-        assert_eq!(run[0].offsets_ns, [3, 2, 1, 0]);
-        let back: Vec<(u64, u64)> = run[0]
-            .faults()
-            .iter()
-            .map(|f| (f.ts_ns, f.address))
-            .collect();
+        let run = only_run(&mut pending);
+        assert_eq!(run.offsets_ns, [3, 2, 1, 0]);
+        let back: Vec<(u64, u64)> = run.faults().iter().map(|f| (f.ts_ns, f.address)).collect();
         assert_eq!(
             back,
             (0..4).map(|i| (i, a + (3 - i) * 4096)).collect::<Vec<_>>()
@@ -328,8 +360,8 @@ mod tests {
             [
                 "1:0x10000000+2@1",
                 "2:0x20000000+2@2",
-                "1:0x10010000+1@5",
-                "2:0x20010000+1@6",
+                "1:0x10010000@5",
+                "2:0x20010000@6",
                 "F0x10200000"
             ]
         );
@@ -354,7 +386,7 @@ mod tests {
         ];
         assert_eq!(
             written(&faults),
-            ["1:0x10000000+1@1", "1:0x10001000+1@2", "1:0x10002000+1@3"]
+            ["1:0x10000000@1", "1:0x10001000@2", "1:0x10002000@3"]
         );
     }
 
@@ -366,11 +398,11 @@ mod tests {
         for i in 0..3 {
             assert!(pending.take(&fault(10 + i, 1, a + i * 4096), &first(1), &mut ready));
         }
-        let run: Vec<TouchesRecord> = pending.drain().collect();
-        let text = serde_json::to_string(&run[0]).expect("serializes");
+        let run = only_run(&mut pending);
+        let text = serde_json::to_string(&run).expect("serializes");
         assert!(text.contains("\"type\":\"touches\""), "{text}");
         let back: TouchesRecord = serde_json::from_str(&text).expect("reads back");
-        assert_eq!(back, run[0]);
+        assert_eq!(back, run);
         assert_eq!(back.check(1 << 47), Ok(()));
         let faults: Vec<(u64, u64)> = back.faults().iter().map(|f| (f.ts_ns, f.address)).collect();
         assert_eq!(faults, [(10, a), (11, a + 4096), (12, a + 8192)]);

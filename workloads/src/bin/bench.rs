@@ -365,7 +365,8 @@ fn costed(out: &Path, extra: &[&str], args: &[&str]) -> Result<Costed, String> {
 /// What output costs, as users run it: the workloads untraced, traced with NDJSON to
 /// /dev/null, to a file on the disk of this checkout (first touches in runs, the default),
 /// and to a file with a record per fault (`--faults all`); alternating rounds, medians.
-/// Prints the ratio, the bytes written per event and vmatrace's own CPU per event.
+/// Prints the ratio, the bytes written per event and vmatrace's own CPU per event (both
+/// beyond those of the same run without the workload's loop).
 fn output_costs(rounds: usize) {
     let dir = target_dir();
     let file = dir.join(format!("bench-output-{}.ndjson", std::process::id()));
@@ -395,16 +396,31 @@ fn output_costs(rounds: usize) {
         "| workload | output | workload time | ratio | bytes per event | vmatrace CPU per event |"
     );
     println!("|---|---|---|---|---|---|");
-    for (name, args) in [
-        ("fault-heavy x400", &["fault-loop", "400", "256"][..]),
-        ("syscall churn x40000", &["churn", "40000"][..]),
+    for (name, args, idle) in [
+        (
+            "fault-heavy x400",
+            &["fault-loop", "400", "256"][..],
+            &["fault-loop", "0", "256"][..],
+        ),
+        (
+            "syscall churn x40000",
+            &["churn", "40000"][..],
+            &["churn", "0"][..],
+        ),
     ] {
         let mut base = Vec::new();
         let mut runs: Vec<Vec<Costed>> = configs.iter().map(|_| Vec::new()).collect();
         for _ in 0..rounds {
             base.push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
             for (i, (_, out, extra)) in configs.iter().enumerate() {
-                runs[i].push(costed(out, extra, args).unwrap_or_else(|e| fail(e)));
+                // vmatrace's CPU for the same run without the loop (loading, attaching, the
+                // start and end of the process): what is left is the cost of the events.
+                let fixed = costed(out, extra, idle).unwrap_or_else(|e| fail(e));
+                let mut c = costed(out, extra, args).unwrap_or_else(|e| fail(e));
+                c.daemon_cpu_ns -= fixed.daemon_cpu_ns;
+                c.events -= fixed.events;
+                c.bytes -= fixed.bytes;
+                runs[i].push(c);
             }
         }
         let b = median(base);
