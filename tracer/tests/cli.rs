@@ -229,16 +229,7 @@ fn sigint_gives_a_complete_summary_and_valid_ndjson_and_replay_reproduces_it() {
     }
 
     // Replay from the file alone gives the same summary.
-    let o = Command::new(vmatrace())
-        .args(["replay", "--json"])
-        .arg(&file)
-        .output()
-        .expect("replay runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let replayed: Vec<Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("replay output is JSON"))
-        .collect();
+    let replayed = replayed(&file);
     let again = replayed.last().expect("replay output");
     assert_eq!(again["type"], "summary");
     assert_eq!(

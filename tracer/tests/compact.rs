@@ -3,29 +3,10 @@
 
 mod common;
 
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
-
-/// `vmatrace replay --json FILE`: its records (it must succeed).
-fn replayed(path: &Path) -> Vec<Value> {
-    let o = Command::new(vmatrace())
-        .args(["replay", "--json"])
-        .arg(path)
-        .output()
-        .expect("replay runs");
-    assert!(
-        o.status.success(),
-        "replay {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("replay writes JSON"))
-        .collect()
-}
 
 fn final_vmas(recs: &[Value], pid: &Value) -> Value {
     recs.iter()

@@ -661,7 +661,7 @@ fn after_lost_events_the_model_matches_the_kernel_again() {
         "{summary}"
     );
     // A replay reseeds from the resync too, and ends with the same map.
-    let replayed = replayed_records(&out);
+    let replayed = replayed(&out);
     let last_map = |recs: &[Value]| {
         recs.iter()
             .rev()
@@ -670,20 +670,6 @@ fn after_lost_events_the_model_matches_the_kernel_again() {
             .expect("an exit snapshot")
     };
     assert_eq!(last_map(&replayed), last_map(&recs), "replay's last map");
-}
-
-/// The records `vmatrace replay --json` writes for the recording at `path` (it must succeed).
-fn replayed_records(path: &Path) -> Vec<Value> {
-    let o = std::process::Command::new(vmatrace())
-        .args(["replay", "--json"])
-        .arg(path)
-        .output()
-        .expect("replay runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 /// Zero-page bytes the kernel maps in `[start, end)` of `pid`, from its pagemap.
@@ -926,7 +912,7 @@ fn collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged() {
         recs.iter().any(|r| r["type"] == "collapse"),
         "collapses are recorded"
     );
-    let replayed = replayed_records(&out);
+    let replayed = replayed(&out);
     let at_checkpoints = |recs: &[Value]| -> Vec<(u64, u64)> {
         recs.iter()
             .filter(|r| r["type"] == "snapshot" && r["reason"] == "signal")

@@ -50,25 +50,6 @@ fn parse(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
-/// `vmatrace replay --json FILE`: its records (it must succeed).
-fn replayed(path: &Path) -> Vec<Value> {
-    let o = Command::new(vmatrace())
-        .args(["replay", "--json"])
-        .arg(path)
-        .output()
-        .expect("replay runs");
-    assert!(
-        o.status.success(),
-        "replay {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("replay writes JSON"))
-        .collect()
-}
-
 /// The normalised map of a snapshot record.
 fn ranges(snap: &Value) -> Vec<normalize::Range> {
     let rows: Vec<(u64, u64, Perms, Option<String>)> = snap["vmas"]

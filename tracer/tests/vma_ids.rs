@@ -209,16 +209,7 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
     );
 
     // A replay of the recording gives the same VMAs with the same ids and parts.
-    let o = Command::new(vmatrace())
-        .args(["replay", "--json"])
-        .arg(&out)
-        .output()
-        .expect("replay runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let replayed: Vec<Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON"))
-        .collect();
+    let replayed = replayed(&out);
     let key = |snap: &Value| -> Vec<(Value, Value, Value, Value)> {
         snap["vmas"]
             .as_array()

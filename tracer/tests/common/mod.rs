@@ -186,6 +186,25 @@ pub fn per_fault(records: Vec<Value>) -> Vec<Value> {
     out
 }
 
+/// The records `vmatrace replay --json PATH` writes (it must succeed).
+pub fn replayed(path: &Path) -> Vec<Value> {
+    let o = Command::new(vmatrace())
+        .args(["replay", "--json"])
+        .arg(path)
+        .output()
+        .expect("replay runs");
+    assert!(
+        o.status.success(),
+        "replay {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("replay writes JSON"))
+        .collect()
+}
+
 /// The result of `vmatrace --json -o FILE [extra] -- workload ARGS`.
 pub struct Traced {
     pub status: i32,

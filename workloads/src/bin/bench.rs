@@ -468,6 +468,11 @@ fn main() {
         syscall_backends(rounds, &backends);
         return;
     }
+    // `--syscall-sweep-only`: just the syscall rate sustained without losses.
+    if args.iter().any(|a| a == "--syscall-sweep-only") {
+        syscall_sweep();
+        return;
+    }
     // `--output-only`: just what output costs.
     if args.iter().any(|a| a == "--output-only") {
         output_costs(rounds);
