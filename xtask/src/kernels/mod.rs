@@ -43,6 +43,7 @@ const SMOKE: &[(&str, &[&str])] = &[
             "overflowing_a_tiny_ring_counts_the_lost_faults",
             "perf_event_backend_reports_first_touches",
             "syscall_backends_give_the_same_records",
+            "btf_and_raw_fault_tracepoints_give_the_same_faults",
             "inside_a_pid_namespace_the_same_calls_and_maps_are_seen_with_its_pids",
         ],
     ),
