@@ -285,6 +285,12 @@ fn script(arch: Arch, built: &Built, sel: Selection, results: &Path) -> String {
             args.1
         );
     }
+    // Which page-fault programs the kernel took (x86: BTF tracepoints, or raw where refused).
+    let _ = writeln!(
+        s,
+        "'{}' -v --faults first -o /dev/null --force -- true 2>&1 | sed -n 's/.*page faults: \\([A-Za-z]*\\) tracepoints.*/VT-INFO fault_programs \\1/p'",
+        built.vmatrace.display()
+    );
     let _ = writeln!(s, "exit $rc");
     s
 }
@@ -350,6 +356,10 @@ fn read_row(label: &str, results: &Path, seconds: f64, error: Option<String>) ->
     }
     let (syscalls, faults) =
         compare::backends(&results.join(format!("{}.ndjson", compare::WORKLOADS[0].0)));
+    let faults = match info("fault_programs").as_str() {
+        "?" => faults,
+        programs => format!("{faults} ({programs})"),
+    };
     Row {
         label: label.to_string(),
         release: info("release"),
