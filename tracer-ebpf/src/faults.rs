@@ -4,8 +4,9 @@
 //! per CPU into a [`FaultBatch`] first, which saves a ring-buffer reservation per fault.
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{bpf_get_smp_processor_id, bpf_probe_read_kernel},
-    programs::{PerfEventContext, RawTracePointContext},
+    programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
 };
 use tracer_common::{
     EventHeader, EventKind, FAULT_BATCH_LEN, FAULT_ERROR_UNKNOWN, FaultBatch, FaultBatchHead,
@@ -18,38 +19,69 @@ use crate::{
     stacks,
 };
 
-// The x86 exception tracepoints, attached raw (no perf record is built, which halves their
-// cost). Their format, for reference:
+// The x86 exception tracepoints. Their format, for reference:
 // name: page_fault_user (page_fault_kernel has the same)
 // format:
 // 	field:unsigned long address;	offset:8;	size:8;	signed:0;
 // 	field:unsigned long ip;	offset:16;	size:8;	signed:0;
 // 	field:unsigned long error_code;	offset:24;	size:8;	signed:0;
-// and their raw arguments (arch/x86/include/asm/trace/exceptions.h):
+// and their arguments (arch/x86/include/asm/trace/exceptions.h), which the programs get
+// instead (no perf record is built, which halves their cost):
 // TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
-const RAW_ARG_ADDRESS: usize = 0;
-const RAW_ARG_REGS: usize = 1;
-const RAW_ARG_ERROR_CODE: usize = 2;
+const ARG_ADDRESS: usize = 0;
+const ARG_REGS: usize = 1;
+const ARG_ERROR_CODE: usize = 2;
 
-/// `page_fault_user` and `page_fault_kernel`, raw. The kernel variant reports faults the
-/// kernel takes on user memory for the process (a `read()` into a fresh buffer, for example):
-/// those allocate pages too. Faults on kernel addresses are skipped. The fault joins this
-/// CPU's batch (see [`try_flush`]).
+/// Argument `n` of a raw or BTF tracepoint: both contexts are the array of the tracepoint's
+/// arguments, read directly (no helper call).
 #[inline(always)]
-pub fn try_page_fault(ctx: &RawTracePointContext) -> Result<u32, u32> {
+fn tp_arg<C: EbpfContext>(ctx: &C, n: usize) -> u64 {
+    // SAFETY: the verifier allows aligned 8-byte loads of the arguments from these contexts
+    // (`n` is one of the three above).
+    unsafe { *(ctx.as_ptr() as *const u64).add(n) }
+}
+
+/// `page_fault_user` and `page_fault_kernel` as BTF tracepoints (`tp_btf`): the kernel's BTF
+/// types `regs` as `struct pt_regs *`, so the faulting instruction is one load (the verifier
+/// makes it fault-tolerant) instead of a `bpf_probe_read_kernel` call. Kernels that refuse
+/// it get [`try_page_fault_raw`].
+#[inline(always)]
+pub fn try_page_fault_btf(ctx: &BtfTracePointContext) -> Result<u32, u32> {
+    try_page_fault(ctx, |regs| {
+        // SAFETY: `regs` is the tracepoint's `struct pt_regs *` (BTF-typed), and the offset
+        // is its `ip` field: the verifier checks the access against BTF and turns it into a
+        // load that cannot fault.
+        unsafe { *((regs as usize + PT_REGS_IP_OFFSET) as *const u64) }
+    })
+}
+
+/// The same tracepoints attached raw, for kernels without a usable BTF for them: `regs` is
+/// a plain number there, read with the fault-tolerant helper.
+#[inline(always)]
+pub fn try_page_fault_raw(ctx: &RawTracePointContext) -> Result<u32, u32> {
+    try_page_fault(ctx, |regs| {
+        // SAFETY: a kernel pointer read with the fault-tolerant helper.
+        unsafe { bpf_probe_read_kernel((regs as usize + PT_REGS_IP_OFFSET) as *const u64) }
+            .unwrap_or(0)
+    })
+}
+
+/// `page_fault_user` and `page_fault_kernel`. The kernel variant reports faults the kernel
+/// takes on user memory for the process (a `read()` into a fresh buffer, for example): those
+/// allocate pages too. Faults on kernel addresses are skipped. The fault joins this CPU's
+/// batch (see [`try_flush`]). `ip_of` reads the faulting instruction from `regs`.
+#[inline(always)]
+fn try_page_fault<C: EbpfContext>(ctx: &C, ip_of: impl FnOnce(u64) -> u64) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
     if !is_target(tgid) {
         return Ok(0);
     }
-    let address: u64 = ctx.arg(RAW_ARG_ADDRESS);
+    let address = tp_arg(ctx, ARG_ADDRESS);
     if address >= USER_ADDRESS_END {
         return Ok(0);
     }
-    let regs: u64 = ctx.arg(RAW_ARG_REGS);
-    let error_code: u64 = ctx.arg(RAW_ARG_ERROR_CODE);
-    // SAFETY: a kernel pointer read with the fault-tolerant helper.
-    let ip = unsafe { bpf_probe_read_kernel((regs as usize + PT_REGS_IP_OFFSET) as *const u64) }
-        .unwrap_or(0);
+    let error_code = tp_arg(ctx, ARG_ERROR_CODE);
+    let ip = ip_of(tp_arg(ctx, ARG_REGS));
     let Some(batch) = FAULT_BATCH.get_ptr_mut(0) else {
         count(Stat::LostFault);
         return Err(1);

@@ -16,10 +16,12 @@ mod stacks;
 mod syscalls;
 
 use aya_ebpf::{
-    macros::{fentry, fexit, perf_event, raw_tracepoint, tracepoint, uprobe, uretprobe},
+    macros::{
+        btf_tracepoint, fentry, fexit, perf_event, raw_tracepoint, tracepoint, uprobe, uretprobe,
+    },
     programs::{
-        FEntryContext, FExitContext, PerfEventContext, ProbeContext, RawTracePointContext,
-        RetProbeContext, TracePointContext,
+        BtfTracePointContext, FEntryContext, FExitContext, PerfEventContext, ProbeContext,
+        RawTracePointContext, RetProbeContext, TracePointContext,
     },
 };
 use tracer_common::Syscall;
@@ -79,16 +81,33 @@ syscall_programs! {
         => Syscall::Munlockall;
 }
 
+/// The page-fault tracepoints as BTF tracepoints, where the kernel loads them (the cheaper
+/// pair); else the raw pair below. Named so that the kernel's 15-character program names
+/// are the tracepoints' own.
+#[btf_tracepoint(function = "page_fault_user")]
+pub fn page_fault_user_btf(ctx: BtfTracePointContext) -> i32 {
+    match faults::try_page_fault_btf(&ctx) {
+        Ok(ret) | Err(ret) => ret as i32,
+    }
+}
+
+#[btf_tracepoint(function = "page_fault_kernel")]
+pub fn page_fault_kernel_btf(ctx: BtfTracePointContext) -> i32 {
+    match faults::try_page_fault_btf(&ctx) {
+        Ok(ret) | Err(ret) => ret as i32,
+    }
+}
+
 #[raw_tracepoint(tracepoint = "page_fault_user")]
 pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
-    match faults::try_page_fault(&ctx) {
+    match faults::try_page_fault_raw(&ctx) {
         Ok(ret) | Err(ret) => ret as i32,
     }
 }
 
 #[raw_tracepoint(tracepoint = "page_fault_kernel")]
 pub fn page_fault_kernel(ctx: RawTracePointContext) -> i32 {
-    match faults::try_page_fault(&ctx) {
+    match faults::try_page_fault_raw(&ctx) {
         Ok(ret) | Err(ret) => ret as i32,
     }
 }

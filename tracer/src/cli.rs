@@ -148,6 +148,13 @@ pub enum BackendArg {
     Auto,
     /// exceptions:page_fault_user.
     Tracepoint,
+    /// exceptions:page_fault_user as a BTF tracepoint only (for tests).
+    #[value(hide = true)]
+    BtfTracepoint,
+    /// exceptions:page_fault_user attached raw only (for tests: the fallback on kernels that
+    /// refuse the BTF tracepoint).
+    #[value(hide = true)]
+    RawTracepoint,
     /// A BPF program on the software page-fault perf event (no error code).
     PerfEvent,
 }

@@ -41,6 +41,8 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
         backend: match t.fault_backend {
             BackendArg::Auto => FaultBackend::Auto,
             BackendArg::Tracepoint => FaultBackend::Tracepoint,
+            BackendArg::BtfTracepoint => FaultBackend::BtfTracepoint,
+            BackendArg::RawTracepoint => FaultBackend::RawTracepoint,
             BackendArg::PerfEvent => FaultBackend::PerfEvent,
         },
         syscall_backend: match t.syscall_backend {

@@ -772,6 +772,92 @@ fn syscall_backends_give_the_same_records() {
     }
 }
 
+/// The fault programs as BTF tracepoints (chosen by default where the kernel loads them: the
+/// faulting instruction is read with one load) and attached raw (their fallback, which reads
+/// it with a helper) give the same fault records, `ip` included, for the user's faults and
+/// for those the kernel takes on user memory. Where the BTF ones are refused, asking for them
+/// is a one-line error and the default falls back to the raw ones.
+#[test]
+fn btf_and_raw_fault_tracepoints_give_the_same_faults() {
+    if !privileged("btf_and_raw_fault_tracepoints_give_the_same_faults") {
+        return;
+    }
+    let auto = trace_workload(&["--faults", "all", "-v"], &["basic"]);
+    assert_eq!(auto.status, 0, "{}", auto.stderr);
+    let meta = of_type(&auto.records, "meta")[0];
+    if meta["fault_backend"] != "tracepoint" {
+        // No exceptions tracepoints (arm64): the perf event reports the faults.
+        return;
+    }
+    let o = std::process::Command::new(vmatrace())
+        .args(["--fault-backend", "btf-tracepoint", "-o", "/dev/null"])
+        .args(["--force", "--", "true"])
+        .output()
+        .expect("vmatrace runs");
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("BTF tracepoint"), "{err}");
+        assert!(
+            auto.stderr.contains("page faults: raw tracepoints"),
+            "{}",
+            auto.stderr
+        );
+        return;
+    }
+    assert!(
+        auto.stderr.contains("page faults: BTF tracepoints"),
+        "auto prefers the BTF tracepoints: {}",
+        auto.stderr
+    );
+    let faults = |backend: &str| -> (Vec<Value>, Vec<Value>) {
+        let recs = trace_basic_without_aslr(&["--fault-backend", backend, "--faults", "all"]);
+        let pid = marker_pid(&recs);
+        let strip = |r: &Value| {
+            let mut r = r.clone();
+            if let Some(m) = r.as_object_mut() {
+                for k in ["ts_ns", "pid", "tid"] {
+                    m.remove(k);
+                }
+            }
+            r
+        };
+        let user = between_markers(&recs, pid)
+            .iter()
+            .filter(|r| r["type"] == "fault")
+            .map(strip)
+            .collect();
+        // Faults taken in kernel mode (no PF_USER) on the workload's memory: the ELF
+        // loader's clearing of the end of its data, for one.
+        let kernel = recs
+            .iter()
+            .filter(|r| r["type"] == "fault" && r["pid"] == pid)
+            .filter(|r| r["error_code"].as_u64().is_some_and(|c| c & 4 == 0))
+            .map(strip)
+            .collect();
+        (user, kernel)
+    };
+    let (btf, btf_kernel) = faults("btf-tracepoint");
+    let (raw, raw_kernel) = faults("raw-tracepoint");
+    assert_eq!(btf.len(), 16, "the 16 pages touched: {btf:?}");
+    if let Some(i) = (0..btf.len().max(raw.len())).find(|&i| btf.get(i) != raw.get(i)) {
+        panic!(
+            "BTF and raw fault records differ at record {i}:\nbtf: {:?}\nraw: {:?}",
+            btf.get(i),
+            raw.get(i)
+        );
+    }
+    for (what, kernel) in [("btf", &btf_kernel), ("raw", &raw_kernel)] {
+        assert!(
+            kernel.iter().any(|r| r["ip"]
+                .as_u64()
+                .is_some_and(|ip| ip >= 0xffff_8000_0000_0000)),
+            "{what}: a fault the kernel took on the workload's memory, at a kernel ip: {kernel:?}"
+        );
+    }
+}
+
 /// Issue #20 (containers): run inside a PID namespace of its own, as in a container,
 /// vmatrace takes, reads and prints that namespace's pids (the kernel's differ), follows a
 /// forked child there, and records what it records on the host: the same calls (ASLR off, so

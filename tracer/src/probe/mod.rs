@@ -12,7 +12,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        FEntry, FExit, PerfEvent, RawTracePoint, RawTracePointRunOptions, TestRun, TracePoint,
+        BtfTracePoint, FEntry, FExit, PerfEvent, RawTracePoint, RawTracePointRunOptions, TestRun,
+        TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
@@ -32,8 +33,13 @@ pub enum FaultBackend {
     Off,
     /// `exceptions:page_fault_user`, where it exists; else the perf event.
     Auto,
-    /// `exceptions:page_fault_user` only.
+    /// `exceptions:page_fault_user` only: as a BTF tracepoint (`tp_btf`, which reads the
+    /// faulting instruction without a helper call) where the kernel loads it, else raw.
     Tracepoint,
+    /// The tracepoint as a BTF tracepoint only (for tests: an error where it is refused).
+    BtfTracepoint,
+    /// The tracepoint attached raw only (for tests: the fallback of [`Self::Tracepoint`]).
+    RawTracepoint,
     /// A BPF program on the software page-fault perf event of every CPU.
     PerfEvent,
 }
@@ -417,7 +423,11 @@ impl Probe {
             FaultBackend::Off => FaultBackend::Off,
             FaultBackend::Auto if has_tp => FaultBackend::Tracepoint,
             FaultBackend::Auto => FaultBackend::PerfEvent,
-            FaultBackend::Tracepoint if !has_tp => {
+            FaultBackend::Tracepoint
+            | FaultBackend::BtfTracepoint
+            | FaultBackend::RawTracepoint
+                if !has_tp =>
+            {
                 return Err(ProbeError::MissingTracepoint(
                     "exceptions:page_fault_user".into(),
                 ));
@@ -425,7 +435,9 @@ impl Probe {
             other => other,
         };
         match probe.fault_backend {
-            FaultBackend::Tracepoint => {
+            FaultBackend::Tracepoint
+            | FaultBackend::BtfTracepoint
+            | FaultBackend::RawTracepoint => {
                 // Run by `flush_faults` on each CPU; loaded before the fault programs start
                 // filling the batches.
                 let what = "the fault batches' flush program";
@@ -437,11 +449,13 @@ impl Probe {
                 flush.load().map_err(attach_err)?;
                 probe.batch_cpus = online_cpus()
                     .map_err(|(_, e)| attach_err(aya::programs::ProgramError::IOError(e)))?;
-                probe.attach_raw_tracepoint("page_fault_user", "page_fault_user")?;
                 // Faults the kernel takes on user memory for the process allocate pages too.
+                let mut tracepoints = vec!["page_fault_user"];
                 if tracefs::has_tracepoint(root, "exceptions", "page_fault_kernel") {
-                    probe.attach_raw_tracepoint("page_fault_kernel", "page_fault_kernel")?;
+                    tracepoints.push("page_fault_kernel");
                 }
+                probe.attach_fault_tracepoints(probe.fault_backend, &tracepoints)?;
+                probe.fault_backend = FaultBackend::Tracepoint;
             }
             FaultBackend::PerfEvent => probe.attach_fault_perf_event()?,
             FaultBackend::Off | FaultBackend::Auto => {}
@@ -553,6 +567,67 @@ impl Probe {
         let link = program.take_link(id).map_err(attach_err)?;
         self.links.push((name.to_string(), Box::new(link)));
         Ok(())
+    }
+
+    /// The fault programs on the page-fault `tracepoints`: the BTF ones unless `backend` is
+    /// [`FaultBackend::RawTracepoint`], the raw ones where those are refused (unless
+    /// `backend` is [`FaultBackend::BtfTracepoint`]).
+    fn attach_fault_tracepoints(
+        &mut self,
+        backend: FaultBackend,
+        tracepoints: &[&str],
+    ) -> Result<(), ProbeError> {
+        if backend != FaultBackend::RawTracepoint {
+            match self.attach_fault_btf(tracepoints) {
+                Ok(()) => {
+                    log::info!("page faults: BTF tracepoints");
+                    return Ok(());
+                }
+                Err(e) if backend == FaultBackend::BtfTracepoint => return Err(e),
+                Err(e) => {
+                    log::info!("{e}: the raw page-fault tracepoints report the faults instead");
+                    self.detach_fault_btf(tracepoints);
+                }
+            }
+        }
+        for tracepoint in tracepoints {
+            self.attach_raw_tracepoint(tracepoint, tracepoint)?;
+        }
+        log::info!("page faults: raw tracepoints");
+        Ok(())
+    }
+
+    /// The `*_btf` fault programs on `tracepoints` (`tp_btf`, attached by BTF id).
+    fn attach_fault_btf(&mut self, tracepoints: &[&str]) -> Result<(), ProbeError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Attach {
+            name: "BTF tracepoints".into(),
+            source: aya::programs::ProgramError::Btf(e),
+        })?;
+        for tracepoint in tracepoints {
+            let what = format!("BTF tracepoint {tracepoint}");
+            let attach_err = |source| ProbeError::Attach {
+                name: what.clone(),
+                source,
+            };
+            let name = format!("{tracepoint}_btf");
+            let program: &mut BtfTracePoint = self.program(&name, &what)?;
+            program.load(tracepoint, &btf).map_err(attach_err)?;
+            let id = program.attach().map_err(attach_err)?;
+            let link = program.take_link(id).map_err(attach_err)?;
+            self.links.push((name, Box::new(link)));
+        }
+        Ok(())
+    }
+
+    /// Detaches and unloads whatever [`Probe::attach_fault_btf`] got to load.
+    fn detach_fault_btf(&mut self, tracepoints: &[&str]) {
+        let names: Vec<String> = tracepoints.iter().map(|t| format!("{t}_btf")).collect();
+        self.links.retain(|(name, _)| !names.contains(name));
+        for name in &names {
+            if let Ok(p) = self.program::<BtfTracePoint>(name, "") {
+                let _ = p.unload();
+            }
+        }
     }
 
     /// The fault program on the software page-fault perf event of every online CPU.

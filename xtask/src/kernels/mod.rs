@@ -43,6 +43,7 @@ const SMOKE: &[(&str, &[&str])] = &[
             "overflowing_a_tiny_ring_counts_the_lost_faults",
             "perf_event_backend_reports_first_touches",
             "syscall_backends_give_the_same_records",
+            "btf_and_raw_fault_tracepoints_give_the_same_faults",
             "inside_a_pid_namespace_the_same_calls_and_maps_are_seen_with_its_pids",
         ],
     ),
@@ -284,6 +285,12 @@ fn script(arch: Arch, built: &Built, sel: Selection, results: &Path) -> String {
             args.1
         );
     }
+    // Which page-fault programs the kernel took (x86: BTF tracepoints, or raw where refused).
+    let _ = writeln!(
+        s,
+        "'{}' -v --faults first -o /dev/null --force -- true 2>&1 | sed -n 's/.*page faults: \\([A-Za-z]*\\) tracepoints.*/VT-INFO fault_programs \\1/p'",
+        built.vmatrace.display()
+    );
     let _ = writeln!(s, "exit $rc");
     s
 }
@@ -349,6 +356,10 @@ fn read_row(label: &str, results: &Path, seconds: f64, error: Option<String>) ->
     }
     let (syscalls, faults) =
         compare::backends(&results.join(format!("{}.ndjson", compare::WORKLOADS[0].0)));
+    let faults = match info("fault_programs").as_str() {
+        "?" => faults,
+        programs => format!("{faults} ({programs})"),
+    };
     Row {
         label: label.to_string(),
         release: info("release"),
