@@ -114,14 +114,14 @@ mod tests {
     #[test]
     fn man_pages_name_every_visible_subcommand_and_hide_generate() {
         let dir = std::env::temp_dir().join(format!("vmatrace-man-{}", std::process::id()));
-        man_pages(&dir).unwrap();
-        let main = std::fs::read_to_string(dir.join("vmatrace.1")).unwrap();
+        man_pages(&dir).expect("test setup");
+        let main = std::fs::read_to_string(dir.join("vmatrace.1")).expect("test setup");
         assert!(main.contains("vmatrace\\-record(1)") || main.contains("record"));
         assert!(!main.contains("generate"), "the hidden subcommand leaked");
-        let record = std::fs::read_to_string(dir.join("vmatrace-record.1")).unwrap();
+        let record = std::fs::read_to_string(dir.join("vmatrace-record.1")).expect("test setup");
         assert!(record.contains("max\\-size"), "{record}");
         assert!(!dir.join("vmatrace-generate.1").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).expect("test setup");
     }
 
     #[test]
@@ -132,8 +132,8 @@ mod tests {
             clap_complete::Shell::Fish,
         ] {
             let mut out = Vec::new();
-            generate(&Generate::Completions { shell }, &mut out).unwrap();
-            let text = String::from_utf8(out).unwrap();
+            generate(&Generate::Completions { shell }, &mut out).expect("test setup");
+            let text = String::from_utf8(out).expect("test setup");
             assert!(text.contains("snapshot-every"), "{shell}: {text}");
             assert!(
                 !text.contains("generate"),

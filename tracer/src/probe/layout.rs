@@ -241,8 +241,8 @@ mod tests {
             std::env::temp_dir().join(format!("vmatrace-layout-{name}-{}", std::process::id()));
         let write = |cat: &str, ev: &str, text: &str| {
             let d = dir.join("events").join(cat).join(ev);
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("format"), text).unwrap();
+            std::fs::create_dir_all(&d).expect("test setup");
+            std::fs::write(d.join("format"), text).expect("test setup");
         };
         for c in Syscall::ALL {
             let arg = "\tfield:unsigned long a;\toffset:16;\tsize:8;\tsigned:0;\n";
@@ -268,14 +268,14 @@ mod tests {
     #[test]
     fn offsets_come_from_the_format_files() {
         let dir = fake_tracefs("offsets");
-        let root = dir.to_str().unwrap();
+        let root = dir.to_str().expect("test setup");
         let with_group_dead =
             format!("{EXIT_OLD}\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n");
         std::fs::write(
             dir.join("events/sched/sched_process_exit/format"),
             with_group_dead,
         )
-        .unwrap();
+        .expect("test setup");
         let l = kernel_layout(root, ExitRule::Auto, true, PidNamespace::KERNEL, no_btf)
             .expect("a complete layout");
         assert_eq!(
@@ -289,13 +289,13 @@ mod tests {
         );
         assert_eq!(l.exit_group_dead, 32);
         assert_eq!((l.task_signal, l.signal_live), (FIELD_ABSENT, FIELD_ABSENT));
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).expect("test setup");
     }
 
     #[test]
     fn without_group_dead_the_thread_count_comes_from_btf() {
         let dir = fake_tracefs("old");
-        let root = dir.to_str().unwrap();
+        let root = dir.to_str().expect("test setup");
         // No BTF either: one line that says what is missing.
         let err =
             kernel_layout(root, ExitRule::Auto, true, PidNamespace::KERNEL, no_btf).unwrap_err();
@@ -324,16 +324,16 @@ mod tests {
             assert_ne!(l.task_signal, FIELD_ABSENT);
             assert_ne!(l.signal_live, FIELD_ABSENT);
         }
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).expect("test setup");
     }
 
     /// arm64 has no memory protection keys: vmatrace traces the other syscalls.
     #[test]
     fn optional_syscalls_the_kernel_lacks_are_left_out() {
         let dir = fake_tracefs("optional");
-        let root = dir.to_str().unwrap();
+        let root = dir.to_str().expect("test setup");
         for ev in ["sys_enter_pkey_mprotect", "sys_exit_pkey_mprotect"] {
-            std::fs::remove_dir_all(dir.join("events/syscalls").join(ev)).unwrap();
+            std::fs::remove_dir_all(dir.join("events/syscalls").join(ev)).expect("test setup");
         }
         let calls = available_syscalls(root).expect("the others");
         assert!(!calls.contains(&Syscall::PkeyMprotect));
@@ -349,34 +349,34 @@ mod tests {
             .is_ok()
                 || !Path::new(super::super::btf::VMLINUX_BTF).exists()
         );
-        std::fs::remove_dir_all(dir.join("events/syscalls/sys_enter_munmap")).unwrap();
+        std::fs::remove_dir_all(dir.join("events/syscalls/sys_enter_munmap")).expect("test setup");
         assert_eq!(
             available_syscalls(root),
             Err(LayoutError::Missing("syscalls:sys_enter_munmap".into()))
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).expect("test setup");
     }
 
     #[test]
     fn missing_tracepoints_and_moved_syscall_fields_are_refused() {
         let dir = fake_tracefs("refused");
-        let root = dir.to_str().unwrap();
+        let root = dir.to_str().expect("test setup");
         std::fs::write(
             dir.join("events/syscalls/sys_exit_munmap/format"),
             "\tfield:long ret;\toffset:24;\tsize:8;\tsigned:1;\n",
         )
-        .unwrap();
+        .expect("test setup");
         let err =
             kernel_layout(root, ExitRule::Auto, true, PidNamespace::KERNEL, no_btf).unwrap_err();
         assert_eq!(
             err.to_string(),
             "this kernel's tracepoint syscalls:sys_exit_munmap has no ret of 8 bytes at offset 16 (its format file says otherwise), so vmatrace cannot read it"
         );
-        std::fs::remove_dir_all(dir.join("events/task")).unwrap();
+        std::fs::remove_dir_all(dir.join("events/task")).expect("test setup");
         let err =
             kernel_layout(root, ExitRule::Auto, false, PidNamespace::KERNEL, no_btf).unwrap_err();
         assert_eq!(err, LayoutError::Missing("task:task_newtask".into()));
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).expect("test setup");
     }
 
     /// The layout of this machine's own kernel is complete.
