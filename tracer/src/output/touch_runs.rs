@@ -119,46 +119,37 @@ impl TouchesRecord {
         faults
     }
 
-    /// A run of one fault, or None when the fault cannot start one (it made more or fewer
-    /// than one page resident, grew the stack, or names a stack).
-    fn start(f: &FaultRecord, fe: &FaultEffect) -> Option<Self> {
-        let (first_touch, page_kind, changed) = match fe.touch {
-            Touch::First { kind, refault } => (true, kind.name(), refault),
-            Touch::Upgraded { .. } => (false, "anon", true),
-            Touch::Again => return None,
-        };
-        if fe.pages != 1 || fe.stack_grown_to.is_some() || f.stack_id.is_some() {
-            return None;
-        }
-        Some(Self {
-            address: f.address & !(PAGE_SIZE - 1),
-            changed,
-            end_ns: f.ts_ns,
-            error_code: f.error_code,
-            first_touch,
-            ip: f.ip,
+    /// A run of the one fault `step` describes.
+    fn start(step: &Step) -> Self {
+        Self {
+            address: step.page,
+            changed: step.changed,
+            end_ns: step.ts_ns,
+            error_code: step.error_code,
+            first_touch: step.first_touch,
+            ip: step.ip,
             offsets_ns: VecDeque::from([0]),
-            page_kind: Some(page_kind.to_string()),
+            page_kind: Some(step.page_kind.to_string()),
             pages: 1,
-            pid: f.pid,
-            tid: f.tid,
-            ts_ns: f.ts_ns,
+            pid: step.pid,
+            tid: step.tid,
+            ts_ns: step.ts_ns,
             tag: Tag::Touches,
-            vma_start: fe.vma_start,
-            write: f.write(),
-        })
+            vma_start: step.vma_start,
+            write: step.write,
+        }
     }
 
-    /// Takes `next` (a run of one fault) into this run if it is the same kind of fault on
-    /// the page just above or just below.
-    fn extend(&mut self, next: &Self) -> bool {
+    /// Takes `next` into this run if it is the same kind of fault on the page just above or
+    /// just below.
+    fn extend(&mut self, next: &Step) -> bool {
         let same = next.pid == self.pid
             && next.tid == self.tid
             && next.error_code == self.error_code
             && next.write == self.write
             && next.first_touch == self.first_touch
             && next.changed == self.changed
-            && next.page_kind == self.page_kind
+            && self.page_kind.as_deref() == Some(next.page_kind)
             && next.vma_start == self.vma_start
             && self.pages < MAX_RUN_PAGES;
         if !same {
@@ -168,10 +159,10 @@ impl TouchesRecord {
         let Some(offset) = next.ts_ns.checked_sub(self.ts_ns) else {
             return false;
         };
-        if next.address == self.address + self.pages * PAGE_SIZE {
+        if next.page == self.address + self.pages * PAGE_SIZE {
             self.offsets_ns.push_back(offset);
-        } else if next.address + PAGE_SIZE == self.address {
-            self.address = next.address;
+        } else if next.page + PAGE_SIZE == self.address {
+            self.address = next.page;
             self.offsets_ns.push_front(offset);
         } else {
             return false;
@@ -179,6 +170,49 @@ impl TouchesRecord {
         self.pages += 1;
         self.end_ns = self.end_ns.max(next.ts_ns);
         true
+    }
+}
+
+/// What a run needs of one fault, taken without allocating (most faults only extend a run).
+struct Step {
+    page: u64,
+    ts_ns: u64,
+    pid: u32,
+    tid: u32,
+    ip: u64,
+    error_code: Option<u32>,
+    write: Option<bool>,
+    first_touch: bool,
+    changed: bool,
+    page_kind: &'static str,
+    vma_start: Option<u64>,
+}
+
+impl Step {
+    /// The fault as a step of a run, or None when it cannot be one (it made more or fewer
+    /// than one page resident, grew the stack, or names a stack).
+    fn of(f: &FaultRecord, fe: &FaultEffect) -> Option<Self> {
+        let (first_touch, page_kind, changed) = match fe.touch {
+            Touch::First { kind, refault } => (true, kind.name(), refault),
+            Touch::Upgraded { .. } => (false, "anon", true),
+            Touch::Again => return None,
+        };
+        if fe.pages != 1 || fe.stack_grown_to.is_some() || f.stack_id.is_some() {
+            return None;
+        }
+        Some(Self {
+            page: f.address & !(PAGE_SIZE - 1),
+            ts_ns: f.ts_ns,
+            pid: f.pid,
+            tid: f.tid,
+            ip: f.ip,
+            error_code: f.error_code,
+            write: f.write(),
+            first_touch,
+            changed,
+            page_kind,
+            vma_start: fe.vma_start,
+        })
     }
 }
 
@@ -220,7 +254,7 @@ impl PendingRuns {
     /// runs that must be written now (`ready`, in start order) are those that started no later
     /// than a run the fault ended.
     pub fn take(&mut self, f: &FaultRecord, fe: &FaultEffect, ready: &mut Vec<Written>) -> bool {
-        let Some(one) = TouchesRecord::start(f, fe) else {
+        let Some(step) = Step::of(f, fe) else {
             return false;
         };
         match self
@@ -228,19 +262,19 @@ impl PendingRuns {
             .iter()
             .position(|p| p.run.pid == f.pid && p.run.tid == f.tid)
         {
-            Some(i) if self.runs[i].run.extend(&one) => {}
+            Some(i) if self.runs[i].run.extend(&step) => {}
             Some(i) => {
                 let ended = self.runs[i].run.ts_ns;
                 self.runs.sort_by_key(|p| p.run.ts_ns);
                 let cut = self.runs.partition_point(|p| p.run.ts_ns <= ended);
                 ready.extend(self.runs.drain(..cut).map(Pending::written));
                 self.runs.push(Pending {
-                    run: one,
+                    run: TouchesRecord::start(&step),
                     first: (*f, *fe),
                 });
             }
             None => self.runs.push(Pending {
-                run: one,
+                run: TouchesRecord::start(&step),
                 first: (*f, *fe),
             }),
         }
