@@ -63,6 +63,10 @@ Examples:
                                           end ./server after 10 s (SIGTERM, SIGKILL 2 s later)
   sudo vmatrace record --faults first -o trace.ndjson -p 1234
                                           only the faults that change the model (smaller)
+  sudo vmatrace record -o trace.vmat -p 1234
+                                          the binary format: the same records, about 3x
+                                          smaller and cheaper to write (vmatrace convert
+                                          trace.vmat gives the NDJSON)
   sudo vmatrace record --stacks --fault-stacks 64 -o trace.ndjson -- ./app
                                           with the call stack of every memory syscall and
                                           of one first touch in 64
@@ -94,24 +98,52 @@ Examples:
                                           the address space over time: a page for a browser,
                                           a trace for ui.perfetto.dev";
 
+const CONVERT_EXAMPLES: &str = "\
+Examples:
+  vmatrace convert trace.vmat                     the recording as NDJSON on stdout
+  vmatrace convert trace.vmat -o trace.ndjson     to an NDJSON file
+  vmatrace convert trace.ndjson -o trace.vmat.zst to the binary format, zstd-compressed
+  vmatrace convert trace.vmat | jq -c 'select(.type == \"mmap\")'";
+
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Trace and write every event (all faults included) to an NDJSON file for `replay`.
+    /// Trace and write every event (all faults included) to a recording for `replay`: NDJSON,
+    /// or the binary format for FILE.vmat.
     #[command(after_help = RECORD_EXAMPLES)]
     Record(TraceArgs),
-    /// Rebuild the model from a recorded NDJSON file; print its snapshots and summary.
+    /// Rebuild the model from a recording (NDJSON or binary); print its snapshots and summary.
     #[command(after_help = REPLAY_EXAMPLES)]
     Replay(ReplayArgs),
-    /// Diagnose allocator fragmentation from a recorded NDJSON file.
+    /// Diagnose allocator fragmentation from a recording (NDJSON or binary).
     #[command(after_help = REPORT_EXAMPLES)]
     Report(ReportArgs),
+    /// Convert a recording between NDJSON and the binary format (plain or zstd).
+    #[command(after_help = CONVERT_EXAMPLES)]
+    Convert(ConvertArgs),
+}
+
+/// Convert options.
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// The recording (NDJSON or binary, plain or zstd-compressed).
+    pub file: PathBuf,
+    /// Write to OUT instead of stdout (created with mode 0600; zstd-compressed when its name
+    /// ends in .zst).
+    #[arg(short, long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// The format to write [default: binary for OUT.vmat and OUT.vmat.zst, else ndjson].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<crate::output::records::Format>,
+    /// Overwrite OUT if it exists.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Report options.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// The recorded NDJSON file (`vmatrace record -o FILE ...`).
+    /// The recording (`vmatrace record -o FILE ...`: NDJSON or binary, plain or zstd).
     pub file: PathBuf,
     /// Write the findings as NDJSON `finding` records.
     #[arg(long)]
@@ -202,6 +234,11 @@ pub struct TraceArgs {
     /// Write to FILE instead of stdout (created with mode 0600).
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// How records are written (implies --json): NDJSON, or the same records in vmatrace's
+    /// binary format (about 3x smaller, cheaper to write; `vmatrace convert` gives the
+    /// NDJSON) [default: binary for FILE.vmat and FILE.vmat.zst, else ndjson].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub format: Option<crate::output::records::Format>,
     /// Overwrite the output file if it exists.
     #[arg(long)]
     pub force: bool,
@@ -286,7 +323,7 @@ pub struct TraceArgs {
 /// Replay options.
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
-    /// The recorded NDJSON file.
+    /// The recording (NDJSON or binary, plain or zstd).
     pub file: PathBuf,
     /// Write NDJSON instead of human lines.
     #[arg(long)]

@@ -4,7 +4,7 @@
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use crate::{
-    output::{FaultFilter, live_view::ViewOptions},
+    output::{FaultFilter, live_view::ViewOptions, records::Format},
     probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
 };
 
@@ -17,6 +17,8 @@ pub struct RunConfig {
     pub command: Vec<OsString>,
     pub follow: bool,
     pub json: bool,
+    /// How records are written when `json` (NDJSON or binary).
+    pub format: Format,
     pub output: Option<PathBuf>,
     pub force: bool,
     pub duration: Option<Duration>,

@@ -1,7 +1,7 @@
 //! The `vmatrace` binary: parse the command line, call the library, map errors to exit codes.
 
 use std::{
-    io::{IsTerminal, Write as _},
+    io::{IsTerminal, Write},
     process::ExitCode,
 };
 
@@ -10,11 +10,13 @@ use tracer::{
     analysis,
     cli::{BackendArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
     output::{
-        FaultFilter, file, html,
+        FaultFilter,
+        compress::OutFile,
+        file, html,
         human::{self, HumanSink},
         live_view::ViewOptions,
-        ndjson::NdjsonSink,
         perfetto, profile,
+        records::{Format, RecordSink},
         timeline_view::Pictures,
     },
     probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
@@ -28,7 +30,11 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
         cgroup: t.cgroup,
         command: t.command,
         follow: t.follow,
-        json: t.json || record,
+        json: t.json || record || t.format.is_some(),
+        format: t
+            .format
+            .or_else(|| t.output.as_deref().map(Format::by_name))
+            .unwrap_or_default(),
         output: t.output,
         force: t.force,
         duration: t.duration,
@@ -108,7 +114,7 @@ fn real_main() -> anyhow::Result<u8> {
         Some(Command::Replay(r)) => {
             let stdout = std::io::BufWriter::new(std::io::stdout());
             let mut sink: Box<dyn tracer::output::Sink> = if r.json {
-                Box::new(NdjsonSink::new(stdout, FaultFilter::All))
+                Box::new(RecordSink::new(stdout, FaultFilter::All))
             } else {
                 let tty = std::io::stdout().is_terminal();
                 Box::new(HumanSink::new(stdout, FaultFilter::First, tty, 0))
@@ -147,7 +153,7 @@ fn real_main() -> anyhow::Result<u8> {
                 .collect();
             let stdout = std::io::BufWriter::new(std::io::stdout());
             let mut sink: Box<dyn tracer::output::Sink> = if r.json {
-                Box::new(NdjsonSink::new(stdout, FaultFilter::None))
+                Box::new(RecordSink::new(stdout, FaultFilter::None))
             } else {
                 let tty = std::io::stdout().is_terminal();
                 Box::new(HumanSink::new(stdout, FaultFilter::None, tty, 0))
@@ -204,6 +210,23 @@ fn real_main() -> anyhow::Result<u8> {
                 serde_json::to_writer(std::io::BufWriter::new(out), &trace)
                     .map_err(|e| anyhow::anyhow!("writing the Perfetto trace: {e}"))?;
             }
+            Ok(0)
+        }
+        Some(Command::Convert(c)) => {
+            let format = c
+                .format
+                .or_else(|| c.output.as_deref().map(Format::by_name))
+                .unwrap_or_default();
+            // The input is open before the output is created (--force may replace it).
+            let input = replay::open(&c.file)?;
+            let mut out: Box<dyn Write> = match &c.output {
+                Some(path) => Box::new(OutFile::create(path, c.force, format)?),
+                None if format == Format::Binary && std::io::stdout().is_terminal() => {
+                    return Err(file::OutputError::BinaryToTerminal.into());
+                }
+                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            };
+            tracer::convert::convert(input, &c.file.display().to_string(), out.as_mut(), format)?;
             Ok(0)
         }
         Some(Command::Record(t)) => {

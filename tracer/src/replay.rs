@@ -1,8 +1,9 @@
-//! Replay: read a recorded NDJSON file back into typed events and feed the same session and
-//! sinks as a live run, so that live and replay cannot disagree.
+//! Replay: read a recording (NDJSON or binary, through [`crate::recording`]) back into typed
+//! events and feed the same session and sinks as a live run, so that live and replay cannot
+//! disagree.
 
 use std::{
-    io::{self, BufRead, Read},
+    io::{self, BufRead},
     path::Path,
     sync::Arc,
 };
@@ -17,12 +18,15 @@ use crate::{
         Backing, ForkAdvice, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma,
     },
     output::{
-        LossSummary, Meta, Sink, SnapshotReason, ndjson::SCHEMA_VERSION, report::summarize,
+        LossSummary, Meta, Sink, SnapshotReason, records::SCHEMA_VERSION, report::summarize,
         touch_runs::TouchesRecord,
     },
+    recording::{Position, Records},
     session::{Applied, Seed, Session},
     stacks::StackDef,
 };
+
+pub use crate::recording::MAX_LINE;
 
 /// Errors reading a recording; each names the line.
 #[derive(Debug, thiserror::Error)]
@@ -31,20 +35,15 @@ pub enum ReplayError {
     Open { path: String, source: io::Error },
     #[error("{path} is empty: nothing to replay")]
     Empty { path: String },
-    #[error("{path}:{line}: {what}")]
+    #[error("{path}{at}: {what}")]
     Bad {
         path: String,
-        line: usize,
+        at: Position,
         what: String,
     },
     #[error("writing output: {0}")]
     Write(#[source] io::Error),
 }
-
-/// The longest line a recording may hold. A real snapshot of 65,530 VMAs (the default
-/// `vm.max_map_count`) with every page resident takes well under this; anything longer (such
-/// as `/dev/zero`, which has no newline at all) is refused instead of read into memory.
-pub const MAX_LINE: usize = 64 << 20;
 
 /// The end of the largest user address space (x86-64 with five-level page tables; arm64's is
 /// smaller). No VMA goes past it except the x86-64 `[vsyscall]` page.
@@ -355,9 +354,13 @@ fn check_ranges(s: &SyscallRecord) -> Result<(), String> {
     }
 }
 
-/// Parses one line of a recording.
+/// Parses one line of an NDJSON recording.
 pub fn parse_line(line: &str) -> Result<Record, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    parse_record(serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?)
+}
+
+/// Parses one record of a recording, read as a JSON value (from NDJSON or binary).
+pub fn parse_record(v: Value) -> Result<Record, String> {
     let ty = v
         .get("type")
         .and_then(Value::as_str)
@@ -553,41 +556,12 @@ pub struct Replayed {
     pub limits: Limits,
 }
 
-/// Reads the next line of `reader` into `buf` (without its newline), reading at most
-/// [`MAX_LINE`] + 1 bytes of it (a longer line is cut there: the caller refuses it). None at
-/// the end of the input.
-fn next_line(reader: &mut impl BufRead, buf: &mut Vec<u8>) -> Result<Option<()>, io::Error> {
-    buf.clear();
-    let n = reader
-        .by_ref()
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', buf)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if buf.last() == Some(&b'\n') {
-        buf.pop();
-    }
-    Ok(Some(()))
-}
-
-/// Opens the recording `path` for reading: plain NDJSON, or zstd-compressed NDJSON (told by
-/// its first bytes, whatever its name; a sequence of frames is read as one stream).
+/// Opens the recording `path` for reading (see [`crate::recording::open`]).
 pub fn open(path: &Path) -> Result<Box<dyn BufRead>, ReplayError> {
-    let open_err = |source| ReplayError::Open {
+    crate::recording::open(path).map_err(|source| ReplayError::Open {
         path: path.display().to_string(),
         source,
-    };
-    let mut file = io::BufReader::new(std::fs::File::open(path).map_err(open_err)?);
-    if file
-        .fill_buf()
-        .map_err(open_err)?
-        .starts_with(&crate::output::compress::MAGIC)
-    {
-        let decoder = zstd::stream::read::Decoder::with_buffer(file).map_err(open_err)?;
-        return Ok(Box::new(io::BufReader::new(decoder)));
-    }
-    Ok(Box::new(file))
+    })
 }
 
 /// Replays `path` (see [`open`]) into `sink`; `events` also passes every event on.
@@ -595,8 +569,8 @@ pub fn replay(path: &Path, sink: &mut dyn Sink, events: bool) -> Result<Replayed
     replay_from(open(path)?, &path.display().to_string(), sink, events)
 }
 
-/// Replays the recording read from `reader` (`name` in errors), one line at a time: memory
-/// holds one line (at most [`MAX_LINE`]) and the model, never the file.
+/// Replays the recording read from `reader` (`name` in errors), one record at a time:
+/// memory holds one record (at most [`MAX_LINE`]) and the model, never the file.
 pub fn replay_from(
     reader: impl BufRead,
     name: &str,
@@ -614,11 +588,11 @@ enum EventError {
 }
 
 impl EventError {
-    fn at(self, path: &str, line: usize) -> ReplayError {
+    fn at(self, path: &str, at: Position) -> ReplayError {
         match self {
             Self::OutOfOrder(what) => ReplayError::Bad {
                 path: path.to_string(),
-                line,
+                at,
                 what,
             },
             Self::Write(e) => ReplayError::Write(e),
@@ -663,7 +637,7 @@ fn replay_event(
 
 /// [`replay_from`] with `resident_budget` bytes of resident memory for all the snapshots.
 fn replay_bounded(
-    mut reader: impl BufRead,
+    reader: impl BufRead,
     name: &str,
     sink: &mut dyn Sink,
     events: bool,
@@ -676,34 +650,24 @@ fn replay_bounded(
     let mut last_ts_by_thread = std::collections::HashMap::new();
     let mut lines = 0usize;
     let mut resident_seeded = 0u64;
-    let bad = |line: usize, what: String| ReplayError::Bad {
+    let bad = |at: Position, what: String| ReplayError::Bad {
         path: name.to_string(),
-        line,
+        at,
         what,
     };
-    let mut buf = Vec::new();
-    let mut n = 0;
+    let mut records = Records::new(reader).map_err(|e| ReplayError::Open {
+        path: name.to_string(),
+        source: e,
+    })?;
     loop {
-        n += 1;
-        match next_line(&mut reader, &mut buf) {
-            Ok(Some(())) => {}
+        let v = match records.next_record() {
+            Ok(Some(v)) => v,
             Ok(None) => break,
-            Err(e) => return Err(bad(n, format!("cannot read: {e}"))),
-        }
-        if buf.len() > MAX_LINE {
-            return Err(bad(
-                n,
-                format!("line longer than {} MiB: not a recording", MAX_LINE >> 20),
-            ));
-        }
-        let Ok(line) = std::str::from_utf8(&buf) else {
-            return Err(bad(n, "not UTF-8 text: not a recording".to_string()));
+            Err(what) => return Err(bad(records.position(), what)),
         };
-        if line.trim().is_empty() {
-            continue;
-        }
+        let n = records.position();
         lines += 1;
-        let record = parse_line(line).map_err(|w| bad(n, w))?;
+        let record = parse_record(v).map_err(|w| bad(n, w))?;
         match record {
             Record::Meta {
                 version,
@@ -1015,8 +979,10 @@ mod tests {
         std::fs::write(&plain, &text).expect("writes");
         std::fs::write(&packed, &compressed).expect("writes");
         let out = |path: &Path| {
-            let mut sink =
-                crate::output::ndjson::NdjsonSink::new(Vec::new(), crate::output::FaultFilter::All);
+            let mut sink = crate::output::records::RecordSink::new(
+                Vec::new(),
+                crate::output::FaultFilter::All,
+            );
             replay(path, &mut sink, true).map_err(|e| e.to_string())?;
             Ok::<_, String>(String::from_utf8_lossy(sink.get_mut()).into_owned())
         };

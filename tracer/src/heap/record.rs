@@ -20,7 +20,7 @@ struct EffectJson {
 
 /// A `heap` record; fields in sorted key order, as `serde_json` writes other records.
 #[derive(Serialize)]
-struct HeapJson {
+pub struct HeapJson {
     allocator: &'static str,
     args: [u64; 3],
     block_bytes: Option<u64>,
@@ -43,39 +43,35 @@ struct HeapJson {
     kind: &'static str,
 }
 
-/// Writes the `heap` record of `c` (what the live model did: `effect`) to `out`, without a
-/// newline.
-pub fn write_heap(
-    out: &mut Vec<u8>,
-    c: &HeapCall,
-    effect: Option<&HeapEffect>,
-) -> std::io::Result<()> {
-    let e = c.effect();
-    let j = HeapJson {
-        allocator: c.allocator.name(),
-        args: c.args,
-        block_bytes: c.chunk.map(|k| k.bytes),
-        call: c.func.name(),
-        caller: (c.caller != 0).then_some(c.caller),
-        effect: effect.map(|e| EffectJson {
-            kind: e.kind.name(),
-            live_bytes: e.live_bytes,
-        }),
-        enter_ts_ns: c.enter_ts_ns,
-        freed: e.freed,
-        freed_block_bytes: c.freed_chunk.map(|k| k.bytes),
-        mmapped: c.chunk.is_some_and(|k| k.mmapped),
-        pid: c.pid,
-        ptr: (c.ptr != 0).then_some(c.ptr),
-        ret: c.ret,
-        size: c.requested(),
-        stack: c.stack,
-        thread_arena: c.chunk.is_some_and(|k| k.thread_arena),
-        tid: c.tid,
-        ts_ns: c.ts_ns,
-        kind: "heap",
-    };
-    serde_json::to_writer(out, &j).map_err(std::io::Error::other)
+impl HeapJson {
+    /// The `heap` record of `c` (what the live model did: `effect`).
+    pub fn new(c: &HeapCall, effect: Option<&HeapEffect>) -> Self {
+        let e = c.effect();
+        Self {
+            allocator: c.allocator.name(),
+            args: c.args,
+            block_bytes: c.chunk.map(|k| k.bytes),
+            call: c.func.name(),
+            caller: (c.caller != 0).then_some(c.caller),
+            effect: effect.map(|e| EffectJson {
+                kind: e.kind.name(),
+                live_bytes: e.live_bytes,
+            }),
+            enter_ts_ns: c.enter_ts_ns,
+            freed: e.freed,
+            freed_block_bytes: c.freed_chunk.map(|k| k.bytes),
+            mmapped: c.chunk.is_some_and(|k| k.mmapped),
+            pid: c.pid,
+            ptr: (c.ptr != 0).then_some(c.ptr),
+            ret: c.ret,
+            size: c.requested(),
+            stack: c.stack,
+            thread_arena: c.chunk.is_some_and(|k| k.thread_arena),
+            tid: c.tid,
+            ts_ns: c.ts_ns,
+            kind: "heap",
+        }
+    }
 }
 
 /// The record of an [`Event::HeapAttach`].
@@ -215,7 +211,7 @@ mod tests {
             kind: LiveKind::Reallocated,
             live_bytes: 320,
         };
-        write_heap(&mut line, &c, Some(&effect)).expect("writes");
+        serde_json::to_writer(&mut line, &HeapJson::new(&c, Some(&effect))).expect("writes");
         let v: Value = serde_json::from_slice(&line).expect("JSON");
         assert_eq!(v["type"], "heap");
         assert_eq!(v["freed"], 0x1000);

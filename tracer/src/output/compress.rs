@@ -10,7 +10,10 @@ use std::{io, path::Path};
 
 use zstd::stream::raw::{Encoder, InBuffer, Operation, OutBuffer};
 
-use super::file::{self, LineFile, Output, OutputError};
+use super::{
+    file::{self, LineFile, Output, OutputError},
+    records::Format,
+};
 
 /// The first bytes of a zstd frame (`0xFD2FB528`, little-endian): how a reader tells a
 /// compressed recording from a plain one, whatever its name.
@@ -124,26 +127,27 @@ impl Drop for Frames {
     }
 }
 
-/// The writer of an output file: whole NDJSON lines as they are, or whole zstd frames.
+/// The writer of an output file: whole records as they are, or whole zstd frames.
 pub enum OutFile {
     Plain(LineFile),
     Zstd(Box<Frames>),
 }
 
 impl OutFile {
-    /// Writes into `file` (opened at its start), compressed or not.
-    pub fn new(file: Output, compressed: bool) -> io::Result<Self> {
+    /// Writes records of `format` into `file` (opened at its start), compressed or not.
+    pub fn new(file: Output, compressed: bool, format: Format) -> io::Result<Self> {
         Ok(if compressed {
             Self::Zstd(Box::new(Frames::new(file)?))
         } else {
-            Self::Plain(LineFile::new(file))
+            Self::Plain(LineFile::with_records(file, format == Format::Binary))
         })
     }
 
-    /// Creates `path` as [`file::create`] does, compressed when its name says so.
-    pub fn create(path: &Path, force: bool) -> Result<Self, OutputError> {
+    /// Creates `path` as [`file::create`] does for records of `format`, compressed when its
+    /// name says so.
+    pub fn create(path: &Path, force: bool, format: Format) -> Result<Self, OutputError> {
         let out = file::create(path, force)?;
-        Self::new(out, by_name(path)).map_err(|source| OutputError::Io {
+        Self::new(out, by_name(path), format).map_err(|source| OutputError::Io {
             path: path.display().to_string(),
             source,
         })

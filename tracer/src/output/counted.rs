@@ -20,12 +20,25 @@ pub struct Written {
 pub struct Counted<W: Write> {
     inner: W,
     written: Arc<Written>,
+    /// Each write is one record (binary), rather than records ending at newlines.
+    whole_writes: bool,
 }
 
 impl<W: Write> Counted<W> {
-    /// Counts into `written` what is written to `inner`.
+    /// Counts into `written` what is written to `inner`, records ending at newlines.
     pub fn new(inner: W, written: Arc<Written>) -> Self {
-        Self { inner, written }
+        Self {
+            inner,
+            written,
+            whole_writes: false,
+        }
+    }
+
+    /// Counts each write as one record (the binary format's writes, which may hold newline
+    /// bytes anywhere).
+    pub fn whole_writes(mut self, yes: bool) -> Self {
+        self.whole_writes = yes;
+        self
     }
 
     /// The writer counted.
@@ -37,7 +50,11 @@ impl<W: Write> Counted<W> {
 impl<W: Write> Write for Counted<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
-        let lines = buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+        let lines = if self.whole_writes {
+            u64::from(n > 0)
+        } else {
+            buf[..n].iter().filter(|&&b| b == b'\n').count() as u64
+        };
         self.written.lines.fetch_add(lines, Ordering::Relaxed);
         self.written.bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)

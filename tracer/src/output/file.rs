@@ -57,6 +57,10 @@ pub enum OutputError {
     RotateStdout,
     #[error("--max-size needs NDJSON output (--json, or record): each file is a recording")]
     RotateNeedsJson,
+    #[error(
+        "the binary format is not for a terminal: give -o FILE, or pipe it (vmatrace convert reads it)"
+    )]
+    BinaryToTerminal,
 }
 
 /// The users whose files and links are trusted: root, the effective user, the sudo user.
@@ -525,11 +529,14 @@ pub fn create(path: &Path, force: bool) -> Result<Output, OutputError> {
     Place::new(path)?.create(force)
 }
 
-/// A file writer that only ever leaves whole lines on disk: it buffers, writes up to the last
-/// newline, and when a write fails (a full disk) it cuts the file back to the last whole line,
-/// so that every line already written stays a valid record.
+/// A file writer that only ever leaves whole records on disk: it buffers, writes up to the
+/// end of the last whole record, and when a write fails (a full disk) it cuts the file back
+/// to the last whole record, so that every record already written stays valid. Records end
+/// at newlines (NDJSON), or each write is one whole record (binary, whose bytes may hold
+/// newlines anywhere).
 pub struct LineFile {
     file: Output,
+    whole_writes: bool,
     buf: Vec<u8>,
     /// Where the last newline in `buf` is (found when it was written, so that a long line
     /// written in many small pieces is not scanned again and again).
@@ -541,10 +548,17 @@ pub struct LineFile {
 const LINE_FILE_BUFFER: usize = 1 << 16;
 
 impl LineFile {
-    /// Wraps an output opened for writing at its start.
+    /// Wraps an output opened for writing at its start, whose records end at newlines.
     pub fn new(file: Output) -> Self {
+        Self::with_records(file, false)
+    }
+
+    /// Wraps an output opened for writing at its start: records end at newlines, or (with
+    /// `whole_writes`) each write is one whole record.
+    pub fn with_records(file: Output, whole_writes: bool) -> Self {
         Self {
             file,
+            whole_writes,
             buf: Vec::with_capacity(LINE_FILE_BUFFER),
             last_newline: None,
             committed: 0,
@@ -578,7 +592,9 @@ impl io::Write for LineFile {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let base = self.buf.len();
         self.buf.extend_from_slice(data);
-        if let Some(i) = data.iter().rposition(|&b| b == b'\n') {
+        if self.whole_writes && !data.is_empty() {
+            self.last_newline = Some(self.buf.len() - 1);
+        } else if let Some(i) = data.iter().rposition(|&b| b == b'\n') {
             self.last_newline = Some(base + i);
         }
         if self.buf.len() >= LINE_FILE_BUFFER && self.last_newline.is_some() {

@@ -1,15 +1,16 @@
 //! Where events go: human lines or NDJSON, snapshots, summaries. Every sink sees the same calls
 //! from the live runner and from replay.
 
+pub mod binary;
 pub mod compress;
 pub mod counted;
 pub mod file;
 pub mod html;
 pub mod human;
 pub mod live_view;
-pub mod ndjson;
 pub mod perfetto;
 pub mod profile;
+pub mod records;
 pub mod report;
 pub mod rotate;
 pub mod status;

@@ -5,7 +5,7 @@
 //!
 //! Each file is a recording of its own: it starts with the run's `meta` record, the `stack`
 //! records seen so far (events name them), and a `seed` snapshot of every traced process's
-//! model at the cut, written by the one snapshot writer ([`NdjsonSink::snapshot`]), so that
+//! model at the cut, written by the one snapshot writer ([`RecordSink::snapshot`]), so that
 //! `vmatrace replay FILE.3` starts from the model as it was there.
 //!
 //! A file is cut only where everything written is consistent with the session (after an
@@ -33,7 +33,7 @@ use super::{
     compress::{self, OutFile},
     counted::{Counted, Written},
     file::{OutputError, Place},
-    ndjson::NdjsonSink,
+    records::{Format, RecordSink},
 };
 use crate::{
     analysis::Finding,
@@ -84,6 +84,7 @@ pub struct Segments {
     /// `FILE.1` ... `FILE.(max_files - 1)`.
     older: Vec<Place>,
     compressed: bool,
+    format: Format,
     file: Option<OutFile>,
 }
 
@@ -91,7 +92,12 @@ impl Segments {
     /// Opens `path` as [`super::file::create`] does, refusing anything but a regular file;
     /// older files of an earlier run under the names rotation uses need `force` (and are then
     /// removed), like the output itself.
-    pub fn open(path: &std::path::Path, force: bool, max_files: u32) -> Result<Self, OutputError> {
+    pub fn open(
+        path: &std::path::Path,
+        force: bool,
+        max_files: u32,
+        format: Format,
+    ) -> Result<Self, OutputError> {
         let base = Place::new(path)?;
         if matches!(base.file_type()?, Some(libc::S_IFIFO | libc::S_IFCHR)) {
             return Err(OutputError::NotRotatable(base.shown().to_string()));
@@ -110,15 +116,17 @@ impl Segments {
             }
         }
         let compressed = compress::by_name(path);
-        let file =
-            OutFile::new(base.create(force)?, compressed).map_err(|source| OutputError::Io {
+        let file = OutFile::new(base.create(force)?, compressed, format).map_err(|source| {
+            OutputError::Io {
                 path: base.shown().to_string(),
                 source,
-            })?;
+            }
+        })?;
         Ok(Self {
             base,
             older,
             compressed,
+            format,
             file: Some(file),
         })
     }
@@ -148,7 +156,7 @@ impl Segments {
             self.base.rename_to(first).map_err(rename)?;
         }
         let out = self.base.create_new().map_err(rename)?;
-        self.file = Some(OutFile::new(out, self.compressed)?);
+        self.file = Some(OutFile::new(out, self.compressed, self.format)?);
         Ok(())
     }
 }
@@ -173,7 +181,7 @@ impl Write for Segments {
 
 /// The NDJSON sink of a rotated output.
 pub struct RotatingSink {
-    ndjson: NdjsonSink<Watched<Counted<Segments>>>,
+    ndjson: RecordSink<Watched<Counted<Segments>>>,
     max_size: u64,
     /// The run's `meta`, written again at the start of every file.
     meta: Option<Meta>,
@@ -191,20 +199,27 @@ pub fn sink(
     force: bool,
     rotation: Rotation,
     faults: super::FaultFilter,
+    format: Format,
     written: &Arc<Written>,
 ) -> Result<Box<dyn Sink>, OutputError> {
-    let segments = Segments::open(path, force, rotation.max_files)?;
+    let segments = Segments::open(path, force, rotation.max_files, format)?;
     Ok(Box::new(RotatingSink::new(
-        Watched(Counted::new(segments, written.clone())),
+        Watched(Counted::new(segments, written.clone()).whole_writes(format == Format::Binary)),
         faults,
+        format,
         rotation.max_size,
     )))
 }
 
 impl RotatingSink {
-    fn new(out: Watched<Counted<Segments>>, faults: super::FaultFilter, max_size: u64) -> Self {
+    fn new(
+        out: Watched<Counted<Segments>>,
+        faults: super::FaultFilter,
+        format: Format,
+        max_size: u64,
+    ) -> Self {
         Self {
-            ndjson: NdjsonSink::new(out, faults),
+            ndjson: RecordSink::with_format(out, faults, format),
             max_size,
             meta: None,
             start_bytes: 0,
@@ -368,7 +383,7 @@ mod tests {
         for output in ["t.ndjson", "t.ndjson.zst"] {
             let d = dir(output);
             let path = d.join(output);
-            let mut s = Segments::open(&path, false, 3).expect("opens");
+            let mut s = Segments::open(&path, false, 3, Format::Ndjson).expect("opens");
             for i in 0..6 {
                 if i > 0 {
                     s.rotate().expect("rotates");
@@ -400,7 +415,7 @@ mod tests {
             }
             // One file kept: each rotation starts the one file afresh.
             let one = d.join("one.ndjson");
-            let mut s = Segments::open(&one, false, 1).expect("opens");
+            let mut s = Segments::open(&one, false, 1, Format::Ndjson).expect("opens");
             writeln!(s, "a").expect("writes");
             s.rotate().expect("rotates");
             writeln!(s, "b").expect("writes");
@@ -420,10 +435,10 @@ mod tests {
         let path = d.join("t.ndjson");
         std::fs::write(d.join("t.2.ndjson"), "old\n").expect("writes");
         assert!(matches!(
-            Segments::open(&path, false, 3),
+            Segments::open(&path, false, 3, Format::Ndjson),
             Err(OutputError::Exists(p)) if p.ends_with("t.2.ndjson")
         ));
-        let mut s = Segments::open(&path, true, 3).expect("opens with --force");
+        let mut s = Segments::open(&path, true, 3, Format::Ndjson).expect("opens with --force");
         assert!(!d.join("t.2.ndjson").exists());
         // A link planted where the oldest file goes, to a file that must stay untouched.
         let victim = d.join("victim");
@@ -442,7 +457,7 @@ mod tests {
         // SAFETY: a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         assert!(matches!(
-            Segments::open(&fifo, true, 3),
+            Segments::open(&fifo, true, 3, Format::Ndjson),
             Err(OutputError::NotRotatable(_))
         ));
         let _ = std::fs::remove_dir_all(&d);

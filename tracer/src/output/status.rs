@@ -24,7 +24,7 @@ use super::{
     file::OutputError,
     human::HumanSink,
     live_view::LiveView,
-    ndjson::NdjsonSink,
+    records::{Format, RecordSink},
     thousands,
 };
 use crate::{
@@ -353,14 +353,20 @@ impl Sink for Feedback {
 /// stdout, with the feedback of [`Feedback`] around it.
 pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, OutputError> {
     let stdout_tty = io::stdout().is_terminal();
+    if stdout_tty && cfg.output.is_none() && cfg.json && cfg.format == Format::Binary {
+        return Err(OutputError::BinaryToTerminal);
+    }
     let written = Arc::new(Written::default());
+    // What is written: records of the format asked for, or human lines.
+    let format = if cfg.json { cfg.format } else { Format::Ndjson };
+    let binary = format == Format::Binary;
     // --max-size: NDJSON into files that it rotates (no other writer is opened).
     let rotating = match (cfg.rotation, &cfg.output) {
         (None, _) => None,
         (Some(_), None) => return Err(OutputError::RotateStdout),
         (Some(_), Some(_)) if !cfg.json => return Err(OutputError::RotateNeedsJson),
         (Some(rotation), Some(path)) => Some(super::rotate::sink(
-            path, cfg.force, rotation, cfg.faults, &written,
+            path, cfg.force, rotation, cfg.faults, cfg.format, &written,
         )?),
     };
     // Every writer tells the stop watchdog when a write is under way (see
@@ -368,10 +374,10 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
     let (writer, tty): (Box<dyn Write>, bool) = match &cfg.output {
         _ if rotating.is_some() => (Box::new(io::sink()), false),
         Some(path) => (
-            Box::new(Watched(Counted::new(
-                OutFile::create(path, cfg.force)?,
-                written.clone(),
-            ))),
+            Box::new(Watched(
+                Counted::new(OutFile::create(path, cfg.force, format)?, written.clone())
+                    .whole_writes(binary),
+            )),
             false,
         ),
         None if stdout_tty => (
@@ -382,17 +388,20 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
             true,
         ),
         None => (
-            Box::new(Watched(Counted::new(
-                io::BufWriter::with_capacity(1 << 16, io::stdout()),
-                written.clone(),
-            ))),
+            Box::new(Watched(
+                Counted::new(
+                    io::BufWriter::with_capacity(1 << 16, io::stdout()),
+                    written.clone(),
+                )
+                .whole_writes(binary),
+            )),
             false,
         ),
     };
     let inner: Box<dyn Sink> = if let Some(rotating) = rotating {
         rotating
     } else if cfg.json {
-        Box::new(NdjsonSink::new(writer, cfg.faults))
+        Box::new(RecordSink::with_format(writer, cfg.faults, cfg.format))
     } else if cfg.view.verbose {
         Box::new(HumanSink::new(writer, cfg.faults, tty, start_ns))
     } else {
@@ -417,6 +426,9 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
 /// The output file as shown: its name, and how it is compressed and rotated.
 fn output_name(path: &std::path::Path, cfg: &RunConfig) -> String {
     let mut name = shown(&crate::name::from_os(path.as_os_str())).to_string();
+    if cfg.format == Format::Binary {
+        name.push_str(" (binary)");
+    }
     if super::compress::by_name(path) {
         name.push_str(" (zstd; sizes before compression)");
     }

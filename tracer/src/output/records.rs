@@ -1,4 +1,6 @@
-//! NDJSON output: one complete JSON object per line (schema: `docs/json-schema.md`).
+//! The records of a recording, and the sink that writes them: NDJSON (one complete JSON
+//! object per line; schema: `docs/json-schema.md`) or the binary format of [`super::binary`],
+//! which carries the same records value for value.
 
 use std::io::{self, Write};
 
@@ -7,7 +9,7 @@ use serde_json::{Value, json};
 use tracer_common::Syscall;
 
 use super::{
-    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary,
+    FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, binary,
     report::vma_rows,
     show_fault,
     touch_runs::{PendingRuns, Written},
@@ -26,24 +28,99 @@ use crate::{
 /// refuses later ones.
 pub const SCHEMA_VERSION: u64 = 2;
 
-/// Writes NDJSON records.
-pub struct NdjsonSink<W: Write> {
+/// How a recording's records are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    #[default]
+    Ndjson,
+    /// The same records in vmatrace's binary format (`vmatrace convert` gives the NDJSON).
+    Binary,
+}
+
+impl Format {
+    /// The format of an output named `path` unless told: binary for `.vmat` (`.vmat.zst`).
+    pub fn by_name(path: &std::path::Path) -> Self {
+        if binary::by_name(path) {
+            Self::Binary
+        } else {
+            Self::Ndjson
+        }
+    }
+}
+
+/// Turns records into bytes, as NDJSON lines or binary: the one place a record is encoded,
+/// for the live sink and for `vmatrace convert`.
+#[derive(Default)]
+pub struct Encoding(Option<Box<binary::Encoder>>);
+
+impl Encoding {
+    /// An encoding of records as `format`.
+    pub fn new(format: Format) -> Self {
+        Self((format == Format::Binary).then(Box::default))
+    }
+
+    /// Makes the next record start a new file: a binary stream's header comes again.
+    pub fn restart(&mut self) {
+        if let Some(enc) = &mut self.0 {
+            enc.restart();
+        }
+    }
+
+    /// Appends `record` to `out`: a JSON line, or a binary record.
+    pub fn record<T: Serialize + ?Sized>(
+        &mut self,
+        out: &mut Vec<u8>,
+        record: &T,
+    ) -> io::Result<()> {
+        match &mut self.0 {
+            None => {
+                serde_json::to_writer(&mut *out, record)?;
+                out.push(b'\n');
+            }
+            Some(enc) => enc.record(out, record)?,
+        }
+        Ok(())
+    }
+
+    /// Appends a fault record: the fast writer for NDJSON, the derived form for binary.
+    fn fault(&mut self, out: &mut Vec<u8>, record: &FaultJson) -> io::Result<()> {
+        match &mut self.0 {
+            None => {
+                write_fault(out, record);
+                out.push(b'\n');
+            }
+            Some(enc) => enc.record(out, record)?,
+        }
+        Ok(())
+    }
+}
+
+/// Writes records, as NDJSON or binary.
+pub struct RecordSink<W: Write> {
     out: W,
     faults: FaultFilter,
-    /// A fault record is formatted here first and reaches `out` in one write.
+    /// A record is encoded here first and reaches `out` in one write.
     scratch: Vec<u8>,
+    encoding: Encoding,
     /// First touches not yet written (`--faults first`): written before any other record.
     runs: PendingRuns,
     ready: Vec<Written>,
 }
 
-impl<W: Write> NdjsonSink<W> {
-    /// A sink writing to `out`, showing faults as `faults` says.
+impl<W: Write> RecordSink<W> {
+    /// A sink writing NDJSON to `out`, showing faults as `faults` says.
     pub fn new(out: W, faults: FaultFilter) -> Self {
+        Self::with_format(out, faults, Format::Ndjson)
+    }
+
+    /// A sink writing `format` to `out`.
+    pub fn with_format(out: W, faults: FaultFilter, format: Format) -> Self {
         Self {
             out,
             faults,
             scratch: Vec::with_capacity(512),
+            encoding: Encoding::new(format),
             runs: PendingRuns::default(),
             ready: Vec::new(),
         }
@@ -57,10 +134,11 @@ impl<W: Write> NdjsonSink<W> {
         for written in self.ready.drain(..) {
             self.scratch.clear();
             match written {
-                Written::Fault(f, fe) => write_fault(&mut self.scratch, &f, &Applied::Fault(fe)),
-                Written::Run(run) => serde_json::to_writer(&mut self.scratch, &run)?,
+                Written::Fault(f, fe) => self
+                    .encoding
+                    .fault(&mut self.scratch, &FaultJson::new(&f, &Applied::Fault(fe)))?,
+                Written::Run(run) => self.encoding.record(&mut self.scratch, &run)?,
             }
-            self.scratch.push(b'\n');
             self.out.write_all(&self.scratch)?;
         }
         Ok(())
@@ -73,30 +151,73 @@ impl<W: Write> NdjsonSink<W> {
 
     /// Writes a record in one write (the output below is told of each write: see
     /// `signals::Watched`), after the pending runs.
-    fn line(&mut self, v: &Value) -> io::Result<()> {
+    fn line<T: Serialize + ?Sized>(&mut self, v: &T) -> io::Result<()> {
         self.write_runs(true)?;
         self.scratch.clear();
-        serde_json::to_writer(&mut self.scratch, v)?;
-        self.scratch.push(b'\n');
+        self.encoding.record(&mut self.scratch, v)?;
         self.out.write_all(&self.scratch)
     }
 }
 
-/// Writes a fault record as one JSON object, without building a `Value` first and without
-/// `core::fmt`: faults are most of a trace, and this is the daemon's hottest output path
-/// (formatting through `write!` was half of the daemon's time). Every value is a number, a
-/// boolean, null or one of the fixed page-kind names, so nothing needs escaping. Keys are in
-/// the order `serde_json` writes the other records' keys (sorted).
-fn write_fault(out: &mut Vec<u8>, f: &FaultRecord, applied: &Applied) {
-    let fe = match applied {
-        Applied::Fault(fe) => Some(fe),
-        _ => None,
-    };
-    let (first, kind, changed) = match fe.map(|fe| fe.touch) {
-        Some(Touch::First { kind, refault }) => (true, Some(kind.name()), refault),
-        Some(Touch::Upgraded { .. }) => (false, Some("anon"), true),
-        Some(Touch::Again) | None => (false, None, false),
-    };
+/// A fault record. Serialized by serde for the binary format, and by [`write_fault`] for
+/// NDJSON; its fields are in sorted key order, as `serde_json` writes the other records.
+#[derive(Serialize)]
+struct FaultJson {
+    address: u64,
+    changed: bool,
+    error_code: Option<u32>,
+    first_touch: bool,
+    ip: u64,
+    page_kind: Option<&'static str>,
+    pages: u64,
+    pid: u32,
+    stack_grown_to: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stack_id: Option<u64>,
+    tid: u32,
+    ts_ns: u64,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    vma_start: Option<u64>,
+    write: Option<bool>,
+}
+
+impl FaultJson {
+    fn new(f: &FaultRecord, applied: &Applied) -> Self {
+        let fe = match applied {
+            Applied::Fault(fe) => Some(fe),
+            _ => None,
+        };
+        let (first_touch, page_kind, changed) = match fe.map(|fe| fe.touch) {
+            Some(Touch::First { kind, refault }) => (true, Some(kind.name()), refault),
+            Some(Touch::Upgraded { .. }) => (false, Some("anon"), true),
+            Some(Touch::Again) | None => (false, None, false),
+        };
+        Self {
+            address: f.address,
+            changed,
+            error_code: f.error_code,
+            first_touch,
+            ip: f.ip,
+            page_kind,
+            pages: fe.map_or(0, |fe| fe.pages),
+            pid: f.pid,
+            stack_grown_to: fe.and_then(|fe| fe.stack_grown_to),
+            stack_id: f.stack_id,
+            tid: f.tid,
+            ts_ns: f.ts_ns,
+            kind: "fault",
+            vma_start: fe.and_then(|fe| fe.vma_start),
+            write: f.write(),
+        }
+    }
+}
+
+/// Writes a fault record as one JSON object, the bytes `serde_json` writes for it (unit
+/// test), without `core::fmt`: faults are most of a trace, and this is the daemon's hottest
+/// output path (formatting through `write!` was half of the daemon's time). Every value is a
+/// number, a boolean, null or one of the fixed page-kind names, so nothing needs escaping.
+fn write_fault(out: &mut Vec<u8>, j: &FaultJson) {
     let mut num = itoa::Buffer::new();
     let mut put = |out: &mut Vec<u8>, key: &str, value: Option<u64>| {
         out.extend_from_slice(key.as_bytes());
@@ -106,15 +227,15 @@ fn write_fault(out: &mut Vec<u8>, f: &FaultRecord, applied: &Applied) {
         }
     };
     let boolean = |b: bool| if b { "true" } else { "false" };
-    put(out, "{\"address\":", Some(f.address));
+    put(out, "{\"address\":", Some(j.address));
     out.extend_from_slice(b",\"changed\":");
-    out.extend_from_slice(boolean(changed).as_bytes());
-    put(out, ",\"error_code\":", f.error_code.map(u64::from));
+    out.extend_from_slice(boolean(j.changed).as_bytes());
+    put(out, ",\"error_code\":", j.error_code.map(u64::from));
     out.extend_from_slice(b",\"first_touch\":");
-    out.extend_from_slice(boolean(first).as_bytes());
-    put(out, ",\"ip\":", Some(f.ip));
+    out.extend_from_slice(boolean(j.first_touch).as_bytes());
+    put(out, ",\"ip\":", Some(j.ip));
     out.extend_from_slice(b",\"page_kind\":");
-    match kind {
+    match j.page_kind {
         Some(name) => {
             out.push(b'"');
             out.extend_from_slice(name.as_bytes());
@@ -122,22 +243,18 @@ fn write_fault(out: &mut Vec<u8>, f: &FaultRecord, applied: &Applied) {
         }
         None => out.extend_from_slice(b"null"),
     }
-    put(out, ",\"pages\":", Some(fe.map_or(0, |fe| fe.pages)));
-    put(out, ",\"pid\":", Some(u64::from(f.pid)));
-    put(
-        out,
-        ",\"stack_grown_to\":",
-        fe.and_then(|fe| fe.stack_grown_to),
-    );
-    if f.stack_id.is_some() {
-        put(out, ",\"stack_id\":", f.stack_id);
+    put(out, ",\"pages\":", Some(j.pages));
+    put(out, ",\"pid\":", Some(u64::from(j.pid)));
+    put(out, ",\"stack_grown_to\":", j.stack_grown_to);
+    if j.stack_id.is_some() {
+        put(out, ",\"stack_id\":", j.stack_id);
     }
-    put(out, ",\"tid\":", Some(u64::from(f.tid)));
-    put(out, ",\"ts_ns\":", Some(f.ts_ns));
+    put(out, ",\"tid\":", Some(u64::from(j.tid)));
+    put(out, ",\"ts_ns\":", Some(j.ts_ns));
     out.extend_from_slice(b",\"type\":\"fault\"");
-    put(out, ",\"vma_start\":", fe.and_then(|fe| fe.vma_start));
+    put(out, ",\"vma_start\":", j.vma_start);
     out.extend_from_slice(b",\"write\":");
-    out.extend_from_slice(f.write().map_or("null", boolean).as_bytes());
+    out.extend_from_slice(j.write.map_or("null", boolean).as_bytes());
     out.push(b'}');
 }
 
@@ -313,11 +430,7 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
         Event::Syscall(s) => {
             serde_json::to_value(SyscallJson::new(s, applied)).unwrap_or(Value::Null)
         }
-        Event::Fault(f) => {
-            let mut line = Vec::with_capacity(256);
-            write_fault(&mut line, f, applied);
-            serde_json::from_slice(&line).unwrap_or(Value::Null)
-        }
+        Event::Fault(f) => serde_json::to_value(FaultJson::new(f, applied)).unwrap_or(Value::Null),
         Event::Fork {
             ts_ns,
             pid,
@@ -352,15 +465,11 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             json!({ "type": "open", "ts_ns": ts_ns, "pid": pid, "tid": tid, "fd": fd, "path": path })
         }
         Event::Heap(c) => {
-            let mut line = Vec::with_capacity(256);
             let effect = match applied {
                 Applied::Heap(e) => Some(e),
                 _ => None,
             };
-            match heap::record::write_heap(&mut line, c, effect) {
-                Ok(()) => serde_json::from_slice(&line).unwrap_or(Value::Null),
-                Err(_) => Value::Null,
-            }
+            serde_json::to_value(heap::record::HeapJson::new(c, effect)).unwrap_or(Value::Null)
         }
         Event::HeapAttach {
             ts_ns,
@@ -429,8 +538,10 @@ pub fn snapshot_json(ts_ns: u64, reason: SnapshotReason, p: &Process) -> Value {
     })
 }
 
-impl<W: Write> Sink for NdjsonSink<W> {
+impl<W: Write> Sink for RecordSink<W> {
     fn start(&mut self, meta: &Meta) -> io::Result<()> {
+        // A new file (or the first): a binary stream starts again with its header.
+        self.encoding.restart();
         let clock = meta.clock.as_ref();
         self.line(&json!({
             "type": "meta",
@@ -478,22 +589,20 @@ impl<W: Write> Sink for NdjsonSink<W> {
             self.write_runs(true)?;
         }
         self.scratch.clear();
+        let (scratch, encoding) = (&mut self.scratch, &mut self.encoding);
         match event {
-            Event::Fault(f) => write_fault(&mut self.scratch, f, applied),
-            Event::Syscall(s) => {
-                serde_json::to_writer(&mut self.scratch, &SyscallJson::new(s, applied))?
-            }
+            Event::Fault(f) => encoding.fault(scratch, &FaultJson::new(f, applied))?,
+            Event::Syscall(s) => encoding.record(scratch, &SyscallJson::new(s, applied))?,
             Event::Heap(c) => {
                 let effect = match applied {
                     Applied::Heap(e) => Some(e),
                     _ => None,
                 };
-                heap::record::write_heap(&mut self.scratch, c, effect)?;
+                encoding.record(scratch, &heap::record::HeapJson::new(c, effect))?;
             }
             Event::HeapRaw(_) => return Ok(()),
             other => return self.line(&event_json(other, applied)),
         }
-        self.scratch.push(b'\n');
         self.out.write_all(&self.scratch)
     }
 
@@ -618,9 +727,15 @@ mod tests {
                     stack_id,
                     ..f
                 };
+                let record = FaultJson::new(&f, applied);
                 let mut line = Vec::new();
-                write_fault(&mut line, &f, applied);
+                write_fault(&mut line, &record);
                 let text = String::from_utf8(line).expect("utf-8");
+                assert_eq!(
+                    text,
+                    serde_json::to_string(&record).expect("serializes"),
+                    "{applied:?}: the fast writer against the derived form"
+                );
                 assert_eq!(
                     text,
                     serde_json::to_string(&reference(&f, applied)).expect("serializes"),
