@@ -364,14 +364,16 @@ fn costed(out: &Path, extra: &[&str], args: &[&str]) -> Result<Costed, String> {
 
 /// What output costs, as users run it: the workloads untraced, traced with NDJSON to
 /// /dev/null, to a file on the disk of this checkout (first touches in runs, the default),
-/// and to a file with a record per fault (`--faults all`); alternating rounds, medians.
+/// and to a file with a record per fault (`--faults all`), then the same two files in the
+/// binary format; alternating rounds, medians.
 /// Prints the ratio, the bytes written per event and vmatrace's own CPU per event (both
 /// beyond those of the same run without the workload's loop).
 fn output_costs(rounds: usize) {
     let dir = target_dir();
     let file = dir.join(format!("bench-output-{}.ndjson", std::process::id()));
+    let binary = dir.join(format!("bench-output-{}.vmat", std::process::id()));
     let devnull = PathBuf::from("/dev/null");
-    let configs: [(&str, &Path, &[&str]); 3] = [
+    let configs: [(&str, &Path, &[&str]); 5] = [
         (
             "NDJSON to /dev/null",
             &devnull,
@@ -386,6 +388,16 @@ fn output_costs(rounds: usize) {
             "NDJSON to a file, a record per fault (--faults all)",
             &file,
             &["--json", "--faults", "all"],
+        ),
+        (
+            "binary to a file (runs of first touches)",
+            &binary,
+            &["--format", "binary", "--faults", "first"],
+        ),
+        (
+            "binary to a file, a record per fault (--faults all)",
+            &binary,
+            &["--format", "binary", "--faults", "all"],
         ),
     ];
     println!(
@@ -445,6 +457,7 @@ fn output_costs(rounds: usize) {
         }
     }
     let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(&binary);
 }
 
 fn main() {
