@@ -784,4 +784,163 @@ mod tests {
             u.explanation
         );
     }
+
+    /// `n` anonymous mappings of `len` bytes, each unmapped whole right after, 1 ms apart.
+    fn map_unmap_pairs(s: &mut Session, n: u64, len: u64) {
+        let at = 0x7f00_0000_0000u64;
+        for i in 0..n {
+            let ts = 1_000_000 * (2 * i + 1);
+            call(
+                s,
+                ts,
+                Syscall::Mmap,
+                [0, len, 3, 0x22, u64::MAX, 0],
+                at as i64,
+            );
+            call(s, ts + 1_000_000, Syscall::Munmap, [at, len, 0, 0, 0, 0], 0);
+        }
+    }
+
+    fn finding_of<'a>(f: &'a [Finding], id: &str) -> Option<&'a Finding> {
+        f.iter().find(|f| f.id == id)
+    }
+
+    #[test]
+    fn mmap_churn_needs_a_hundred_same_size_pairs_of_64_kib_or_more() {
+        // (pairs, size, whether the finding is raised)
+        for (n, len, raised) in [
+            (99, 64 * 1024, false),
+            (100, 64 * 1024, true),
+            (100, 60 * 1024, false),
+            (150, MIB, true),
+        ] {
+            let mut s = Session::default();
+            s.add(7, Seed::default(), 0, None);
+            map_unmap_pairs(&mut s, n, len);
+            let p = s.get(7).expect("traced");
+            let f = analyze(p, &Limits::default(), &s.stacks);
+            let churn = finding_of(&f, "mmap_churn");
+            assert_eq!(churn.is_some(), raised, "{n} pairs of {len}: {churn:?}");
+            if let Some(c) = churn {
+                assert_eq!(c.severity, Severity::Warning);
+                assert_eq!(c.numbers["pairs"], n);
+                assert_eq!(c.numbers["size_bytes"], len);
+                // From the first munmap to the last: 2 ms apart each.
+                let span_ns = (n - 1) * 2_000_000;
+                assert_eq!(c.numbers["per_second"], n * 1_000_000_000 / span_ns);
+                assert_eq!(c.numbers["refaulted_bytes"], 0, "nothing was touched");
+                assert!(
+                    c.suggestion
+                        .as_deref()
+                        .is_some_and(|t| t.contains("MALLOC_MMAP_THRESHOLD_"))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_heap_of_32_mib_never_trimmed_is_a_warning_and_a_smaller_or_trimmed_one_is_not() {
+        let heap = 0x5555_0000_0000u64;
+        // (brk calls after the start, warning, trims)
+        for (brks, warning, shrinks) in [
+            (vec![32 * MIB], true, 0),
+            (vec![32 * MIB - PAGE_SIZE], false, 0),
+            (vec![32 * MIB, 16 * MIB], false, 1),
+            (vec![8 * MIB, 40 * MIB], true, 0),
+        ] {
+            let mut s = Session::default();
+            s.add(
+                7,
+                Seed {
+                    start_brk: Some(heap),
+                    ..Seed::default()
+                },
+                0,
+                None,
+            );
+            for (i, to) in brks.iter().enumerate() {
+                call(
+                    &mut s,
+                    i as u64 + 1,
+                    Syscall::Brk,
+                    [heap + to, 0, 0, 0, 0, 0],
+                    (heap + to) as i64,
+                );
+            }
+            let p = s.get(7).expect("traced");
+            let f = analyze(p, &Limits::default(), &s.stacks);
+            let h = finding_of(&f, "heap").expect("a heap finding, always");
+            let expected = if warning {
+                Severity::Warning
+            } else {
+                Severity::Info
+            };
+            assert_eq!(h.severity, expected, "{brks:?}: {h:?}");
+            assert_eq!(h.numbers["current_bytes"], *brks.last().expect("a call"));
+            assert_eq!(
+                h.numbers["high_water_bytes"],
+                *brks.iter().max().expect("a call")
+            );
+            assert_eq!(h.numbers["brk_shrinks"], shrinks);
+            assert_eq!(h.numbers["touched_bytes"], 0);
+            assert_eq!(h.suggestion.is_some(), warning, "{brks:?}");
+            if shrinks > 0 {
+                assert!(
+                    h.explanation.contains("given back to the kernel 1 times"),
+                    "{}",
+                    h.explanation
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fragmentation_warns_at_half_of_max_map_count_and_counts_small_holes() {
+        let limits = Limits {
+            max_map_count: 10,
+            cpus: 1,
+        };
+        // (VMAs, warning): five VMAs are half of 10.
+        for (n, warning) in [(4u64, false), (5, true)] {
+            let mut s = Session::default();
+            s.add(7, Seed::default(), 0, None);
+            let base = 0x7f00_0000_0000u64;
+            // One page each; the gap after the first is 2 MiB, the others 1 page.
+            let starts: Vec<u64> = (0..n)
+                .map(|i| {
+                    if i == 0 {
+                        base
+                    } else {
+                        base + 2 * MIB + PAGE_SIZE + (i - 1) * 2 * PAGE_SIZE
+                    }
+                })
+                .collect();
+            for (i, at) in starts.iter().enumerate() {
+                call(
+                    &mut s,
+                    i as u64 + 1,
+                    Syscall::Mmap,
+                    [0, PAGE_SIZE, 3, 0x22, u64::MAX, 0],
+                    *at as i64,
+                );
+            }
+            let p = s.get(7).expect("traced");
+            let f = analyze(p, &limits, &s.stacks);
+            let frag = finding_of(&f, "fragmentation").expect("always");
+            assert_eq!(frag.numbers["vmas"], n);
+            assert_eq!(frag.numbers["holes"], n - 1);
+            assert_eq!(frag.numbers["small_holes"], n - 2, "all but the 2 MiB gap");
+            assert_eq!(frag.numbers["largest_gap_bytes"], 2 * MIB);
+            assert_eq!(
+                frag.severity,
+                if warning {
+                    Severity::Warning
+                } else {
+                    Severity::Info
+                },
+                "{n} VMAs"
+            );
+            assert_eq!(frag.suggestion.is_some(), warning);
+        }
+    }
 }

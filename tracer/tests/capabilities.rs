@@ -7,10 +7,9 @@
 mod common;
 
 use std::{
-    io::BufRead as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::{Command, Output},
 };
 
 use common::*;
@@ -153,38 +152,7 @@ fn pretouched(as_user: bool) -> (KillOnDrop, u64) {
     } else {
         Command::new(workload())
     };
-    let mut child = c
-        .arg("pretouched")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("workload starts");
-    let stdout = child.stdout.take().expect("piped");
-    let target = KillOnDrop(child);
-    let mut region = 0;
-    for line in std::io::BufReader::new(stdout).lines() {
-        let line = line.expect("line");
-        if let Some(rest) = line.strip_prefix("pretouched ") {
-            region = rest
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse().ok())
-                .expect("addr");
-        }
-        if line == "checkpoint before_attach" {
-            break;
-        }
-    }
-    let pid = target.0.id();
-    wait_for(10, "the workload to stop", || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()
-                    .map(|r| r.trim_start().starts_with('T'))
-            })
-            .unwrap_or(false)
-    });
+    let (target, _, region) = pretouched_before_attach(&mut c);
     (target, region)
 }
 

@@ -4,13 +4,13 @@
 mod common;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
 };
 
 use common::*;
 use serde_json::Value;
-use tracer::{model::normalize, procfs};
+use tracer::model::normalize;
 
 /// A fresh cgroup v2 group, removed (its processes moved back to the root) when dropped.
 struct Group(PathBuf);
@@ -61,24 +61,7 @@ fn last_map(recs: &[Value], pid: u32) -> Vec<normalize::Range> {
         .rev()
         .find(|r| r["type"] == "snapshot" && r["pid"] == pid)
         .unwrap_or_else(|| panic!("a snapshot of {pid}"));
-    let items: Vec<(u64, u64, tracer::model::Perms, Option<String>)> = snap["vmas"]
-        .as_array()
-        .expect("vmas")
-        .iter()
-        .map(|v| {
-            (
-                v["start"].as_u64().expect("start"),
-                v["end"].as_u64().expect("end"),
-                tracer::model::Perms::parse(v["perms"].as_str().expect("perms")).expect("perms"),
-                v["path"].as_str().map(str::to_string),
-            )
-        })
-        .collect();
-    normalize::normalize(
-        items
-            .iter()
-            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
-    )
+    snapshot_ranges(snap)
 }
 
 #[test]
@@ -101,17 +84,18 @@ fn a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others() {
         .expect("vmatrace runs");
     // Joins once tracing has started (the member's seed is written).
     wait_for(20, "the member's seed snapshot", || {
-        out.exists() && records_so_far(&out).iter().any(|r| r["type"] == "snapshot")
+        out.exists()
+            && complete_records(&out)
+                .iter()
+                .any(|r| r["type"] == "snapshot")
     });
     let mut joiner = spin("15000");
     group.add(joiner.id());
     // Stopped for the end of the run, so that its last map is the kernel's now.
     std::thread::sleep(std::time::Duration::from_millis(1500));
     kill(joiner.id(), libc::SIGSTOP);
-    wait_for(10, "the joiner to stop", || {
-        procfs::read_stat(joiner.id()).is_ok_and(|s| s.state == 'T')
-    });
-    let kernel = procfs::read_maps(joiner.id()).expect("maps");
+    wait_until_stopped(joiner.id(), "the joiner to stop");
+    let kernel = kernel_ranges(joiner.id());
     let status = v.wait().expect("vmatrace ends");
     let mut err = String::new();
     if let Some(mut e) = v.stderr.take() {
@@ -142,11 +126,6 @@ fn a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others() {
         !recs.iter().any(|r| r["pid"] == outsider.id()),
         "nothing of the outsider"
     );
-    let kernel = normalize::normalize(
-        kernel
-            .iter()
-            .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
-    );
     let diff = normalize::diff(&kernel, &last_map(&recs, joiner.id()));
     assert!(diff.is_empty(), "the joiner's map:\n{}", diff.join("\n"));
 }
@@ -171,7 +150,7 @@ fn a_short_lived_process_joining_the_cgroup_is_traced_from_its_first_event() {
         .spawn()
         .expect("vmatrace runs");
     wait_for(20, "the run's start", || {
-        records_so_far(&out).iter().any(|r| r["type"] == "meta")
+        complete_records(&out).iter().any(|r| r["type"] == "meta")
     });
     // Tracing has started once meta is written; give the attach a moment on a busy machine.
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -228,13 +207,4 @@ fn what_is_not_a_cgroup2_group_is_refused_in_one_line() {
         .output()
         .expect("vmatrace runs");
     assert_eq!(o.status.code(), Some(1));
-}
-
-/// The complete lines of a recording still being written.
-fn records_so_far(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use serde_json::Value;
 
@@ -19,21 +17,13 @@ fn final_vmas(recs: &[Value], pid: &Value) -> Value {
 /// Traces `args` with the default `--faults first` into a file; checks that replay of it
 /// gives the live summary and final maps; returns the records as written.
 fn traced_and_replayed(name: &str, args: &[&str]) -> Vec<Value> {
-    let file = temp_path(name);
-    let o = Command::new(vmatrace())
-        .args(["--json", "-o"])
-        .arg(&file)
-        .arg("--")
-        .arg(workload())
-        .args(args)
-        .output()
-        .expect("vmatrace runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let raw = raw_records(&file);
+    let traced = trace_workload(&[], args);
+    assert_eq!(traced.status, 0, "{name}: {}", traced.stderr);
+    let raw = traced.raw;
     assert_eq!(raw[0]["faults"], "first");
     let live = raw.last().expect("records");
     assert_eq!(live["type"], "summary");
-    let again = replayed(&file);
+    let again = replayed(&traced.path);
     let summary = again.last().expect("replay output");
     assert_eq!(summary["type"], "summary");
     // With `--faults first` the faults that changed nothing are not written: replay counts
@@ -80,7 +70,7 @@ fn runs_of_first_touches_are_ten_times_smaller_and_replay_to_the_live_summary() 
         return;
     }
     // The fault-heavy benchmark's shape: map 256 pages, touch each, unmap; 200 times.
-    let raw = traced_and_replayed("compact-fault-loop.ndjson", &["fault-loop", "200", "256"]);
+    let raw = traced_and_replayed("fault-loop", &["fault-loop", "200", "256"]);
     let bytes = |recs: &[Value]| -> usize {
         recs.iter()
             .map(|r| serde_json::to_string(r).expect("serializes").len() + 1)
@@ -126,7 +116,7 @@ fn interleaved_threads_and_processes_replay_to_the_live_summary() {
         return;
     }
     // Four threads touching their own regions at once: their runs interleave and break.
-    let raw = traced_and_replayed("compact-threads.ndjson", &["threads", "4", "512"]);
+    let raw = traced_and_replayed("threads", &["threads", "4", "512"]);
     let tids: std::collections::BTreeSet<u64> = raw
         .iter()
         .filter(|r| r["type"] == "touches")
@@ -140,5 +130,5 @@ fn interleaved_threads_and_processes_replay_to_the_live_summary() {
         .collect();
     assert!(times.is_sorted(), "records stay in time order");
     // A forked child copies its parent's map: runs of both, and of the copies on write.
-    traced_and_replayed("compact-fork.ndjson", &["fork"]);
+    traced_and_replayed("fork", &["fork"]);
 }

@@ -43,38 +43,10 @@ fn hw() -> String {
     heap_workload().to_string_lossy().into_owned()
 }
 
-/// Complete lines written so far (the writer may be mid-line).
-fn complete_records(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-        .collect()
-}
-
-fn state(pid: u32) -> char {
-    tracer::procfs::read_stat(pid).map_or('?', |s| s.state)
-}
-
 /// A snapshot through SIGUSR1 of the stopped `pid`.
 fn signal_snapshot(vmatrace_pid: u32, out: &Path, pid: u32) -> Value {
-    wait_for(10, "the traced process to stop", || state(pid) == 'T');
-    let is_snap = |r: &Value| r["type"] == "snapshot" && r["reason"] == "signal" && r["pid"] == pid;
-    let before = complete_records(out).iter().filter(|r| is_snap(r)).count();
-    kill(vmatrace_pid, libc::SIGUSR1);
-    let mut snap = Value::Null;
-    wait_for(60, "the signal snapshot", || {
-        let recs = complete_records(out);
-        let snaps: Vec<&Value> = recs.iter().filter(|r| is_snap(r)).collect();
-        if snaps.len() > before {
-            snap = snaps[snaps.len() - 1].clone();
-            true
-        } else {
-            false
-        }
-    });
-    snap
+    wait_until_stopped(pid, "the traced process to stop");
+    signal_snapshot_of(vmatrace_pid, out, u64::from(pid))
 }
 
 fn n(v: &Value, key: &str) -> u64 {
@@ -297,9 +269,7 @@ fn attached_to_a_running_process_live_bytes_count_what_it_allocates_after() {
             break;
         }
     }
-    wait_for(10, "the workload to stop before the attach", || {
-        state(pid) == 'T'
-    });
+    wait_until_stopped(pid, "the workload to stop before the attach");
     let out = temp_path("heap-attach.ndjson");
     let o = out.to_string_lossy().into_owned();
     let p = pid.to_string();
@@ -335,37 +305,13 @@ fn heap_report(name: &str, env: &[&str], args: &[&str]) -> (Vec<Value>, String) 
 
 /// Records the workload with `flags`; returns the findings and the workload's last line.
 fn report_of(name: &str, flags: &[&str], env: &[&str], args: &[&str]) -> (Vec<Value>, String) {
-    let file = temp_path(&format!("heap-report-{name}.ndjson"));
-    let o = Command::new(vmatrace())
-        .arg("record")
-        .args(flags)
-        .arg("-o")
-        .arg(&file)
-        .args(["--", "env"])
-        .args(env)
-        .arg(hw())
-        .args(args)
-        .output()
-        .expect("vmatrace runs");
-    assert!(
-        o.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let r = Command::new(vmatrace())
-        .args(["report", "--json"])
-        .arg(&file)
-        .output()
-        .expect("report runs");
-    assert!(
-        r.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    let findings = String::from_utf8_lossy(&r.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("finding records are JSON"))
-        .collect();
+    let mut cmd = vec!["env"];
+    cmd.extend_from_slice(env);
+    let hw = hw();
+    cmd.push(&hw);
+    cmd.extend_from_slice(args);
+    let (o, file) = record(name, flags, &cmd);
+    let findings = report_findings(name, &file);
     let last = String::from_utf8_lossy(&o.stdout)
         .lines()
         .last()
@@ -842,7 +788,7 @@ fn pymalloc_arenas_of_a_running_process_are_found_by_their_pools_with_p() {
             break;
         }
     }
-    wait_for(10, "python to stop itself", || state(pid) == 'T');
+    wait_until_stopped(pid, "python to stop itself");
     // Every arena was mapped before vmatrace came.
     let out = temp_path("heap-pymalloc-p.ndjson");
     let o = out.to_string_lossy().into_owned();

@@ -8,20 +8,7 @@ use std::{path::Path, process::Command};
 
 use common::*;
 use serde_json::Value;
-use tracer::{
-    model::{Perms, normalize},
-    procfs,
-};
-
-/// Complete lines written so far (the writer may be mid-line).
-fn complete_records(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-        .collect()
-}
+use tracer::{model::normalize, procfs};
 
 /// The pid of the launched process, from its exec record (waits for it to be written).
 fn exec_pid(out: &Path) -> u64 {
@@ -34,59 +21,6 @@ fn exec_pid(out: &Path) -> u64 {
         pid.is_some()
     });
     pid.unwrap_or_default()
-}
-
-fn state(pid: u32) -> char {
-    procfs::read_stat(pid).map_or('?', |s| s.state)
-}
-
-/// The model's normalised map from a snapshot record.
-fn snapshot_ranges(snap: &Value) -> Vec<normalize::Range> {
-    let vmas = snap["vmas"].as_array().expect("vmas");
-    let items: Vec<(u64, u64, Perms, Option<String>)> = vmas
-        .iter()
-        .map(|v| {
-            (
-                v["start"].as_u64().expect("start"),
-                v["end"].as_u64().expect("end"),
-                Perms::parse(v["perms"].as_str().expect("perms")).expect("valid perms"),
-                v["path"].as_str().map(str::to_string),
-            )
-        })
-        .collect();
-    normalize::normalize(
-        items
-            .iter()
-            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
-    )
-}
-
-/// Takes a snapshot through SIGUSR1 and returns it.
-fn signal_snapshot(vmatrace_pid: u32, out: &Path, pid: u64) -> Value {
-    let count = |recs: &[Value]| {
-        recs.iter()
-            .filter(|r| r["type"] == "snapshot" && r["reason"] == "signal" && r["pid"] == pid)
-            .count()
-    };
-    let before = count(&complete_records(out));
-    kill(vmatrace_pid, libc::SIGUSR1);
-    let mut snap = Value::Null;
-    // Generous: under emulation (the kernel matrix) a busy daemon takes seconds.
-    wait_for(60, "the signal snapshot", || {
-        let recs = complete_records(out);
-        if count(&recs) > before {
-            snap = recs
-                .iter()
-                .rev()
-                .find(|r| r["type"] == "snapshot" && r["reason"] == "signal" && r["pid"] == pid)
-                .cloned()
-                .unwrap_or(Value::Null);
-            true
-        } else {
-            false
-        }
-    });
-    snap
 }
 
 /// Anonymous bytes the kernel and the model disagree on, summed over the normalised ranges
@@ -168,16 +102,10 @@ fn compare_stopped(
     out: &Path,
     pid: u64,
 ) -> (u64, Vec<String>, Vec<procfs::SmapsEntry>, Value) {
-    wait_for(10, "the traced process to stop", || {
-        state(pid as u32) == 'T'
-    });
-    let maps = procfs::read_maps(pid as u32).expect("maps");
+    wait_until_stopped(pid as u32, "the traced process to stop");
+    let kernel = kernel_ranges(pid as u32);
     let smaps = procfs::read_smaps(pid as u32).expect("smaps");
-    let snap = signal_snapshot(vmatrace_pid, out, pid);
-    let kernel = normalize::normalize(
-        maps.iter()
-            .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
-    );
+    let snap = signal_snapshot_of(vmatrace_pid, out, pid);
     let diff = normalize::diff(&kernel, &snapshot_ranges(&snap));
     (pid, diff, smaps, snap)
 }
@@ -449,32 +377,8 @@ fn attaching_to_a_running_process_finds_the_pages_it_touched_before() {
     if !privileged("attaching_to_a_running_process_finds_the_pages_it_touched_before") {
         return;
     }
-    let mut target = KillOnDrop(
-        Command::new(workload())
-            .arg("pretouched")
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("workload starts"),
-    );
+    let (mut target, mut lines, region) = pretouched_before_attach(&mut Command::new(workload()));
     let pid = target.0.id();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
-        target.0.stdout.take().expect("piped"),
-    ));
-    let mut region = 0u64;
-    for line in lines.by_ref() {
-        let line = line.expect("line");
-        if let Some(rest) = line.strip_prefix("pretouched ") {
-            region = rest
-                .split_whitespace()
-                .next()
-                .and_then(|a| a.parse().ok())
-                .expect("addr");
-        }
-        if line == "checkpoint before_attach" {
-            break;
-        }
-    }
-    wait_for(10, "the workload to stop", || state(pid) == 'T');
     let out = temp_path("pretouched.ndjson");
     let out_s = out.to_string_lossy().into_owned();
     let mut vm = spawn(&["-p", &pid.to_string(), "--json", "-o", &out_s]);

@@ -4,7 +4,10 @@
 
 mod common;
 
-use std::process::Command;
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use common::*;
 use serde_json::Value;
@@ -14,33 +17,8 @@ const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 
 /// Records `cmd` and returns the findings of `vmatrace report --json`.
 fn report(name: &str, cmd: &[&str]) -> Vec<Value> {
-    let file = temp_path(&format!("report-{name}.ndjson"));
-    let o = Command::new(vmatrace())
-        .args(["record", "-o"])
-        .arg(&file)
-        .arg("--")
-        .args(cmd)
-        .output()
-        .expect("vmatrace runs");
-    assert!(
-        o.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let r = Command::new(vmatrace())
-        .args(["report", "--json"])
-        .arg(&file)
-        .output()
-        .expect("report runs");
-    assert!(
-        r.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8_lossy(&r.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("finding records are JSON"))
-        .collect()
+    let (_, file) = record(name, &[], cmd);
+    report_findings(name, &file)
 }
 
 fn warning<'a>(findings: &'a [Value], id: &str) -> &'a Value {
@@ -209,32 +187,36 @@ fn chromium(args: &[&str], page: &std::path::Path) -> std::process::Output {
         .expect("chromium runs (cargo xtask test installs Debian's chromium)")
 }
 
+/// `vmatrace report FILE --html NAME.html --perfetto NAME.trace.json` (it must succeed);
+/// returns the page and the trace.
+fn pictures(file: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let html = temp_path(&format!("{name}.html"));
+    let trace = temp_path(&format!("{name}.trace.json"));
+    run_ok(
+        "report",
+        Command::new(vmatrace())
+            .arg("report")
+            .arg(file)
+            .arg("--html")
+            .arg(&html)
+            .arg("--perfetto")
+            .arg(&trace),
+    );
+    (html, trace)
+}
+
 #[test]
 fn html_report_renders_and_perfetto_trace_is_valid() {
     if !privileged("html_report_renders_and_perfetto_trace_is_valid") {
         return;
     }
     let w = workload();
-    let file = temp_path("pictures.ndjson");
-    let o = Command::new(vmatrace())
-        .args(["record", "-o"])
-        .arg(&file)
-        .args(["--", w.to_str().expect("utf-8"), "mmap-churn", "300", "512"])
-        .output()
-        .expect("records");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let html = temp_path("report.html");
-    let trace = temp_path("report.trace.json");
-    let r = Command::new(vmatrace())
-        .arg("report")
-        .arg(&file)
-        .arg("--html")
-        .arg(&html)
-        .arg("--perfetto")
-        .arg(&trace)
-        .output()
-        .expect("report runs");
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (_, file) = record(
+        "pictures",
+        &[],
+        &[w.to_str().expect("utf-8"), "mmap-churn", "300", "512"],
+    );
+    let (html, trace) = pictures(&file, "report");
 
     // The Chrome trace event format: an object with traceEvents, each event well formed.
     let t: Value =
@@ -331,22 +313,12 @@ fn pictures_of_a_run_with_over_50000_pieces_cover_it_whole_in_under_5_mb() {
         return;
     }
     let w = workload();
-    let file = temp_path("big-picture.ndjson");
     // A ring that holds the whole run, so that no piece is lost whatever the reader's speed.
-    let o = Command::new(vmatrace())
-        .args(["record", "--ring-size", "256M", "-o"])
-        .arg(&file)
-        .args([
-            "--",
-            w.to_str().expect("utf-8"),
-            "big-picture",
-            "4",
-            "8",
-            "60000",
-        ])
-        .output()
-        .expect("records");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, file) = record(
+        "big-picture",
+        &["--ring-size", "256M"],
+        &[w.to_str().expect("utf-8"), "big-picture", "4", "8", "60000"],
+    );
     let text = std::fs::read_to_string(&file).expect("reads");
     let mut mmaps = 0u64;
     let (mut first, mut last) = (u64::MAX, 0u64);
@@ -372,18 +344,7 @@ fn pictures_of_a_run_with_over_50000_pieces_cover_it_whole_in_under_5_mb() {
     assert!(mmaps > 50_000, "{mmaps} mappings");
     drop(text);
 
-    let html = temp_path("big-picture.html");
-    let trace = temp_path("big-picture.trace.json");
-    let r = Command::new(vmatrace())
-        .arg("report")
-        .arg(&file)
-        .arg("--html")
-        .arg(&html)
-        .arg("--perfetto")
-        .arg(&trace)
-        .output()
-        .expect("report runs");
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let (html, trace) = pictures(&file, "big-picture");
     let limit = 5_000_000;
     for f in [&html, &trace] {
         let len = std::fs::metadata(f).expect("written").len();

@@ -13,10 +13,7 @@ use std::{
 
 use common::*;
 use serde_json::Value;
-use tracer::{
-    model::{Perms, normalize},
-    procfs,
-};
+use tracer::{model::normalize, procfs};
 
 /// A fresh directory for one test's files.
 fn temp_dir(name: &str) -> PathBuf {
@@ -34,60 +31,6 @@ fn names_in(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-/// The complete lines of a plain recording that may be being written (or renamed) now.
-fn complete_lines(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete.lines().map(str::to_string).collect()
-}
-
-fn parse(lines: &[String]) -> Vec<Value> {
-    lines
-        .iter()
-        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-        .collect()
-}
-
-/// The normalised map of a snapshot record.
-fn ranges(snap: &Value) -> Vec<normalize::Range> {
-    let rows: Vec<(u64, u64, Perms, Option<String>)> = snap["vmas"]
-        .as_array()
-        .expect("vmas")
-        .iter()
-        .map(|v| {
-            (
-                v["start"].as_u64().expect("start"),
-                v["end"].as_u64().expect("end"),
-                Perms::parse(v["perms"].as_str().expect("perms")).expect("perms"),
-                v["path"].as_str().map(str::to_string),
-            )
-        })
-        .collect();
-    normalize::normalize(
-        rows.iter()
-            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
-    )
-}
-
-/// The sum of `field` over a snapshot's VMAs.
-fn total(snap: &Value, field: &str) -> u64 {
-    snap["vmas"]
-        .as_array()
-        .expect("vmas")
-        .iter()
-        .map(|v| v[field].as_u64().unwrap_or(0))
-        .sum()
-}
-
-/// The kernel's normalised map of `pid`.
-fn kernel_ranges(pid: u32) -> Vec<normalize::Range> {
-    let maps = procfs::read_maps(pid).expect("maps");
-    normalize::normalize(
-        maps.iter()
-            .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
-    )
 }
 
 /// Runs vmatrace with `args` on `workload churn-then-stop ITERS PAUSE_US` until the workload
@@ -113,9 +56,7 @@ fn until_checkpoint(args: &[&str], iters: &str, pause_us: &str) -> (Running, u32
         }
     }
     let pid: u32 = pid.expect("the workload said its pid");
-    wait_for(10, "the workload to stop", || {
-        procfs::read_stat(pid).is_ok_and(|s| s.state == 'T')
-    });
+    wait_until_stopped(pid, "the workload to stop");
     (v, pid)
 }
 
@@ -160,7 +101,7 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
     kill(v.child.id(), libc::SIGUSR1);
     let is_signal = |r: &Value| r["type"] == "snapshot" && r["reason"] == "signal";
     let with_signal = |name: &str| {
-        parse(&complete_lines(&dir.join(name)))
+        parse_lines(&complete_lines(&dir.join(name)))
             .iter()
             .any(is_signal)
     };
@@ -190,7 +131,7 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
         let path = dir.join(name);
         let text = std::fs::read_to_string(&path).expect("reads");
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        let recs = parse(&lines);
+        let recs = parse_lines(&lines);
         assert_eq!(recs[0]["type"], "meta", "{name} starts with meta");
         let first_snapshot = recs.iter().find(|r| r["type"] == "snapshot");
         assert!(
@@ -237,7 +178,7 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
 
     // The file with the signal snapshot, replayed from its own seed, gives the kernel's map
     // and the live model's bytes at that moment.
-    let live = parse(&complete_lines(&snap_copy))
+    let live = parse_lines(&complete_lines(&snap_copy))
         .into_iter()
         .find(|r| is_signal(r) && r["pid"] == pid)
         .expect("the live signal snapshot");
@@ -246,23 +187,27 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
         .find(|r| is_signal(r) && r["pid"] == pid)
         .expect("the replayed signal snapshot");
     assert_eq!(
-        normalize::diff(&kernel, &ranges(&again)),
+        normalize::diff(&kernel, &snapshot_ranges(&again)),
         Vec::<String>::new(),
         "the replayed map differs from /proc/{pid}/maps"
     );
-    assert_eq!(ranges(&again), ranges(&live));
+    assert_eq!(snapshot_ranges(&again), snapshot_ranges(&live));
     for field in ["reserved_bytes", "touched_bytes", "anon_bytes"] {
-        assert_eq!(total(&again, field), total(&live, field), "{field}");
+        assert_eq!(
+            snapshot_sum(&again, field),
+            snapshot_sum(&live, field),
+            "{field}"
+        );
     }
     // The same tolerance as model_vs_kernel: pages the kernel fills for exec and the loader.
     assert!(
-        total(&again, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
+        snapshot_sum(&again, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
         "anonymous bytes: replayed {} kernel {kernel_anon}",
-        total(&again, "anon_bytes")
+        snapshot_sum(&again, "anon_bytes")
     );
 
     // The newest file's replay ends with the model the live run ended with.
-    let newest = parse(&complete_lines(&dir.join("t.ndjson")));
+    let newest = parse_lines(&complete_lines(&dir.join("t.ndjson")));
     let summary_of = |recs: &[Value]| {
         recs.iter()
             .rev()
@@ -367,7 +312,7 @@ fn zstd_recordings_are_complete_after_ctrl_c_and_replay_like_their_decompression
         .expect("zstd runs");
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
     let lines = complete_lines(&plain);
-    let recs = parse(&lines);
+    let recs = parse_lines(&lines);
     assert_eq!(recs[0]["type"], "meta");
     assert_eq!(
         recs.last().map(|r| r["type"].clone()),
@@ -419,7 +364,7 @@ fn snapshot_every_writes_periodic_snapshots_that_match_the_kernel() {
         |r: &Value| r["type"] == "snapshot" && r["reason"] == "periodic" && r["pid"] == pid;
     let mut after_stop = Value::Null;
     wait_for(10, "a periodic snapshot of the stopped workload", || {
-        let recs = parse(&complete_lines(&out));
+        let recs = parse_lines(&complete_lines(&out));
         after_stop = recs
             .into_iter()
             .find(|r| periodic(r) && r["ts_ns"].as_u64() > Some(stopped))
@@ -428,17 +373,17 @@ fn snapshot_every_writes_periodic_snapshots_that_match_the_kernel() {
     });
     finish(v, pid);
     assert_eq!(
-        normalize::diff(&kernel, &ranges(&after_stop)),
+        normalize::diff(&kernel, &snapshot_ranges(&after_stop)),
         Vec::<String>::new(),
         "the periodic snapshot differs from /proc/{pid}/maps"
     );
     assert!(
-        total(&after_stop, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
+        snapshot_sum(&after_stop, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
         "anonymous bytes: snapshot {} kernel {kernel_anon}",
-        total(&after_stop, "anon_bytes")
+        snapshot_sum(&after_stop, "anon_bytes")
     );
 
-    let recs = parse(&complete_lines(&out));
+    let recs = parse_lines(&complete_lines(&out));
     let times: Vec<u64> = recs
         .iter()
         .filter(|r| periodic(r))
@@ -465,8 +410,16 @@ fn snapshot_every_writes_periodic_snapshots_that_match_the_kernel() {
     let live: Vec<&Value> = recs.iter().filter(|r| periodic(r)).collect();
     assert_eq!(again.len(), live.len());
     for (a, l) in again.iter().zip(live) {
-        assert_eq!(ranges(a), ranges(l), "periodic snapshot at {}", l["ts_ns"]);
-        assert_eq!(total(a, "touched_bytes"), total(l, "touched_bytes"));
+        assert_eq!(
+            snapshot_ranges(a),
+            snapshot_ranges(l),
+            "periodic snapshot at {}",
+            l["ts_ns"]
+        );
+        assert_eq!(
+            snapshot_sum(a, "touched_bytes"),
+            snapshot_sum(l, "touched_bytes")
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

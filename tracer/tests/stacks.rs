@@ -52,20 +52,7 @@ fn line_of(tag: &str) -> u64 {
 
 /// Runs `vmatrace record -o OUT [extra] -- cmd...` to the end; returns the records and OUT.
 fn record(extra: &[&str], cmd: &[&str]) -> (Vec<Value>, PathBuf) {
-    let out = temp_path("stacks.ndjson");
-    let o = Command::new(vmatrace())
-        .args(["record", "-o"])
-        .arg(&out)
-        .args(extra)
-        .arg("--")
-        .args(cmd)
-        .output()
-        .expect("vmatrace runs");
-    assert!(
-        o.status.success(),
-        "vmatrace failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let (_, out) = common::record("stacks", extra, cmd);
     (records(&out), out)
 }
 
@@ -176,13 +163,10 @@ fn assert_c_call_sites(recs: &[Value], binary: &str, with_faults: bool) {
 
 /// The rows of the call-site table that `vmatrace report FILE` prints.
 fn report_sites(file: &Path, extra: &[&str]) -> Vec<String> {
-    let o = Command::new(vmatrace())
-        .arg("report")
-        .arg(file)
-        .args(extra)
-        .output()
-        .expect("vmatrace report runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run_ok(
+        "vmatrace report",
+        Command::new(vmatrace()).arg("report").arg(file).args(extra),
+    );
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     text.lines()
         .skip_while(|l| !l.starts_with("=== call sites of"))

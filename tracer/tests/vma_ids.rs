@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -15,38 +15,11 @@ use tracer::procfs;
 
 const PAGE: u64 = 4096;
 
-/// Complete lines written so far (the writer may be mid-line).
-fn complete_records(path: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    complete
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-        .collect()
-}
-
 fn signal_snapshots(recs: &[Value], pid: u64) -> Vec<Value> {
     recs.iter()
         .filter(|r| r["type"] == "snapshot" && r["reason"] == "signal" && r["pid"] == pid)
         .cloned()
         .collect()
-}
-
-/// Takes a snapshot through SIGUSR1 and returns it.
-fn signal_snapshot(vmatrace_pid: u32, out: &Path, pid: u64) -> Value {
-    let before = signal_snapshots(&complete_records(out), pid).len();
-    kill(vmatrace_pid, libc::SIGUSR1);
-    let mut snap = Value::Null;
-    wait_for(60, "the signal snapshot", || {
-        let snaps = signal_snapshots(&complete_records(out), pid);
-        if snaps.len() > before {
-            snap = snaps.last().cloned().unwrap_or(Value::Null);
-            true
-        } else {
-            false
-        }
-    });
-    snap
 }
 
 /// The VMAs of a snapshot inside `[lo, hi)`, clipped: (start, end, perms).
@@ -118,7 +91,7 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
             });
         }
         wait_for(10, "the workload to stop", || {
-            procfs::read_stat(pid as u32).is_ok_and(|s| s.state == 'T')
+            process_state(pid as u32) == 'T'
         });
         let (lo, hi) = (r, r + 64 * PAGE);
         let kernel: Vec<(u64, u64, String)> = procfs::read_maps(pid as u32)
@@ -127,7 +100,7 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
             .filter(|m| m.start < hi && m.end > lo)
             .map(|m| (m.start.max(lo), m.end.min(hi), m.perms.to_string()))
             .collect();
-        let snap = signal_snapshot(vmatrace_pid, &out, pid);
+        let snap = signal_snapshot_of(vmatrace_pid, &out, pid);
         assert_eq!(
             model_vmas(&snap, lo, hi),
             kernel,

@@ -14,6 +14,10 @@ use std::{
 };
 
 use serde_json::Value;
+use tracer::{
+    model::{Perms, normalize},
+    procfs,
+};
 
 /// Whether this test can load eBPF. When it cannot (not root), prints why and returns false;
 /// under `VMATRACE_REQUIRE_PRIVILEGED=1` (CI) a skip is a failure instead.
@@ -80,8 +84,6 @@ pub fn workload() -> PathBuf {
     bin
 }
 
-/// A fresh temporary path for an output file, unique to this call: tests that run at the
-/// same time in one process never share a file, whatever `name` they give.
 /// Whether the ELF program at `path` is statically linked (no `PT_INTERP` program header):
 /// it maps no C library.
 pub fn statically_linked(path: &Path) -> bool {
@@ -96,6 +98,8 @@ pub fn statically_linked(path: &Path) -> bool {
     })
 }
 
+/// A fresh temporary path for an output file, unique to this call: tests that run at the
+/// same time in one process never share a file, whatever `name` they give.
 pub fn temp_path(name: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     static SWEPT: std::sync::Once = std::sync::Once::new();
@@ -214,6 +218,8 @@ pub struct Traced {
     pub records: Vec<Value>,
     /// The records as written.
     pub raw: Vec<Value>,
+    /// The output file.
+    pub path: PathBuf,
 }
 
 /// Runs a workload under vmatrace with NDJSON output and returns everything.
@@ -242,6 +248,7 @@ pub fn trace_workload(extra: &[&str], args: &[&str]) -> Traced {
         stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
         records: per_fault(raw.clone()),
         raw,
+        path: out,
     }
 }
 
@@ -415,16 +422,26 @@ pub fn memory_of(pid: u32, field: &str) -> u64 {
         * 1024
 }
 
-/// The complete NDJSON records written so far to `path` (the writer may be mid-line).
-pub fn complete_records(path: &Path) -> Vec<Value> {
+/// The complete lines written so far to `path` (the writer may be mid-line, or the file not
+/// there yet).
+pub fn complete_lines(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-    per_fault(
-        complete
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("every line is JSON"))
-            .collect(),
-    )
+    complete.lines().map(str::to_string).collect()
+}
+
+/// `lines` parsed, each of which must be JSON.
+pub fn parse_lines(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("every line is JSON"))
+        .collect()
+}
+
+/// The complete NDJSON records written so far to `path`, as written (the writer may be
+/// mid-line).
+pub fn complete_records(path: &Path) -> Vec<Value> {
+    parse_lines(&complete_lines(path))
 }
 
 /// Asks vmatrace (`vmatrace_pid`, writing to `out`) for a snapshot with SIGUSR1 and returns
@@ -467,4 +484,127 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port()
+}
+
+/// The state letter of `pid` in `/proc/PID/stat` (`T` when stopped), `?` when it is gone.
+pub fn process_state(pid: u32) -> char {
+    procfs::read_stat(pid).map_or('?', |s| s.state)
+}
+
+/// Waits (10 s at most) until `pid` is stopped (`what` names it in the panic).
+pub fn wait_until_stopped(pid: u32, what: &str) {
+    wait_for(10, what, || process_state(pid) == 'T');
+}
+
+/// The model's normalised map ([`normalize`]) from a snapshot record.
+pub fn snapshot_ranges(snap: &Value) -> Vec<normalize::Range> {
+    let rows: Vec<(u64, u64, Perms, Option<String>)> = snap["vmas"]
+        .as_array()
+        .expect("vmas")
+        .iter()
+        .map(|v| {
+            (
+                v["start"].as_u64().expect("start"),
+                v["end"].as_u64().expect("end"),
+                Perms::parse(v["perms"].as_str().expect("perms")).expect("valid perms"),
+                v["path"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    normalize::normalize(
+        rows.iter()
+            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
+    )
+}
+
+/// The kernel's normalised map of `maps` (read from `/proc/PID/maps`).
+pub fn maps_ranges(maps: &[procfs::MapsEntry]) -> Vec<normalize::Range> {
+    normalize::normalize(
+        maps.iter()
+            .map(|m| (m.start, m.end, m.perms, m.path.as_deref())),
+    )
+}
+
+/// The kernel's normalised map of `pid` now.
+pub fn kernel_ranges(pid: u32) -> Vec<normalize::Range> {
+    maps_ranges(&procfs::read_maps(pid).expect("maps"))
+}
+
+/// Runs `cmd` (`what` names it) and asserts that it succeeded, with its stderr otherwise.
+pub fn run_ok(what: &str, cmd: &mut Command) -> std::process::Output {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// `vmatrace record [flags] -o FILE -- cmd` (it must succeed; `what` names it); returns its
+/// output and FILE.
+pub fn record(what: &str, flags: &[&str], cmd: &[&str]) -> (std::process::Output, PathBuf) {
+    let file = temp_path(&format!("record-{}.ndjson", what.replace('/', "_")));
+    let o = run_ok(
+        what,
+        Command::new(vmatrace())
+            .arg("record")
+            .args(flags)
+            .arg("-o")
+            .arg(&file)
+            .arg("--")
+            .args(cmd),
+    );
+    (o, file)
+}
+
+/// The findings of `vmatrace report --json FILE` (it must succeed; `what` names it).
+pub fn report_findings(what: &str, file: &Path) -> Vec<Value> {
+    let r = run_ok(
+        what,
+        Command::new(vmatrace())
+            .args(["report", "--json"])
+            .arg(file),
+    );
+    String::from_utf8_lossy(&r.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("finding records are JSON"))
+        .collect()
+}
+
+/// Starts `cmd` (a `workload pretouched`, as whichever user) and reads its stdout until it
+/// has touched its pages and stopped itself before the attach; returns it, the rest of its
+/// stdout and the address of its region.
+pub fn pretouched_before_attach(
+    cmd: &mut Command,
+) -> (
+    KillOnDrop,
+    std::io::Lines<BufReader<std::process::ChildStdout>>,
+    u64,
+) {
+    let mut child = cmd
+        .arg("pretouched")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("workload starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let target = KillOnDrop(child);
+    let mut region = 0u64;
+    for line in lines.by_ref() {
+        let line = line.expect("line");
+        if let Some(rest) = line.strip_prefix("pretouched ") {
+            region = rest
+                .split_whitespace()
+                .next()
+                .and_then(|a| a.parse().ok())
+                .expect("addr");
+        }
+        if line == "checkpoint before_attach" {
+            break;
+        }
+    }
+    wait_until_stopped(target.0.id(), "the workload to stop");
+    (target, lines, region)
 }

@@ -1,0 +1,733 @@
+//! `replay`, `replay --json` and `report` (text, `--json`, `--html`, `--perfetto`) on small
+//! recordings committed under `tests/data` (how each was made: `tests/data/README.md`). No
+//! root and no eBPF: these run wherever the crate builds. Every number asserted is computed
+//! here from the recording's own records (the events, and the snapshot the live run wrote
+//! at the exit), not copied from a previous output.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use common::{parse_lines, run_ok, vmatrace};
+use serde_json::Value;
+use tracer::flags::size;
+
+const PAGE: u64 = 4096;
+const MIB: u64 = 1 << 20;
+
+/// The memory syscalls that have a record type of their own (docs/json-schema.md).
+const SYSCALLS: [&str; 15] = [
+    "brk",
+    "mmap",
+    "munmap",
+    "mremap",
+    "mprotect",
+    "pkey_mprotect",
+    "madvise",
+    "process_madvise",
+    "shmat",
+    "shmdt",
+    "mlock",
+    "mlock2",
+    "munlock",
+    "mlockall",
+    "munlockall",
+];
+
+/// Every recording in `tests/data`.
+const RECORDINGS: [&str; 5] = [
+    "heap-trim.ndjson",
+    "mmap-churn.ndjson.zst",
+    "fork.ndjson",
+    "threads.ndjson",
+    "heap-retained.ndjson.zst",
+];
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+/// The records of a recording (zstd-compressed when its name ends in `.zst`).
+fn recorded(name: &str) -> Vec<Value> {
+    let bytes = std::fs::read(data(name)).expect("the recording is in tests/data");
+    let text = if name.ends_with(".zst") {
+        zstd::stream::decode_all(&bytes[..]).expect("a zstd recording")
+    } else {
+        bytes
+    };
+    let lines: Vec<String> = String::from_utf8(text)
+        .expect("NDJSON is UTF-8")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    parse_lines(&lines)
+}
+
+/// Stdout of `vmatrace ARGS FILE` (it must succeed).
+fn vmatrace_on(args: &[&str], name: &str) -> String {
+    let o = run_ok(
+        &format!("vmatrace {} {name}", args.join(" ")),
+        Command::new(vmatrace()).args(args).arg(data(name)),
+    );
+    String::from_utf8(o.stdout).expect("UTF-8 output")
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    let lines: Vec<String> = text.lines().map(str::to_string).collect();
+    parse_lines(&lines)
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+fn of_pid(recs: &[Value], pid: u64) -> impl Iterator<Item = &Value> {
+    recs.iter().filter(move |r| r["pid"] == pid)
+}
+
+/// The last snapshot of `pid` the live run wrote (at its exit).
+fn last_snapshot(recs: &[Value], pid: u64) -> &Value {
+    of_pid(recs, pid)
+        .filter(|r| r["type"] == "snapshot")
+        .last()
+        .unwrap_or_else(|| panic!("a snapshot of {pid}"))
+}
+
+fn vmas(snap: &Value) -> &Vec<Value> {
+    snap["vmas"].as_array().expect("vmas")
+}
+
+fn sum(snap: &Value, f: impl Fn(&Value) -> u64) -> u64 {
+    vmas(snap).iter().map(f).sum()
+}
+
+/// The pids that have a snapshot, in order.
+fn pids(recs: &[Value]) -> Vec<u64> {
+    let pids: std::collections::BTreeSet<u64> = recs
+        .iter()
+        .filter(|r| r["type"] == "snapshot")
+        .map(|r| u(&r["pid"]))
+        .collect();
+    pids.into_iter().collect()
+}
+
+/// Calls by record type of `pid`.
+fn syscall_counts(recs: &[Value], pid: u64) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for r in of_pid(recs, pid) {
+        let t = r["type"].as_str().expect("a type");
+        if SYSCALLS.contains(&t) {
+            *counts.entry(t.to_string()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// Faults of `pid`: each `fault` record, and each page of a `touches` run.
+fn fault_count(recs: &[Value], pid: u64) -> u64 {
+    of_pid(recs, pid)
+        .map(|r| match r["type"].as_str() {
+            Some("fault") => 1,
+            Some("touches") => u(&r["pages"]),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Pages first touched by `pid`, by page kind.
+fn first_touches(recs: &[Value], pid: u64) -> BTreeMap<String, u64> {
+    let mut kinds = BTreeMap::new();
+    for r in of_pid(recs, pid) {
+        if matches!(r["type"].as_str(), Some("fault" | "touches")) && r["first_touch"] == true {
+            let kind = r["page_kind"].as_str().expect("a page kind").to_string();
+            *kinds.entry(kind).or_default() += r["pages"].as_u64().unwrap_or(1);
+        }
+    }
+    kinds
+}
+
+/// The heap's high-water mark from the brk calls of `pid` (the kernel's break, page-aligned).
+fn heap_high_water(recs: &[Value], pid: u64, start: u64) -> u64 {
+    of_pid(recs, pid)
+        .filter(|r| r["type"] == "brk")
+        .map(|r| (u(&r["ret"]) - start).next_multiple_of(PAGE))
+        .max()
+        .unwrap_or(0)
+}
+
+/// How often the break moved up and down (calls that asked for nothing or failed excluded).
+fn brk_moves(recs: &[Value], pid: u64) -> (u64, u64) {
+    let mut last = None;
+    let (mut grows, mut shrinks) = (0, 0);
+    for r in of_pid(recs, pid).filter(|r| r["type"] == "brk") {
+        let ret = u(&r["ret"]);
+        if let Some(before) = last {
+            if ret > before {
+                grows += 1;
+            } else if ret < before {
+                shrinks += 1;
+            }
+        }
+        last = Some(ret);
+    }
+    (grows, shrinks)
+}
+
+/// Touched bytes of the `[heap]` VMA of `snap`.
+fn heap_touched(snap: &Value) -> u64 {
+    vmas(snap)
+        .iter()
+        .filter(|v| v["path"] == "[heap]")
+        .map(|v| u(&v["touched_bytes"]))
+        .sum()
+}
+
+/// Never-touched bytes of the VMAs with access in `snap`, by kind (as `untouched` counts).
+fn untouched_by_kind(snap: &Value) -> BTreeMap<String, u64> {
+    let mut by_kind = BTreeMap::new();
+    for v in vmas(snap) {
+        let perms = v["perms"].as_str().expect("perms");
+        if !perms.starts_with('r') && perms.as_bytes()[1] != b'w' {
+            continue;
+        }
+        let never = u(&v["end"]) - u(&v["start"]) - u(&v["touched_bytes"]);
+        let kind = format!("{}_bytes", v["kind"].as_str().expect("a kind"));
+        *by_kind.entry(kind).or_default() += never;
+    }
+    by_kind
+}
+
+/// `(vmas, holes, holes under 1 MiB, largest gap)` of `snap`, below the top of user space
+/// (the `[vsyscall]` page is far above it).
+fn holes(snap: &Value) -> (u64, u64, u64, u64) {
+    let v = vmas(snap);
+    let (mut holes, mut small, mut largest) = (0, 0, 0);
+    for w in v.windows(2) {
+        let (end, start) = (u(&w[0]["end"]), u(&w[1]["start"]));
+        if start > end && start < 0x7fff_0000_0000 {
+            holes += 1;
+            largest = largest.max(start - end);
+            if start - end < MIB {
+                small += 1;
+            }
+        }
+    }
+    (v.len() as u64, holes, small, largest)
+}
+
+/// The `--json` findings of `report`.
+fn findings(name: &str) -> Vec<Value> {
+    json_lines(&vmatrace_on(&["report", "--json"], name))
+}
+
+fn finding<'a>(findings: &'a [Value], pid: u64, id: &str) -> &'a Value {
+    findings
+        .iter()
+        .find(|f| f["pid"] == pid && f["id"] == id)
+        .unwrap_or_else(|| panic!("no '{id}' finding of {pid} in {findings:#?}"))
+}
+
+fn numbers(f: &Value) -> BTreeMap<String, u64> {
+    f["numbers"]
+        .as_object()
+        .expect("numbers")
+        .iter()
+        .map(|(k, v)| (k.clone(), u(v)))
+        .collect()
+}
+
+#[test]
+fn replay_json_ends_with_a_summary_that_follows_from_the_recorded_events() {
+    for name in RECORDINGS {
+        let recs = recorded(name);
+        let out = json_lines(&vmatrace_on(&["replay", "--json"], name));
+        assert_eq!(out[0]["type"], "meta", "{name}");
+        assert_eq!(out[0]["syscall_backend"], "replay", "{name}");
+        assert_eq!(out[0]["boot_id"], recs[0]["boot_id"], "{name}");
+        let summary = out.last().expect("replay output");
+        assert_eq!(summary["type"], "summary", "{name}");
+        let procs = summary["processes"].as_array().expect("processes");
+        assert_eq!(
+            procs.iter().map(|p| u(&p["pid"])).collect::<Vec<_>>(),
+            pids(&recs),
+            "{name}: every recorded process, and only those"
+        );
+        for p in procs {
+            let pid = u(&p["pid"]);
+            let what = format!("{name}, pid {pid}");
+            let live = last_snapshot(&recs, pid);
+            let again = last_snapshot(&out, pid);
+            assert_eq!(again["reason"], "exit", "{what}");
+            assert_eq!(
+                again["vmas"], live["vmas"],
+                "{what}: the live run's last map"
+            );
+            assert_eq!(p["exited"], true, "{what}");
+            let calls: BTreeMap<String, u64> =
+                serde_json::from_value(p["syscalls"].clone()).expect("calls by name");
+            assert_eq!(calls, syscall_counts(&recs, pid), "{what}: calls");
+            assert_eq!(u(&p["faults"]), fault_count(&recs, pid), "{what}: faults");
+            let kinds: BTreeMap<String, u64> =
+                serde_json::from_value(p["first_touches"].clone()).expect("kinds");
+            assert_eq!(
+                kinds
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .collect::<BTreeMap<_, _>>(),
+                first_touches(&recs, pid),
+                "{what}: first touches"
+            );
+            assert_eq!(u(&p["vma_count"]), vmas(live).len() as u64, "{what}");
+            assert_eq!(
+                u(&p["reserved_bytes"]),
+                sum(live, |v| u(&v["end"]) - u(&v["start"])),
+                "{what}: reserved"
+            );
+            assert_eq!(
+                u(&p["touched_bytes"]),
+                sum(live, |v| u(&v["touched_bytes"])),
+                "{what}: touched"
+            );
+            assert_eq!(
+                u(&p["anon_bytes"]),
+                sum(live, |v| u(&v["anon_bytes"])),
+                "{what}: anonymous"
+            );
+            let start = u(&live["brk_start"]);
+            assert_eq!(
+                u(&p["heap_bytes"]),
+                (u(&live["brk"]) - start).next_multiple_of(PAGE),
+                "{what}: heap"
+            );
+            let high = heap_high_water(&recs, pid, start);
+            assert_eq!(
+                u(&p["heap_high_water_bytes"]),
+                high.max(u(&p["heap_bytes"])),
+                "{what}: heap high-water"
+            );
+        }
+    }
+}
+
+#[test]
+fn replay_prints_each_processs_summary_and_last_map_as_the_recording_has_them() {
+    for name in ["heap-trim.ndjson", "fork.ndjson"] {
+        let recs = recorded(name);
+        let text = vmatrace_on(&["replay"], name);
+        for pid in pids(&recs) {
+            let live = last_snapshot(&recs, pid);
+            let exe = live["exe"].as_str().expect("exe");
+            let n = vmas(live).len();
+            assert!(
+                text.contains(&format!("[{pid}] snapshot (exit): {n} VMAs")),
+                "{name}: {text}"
+            );
+            assert!(
+                text.contains(&format!("process {pid} ({exe}), exited")),
+                "{name}: {text}"
+            );
+            let touched = sum(live, |v| u(&v["touched_bytes"]));
+            let anon = sum(live, |v| u(&v["anon_bytes"]));
+            let reserved = sum(live, |v| u(&v["end"]) - u(&v["start"]));
+            let line = format!(
+                "  {n} VMAs, reserved {}, touched {} ({} anonymous)",
+                size(reserved),
+                size(touched),
+                size(anon)
+            );
+            assert!(text.contains(&line), "{name}: no '{line}' in {text}");
+            let calls = syscall_counts(&recs, pid)
+                .iter()
+                .map(|(c, n)| format!("{c} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            assert!(
+                text.contains(&format!("  syscalls: {calls}\n")),
+                "{name}: syscalls {calls} in {text}"
+            );
+            // Each VMA of the last map is a row: its range and perms.
+            for v in vmas(live) {
+                let range = format!("{:x}-{:x}", u(&v["start"]), u(&v["end"]));
+                let perms = v["perms"].as_str().expect("perms");
+                assert!(
+                    text.lines().any(|l| {
+                        let mut w = l.split_whitespace();
+                        w.next() == Some(&range) && w.next() == Some(perms)
+                    }),
+                    "{name}: no row '{range} {perms}' in {text}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_heap_that_grew_and_was_trimmed_is_reported_with_its_high_water_and_trims() {
+    let name = "heap-trim.ndjson";
+    let recs = recorded(name);
+    let pid = pids(&recs)[0];
+    let live = last_snapshot(&recs, pid);
+    let start = u(&live["brk_start"]);
+    let (grows, shrinks) = brk_moves(&recs, pid);
+    assert!(grows >= 1 && shrinks >= 1, "the recording trims its heap");
+    let high = heap_high_water(&recs, pid, start);
+    let now = (u(&live["brk"]) - start).next_multiple_of(PAGE);
+    assert!(high > now, "{high} {now}");
+    let heap_touched = heap_touched(live);
+
+    let f = findings(name);
+    let heap = finding(&f, pid, "heap");
+    assert_eq!(heap["severity"], "info", "a small heap given back: {heap}");
+    assert_eq!(
+        numbers(heap),
+        BTreeMap::from([
+            ("brk_grows".to_string(), grows),
+            ("brk_shrinks".to_string(), shrinks),
+            ("current_bytes".to_string(), now),
+            ("high_water_bytes".to_string(), high),
+            ("touched_bytes".to_string(), heap_touched),
+        ])
+    );
+    assert!(heap["suggestion"].is_null());
+    let growth = finding(&f, pid, "growth");
+    assert_eq!(numbers(growth)["peak_bytes"], high);
+    assert_eq!(numbers(growth)["now_bytes"], now);
+    assert_eq!(
+        numbers(growth)["grown_bytes"],
+        high - numbers(growth)["first_bytes"]
+    );
+    assert!(
+        !f.iter().any(|f| f["severity"] == "warning"),
+        "nothing to warn about: {f:#?}"
+    );
+
+    let text = vmatrace_on(&["report"], name);
+    let title = format!(
+        "[{pid}] info main heap: {} now, {} high-water, {} touched, trimmed {shrinks} times",
+        size(now),
+        size(high),
+        size(heap_touched)
+    );
+    assert!(text.contains(&title), "no '{title}' in {text}");
+    assert!(
+        text.contains(&format!(
+            "The heap grew and was given back to the kernel {shrinks} times."
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn mmap_churn_is_found_with_the_pairs_and_size_the_recording_holds() {
+    let name = "mmap-churn.ndjson.zst";
+    let recs = recorded(name);
+    let pid = pids(&recs)[0];
+    // Anonymous mappings unmapped whole, by length: (count, first and last munmap time).
+    let mut live: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut pairs: BTreeMap<u64, (u64, u64, u64)> = BTreeMap::new();
+    for r in of_pid(&recs, pid) {
+        let args = || r["args"].as_array().expect("args");
+        match r["type"].as_str() {
+            Some("mmap") if u(&args()[3]) & 0x20 != 0 && r["ret"].as_i64() > Some(0) => {
+                live.insert(u(&r["ret"]), u(&args()[1]).next_multiple_of(PAGE));
+            }
+            Some("munmap") if r["ret"] == 0 => {
+                let (at, len) = (u(&args()[0]), u(&args()[1]).next_multiple_of(PAGE));
+                if live.get(&at) == Some(&len) {
+                    live.remove(&at);
+                    let ts = u(&r["ts_ns"]);
+                    let p = pairs.entry(len).or_insert((0, ts, ts));
+                    p.0 += 1;
+                    p.2 = ts;
+                }
+            }
+            _ => {}
+        }
+    }
+    let (&len, &(count, first, last)) = pairs
+        .iter()
+        .max_by_key(|(_, p)| p.0)
+        .expect("mmap/munmap pairs");
+    assert!(count >= 100 && len >= 64 * 1024, "{count} pairs of {len}");
+
+    let f = findings(name);
+    let churn = finding(&f, pid, "mmap_churn");
+    assert_eq!(churn["severity"], "warning");
+    let n = numbers(churn);
+    assert_eq!(n["pairs"], count);
+    assert_eq!(n["size_bytes"], len);
+    assert_eq!(n["per_second"], count * 1_000_000_000 / (last - first));
+    // Every pair's touched pages were released by its munmap.
+    assert!(
+        n["refaulted_bytes"] > 0 && n["refaulted_bytes"] <= count * len,
+        "{churn}"
+    );
+    assert!(
+        churn["suggestion"]
+            .as_str()
+            .is_some_and(|s| s.contains(&format!(
+                "MALLOC_MMAP_THRESHOLD_={}",
+                (len * 2).next_power_of_two()
+            ))),
+        "{churn}"
+    );
+    let text = vmatrace_on(&["report"], name);
+    let title = format!(
+        "[{pid}] WARNING mmap-threshold churn: {count} mmap/munmap pairs of {} ({} per second)",
+        size(len),
+        n["per_second"]
+    );
+    assert!(text.contains(&title), "no '{title}' in {text}");
+}
+
+#[test]
+fn a_followed_fork_is_replayed_as_two_processes_each_with_its_own_findings() {
+    let name = "fork.ndjson";
+    let recs = recorded(name);
+    let fork = recs
+        .iter()
+        .find(|r| r["type"] == "fork")
+        .expect("a fork record");
+    let (parent, child) = (u(&fork["pid"]), u(&fork["child"]));
+    assert_eq!(fork["followed"], true);
+    assert_eq!(pids(&recs), vec![parent, child]);
+    // The child maps and touches 8 pages of its own: more VMAs and anonymous bytes than
+    // the copy of its parent's map it started with.
+    let child_calls = syscall_counts(&recs, child);
+    assert_eq!(child_calls.get("mmap"), Some(&1), "{child_calls:?}");
+    assert!(fault_count(&recs, child) >= 8);
+
+    let out = json_lines(&vmatrace_on(&["replay", "--json"], name));
+    let summary = out.last().expect("a summary");
+    for pid in [parent, child] {
+        let p = summary["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .find(|p| p["pid"] == pid)
+            .unwrap_or_else(|| panic!("{pid} in the summary"));
+        assert_eq!(
+            u(&p["vma_count"]),
+            vmas(last_snapshot(&recs, pid)).len() as u64
+        );
+    }
+    let f = findings(name);
+    for pid in [parent, child] {
+        for id in ["heap", "untouched", "fragmentation"] {
+            finding(&f, pid, id);
+        }
+    }
+    // Only the parent moved its break; the child inherited the heap as it was.
+    let (grows, _) = brk_moves(&recs, parent);
+    assert_eq!(numbers(finding(&f, parent, "heap"))["brk_grows"], grows);
+    assert_eq!(numbers(finding(&f, child, "heap"))["brk_grows"], 0);
+    assert_eq!(
+        numbers(finding(&f, child, "heap"))["current_bytes"],
+        numbers(finding(&f, parent, "heap"))["current_bytes"]
+    );
+}
+
+#[test]
+fn untouched_and_fragmentation_numbers_follow_from_the_last_map_of_every_recording() {
+    for name in RECORDINGS {
+        let recs = recorded(name);
+        let meta = &recs[0];
+        let f = findings(name);
+        for pid in pids(&recs) {
+            let live = last_snapshot(&recs, pid);
+            let untouched = finding(&f, pid, "untouched");
+            assert_eq!(
+                numbers(untouched),
+                untouched_by_kind(live),
+                "{name}, pid {pid}"
+            );
+            let frag = finding(&f, pid, "fragmentation");
+            assert_eq!(frag["severity"], "info", "{name}: far from the limit");
+            let (count, holes, small, largest) = holes(live);
+            assert_eq!(
+                numbers(frag),
+                BTreeMap::from([
+                    ("vmas".to_string(), count),
+                    ("holes".to_string(), holes),
+                    ("small_holes".to_string(), small),
+                    ("largest_gap_bytes".to_string(), largest),
+                    ("max_map_count".to_string(), u(&meta["max_map_count"])),
+                ]),
+                "{name}, pid {pid}"
+            );
+        }
+    }
+}
+
+#[test]
+fn untouched_thread_stacks_are_named_by_the_mappings_that_hold_them() {
+    let name = "threads.ndjson";
+    let recs = recorded(name);
+    let pid = pids(&recs)[0];
+    let live = last_snapshot(&recs, pid);
+    // The mappings of anonymous memory with access, each `(start, id, length, never
+    // touched)`: a VMA of one mapping, or each mapping of a VMA the kernel merged from
+    // several (its `parts`, whose touched bytes the row does not split).
+    let mut mappings: Vec<(u64, u64, u64, Option<u64>)> = Vec::new();
+    for v in vmas(live) {
+        if v["kind"] != "anon" || !v["perms"].as_str().is_some_and(|p| p.starts_with("rw")) {
+            continue;
+        }
+        let (start, end) = (u(&v["start"]), u(&v["end"]));
+        match v["parts"].as_array() {
+            None => mappings.push((
+                start,
+                u(&v["id"]),
+                end - start,
+                Some(end - start - u(&v["touched_bytes"])),
+            )),
+            Some(parts) => {
+                for p in parts {
+                    let (s, e, id) = (u(&p[0]), u(&p[1]), u(&p[2]));
+                    mappings.push((s, id, e - s, None));
+                }
+            }
+        }
+    }
+    // The two threads' stacks: 2 MiB each, of which a few pages were touched.
+    let large: Vec<_> = mappings
+        .into_iter()
+        .filter(|(_, _, len, never)| *len >= 2 * MIB && never.is_none_or(|n| n >= MIB))
+        .collect();
+    assert_eq!(large.len(), 2, "one stack per thread: {large:?}");
+
+    let f = findings(name);
+    let untouched = finding(&f, pid, "untouched");
+    let anon = untouched_by_kind(live)["anon_bytes"] + untouched_by_kind(live)["heap_bytes"];
+    assert_eq!(
+        untouched["title"],
+        format!(
+            "reserved but never touched: {} of anonymous memory with access",
+            size(anon)
+        )
+    );
+    let explanation = untouched["explanation"].as_str().expect("explanation");
+    for (start, id, len, never) in large {
+        let named = format!("{start:#x} (mapping {id}: ");
+        let at = explanation
+            .find(&named)
+            .unwrap_or_else(|| panic!("no '{named}' in {explanation}"));
+        let said = &explanation[at + named.len()..];
+        let of = format!(" of {} never touched)", size(len));
+        assert!(
+            said.split_once(')')
+                .is_some_and(|(n, _)| format!("{n})").ends_with(&of)),
+            "{said}"
+        );
+        if let Some(never) = never {
+            assert!(said.starts_with(&format!("{}{of}", size(never))), "{said}");
+        }
+    }
+    // The threads' arenas are named too, one per thread.
+    let arenas = finding(&f, pid, "arenas");
+    assert_eq!(numbers(arenas)["arenas"], 2, "{arenas}");
+    assert_eq!(numbers(arenas)["cpus"], u(&recs[0]["cpus"]));
+}
+
+#[test]
+fn heap_fragmentation_is_found_with_the_live_bytes_the_allocator_calls_leave() {
+    let name = "heap-retained.ndjson.zst";
+    let recs = recorded(name);
+    let pid = pids(&recs)[0];
+    let calls: Vec<&Value> = of_pid(&recs, pid).filter(|r| r["type"] == "heap").collect();
+    let live_bytes = u(&calls.last().expect("allocator calls")["effect"]["live_bytes"]);
+    let allocations = calls
+        .iter()
+        .filter(|r| matches!(r["call"].as_str(), Some("malloc" | "calloc" | "realloc")))
+        .count() as u64;
+    let heap_touched = heap_touched(last_snapshot(&recs, pid));
+
+    let f = findings(name);
+    let live = numbers(finding(&f, pid, "live"));
+    assert_eq!(live["live_bytes"], live_bytes);
+    assert_eq!(live["allocations"], allocations);
+    assert_eq!(live["touched_bytes"], heap_touched);
+    let frag = finding(&f, pid, "heap_fragmentation");
+    assert_eq!(frag["severity"], "warning");
+    let n = numbers(frag);
+    assert_eq!(n["live_bytes"], live_bytes);
+    assert_eq!(n["touched_bytes"], heap_touched);
+    // What decides it: at least 4 MiB retained, and a fifth of the touched heap.
+    assert!(
+        n["retained_bytes"] >= 4 * MIB && n["retained_bytes"] * 5 >= n["touched_bytes"],
+        "{frag}"
+    );
+    // Free memory is what is touched and not live.
+    assert!(n["retained_bytes"] <= heap_touched - live_bytes, "{frag}");
+    assert_eq!(
+        n["pinned_bytes"],
+        n["retained_bytes"] - n["free_page_bytes"]
+    );
+    // The heap was never trimmed: malloc_trim gives back the whole free pages.
+    assert_eq!(brk_moves(&recs, pid).1, 0);
+    assert_eq!(n["malloc_trim_saves_bytes"], n["free_page_bytes"]);
+    let heap = finding(&f, pid, "heap");
+    assert_eq!(numbers(heap)["live_bytes"], live_bytes);
+}
+
+#[test]
+fn html_and_perfetto_pictures_are_written_from_a_recording() {
+    let name = "heap-trim.ndjson";
+    let recs = recorded(name);
+    let pid = pids(&recs)[0];
+    let live = last_snapshot(&recs, pid);
+    let exe = live["exe"].as_str().expect("exe");
+    let dir = common::temp_path("pictures");
+    std::fs::create_dir_all(&dir).expect("a directory");
+    let (html, trace) = (dir.join("report.html"), dir.join("trace.json"));
+    run_ok(
+        "report --html --perfetto",
+        Command::new(vmatrace())
+            .arg("report")
+            .arg(data(name))
+            .arg("--html")
+            .arg(&html)
+            .arg("--perfetto")
+            .arg(&trace),
+    );
+    let page = std::fs::read_to_string(&html).expect("the page");
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    assert!(page.contains("<svg"), "drawn as SVG");
+    assert!(
+        page.contains(&format!("{exe} ({pid})")),
+        "the process is named"
+    );
+    let (grows, shrinks) = brk_moves(&recs, pid);
+    assert!(grows > 0);
+    assert!(
+        page.contains(&format!("trimmed {shrinks} times")),
+        "the findings are on the page"
+    );
+    let t: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).expect("the trace")).expect("JSON");
+    let events = t["traceEvents"].as_array().expect("traceEvents");
+    assert!(events.iter().any(|e| e["name"] == "process_name"
+        && e["pid"] == pid
+        && e["args"]["name"] == format!("{exe} ({pid})")));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["name"] == "heap" && e["pid"] == pid)
+    );
+    let most_touched = events
+        .iter()
+        .filter(|e| e["name"] == "memory (all regions)" && e["pid"] == pid)
+        .filter_map(|e| e["args"]["touched_bytes"].as_u64())
+        .max()
+        .expect("a memory counter");
+    assert!(
+        most_touched >= sum(live, |v| u(&v["touched_bytes"])),
+        "the counter reaches what the process had touched at its exit: {most_touched}"
+    );
+}
