@@ -1,6 +1,6 @@
-//! Any bytes given to `replay` as a recording are replayed or refused with an error, never a
-//! panic: each line is parsed alone, then the whole input is streamed through the replay
-//! reader into a session (hostile VMAs, resident runs and calls included).
+//! Any bytes given to `replay` as a recording (NDJSON or binary) are replayed or refused with
+//! an error, never a panic: each line is parsed alone, then the whole input is streamed
+//! through the replay reader into a session (hostile VMAs, resident runs and calls included).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 

@@ -10,22 +10,15 @@ use std::{path::Path, process::Command};
 use common::*;
 use serde_json::Value;
 
-fn run_ok(args: &[&std::ffi::OsStr]) -> String {
-    let o = Command::new(vmatrace())
-        .args(args)
-        .output()
-        .expect("vmatrace runs");
-    assert!(
-        o.status.success(),
-        "vmatrace {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+/// `vmatrace ARGS` (it must succeed); its stderr.
+fn vmatrace_ok(args: &[&std::ffi::OsStr]) -> String {
+    let o = run_ok("vmatrace", Command::new(vmatrace()).args(args));
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// `vmatrace convert FROM -o TO`.
 fn convert(from: &Path, to: &Path) {
-    run_ok(&[
+    vmatrace_ok(&[
         "convert".as_ref(),
         from.as_os_str(),
         "-o".as_ref(),
@@ -51,7 +44,7 @@ fn a_binary_recording_replays_as_the_live_run_and_converts_to_the_same_records()
     }
     // The fault-heavy benchmark's shape, every fault recorded (record's default).
     let bin = temp_path("binary-fault-loop.vmat");
-    let stderr = run_ok(&[
+    let stderr = vmatrace_ok(&[
         "record".as_ref(),
         "-o".as_ref(),
         bin.as_os_str(),
@@ -136,7 +129,7 @@ fn runs_of_first_touches_and_threads_in_binary_replay_to_the_live_summary() {
         cmd.push("--".as_ref());
         cmd.push(w.as_os_str());
         cmd.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
-        run_ok(&cmd);
+        vmatrace_ok(&cmd);
         let ndjson = temp_path(&format!("{name}.ndjson"));
         convert(&bin, &ndjson);
         let recs = raw_records(&ndjson);
@@ -173,7 +166,7 @@ fn a_rotated_binary_recording_replays_file_by_file() {
     let dir = temp_path("binary-rotated");
     std::fs::create_dir_all(&dir).expect("a directory");
     let out = dir.join("trace.vmat");
-    run_ok(&[
+    vmatrace_ok(&[
         "record".as_ref(),
         "--max-size".as_ref(),
         "256K".as_ref(),
@@ -214,7 +207,7 @@ fn broken_or_foreign_files_are_refused_in_one_line() {
         return;
     }
     let bin = temp_path("binary-broken.vmat");
-    run_ok(&[
+    vmatrace_ok(&[
         "record".as_ref(),
         "-o".as_ref(),
         bin.as_os_str(),
@@ -268,7 +261,7 @@ fn broken_or_foreign_files_are_refused_in_one_line() {
         .expect("vmatrace runs");
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(std::fs::read_to_string(&text).expect("reads"), "hello\n");
-    run_ok(&[
+    vmatrace_ok(&[
         "convert".as_ref(),
         bin.as_os_str(),
         "-o".as_ref(),

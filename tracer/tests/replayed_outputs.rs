@@ -731,3 +731,56 @@ fn html_and_perfetto_pictures_are_written_from_a_recording() {
         "the counter reaches what the process had touched at its exit: {most_touched}"
     );
 }
+
+#[test]
+fn each_recording_converted_to_binary_and_back_replays_and_reports_alike() {
+    let dir = std::env::temp_dir().join(format!("vmatrace-replayed-binary-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory");
+    for name in RECORDINGS {
+        let bin = dir.join(format!("{name}.vmat"));
+        let back = dir.join(format!("{name}.ndjson"));
+        let convert = |from: &Path, to: &Path| {
+            run_ok(
+                "convert",
+                Command::new(vmatrace())
+                    .arg("convert")
+                    .arg(from)
+                    .arg("-o")
+                    .arg(to)
+                    .arg("--force"),
+            );
+        };
+        convert(&data(name), &bin);
+        convert(&bin, &back);
+        let bytes = std::fs::read(&bin).expect("binary");
+        assert!(bytes.starts_with(b"\x89VMAT"), "{name}: binary");
+        // The same records, value for value.
+        let back_text = std::fs::read_to_string(&back).expect("NDJSON");
+        assert_eq!(
+            json_lines(&back_text),
+            recorded(name),
+            "{name}: every record kept"
+        );
+        // Replay and report read the binary file as they read the NDJSON.
+        for args in [&["replay", "--json"][..], &["report", "--json"][..]] {
+            let of = |path: &Path| {
+                let o = run_ok("replay", Command::new(vmatrace()).args(args).arg(path));
+                // Without the times of the replay itself (meta's, the findings').
+                json_lines(&String::from_utf8_lossy(&o.stdout))
+                    .into_iter()
+                    .filter(|r| r["type"] != "meta")
+                    .map(|mut r| {
+                        if r["type"] == "finding"
+                            && let Some(m) = r.as_object_mut()
+                        {
+                            m.remove("ts_ns");
+                        }
+                        r
+                    })
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(of(&bin), of(&data(name)), "{name}: {args:?} alike");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
