@@ -6,11 +6,12 @@
 //! whenever khugepaged's system-wide count of collapses has moved. What it finds becomes an
 //! [`Event::Collapse`], recorded (`collapse`) so that a replay applies it too.
 
-use tracer_common::Syscall;
-
-use crate::{event::Event, event::SyscallRecord, model::AddressSpace, pagemap, procfs};
-
-const MADV_COLLAPSE: u64 = 25;
+use crate::{
+    call::{MemCall, linux::MADV_COLLAPSE},
+    event::{Event, SyscallRecord},
+    model::AddressSpace,
+    pagemap, procfs,
+};
 
 /// khugepaged's count of collapses, as last seen.
 #[derive(Debug)]
@@ -42,16 +43,13 @@ pub fn advised(s: &SyscallRecord) -> Option<(u32, u64, u64)> {
     if s.errno().is_some() {
         return None;
     }
-    let [a0, a1, a2, a3, _, _] = s.args;
-    match s.call {
-        Syscall::Madvise if a2 == MADV_COLLAPSE => Some((s.pid, a0, a0.saturating_add(a1))),
-        Syscall::ProcessMadvise if a3 == MADV_COLLAPSE => Some((
-            s.resolved.target_pid.unwrap_or(s.pid),
-            s.extra[0],
-            s.extra[0].saturating_add(s.extra[1]),
-        )),
-        _ => None,
-    }
+    let call = s.mem();
+    let (addr, len, advice) = call.advice()?;
+    let pid = match call {
+        MemCall::ProcessMadvise { .. } => s.resolved.target_pid.unwrap_or(s.pid),
+        _ => s.pid,
+    };
+    (advice == MADV_COLLAPSE).then(|| (pid, addr, addr.saturating_add(len)))
 }
 
 /// The collapses of `pid`'s blocks in `[start, end)` that pagemap shows now, as events at

@@ -7,12 +7,14 @@
 
 pub mod analysis;
 pub mod applied;
+pub mod call;
 pub mod cgroup;
 pub mod cli;
 pub mod clock;
 pub mod collapse;
 pub mod config;
 pub mod convert;
+pub mod driver;
 pub mod event;
 pub mod fault_access;
 pub mod finding;

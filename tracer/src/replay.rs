@@ -13,6 +13,7 @@ use tracer_common::Syscall;
 
 use crate::{
     analysis::Limits,
+    call::MemCall,
     event::{Event, FaultRecord, Resolved, SyscallRecord},
     model::{
         Backing, ForkAdvice, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma,
@@ -22,7 +23,7 @@ use crate::{
         touch_runs::TouchesRecord,
     },
     recording::{Position, Records},
-    session::{Applied, Seed, Session},
+    session::{Seed, Session},
     stacks::StackDef,
 };
 
@@ -316,31 +317,35 @@ fn check_ranges(s: &SyscallRecord) -> Result<(), String> {
     if s.errno().is_some() {
         return Ok(());
     }
-    let [a0, a1, a2, _, _, a5] = s.args;
     let ret = s.ret as u64;
-    let ranges: &[(u64, u64)] = match s.call {
-        Syscall::Brk | Syscall::Shmdt => &[(ret, 0)],
-        Syscall::Mmap
-            if crate::model::vma::page_align_up(a1)
-                .checked_add(a5)
+    let ranges: &[(u64, u64)] = match s.mem() {
+        MemCall::Brk { .. } | MemCall::Shmdt { .. } => &[(ret, 0)],
+        MemCall::Mmap { len, offset, .. }
+            if crate::model::vma::page_align_up(len)
+                .checked_add(offset)
                 .is_none_or(|e| e > i64::MAX as u64) =>
         {
             return Err(format!(
-                "mmap of {a1:#x} bytes at file offset {a5:#x} goes past the largest file offset"
+                "mmap of {len:#x} bytes at file offset {offset:#x} goes past the largest file offset"
             ));
         }
-        Syscall::Mmap => &[(ret, a1)],
-        Syscall::Munmap
-        | Syscall::Mprotect
-        | Syscall::PkeyMprotect
-        | Syscall::Madvise
-        | Syscall::Mlock
-        | Syscall::Mlock2
-        | Syscall::Munlock => &[(a0, a1)],
-        Syscall::Mremap => &[(a0, a1), (ret, a2)],
-        Syscall::ProcessMadvise => &[(s.extra[0], s.extra[1])],
-        Syscall::Shmat => &[(ret, s.resolved.shm.map_or(0, |(size, _)| size))],
-        Syscall::Openat | Syscall::Mlockall | Syscall::Munlockall => &[],
+        MemCall::Mmap { len, .. } => &[(ret, len)],
+        MemCall::Munmap { addr, len }
+        | MemCall::Mprotect { addr, len, .. }
+        | MemCall::PkeyMprotect { addr, len, .. }
+        | MemCall::Madvise { addr, len, .. }
+        | MemCall::ProcessMadvise { addr, len, .. }
+        | MemCall::Mlock { addr, len }
+        | MemCall::Mlock2 { addr, len, .. }
+        | MemCall::Munlock { addr, len } => &[(addr, len)],
+        MemCall::Mremap {
+            addr,
+            old_len,
+            new_len,
+            ..
+        } => &[(addr, old_len), (ret, new_len)],
+        MemCall::Shmat { .. } => &[(ret, s.resolved.shm.map_or(0, |(size, _)| size))],
+        MemCall::Openat { .. } | MemCall::Mlockall { .. } | MemCall::Munlockall => &[],
     };
     match ranges
         .iter()
@@ -621,17 +626,7 @@ fn replay_event(
         )));
     }
     *last = ts;
-    let applied = session.apply(ev);
-    if events {
-        sink.event(ev, &applied, session)
-            .map_err(EventError::Write)?;
-    }
-    if let (Event::Exit { pid, ts_ns, .. }, Applied::Exit) = (ev, &applied)
-        && let Some(p) = session.get(*pid)
-    {
-        sink.snapshot(*ts_ns, SnapshotReason::Exit, p)
-            .map_err(EventError::Write)?;
-    }
+    crate::driver::step(session, sink, ev, events).map_err(EventError::Write)?;
     Ok(())
 }
 

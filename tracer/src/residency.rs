@@ -9,46 +9,44 @@
 use tracer_common::Syscall;
 
 use crate::{
+    call::{MemCall, linux::*},
     event::SyscallRecord,
     model::{AddressSpace, PAGE_SIZE},
     pagemap,
 };
 
-const MAP_LOCKED: u64 = 0x2000;
-const MAP_POPULATE: u64 = 0x8000;
-const MAP_NONBLOCK: u64 = 0x10000;
-const MADV_POPULATE_READ: u64 = 22;
-const MADV_POPULATE_WRITE: u64 = 23;
-const MLOCK_ONFAULT: u64 = 1;
-const MCL_CURRENT: u64 = 1;
-const MCL_ONFAULT: u64 = 4;
-
 /// The ranges a successful call `s` may have made resident without faults, given the
 /// process's model before the call (`space`: for `mlockall` and `MCL_FUTURE`).
 pub fn populated_ranges(s: &SyscallRecord, space: Option<&AddressSpace>) -> Vec<(u64, u64)> {
     let future = space.is_some_and(|m| m.lock_future);
-    let [a0, a1, a2, a3, _, _] = s.args;
     let range = |start: u64, len: u64| vec![(start, start.saturating_add(len))];
-    match s.call {
-        Syscall::Mmap
+    let ret = s.ret as u64;
+    match s.mem() {
+        MemCall::Mmap { len, flags, .. }
             if future
-                || (a3 & MAP_POPULATE != 0 && a3 & MAP_NONBLOCK == 0)
-                || a3 & MAP_LOCKED != 0 =>
+                || (flags & MAP_POPULATE != 0 && flags & MAP_NONBLOCK == 0)
+                || flags & MAP_LOCKED != 0 =>
         {
-            range(s.ret as u64, a1)
+            range(ret, len)
         }
-        Syscall::Madvise if matches!(a2, MADV_POPULATE_READ | MADV_POPULATE_WRITE) => range(a0, a1),
-        Syscall::Mlock => range(a0, a1),
-        Syscall::Mlock2 if a2 & MLOCK_ONFAULT == 0 => range(a0, a1),
-        Syscall::Mlockall if a0 & MCL_CURRENT != 0 && a0 & MCL_ONFAULT == 0 => space
-            .map(|m| m.vmas().map(|v| (v.start, v.end)).collect())
-            .unwrap_or_default(),
+        MemCall::Madvise {
+            addr,
+            len,
+            advice: MADV_POPULATE_READ | MADV_POPULATE_WRITE,
+        } => range(addr, len),
+        MemCall::Mlock { addr, len } => range(addr, len),
+        MemCall::Mlock2 { addr, len, flags } if flags & MLOCK_ONFAULT == 0 => range(addr, len),
+        MemCall::Mlockall { flags } if flags & MCL_CURRENT != 0 && flags & MCL_ONFAULT == 0 => {
+            space
+                .map(|m| m.vmas().map(|v| (v.start, v.end)).collect())
+                .unwrap_or_default()
+        }
         // The heap up to the new break, the grown or moved range: what exists now.
-        Syscall::Brk if future => space
+        MemCall::Brk { .. } if future => space
             .and_then(AddressSpace::heap)
-            .map(|b| vec![(b.start, (s.ret as u64).next_multiple_of(PAGE_SIZE))])
+            .map(|b| vec![(b.start, ret.next_multiple_of(PAGE_SIZE))])
             .unwrap_or_default(),
-        Syscall::Mremap if future => range(s.ret as u64, a2),
+        MemCall::Mremap { new_len, .. } if future => range(ret, new_len),
         _ => Vec::new(),
     }
 }

@@ -12,12 +12,12 @@ use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::Syscall;
 
 use crate::{
     analysis,
+    call::{MemCall, linux, map_anonymous},
     clock::monotonic_ns,
-    event::{self, Event, Lane, SyscallRecord, Watermark},
+    event::{self, Event, Lane, Watermark},
     fault_access::FaultAccess,
     heap::tracker::{HeapError, HeapTracer, Scope},
     launch::{self, LaunchError},
@@ -144,13 +144,14 @@ fn resolve(event: &mut Event, opened: &mut HashMap<(u32, i32), String>) {
     if s.errno().is_some() {
         return;
     }
-    match s.call {
-        Syscall::Mmap if s.args[3] & 0x20 == 0 => {
-            let fd = s.args[4] as i32;
+    match s.mem() {
+        MemCall::Mmap {
+            flags, fd, offset, ..
+        } if !map_anonymous(flags) => {
             // The kernel's own mapping at the returned address first; else the path the
             // process opened as that fd (events are handled in order, so that is the file
             // the fd named at the call, unlike /proc/PID/fd now), with its identity now.
-            if let Some(f) = procfs::mapped_file(s.pid, s.ret as u64, s.args[5]) {
+            if let Some(f) = procfs::mapped_file(s.pid, s.ret as u64, offset) {
                 s.resolved.path = Some(f.path);
                 s.resolved.dev = f.dev;
                 s.resolved.inode = f.inode;
@@ -160,18 +161,21 @@ fn resolve(event: &mut Event, opened: &mut HashMap<(u32, i32), String>) {
                 s.resolved.path = Some(path.clone());
             }
         }
-        Syscall::Shmat if s.resolved.shm.is_none() => s.resolved.shm = shm_of(s),
-        Syscall::ProcessMadvise => {
-            s.resolved.target_pid = procfs::pidfd_target(s.pid, s.args[0] as i32);
+        MemCall::Shmat { shmid, .. } if s.resolved.shm.is_none() => {
+            s.resolved.shm = shm_of(s.pid, s.ret as u64, shmid)
+        }
+        MemCall::ProcessMadvise { pidfd, .. } => {
+            s.resolved.target_pid = procfs::pidfd_target(s.pid, pidfd as i32);
         }
         _ => {}
     }
 }
 
-/// The size and key of the segment a successful `shmat` attached: from the process's map
-/// while it is attached, else from `/proc/sysvipc/shm` while the segment exists.
-fn shm_of(s: &SyscallRecord) -> Option<(u64, u64)> {
-    procfs::attached_segment(s.pid, s.ret as u64).or_else(|| procfs::shm_segment(s.args[0]))
+/// The size and key of the segment `shmid` that a successful `shmat` of `pid` attached at
+/// `at`: from the process's map while it is attached, else from `/proc/sysvipc/shm` while the
+/// segment exists.
+fn shm_of(pid: u32, at: u64, shmid: i64) -> Option<(u64, u64)> {
+    procfs::attached_segment(pid, at).or_else(|| procfs::shm_segment(shmid as u64))
 }
 
 fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64, unread: u64) -> LossSummary {
@@ -359,10 +363,10 @@ impl Live {
             // A segment's size too, while it is most likely still attached.
             for ev in &mut self.order.incoming()[first..] {
                 if let Event::Syscall(s) = ev
-                    && s.call == Syscall::Shmat
+                    && let MemCall::Shmat { shmid, .. } = s.mem()
                     && s.errno().is_none()
                 {
-                    s.resolved.shm = shm_of(s);
+                    s.resolved.shm = shm_of(s.pid, s.ret as u64, shmid);
                 }
             }
             self.handle_released(until)?;
@@ -664,12 +668,12 @@ impl Live {
             self.session.stacks.insert(def);
             self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
-        let applied = self.session.apply(&ev);
+        let applied = crate::driver::step(&mut self.session, self.sink.as_mut(), &ev, true)
+            .map_err(RunError::Write)?;
         let mut follow_up = Vec::new();
         if let (Some(heap), Event::Syscall(s), Applied::Syscall { effect, .. }) =
             (self.heap.as_mut(), &ev, &applied)
-            && s.call == Syscall::Mmap
-            && s.args[2] & libc::PROT_EXEC as u64 != 0
+            && matches!(s.mem(), MemCall::Mmap { prot, .. } if prot & linux::PROT_EXEC != 0)
         {
             follow_up.extend(heap.mapped(&mut self.probe, s, effect));
         }
@@ -678,9 +682,6 @@ impl Live {
         {
             c.forget(*pid);
         }
-        self.sink
-            .event(&ev, &applied, &self.session)
-            .map_err(RunError::Write)?;
         match (&ev, &applied) {
             (Event::Exec { pid, ts_ns, .. }, Applied::Exec) => {
                 let pid = *pid;
@@ -707,14 +708,9 @@ impl Live {
                     self.continue_after_exec(pid, *ts_ns);
                 }
             }
-            (Event::Exit { pid, ts_ns, .. }, Applied::Exit) => {
+            (Event::Exit { pid, .. }, Applied::Exit) => {
                 if let Some(heap) = self.heap.as_mut() {
                     heap.forget(*pid);
-                }
-                if let Some(p) = self.session.get(*pid) {
-                    self.sink
-                        .snapshot(*ts_ns, SnapshotReason::Exit, p)
-                        .map_err(RunError::Write)?;
                 }
             }
             (
@@ -989,10 +985,7 @@ impl Attached<'_> {
         }
         if let Some(heap) = self.heap.as_deref_mut() {
             for ev in heap.cover(self.probe, pid, ts, true)? {
-                let applied = self.session.apply(&ev);
-                self.sink
-                    .event(&ev, &applied, self.session)
-                    .map_err(RunError::Write)?;
+                crate::driver::step(self.session, self.sink, &ev, true).map_err(RunError::Write)?;
             }
         }
         Ok(())

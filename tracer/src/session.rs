@@ -6,14 +6,11 @@ use std::{collections::BTreeMap, sync::Arc};
 use tracer_common::Syscall;
 
 use crate::{
+    call::{MemCall, linux, map_anonymous, map_shared},
     event::{Event, FaultRecord, SyscallRecord},
     heap::{HeapEffect, LiveHeap, LiveKind},
     model::{AddressSpace, Backing, Effect, EffectKind, Perms, ResidentRun, ThpPolicy, Touch, Vma},
 };
-
-const MAP_ANONYMOUS: u64 = 0x20;
-const SHM_RDONLY: u64 = 0o10000;
-const SHM_EXEC: u64 = 0o100000;
 
 /// What a process's address space starts from.
 #[derive(Clone, Debug, Default)]
@@ -383,54 +380,72 @@ impl Session {
             *p.counts.failed.entry((s.call.name(), errno)).or_default() += 1;
             return Applied::Failed { errno };
         }
-        let [a0, a1, a2, a3, a4, a5] = s.args;
+        let call = s.mem();
         let ret = s.ret as u64;
         let ts = s.ts_ns;
         let space = &mut p.space;
-        let effect = match s.call {
-            Syscall::Brk => space.brk(ts, ret),
-            Syscall::Mmap => {
-                let shared = matches!(a3 & 0x0f, 0x01 | 0x03);
-                let backing = if a3 & MAP_ANONYMOUS != 0 {
-                    Backing::Anonymous
+        let effect = match call {
+            MemCall::Brk { .. } => space.brk(ts, ret),
+            MemCall::Mmap {
+                len,
+                prot,
+                flags,
+                offset,
+                ..
+            } => {
+                let (backing, offset) = if map_anonymous(flags) {
+                    (Backing::Anonymous, 0)
                 } else {
-                    Backing::File {
+                    let backing = Backing::File {
                         path: Arc::from(s.resolved.path.as_deref().unwrap_or("[unknown file]")),
                         inode: s.resolved.inode.unwrap_or(0),
-                    }
+                    };
+                    (backing, offset)
                 };
-                let offset = if a3 & MAP_ANONYMOUS != 0 { 0 } else { a5 };
-                space.mmap(ts, ret, a1, Perms::from_prot(a2, shared), backing, offset)
+                let perms = Perms::from_prot(prot, map_shared(flags));
+                space.mmap(ts, ret, len, perms, backing, offset)
             }
-            Syscall::Munmap => space.munmap(ts, a0, a1),
-            Syscall::Mremap => space.mremap(ts, a0, a1, a2, a3, ret),
-            Syscall::Mprotect | Syscall::PkeyMprotect => space.mprotect(ts, a0, a1, a2),
-            Syscall::Madvise => space.madvise(ts, a0, a1, a2),
-            Syscall::ProcessMadvise => space.madvise(ts, s.extra[0], s.extra[1], a3),
-            Syscall::Shmat => {
+            MemCall::Munmap { addr, len } => space.munmap(ts, addr, len),
+            MemCall::Mremap {
+                addr,
+                old_len,
+                new_len,
+                flags,
+                ..
+            } => space.mremap(ts, addr, old_len, new_len, flags, ret),
+            MemCall::Mprotect { addr, len, prot }
+            | MemCall::PkeyMprotect {
+                addr, len, prot, ..
+            } => space.mprotect(ts, addr, len, prot),
+            MemCall::Madvise { addr, len, advice }
+            | MemCall::ProcessMadvise {
+                addr, len, advice, ..
+            } => space.madvise(ts, addr, len, advice),
+            MemCall::Shmat { shmid, shmflg, .. } => {
                 let (size, key) = s.resolved.shm.unwrap_or((crate::model::PAGE_SIZE, 0));
                 space.shmat(
                     ts,
                     ret,
                     size,
                     key,
-                    a0,
-                    a2 & SHM_RDONLY != 0,
-                    a2 & SHM_EXEC != 0,
+                    shmid as u64,
+                    shmflg & linux::SHM_RDONLY != 0,
+                    shmflg & linux::SHM_EXEC != 0,
                 )
             }
-            Syscall::Shmdt => space.shmdt(ts, a0),
-            Syscall::Mlock | Syscall::Mlock2 => space.lock(a0, a1, true),
-            Syscall::Munlock => space.lock(a0, a1, false),
-            Syscall::Mlockall => space.lock_all(Some(a0)),
-            Syscall::Munlockall => space.lock_all(None),
-            Syscall::Openat => return Applied::Ignored,
+            MemCall::Shmdt { addr } => space.shmdt(ts, addr),
+            MemCall::Mlock { addr, len } | MemCall::Mlock2 { addr, len, .. } => {
+                space.lock(addr, len, true)
+            }
+            MemCall::Munlock { addr, len } => space.lock(addr, len, false),
+            MemCall::Mlockall { flags } => space.lock_all(Some(flags)),
+            MemCall::Munlockall => space.lock_all(None),
+            MemCall::Openat { .. } => return Applied::Ignored,
         };
         let mut effect = effect;
         if let Some(runs) = &s.resolved.resident {
             effect.populated_pages = space.populate(ts, runs);
         }
-        let _ = a4;
         if p.heap.enabled {
             note_mapping(&mut p.heap, s, &effect);
         }
@@ -438,7 +453,8 @@ impl Session {
         match (s.call, effect.kind) {
             (Syscall::Brk, EffectKind::Grown) => pat.brk_grows += 1,
             (Syscall::Brk, EffectKind::Shrunk) => pat.brk_shrinks += 1,
-            (Syscall::Mmap, EffectKind::Created) if a3 & MAP_ANONYMOUS != 0 => {
+            (Syscall::Mmap, EffectKind::Created) if matches!(call, MemCall::Mmap { flags, .. } if map_anonymous(flags)) =>
+            {
                 pat.live_anon
                     .insert(effect.start, (effect.end - effect.start, ts));
             }
@@ -495,13 +511,13 @@ fn note_mapping(heap: &mut LiveHeap, s: &SyscallRecord, effect: &Effect) {
     match (s.call, effect.kind) {
         (Syscall::Mmap, EffectKind::Created | EffectKind::Replaced) => {
             heap.note_unmap(start, end);
-            if s.args[3] & MAP_ANONYMOUS != 0 {
+            if matches!(s.mem(), MemCall::Mmap { flags, .. } if map_anonymous(flags)) {
                 heap.note_mapping(s.tid, s.ts_ns, start, end, true);
             }
         }
         (Syscall::Mremap, EffectKind::Moved | EffectKind::Grown) => {
-            if let Some(from) = effect.from {
-                heap.note_unmap(from, from.saturating_add(s.args[1]));
+            if let (Some(from), MemCall::Mremap { old_len, .. }) = (effect.from, s.mem()) {
+                heap.note_unmap(from, from.saturating_add(old_len));
             }
             heap.note_mapping(s.tid, s.ts_ns, start, end, false);
         }

@@ -8,7 +8,6 @@ mod common;
 use std::{path::Path, process::Command};
 
 use common::*;
-use serde_json::Value;
 
 /// `vmatrace ARGS` (it must succeed); its stderr.
 fn vmatrace_ok(args: &[&std::ffi::OsStr]) -> String {
@@ -24,17 +23,6 @@ fn convert(from: &Path, to: &Path) {
         "-o".as_ref(),
         to.as_os_str(),
     ]);
-}
-
-/// The summary with the counters that `--faults first` leaves out of a recording removed.
-fn without_fault_counts(summary: &Value) -> Value {
-    let mut procs = summary["processes"].clone();
-    for p in procs.as_array_mut().expect("processes") {
-        let p = p.as_object_mut().expect("a process");
-        p.remove("faults");
-        p.remove("faults_outside_vmas");
-    }
-    procs
 }
 
 #[test]
@@ -144,8 +132,8 @@ fn runs_of_first_touches_and_threads_in_binary_replay_to_the_live_summary() {
         let again = replayed(&bin);
         let summary = again.last().expect("replay output");
         assert_eq!(
-            without_fault_counts(summary),
-            without_fault_counts(live),
+            processes_without_fault_counts(summary),
+            processes_without_fault_counts(live),
             "{name}: replay of the binary file gives the live summary"
         );
         assert_eq!(

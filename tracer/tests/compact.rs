@@ -28,18 +28,9 @@ fn traced_and_replayed(name: &str, args: &[&str]) -> Vec<Value> {
     assert_eq!(summary["type"], "summary");
     // With `--faults first` the faults that changed nothing are not written: replay counts
     // the others. Everything else is the live run's.
-    let without_faults = |s: &Value| {
-        let mut procs = s["processes"].clone();
-        for p in procs.as_array_mut().expect("processes") {
-            let p = p.as_object_mut().expect("a process");
-            p.remove("faults");
-            p.remove("faults_outside_vmas");
-        }
-        procs
-    };
     assert_eq!(
-        without_faults(summary),
-        without_faults(live),
+        processes_without_fault_counts(summary),
+        processes_without_fault_counts(live),
         "{name}: replay reproduces the live summary"
     );
     for (again, p) in summary["processes"]

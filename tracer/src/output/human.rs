@@ -13,6 +13,7 @@ use super::{
 };
 use crate::{
     analysis::{Finding, Severity},
+    call::MemCall,
     event::{Event, SyscallRecord},
     flags::{self, size},
     model::{EffectKind, PAGE_SIZE, Touch},
@@ -109,49 +110,81 @@ fn len(l: u64) -> String {
 
 /// `mmap(NULL, 64 KiB, PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0)`.
 pub fn call_text(s: &SyscallRecord) -> String {
-    let [a0, a1, a2, a3, a4, a5] = s.args;
-    let args = match s.call {
-        Syscall::Brk => addr(a0),
-        Syscall::Mmap => format!(
-            "{}, {}, {}, {}, {}, {a5:#x}",
-            addr(a0),
-            len(a1),
-            flags::prot(a2),
-            flags::map(a3),
-            a4 as i64 as i32
+    let args = match s.mem() {
+        MemCall::Brk { addr: a } | MemCall::Shmdt { addr: a } => addr(a),
+        MemCall::Mmap {
+            addr: a,
+            len: l,
+            prot,
+            flags,
+            fd,
+            offset,
+        } => format!(
+            "{}, {}, {}, {}, {fd}, {offset:#x}",
+            addr(a),
+            len(l),
+            flags::prot(prot),
+            flags::map(flags),
         ),
-        Syscall::Munmap => format!("{}, {}", addr(a0), len(a1)),
-        Syscall::Mremap => format!(
+        MemCall::Munmap { addr: a, len: l }
+        | MemCall::Mlock { addr: a, len: l }
+        | MemCall::Munlock { addr: a, len: l } => format!("{}, {}", addr(a), len(l)),
+        MemCall::Mremap {
+            addr: a,
+            old_len,
+            new_len,
+            flags,
+            new_addr,
+        } => format!(
             "{}, {}, {}, {}, {}",
-            addr(a0),
-            len(a1),
-            len(a2),
-            flags::mremap(a3),
-            addr(a4)
+            addr(a),
+            len(old_len),
+            len(new_len),
+            flags::mremap(flags),
+            addr(new_addr)
         ),
-        Syscall::Mprotect => format!("{}, {}, {}", addr(a0), len(a1), flags::prot(a2)),
-        Syscall::PkeyMprotect => format!(
-            "{}, {}, {}, {}",
-            addr(a0),
-            len(a1),
-            flags::prot(a2),
-            a3 as i64
+        MemCall::Mprotect {
+            addr: a,
+            len: l,
+            prot,
+        } => format!("{}, {}, {}", addr(a), len(l), flags::prot(prot)),
+        MemCall::PkeyMprotect {
+            addr: a,
+            len: l,
+            prot,
+            pkey,
+        } => format!("{}, {}, {}, {pkey}", addr(a), len(l), flags::prot(prot)),
+        MemCall::Madvise {
+            addr: a,
+            len: l,
+            advice,
+        } => format!("{}, {}, {}", addr(a), len(l), flags::madvise(advice)),
+        MemCall::ProcessMadvise {
+            pidfd,
+            addr: a,
+            len: l,
+            vlen,
+            advice,
+            flags,
+        } => format!(
+            "{pidfd}, [{{{}, {}}}], {vlen}, {}, {flags}",
+            addr(a),
+            len(l),
+            flags::madvise(advice)
         ),
-        Syscall::Madvise => format!("{}, {}, {}", addr(a0), len(a1), flags::madvise(a2)),
-        Syscall::ProcessMadvise => format!(
-            "{}, [{{{}, {}}}], {a2}, {}, {a4}",
-            a0 as i64,
-            addr(s.extra[0]),
-            len(s.extra[1]),
-            flags::madvise(a3)
-        ),
-        Syscall::Shmat => format!("{}, {}, {a2:#o}", a0 as i64, addr(a1)),
-        Syscall::Shmdt => addr(a0),
-        Syscall::Openat => format!("{}, {:#x}, {a2:#o}", a0 as i64 as i32, a1),
-        Syscall::Mlock | Syscall::Munlock => format!("{}, {}", addr(a0), len(a1)),
-        Syscall::Mlock2 => format!("{}, {}, {a2:#x}", addr(a0), len(a1)),
-        Syscall::Mlockall => flags::mlockall(a0),
-        Syscall::Munlockall => String::new(),
+        MemCall::Shmat {
+            shmid,
+            addr: a,
+            shmflg,
+        } => format!("{shmid}, {}, {shmflg:#o}", addr(a)),
+        MemCall::Openat { dfd, path, flags } => format!("{dfd}, {path:#x}, {flags:#o}"),
+        MemCall::Mlock2 {
+            addr: a,
+            len: l,
+            flags,
+        } => format!("{}, {}, {flags:#x}", addr(a), len(l)),
+        MemCall::Mlockall { flags } => flags::mlockall(flags),
+        MemCall::Munlockall => String::new(),
     };
     let ret = match s.errno() {
         Some(e) => format!("-1 {}", flags::errno(e)),

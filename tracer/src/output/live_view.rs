@@ -23,6 +23,7 @@ use super::{
 };
 use crate::{
     analysis::Finding,
+    call::MemCall,
     clock::monotonic_ns,
     event::{Event, SyscallRecord},
     flags::{errno, size},
@@ -401,7 +402,12 @@ impl<W: Write> LiveView<W> {
                         .unwrap_or(e.start);
                     e.end.saturating_sub(before)
                 } else {
-                    page_align_up(s.args[2]).saturating_sub(page_align_up(s.args[1]))
+                    match s.mem() {
+                        MemCall::Mremap {
+                            old_len, new_len, ..
+                        } => page_align_up(new_len).saturating_sub(page_align_up(old_len)),
+                        _ => 0,
+                    }
                 };
                 self.rollup(session, pid, here.clone()).mapped += added;
                 added
@@ -414,7 +420,10 @@ impl<W: Write> LiveView<W> {
                 e.unmapped_bytes
             }
             EffectKind::Moved => {
-                let old_len = page_align_up(s.args[1]);
+                let old_len = match s.mem() {
+                    MemCall::Mremap { old_len, .. } => page_align_up(old_len),
+                    _ => 0,
+                };
                 let from = e.from.unwrap_or(e.start);
                 let there = self.region_at(p, pid, from);
                 self.rollup(session, pid, there).unmapped += old_len;

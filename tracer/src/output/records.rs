@@ -6,7 +6,6 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 use serde_json::{Value, json};
-use tracer_common::Syscall;
 
 use super::{
     FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, binary,
@@ -16,6 +15,7 @@ use super::{
 };
 use crate::{
     analysis::Finding,
+    call::MemCall,
     event::{Event, FaultRecord, SyscallRecord},
     flags, heap,
     model::{PAGE_SIZE, PMD_PAGES, Touch},
@@ -343,7 +343,6 @@ struct SyscallJson<'a> {
 
 impl<'a> SyscallJson<'a> {
     fn new(s: &'a SyscallRecord, applied: &Applied) -> Self {
-        let [a0, a1, a2, a3, a4, a5] = s.args;
         let mut j = Self {
             args: s.args,
             dev: s.resolved.dev.as_deref(),
@@ -381,44 +380,79 @@ impl<'a> SyscallJson<'a> {
             kind: s.call.name(),
             ..Self::default()
         };
-        match s.call {
-            Syscall::Brk | Syscall::Shmdt => j.addr = Some(a0),
-            Syscall::Mmap => {
-                (j.addr, j.len, j.prot) = (Some(a0), Some(a1), Some(flags::prot(a2)));
-                j.flags = Some(FlagsJson::Names(flags::map(a3)));
-                (j.fd, j.offset) = (Some(a4 as i64 as i32), Some(a5));
+        match s.mem() {
+            MemCall::Brk { addr } | MemCall::Shmdt { addr } => j.addr = Some(addr),
+            MemCall::Mmap {
+                addr,
+                len,
+                prot,
+                flags: f,
+                fd,
+                offset,
+            } => {
+                (j.addr, j.len, j.prot) = (Some(addr), Some(len), Some(flags::prot(prot)));
+                j.flags = Some(FlagsJson::Names(flags::map(f)));
+                (j.fd, j.offset) = (Some(fd), Some(offset));
             }
-            Syscall::Munmap => (j.addr, j.len) = (Some(a0), Some(a1)),
-            Syscall::Mremap => {
-                (j.addr, j.old_len, j.new_len) = (Some(a0), Some(a1), Some(a2));
-                (j.flags, j.new_addr) = (Some(FlagsJson::Names(flags::mremap(a3))), Some(a4));
+            MemCall::Munmap { addr, len }
+            | MemCall::Mlock { addr, len }
+            | MemCall::Munlock { addr, len } => (j.addr, j.len) = (Some(addr), Some(len)),
+            MemCall::Mremap {
+                addr,
+                old_len,
+                new_len,
+                flags: f,
+                new_addr,
+            } => {
+                (j.addr, j.old_len, j.new_len) = (Some(addr), Some(old_len), Some(new_len));
+                (j.flags, j.new_addr) = (Some(FlagsJson::Names(flags::mremap(f))), Some(new_addr));
             }
-            Syscall::Mprotect => {
-                (j.addr, j.len, j.prot) = (Some(a0), Some(a1), Some(flags::prot(a2)));
+            MemCall::Mprotect { addr, len, prot } => {
+                (j.addr, j.len, j.prot) = (Some(addr), Some(len), Some(flags::prot(prot)));
             }
-            Syscall::PkeyMprotect => {
-                (j.addr, j.len, j.prot) = (Some(a0), Some(a1), Some(flags::prot(a2)));
-                j.pkey = Some(a3 as i64);
+            MemCall::PkeyMprotect {
+                addr,
+                len,
+                prot,
+                pkey,
+            } => {
+                (j.addr, j.len, j.prot) = (Some(addr), Some(len), Some(flags::prot(prot)));
+                j.pkey = Some(pkey);
             }
-            Syscall::Madvise => {
-                (j.addr, j.len, j.advice) = (Some(a0), Some(a1), Some(flags::madvise(a2)));
+            MemCall::Madvise { addr, len, advice } => {
+                (j.addr, j.len, j.advice) = (Some(addr), Some(len), Some(flags::madvise(advice)));
             }
-            Syscall::ProcessMadvise => {
-                (j.pidfd, j.vlen, j.advice) = (Some(a0 as i64), Some(a2), Some(flags::madvise(a3)));
-                (j.addr, j.len) = (Some(s.extra[0]), Some(s.extra[1]));
+            MemCall::ProcessMadvise {
+                pidfd,
+                addr,
+                len,
+                vlen,
+                advice,
+                ..
+            } => {
+                (j.pidfd, j.vlen, j.advice) =
+                    (Some(pidfd), Some(vlen), Some(flags::madvise(advice)));
+                (j.addr, j.len) = (Some(addr), Some(len));
             }
-            Syscall::Shmat => {
-                (j.shmid, j.addr, j.shmflg) = (Some(a0 as i64), Some(a1), Some(a2));
+            MemCall::Shmat {
+                shmid,
+                addr,
+                shmflg,
+            } => {
+                (j.shmid, j.addr, j.shmflg) = (Some(shmid), Some(addr), Some(shmflg));
             }
-            Syscall::Openat => {
-                (j.dfd, j.flags) = (Some(a0 as i64 as i32), Some(FlagsJson::Bits(a2)));
+            MemCall::Openat { dfd, flags: f, .. } => {
+                (j.dfd, j.flags) = (Some(dfd), Some(FlagsJson::Bits(f)));
             }
-            Syscall::Mlock | Syscall::Munlock => (j.addr, j.len) = (Some(a0), Some(a1)),
-            Syscall::Mlock2 => {
-                (j.addr, j.len, j.flags) = (Some(a0), Some(a1), Some(FlagsJson::Bits(a2)));
+            MemCall::Mlock2 {
+                addr,
+                len,
+                flags: f,
+            } => {
+                (j.addr, j.len, j.flags) = (Some(addr), Some(len), Some(FlagsJson::Bits(f)));
             }
-            Syscall::Mlockall => j.flags = Some(FlagsJson::Names(flags::mlockall(a0))),
-            Syscall::Munlockall => {}
+            MemCall::Mlockall { flags: f } => j.flags = Some(FlagsJson::Names(flags::mlockall(f))),
+            MemCall::Munlockall => {}
         }
         j
     }
@@ -649,6 +683,8 @@ impl<W: Write> Sink for RecordSink<W> {
 
 #[cfg(test)]
 mod tests {
+    use tracer_common::Syscall;
+
     use super::*;
     use crate::model::{FaultEffect, TouchKind};
 

@@ -11,6 +11,7 @@ use tracer_common::Syscall;
 use super::{Frame, StackDef, StackTable};
 use crate::{
     applied::Applied,
+    call::MemCall,
     event::Event,
     model::{EffectKind, PAGE_SIZE, Touch},
 };
@@ -114,8 +115,11 @@ impl CallSites {
                         self.heap_end = Some(new_end);
                     }
                     (Syscall::Mremap, kind) => {
-                        let old = s.args[0];
-                        let old_end = old.saturating_add(align_up(s.args[1]));
+                        let (old, old_len) = match s.mem() {
+                            MemCall::Mremap { addr, old_len, .. } => (addr, old_len),
+                            _ => (e.start, 0),
+                        };
+                        let old_end = old.saturating_add(align_up(old_len));
                         match kind {
                             EffectKind::Shrunk => self.release(e.end, old_end),
                             EffectKind::Grown => self.own(old_end, e.end, sid),

@@ -608,3 +608,15 @@ pub fn pretouched_before_attach(
     wait_until_stopped(target.0.id(), "the workload to stop");
     (target, lines, region)
 }
+
+/// A summary's `processes` without the counters that `--faults first` leaves out of a
+/// recording (faults that changed nothing are not written, so a replay cannot count them).
+pub fn processes_without_fault_counts(summary: &Value) -> Value {
+    let mut procs = summary["processes"].clone();
+    for p in procs.as_array_mut().expect("processes") {
+        let p = p.as_object_mut().expect("a process");
+        p.remove("faults");
+        p.remove("faults_outside_vmas");
+    }
+    procs
+}
