@@ -178,6 +178,20 @@ pub struct EventHeader {
     pub ts_ns: u64,
 }
 
+impl EventHeader {
+    /// The header of a record of `kind`: the one constructor the eBPF programs use.
+    #[inline(always)]
+    pub const fn new(kind: EventKind, tgid: u32, tid: u32, detail: u32, ts_ns: u64) -> Self {
+        Self {
+            kind: kind as u32,
+            tgid,
+            tid,
+            detail,
+            ts_ns,
+        }
+    }
+}
+
 /// A memory syscall: its arguments (as the tracepoint gives them) and its return value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
