@@ -404,10 +404,13 @@ pub enum Stat {
     LostStack = 8,
     /// Allocator events (`--heap`) dropped because the ring buffer was full.
     LostHeap = 9,
+    /// `openat` records (the path of a new descriptor) dropped because the ring buffer was
+    /// full.
+    LostOpen = 10,
 }
 
 /// Number of [`Stat`] counters.
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
 
 impl Stat {
     /// Every counter, in index order.
@@ -422,6 +425,7 @@ impl Stat {
         Self::Submitted,
         Self::LostStack,
         Self::LostHeap,
+        Self::LostOpen,
     ];
 }
 

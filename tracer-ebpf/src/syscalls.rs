@@ -186,7 +186,7 @@ fn emit_open(tgid: u32, tid: u32, pending: &PendingSyscall, ret: i64) -> Result<
         return Ok(0);
     }
     let Some(mut entry) = EVENTS.reserve::<OpenEvent>(0) else {
-        count(Stat::LostLifecycle);
+        count(Stat::LostOpen);
         return Err(1);
     };
     let event = entry.as_mut_ptr();

@@ -188,12 +188,14 @@ pub struct KernelStats {
     pub lost_stack: u64,
     /// Allocator events (`--heap`) the full ring refused.
     pub lost_heap: u64,
+    /// `openat` records (a new descriptor's path) the full ring refused.
+    pub lost_open: u64,
 }
 
 impl KernelStats {
     /// Events dropped because the ring buffer was full.
     pub fn lost(&self) -> u64 {
-        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_heap
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_heap + self.lost_open
     }
 }
 
@@ -830,6 +832,7 @@ impl Probe {
             read_error: get(Stat::ReadError),
             lost_heap: get(Stat::LostHeap),
             lost_stack: get(Stat::LostStack),
+            lost_open: get(Stat::LostOpen),
         })
     }
 }
