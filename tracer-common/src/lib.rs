@@ -178,6 +178,20 @@ pub struct EventHeader {
     pub ts_ns: u64,
 }
 
+impl EventHeader {
+    /// The header of a record of `kind`: the one constructor the eBPF programs use.
+    #[inline(always)]
+    pub const fn new(kind: EventKind, tgid: u32, tid: u32, detail: u32, ts_ns: u64) -> Self {
+        Self {
+            kind: kind as u32,
+            tgid,
+            tid,
+            detail,
+            ts_ns,
+        }
+    }
+}
+
 /// A memory syscall: its arguments (as the tracepoint gives them) and its return value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -390,10 +404,13 @@ pub enum Stat {
     LostStack = 8,
     /// Allocator events (`--heap`) dropped because the ring buffer was full.
     LostHeap = 9,
+    /// `openat` records (the path of a new descriptor) dropped because the ring buffer was
+    /// full.
+    LostOpen = 10,
 }
 
 /// Number of [`Stat`] counters.
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
 
 impl Stat {
     /// Every counter, in index order.
@@ -408,6 +425,7 @@ impl Stat {
         Self::Submitted,
         Self::LostStack,
         Self::LostHeap,
+        Self::LostOpen,
     ];
 }
 

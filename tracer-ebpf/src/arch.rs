@@ -1,7 +1,9 @@
 //! What differs between the architectures vmatrace runs on (x86_64, aarch64): where a
 //! syscall's arguments sit in `struct pt_regs`, the faulting instruction in the page-fault
-//! contexts, and the end of user addresses. The object is built for one architecture
-//! (aya-build passes `bpf_target_arch` from the daemon's target), so these are constants.
+//! contexts, the x86 exception tracepoints' arguments, signal numbers, and the end of user
+//! addresses. The object is built for one architecture (aya-build passes `bpf_target_arch`
+//! from the daemon's target), so these are constants; each x86_64 value has its aarch64
+//! counterpart beside it (or says why there is none).
 
 use aya_ebpf::programs::PerfEventContext;
 
@@ -50,6 +52,30 @@ pub const STACK_REG_OFFSETS: [Option<usize>; 4] = [Some(16 * 8), Some(19 * 8), S
 #[cfg(bpf_target_arch = "aarch64")]
 pub const STACK_REG_OFFSETS: [Option<usize>; 4] =
     [Some(32 * 8), Some(31 * 8), Some(29 * 8), Some(30 * 8)];
+
+// The x86 exception tracepoints `page_fault_user` and `page_fault_kernel`. Their format,
+// for reference:
+// 	field:unsigned long address;	offset:8;	size:8;	signed:0;
+// 	field:unsigned long ip;	offset:16;	size:8;	signed:0;
+// 	field:unsigned long error_code;	offset:24;	size:8;	signed:0;
+// and their arguments (arch/x86/include/asm/trace/exceptions.h), which the programs get
+// instead (no perf record is built, which halves their cost):
+// TP_PROTO(unsigned long address, struct pt_regs *regs, unsigned long error_code)
+// arm64 has no such tracepoint: its faults come from the perf event (`perf_fault`), and the
+// daemon never attaches these programs there.
+/// Index of the faulting address among the exception tracepoints' arguments.
+pub const FAULT_ARG_ADDRESS: usize = 0;
+/// Index of the `struct pt_regs *` among them.
+pub const FAULT_ARG_REGS: usize = 1;
+/// Index of the x86 page-fault error code among them.
+pub const FAULT_ARG_ERROR_CODE: usize = 2;
+
+/// `SIGSTOP`: 19 on x86_64 and on aarch64 alike (asm-generic numbering; it differs on
+/// alpha, mips, parisc and sparc, which vmatrace does not build for).
+#[cfg(bpf_target_arch = "x86_64")]
+pub const SIGSTOP: u32 = 19;
+#[cfg(bpf_target_arch = "aarch64")]
+pub const SIGSTOP: u32 = 19;
 
 /// The end of the user half of the address space (48-bit virtual addresses, as both
 /// architectures' default configurations use).

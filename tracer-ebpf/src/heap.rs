@@ -16,19 +16,19 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_smp_processor_id, bpf_probe_read_user},
+    helpers::bpf_probe_read_user,
     macros::map,
     maps::{HashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
-    EventHeader, EventKind, FaultBatchHead, HEAP_BATCH_LEN, HEAP_CHUNK, HEAP_MEMPTR, HEAP_RETURN,
-    HeapBatch, HeapEvent, Stat,
+    EventHeader, EventKind, HEAP_CHUNK, HEAP_MEMPTR, HEAP_RETURN, HeapBatch, HeapEvent, Stat,
 };
 
 use crate::{
     arch::{SP_AFTER_RETURN, UPROBE_IP_SP_OFFSETS},
-    maps::{EVENTS, count, count_n, current_ids, is_target, now_ns, wakeup_flags},
+    batch,
+    maps::{EVENTS, count, current_ids, is_target, now_ns, wakeup_flags},
 };
 
 /// One CPU's batch and the count of programs using it.
@@ -74,11 +74,11 @@ pub fn try_entry(ctx: &ProbeContext, chunk: bool, memptr: bool) -> Result<u32, u
         detail |= HEAP_CHUNK;
     }
     if memptr {
-        let _ = SAVED_MEMPTR.insert(&tid, &a0, 0);
+        let _ = SAVED_MEMPTR.insert(tid, a0, 0);
     }
     let (ip, sp) = UPROBE_IP_SP_OFFSETS;
     emit(HeapEvent {
-        header: header(tgid, tid, detail),
+        header: EventHeader::new(EventKind::Heap, tgid, tid, detail, 0),
         ip: reg(ctx, ip),
         sp: reg(ctx, sp) + SP_AFTER_RETURN,
         args: [a0, a1, a2, size_word],
@@ -99,8 +99,8 @@ pub fn try_return(ctx: &RetProbeContext, chunk: bool, memptr: bool) -> Result<u3
     if memptr {
         detail |= HEAP_MEMPTR;
         // SAFETY: a value of this map, copied at once.
-        let saved = unsafe { SAVED_MEMPTR.get(&tid) }.copied();
-        let _ = SAVED_MEMPTR.remove(&tid);
+        let saved = unsafe { SAVED_MEMPTR.get(tid) }.copied();
+        let _ = SAVED_MEMPTR.remove(tid);
         block = match saved {
             // SAFETY: a user address read with the fault-tolerant helper.
             Some(p) if ret == 0 && p != 0 => {
@@ -118,22 +118,11 @@ pub fn try_return(ctx: &RetProbeContext, chunk: bool, memptr: bool) -> Result<u3
     }
     let (ip, sp) = UPROBE_IP_SP_OFFSETS;
     emit(HeapEvent {
-        header: header(tgid, tid, detail),
+        header: EventHeader::new(EventKind::Heap, tgid, tid, detail, 0),
         ip: reg(ctx, ip),
         sp: reg(ctx, sp),
         args: [ret, block, header_words[0], header_words[1]],
     })
-}
-
-#[inline(always)]
-fn header(tgid: u32, tid: u32, detail: u32) -> EventHeader {
-    EventHeader {
-        kind: EventKind::Heap as u32,
-        tgid,
-        tid,
-        detail,
-        ts_ns: 0,
-    }
 }
 
 /// Adds `ev` to this CPU's batch when no other program holds it, else writes it alone.
@@ -156,23 +145,9 @@ fn emit(mut ev: HeapEvent) -> Result<u32, u32> {
     }
     // SAFETY: owned by this program until the count goes back to zero.
     let batch = unsafe { &mut (*slot).batch };
-    let n = batch.head.header.detail as usize;
-    let result = if n >= HEAP_BATCH_LEN {
-        // Never: a full batch is written at once. The check bounds the index.
-        let _ = write_batch(batch, HEAP_BATCH_LEN);
-        count(Stat::LostHeap);
-        Err(1)
-    } else {
-        // Stamped while owning the batch: every event batched after a write is newer.
-        ev.header.ts_ns = now_ns();
-        batch.events[n] = ev;
-        if n + 1 < HEAP_BATCH_LEN {
-            batch.head.header.detail = (n + 1) as u32;
-            Ok(0)
-        } else {
-            write_batch(batch, HEAP_BATCH_LEN)
-        }
-    };
+    // Stamped while owning the batch: every event batched after a write is newer.
+    ev.header.ts_ns = now_ns();
+    let result = batch::push(batch, ev);
     // SAFETY: as above.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(owners, u64::MAX) };
     result
@@ -204,37 +179,5 @@ pub fn try_flush() -> Result<u32, u32> {
         return Ok(2);
     }
     // SAFETY: no program holds the batch, and none can start on this CPU while this runs.
-    let batch = unsafe { &mut (*slot).batch };
-    let n = (batch.head.header.detail as usize).min(HEAP_BATCH_LEN);
-    write_batch(batch, n)
-}
-
-/// Writes the first `n` events of `batch` as one record, stamped with the time and CPU, and
-/// empties it. A batch that does not fit is counted as `n` lost events.
-#[inline(always)]
-fn write_batch(batch: &mut HeapBatch, n: usize) -> Result<u32, u32> {
-    batch.head = FaultBatchHead {
-        header: EventHeader {
-            kind: EventKind::HeapBatch as u32,
-            tgid: 0,
-            tid: 0,
-            detail: n as u32,
-            ts_ns: now_ns(),
-        },
-        // SAFETY: a helper without arguments.
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        _pad: 0,
-    };
-    // Computed upward, as for the fault batches (older verifiers lose the bounds otherwise).
-    let size = size_of::<FaultBatchHead>() + n * size_of::<HeapEvent>();
-    // SAFETY: the start of the batch, `size` <= its size bytes.
-    let bytes =
-        unsafe { core::slice::from_raw_parts((batch as *const HeapBatch).cast::<u8>(), size) };
-    let written = EVENTS.output::<[u8]>(bytes, wakeup_flags(size as u64));
-    batch.head.header.detail = 0;
-    if written.is_err() {
-        count_n(Stat::LostHeap, n as u64);
-        return Err(1);
-    }
-    Ok(0)
+    batch::flush(unsafe { &mut (*slot).batch })
 }

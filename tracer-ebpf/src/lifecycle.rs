@@ -15,9 +15,12 @@ use tracer_common::{
     TARGET_STOP_AT_EXEC, layout::FIELD_ABSENT,
 };
 
-use crate::maps::{
-    EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, is_target, layout, now_ns,
-    targets_changed,
+use crate::{
+    arch::SIGSTOP,
+    maps::{
+        EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, is_target, layout, now_ns,
+        targets_changed,
+    },
 };
 
 /// Reads a `T` at `offset` of the tracepoint record; a missing field is an error.
@@ -36,7 +39,6 @@ fn field<T>(ctx: &TracePointContext, offset: u32) -> Result<T, u32> {
 
 const CLONE_THREAD: u64 = 0x0001_0000;
 const CLONE_NEWPID: u64 = 0x2000_0000;
-const SIGSTOP: u32 = 19;
 
 // name: task_newtask
 // format:
@@ -55,7 +57,7 @@ const SIGSTOP: u32 = 19;
 #[inline(always)]
 pub fn try_task_newtask(ctx: &TracePointContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    let Some(flags) = TARGETS.get_ptr(&tgid) else {
+    let Some(flags) = TARGETS.get_ptr(tgid) else {
         return Ok(0);
     };
     // SAFETY: a live map value, copied.
@@ -77,7 +79,7 @@ const RAW_ARG_CLONE_FLAGS: usize = 1;
 #[inline(always)]
 pub fn try_task_newtask_raw(ctx: &RawTracePointContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    let Some(flags) = TARGETS.get_ptr(&tgid) else {
+    let Some(flags) = TARGETS.get_ptr(tgid) else {
         return Ok(0);
     };
     // SAFETY: a live map value, copied.
@@ -132,7 +134,7 @@ fn new_task<C: EbpfContext>(
     let flags = flags & !TARGET_STOP_AT_EXEC;
     let mut followed = 0;
     if flags & TARGET_FOLLOW_FORKS != 0 {
-        if TARGETS.insert(&child, &flags, BPF_NOEXIST as u64).is_ok() {
+        if TARGETS.insert(child, flags, BPF_NOEXIST as u64).is_ok() {
             targets_changed();
             followed = 1;
         } else {
@@ -145,7 +147,7 @@ fn new_task<C: EbpfContext>(
         return Err(1);
     };
     entry.write(ForkEvent {
-        header: header(EventKind::Fork, tgid, tid, 0),
+        header: EventHeader::new(EventKind::Fork, tgid, tid, 0, now_ns()),
         child_pid: child,
         followed,
         clone_flags,
@@ -174,7 +176,7 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
     if !is_target(tgid) {
         return Ok(0);
     }
-    let Some(flags) = TARGETS.get_ptr(&tgid) else {
+    let Some(flags) = TARGETS.get_ptr(tgid) else {
         return Ok(0);
     };
     // SAFETY: a live map value, read once.
@@ -189,12 +191,12 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
     if stop {
         // Recorded first: a process is stopped only when whoever may continue it can tell
         // (the daemon also finds stops whose exec event the full ring lost).
-        if EXEC_STOPS.insert(&tgid, &ts, 0).is_err() {
+        if EXEC_STOPS.insert(tgid, ts, 0).is_err() {
             warn!(ctx, "vmatrace: cannot record the stop of {} at exec", tgid);
         // Delivered on the return to user mode: before the new image's first instruction.
         // SAFETY: a helper that signals the current task.
         } else if unsafe { bpf_send_signal(SIGSTOP) } != 0 {
-            let _ = EXEC_STOPS.remove(&tgid);
+            let _ = EXEC_STOPS.remove(tgid);
             warn!(ctx, "vmatrace: cannot stop {} at exec", tgid);
         }
     }
@@ -205,7 +207,7 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points at a reserved, exclusively owned ring-buffer slot of this size.
     unsafe {
-        (*event).header = header_at(EventKind::Exec, tgid, tid, old_pid as u32, ts);
+        (*event).header = EventHeader::new(EventKind::Exec, tgid, tid, old_pid as u32, ts);
         (*event).filename[0] = 0;
         // __data_loc: the low 16 bits are the offset of the string in the record.
         let src = (ctx.as_ptr() as *const u8).add((loc & 0xffff) as usize);
@@ -237,17 +239,17 @@ pub fn try_exec(ctx: &TracePointContext) -> Result<u32, u32> {
 #[inline(always)]
 pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    if TARGETS.get_ptr(&tgid).is_none() {
+    if TARGETS.get_ptr(tgid).is_none() {
         return Ok(0);
     }
     // A thread killed inside a syscall never reaches its exit program.
-    let _ = PENDING.remove(&tid);
+    let _ = PENDING.remove(tid);
     if !group_dead(ctx)? {
         return Ok(0);
     }
     // Without `group_dead`, several of the last threads may see the group dead at once: the
     // one whose removal succeeds reports the exit.
-    if TARGETS.remove(&tgid).is_err() {
+    if TARGETS.remove(tgid).is_err() {
         return Ok(0);
     }
     targets_changed();
@@ -256,7 +258,7 @@ pub fn try_exit(ctx: &TracePointContext) -> Result<u32, u32> {
         return Err(1);
     };
     entry.write(ExitEvent {
-        header: header(EventKind::Exit, tgid, tid, 0),
+        header: EventHeader::new(EventKind::Exit, tgid, tid, 0, now_ns()),
     });
     // Rare and waited for (the launched child is stopped at exec): wake the reader now.
     entry.submit(BPF_RB_FORCE_WAKEUP as u64);
@@ -290,20 +292,4 @@ fn group_dead(ctx: &TracePointContext) -> Result<bool, u32> {
             .map_err(failed)?
     };
     Ok(live == 0)
-}
-
-#[inline(always)]
-fn header(kind: EventKind, tgid: u32, tid: u32, detail: u32) -> EventHeader {
-    header_at(kind, tgid, tid, detail, now_ns())
-}
-
-#[inline(always)]
-fn header_at(kind: EventKind, tgid: u32, tid: u32, detail: u32, ts_ns: u64) -> EventHeader {
-    EventHeader {
-        kind: kind as u32,
-        tgid,
-        tid,
-        detail,
-        ts_ns,
-    }
 }

@@ -8,6 +8,7 @@
 #![allow(internal_features)]
 
 mod arch;
+mod batch;
 mod faults;
 mod heap;
 mod lifecycle;

@@ -3,7 +3,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     bindings::{
         BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info,
     },
@@ -77,7 +77,7 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0
 /// short timer, so a busy process does not cost one wakeup per event. 0: never woken by data
 /// (a ring large enough for the timer alone). Set by userspace at load.
 #[unsafe(no_mangle)]
-static WAKEUP_BYTES: u64 = 64 * 1024;
+static WAKEUP_BYTES: Global<u64> = Global::new(64 * 1024);
 
 /// Adds one to a counter of this CPU.
 #[inline(always)]
@@ -115,18 +115,17 @@ pub static CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
 
 /// Whether `CGROUPS` is in use (`--cgroup`), set at load time.
 #[unsafe(no_mangle)]
-static CGROUP_MODE: u32 = 0;
+static CGROUP_MODE: Global<u32> = Global::new(0);
 
 /// The daemon's own process (as `current_ids` names it), never traced even if it runs in
 /// the traced cgroup. Set at load time.
 #[unsafe(no_mangle)]
-static DAEMON_TGID: u32 = 0;
+static DAEMON_TGID: Global<u32> = Global::new(0);
 
 /// With `--cgroup`, the current task's cgroup id; else 0 (no helper call).
 #[inline(always)]
 fn current_cgroup() -> u64 {
-    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
-    if unsafe { core::ptr::read_volatile(&CGROUP_MODE) } == 0 {
+    if CGROUP_MODE.load() == 0 {
         return 0;
     }
     // SAFETY: a helper without arguments.
@@ -137,30 +136,23 @@ fn current_cgroup() -> u64 {
 /// joins `TARGETS` (its children followed) and a [`JoinEvent`] tells the daemon.
 #[inline(always)]
 fn joins(tgid: u32) -> bool {
-    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
-    let daemon = unsafe { core::ptr::read_volatile(&DAEMON_TGID) };
+    let daemon = DAEMON_TGID.load();
     let group = current_cgroup();
-    if group == 0 || tgid == 0 || tgid == daemon || CGROUPS.get_ptr(&group).is_none() {
+    if group == 0 || tgid == 0 || tgid == daemon || CGROUPS.get_ptr(group).is_none() {
         return false;
     }
     if TARGETS
-        .insert(&tgid, &TARGET_FOLLOW_FORKS, BPF_NOEXIST as u64)
+        .insert(tgid, TARGET_FOLLOW_FORKS, BPF_NOEXIST as u64)
         .is_err()
     {
         // Inserted meanwhile by another CPU (traced), or the map is full (not traced).
-        return TARGETS.get_ptr(&tgid).is_some();
+        return TARGETS.get_ptr(tgid).is_some();
     }
     targets_changed();
     let (_, tid) = current_ids();
     if let Some(mut entry) = EVENTS.reserve::<JoinEvent>(0) {
         entry.write(JoinEvent {
-            header: EventHeader {
-                kind: EventKind::Join as u32,
-                tgid,
-                tid,
-                detail: 0,
-                ts_ns: now_ns(),
-            },
+            header: EventHeader::new(EventKind::Join, tgid, tid, 0, now_ns()),
         });
         entry.submit(BPF_RB_FORCE_WAKEUP as u64);
     } else {
@@ -176,7 +168,7 @@ pub fn is_target(tgid: u32) -> bool {
     // answer stale at once, whatever the look-up saw.
     let (gen_kernel, gen_user) = (generation(TARGETS_GEN_KERNEL), generation(TARGETS_GEN_USER));
     let Some(cache) = FILTER_CACHE.get_ptr_mut(0) else {
-        return TARGETS.get_ptr(&tgid).is_some() || joins(tgid);
+        return TARGETS.get_ptr(tgid).is_some() || joins(tgid);
     };
     let cgroup = current_cgroup();
     // SAFETY: this CPU's slot; the programs do not nest on a CPU.
@@ -189,7 +181,7 @@ pub fn is_target(tgid: u32) -> bool {
         {
             return c.traced != 0;
         }
-        let traced = TARGETS.get_ptr(&tgid).is_some() || joins(tgid);
+        let traced = TARGETS.get_ptr(tgid).is_some() || joins(tgid);
         *cache = FilterCache {
             tgid,
             traced: traced as u32,
@@ -226,8 +218,7 @@ pub fn targets_changed() {
 /// also drains on a short timer, so nothing waits long.
 #[inline(always)]
 pub fn wakeup_flags(size: u64) -> u64 {
-    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
-    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let threshold = WAKEUP_BYTES.load();
     // 0: the ring is large enough for the reader's timer alone; skip the query (~30 ns).
     if threshold == 0 {
         return BPF_RB_NO_WAKEUP as u64;
@@ -252,22 +243,21 @@ pub fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
 /// Where the programs read the kernel's data: set by the daemon before load from the kernel's
 /// `format` files and BTF, see `tracer_common::layout`.
 #[unsafe(no_mangle)]
-static LAYOUT: KernelLayout = KernelLayout::UNSET;
+static LAYOUT: Global<KernelLayout> = Global::new(KernelLayout::UNSET);
 
-/// The layout global, read volatile so the compiler does not fold the placeholder.
+/// The layout global, as set at load time.
 #[inline(always)]
 pub fn layout() -> KernelLayout {
-    // SAFETY: a read-only global set at load time.
-    unsafe { core::ptr::read_volatile(&LAYOUT) }
+    LAYOUT.load()
 }
 
 /// The current task's (tgid, tid): the kernel's, or, when the daemon runs in a PID namespace
 /// of its own, that namespace's. A task outside it gets (0, 0), which is never traced.
 #[inline(always)]
 pub fn current_ids() -> (u32, u32) {
-    // SAFETY: a read-only global set at load time (the verifier knows its value, so the branch
-    // not taken is not even checked).
-    let ns = unsafe { core::ptr::read_volatile(&LAYOUT.pid_namespace) };
+    // A read-only global set at load time (the verifier knows its value, so the branch not
+    // taken is not even checked).
+    let ns = layout().pid_namespace;
     if ns.is_kernel() {
         let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
         return ((id >> 32) as u32, id as u32);

@@ -8,7 +8,7 @@
 //! the room of the events.
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_RING_SIZE},
     helpers::generated::{
         bpf_get_current_task_btf, bpf_get_stack, bpf_probe_read_kernel, bpf_probe_read_user,
@@ -30,15 +30,15 @@ use crate::{
 /// (at most `STACK_COPY_MAX`); programs on kernels without `bpf_task_pt_regs` (before 5.15)
 /// load only with 0, as the verifier never visits the code behind it.
 #[unsafe(no_mangle)]
-static STACK_BYTES: u32 = 0;
+static STACK_BYTES: Global<u32> = Global::new(0);
 
 /// 1: every traced memory syscall gets a stack (`--stacks`).
 #[unsafe(no_mangle)]
-static SYSCALL_STACKS: u32 = 0;
+static SYSCALL_STACKS: Global<u32> = Global::new(0);
 
 /// One first-touch fault in this many (per CPU) gets a stack; 0: none.
 #[unsafe(no_mangle)]
-static FAULT_STACK_EVERY: u32 = 0;
+static FAULT_STACK_EVERY: Global<u32> = Global::new(0);
 
 /// Each CPU's record being built (16 KiB, too large for the eBPF stack).
 #[map]
@@ -51,15 +51,13 @@ static FAULT_STACK_COUNT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0)
 /// Bytes of stack to copy per stack (0: off).
 #[inline(always)]
 pub fn stack_bytes() -> u32 {
-    // SAFETY: a constant set at load time; read volatile so the compiler does not fold it.
-    unsafe { core::ptr::read_volatile(&STACK_BYTES) }
+    STACK_BYTES.load()
 }
 
 /// Whether memory syscalls get a stack.
 #[inline(always)]
 pub fn syscall_stacks() -> bool {
-    // SAFETY: as in `stack_bytes`.
-    unsafe { core::ptr::read_volatile(&SYSCALL_STACKS) != 0 }
+    SYSCALL_STACKS.load() != 0
 }
 
 /// Whether this fault is the one in `FAULT_STACK_EVERY` that gets a stack. The tracepoint
@@ -67,8 +65,7 @@ pub fn syscall_stacks() -> bool {
 /// backend, which has no error code, for every fault.
 #[inline(always)]
 pub fn fault_wants_stack() -> bool {
-    // SAFETY: as in `stack_bytes`.
-    let every = unsafe { core::ptr::read_volatile(&FAULT_STACK_EVERY) };
+    let every = FAULT_STACK_EVERY.load();
     if every == 0 {
         return false;
     }
@@ -168,13 +165,7 @@ pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_
             }
         }
         (*rec).head = StackHead {
-            header: EventHeader {
-                kind: EventKind::Stack as u32,
-                tgid,
-                tid,
-                detail: owner as u32,
-                ts_ns: key_ts,
-            },
+            header: EventHeader::new(EventKind::Stack, tgid, tid, owner as u32, key_ts),
             regs,
             frames,
             stack_bytes: copied,

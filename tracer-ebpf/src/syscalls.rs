@@ -7,7 +7,7 @@
 //! that is not there.
 
 use aya_ebpf::{
-    EbpfContext,
+    EbpfContext, Global,
     helpers::{bpf_probe_read_user, bpf_probe_read_user_str_bytes},
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
@@ -55,7 +55,7 @@ const CONSUMED: u32 = u32::MAX;
 /// Zero, as a value the compiler cannot see: on this target LLVM turns stores of constant
 /// zeros into a call to a byte-wise `memset` (a loop of 16 iterations per entry here).
 #[unsafe(no_mangle)]
-static OPAQUE_ZERO: u64 = 0;
+static OPAQUE_ZERO: Global<u64> = Global::new(0);
 
 /// `sys_enter_*`: the arguments from the tracepoint's record.
 #[inline(always)]
@@ -95,9 +95,8 @@ fn enter(syscall: Syscall, arg: impl Fn(usize) -> u64) -> Result<u32, u32> {
         return Ok(0);
     }
     // Only the syscall's own argument slots are inside its record; the others are zero.
-    // SAFETY: a constant, read volatile so that the zero stores below are not turned into a
-    // memset call.
-    let zero = unsafe { core::ptr::read_volatile(&OPAQUE_ZERO) };
+    // Read as a global, so that the zero stores below are not turned into a memset call.
+    let zero = OPAQUE_ZERO.load();
     let nargs = syscall.nargs();
     let arg = |i: usize| if i < nargs { arg(i) } else { zero };
     let args = [arg(0), arg(1), arg(2), arg(3), arg(4), arg(5)];
@@ -120,10 +119,10 @@ fn enter(syscall: Syscall, arg: impl Fn(usize) -> u64) -> Result<u32, u32> {
         extra,
     };
     // A thread's slot is reused in place: a store is much cheaper than a map update.
-    if let Some(slot) = PENDING.get_ptr_mut(&tid) {
+    if let Some(slot) = PENDING.get_ptr_mut(tid) {
         // SAFETY: this thread's own slot; only this thread writes it while it is alive.
         unsafe { *slot = pending };
-    } else if PENDING.insert(&tid, &pending, 0).is_err() {
+    } else if PENDING.insert(tid, pending, 0).is_err() {
         count(Stat::PendingFull);
         return Err(1);
     }
@@ -140,7 +139,7 @@ fn exit<C: EbpfContext>(ctx: &C, syscall: Syscall, ret: impl Fn() -> i64) -> Res
     if !traced && syscall != Syscall::ProcessMadvise {
         return Ok(0);
     }
-    let Some(saved) = PENDING.get_ptr_mut(&tid) else {
+    let Some(saved) = PENDING.get_ptr_mut(tid) else {
         if traced {
             count(Stat::ExitWithoutEnter);
         }
@@ -170,13 +169,7 @@ fn exit<C: EbpfContext>(ctx: &C, syscall: Syscall, ret: impl Fn() -> i64) -> Res
         return Err(1);
     };
     entry.write(SyscallEvent {
-        header: EventHeader {
-            kind: EventKind::Syscall as u32,
-            tgid,
-            tid,
-            detail: syscall as u32,
-            ts_ns: now_ns(),
-        },
+        header: EventHeader::new(EventKind::Syscall, tgid, tid, syscall as u32, now_ns()),
         enter_ts_ns: pending.enter_ts_ns,
         args: pending.args,
         ret,
@@ -193,19 +186,13 @@ fn emit_open(tgid: u32, tid: u32, pending: &PendingSyscall, ret: i64) -> Result<
         return Ok(0);
     }
     let Some(mut entry) = EVENTS.reserve::<OpenEvent>(0) else {
-        count(Stat::LostLifecycle);
+        count(Stat::LostOpen);
         return Err(1);
     };
     let event = entry.as_mut_ptr();
     // SAFETY: `event` points at a reserved, exclusively owned ring-buffer slot of this size.
     unsafe {
-        (*event).header = EventHeader {
-            kind: EventKind::Open as u32,
-            tgid,
-            tid,
-            detail: ret as u32,
-            ts_ns: now_ns(),
-        };
+        (*event).header = EventHeader::new(EventKind::Open, tgid, tid, ret as u32, now_ns());
         (*event).path[0] = 0;
         if bpf_probe_read_user_str_bytes(pending.args[1] as *const u8, &mut (*event).path).is_err()
         {

@@ -252,9 +252,68 @@ fn main() -> ExitCode {
     match real_main() {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // One line: the library's messages already name their causes.
-            eprintln!("vmatrace: {e}");
+            eprintln!("vmatrace: {}", chain(&e));
             ExitCode::from(1)
         }
+    }
+}
+
+/// The error and its causes (its `source` chain, as `{e:#}` walks it) on one line, each
+/// once: many messages name their direct cause already (`"cannot read {path}: {source}"`),
+/// and a cause whose text is already on the line is not repeated. A cause of several lines
+/// (aya's errors end with the verifier's log) gives its first line there, and the rest
+/// follows below it.
+fn chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    let mut rest = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let mut lines = text.lines();
+        let first = lines.next().unwrap_or_default().trim_end();
+        if first.is_empty() || line.contains(first) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(first);
+        let more = lines.collect::<Vec<_>>().join("\n");
+        if !more.is_empty() && !rest.contains(&more) {
+            rest.push('\n');
+            rest.push_str(&more);
+        }
+    }
+    line + &rest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read {path}: {source}")]
+    struct Read {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn an_error_is_printed_with_each_of_its_causes_once_on_one_line() {
+        let io = std::io::Error::from_raw_os_error(libc::EACCES);
+        let e = anyhow::Error::new(Read {
+            path: "/x".into(),
+            source: io,
+        })
+        .context("setting up");
+        assert_eq!(
+            chain(&e),
+            "setting up: cannot read /x: Permission denied (os error 13)"
+        );
+        let e = anyhow::anyhow!("loading failed. Verifier output:\n0: r1 = 0\n1: exit")
+            .context("cannot attach x");
+        assert_eq!(
+            chain(&e),
+            "cannot attach x: loading failed. Verifier output:\n0: r1 = 0\n1: exit"
+        );
     }
 }

@@ -783,6 +783,22 @@ mod tests {
     }
 
     #[test]
+    fn a_lost_record_without_lost_open_reads_it_as_zero() {
+        // Recordings made before the field counted lost opens in `lost_lifecycle`.
+        let line = "{\"type\":\"lost\",\"ts_ns\":5,\"lost_syscall\":1,\"lost_fault\":2,\"lost_lifecycle\":3,\"pending_full\":0,\"exit_without_enter\":0,\"targets_full\":0,\"read_error\":0,\"undecodable\":0}";
+        let Ok(Record::Lost(l)) = parse_line(line) else {
+            panic!("a lost record");
+        };
+        assert_eq!((l.lost_lifecycle, l.lost_open), (3, 0));
+        assert_eq!(l.total_lost(), 6);
+        let line = line.replace("\"undecodable\":0", "\"undecodable\":0,\"lost_open\":4");
+        let Ok(Record::Lost(l)) = parse_line(&line) else {
+            panic!("a lost record");
+        };
+        assert_eq!((l.lost_open, l.total_lost()), (4, 10));
+    }
+
+    #[test]
     fn calls_with_impossible_ranges_are_refused_and_edge_ones_do_not_break_the_model() {
         let top = !4095u64;
         let end = USER_ADDRESS_END;

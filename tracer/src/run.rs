@@ -191,6 +191,7 @@ fn delta(now: &KernelStats, last: &KernelStats, undecodable: u64, unread: u64) -
         lost_heap: now.lost_heap - last.lost_heap,
         unread,
         lost_stack: now.lost_stack - last.lost_stack,
+        lost_open: now.lost_open - last.lost_open,
     }
 }
 
@@ -778,7 +779,8 @@ impl Live {
                 .map_err(RunError::Write)?;
             self.sink.boundary(&self.session).map_err(RunError::Write)?;
         }
-        self.losing = d.lost_syscall + d.lost_fault + d.lost_lifecycle > 0;
+        // A lost open leaves a mapped file unnamed: the resync names it again.
+        self.losing = d.lost_syscall + d.lost_fault + d.lost_lifecycle + d.lost_open > 0;
         if d.lost_heap > 0 {
             self.session.heap_events_lost();
         }

@@ -4,7 +4,8 @@
 //!   libLLVM, tracefs mounted, and the Debian packages `--heap` is tested and measured with
 //!   (jemalloc, tcmalloc, gcc, heaptrack, bpftrace). Idempotent; quick when already done.
 //! - `run -- ARGS`: setup, build, run `vmatrace ARGS`.
-//! - `test`: setup, lint, unit tests, privileged end-to-end tests, fuzz smoke runs.
+//! - `test`: setup, lint (rustfmt, clippy on the workspace, clippy on the eBPF crate for the BPF
+//!   target), unit tests, privileged end-to-end tests, fuzz smoke runs.
 //! - `bench`: setup, then the benchmarks in `tracer/benches` and `workloads`.
 //! - `kernels`: the privileged tests on other kernels (5.10 to 7.x, x86_64 and arm64) under
 //!   qemu, and a table kernel x result.
@@ -394,6 +395,47 @@ fn cargo() -> Command {
     c
 }
 
+/// Clippy on the eBPF crate, as aya-template lints its own: the nightly toolchain, the BPF
+/// target with `core` built from source (`setup` installed rust-src), and the
+/// `bpf_target_arch` cfg aya-build gives the real build (this machine's architecture). It
+/// checks only (no bpf-linker), in a target directory of its own.
+fn clippy_ebpf() -> Command {
+    let arch = match env::consts::ARCH {
+        "aarch64" => "aarch64",
+        _ => "x86_64",
+    };
+    let mut c = Command::new("cargo");
+    c.current_dir(root());
+    // The outer cargo's (stable) compiler must not be the one the nightly cargo uses.
+    for key in [
+        "RUSTC",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "RUSTUP_TOOLCHAIN",
+    ] {
+        c.env_remove(key);
+    }
+    c.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+    );
+    c.args([
+        "+nightly",
+        "clippy",
+        "-p",
+        "tracer-ebpf",
+        "--bins",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--target-dir",
+    ]);
+    c.arg(root().join("target").join("clippy-ebpf"));
+    c.args(["--", "-D", "warnings"]);
+    c
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(()) => ExitCode::SUCCESS,
@@ -453,6 +495,7 @@ fn real_main() -> Result<()> {
                     "-D",
                     "warnings",
                 ]))?;
+                run(&mut clippy_ebpf())?;
             }
             run(cargo().args([
                 "test",

@@ -214,6 +214,7 @@ fn registry(snap: &Snapshot) -> Registry {
         ("fault", l.lost_fault),
         ("lifecycle", l.lost_lifecycle),
         ("heap", l.lost_heap),
+        ("open", l.lost_open),
         ("pending_full", l.pending_full),
         ("undecodable", l.undecodable),
         ("unread", l.unread),
@@ -223,7 +224,7 @@ fn registry(snap: &Snapshot) -> Registry {
     }
     reg.register(
         "lost_events",
-        "Events lost, by kind: dropped by a full ring (syscall, fault, lifecycle, heap), a full table of pending syscalls, undecodable records, left unread at a stop",
+        "Events lost, by kind: dropped by a full ring (syscall, fault, lifecycle, heap, open), a full table of pending syscalls, undecodable records, left unread at a stop",
         lost,
     );
     let errors = Family::<KindLabels, Counter>::default();

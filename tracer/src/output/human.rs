@@ -429,12 +429,13 @@ impl<W: Write> Sink for HumanSink<W> {
 
     fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
         let line = format!(
-            "{} LOST {} events (syscalls {}, faults {}, lifecycle {}, unsaved entries {})",
+            "{} LOST {} events (syscalls {}, faults {}, lifecycle {}, opens {}, unsaved entries {})",
             self.time(ts_ns),
             delta.total_lost(),
             delta.lost_syscall,
             delta.lost_fault,
             delta.lost_lifecycle,
+            delta.lost_open,
             delta.pending_full
         );
         writeln!(self.out, "{}", self.paint("1;31", &line))
@@ -571,11 +572,12 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
     let l = &s.lost;
     writeln!(
         out,
-        "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}; unsaved entries {}; undecodable {}; unread at the stop {})",
+        "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}, opens {}; unsaved entries {}; undecodable {}; unread at the stop {})",
         l.total_lost(),
         l.lost_syscall,
         l.lost_fault,
         l.lost_lifecycle,
+        l.lost_open,
         l.pending_full,
         l.undecodable,
         l.unread

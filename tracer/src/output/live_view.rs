@@ -571,11 +571,12 @@ impl<W: Write> LiveView<W> {
         let l = std::mem::take(&mut self.lost);
         if l.total_lost() > 0 {
             let line = format!(
-                "{time} LOST {} events (syscalls {}, faults {}, lifecycle {}, unsaved entries {}, undecodable {}, unread at the stop {})",
+                "{time} LOST {} events (syscalls {}, faults {}, lifecycle {}, opens {}, unsaved entries {}, undecodable {}, unread at the stop {})",
                 l.total_lost(),
                 l.lost_syscall,
                 l.lost_fault,
                 l.lost_lifecycle,
+                l.lost_open,
                 l.pending_full,
                 l.undecodable,
                 l.unread

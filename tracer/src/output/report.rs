@@ -179,6 +179,10 @@ pub struct LossSummary {
     /// Allocator events (`--heap`) dropped because the ring buffer was full.
     #[serde(default)]
     pub lost_heap: u64,
+    /// `openat` records (the path of a new descriptor) dropped because the ring buffer was
+    /// full (absent in older recordings, which counted them in `lost_lifecycle`).
+    #[serde(default)]
+    pub lost_open: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -198,6 +202,7 @@ impl std::ops::AddAssign<&LossSummary> for LossSummary {
         self.unread += l.unread;
         self.lost_stack += l.lost_stack;
         self.lost_heap += l.lost_heap;
+        self.lost_open += l.lost_open;
     }
 }
 
@@ -216,6 +221,7 @@ impl LossSummary {
             unread,
             lost_stack: k.lost_stack,
             lost_heap: k.lost_heap,
+            lost_open: k.lost_open,
         }
     }
 
@@ -228,6 +234,7 @@ impl LossSummary {
             + self.undecodable
             + self.unread
             + self.lost_heap
+            + self.lost_open
     }
 }
 

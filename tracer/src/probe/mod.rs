@@ -188,12 +188,14 @@ pub struct KernelStats {
     pub lost_stack: u64,
     /// Allocator events (`--heap`) the full ring refused.
     pub lost_heap: u64,
+    /// `openat` records (a new descriptor's path) the full ring refused.
+    pub lost_open: u64,
 }
 
 impl KernelStats {
     /// Events dropped because the ring buffer was full.
     pub fn lost(&self) -> u64 {
-        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_heap
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_heap + self.lost_open
     }
 }
 
@@ -262,9 +264,16 @@ fn map_err(what: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
     move |source| ProbeError::Map { what, source }
 }
 
-fn is_permission(e: &aya::EbpfError) -> bool {
-    let text = format!("{e:?}");
-    text.contains("PermissionDenied") || text.contains("EPERM") || text.contains("os error 1)")
+/// Whether `e`, or an error it was caused by, is the kernel refusing for lack of privilege
+/// (EPERM or EACCES from a `bpf` or `perf_event_open` call): decided by the `io::Error`'s kind
+/// and errno along the `source` chain, never by the message's text.
+fn is_permission(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            io.kind() == std::io::ErrorKind::PermissionDenied
+                || matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        })
+    })
 }
 
 impl Probe {
@@ -830,6 +839,7 @@ impl Probe {
             read_error: get(Stat::ReadError),
             lost_heap: get(Stat::LostHeap),
             lost_stack: get(Stat::LostStack),
+            lost_open: get(Stat::LostOpen),
         })
     }
 }
@@ -877,5 +887,33 @@ fn lacking(missing: &[&str]) -> String {
         String::new()
     } else {
         format!("; this process lacks {}", missing.join(" and "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::is_permission;
+
+    fn map_create_failed(errno: i32) -> aya::EbpfError {
+        aya::EbpfError::MapError(aya::maps::MapError::CreateError {
+            name: "EVENTS".into(),
+            io_error: io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn a_refusal_for_privilege_is_found_by_its_errno_along_the_source_chain() {
+        assert!(is_permission(&map_create_failed(libc::EPERM)));
+        assert!(is_permission(&map_create_failed(libc::EACCES)));
+        assert!(!is_permission(&map_create_failed(libc::ENOMEM)));
+        assert!(!is_permission(&map_create_failed(libc::EINVAL)));
+        // A message that only says so is not a refusal.
+        let text = io::Error::other("Operation not permitted (os error 1)");
+        assert!(!is_permission(&text));
+        assert!(is_permission(&io::Error::from(
+            io::ErrorKind::PermissionDenied
+        )));
     }
 }
