@@ -742,43 +742,52 @@ fn heap(rounds: usize) {
 /// event recorded with the default ring.
 fn syscall_sweep() {
     println!(
-        "\nSyscall sweep (record mode, default ring; `lost_syscall` from the summary):\n\n| processes | syscalls/s offered | recorded | lost | lost % |\n|---|---|---|---|---|"
+        "\nSyscall sweep (record mode, default ring; `lost_syscall` from the summary):\n\n| output | processes | syscalls/s offered | recorded | lost | lost % |\n|---|---|---|---|---|---|"
     );
-    for procs in [1, 2, 3] {
-        let file =
-            std::env::temp_dir().join(format!("vmatrace-ssweep-{}.ndjson", std::process::id()));
-        let w = workload().display().to_string();
-        let script = vec![format!("{w} churn 200000 &"); procs].join(" ") + " wait";
-        let out = Command::new(vmatrace())
-            .args(["record", "-f", "--force", "-o"])
-            .arg(&file)
-            .args(["--", "sh", "-c", &script])
-            .output()
-            .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
-        // The workloads' own loop times (`churn N ns`): the longest is the duration.
-        let secs = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let w: Vec<&str> = l.split_whitespace().collect();
-                (w.len() == 3 && w[2] == "ns").then(|| w[1].parse::<f64>().ok())?
-            })
-            .fold(0.0, f64::max)
-            / 1e9;
-        let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let _ = std::fs::remove_file(&file);
-        let recorded = text.matches("\"enter_ts_ns\"").count() as u64;
-        let lost: u64 = text
-            .lines()
-            .last()
-            .and_then(|l| l.split("\"lost_syscall\":").nth(1))
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        let offered = (recorded + lost) as f64 / secs.max(1e-9);
-        println!(
-            "| {procs} | {offered:.0} | {recorded} | {lost} | {:.2} % |",
-            100.0 * lost as f64 / (recorded + lost).max(1) as f64,
-        );
+    for format in ["ndjson", "vmat"] {
+        for procs in [1, 2, 3] {
+            let file = std::env::temp_dir()
+                .join(format!("vmatrace-ssweep-{}.{format}", std::process::id()));
+            let w = workload().display().to_string();
+            let script = vec![format!("{w} churn 200000 &"); procs].join(" ") + " wait";
+            let out = Command::new(vmatrace())
+                .args(["record", "-f", "--force", "-o"])
+                .arg(&file)
+                .args(["--", "sh", "-c", &script])
+                .output()
+                .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
+            // The workloads' own loop times (`churn N ns`): the longest is the duration.
+            let secs = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    (w.len() == 3 && w[2] == "ns").then(|| w[1].parse::<f64>().ok())?
+                })
+                .fold(0.0, f64::max)
+                / 1e9;
+            // The records as NDJSON (a binary recording through `vmatrace convert`).
+            let text = Command::new(vmatrace())
+                .arg("convert")
+                .arg(&file)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let _ = std::fs::remove_file(&file);
+            let recorded = text.matches("\"enter_ts_ns\"").count() as u64;
+            let lost: u64 = text
+                .lines()
+                .last()
+                .and_then(|l| l.split("\"lost_syscall\":").nth(1))
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let offered = (recorded + lost) as f64 / secs.max(1e-9);
+            let output = if format == "vmat" { "binary" } else { "NDJSON" };
+            println!(
+                "| {output} | {procs} | {offered:.0} | {recorded} | {lost} | {:.2} % |",
+                100.0 * lost as f64 / (recorded + lost).max(1) as f64,
+            );
+        }
     }
 }
 
