@@ -576,6 +576,24 @@ impl ser::SerializeStructVariant for Compound<'_, '_> {
 /// A map key as text, as serde_json accepts them: strings, and numbers written as text.
 struct KeyName;
 
+/// `KeyName`'s methods for values written as their text.
+macro_rules! as_text {
+    ($($method:ident: $ty:ty),*) => {
+        $(fn $method(self, v: $ty) -> Result<String, EncodeError> {
+            Ok(v.to_string())
+        })*
+    };
+}
+
+/// `KeyName`'s methods for values that cannot be keys.
+macro_rules! not_a_key {
+    ($($method:ident: $ty:ty),*) => {
+        $(fn $method(self, _v: $ty) -> Result<String, EncodeError> {
+            Err(not_a_key())
+        })*
+    };
+}
+
 impl ser::Serializer for KeyName {
     type Ok = String;
     type Error = EncodeError;
@@ -587,48 +605,20 @@ impl ser::Serializer for KeyName {
     type SerializeStruct = ser::Impossible<String, EncodeError>;
     type SerializeStructVariant = ser::Impossible<String, EncodeError>;
 
-    fn serialize_str(self, v: &str) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_char(self, v: char) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_bool(self, v: bool) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i8(self, v: i8) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i16(self, v: i16) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i32(self, v: i32) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i64(self, v: i64) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u8(self, v: u8) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u16(self, v: u16) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u32(self, v: u32) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u64(self, v: u64) -> Result<String, EncodeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_f32(self, _v: f32) -> Result<String, EncodeError> {
-        Err(not_a_key())
-    }
-    fn serialize_f64(self, _v: f64) -> Result<String, EncodeError> {
-        Err(not_a_key())
-    }
-    fn serialize_bytes(self, _v: &[u8]) -> Result<String, EncodeError> {
-        Err(not_a_key())
-    }
+    as_text!(
+        serialize_str: &str,
+        serialize_char: char,
+        serialize_bool: bool,
+        serialize_i8: i8,
+        serialize_i16: i16,
+        serialize_i32: i32,
+        serialize_i64: i64,
+        serialize_u8: u8,
+        serialize_u16: u16,
+        serialize_u32: u32,
+        serialize_u64: u64
+    );
+    not_a_key!(serialize_f32: f32, serialize_f64: f64, serialize_bytes: &[u8]);
     fn serialize_none(self) -> Result<String, EncodeError> {
         Err(not_a_key())
     }
