@@ -482,49 +482,28 @@ impl<'a, 'b> ser::Serializer for &'b mut Writer<'a> {
     }
 }
 
-impl SerializeSeq for Compound<'_, '_> {
-    type Ok = ();
-    type Error = EncodeError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
-        self.value(v)
-    }
-    fn end(self) -> Result<(), EncodeError> {
-        self.end_array()
-    }
+/// The serde traits of arrays (sequences, tuples): each element a value, an end marker.
+macro_rules! array_like {
+    ($($trait:path: $method:ident),*) => {
+        $(impl $trait for Compound<'_, '_> {
+            type Ok = ();
+            type Error = EncodeError;
+            fn $method<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
+                self.value(v)
+            }
+            fn end(self) -> Result<(), EncodeError> {
+                self.end_array()
+            }
+        })*
+    };
 }
 
-impl ser::SerializeTuple for Compound<'_, '_> {
-    type Ok = ();
-    type Error = EncodeError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
-        self.value(v)
-    }
-    fn end(self) -> Result<(), EncodeError> {
-        self.end_array()
-    }
-}
-
-impl ser::SerializeTupleStruct for Compound<'_, '_> {
-    type Ok = ();
-    type Error = EncodeError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
-        self.value(v)
-    }
-    fn end(self) -> Result<(), EncodeError> {
-        self.end_array()
-    }
-}
-
-impl ser::SerializeTupleVariant for Compound<'_, '_> {
-    type Ok = ();
-    type Error = EncodeError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), EncodeError> {
-        self.value(v)
-    }
-    fn end(self) -> Result<(), EncodeError> {
-        self.end_array()
-    }
-}
+array_like!(
+    SerializeSeq: serialize_element,
+    ser::SerializeTuple: serialize_element,
+    ser::SerializeTupleStruct: serialize_field,
+    ser::SerializeTupleVariant: serialize_field
+);
 
 impl SerializeMap for Compound<'_, '_> {
     type Ok = ();

@@ -740,6 +740,16 @@ fn heap(rounds: usize) {
 /// The syscall rate sustained with nothing lost: one to three `churn` processes at once
 /// (mmap, touch one page, munmap: two syscalls and one fault an iteration), followed, every
 /// event recorded with the default ring.
+/// The number `key` has in the last record of a recording's NDJSON (its summary).
+fn summary_count(text: &str, key: &str) -> u64 {
+    text.lines()
+        .last()
+        .and_then(|l| l.split(&format!("\"{key}\":")).nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 fn syscall_sweep() {
     println!(
         "\nSyscall sweep (record mode, default ring; `lost_syscall` from the summary):\n\n| output | processes | syscalls/s offered | recorded | lost | lost % |\n|---|---|---|---|---|---|"
@@ -774,13 +784,7 @@ fn syscall_sweep() {
                 .unwrap_or_default();
             let _ = std::fs::remove_file(&file);
             let recorded = text.matches("\"enter_ts_ns\"").count() as u64;
-            let lost: u64 = text
-                .lines()
-                .last()
-                .and_then(|l| l.split("\"lost_syscall\":").nth(1))
-                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let lost = summary_count(&text, "lost_syscall");
             let offered = (recorded + lost) as f64 / secs.max(1e-9);
             let output = if format == "vmat" { "binary" } else { "NDJSON" };
             println!(
@@ -914,13 +918,7 @@ fn sweep() {
             let text = std::fs::read_to_string(&file).unwrap_or_default();
             let _ = std::fs::remove_file(&file);
             let recorded = text.matches("\"type\":\"fault\"").count() as u64;
-            let lost: u64 = text
-                .lines()
-                .last()
-                .and_then(|l| l.split("\"lost_fault\":").nth(1))
-                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let lost = summary_count(&text, "lost_fault");
             let offered = (recorded + lost) as f64 / secs.max(1e-9);
             println!(
                 "| {procs} | {} KiB | {offered:.0} | {recorded} | {lost} | {:.2} % | {verdict} |",
