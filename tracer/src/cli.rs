@@ -64,7 +64,7 @@ Examples:
   sudo vmatrace record --faults first -o trace.ndjson -p 1234
                                           only the faults that change the model (smaller)
   sudo vmatrace record -o trace.vmat -p 1234
-                                          the binary format: the same records, about 3x
+                                          the binary format: the same records, about 4x
                                           smaller and cheaper to write (vmatrace convert
                                           trace.vmat gives the NDJSON)
   sudo vmatrace record --stacks --fault-stacks 64 -o trace.ndjson -- ./app
@@ -235,8 +235,9 @@ pub struct TraceArgs {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// How records are written (implies --json): NDJSON, or the same records in vmatrace's
-    /// binary format (about 3x smaller, cheaper to write; `vmatrace convert` gives the
-    /// NDJSON) [default: binary for FILE.vmat and FILE.vmat.zst, else ndjson].
+    /// binary format (about 4x smaller, cheaper to write; `vmatrace convert` gives the
+    /// NDJSON) [default: binary for FILE.vmat and FILE.vmat.zst, which are written as records
+    /// without --json, else ndjson].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub format: Option<crate::output::records::Format>,
     /// Overwrite the output file if it exists.

@@ -30,7 +30,13 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
         cgroup: t.cgroup,
         command: t.command,
         follow: t.follow,
-        json: t.json || record || t.format.is_some(),
+        // Records, not human lines, when a format is asked for or the file is named for it.
+        json: t.json
+            || record
+            || t.format.is_some()
+            || t.output
+                .as_deref()
+                .is_some_and(tracer::output::binary::by_name),
         format: t
             .format
             .or_else(|| t.output.as_deref().map(Format::by_name))

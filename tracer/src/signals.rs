@@ -148,6 +148,15 @@ impl<W: Write> Write for Watched<W> {
         r
     }
 
+    /// Passed on whole: a record is one `write_all`, which the writers below count and cut
+    /// files by (a binary record may hold newline bytes anywhere).
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        writing(true);
+        let r = self.0.write_all(buf);
+        writing(false);
+        r
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         writing(true);
         let r = self.0.flush();

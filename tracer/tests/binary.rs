@@ -100,24 +100,27 @@ fn runs_of_first_touches_and_threads_in_binary_replay_to_the_live_summary() {
     if !privileged("runs_of_first_touches_and_threads_in_binary_replay_to_the_live_summary") {
         return;
     }
-    // Live tracing with --json and a .vmat name: binary, with the default --faults first
-    // (runs of first touches), four threads and a followed fork.
+    // Live tracing to a .vmat name (with --json, and without: the name asks for records):
+    // binary, with the default --faults first (runs of first touches), four threads and a
+    // followed fork.
     for (name, args) in [
         ("binary-threads.vmat", &["threads", "4", "512"][..]),
         ("binary-fork.vmat.zst", &["fork"][..]),
     ] {
         let bin = temp_path(name);
         let w = workload();
-        let mut cmd = vec![
-            "--json".as_ref(),
-            "-f".as_ref(),
-            "-o".as_ref(),
-            bin.as_os_str(),
-        ];
+        let mut cmd: Vec<&std::ffi::OsStr> = vec!["-f".as_ref(), "-o".as_ref(), bin.as_os_str()];
         cmd.push("--".as_ref());
         cmd.push(w.as_os_str());
         cmd.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
-        vmatrace_ok(&cmd);
+        if name.contains("threads") {
+            cmd.insert(0, "--json".as_ref());
+        }
+        let stderr = vmatrace_ok(&cmd);
+        assert!(
+            stderr.contains(&format!("binary records to {}", bin.display())),
+            "{name}: the banner names the format: {stderr}"
+        );
         let ndjson = temp_path(&format!("{name}.ndjson"));
         convert(&bin, &ndjson);
         let recs = raw_records(&ndjson);

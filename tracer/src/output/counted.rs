@@ -59,6 +59,21 @@ impl<W: Write> Write for Counted<W> {
         self.written.bytes.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
+    /// A whole record: counted once however the writer below takes it.
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.inner.write_all(buf)?;
+        let lines = if self.whole_writes {
+            u64::from(!buf.is_empty())
+        } else {
+            buf.iter().filter(|&&b| b == b'\n').count() as u64
+        };
+        self.written.lines.fetch_add(lines, Ordering::Relaxed);
+        self.written
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }

@@ -144,6 +144,11 @@ impl<W: Write> RecordSink<W> {
         Ok(())
     }
 
+    /// Makes the next record start a new file (a binary stream's header comes again).
+    pub fn new_file(&mut self) {
+        self.encoding.restart();
+    }
+
     /// The writer (a rotated output starts its next file through it).
     pub fn get_mut(&mut self) -> &mut W {
         &mut self.out

@@ -242,6 +242,7 @@ impl RotatingSink {
     fn rotate(&mut self, session: &Session) -> io::Result<()> {
         self.ndjson.flush()?;
         self.segments().rotate()?;
+        self.ndjson.new_file();
         if let Some(meta) = self.meta.clone() {
             self.ndjson.start(&meta)?;
         }

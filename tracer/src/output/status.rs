@@ -426,7 +426,7 @@ pub fn live_sink(cfg: &RunConfig, start_ns: u64) -> Result<Box<dyn Sink>, Output
 /// The output file as shown: its name, and how it is compressed and rotated.
 fn output_name(path: &std::path::Path, cfg: &RunConfig) -> String {
     let mut name = shown(&crate::name::from_os(path.as_os_str())).to_string();
-    if cfg.format == Format::Binary {
+    if cfg.json && cfg.format == Format::Binary {
         name.push_str(" (binary)");
     }
     if super::compress::by_name(path) {
@@ -491,13 +491,17 @@ pub fn banner(cfg: &RunConfig, meta: &Meta, session: &Session) {
         FaultFilter::First => format!("page faults from {} (first touches)", meta.fault_backend),
         FaultFilter::All => format!("page faults from {} (all)", meta.fault_backend),
     };
+    let records = match cfg.format {
+        Format::Ndjson => "NDJSON",
+        Format::Binary => "binary records",
+    };
     let output = match (&cfg.output, cfg.json) {
         (Some(path), json) => format!(
             "{} to {}",
-            if json { "NDJSON" } else { "human lines" },
+            if json { records } else { "human lines" },
             output_name(path, cfg)
         ),
-        (None, true) => "NDJSON on stdout".into(),
+        (None, true) => format!("{records} on stdout"),
         (None, false) if cfg.view.quiet => "the summary only (--quiet)".into(),
         (None, false) if cfg.view.verbose => "every event on stdout (-v)".into(),
         (None, false) => format!(
