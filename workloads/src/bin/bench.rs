@@ -740,6 +740,19 @@ fn heap(rounds: usize) {
 /// The syscall rate sustained with nothing lost: one to three `churn` processes at once
 /// (mmap, touch one page, munmap: two syscalls and one fault an iteration), followed, every
 /// event recorded with the default ring.
+/// The duration of a run of workloads, in seconds: the longest of their own loop times
+/// (`churn N ns`, `fault_loop N ns` lines of their output).
+fn longest_loop_secs(output: &str) -> f64 {
+    output
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 3 && w[2] == "ns").then(|| w[1].parse::<f64>().ok())?
+        })
+        .fold(0.0, f64::max)
+        / 1e9
+}
+
 /// The number `key` has in the last record of a recording's NDJSON (its summary).
 fn summary_count(text: &str, key: &str) -> u64 {
     text.lines()
@@ -766,15 +779,7 @@ fn syscall_sweep() {
                 .args(["--", "sh", "-c", &script])
                 .output()
                 .unwrap_or_else(|e| fail(format!("vmatrace: {e}")));
-            // The workloads' own loop times (`churn N ns`): the longest is the duration.
-            let secs = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter_map(|l| {
-                    let w: Vec<&str> = l.split_whitespace().collect();
-                    (w.len() == 3 && w[2] == "ns").then(|| w[1].parse::<f64>().ok())?
-                })
-                .fold(0.0, f64::max)
-                / 1e9;
+            let secs = longest_loop_secs(&String::from_utf8_lossy(&out.stdout));
             // The records as NDJSON (a binary recording through `vmatrace convert`).
             let text = Command::new(vmatrace())
                 .arg("convert")
@@ -906,15 +911,7 @@ fn sweep() {
             };
             let out = std::fs::read_to_string(&stdout_file).unwrap_or_default();
             let _ = std::fs::remove_file(&stdout_file);
-            // The workloads' own loop times (`fault_loop N ns`): the longest is the duration.
-            let secs = out
-                .lines()
-                .filter_map(|l| {
-                    let w: Vec<&str> = l.split_whitespace().collect();
-                    (w.len() == 3 && w[2] == "ns").then(|| w[1].parse::<f64>().ok())?
-                })
-                .fold(0.0, f64::max)
-                / 1e9;
+            let secs = longest_loop_secs(&out);
             let text = std::fs::read_to_string(&file).unwrap_or_default();
             let _ = std::fs::remove_file(&file);
             let recorded = text.matches("\"type\":\"fault\"").count() as u64;
