@@ -38,6 +38,12 @@ pub enum EventKind {
     /// A process of the traced cgroup (`--cgroup`) not traced yet was seen: the programs now
     /// trace it (and follow its children); the daemon seeds it. [`JoinEvent`].
     Join = 11,
+    /// A traced thread's memory syscall took the process's `mmap_lock` for writing (or, on
+    /// kernels without the lock's tracepoints, entered a call that removes mappings): its
+    /// change is ordered at this point, [`EventHeader::ts_ns`], which its
+    /// [`SyscallEvent::commit_ts_ns`] repeats. Userspace holds back what follows until that
+    /// syscall's record arrives. Header only: [`CommitEvent`].
+    Commit = 12,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -55,6 +61,7 @@ impl TryFrom<u32> for EventKind {
             9 => Self::Heap,
             10 => Self::HeapBatch,
             11 => Self::Join,
+            12 => Self::Commit,
             other => return Err(other),
         })
     }
@@ -205,6 +212,17 @@ pub struct SyscallEvent {
     pub ret: i64,
     /// Extra data read at entry. `process_madvise`: the first `iovec` (base, len).
     pub extra: [u64; 2],
+    /// Where the call's change is ordered: the time of its [`EventKind::Commit`] record, or 0
+    /// when it has none (ordered at its exit).
+    pub commit_ts_ns: u64,
+}
+
+/// The point at which a syscall's change is ordered ([`EventKind::Commit`]); `detail` is the
+/// [`Syscall`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitEvent {
+    pub header: EventHeader,
 }
 
 /// A user page fault (`exceptions:page_fault_user` or the software page-fault perf event).
@@ -306,6 +324,8 @@ pub struct PendingSyscall {
     pub enter_ts_ns: u64,
     pub args: [u64; 6],
     pub extra: [u64; 2],
+    /// The time of the call's [`EventKind::Commit`] record, 0 until it has one.
+    pub commit_ts_ns: u64,
 }
 
 /// Bytes of the opened path carried by [`OpenEvent`] (longer paths are cut).
@@ -398,19 +418,17 @@ pub enum Stat {
     TargetsFull = 5,
     /// Reads of tracepoint or user data that failed.
     ReadError = 6,
-    /// Events submitted to the ring buffer.
-    Submitted = 7,
     /// Stacks dropped because the ring buffer was full (their events are kept, without one).
-    LostStack = 8,
+    LostStack = 7,
     /// Allocator events (`--heap`) dropped because the ring buffer was full.
-    LostHeap = 9,
+    LostHeap = 8,
     /// `openat` records (the path of a new descriptor) dropped because the ring buffer was
     /// full.
-    LostOpen = 10,
+    LostOpen = 9,
 }
 
 /// Number of [`Stat`] counters.
-pub const STAT_COUNT: u32 = 11;
+pub const STAT_COUNT: u32 = 10;
 
 impl Stat {
     /// Every counter, in index order.
@@ -422,7 +440,6 @@ impl Stat {
         Self::ExitWithoutEnter,
         Self::TargetsFull,
         Self::ReadError,
-        Self::Submitted,
         Self::LostStack,
         Self::LostHeap,
         Self::LostOpen,
@@ -466,7 +483,7 @@ pub struct StackRecord {
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 24);
-const _: () = assert!(core::mem::size_of::<SyscallEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<SyscallEvent>() == 112);
 const _: () = assert!(core::mem::size_of::<FaultEvent>() == 40);
 const _: () = assert!(core::mem::size_of::<FaultBatchHead>() == 32);
 const _: () = assert!(core::mem::size_of::<FaultBatch>() == 32 + 40 * FAULT_BATCH_LEN);
@@ -474,8 +491,9 @@ const _: () = assert!(core::mem::size_of::<ForkEvent>() == 40);
 const _: () = assert!(core::mem::size_of::<ExecEvent>() == 24 + EXEC_FILENAME_LEN);
 const _: () = assert!(core::mem::size_of::<ExitEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<JoinEvent>() == 24);
+const _: () = assert!(core::mem::size_of::<CommitEvent>() == 24);
 const _: () = assert!(core::mem::size_of::<OpenEvent>() == 256);
-const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 80);
+const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 88);
 const _: () = assert!(core::mem::size_of::<HeapEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<HeapBatch>() == 32 + 72 * HEAP_BATCH_LEN);
 const _: () = assert!(core::mem::size_of::<StackHead>() == 64);

@@ -16,18 +16,11 @@ use crate::{
         USER_ADDRESS_END, perf_fault,
     },
     batch,
-    maps::{EVENTS, FAULT_BATCH, count, current_ids, is_target, now_ns, wakeup_flags},
+    maps::{
+        EVENTS, FAULT_BATCH, count, current_ids, is_target_cached, now_ns, tp_arg, wakeup_flags,
+    },
     stacks,
 };
-
-/// Argument `n` of a raw or BTF tracepoint: both contexts are the array of the tracepoint's
-/// arguments, read directly (no helper call).
-#[inline(always)]
-fn tp_arg<C: EbpfContext>(ctx: &C, n: usize) -> u64 {
-    // SAFETY: the verifier allows aligned 8-byte loads of the arguments from these contexts
-    // (`n` is one of the `arch::FAULT_ARG_*`).
-    unsafe { *(ctx.as_ptr() as *const u64).add(n) }
-}
 
 /// `page_fault_user` and `page_fault_kernel` as BTF tracepoints (`tp_btf`): the kernel's BTF
 /// types `regs` as `struct pt_regs *`, so the faulting instruction is one load (the verifier
@@ -61,7 +54,7 @@ pub fn try_page_fault_raw(ctx: &RawTracePointContext) -> Result<u32, u32> {
 #[inline(always)]
 fn try_page_fault<C: EbpfContext>(ctx: &C, ip_of: impl FnOnce(u64) -> u64) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    if !is_target(tgid) {
+    if !is_target_cached(tgid) || stacks::own_fault(tid) {
         return Ok(0);
     }
     let address = tp_arg(ctx, FAULT_ARG_ADDRESS);
@@ -75,7 +68,8 @@ fn try_page_fault<C: EbpfContext>(ctx: &C, ip_of: impl FnOnce(u64) -> u64) -> Re
         return Err(1);
     };
     // SAFETY: this CPU's batch. The page-fault tracepoints run with interrupts off, so
-    // neither the flush program nor another fault program can run on this CPU meanwhile.
+    // neither the flush program nor another fault program can run on this CPU meanwhile (a
+    // fault inside this program's own stack read returns above, at `own_fault`).
     let batch = unsafe { &mut *batch };
     let ts = now_ns();
     // A not-present fault is a first touch unless the page was released or swapped out.
@@ -104,7 +98,7 @@ pub fn try_flush() -> Result<u32, u32> {
 #[inline(always)]
 pub fn try_page_fault_perf(ctx: &PerfEventContext) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    if !is_target(tgid) {
+    if !is_target_cached(tgid) || stacks::own_fault(tid) {
         return Ok(0);
     }
     let (address, ip) = perf_fault(ctx);

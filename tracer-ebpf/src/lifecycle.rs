@@ -3,10 +3,7 @@
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP},
-    helpers::{
-        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated::bpf_send_signal,
-    },
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, generated::bpf_send_signal},
     programs::{RawTracePointContext, TracePointContext},
 };
 use aya_log_ebpf::warn;
@@ -18,8 +15,8 @@ use tracer_common::{
 use crate::{
     arch::SIGSTOP,
     maps::{
-        EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, is_target, layout, now_ns,
-        targets_changed,
+        EVENTS, EXEC_STOPS, PENDING, TARGETS, count, current_ids, is_target, layout, live_threads,
+        now_ns, targets_changed,
     },
 };
 
@@ -275,21 +272,11 @@ fn group_dead(ctx: &TracePointContext) -> Result<bool, u32> {
     if at.exit_group_dead != FIELD_ABSENT {
         return Ok(field::<u8>(ctx, at.exit_group_dead)? != 0);
     }
-    if at.task_signal == FIELD_ABSENT || at.signal_live == FIELD_ABSENT {
-        count(Stat::ReadError);
-        return Err(1);
+    match live_threads() {
+        Some(live) => Ok(live == 0),
+        None => {
+            count(Stat::ReadError);
+            Err(1)
+        }
     }
-    let failed = |_| {
-        count(Stat::ReadError);
-        1u32
-    };
-    // SAFETY: kernel pointers read with the fault-tolerant helper, at offsets from BTF.
-    let live = unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let signal: u64 = bpf_probe_read_kernel(task.add(at.task_signal as usize) as *const u64)
-            .map_err(failed)?;
-        bpf_probe_read_kernel((signal as *const u8).add(at.signal_live as usize) as *const i32)
-            .map_err(failed)?
-    };
-    Ok(live == 0)
 }

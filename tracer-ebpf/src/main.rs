@@ -9,6 +9,7 @@
 
 mod arch;
 mod batch;
+mod commit;
 mod faults;
 mod heap;
 mod lifecycle;
@@ -109,6 +110,24 @@ pub fn page_fault_user(ctx: RawTracePointContext) -> i32 {
 #[raw_tracepoint(tracepoint = "page_fault_kernel")]
 pub fn page_fault_kernel(ctx: RawTracePointContext) -> i32 {
     match faults::try_page_fault_raw(&ctx) {
+        Ok(ret) | Err(ret) => ret as i32,
+    }
+}
+
+/// `mmap_lock:mmap_lock_acquire_returned`, where a memory syscall's change is ordered (see
+/// `commit`). Its arguments changed in 6.14: `(mm, memcg_path, write, success)` before,
+/// `(mm, write, success)` from then. The daemon attaches the first variant and, where the
+/// kernel refuses it (it reads past the arguments), the second.
+#[raw_tracepoint(tracepoint = "mmap_lock_acquire_returned")]
+pub fn mmap_lock_memcg(ctx: RawTracePointContext) -> i32 {
+    match commit::try_lock_acquired(maps::tp_arg(&ctx, 2), maps::tp_arg(&ctx, 3)) {
+        Ok(ret) | Err(ret) => ret as i32,
+    }
+}
+
+#[raw_tracepoint(tracepoint = "mmap_lock_acquire_returned")]
+pub fn mmap_lock(ctx: RawTracePointContext) -> i32 {
+    match commit::try_lock_acquired(maps::tp_arg(&ctx, 1), maps::tp_arg(&ctx, 2)) {
         Ok(ret) | Err(ret) => ret as i32,
     }
 }

@@ -7,7 +7,10 @@ use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_pidns_info,
     },
-    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid},
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel,
+        generated::{bpf_get_current_cgroup_id, bpf_get_ns_current_pid_tgid},
+    },
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -15,7 +18,7 @@ use aya_ebpf::{
 use tracer_common::{
     DEFAULT_RING_BYTES, EventHeader, EventKind, FaultBatch, JoinEvent, PendingSyscall, STAT_COUNT,
     Stat, TARGET_FOLLOW_FORKS, TARGETS_GEN_KERNEL, TARGETS_GEN_SLOTS, TARGETS_GEN_USER,
-    layout::KernelLayout,
+    layout::{FIELD_ABSENT, KernelLayout},
 };
 
 /// Every event, in the order the kernel submitted them. Userspace may resize it before load.
@@ -59,9 +62,10 @@ pub struct FilterCache {
     cgroup: u64,
 }
 
-/// Per CPU: most events come from the process of the event before them on the same CPU, so
+/// Per CPU: most faults come from the process of the fault before them on the same CPU, so
 /// the filter answers from here with two array reads instead of a hash look-up (about 85 ns
-/// on the project's VM, for every fault and memory syscall of every process).
+/// on the project's VM, for every fault of every process). The fault programs' only (see
+/// [`is_target_cached`]).
 #[map]
 pub static FILTER_CACHE: PerCpuArray<FilterCache> = PerCpuArray::with_max_entries(1, 0);
 
@@ -89,8 +93,14 @@ pub fn count(stat: Stat) {
 #[inline(always)]
 pub fn count_n(stat: Stat, n: u64) {
     if let Some(p) = STATS.get_ptr_mut(stat as u32) {
-        // SAFETY: per-CPU slot, the program cannot be preempted by itself on this CPU.
-        unsafe { *p += n };
+        // SAFETY: an aligned u64 in this CPU's slot. The add is atomic (BPF `lock xadd`): a
+        // program preempted between the read and the write of a plain `+=` (7.x) would undo
+        // another's count.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, n,
+            )
+        };
     }
 }
 
@@ -161,17 +171,27 @@ fn joins(tgid: u32) -> bool {
     true
 }
 
-/// Whether `tgid` is traced. The first thing every program asks.
+/// Whether `tgid` is traced: the first thing every program asks, from the map.
 #[inline(always)]
 pub fn is_target(tgid: u32) -> bool {
+    TARGETS.get_ptr(tgid).is_some() || joins(tgid)
+}
+
+/// [`is_target`] through this CPU's cache of the last answer, for the page-fault programs
+/// only: they run with interrupts or preemption off, so nothing else on their CPU reads or
+/// writes the cache while they do. Other programs may be preempted in the middle of a run
+/// (fentry/fexit, uprobes, and on 7.x the tracepoints of process context too), and one of
+/// them preempted while writing the cache would leave it torn for the next reader.
+#[inline(always)]
+pub fn is_target_cached(tgid: u32) -> bool {
     // The generations are read before the look-up: a change made after them makes the cached
     // answer stale at once, whatever the look-up saw.
     let (gen_kernel, gen_user) = (generation(TARGETS_GEN_KERNEL), generation(TARGETS_GEN_USER));
     let Some(cache) = FILTER_CACHE.get_ptr_mut(0) else {
-        return TARGETS.get_ptr(tgid).is_some() || joins(tgid);
+        return is_target(tgid);
     };
     let cgroup = current_cgroup();
-    // SAFETY: this CPU's slot; the programs do not nest on a CPU.
+    // SAFETY: this CPU's slot, used by the fault programs only, which do not nest on a CPU.
     unsafe {
         let c = *cache;
         if c.tgid == tgid
@@ -181,7 +201,7 @@ pub fn is_target(tgid: u32) -> bool {
         {
             return c.traced != 0;
         }
-        let traced = TARGETS.get_ptr(tgid).is_some() || joins(tgid);
+        let traced = is_target(tgid);
         *cache = FilterCache {
             tgid,
             traced: traced as u32,
@@ -240,6 +260,16 @@ pub fn ctx_u64(ctx: &TracePointContext, offset: usize) -> u64 {
     unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const u64) }
 }
 
+/// Argument `n` of a raw or BTF tracepoint: both contexts are the array of the tracepoint's
+/// arguments, read directly (no helper call). The kernel refuses a program that reads past
+/// the tracepoint's arguments (at load for BTF, at attach for raw tracepoints).
+#[inline(always)]
+pub fn tp_arg<C: EbpfContext>(ctx: &C, n: usize) -> u64 {
+    // SAFETY: the verifier allows aligned 8-byte loads of the arguments from these contexts;
+    // `n` is a constant at every call.
+    unsafe { *(ctx.as_ptr() as *const u64).add(n) }
+}
+
 /// Where the programs read the kernel's data: set by the daemon before load from the kernel's
 /// `format` files and BTF, see `tracer_common::layout`.
 #[unsafe(no_mangle)]
@@ -249,6 +279,23 @@ static LAYOUT: Global<KernelLayout> = Global::new(KernelLayout::UNSET);
 #[inline(always)]
 pub fn layout() -> KernelLayout {
     LAYOUT.load()
+}
+
+/// The current process's count of live threads (`current->signal->live`), at offsets from
+/// BTF; None when the layout has none or a read fails.
+#[inline(always)]
+pub fn live_threads() -> Option<i32> {
+    let at = layout();
+    if at.task_signal == FIELD_ABSENT || at.signal_live == FIELD_ABSENT {
+        return None;
+    }
+    // SAFETY: kernel pointers read with the fault-tolerant helper, at offsets from BTF.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let signal: u64 =
+            bpf_probe_read_kernel(task.add(at.task_signal as usize) as *const u64).ok()?;
+        bpf_probe_read_kernel((signal as *const u8).add(at.signal_live as usize) as *const i32).ok()
+    }
 }
 
 /// The current task's (tgid, tid): the kernel's, or, when the daemon runs in a PID namespace

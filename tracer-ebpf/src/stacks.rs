@@ -6,6 +6,13 @@
 //! `bpf_ringbuf_output` cut to the bytes copied, just before the record it belongs to.
 //! Stacks are dropped (and counted) while the ring is more than half full: they never take
 //! the room of the events.
+//!
+//! The syscall programs that take stacks can be preempted mid-run (fentry/fexit, and on 7.x
+//! the syscall tracepoints), and a fault on the same CPU meanwhile may take a fault stack: the
+//! scratch slot has an owner count, as `heap`'s batch has, and a program that does not own it
+//! drops its stack (counted as a lost stack) rather than write over another's.
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext, Global,
@@ -44,6 +51,19 @@ static FAULT_STACK_EVERY: Global<u32> = Global::new(0);
 #[map]
 static STACK_SCRATCH: PerCpuArray<StackRecord> = PerCpuArray::with_max_entries(1, 0);
 
+/// Programs using this CPU's `STACK_SCRATCH` (see the module's doc).
+#[map]
+static STACK_OWNERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// The thread whose vmatrace program is reading user memory on this CPU for a stack (0:
+/// none). A fault that read takes (a frame-pointer walk through a register that holds no
+/// frame pointer, a copy past the stack's present pages) is the program's own: the kernel
+/// does not handle it (the helpers disable page faults) and the fault programs skip it
+/// (`own_fault`). Keyed by thread, since a syscall program can be preempted meanwhile and
+/// other threads' faults on this CPU are real.
+#[map]
+static READING_USER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Not-present faults this CPU has seen since its last fault stack.
 #[map]
 static FAULT_STACK_COUNT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
@@ -58,6 +78,20 @@ pub fn stack_bytes() -> u32 {
 #[inline(always)]
 pub fn syscall_stacks() -> bool {
     SYSCALL_STACKS.load() != 0
+}
+
+/// Whether a fault of thread `tid` was taken by a vmatrace program's own read of its user
+/// memory (see `READING_USER`): nothing the process did, and nothing the kernel handled.
+/// Without it, every such fault was traced as a kernel-mode fault, and one inside the fault
+/// program's own read was a run the kernel skipped (counted as lost).
+#[inline(always)]
+pub fn own_fault(tid: u32) -> bool {
+    if stack_bytes() == 0 {
+        return false;
+    }
+    READING_USER
+        .get(0)
+        .is_some_and(|reader| *reader == tid && tid != 0)
 }
 
 /// Whether this fault is the one in `FAULT_STACK_EVERY` that gets a stack. The tracepoint
@@ -104,11 +138,48 @@ pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_
         count(Stat::LostStack);
         return;
     }
-    let Some(rec) = STACK_SCRATCH.get_ptr_mut(0) else {
+    let (Some(rec), Some(owners)) = (STACK_SCRATCH.get_ptr_mut(0), STACK_OWNERS.get_ptr_mut(0))
+    else {
         return;
     };
-    // SAFETY: `rec` is this CPU's scratch slot (programs do not nest on a CPU); every helper
-    // below writes inside it with a constant or bounded size.
+    // SAFETY: this CPU's count, an aligned u64 in a map value, changed only by atomic adds
+    // (BPF `lock xadd`, which 5.10 has) and read after our own add, on this CPU.
+    let sole = unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(owners, 1);
+        core::ptr::read_volatile(owners) == 1
+    };
+    if sole {
+        let reading = READING_USER.get_ptr_mut(0);
+        if let Some(r) = reading {
+            // SAFETY: this CPU's slot; see `READING_USER`.
+            unsafe { *r = tid };
+        }
+        fill_and_write(ctx, rec, want, owner, tgid, tid, key_ts);
+        if let Some(r) = reading {
+            // SAFETY: as above.
+            unsafe { *r = 0 };
+        }
+    } else {
+        count(Stat::LostStack);
+    }
+    // SAFETY: as above (adding u64::MAX takes our one away).
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(owners, u64::MAX) };
+}
+
+/// Builds the stack record in this CPU's scratch slot `rec` (owned by the caller) and writes
+/// it to the ring.
+#[inline(always)]
+fn fill_and_write<C: EbpfContext>(
+    ctx: &C,
+    rec: *mut StackRecord,
+    want: u32,
+    owner: EventKind,
+    tgid: u32,
+    tid: u32,
+    key_ts: u64,
+) {
+    // SAFETY: `rec` is this CPU's scratch slot, owned by this program (see `emit`); every
+    // helper below writes inside it with a constant or bounded size.
     unsafe {
         let task = bpf_get_current_task_btf();
         let regs_ptr = bpf_task_pt_regs(task) as *const u8;

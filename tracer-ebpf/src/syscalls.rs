@@ -18,6 +18,7 @@ use tracer_common::{
 
 use crate::{
     arch::SYSCALL_ARG_OFFSETS,
+    commit::{self, CONSUMED},
     maps::{EVENTS, PENDING, count, ctx_u64, current_ids, is_target, now_ns, wakeup_flags},
     stacks,
 };
@@ -48,9 +49,6 @@ use crate::{
 // 	field:int __syscall_nr;	offset:8;	size:4;	signed:1;
 // 	field:long ret;	offset:16;	size:8;	signed:1;
 // Read at `layout::SYS_EXIT_RET_OFFSET`.
-
-/// A `PendingSyscall::syscall` value that matches no syscall: the slot's entry was used.
-const CONSUMED: u32 = u32::MAX;
 
 /// Zero, as a value the compiler cannot see: on this target LLVM turns stores of constant
 /// zeros into a call to a byte-wise `memset` (a loop of 16 iterations per entry here).
@@ -111,12 +109,18 @@ fn enter(syscall: Syscall, arg: impl Fn(usize) -> u64) -> Result<u32, u32> {
     } else {
         [zero, zero]
     };
+    let commit_ts_ns = commit::at_enter_of(tgid, tid, syscall);
     let pending = PendingSyscall {
         syscall: syscall as u32,
         _pad: 0,
-        enter_ts_ns: now_ns(),
+        enter_ts_ns: if commit_ts_ns != 0 {
+            commit_ts_ns
+        } else {
+            now_ns()
+        },
         args,
         extra,
+        commit_ts_ns,
     };
     // A thread's slot is reused in place: a store is much cheaper than a map update.
     if let Some(slot) = PENDING.get_ptr_mut(tid) {
@@ -134,7 +138,7 @@ fn enter(syscall: Syscall, arg: impl Fn(usize) -> u64) -> Result<u32, u32> {
 #[inline(always)]
 fn exit<C: EbpfContext>(ctx: &C, syscall: Syscall, ret: impl Fn() -> i64) -> Result<u32, u32> {
     let (tgid, tid) = current_ids();
-    // The (cached) filter first: a process that is not traced costs no look-up here.
+    // The filter first: a process that is not traced costs no more here.
     let traced = is_target(tgid);
     if !traced && syscall != Syscall::ProcessMadvise {
         return Ok(0);
@@ -174,6 +178,7 @@ fn exit<C: EbpfContext>(ctx: &C, syscall: Syscall, ret: impl Fn() -> i64) -> Res
         args: pending.args,
         ret,
         extra: pending.extra,
+        commit_ts_ns: pending.commit_ts_ns,
     });
     entry.submit(wakeup_flags(size_of::<SyscallEvent>() as u64));
     Ok(0)

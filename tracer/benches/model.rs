@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tracer::{
-    event::{Event, FaultRecord, Resolved, SyscallRecord},
+    event::{Event, FaultRecord, SyscallRecord},
     model::{AddressSpace, Backing, PAGE_SIZE, Perms},
     session::{Seed, Session},
 };
@@ -14,17 +14,7 @@ use tracer_common::{PF_USER, PF_WRITE, Syscall};
 const BASE: u64 = 0x7f00_0000_0000;
 
 fn syscall(ts: u64, call: Syscall, args: [u64; 6], ret: i64) -> Event {
-    Event::Syscall(SyscallRecord {
-        ts_ns: ts,
-        enter_ts_ns: ts,
-        pid: 1,
-        tid: 1,
-        call,
-        args,
-        ret,
-        extra: [0; 2],
-        resolved: Resolved::default(),
-    })
+    Event::Syscall(SyscallRecord::at(ts, 1, 1, call, args, ret))
 }
 
 /// A recorded-trace-like stream: mmap 64 pages, touch each, munmap; repeated.

@@ -37,6 +37,7 @@ fn main() {
             args: [0, per_vma * PAGE_SIZE, 3, 0x22, u64::MAX, 0],
             ret: start as i64,
             extra: [0; 2],
+            commit_ts_ns: None,
             resolved: Default::default(),
         });
         s.apply(&ev);

@@ -453,11 +453,46 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
         size(*len),
         (len * 2).next_power_of_two()
     );
-    if known.is_empty() {
-        f.explanation = "Allocations of this size are above malloc's mmap threshold, so each \
-                         one is a fresh mmap whose pages are faulted in and then unmapped on \
-                         free (record with --stacks to see whether malloc makes these calls)."
+    // Without stacks, `--heap` tells whether an allocator call made these mappings.
+    let heap = p.heap.enabled;
+    let n = stats.in_allocator_calls;
+    if heap {
+        f.numbers.insert("in_allocator_calls".into(), n);
+    }
+    if known.is_empty() && heap && n * 2 >= stats.count {
+        f.explanation = format!(
+            "Allocations of this size are mapped by the allocator ({n} of these {} mappings \
+             were made inside allocator calls, as --heap saw), so each one is a fresh mmap \
+             whose pages are faulted in and then unmapped on free.",
+            stats.count
+        );
+        f.suggestion = Some(if stats.by_glibc * 2 >= stats.count {
+            threshold_advice
+        } else {
+            "Keep and reuse the blocks of this size; glibc's mmap threshold does not apply to \
+             the allocator that maps them."
+                .into()
+        });
+    } else if known.is_empty() && heap && n == 0 && p.heap.complete {
+        f.explanation = "The program maps and unmaps these buffers itself (no probed allocator \
+                         call made them, as --heap saw), so each one is faulted in again and \
+                         malloc's settings change nothing."
             .into();
+        f.suggestion = Some("Keep and reuse these buffers instead of mapping them again.".into());
+    } else if known.is_empty() {
+        f.explanation = format!(
+            "Allocations of this size are above malloc's mmap threshold, so each one is a \
+             fresh mmap whose pages are faulted in and then unmapped on free ({}).",
+            if heap {
+                format!(
+                    "--heap saw {n} of these {} mappings made inside allocator calls; record \
+                     with --stacks to see who made the others",
+                    stats.count
+                )
+            } else {
+                "record with --stacks or --heap to see whether malloc makes these calls".into()
+            }
+        );
         f.suggestion = Some(threshold_advice);
     } else if by_malloc == 0 {
         f.explanation = format!(
@@ -539,7 +574,7 @@ fn untouched(p: &Process) -> Finding {
         let never = v.len().saturating_sub(touched);
         *by_kind.entry(v.backing.kind().to_string()).or_default() += never;
         // The mappings listed are those the title counts: anonymous memory and the heap.
-        if matches!(v.backing.kind(), "anon" | "heap") {
+        if matches!(v.backing, Backing::Anonymous | Backing::Heap) {
             for (s, e, id) in p.space.ids().ranges_in(v.start, v.end) {
                 let touched = p.space.pages_in(s, e).touched() * PAGE_SIZE;
                 let m = by_mapping.entry(id).or_insert((0, 0, s));
@@ -655,23 +690,15 @@ fn fragmentation(p: &Process, limits: &Limits) -> Finding {
 mod tests {
     use super::*;
     use crate::{
-        event::{Event, Resolved, SyscallRecord},
+        event::{Event, SyscallRecord},
         session::{Seed, Session},
     };
     use tracer_common::Syscall;
 
     fn call(s: &mut Session, ts: u64, call: Syscall, args: [u64; 6], ret: i64) {
-        s.apply(&Event::Syscall(SyscallRecord {
-            ts_ns: ts,
-            enter_ts_ns: ts,
-            pid: 7,
-            tid: 7,
-            call,
-            args,
-            ret,
-            extra: [0; 2],
-            resolved: Resolved::default(),
-        }));
+        s.apply(&Event::Syscall(SyscallRecord::at(
+            ts, 7, 7, call, args, ret,
+        )));
     }
 
     #[test]
@@ -741,6 +768,98 @@ mod tests {
             "{}",
             u.explanation
         );
+    }
+
+    /// Without stacks, `--heap` tells who maps a churned size: inside malloc calls, glibc's
+    /// mmap threshold is the advice; outside any allocator call (CPython's arenas, a program's
+    /// own buffers), no malloc setting is suggested.
+    #[test]
+    fn mmap_churn_advice_follows_who_made_the_mappings_as_heap_saw() {
+        use crate::heap::{Allocator, HeapCall, HeapFn};
+        // `long_lived`: 1 MiB blocks malloc maps and keeps, besides the churn.
+        let churn = |inside_malloc: bool, long_lived: u64| {
+            let mut s = Session::default();
+            s.add(7, Seed::default(), 0, None);
+            // Traced from its exec: every allocation is seen.
+            s.apply(&Event::Exec {
+                ts_ns: 1,
+                pid: 7,
+                tid: 7,
+                filename: "/usr/bin/server".into(),
+            });
+            s.apply(&Event::HeapAttach {
+                ts_ns: 2,
+                pid: 7,
+                path: "/lib/x86_64-linux-gnu/libc.so.6".into(),
+                allocator: Allocator::Glibc,
+                late: false,
+            });
+            let malloc = |ts: u64, ptr: u64| {
+                Event::Heap(HeapCall::at(
+                    ts + 1,
+                    7,
+                    HeapFn::Malloc,
+                    [MIB - 4096, 0, 0],
+                    ptr + 16,
+                ))
+            };
+            let kept = 0x7e00_0000_0000u64;
+            for i in 0..long_lived {
+                let (ts, at) = (3 + i, kept + i * 2 * MIB);
+                call(
+                    &mut s,
+                    ts,
+                    Syscall::Mmap,
+                    [0, MIB, 3, 0x22, u64::MAX, 0],
+                    at as i64,
+                );
+                s.apply(&malloc(ts, at));
+            }
+            let a = 0x7f00_0000_0000u64;
+            for i in 0..120u64 {
+                let ts = 10 + i * 10;
+                call(
+                    &mut s,
+                    ts,
+                    Syscall::Mmap,
+                    [0, MIB, 3, 0x22, u64::MAX, 0],
+                    a as i64,
+                );
+                if inside_malloc {
+                    s.apply(&malloc(ts, a));
+                }
+                call(&mut s, ts + 5, Syscall::Munmap, [a, MIB, 0, 0, 0, 0], 0);
+            }
+            let p = s.get(7).expect("traced");
+            analyze(p, &Limits::default(), &s.stacks)
+                .into_iter()
+                .find(|f| f.id == "mmap_churn")
+                .expect("an mmap churn finding")
+        };
+        let by_malloc = churn(true, 0);
+        assert_eq!(by_malloc.numbers["in_allocator_calls"], 120);
+        assert!(
+            by_malloc
+                .suggestion
+                .as_deref()
+                .is_some_and(|s| s.contains("MALLOC_MMAP_THRESHOLD_")),
+            "{by_malloc:?}"
+        );
+        let own = churn(false, 0);
+        assert_eq!(own.numbers["in_allocator_calls"], 0);
+        assert!(own.explanation.contains("itself"), "{own:?}");
+        assert!(
+            !own.suggestion
+                .as_deref()
+                .unwrap_or_default()
+                .contains("MALLOC_"),
+            "{own:?}"
+        );
+        // malloc's long-lived blocks of the same size do not make the program's own churn
+        // malloc's.
+        let mixed = churn(false, 200);
+        assert_eq!(mixed.numbers["in_allocator_calls"], 0);
+        assert!(mixed.explanation.contains("itself"), "{mixed:?}");
     }
 
     #[test]

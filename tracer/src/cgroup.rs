@@ -20,7 +20,7 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// Why a cgroup cannot be traced.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("--cgroup {path}: {source}")]
+    #[error("--cgroup {path}")]
     Unreadable { path: String, source: io::Error },
     #[error(
         "--cgroup {0}: not a cgroup v2 group (give a directory under the cgroup2 mount, such as /sys/fs/cgroup/system.slice/NAME.service, or a path relative to that mount)"

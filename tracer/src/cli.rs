@@ -203,6 +203,22 @@ pub enum SyscallBackendArg {
     Fentry,
 }
 
+/// Where a memory syscall's change is ordered among the events of its process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ChangeOrderArg {
+    /// lock on Linux 6.14 and later, else entry (before 6.14 the mmap_lock tracepoints cost
+    /// every process of the machine a cgroup path per lock while attached).
+    Auto,
+    /// Where the call held the process's mmap lock: racing threads' changes come out in
+    /// the kernel's order (Linux 5.11 or later).
+    Lock,
+    /// munmap, shmdt and brk at their entry, the others at their exit (the default before
+    /// Linux 6.14): a range freed and reused by a racing thread comes out right.
+    Entry,
+    /// Every call at its exit (the cheapest; racing threads may come out of order).
+    Exit,
+}
+
 /// How the end of a process is told (a test and diagnosis knob).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ExitRuleArg {
@@ -265,6 +281,9 @@ pub struct TraceArgs {
     /// Which kernel programs report the memory syscalls.
     #[arg(long, value_enum, default_value_t = SyscallBackendArg::Auto)]
     pub syscall_backend: SyscallBackendArg,
+    /// Where a memory syscall's change is ordered among its process's events.
+    #[arg(long, value_enum, value_name = "WHERE", default_value_t = ChangeOrderArg::Auto)]
+    pub change_order: ChangeOrderArg,
     /// How the end of a process is told (kept for testing the rule of older kernels).
     #[arg(long, value_enum, default_value_t = ExitRuleArg::Auto, hide = true)]
     pub exit_rule: ExitRuleArg,

@@ -68,7 +68,10 @@ pub fn found(
             .map(|start| Event::Collapse { ts_ns, pid, start })
             .collect(),
         Err(e) => {
-            log::debug!("cannot look for collapsed huge pages of {pid}: {e}");
+            log::debug!(
+                "cannot look for collapsed huge pages of {pid}: {}",
+                crate::errors::Chain(&e)
+            );
             Vec::new()
         }
     }

@@ -5,7 +5,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use crate::{
     output::{FaultFilter, live_view::ViewOptions, records::Format},
-    probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
+    probe::{ChangeOrder, ExitRule, FaultBackend, StackOptions, SyscallBackend},
 };
 
 /// Everything a live run needs.
@@ -25,6 +25,7 @@ pub struct RunConfig {
     pub faults: FaultFilter,
     pub backend: FaultBackend,
     pub syscall_backend: SyscallBackend,
+    pub change_order: ChangeOrder,
     pub exit_rule: ExitRule,
     pub ring_bytes: u32,
     pub user: Option<String>,

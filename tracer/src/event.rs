@@ -6,7 +6,7 @@ use crate::{
     model::ResidentRun,
 };
 use tracer_common::{
-    EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_BATCH_LEN,
+    CommitEvent, EXEC_FILENAME_LEN, EventHeader, EventKind, ExecEvent, ExitEvent, FAULT_BATCH_LEN,
     FAULT_ERROR_UNKNOWN, FaultBatchHead, FaultEvent, ForkEvent, HEAP_BATCH_LEN, HeapEvent,
     JoinEvent, OpenEvent, PF_PROT, PF_WRITE, Syscall, SyscallEvent,
 };
@@ -64,10 +64,35 @@ pub struct SyscallRecord {
     pub args: [u64; 6],
     pub ret: i64,
     pub extra: [u64; 2],
+    /// Where the call's change is ordered, when the kernel told (see [`Commit`]); else it is
+    /// ordered at its exit, `ts_ns`.
+    pub commit_ts_ns: Option<u64>,
     pub resolved: Resolved,
 }
 
 impl SyscallRecord {
+    /// A call of `pid`'s thread `tid` that entered and returned `ret` at `ts_ns`, ordered at
+    /// its exit, with nothing looked up in `/proc` (tests, benchmarks, synthetic input).
+    pub fn at(ts_ns: u64, pid: u32, tid: u32, call: Syscall, args: [u64; 6], ret: i64) -> Self {
+        Self {
+            ts_ns,
+            enter_ts_ns: ts_ns,
+            pid,
+            tid,
+            call,
+            args,
+            ret,
+            extra: [0; 2],
+            commit_ts_ns: None,
+            resolved: Resolved::default(),
+        }
+    }
+
+    /// Where the call is ordered among the process's events: its commit, else its exit.
+    pub fn order_ns(&self) -> u64 {
+        self.commit_ts_ns.unwrap_or(self.ts_ns)
+    }
+
     /// The errno when the call failed. `brk` never fails this way: it returns the old break.
     pub fn errno(&self) -> Option<i32> {
         (self.call != Syscall::Brk && (-4095..0).contains(&self.ret)).then(|| (-self.ret) as i32)
@@ -177,6 +202,14 @@ pub enum Event {
 }
 
 impl Event {
+    /// Where the event is ordered: its time, but a syscall's commit where it has one.
+    pub fn order_ns(&self) -> u64 {
+        match self {
+            Self::Syscall(s) => s.order_ns(),
+            other => other.ts_ns(),
+        }
+    }
+
     /// The event's time.
     pub fn ts_ns(&self) -> u64 {
         match self {
@@ -269,12 +302,38 @@ pub struct Watermark {
     pub ts_ns: u64,
 }
 
+/// A traced thread's memory syscall reached the point where its change is ordered
+/// ([`EventKind::Commit`]): its record, still to come, goes at `ts_ns`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Commit {
+    pub pid: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+}
+
+/// What a ring-buffer record tells the reorder besides its events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mark {
+    /// A batch's watermark.
+    Watermark(Watermark),
+    /// A syscall's commit.
+    Commit(Commit),
+}
+
 /// Decodes one ring-buffer record into `out`: one event, or every fault of a batch (with the
-/// batch's watermark). Nothing is added when the record is bad.
-pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermark>, DecodeError> {
+/// batch's watermark), or nothing but a commit. Nothing is added when the record is bad.
+pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Mark>, DecodeError> {
     let header: EventHeader = read(bytes)?;
     if header.kind == EventKind::HeapBatch as u32 {
-        return decode_heap_batch(bytes, out);
+        return Ok(decode_heap_batch(bytes, out)?.map(Mark::Watermark));
+    }
+    if header.kind == EventKind::Commit as u32 {
+        let e: CommitEvent = read(bytes)?;
+        return Ok(Some(Mark::Commit(Commit {
+            pid: e.header.tgid,
+            tid: e.header.tid,
+            ts_ns: e.header.ts_ns,
+        })));
     }
     if header.kind != EventKind::FaultBatch as u32 {
         out.push(decode(bytes)?);
@@ -302,11 +361,11 @@ pub fn decode_into(bytes: &[u8], out: &mut Vec<Event>) -> Result<Option<Watermar
             }
         }
     }
-    Ok(Some(Watermark {
+    Ok(Some(Mark::Watermark(Watermark {
         lane: Lane::Faults,
         cpu: head.cpu,
         ts_ns: header.ts_ns,
-    }))
+    })))
 }
 
 /// Every allocator event of a batch, and the batch's watermark.
@@ -348,8 +407,8 @@ pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
         u64::from(header.detail.min(FAULT_BATCH_LEN as u32))
     } else if header.kind == EventKind::HeapBatch as u32 {
         u64::from(header.detail.min(HEAP_BATCH_LEN as u32))
-    } else if header.kind == EventKind::Stack as u32 {
-        // A stack belongs to the event after it.
+    } else if header.kind == EventKind::Stack as u32 || header.kind == EventKind::Commit as u32 {
+        // A stack belongs to the event after it; a commit to a syscall's record.
         0
     } else {
         1
@@ -374,6 +433,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                 args: e.args,
                 ret: e.ret,
                 extra: e.extra,
+                commit_ts_ns: (e.commit_ts_ns != 0).then_some(e.commit_ts_ns),
                 resolved: Resolved::default(),
             })
         }
@@ -418,7 +478,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let _: JoinEvent = read(bytes)?;
             Event::Join { ts_ns, pid, tid }
         }
-        EventKind::FaultBatch | EventKind::Stack => {
+        EventKind::FaultBatch | EventKind::Stack | EventKind::Commit => {
             return Err(DecodeError::BatchKind(header.kind));
         }
         EventKind::HeapBatch => return Err(DecodeError::HeapBatchKind(header.kind)),
@@ -462,6 +522,7 @@ mod tests {
             args: [0, 4096, 3, 0x22, u64::MAX, 0],
             ret: 0x7f00_0000_0000,
             extra: [0; 2],
+            commit_ts_ns: 0,
         };
         let Event::Syscall(s) = decode(&bytes_of(&e)).expect("decodes") else {
             panic!("not a syscall")
@@ -519,16 +580,42 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_is_a_mark_and_its_syscall_is_ordered_there() {
+        let commit = CommitEvent {
+            header: EventHeader::new(EventKind::Commit, 10, 11, Syscall::Munmap as u32, 50),
+        };
+        let mut out = Vec::new();
+        let mark = decode_into(&bytes_of(&commit), &mut out).expect("decodes");
+        assert_eq!(
+            mark,
+            Some(Mark::Commit(Commit {
+                pid: 10,
+                tid: 11,
+                ts_ns: 50
+            }))
+        );
+        assert!(out.is_empty());
+        assert_eq!(events_in(&bytes_of(&commit)).ok(), Some(0));
+        let e = SyscallEvent {
+            header: EventHeader::new(EventKind::Syscall, 10, 11, Syscall::Munmap as u32, 60),
+            commit_ts_ns: 50,
+            ..SyscallEvent::default()
+        };
+        let ev = decode(&bytes_of(&e)).expect("decodes");
+        assert_eq!((ev.ts_ns(), ev.order_ns()), (60, 50));
+    }
+
+    #[test]
     fn decodes_a_fault_batch_and_its_watermark() {
         let mut out = Vec::new();
         let w = decode_into(&batch_of(&[0x1000, 0x2000]), &mut out).expect("decodes");
         assert_eq!(
             w,
-            Some(Watermark {
+            Some(Mark::Watermark(Watermark {
                 lane: Lane::Faults,
                 cpu: 3,
                 ts_ns: 500
-            })
+            }))
         );
         let faults: Vec<_> = out
             .iter()
@@ -547,7 +634,11 @@ mod tests {
         // An empty batch is a watermark alone.
         out.clear();
         let w = decode_into(&batch_of(&[]), &mut out).expect("decodes");
-        assert_eq!((w.map(|w| w.ts_ns), out.len()), (Some(500), 0));
+        assert!(matches!(
+            w,
+            Some(Mark::Watermark(Watermark { ts_ns: 500, .. }))
+        ));
+        assert!(out.is_empty());
     }
 
     #[test]
@@ -618,11 +709,11 @@ mod tests {
         let w = decode_into(&heap_batch_of(2), &mut out).expect("decodes");
         assert_eq!(
             w,
-            Some(Watermark {
+            Some(Mark::Watermark(Watermark {
                 lane: Lane::Heap,
                 cpu: 1,
                 ts_ns: 900
-            })
+            }))
         );
         let raws: Vec<(bool, bool, u64)> = out
             .iter()
@@ -668,6 +759,7 @@ mod tests {
             args: [0; 6],
             ret: -12,
             extra: [0; 2],
+            commit_ts_ns: None,
             resolved: Resolved::default(),
         };
         assert_eq!(s.errno(), Some(12));

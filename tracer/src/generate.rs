@@ -47,13 +47,13 @@ pub fn main(args: impl Iterator<Item = OsString>) -> Result<(), GenerateError> {
 /// Why a man page or completion script could not be written.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}")]
     Create {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot write {what}: {source}")]
+    #[error("cannot write {what}")]
     Write {
         what: String,
         #[source]

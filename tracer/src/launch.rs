@@ -30,9 +30,9 @@ pub enum LaunchError {
     NotFound(String),
     #[error("no such user: {0}")]
     NoUser(String),
-    #[error("cannot start {cmd}: {source}")]
+    #[error("cannot start {cmd}")]
     Exec { cmd: String, source: io::Error },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Os {
         what: &'static str,
         source: io::Error,

@@ -7,6 +7,7 @@
 
 pub mod analysis;
 pub mod applied;
+mod by_name;
 pub mod call;
 pub mod cgroup;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod collapse;
 pub mod config;
 pub mod convert;
 pub mod driver;
+pub mod errors;
 pub mod event;
 pub mod fault_access;
 pub mod finding;

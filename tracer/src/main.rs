@@ -8,7 +8,7 @@ use std::{
 use clap::Parser as _;
 use tracer::{
     analysis,
-    cli::{BackendArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
+    cli::{BackendArg, ChangeOrderArg, Cli, Command, ExitRuleArg, SyscallBackendArg, TraceArgs},
     output::{
         FaultFilter,
         compress::OutFile,
@@ -19,7 +19,7 @@ use tracer::{
         records::{Format, RecordSink},
         timeline_view::Pictures,
     },
-    probe::{ExitRule, FaultBackend, StackOptions, SyscallBackend},
+    probe::{ChangeOrder, ExitRule, FaultBackend, StackOptions, SyscallBackend},
     replay,
     run::{self, RunConfig},
 };
@@ -61,6 +61,12 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
             SyscallBackendArg::Auto => SyscallBackend::Auto,
             SyscallBackendArg::Tracepoint => SyscallBackend::Tracepoint,
             SyscallBackendArg::Fentry => SyscallBackend::Fentry,
+        },
+        change_order: match t.change_order {
+            ChangeOrderArg::Auto => ChangeOrder::Auto,
+            ChangeOrderArg::Lock => ChangeOrder::Lock,
+            ChangeOrderArg::Entry => ChangeOrder::Entry,
+            ChangeOrderArg::Exit => ChangeOrder::Exit,
         },
         exit_rule: match t.exit_rule {
             ExitRuleArg::Auto => ExitRule::Auto,
@@ -264,32 +270,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes (its `source` chain, as `{e:#}` walks it) on one line, each
-/// once: many messages name their direct cause already (`"cannot read {path}: {source}"`),
-/// and a cause whose text is already on the line is not repeated. A cause of several lines
-/// (aya's errors end with the verifier's log) gives its first line there, and the rest
-/// follows below it.
+/// The error and its causes on one line, each once (see [`tracer::errors::chain`]).
 fn chain(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    let mut rest = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        let mut lines = text.lines();
-        let first = lines.next().unwrap_or_default().trim_end();
-        if first.is_empty() || line.contains(first) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(first);
-        let more = lines.collect::<Vec<_>>().join("\n");
-        if !more.is_empty() && !rest.contains(&more) {
-            rest.push('\n');
-            rest.push_str(&more);
-        }
-    }
-    line + &rest
+    tracer::errors::chain(e.as_ref())
 }
 
 #[cfg(test)]
@@ -297,7 +280,7 @@ mod tests {
     use super::chain;
 
     #[derive(Debug, thiserror::Error)]
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     struct Read {
         path: String,
         source: std::io::Error,

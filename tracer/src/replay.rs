@@ -9,18 +9,24 @@ use std::{
 };
 
 use serde_json::Value;
-use tracer_common::Syscall;
 
 use crate::{
     analysis::Limits,
     call::MemCall,
-    event::{Event, FaultRecord, Resolved, SyscallRecord},
+    event::{Event, SyscallRecord},
+    heap::record::{AttachJson, HeapJson},
     model::{
         Backing, ForkAdvice, PAGE_SIZE, Perms, ResidentRun, ThpAdvice, ThpPolicy, TouchKind, Vma,
     },
     output::{
-        LossSummary, Meta, Sink, SnapshotReason, records::SCHEMA_VERSION, report::summarize,
+        LossSummary, Meta, Sink, SnapshotReason,
+        process_records::{
+            CollapseJson, ExecJson, ExitJson, ForkJson, MetaJson, SnapshotJson, ThpJson,
+        },
+        records::{FaultJson, SCHEMA_VERSION, SyscallJson},
+        report::{VmaRow, summarize},
         touch_runs::TouchesRecord,
+        typed::{RecordType, TypeOf, type_of, typed},
     },
     recording::{Position, Records},
     session::{Seed, Session},
@@ -32,7 +38,7 @@ pub use crate::recording::MAX_LINE;
 /// Errors reading a recording; each names the line.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Open { path: String, source: io::Error },
     #[error("{path} is empty: nothing to replay")]
     Empty { path: String },
@@ -42,7 +48,7 @@ pub enum ReplayError {
         at: Position,
         what: String,
     },
-    #[error("writing output: {0}")]
+    #[error("writing output")]
     Write(#[source] io::Error),
 }
 
@@ -90,48 +96,13 @@ pub enum Record {
     Other,
 }
 
-fn u64_of(v: &Value, key: &str) -> Result<u64, String> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| format!("field '{key}' is missing or not an unsigned integer"))
-}
-
-fn u32_of(v: &Value, key: &str) -> Result<u32, String> {
-    u64_of(v, key)?
-        .try_into()
-        .map_err(|_| format!("field '{key}' is out of range"))
-}
-
-fn array_of<const N: usize>(v: &Value, key: &str) -> Result<[u64; N], String> {
-    let a = v
-        .get(key)
-        .and_then(Value::as_array)
-        .ok_or_else(|| format!("field '{key}' is missing or not an array"))?;
-    if a.len() != N {
-        return Err(format!("field '{key}' must have {N} elements"));
-    }
-    let mut out = [0u64; N];
-    for (o, x) in out.iter_mut().zip(a) {
-        *o = x
-            .as_u64()
-            .ok_or_else(|| format!("field '{key}' holds a non-integer"))?;
-    }
-    Ok(out)
-}
-
-fn opt_str(v: &Value, key: &str) -> Option<String> {
-    v.get(key).and_then(Value::as_str).map(str::to_string)
-}
-
-fn vma_of(v: &Value) -> Result<Vma, String> {
-    let perms_s = v
-        .get("perms")
-        .and_then(Value::as_str)
-        .ok_or("vma without perms")?;
-    let perms = Perms::parse(perms_s).ok_or_else(|| format!("bad perms '{perms_s}'"))?;
-    let path = opt_str(v, "path");
-    let kind = opt_str(v, "kind").unwrap_or_default();
-    let backing = match (kind.as_str(), path) {
+/// The VMA a snapshot's row describes, checked: page-aligned, not empty, inside the user
+/// address space.
+fn vma_of(row: &VmaRow) -> Result<Vma, String> {
+    let perms = Perms::parse(&row.perms)
+        .ok_or_else(|| format!("bad perms '{}'", crate::name::shown(&row.perms)))?;
+    let path = row.path.as_deref();
+    let backing = match (row.kind.as_str(), path) {
         ("heap", _) => Backing::Heap,
         ("stack", _) => Backing::Stack,
         ("anon", _) => Backing::Anonymous,
@@ -140,17 +111,16 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
                 .get(5..13)
                 .and_then(|k| u64::from_str_radix(k, 16).ok())
                 .unwrap_or(0),
-            shmid: v.get("inode").and_then(Value::as_u64).unwrap_or(0),
+            shmid: row.inode,
         },
         ("special", Some(p)) => Backing::Special(Arc::from(p)),
         ("file", Some(p)) => Backing::File {
             path: Arc::from(p),
-            inode: v.get("inode").and_then(Value::as_u64).unwrap_or(0),
+            inode: row.inode,
         },
         (k, _) => return Err(format!("unknown vma kind '{k}'")),
     };
-    let start = u64_of(v, "start")?;
-    let end = u64_of(v, "end")?;
+    let (start, end) = (row.start, row.end);
     if end <= start {
         return Err(format!("VMA {start:#x}-{end:#x} ends before it starts"));
     }
@@ -164,88 +134,65 @@ fn vma_of(v: &Value) -> Result<Vma, String> {
             "VMA {start:#x}-{end:#x} goes past the end of any user address space ({USER_ADDRESS_END:#x})"
         ));
     }
+    let advice = row.fork_advice.as_deref().unwrap_or("");
     Ok(Vma {
         start,
         end,
         perms,
-        offset: v.get("offset").and_then(Value::as_u64).unwrap_or(0),
+        offset: row.offset,
         backing,
-        created_ns: v.get("created_ns").and_then(Value::as_u64).unwrap_or(0),
-        thp: ThpAdvice::parse(v.get("thp_advice").and_then(Value::as_str)),
-        fork: {
-            let advice = v.get("fork_advice").and_then(Value::as_str).unwrap_or("");
-            ForkAdvice {
-                dont_copy: advice.split(',').any(|a| a == "dontfork"),
-                wipe: advice.split(',').any(|a| a == "wipeonfork"),
-            }
+        created_ns: row.created_ns,
+        thp: ThpAdvice::parse(row.thp_advice.as_deref()),
+        fork: ForkAdvice {
+            dont_copy: advice.split(',').any(|a| a == "dontfork"),
+            wipe: advice.split(',').any(|a| a == "wipeonfork"),
         },
-        anon_vma: v.get("anon_vma").and_then(Value::as_bool).unwrap_or(false),
+        anon_vma: row.anon_vma,
     })
 }
 
-/// The pages a seed snapshot lists as resident: `[[start, end, kind], ...]` (none in
-/// recordings made before vmatrace read them). Each run is page-aligned, in address order,
-/// and inside the snapshot's VMAs (`vmas`, in address order, without gaps under the run: a
-/// run may cross from one VMA into the next).
-fn resident_of(v: &Value, vmas: &[Vma]) -> Result<Vec<ResidentRun>, String> {
-    let Some(runs) = v.get("resident").and_then(Value::as_array) else {
-        return Ok(Vec::new());
-    };
+/// Checks the pages a seed snapshot (or a call) lists as resident: each run is page-aligned,
+/// in address order, and inside the snapshot's VMAs (`vmas`, in address order, without gaps
+/// under the run: a run may cross from one VMA into the next).
+fn check_resident(runs: &[ResidentRun], vmas: &[Vma]) -> Result<(), String> {
     let mut last_end = 0;
-    runs.iter()
-        .map(|r| {
-            let bad = || format!("bad resident run {r}");
-            let start = r.get(0).and_then(Value::as_u64).ok_or_else(bad)?;
-            let end = r.get(1).and_then(Value::as_u64).ok_or_else(bad)?;
-            let kind = r
-                .get(2)
-                .and_then(Value::as_str)
-                .and_then(TouchKind::parse)
-                .ok_or_else(bad)?;
-            if end <= start || start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || start < last_end
-            {
-                return Err(format!(
-                    "resident run {start:#x}-{end:#x} is empty, not page-aligned or out of order"
-                ));
-            }
-            last_end = end;
-            // Walk the VMAs from the one holding `start` until `end` is covered.
-            let mut i = vmas.partition_point(|m| m.end <= start);
-            let mut covered = start;
-            while covered < end {
-                match vmas.get(i) {
-                    Some(m) if m.start <= covered => covered = m.end,
-                    _ => {
-                        return Err(format!(
-                            "resident run {start:#x}-{end:#x} goes beyond its VMA (nothing mapped at {covered:#x})"
-                        ));
-                    }
+    for &ResidentRun { start, end, .. } in runs {
+        if end <= start || start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 || start < last_end {
+            return Err(format!(
+                "resident run {start:#x}-{end:#x} is empty, not page-aligned or out of order"
+            ));
+        }
+        last_end = end;
+        // Walk the VMAs from the one holding `start` until `end` is covered.
+        let mut i = vmas.partition_point(|m| m.end <= start);
+        let mut covered = start;
+        while covered < end {
+            match vmas.get(i) {
+                Some(m) if m.start <= covered => covered = m.end,
+                _ => {
+                    return Err(format!(
+                        "resident run {start:#x}-{end:#x} goes beyond its VMA (nothing mapped at {covered:#x})"
+                    ));
                 }
-                i += 1;
             }
-            Ok(ResidentRun { start, end, kind })
-        })
-        .collect()
+            i += 1;
+        }
+    }
+    Ok(())
 }
 
 /// The seed's VMAs cut where the rows say several mappings were merged (`parts`): the live
 /// run seeded each of those apart, one mapping id each, and so does the replay, so that the
 /// ids given after are the same. Parts that are not inside their row are ignored.
-fn split_parts(snapshot: &Value, vmas: Vec<Vma>) -> Vec<Vma> {
-    let rows = snapshot.get("vmas").and_then(Value::as_array);
+fn split_parts(rows: &[VmaRow], vmas: Vec<Vma>) -> Vec<Vma> {
     let mut out = Vec::with_capacity(vmas.len());
-    for (i, v) in vmas.into_iter().enumerate() {
-        let parts: Vec<(u64, u64)> = rows
-            .and_then(|r| r.get(i))
-            .and_then(|r| r.get("parts"))
-            .and_then(Value::as_array)
-            .map(|parts| {
-                parts
-                    .iter()
-                    .filter_map(|p| Some((p.get(0)?.as_u64()?, p.get(1)?.as_u64()?)))
-                    .collect()
-            })
-            .unwrap_or_default();
+    for (v, row) in vmas.into_iter().zip(rows) {
+        let parts: Vec<(u64, u64)> = row
+            .parts
+            .iter()
+            .flatten()
+            .map(|&[s, e, _]| (s, e))
+            .collect();
         let whole = parts.first().is_some_and(|p| p.0 == v.start)
             && parts.last().is_some_and(|p| p.1 == v.end)
             && parts
@@ -282,24 +229,22 @@ pub fn resident_bytes(runs: &[ResidentRun]) -> u64 {
 }
 
 /// The huge page policy of a seed snapshot (off when absent).
-fn thp_of(v: &Value) -> ThpPolicy {
-    let pages = |key: &str| -> Vec<u64> {
-        v["thp"][key]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_u64)
-                    .map(|kib| kib * 1024 / PAGE_SIZE)
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+fn thp_of(thp: &ThpJson) -> ThpPolicy {
+    let pages = |kib: &[u64]| -> Vec<u64> { kib.iter().map(|k| k * 1024 / PAGE_SIZE).collect() };
     ThpPolicy {
-        always: pages("always_kib"),
-        madvise: pages("madvise_kib"),
-        huge_zero_page: v["thp"]["huge_zero_page"].as_bool().unwrap_or(false),
-        zero_write_huge: v["thp"]["zero_write_huge"].as_bool().unwrap_or(false),
+        always: pages(&thp.always_kib),
+        madvise: pages(&thp.madvise_kib),
+        huge_zero_page: thp.huge_zero_page,
+        zero_write_huge: thp.zero_write_huge,
     }
+}
+
+/// The resident runs of a record, as read (checked by [`check_resident`]).
+fn runs_of(runs: Option<Vec<(u64, u64, TouchKind)>>) -> Vec<ResidentRun> {
+    runs.into_iter()
+        .flatten()
+        .map(|(start, end, kind)| ResidentRun { start, end, kind })
+        .collect()
 }
 
 /// Whether `[start, start + len)` (the length rounded up to pages, as the kernel does) lies in
@@ -364,104 +309,34 @@ pub fn parse_line(line: &str) -> Result<Record, String> {
     parse_record(serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?)
 }
 
-/// Parses one record of a recording, read as a JSON value (from NDJSON or binary).
+/// Parses one record of a recording, read as a JSON value (from NDJSON or binary): each type
+/// is read by the struct that writes it.
 pub fn parse_record(v: Value) -> Result<Record, String> {
-    let ty = v
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or("no 'type' field")?;
-    let ts_ns = || u64_of(&v, "ts_ns");
-    let syscall = Syscall::ALL.iter().copied().find(|s| s.name() == ty);
-    if let Some(call) = syscall {
-        let extra = if v.get("extra").is_some() {
-            array_of::<2>(&v, "extra")?
-        } else {
-            [0; 2]
-        };
-        let shm = match (
-            v.get("shm_size").and_then(Value::as_u64),
-            v.get("shm_key").and_then(Value::as_u64),
-        ) {
-            (Some(size), Some(key)) => Some((size, key)),
-            _ => None,
-        };
-        let record = SyscallRecord {
-            ts_ns: ts_ns()?,
-            enter_ts_ns: v.get("enter_ts_ns").and_then(Value::as_u64).unwrap_or(0),
-            pid: u32_of(&v, "pid")?,
-            tid: u32_of(&v, "tid")?,
-            call,
-            args: array_of::<6>(&v, "args")?,
-            ret: v
-                .get("ret")
-                .and_then(Value::as_i64)
-                .ok_or("field 'ret' is missing or not an integer")?,
-            extra,
-            resolved: Resolved {
-                path: opt_str(&v, "path"),
-                dev: opt_str(&v, "dev"),
-                inode: v.get("inode").and_then(Value::as_u64),
-                shm,
-                target_pid: v
-                    .get("target_pid")
-                    .and_then(Value::as_u64)
-                    .and_then(|p| u32::try_from(p).ok()),
-                resident: match v.get("resident") {
-                    // Checked like a seed's, against the user address space: a call's runs
-                    // are read from pagemap over what it made resident.
-                    Some(Value::Array(_)) => Some(resident_of(&v, &user_space())?),
-                    _ => None,
-                },
-                stack_id: v.get("stack_id").and_then(Value::as_u64),
-            },
-        };
-        check_ranges(&record)?;
-        return Ok(Record::Event(Event::Syscall(record)));
-    }
-    Ok(match ty {
-        "meta" => Record::Meta {
-            version: u64_of(&v, "version")?,
-            limits: Limits {
-                max_map_count: v
-                    .get("max_map_count")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(Limits::default().max_map_count),
-                cpus: v.get("cpus").and_then(Value::as_u64).unwrap_or(1),
-            },
-            clock: match (
-                v.get("ts_ns").and_then(Value::as_u64),
-                v.get("realtime_ns").and_then(Value::as_u64),
-            ) {
-                (Some(ts_ns), Some(realtime_ns)) => Some(crate::clock::Anchor {
-                    ts_ns,
-                    realtime_ns,
-                    boot_id: opt_str(&v, "boot_id"),
-                }),
-                _ => None,
-            },
-        },
-        "touches" => {
-            let run: TouchesRecord =
-                serde_json::from_value(v).map_err(|e| format!("bad touches record: {e}"))?;
+    let kind = match type_of(&v)? {
+        TypeOf::Other(kind) => kind,
+        TypeOf::Syscall(call) => {
+            return syscall(typed::<SyscallJson>(v, call.name())?.into_record(call));
+        }
+    };
+    Ok(match kind {
+        RecordType::Meta => {
+            let meta: MetaJson = typed(v, "meta")?;
+            Record::Meta {
+                version: meta.version,
+                limits: meta.limits(),
+                clock: meta.clock(),
+            }
+        }
+        RecordType::Touches => {
+            let run: TouchesRecord = typed(v, "touches")?;
             run.check(USER_ADDRESS_END)?;
             Record::Touches(run)
         }
-        "fault" => Record::Event(Event::Fault(FaultRecord {
-            ts_ns: ts_ns()?,
-            pid: u32_of(&v, "pid")?,
-            tid: u32_of(&v, "tid")?,
-            address: u64_of(&v, "address")?,
-            ip: v.get("ip").and_then(Value::as_u64).unwrap_or(0),
-            error_code: v
-                .get("error_code")
-                .and_then(Value::as_u64)
-                .and_then(|c| u32::try_from(c).ok()),
-            write_from_page: v.get("write").and_then(Value::as_bool),
-            stack_id: v.get("stack_id").and_then(Value::as_u64),
-        })),
-        "stack" => {
-            let def: StackDef =
-                serde_json::from_value(v).map_err(|e| format!("bad stack record: {e}"))?;
+        RecordType::Fault => {
+            Record::Event(Event::Fault(typed::<FaultJson>(v, "fault")?.into_record()))
+        }
+        RecordType::Stack => {
+            let def: StackDef = typed(v, "stack")?;
             if def.frames.len() > MAX_STACK_FRAMES {
                 return Err(format!(
                     "stack {} has {} frames, more than {MAX_STACK_FRAMES}",
@@ -471,86 +346,69 @@ pub fn parse_record(v: Value) -> Result<Record, String> {
             }
             Record::Stack(def)
         }
-        "fork" => Record::Event(Event::Fork {
-            ts_ns: ts_ns()?,
-            pid: u32_of(&v, "pid")?,
-            tid: u32_of(&v, "tid")?,
-            child: u32_of(&v, "child")?,
-            followed: v.get("followed").and_then(Value::as_bool).unwrap_or(false),
-            shares_vm: v.get("shares_vm").and_then(Value::as_bool).unwrap_or(false),
-        }),
-        "exec" => Record::Event(Event::Exec {
-            ts_ns: ts_ns()?,
-            pid: u32_of(&v, "pid")?,
-            tid: u32_of(&v, "tid")?,
-            filename: opt_str(&v, "filename").unwrap_or_default(),
-        }),
-        "exit" => Record::Event(Event::Exit {
-            ts_ns: ts_ns()?,
-            pid: u32_of(&v, "pid")?,
-            tid: u32_of(&v, "tid")?,
-        }),
-        "collapse" => Record::Event(Event::Collapse {
-            ts_ns: ts_ns()?,
-            pid: u32_of(&v, "pid")?,
-            start: u64_of(&v, "start")?,
-        }),
-        "snapshot" => {
-            let name = opt_str(&v, "reason").unwrap_or_default();
-            let reason = SnapshotReason::parse(&name).ok_or_else(|| {
-                format!("unknown snapshot reason '{}'", crate::name::shown(&name))
-            })?;
-            let pid = u32_of(&v, "pid")?;
-            if reason.seeds() {
-                let vmas = v
-                    .get("vmas")
-                    .and_then(Value::as_array)
-                    .ok_or("snapshot without 'vmas'")?
-                    .iter()
-                    .map(vma_of)
-                    .collect::<Result<Vec<_>, _>>()?;
-                let vmas = split_parts(&v, vmas);
-                if let Some(w) = vmas.windows(2).find(|w| w[0].end > w[1].start) {
-                    return Err(format!(
-                        "VMAs {:#x}-{:#x} and {:#x}-{:#x} overlap or are out of order",
-                        w[0].start, w[0].end, w[1].start, w[1].end
-                    ));
-                }
-                let resident = resident_of(&v, &vmas)?;
-                if resident_bytes(&resident) > MAX_RESIDENT_BYTES {
-                    return Err(format!(
-                        "the snapshot lists {} bytes resident, more than the {MAX_RESIDENT_BYTES} a recording may hold",
-                        resident_bytes(&resident)
-                    ));
-                }
-                Record::Seed {
-                    pid,
-                    ts_ns: ts_ns()?,
-                    reason,
-                    seed: Seed {
-                        vmas,
-                        start_brk: v.get("brk_start").and_then(Value::as_u64),
-                        resident,
-                        thp: thp_of(&v),
-                    },
-                    exe: opt_str(&v, "exe"),
-                }
-            } else {
-                Record::Snapshot {
-                    pid,
-                    ts_ns: ts_ns()?,
-                    reason,
-                }
-            }
+        RecordType::Fork => Record::Event(typed::<ForkJson>(v, "fork")?.into_event()),
+        RecordType::Exec => Record::Event(typed::<ExecJson>(v, "exec")?.into_event()),
+        RecordType::Exit => Record::Event(typed::<ExitJson>(v, "exit")?.into_event()),
+        RecordType::Collapse => Record::Event(typed::<CollapseJson>(v, "collapse")?.into_event()),
+        RecordType::Snapshot => snapshot(typed(v, "snapshot")?)?,
+        RecordType::Lost => Record::Lost(typed(v, "lost")?),
+        RecordType::Heap => Record::Event(typed::<HeapJson>(v, "heap")?.into_event()),
+        RecordType::HeapAttach => {
+            Record::Event(typed::<AttachJson>(v, "heap_attach")?.into_event())
         }
-        "lost" => {
-            Record::Lost(serde_json::from_value(v).map_err(|e| format!("bad lost record: {e}"))?)
-        }
-        "heap" => Record::Event(crate::heap::record::parse_heap(&v)?),
-        "heap_attach" => Record::Event(crate::heap::record::parse_attach(&v)?),
-        "pymalloc" => Record::Event(crate::heap::record::parse_pymalloc(v)?),
-        "summary" | "drift" | "finding" => Record::Other,
-        other => return Err(format!("unknown record type '{other}'")),
+        RecordType::Pymalloc => Record::Event(Event::Pymalloc(typed(v, "pymalloc")?)),
+        RecordType::Summary | RecordType::Drift | RecordType::Finding => Record::Other,
+    })
+}
+
+/// A syscall read back, checked.
+fn syscall(record: SyscallRecord) -> Result<Record, String> {
+    if let Some(runs) = &record.resolved.resident {
+        // Checked like a seed's, against the user address space: a call's runs are read
+        // from pagemap over what it made resident.
+        check_resident(runs, &user_space())?;
+    }
+    check_ranges(&record)?;
+    Ok(Record::Event(Event::Syscall(record)))
+}
+
+/// A snapshot read back: a seed (checked) or a mark.
+fn snapshot(s: SnapshotJson) -> Result<Record, String> {
+    if !s.reason.seeds() {
+        return Ok(Record::Snapshot {
+            pid: s.pid,
+            ts_ns: s.ts_ns,
+            reason: s.reason,
+        });
+    }
+    let rows = s.vmas.ok_or("snapshot without 'vmas'")?;
+    let vmas = rows.iter().map(vma_of).collect::<Result<Vec<_>, _>>()?;
+    let vmas = split_parts(&rows, vmas);
+    if let Some(w) = vmas.windows(2).find(|w| w[0].end > w[1].start) {
+        return Err(format!(
+            "VMAs {:#x}-{:#x} and {:#x}-{:#x} overlap or are out of order",
+            w[0].start, w[0].end, w[1].start, w[1].end
+        ));
+    }
+    let resident = runs_of(s.resident);
+    check_resident(&resident, &vmas)?;
+    if resident_bytes(&resident) > MAX_RESIDENT_BYTES {
+        return Err(format!(
+            "the snapshot lists {} bytes resident, more than the {MAX_RESIDENT_BYTES} a recording may hold",
+            resident_bytes(&resident)
+        ));
+    }
+    Ok(Record::Seed {
+        pid: s.pid,
+        ts_ns: s.ts_ns,
+        reason: s.reason,
+        seed: Seed {
+            vmas,
+            start_brk: s.brk_start,
+            resident,
+            thp: thp_of(&s.thp),
+        },
+        exe: s.exe,
     })
 }
 
@@ -681,6 +539,7 @@ fn replay_bounded(
                 sink.start(&Meta {
                     fault_backend: "replay".into(),
                     syscall_backend: "replay".into(),
+                    change_order: "replay".into(),
                     limits,
                     clock,
                 })
@@ -702,19 +561,8 @@ fn replay_bounded(
                         ),
                     ));
                 }
-                match (reason, session.get(pid).is_some()) {
-                    (SnapshotReason::Exec, true) => session.reseed(pid, seed, ts_ns),
-                    (SnapshotReason::Resync, true) => {
-                        session.resync(pid, seed, ts_ns);
-                        if let Some(p) = session.get(pid) {
-                            sink.snapshot(ts_ns, reason, p)
-                                .map_err(ReplayError::Write)?;
-                        }
-                    }
-                    // A followed child's seed repeats the fork copy the session already made.
-                    (_, true) => {}
-                    (_, false) => session.add(pid, seed, ts_ns, exe),
-                }
+                crate::driver::seed(&mut session, sink, pid, ts_ns, reason, Some(seed), exe)
+                    .map_err(ReplayError::Write)?;
             }
             Record::Snapshot { pid, ts_ns, reason } => {
                 // Exit snapshots are made again when the exit event is applied.

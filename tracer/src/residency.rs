@@ -87,6 +87,7 @@ mod tests {
             args,
             ret,
             extra: [0; 2],
+            commit_ts_ns: None,
             resolved: Default::default(),
         }
     }

@@ -58,6 +58,9 @@ pub struct PairStats {
     pub released_pages: u64,
     pub first_ns: u64,
     pub last_ns: u64,
+    /// Pairs whose mapping an allocator call made, and glibc's among them (`--heap`).
+    pub in_allocator_calls: u64,
+    pub by_glibc: u64,
 }
 
 /// Bookkeeping for the allocator analysis, kept as events are applied.
@@ -121,6 +124,10 @@ pub struct Process {
     pub heap: LiveHeap,
     /// Memory by the user stack that asked for it (`--stacks`).
     pub sites: crate::stacks::sites::CallSites,
+    /// When the map was last read again from `/proc` after lost events (0: never). A call
+    /// that changed the map before then is in that reading: one that comes after it (held
+    /// back for ordering, or from a CPU's batch) is counted, not applied again.
+    pub resynced_ns: u64,
 }
 
 impl Process {
@@ -135,6 +142,7 @@ impl Process {
             patterns: Patterns::default(),
             heap: LiveHeap::default(),
             sites: Default::default(),
+            resynced_ns: 0,
         }
     }
 }
@@ -191,6 +199,7 @@ impl Session {
         self.reseed(pid, seed, ts);
         if let Some(p) = self.procs.get_mut(&pid) {
             p.counts.resyncs += 1;
+            p.resynced_ns = ts;
         }
     }
 
@@ -316,7 +325,14 @@ impl Session {
             // Raw allocator records are paired into calls first (`heap::tracker`).
             Event::HeapRaw(_) => Applied::Ignored,
             Event::Heap(call) => match self.procs.get_mut(&self.memory_owner(call.pid)) {
-                Some(p) => Applied::Heap(p.heap.apply(call)),
+                Some(p) => {
+                    if let Some(def) = call.stack.and_then(|id| self.stacks.get(id)) {
+                        p.heap.name_site(call.caller, def.id, || {
+                            crate::stacks::sites::site_label(def)
+                        });
+                    }
+                    Applied::Heap(p.heap.apply(call))
+                }
                 None => Applied::Ignored,
             },
             Event::Pymalloc(r) => match self.procs.get_mut(&r.pid) {
@@ -379,6 +395,13 @@ impl Session {
             }
             *p.counts.failed.entry((s.call.name(), errno)).or_default() += 1;
             return Applied::Failed { errno };
+        }
+        if s.order_ns() < p.resynced_ns {
+            // Its change is in the map read since (see `Process::resynced_ns`).
+            return Applied::Syscall {
+                pid,
+                effect: Effect::default(),
+            };
         }
         let call = s.mem();
         let ret = s.ret as u64;
@@ -446,6 +469,10 @@ impl Session {
         if let Some(runs) = &s.resolved.resident {
             effect.populated_pages = space.populate(ts, runs);
         }
+        // Who made a mapping being unmapped (before the heap forgets it): munmaps only.
+        let owner = (s.call == Syscall::Munmap && p.heap.enabled)
+            .then(|| p.heap.owner_of(effect.start))
+            .flatten();
         if p.heap.enabled {
             note_mapping(&mut p.heap, s, &effect);
         }
@@ -472,6 +499,10 @@ impl Session {
                     }
                     pair.count += 1;
                     pair.last_ns = ts;
+                    if let Some(a) = owner {
+                        pair.in_allocator_calls += 1;
+                        pair.by_glibc += u64::from(a == crate::heap::Allocator::Glibc);
+                    }
                     pair.released_pages += effect.released_pages;
                 }
             }
@@ -525,5 +556,104 @@ fn note_mapping(heap: &mut LiveHeap, s: &SyscallRecord, effect: &Effect) {
             heap.note_unmap(start, end);
         }
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: u64 = 0x7f00_0000_0000;
+
+    fn call(s: &mut Session, ts: u64, call: Syscall, args: [u64; 6], ret: i64) {
+        s.apply(&Event::Syscall(SyscallRecord::at(
+            ts, 7, 8, call, args, ret,
+        )));
+    }
+
+    fn starts(s: &Session) -> Vec<u64> {
+        s.space_of(7)
+            .map(|sp| sp.vmas().map(|v| v.start).collect())
+            .unwrap_or_default()
+    }
+
+    /// After lost events the map is read again at `ts`; a call older than that which comes
+    /// afterwards (held back for ordering) is already in the reading, and applying it again
+    /// would remove another thread's mapping that reused its range since.
+    #[test]
+    fn a_call_older_than_a_resync_is_counted_not_applied_again() {
+        let mmap = [0, 4096, 3, 0x22, u64::MAX, 0];
+        let mut s = Session::default();
+        s.add(7, Seed::default(), 0, None);
+        // The map as read at 100: thread 9 mapped A again after thread 8 had unmapped it.
+        let mut kernel = Session::default();
+        kernel.add(7, Seed::default(), 0, None);
+        call(&mut kernel, 60, Syscall::Mmap, mmap, A as i64);
+        let vmas: Vec<Vma> = kernel
+            .space_of(7)
+            .into_iter()
+            .flat_map(|sp| sp.vmas().cloned())
+            .collect();
+        s.resync(
+            7,
+            Seed {
+                vmas,
+                ..Seed::default()
+            },
+            100,
+        );
+        assert_eq!(starts(&s), [A]);
+        // Thread 8's munmap of A at 50 comes late: A stays.
+        call(&mut s, 50, Syscall::Munmap, [A, 4096, 0, 0, 0, 0], 0);
+        assert_eq!(starts(&s), [A], "a call older than the resync");
+        assert_eq!(s.get(7).map(|p| p.counts.syscalls["munmap"]), Some(1));
+        // A munmap after the resync applies.
+        call(&mut s, 150, Syscall::Munmap, [A, 4096, 0, 0, 0, 0], 0);
+        assert!(starts(&s).is_empty());
+    }
+
+    /// An allocator call carrying the id of a `stack` record (its call site, one frame) names
+    /// the code that holds its blocks, function and line, wherever live bytes are told per
+    /// call site; a call site seen without a stack keeps its module and offset.
+    #[test]
+    fn a_heap_call_with_a_stack_names_its_call_site() {
+        use crate::{
+            heap::{HeapCall, HeapFn},
+            stacks::{Frame, StackDef},
+        };
+        let mut s = Session::default();
+        s.add(7, Seed::default(), 0, None);
+        s.stacks.insert(std::sync::Arc::new(StackDef {
+            id: 3,
+            frames: vec![Frame {
+                addr: 0x40_1234,
+                module: Some("/usr/bin/server".into()),
+                offset: 0x1234,
+                function: Some("make_nodes".into()),
+                file: Some("/src/server.c".into()),
+                line: Some(42),
+                inlined: false,
+            }],
+        }));
+        let malloc = |ts: u64, ptr: u64, caller: u64, stack: Option<u64>| {
+            Event::Heap(HeapCall {
+                tid: 8,
+                caller,
+                stack,
+                ..HeapCall::at(ts, 7, HeapFn::Malloc, [100, 0, 0], ptr)
+            })
+        };
+        s.apply(&malloc(10, 0x1000, 0x40_1234, Some(3)));
+        s.apply(&malloc(11, 0x2000, 0x40_1234, Some(3)));
+        s.apply(&malloc(12, 0x3000, 0x40_9999, None));
+        let p = s.get(7).expect("the process");
+        let sites: Vec<(Option<String>, u64)> = crate::heap::regions::live_sites(p)
+            .into_iter()
+            .map(|r| (r.site, r.blocks))
+            .collect();
+        assert_eq!(
+            sites,
+            [(Some("make_nodes (server.c:42)".into()), 2), (None, 1)]
+        );
     }
 }

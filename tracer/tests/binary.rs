@@ -8,8 +8,17 @@ mod common;
 use std::{path::Path, process::Command};
 
 use common::*;
+use tracer::output::OutputRecord;
 
 /// `vmatrace ARGS` (it must succeed); its stderr.
+/// The `faults` of a `meta` record (the record must be one).
+fn meta_faults(r: &OutputRecord) -> &str {
+    match r {
+        OutputRecord::Meta(m) => &m.faults,
+        other => panic!("a meta record: {other:?}"),
+    }
+}
+
 fn vmatrace_ok(args: &[&std::ffi::OsStr]) -> String {
     let o = run_ok("vmatrace", Command::new(vmatrace()).args(args));
     String::from_utf8_lossy(&o.stderr).into_owned()
@@ -49,21 +58,21 @@ fn a_binary_recording_replays_as_the_live_run_and_converts_to_the_same_records()
     // NDJSON from it: every line a JSON record, meta first, the live summary last.
     let ndjson = temp_path("binary-fault-loop.ndjson");
     convert(&bin, &ndjson);
-    let recs = raw_records(&ndjson);
-    assert_eq!(recs[0]["type"], "meta");
-    assert_eq!(recs[0]["faults"], "all");
-    let live = recs.last().expect("records");
-    assert_eq!(live["type"], "summary");
-    let faults = recs.iter().filter(|r| r["type"] == "fault").count();
+    let recs = raw_typed_records(&ndjson);
+    assert_eq!(meta_faults(&recs[0]), "all");
+    let live = last_summary(&recs);
+    let faults = recs.iter().filter(|r| r.fault().is_some()).count();
     assert!(faults >= 100 * 256, "every touch recorded: {faults}");
 
-    // Replay reads the binary file directly, as it reads the NDJSON: the same output, and
-    // the live run's summary (every fault was recorded, so every counter).
+    // Replay reads the binary file directly, as it reads the NDJSON: the same output (the
+    // two compared whole, as the JSON written), and the live run's summary (every fault was
+    // recorded, so every counter).
     let (from_bin, from_ndjson) = (replayed(&bin), replayed(&ndjson));
     assert_eq!(from_bin, from_ndjson, "replay of either format");
-    let again = from_bin.last().expect("replay output");
+    let from_bin = typed(&from_bin);
+    let again = last_summary(&from_bin);
     assert_eq!(
-        again["processes"], live["processes"],
+        again.processes, live.processes,
         "replay gives the live summary"
     );
 
@@ -123,22 +132,28 @@ fn runs_of_first_touches_and_threads_in_binary_replay_to_the_live_summary() {
         );
         let ndjson = temp_path(&format!("{name}.ndjson"));
         convert(&bin, &ndjson);
-        let recs = raw_records(&ndjson);
-        assert_eq!(recs[0]["faults"], "first", "{name}");
+        let recs = raw_typed_records(&ndjson);
+        assert_eq!(meta_faults(&recs[0]), "first", "{name}");
         if name.contains("threads") {
             assert!(
-                recs.iter().any(|r| r["type"] == "touches"),
+                recs.iter().any(|r| matches!(r, OutputRecord::Touches(_))),
                 "{name}: runs of first touches"
             );
         }
         let live = recs.last().expect("records");
         let again = replayed(&bin);
-        let summary = again.last().expect("replay output");
+        let typed_again = typed(&again);
+        let summary = typed_again.last().expect("replay output");
+        let processes = |r: &OutputRecord| match r {
+            OutputRecord::Summary(s) => processes_without_fault_counts(&s.record),
+            other => panic!("{name}: a summary: {other:?}"),
+        };
         assert_eq!(
-            processes_without_fault_counts(summary),
-            processes_without_fault_counts(live),
+            processes(summary),
+            processes(live),
             "{name}: replay of the binary file gives the live summary"
         );
+        // The two replays' outputs are compared whole, as the JSON written.
         assert_eq!(
             again,
             replayed(&ndjson),
@@ -176,17 +191,17 @@ fn a_rotated_binary_recording_replays_file_by_file() {
         let path = dir.join(name);
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(bytes.starts_with(b"\x89VMAT"), "{name} starts a stream");
-        let again = replayed(&path);
+        let again = replayed_typed(&path);
         assert_eq!(
-            again.last().map(|r| r["type"].clone()),
-            Some("summary".into()),
+            again.last().map(OutputRecord::type_name),
+            Some("summary"),
             "{name} replays alone"
         );
         let ndjson = dir.join(format!("{name}.ndjson"));
         convert(&path, &ndjson);
-        let recs = raw_records(&ndjson);
-        assert_eq!(recs[0]["type"], "meta", "{name}");
-        assert_eq!(recs[1]["type"], "snapshot", "{name} starts with a seed");
+        let recs = raw_typed_records(&ndjson);
+        assert_eq!(recs[0].type_name(), "meta", "{name}");
+        assert_eq!(recs[1].type_name(), "snapshot", "{name} starts with a seed");
     }
     assert!(!dir.join("trace.3.vmat").exists(), "three files kept");
     let _ = std::fs::remove_dir_all(&dir);
@@ -262,7 +277,7 @@ fn broken_or_foreign_files_are_refused_in_one_line() {
         "--format".as_ref(),
         "ndjson".as_ref(),
     ]);
-    assert_eq!(raw_records(&text)[0]["type"], "meta");
+    assert_eq!(raw_typed_records(&text)[0].type_name(), "meta");
     for p in [&bin, &cut, &text, &header_only, &version] {
         let _ = std::fs::remove_file(p);
     }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::*;
-use serde_json::Value;
+use tracer::output::{OutputRecord, SnapshotReason, report::VmaRow};
 
 /// The unprivileged user the runs take (`nobody`).
 const UID: u32 = 65534;
@@ -81,17 +81,23 @@ fn basic_as_nobody(caps: &[&str], name: &str) -> (Output, PathBuf) {
 
 /// The calls and first touches of the workload between its markers, without addresses:
 /// type, lengths, results' kinds, fault pages.
-fn shape(records: &[Value]) -> Vec<String> {
-    let pid = marker_pid(records);
-    between_markers(records, pid)
+fn shape(records: &[OutputRecord]) -> Vec<String> {
+    let pid = typed_marker_pid(records);
+    typed_between_markers(records, pid)
         .iter()
-        .map(|r| match r["type"].as_str() {
-            Some("fault") => format!("fault pages={} write={}", r["pages"], r["write"]),
-            Some(t) => format!(
-                "{t} len={} effect={} unmapped={}",
-                r["args"][1], r["effect"]["kind"], r["effect"]["unmapped_bytes"]
-            ),
-            None => format!("{r}"),
+        .map(|r| match r {
+            OutputRecord::Fault(f) => format!("fault pages={} write={:?}", f.pages, f.write),
+            r => {
+                let call = r.syscall();
+                let effect = call.and_then(|s| s.effect.as_ref());
+                format!(
+                    "{} len={:?} effect={:?} unmapped={:?}",
+                    r.type_name(),
+                    call.map(|s| s.args[1]),
+                    effect.map(|e| &e.kind),
+                    effect.map(|e| e.unmapped_bytes)
+                )
+            }
         })
         .collect()
 }
@@ -109,8 +115,8 @@ fn a_user_with_only_bpf_perfmon_and_dac_read_search_sees_what_root_sees() {
     assert_eq!(root.status, 0, "root run: {}", root.stderr);
     let (o, out) = basic_as_nobody(&OWN, "caps-own");
     assert!(o.status.success(), "as nobody: {}", stderr_of(&o));
-    let records = records(&out);
-    let expected = shape(&root.records);
+    let records = typed_records(&out);
+    let expected = shape(&root.typed());
     assert!(
         expected.iter().any(|s| s.starts_with("mmap")),
         "{expected:?}"
@@ -169,21 +175,23 @@ fn seed_as_nobody(caps: &[&str], pid: u32, region: u64, name: &str) -> (Output, 
     if !o.status.success() {
         return (o, 0, 0);
     }
-    let seed = records(&out)
-        .into_iter()
-        .find(|r| r["type"] == "snapshot" && r["reason"] == "seed")
+    let records = typed_records(&out);
+    let seed = records
+        .iter()
+        .filter_map(OutputRecord::snapshot)
+        .find(|s| s.reason == SnapshotReason::Seed)
         .expect("a seed snapshot");
     let end = region + 1024 * 4096;
-    let bytes = |key: &str| -> u64 {
-        seed["vmas"]
-            .as_array()
+    let bytes = |key: fn(&VmaRow) -> u64| -> u64 {
+        seed.vmas
+            .as_deref()
             .expect("vmas")
             .iter()
-            .filter(|v| v["start"].as_u64() >= Some(region) && v["end"].as_u64() <= Some(end))
-            .filter_map(|v| v[key].as_u64())
+            .filter(|v| v.start >= region && v.end <= end)
+            .map(key)
             .sum()
     };
-    (o, bytes("anon_bytes"), bytes("zero_page_bytes"))
+    (o, bytes(|v| v.anon_bytes), bytes(|v| v.zero_page_bytes))
 }
 
 #[test]

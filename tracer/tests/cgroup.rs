@@ -9,8 +9,8 @@ use std::{
 };
 
 use common::*;
-use serde_json::Value;
 use tracer::model::normalize;
+use tracer::output::{OutputRecord, SnapshotReason};
 
 /// A fresh cgroup v2 group, removed (its processes moved back to the root) when dropped.
 struct Group(PathBuf);
@@ -48,18 +48,20 @@ fn spin(ms: &str) -> Child {
         .expect("the workload runs")
 }
 
-fn mmaps_of(recs: &[Value], pid: u32) -> usize {
+fn mmaps_of(recs: &[OutputRecord], pid: u32) -> usize {
     recs.iter()
-        .filter(|r| r["type"] == "mmap" && r["pid"] == pid)
+        .filter_map(|r| r.call("mmap"))
+        .filter(|m| m.pid == pid)
         .count()
 }
 
 /// The last snapshot of `pid` (the end of the run).
-fn last_map(recs: &[Value], pid: u32) -> Vec<normalize::Range> {
+fn last_map(recs: &[OutputRecord], pid: u32) -> Vec<normalize::Range> {
     let snap = recs
         .iter()
         .rev()
-        .find(|r| r["type"] == "snapshot" && r["pid"] == pid)
+        .filter_map(OutputRecord::snapshot)
+        .find(|s| s.pid == pid)
         .unwrap_or_else(|| panic!("a snapshot of {pid}"));
     snapshot_ranges(snap)
 }
@@ -85,9 +87,9 @@ fn a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others() {
     // Joins once tracing has started (the member's seed is written).
     wait_for(20, "the member's seed snapshot", || {
         out.exists()
-            && complete_records(&out)
+            && complete_typed_records(&out)
                 .iter()
-                .any(|r| r["type"] == "snapshot")
+                .any(|r| r.snapshot().is_some())
     });
     let mut joiner = spin("15000");
     group.add(joiner.id());
@@ -108,7 +110,7 @@ fn a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others() {
     }
     assert!(status.success(), "{err}");
     assert!(err.contains("tracing cgroup"), "{err}");
-    let recs = records(&out);
+    let recs = typed_records(&out);
     assert!(
         mmaps_of(&recs, member.id()) >= 4,
         "the member's calls are seen"
@@ -123,7 +125,7 @@ fn a_cgroup_is_traced_with_the_processes_that_join_it_and_no_others() {
         "the outsider is not traced"
     );
     assert!(
-        !recs.iter().any(|r| r["pid"] == outsider.id()),
+        !recs.iter().any(|r| r.pid() == Some(outsider.id())),
         "nothing of the outsider"
     );
     let diff = normalize::diff(&kernel, &last_map(&recs, joiner.id()));
@@ -150,7 +152,9 @@ fn a_short_lived_process_joining_the_cgroup_is_traced_from_its_first_event() {
         .spawn()
         .expect("vmatrace runs");
     wait_for(20, "the run's start", || {
-        complete_records(&out).iter().any(|r| r["type"] == "meta")
+        complete_typed_records(&out)
+            .iter()
+            .any(|r| matches!(r, OutputRecord::Meta(_)))
     });
     // Tracing has started once meta is written; give the attach a moment on a busy machine.
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -166,23 +170,27 @@ fn a_short_lived_process_joining_the_cgroup_is_traced_from_its_first_event() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let status = v.wait().expect("vmatrace ends");
     assert!(status.success());
-    let recs = records(&out);
+    let recs = typed_records(&out);
     let pid = recs
         .iter()
-        .find(|r| r["type"] == "exec")
-        .and_then(|r| r["pid"].as_u64())
+        .find_map(|r| match r {
+            OutputRecord::Exec(e) => Some(e.pid),
+            _ => None,
+        })
         .expect("the exec is traced");
     assert!(
         recs.iter()
-            .any(|r| r["type"] == "snapshot" && r["reason"] == "seed" && r["pid"] == pid),
+            .filter_map(OutputRecord::snapshot)
+            .any(|s| s.reason == SnapshotReason::Seed && s.pid == pid),
         "seeded when it joined"
     );
-    // The workload's known calls between its markers (see capture::basic_... for the values).
-    let calls = between_markers(&recs, pid);
+    // The workload's known calls between its markers (see capture::basic_... for the values):
+    // the records with `args` (syscalls and allocator calls).
+    let calls = typed_between_markers(&recs, pid);
     let kinds: Vec<&str> = calls
         .iter()
-        .filter(|r| r["args"].is_array())
-        .filter_map(|r| r["type"].as_str())
+        .filter(|r| matches!(r, OutputRecord::Syscall(_) | OutputRecord::Heap(_)))
+        .map(|r| r.type_name())
         .collect();
     assert_eq!(kinds, ["mmap", "munmap", "brk", "brk", "brk"], "{calls:#?}");
 }

@@ -9,7 +9,7 @@ use std::{
 };
 
 use common::*;
-use serde_json::Value;
+use tracer::output::{OutputRecord, SnapshotReason, process_records::ExecJson, typed::Drift};
 
 fn run(args: &[&str]) -> (i32, String, String) {
     let o = Command::new(vmatrace()).args(args).output().expect("runs");
@@ -41,6 +41,24 @@ fn assert_one_line(what: &str, o: &std::process::Output, needle: &str) {
         lines[0].contains(needle),
         "{what}: '{needle}' not in: {err}"
     );
+}
+
+/// The pid of the first exec record.
+fn exec_pid(recs: &[OutputRecord]) -> Option<u32> {
+    recs.iter().find_map(|r| match r {
+        OutputRecord::Exec(ExecJson { pid, .. }) => Some(*pid),
+        _ => None,
+    })
+}
+
+/// The drift records of a run.
+fn drifts(recs: &[OutputRecord]) -> Vec<&Drift> {
+    recs.iter()
+        .filter_map(|r| match r {
+            OutputRecord::Drift(d) => Some(&d.record),
+            _ => None,
+        })
+        .collect()
 }
 
 #[test]
@@ -174,21 +192,19 @@ fn attach_with_pid_sees_the_next_calls() {
     // The process is gone: vmatrace ends by itself.
     let status = v.wait().expect("vmatrace exits");
     assert!(status.success());
-    let recs = records(&file);
+    let recs = typed_records(&file);
     let mmap = recs
         .iter()
-        .find(|r| r["type"] == "mmap" && r["ret"] == addr)
+        .filter_map(|r| r.call("mmap"))
+        .find(|m| m.ret as u64 == addr)
         .expect("the mmap after attach is seen");
-    assert_eq!(mmap["pid"], pid);
-    assert_eq!(mmap["args"][1], 32 * 4096);
+    assert_eq!(mmap.pid, pid);
+    assert_eq!(mmap.args[1], 32 * 4096);
     // The seed matched the process as it was.
-    let seed = recs.iter().find(|r| r["type"] == "snapshot").expect("seed");
-    assert_eq!(seed["reason"], "seed");
-    assert!(seed["vmas"].as_array().is_some_and(|v| v.len() > 5));
-    assert_eq!(
-        recs.last().map(|r| r["type"].clone()),
-        Some(Value::from("summary"))
-    );
+    let seed = recs.iter().find_map(OutputRecord::snapshot).expect("seed");
+    assert_eq!(seed.reason, SnapshotReason::Seed);
+    assert!(seed.vmas.as_ref().is_some_and(|v| v.len() > 5));
+    assert_eq!(recs.last().map(OutputRecord::type_name), Some("summary"));
 }
 
 #[test]
@@ -213,36 +229,29 @@ fn sigint_gives_a_complete_summary_and_valid_ndjson_and_replay_reproduces_it() {
     // The workload is killed by the terminal's SIGINT in real life; here only vmatrace got it,
     // so it stops tracing and exits on its own.
     assert!(status.code().is_some(), "{status:?}");
-    let recs = records(&file); // every line parses
-    let live = recs.last().expect("records");
-    assert_eq!(live["type"], "summary", "the last record is the summary");
-    let procs = live["processes"].as_array().expect("processes");
+    let recs = typed_records(&file); // every line parses
+    let live = last_summary(&recs);
+    let procs = &live.processes;
     assert_eq!(procs.len(), 1);
-    assert!(
-        procs[0]["syscalls"]["mmap"]
-            .as_u64()
-            .is_some_and(|n| n > 50)
-    );
+    assert!(procs[0].syscalls.get("mmap").is_some_and(|n| *n > 50));
     // Stop the workload we left running.
-    if let Some(pid) = procs[0]["pid"].as_u64() {
-        kill(pid as u32, libc::SIGKILL);
-    }
+    kill(procs[0].pid, libc::SIGKILL);
 
     // Replay from the file alone gives the same summary.
-    let replayed = replayed(&file);
-    let again = replayed.last().expect("replay output");
-    assert_eq!(again["type"], "summary");
+    let replayed = replayed_typed(&file);
+    let again = last_summary(&replayed);
     assert_eq!(
-        again["processes"], live["processes"],
+        again.processes, live.processes,
         "replay reproduces the live summary"
     );
-    assert_eq!(again["lost"], live["lost"]);
+    assert_eq!(again.lost, live.lost);
     // And the same final snapshot.
-    let final_of = |recs: &[Value]| {
+    let final_of = |recs: &[OutputRecord]| {
         recs.iter()
             .rev()
-            .find(|r| r["type"] == "snapshot" && r["reason"] == "final")
-            .map(|r| r["vmas"].clone())
+            .filter_map(OutputRecord::snapshot)
+            .find(|s| s.reason == SnapshotReason::Final)
+            .map(|s| s.vmas.clone())
     };
     assert_eq!(final_of(&replayed), final_of(&recs));
 }
@@ -290,29 +299,29 @@ fn reconcile_reports_a_compat_mapping_it_cannot_see_and_nothing_else() {
         let ret = line_numbers(&t.stdout, &format!("compat_lookalike_{nr}"))[0];
         assert_eq!(ret, -i64::from(libc::EFAULT), "{}", t.stdout);
     }
+    let records = t.typed();
     assert!(
-        !t.records
+        !records
             .iter()
-            .any(|r| (r["type"] == "munmap" || r["type"] == "brk") && r["errno"] == "EFAULT"),
+            .filter_map(OutputRecord::syscall)
+            .any(|s| matches!(s.name(), "munmap" | "brk") && s.errno.as_deref() == Some("EFAULT")),
         "a compat call is not misread as a 64-bit one"
     );
     let addr = line_numbers(&t.stdout, "compat_mmap")[0] as u64;
     assert!(
-        !t.records
+        !records
             .iter()
-            .any(|r| r["type"] == "mmap" && r["ret"] == addr),
+            .filter_map(|r| r.call("mmap"))
+            .any(|m| m.ret as u64 == addr),
         "the compat call is not misread as a 64-bit mmap"
     );
     let range = format!("- {addr:x}-{:x} rw-p", addr + 8 * 4096);
-    let drift: Vec<&Value> = t.records.iter().filter(|r| r["type"] == "drift").collect();
+    let drift = drifts(&records);
     assert!(!drift.is_empty(), "the drift is reported");
     for d in &drift {
-        let diffs = d["differences"].as_array().expect("differences");
-        assert_eq!(diffs.len(), 1, "{d}");
-        assert!(
-            diffs[0].as_str().is_some_and(|s| s.starts_with(&range)),
-            "{d} vs {range}"
-        );
+        let diffs = &d.differences;
+        assert_eq!(diffs.len(), 1, "{d:?}");
+        assert!(diffs[0].starts_with(&range), "{d:?} vs {range}");
     }
 
     // A busy process whose every change is traced: silence.
@@ -321,7 +330,8 @@ fn reconcile_reports_a_compat_mapping_it_cannot_see_and_nothing_else() {
         &["spin", "3500", "500"],
     );
     assert_eq!(t.status, 0, "{}", t.stderr);
-    let drift: Vec<&Value> = t.records.iter().filter(|r| r["type"] == "drift").collect();
+    let records = t.typed();
+    let drift = drifts(&records);
     assert!(drift.is_empty(), "false drift: {drift:?}");
 }
 
@@ -381,14 +391,12 @@ fn duration_ends_the_run_with_a_summary() {
         took.as_secs_f64() >= 1.0 && took.as_secs_f64() < 15.0,
         "{took:?}"
     );
-    let recs = records(&file);
-    assert_eq!(
-        recs.last().map(|r| r["type"].clone()),
-        Some(Value::from("summary"))
-    );
+    let recs = typed_records(&file);
+    assert_eq!(recs.last().map(OutputRecord::type_name), Some("summary"));
     assert!(
         recs.iter()
-            .any(|r| r["type"] == "snapshot" && r["reason"] == "final")
+            .filter_map(OutputRecord::snapshot)
+            .any(|s| s.reason == SnapshotReason::Final)
     );
 }
 
@@ -479,11 +487,12 @@ fn a_kernel_without_the_tracepoints_is_refused_and_btf_is_not_needed() {
         return;
     }
     assert_eq!(o.status.code(), Some(0), "{err}");
-    let recs = records(&out);
-    let pid = marker_pid(&recs);
-    let traced = between_markers(&recs, pid);
+    let recs = typed_records(&out);
+    let pid = typed_marker_pid(&recs);
+    let traced = typed_between_markers(&recs, pid);
     assert!(
-        traced.iter().any(|r| r["type"] == "mmap") && traced.iter().any(|r| r["type"] == "fault"),
+        traced.iter().any(|r| r.call("mmap").is_some())
+            && traced.iter().any(|r| r.fault().is_some()),
         "syscalls and faults traced without BTF: {traced:?}"
     );
 }
@@ -578,9 +587,9 @@ fn a_32_bit_program_is_traced_with_a_warning_that_its_syscalls_are_not() {
         err.contains("runs a 32-bit program") && err.contains(prog_s),
         "the user is told why no syscall shows up: {err}"
     );
-    let recs = records(&out);
+    let recs = typed_records(&out);
     assert!(
-        recs.iter().any(|r| r["type"] == "exec"),
+        recs.iter().any(|r| matches!(r, OutputRecord::Exec(_))),
         "the process is traced"
     );
     // A 64-bit program gets no such warning.
@@ -600,9 +609,10 @@ fn a_process_in_a_pid_namespace_is_traced_by_its_pid_from_inside_and_from_the_ho
         return;
     }
     let w = workload();
-    let calls_of = |recs: &[serde_json::Value], pid: u64| {
+    let calls_of = |recs: &[OutputRecord], pid: u32| {
         recs.iter()
-            .filter(|r| r["pid"] == pid && (r["type"] == "mmap" || r["type"] == "munmap"))
+            .filter_map(OutputRecord::syscall)
+            .filter(|s| s.pid == pid && matches!(s.name(), "mmap" | "munmap"))
             .count()
     };
     // Inside: the shell's `$!` is the namespace's pid.
@@ -620,18 +630,16 @@ fn a_process_in_a_pid_namespace_is_traced_by_its_pid_from_inside_and_from_the_ho
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
     assert!(err.contains("pids are this PID namespace's"), "{err}");
-    let recs = records(&out);
+    let recs = typed_records(&out);
     let seed = recs
         .iter()
-        .find(|r| r["type"] == "snapshot" && r["reason"] == "seed")
+        .filter_map(OutputRecord::snapshot)
+        .find(|s| s.reason == SnapshotReason::Seed)
         .expect("a seed snapshot");
-    let pid = seed["pid"].as_u64().expect("pid");
+    let pid = seed.pid;
     assert!(pid < 100, "the namespace's pid: {pid}");
     assert!(err.contains(&format!("process {pid} (")), "{err}");
-    assert!(
-        seed["vmas"].as_array().is_some_and(|v| v.len() > 5),
-        "{seed}"
-    );
+    assert!(seed.vmas.as_ref().is_some_and(|v| v.len() > 5), "{seed:?}");
     assert!(calls_of(&recs, pid) >= 4, "the target's calls are seen");
 
     // From the host: the container's pid 1.
@@ -669,7 +677,7 @@ fn a_process_in_a_pid_namespace_is_traced_by_its_pid_from_inside_and_from_the_ho
         "{err}"
     );
     assert!(
-        calls_of(&records(&out), u64::from(host_pid)) >= 4,
+        calls_of(&typed_records(&out), host_pid) >= 4,
         "the target's calls are seen"
     );
 }
@@ -699,20 +707,14 @@ fn duration_ends_a_launched_command_the_same_way_in_every_subcommand() {
             String::from_utf8_lossy(&o.stderr)
         );
         assert!((1.0..15.0).contains(&took), "{sub:?}: {took} s");
-        let recs = records(&file);
-        let pid = recs
-            .iter()
-            .find(|r| r["type"] == "exec")
-            .and_then(|r| r["pid"].as_u64())
-            .expect("exec record");
+        let recs = typed_records(&file);
+        let pid = exec_pid(&recs).expect("exec record");
         assert!(
-            recs.iter().any(|r| r["type"] == "exit" && r["pid"] == pid),
+            recs.iter()
+                .any(|r| matches!(r, OutputRecord::Exit(e) if e.pid == pid)),
             "{sub:?}: the command's end is in the output"
         );
-        assert_eq!(
-            recs.last().map(|r| r["type"].clone()),
-            Some(Value::from("summary"))
-        );
+        assert_eq!(recs.last().map(OutputRecord::type_name), Some("summary"));
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists(),
             "{sub:?}: the command is not left running"
@@ -726,14 +728,10 @@ fn record_honours_faults_first_and_records_every_fault_by_default() {
         return;
     }
     let w = workload();
-    let repeated = |recs: &[Value]| {
+    let repeated = |recs: &[OutputRecord]| {
         recs.iter()
-            .filter(|r| {
-                r["type"] == "fault"
-                    && r["first_touch"] == false
-                    && r["changed"] == false
-                    && r["stack_grown_to"].is_null()
-            })
+            .filter_map(OutputRecord::fault)
+            .filter(|f| !f.first_touch && !f.changed && f.stack_grown_to.is_none())
             .count()
     };
     for (extra, faults) in [(&[][..], "all"), (&["--faults", "first"][..], "first")] {
@@ -747,13 +745,15 @@ fn record_honours_faults_first_and_records_every_fault_by_default() {
             .output()
             .expect("runs");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let recs = records(&file);
-        assert_eq!(recs[0]["type"], "meta");
-        assert_eq!(recs[0]["faults"], faults, "{extra:?}");
+        let recs = typed_records(&file);
+        let OutputRecord::Meta(meta) = &recs[0] else {
+            panic!("meta first: {:?}", recs[0]);
+        };
+        assert_eq!(meta.faults, faults, "{extra:?}");
         let n = repeated(&recs);
         if faults == "first" {
             assert_eq!(n, 0, "only faults that changed the model are recorded");
-            assert!(recs.iter().any(|r| r["type"] == "fault"));
+            assert!(recs.iter().any(|r| r.fault().is_some()));
         } else {
             assert!(n > 0, "every fault is recorded");
         }
@@ -804,11 +804,7 @@ fn a_banner_says_what_is_traced_and_the_end_is_summarised_on_stderr() {
         "{err}"
     );
     // The end: processes, events, losses, and what was written.
-    let pid = records(&file)
-        .iter()
-        .find(|r| r["type"] == "exec")
-        .and_then(|r| r["pid"].as_u64())
-        .expect("exec");
+    let pid = exec_pid(&typed_records(&file)).expect("exec");
     assert!(
         err.contains("vmatrace: 1 process traced for ")
             && err.contains(" events lost")
@@ -816,7 +812,7 @@ fn a_banner_says_what_is_traced_and_the_end_is_summarised_on_stderr() {
             && err.contains("exited: "),
         "{err}"
     );
-    let written = raw_records(&file).len();
+    let written = raw_typed_records(&file).len();
     assert!(
         err.contains(&format!(
             "vmatrace: {} records (",

@@ -14,6 +14,11 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+use tracer::{
+    finding::{Finding, Severity},
+    heap::regions::{HeapView, RegionKind, RegionRow},
+    output::{OutputRecord, process_records::SnapshotJson},
+};
 
 const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4";
@@ -44,15 +49,29 @@ fn hw() -> String {
 }
 
 /// A snapshot through SIGUSR1 of the stopped `pid`.
-fn signal_snapshot(vmatrace_pid: u32, out: &Path, pid: u32) -> Value {
+fn signal_snapshot(vmatrace_pid: u32, out: &Path, pid: u32) -> SnapshotJson {
     wait_until_stopped(pid, "the traced process to stop");
-    signal_snapshot_of(vmatrace_pid, out, u64::from(pid))
+    signal_snapshot_typed(vmatrace_pid, out, pid)
 }
 
-fn n(v: &Value, key: &str) -> u64 {
-    v[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number '{key}' in {v}"))
+/// The number `key` of a finding.
+fn num(f: &Finding, key: &str) -> u64 {
+    *f.numbers
+        .get(key)
+        .unwrap_or_else(|| panic!("no number '{key}' in {f:?}"))
+}
+
+/// The allocator view of a snapshot.
+fn heap_of(snap: &SnapshotJson) -> &HeapView {
+    snap.heap
+        .as_ref()
+        .unwrap_or_else(|| panic!("no heap view: {snap:?}"))
+}
+
+/// The live bytes of a heap region (it must have them).
+fn region_live(r: &RegionRow) -> u64 {
+    r.live_bytes
+        .unwrap_or_else(|| panic!("no live bytes in {r:?}"))
 }
 
 fn within(actual: u64, expected: u64, percent: f64) -> bool {
@@ -87,27 +106,26 @@ fn malloc_info_in_use(xml: &str) -> Vec<u64> {
 }
 
 /// The glibc regions of a snapshot's heap view: (main heap, thread arenas sorted, mmapped).
-fn glibc_regions(heap: &Value) -> (u64, Vec<u64>, u64) {
-    let regions = heap["regions"].as_array().expect("regions");
-    let live = |kind: &str| -> Vec<u64> {
-        regions
+fn glibc_regions(heap: &HeapView) -> (u64, Vec<u64>, u64) {
+    let live = |kind: RegionKind| -> Vec<u64> {
+        heap.regions
             .iter()
-            .filter(|r| r["kind"] == kind)
-            .map(|r| r["live_bytes"].as_u64().unwrap_or(0))
+            .filter(|r| r.kind == kind)
+            .map(|r| r.live_bytes.unwrap_or(0))
             .collect()
     };
-    let mut arenas = live("glibc_arena");
+    let mut arenas = live(RegionKind::GlibcArena);
     arenas.sort_unstable();
     (
-        live("main_heap").iter().sum(),
+        live(RegionKind::MainHeap).iter().sum(),
         arenas,
-        live("mmapped_blocks").iter().sum(),
+        live(RegionKind::MmappedBlocks).iter().sum(),
     )
 }
 
 /// Compares a checkpoint's snapshot with the workload's `checkpoint` line (mallinfo2 and
 /// the malloc_info file): the live bytes, and per arena.
-fn compare_checkpoint(line: &str, heap: &Value, baseline: u64) {
+fn compare_checkpoint(line: &str, heap: &HeapView, baseline: u64) {
     let w: Vec<&str> = line.split_whitespace().collect();
     let (name, uordblks, hblkhd) = (
         w[1],
@@ -115,7 +133,7 @@ fn compare_checkpoint(line: &str, heap: &Value, baseline: u64) {
         w[3].parse::<u64>().expect("n"),
     );
     let glibc = uordblks + hblkhd - baseline;
-    let live = n(heap, "live_bytes");
+    let live = heap.live_bytes;
     eprintln!(
         "checkpoint {name}: vmatrace {live} live bytes, glibc uordblks + hblkhd {glibc} ({:+.3} %)",
         (live as f64 - glibc as f64) * 100.0 / glibc as f64
@@ -185,8 +203,8 @@ fn live_bytes_match_glibcs_own_figures_at_every_checkpoint() {
             continue;
         }
         let snap = signal_snapshot(vmatrace_pid, &out, pid);
-        let heap = &snap["heap"];
-        assert_eq!(heap["complete"], true, "{heap}");
+        let heap = heap_of(&snap);
+        assert!(heap.complete, "{heap:?}");
         compare_checkpoint(&line, heap, 0);
         seen.push(
             line.split_whitespace()
@@ -200,12 +218,17 @@ fn live_bytes_match_glibcs_own_figures_at_every_checkpoint() {
     assert!(status.success(), "vmatrace: {status:?}");
     assert_eq!(seen, ["allocated", "freed", "threads", "joined"]);
     // Every glibc function of the workload was seen, and replay rebuilds the same live bytes.
-    let recs = records(&out);
-    let summary = recs.last().expect("a summary");
-    let heap = &summary["processes"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))
-        .expect("the workload in the summary")["heap"];
+    let recs = typed_records(&out);
+    let heap_in = |recs: &[OutputRecord]| {
+        last_summary(recs)
+            .processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .expect("the workload in the summary")
+            .heap
+            .clone()
+    };
+    let heap = heap_in(&recs).expect("the workload's heap view");
     for call in [
         "malloc",
         "calloc",
@@ -218,9 +241,9 @@ fn live_bytes_match_glibcs_own_figures_at_every_checkpoint() {
         "pvalloc",
     ] {
         assert!(
-            heap["calls"][call].as_u64().unwrap_or(0) > 0,
-            "no {call}: {}",
-            heap["calls"]
+            heap.calls.get(call).copied().unwrap_or(0) > 0,
+            "no {call}: {:?}",
+            heap.calls
         );
     }
     let r = Command::new(vmatrace())
@@ -234,11 +257,8 @@ fn live_bytes_match_glibcs_own_figures_at_every_checkpoint() {
         .last()
         .and_then(|l| serde_json::from_str(l).ok())
         .expect("a replayed summary");
-    let again = &replayed["processes"]
-        .as_array()
-        .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))
-        .expect("the workload")["heap"];
-    assert_eq!(again, heap, "replay rebuilds the same allocator view");
+    let again = heap_in(&typed(&[replayed]));
+    assert_eq!(again, Some(heap), "replay rebuilds the same allocator view");
 }
 
 #[test]
@@ -275,20 +295,17 @@ fn attached_to_a_running_process_live_bytes_count_what_it_allocates_after() {
     let p = pid.to_string();
     let mut v = spawn(&["--json", "-o", &o, "--heap", "-p", &p]);
     wait_for(30, "the probes to be attached", || {
-        complete_records(&out)
+        complete_typed_records(&out)
             .iter()
-            .any(|r| r["type"] == "heap_attach" && r["pid"] == pid)
+            .any(|r| matches!(r, OutputRecord::HeapAttach(a) if a.pid == pid))
     });
     kill(pid, libc::SIGCONT);
     for line in lines.by_ref() {
         let line = line.expect("a line");
         if line.starts_with("checkpoint ") {
             let snap = signal_snapshot(v.child.id(), &out, pid);
-            let heap = &snap["heap"];
-            assert_eq!(
-                heap["complete"], false,
-                "an attached run knows it is not: {heap}"
-            );
+            let heap = heap_of(&snap);
+            assert!(!heap.complete, "an attached run knows it is not: {heap:?}");
             compare_checkpoint(&line, heap, baseline);
             kill(pid, libc::SIGCONT);
         }
@@ -297,21 +314,33 @@ fn attached_to_a_running_process_live_bytes_count_what_it_allocates_after() {
     let _ = v.child.wait();
 }
 
+/// The call site of the workload's allocations as the report names it: the `malloc` call in
+/// its `xmalloc` (function and line, from the workload's source).
+fn xmalloc_site() -> String {
+    let src = include_str!("c/heap_workload.c");
+    let line = src
+        .lines()
+        .position(|l| l.contains("void *p = malloc(n);"))
+        .expect("xmalloc's malloc call")
+        + 1;
+    format!("xmalloc (heap_workload.c:{line})")
+}
+
 /// Records the workload (`env` then `args`) with `--heap`; returns the findings of
 /// `vmatrace report --json` and the workload's last line.
-fn heap_report(name: &str, env: &[&str], args: &[&str]) -> (Vec<Value>, String) {
+fn heap_report(name: &str, env: &[&str], args: &[&str]) -> (Vec<Finding>, String) {
     report_of(name, &["--heap"], env, args)
 }
 
 /// Records the workload with `flags`; returns the findings and the workload's last line.
-fn report_of(name: &str, flags: &[&str], env: &[&str], args: &[&str]) -> (Vec<Value>, String) {
+fn report_of(name: &str, flags: &[&str], env: &[&str], args: &[&str]) -> (Vec<Finding>, String) {
     let mut cmd = vec!["env"];
     cmd.extend_from_slice(env);
     let hw = hw();
     cmd.push(&hw);
     cmd.extend_from_slice(args);
     let (o, file) = record(name, flags, &cmd);
-    let findings = report_findings(name, &file);
+    let findings = report_findings_typed(name, &file);
     let last = String::from_utf8_lossy(&o.stdout)
         .lines()
         .last()
@@ -352,8 +381,26 @@ fn value(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
-fn find<'a>(findings: &'a [Value], id: &str) -> Option<&'a Value> {
-    findings.iter().find(|f| f["id"] == id)
+/// The findings of `vmatrace report --json`'s output.
+fn findings_from(stdout: &[u8]) -> Vec<Finding> {
+    let values: Vec<Value> = String::from_utf8_lossy(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    findings_of(&typed(&values)).into_iter().cloned().collect()
+}
+
+/// The CPython arenas region of a snapshot's heap view.
+fn pymalloc_region(snap: &SnapshotJson) -> &RegionRow {
+    let heap = heap_of(snap);
+    heap.regions
+        .iter()
+        .find(|r| r.kind == RegionKind::PymallocArenas)
+        .unwrap_or_else(|| panic!("no pymalloc region: {heap:?}"))
+}
+
+fn find<'a>(findings: &'a [Finding], id: &str) -> Option<&'a Finding> {
+    findings.iter().find(|f| f.id == id)
 }
 
 const KNOBS: [&str; 4] = [
@@ -363,8 +410,8 @@ const KNOBS: [&str; 4] = [
     "dirty_decay_ms",
 ];
 
-fn suggestion(f: &Value) -> &str {
-    f["suggestion"].as_str().unwrap_or("")
+fn suggestion(f: &Finding) -> &str {
+    f.suggestion.as_deref().unwrap_or("")
 }
 
 /// Applying a suggested knob (the workload run untraced with and without it) must give back
@@ -392,11 +439,15 @@ fn live_data_is_reported_as_live_not_as_fragmentation() {
     assert!(find(&f, "heap_fragmentation").is_none(), "{f:#?}");
     let live = find(&f, "live").expect("a live finding");
     assert!(
-        within(n(&live["numbers"], "live_bytes"), value(&line, "live"), 2.0),
-        "{live}"
+        within(num(live, "live_bytes"), value(&line, "live"), 2.0),
+        "{live:?}"
+    );
+    assert!(
+        live.explanation.contains(&xmalloc_site()),
+        "the call site holding the live bytes is named, function and line: {live:?}"
     );
     let heap = find(&f, "heap").expect("the heap finding");
-    assert_eq!(heap["severity"], "info", "{heap}");
+    assert_eq!(heap.severity, Severity::Info, "{heap:?}");
     assert!(
         !f.iter()
             .any(|x| KNOBS.iter().any(|k| suggestion(x).contains(k))),
@@ -411,19 +462,20 @@ fn pages_pinned_by_live_blocks_are_fragmentation_that_no_setting_gives_back() {
     }
     let (f, line) = heap_report("pinned", &[NO_TCACHE], &["pinned", "32"]);
     let frag = find(&f, "heap_fragmentation").expect("a fragmentation finding");
-    assert_eq!(frag["severity"], "warning");
-    let retained = n(&frag["numbers"], "retained_bytes");
+    assert_eq!(frag.severity, Severity::Warning);
+    let retained = num(frag, "retained_bytes");
     let expected = value(&line, "retained");
     eprintln!("pinned: vmatrace {retained} retained bytes, the workload {expected}");
-    assert!(within(retained, expected, 5.0), "{frag}");
+    assert!(within(retained, expected, 5.0), "{frag:?}");
     assert!(
-        frag["explanation"]
-            .as_str()
-            .is_some_and(|e| e.contains("heap_workload+0x")),
-        "the call site that pins them is named: {frag}"
+        frag.explanation.contains(&xmalloc_site()),
+        "the call site that pins them is named, function and line: {frag:?}"
     );
     for k in KNOBS {
-        assert!(!suggestion(frag).contains(k), "{k} would not help: {frag}");
+        assert!(
+            !suggestion(frag).contains(k),
+            "{k} would not help: {frag:?}"
+        );
     }
     // And indeed: malloc_trim(0) gives back next to nothing.
     let before = rss(&[NO_TCACHE], &["pinned", "32"]);
@@ -442,13 +494,13 @@ fn malloc_trim_suggested_for_free_pages_below_a_live_block_gives_them_back() {
     }
     let (f, _) = heap_report("trimmable", &[], &["trimmable", "64"]);
     let frag = find(&f, "heap_fragmentation").expect("a fragmentation finding");
-    assert!(suggestion(frag).contains("malloc_trim(0)"), "{frag}");
+    assert!(suggestion(frag).contains("malloc_trim(0)"), "{frag:?}");
     // The free memory is below a live block, not in the heap's top: no trim threshold helps.
     assert!(
         !suggestion(frag).contains("MALLOC_TRIM_THRESHOLD_"),
-        "{frag}"
+        "{frag:?}"
     );
-    let predicted = n(&frag["numbers"], "malloc_trim_saves_bytes");
+    let predicted = num(frag, "malloc_trim_saves_bytes");
     assert_knob_gives_back(
         "malloc_trim(0)",
         predicted,
@@ -472,18 +524,18 @@ fn a_free_heap_top_kept_by_a_raised_threshold_is_given_back_by_both_suggestions(
     let s = suggestion(frag);
     assert!(
         s.contains("MALLOC_TRIM_THRESHOLD_=131072") && s.contains("malloc_trim(0)"),
-        "{frag}"
+        "{frag:?}"
     );
     let before = rss(&[], &["top", "48"]);
     assert_knob_gives_back(
         "MALLOC_TRIM_THRESHOLD_",
-        n(&frag["numbers"], "trim_threshold_saves_bytes"),
+        num(frag, "trim_threshold_saves_bytes"),
         before,
         rss(&["MALLOC_TRIM_THRESHOLD_=131072"], &["top", "48"]),
     );
     assert_knob_gives_back(
         "malloc_trim(0)",
-        n(&frag["numbers"], "malloc_trim_saves_bytes"),
+        num(frag, "malloc_trim_saves_bytes"),
         before,
         rss(&[], &["top", "48", "trim"]),
     );
@@ -499,23 +551,23 @@ fn free_memory_kept_by_thread_arenas_is_given_back_by_each_suggestion() {
     let s = suggestion(frag);
     assert!(
         s.contains("MALLOC_ARENA_MAX=1") && s.contains("malloc_trim(0)"),
-        "{frag}"
+        "{frag:?}"
     );
     let before = rss(&[], &["arenas", "16", "4"]);
     assert_knob_gives_back(
         "MALLOC_ARENA_MAX=1",
-        n(&frag["numbers"], "arena_max_saves_bytes"),
+        num(frag, "arena_max_saves_bytes"),
         before,
         rss(&["MALLOC_ARENA_MAX=1"], &["arenas", "16", "4"]),
     );
     assert_knob_gives_back(
         "malloc_trim(0)",
-        n(&frag["numbers"], "malloc_trim_saves_bytes"),
+        num(frag, "malloc_trim_saves_bytes"),
         before,
         rss(&[], &["arenas", "16", "4", "trim"]),
     );
     let arenas = find(&f, "arenas").expect("the arenas finding");
-    assert_eq!(n(&arenas["numbers"], "arenas"), 4, "{arenas}");
+    assert_eq!(num(arenas, "arenas"), 4, "{arenas:?}");
 }
 
 fn preload(lib: &str) -> String {
@@ -534,13 +586,13 @@ fn jemalloc_decay_suggested_for_its_dirty_pages_gives_them_back() {
     let p = preload(JEMALLOC);
     let (f, _) = heap_report("decay", &[&p], &["decay", "64"]);
     let frag = find(&f, "heap_fragmentation").expect("a fragmentation finding");
-    assert!(suggestion(frag).contains("dirty_decay_ms:0"), "{frag}");
+    assert!(suggestion(frag).contains("dirty_decay_ms:0"), "{frag:?}");
     for k in ["malloc_trim", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"] {
-        assert!(!suggestion(frag).contains(k), "{k} is glibc's: {frag}");
+        assert!(!suggestion(frag).contains(k), "{k} is glibc's: {frag:?}");
     }
     assert_knob_gives_back(
         "dirty_decay_ms:0",
-        n(&frag["numbers"], "jemalloc_decay_saves_bytes"),
+        num(frag, "jemalloc_decay_saves_bytes"),
         rss(&[&p], &["decay", "64"]),
         rss(
             &[&p, "MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0"],
@@ -558,15 +610,13 @@ fn jemalloc_and_tcmalloc_live_bytes_are_what_the_workload_holds() {
         let p = preload(lib);
         let (f, line) = heap_report(name, &[&p], &["hold", "32"]);
         let live = find(&f, "live").expect("a live finding");
-        let ours = n(&live["numbers"], "live_bytes");
+        let ours = num(live, "live_bytes");
         let held = value(&line, "hold");
         eprintln!("{name}: vmatrace {ours} live bytes, the workload holds {held}");
-        assert!(within(ours, held, 1.0), "{name}: {live}");
+        assert!(within(ours, held, 1.0), "{name}: {live:?}");
         assert!(
-            live["explanation"]
-                .as_str()
-                .is_some_and(|e| e.contains(name)),
-            "{name} serves the calls: {live}"
+            live.explanation.contains(name),
+            "{name} serves the calls: {live:?}"
         );
     }
 }
@@ -580,35 +630,32 @@ fn a_heap_that_grew_and_shrank_is_told_apart_from_one_that_never_shrank() {
         // 24 MiB kept: the heap grows and is never given back, at a size that costs little.
         let (f, _) = report_of("kept", flags, &[], &["live", "24"]);
         let heap = find(&f, "heap").expect("the heap finding");
-        let (title, text) = (
-            heap["title"].as_str().unwrap_or(""),
-            heap["explanation"].as_str().unwrap_or(""),
-        );
-        assert!(title.contains("trimmed 0 times"), "{flags:?}: {heap}");
+        let (title, text) = (heap.title.as_str(), heap.explanation.as_str());
+        assert!(title.contains("trimmed 0 times"), "{flags:?}: {heap:?}");
         assert!(
             !text.contains("shrank") && !text.contains("given back to the kernel"),
-            "{flags:?}: {heap}"
+            "{flags:?}: {heap:?}"
         );
-        assert_eq!(n(&heap["numbers"], "brk_shrinks"), 0);
+        assert_eq!(num(heap, "brk_shrinks"), 0);
         if flags.is_empty() {
             assert!(
                 text.contains("Run with --heap"),
-                "an estimate says so: {heap}"
+                "an estimate says so: {heap:?}"
             );
         } else {
-            assert!(text.contains("is live data"), "{heap}");
+            assert!(text.contains("is live data"), "{heap:?}");
         }
         // 24 MiB freed from the top: glibc gives the heap back as it shrinks.
         let (f, line) = report_of("shrank", flags, &[], &["grow_shrink", "24"]);
         let heap = find(&f, "heap").expect("the heap finding");
-        let shrinks = n(&heap["numbers"], "brk_shrinks");
-        assert!(shrinks > 0, "{heap}");
-        let title = heap["title"].as_str().unwrap_or("");
+        let shrinks = num(heap, "brk_shrinks");
+        assert!(shrinks > 0, "{heap:?}");
+        let title = heap.title.as_str();
         assert!(
             title.contains(&format!("trimmed {shrinks} times")),
-            "{heap}"
+            "{heap:?}"
         );
-        assert_eq!(heap["severity"], "info", "{heap}");
+        assert_eq!(heap.severity, Severity::Info, "{heap:?}");
         assert!(
             value(&line, "rss") * 4 < value(&line, "high"),
             "the workload's RSS fell as it shrank: {line}"
@@ -637,23 +684,22 @@ fn children_followed_with_f_have_their_own_live_bytes() {
         .filter(|l| l.starts_with("live "))
         .map(|l| value(l, "live"))
         .collect();
-    let recs = records(&out);
-    let summary = recs.last().expect("a summary");
-    let mut ours: Vec<u64> = summary["processes"]
-        .as_array()
-        .expect("processes")
+    let recs = typed_records(&out);
+    let summary = last_summary(&recs);
+    let mut ours: Vec<u64> = summary
+        .processes
         .iter()
         .filter(|p| {
-            p["exe"]
-                .as_str()
+            p.exe
+                .as_deref()
                 .is_some_and(|e| e.ends_with("heap_workload"))
         })
-        .map(|p| n(&p["heap"], "live_bytes"))
+        .map(|p| p.heap.as_ref().expect("a heap view").live_bytes)
         .collect();
     held.sort_unstable();
     ours.sort_unstable();
     eprintln!("children: vmatrace {ours:?} live bytes, the workloads {held:?}");
-    assert_eq!(ours.len(), 2, "{summary}");
+    assert_eq!(ours.len(), 2, "{summary:?}");
     for (o, h) in ours.iter().zip(&held) {
         assert!(within(*o, *h, 1.0), "{ours:?} / {held:?}");
     }
@@ -718,20 +764,17 @@ fn pymalloc_fragmentation_is_found_in_cpythons_object_arenas() {
     let snap = signal_snapshot(v.child.id(), &out, pid);
     let text = std::fs::read_to_string(&stats).expect("the statistics file");
     let allocated = mallocstat(&text, "# bytes in allocated blocks");
-    let region = snap["heap"]["regions"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["kind"] == "pymalloc_arenas"))
-        .unwrap_or_else(|| panic!("no pymalloc region: {}", snap["heap"]));
-    let live = n(region, "live_bytes");
+    let region = pymalloc_region(&snap);
+    let live = region_live(region);
     eprintln!(
         "pymalloc: vmatrace {live} live bytes in {} arenas, CPython {allocated} bytes in allocated blocks; {} touched",
-        region["mappings"], region["touched_bytes"]
+        region.mappings, region.touched_bytes
     );
-    assert!(within(live, allocated, 1.0), "{region}");
+    assert!(within(live, allocated, 1.0), "{region:?}");
     assert_eq!(
-        n(region, "mappings"),
+        region.mappings,
         mallocstat(&text, "# arenas allocated current"),
-        "{region}"
+        "{region:?}"
     );
     // Tracing ends while the program still runs (as with -p on a server): the findings see
     // its arenas as they are.
@@ -745,23 +788,20 @@ fn pymalloc_fragmentation_is_found_in_cpythons_object_arenas() {
         .output()
         .expect("report runs");
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let findings: Vec<Value> = String::from_utf8_lossy(&r.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON"))
-        .collect();
+    let findings = findings_from(&r.stdout);
     let frag = find(&findings, "heap_fragmentation").expect("a fragmentation finding");
-    let text = frag["explanation"].as_str().unwrap_or("");
-    assert!(text.contains("CPython object arenas"), "{frag}");
-    let retained = n(&frag["numbers"], "retained_bytes");
-    let touched = n(region, "touched_bytes");
+    let text = frag.explanation.as_str();
+    assert!(text.contains("CPython object arenas"), "{frag:?}");
+    let retained = num(frag, "retained_bytes");
+    let touched = region.touched_bytes;
     assert!(
         within(retained, touched - live, 5.0),
-        "retained {retained}, touched {touched} - live {live}: {frag}"
+        "retained {retained}, touched {touched} - live {live}: {frag:?}"
     );
     for k in KNOBS {
         assert!(
             !suggestion(frag).contains(k),
-            "{k} does not act on pymalloc: {frag}"
+            "{k} does not act on pymalloc: {frag:?}"
         );
     }
 }
@@ -795,27 +835,24 @@ fn pymalloc_arenas_of_a_running_process_are_found_by_their_pools_with_p() {
     let p = pid.to_string();
     let mut v = spawn(&["--json", "-o", &o, "--heap", "-p", &p]);
     wait_for(30, "the probes to be attached", || {
-        complete_records(&out)
+        complete_typed_records(&out)
             .iter()
-            .any(|r| r["type"] == "heap_attach" && r["pid"] == pid)
+            .any(|r| matches!(r, OutputRecord::HeapAttach(a) if a.pid == pid))
     });
     let snap = signal_snapshot(v.child.id(), &out, pid);
     let text = std::fs::read_to_string(&stats).expect("the statistics file");
     let allocated = mallocstat(&text, "# bytes in allocated blocks");
-    let region = snap["heap"]["regions"]
-        .as_array()
-        .and_then(|rs| rs.iter().find(|r| r["kind"] == "pymalloc_arenas"))
-        .unwrap_or_else(|| panic!("no pymalloc region: {}", snap["heap"]));
-    let live = n(region, "live_bytes");
+    let region = pymalloc_region(&snap);
+    let live = region_live(region);
     eprintln!(
         "pymalloc -p: vmatrace {live} live bytes in {} arenas, CPython {allocated} bytes in allocated blocks",
-        region["mappings"]
+        region.mappings
     );
-    assert!(within(live, allocated, 1.0), "{region}");
+    assert!(within(live, allocated, 1.0), "{region:?}");
     assert_eq!(
-        n(region, "mappings"),
+        region.mappings,
         mallocstat(&text, "# arenas allocated current"),
-        "{region}"
+        "{region:?}"
     );
     kill(v.child.id(), libc::SIGINT);
     let status = v.child.wait().expect("vmatrace exits");
@@ -826,19 +863,14 @@ fn pymalloc_arenas_of_a_running_process_are_found_by_their_pools_with_p() {
         .arg(&out)
         .output()
         .expect("report runs");
-    let findings: Vec<Value> = String::from_utf8_lossy(&r.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON"))
-        .collect();
+    let findings = findings_from(&r.stdout);
     let frag = find(&findings, "heap_fragmentation").expect("a fragmentation finding");
     assert!(
-        frag["explanation"]
-            .as_str()
-            .is_some_and(|e| e.contains("CPython object arenas")),
-        "{frag}"
+        frag.explanation.contains("CPython object arenas"),
+        "{frag:?}"
     );
     for k in KNOBS {
-        assert!(!suggestion(frag).contains(k), "{k}: {frag}");
+        assert!(!suggestion(frag).contains(k), "{k}: {frag:?}");
     }
 }
 

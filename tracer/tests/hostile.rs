@@ -20,6 +20,7 @@ use std::{
 use common::*;
 use serde_json::Value;
 use tracer::name;
+use tracer::output::{OutputRecord, SnapshotReason};
 
 /// The bytes the `hostile-names` workload names itself and its file with (workloads/src/main.rs).
 const HOSTILE_COMM: &[u8] = b"\xff\xfe\x1b[2J\nX";
@@ -67,22 +68,23 @@ fn names_that_are_not_utf8_are_traced_launched_attached_and_replayed() {
     // Launched: the exec snapshot has the process's VMAs, the mmap names the file.
     let t = trace_workload(&[], &["hostile-names", dir_s]);
     assert_eq!(t.status, 0, "{}", t.stderr);
-    let exec = t
-        .records
+    let records = t.typed();
+    let exec = records
         .iter()
-        .find(|r| r["type"] == "snapshot" && r["reason"] == "exec")
+        .filter_map(OutputRecord::snapshot)
+        .find(|s| s.reason == SnapshotReason::Exec)
         .expect("an exec snapshot");
     assert!(
-        exec["vmas"].as_array().is_some_and(|v| v.len() > 5),
-        "the exec snapshot has the new image's VMAs: {exec}"
+        exec.vmas.as_ref().is_some_and(|v| v.len() > 5),
+        "the exec snapshot has the new image's VMAs: {exec:?}"
     );
-    let pid = marker_pid(&t.records);
-    let mmaps: Vec<Value> = between_markers(&t.records, pid)
+    let pid = typed_marker_pid(&records);
+    let mmaps: Vec<_> = typed_between_markers(&records, pid)
         .into_iter()
-        .filter(|r| r["type"] == "mmap")
+        .filter_map(|r| r.call("mmap"))
         .collect();
     assert_eq!(mmaps.len(), 1, "{mmaps:?}");
-    let path = mmaps[0]["path"].as_str().expect("a path");
+    let path = mmaps[0].path.as_deref().expect("a path");
     assert_eq!(path, want);
     assert_eq!(
         name::to_bytes(path),
@@ -92,7 +94,7 @@ fn names_that_are_not_utf8_are_traced_launched_attached_and_replayed() {
     let ino = std::fs::metadata(OsStr::from_bytes(&file))
         .expect("file")
         .ino();
-    assert_eq!(mmaps[0]["inode"], ino);
+    assert_eq!(mmaps[0].inode, Some(ino));
 
     // Attached: -p works on a process whose comm is not UTF-8, and its seed lists the file.
     let _ = std::fs::remove_file(OsStr::from_bytes(&file));
@@ -129,18 +131,19 @@ fn names_that_are_not_utf8_are_traced_launched_attached_and_replayed() {
         .expect("runs");
     drop(w);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let recs = records(&out);
+    let recs = typed_records(&out);
     let seed = recs
         .iter()
-        .find(|r| r["type"] == "snapshot" && r["reason"] == "seed")
+        .filter_map(OutputRecord::snapshot)
+        .find(|s| s.reason == SnapshotReason::Seed)
         .expect("a seed");
     assert!(
-        seed["vmas"]
-            .as_array()
+        seed.vmas
+            .as_ref()
             .expect("vmas")
             .iter()
-            .any(|v| v["path"] == want.as_str()),
-        "the seed names the mapped file: {seed}"
+            .any(|v| v.path.as_deref() == Some(want.as_str())),
+        "the seed names the mapped file: {seed:?}"
     );
 
     // Replayed: the same names come back out, byte for byte.
@@ -154,9 +157,12 @@ fn names_that_are_not_utf8_are_traced_launched_attached_and_replayed() {
     let found = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|r| r["type"] == "snapshot")
-        .flat_map(|r| r["vmas"].as_array().cloned().unwrap_or_default())
-        .any(|v| v["path"].as_str().map(name::to_bytes) == Some(file.clone()));
+        .filter_map(|v| match OutputRecord::from_value(v) {
+            Ok(OutputRecord::Snapshot(s)) => Some(s),
+            _ => None,
+        })
+        .flat_map(|s| s.vmas.unwrap_or_default())
+        .any(|v| v.path.as_deref().map(name::to_bytes) == Some(file.clone()));
     assert!(found, "replay keeps the name: {text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -272,16 +278,12 @@ fn an_mmap_is_named_by_its_mapping_not_by_a_reused_fd() {
         &["fd-reuse", dir.to_str().expect("utf-8")],
     );
     assert_eq!(t.status, 0, "{}", t.stderr);
-    let pid = marker_pid(&t.records);
-    let paths: Vec<(u64, String)> = between_markers(&t.records, pid)
+    let records = t.typed();
+    let pid = typed_marker_pid(&records);
+    let paths: Vec<(u64, String)> = typed_between_markers(&records, pid)
         .into_iter()
-        .filter(|r| r["type"] == "mmap")
-        .map(|r| {
-            (
-                r["args"][5].as_u64().unwrap_or(99),
-                r["path"].as_str().unwrap_or("null").to_string(),
-            )
-        })
+        .filter_map(|r| r.call("mmap"))
+        .map(|m| (m.args[5], m.path.as_deref().unwrap_or("null").to_string()))
         .collect();
     let first = format!("{}/first.dat", dir.display());
     let planted = format!("{}/planted.dat", dir.display());
@@ -399,7 +401,11 @@ fn force_replaces_another_users_file_with_a_new_private_one() {
         "owned by the user who ran vmatrace"
     );
     assert_eq!(m.mode() & 0o7777, 0o600);
-    assert!(records(&planted).iter().any(|r| r["type"] == "summary"));
+    assert!(
+        typed_records(&planted)
+            .iter()
+            .any(|r| matches!(r, OutputRecord::Summary(_)))
+    );
     let mut old = String::new();
     held.read_to_string(&mut old).expect("reads");
     assert_eq!(old, "planted\n", "the old file was never written");

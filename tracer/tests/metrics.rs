@@ -14,6 +14,7 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+use tracer::output::{OutputRecord, SnapshotReason};
 
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 
@@ -145,32 +146,32 @@ fn prometheus_scrapes_the_touched_bytes_of_the_snapshot_and_the_kernel() {
 
     // vmatrace's snapshot, and the kernel's view of the same moment (the workload waits).
     let smaps = tracer::procfs::read_smaps(pid as u32).expect("smaps");
-    let snap = signal_snapshot_of(vmatrace_pid, &out, pid);
+    let snap = signal_snapshot_typed(vmatrace_pid, &out, pid as u32);
     let taken = now_unix();
-    let touched = snapshot_sum(&snap, "touched_bytes");
-    let anon = snapshot_sum(&snap, "anon_bytes");
-    let vmas = snap["vmas"].as_array().map_or(0, Vec::len);
+    let touched = snapshot_sum(&snap, |r| r.touched_bytes);
+    let anon = snapshot_sum(&snap, |r| r.anon_bytes);
+    let vmas = snap.vmas.as_ref().map_or(0, Vec::len);
 
     // The kernel: the workload's mapping is resident page for page as the model says, and
     // the anonymous bytes agree (to the pages the kernel fills for exec and the loader, as
     // in model_vs_kernel).
-    let row = snap["vmas"]
-        .as_array()
-        .into_iter()
+    let row = snap
+        .vmas
+        .iter()
         .flatten()
-        .find(|r| r["start"].as_u64() <= Some(addr) && r["end"].as_u64() > Some(addr))
+        .find(|r| r.start <= addr && r.end > addr)
         .expect("the mapping in the snapshot");
     let kernel_vma = smaps
         .iter()
         .find(|e| e.map.start <= addr && e.map.end > addr)
         .expect("the mapping in smaps");
     assert_eq!(
-        (row["start"].as_u64(), row["end"].as_u64()),
-        (Some(kernel_vma.map.start), Some(kernel_vma.map.end)),
+        (row.start, row.end),
+        (kernel_vma.map.start, kernel_vma.map.end),
         "the mapping's bounds"
     );
-    assert_eq!(row["touched_bytes"].as_u64(), Some(kernel_vma.rss), "{row}");
-    assert!(kernel_vma.rss >= 32 * 4096, "{row}");
+    assert_eq!(row.touched_bytes, kernel_vma.rss, "{row:?}");
+    assert!(kernel_vma.rss >= 32 * 4096, "{row:?}");
     let kernel_anon: u64 = smaps.iter().map(|e| e.anonymous).sum();
     assert!(
         anon.abs_diff(kernel_anon) <= 64 * 1024,
@@ -232,12 +233,14 @@ fn prometheus_scrapes_the_touched_bytes_of_the_snapshot_and_the_kernel() {
     drop(stdin);
     let status = v.child.wait().expect("vmatrace exits");
     assert!(status.success(), "vmatrace: {status:?}");
-    let end = records(&out)
-        .into_iter()
+    let records = typed_records(&out);
+    let end = records
+        .iter()
         .rev()
-        .find(|r| r["type"] == "snapshot" && r["reason"] == "exit" && r["pid"] == pid)
+        .filter_map(OutputRecord::snapshot)
+        .find(|s| s.reason == SnapshotReason::Exit && u64::from(s.pid) == pid)
         .expect("an exit snapshot");
-    assert!(snapshot_sum(&end, "touched_bytes") >= 32 * 4096);
+    assert!(snapshot_sum(end, |r| r.touched_bytes) >= 32 * 4096);
 }
 
 #[test]

@@ -11,27 +11,31 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+use tracer::{
+    finding::{Finding, Severity},
+    output::OutputRecord,
+};
 
 const MIB: u64 = 1 << 20;
 const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 
 /// Records `cmd` and returns the findings of `vmatrace report --json`.
-fn report(name: &str, cmd: &[&str]) -> Vec<Value> {
+fn report(name: &str, cmd: &[&str]) -> Vec<Finding> {
     let (_, file) = record(name, &[], cmd);
-    report_findings(name, &file)
+    report_findings_typed(name, &file)
 }
 
-fn warning<'a>(findings: &'a [Value], id: &str) -> &'a Value {
+fn warning<'a>(findings: &'a [Finding], id: &str) -> &'a Finding {
     findings
         .iter()
-        .find(|f| f["id"] == id && f["severity"] == "warning")
+        .find(|f| f.id == id && f.severity == Severity::Warning)
         .unwrap_or_else(|| panic!("no '{id}' warning in {findings:#?}"))
 }
 
-fn n(f: &Value, key: &str) -> u64 {
-    f["numbers"][key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no number '{key}' in {f}"))
+fn n(f: &Finding, key: &str) -> u64 {
+    *f.numbers
+        .get(key)
+        .unwrap_or_else(|| panic!("no number '{key}' in {f:?}"))
 }
 
 fn within(actual: u64, expected: u64, percent: u64) -> bool {
@@ -47,16 +51,16 @@ fn glibc_arenas_of_a_multithreaded_program_are_named() {
     // 4 threads, each keeping 8 MiB of 4 KB blocks: one arena each.
     let f = report("arenas", &[w.to_str().expect("utf-8"), "arenas", "4", "8"]);
     let a = warning(&f, "arenas");
-    assert_eq!(n(a, "arenas"), 4, "{a}");
+    assert_eq!(n(a, "arenas"), 4, "{a:?}");
     // 8 MiB of 4000-byte blocks (plus headers) per arena.
-    assert!(within(n(a, "touched_bytes"), 4 * 8 * MIB, 10), "{a}");
+    assert!(within(n(a, "touched_bytes"), 4 * 8 * MIB, 10), "{a:?}");
     assert!(
-        a["suggestion"]
-            .as_str()
+        a.suggestion
+            .as_deref()
             .is_some_and(|s| s.contains("MALLOC_ARENA_MAX"))
     );
     // Each arena's first touches come from one worker thread.
-    let text = a["explanation"].as_str().expect("explanation");
+    let text = &a.explanation;
     assert_eq!(
         text.matches("first touches by threads").count(),
         4,
@@ -72,13 +76,13 @@ fn a_heap_freed_but_not_trimmed_is_named() {
     let w = workload();
     let f = report("heap", &[w.to_str().expect("utf-8"), "heap-retained", "64"]);
     let h = warning(&f, "heap");
-    assert!(within(n(h, "high_water_bytes"), 64 * MIB, 5), "{h}");
+    assert!(within(n(h, "high_water_bytes"), 64 * MIB, 5), "{h:?}");
     assert_eq!(n(h, "current_bytes"), n(h, "high_water_bytes"));
-    assert!(within(n(h, "touched_bytes"), 64 * MIB, 5), "{h}");
+    assert!(within(n(h, "touched_bytes"), 64 * MIB, 5), "{h:?}");
     assert_eq!(n(h, "brk_shrinks"), 0);
     assert!(
-        h["suggestion"]
-            .as_str()
+        h.suggestion
+            .as_deref()
             .is_some_and(|s| s.contains("malloc_trim"))
     );
 }
@@ -94,15 +98,54 @@ fn mmap_threshold_churn_is_named_with_its_size_and_count() {
         &[w.to_str().expect("utf-8"), "mmap-churn", "500", "512"],
     );
     let c = warning(&f, "mmap_churn");
-    assert_eq!(n(c, "pairs"), 500, "{c}");
+    assert_eq!(n(c, "pairs"), 500, "{c:?}");
     // 512 KiB plus malloc's header, page-rounded.
-    assert_eq!(n(c, "size_bytes"), 512 * 1024 + 4096, "{c}");
+    assert_eq!(n(c, "size_bytes"), 512 * 1024 + 4096, "{c:?}");
     // Every pair faults its 512 KiB in again.
-    assert!(n(c, "refaulted_bytes") >= 500 * 512 * 1024, "{c}");
+    assert!(n(c, "refaulted_bytes") >= 500 * 512 * 1024, "{c:?}");
     assert!(
-        c["suggestion"]
-            .as_str()
+        c.suggestion
+            .as_deref()
             .is_some_and(|s| s.contains("M_MMAP_THRESHOLD"))
+    );
+    // With --heap (no stacks), every one of these mappings is seen made inside a malloc call.
+    let (_, file) = record(
+        "churn-heap",
+        &["--heap"],
+        &[w.to_str().expect("utf-8"), "mmap-churn", "500", "512"],
+    );
+    let f = report_findings_typed("churn-heap", &file);
+    let c = warning(&f, "mmap_churn");
+    assert_eq!(n(c, "in_allocator_calls"), n(c, "pairs"), "{c:?}");
+    assert!(c.explanation.contains("inside allocator calls"), "{c:?}");
+    assert!(
+        c.suggestion
+            .as_deref()
+            .is_some_and(|s| s.contains("M_MMAP_THRESHOLD")),
+        "{c:?}"
+    );
+}
+
+/// CPython maps its object arenas (1 MiB from 3.10) itself, not through malloc: with --heap
+/// the churn of arenas is told to be the program's own, and malloc's mmap threshold, which
+/// would change nothing, is not suggested.
+#[test]
+fn pythons_own_arena_churn_gets_no_malloc_threshold_advice() {
+    if !privileged("pythons_own_arena_churn_gets_no_malloc_threshold_advice") {
+        return;
+    }
+    let script = "for i in range(150):\n    d = [str(j) for j in range(60000)]\n    del d\n";
+    let (_, file) = record("py-arenas", &["--heap"], &["python3", "-c", script]);
+    let f = report_findings_typed("py-arenas", &file);
+    let c = warning(&f, "mmap_churn");
+    assert_eq!(n(c, "in_allocator_calls"), 0, "{c:?}");
+    assert!(c.explanation.contains("itself"), "{c:?}");
+    assert!(
+        !c.suggestion
+            .as_deref()
+            .unwrap_or_default()
+            .contains("MALLOC_"),
+        "{c:?}"
     );
 }
 
@@ -133,11 +176,11 @@ fn jemalloc_purge_churn_is_named() {
     // 16 MiB allocated, freed (purged at once) and allocated again, 19 times after the first.
     assert!(
         n(p, "quick_refaulted_bytes") >= 19 * 16 * MIB * 9 / 10,
-        "{p}"
+        "{p:?}"
     );
     assert!(
-        p["suggestion"]
-            .as_str()
+        p.suggestion
+            .as_deref()
             .is_some_and(|s| s.contains("dirty_decay_ms"))
     );
 }
@@ -149,19 +192,16 @@ fn a_healthy_workload_raises_no_warning_and_live_report_works() {
     }
     let t = trace_workload(&["--report"], &["basic"]);
     assert_eq!(t.status, 0, "{}", t.stderr);
-    let findings: Vec<&Value> = t
-        .records
-        .iter()
-        .filter(|r| r["type"] == "finding")
-        .collect();
-    assert!(findings.iter().any(|f| f["id"] == "heap"), "{findings:#?}");
+    let records = t.typed();
+    let findings = findings_of(&records);
+    assert!(findings.iter().any(|f| f.id == "heap"), "{findings:#?}");
     assert!(
-        findings.iter().any(|f| f["id"] == "fragmentation"),
+        findings.iter().any(|f| f.id == "fragmentation"),
         "{findings:#?}"
     );
-    let warnings: Vec<&&Value> = findings
+    let warnings: Vec<&&Finding> = findings
         .iter()
-        .filter(|f| f["severity"] == "warning")
+        .filter(|f| f.severity == Severity::Warning)
         .collect();
     assert!(warnings.is_empty(), "false alarm: {warnings:#?}");
 }
@@ -323,23 +363,26 @@ fn pictures_of_a_run_with_over_50000_pieces_cover_it_whole_in_under_5_mb() {
     let mut mmaps = 0u64;
     let (mut first, mut last) = (u64::MAX, 0u64);
     for line in text.lines() {
-        let r: Value = serde_json::from_str(line).expect("JSON");
-        if r["type"] == "mmap" {
+        let r =
+            OutputRecord::from_value(serde_json::from_str(line).expect("JSON")).expect("a record");
+        if r.call("mmap").is_some() {
             mmaps += 1;
         }
         if matches!(
-            r["type"].as_str(),
-            Some("meta" | "summary" | "finding" | "lost")
+            r,
+            OutputRecord::Meta(_)
+                | OutputRecord::Summary(_)
+                | OutputRecord::Finding(_)
+                | OutputRecord::Lost(_)
         ) {
             continue;
         }
         // The axis starts at the first event (the launch's empty seed comes before it).
-        if let Some(ts) = r["ts_ns"].as_u64() {
-            if r["type"] != "snapshot" {
-                first = first.min(ts);
-            }
-            last = last.max(ts);
+        let ts = r.ts_ns();
+        if r.snapshot().is_none() {
+            first = first.min(ts);
         }
+        last = last.max(ts);
     }
     assert!(mmaps > 50_000, "{mmaps} mappings");
     drop(text);

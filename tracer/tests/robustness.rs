@@ -12,6 +12,7 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+use tracer::output::{LossSummary, OutputRecord, SnapshotReason};
 
 /// Ids of the programs of ours loaded in the kernel now (by the names of our entry points).
 fn our_programs() -> BTreeSet<u32> {
@@ -46,8 +47,16 @@ fn assert_unloaded(what: &str, mine: &BTreeSet<u32>) {
     });
 }
 
-fn last_record(path: &std::path::Path) -> Value {
-    records(path).last().cloned().expect("some records")
+fn last_record(path: &std::path::Path) -> OutputRecord {
+    typed_records(path).pop().expect("some records")
+}
+
+/// The pid of the first exec record.
+fn exec_pid(recs: &[OutputRecord]) -> Option<u32> {
+    recs.iter().find_map(|r| match r {
+        OutputRecord::Exec(e) => Some(e.pid),
+        _ => None,
+    })
 }
 
 #[test]
@@ -72,14 +81,10 @@ fn sigterm_and_sigint_end_with_a_summary_and_unload_everything() {
         let mine = loaded_since(&before);
         kill(v.id(), sig);
         v.wait().expect("exits");
-        assert_eq!(last_record(&file)["type"], "summary", "signal {sig}");
+        assert_eq!(last_record(&file).type_name(), "summary", "signal {sig}");
         // The workload keeps running untraced; stop it.
-        let pid = records(&file)
-            .iter()
-            .find(|r| r["type"] == "exec")
-            .and_then(|r| r["pid"].as_u64())
-            .expect("exec");
-        kill(pid as u32, libc::SIGKILL);
+        let pid = exec_pid(&typed_records(&file)).expect("exec");
+        kill(pid, libc::SIGKILL);
         assert_unloaded(&format!("after signal {sig}"), &mine);
     }
 }
@@ -104,33 +109,36 @@ fn a_traced_process_killed_mid_trace_ends_the_run_cleanly() {
         pid = std::fs::read_to_string(&file)
             .ok()
             .and_then(|t| {
-                t.lines()
+                let recs: Vec<OutputRecord> = t
+                    .lines()
                     .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                    .find(|r| r["type"] == "exec")
-                    .and_then(|r| r["pid"].as_u64())
+                    .filter_map(|v| OutputRecord::from_value(v).ok())
+                    .collect();
+                exec_pid(&recs)
             })
             .unwrap_or(0);
         pid != 0
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
     let mine = loaded_since(&before);
-    kill(pid as u32, libc::SIGKILL);
+    kill(pid, libc::SIGKILL);
     let status = v.wait().expect("exits");
     assert_eq!(
         status.code(),
         Some(128 + libc::SIGKILL),
         "the child's fate is vmatrace's status"
     );
-    let recs = records(&file);
-    assert!(recs.iter().any(|r| r["type"] == "exit" && r["pid"] == pid));
+    let recs = typed_records(&file);
     assert!(
         recs.iter()
-            .any(|r| r["type"] == "snapshot" && r["reason"] == "exit")
+            .any(|r| matches!(r, OutputRecord::Exit(e) if e.pid == pid))
     );
-    assert_eq!(
-        recs.last().map(|r| r["type"].clone()),
-        Some(Value::from("summary"))
+    assert!(
+        recs.iter()
+            .filter_map(OutputRecord::snapshot)
+            .any(|s| s.reason == SnapshotReason::Exit)
     );
+    assert_eq!(recs.last().map(OutputRecord::type_name), Some("summary"));
     assert_unloaded("after the traced process was killed", &mine);
 }
 
@@ -187,17 +195,13 @@ fn two_instances_trace_their_own_processes_without_disturbing_each_other() {
         let o = child.wait_with_output().expect("exits");
         assert!(o.status.success());
         let stdout = String::from_utf8_lossy(&o.stdout);
-        let recs = records(file);
-        let pid = marker_pid(&recs);
+        let recs = typed_records(file);
+        let pid = typed_marker_pid(&recs);
         // Only its own process appears, and its calls are exactly the workload's.
-        assert!(
-            recs.iter()
-                .filter_map(|r| r["pid"].as_u64())
-                .all(|p| p == pid)
-        );
-        let inside = between_markers(&recs, pid);
-        let mmap = inside.iter().find(|r| r["type"] == "mmap").expect("mmap");
-        assert_eq!(mmap["ret"], line_numbers(&stdout, "mmap")[0]);
+        assert!(recs.iter().filter_map(OutputRecord::pid).all(|p| p == pid));
+        let inside = typed_between_markers(&recs, pid);
+        let mmap = inside.iter().find_map(|r| r.call("mmap")).expect("mmap");
+        assert_eq!(mmap.ret, line_numbers(&stdout, "mmap")[0]);
     }
 }
 
@@ -253,26 +257,31 @@ fn a_burst_of_forks_is_followed_and_counted() {
     }
     let t = trace_workload(&["-f", "--faults", "none"], &["fork-burst", "300"]);
     assert_eq!(t.status, 0, "{}", t.stderr);
-    let forks: Vec<&Value> = t.records.iter().filter(|r| r["type"] == "fork").collect();
-    assert_eq!(forks.len(), 300);
-    assert!(forks.iter().all(|f| f["followed"] == true));
-    let children: std::collections::BTreeSet<u64> =
-        forks.iter().filter_map(|f| f["child"].as_u64()).collect();
-    let exits = t
-        .records
+    let records = t.typed();
+    let forks: Vec<_> = records
         .iter()
-        .filter(|r| r["type"] == "exit" && r["pid"].as_u64().is_some_and(|p| children.contains(&p)))
+        .filter_map(|r| match r {
+            OutputRecord::Fork(f) => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forks.len(), 300);
+    assert!(forks.iter().all(|f| f.followed));
+    let children: std::collections::BTreeSet<u32> = forks.iter().map(|f| f.child).collect();
+    let exits = records
+        .iter()
+        .filter(|r| matches!(r, OutputRecord::Exit(e) if children.contains(&e.pid)))
         .count();
     assert_eq!(exits, 300, "every child's exit is seen");
-    let mmaps = t
-        .records
+    let mmaps = records
         .iter()
-        .filter(|r| r["type"] == "mmap" && r["pid"].as_u64().is_some_and(|p| children.contains(&p)))
+        .filter_map(|r| r.call("mmap"))
+        .filter(|m| children.contains(&m.pid))
         .count();
     assert_eq!(mmaps, 300, "every child's mmap is seen");
-    let summary = t.records.last().expect("summary");
-    assert_eq!(summary["lost"]["targets_full"], 0);
-    assert_eq!(summary["processes"].as_array().map(Vec::len), Some(301));
+    let summary = last_summary(&records);
+    assert_eq!(summary.lost.targets_full, 0);
+    assert_eq!(summary.processes.len(), 301);
 }
 
 #[test]
@@ -285,18 +294,19 @@ fn thousands_of_threads_are_traced() {
     let n = line_numbers(&t.stdout, "many_threads");
     let (region, started) = (n[0] as u64, n[1] as u64);
     assert_eq!(started, 2000);
-    let firsts: std::collections::BTreeSet<u64> = t
-        .records
+    let records = t.typed();
+    let firsts: std::collections::BTreeSet<u64> = records
         .iter()
-        .filter(|r| r["type"] == "fault" && r["first_touch"] == true)
-        .filter_map(|r| r["address"].as_u64())
+        .filter_map(OutputRecord::fault)
+        .filter(|f| f.first_touch)
+        .map(|f| f.address)
         .filter(|a| *a >= region && *a < region + 2000 * 4096)
         .map(|a| a & !4095)
         .collect();
     assert_eq!(firsts.len(), 2000, "one first touch per thread's page");
-    let summary = t.records.last().expect("summary");
-    assert_eq!(summary["lost"]["lost_fault"], 0);
-    assert_eq!(summary["lost"]["pending_full"], 0);
+    let summary = last_summary(&records);
+    assert_eq!(summary.lost.lost_fault, 0);
+    assert_eq!(summary.lost.pending_full, 0);
 }
 
 #[test]
@@ -326,34 +336,39 @@ fn exec_of_a_setuid_binary_is_traced_and_keeps_its_privileges() {
     );
     // Unlike under ptrace (strace), the setuid bit takes effect: eBPF does not touch the exec.
     assert_eq!(line_numbers(&stdout, "ids"), vec![65534, 0], "{stdout}");
-    let recs = records(&out);
-    let pid = marker_pid(&recs);
+    let recs = typed_records(&out);
+    let pid = typed_marker_pid(&recs);
     let path = setuid.to_str().expect("utf-8");
-    let execs: Vec<&Value> = recs
+    let execs: Vec<_> = recs
         .iter()
-        .filter(|r| r["type"] == "exec" && r["pid"] == pid)
+        .filter_map(|r| match r {
+            OutputRecord::Exec(e) if e.pid == pid => Some(e),
+            _ => None,
+        })
         .collect();
     assert_eq!(execs.len(), 2, "sh, then the setuid binary: {execs:?}");
-    assert_eq!(execs[1]["filename"], path);
+    assert_eq!(execs[1].filename, path);
     // After the exec the model was seeded again from the now privileged process's map.
     let seed_after_exec = recs
         .iter()
-        .rfind(|r| r["type"] == "snapshot" && r["pid"] == pid && r["reason"] == "exec")
+        .filter_map(OutputRecord::snapshot)
+        .rfind(|s| s.pid == pid && s.reason == SnapshotReason::Exec)
         .expect("a snapshot at exec");
     assert!(
-        seed_after_exec["vmas"]
-            .as_array()
+        seed_after_exec
+            .vmas
+            .as_ref()
             .expect("vmas")
             .iter()
-            .any(|v| v["path"] == path),
-        "the setuid binary is mapped: {seed_after_exec}"
+            .any(|v| v.path.as_deref() == Some(path)),
+        "the setuid binary is mapped: {seed_after_exec:?}"
     );
     let mmap = line_numbers(&stdout, "mmap");
-    let traced = between_markers(&recs, pid);
+    let traced = typed_between_markers(&recs, pid);
     assert!(
         traced
             .iter()
-            .any(|r| r["type"] == "mmap" && r["ret"].as_i64() == Some(mmap[0])),
+            .any(|r| r.call("mmap").is_some_and(|m| m.ret == mmap[0])),
         "the setuid process's mmap is traced: {traced:?}"
     );
 }
@@ -397,7 +412,9 @@ fn vmatrace_opens_no_socket_so_no_network_port() {
     }
     assert!(vm.wait().expect("vmatrace ends").success());
     assert!(
-        records(&out).iter().any(|r| r["type"] == "summary"),
+        typed_records(&out)
+            .iter()
+            .any(|r| matches!(r, OutputRecord::Summary(_))),
         "the run was real and complete"
     );
 }
@@ -551,11 +568,13 @@ fn a_command_whose_exec_event_was_lost_is_continued_and_the_run_ends() {
         status.is_some()
     });
     assert_eq!(status.and_then(|s| s.code()), Some(0));
-    let recs = records(&out);
+    let recs = typed_records(&out);
     let lost: u64 = recs
         .iter()
-        .filter(|r| r["type"] == "lost")
-        .filter_map(|r| r["lost_lifecycle"].as_u64())
+        .filter_map(|r| match r {
+            OutputRecord::Lost(l) => Some(l.record.lost_lifecycle),
+            _ => None,
+        })
         .sum();
     assert!(lost >= 1, "the exec event was lost");
     // Its map was read again (while it was stopped): the new image's. (What the new image
@@ -563,11 +582,12 @@ fn a_command_whose_exec_event_was_lost_is_continued_and_the_run_ends() {
     let exec_snapshot = recs
         .iter()
         .rev()
-        .find(|r| r["type"] == "snapshot" && r["reason"] == "exec" && r["pid"] == pid)
+        .filter_map(OutputRecord::snapshot)
+        .find(|s| s.reason == SnapshotReason::Exec && s.pid == pid)
         .expect("an exec snapshot");
-    let vmas = exec_snapshot["vmas"].as_array().expect("vmas");
+    let vmas = exec_snapshot.vmas.as_ref().expect("vmas");
     assert!(
-        vmas.iter().any(|v| v["kind"] == "stack") && vmas.len() > 3,
+        vmas.iter().any(|v| v.kind == "stack") && vmas.len() > 3,
         "the new image's map: {vmas:?}"
     );
 }
@@ -608,10 +628,10 @@ fn signals_sent_while_vmatrace_starts_are_handled_not_fatal() {
         kill(child.id(), sig);
         let status = child.wait().expect("vmatrace ends");
         assert_eq!(status.code(), Some(0), "signal {sig}: {status:?}");
-        let recs = records(&out);
+        let recs = typed_records(&out);
         assert_eq!(
-            recs.last().map(|r| r["type"].clone()),
-            Some(Value::from("summary")),
+            recs.last().map(OutputRecord::type_name),
+            Some("summary"),
             "signal {sig}: a complete output"
         );
     }
@@ -630,15 +650,19 @@ fn overload_command() -> Vec<String> {
 }
 
 /// The time stamps (ns since `meta`) of the run's `lost` records.
-fn lost_record_times(recs: &[Value]) -> Vec<u64> {
+fn lost_record_times(recs: &[OutputRecord]) -> Vec<u64> {
     let start = recs
         .iter()
-        .find(|r| r["type"] == "meta")
-        .and_then(|r| r["ts_ns"].as_u64())
+        .find_map(|r| match r {
+            OutputRecord::Meta(m) => m.ts_ns,
+            _ => None,
+        })
         .unwrap_or(0);
     recs.iter()
-        .filter(|r| r["type"] == "lost")
-        .map(|r| r["ts_ns"].as_u64().unwrap_or(0).saturating_sub(start))
+        .filter_map(|r| match r {
+            OutputRecord::Lost(l) => Some(l.ts_ns.saturating_sub(start)),
+            _ => None,
+        })
         .collect()
 }
 
@@ -674,17 +698,15 @@ fn a_reader_far_behind_stays_bounded_reports_losses_and_stops_on_sigint() {
     kill(vpid, libc::SIGINT);
     let status = v.child.wait().expect("exits");
     let took = asked.elapsed();
-    let recs = records(&file);
-    let summary = recs.last().cloned().unwrap_or(Value::Null);
-    assert_eq!(summary["type"], "summary", "a summary after SIGINT");
-    let stopped_ns = summary["ts_ns"]
-        .as_u64()
-        .unwrap_or(0)
-        .saturating_sub(asked_ns);
+    let recs = typed_records(&file);
+    let Some(OutputRecord::Summary(summary)) = recs.last() else {
+        panic!("a summary after SIGINT: {:?}", recs.last());
+    };
+    let stopped_ns = summary.ts_ns.saturating_sub(asked_ns);
     eprintln!(
         "summary written {} ms after SIGINT, exited after {took:?} ({status}); unread at the stop: {}",
         stopped_ns / 1_000_000,
-        summary["lost"]["unread"]
+        summary.record.lost.unread
     );
     // 300 ms of last reads, then the final snapshots (about 0.5 s here, more on a loaded
     // machine); before, the run did not end until the workload did.
@@ -692,9 +714,10 @@ fn a_reader_far_behind_stays_bounded_reports_losses_and_stops_on_sigint() {
         stopped_ns < 2_000_000_000,
         "the run ended {stopped_ns} ns after SIGINT"
     );
-    // Then the kernel detaches the programs (RCU grace periods: seconds under load).
+    // Then the kernel detaches the programs (RCU grace periods: seconds under load, 6.6 s
+    // once at a load of 12; the bound tells a run that ends from one that never did).
     assert!(
-        took < std::time::Duration::from_secs(5),
+        took < std::time::Duration::from_secs(10),
         "exited after {took:?}"
     );
     // Before: the reorder held every event while a CPU's refused flush owed its watermark,
@@ -703,8 +726,20 @@ fn a_reader_far_behind_stays_bounded_reports_losses_and_stops_on_sigint() {
         peak < rss_early + (48 << 20),
         "vmatrace grew from {rss_early} to {peak} bytes under overload"
     );
-    // Losses are reported each second while they go on (a busy machine may slow the
-    // workload or the report a little: no gap over 2 s from the first to the stop).
+    // Every loss is reported: the `lost` records add up to the summary's totals.
+    let mut reported = LossSummary::default();
+    for r in &recs {
+        if let OutputRecord::Lost(l) = r {
+            reported += &l.record;
+        }
+    }
+    assert_eq!(
+        reported, summary.record.lost,
+        "lost records' sum against the summary's"
+    );
+    // Losses are reported while they go on. The workload's pace, and so whether it loses
+    // in a given second, depends on the machine's load: the bound says only that the
+    // reader never stops reporting for long (before, it never left its loop).
     let lost = lost_record_times(&recs);
     let gaps: Vec<u64> = lost.windows(2).map(|w| (w[1] - w[0]) / 1_000_000).collect();
     eprintln!(
@@ -716,8 +751,8 @@ fn a_reader_far_behind_stays_bounded_reports_losses_and_stops_on_sigint() {
         "lost records from early on: {lost:?}"
     );
     assert!(
-        gaps.iter().all(|&g| g <= 2_000),
-        "a lost record every second while losing; gaps (ms): {gaps:?}"
+        gaps.iter().all(|&g| g <= 4_000),
+        "lost records throughout the run; gaps (ms): {gaps:?}"
     );
 }
 
@@ -748,14 +783,12 @@ fn duration_ends_a_run_that_is_far_behind_on_time() {
     deadline(60, v.child.id());
     v.child.wait().expect("exits");
     let took = started.elapsed();
-    let recs = records(&file);
-    let summary = recs.last().cloned().unwrap_or(Value::Null);
-    assert_eq!(summary["type"], "summary");
-    let start_ns = recs[0]["ts_ns"].as_u64().unwrap_or(0);
-    let ran_ns = summary["ts_ns"]
-        .as_u64()
-        .unwrap_or(0)
-        .saturating_sub(start_ns);
+    let recs = typed_records(&file);
+    let Some(OutputRecord::Summary(summary)) = recs.last() else {
+        panic!("a summary: {:?}", recs.last());
+    };
+    let start_ns = recs[0].ts_ns();
+    let ran_ns = summary.ts_ns.saturating_sub(start_ns);
     eprintln!(
         "--duration 3s: summary {} ms after the start, exited after {took:?}",
         ran_ns / 1_000_000
@@ -763,14 +796,29 @@ fn duration_ends_a_run_that_is_far_behind_on_time() {
     // The launched command is ended first (SIGTERM) and its end traced, which takes a
     // moment more than the duration on a loaded machine; before, the run went on until the
     // command ended by itself.
+    // (5.2 s once at a load of 12.)
     assert!(
-        ran_ns < 5_000_000_000,
+        ran_ns < 7_000_000_000,
         "--duration 3s ended {ran_ns} ns after the start"
     );
     assert!(
-        took < std::time::Duration::from_secs(9),
+        took < std::time::Duration::from_secs(15),
         "exited after {took:?}"
     );
+}
+
+/// Whether a thread of `pid` sleeps in the kernel's pipe write (its wait is inlined there,
+/// or `pipe_wait_writable` on some kernels).
+fn blocked_writing_a_pipe(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let dir = t.path();
+        std::fs::read_to_string(dir.join("wchan"))
+            .is_ok_and(|w| matches!(w.trim(), "pipe_write" | "pipe_wait_writable"))
+            || std::fs::read_to_string(dir.join("stack")).is_ok_and(|s| s.contains("pipe_write"))
+    })
 }
 
 /// Issue #16 (overload): stdout is a pipe nobody reads, so every write of vmatrace blocks;
@@ -797,11 +845,10 @@ fn sigint_ends_a_run_whose_output_is_not_read() {
         .expect("starts");
     let vpid = v.id();
     deadline(60, vpid);
-    // Until the pipe is full and vmatrace blocked writing to it.
+    // Until the pipe is full and vmatrace blocked writing to it (a write, not any pipe:
+    // while it starts the workload it waits reading the pipe that reports the child's exec).
     wait_for(20, "vmatrace blocked on its output", || {
-        std::fs::read_to_string(format!("/proc/{vpid}/wchan")).is_ok_and(|w| w.contains("pipe"))
-            || std::fs::read_to_string(format!("/proc/{vpid}/stack"))
-                .is_ok_and(|s| s.contains("pipe_write"))
+        blocked_writing_a_pipe(vpid)
     });
     let mine = loaded_since(&before);
     // stderr read as it comes, each line with the time it arrived: the watchdog's decision

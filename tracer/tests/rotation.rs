@@ -12,8 +12,15 @@ use std::{
 };
 
 use common::*;
-use serde_json::Value;
+use tracer::output::{
+    OutputRecord, SnapshotReason as Reason,
+    process_records::SnapshotJson,
+    report::{ProcessSummary, VmaRow},
+};
 use tracer::{model::normalize, procfs};
+
+/// A number of a record, named for the failure message.
+type Field<T> = (&'static str, fn(&T) -> u64);
 
 /// A fresh directory for one test's files.
 fn temp_dir(name: &str) -> PathBuf {
@@ -99,9 +106,9 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
     let smaps = procfs::read_smaps(pid).expect("smaps");
     let kernel_anon: u64 = smaps.iter().map(|e| e.anonymous).sum();
     kill(v.child.id(), libc::SIGUSR1);
-    let is_signal = |r: &Value| r["type"] == "snapshot" && r["reason"] == "signal";
+    let is_signal = |r: &OutputRecord| r.snapshot().is_some_and(|s| s.reason == Reason::Signal);
     let with_signal = |name: &str| {
-        parse_lines(&complete_lines(&dir.join(name)))
+        typed(&parse_lines(&complete_lines(&dir.join(name))))
             .iter()
             .any(is_signal)
     };
@@ -131,13 +138,16 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
         let path = dir.join(name);
         let text = std::fs::read_to_string(&path).expect("reads");
         let lines: Vec<String> = text.lines().map(str::to_string).collect();
-        let recs = parse_lines(&lines);
-        assert_eq!(recs[0]["type"], "meta", "{name} starts with meta");
-        let first_snapshot = recs.iter().find(|r| r["type"] == "snapshot");
+        let recs = typed(&parse_lines(&lines));
         assert!(
-            recs[1]["type"] == "snapshot"
-                && first_snapshot.is_some_and(|s| s["reason"] == "seed" && s["pid"] == pid),
-            "{name}: meta is followed by a seed snapshot of {pid}: {}",
+            matches!(recs[0], OutputRecord::Meta(_)),
+            "{name} starts with meta"
+        );
+        let first_snapshot = recs.iter().find_map(OutputRecord::snapshot);
+        assert!(
+            recs[1].snapshot().is_some()
+                && first_snapshot.is_some_and(|s| s.reason == Reason::Seed && s.pid == pid),
+            "{name}: meta is followed by a seed snapshot of {pid}: {:?}",
             recs[1]
         );
         // Over 1 MiB by what its last boundary wrote at most: the last record, and the runs of
@@ -146,11 +156,11 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
         let mut end = match name {
             "t.ndjson" => recs
                 .iter()
-                .rposition(|r| r["type"] == "exit")
+                .rposition(|r| matches!(r, OutputRecord::Exit(_)))
                 .expect("the newest file has the exit"),
             _ => lines.len() - 1,
         };
-        while end > 0 && recs[end - 1]["type"] == "touches" {
+        while end > 0 && matches!(recs[end - 1], OutputRecord::Touches(_)) {
             end -= 1;
         }
         let before: u64 = lines[..end].iter().map(|l| l.len() as u64 + 1).sum();
@@ -178,62 +188,63 @@ fn max_size_rotates_into_files_that_each_replay_to_the_kernels_map() {
 
     // The file with the signal snapshot, replayed from its own seed, gives the kernel's map
     // and the live model's bytes at that moment.
-    let live = parse_lines(&complete_lines(&snap_copy))
-        .into_iter()
-        .find(|r| is_signal(r) && r["pid"] == pid)
+    let signal_of = |recs: Vec<OutputRecord>| {
+        recs.into_iter().find_map(|r| match r {
+            OutputRecord::Snapshot(s) if s.reason == Reason::Signal && s.pid == pid => Some(s),
+            _ => None,
+        })
+    };
+    let live = signal_of(typed(&parse_lines(&complete_lines(&snap_copy))))
         .expect("the live signal snapshot");
-    let again = replayed(&snap_copy)
-        .into_iter()
-        .find(|r| is_signal(r) && r["pid"] == pid)
-        .expect("the replayed signal snapshot");
+    let again = signal_of(replayed_typed(&snap_copy)).expect("the replayed signal snapshot");
     assert_eq!(
         normalize::diff(&kernel, &snapshot_ranges(&again)),
         Vec::<String>::new(),
         "the replayed map differs from /proc/{pid}/maps"
     );
     assert_eq!(snapshot_ranges(&again), snapshot_ranges(&live));
-    for field in ["reserved_bytes", "touched_bytes", "anon_bytes"] {
-        assert_eq!(
-            snapshot_sum(&again, field),
-            snapshot_sum(&live, field),
-            "{field}"
-        );
+    let fields: [Field<VmaRow>; 3] = [
+        ("reserved_bytes", |r| r.reserved_bytes),
+        ("touched_bytes", |r| r.touched_bytes),
+        ("anon_bytes", |r| r.anon_bytes),
+    ];
+    for (field, of) in fields {
+        assert_eq!(snapshot_sum(&again, of), snapshot_sum(&live, of), "{field}");
     }
     // The same tolerance as model_vs_kernel: pages the kernel fills for exec and the loader.
+    let anon = snapshot_sum(&again, |r| r.anon_bytes);
     assert!(
-        snapshot_sum(&again, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
-        "anonymous bytes: replayed {} kernel {kernel_anon}",
-        snapshot_sum(&again, "anon_bytes")
+        anon.abs_diff(kernel_anon) <= 64 * 1024,
+        "anonymous bytes: replayed {anon} kernel {kernel_anon}"
     );
 
     // The newest file's replay ends with the model the live run ended with.
-    let newest = parse_lines(&complete_lines(&dir.join("t.ndjson")));
-    let summary_of = |recs: &[Value]| {
+    let newest = typed(&parse_lines(&complete_lines(&dir.join("t.ndjson"))));
+    let summary_of = |recs: &[OutputRecord]| {
         recs.iter()
             .rev()
-            .find(|r| r["type"] == "summary")
-            .and_then(|s| {
-                s["processes"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["pid"] == pid)
-                    .cloned()
+            .find_map(|r| match r {
+                OutputRecord::Summary(s) => Some(s),
+                _ => None,
             })
+            .and_then(|s| s.record.processes.iter().find(|p| p.pid == pid).cloned())
             .expect("a summary of the workload")
     };
     let (recorded, again) = (
         summary_of(&newest),
-        summary_of(&replayed(&dir.join("t.ndjson"))),
+        summary_of(&replayed_typed(&dir.join("t.ndjson"))),
     );
-    for field in [
-        "reserved_bytes",
-        "touched_bytes",
-        "anon_bytes",
-        "heap_bytes",
-    ] {
+    let fields: [Field<ProcessSummary>; 4] = [
+        ("reserved_bytes", |p| p.reserved_bytes),
+        ("touched_bytes", |p| p.touched_bytes),
+        ("anon_bytes", |p| p.anon_bytes),
+        ("heap_bytes", |p| p.heap_bytes),
+    ];
+    for (field, of) in fields {
         assert_eq!(
-            recorded[field], again[field],
-            "{field}: {recorded} vs {again}"
+            of(&recorded),
+            of(&again),
+            "{field}: {recorded:?} vs {again:?}"
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -291,8 +302,8 @@ fn zstd_recordings_are_complete_after_ctrl_c_and_replay_like_their_decompression
             "zstd -t {name}: {}",
             String::from_utf8_lossy(&t.stderr)
         );
-        let recs = replayed(&path);
-        assert_eq!(recs[0]["type"], "meta", "{name}");
+        let recs = replayed_typed(&path);
+        assert!(matches!(recs[0], OutputRecord::Meta(_)), "{name}");
         if name != "t.ndjson.zst" {
             let size = std::fs::metadata(&path).expect("exists").len();
             // Compressed: over by the last record and what the compressor still held.
@@ -312,16 +323,17 @@ fn zstd_recordings_are_complete_after_ctrl_c_and_replay_like_their_decompression
         .expect("zstd runs");
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
     let lines = complete_lines(&plain);
-    let recs = parse_lines(&lines);
-    assert_eq!(recs[0]["type"], "meta");
+    let recs = typed(&parse_lines(&lines));
+    assert!(matches!(recs[0], OutputRecord::Meta(_)));
     assert_eq!(
-        recs.last().map(|r| r["type"].clone()),
-        Some(Value::from("summary")),
+        recs.last().map(OutputRecord::type_name),
+        Some("summary"),
         "the end of the run reached the compressed file"
     );
+    // The two replays' outputs are compared whole, as the JSON they wrote.
     let from_zstd = replayed(&out);
     assert!(
-        from_zstd.iter().any(|r| r["type"] == "snapshot") && from_zstd.len() > 2,
+        typed(&from_zstd).iter().any(|r| r.snapshot().is_some()) && from_zstd.len() > 2,
         "a replay with snapshots"
     );
     assert_eq!(from_zstd, replayed(&plain));
@@ -360,35 +372,37 @@ fn snapshot_every_writes_periodic_snapshots_that_match_the_kernel() {
     let kernel = kernel_ranges(pid);
     let smaps = procfs::read_smaps(pid).expect("smaps");
     let kernel_anon: u64 = smaps.iter().map(|e| e.anonymous).sum();
-    let periodic =
-        |r: &Value| r["type"] == "snapshot" && r["reason"] == "periodic" && r["pid"] == pid;
-    let mut after_stop = Value::Null;
+    let periodic = |recs: Vec<OutputRecord>| -> Vec<SnapshotJson> {
+        recs.into_iter()
+            .filter_map(|r| match r {
+                OutputRecord::Snapshot(s) if s.reason == Reason::Periodic && s.pid == pid => {
+                    Some(*s)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    let mut after_stop = None;
     wait_for(10, "a periodic snapshot of the stopped workload", || {
-        let recs = parse_lines(&complete_lines(&out));
-        after_stop = recs
-            .into_iter()
-            .find(|r| periodic(r) && r["ts_ns"].as_u64() > Some(stopped))
-            .unwrap_or(Value::Null);
-        !after_stop.is_null()
+        let recs = typed(&parse_lines(&complete_lines(&out)));
+        after_stop = periodic(recs).into_iter().find(|s| s.ts_ns > stopped);
+        after_stop.is_some()
     });
+    let after_stop = after_stop.expect("a periodic snapshot");
     finish(v, pid);
     assert_eq!(
         normalize::diff(&kernel, &snapshot_ranges(&after_stop)),
         Vec::<String>::new(),
         "the periodic snapshot differs from /proc/{pid}/maps"
     );
+    let anon = snapshot_sum(&after_stop, |r| r.anon_bytes);
     assert!(
-        snapshot_sum(&after_stop, "anon_bytes").abs_diff(kernel_anon) <= 64 * 1024,
-        "anonymous bytes: snapshot {} kernel {kernel_anon}",
-        snapshot_sum(&after_stop, "anon_bytes")
+        anon.abs_diff(kernel_anon) <= 64 * 1024,
+        "anonymous bytes: snapshot {anon} kernel {kernel_anon}"
     );
 
-    let recs = parse_lines(&complete_lines(&out));
-    let times: Vec<u64> = recs
-        .iter()
-        .filter(|r| periodic(r))
-        .filter_map(|r| r["ts_ns"].as_u64())
-        .collect();
+    let live = periodic(typed(&parse_lines(&complete_lines(&out))));
+    let times: Vec<u64> = live.iter().map(|s| s.ts_ns).collect();
     let ran = Duration::from_nanos(stopped - started);
     assert!(
         times.len() as u128 >= ran.as_millis() / 200 / 2,
@@ -406,19 +420,18 @@ fn snapshot_every_writes_periodic_snapshots_that_match_the_kernel() {
         "periodic snapshots {median} ms apart (median), not about 200: {gaps:?}"
     );
     // A replay writes each periodic snapshot again from its own model: the same maps.
-    let again: Vec<Value> = replayed(&out).into_iter().filter(|r| periodic(r)).collect();
-    let live: Vec<&Value> = recs.iter().filter(|r| periodic(r)).collect();
+    let again = periodic(replayed_typed(&out));
     assert_eq!(again.len(), live.len());
-    for (a, l) in again.iter().zip(live) {
+    for (a, l) in again.iter().zip(&live) {
         assert_eq!(
             snapshot_ranges(a),
             snapshot_ranges(l),
             "periodic snapshot at {}",
-            l["ts_ns"]
+            l.ts_ns
         );
         assert_eq!(
-            snapshot_sum(a, "touched_bytes"),
-            snapshot_sum(l, "touched_bytes")
+            snapshot_sum(a, |r| r.touched_bytes),
+            snapshot_sum(l, |r| r.touched_bytes)
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -1,4 +1,9 @@
 //! Every record vmatrace writes matches the schema documented in docs/json-schema.md.
+//!
+//! These tests read records as JSON values on purpose, not as the typed records of
+//! `tracer::output::OutputRecord` (which the other tests use): what they check is the JSON as
+//! written, the documented field names and their JSON types, which a typed reader would
+//! accept or fill in without telling (a missing field with a default, an extra one ignored).
 
 mod common;
 

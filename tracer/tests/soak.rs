@@ -20,6 +20,7 @@ use std::{
 
 use common::*;
 use serde_json::Value;
+use tracer::output::OutputRecord;
 
 /// Resident memory of `pid` in KiB (0 once it is gone).
 fn rss_kib(pid: u32) -> u64 {
@@ -83,17 +84,20 @@ fn soak_memory_stays_bounded() {
     let last = reader.join().expect("reader");
     let records = lines.load(Ordering::Relaxed);
     let summary: Value = serde_json::from_str(last.back().expect("output")).expect("JSON");
+    let summary = match OutputRecord::from_value(summary) {
+        Ok(OutputRecord::Summary(s)) => s.record,
+        other => panic!("the last record is a summary: {other:?}"),
+    };
     println!(
         "soak: {secs} s, {records} records, vmatrace RSS every {} s (KiB): {samples:?}",
         interval.as_secs()
     );
-    println!("soak: losses {}", summary["lost"]);
+    println!("soak: losses {:?}", summary.lost);
     assert!(status.success(), "vmatrace ended with {status}");
-    assert_eq!(summary["type"], "summary");
-    let p = &summary["processes"][0];
+    let p = &summary.processes[0];
     println!(
-        "soak: syscalls {}, faults {}, history entries {}",
-        p["syscalls"], p["faults"], p["history_entries"]
+        "soak: syscalls {:?}, faults {}, history entries {}",
+        p.syscalls, p.faults, p.history_entries
     );
     assert!(records > 1_000_000, "the workload ran: {records} records");
     // Bounded: the second half never grows past the first half's peak by more than 8 MiB

@@ -12,7 +12,10 @@ use std::{
 };
 
 use common::*;
-use serde_json::Value;
+use tracer::{
+    output::OutputRecord,
+    stacks::{Frame, StackDef},
+};
 
 const SOURCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/stack_workload.c");
 const MIB: u64 = 1 << 20;
@@ -51,35 +54,51 @@ fn line_of(tag: &str) -> u64 {
 }
 
 /// Runs `vmatrace record -o OUT [extra] -- cmd...` to the end; returns the records and OUT.
-fn record(extra: &[&str], cmd: &[&str]) -> (Vec<Value>, PathBuf) {
+fn record(extra: &[&str], cmd: &[&str]) -> (Vec<OutputRecord>, PathBuf) {
     let (_, out) = common::record("stacks", extra, cmd);
-    (records(&out), out)
+    (typed_records(&out), out)
 }
 
 /// The stack records by id.
-fn stacks(recs: &[Value]) -> HashMap<u64, &Value> {
+fn stacks(recs: &[OutputRecord]) -> HashMap<u64, &StackDef> {
     recs.iter()
-        .filter(|r| r["type"] == "stack")
-        .map(|r| (r["id"].as_u64().expect("stack id"), r))
+        .filter_map(|r| match r {
+            OutputRecord::Stack(s) => Some((s.record.id, &s.record)),
+            _ => None,
+        })
         .collect()
 }
 
 /// The frames of the stack `record` names (empty when it has none).
-fn frames_of<'a>(stacks: &HashMap<u64, &'a Value>, record: &Value) -> Vec<&'a Value> {
-    record["stack_id"]
-        .as_u64()
+fn frames_of<'a>(stacks: &HashMap<u64, &'a StackDef>, record: &OutputRecord) -> Vec<&'a Frame> {
+    record
+        .stack_id()
         .and_then(|id| stacks.get(&id))
-        .and_then(|s| s["frames"].as_array())
-        .map(|f| f.iter().collect())
+        .map(|s| s.frames.iter().collect())
         .unwrap_or_default()
 }
 
 /// The first frame of the stack in `module` (a path that ends so).
-fn first_in<'a>(frames: &[&'a Value], module: &str) -> Option<&'a Value> {
+fn first_in<'a>(frames: &[&'a Frame], module: &str) -> Option<&'a Frame> {
     frames
         .iter()
         .copied()
-        .find(|f| f["module"].as_str().is_some_and(|m| m.ends_with(module)))
+        .find(|f| f.module.as_deref().is_some_and(|m| m.ends_with(module)))
+}
+
+/// Whether the frame is the function `name`.
+fn is(f: &Frame, name: &str) -> bool {
+    f.function.as_deref() == Some(name)
+}
+
+/// The anonymous mmaps of 1 MiB.
+fn mmaps_of_a_mib(recs: &[OutputRecord]) -> Vec<&OutputRecord> {
+    recs.iter()
+        .filter(|r| {
+            r.call("mmap")
+                .is_some_and(|m| m.args[1] == MIB && m.fd == Some(-1))
+        })
+        .collect()
 }
 
 fn file_name(p: &Path) -> String {
@@ -91,37 +110,42 @@ fn file_name(p: &Path) -> String {
 
 /// Checks that every 1 MiB mmap, every grown brk and every first touch with a stack in
 /// `recs` names the C workload's function and source line.
-fn assert_c_call_sites(recs: &[Value], binary: &str, with_faults: bool) {
+fn assert_c_call_sites(recs: &[OutputRecord], binary: &str, with_faults: bool) {
     let stacks = stacks(recs);
     assert!(!stacks.is_empty(), "no stack records");
-    let mmaps: Vec<&Value> = recs
-        .iter()
-        .filter(|r| r["type"] == "mmap" && r["args"][1] == MIB && r["fd"] == -1)
-        .collect();
+    let mmaps = mmaps_of_a_mib(recs);
     assert_eq!(mmaps.len(), 4, "the four 1 MiB mmaps");
     let mut regions = Vec::new();
     for m in &mmaps {
         let frames = frames_of(&stacks, m);
         let site = first_in(&frames, binary)
             .unwrap_or_else(|| panic!("no frame in {binary}: {frames:#?}"));
-        assert_eq!(site["function"], "map_region", "{frames:#?}");
+        assert!(is(site, "map_region"), "{frames:#?}");
         assert!(
-            site["file"]
-                .as_str()
+            site.file
+                .as_deref()
                 .is_some_and(|f| f.ends_with("stack_workload.c")),
-            "{site}"
+            "{site:?}"
         );
-        assert_eq!(site["line"], line_of("map_region"), "{site}");
+        assert_eq!(
+            site.line.map(u64::from),
+            Some(line_of("map_region")),
+            "{site:?}"
+        );
         assert!(
-            frames.iter().any(|f| f["function"] == "main"),
+            frames.iter().any(|f| is(f, "main")),
             "the stack reaches main: {frames:#?}"
         );
-        let start = m["ret"].as_i64().expect("address") as u64;
+        let start = m.syscall().expect("a syscall").ret as u64;
         regions.push(start..start + MIB);
     }
-    let grown: Vec<&Value> = recs
+    let grown: Vec<&OutputRecord> = recs
         .iter()
-        .filter(|r| r["type"] == "brk" && r["effect"]["kind"] == "grown")
+        .filter(|r| {
+            r.call("brk")
+                .and_then(|b| b.effect.as_ref())
+                .is_some_and(|e| e.kind == "grown")
+        })
         .filter(|r| !frames_of(&stacks, r).is_empty())
         .filter(|r| first_in(&frames_of(&stacks, r), binary).is_some())
         .collect();
@@ -129,24 +153,30 @@ fn assert_c_call_sites(recs: &[Value], binary: &str, with_faults: bool) {
     for b in grown {
         let frames = frames_of(&stacks, b);
         let site = first_in(&frames, binary).expect("a frame in the binary");
-        assert_eq!(site["function"], "grow_heap", "{frames:#?}");
-        assert_eq!(site["line"], line_of("grow_heap"), "{site}");
+        assert!(is(site, "grow_heap"), "{frames:#?}");
+        assert_eq!(
+            site.line.map(u64::from),
+            Some(line_of("grow_heap")),
+            "{site:?}"
+        );
         assert!(
             frames
                 .iter()
-                .any(|f| f["function"].as_str().is_some_and(|n| n.contains("malloc"))),
+                .any(|f| f.function.as_deref().is_some_and(|n| n.contains("malloc"))),
             "malloc is on the stack: {frames:#?}"
         );
     }
     if !with_faults {
         return;
     }
-    let touches: Vec<&Value> = recs
+    let touches: Vec<&OutputRecord> = recs
         .iter()
-        .filter(|r| r["type"] == "fault" && r["first_touch"] == true && r.get("stack_id").is_some())
         .filter(|r| {
-            let a = r["address"].as_u64().expect("address");
-            regions.iter().any(|reg| reg.contains(&a))
+            r.fault().is_some_and(|f| {
+                f.first_touch
+                    && f.stack_id.is_some()
+                    && regions.iter().any(|reg| reg.contains(&f.address))
+            })
         })
         .collect();
     assert!(
@@ -156,8 +186,12 @@ fn assert_c_call_sites(recs: &[Value], binary: &str, with_faults: bool) {
     for t in touches {
         let frames = frames_of(&stacks, t);
         let site = first_in(&frames, binary).expect("a frame in the binary");
-        assert_eq!(site["function"], "touch_region", "{frames:#?}");
-        assert_eq!(site["line"], line_of("touch_region"), "{site}");
+        assert!(is(site, "touch_region"), "{frames:#?}");
+        assert_eq!(
+            site.line.map(u64::from),
+            Some(line_of("touch_region")),
+            "{site:?}"
+        );
     }
 }
 
@@ -234,17 +268,12 @@ fn rust_workload_call_sites_name_its_functions() {
         &[w.to_str().expect("utf-8 path"), "stacks"],
     );
     let stacks = stacks(&recs);
-    let mmaps: Vec<&Value> = recs
-        .iter()
-        .filter(|r| r["type"] == "mmap" && r["args"][1] == MIB && r["fd"] == -1)
-        .collect();
+    let mmaps = mmaps_of_a_mib(&recs);
     assert_eq!(mmaps.len(), 4);
     for m in mmaps {
         let frames = frames_of(&stacks, m);
         assert!(
-            frames
-                .iter()
-                .any(|f| f["function"] == "workload::stacks_map_region"),
+            frames.iter().any(|f| is(f, "workload::stacks_map_region")),
             "{frames:#?}"
         );
     }
@@ -274,32 +303,33 @@ fn a_burst_of_stacks_loses_no_event_and_counts_every_stack_it_drops() {
         &["--stacks", "--fault-stacks", "1"],
         &[w.to_str().expect("utf-8 path"), "churn", "5000"],
     );
-    let summary = recs
+    let lost = recs
         .iter()
-        .rfind(|r| r["type"] == "summary")
+        .rev()
+        .find_map(|r| match r {
+            OutputRecord::Summary(s) => Some(s.record.lost),
+            _ => None,
+        })
         .expect("a summary record");
-    let lost = &summary["lost"];
     assert_eq!(
-        (lost["lost_syscall"].as_u64(), lost["lost_fault"].as_u64()),
-        (Some(0), Some(0)),
-        "stacks cost no event: {lost}"
+        (lost.lost_syscall, lost.lost_fault),
+        (0, 0),
+        "stacks cost no event: {lost:?}"
     );
-    let dropped = lost["lost_stack"].as_u64().unwrap_or(0);
-    let churn: Vec<&Value> = recs
+    let dropped = lost.lost_stack;
+    let churn: Vec<_> = recs
         .iter()
-        .filter(|r| (r["type"] == "mmap" || r["type"] == "munmap") && r["args"][1] == 16 * 4096)
+        .filter_map(OutputRecord::syscall)
+        .filter(|s| matches!(s.name(), "mmap" | "munmap") && s.args[1] == 16 * 4096)
         .collect();
     assert_eq!(churn.len(), 10_000, "every churn call recorded");
-    let without = churn.iter().filter(|r| r.get("stack_id").is_none()).count() as u64;
+    let without = churn.iter().filter(|s| s.stack_id.is_none()).count() as u64;
     assert!(
         without <= dropped,
         "{without} churn calls without a stack, only {dropped} stacks counted as dropped"
     );
     // A call site in a loop is one stack, however often it runs.
-    let ids: std::collections::HashSet<u64> = churn
-        .iter()
-        .filter_map(|r| r["stack_id"].as_u64())
-        .collect();
+    let ids: std::collections::HashSet<u64> = churn.iter().filter_map(|s| s.stack_id).collect();
     assert!(
         !ids.is_empty() && ids.len() <= 4,
         "{} stacks for the two call sites of the loop",
@@ -333,30 +363,23 @@ fn python_mmap_stacks_reach_the_interpreter_and_its_mmap_module() {
     );
     let stacks = stacks(&recs);
     // The script's maps are the last four of 1 MiB (the interpreter's own arenas come first).
-    let mmaps: Vec<&Value> = recs
-        .iter()
-        .filter(|r| r["type"] == "mmap" && r["args"][1] == MIB && r["fd"] == -1)
-        .collect();
-    let script_maps: Vec<Vec<&Value>> = mmaps
+    let mmaps = mmaps_of_a_mib(&recs);
+    let script_maps: Vec<Vec<&Frame>> = mmaps
         .iter()
         .map(|m| frames_of(&stacks, m))
         .filter(|f| {
             f.iter()
-                .any(|f| f["module"].as_str().is_some_and(|m| m.contains("mmap")))
+                .any(|f| f.module.as_deref().is_some_and(|m| m.contains("mmap")))
         })
         .collect();
     assert_eq!(script_maps.len(), 4, "{mmaps:#?}");
     for frames in script_maps {
         assert!(
-            frames
-                .iter()
-                .any(|f| f["function"] == "_PyEval_EvalFrameDefault"),
+            frames.iter().any(|f| is(f, "_PyEval_EvalFrameDefault")),
             "the stack goes through the interpreter's eval loop: {frames:#?}"
         );
         assert!(
-            frames
-                .iter()
-                .any(|f| f["function"] == "main" || f["function"] == "_start"),
+            frames.iter().any(|f| is(f, "main") || is(f, "_start")),
             "the stack reaches the program's start: {frames:#?}"
         );
     }
@@ -398,7 +421,7 @@ fn attached_with_p_a_running_process_gets_symbolized_stacks() {
     std::fs::remove_file(&go).expect("go file removed");
     let status = run.child.wait().expect("vmatrace ends with its target");
     assert!(status.success());
-    assert_c_call_sites(&records(&out), &file_name(&bin), false);
+    assert_c_call_sites(&typed_records(&out), &file_name(&bin), false);
 }
 
 #[test]
@@ -431,7 +454,7 @@ fn a_binary_deleted_while_it_runs_is_still_named_and_replay_prints_it() {
     let status = run.child.wait().expect("vmatrace ends with its target");
     assert!(status.success());
     assert!(!bin.exists());
-    assert_c_call_sites(&records(&out), &file_name(&bin), false);
+    assert_c_call_sites(&typed_records(&out), &file_name(&bin), false);
     let o = Command::new(vmatrace())
         .arg("replay")
         .arg(&out)
@@ -525,19 +548,19 @@ fn pprof_lists_the_workload_function_first_and_folded_has_one_line_per_stack() {
     let distinct: std::collections::HashSet<String> = stacks(&recs)
         .values()
         .map(|s| {
-            let frames = s["frames"].as_array().expect("frames");
-            let names: Vec<String> = frames
+            let names: Vec<String> = s
+                .frames
                 .iter()
                 .rev()
-                .map(|f| match f["function"].as_str() {
+                .map(|f| match f.function.as_deref() {
                     Some(n) => n.to_string(),
                     // As vmatrace labels a frame without a name: module+offset.
                     None => format!(
                         "{}+{:#x}",
-                        f["module"]
-                            .as_str()
+                        f.module
+                            .as_deref()
                             .map_or("[unknown]", |m| m.rsplit('/').next().unwrap_or(m)),
-                        f["offset"].as_u64().unwrap_or(0)
+                        f.offset
                     ),
                 })
                 .collect();
@@ -556,4 +579,60 @@ fn pprof_lists_the_workload_function_first_and_folded_has_one_line_per_stack() {
             .any(|l| l.contains(";main;map_region;") || l.contains(";main;map_region ")),
         "{lines:#?}"
     );
+}
+
+/// The stack reads of vmatrace's own programs fault now and then (a frame-pointer walk
+/// through a register that holds no frame pointer, a copy past the stack's present pages).
+/// The kernel does not handle those faults (the helpers disable page faults): they are not
+/// the process's. With a stack for every syscall and every fault, the kernel-mode faults
+/// recorded are those of a run without stacks (about 2,300 more were recorded before), and the
+/// runs the kernel skipped for them (nested in the fault programs) are not counted as lost
+/// events, with a needless resync, as 12 to 16 were in each such run before. A kernel that
+/// preempts BPF programs may skip other runs under load: reported, rightly; such a run is
+/// tried again, up to three times.
+#[test]
+fn stack_reads_of_vmatraces_own_programs_are_not_the_processs_faults() {
+    if !privileged("stack_reads_of_vmatraces_own_programs_are_not_the_processs_faults") {
+        return;
+    }
+    let bin = compile(false);
+    let bin = bin.to_str().expect("utf-8 path");
+    let run = |extra: &[&str]| {
+        let (recs, _) = record(&[&["--faults", "all"], extra].concat(), &[bin]);
+        let meta = recs.iter().find_map(|r| match r {
+            OutputRecord::Meta(m) => Some(m.fault_backend.clone()),
+            _ => None,
+        });
+        let kernel_mode = recs
+            .iter()
+            .filter_map(OutputRecord::fault)
+            .filter(|f| f.error_code.is_some_and(|c| c & 4 == 0))
+            .count();
+        let resyncs = recs
+            .iter()
+            .filter_map(OutputRecord::snapshot)
+            .filter(|s| s.reason == tracer::output::SnapshotReason::Resync)
+            .count();
+        (meta, kernel_mode, last_summary(&recs).lost, resyncs)
+    };
+    let (backend, plain, _, _) = run(&[]);
+    if backend.as_deref() != Some("tracepoint") {
+        // The perf-event backend has no error code, and the kernel does not report the
+        // faults it does not handle there.
+        eprintln!("fault backend {backend:?}: nothing to compare");
+        return;
+    }
+    let mut attempts = Vec::new();
+    for _ in 0..3 {
+        let (_, stacked, lost, resyncs) = run(&["--stacks", "--fault-stacks", "1"]);
+        assert!(
+            stacked <= plain + 8,
+            "kernel-mode faults: {stacked} with stacks, {plain} without"
+        );
+        if (lost.missed, resyncs) == (0, 0) {
+            return;
+        }
+        attempts.push((lost.missed, resyncs));
+    }
+    panic!("every run counted skipped program runs (missed, resyncs): {attempts:?}");
 }

@@ -10,52 +10,56 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use serde_json::Value;
-use tracer::procfs;
+use tracer::{
+    output::{OutputRecord, SnapshotReason, process_records::SnapshotJson, report::VmaRow},
+    procfs,
+};
 
 const PAGE: u64 = 4096;
 
-fn signal_snapshots(recs: &[Value], pid: u64) -> Vec<Value> {
+fn signal_snapshots(recs: &[OutputRecord], pid: u32) -> Vec<SnapshotJson> {
     recs.iter()
-        .filter(|r| r["type"] == "snapshot" && r["reason"] == "signal" && r["pid"] == pid)
+        .filter_map(OutputRecord::snapshot)
+        .filter(|s| s.reason == SnapshotReason::Signal && s.pid == pid)
         .cloned()
         .collect()
 }
 
+/// A row's range, mapping id and parts (`[start, end, id]`).
+type Ids = (u64, u64, u64, Option<Vec<[u64; 3]>>);
+
+/// The rows of a snapshot.
+fn rows(snap: &SnapshotJson) -> &[VmaRow] {
+    snap.vmas.as_deref().expect("vmas")
+}
+
 /// The VMAs of a snapshot inside `[lo, hi)`, clipped: (start, end, perms).
-fn model_vmas(snap: &Value, lo: u64, hi: u64) -> Vec<(u64, u64, String)> {
-    snap["vmas"]
-        .as_array()
-        .expect("vmas")
+fn model_vmas(snap: &SnapshotJson, lo: u64, hi: u64) -> Vec<(u64, u64, String)> {
+    rows(snap)
         .iter()
         .filter_map(|v| {
-            let (s, e) = (v["start"].as_u64()?, v["end"].as_u64()?);
-            let perms = v["perms"].as_str()?.to_string();
-            (s < hi && e > lo).then(|| (s.max(lo), e.min(hi), perms))
+            let (s, e) = (v.start, v.end);
+            (s < hi && e > lo).then(|| (s.max(lo), e.min(hi), v.perms.clone()))
         })
         .collect()
 }
 
 /// The mapping id at `addr` in a snapshot (from the VMA's parts when it has several).
-fn id_at(snap: &Value, addr: u64) -> Option<u64> {
-    let row = snap["vmas"].as_array()?.iter().find(|v| {
-        v["start"].as_u64().is_some_and(|s| s <= addr)
-            && v["end"].as_u64().is_some_and(|e| e > addr)
-    })?;
-    match row["parts"].as_array() {
-        Some(parts) => parts.iter().find_map(|p| {
-            (p[0].as_u64()? <= addr && p[1].as_u64()? > addr).then(|| p[2].as_u64())?
-        }),
-        None => row["id"].as_u64(),
+fn id_at(snap: &SnapshotJson, addr: u64) -> Option<u64> {
+    let row = rows(snap)
+        .iter()
+        .find(|v| v.start <= addr && v.end > addr)?;
+    match &row.parts {
+        Some(parts) => parts
+            .iter()
+            .find_map(|p| (p[0] <= addr && p[1] > addr).then_some(p[2])),
+        None => Some(row.id),
     }
 }
 
 /// The row starting at `addr`.
-fn row_at(snap: &Value, addr: u64) -> Value {
-    snap["vmas"]
-        .as_array()
-        .and_then(|v| v.iter().find(|r| r["start"] == addr).cloned())
-        .unwrap_or(Value::Null)
+fn row_at(snap: &SnapshotJson, addr: u64) -> Option<VmaRow> {
+    rows(snap).iter().find(|r| r.start == addr).cloned()
 }
 
 #[test]
@@ -66,7 +70,7 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
     let (mut v, out) = spawn_workload(&["--faults", "all"], "vma-ids");
     let vmatrace_pid = v.child.id();
     let (mut r, mut a) = (0u64, 0u64);
-    let mut pid = 0u64;
+    let mut pid = 0u32;
     let mut id_a = None;
     let mut id_b = None;
     let mut seen = Vec::new();
@@ -82,25 +86,25 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
         };
         if pid == 0 {
             wait_for(10, "the exec record", || {
-                pid = complete_records(&out)
+                pid = complete_typed_records(&out)
                     .iter()
-                    .find(|r| r["type"] == "exec")
-                    .and_then(|r| r["pid"].as_u64())
+                    .find_map(|r| match r {
+                        OutputRecord::Exec(e) => Some(e.pid),
+                        _ => None,
+                    })
                     .unwrap_or(0);
                 pid != 0
             });
         }
-        wait_for(10, "the workload to stop", || {
-            process_state(pid as u32) == 'T'
-        });
+        wait_for(10, "the workload to stop", || process_state(pid) == 'T');
         let (lo, hi) = (r, r + 64 * PAGE);
-        let kernel: Vec<(u64, u64, String)> = procfs::read_maps(pid as u32)
+        let kernel: Vec<(u64, u64, String)> = procfs::read_maps(pid)
             .expect("maps")
             .iter()
             .filter(|m| m.start < hi && m.end > lo)
             .map(|m| (m.start.max(lo), m.end.min(hi), m.perms.to_string()))
             .collect();
-        let snap = signal_snapshot_of(vmatrace_pid, &out, pid);
+        let snap = signal_snapshot_typed(vmatrace_pid, &out, pid);
         assert_eq!(
             model_vmas(&snap, lo, hi),
             kernel,
@@ -117,29 +121,28 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
             "split" => {
                 // Three VMAs, one mapping.
                 for at in [a, a + p(2), a + p(4)] {
-                    assert!(!row_at(&snap, at).is_null(), "a VMA starts at {at:#x}");
+                    assert!(row_at(&snap, at).is_some(), "a VMA starts at {at:#x}");
                     assert_eq!(id(at), id_a);
                 }
             }
             "merged_back" => {
-                let row = row_at(&snap, a);
-                assert_eq!(row["end"], a + p(8));
-                assert_eq!(row["id"].as_u64(), id_a);
-                assert!(row["parts"].is_null(), "one mapping: {row}");
+                let row = row_at(&snap, a).expect("a VMA at A");
+                assert_eq!(row.end, a + p(8));
+                assert_eq!(Some(row.id), id_a);
+                assert!(row.parts.is_none(), "one mapping: {row:?}");
             }
             "neighbour_merged" => {
                 // The kernel merged B into A's VMA: one VMA, two mappings.
-                let row = row_at(&snap, a);
-                assert_eq!(row["end"], a + p(12), "{row}");
+                let row = row_at(&snap, a).expect("a VMA at A");
+                assert_eq!(row.end, a + p(12), "{row:?}");
                 id_b = id(a + p(8));
                 assert!(id_b.is_some() && id_b != id_a && id_b != id(r));
-                let parts: Vec<Vec<u64>> =
-                    serde_json::from_value(row["parts"].clone()).expect("parts");
+                let parts = row.parts.expect("parts");
                 assert_eq!(
                     parts,
                     [
-                        vec![a, a + p(8), id_a.unwrap_or(0)],
-                        vec![a + p(8), a + p(12), id_b.unwrap_or(0)]
+                        [a, a + p(8), id_a.unwrap_or(0)],
+                        [a + p(8), a + p(12), id_b.unwrap_or(0)]
                     ]
                 );
             }
@@ -151,9 +154,9 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
                 assert_eq!(id(a), None, "nothing is left where A was");
             }
             "grown" => {
-                let row = row_at(&snap, r + p(40));
-                assert_eq!(row["end"], r + p(52));
-                assert_eq!(row["id"].as_u64(), id_a);
+                let row = row_at(&snap, r + p(40)).expect("a VMA at the moved A");
+                assert_eq!(row.end, r + p(52));
+                assert_eq!(Some(row.id), id_a);
             }
             "hole" => {
                 assert_eq!(id(r + p(40)), id_a);
@@ -164,7 +167,7 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
         }
         seen.push(name.to_string());
         snaps.push(snap);
-        kill(pid as u32, libc::SIGCONT);
+        kill(pid, libc::SIGCONT);
     }
     let status = v.child.wait().expect("vmatrace exits");
     assert!(status.success(), "vmatrace: {status:?}");
@@ -182,20 +185,11 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
     );
 
     // A replay of the recording gives the same VMAs with the same ids and parts.
-    let replayed = replayed(&out);
-    let key = |snap: &Value| -> Vec<(Value, Value, Value, Value)> {
-        snap["vmas"]
-            .as_array()
-            .expect("vmas")
+    let replayed = replayed_typed(&out);
+    let key = |snap: &SnapshotJson| -> Vec<Ids> {
+        rows(snap)
             .iter()
-            .map(|v| {
-                (
-                    v["start"].clone(),
-                    v["end"].clone(),
-                    v["id"].clone(),
-                    v["parts"].clone(),
-                )
-            })
+            .map(|v| (v.start, v.end, v.id, v.parts.clone()))
             .collect()
     };
     let again = signal_snapshots(&replayed, pid);
@@ -211,12 +205,20 @@ fn mapping_ids_follow_splits_merges_moves_and_growth_as_the_kernel_did_them() {
         .output()
         .expect("report runs");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let growth: Value = String::from_utf8_lossy(&o.stdout)
+    let records: Vec<OutputRecord> = String::from_utf8_lossy(&o.stdout)
         .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|f| f["id"] == "growth" && f["pid"] == pid)
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter_map(|v| OutputRecord::from_value(v).ok())
+        .collect();
+    let growth = findings_of(&records)
+        .into_iter()
+        .find(|f| f.id == "growth" && f.pid == pid)
         .expect("a growth finding");
-    assert_eq!(growth["numbers"]["mapping_id"].as_u64(), id_a, "{growth}");
-    assert_eq!(growth["numbers"]["first_bytes"], 8 * PAGE);
-    assert_eq!(growth["numbers"]["peak_bytes"], 12 * PAGE);
+    assert_eq!(
+        growth.numbers.get("mapping_id").copied(),
+        id_a,
+        "{growth:?}"
+    );
+    assert_eq!(growth.numbers.get("first_bytes"), Some(&(8 * PAGE)));
+    assert_eq!(growth.numbers.get("peak_bytes"), Some(&(12 * PAGE)));
 }

@@ -368,6 +368,88 @@ fn threads(n: usize, pages: usize) {
     }
 }
 
+/// Issue #17 item 6: `threads` threads race for `iters` iterations, three rounds, each round
+/// ending at a checkpoint. Each maps a few pages (non-fixed: the kernel hands out the ranges
+/// other threads just unmapped), touches them, sometimes protects a page, and unmaps them,
+/// keeping one mapping in 50. With `fixed`, each also grows its mapping with `mremap`
+/// (which may move it, freeing its old range for the others), and changes random ranges of a
+/// shared 256-page arena with `MAP_FIXED` maps of random protections and `mprotect`: the
+/// arena's final layout depends on the order in which the kernel took the calls. The arena
+/// stays mapped throughout (no hole for a non-fixed map to land in), and only a thread's own
+/// mappings are touched.
+fn map_race(threads: usize, iters: usize, fixed: bool) {
+    const ARENA_PAGES: usize = 256;
+    let arena = if fixed { anon(ARENA_PAGES * PAGE) } else { 0 };
+    say(&format!("arena {arena}"));
+    for round in 0..3 {
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                s.spawn(move || {
+                    // xorshift64, seeded per thread and round.
+                    let mut x = ((round * 1000 + t + 1) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    let mut next = move || {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as usize
+                    };
+                    for i in 0..iters {
+                        let mut pages = 1 + next() % 8;
+                        let mut a = anon(pages * PAGE);
+                        touch(a, pages * PAGE);
+                        if fixed && next() % 4 == 0 {
+                            // SAFETY: remapping this thread's own mapping.
+                            let b = unsafe {
+                                libc::mremap(
+                                    a as *mut _,
+                                    pages * PAGE,
+                                    (pages + 4) * PAGE,
+                                    libc::MREMAP_MAYMOVE,
+                                )
+                            };
+                            if b != libc::MAP_FAILED {
+                                (a, pages) = (b as usize, pages + 4);
+                                touch(a, pages * PAGE);
+                            }
+                        }
+                        if next() % 3 == 0 {
+                            // SAFETY: this thread's own mapping.
+                            unsafe { libc::mprotect(a as *mut _, PAGE, libc::PROT_READ) };
+                        }
+                        if i % 50 != 0 {
+                            munmap(a, pages * PAGE);
+                        }
+                        if fixed {
+                            let start = next() % ARENA_PAGES;
+                            let len = (1 + next() % 16).min(ARENA_PAGES - start);
+                            let at = arena + start * PAGE;
+                            let prot = [
+                                libc::PROT_NONE,
+                                libc::PROT_READ,
+                                libc::PROT_READ | libc::PROT_WRITE,
+                            ][next() % 3];
+                            if next() % 2 == 0 {
+                                mmap(
+                                    at,
+                                    len * PAGE,
+                                    prot,
+                                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                                    -1,
+                                    0,
+                                );
+                            } else {
+                                // SAFETY: a range of the arena, which stays mapped.
+                                unsafe { libc::mprotect(at as *mut _, len * PAGE, prot) };
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        checkpoint(&format!("race_{round}"));
+    }
+}
+
 /// The main thread exits first (`exit`, not `exit_group`: the process lives on), then a
 /// second thread maps, touches and unmaps 4 pages between the markers, `ms` later, and ends
 /// the process by returning. Prints `leader TID` and `worker TID`.
@@ -902,6 +984,25 @@ fn churn(iters: usize) {
     say_cpu();
 }
 
+/// Benchmark: `churn` in `threads` threads at once, `iters` iterations in all: the calls of
+/// a process whose threads may race (each gets a commit where it takes the mmap lock).
+fn churn_threads(threads: usize, iters: usize) {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                for _ in 0..iters / threads.max(1) {
+                    let a = anon(16 * PAGE);
+                    touch(a, PAGE);
+                    munmap(a, 16 * PAGE);
+                }
+            });
+        }
+    });
+    say(&format!("churn-threads {} ns", start.elapsed().as_nanos()));
+    say_cpu();
+}
+
 /// Pins the calling thread to `cpu`; false if it cannot run there.
 fn pin_to(cpu: usize) -> bool {
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it for cpu < 1024.
@@ -1284,6 +1385,7 @@ fn main() {
         Some("pretouched") => pretouched(),
         Some("checkpoints") => checkpoints(),
         Some("threads") => threads(arg(&args, 2, 4), arg(&args, 3, 16)),
+        Some("map-race") => map_race(arg(&args, 2, 8), arg(&args, 3, 300), arg(&args, 4, 1) != 0),
         Some("fail") => fail(),
         Some("file") => file(),
         Some("fork") => fork(),
@@ -1301,6 +1403,7 @@ fn main() {
         Some("wait-then-map") => wait_then_map(),
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
+        Some("churn-threads") => churn_threads(arg(&args, 2, 2), arg(&args, 3, 20_000)),
         Some("churn-then-stop") => churn_then_stop(arg(&args, 2, 3000), arg(&args, 3, 0) as u64),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
         Some("migrate") => migrate(arg(&args, 2, 100)),

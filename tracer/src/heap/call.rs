@@ -36,6 +36,8 @@ impl Allocator {
     }
 }
 
+crate::by_name::serde_by_name!(Allocator, "allocator");
+
 /// An allocator function vmatrace probes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HeapFn {
@@ -181,6 +183,8 @@ impl HeapFn {
     }
 }
 
+crate::by_name::serde_by_name!(HeapFn, "allocator call");
+
 /// One raw record of the kernel: an allocator function's entry or return, not yet paired.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeapRaw {
@@ -279,7 +283,7 @@ pub struct HeapCall {
     pub freed_chunk: Option<Chunk>,
     /// The call site: the address the call returned to (0: not known, as for frees).
     pub caller: u64,
-    /// A call-site key from the user stack, when stacks are recorded (none yet).
+    /// The call site's one-frame stack (the id of a `stack` record), named while recording.
     pub stack: Option<u64>,
 }
 
@@ -295,6 +299,27 @@ pub struct CallEffect {
 }
 
 impl HeapCall {
+    /// A glibc call of `pid`'s main thread that returned `ptr` (also its raw return value) at
+    /// `ts_ns`, entered just before, without headers, call site or stack (tests, synthetic
+    /// input).
+    pub fn at(ts_ns: u64, pid: u32, func: HeapFn, args: [u64; 3], ptr: u64) -> Self {
+        Self {
+            ts_ns,
+            enter_ts_ns: ts_ns.saturating_sub(1),
+            pid,
+            tid: pid,
+            func,
+            allocator: Allocator::Glibc,
+            args,
+            ret: ptr,
+            ptr,
+            chunk: None,
+            freed_chunk: None,
+            caller: 0,
+            stack: None,
+        }
+    }
+
     /// The bytes asked for by an allocating call.
     pub fn requested(&self) -> u64 {
         let [a0, a1, a2] = self.args;
@@ -417,19 +442,8 @@ mod tests {
 
     fn call(func: HeapFn, args: [u64; 3], ret: u64, ptr: u64) -> HeapCall {
         HeapCall {
-            ts_ns: 2,
-            enter_ts_ns: 1,
-            pid: 1,
-            tid: 1,
-            func,
-            allocator: Allocator::Glibc,
-            args,
             ret,
-            ptr,
-            chunk: None,
-            freed_chunk: None,
-            caller: 0,
-            stack: None,
+            ..HeapCall::at(2, 1, func, args, ptr)
         }
     }
 

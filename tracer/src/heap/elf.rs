@@ -25,13 +25,13 @@ impl AllocatorFile {
 /// Why a file could not be examined.
 #[derive(Debug, thiserror::Error)]
 pub enum ElfError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not an ELF file vmatrace can read: {source}")]
+    #[error("{path} is not an ELF file vmatrace can read")]
     Parse {
         path: String,
         #[source]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use super::{
     call::Allocator,
-    regions::{RegionRow, live_sites, regions},
+    regions::{RegionKind, RegionRow, live_sites, regions},
 };
 use crate::{
     finding::{Finding, Severity},
@@ -36,13 +36,17 @@ pub struct Savings {
 
 /// The savings each setting would bring to `p` (whose regions are `rows`).
 pub fn savings(p: &Process, rows: &[RegionRow]) -> Savings {
-    let glibc_heap = |r: &&RegionRow| r.kind == "main_heap" || r.kind == "glibc_arena";
+    let glibc_heap =
+        |r: &&RegionRow| matches!(r.kind, RegionKind::MainHeap | RegionKind::GlibcArena);
     let glibc: Vec<&RegionRow> = rows
         .iter()
         .filter(glibc_heap)
         .filter(|r| r.allocator.as_deref() == Some("glibc"))
         .collect();
-    let thread_arenas = glibc.iter().filter(|r| r.kind == "glibc_arena").count();
+    let thread_arenas = glibc
+        .iter()
+        .filter(|r| r.kind == RegionKind::GlibcArena)
+        .count();
     let touched: u64 = glibc.iter().map(|r| r.touched_bytes).sum();
     Savings {
         malloc_trim: glibc.iter().filter_map(|r| r.trim_bytes).sum(),
@@ -84,16 +88,19 @@ fn finding(p: &Process, id: &str, severity: Severity, title: String) -> Finding 
 }
 
 /// A region named for people: kind, allocator and where.
-fn region_name(r: &RegionRow) -> String {
-    let what = match r.kind.as_str() {
-        "main_heap" => "main heap".to_string(),
-        "glibc_arena" => "glibc arena".to_string(),
-        "mmapped_blocks" => format!("{} blocks with their own mappings", r.mappings),
-        "allocator_mappings" => {
+pub fn region_name(r: &RegionRow) -> String {
+    let what = match r.kind {
+        RegionKind::MainHeap => "main heap".to_string(),
+        RegionKind::GlibcArena => "glibc arena".to_string(),
+        RegionKind::MmappedBlocks => format!("{} blocks with their own mappings", r.mappings),
+        RegionKind::AllocatorMappings => {
             format!("{} mappings", r.allocator.as_deref().unwrap_or("allocator"))
         }
-        "pymalloc_arenas" => format!("{} CPython object arenas", r.mappings),
-        _ => "other memory".to_string(),
+        RegionKind::PymallocArenas => format!("{} CPython object arenas", r.mappings),
+        RegionKind::Other if r.start == r.end => {
+            return "blocks in no mapping (their memory was unmapped, their free not seen)".into();
+        }
+        RegionKind::Other => "other memory".to_string(),
     };
     format!("{what} {:#x}-{:#x}", r.start, r.end)
 }
@@ -340,7 +347,7 @@ fn fragmentation(p: &Process, rows: &[RegionRow]) -> Option<Finding> {
     }
     let pymalloc_retained: u64 = measured
         .iter()
-        .filter(|r| r.kind == "pymalloc_arenas")
+        .filter(|r| r.kind == RegionKind::PymallocArenas)
         .map(|r| r.retained_bytes)
         .sum();
     let python = if pymalloc_retained >= MIB {
@@ -386,7 +393,7 @@ pub fn heap_view(p: &Process) -> Option<(u64, u64)> {
         return None;
     }
     let rows = regions(p);
-    let main = rows.iter().find(|r| r.kind == "main_heap")?;
+    let main = rows.iter().find(|r| r.kind == RegionKind::MainHeap)?;
     Some((main.live_bytes.unwrap_or(0), main.retained_bytes))
 }
 
@@ -413,23 +420,13 @@ mod tests {
         for (i, &(at, bytes, site)) in blocks.iter().enumerate() {
             let ptr = HEAP + at + 16;
             p.heap.apply(&HeapCall {
-                ts_ns: 10 + i as u64,
-                enter_ts_ns: 9 + i as u64,
-                pid: 1,
-                tid: 1,
-                func: HeapFn::Malloc,
-                allocator: Allocator::Glibc,
-                args: [bytes - 8, 0, 0],
-                ret: ptr,
-                ptr,
                 chunk: Some(Chunk {
                     bytes,
                     mmapped: false,
                     thread_arena: false,
                 }),
-                freed_chunk: None,
                 caller: site,
-                stack: None,
+                ..HeapCall::at(10 + i as u64, 1, HeapFn::Malloc, [bytes - 8, 0, 0], ptr)
             });
         }
         p
@@ -526,6 +523,31 @@ mod tests {
             "{s}"
         );
         assert!(f.explanation.contains("did not see every allocation"));
+    }
+
+    #[test]
+    fn blocks_in_no_mapping_are_one_region_without_a_range() {
+        // Two live blocks where nothing is mapped (their unmap seen, their free lost).
+        let mut p = process(4, &[(0, 4096, 0x40_1000)]);
+        for (i, ptr) in [0x1000u64, 0x9000].into_iter().enumerate() {
+            p.heap.apply(&HeapCall::at(
+                100 + i as u64,
+                1,
+                HeapFn::Malloc,
+                [100, 0, 0],
+                ptr,
+            ));
+        }
+        let stray: Vec<_> = regions(&p)
+            .into_iter()
+            .filter(|r| r.kind == RegionKind::Other)
+            .collect();
+        assert_eq!(stray.len(), 1, "{stray:?}");
+        assert_eq!(
+            (stray[0].live_blocks, stray[0].start, stray[0].end),
+            (2, 0, 0)
+        );
+        assert!(region_name(&stray[0]).starts_with("blocks in no mapping"));
     }
 
     #[test]

@@ -192,6 +192,9 @@ pub struct LiveHeap {
     arena_candidates: BTreeMap<u64, u64>,
     /// The last reading of CPython's pool headers.
     pub pymalloc: Option<super::pymalloc::Reading>,
+    /// The code at each call site (`caller`), named from the stack its calls carried:
+    /// `function (file:line)`.
+    site_names: HashMap<u64, (u64, String)>,
 }
 
 impl LiveHeap {
@@ -220,9 +223,39 @@ impl LiveHeap {
         self.blocks.get(&ptr)
     }
 
+    /// Names the code at call site `caller` (the first time it is seen with a stack).
+    /// Names the code at call site `caller` from the stack `stack` of a call made there (the
+    /// name is built only when the address shows a stack it did not before: other code mapped
+    /// there since).
+    pub fn name_site(&mut self, caller: u64, stack: u64, name: impl FnOnce() -> String) {
+        if caller == 0 {
+            return;
+        }
+        match self.site_names.get(&caller) {
+            Some((id, _)) if *id == stack => {}
+            _ => {
+                self.site_names.insert(caller, (stack, name()));
+            }
+        }
+    }
+
+    /// The code at call site `caller`, when its calls carried a stack.
+    pub fn site_name(&self, caller: u64) -> Option<&str> {
+        self.site_names.get(&caller).map(|(_, n)| n.as_str())
+    }
+
     /// Mappings made inside allocator calls, in address order: (start, end, allocator).
     pub fn owned(&self) -> impl Iterator<Item = (u64, u64, Allocator)> + '_ {
         self.owned.iter().map(|(s, (e, a))| (*s, *e, *a))
+    }
+
+    /// The allocator that made the mapping holding `addr`, if an allocator call made it.
+    pub fn owner_of(&self, addr: u64) -> Option<Allocator> {
+        self.owned
+            .range(..=addr)
+            .next_back()
+            .filter(|(_, (end, _))| addr < *end)
+            .map(|(_, (_, a))| *a)
     }
 
     /// Anonymous mappings of a pymalloc arena's size made outside allocator calls.
@@ -464,19 +497,8 @@ mod tests {
 
     fn call(func: HeapFn, args: [u64; 3], ptr: u64, ts: u64) -> HeapCall {
         HeapCall {
-            ts_ns: ts,
-            enter_ts_ns: ts.saturating_sub(1),
-            pid: 1,
-            tid: 1,
-            func,
-            allocator: Allocator::Glibc,
-            args,
-            ret: ptr,
-            ptr,
-            chunk: None,
-            freed_chunk: None,
             caller: 0x400000,
-            stack: None,
+            ..HeapCall::at(ts, 1, func, args, ptr)
         }
     }
 

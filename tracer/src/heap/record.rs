@@ -2,7 +2,9 @@
 //! record when the probes start to cover a process's allocator; written live, read back by
 //! replay into the same events.
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{
@@ -12,34 +14,43 @@ use super::{
 use crate::event::Event;
 
 /// The `effect` object of a `heap` record.
-#[derive(Serialize)]
-struct EffectJson {
-    kind: &'static str,
-    live_bytes: u64,
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EffectJson {
+    pub kind: Cow<'static, str>,
+    pub live_bytes: u64,
 }
 
-/// A `heap` record; fields in sorted key order, as `serde_json` writes other records.
-#[derive(Serialize)]
+/// A `heap` record, written and read by this one struct; fields in sorted key order, as
+/// `serde_json` writes other records. What the model did (`effect`) and what is computed from
+/// the call (`freed`, `size`) are read too, but replay does not use them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeapJson {
-    allocator: &'static str,
-    args: [u64; 3],
-    block_bytes: Option<u64>,
-    call: &'static str,
-    caller: Option<u64>,
-    effect: Option<EffectJson>,
-    enter_ts_ns: u64,
-    freed: Option<u64>,
-    freed_block_bytes: Option<u64>,
-    mmapped: bool,
-    pid: u32,
-    ptr: Option<u64>,
-    ret: u64,
-    size: u64,
-    stack: Option<u64>,
-    thread_arena: bool,
-    tid: u32,
-    ts_ns: u64,
-    #[serde(rename = "type")]
+    pub allocator: Allocator,
+    pub args: [u64; 3],
+    pub block_bytes: Option<u64>,
+    pub call: HeapFn,
+    pub caller: Option<u64>,
+    #[serde(default)]
+    pub effect: Option<EffectJson>,
+    #[serde(default)]
+    pub enter_ts_ns: u64,
+    #[serde(default)]
+    pub freed: Option<u64>,
+    pub freed_block_bytes: Option<u64>,
+    #[serde(default)]
+    pub mmapped: bool,
+    pub pid: u32,
+    pub ptr: Option<u64>,
+    #[serde(default)]
+    pub ret: u64,
+    #[serde(default)]
+    pub size: u64,
+    pub stack: Option<u64>,
+    #[serde(default)]
+    pub thread_arena: bool,
+    pub tid: u32,
+    pub ts_ns: u64,
+    #[serde(rename = "type", skip_deserializing)]
     kind: &'static str,
 }
 
@@ -48,13 +59,13 @@ impl HeapJson {
     pub fn new(c: &HeapCall, effect: Option<&HeapEffect>) -> Self {
         let e = c.effect();
         Self {
-            allocator: c.allocator.name(),
+            allocator: c.allocator,
             args: c.args,
             block_bytes: c.chunk.map(|k| k.bytes),
-            call: c.func.name(),
+            call: c.func,
             caller: (c.caller != 0).then_some(c.caller),
             effect: effect.map(|e| EffectJson {
-                kind: e.kind.name(),
+                kind: Cow::Borrowed(e.kind.name()),
                 live_bytes: e.live_bytes,
             }),
             enter_ts_ns: c.enter_ts_ns,
@@ -72,17 +83,76 @@ impl HeapJson {
             kind: "heap",
         }
     }
+
+    /// The call a record read back holds.
+    pub fn into_event(self) -> Event {
+        Event::Heap(HeapCall {
+            ts_ns: self.ts_ns,
+            enter_ts_ns: self.enter_ts_ns,
+            pid: self.pid,
+            tid: self.tid,
+            func: self.call,
+            allocator: self.allocator,
+            args: self.args,
+            ret: self.ret,
+            ptr: self.ptr.unwrap_or(0),
+            chunk: self.block_bytes.map(|bytes| Chunk {
+                bytes,
+                mmapped: self.mmapped,
+                thread_arena: self.thread_arena,
+            }),
+            freed_chunk: self.freed_block_bytes.map(|bytes| Chunk {
+                bytes,
+                mmapped: false,
+                thread_arena: false,
+            }),
+            caller: self.caller.unwrap_or(0),
+            stack: self.stack,
+        })
+    }
 }
 
-/// The record of an [`Event::HeapAttach`].
-pub fn attach_json(ts_ns: u64, pid: u32, path: &str, allocator: Allocator, late: bool) -> Value {
-    serde_json::json!({
-        "type": "heap_attach", "ts_ns": ts_ns, "pid": pid, "path": path,
-        "allocator": allocator.name(), "late": late,
-    })
+/// A `heap_attach` record: the probes start to cover a process's allocator.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttachJson {
+    pub allocator: Allocator,
+    #[serde(default)]
+    pub late: bool,
+    #[serde(default)]
+    pub path: String,
+    pub pid: u32,
+    pub ts_ns: u64,
+    #[serde(rename = "type", skip_deserializing)]
+    kind: &'static str,
 }
 
-/// The `pymalloc` record of a reading of CPython's pool headers.
+impl AttachJson {
+    /// The record of an [`Event::HeapAttach`].
+    pub fn new(ts_ns: u64, pid: u32, path: &str, allocator: Allocator, late: bool) -> Self {
+        Self {
+            allocator,
+            late,
+            path: path.to_string(),
+            pid,
+            ts_ns,
+            kind: "heap_attach",
+        }
+    }
+
+    /// The event a record read back holds.
+    pub fn into_event(self) -> Event {
+        Event::HeapAttach {
+            ts_ns: self.ts_ns,
+            pid: self.pid,
+            path: self.path,
+            allocator: self.allocator,
+            late: self.late,
+        }
+    }
+}
+
+/// The `pymalloc` record of a reading of CPython's pool headers (read back as the
+/// [`super::pymalloc::Reading`] itself).
 pub fn pymalloc_json(r: &super::pymalloc::Reading) -> Value {
     let mut v = serde_json::to_value(r).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
@@ -90,90 +160,6 @@ pub fn pymalloc_json(r: &super::pymalloc::Reading) -> Value {
         m.insert("live_bytes".into(), r.live_bytes().into());
     }
     v
-}
-
-/// Reads a `pymalloc` record back.
-pub fn parse_pymalloc(v: Value) -> Result<Event, String> {
-    serde_json::from_value(v)
-        .map(Event::Pymalloc)
-        .map_err(|e| format!("bad pymalloc record: {e}"))
-}
-
-fn u64_of(v: &Value, key: &str) -> Result<u64, String> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .ok_or_else(|| format!("field '{key}' is missing or not an unsigned integer"))
-}
-
-fn u32_of(v: &Value, key: &str) -> Result<u32, String> {
-    u64_of(v, key)?
-        .try_into()
-        .map_err(|_| format!("field '{key}' is out of range"))
-}
-
-fn allocator_of(v: &Value) -> Result<Allocator, String> {
-    let name = v.get("allocator").and_then(Value::as_str).unwrap_or("");
-    Allocator::parse(name)
-        .ok_or_else(|| format!("unknown allocator '{}'", crate::name::shown(name)))
-}
-
-/// Reads a `heap` record back into its call.
-pub fn parse_heap(v: &Value) -> Result<Event, String> {
-    let name = v.get("call").and_then(Value::as_str).unwrap_or("");
-    let func = HeapFn::parse(name)
-        .ok_or_else(|| format!("unknown allocator call '{}'", crate::name::shown(name)))?;
-    let args = v
-        .get("args")
-        .and_then(Value::as_array)
-        .filter(|a| a.len() == 3)
-        .ok_or("field 'args' must be an array of 3 integers")?;
-    let mut a = [0u64; 3];
-    for (o, x) in a.iter_mut().zip(args) {
-        *o = x.as_u64().ok_or("field 'args' holds a non-integer")?;
-    }
-    let block = v.get("block_bytes").and_then(Value::as_u64);
-    let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
-    Ok(Event::Heap(HeapCall {
-        ts_ns: u64_of(v, "ts_ns")?,
-        enter_ts_ns: v.get("enter_ts_ns").and_then(Value::as_u64).unwrap_or(0),
-        pid: u32_of(v, "pid")?,
-        tid: u32_of(v, "tid")?,
-        func,
-        allocator: allocator_of(v)?,
-        args: a,
-        ret: v.get("ret").and_then(Value::as_u64).unwrap_or(0),
-        ptr: v.get("ptr").and_then(Value::as_u64).unwrap_or(0),
-        chunk: block.map(|bytes| Chunk {
-            bytes,
-            mmapped: flag("mmapped"),
-            thread_arena: flag("thread_arena"),
-        }),
-        freed_chunk: v
-            .get("freed_block_bytes")
-            .and_then(Value::as_u64)
-            .map(|bytes| Chunk {
-                bytes,
-                mmapped: false,
-                thread_arena: false,
-            }),
-        caller: v.get("caller").and_then(Value::as_u64).unwrap_or(0),
-        stack: v.get("stack").and_then(Value::as_u64),
-    }))
-}
-
-/// Reads a `heap_attach` record back.
-pub fn parse_attach(v: &Value) -> Result<Event, String> {
-    Ok(Event::HeapAttach {
-        ts_ns: u64_of(v, "ts_ns")?,
-        pid: u32_of(v, "pid")?,
-        path: v
-            .get("path")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        allocator: allocator_of(v)?,
-        late: v.get("late").and_then(Value::as_bool).unwrap_or(false),
-    })
 }
 
 #[cfg(test)]
@@ -217,11 +203,21 @@ mod tests {
         assert_eq!(v["freed"], 0x1000);
         assert_eq!(v["size"], 300);
         assert_eq!(v["effect"]["kind"], "reallocated");
-        assert_eq!(parse_heap(&v), Ok(Event::Heap(c)));
-        let a = attach_json(3, 5, "/lib/libc.so.6", Allocator::Glibc, true);
+        let heap = |v: Value| serde_json::from_value::<HeapJson>(v).map(HeapJson::into_event);
+        assert_eq!(heap(v.clone()).ok(), Some(Event::Heap(c)));
+        let a = serde_json::to_value(AttachJson::new(
+            3,
+            5,
+            "/lib/libc.so.6",
+            Allocator::Glibc,
+            true,
+        ))
+        .expect("serializes");
         assert_eq!(
-            parse_attach(&a),
-            Ok(Event::HeapAttach {
+            serde_json::from_value::<AttachJson>(a)
+                .map(AttachJson::into_event)
+                .ok(),
+            Some(Event::HeapAttach {
                 ts_ns: 3,
                 pid: 5,
                 path: "/lib/libc.so.6".into(),
@@ -231,7 +227,8 @@ mod tests {
         );
         let mut bad = v.clone();
         bad["call"] = "mmap".into();
-        assert!(parse_heap(&bad).is_err());
+        let err = heap(bad).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(err, "unknown allocator call 'mmap'");
     }
 
     #[test]
@@ -257,7 +254,10 @@ mod tests {
             (v["type"].as_str(), v["live_bytes"].as_u64()),
             (Some("pymalloc"), Some(480))
         );
-        assert_eq!(parse_pymalloc(v), Ok(Event::Pymalloc(r)));
-        assert!(parse_pymalloc(serde_json::json!({"type": "pymalloc", "pid": 1})).is_err());
+        assert_eq!(serde_json::from_value::<Reading>(v).ok(), Some(r));
+        assert!(
+            serde_json::from_value::<Reading>(serde_json::json!({"type": "pymalloc", "pid": 1}))
+                .is_err()
+        );
     }
 }

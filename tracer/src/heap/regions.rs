@@ -14,7 +14,7 @@ use super::{
     pymalloc::Reading,
 };
 use crate::{
-    model::{AddressSpace, Backing, PAGE_SIZE},
+    model::{Backing, PAGE_SIZE},
     session::Process,
 };
 
@@ -78,7 +78,7 @@ pub fn live_sites(p: &Process) -> Vec<LiveSiteRow> {
         .into_iter()
         .map(|(caller, (blocks, live_bytes, largest))| LiveSiteRow {
             caller: (caller != 0).then_some(caller),
-            site: site_label(&p.space, caller),
+            site: site_label(p, caller),
             blocks,
             live_bytes,
             largest_block_bytes: largest,
@@ -89,12 +89,27 @@ pub fn live_sites(p: &Process) -> Vec<LiveSiteRow> {
     rows
 }
 
+/// What a heap region is (its `kind` in records).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RegionKind {
+    /// glibc's main heap, grown with `brk`.
+    MainHeap,
+    /// A glibc arena of other threads.
+    GlibcArena,
+    /// Blocks with mappings of their own.
+    MmappedBlocks,
+    /// The other mappings of an allocator (jemalloc's extents, tcmalloc's spans, ...).
+    AllocatorMappings,
+    /// CPython's object arenas.
+    PymallocArenas,
+    Other,
+}
+
 /// One heap region in a snapshot or the summary.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RegionRow {
-    /// `main_heap`, `glibc_arena`, `mmapped_blocks`, `allocator_mappings`,
-    /// `pymalloc_arenas`, `other`.
-    pub kind: String,
+    pub kind: RegionKind,
     pub allocator: Option<String>,
     /// The extent (for regions made of several mappings, from the first to the last).
     pub start: u64,
@@ -133,7 +148,7 @@ type Span = (u64, u64, u64);
 
 /// A region before it is measured.
 struct Def {
-    kind: &'static str,
+    kind: RegionKind,
     allocator: Option<Allocator>,
     ranges: Vec<(u64, u64)>,
     /// glibc's heap (main or arena): its free chunks and top.
@@ -166,7 +181,7 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
         .filter(|b| crate::model::vma::page_align_up(b.current) > b.start)
     {
         defs.push(Def {
-            kind: "main_heap",
+            kind: RegionKind::MainHeap,
             allocator: heap_allocator,
             ranges: vec![(b.start, crate::model::vma::page_align_up(b.current))],
             glibc_heap: glibc,
@@ -194,7 +209,7 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
             .unwrap_or(base);
         if end > base {
             defs.push(Def {
-                kind: "glibc_arena",
+                kind: RegionKind::GlibcArena,
                 allocator: Some(Allocator::Glibc),
                 ranges: vec![(base, end)],
                 glibc_heap: true,
@@ -212,7 +227,7 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
     mmapped.sort_unstable();
     if !mmapped.is_empty() {
         defs.push(Def {
-            kind: "mmapped_blocks",
+            kind: RegionKind::MmappedBlocks,
             allocator: Some(Allocator::Glibc),
             ranges: mmapped,
             glibc_heap: false,
@@ -239,7 +254,7 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
     }
     for (s, e, a) in owned {
         defs.push(Def {
-            kind: "allocator_mappings",
+            kind: RegionKind::AllocatorMappings,
             allocator: Some(a),
             ranges: vec![(s, e)],
             glibc_heap: false,
@@ -267,7 +282,7 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
         pymalloc_read.sort_unstable();
         if !unread.is_empty() {
             defs.push(Def {
-                kind: "pymalloc_arenas",
+                kind: RegionKind::PymallocArenas,
                 allocator: None,
                 ranges: unread,
                 glibc_heap: false,
@@ -289,14 +304,16 @@ pub fn regions(p: &Process) -> Vec<RegionRow> {
         match index.range(..=s).next_back() {
             Some((_, (end, i))) if *end > s => defs[*i].blocks.push((s, e, ptr)),
             _ => {
-                let key = sp.find(ptr).map_or((ptr, ptr), |v| (v.start, v.end));
+                // Blocks in no mapping (their unmap was seen, their free not: events lost)
+                // are one region, without a range.
+                let key = sp.find(ptr).map_or((0, 0), |v| (v.start, v.end));
                 stray.entry(key).or_default().push((s, e, ptr));
             }
         }
     }
     for ((s, e), blocks) in stray {
         defs.push(Def {
-            kind: "other",
+            kind: RegionKind::Other,
             allocator: None,
             ranges: if s < e { vec![(s, e)] } else { Vec::new() },
             glibc_heap: false,
@@ -345,7 +362,7 @@ fn measure_pymalloc(p: &Process, ranges: &[(u64, u64)], reading: &Reading) -> Re
         retained += arena_touched.saturating_sub(in_pools);
     }
     RegionRow {
-        kind: "pymalloc_arenas".into(),
+        kind: RegionKind::PymallocArenas,
         allocator: Some("pymalloc".into()),
         start: ranges.first().map_or(0, |r| r.0),
         end: ranges.last().map_or(0, |r| r.1),
@@ -376,9 +393,13 @@ fn is_python(p: &Process) -> bool {
         })
 }
 
-/// Where `addr` is: the file mapped there and the offset in it, else nothing.
-pub fn site_label(sp: &AddressSpace, addr: u64) -> Option<String> {
-    let v = sp.find(addr)?;
+/// The code at call site `addr` of `p`: its function and `file:line` when its calls carried
+/// a stack, else the file mapped there and the offset in it, else nothing.
+pub fn site_label(p: &Process, addr: u64) -> Option<String> {
+    if let Some(name) = p.heap.site_name(addr) {
+        return Some(name.to_string());
+    }
+    let v = p.space.find(addr)?;
     match &v.backing {
         Backing::File { path, .. } => {
             let base = path.rsplit('/').next().unwrap_or(path);
@@ -444,7 +465,7 @@ fn measure(p: &Process, d: Def) -> RegionRow {
                 size: b.size,
                 bytes: b.bytes,
                 caller: (b.caller != 0).then_some(b.caller),
-                site: site_label(sp, b.caller),
+                site: site_label(p, b.caller),
                 allocated_ns: b.ts_ns,
                 pinned_free_bytes: share,
             })
@@ -454,7 +475,7 @@ fn measure(p: &Process, d: Def) -> RegionRow {
         .into_iter()
         .map(|(caller, (n, bytes, share))| SiteRow {
             caller: (caller != 0).then_some(caller),
-            site: site_label(sp, caller),
+            site: site_label(p, caller),
             blocks: n,
             live_bytes: bytes,
             pinned_free_bytes: share,
@@ -493,9 +514,9 @@ fn measure(p: &Process, d: Def) -> RegionRow {
         trim = Some(released);
         top = Some(top_bytes);
     }
-    let known_live = d.kind != "pymalloc_arenas";
+    let known_live = d.kind != RegionKind::PymallocArenas;
     RegionRow {
-        kind: d.kind.to_string(),
+        kind: d.kind,
         allocator: d.allocator.map(|a| a.name().to_string()),
         start: d.ranges.first().map_or(0, |r| r.0),
         end: d.ranges.last().map_or(0, |r| r.1),

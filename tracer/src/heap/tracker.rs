@@ -39,7 +39,7 @@ pub enum HeapError {
         "--heap: no C library found to probe for the launched command (looked in vmatrace's own map and {0})"
     )]
     NoLibc(String),
-    #[error("--heap: cannot attach the allocator probes to {path}: {source}")]
+    #[error("--heap: cannot attach the allocator probes to {path}")]
     Attach {
         path: String,
         #[source]
@@ -117,7 +117,7 @@ impl HeapTracer {
         let found = match elf::allocator_in(&f.open) {
             Ok(found) => found.map(Arc::new),
             Err(e) => {
-                log::debug!("--heap: {e}");
+                log::debug!("--heap: {}", crate::errors::Chain(&e));
                 None
             }
         };
@@ -245,7 +245,7 @@ impl HeapTracer {
         let late = match self.attach(probe, pid, &f, &alloc) {
             Ok(when) => when > ts_ns,
             Err(e) => {
-                log::warn!("{e}");
+                log::warn!("{}", crate::errors::Chain(&e));
                 return None;
             }
         };

@@ -125,6 +125,7 @@ mod tests {
             args: [0, 64 * PAGE, 3, 0x22, u64::MAX, 0],
             ret: ADDR as i64,
             extra: [0; 2],
+            commit_ts_ns: None,
             resolved: Resolved::default(),
         }));
         for i in 0..16 {

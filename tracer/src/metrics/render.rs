@@ -215,6 +215,7 @@ fn registry(snap: &Snapshot) -> Registry {
         ("lifecycle", l.lost_lifecycle),
         ("heap", l.lost_heap),
         ("open", l.lost_open),
+        ("missed", l.missed),
         ("pending_full", l.pending_full),
         ("undecodable", l.undecodable),
         ("unread", l.unread),

@@ -31,13 +31,13 @@ const MAX_REQUEST: usize = 16 << 10;
 /// Errors of `--metrics`, each one line for the user.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
-    #[error("--metrics {addr}: cannot listen there: {source}")]
+    #[error("--metrics {addr}: cannot listen there")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
-    #[error("--metrics: cannot start its thread: {0}")]
+    #[error("--metrics: cannot start its thread")]
     Thread(#[source] io::Error),
 }
 

@@ -48,6 +48,8 @@ impl TouchKind {
     }
 }
 
+crate::by_name::serde_by_name!(TouchKind, "page kind");
+
 const KIND_SHIFT: u32 = 62;
 /// The kind bits of a released page's entry (no [`TouchKind`] has this value).
 const RELEASED: u64 = 3;

@@ -47,7 +47,7 @@ pub enum OutputError {
     NotYours { path: String, uid: u32 },
     #[error("{0} is not a regular file, FIFO or character device")]
     Unsupported(String),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Io { path: String, source: io::Error },
     #[error(
         "--max-size rotates a regular file; {0} is not one (a FIFO or a device cannot be rotated)"

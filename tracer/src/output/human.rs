@@ -429,14 +429,10 @@ impl<W: Write> Sink for HumanSink<W> {
 
     fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
         let line = format!(
-            "{} LOST {} events (syscalls {}, faults {}, lifecycle {}, opens {}, unsaved entries {})",
+            "{} LOST {} events ({})",
             self.time(ts_ns),
             delta.total_lost(),
-            delta.lost_syscall,
-            delta.lost_fault,
-            delta.lost_lifecycle,
-            delta.lost_open,
-            delta.pending_full
+            delta.breakdown()
         );
         writeln!(self.out, "{}", self.paint("1;31", &line))
     }
@@ -568,20 +564,12 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
             )?;
         }
         write_sites(out, &p.call_sites)?;
+        if let Some(h) = &p.heap {
+            write_heap(out, h)?;
+        }
     }
     let l = &s.lost;
-    writeln!(
-        out,
-        "lost events: {} (ring full: syscalls {}, faults {}, lifecycle {}, opens {}; unsaved entries {}; undecodable {}; unread at the stop {})",
-        l.total_lost(),
-        l.lost_syscall,
-        l.lost_fault,
-        l.lost_lifecycle,
-        l.lost_open,
-        l.pending_full,
-        l.undecodable,
-        l.unread
-    )?;
+    writeln!(out, "lost events: {} ({})", l.total_lost(), l.breakdown())?;
     if l.lost_stack > 0 {
         writeln!(
             out,
@@ -590,6 +578,74 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
         )?;
     }
     out.flush()
+}
+
+/// Heap regions the summary lists by name (the rest in one line).
+const SUMMARY_REGIONS: usize = 6;
+
+/// The allocator's view (`--heap`): live bytes, the regions' touched, live and retained
+/// bytes, and the call sites holding the most.
+fn write_heap(out: &mut impl Write, h: &crate::heap::regions::HeapView) -> io::Result<()> {
+    writeln!(
+        out,
+        "  allocator ({}): live {} in {} blocks (peak {}); {} allocations, {} frees{}",
+        if h.allocators.is_empty() {
+            "no calls".to_string()
+        } else {
+            h.allocators.join(", ")
+        },
+        size(h.live_bytes),
+        h.live_blocks,
+        size(h.peak_live_bytes),
+        h.allocations,
+        h.frees,
+        if h.complete {
+            ""
+        } else {
+            "; not every allocation was seen (attached late, or events lost)"
+        }
+    )?;
+    // The regions holding the most touched memory (a JVM has dozens of arenas).
+    let mut regions: Vec<_> = h.regions.iter().filter(|r| r.touched_bytes > 0).collect();
+    regions.sort_by_key(|r| std::cmp::Reverse(r.touched_bytes));
+    for r in regions.iter().take(SUMMARY_REGIONS) {
+        writeln!(
+            out,
+            "    {}: {} touched, {} live, {} retained free",
+            shown(&crate::heap::findings::region_name(r)),
+            size(r.touched_bytes),
+            r.live_bytes.map_or("unknown".into(), size),
+            size(r.retained_bytes)
+        )?;
+    }
+    if regions.len() > SUMMARY_REGIONS {
+        let rest = &regions[SUMMARY_REGIONS..];
+        writeln!(
+            out,
+            "    and {} more regions: {} touched, {} retained free",
+            rest.len(),
+            size(rest.iter().map(|r| r.touched_bytes).sum()),
+            size(rest.iter().map(|r| r.retained_bytes).sum())
+        )?;
+    }
+    if !h.sites.is_empty() {
+        writeln!(out, "  top call sites by live bytes:")?;
+        for r in h.sites.iter().take(5) {
+            let site = r
+                .site
+                .clone()
+                .or(r.caller.map(|c| format!("{c:#x}")))
+                .unwrap_or_else(|| "unknown call site".into());
+            writeln!(
+                out,
+                "    {:>10} in {:>7} blocks  {}",
+                size(r.live_bytes),
+                r.blocks,
+                shown(&site)
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// A process's whole map as a table (`time` is the line's time column).

@@ -570,17 +570,7 @@ impl<W: Write> LiveView<W> {
         }
         let l = std::mem::take(&mut self.lost);
         if l.total_lost() > 0 {
-            let line = format!(
-                "{time} LOST {} events (syscalls {}, faults {}, lifecycle {}, opens {}, unsaved entries {}, undecodable {}, unread at the stop {})",
-                l.total_lost(),
-                l.lost_syscall,
-                l.lost_fault,
-                l.lost_lifecycle,
-                l.lost_open,
-                l.pending_full,
-                l.undecodable,
-                l.unread
-            );
+            let line = format!("{time} LOST {} events ({})", l.total_lost(), l.breakdown());
             writeln!(self.out, "{}", paint(self.color, "1;31", &line))?;
         }
         self.window_start_ns = now;
@@ -852,6 +842,7 @@ mod tests {
                 args,
                 ret,
                 extra: [0; 2],
+                commit_ts_ns: None,
                 resolved: Resolved {
                     path: path.map(str::to_string),
                     ..Resolved::default()

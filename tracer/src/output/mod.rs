@@ -9,6 +9,7 @@ pub mod html;
 pub mod human;
 pub mod live_view;
 pub mod perfetto;
+pub mod process_records;
 pub mod profile;
 pub mod records;
 pub mod report;
@@ -16,6 +17,7 @@ pub mod rotate;
 pub mod status;
 pub mod timeline_view;
 pub mod touch_runs;
+pub mod typed;
 
 use std::io;
 
@@ -30,11 +32,14 @@ use crate::{
 pub struct Meta {
     pub fault_backend: String,
     pub syscall_backend: String,
+    /// Where syscalls' changes are ordered (`lock`, `entry`, `exit`).
+    pub change_order: String,
     pub limits: Limits,
     /// The wall-clock time of the run's start and its boot (replay: the recording's).
     pub clock: Option<crate::clock::Anchor>,
 }
 pub use report::{LossSummary, Summary};
+pub use typed::OutputRecord;
 
 /// Which faults reach the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -102,10 +107,15 @@ impl SnapshotReason {
     }
 }
 
-/// A consumer of the trace.
+crate::by_name::serde_by_name!(SnapshotReason, "snapshot reason");
+
+/// A consumer of the trace. It must take events, snapshots and the summary; the rest is
+/// nothing unless it says otherwise.
 pub trait Sink {
     /// The start of a run.
-    fn start(&mut self, meta: &Meta) -> io::Result<()>;
+    fn start(&mut self, _meta: &Meta) -> io::Result<()> {
+        Ok(())
+    }
     /// One applied event.
     fn event(&mut self, event: &Event, applied: &Applied, session: &Session) -> io::Result<()>;
     /// A user stack, before the first event that names it.
@@ -115,17 +125,27 @@ pub trait Sink {
     /// A process's whole map.
     fn snapshot(&mut self, ts_ns: u64, reason: SnapshotReason, p: &Process) -> io::Result<()>;
     /// Events lost since the last report.
-    fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()>;
+    fn lost(&mut self, _ts_ns: u64, _delta: &LossSummary) -> io::Result<()> {
+        Ok(())
+    }
     /// The model and the kernel disagree (`--reconcile`).
-    fn drift(&mut self, ts_ns: u64, pid: u32, lines: &[String]) -> io::Result<()>;
+    fn drift(&mut self, _ts_ns: u64, _pid: u32, _lines: &[String]) -> io::Result<()> {
+        Ok(())
+    }
     /// Called on the reader's timer: flush anything coalesced.
-    fn tick(&mut self, session: &Session) -> io::Result<()>;
+    fn tick(&mut self, _session: &Session) -> io::Result<()> {
+        Ok(())
+    }
     /// The end-of-run summary.
     fn summary(&mut self, ts_ns: u64, summary: &Summary) -> io::Result<()>;
     /// Allocator and address-space findings (`--report`, `vmatrace report`).
-    fn findings(&mut self, findings: &[Finding]) -> io::Result<()>;
+    fn findings(&mut self, _findings: &[Finding]) -> io::Result<()> {
+        Ok(())
+    }
     /// Flushes buffered output.
-    fn flush(&mut self) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
     /// Everything written so far is consistent with `session` (each event written is applied,
     /// no other is): an output that starts new files (`--max-size`) may start one here.
     fn boundary(&mut self, _session: &Session) -> io::Result<()> {
@@ -133,35 +153,17 @@ pub trait Sink {
     }
 }
 
-/// A sink that writes nothing (`vmatrace report` replays silently).
+/// A sink that writes nothing (tests and the fuzz targets replay into it).
 pub struct NullSink;
 
 impl Sink for NullSink {
-    fn start(&mut self, _: &Meta) -> io::Result<()> {
-        Ok(())
-    }
     fn event(&mut self, _: &Event, _: &Applied, _: &Session) -> io::Result<()> {
         Ok(())
     }
     fn snapshot(&mut self, _: u64, _: SnapshotReason, _: &Process) -> io::Result<()> {
         Ok(())
     }
-    fn lost(&mut self, _: u64, _: &LossSummary) -> io::Result<()> {
-        Ok(())
-    }
-    fn drift(&mut self, _: u64, _: u32, _: &[String]) -> io::Result<()> {
-        Ok(())
-    }
-    fn tick(&mut self, _: &Session) -> io::Result<()> {
-        Ok(())
-    }
     fn summary(&mut self, _: u64, _: &Summary) -> io::Result<()> {
-        Ok(())
-    }
-    fn findings(&mut self, _: &[Finding]) -> io::Result<()> {
-        Ok(())
-    }
-    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
 }

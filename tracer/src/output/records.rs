@@ -2,23 +2,28 @@
 //! object per line; schema: `docs/json-schema.md`) or the binary format of [`super::binary`],
 //! which carries the same records value for value.
 
-use std::io::{self, Write};
+use std::{
+    borrow::Cow,
+    io::{self, Write},
+};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tracer_common::Syscall;
 
 use super::{
     FaultFilter, LossSummary, Meta, Sink, SnapshotReason, Summary, binary,
-    report::vma_rows,
+    process_records::{CollapseJson, ExecJson, ExitJson, ForkJson, MetaJson, SnapshotJson},
     show_fault,
     touch_runs::{PendingRuns, Written},
+    typed::{Drift, Stamped},
 };
 use crate::{
     analysis::Finding,
     call::MemCall,
-    event::{Event, FaultRecord, SyscallRecord},
+    event::{Event, FaultRecord, Resolved, SyscallRecord},
     flags, heap,
-    model::{PAGE_SIZE, PMD_PAGES, Touch},
+    model::{ResidentRun, Touch, TouchKind},
     session::{Applied, Process, Session},
     stacks::StackDef,
 };
@@ -164,27 +169,38 @@ impl<W: Write> RecordSink<W> {
     }
 }
 
-/// A fault record. Serialized by serde for the binary format, and by [`write_fault`] for
-/// NDJSON; its fields are in sorted key order, as `serde_json` writes the other records.
-#[derive(Serialize)]
-struct FaultJson {
-    address: u64,
-    changed: bool,
-    error_code: Option<u32>,
-    first_touch: bool,
-    ip: u64,
-    page_kind: Option<&'static str>,
-    pages: u64,
-    pid: u32,
-    stack_grown_to: Option<u64>,
+/// A fault record, written and read by this one struct: serialized by serde for the binary
+/// format, and by [`write_fault`] for NDJSON; read back by replay and by
+/// [`super::OutputRecord`] (the fields the model computes are read, with defaults where
+/// absent, but replay does not use them: it computes them again). Its fields are in sorted
+/// key order, as `serde_json` writes the other records.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FaultJson {
+    pub address: u64,
+    #[serde(default)]
+    pub changed: bool,
+    pub error_code: Option<u32>,
+    #[serde(default)]
+    pub first_touch: bool,
+    #[serde(default)]
+    pub ip: u64,
+    #[serde(default)]
+    pub page_kind: Option<TouchKind>,
+    #[serde(default)]
+    pub pages: u64,
+    pub pid: u32,
+    #[serde(default)]
+    pub stack_grown_to: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    stack_id: Option<u64>,
-    tid: u32,
-    ts_ns: u64,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    vma_start: Option<u64>,
-    write: Option<bool>,
+    pub stack_id: Option<u64>,
+    pub tid: u32,
+    pub ts_ns: u64,
+    /// The `type`: read by the dispatch ([`super::typed`]), not here.
+    #[serde(rename = "type", skip_deserializing)]
+    pub(super) kind: &'static str,
+    #[serde(default)]
+    pub vma_start: Option<u64>,
+    pub write: Option<bool>,
 }
 
 impl FaultJson {
@@ -194,8 +210,8 @@ impl FaultJson {
             _ => None,
         };
         let (first_touch, page_kind, changed) = match fe.map(|fe| fe.touch) {
-            Some(Touch::First { kind, refault }) => (true, Some(kind.name()), refault),
-            Some(Touch::Upgraded { .. }) => (false, Some("anon"), true),
+            Some(Touch::First { kind, refault }) => (true, Some(kind), refault),
+            Some(Touch::Upgraded { .. }) => (false, Some(TouchKind::Anon), true),
             Some(Touch::Again) | None => (false, None, false),
         };
         Self {
@@ -216,13 +232,27 @@ impl FaultJson {
             write: f.write(),
         }
     }
+
+    /// The fault a record read back holds.
+    pub(crate) fn into_record(self) -> FaultRecord {
+        FaultRecord {
+            ts_ns: self.ts_ns,
+            pid: self.pid,
+            tid: self.tid,
+            address: self.address,
+            ip: self.ip,
+            error_code: self.error_code,
+            write_from_page: self.write,
+            stack_id: self.stack_id,
+        }
+    }
 }
 
 /// Writes a fault record as one JSON object, the bytes `serde_json` writes for it (unit
 /// test), without `core::fmt`: faults are most of a trace, and this is the daemon's hottest
 /// output path (formatting through `write!` was half of the daemon's time). Every value is a
 /// number, a boolean, null or one of the fixed page-kind names, so nothing needs escaping.
-fn write_fault(out: &mut Vec<u8>, j: &FaultJson) {
+pub(super) fn write_fault(out: &mut Vec<u8>, j: &FaultJson) {
     let mut num = itoa::Buffer::new();
     let mut put = |out: &mut Vec<u8>, key: &str, value: Option<u64>| {
         out.extend_from_slice(key.as_bytes());
@@ -241,9 +271,9 @@ fn write_fault(out: &mut Vec<u8>, j: &FaultJson) {
     put(out, ",\"ip\":", Some(j.ip));
     out.extend_from_slice(b",\"page_kind\":");
     match j.page_kind {
-        Some(name) => {
+        Some(kind) => {
             out.push(b'"');
-            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(kind.name().as_bytes());
             out.push(b'"');
         }
         None => out.extend_from_slice(b"null"),
@@ -264,98 +294,135 @@ fn write_fault(out: &mut Vec<u8>, j: &FaultJson) {
 }
 
 /// The `effect` object of a syscall record (fields in sorted key order, as everywhere).
-#[derive(Serialize)]
-struct EffectJson {
-    end: u64,
-    from: Option<u64>,
-    kind: &'static str,
-    populated_pages: u64,
-    released_pages: u64,
-    splits: u32,
-    start: u64,
-    unmapped_bytes: u64,
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EffectJson {
+    pub end: u64,
+    pub from: Option<u64>,
+    pub kind: Cow<'static, str>,
+    pub populated_pages: u64,
+    pub released_pages: u64,
+    pub splits: u32,
+    pub start: u64,
+    pub unmapped_bytes: u64,
 }
 
 /// The `flags` of a syscall record: names for `mmap`/`mremap`, the number for `openat`.
-#[derive(Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(untagged)]
-enum FlagsJson {
+pub enum FlagsJson {
     Names(String),
     Bits(u64),
 }
 
-/// A syscall record. Its fields are in the order `serde_json` sorts object keys, so the bytes
-/// are those of the same record built as a `Value` (unit test); it is serialized directly
-/// because building that `Value` (a B-tree of owned keys) cost the daemon about 5 µs per
-/// record. The named arguments appear only for the calls that take them (the raw ones are
-/// always in `args`).
-#[derive(Serialize, Default)]
-struct SyscallJson<'a> {
+/// A syscall record, written and read by this one struct. Its fields are in the order
+/// `serde_json` sorts object keys, so the bytes are those of the same record built as a
+/// `Value` (unit test); it is serialized directly because building that `Value` (a B-tree of
+/// owned keys) cost the daemon about 5 µs per record. The named arguments appear only for the
+/// calls that take them (the raw ones are always in `args`); they, the errno and the effect
+/// are read too ([`super::OutputRecord`]), but replay does not use them: it decodes `args`
+/// and applies the call again.
+#[derive(Clone, Debug, Serialize, Deserialize, Default)]
+pub struct SyscallJson<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    addr: Option<u64>,
+    pub addr: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    advice: Option<String>,
-    args: [u64; 6],
-    dev: Option<&'a str>,
+    pub advice: Option<String>,
+    pub args: [u64; 6],
+    /// Where the call's change is ordered (taken under the process's mmap lock), when the
+    /// kernel told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_ts_ns: Option<u64>,
+    pub dev: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    dfd: Option<i32>,
-    effect: Option<EffectJson>,
-    enter_ts_ns: u64,
-    errno: Option<String>,
-    extra: [u64; 2],
+    pub dfd: Option<i32>,
+    #[serde(default)]
+    pub effect: Option<EffectJson>,
+    #[serde(default)]
+    pub enter_ts_ns: u64,
+    #[serde(default)]
+    pub errno: Option<String>,
+    #[serde(default)]
+    pub extra: [u64; 2],
     #[serde(skip_serializing_if = "Option::is_none")]
-    fd: Option<i32>,
+    pub fd: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    flags: Option<FlagsJson>,
-    inode: Option<u64>,
+    pub flags: Option<FlagsJson>,
+    pub inode: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    len: Option<u64>,
+    pub len: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    new_addr: Option<u64>,
+    pub new_addr: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    new_len: Option<u64>,
+    pub new_len: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    offset: Option<u64>,
+    pub offset: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    old_len: Option<u64>,
-    path: Option<&'a str>,
-    pid: u32,
+    pub old_len: Option<u64>,
+    pub path: Option<Cow<'a, str>>,
+    pub pid: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pidfd: Option<i64>,
+    pub pidfd: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pkey: Option<i64>,
+    pub pkey: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    prot: Option<String>,
+    pub prot: Option<String>,
     /// Pages made resident without a fault, from pagemap: `[start, end, kind]` runs.
-    resident: Option<Vec<(u64, u64, &'static str)>>,
-    ret: i64,
-    shm_key: Option<u64>,
-    shm_size: Option<u64>,
+    pub resident: Option<Vec<(u64, u64, TouchKind)>>,
+    pub ret: i64,
+    pub shm_key: Option<u64>,
+    pub shm_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    shmflg: Option<u64>,
+    pub shmflg: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    shmid: Option<i64>,
+    pub shmid: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    stack_id: Option<u64>,
-    target_pid: Option<u32>,
-    tid: u32,
-    ts_ns: u64,
+    pub stack_id: Option<u64>,
+    pub target_pid: Option<u32>,
+    pub tid: u32,
+    pub ts_ns: u64,
     #[serde(rename = "type")]
-    kind: &'static str,
+    kind: CallName,
     #[serde(skip_serializing_if = "Option::is_none")]
-    vlen: Option<u64>,
+    pub vlen: Option<u64>,
+}
+
+/// The name of a syscall, the `type` of its record.
+#[derive(Clone, Debug, Copy, Default, Serialize)]
+#[serde(transparent)]
+pub struct CallName(&'static str);
+
+impl<'de> Deserialize<'de> for CallName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = Cow::<str>::deserialize(d)?;
+        Syscall::ALL
+            .iter()
+            .map(|c| CallName(c.name()))
+            .find(|c| c.0 == name)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format_args!(
+                    "unknown syscall '{}'",
+                    crate::name::shown(&name)
+                ))
+            })
+    }
 }
 
 impl<'a> SyscallJson<'a> {
+    /// The call's name (the record's `type`).
+    pub fn name(&self) -> &'static str {
+        self.kind.0
+    }
+
     fn new(s: &'a SyscallRecord, applied: &Applied) -> Self {
         let mut j = Self {
             args: s.args,
-            dev: s.resolved.dev.as_deref(),
+            commit_ts_ns: s.commit_ts_ns,
+            dev: s.resolved.dev.as_deref().map(Cow::Borrowed),
             effect: match applied {
                 Applied::Syscall { effect: e, .. } => Some(EffectJson {
                     end: e.end,
                     from: e.from,
-                    kind: e.kind.name(),
+                    kind: Cow::Borrowed(e.kind.name()),
                     populated_pages: e.populated_pages,
                     released_pages: e.released_pages,
                     splits: e.splits,
@@ -368,21 +435,21 @@ impl<'a> SyscallJson<'a> {
             errno: s.errno().map(flags::errno),
             extra: s.extra,
             inode: s.resolved.inode,
-            path: s.resolved.path.as_deref(),
+            path: s.resolved.path.as_deref().map(Cow::Borrowed),
             pid: s.pid,
             ret: s.ret,
             shm_key: s.resolved.shm.map(|(_, key)| key),
             shm_size: s.resolved.shm.map(|(size, _)| size),
             target_pid: s.resolved.target_pid,
             stack_id: s.resolved.stack_id,
-            resident: s.resolved.resident.as_ref().map(|runs| {
-                runs.iter()
-                    .map(|r| (r.start, r.end, r.kind.name()))
-                    .collect()
-            }),
+            resident: s
+                .resolved
+                .resident
+                .as_ref()
+                .map(|runs| runs.iter().map(|r| (r.start, r.end, r.kind)).collect()),
             tid: s.tid,
             ts_ns: s.ts_ns,
-            kind: s.call.name(),
+            kind: CallName(s.call.name()),
             ..Self::default()
         };
         match s.mem() {
@@ -461,6 +528,35 @@ impl<'a> SyscallJson<'a> {
         }
         j
     }
+
+    /// The call a record read back holds (`call`: its `type`). Its resident runs are as
+    /// read: the reader checks them.
+    pub(crate) fn into_record(self, call: Syscall) -> SyscallRecord {
+        SyscallRecord {
+            ts_ns: self.ts_ns,
+            enter_ts_ns: self.enter_ts_ns,
+            pid: self.pid,
+            tid: self.tid,
+            call,
+            args: self.args,
+            ret: self.ret,
+            extra: self.extra,
+            commit_ts_ns: self.commit_ts_ns,
+            resolved: Resolved {
+                path: self.path.map(Cow::into_owned),
+                dev: self.dev.map(Cow::into_owned),
+                inode: self.inode,
+                shm: self.shm_size.zip(self.shm_key),
+                target_pid: self.target_pid,
+                resident: self.resident.map(|runs| {
+                    runs.into_iter()
+                        .map(|(start, end, kind)| ResidentRun { start, end, kind })
+                        .collect()
+                }),
+                stack_id: self.stack_id,
+            },
+        }
+    }
 }
 
 /// The JSON record of an event.
@@ -477,21 +573,16 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             child,
             followed,
             shares_vm,
-        } => json!({
-            "type": "fork", "ts_ns": ts_ns, "pid": pid, "tid": tid,
-            "child": child, "followed": followed, "shares_vm": shares_vm,
-        }),
+        } => to_value(ForkJson::new(
+            *ts_ns, *pid, *tid, *child, *followed, *shares_vm,
+        )),
         Event::Exec {
             ts_ns,
             pid,
             tid,
             filename,
-        } => {
-            json!({ "type": "exec", "ts_ns": ts_ns, "pid": pid, "tid": tid, "filename": filename })
-        }
-        Event::Exit { ts_ns, pid, tid } => {
-            json!({ "type": "exit", "ts_ns": ts_ns, "pid": pid, "tid": tid })
-        }
+        } => to_value(ExecJson::new(*ts_ns, *pid, *tid, filename.clone())),
+        Event::Exit { ts_ns, pid, tid } => to_value(ExitJson::new(*ts_ns, *pid, *tid)),
         // Handled by the live run before any sink: the seed snapshot that follows is recorded.
         Event::Join { .. } => Value::Null,
         Event::Open {
@@ -516,7 +607,9 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
             path,
             allocator,
             late,
-        } => heap::record::attach_json(*ts_ns, *pid, path, *allocator, *late),
+        } => to_value(heap::record::AttachJson::new(
+            *ts_ns, *pid, path, *allocator, *late,
+        )),
         Event::Pymalloc(r) => heap::record::pymalloc_json(r),
         // Paired before it reaches a sink.
         Event::HeapRaw(_) => Value::Null,
@@ -525,85 +618,47 @@ pub fn event_json(event: &Event, applied: &Applied) -> Value {
                 Applied::Collapsed { pages } => *pages,
                 _ => 0,
             };
-            json!({
-                "type": "collapse", "ts_ns": ts_ns, "pid": pid, "start": start,
-                "end": start + PMD_PAGES * PAGE_SIZE, "pages": pages,
-            })
+            to_value(CollapseJson::new(*ts_ns, *pid, *start, pages))
         }
     }
 }
 
+/// `record` as a JSON value (null if it cannot be one: never for vmatrace's records).
+fn to_value(record: impl Serialize) -> Value {
+    serde_json::to_value(record).unwrap_or(Value::Null)
+}
+
 /// The JSON record of a unique stack (`stack`), read back by replay as a [`StackDef`].
 pub fn stack_json(ts_ns: u64, def: &StackDef) -> Value {
-    let mut v = serde_json::to_value(def).unwrap_or(Value::Null);
-    if let Value::Object(m) = &mut v {
-        m.insert("type".into(), json!("stack"));
-        m.insert("ts_ns".into(), json!(ts_ns));
-    }
-    v
+    Stamped::value("stack", ts_ns, def).unwrap_or(Value::Null)
 }
 
 /// The JSON record of a snapshot.
 pub fn snapshot_json(ts_ns: u64, reason: SnapshotReason, p: &Process) -> Value {
-    let brk = p.space.heap();
-    let thp = p.space.thp();
-    let kib = |pages: &[u64]| -> Vec<u64> { pages.iter().map(|n| n * PAGE_SIZE / 1024).collect() };
-    // A seed (exec, resync) lists the pages already resident, so a replay starts from them.
-    let resident = reason.seeds().then(|| {
-        p.space
-            .pages()
-            .runs()
-            .iter()
-            .map(|r| json!([r.start, r.end, r.kind.name()]))
-            .collect::<Vec<_>>()
-    });
-    json!({
-        "type": "snapshot",
-        "ts_ns": ts_ns,
-        "pid": p.pid,
-        "reason": reason.name(),
-        "exe": p.exe,
-        "brk_start": brk.map(|b| b.start),
-        "brk": brk.map(|b| b.current),
-        "vmas": vma_rows(p),
-        "thp": {
-            "always_kib": kib(&thp.always),
-            "madvise_kib": kib(&thp.madvise),
-            "huge_zero_page": thp.huge_zero_page,
-            "zero_write_huge": thp.zero_write_huge,
-        },
-        "resident": resident,
-        "heap": heap::regions::view(p),
-    })
+    to_value(SnapshotJson::new(ts_ns, reason, p))
 }
 
 impl<W: Write> Sink for RecordSink<W> {
     fn start(&mut self, meta: &Meta) -> io::Result<()> {
         // A new file (or the first): a binary stream starts again with its header.
         self.encoding.restart();
-        let clock = meta.clock.as_ref();
-        self.line(&json!({
-            "type": "meta",
-            "ts_ns": clock.map_or_else(crate::clock::monotonic_ns, |c| c.ts_ns),
-            "realtime_ns": clock.map(|c| c.realtime_ns),
-            "boot_id": clock.and_then(|c| c.boot_id.as_deref()),
-            "version": SCHEMA_VERSION,
-            "tool": concat!("vmatrace ", env!("CARGO_PKG_VERSION")),
-            "fault_backend": meta.fault_backend,
-            "syscall_backend": meta.syscall_backend,
-            "faults": format!("{:?}", self.faults).to_lowercase(),
-            "max_map_count": meta.limits.max_map_count,
-            "cpus": meta.limits.cpus,
-        }))
+        let ts_ns = meta
+            .clock
+            .as_ref()
+            .map_or_else(crate::clock::monotonic_ns, |c| c.ts_ns);
+        let faults = format!("{:?}", self.faults).to_lowercase();
+        self.line(&to_value(MetaJson::new(
+            meta,
+            ts_ns,
+            faults,
+            SCHEMA_VERSION,
+        )))
     }
 
     fn findings(&mut self, findings: &[Finding]) -> io::Result<()> {
         for f in findings {
-            let mut v = serde_json::to_value(f).map_err(io::Error::other)?;
-            if let Value::Object(m) = &mut v {
-                m.insert("type".into(), json!("finding"));
-                m.insert("ts_ns".into(), json!(crate::clock::monotonic_ns()));
-            }
+            let v = Stamped::value("finding", crate::clock::monotonic_ns(), f)
+                .map_err(io::Error::other)?;
             self.line(&v)?;
         }
         Ok(())
@@ -654,16 +709,17 @@ impl<W: Write> Sink for RecordSink<W> {
     }
 
     fn lost(&mut self, ts_ns: u64, delta: &LossSummary) -> io::Result<()> {
-        let mut v = serde_json::to_value(delta).map_err(io::Error::other)?;
-        if let Value::Object(m) = &mut v {
-            m.insert("type".into(), json!("lost"));
-            m.insert("ts_ns".into(), json!(ts_ns));
-        }
+        let v = Stamped::value("lost", ts_ns, delta).map_err(io::Error::other)?;
         self.line(&v)
     }
 
     fn drift(&mut self, ts_ns: u64, pid: u32, lines: &[String]) -> io::Result<()> {
-        self.line(&json!({ "type": "drift", "ts_ns": ts_ns, "pid": pid, "differences": lines }))
+        let drift = Drift {
+            differences: lines.to_vec(),
+            pid,
+        };
+        let v = Stamped::value("drift", ts_ns, drift).map_err(io::Error::other)?;
+        self.line(&v)
     }
 
     fn tick(&mut self, _session: &Session) -> io::Result<()> {
@@ -672,11 +728,7 @@ impl<W: Write> Sink for RecordSink<W> {
     }
 
     fn summary(&mut self, ts_ns: u64, summary: &Summary) -> io::Result<()> {
-        let mut v = serde_json::to_value(summary).map_err(io::Error::other)?;
-        if let Value::Object(m) = &mut v {
-            m.insert("type".into(), json!("summary"));
-            m.insert("ts_ns".into(), json!(ts_ns));
-        }
+        let v = Stamped::value("summary", ts_ns, summary).map_err(io::Error::other)?;
         self.line(&v)
     }
 
@@ -688,10 +740,8 @@ impl<W: Write> Sink for RecordSink<W> {
 
 #[cfg(test)]
 mod tests {
-    use tracer_common::Syscall;
-
     use super::*;
-    use crate::model::{FaultEffect, TouchKind};
+    use crate::model::FaultEffect;
 
     /// The fault record as `serde_json` would build it: what the direct writer must equal.
     fn reference(f: &FaultRecord, applied: &Applied) -> Value {
@@ -847,10 +897,7 @@ mod tests {
 
     #[test]
     fn syscall_records_serialized_directly_are_the_same_json() {
-        use crate::{
-            event::Resolved,
-            model::{Effect, EffectKind},
-        };
+        use crate::model::{Effect, EffectKind};
         let effect = Effect {
             kind: EffectKind::Moved,
             start: 0x7f00_0000_0000,
@@ -889,6 +936,7 @@ mod tests {
                         args: [0x7f00_0000_0000, 8192, 3, 0x22, u64::from(u32::MAX), 4096],
                         ret,
                         extra: [0x5000, 4096],
+                        commit_ts_ns: None,
                         resolved,
                     };
                     let mut direct = Vec::new();

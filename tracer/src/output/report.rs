@@ -10,7 +10,8 @@ use crate::{
     stacks::sites::{self, SiteRow},
 };
 
-/// One VMA of a snapshot.
+/// One VMA of a snapshot (replay reads back what it needs: the fields that describe the
+/// VMA, not its counts, may be absent).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VmaRow {
     pub start: u64,
@@ -22,16 +23,23 @@ pub struct VmaRow {
     #[serde(default)]
     pub parts: Option<Vec<[u64; 3]>>,
     pub perms: String,
+    #[serde(default)]
     pub offset: u64,
     pub path: Option<String>,
+    #[serde(default)]
     pub kind: String,
+    #[serde(default)]
     pub inode: u64,
+    #[serde(default)]
     pub reserved_bytes: u64,
     /// Bytes backed by memory (anonymous or page cache) after a first touch.
+    #[serde(default)]
     pub touched_bytes: u64,
     /// Of those, private anonymous bytes.
+    #[serde(default)]
     pub anon_bytes: u64,
     /// Pages that were read but only map the shared zero page.
+    #[serde(default)]
     pub zero_page_bytes: u64,
     /// Of the touched bytes, those in transparent huge pages.
     #[serde(default)]
@@ -51,7 +59,9 @@ pub struct VmaRow {
     /// The VMA has had private anonymous pages, so `fork` copies its pages.
     #[serde(default)]
     pub anon_vma: bool,
+    #[serde(default)]
     pub created_ns: u64,
+    #[serde(default)]
     pub first_touch_ns: Option<u64>,
 }
 
@@ -155,8 +165,10 @@ pub struct ProcessSummary {
 /// Call sites listed in the summary.
 pub const SUMMARY_SITES: usize = 10;
 
-/// Loss and error counters of the kernel side.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+/// Loss and error counters of the kernel side and of the reader: the one type that counts
+/// losses, with arithmetic (a `lost` record is the difference of two readings, replay and the
+/// live view add them up).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct LossSummary {
     pub lost_syscall: u64,
     pub lost_fault: u64,
@@ -183,32 +195,16 @@ pub struct LossSummary {
     /// full (absent in older recordings, which counted them in `lost_lifecycle`).
     #[serde(default)]
     pub lost_open: u64,
+    /// Runs of vmatrace's programs that the kernel skipped because another BPF program was
+    /// running on that CPU (one of them preempted, or another tool's): each lost an event
+    /// (absent in older recordings).
+    #[serde(default)]
+    pub missed: u64,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-impl std::ops::AddAssign<&LossSummary> for LossSummary {
-    fn add_assign(&mut self, l: &LossSummary) {
-        self.lost_syscall += l.lost_syscall;
-        self.lost_fault += l.lost_fault;
-        self.lost_lifecycle += l.lost_lifecycle;
-        self.pending_full += l.pending_full;
-        self.exit_without_enter += l.exit_without_enter;
-        self.targets_full += l.targets_full;
-        self.read_error += l.read_error;
-        self.undecodable += l.undecodable;
-        self.unread += l.unread;
-        self.lost_stack += l.lost_stack;
-        self.lost_heap += l.lost_heap;
-        self.lost_open += l.lost_open;
-    }
-}
-
-impl LossSummary {
-    /// From the kernel counters and the reader's own counts.
-    pub fn new(k: &KernelStats, undecodable: u64, unread: u64) -> Self {
+/// The kernel's counters (the reader's own are zero).
+impl From<&KernelStats> for LossSummary {
+    fn from(k: &KernelStats) -> Self {
         Self {
             lost_syscall: k.lost_syscall,
             lost_fault: k.lost_fault,
@@ -217,11 +213,67 @@ impl LossSummary {
             exit_without_enter: k.exit_without_enter,
             targets_full: k.targets_full,
             read_error: k.read_error,
-            undecodable,
-            unread,
+            undecodable: 0,
+            unread: 0,
             lost_stack: k.lost_stack,
             lost_heap: k.lost_heap,
             lost_open: k.lost_open,
+            missed: k.missed,
+        }
+    }
+}
+
+impl std::ops::Add for LossSummary {
+    type Output = Self;
+    fn add(self, other: Self) -> Self {
+        self.zip(other, u64::saturating_add)
+    }
+}
+
+/// Counters since `other` (an earlier reading of the same counters).
+impl std::ops::Sub for LossSummary {
+    type Output = Self;
+    fn sub(self, other: Self) -> Self {
+        self.zip(other, u64::saturating_sub)
+    }
+}
+
+impl std::ops::AddAssign<&LossSummary> for LossSummary {
+    fn add_assign(&mut self, other: &LossSummary) {
+        *self = *self + *other;
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl LossSummary {
+    /// Each counter of `self` and `other` through `f`: the one place that lists them all.
+    fn zip(self, other: Self, f: impl Fn(u64, u64) -> u64) -> Self {
+        Self {
+            lost_syscall: f(self.lost_syscall, other.lost_syscall),
+            lost_fault: f(self.lost_fault, other.lost_fault),
+            lost_lifecycle: f(self.lost_lifecycle, other.lost_lifecycle),
+            pending_full: f(self.pending_full, other.pending_full),
+            exit_without_enter: f(self.exit_without_enter, other.exit_without_enter),
+            targets_full: f(self.targets_full, other.targets_full),
+            read_error: f(self.read_error, other.read_error),
+            undecodable: f(self.undecodable, other.undecodable),
+            unread: f(self.unread, other.unread),
+            lost_stack: f(self.lost_stack, other.lost_stack),
+            lost_heap: f(self.lost_heap, other.lost_heap),
+            lost_open: f(self.lost_open, other.lost_open),
+            missed: f(self.missed, other.missed),
+        }
+    }
+
+    /// The reader's own counts: records it could not decode, events it left in the ring.
+    pub fn reader(undecodable: u64, unread: u64) -> Self {
+        Self {
+            undecodable,
+            unread,
+            ..Self::default()
         }
     }
 
@@ -235,6 +287,35 @@ impl LossSummary {
             + self.unread
             + self.lost_heap
             + self.lost_open
+            + self.missed
+    }
+
+    /// Whether events that change the model were lost (not counting allocator events, which
+    /// `--heap` accounts apart): the maps are then read again from `/proc`.
+    pub fn model_events_lost(&self) -> bool {
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_open + self.missed > 0
+    }
+
+    /// The losses by cause, for a person: `(ring full: syscalls 3, faults 0, ...)`.
+    pub fn breakdown(&self) -> String {
+        let mut s = format!(
+            "ring full: syscalls {}, faults {}, lifecycle {}, opens {}; unsaved entries {}",
+            self.lost_syscall,
+            self.lost_fault,
+            self.lost_lifecycle,
+            self.lost_open,
+            self.pending_full
+        );
+        if self.missed > 0 {
+            s += &format!(
+                "; skipped by the kernel {} (another BPF program was running on the CPU)",
+                self.missed
+            );
+        }
+        s + &format!(
+            "; undecodable {}; unread at the stop {}",
+            self.undecodable, self.unread
+        )
     }
 }
 
@@ -309,4 +390,41 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
         })
         .collect();
     Summary { processes, lost }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_counters_add_up_and_a_difference_is_what_came_since() {
+        let earlier = LossSummary {
+            lost_fault: 3,
+            lost_open: 1,
+            ..LossSummary::default()
+        };
+        let now = LossSummary {
+            lost_fault: 10,
+            lost_open: 1,
+            lost_stack: 2,
+            ..LossSummary::default()
+        };
+        let since = now - earlier + LossSummary::reader(4, 5);
+        assert_eq!(
+            since,
+            LossSummary {
+                lost_fault: 7,
+                lost_stack: 2,
+                undecodable: 4,
+                unread: 5,
+                ..LossSummary::default()
+            }
+        );
+        assert_eq!(since.total_lost(), 16);
+        let mut sum = earlier;
+        sum += &(now - earlier);
+        assert_eq!(sum, now);
+        // A counter that went back (never: the kernel's only grow) gives 0, not a wrap.
+        assert_eq!((earlier - now).lost_fault, 0);
+    }
 }

@@ -142,7 +142,7 @@ impl Segments {
         if let Some(mut f) = self.file.take() {
             f.flush()?;
         }
-        let rename = |e: OutputError| io::Error::other(e.to_string());
+        let rename = io::Error::other::<OutputError>;
         match self.older.last() {
             Some(oldest) => oldest.remove().map_err(rename)?,
             None => self.base.remove().map_err(rename)?,

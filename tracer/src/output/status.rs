@@ -267,11 +267,34 @@ impl Feedback {
         if total > 5 {
             let _ = writeln!(err, "  ... and {} more processes", total - 5);
         }
-        if s.lost.total_lost() > 0 {
+        let l = &s.lost;
+        if l.total_lost() > 0 {
+            let ring = l.lost_syscall + l.lost_fault + l.lost_lifecycle + l.lost_open + l.lost_heap;
+            let mut why = Vec::new();
+            if ring > 0 {
+                why.push(format!(
+                    "{} with the ring buffer full (a larger --ring-size helps)",
+                    thousands(ring)
+                ));
+            }
+            if l.missed > 0 {
+                why.push(format!(
+                    "{} skipped by the kernel, which does not start a program on a CPU where one is running (preempted, or another tool's); the maps were read again",
+                    thousands(l.missed)
+                ));
+            }
+            let other = l.total_lost() - ring - l.missed;
+            if other > 0 {
+                why.push(format!(
+                    "{} otherwise (see `lost` in the summary)",
+                    thousands(other)
+                ));
+            }
             let _ = writeln!(
                 err,
-                "vmatrace: {} events were lost (ring buffer full: a larger --ring-size helps)",
-                thousands(s.lost.total_lost())
+                "vmatrace: {} events were lost: {}",
+                thousands(l.total_lost()),
+                why.join("; ")
             );
         }
         if let (Some(w), Some(out)) = (&self.written, &self.output) {

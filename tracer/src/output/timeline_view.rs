@@ -903,7 +903,7 @@ fn fold(lanes: Vec<LanePicture>, columns: usize) -> Vec<LanePicture> {
 mod tests {
     use super::*;
     use crate::{
-        event::{FaultRecord, Resolved, SyscallRecord},
+        event::{FaultRecord, SyscallRecord},
         session::Seed,
     };
     use tracer_common::Syscall;
@@ -933,17 +933,9 @@ mod tests {
         }
 
         fn call(&mut self, ts: u64, call: Syscall, args: [u64; 6], ret: i64) {
-            self.apply(Event::Syscall(SyscallRecord {
-                ts_ns: ts,
-                enter_ts_ns: ts,
-                pid: PID,
-                tid: PID,
-                call,
-                args,
-                ret,
-                extra: [0; 2],
-                resolved: Resolved::default(),
-            }));
+            self.apply(Event::Syscall(SyscallRecord::at(
+                ts, PID, PID, call, args, ret,
+            )));
         }
 
         fn fault(&mut self, ts: u64, address: u64) {

@@ -12,9 +12,10 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::records::FaultJson;
 use crate::{
     event::FaultRecord,
-    model::{FaultEffect, PAGE_SIZE, Touch},
+    model::{FaultEffect, PAGE_SIZE, Touch, TouchKind},
 };
 
 /// The most pages one record holds (256 MiB of small pages): a longer run is cut, and replay
@@ -113,6 +114,35 @@ impl TouchesRecord {
                 error_code: self.error_code,
                 write_from_page: self.write,
                 stack_id: None,
+            })
+            .collect();
+        faults.sort_by_key(|f| f.ts_ns);
+        faults
+    }
+
+    /// The fault records the run stands for (docs/json-schema.md): one per page from
+    /// `address` up, each at `ts_ns` plus its offset, in the order they were taken.
+    pub fn fault_records(&self) -> Vec<FaultJson> {
+        let mut faults: Vec<FaultJson> = self
+            .offsets_ns
+            .iter()
+            .enumerate()
+            .map(|(i, offset)| FaultJson {
+                address: self.address + i as u64 * PAGE_SIZE,
+                changed: self.changed,
+                error_code: self.error_code,
+                first_touch: self.first_touch,
+                ip: self.ip,
+                page_kind: self.page_kind.as_deref().and_then(TouchKind::parse),
+                pages: 1,
+                pid: self.pid,
+                stack_grown_to: None,
+                stack_id: None,
+                tid: self.tid,
+                ts_ns: self.ts_ns + offset,
+                kind: "fault",
+                vma_start: self.vma_start,
+                write: self.write,
             })
             .collect();
         faults.sort_by_key(|f| f.ts_ns);

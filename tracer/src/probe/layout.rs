@@ -57,6 +57,29 @@ pub enum LayoutError {
     NoPidNamespaceSource(BtfError),
 }
 
+/// Adds where the programs read a process's count of live threads (`current->signal->live`),
+/// when BTF has it and the layout does not already: the commit program then skips the calls
+/// of single-threaded processes, which nothing can race (`tracer-ebpf/src/commit.rs`).
+/// Without it every call is committed.
+pub fn thread_count(out: &mut KernelLayout, btf: impl FnOnce() -> Result<KernelBtf, BtfError>) {
+    if out.task_signal != FIELD_ABSENT && out.signal_live != FIELD_ABSENT {
+        return;
+    }
+    let found = btf().and_then(|btf| {
+        Ok((
+            btf.member_offset("task_struct", "signal")?,
+            btf.member_offset("signal_struct", "live")?,
+        ))
+    });
+    match found {
+        Ok((signal, live)) => (out.task_signal, out.signal_live) = (signal, live),
+        Err(e) => log::info!(
+            "{}: the calls of single-threaded processes are committed too",
+            crate::errors::Chain(&e)
+        ),
+    }
+}
+
 /// The layout the programs read on this kernel, reporting pids of `pid_namespace`. `btf` is
 /// asked only when the exit program or the namespace needs it. `syscall_tracepoints`: the
 /// syscall records are read too (tracepoint backend).

@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod layout;
+mod misses;
 pub mod tracefs;
 pub mod uprobes;
 
@@ -25,6 +26,7 @@ use tracer_common::{
 
 pub use self::layout::ExitRule;
 use self::{btf::KernelBtf, layout::LayoutError};
+use crate::errors::Chain;
 
 /// Which program reports page faults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +59,29 @@ pub enum SyscallBackend {
     Fentry,
 }
 
+/// Where a memory syscall's change is ordered (see `tracer-ebpf/src/commit.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeOrder {
+    /// [`Self::Lock`] where the kernel has the `mmap_lock` tracepoints without the memory
+    /// cgroup path (6.14 and later), else [`Self::Entry`].
+    Auto,
+    /// At the call's first write acquisition of its process's `mmap_lock`.
+    Lock,
+    /// The calls that remove mappings (`munmap`, `shmdt`, `brk`) at their entry, the others
+    /// at their exit.
+    Entry,
+    /// Every call at its exit.
+    Exit,
+}
+
+/// Which `mmap_lock` tracepoint arguments the kernel has.
+enum LockEvents {
+    /// 6.14 and later: `(mm, write, success)`.
+    Plain,
+    /// 5.11 to 6.13: `(mm, memcg_path, write, success)`, the path built for every event.
+    WithMemcgPath,
+}
+
 /// The kernel function of `call` (the architecture's syscall wrapper, which takes the
 /// caller's `struct pt_regs`).
 pub fn syscall_function(call: Syscall) -> String {
@@ -81,6 +106,7 @@ pub struct ProbeOptions {
     pub wakeup_bytes: u64,
     pub faults: FaultBackend,
     pub syscalls: SyscallBackend,
+    pub order: ChangeOrder,
     pub exit_rule: ExitRule,
     /// User stacks (`--stacks`, `--fault-stacks`): what the kernel copies.
     pub stacks: StackOptions,
@@ -116,6 +142,7 @@ impl Default for ProbeOptions {
             wakeup_bytes: 64 * 1024,
             faults: FaultBackend::Auto,
             syscalls: SyscallBackend::Auto,
+            order: ChangeOrder::Auto,
             exit_rule: ExitRule::Auto,
             stacks: StackOptions::default(),
             pid_namespace: PidNamespace::KERNEL,
@@ -154,16 +181,20 @@ pub enum ProbeError {
     #[error("ring buffer size {0} must be a power of two and at least 4096 bytes")]
     RingSize(u32),
     #[error(
-        "this kernel refused vmatrace's eBPF programs (it needs Linux 5.8 or newer with BPF ring buffers): {0}"
+        "this kernel refused vmatrace's eBPF programs (it needs Linux 5.8 or newer with BPF ring buffers)"
     )]
     Load(#[source] aya::EbpfError),
-    #[error("cannot attach {name}: {source}")]
+    #[error("cannot attach {name}")]
     Attach {
         name: String,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("eBPF map {what}: {source}")]
+    #[error(
+        "--change-order lock needs the mmap_lock tracepoints (Linux 5.11 or later); use --change-order entry"
+    )]
+    NoLockEvents(#[source] Box<ProbeError>),
+    #[error("eBPF map {what}")]
     Map {
         what: &'static str,
         #[source]
@@ -190,6 +221,9 @@ pub struct KernelStats {
     pub lost_heap: u64,
     /// `openat` records (a new descriptor's path) the full ring refused.
     pub lost_open: u64,
+    /// Runs of the programs the kernel skipped (another BPF program was running on that
+    /// CPU, see `probe/misses.rs`).
+    pub missed: u64,
 }
 
 impl KernelStats {
@@ -220,11 +254,14 @@ pub struct Probe {
     /// Bumped after each change of `targets`, so that no CPU keeps a cached filter answer.
     targets_gen: Array<MapData, u64>,
     user_gen: u64,
+    /// The kernel's count of the programs' skipped runs, last read.
+    misses: misses::Misses,
     stats: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     fault_backend: FaultBackend,
     syscall_backend: SyscallBackend,
+    change_order: ChangeOrder,
     /// The traced syscalls this kernel has.
     syscalls: Vec<Syscall>,
     /// The CPUs whose faults come in batches, written by [`Probe::flush_faults`].
@@ -313,13 +350,16 @@ impl Probe {
         for call in Syscall::ALL.iter().filter(|c| !syscalls.contains(c)) {
             log::info!("this kernel has no {} syscall: not traced", call.name());
         }
-        let kernel_layout = layout::kernel_layout(
+        let mut kernel_layout = layout::kernel_layout(
             root,
             opts.exit_rule,
             opts.syscalls != SyscallBackend::Fentry,
             opts.pid_namespace,
             KernelBtf::load,
         )?;
+        if opts.order != ChangeOrder::Exit {
+            layout::thread_count(&mut kernel_layout, KernelBtf::load);
+        }
         let stack_bytes = if opts.stacks.any() {
             opts.stacks
                 .stack_bytes
@@ -381,6 +421,7 @@ impl Probe {
             )
             .map_err(map_err("TARGETS_GEN"))?,
             user_gen: 0,
+            misses: misses::Misses::default(),
             stats: PerCpuArray::try_from(
                 ebpf.take_map("STATS").ok_or(ProbeError::Missing("STATS"))?,
             )
@@ -396,6 +437,7 @@ impl Probe {
             logger,
             fault_backend: FaultBackend::Off,
             syscall_backend: opts.syscalls,
+            change_order: opts.order,
             syscalls,
             batch_cpus: Vec::new(),
             heap_cpus: Vec::new(),
@@ -413,10 +455,48 @@ impl Probe {
             SyscallBackend::Auto => match probe.attach_syscall_fentry() {
                 Ok(()) => SyscallBackend::Fentry,
                 Err(e) => {
-                    log::info!("{e}: the syscall tracepoints report the syscalls instead");
+                    log::info!(
+                        "{}: the syscall tracepoints report the syscalls instead",
+                        Chain(&e)
+                    );
                     probe.detach_syscall_fentry();
                     probe.attach_syscall_tracepoints()?;
                     SyscallBackend::Tracepoint
+                }
+            },
+        };
+        probe.change_order = match opts.order {
+            ChangeOrder::Exit => ChangeOrder::Exit,
+            ChangeOrder::Entry => {
+                probe.commit_at_enter()?;
+                ChangeOrder::Entry
+            }
+            ChangeOrder::Lock => {
+                probe
+                    .attach_lock_commit()
+                    .map_err(|e| ProbeError::NoLockEvents(Box::new(e)))?;
+                ChangeOrder::Lock
+            }
+            ChangeOrder::Auto => match probe.attach_lock_commit() {
+                Ok(LockEvents::Plain) => ChangeOrder::Lock,
+                Ok(LockEvents::WithMemcgPath) => {
+                    // Before 6.14 the kernel builds the memory cgroup's path for every
+                    // mmap_lock event of the machine while a program is attached: not a
+                    // cost to impose on every process unasked.
+                    log::info!(
+                        "this kernel builds a cgroup path at every mmap_lock event while a program is attached: calls that unmap are ordered at their entry instead (--change-order lock orders every call, at that cost)"
+                    );
+                    probe.detach_program("mmap_lock_memcg");
+                    probe.commit_at_enter()?;
+                    ChangeOrder::Entry
+                }
+                Err(e) => {
+                    log::info!(
+                        "{}: calls that unmap are ordered at their entry instead",
+                        Chain(&e)
+                    );
+                    probe.commit_at_enter()?;
+                    ChangeOrder::Entry
                 }
             },
         };
@@ -578,6 +658,41 @@ impl Probe {
         Ok(())
     }
 
+    /// The commit program on `mmap_lock:mmap_lock_acquire_returned`: the variant for the
+    /// arguments of kernels before 6.14 (with `memcg_path`), else, where the kernel refuses it
+    /// (it reads past the arguments), the one for later kernels.
+    fn attach_lock_commit(&mut self) -> Result<LockEvents, ProbeError> {
+        const TRACEPOINT: &str = "mmap_lock_acquire_returned";
+        match self.attach_raw_tracepoint("mmap_lock_memcg", TRACEPOINT) {
+            Ok(()) => Ok(LockEvents::WithMemcgPath),
+            Err(e) => {
+                log::debug!("{}: trying the arguments of Linux 6.14", Chain(&e));
+                self.detach_program("mmap_lock_memcg");
+                self.attach_raw_tracepoint("mmap_lock", TRACEPOINT)?;
+                Ok(LockEvents::Plain)
+            }
+        }
+    }
+
+    /// Detaches and unloads the raw tracepoint program `name`.
+    fn detach_program(&mut self, name: &str) {
+        self.links.retain(|(n, _)| n != name);
+        if let Ok(p) = self.program::<RawTracePoint>(name, "") {
+            let _ = p.unload();
+        }
+    }
+
+    /// Has `munmap`, `shmdt` and `brk` committed at their entry.
+    fn commit_at_enter(&mut self) -> Result<(), ProbeError> {
+        let map = self
+            .ebpf
+            .map_mut("COMMIT_AT_ENTER")
+            .ok_or(ProbeError::Missing("COMMIT_AT_ENTER"))?;
+        let mut flag: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(map_err("COMMIT_AT_ENTER"))?;
+        flag.set(0, 1, 0).map_err(map_err("COMMIT_AT_ENTER"))
+    }
+
     /// The fault programs on the page-fault `tracepoints`: the BTF ones unless `backend` is
     /// [`FaultBackend::RawTracepoint`], the raw ones where those are refused (unless
     /// `backend` is [`FaultBackend::BtfTracepoint`]).
@@ -594,7 +709,10 @@ impl Probe {
                 }
                 Err(e) if backend == FaultBackend::BtfTracepoint => return Err(e),
                 Err(e) => {
-                    log::info!("{e}: the raw page-fault tracepoints report the faults instead");
+                    log::info!(
+                        "{}: the raw page-fault tracepoints report the faults instead",
+                        Chain(&e)
+                    );
                     self.detach_fault_btf(tracepoints);
                 }
             }
@@ -730,6 +848,11 @@ impl Probe {
         self.syscall_backend
     }
 
+    /// Where syscalls' changes are ordered.
+    pub fn change_order(&self) -> ChangeOrder {
+        self.change_order
+    }
+
     /// Starts tracing thread group `pid`; with `follow`, its future children too.
     pub fn add_target(
         &mut self,
@@ -817,8 +940,9 @@ impl Probe {
         }
     }
 
-    /// The counters summed over CPUs.
-    pub fn stats(&self) -> Result<KernelStats, ProbeError> {
+    /// The counters summed over CPUs. The kernel's count of skipped runs is read again at
+    /// most once a second unless `fresh`.
+    pub fn stats(&self, fresh: bool) -> Result<KernelStats, ProbeError> {
         let mut sums = StdHashMap::new();
         for stat in Stat::ALL {
             let values = self
@@ -840,6 +964,7 @@ impl Probe {
             lost_heap: get(Stat::LostHeap),
             lost_stack: get(Stat::LostStack),
             lost_open: get(Stat::LostOpen),
+            missed: self.misses.read(&self.ebpf, fresh),
         })
     }
 }

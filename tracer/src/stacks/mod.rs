@@ -175,6 +175,19 @@ fn key_of(ev: &mut Event) -> Option<(StackKey, &mut Option<u64>)> {
     }
 }
 
+/// The start and file inode (0 for anonymous memory) of a mapping.
+type CodeAt = Option<(u64, u64)>;
+
+/// The mapping holding `addr` in the model `space`: what a cached call site is checked
+/// against.
+fn code_at(space: Option<&AddressSpace>, addr: u64) -> CodeAt {
+    let v = space?.find(addr)?;
+    Some(match &v.backing {
+        crate::model::Backing::File { inode, .. } => (v.start, *inode),
+        _ => (v.start, 0),
+    })
+}
+
 /// Walks remembered at most.
 const MAX_MEMO: usize = 65536;
 
@@ -202,6 +215,10 @@ pub struct Collector {
     /// where the walk read them, the same frame-pointer frames and the same mappings give the
     /// same stack, so a call site in a loop is unwound once.
     memo: HashMap<(u32, [u64; 4]), Memo>,
+    /// The one-frame stack of each allocator call site seen (`--heap`): (pid, return
+    /// address) -> the code mapped there then ([`code_at`]) and the id (`None`: in no
+    /// executable mapping).
+    sites: HashMap<(u32, u64), (CodeAt, Option<u64>)>,
     next_id: u64,
     /// Stacks the reader received, and those whose record never came.
     pub received: u64,
@@ -226,6 +243,7 @@ impl Collector {
             ids: HashMap::new(),
             fresh: HashMap::new(),
             memo: HashMap::new(),
+            sites: HashMap::new(),
             next_id: 1,
             received: 0,
             memo_hits: 0,
@@ -285,6 +303,12 @@ impl Collector {
     /// before. `space` is the process's model just before the event: the mappings the stack's
     /// addresses were in.
     pub fn resolve(&mut self, ev: &mut Event, space: Option<&AddressSpace>) {
+        if let Event::Heap(call) = ev {
+            if call.stack.is_none() {
+                call.stack = self.call_site(call.pid, call.caller, space);
+            }
+            return;
+        }
         if self.waiting.is_empty() {
             return;
         }
@@ -319,6 +343,34 @@ impl Collector {
         self.unwinder.forget(pid);
         self.warmed.remove(&pid);
         self.memo.retain(|(p, _), _| *p != pid);
+        self.sites.retain(|(p, _), _| *p != pid);
+    }
+
+    /// The id of the one-frame stack naming the code an allocator call of `pid` returned to
+    /// (`caller`, its return address), symbolized once per file and offset: the call site
+    /// of the blocks it allocated. `space`: the process's model (its mappings now).
+    fn call_site(&mut self, pid: u32, caller: u64, space: Option<&AddressSpace>) -> Option<u64> {
+        if caller == 0 {
+            return None;
+        }
+        let code = code_at(space, caller);
+        let reload = match self.sites.get(&(pid, caller)) {
+            Some(&(seen, id)) if seen == code => return id,
+            // Other code is mapped there now (a library closed, another opened there).
+            Some(_) => true,
+            None => false,
+        };
+        let unwound = self.unwinder.return_frame(pid, caller, space, reload);
+        let id = if unwound.frames.iter().all(|f| f.mapping.is_some()) {
+            self.id_of_unwound(&unwound)
+        } else {
+            None
+        };
+        if self.sites.len() >= MAX_MEMO {
+            self.sites.clear();
+        }
+        self.sites.insert((pid, caller), (code, id));
+        id
     }
 
     /// The id of `raw`'s stack (symbolized once per unique stack).

@@ -102,7 +102,14 @@ impl CallSites {
                         self.release(e.start, e.end)
                     }
                     (Syscall::Brk, kind) => {
-                        let new_end = align_up(e.end);
+                        // The break the kernel returned (brk returns the break it kept, also
+                        // when it refuses): the effect is empty for a call the model did not
+                        // apply (one older than a resync).
+                        let brk = u64::try_from(s.ret).unwrap_or(0);
+                        if brk == 0 {
+                            return;
+                        }
+                        let new_end = align_up(brk);
                         match (kind, self.heap_end) {
                             (EffectKind::Grown, Some(old)) if new_end > old => {
                                 self.own(old, new_end, sid)
@@ -303,6 +310,11 @@ pub fn call_site(def: &StackDef) -> Option<&Frame> {
         .or(def.frames.first())
 }
 
+/// The label of a stack's call site: `function (file:line)`, `function` or `module+offset`.
+pub fn site_label(def: &StackDef) -> String {
+    call_site(def).map_or_else(|| format!("[stack {}]", def.id), Frame::label)
+}
+
 /// Whether glibc's malloc (or calloc, realloc, memalign) is on the stack: the mmap threshold
 /// and arena advice apply to these calls only.
 pub fn through_malloc(def: &StackDef) -> bool {
@@ -367,9 +379,7 @@ pub fn table_of(
     let mut rows: BTreeMap<String, SiteRow> = BTreeMap::new();
     for (&id, stats) in sites.by_stack.iter().filter(|(id, _)| keep(**id)) {
         let def = stacks.get(id);
-        let label = def
-            .and_then(|d| call_site(d))
-            .map_or_else(|| format!("[stack {id}]"), Frame::label);
+        let label = def.map_or_else(|| format!("[stack {id}]"), |d| site_label(d));
         let row = rows.entry(label.clone()).or_insert_with(|| SiteRow {
             site: label,
             stack_ids: Vec::new(),
@@ -421,6 +431,7 @@ mod tests {
             args,
             ret,
             extra: [0; 2],
+            commit_ts_ns: None,
             resolved: Resolved {
                 stack_id: Some(stack),
                 ..Resolved::default()
@@ -465,6 +476,14 @@ mod tests {
         s.observe(&shrink, &effect(EffectKind::Shrunk, 0x50000, 0x60000));
         assert_eq!(s.by_stack[&9].released_bytes, 0x11000);
         assert_eq!(s.still_mapped().get(&9), Some(&0x10000));
+        // A brk the model did not apply (older than a resync: no effect) still moves the end
+        // the next growth is charged from, and charges nothing itself.
+        let unapplied = call(Syscall::Brk, [0x62000, 0, 0, 0, 0, 0], 0x62000, 11);
+        s.observe(&unapplied, &effect(EffectKind::None, 0, 0));
+        let grow = call(Syscall::Brk, [0x63000, 0, 0, 0, 0, 0], 0x63000, 12);
+        s.observe(&grow, &effect(EffectKind::Grown, 0x50000, 0x63000));
+        assert_eq!(s.by_stack[&12].reserved_bytes, 0x1000);
+        assert_eq!(s.by_stack.get(&11).map_or(0, |st| st.reserved_bytes), 0);
     }
 
     #[test]

@@ -251,6 +251,31 @@ impl Unwinder {
         }
     }
 
+    /// The one frame of a return address `addr` of `pid` (where an allocator call returns
+    /// to, `--heap`), in the mappings `space` (or `/proc/PID/maps`), read again when no known
+    /// mapping holds it.
+    /// `reload`: read the mappings again even when one holds `addr` (other code may be
+    /// mapped there since).
+    pub fn return_frame(
+        &mut self,
+        pid: u32,
+        addr: u64,
+        space: Option<&AddressSpace>,
+        reload: bool,
+    ) -> Unwound {
+        if reload || self.mapping_of(pid, addr).is_none() {
+            self.refresh(pid, space);
+        }
+        Unwound {
+            pid,
+            frames: vec![UnwoundFrame {
+                addr,
+                lookup: addr.saturating_sub(1),
+                mapping: self.mapping_of(pid, addr).cloned(),
+            }],
+        }
+    }
+
     /// The executable mapping of `pid` holding `addr`.
     pub fn mapping_of(&self, pid: u32, addr: u64) -> Option<&Mapping> {
         let p = self.procs.get(&pid)?;

@@ -16,6 +16,7 @@ use std::{
 use serde_json::Value;
 use tracer::{
     model::{Perms, normalize},
+    output::OutputRecord,
     procfs,
 };
 
@@ -40,6 +41,14 @@ pub fn kernel_has_syscall(name: &str) -> bool {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
         .any(|r| Path::new(&format!("{r}/events/syscalls/sys_enter_{name}")).is_dir())
+}
+
+/// Whether the kernel has the `mmap_lock` tracepoints (5.11 and later), which order a
+/// syscall's change where it held the lock (`--change-order lock`).
+pub fn kernel_has_mmap_lock_events() -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|r| Path::new(&format!("{r}/events/mmap_lock/mmap_lock_acquire_returned")).is_dir())
 }
 
 /// Whether this kernel's `sched_process_exit` has `group_dead` (recent kernels only).
@@ -190,6 +199,90 @@ pub fn per_fault(records: Vec<Value>) -> Vec<Value> {
     out
 }
 
+/// Every record of `path` (NDJSON or binary, maybe compressed), read by the structs that
+/// write them, with each `touches` record read as the `fault` records it stands for (as
+/// [`records`] does for JSON values). [`raw_typed_records`] gives the records as written.
+pub fn typed_records(path: &Path) -> Vec<OutputRecord> {
+    typed_per_fault(raw_typed_records(path))
+}
+
+/// Every record of `path` as written, read by the structs that write them (each must read).
+pub fn raw_typed_records(path: &Path) -> Vec<OutputRecord> {
+    let reader = tracer::recording::open(path).expect("output file readable");
+    let mut records = tracer::recording::Records::new(reader).expect("a recording");
+    let mut out = Vec::new();
+    while let Some(v) = records
+        .next_record()
+        .unwrap_or_else(|e| panic!("{}{}: {e}", path.display(), records.position()))
+    {
+        out.push(
+            OutputRecord::from_value(v)
+                .unwrap_or_else(|e| panic!("{}{}: {e}", path.display(), records.position())),
+        );
+    }
+    out
+}
+
+/// JSON values read as records (each must be one).
+pub fn typed(values: &[Value]) -> Vec<OutputRecord> {
+    values
+        .iter()
+        .map(|v| OutputRecord::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}")))
+        .collect()
+}
+
+/// `records` with each `touches` record replaced by its faults, in the order they were taken
+/// ([`per_fault`] for JSON values).
+pub fn typed_per_fault(records: Vec<OutputRecord>) -> Vec<OutputRecord> {
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        match r {
+            OutputRecord::Touches(run) => {
+                assert_eq!(run.offsets_ns.len() as u64, run.pages, "{run:?}");
+                out.extend(run.fault_records().into_iter().map(OutputRecord::Fault));
+            }
+            r => out.push(r),
+        }
+    }
+    out
+}
+
+/// The indexes strictly between the workload's begin and end markers in `records`
+/// (`is_mark(r, advice)`: `r` is the marker `madvise` with that advice).
+fn inside_markers<T>(records: &[T], is_mark: impl Fn(&T, u64) -> bool) -> std::ops::Range<usize> {
+    let begin = records
+        .iter()
+        .position(|r| is_mark(r, 0xBEEF))
+        .expect("begin marker traced");
+    let end = records
+        .iter()
+        .position(|r| is_mark(r, 0xBEEF + 1))
+        .expect("end marker traced");
+    begin + 1..end
+}
+
+/// Records of `pid` strictly between the workload's begin and end markers.
+pub fn typed_between_markers(records: &[OutputRecord], pid: u32) -> Vec<&OutputRecord> {
+    let inside = inside_markers(records, |r, advice| {
+        r.call("madvise")
+            .is_some_and(|s| s.pid == pid && s.args[2] == advice)
+    });
+    records[inside]
+        .iter()
+        .filter(|r| r.pid() == Some(pid))
+        .collect()
+}
+
+/// The pid of the launched workload (from the marker it made).
+pub fn typed_marker_pid(records: &[OutputRecord]) -> u32 {
+    records
+        .iter()
+        .filter_map(|r| r.call("madvise"))
+        .find(|s| s.args[2] == 0xBEEF)
+        .map(|s| s.pid)
+        .expect("a marker record")
+}
+
 /// The records `vmatrace replay --json PATH` writes (it must succeed).
 pub fn replayed(path: &Path) -> Vec<Value> {
     let o = Command::new(vmatrace())
@@ -207,6 +300,11 @@ pub fn replayed(path: &Path) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("replay writes JSON"))
         .collect()
+}
+
+/// The records `vmatrace replay --json PATH` writes, read by their writers' structs.
+pub fn replayed_typed(path: &Path) -> Vec<OutputRecord> {
+    typed(&replayed(path))
 }
 
 /// The result of `vmatrace --json -o FILE [extra] -- workload ARGS`.
@@ -252,20 +350,13 @@ pub fn trace_workload(extra: &[&str], args: &[&str]) -> Traced {
     }
 }
 
-/// Records of `pid` strictly between the workload's begin and end markers.
+/// Records of `pid` strictly between the workload's begin and end markers, as JSON values
+/// (for comparisons of whole records as written).
 pub fn between_markers(records: &[Value], pid: u64) -> Vec<Value> {
-    let is_mark = |r: &Value, advice: u64| {
+    let inside = inside_markers(records, |r, advice| {
         r["type"] == "madvise" && r["pid"] == pid && r["args"][2] == advice
-    };
-    let begin = records
-        .iter()
-        .position(|r| is_mark(r, 0xBEEF))
-        .expect("begin marker traced");
-    let end = records
-        .iter()
-        .position(|r| is_mark(r, 0xBEEF + 1))
-        .expect("end marker traced");
-    records[begin + 1..end]
+    });
+    records[inside]
         .iter()
         .filter(|r| r["pid"] == pid)
         .cloned()
@@ -320,6 +411,14 @@ pub struct Running {
     pub lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
 }
 
+impl Traced {
+    /// The records read by the structs that write them, each run of first touches read as
+    /// its faults ([`typed_records`]).
+    pub fn typed(&self) -> Vec<OutputRecord> {
+        typed_per_fault(typed(&self.raw))
+    }
+}
+
 impl Drop for Running {
     /// A test that fails midway leaves nothing behind: vmatrace and what it launched (a
     /// process group of their own) are killed, stopped processes included.
@@ -353,14 +452,15 @@ pub fn spawn(args: &[&str]) -> Running {
 }
 
 /// Starts `vmatrace --json -o TEMP [extra] -- workload SCENARIO` with piped stdout; returns it
-/// and the output file.
+/// and the output file. `scenario` may carry the scenario's arguments after spaces.
 pub fn spawn_workload(extra: &[&str], scenario: &str) -> (Running, PathBuf) {
-    let out = temp_path(&format!("{scenario}.ndjson"));
+    let out = temp_path(&format!("{}.ndjson", scenario.replace(' ', "-")));
     let out_s = out.to_string_lossy().into_owned();
     let w = workload();
     let mut args = vec!["--json", "-o", &out_s];
     args.extend_from_slice(extra);
-    args.extend(["--", w.to_str().expect("utf-8 path"), scenario]);
+    args.extend(["--", w.to_str().expect("utf-8 path")]);
+    args.extend(scenario.split(' '));
     (spawn(&args), out)
 }
 
@@ -468,14 +568,34 @@ pub fn signal_snapshot_of(vmatrace_pid: u32, out: &Path, pid: u64) -> Value {
     snap
 }
 
-/// The sum of `field` over a snapshot's VMA rows.
-pub fn snapshot_sum(snap: &Value, field: &str) -> u64 {
-    snap["vmas"]
-        .as_array()
-        .expect("vmas")
+/// The complete records written so far to `path`, as written, read by their writers'
+/// structs.
+pub fn complete_typed_records(path: &Path) -> Vec<OutputRecord> {
+    typed(&complete_records(path))
+}
+
+/// [`signal_snapshot_of`], read by the snapshot's writer struct.
+pub fn signal_snapshot_typed(
+    vmatrace_pid: u32,
+    out: &Path,
+    pid: u32,
+) -> tracer::output::process_records::SnapshotJson {
+    let snap = signal_snapshot_of(vmatrace_pid, out, u64::from(pid));
+    match OutputRecord::from_value(snap) {
+        Ok(OutputRecord::Snapshot(s)) => *s,
+        other => panic!("a snapshot: {other:?}"),
+    }
+}
+
+/// The finding records of `records`.
+pub fn findings_of(records: &[OutputRecord]) -> Vec<&tracer::finding::Finding> {
+    records
         .iter()
-        .map(|v| v[field].as_u64().unwrap_or(0))
-        .sum()
+        .filter_map(|r| match r {
+            OutputRecord::Finding(f) => Some(&f.record),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
@@ -496,25 +616,33 @@ pub fn wait_until_stopped(pid: u32, what: &str) {
     wait_for(10, what, || process_state(pid) == 'T');
 }
 
+/// The sum of `field` over a snapshot's VMA rows.
+pub fn snapshot_sum(
+    snap: &tracer::output::process_records::SnapshotJson,
+    field: impl Fn(&tracer::output::report::VmaRow) -> u64,
+) -> u64 {
+    snap.vmas.as_deref().expect("vmas").iter().map(field).sum()
+}
+
 /// The model's normalised map ([`normalize`]) from a snapshot record.
-pub fn snapshot_ranges(snap: &Value) -> Vec<normalize::Range> {
-    let rows: Vec<(u64, u64, Perms, Option<String>)> = snap["vmas"]
-        .as_array()
+pub fn snapshot_ranges(
+    snap: &tracer::output::process_records::SnapshotJson,
+) -> Vec<normalize::Range> {
+    let rows: Vec<(u64, u64, Perms, Option<&str>)> = snap
+        .vmas
+        .as_deref()
         .expect("vmas")
         .iter()
         .map(|v| {
             (
-                v["start"].as_u64().expect("start"),
-                v["end"].as_u64().expect("end"),
-                Perms::parse(v["perms"].as_str().expect("perms")).expect("valid perms"),
-                v["path"].as_str().map(str::to_string),
+                v.start,
+                v.end,
+                Perms::parse(&v.perms).expect("valid perms"),
+                v.path.as_deref(),
             )
         })
         .collect();
-    normalize::normalize(
-        rows.iter()
-            .map(|(s, e, p, path)| (*s, *e, *p, path.as_deref())),
-    )
+    normalize::normalize(rows.iter().map(|(s, e, p, path)| (*s, *e, *p, *path)))
 }
 
 /// The kernel's normalised map of `maps` (read from `/proc/PID/maps`).
@@ -574,6 +702,12 @@ pub fn report_findings(what: &str, file: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// [`report_findings`], read by the finding records' writer struct.
+pub fn report_findings_typed(what: &str, file: &Path) -> Vec<tracer::finding::Finding> {
+    let records = typed(&report_findings(what, file));
+    findings_of(&records).into_iter().cloned().collect()
+}
+
 /// Starts `cmd` (a `workload pretouched`, as whichever user) and reads its stdout until it
 /// has touched its pages and stopped itself before the attach; returns it, the rest of its
 /// stdout and the address of its region.
@@ -609,14 +743,24 @@ pub fn pretouched_before_attach(
     (target, lines, region)
 }
 
-/// A summary's `processes` without the counters that `--faults first` leaves out of a
-/// recording (faults that changed nothing are not written, so a replay cannot count them).
-pub fn processes_without_fault_counts(summary: &Value) -> Value {
-    let mut procs = summary["processes"].clone();
-    for p in procs.as_array_mut().expect("processes") {
-        let p = p.as_object_mut().expect("a process");
-        p.remove("faults");
-        p.remove("faults_outside_vmas");
+/// A summary's processes without the counters that `--faults first` leaves out of a
+/// recording (faults that changed nothing are not written, so a replay cannot count them):
+/// those counters are zero here.
+pub fn processes_without_fault_counts(
+    summary: &tracer::output::Summary,
+) -> Vec<tracer::output::report::ProcessSummary> {
+    let mut procs = summary.processes.clone();
+    for p in &mut procs {
+        p.faults = 0;
+        p.faults_outside_vmas = 0;
     }
     procs
+}
+
+/// The last record of `records`, which must be a summary.
+pub fn last_summary(records: &[OutputRecord]) -> &tracer::output::Summary {
+    match records.last() {
+        Some(OutputRecord::Summary(s)) => &s.record,
+        other => panic!("the last record is a summary: {other:?}"),
+    }
 }

@@ -185,61 +185,54 @@ fn background_target() -> Child {
         .unwrap_or_else(|e| fail(format!("sleep: {e}")))
 }
 
-/// `--syscall-backends tracepoint,fentry`: what each syscall backend costs, as ratios in one
-/// run: churn traced by it, and two bystanders (churn and a `getppid` loop, not traced)
-/// beside vmatrace tracing a sleeping process with it. Run in the guests of
-/// `cargo xtask kernels --bench`, where fentry attaches.
-fn syscall_backends(rounds: usize, backends: &[String]) {
+/// `--syscall-backends tracepoint,fentry` (`flag` `--syscall-backend`) or
+/// `--change-orders exit,entry,lock` (`flag` `--change-order`): what each value of `flag`
+/// costs, as ratios in one run: churn traced with it, and three bystanders (churn, a
+/// `getppid` loop and fault-loop, not traced) beside vmatrace tracing a sleeping process
+/// with it. The syscall backends are run in the guests of `cargo xtask kernels --bench`,
+/// where fentry attaches.
+fn option_sweep(rounds: usize, flag: &str, values: &[String]) {
     let v = vmatrace().display().to_string();
-    println!(
-        "Syscall backends: medians of {rounds} alternating rounds; ratio = with vmatrace / without.\n"
-    );
+    let backends = values;
+    println!("{flag}: medians of {rounds} alternating rounds; ratio = with vmatrace / without.\n");
     println!("| measurement | untraced | {} |", backends.join(" | "));
     println!("|---|---|{}", "---|".repeat(backends.len()));
-    // Traced: churn under each backend.
-    let churn = ["churn", "40000"];
-    let mut base = Vec::new();
-    let mut traced: Vec<Vec<f64>> = vec![Vec::new(); backends.len()];
-    for _ in 0..rounds {
-        base.push(once(&[], false, &churn).unwrap_or_else(|e| fail(e)));
-        for (i, b) in backends.iter().enumerate() {
-            let prefix = strings(&[
-                &v,
-                "--json",
-                "-o",
-                "/dev/null",
-                "--force",
-                "--syscall-backend",
-                b,
-                "--",
-            ]);
-            traced[i].push(once(&prefix, false, &churn).unwrap_or_else(|e| fail(e)));
+    // Traced: churn under each value, in one thread and in two.
+    for churn in [
+        &["churn", "40000"][..],
+        &["churn-threads", "2", "40000"][..],
+    ] {
+        let mut base = Vec::new();
+        let mut traced: Vec<Vec<f64>> = vec![Vec::new(); backends.len()];
+        for _ in 0..rounds {
+            base.push(once(&[], false, churn).unwrap_or_else(|e| fail(e)));
+            for (i, b) in backends.iter().enumerate() {
+                let prefix = strings(&[&v, "--json", "-o", "/dev/null", "--force", flag, b, "--"]);
+                traced[i].push(once(&prefix, false, churn).unwrap_or_else(|e| fail(e)));
+            }
         }
+        let b = median(base);
+        print!("| {}, traced | {:.1} ms |", churn.join(" "), b / 1e6);
+        for t in traced {
+            let m = median(t);
+            print!(" {:.1} ms ({:.2}x) |", m / 1e6, m / b);
+        }
+        println!();
     }
-    let b = median(base);
-    print!("| churn, traced | {:.1} ms |", b / 1e6);
-    for t in traced {
-        let m = median(t);
-        print!(" {:.1} ms ({:.2}x) |", m / 1e6, m / b);
-    }
-    println!();
     // Bystanders beside vmatrace tracing another (sleeping) process.
     let mut target = background_target();
-    for args in [&["churn", "40000"][..], &["getppid", "2000000"][..]] {
+    for args in [
+        &["churn", "40000"][..],
+        &["getppid", "2000000"][..],
+        &["fault-loop", "400", "256"][..],
+    ] {
         let mut alone = Vec::new();
         let mut beside: Vec<Vec<f64>> = vec![Vec::new(); backends.len()];
         for _ in 0..rounds {
             alone.push(once(&[], false, args).unwrap_or_else(|e| fail(e)));
             for (i, b) in backends.iter().enumerate() {
                 let mut tracer = Command::new(vmatrace())
-                    .args([
-                        "--json",
-                        "-o",
-                        "/dev/null",
-                        "--force",
-                        "--syscall-backend",
-                        b,
-                    ])
+                    .args(["--json", "-o", "/dev/null", "--force", flag, b])
                     .arg("-p")
                     .arg(target.id().to_string())
                     .spawn()
@@ -460,8 +453,47 @@ fn output_costs(rounds: usize) {
     let _ = std::fs::remove_file(&binary);
 }
 
+const USAGE: &str = "usage: bench [--rounds N] [--only TOOL,...]
+       bench [--rounds N] (--heap | --output-only | --stacks-only | --syscall-sweep-only)
+       bench [--rounds N] (--syscall-backends B,... | --change-orders O,...)
+Runs as root after a release build (cargo xtask bench builds and runs it); prints Markdown
+tables of medians and ratios against the untraced run of the same round.";
+
+/// Refuses what `main` does not read, in one line, before anything runs.
+fn check_args(args: &[String]) {
+    const FLAGS: [&str; 4] = [
+        "--heap",
+        "--output-only",
+        "--stacks-only",
+        "--syscall-sweep-only",
+    ];
+    const WITH_VALUE: [&str; 4] = [
+        "--rounds",
+        "--only",
+        "--syscall-backends",
+        "--change-orders",
+    ];
+    let mut rest = args.iter().skip(1);
+    while let Some(a) = rest.next() {
+        if a == "--help" || a == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        if WITH_VALUE.contains(&a.as_str()) {
+            if rest.next().is_none() {
+                eprintln!("bench: {a} needs a value\n{USAGE}");
+                std::process::exit(2);
+            }
+        } else if !FLAGS.contains(&a.as_str()) {
+            eprintln!("bench: unknown argument {a:?}\n{USAGE}");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    check_args(&args);
     let rounds: usize = args
         .iter()
         .position(|a| a == "--rounds")
@@ -478,7 +510,16 @@ fn main() {
         .and_then(|i| args.get(i + 1))
     {
         let backends: Vec<String> = list.split(',').map(str::to_string).collect();
-        syscall_backends(rounds, &backends);
+        option_sweep(rounds, "--syscall-backend", &backends);
+        return;
+    }
+    if let Some(list) = args
+        .iter()
+        .position(|a| a == "--change-orders")
+        .and_then(|i| args.get(i + 1))
+    {
+        let orders: Vec<String> = list.split(',').map(str::to_string).collect();
+        option_sweep(rounds, "--change-order", &orders);
         return;
     }
     // `--syscall-sweep-only`: just the syscall rate sustained without losses.

@@ -34,6 +34,7 @@ use crate::{cargo, is_root, output, root, run, step};
 /// get_user_pages (no page fault), which no fault backend sees (docs/kernels.md).
 const SMOKE: &[(&str, &[&str])] = &[
     ("capture", &[]),
+    ("probe", &[]),
     (
         "kernel_side",
         &[
@@ -55,6 +56,7 @@ const SMOKE: &[(&str, &[&str])] = &[
             "a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block",
             "collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged",
             "a_child_sharing_memory_changes_its_parents_model",
+            "threads_racing_on_the_same_addresses_match_the_kernel",
         ],
     ),
     (
@@ -304,6 +306,8 @@ struct Row {
     faults: String,
     passed: usize,
     failed: Vec<String>,
+    /// What each failed test printed (its panic), shortened: the CI log shows it.
+    excerpts: Vec<String>,
     vs_host: String,
     seconds: f64,
     error: Option<String>,
@@ -368,10 +372,48 @@ fn read_row(label: &str, results: &Path, seconds: f64, error: Option<String>) ->
         faults,
         passed,
         failed,
+        excerpts: failure_excerpts(&log),
         vs_host: String::new(),
         seconds,
         error,
     }
+}
+
+/// The output of each failed test in a `cargo test` log (the `---- NAME stdout ----` blocks),
+/// at most 40 lines of 400 characters each, without the backtrace's frames and their
+/// source lines.
+fn failure_excerpts(log: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, Vec<String>)> = None;
+    for l in log.lines() {
+        let header = l
+            .strip_prefix("---- ")
+            .and_then(|r| r.strip_suffix(" stdout ----"));
+        let ends = header.is_some() || l == "failures:" || l.starts_with("test result: ");
+        if ends && let Some((name, lines)) = current.take() {
+            out.push(format!("---- {name}\n{}", lines.join("\n")));
+        }
+        if let Some(name) = header {
+            current = Some((name.to_string(), Vec::new()));
+        } else if let Some((_, lines)) = current.as_mut()
+            && lines.len() < 40
+            && !l.trim_start().starts_with("at ")
+            && !is_backtrace_frame(l)
+            && !l.trim().is_empty()
+        {
+            lines.push(l.chars().take(400).collect());
+        }
+    }
+    out
+}
+
+/// A numbered frame of a backtrace (`   4: model_vs_kernel::seed_snapshot`).
+fn is_backtrace_frame(line: &str) -> bool {
+    line.starts_with(' ')
+        && line
+            .trim_start()
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// A prepared guest: kernel, images.
@@ -567,6 +609,12 @@ pub fn kernels(opts: &Options) -> Result<()> {
         .map(|r| r.label.as_str())
         .collect();
     if !bad.is_empty() {
+        for r in rows.iter().filter(|r| !r.excerpts.is_empty()) {
+            println!("\nxtask: what the failed tests printed on {}:", r.label);
+            for e in &r.excerpts {
+                println!("{e}");
+            }
+        }
         bail!("failed on {} (logs in {})", bad.join(", "), base.display());
     }
     Ok(())
@@ -704,4 +752,24 @@ pub fn run_once(
     }
     let log = std::fs::read_to_string(results.join("output.log")).unwrap_or_default();
     Ok((outcome.rc, log))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_tests_panic_is_kept_without_its_backtrace() {
+        let log = "running 2 tests\ntest a ... ok\ntest b ... FAILED\n\nfailures:\n\n\
+                   ---- b stdout ----\n\nthread 'b' panicked at tracer/tests/x.rs:1:2:\n\
+                   records differ at 3\nstack backtrace:\n   0: std::panicking\n             at /rustc/x.rs:1\n\n\
+                   failures:\n    b\n\ntest result: FAILED. 1 passed; 1 failed\n";
+        assert_eq!(
+            failure_excerpts(log),
+            [
+                "---- b\nthread 'b' panicked at tracer/tests/x.rs:1:2:\nrecords differ at 3\nstack backtrace:"
+            ]
+        );
+        assert!(failure_excerpts("test result: ok. 3 passed\n").is_empty());
+    }
 }

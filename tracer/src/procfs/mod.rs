@@ -1,9 +1,14 @@
-//! Reading `/proc`: the maps a trace is seeded from, the heap start, per-VMA RSS, process
-//! state, and the small look-ups that name what a syscall referred to.
+//! Reading `/proc`: the maps a trace is seeded from (`maps`, `smaps`, parsed as bytes), the
+//! heap start, per-VMA RSS, process state; the look-ups that name what a syscall referred to
+//! (`lookup.rs`) and what holds for the whole system (`system.rs`).
+
+mod lookup;
+mod system;
+
+pub use lookup::*;
+pub use system::*;
 
 use std::{fs, io, path::PathBuf, sync::Arc};
-
-use tracer_common::layout::PidNamespace;
 
 use crate::model::{Backing, ForkAdvice, Perms, ThpAdvice, ThpPolicy, Vma};
 
@@ -12,7 +17,7 @@ use crate::model::{Backing, ForkAdvice, Perms, ThpAdvice, ThpPolicy, Vma};
 pub enum ProcError {
     #[error("no process with pid {0}")]
     NoProcess(u32),
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{path}:{line}: cannot parse {what}")]
     Parse {
@@ -238,6 +243,27 @@ pub fn read_stat(pid: u32) -> Result<Stat, ProcError> {
     parse_stat(&read(pid, "stat")?, &format!("/proc/{pid}/stat"))
 }
 
+/// Whether every thread of `pid` is stopped (a group stop, a tracer's): its memory cannot
+/// change while it is read. False when it cannot be told.
+pub fn is_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let path = t.path().join("stat");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return false;
+        };
+        match parse_stat(&text, &path.to_string_lossy()) {
+            Ok(s) if matches!(s.state, 'T' | 't') => any = true,
+            Ok(s) if s.is_dead() => {}
+            _ => return false,
+        }
+    }
+    any
+}
+
 /// One VMA of `/proc/PID/smaps`: its maps line and resident memory, in bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SmapsEntry {
@@ -316,210 +342,6 @@ pub fn parse_smaps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<SmapsEntr
     Ok(out)
 }
 
-/// How many huge pages khugepaged has made by collapsing small ones, system-wide (none when
-/// the kernel has no transparent huge pages). It changes when a collapse happened, in any
-/// process: the daemon then looks for collapses in the traced ones.
-pub fn khugepaged_collapses() -> Option<u64> {
-    fs::read_to_string("/sys/kernel/mm/transparent_hugepage/khugepaged/pages_collapsed")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// The transparent huge page policy that applies to `pid` now (off when the kernel has none).
-pub fn thp_policy(pid: u32) -> ThpPolicy {
-    const ROOT: &str = "/sys/kernel/mm/transparent_hugepage";
-    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
-    let mut sizes = Vec::new();
-    if let Ok(dir) = fs::read_dir(ROOT) {
-        for d in dir.filter_map(Result::ok) {
-            let name = d.file_name().to_string_lossy().into_owned();
-            if let Some(kib) = name
-                .strip_prefix("hugepages-")
-                .and_then(|n| n.strip_suffix("kB"))
-                .and_then(|n| n.parse::<u64>().ok())
-                && let Ok(text) = fs::read_to_string(d.path().join("enabled"))
-            {
-                sizes.push((kib, text));
-            }
-        }
-    }
-    // Read as bytes: the Name line holds the process's comm, which may be any bytes.
-    let status = fs::read(format!("/proc/{pid}/status")).unwrap_or_default();
-    let process_enabled = String::from_utf8_lossy(&status)
-        .lines()
-        .find_map(|l| l.strip_prefix("THP_enabled:"))
-        .is_none_or(|v| v.trim() != "0");
-    ThpPolicy {
-        zero_write_huge: kernel_release().is_some_and(|v| v >= (6, 13)),
-        ..ThpPolicy::from_settings(
-            &read(&format!("{ROOT}/enabled")),
-            &sizes,
-            &read(&format!("{ROOT}/use_zero_page")),
-            process_enabled,
-        )
-    }
-}
-
-/// The inode of the kernel's first PID namespace (`PROC_PID_INIT_INO`), the one the kernel's
-/// own pids belong to.
-const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
-
-/// The PID namespace vmatrace runs in, as the eBPF programs name it; the kernel's own when it
-/// runs in the first one (or cannot tell). In a PID namespace of its own (a container) the
-/// pids it is given and sees in `/proc` are that namespace's, so the programs report those.
-pub fn own_pid_namespace() -> PidNamespace {
-    use std::os::unix::fs::MetadataExt as _;
-    match fs::metadata("/proc/self/ns/pid") {
-        Ok(m) if m.ino() != INITIAL_PID_NAMESPACE => PidNamespace {
-            // The kernel compares its own `dev_t` encoding (major << 20 | minor), not the
-            // one `stat` gives.
-            dev: (u64::from(libc::major(m.dev())) << 20) | u64::from(libc::minor(m.dev())),
-            ino: m.ino(),
-        },
-        _ => PidNamespace::KERNEL,
-    }
-}
-
-/// The pids of `pid` in each PID namespace it belongs to, from the reader's outward in
-/// (`NSpid` in `/proc/PID/status`): one entry for a process of the reader's namespace, more
-/// for one in a container (the last is its pid there).
-pub fn namespace_pids(pid: u32) -> Vec<u32> {
-    // Read as bytes: the Name line holds the process's comm, which may be any bytes.
-    let status = fs::read(format!("/proc/{pid}/status")).unwrap_or_default();
-    String::from_utf8_lossy(&status)
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .map(|v| {
-            v.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The running kernel's version as (major, minor), from `/proc/sys/kernel/osrelease`.
-pub fn kernel_release() -> Option<(u32, u32)> {
-    parse_release(&fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
-}
-
-/// (major, minor) of a release string such as `6.1.0-31-amd64`.
-fn parse_release(text: &str) -> Option<(u32, u32)> {
-    let mut parts = text.trim().split(['.', '-']);
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
-/// A mapped file: path, device (`major:minor` in hex, as maps shows it) and inode.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MappedFile {
-    pub path: String,
-    pub dev: Option<String>,
-    pub inode: Option<u64>,
-}
-
-/// Device and inode of `path` (`stat`, following links), in the form maps uses.
-pub fn file_id(path: &std::path::Path) -> (Option<String>, Option<u64>) {
-    use std::os::unix::fs::MetadataExt;
-    match fs::metadata(path) {
-        Ok(m) => {
-            let dev = m.dev();
-            (
-                Some(format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev))),
-                Some(m.ino()),
-            )
-        }
-        Err(_) => (None, None),
-    }
-}
-
-/// The file that a `mmap` of file offset `offset` returning `addr` mapped, as the kernel shows
-/// it now: the VMA at `addr` in `/proc/PID/maps`, named by its `map_files` link (the mapped
-/// file itself: exact bytes, and `stat` through it reaches that file whatever its name is now).
-/// None when what is mapped at `addr` now cannot be that mapping (unmapped, anonymous, or a
-/// file at another offset: replaced since the call), rather than a guess through a file
-/// descriptor that may have been closed and reused since.
-pub fn mapped_file(pid: u32, addr: u64, offset: u64) -> Option<MappedFile> {
-    let maps = read_maps(pid).ok()?;
-    let e = maps.iter().find(|e| e.start <= addr && addr < e.end)?;
-    if e.inode == 0 || e.offset.checked_add(addr - e.start)? != offset {
-        return None;
-    }
-    let link = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", e.start, e.end));
-    let (dev, inode) = file_id(&link);
-    if inode.is_some_and(|i| i != e.inode) {
-        // Replaced between the two reads.
-        return None;
-    }
-    let path = match fs::read_link(&link) {
-        Ok(p) => crate::name::from_os(p.as_os_str()),
-        Err(_) => e.path.clone()?,
-    };
-    Some(MappedFile {
-        path,
-        dev: dev.or_else(|| Some(e.dev.clone())),
-        inode: Some(e.inode),
-    })
-}
-
-/// The size and key of System V segment `shmid`, from `/proc/sysvipc/shm`.
-pub fn shm_segment(shmid: u64) -> Option<(u64, u64)> {
-    let text = fs::read_to_string("/proc/sysvipc/shm").ok()?;
-    text.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        // key shmid perms size ...
-        (f.get(1)?.parse::<u64>().ok()? == shmid)
-            .then(|| {
-                Some((
-                    f.get(3)?.parse().ok()?,
-                    f.first()?.parse::<i64>().ok()? as u64,
-                ))
-            })
-            .flatten()
-    })
-}
-
-/// The size and key of the System V segment `pid` has attached at `addr`, from its own map:
-/// the pieces of that attach (same segment id in the inode column, offsets from `addr`). The
-/// process's map is read in its own IPC namespace's terms, unlike `/proc/sysvipc/shm`.
-pub fn attached_segment(pid: u32, addr: u64) -> Option<(u64, u64)> {
-    let maps = read_maps(pid).ok()?;
-    let first = maps.iter().find(|m| {
-        m.start == addr
-            && m.offset == 0
-            && m.path.as_deref().is_some_and(|p| p.starts_with("/SYSV"))
-    })?;
-    let end = maps
-        .iter()
-        .filter(|m| m.inode == first.inode && m.start >= addr && m.start - m.offset == addr)
-        .map(|m| m.end)
-        .max()?;
-    let key = first
-        .path
-        .as_deref()
-        .and_then(|p| p.get(5..13))
-        .and_then(|k| u64::from_str_radix(k, 16).ok())
-        .unwrap_or(0);
-    Some((end - addr, key))
-}
-
-/// The pid a pidfd held by `pid` refers to (`process_madvise`).
-pub fn pidfd_target(pid: u32, fd: i32) -> Option<u32> {
-    let text = fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// This machine's `vm.max_map_count`.
-pub fn max_map_count() -> Option<u64> {
-    fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-}
-
 /// Whether an ELF header (the first bytes of a program) is of a 32-bit program.
 pub fn elf_is_32bit(header: &[u8]) -> bool {
     // e_ident: the magic, then EI_CLASS (1: ELFCLASS32, 2: ELFCLASS64).
@@ -564,11 +386,6 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * u64::try_from(page).ok()?)
-}
-
-/// Whether `pid` exists.
-pub fn exists(pid: u32) -> bool {
-    PathBuf::from(format!("/proc/{pid}")).exists()
 }
 
 #[cfg(test)]
@@ -620,6 +437,30 @@ mod tests {
         assert_eq!(parse_stat(&stat, "t").expect("parses").start_brk, 47);
         // Fields after the name must still be text.
         assert!(parse_stat(b"42 (a) S \xff 5", "t").is_err());
+    }
+
+    #[test]
+    fn a_process_is_stopped_only_while_all_its_threads_are() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let pid = child.id();
+        assert!(!is_stopped(pid), "running (sleeping)");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !is_stopped(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(is_stopped(pid), "after SIGSTOP");
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!is_stopped(pid), "after SIGCONT");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!is_stopped(pid), "gone");
     }
 
     #[test]
