@@ -83,12 +83,19 @@ pub fn model_ranges(space: &AddressSpace) -> Vec<Range> {
 
 /// Lines present in one map and not the other, `-` for `expected` only, `+` for `actual` only.
 pub fn diff(expected: &[Range], actual: &[Range]) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in expected.iter().filter(|r| !actual.contains(r)) {
-        out.push(format!("- {r}"));
-    }
-    for r in actual.iter().filter(|r| !expected.contains(r)) {
-        out.push(format!("+ {r}"));
-    }
-    out
+    differences(expected, actual)
+        .map(|(sign, r)| format!("{sign} {r}"))
+        .collect()
+}
+
+/// The ranges of [`diff`] with their sign, `'-'` for `expected` only, `'+'` for `actual` only.
+pub fn differences<'a>(
+    expected: &'a [Range],
+    actual: &'a [Range],
+) -> impl Iterator<Item = (char, &'a Range)> {
+    let only_expected = expected.iter().filter(|r| !actual.contains(r));
+    let only_actual = actual.iter().filter(|r| !expected.contains(r));
+    only_expected
+        .map(|r| ('-', r))
+        .chain(only_actual.map(|r| ('+', r)))
 }

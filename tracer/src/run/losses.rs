@@ -70,6 +70,9 @@ impl Live {
                 continue;
             };
             self.resync_unconfirmed |= !stopped && !only_confirming;
+            if let Some(r) = self.reconcile.as_mut() {
+                r.replaced(pid);
+            }
             crate::driver::seed(
                 &mut self.session,
                 &mut *self.sink,

@@ -115,8 +115,8 @@ struct Live {
     events: u64,
     /// Paths of the fds traced processes opened, by (pid, fd).
     opened: HashMap<(u32, i32), String>,
-    /// Differences from /proc/PID/maps at the previous `--reconcile` check.
-    drift_seen: HashMap<u32, Vec<String>>,
+    /// What `--reconcile` keeps between its rounds (`None` without it).
+    reconcile: Option<reconcile::Rounds>,
     /// Decoded events, until they can be handled in time order.
     order: Reorder<Event>,
     /// Events released to be handled (kept for its capacity).
@@ -277,6 +277,9 @@ impl Live {
         }
         let applied = crate::driver::step(&mut self.session, self.sink.as_mut(), &ev, true)
             .map_err(RunError::Write)?;
+        if let Some(r) = self.reconcile.as_mut() {
+            r.note(&ev, &applied);
+        }
         let mut follow_up = Vec::new();
         if let (Some(heap), Event::Syscall(s), Applied::Syscall { effect, .. }) =
             (self.heap.as_mut(), &ev, &applied)
@@ -563,7 +566,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         unread_total: 0,
         events: 0,
         opened: HashMap::new(),
-        drift_seen: HashMap::new(),
+        reconcile: cfg.reconcile.map(|_| reconcile::Rounds::default()),
         recovered_execs: HashSet::new(),
         resync_due: false,
         losing: false,
