@@ -178,9 +178,21 @@ pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>,
     let map = Pagemap::open(pid)?;
     let frames = ZeroFrames::of_this_kernel();
     let mut runs = Vec::new();
-    for e in smaps.iter().filter(|e| e.rss > 0) {
+    for e in smaps {
         let vma = e.map.to_vma(0);
         if matches!(vma.backing, Backing::Special(_)) {
+            continue;
+        }
+        // `Rss` counts no zero page (the kernel's `vm_normal_page` gives none for it): a
+        // private anonymous VMA that was only read (`MADV_POPULATE_READ`, a read scan) has
+        // `Rss` 0 and every page present. Swapped pages are not in `Rss` either.
+        let may_hold_zero_pages = vma.perms.read
+            && !vma.perms.shared
+            && matches!(
+                vma.backing,
+                Backing::Anonymous | Backing::Heap | Backing::Stack
+            );
+        if e.rss == 0 && e.swap == 0 && !may_hold_zero_pages {
             continue;
         }
         map.scan(

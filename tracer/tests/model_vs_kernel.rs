@@ -4,7 +4,11 @@
 
 mod common;
 
-use std::{path::Path, process::Command};
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+};
 
 use common::*;
 use tracer::{
@@ -590,6 +594,61 @@ fn kernel_zero_bytes(pid: u32, start: u64, end: u64) -> u64 {
         .filter(|r| r.kind == tracer::model::TouchKind::Zero)
         .map(|r| r.end - r.start)
         .sum()
+}
+
+#[test]
+fn an_attach_seeds_the_zero_pages_of_memory_that_was_only_read() {
+    if !privileged("an_attach_seeds_the_zero_pages_of_memory_that_was_only_read") {
+        return;
+    }
+    // `Rss` counts no zero page: a seed that skipped VMAs without Rss lost them (and so did a
+    // resync after lost events, which reads the maps the same way).
+    let mut child = Command::new(workload())
+        .arg("read-only")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("workload runs");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = KillOnDrop(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .find_map(|l| l.ok().filter(|l| l.starts_with("read-only ")))
+        .expect("the workload's regions");
+    let w: Vec<i64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let pid = child.0.id();
+    wait_until_stopped(pid, "the workload to stop");
+    let mut regions = vec![(w[2] as u64, (w[2] + w[3]) as u64)];
+    if tracer::procfs::kernel_release().is_some_and(|v| v >= (5, 14)) {
+        assert_eq!(w[4], 0, "madvise(MADV_POPULATE_READ) succeeded");
+        regions.push((w[0] as u64, (w[0] + w[1]) as u64));
+    }
+    let smaps = procfs::read_smaps(pid).expect("smaps");
+    let out = temp_path("read-only-attach.ndjson");
+    let out_s = out.to_string_lossy().into_owned();
+    let mut attached = spawn(&["-p", &pid.to_string(), "--json", "-o", &out_s]);
+    let seed = seed_snapshot(240, &out);
+    for (start, end) in regions {
+        let kernel = kernel_zero_bytes(pid, start, end);
+        assert_eq!(
+            kernel,
+            end - start,
+            "the kernel maps zero pages in {start:#x}-{end:#x}"
+        );
+        assert_eq!(
+            model_bytes(&seed, |v| v.zero_page_bytes, start, end),
+            kernel,
+            "seeded zero pages in {start:#x}-{end:#x}"
+        );
+    }
+    let (total, worst, where_) = anon_difference(&seed, &smaps);
+    assert_eq!(total, 0, "seed vs smaps (worst {worst}: {where_})");
+    kill(attached.child.id(), libc::SIGINT);
+    assert!(attached.child.wait().expect("ends").success());
+    drop(child);
 }
 
 #[test]

@@ -177,6 +177,28 @@ fn sparse_scan() {
     munmap(raw2, len2 + MIB2);
 }
 
+/// Memory that was only read: a 16 MiB mapping populated with `MADV_POPULATE_READ` (Linux
+/// 5.14+; its result printed) and a 1 MiB one read page by page, both `MADV_NOHUGEPAGE` (small
+/// zero pages). `Rss` counts neither (zero pages are no normal page), so a model seeded from
+/// `/proc` must read them from pagemap. Then a stop, for a `-p` attach to compare.
+fn read_only() {
+    let populated = anon(16 << 20);
+    let read = anon(1 << 20);
+    for (a, len) in [(populated, 16 << 20), (read, 1 << 20)] {
+        // SAFETY: advice on memory this program mapped.
+        unsafe { libc::madvise(a as *mut _, len, libc::MADV_NOHUGEPAGE) };
+    }
+    // SAFETY: advice on memory this program mapped.
+    let r = unsafe { libc::madvise(populated as *mut _, 16 << 20, libc::MADV_POPULATE_READ) };
+    let sum = read_touch(read, 1 << 20);
+    say(&format!(
+        "read-only {populated} {} {read} {} {r} {sum}",
+        16 << 20,
+        1 << 20
+    ));
+    checkpoint("read");
+}
+
 /// Issue #17 (huge pages made without a fault): two 2 MiB blocks, aligned, in VMAs of their
 /// own (the block between them unmapped), first touched as small pages under
 /// `MADV_NOHUGEPAGE` (a write and a read in each); then `MADV_HUGEPAGE`, and `MADV_COLLAPSE`
@@ -1414,6 +1436,7 @@ fn main() {
         Some("busy") => busy(arg(&args, 2, 4), arg(&args, 3, 10) as u64),
         Some("malloc-mt") => malloc_mt(arg(&args, 2, 4), arg(&args, 3, 100_000)),
         Some("malloc-calls") => malloc_calls(arg(&args, 2, 1_000_000)),
+        Some("read-only") => read_only(),
         Some("spin") => spin(arg(&args, 2, 1000) as u64, arg(&args, 3, 0) as u64),
         Some("exit") => std::process::exit(arg(&args, 2, 0) as i32),
         Some("leader-exits-first") => leader_exits_first(arg(&args, 2, 300) as u64),
@@ -1429,7 +1452,7 @@ fn main() {
         Some("fd-reuse") => fd_reuse(args.get(2).map_or("/tmp", String::as_str)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|sparse-scan|collapse|vfork-map|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|malloc-calls I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
+                "usage: workload basic|ids|thp|sparse-scan|read-only|collapse|vfork-map|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|malloc-calls I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
             );
             std::process::exit(2);
         }

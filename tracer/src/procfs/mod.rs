@@ -274,6 +274,8 @@ pub struct SmapsEntry {
     pub anon_huge: u64,
     /// Anonymous memory freed with `MADV_FREE`, not yet reclaimed (`LazyFree`).
     pub lazyfree: u64,
+    /// Pages swapped out (`Swap`): touched, and in no frame now.
+    pub swap: u64,
 }
 
 /// `/proc/PID/smaps`.
@@ -301,6 +303,7 @@ pub fn parse_smaps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<SmapsEntr
                 anonymous: 0,
                 anon_huge: 0,
                 lazyfree: 0,
+                swap: 0,
             });
             continue;
         }
@@ -325,6 +328,7 @@ pub fn parse_smaps(text: impl AsRef<[u8]>, origin: &str) -> Result<Vec<SmapsEntr
             }
             "AnonHugePages:" => last.anon_huge = kb()?,
             "LazyFree:" => last.lazyfree = kb()?,
+            "Swap:" => last.swap = kb()?,
             "VmFlags:" => {
                 for flag in line.split_whitespace().skip(1) {
                     match flag {

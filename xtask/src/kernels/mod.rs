@@ -54,6 +54,7 @@ const SMOKE: &[(&str, &[&str])] = &[
             "model_matches_proc_maps_and_smaps_at_every_checkpoint",
             "a_followed_fork_child_matches_its_own_maps_and_smaps",
             "a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block",
+            "an_attach_seeds_the_zero_pages_of_memory_that_was_only_read",
             "collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged",
             "a_child_sharing_memory_changes_its_parents_model",
             "threads_racing_on_the_same_addresses_match_the_kernel",
