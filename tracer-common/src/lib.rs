@@ -44,6 +44,8 @@ pub enum EventKind {
     /// [`SyscallEvent::commit_ts_ns`] repeats. Userspace holds back what follows until that
     /// syscall's record arrives. Header only: [`CommitEvent`].
     Commit = 12,
+    /// Registers and stack words at an allocator entry returning into a wrapper: [`HeapStack`].
+    HeapStack = 13,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -62,6 +64,7 @@ impl TryFrom<u32> for EventKind {
             10 => Self::HeapBatch,
             11 => Self::Join,
             12 => Self::Commit,
+            13 => Self::HeapStack,
             other => return Err(other),
         })
     }
@@ -373,6 +376,35 @@ pub struct HeapEvent {
     pub args: [u64; 4],
 }
 
+/// The registers and top of the user stack at an allocator function's entry, written (before
+/// the entry's own [`HeapEvent`]) when the address the call will return to is one the daemon
+/// put in `HEAP_WRAPPER_SITES`: code of an allocation wrapper (`operator new`,
+/// `__rust_alloc`, `PyMem_RawMalloc`), through which the daemon unwinds to the code that
+/// called it. `header.detail` is 0; userspace finds the entry by thread and stack pointer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HeapStack {
+    pub header: EventHeader,
+    /// As [`StackHead::regs`], at the function's first instruction (x86-64: `sp` points at
+    /// the return address).
+    pub regs: [u64; 4],
+    /// The user stack from `regs[1]` up; words that could not be read are 0.
+    pub words: [u64; HEAP_STACK_WORDS],
+}
+
+/// Words of user stack in a [`HeapStack`]: enough for a wrapper or two.
+pub const HEAP_STACK_WORDS: usize = 16;
+
+/// A key of `HEAP_WRAPPER_SITES`: a process and an address in a wrapper that its allocator
+/// calls return to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct WrapperSite {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
 /// Allocator events gathered on one CPU, written as one record when the batch is full and
 /// whenever the daemon asks (`heap_flush`); the record is cut after the events it holds.
 /// Like [`FaultBatch`], its `head.header.ts_ns` is a watermark: every allocator event this CPU
@@ -496,6 +528,8 @@ const _: () = assert!(core::mem::size_of::<OpenEvent>() == 256);
 const _: () = assert!(core::mem::size_of::<PendingSyscall>() == 88);
 const _: () = assert!(core::mem::size_of::<HeapEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<HeapBatch>() == 32 + 72 * HEAP_BATCH_LEN);
+const _: () = assert!(core::mem::size_of::<HeapStack>() == 24 + 32 + 8 * HEAP_STACK_WORDS);
+const _: () = assert!(core::mem::size_of::<WrapperSite>() == 16);
 const _: () = assert!(core::mem::size_of::<StackHead>() == 64);
 const _: () =
     assert!(core::mem::size_of::<StackRecord>() == 64 + 8 * STACK_FRAMES_MAX + STACK_COPY_MAX);
@@ -508,4 +542,6 @@ mod pod {
     unsafe impl aya::Pod for super::PendingSyscall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::layout::KernelLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::WrapperSite {}
 }

@@ -16,17 +16,18 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::bpf_probe_read_user,
+    helpers::{bpf_probe_read_user, generated as raw_helpers},
     macros::map,
     maps::{HashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
-    EventHeader, EventKind, HEAP_CHUNK, HEAP_MEMPTR, HEAP_RETURN, HeapBatch, HeapEvent, Stat,
+    EventHeader, EventKind, HEAP_CHUNK, HEAP_MEMPTR, HEAP_RETURN, HEAP_STACK_WORDS, HeapBatch,
+    HeapEvent, HeapStack, Stat, WrapperSite,
 };
 
 use crate::{
-    arch::{SP_AFTER_RETURN, UPROBE_IP_SP_OFFSETS},
+    arch::{SP_AFTER_RETURN, STACK_REG_OFFSETS, UPROBE_IP_SP_OFFSETS},
     batch,
     maps::{EVENTS, count, current_ids, is_target, now_ns, wakeup_flags},
 };
@@ -46,6 +47,12 @@ pub static HEAP_BATCH: PerCpuArray<HeapSlot> = PerCpuArray::with_max_entries(1, 
 /// entry by thread id until the return reads the block through it.
 #[map]
 pub static SAVED_MEMPTR: HashMap<u32, u64> = HashMap::with_max_entries(16384, 0);
+
+/// Addresses in allocation wrappers (`operator new`, `__rust_alloc`, ...) that allocator
+/// calls of a process return to, put here by the daemon when it names such a call site: the
+/// entries of calls returning there also write a [`HeapStack`], to unwind past the wrapper.
+#[map]
+pub static HEAP_WRAPPER_SITES: HashMap<WrapperSite, u8> = HashMap::with_max_entries(4096, 0);
 
 /// Reads the `u64` at `offset` of the probe's `struct pt_regs` (an aligned context load).
 #[inline(always)]
@@ -77,12 +84,64 @@ pub fn try_entry(ctx: &ProbeContext, chunk: bool, memptr: bool) -> Result<u32, u
         let _ = SAVED_MEMPTR.insert(tid, a0, 0);
     }
     let (ip, sp) = UPROBE_IP_SP_OFFSETS;
+    let sp = reg(ctx, sp);
+    wrapper_stack(ctx, tgid, tid, sp);
     emit(HeapEvent {
         header: EventHeader::new(EventKind::Heap, tgid, tid, detail, 0),
         ip: reg(ctx, ip),
-        sp: reg(ctx, sp) + SP_AFTER_RETURN,
+        sp: sp + SP_AFTER_RETURN,
         args: [a0, a1, a2, size_word],
     })
+}
+
+/// At an entry whose call returns into a wrapper the daemon named (`HEAP_WRAPPER_SITES`),
+/// writes the registers and the top of the stack ([`HeapStack`]) before the entry's event.
+#[inline(always)]
+fn wrapper_stack(ctx: &ProbeContext, tgid: u32, tid: u32, sp: u64) {
+    let [ip_at, sp_at, fp_at, lr_at] = STACK_REG_OFFSETS;
+    let lr = lr_at.map_or(0, |o| reg(ctx, o));
+    // x86-64: `call` pushed the return address; arm64 keeps it in the link register.
+    let ret = if SP_AFTER_RETURN == 0 {
+        lr
+    } else {
+        // SAFETY: a user address read with the fault-tolerant helper.
+        unsafe { bpf_probe_read_user(sp as *const u64) }.unwrap_or(0)
+    };
+    let key = WrapperSite {
+        tgid,
+        _pad: 0,
+        addr: ret,
+    };
+    // SAFETY: a lookup; the value is not kept.
+    if ret == 0 || unsafe { HEAP_WRAPPER_SITES.get(key) }.is_none() {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<HeapStack>(0) else {
+        count(Stat::LostHeap);
+        return;
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: a `HeapStack`-sized, aligned reservation, written field by field; the copy is
+    // a fault-tolerant read of user memory into it (zeroed where it fails).
+    unsafe {
+        (*rec).header = EventHeader::new(EventKind::HeapStack, tgid, tid, 0, now_ns());
+        (*rec).regs = [
+            ip_at.map_or(0, |o| reg(ctx, o)),
+            sp_at.map_or(0, |o| reg(ctx, o)),
+            fp_at.map_or(0, |o| reg(ctx, o)),
+            lr,
+        ];
+        let words = &raw mut (*rec).words;
+        if raw_helpers::bpf_probe_read_user(
+            words.cast(),
+            size_of::<[u64; HEAP_STACK_WORDS]>() as u32,
+            sp as *const core::ffi::c_void,
+        ) != 0
+        {
+            words.write([0; HEAP_STACK_WORDS]);
+        }
+    }
+    entry.submit(wakeup_flags(size_of::<HeapStack>() as u64));
 }
 
 /// An allocator function's return. `chunk`: read the glibc chunk header of the block returned;

@@ -407,7 +407,10 @@ pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
         u64::from(header.detail.min(FAULT_BATCH_LEN as u32))
     } else if header.kind == EventKind::HeapBatch as u32 {
         u64::from(header.detail.min(HEAP_BATCH_LEN as u32))
-    } else if header.kind == EventKind::Stack as u32 || header.kind == EventKind::Commit as u32 {
+    } else if header.kind == EventKind::Stack as u32
+        || header.kind == EventKind::Commit as u32
+        || header.kind == EventKind::HeapStack as u32
+    {
         // A stack belongs to the event after it; a commit to a syscall's record.
         0
     } else {
@@ -478,7 +481,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let _: JoinEvent = read(bytes)?;
             Event::Join { ts_ns, pid, tid }
         }
-        EventKind::FaultBatch | EventKind::Stack | EventKind::Commit => {
+        EventKind::FaultBatch | EventKind::Stack | EventKind::Commit | EventKind::HeapStack => {
             return Err(DecodeError::BatchKind(header.kind));
         }
         EventKind::HeapBatch => return Err(DecodeError::HeapBatchKind(header.kind)),

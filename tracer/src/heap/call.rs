@@ -1,7 +1,11 @@
 //! Allocator calls: the functions vmatrace probes, the raw entry and return records the kernel
 //! writes, and the paired call that the model applies and recordings hold.
 
-use tracer_common::{HEAP_CHUNK, HEAP_RETURN, HeapEvent};
+use tracer_common::{
+    EventHeader, EventKind, HEAP_CHUNK, HEAP_RETURN, HEAP_STACK_WORDS, HeapEvent, HeapStack,
+};
+
+use crate::event::DecodeError;
 
 /// The allocator a library is, from the symbols it defines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -185,8 +189,68 @@ impl HeapFn {
 
 crate::by_name::serde_by_name!(HeapFn, "allocator call");
 
+/// The registers and top of the user stack at an allocator function's entry: what the call
+/// site is unwound from when the code that called the function is a wrapper (`operator new`,
+/// `__rust_alloc`, `PyMem_RawMalloc`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryStack {
+    /// As a stack record's: x86_64 `[ip, sp, bp, 0]`; aarch64 `[pc, sp, fp, lr]`, with `sp`
+    /// the function's own (on x86_64 the return address is the first word).
+    pub regs: [u64; 4],
+    /// The stack from `regs[1]` up.
+    pub words: [u64; HEAP_STACK_WORDS],
+}
+
+impl EntryStack {
+    /// The copied stack as bytes, as a stack record holds it.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.words.iter().flat_map(|w| w.to_ne_bytes()).collect()
+    }
+
+    /// The [`HeapStack`] record in `bytes` (its header, and the stack), or `None` when the
+    /// record is of another kind.
+    pub fn decode(bytes: &[u8]) -> Result<Option<(EventHeader, EntryStack)>, DecodeError> {
+        if bytes.len() < size_of::<EventHeader>() {
+            return Ok(None);
+        }
+        // SAFETY: the length was checked; plain-old-data ABI types read unaligned.
+        let header: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        if header.kind != EventKind::HeapStack as u32 {
+            return Ok(None);
+        }
+        if bytes.len() < size_of::<HeapStack>() {
+            return Err(DecodeError::Short {
+                got: bytes.len(),
+                need: size_of::<HeapStack>(),
+            });
+        }
+        // SAFETY: as above.
+        let rec: HeapStack = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Ok(Some((
+            header,
+            EntryStack {
+                regs: rec.regs,
+                words: rec.words,
+            },
+        )))
+    }
+
+    /// The stack pointer the entry's call returns with (the [`HeapRaw::sp`] of the entry it
+    /// belongs to).
+    pub fn return_sp(&self) -> u64 {
+        self.regs[1].wrapping_add(RETURN_ADDRESS_BYTES)
+    }
+}
+
+/// On x86_64 an allocator function's entry is stamped with the stack pointer the call returns
+/// with, above the return address `call` pushed; its own is one word lower.
+#[cfg(target_arch = "x86_64")]
+const RETURN_ADDRESS_BYTES: u64 = 8;
+#[cfg(not(target_arch = "x86_64"))]
+const RETURN_ADDRESS_BYTES: u64 = 0;
+
 /// One raw record of the kernel: an allocator function's entry or return, not yet paired.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeapRaw {
     pub ts_ns: u64,
     pub pid: u32,
@@ -200,17 +264,22 @@ pub struct HeapRaw {
     /// The stack pointer once the call has returned (equal for an entry and its return).
     pub sp: u64,
     pub args: [u64; 4],
+    /// An entry's registers and stack words, when the kernel wrote them (a call returning
+    /// into a wrapper, see [`EntryStack`]).
+    pub stack: Option<Box<EntryStack>>,
 }
 
 impl HeapRaw {
     /// From the kernel's record.
     pub fn from_event(e: &HeapEvent) -> Self {
         let d = e.header.detail;
+        let ret = d & HEAP_RETURN != 0;
         Self {
+            stack: None,
             ts_ns: e.header.ts_ns,
             pid: e.header.tgid,
             tid: e.header.tid,
-            ret: d & HEAP_RETURN != 0,
+            ret,
             chunk: d & HEAP_CHUNK != 0,
             ip: e.ip,
             sp: e.sp,
@@ -283,8 +352,11 @@ pub struct HeapCall {
     pub freed_chunk: Option<Chunk>,
     /// The call site: the address the call returned to (0: not known, as for frees).
     pub caller: u64,
-    /// The call site's one-frame stack (the id of a `stack` record), named while recording.
+    /// The call site's stack (the id of a `stack` record), named while recording.
     pub stack: Option<u64>,
+    /// The entry's registers and stack words, to unwind the call site through wrappers
+    /// (live only: not in recordings).
+    pub entry_stack: Option<Box<EntryStack>>,
 }
 
 /// What a call does to the live blocks.
@@ -317,6 +389,7 @@ impl HeapCall {
             freed_chunk: None,
             caller: 0,
             stack: None,
+            entry_stack: None,
         }
     }
 
@@ -393,6 +466,41 @@ impl HeapCall {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_heap_stack_record_decodes_to_the_entry_it_belongs_to() {
+        let mut rec = HeapStack {
+            header: EventHeader {
+                kind: EventKind::HeapStack as u32,
+                tgid: 3,
+                tid: 4,
+                detail: 0,
+                ts_ns: 10,
+            },
+            regs: [0x7000, 0x9000, 0x9100, 0],
+            ..HeapStack::default()
+        };
+        rec.words[0] = 0x4242;
+        // SAFETY: test helper over a plain-old-data ABI type.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&rec as *const HeapStack).cast::<u8>(),
+                size_of::<HeapStack>(),
+            )
+        };
+        let (header, stack) = EntryStack::decode(bytes)
+            .expect("decodes")
+            .expect("a stack");
+        assert_eq!((header.tgid, header.tid, header.ts_ns), (3, 4, 10));
+        assert_eq!(stack.regs, rec.regs);
+        // On x86_64 the entry's own sp is one word below the one its call returns with.
+        assert_eq!(stack.return_sp(), 0x9000 + RETURN_ADDRESS_BYTES);
+        assert_eq!(stack.bytes()[..8], 0x4242u64.to_ne_bytes());
+        assert!(EntryStack::decode(&bytes[..bytes.len() - 1]).is_err());
+        let mut other = bytes.to_vec();
+        other[..4].copy_from_slice(&(EventKind::Heap as u32).to_ne_bytes());
+        assert_eq!(EntryStack::decode(&other), Ok(None));
+    }
 
     #[test]
     fn symbols_name_the_functions_and_aliases() {

@@ -22,7 +22,7 @@ const STALE_NS: u64 = 10_000_000_000;
 const TAIL_CALL_NS: u64 = 1_000_000;
 
 /// An entry waiting for its return.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Pending {
     raw: HeapRaw,
     func: HeapFn,
@@ -62,7 +62,7 @@ impl Pairing {
     /// names the function at an entry's address in a process.
     pub fn push(
         &mut self,
-        raw: &HeapRaw,
+        raw: HeapRaw,
         resolve: impl FnOnce(u32, u64) -> Option<(HeapFn, Allocator)>,
     ) -> Option<HeapCall> {
         let key = (raw.pid, raw.tid);
@@ -91,7 +91,7 @@ impl Pairing {
             let nested = !stack.is_empty();
             if func.has_return() {
                 stack.push(Pending {
-                    raw: *raw,
+                    raw,
                     func,
                     allocator,
                 });
@@ -132,7 +132,7 @@ impl Pairing {
             self.stats.nested += 1;
             return None;
         }
-        Some(call(&entry.raw, Some(raw), entry.func, entry.allocator))
+        Some(call(entry.raw, Some(&raw), entry.func, entry.allocator))
     }
 
     /// Forgets the waiting entries of `pid` (it exec'd or exited).
@@ -147,7 +147,7 @@ impl Pairing {
 }
 
 /// The call of an entry and its return (None: a call without a return probe).
-fn call(entry: &HeapRaw, ret: Option<&HeapRaw>, func: HeapFn, allocator: Allocator) -> HeapCall {
+fn call(entry: HeapRaw, ret: Option<&HeapRaw>, func: HeapFn, allocator: Allocator) -> HeapCall {
     let [a0, a1, a2, size_word] = entry.args;
     let mut c = HeapCall {
         ts_ns: ret.map_or(entry.ts_ns, |r| r.ts_ns),
@@ -163,6 +163,7 @@ fn call(entry: &HeapRaw, ret: Option<&HeapRaw>, func: HeapFn, allocator: Allocat
         freed_chunk: None,
         caller: ret.map_or(0, |r| r.ip),
         stack: None,
+        entry_stack: None,
     };
     if allocator == Allocator::Glibc {
         if let Some(r) = ret.filter(|r| r.chunk && r.args[1] != 0) {
@@ -172,6 +173,7 @@ fn call(entry: &HeapRaw, ret: Option<&HeapRaw>, func: HeapFn, allocator: Allocat
             c.freed_chunk = Chunk::decode(0, size_word, 0);
         }
     }
+    c.entry_stack = entry.stack;
     c
 }
 
@@ -203,6 +205,7 @@ mod tests {
             ip,
             sp,
             args: [args[0], args[1], args[2], 0],
+            stack: None,
         }
     }
 
@@ -216,6 +219,7 @@ mod tests {
             ip: 0x4242,
             sp,
             args: [value, value, 0, 0],
+            stack: None,
         }
     }
 
@@ -223,17 +227,17 @@ mod tests {
     fn an_entry_and_its_return_make_one_call() {
         let mut p = Pairing::default();
         assert!(
-            p.push(&entry(1, 5, MALLOC, 0x9000, [100, 0, 0]), resolve)
+            p.push(entry(1, 5, MALLOC, 0x9000, [100, 0, 0]), resolve)
                 .is_none()
         );
-        let c = p.push(&ret(2, 5, 0x9000, 0xa0), resolve).expect("a call");
+        let c = p.push(ret(2, 5, 0x9000, 0xa0), resolve).expect("a call");
         assert_eq!(
             (c.func, c.args[0], c.ptr, c.ts_ns, c.enter_ts_ns, c.caller),
             (HeapFn::Malloc, 100, 0xa0, 2, 1, 0x4242)
         );
         // free has no return: its entry is the call.
         let c = p
-            .push(&entry(3, 5, FREE, 0x9000, [0xa0, 0, 0]), resolve)
+            .push(entry(3, 5, FREE, 0x9000, [0xa0, 0, 0]), resolve)
             .expect("a call");
         assert_eq!((c.func, c.args[0], c.ts_ns), (HeapFn::Free, 0xa0, 3));
         assert_eq!(p.waiting(), 0);
@@ -243,19 +247,19 @@ mod tests {
     fn calls_inside_another_allocator_call_are_left_to_it() {
         let mut p = Pairing::default();
         // realloc(NULL, 64) -> malloc(64); realloc(p, 0) -> free(p).
-        p.push(&entry(1, 5, REALLOC, 0x9000, [0, 64, 0]), resolve);
-        p.push(&entry(2, 5, MALLOC, 0x8f00, [64, 0, 0]), resolve);
-        assert!(p.push(&ret(3, 5, 0x8f00, 0xb0), resolve).is_none());
+        p.push(entry(1, 5, REALLOC, 0x9000, [0, 64, 0]), resolve);
+        p.push(entry(2, 5, MALLOC, 0x8f00, [64, 0, 0]), resolve);
+        assert!(p.push(ret(3, 5, 0x8f00, 0xb0), resolve).is_none());
         let c = p
-            .push(&ret(4, 5, 0x9000, 0xb0), resolve)
+            .push(ret(4, 5, 0x9000, 0xb0), resolve)
             .expect("the realloc");
         assert_eq!((c.func, c.ptr), (HeapFn::Realloc, 0xb0));
-        p.push(&entry(5, 5, REALLOC, 0x9000, [0xb0, 0, 0]), resolve);
+        p.push(entry(5, 5, REALLOC, 0x9000, [0xb0, 0, 0]), resolve);
         assert!(
-            p.push(&entry(6, 5, FREE, 0x8f00, [0xb0, 0, 0]), resolve)
+            p.push(entry(6, 5, FREE, 0x8f00, [0xb0, 0, 0]), resolve)
                 .is_none()
         );
-        let c = p.push(&ret(7, 5, 0x9000, 0), resolve).expect("the realloc");
+        let c = p.push(ret(7, 5, 0x9000, 0), resolve).expect("the realloc");
         assert_eq!(c.effect().freed, Some(0xb0));
         assert_eq!(p.stats.nested, 2);
     }
@@ -263,30 +267,30 @@ mod tests {
     #[test]
     fn threads_are_paired_apart_and_dead_frames_dropped() {
         let mut p = Pairing::default();
-        p.push(&entry(1, 5, MALLOC, 0x9000, [1, 0, 0]), resolve);
-        p.push(&entry(2, 6, MALLOC, 0x9000, [2, 0, 0]), resolve);
-        let c6 = p.push(&ret(3, 6, 0x9000, 0x60), resolve).expect("thread 6");
-        let c5 = p.push(&ret(4, 5, 0x9000, 0x50), resolve).expect("thread 5");
+        p.push(entry(1, 5, MALLOC, 0x9000, [1, 0, 0]), resolve);
+        p.push(entry(2, 6, MALLOC, 0x9000, [2, 0, 0]), resolve);
+        let c6 = p.push(ret(3, 6, 0x9000, 0x60), resolve).expect("thread 6");
+        let c5 = p.push(ret(4, 5, 0x9000, 0x50), resolve).expect("thread 5");
         assert_eq!((c5.args[0], c6.args[0]), (1, 2));
         // A malloc whose return was lost (longjmp out of a handler, say), then another call at
         // the same depth later: the first is dropped, the second pairs.
-        p.push(&entry(5, 5, MALLOC, 0x9000, [3, 0, 0]), resolve);
-        p.push(&entry(5_000_000, 5, MALLOC, 0x9000, [4, 0, 0]), resolve);
+        p.push(entry(5, 5, MALLOC, 0x9000, [3, 0, 0]), resolve);
+        p.push(entry(5_000_000, 5, MALLOC, 0x9000, [4, 0, 0]), resolve);
         let c = p
-            .push(&ret(5_000_001, 5, 0x9000, 0x70), resolve)
+            .push(ret(5_000_001, 5, 0x9000, 0x70), resolve)
             .expect("the second");
         assert_eq!(c.args[0], 4);
         assert_eq!(p.stats.lost_returns, 1);
         // A free at the same depth is not nested in a dead malloc.
-        p.push(&entry(8_000_000, 5, MALLOC, 0x9000, [5, 0, 0]), resolve);
+        p.push(entry(8_000_000, 5, MALLOC, 0x9000, [5, 0, 0]), resolve);
         assert!(
-            p.push(&entry(19_000_000, 5, FREE, 0x9000, [0x70, 0, 0]), resolve)
+            p.push(entry(19_000_000, 5, FREE, 0x9000, [0x70, 0, 0]), resolve)
                 .is_some()
         );
         // A return without its entry, an unknown address.
-        assert!(p.push(&ret(20_000_000, 7, 0x9000, 1), resolve).is_none());
+        assert!(p.push(ret(20_000_000, 7, 0x9000, 1), resolve).is_none());
         assert!(
-            p.push(&entry(21_000_000, 5, 0xdead, 0x9000, [0; 3]), resolve)
+            p.push(entry(21_000_000, 5, 0xdead, 0x9000, [0; 3]), resolve)
                 .is_none()
         );
         assert_eq!(p.stats.returns_without_entry, 1);
@@ -305,13 +309,13 @@ mod tests {
         let mut p = Pairing::default();
         // reallocarray jumps to realloc, which jumps to malloc: one frame, three returns at
         // once.
-        p.push(&entry(1, 5, REALLOCARRAY, 0x9000, [0, 100, 30]), resolve);
-        p.push(&entry(2, 5, REALLOC, 0x9000, [0, 3000, 0]), resolve);
-        p.push(&entry(3, 5, MALLOC, 0x9000, [3000, 0, 0]), resolve);
-        assert!(p.push(&ret(4, 5, 0x9000, 0xc0), resolve).is_none());
-        assert!(p.push(&ret(4, 5, 0x9000, 0xc0), resolve).is_none());
+        p.push(entry(1, 5, REALLOCARRAY, 0x9000, [0, 100, 30]), resolve);
+        p.push(entry(2, 5, REALLOC, 0x9000, [0, 3000, 0]), resolve);
+        p.push(entry(3, 5, MALLOC, 0x9000, [3000, 0, 0]), resolve);
+        assert!(p.push(ret(4, 5, 0x9000, 0xc0), resolve).is_none());
+        assert!(p.push(ret(4, 5, 0x9000, 0xc0), resolve).is_none());
         let c = p
-            .push(&ret(4, 5, 0x9000, 0xc0), resolve)
+            .push(ret(4, 5, 0x9000, 0xc0), resolve)
             .expect("the reallocarray");
         assert_eq!(
             (c.func, c.requested(), c.ptr),
@@ -320,22 +324,19 @@ mod tests {
         assert_eq!(p.stats.lost_returns, 0);
         // A malloc whose return was lost is not taken for the caller of the next call at its
         // depth once something else happened between them.
-        p.push(&entry(10, 5, MALLOC, 0x9000, [7, 0, 0]), resolve);
-        p.push(&entry(11, 5, FREE, 0x8000, [0xc0, 0, 0]), resolve);
-        p.push(&entry(12, 5, MALLOC, 0x9000, [8, 0, 0]), resolve);
+        p.push(entry(10, 5, MALLOC, 0x9000, [7, 0, 0]), resolve);
+        p.push(entry(11, 5, FREE, 0x8000, [0xc0, 0, 0]), resolve);
+        p.push(entry(12, 5, MALLOC, 0x9000, [8, 0, 0]), resolve);
         let c = p
-            .push(&ret(13, 5, 0x9000, 0xd0), resolve)
+            .push(ret(13, 5, 0x9000, 0xd0), resolve)
             .expect("the second malloc");
         assert_eq!(c.args[0], 8);
         p.forget(1);
         // An entry left waiting for ten seconds is dead, whatever its depth.
-        p.push(&entry(10, 5, MALLOC, 0x9100, [1, 0, 0]), resolve);
-        p.push(
-            &entry(20_000_000_000, 5, MALLOC, 0x9000, [2, 0, 0]),
-            resolve,
-        );
+        p.push(entry(10, 5, MALLOC, 0x9100, [1, 0, 0]), resolve);
+        p.push(entry(20_000_000_000, 5, MALLOC, 0x9000, [2, 0, 0]), resolve);
         let c = p
-            .push(&ret(20_000_000_001, 5, 0x9000, 0x10), resolve)
+            .push(ret(20_000_000_001, 5, 0x9000, 0x10), resolve)
             .expect("a call");
         assert_eq!(c.args[0], 2);
     }
@@ -343,16 +344,16 @@ mod tests {
     #[test]
     fn glibc_headers_give_block_sizes() {
         let mut p = Pairing::default();
-        p.push(&entry(1, 5, MALLOC, 0x9000, [100, 0, 0]), resolve);
+        p.push(entry(1, 5, MALLOC, 0x9000, [100, 0, 0]), resolve);
         let mut r = ret(2, 5, 0x9000, 0xa0);
         r.chunk = true;
         r.args[3] = 112 | 1;
-        let c = p.push(&r, resolve).expect("a call");
+        let c = p.push(r, resolve).expect("a call");
         assert_eq!(c.chunk.map(|c| c.bytes), Some(112));
         let mut e = entry(3, 5, FREE, 0x9000, [0xa0, 0, 0]);
         e.chunk = true;
         e.args[3] = 112 | 1;
-        let c = p.push(&e, resolve).expect("a call");
+        let c = p.push(e, resolve).expect("a call");
         assert_eq!(c.freed_chunk.map(|c| c.bytes), Some(112));
     }
 }

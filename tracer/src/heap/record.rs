@@ -108,6 +108,7 @@ impl HeapJson {
             }),
             caller: self.caller.unwrap_or(0),
             stack: self.stack,
+            entry_stack: None,
         })
     }
 }
@@ -191,6 +192,7 @@ mod tests {
             }),
             caller: 0x40_1234,
             stack: None,
+            entry_stack: None,
         };
         let mut line = Vec::new();
         let effect = HeapEffect {

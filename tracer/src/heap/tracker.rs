@@ -10,13 +10,13 @@
 //! are missed, which the `heap_attach` record says).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use super::{
-    call::{Allocator, HeapCall, HeapFn, HeapRaw},
+    call::{Allocator, EntryStack, HeapCall, HeapFn, HeapRaw},
     elf::{self, AllocatorFile},
     pairing::{Pairing, PairingStats},
 };
@@ -82,7 +82,21 @@ pub struct HeapTracer {
     pairing: Pairing,
     /// (pid, address) -> the function there.
     resolved: HashMap<(u32, u64), Option<(HeapFn, Allocator)>>,
+    /// The kernel's stack words of entries returning into a wrapper, per (pid, tid), in time
+    /// order, until their entry is paired (they come first: written at once, the entry is
+    /// batched).
+    entry_stacks: HashMap<(u32, u32), VecDeque<TimedStack>>,
+    /// How many `entry_stacks` hold.
+    entry_stacks_held: usize,
+    /// (pid, address) put in the programs' wrapper sites.
+    wrapper_sites: HashSet<(u32, u64)>,
 }
+
+/// An entry's stack words and when the kernel wrote them.
+type TimedStack = (u64, Box<EntryStack>);
+
+/// Entry stacks held at most (an entry lost leaves its stack behind).
+const MAX_ENTRY_STACKS: usize = 16384;
 
 impl HeapTracer {
     /// A tracer whose probes go to `scope`.
@@ -94,6 +108,49 @@ impl HeapTracer {
             announced: HashSet::new(),
             pairing: Pairing::default(),
             resolved: HashMap::new(),
+            entry_stacks: HashMap::new(),
+            entry_stacks_held: 0,
+            wrapper_sites: HashSet::new(),
+        }
+    }
+
+    /// Keeps the stack words of an entry (a `HeapStack` record) until the entry is paired.
+    pub fn receive_stack(&mut self, pid: u32, tid: u32, ts_ns: u64, stack: EntryStack) {
+        if self.entry_stacks_held >= MAX_ENTRY_STACKS {
+            self.entry_stacks.clear();
+            self.entry_stacks_held = 0;
+        }
+        self.entry_stacks
+            .entry((pid, tid))
+            .or_default()
+            .push_back((ts_ns, Box::new(stack)));
+        self.entry_stacks_held += 1;
+    }
+
+    /// The stack words written just before the entry `raw` (by the same program run: the
+    /// last of its thread's older than the entry, at its stack pointer).
+    fn stack_of(&mut self, raw: &HeapRaw) -> Option<Box<EntryStack>> {
+        let queue = self.entry_stacks.get_mut(&(raw.pid, raw.tid))?;
+        let mut last = None;
+        while queue.front().is_some_and(|(ts, _)| *ts <= raw.ts_ns) {
+            last = queue.pop_front();
+            self.entry_stacks_held -= 1;
+        }
+        if queue.is_empty() {
+            self.entry_stacks.remove(&(raw.pid, raw.tid));
+        }
+        last.map(|(_, s)| s).filter(|s| s.return_sp() == raw.sp)
+    }
+
+    /// Has the programs write the stack words of `pid`'s allocator calls that return to
+    /// `addr`, code of an allocation wrapper, from now on.
+    pub fn wrapper_site(&mut self, probe: &mut Probe, pid: u32, addr: u64) {
+        if !self.wrapper_sites.insert((pid, addr)) {
+            return;
+        }
+        if let Err(e) = probe.set_wrapper_site(pid, addr, true) {
+            // A full map: those calls keep the wrapper as their site.
+            log::debug!("wrapper site {addr:#x} of {pid}: {e}");
         }
     }
 
@@ -267,7 +324,10 @@ impl HeapTracer {
     }
 
     /// Pairs one raw record; returns the call it completes.
-    pub fn pair(&mut self, raw: &HeapRaw, session: &Session) -> Option<HeapCall> {
+    pub fn pair(&mut self, mut raw: HeapRaw, session: &Session) -> Option<HeapCall> {
+        if !raw.ret && !self.entry_stacks.is_empty() {
+            raw.stack = self.stack_of(&raw);
+        }
         let (examined, resolved) = (&self.examined, &mut self.resolved);
         self.pairing.push(raw, |pid, ip| {
             *resolved
@@ -276,11 +336,28 @@ impl HeapTracer {
         })
     }
 
-    /// `pid` exec'd or exited: its waiting entries and addresses are stale.
-    pub fn forget(&mut self, pid: u32) {
+    /// `pid` exec'd or exited: its waiting entries, addresses and wrapper sites are stale.
+    pub fn forget(&mut self, probe: &mut Probe, pid: u32) {
         self.pairing.forget(pid);
         self.resolved.retain(|(p, _), _| *p != pid);
         self.announced.retain(|(p, _)| *p != pid);
+        let held = &mut self.entry_stacks_held;
+        self.entry_stacks.retain(|(p, _), q| {
+            if *p == pid {
+                *held -= q.len();
+            }
+            *p != pid
+        });
+        let sites: Vec<u64> = self
+            .wrapper_sites
+            .iter()
+            .filter(|(p, _)| *p == pid)
+            .map(|&(_, a)| a)
+            .collect();
+        for addr in sites {
+            self.wrapper_sites.remove(&(pid, addr));
+            let _ = probe.set_wrapper_site(pid, addr, false);
+        }
     }
 }
 
@@ -430,6 +507,51 @@ const LIB_DIRS: [&str; 8] = [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(ts_ns: u64, tid: u32, sp: u64) -> HeapRaw {
+        HeapRaw {
+            ts_ns,
+            pid: 1,
+            tid,
+            ret: false,
+            chunk: false,
+            ip: 0x7000,
+            sp,
+            args: [0; 4],
+            stack: None,
+        }
+    }
+
+    fn words(first: u64, sp: u64) -> EntryStack {
+        let mut words = [0; tracer_common::HEAP_STACK_WORDS];
+        words[0] = first;
+        let mut s = EntryStack {
+            regs: [0x7000, sp, 0, 0],
+            words,
+        };
+        // The entry's own sp, below what its call returns with.
+        s.regs[1] = sp - (s.return_sp() - sp);
+        s
+    }
+
+    #[test]
+    fn an_entry_takes_the_stack_words_written_just_before_it_on_its_thread() {
+        let mut h = HeapTracer::new(Scope::PerProcess);
+        // Thread 5: two calls at the same stack pointer from two callers (f, then g), whose
+        // words both came before either entry (the entries wait in a batch).
+        h.receive_stack(1, 5, 10, words(0xf, 0x9000));
+        h.receive_stack(1, 5, 30, words(0x9, 0x9000));
+        // Thread 6: words at another stack pointer than its entry's (the entry was lost).
+        h.receive_stack(1, 6, 15, words(0x6, 0x8000));
+        let first = h.stack_of(&entry(11, 5, 0x9000)).expect("f's words");
+        assert_eq!(first.words[0], 0xf);
+        // An entry with no words of its own (a call not returning into a wrapper) takes none.
+        assert!(h.stack_of(&entry(20, 5, 0x9000)).is_none());
+        assert_eq!(h.stack_of(&entry(31, 5, 0x9000)).expect("g's").words[0], 0x9);
+        assert!(h.stack_of(&entry(16, 6, 0x9000)).is_none(), "not at its sp");
+        assert_eq!(h.entry_stacks_held, 0);
+        assert!(h.entry_stacks.is_empty());
+    }
 
     #[test]
     fn each_function_gets_the_programs_its_contract_needs() {

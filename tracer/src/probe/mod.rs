@@ -22,6 +22,7 @@ use aya::{
 pub use tracer_common::layout::PidNamespace;
 use tracer_common::{
     STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC, TARGETS_GEN_USER,
+    WrapperSite,
 };
 
 pub use self::layout::ExitRule;
@@ -885,6 +886,29 @@ impl Probe {
             map.insert(id, 1, 0).map_err(map_err("CGROUPS insert"))?;
         }
         Ok(())
+    }
+
+    /// Has the allocator entry programs write the stack words of `pid`'s calls that return
+    /// to `addr` (`on`), or no longer.
+    pub fn set_wrapper_site(&mut self, pid: u32, addr: u64, on: bool) -> Result<(), ProbeError> {
+        let mut map: aya::maps::HashMap<_, WrapperSite, u8> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut("HEAP_WRAPPER_SITES")
+                .ok_or(ProbeError::Missing("HEAP_WRAPPER_SITES"))?,
+        )
+        .map_err(map_err("HEAP_WRAPPER_SITES"))?;
+        let key = WrapperSite {
+            tgid: pid,
+            _pad: 0,
+            addr,
+        };
+        if on {
+            map.insert(key, 1, 0)
+                .map_err(map_err("HEAP_WRAPPER_SITES insert"))
+        } else {
+            map.remove(&key)
+                .map_err(map_err("HEAP_WRAPPER_SITES remove"))
+        }
     }
 
     /// Stops tracing `pid` (an attach that failed halfway).

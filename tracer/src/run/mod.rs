@@ -20,7 +20,10 @@ use crate::{
     errors::Chain,
     event::{self, Event, Lane, Mark, Watermark},
     fault_access::FaultAccess,
-    heap::tracker::{HeapError, HeapTracer, Scope},
+    heap::{
+        call::EntryStack,
+        tracker::{HeapError, HeapTracer, Scope},
+    },
     launch::{self, LaunchError},
     model::normalize,
     order::Reorder,
@@ -245,7 +248,7 @@ impl Live {
             // A process of the traced cgroup, seen by the programs (now in their filter).
             return self.attached().joined(pid, ts_ns);
         }
-        if let Event::HeapRaw(raw) = &ev {
+        if let Event::HeapRaw(raw) = ev {
             let Some(call) = self.heap.as_mut().and_then(|h| h.pair(raw, &self.session)) else {
                 return Ok(());
             };
@@ -261,6 +264,11 @@ impl Live {
             // Unwound in the mappings the model has just before the event.
             let space = self.session.space_of(ev.pid());
             c.resolve(&mut ev, space);
+            if let Some(heap) = self.heap.as_mut() {
+                for (pid, addr) in c.take_wrapper_sites() {
+                    heap.wrapper_site(&mut self.probe, pid, addr);
+                }
+            }
         }
         let stack_id = match &ev {
             Event::Syscall(s) => s.resolved.stack_id,
@@ -313,7 +321,7 @@ impl Live {
                 if let Some(heap) = self.heap.as_mut() {
                     // The new image may preload another allocator: probed before it runs
                     // when the kernel holds it (our launched command), else as soon as seen.
-                    heap.forget(pid);
+                    heap.forget(&mut self.probe, pid);
                     let held = self.launched == Some(pid);
                     match heap.cover(&mut self.probe, pid, *ts_ns, !held) {
                         Ok(events) => follow_up.extend(events),
@@ -326,7 +334,7 @@ impl Live {
             }
             (Event::Exit { pid, .. }, Applied::Exit) => {
                 if let Some(heap) = self.heap.as_mut() {
-                    heap.forget(*pid);
+                    heap.forget(&mut self.probe, *pid);
                 }
             }
             (

@@ -25,6 +25,21 @@ impl Live {
                     empty = true;
                     break;
                 };
+                if let Some(heap) = self.heap.as_mut() {
+                    match EntryStack::decode(&item) {
+                        Ok(Some((h, stack))) => {
+                            heap.receive_stack(h.tgid, h.tid, h.ts_ns, stack);
+                            continue;
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.undecodable += 1;
+                            self.undecodable_total += 1;
+                            log::warn!("undecodable allocator stack record: {e}");
+                            continue;
+                        }
+                    }
+                }
                 if let Some(stacks) = self.stacks.as_mut() {
                     match RawStack::decode(&item) {
                         Ok(Some(raw)) => {

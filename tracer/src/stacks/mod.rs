@@ -14,6 +14,7 @@ use tracer_common::{EventHeader, EventKind, STACK_FRAMES_MAX, StackHead};
 
 use crate::{
     event::{DecodeError, Event},
+    heap::call::EntryStack,
     model::AddressSpace,
 };
 
@@ -197,6 +198,30 @@ struct Memo {
     fp_frames: Vec<u64>,
     reads: Vec<(u64, u64)>,
     id: Option<u64>,
+    /// The address of its call-site frame, and whether that frame is the runtime's.
+    site: Option<(u64, bool)>,
+}
+
+/// Where a stack's call site ([`sites::call_site`]) is among its unwound frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SiteFrame {
+    /// The index of the unwound frame (inlined frames share their caller's).
+    frame: usize,
+    /// No frame is outside the allocator, libc and the loader.
+    runtime: bool,
+}
+
+impl SiteFrame {
+    fn of(def: &StackDef) -> Self {
+        let at = sites::call_site(def)
+            .and_then(|site| def.frames.iter().position(|f| std::ptr::eq(f, site)))
+            .unwrap_or(0);
+        Self {
+            // The frames before it that were not inlined are one unwound frame each.
+            frame: def.frames[..at].iter().filter(|f| !f.inlined).count(),
+            runtime: def.frames.iter().all(sites::is_runtime),
+        }
+    }
 }
 
 /// The live side: raw stacks wait here for their record, are unwound and symbolized while
@@ -219,6 +244,10 @@ pub struct Collector {
     /// address) -> the code mapped there then ([`code_at`]) and the id (`None`: in no
     /// executable mapping).
     sites: HashMap<(u32, u64), (CodeAt, Option<u64>)>,
+    /// Where each stack's call site is.
+    site_of: HashMap<u64, SiteFrame>,
+    /// Wrapper call sites not yet handed to the programs ([`Collector::take_wrapper_sites`]).
+    wrapper_sites: Vec<(u32, u64)>,
     next_id: u64,
     /// Stacks the reader received, and those whose record never came.
     pub received: u64,
@@ -244,6 +273,8 @@ impl Collector {
             fresh: HashMap::new(),
             memo: HashMap::new(),
             sites: HashMap::new(),
+            site_of: HashMap::new(),
+            wrapper_sites: Vec::new(),
             next_id: 1,
             received: 0,
             memo_hits: 0,
@@ -304,8 +335,14 @@ impl Collector {
     /// addresses were in.
     pub fn resolve(&mut self, ev: &mut Event, space: Option<&AddressSpace>) {
         if let Event::Heap(call) = ev {
+            let entry = call.entry_stack.take();
             if call.stack.is_none() {
-                call.stack = self.call_site(call.pid, call.caller, space);
+                let (id, site) = self.call_site(call.pid, call.caller, entry.as_deref(), space);
+                if entry.is_none() && id.is_some_and(|id| self.is_wrapper(id)) {
+                    self.wrapper_sites.push((call.pid, call.caller));
+                }
+                call.stack = id;
+                call.caller = site;
             }
             return;
         }
@@ -327,6 +364,11 @@ impl Collector {
     /// The id of the remembered walk `raw` repeats, if it does (`Some(None)`: a walk that
     /// gave no stack).
     fn memo_hit(&self, raw: &RawStack) -> Option<Option<u64>> {
+        self.memo_walk(raw).map(|m| m.id)
+    }
+
+    /// The remembered walk `raw` repeats, if it does.
+    fn memo_walk(&self, raw: &RawStack) -> Option<&Memo> {
         let generation = self.unwinder.generation(raw.pid);
         let m = self.memo.get(&(raw.pid, raw.regs))?;
         (generation.is_some()
@@ -335,7 +377,7 @@ impl Collector {
             && m.reads
                 .iter()
                 .all(|&(off, v)| unwind::word_at(&raw.stack, off) == Some(v)))
-        .then_some(m.id)
+        .then_some(m)
     }
 
     /// Forgets a process's mappings (it exited; its files stay open for the others).
@@ -346,10 +388,64 @@ impl Collector {
         self.sites.retain(|(p, _), _| *p != pid);
     }
 
-    /// The id of the one-frame stack naming the code an allocator call of `pid` returned to
-    /// (`caller`, its return address), symbolized once per file and offset: the call site
-    /// of the blocks it allocated. `space`: the process's model (its mappings now).
-    fn call_site(&mut self, pid: u32, caller: u64, space: Option<&AddressSpace>) -> Option<u64> {
+    /// The stack naming the code that made an allocator call of `pid`, and that code's
+    /// address (the call site of the blocks it allocated). `caller` is the address the call
+    /// returned to; when the code there is a wrapper of the allocator (`operator new`,
+    /// `__rust_alloc`, `PyMem_RawMalloc`), the call is unwound from its `entry` registers and
+    /// stack words to the first frame outside the runtime. `space`: the process's model (its
+    /// mappings now).
+    fn call_site(
+        &mut self,
+        pid: u32,
+        caller: u64,
+        entry: Option<&EntryStack>,
+        space: Option<&AddressSpace>,
+    ) -> (Option<u64>, u64) {
+        let one = self.return_site(pid, caller, space);
+        let through_wrapper = one.is_some_and(|id| self.is_wrapper(id));
+        let Some(entry) = entry.filter(|_| through_wrapper) else {
+            return (one, caller);
+        };
+        let raw = RawStack {
+            pid,
+            tid: 0,
+            owner: 0,
+            key_ts: 0,
+            regs: entry.regs,
+            fp_frames: Vec::new(),
+            stack: entry.bytes(),
+        };
+        let (id, site) = match self.memo_walk(&raw).map(|m| (m.id, m.site)) {
+            Some(hit) => {
+                self.memo_hits += 1;
+                hit
+            }
+            None => {
+                let unwound = self.unwinder.unwind(&raw, space);
+                self.remember_walk(&raw, &unwound)
+            }
+        };
+        match (id, site) {
+            (Some(id), Some((addr, false))) => (Some(id), addr),
+            // The walk ended inside the runtime: the one frame it returned to.
+            _ => (one, caller),
+        }
+    }
+
+    /// Whether stack `id` is all runtime: a one-frame site in an allocation wrapper.
+    fn is_wrapper(&self, id: u64) -> bool {
+        self.site_of.get(&id).is_some_and(|s| s.runtime)
+    }
+
+    /// Call sites in allocation wrappers seen since last asked: (pid, address the calls
+    /// return to), for the programs to copy those calls' stack words (`--heap`).
+    pub fn take_wrapper_sites(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.wrapper_sites)
+    }
+
+    /// The id of the one-frame stack of the code an allocator call of `pid` returned to
+    /// (`caller`, its return address), symbolized once per file and offset.
+    fn return_site(&mut self, pid: u32, caller: u64, space: Option<&AddressSpace>) -> Option<u64> {
         if caller == 0 {
             return None;
         }
@@ -397,8 +493,22 @@ impl Collector {
 
     /// Names `unwound` and remembers the walk of `raw`.
     fn remember(&mut self, raw: &RawStack, unwound: &unwind::Unwound) -> Option<u64> {
+        self.remember_walk(raw, unwound).0
+    }
+
+    /// Names `unwound`, remembers the walk of `raw`, and says where its call site is.
+    fn remember_walk(
+        &mut self,
+        raw: &RawStack,
+        unwound: &unwind::Unwound,
+    ) -> (Option<u64>, Option<(u64, bool)>) {
         let memo_key = (raw.pid, raw.regs);
         let id = self.id_of_unwound(unwound);
+        // The call site's address in this process (ids are shared by processes that map the
+        // same files at other addresses).
+        let site = id
+            .and_then(|id| self.site_of.get(&id))
+            .and_then(|s| Some((unwound.frames.get(s.frame)?.addr, s.runtime)));
         if self.memo.len() >= MAX_MEMO {
             self.memo.clear();
         }
@@ -409,9 +519,10 @@ impl Collector {
                 fp_frames: raw.fp_frames.clone(),
                 reads: self.unwinder.reads.clone(),
                 id,
+                site,
             },
         );
-        id
+        (id, site)
     }
 
     fn id_of_unwound(&mut self, unwound: &unwind::Unwound) -> Option<u64> {
@@ -425,8 +536,12 @@ impl Collector {
         let id = self.next_id;
         self.next_id += 1;
         self.ids.insert(keys, id);
-        let frames = self.symbols.symbolize(unwound);
-        self.fresh.insert(id, Arc::new(StackDef { id, frames }));
+        let def = StackDef {
+            id,
+            frames: self.symbols.symbolize(unwound),
+        };
+        self.site_of.insert(id, SiteFrame::of(&def));
+        self.fresh.insert(id, Arc::new(def));
         Some(id)
     }
 

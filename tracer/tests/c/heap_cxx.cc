@@ -1,0 +1,37 @@
+// C++ allocations for vmatrace's --heap tests (tracer/tests/heap.rs compiles this with g++,
+// without frame pointers): every block comes from `new`, whose code is libstdc++'s
+// `operator new`, so the call site vmatrace names must be found past it, in this file.
+// A first megabyte, then a pause: vmatrace learns of the wrapper from the first calls (the
+// kernel copies stack words only for calls returning into a wrapper it was told of).
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+struct Record {
+    char payload[4000];
+};
+
+// Keeps `mib` MiB of records alive: the call site of the live bytes.
+static std::vector<Record *> keep_records(size_t mib) {
+    std::vector<Record *> kept;
+    kept.reserve(mib * 256);
+    for (size_t i = 0; i < mib * 256; i++) {
+        Record *r = new Record;
+        memset(r->payload, 1, sizeof r->payload);
+        kept.push_back(r);
+    }
+    return kept;
+}
+
+int main(int argc, char **argv) {
+    size_t mib = argc > 1 ? strtoul(argv[1], nullptr, 10) : 32;
+    std::vector<Record *> first = keep_records(1);
+    usleep(500000);
+    std::vector<Record *> kept = keep_records(mib);
+    printf("live %zu\n", (first.size() + kept.size()) * sizeof(Record));
+    fflush(stdout);
+    return kept.empty() ? 1 : 0;
+}
