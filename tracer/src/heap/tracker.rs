@@ -547,7 +547,10 @@ mod tests {
         assert_eq!(first.words[0], 0xf);
         // An entry with no words of its own (a call not returning into a wrapper) takes none.
         assert!(h.stack_of(&entry(20, 5, 0x9000)).is_none());
-        assert_eq!(h.stack_of(&entry(31, 5, 0x9000)).expect("g's").words[0], 0x9);
+        assert_eq!(
+            h.stack_of(&entry(31, 5, 0x9000)).expect("g's").words[0],
+            0x9
+        );
         assert!(h.stack_of(&entry(16, 6, 0x9000)).is_none(), "not at its sp");
         assert_eq!(h.entry_stacks_held, 0);
         assert!(h.entry_stacks.is_empty());
