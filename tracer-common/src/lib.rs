@@ -379,7 +379,7 @@ pub struct HeapEvent {
 /// The registers and top of the user stack at an allocator function's entry, written (before
 /// the entry's own [`HeapEvent`]) when the address the call will return to is one the daemon
 /// put in `HEAP_WRAPPER_SITES`: code of an allocation wrapper (`operator new`,
-/// `__rust_alloc`, `PyMem_RawMalloc`), through which the daemon unwinds to the code that
+/// `__rust_alloc`), through which the daemon unwinds to the code that
 /// called it. `header.detail` is 0; userspace finds the entry by thread and stack pointer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -117,7 +117,8 @@ fn wrapper_stack(ctx: &ProbeContext, tgid: u32, tid: u32, sp: u64) {
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<HeapStack>(0) else {
-        count(Stat::LostHeap);
+        // Only the site is lost (the call keeps the wrapper's), not an allocator event.
+        count(Stat::LostStack);
         return;
     };
     let rec = entry.as_mut_ptr();

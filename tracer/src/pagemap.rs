@@ -173,11 +173,17 @@ fn push_page(runs: &mut Vec<ResidentRun>, page: u64, kind: TouchKind) {
 }
 
 /// The pages of `pid` that are resident or in swap, as runs, in each VMA of `smaps` that has
-/// any (VMAs with no RSS are skipped without reading; special ones such as `[vvar]` too).
+/// any: with `Rss` or `Swap`, or private readable anonymous memory that may hold zero pages
+/// (which `Rss` never counts), up to [`ZERO_SCAN_BUDGET`] of those. Special VMAs such as
+/// `[vvar]` are skipped.
 pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>, ProcError> {
     let map = Pagemap::open(pid)?;
     let frames = ZeroFrames::of_this_kernel();
     let mut runs = Vec::new();
+    // Bytes of VMAs without Rss or Swap still to read for zero pages: a few populated
+    // regions, not a sanitizer's terabytes of shadow (read only while it lasts; one VMA
+    // larger than the whole is not read).
+    let mut zero_budget = ZERO_SCAN_BUDGET;
     for e in smaps {
         let vma = e.map.to_vma(0);
         if matches!(vma.backing, Backing::Special(_)) {
@@ -186,14 +192,21 @@ pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>,
         // `Rss` counts no zero page (the kernel's `vm_normal_page` gives none for it): a
         // private anonymous VMA that was only read (`MADV_POPULATE_READ`, a read scan) has
         // `Rss` 0 and every page present. Swapped pages are not in `Rss` either.
-        let may_hold_zero_pages = vma.perms.read
+        // Without CAP_SYS_ADMIN frames read as 0 and a zero page cannot be told apart (it would
+        // count as anonymous memory): those VMAs are left out then.
+        let may_hold_zero_pages = frames.known()
+            && vma.perms.read
             && !vma.perms.shared
             && matches!(
                 vma.backing,
                 Backing::Anonymous | Backing::Heap | Backing::Stack
             );
-        if e.rss == 0 && e.swap == 0 && !may_hold_zero_pages {
-            continue;
+        if e.rss == 0 && e.swap == 0 {
+            let len = e.map.end - e.map.start;
+            if !may_hold_zero_pages || len > zero_budget {
+                continue;
+            }
+            zero_budget -= len;
         }
         map.scan(
             e.map.start / PAGE_SIZE,
@@ -205,6 +218,10 @@ pub fn read_resident(pid: u32, smaps: &[SmapsEntry]) -> Result<Vec<ResidentRun>,
     }
     Ok(runs)
 }
+
+/// Bytes of address space without `Rss` or `Swap` that one [`read_resident`] reads for zero
+/// pages at most (a pagemap entry per page: 64 GiB is 128 MiB of entries).
+pub const ZERO_SCAN_BUDGET: u64 = 64 << 30;
 
 /// The pages of `[start, end)` that are present in `pid`'s page tables now, as runs by kind.
 /// For calls that make memory resident without a fault.

@@ -482,8 +482,40 @@ fn cxx_blocks_from_new_are_charged_to_the_code_that_called_new() {
     // Every block comes through libstdc++'s `operator new`, built without frame pointers:
     // the site is found by unwinding the entry's stack words through it.
     let bin = heap_cxx();
-    let (o, file) = record("cxx", &["--heap"], &[bin.to_str().expect("utf-8"), "32"]);
-    let live_line = String::from_utf8_lossy(&o.stdout).to_string();
+    let file = temp_path("cxx.ndjson");
+    let out = file.to_string_lossy().into_owned();
+    let mut v = spawn(&[
+        "--json",
+        "-o",
+        &out,
+        "--heap",
+        "--",
+        bin.to_str().expect("utf-8"),
+        "32",
+    ]);
+    let (mut pid, mut live_line) = (0u32, String::new());
+    while let Some(Ok(line)) = v.lines.next() {
+        if let Some(rest) = line.strip_prefix("pid ") {
+            pid = rest.trim().parse().expect("pid");
+        }
+        if line.starts_with("live ") {
+            live_line = line.clone();
+        }
+        if line.starts_with("checkpoint ") {
+            // Once vmatrace has written the first megabyte's calls, it has named the wrapper
+            // to the programs (before writing them).
+            wait_until_stopped(pid, "the workload to stop");
+            wait_for(120, "the first calls written", || {
+                complete_typed_records(&file)
+                    .iter()
+                    .filter(|r| matches!(r, OutputRecord::Heap(h) if h.pid == pid))
+                    .count()
+                    >= 256
+            });
+            kill(pid, libc::SIGCONT);
+        }
+    }
+    assert!(v.child.wait().expect("vmatrace exits").success());
     let f = report_findings_typed("cxx", &file);
     let live = find(&f, "live").expect("a live finding");
     assert!(

@@ -178,12 +178,20 @@ fn sparse_scan() {
 }
 
 /// Memory that was only read: a 16 MiB mapping populated with `MADV_POPULATE_READ` (Linux
-/// 5.14+; its result printed) and a 1 MiB one read page by page, both `MADV_NOHUGEPAGE` (small
-/// zero pages). `Rss` counts neither (zero pages are no normal page), so a model seeded from
-/// `/proc` must read them from pagemap. Then a stop, for a `-p` attach to compare.
+/// 5.14+; its result printed) and a 1 MiB read-only one (so that the two never merge) read
+/// page by page, both `MADV_NOHUGEPAGE` (small zero pages). `Rss` counts neither (zero pages
+/// are no normal page), so a model seeded from `/proc` must read them from pagemap. Then a
+/// stop, for a `-p` attach to compare.
 fn read_only() {
     let populated = anon(16 << 20);
-    let read = anon(1 << 20);
+    let read = mmap(
+        0,
+        1 << 20,
+        libc::PROT_READ,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    );
     for (a, len) in [(populated, 16 << 20), (read, 1 << 20)] {
         // SAFETY: advice on memory this program mapped.
         unsafe { libc::madvise(a as *mut _, len, libc::MADV_NOHUGEPAGE) };

@@ -191,7 +191,7 @@ crate::by_name::serde_by_name!(HeapFn, "allocator call");
 
 /// The registers and top of the user stack at an allocator function's entry: what the call
 /// site is unwound from when the code that called the function is a wrapper (`operator new`,
-/// `__rust_alloc`, `PyMem_RawMalloc`).
+/// `__rust_alloc`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryStack {
     /// As a stack record's: x86_64 `[ip, sp, bp, 0]`; aarch64 `[pc, sp, fp, lr]`, with `sp`

@@ -88,6 +88,8 @@ pub struct HeapTracer {
     entry_stacks: HashMap<(u32, u32), VecDeque<TimedStack>>,
     /// How many `entry_stacks` hold.
     entry_stacks_held: usize,
+    /// Entry stacks dropped before their entry came.
+    stacks_dropped: u64,
     /// (pid, address) put in the programs' wrapper sites.
     wrapper_sites: HashSet<(u32, u64)>,
 }
@@ -96,7 +98,10 @@ pub struct HeapTracer {
 type TimedStack = (u64, Box<EntryStack>);
 
 /// Entry stacks held at most (an entry lost leaves its stack behind).
-const MAX_ENTRY_STACKS: usize = 16384;
+const MAX_ENTRY_STACKS: usize = 65_536;
+/// Entry stacks held per thread at most: a thread's entries wait for a tick or two, and each
+/// takes a few microseconds (its uprobe traps).
+const MAX_THREAD_STACKS: usize = 16_384;
 
 impl HeapTracer {
     /// A tracer whose probes go to `scope`.
@@ -110,6 +115,7 @@ impl HeapTracer {
             resolved: HashMap::new(),
             entry_stacks: HashMap::new(),
             entry_stacks_held: 0,
+            stacks_dropped: 0,
             wrapper_sites: HashSet::new(),
         }
     }
@@ -117,14 +123,26 @@ impl HeapTracer {
     /// Keeps the stack words of an entry (a `HeapStack` record) until the entry is paired.
     pub fn receive_stack(&mut self, pid: u32, tid: u32, ts_ns: u64, stack: EntryStack) {
         if self.entry_stacks_held >= MAX_ENTRY_STACKS {
+            // Entries lost in numbers left their stacks behind.
+            self.stacks_dropped += self.entry_stacks_held as u64;
             self.entry_stacks.clear();
             self.entry_stacks_held = 0;
         }
-        self.entry_stacks
-            .entry((pid, tid))
-            .or_default()
-            .push_back((ts_ns, Box::new(stack)));
+        let queue = self.entry_stacks.entry((pid, tid)).or_default();
+        if queue.len() >= MAX_THREAD_STACKS {
+            // A thread's entries wait at most a tick or two: the oldest is one whose entry
+            // was lost.
+            queue.pop_front();
+            self.stacks_dropped += 1;
+            self.entry_stacks_held -= 1;
+        }
+        queue.push_back((ts_ns, Box::new(stack)));
         self.entry_stacks_held += 1;
+    }
+
+    /// Entry stacks dropped before their entry came (their calls keep the wrapper as site).
+    pub fn stacks_dropped(&self) -> u64 {
+        self.stacks_dropped
     }
 
     /// The stack words written just before the entry `raw` (by the same program run: the

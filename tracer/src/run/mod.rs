@@ -629,6 +629,12 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         if st != Default::default() {
             log::info!("--heap: allocator records not paired: {st:?}");
         }
+        if h.stacks_dropped() > 0 {
+            log::info!(
+                "--heap: {} calls through a wrapper lost their stack words (their site is the wrapper)",
+                h.stacks_dropped()
+            );
+        }
     }
     if let Some(c) = &live.stacks {
         log::info!(

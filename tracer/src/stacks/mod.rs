@@ -391,7 +391,7 @@ impl Collector {
     /// The stack naming the code that made an allocator call of `pid`, and that code's
     /// address (the call site of the blocks it allocated). `caller` is the address the call
     /// returned to; when the code there is a wrapper of the allocator (`operator new`,
-    /// `__rust_alloc`, `PyMem_RawMalloc`), the call is unwound from its `entry` registers and
+    /// `__rust_alloc`: every frame the runtime's), the call is unwound from its `entry` registers and
     /// stack words to the first frame outside the runtime. `space`: the process's model (its
     /// mappings now).
     fn call_site(
@@ -506,9 +506,13 @@ impl Collector {
         let id = self.id_of_unwound(unwound);
         // The call site's address in this process (ids are shared by processes that map the
         // same files at other addresses).
-        let site = id
-            .and_then(|id| self.site_of.get(&id))
-            .and_then(|s| Some((unwound.frames.get(s.frame)?.addr, s.runtime)));
+        // (A frame in no mapping, such as a return address still signed by arm64's pointer
+        // authentication, is no site: the call keeps its one frame.)
+        let site = id.and_then(|id| self.site_of.get(&id)).and_then(|s| {
+            let f = unwound.frames.get(s.frame)?;
+            f.mapping.as_ref()?;
+            Some((f.addr, s.runtime))
+        });
         if self.memo.len() >= MAX_MEMO {
             self.memo.clear();
         }

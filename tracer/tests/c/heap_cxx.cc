@@ -1,8 +1,10 @@
 // C++ allocations for vmatrace's --heap tests (tracer/tests/heap.rs compiles this with g++,
 // without frame pointers): every block comes from `new`, whose code is libstdc++'s
 // `operator new`, so the call site vmatrace names must be found past it, in this file.
-// A first megabyte, then a pause: vmatrace learns of the wrapper from the first calls (the
-// kernel copies stack words only for calls returning into a wrapper it was told of).
+// A first megabyte, then a stop (SIGSTOP, until the test sees vmatrace has handled those
+// calls): vmatrace learns of the wrapper from the first calls (the kernel copies stack words
+// only for calls returning into a wrapper it was told of).
+#include <signal.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -28,8 +30,11 @@ static std::vector<Record *> keep_records(size_t mib) {
 
 int main(int argc, char **argv) {
     size_t mib = argc > 1 ? strtoul(argv[1], nullptr, 10) : 32;
+    printf("pid %d\n", (int)getpid());
     std::vector<Record *> first = keep_records(1);
-    usleep(500000);
+    printf("checkpoint warm\n");
+    fflush(stdout);
+    raise(SIGSTOP);
     std::vector<Record *> kept = keep_records(mib);
     printf("live %zu\n", (first.size() + kept.size()) * sizeof(Record));
     fflush(stdout);
