@@ -27,40 +27,44 @@ const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4";
 const NO_TCACHE: &str = "GLIBC_TUNABLES=glibc.malloc.tcache_count=0";
 
 static BUILD: Once = Once::new();
+static BUILD_CXX: Once = Once::new();
 
-/// The C workload (`tests/c/heap_workload.c`), built with gcc on first use.
-fn heap_workload() -> PathBuf {
-    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("heap_workload");
-    BUILD.call_once(|| {
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/heap_workload.c");
-        let status = Command::new("gcc")
-            .args(["-O1", "-g", "-pthread", "-o"])
+/// Builds `tests/c/{source}` with `compiler` and `flags` into `name` once per test run.
+fn built(once: &Once, compiler: &str, flags: &[&str], source: &str, name: &str) -> PathBuf {
+    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    once.call_once(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/c")
+            .join(source);
+        let status = Command::new(compiler)
+            .args(flags)
+            .arg("-o")
             .arg(&bin)
-            .arg(src)
+            .arg(&src)
             .status()
-            .expect("gcc runs (the tests build their C workloads with it)");
-        assert!(status.success(), "building {src} failed");
+            .unwrap_or_else(|e| {
+                panic!("{compiler} runs (the tests build their workloads with it): {e}")
+            });
+        assert!(status.success(), "building {} failed", src.display());
     });
     bin
 }
 
-static BUILD_CXX: Once = Once::new();
+/// The C workload (`tests/c/heap_workload.c`), built with gcc on first use.
+fn heap_workload() -> PathBuf {
+    built(
+        &BUILD,
+        "gcc",
+        &["-O1", "-g", "-pthread"],
+        "heap_workload.c",
+        "heap_workload",
+    )
+}
 
 /// The C++ workload (`tests/c/heap_cxx.cc`), built with g++ on first use: `-O1`, so without
 /// frame pointers, as distributions build.
 fn heap_cxx() -> PathBuf {
-    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join("heap_cxx");
-    BUILD_CXX.call_once(|| {
-        let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/heap_cxx.cc");
-        let status = Command::new("g++")
-            .args(["-O1", "-g", "-o"])
-            .arg(&bin)
-            .arg(src)
-            .status()
-            .expect("g++ runs (the tests build their C++ workload with it)");
-        assert!(status.success(), "building {src} failed");
-    });
-    bin
+    built(&BUILD_CXX, "g++", &["-O1", "-g"], "heap_cxx.cc", "heap_cxx")
 }
 
 fn hw() -> String {

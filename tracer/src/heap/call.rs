@@ -207,6 +207,12 @@ impl EntryStack {
         self.words.iter().flat_map(|w| w.to_ne_bytes()).collect()
     }
 
+    /// Whether `bytes` is a [`HeapStack`] record (by its kind).
+    pub fn is(bytes: &[u8]) -> bool {
+        bytes.len() >= size_of::<EventHeader>()
+            && bytes[..4] == (EventKind::HeapStack as u32).to_ne_bytes()
+    }
+
     /// The [`HeapStack`] record in `bytes` (its header, and the stack), or `None` when the
     /// record is of another kind.
     pub fn decode(bytes: &[u8]) -> Result<Option<(EventHeader, EntryStack)>, DecodeError> {
@@ -488,6 +494,7 @@ mod tests {
                 size_of::<HeapStack>(),
             )
         };
+        assert!(EntryStack::is(bytes));
         let (header, stack) = EntryStack::decode(bytes)
             .expect("decodes")
             .expect("a stack");
@@ -500,6 +507,7 @@ mod tests {
         let mut other = bytes.to_vec();
         other[..4].copy_from_slice(&(EventKind::Heap as u32).to_ne_bytes());
         assert_eq!(EntryStack::decode(&other), Ok(None));
+        assert!(!EntryStack::is(&other));
     }
 
     #[test]

@@ -25,34 +25,23 @@ impl Live {
                     empty = true;
                     break;
                 };
-                if let Some(heap) = self.heap.as_mut() {
-                    match EntryStack::decode(&item) {
-                        Ok(Some((h, stack))) => {
-                            heap.receive_stack(h.tgid, h.tid, h.ts_ns, stack);
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            self.undecodable += 1;
-                            self.undecodable_total += 1;
-                            log::warn!("undecodable allocator stack record: {e}");
-                            continue;
-                        }
+                // Stacks come before the records they belong to, and are kept aside for them.
+                let stack = match (self.heap.as_mut(), self.stacks.as_mut()) {
+                    (Some(heap), _) if EntryStack::is(&item) => EntryStack::decode(&item)
+                        .map(|s| s.map(|(h, s)| heap.receive_stack(h.tgid, h.tid, h.ts_ns, s))),
+                    (_, Some(stacks)) => {
+                        RawStack::decode(&item).map(|raw| raw.map(|raw| stacks.receive(raw)))
                     }
-                }
-                if let Some(stacks) = self.stacks.as_mut() {
-                    match RawStack::decode(&item) {
-                        Ok(Some(raw)) => {
-                            stacks.receive(raw);
-                            continue;
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            self.undecodable += 1;
-                            self.undecodable_total += 1;
-                            log::warn!("undecodable stack record: {e}");
-                            continue;
-                        }
+                    _ => Ok(None),
+                };
+                match stack {
+                    Ok(Some(())) => continue,
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.undecodable += 1;
+                        self.undecodable_total += 1;
+                        log::warn!("undecodable stack record: {e}");
+                        continue;
                     }
                 }
                 let decoded = event::decode_into(&item, self.order.incoming());
