@@ -9,7 +9,7 @@ mod common;
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::Once,
+    sync::{Once, OnceLock},
 };
 
 use common::*;
@@ -29,10 +29,14 @@ const NO_TCACHE: &str = "GLIBC_TUNABLES=glibc.malloc.tcache_count=0";
 static BUILD: Once = Once::new();
 static BUILD_CXX: Once = Once::new();
 
-/// Builds `tests/c/{source}` with `compiler` and `flags` into `name` once per test run.
+/// Builds `tests/c/{source}` with `compiler` and `flags` into `name` once per test run, in
+/// the run's temporary directory (the target directory is read-only in the kernel matrix's
+/// guests).
 fn built(once: &Once, compiler: &str, flags: &[&str], source: &str, name: &str) -> PathBuf {
-    let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let bin = DIR.get_or_init(|| temp_path("workloads")).join(name);
     once.call_once(|| {
+        std::fs::create_dir_all(bin.parent().expect("a directory")).expect("the directory");
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/c")
             .join(source);
