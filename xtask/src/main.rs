@@ -2,7 +2,7 @@
 //!
 //! - `setup`: the nightly `rust-src`, a `bpf-linker` built against the nightly toolchain's own
 //!   libLLVM, tracefs mounted, and the Debian packages `--heap` is tested and measured with
-//!   (jemalloc, tcmalloc, gcc, heaptrack, bpftrace). Idempotent; quick when already done.
+//!   (jemalloc, tcmalloc, gcc, g++, heaptrack, bpftrace). Idempotent; quick when already done.
 //! - `run -- ARGS`: setup, build, run `vmatrace ARGS`.
 //! - `test`: setup, lint (rustfmt, clippy on the workspace, clippy on the eBPF crate for the BPF
 //!   target), unit tests, privileged end-to-end tests, fuzz smoke runs.
@@ -228,13 +228,13 @@ fn setup() -> Result<()> {
         step("tracefs is not mounted; vmatrace mounts it when run as root");
     }
 
-    // 4. What `--heap` is tested and measured with: the allocators its tests preload, gcc
-    //    for their C workloads, and the tools its benchmark compares with.
+    // 4. What `--heap` is tested and measured with: the allocators its tests preload, gcc and g++
+    //    for their C and C++ workloads, and the tools its benchmark compares with.
     heap_dependencies()
 }
 
-/// Debian packages for `--heap`: jemalloc and tcmalloc (preloaded by the tests), gcc (the
-/// tests' C workloads), heaptrack and bpftrace (the benchmark's comparison).
+/// Debian packages for `--heap`: jemalloc and tcmalloc (preloaded by the tests), gcc and g++
+/// (the tests' C and C++ workloads, the benchmark's C++ one), heaptrack and bpftrace (the benchmark's comparison).
 fn heap_dependencies() -> Result<()> {
     apt_install(
         "--heap's tests and benchmark",
@@ -245,6 +245,7 @@ fn heap_dependencies() -> Result<()> {
                 "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
             ),
             ("gcc", "/usr/bin/gcc"),
+            ("g++", "/usr/bin/g++"),
             ("heaptrack", "/usr/bin/heaptrack"),
             ("bpftrace", "/usr/bin/bpftrace"),
         ],

@@ -128,8 +128,18 @@ fn tracers() -> Vec<Tracer> {
 
 /// Runs the workload under `prefix`; returns the nanoseconds the workload reported.
 fn once(prefix: &[String], one_string: bool, args: &[&str]) -> Result<f64, String> {
+    once_of(&workload(), prefix, one_string, args)
+}
+
+/// [`once`] for another program than the workload.
+fn once_of(
+    program: &std::path::Path,
+    prefix: &[String],
+    one_string: bool,
+    args: &[&str],
+) -> Result<f64, String> {
     let mut cmd = match prefix.split_first() {
-        None => Command::new(workload()),
+        None => Command::new(program),
         Some((first, rest)) => {
             let mut c = Command::new(first);
             c.args(rest);
@@ -139,9 +149,9 @@ fn once(prefix: &[String], one_string: bool, args: &[&str]) -> Result<f64, Strin
     if prefix.is_empty() {
         cmd.args(args);
     } else if one_string {
-        cmd.arg(format!("{} {}", workload().display(), args.join(" ")));
+        cmd.arg(format!("{} {}", program.display(), args.join(" ")));
     } else {
-        cmd.arg(workload()).args(args);
+        cmd.arg(program).args(args);
     }
     let out = cmd
         .stderr(Stdio::piped())
@@ -776,6 +786,77 @@ fn heap(rounds: usize) {
             (m - base) / (2 * ITERS) as f64
         );
     }
+    heap_past_a_wrapper(rounds, &v, ITERS);
+}
+
+/// A C++ program making N rounds of `new` + `delete` of 64 bytes through libstdc++, whose
+/// `operator new` calls `malloc`: every call returns into that wrapper, so `--heap` copies its
+/// registers and stack words to name the code past it.
+const NEW_CALLS_CC: &str = r#"#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+struct Block { char bytes[64]; };
+int main(int argc, char **argv) {
+  long n = argc > 1 ? atol(argv[1]) : 1000000;
+  auto t0 = std::chrono::steady_clock::now();
+  for (long i = 0; i < n; i++) {
+    Block *b = new Block;
+    asm volatile("" : : "r"(b) : "memory");
+    delete b;
+  }
+  auto t1 = std::chrono::steady_clock::now();
+  printf("new-calls %lld ns\n",
+         (long long)std::chrono::duration_cast<std::chrono::nanoseconds>(t1 - t0).count());
+  return 0;
+}
+"#;
+
+/// `--heap` on calls that return into an allocation wrapper (libstdc++'s `operator new`):
+/// the program above untraced and traced, alternated; its cost per call beside the direct
+/// calls' above. Skipped, said so, without g++.
+fn heap_past_a_wrapper(rounds: usize, v: &str, iters: usize) {
+    let dir = std::env::temp_dir().join(format!("vmatrace-bench-new-{}", std::process::id()));
+    let exe = dir.join("new_calls");
+    let built = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join("new_calls.cc"), NEW_CALLS_CC))
+        .and_then(|()| {
+            Command::new("g++")
+                .args(["-O1", "-o"])
+                .arg(&exe)
+                .arg(dir.join("new_calls.cc"))
+                .status()
+        });
+    if !built.is_ok_and(|s| s.success()) {
+        println!("\n(`--heap` past a wrapper not measured: g++ could not build the C++ workload.)");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let n = iters.to_string();
+    let traced = strings(&[v, "--heap", "--json", "-o", "/dev/null", "--force", "--"]);
+    let (mut plain, mut heap) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        plain.push(once_of(&exe, &[], false, &[&n]).unwrap_or_else(|e| fail(e)));
+        heap.push(once_of(&exe, &traced, false, &[&n]).unwrap_or_else(|e| fail(e)));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (base, m) = (median(plain.clone()), median(heap.clone()));
+    println!(
+        "\nPast a wrapper: {iters} rounds of C++ `new` + `delete` (libstdc++'s `operator new` calls `malloc`; each call copies its registers and 16 stack words), medians of {rounds} alternating rounds.\n"
+    );
+    println!("| tool | time | ratio to untraced (fastest rounds) | per allocator call |");
+    println!("|---|---|---|---|");
+    println!(
+        "| untraced | {:.1} ms | 1.00x | {:.0} ns |",
+        base / 1e6,
+        base / (2 * iters) as f64
+    );
+    println!(
+        "| vmatrace --heap | {:.1} ms | {:.2}x ({:.2}x) | +{:.0} ns |",
+        m / 1e6,
+        m / base,
+        minimum(&heap) / minimum(&plain),
+        (m - base) / (2 * iters) as f64
+    );
 }
 
 /// The syscall rate sustained with nothing lost: one to three `churn` processes at once
