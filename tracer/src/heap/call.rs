@@ -246,6 +246,16 @@ impl EntryStack {
     pub fn return_sp(&self) -> u64 {
         self.regs[1].wrapping_add(RETURN_ADDRESS_BYTES)
     }
+
+    /// The address the call returns to (x86-64: the word at `sp`; arm64: the link register),
+    /// which is the paired call's `caller`.
+    pub fn return_address(&self) -> u64 {
+        if cfg!(target_arch = "x86_64") {
+            self.words[0]
+        } else {
+            self.regs[3]
+        }
+    }
 }
 
 /// On x86_64 an allocator function's entry is stamped with the stack pointer the call returns

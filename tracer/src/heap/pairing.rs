@@ -173,13 +173,19 @@ fn call(entry: HeapRaw, ret: Option<&HeapRaw>, func: HeapFn, allocator: Allocato
             c.freed_chunk = Chunk::decode(0, size_word, 0);
         }
     }
-    c.entry_stack = entry.stack;
+    // The words were matched to the entry by thread, time and stack pointer; a call at the
+    // same depth whose own words were not written cannot keep another's: they return
+    // elsewhere.
+    c.entry_stack = entry
+        .stack
+        .filter(|s| ret.is_none() || s.return_address() == c.caller);
     c
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::heap::call::EntryStack;
 
     const MALLOC: u64 = 0x7000;
     const REALLOC: u64 = 0x7100;
@@ -241,6 +247,29 @@ mod tests {
             .expect("a call");
         assert_eq!((c.func, c.args[0], c.ts_ns), (HeapFn::Free, 0xa0, 3));
         assert_eq!(p.waiting(), 0);
+    }
+
+    #[test]
+    fn stack_words_are_kept_only_by_the_call_that_returns_where_they_say() {
+        let words = |ret_addr: u64| {
+            let mut words = [0; tracer_common::HEAP_STACK_WORDS];
+            words[0] = ret_addr;
+            Box::new(EntryStack {
+                regs: [MALLOC, 0x9000 - 8, 0, ret_addr],
+                words,
+            })
+        };
+        let mut p = Pairing::default();
+        let mut e = entry(1, 5, MALLOC, 0x9000, [100, 0, 0]);
+        e.stack = Some(words(0x4242));
+        p.push(e, resolve);
+        let c = p.push(ret(2, 5, 0x9000, 0xa0), resolve).expect("a call");
+        assert_eq!(c.entry_stack.map(|s| s.return_address()), Some(0x4242));
+        let mut e = entry(3, 5, MALLOC, 0x9000, [100, 0, 0]);
+        e.stack = Some(words(0x5555));
+        p.push(e, resolve);
+        let c = p.push(ret(4, 5, 0x9000, 0xb0), resolve).expect("a call");
+        assert!(c.entry_stack.is_none(), "another call's words");
     }
 
     #[test]

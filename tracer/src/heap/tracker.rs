@@ -102,6 +102,9 @@ const MAX_ENTRY_STACKS: usize = 65_536;
 /// Entry stacks held per thread at most: a thread's entries wait for a tick or two, and each
 /// takes a few microseconds (its uprobe traps).
 const MAX_THREAD_STACKS: usize = 16_384;
+/// How much older than an entry of its thread a stack may be and still find its own entry
+/// (one still in a batch of the CPU the thread left): the batches are written at every tick.
+const ORPHAN_NS: u64 = 2_000_000_000;
 
 impl HeapTracer {
     /// A tracer whose probes go to `scope`.
@@ -145,19 +148,48 @@ impl HeapTracer {
         self.stacks_dropped
     }
 
+    /// Gives each allocator entry among `events`, as they are read (before they are put in
+    /// time order), the stack words written for it. The words reach the ring at once, the
+    /// entry when its CPU's batch is written: matched here, they wait only for that, not
+    /// for the reorder too (a thread's words then piled up past the bound and were dropped).
+    pub fn attach_stacks(&mut self, events: &mut [Event]) {
+        if self.entry_stacks.is_empty() {
+            return;
+        }
+        for ev in events {
+            if let Event::HeapRaw(raw) = ev
+                && !raw.ret
+            {
+                raw.stack = self.stack_of(raw);
+            }
+        }
+    }
+
     /// The stack words written just before the entry `raw` (by the same program run: the
-    /// last of its thread's older than the entry, at its stack pointer).
+    /// last of its thread's older than the entry, at its stack pointer). Older words stay for
+    /// entries still in another CPU's batch (the thread moved), until they are
+    /// [`ORPHAN_NS`] older than an entry of the thread.
     fn stack_of(&mut self, raw: &HeapRaw) -> Option<Box<EntryStack>> {
         let queue = self.entry_stacks.get_mut(&(raw.pid, raw.tid))?;
-        let mut last = None;
-        while queue.front().is_some_and(|(ts, _)| *ts <= raw.ts_ns) {
-            last = queue.pop_front();
+        let stale = raw.ts_ns.saturating_sub(ORPHAN_NS);
+        while queue.front().is_some_and(|(ts, _)| *ts < stale) {
+            queue.pop_front();
             self.entry_stacks_held -= 1;
+            self.stacks_dropped += 1;
         }
+        // A thread's words come in time order (it runs on one CPU at a time).
+        let i = queue.partition_point(|(ts, _)| *ts <= raw.ts_ns);
+        let found = match i.checked_sub(1) {
+            Some(last) if queue[last].1.return_sp() == raw.sp => {
+                self.entry_stacks_held -= 1;
+                queue.remove(last).map(|(_, s)| s)
+            }
+            _ => None,
+        };
         if queue.is_empty() {
             self.entry_stacks.remove(&(raw.pid, raw.tid));
         }
-        last.map(|(_, s)| s).filter(|s| s.return_sp() == raw.sp)
+        found
     }
 
     /// Has the programs write the stack words of `pid`'s allocator calls that return to
@@ -342,10 +374,7 @@ impl HeapTracer {
     }
 
     /// Pairs one raw record; returns the call it completes.
-    pub fn pair(&mut self, mut raw: HeapRaw, session: &Session) -> Option<HeapCall> {
-        if !raw.ret && !self.entry_stacks.is_empty() {
-            raw.stack = self.stack_of(&raw);
-        }
+    pub fn pair(&mut self, raw: HeapRaw, session: &Session) -> Option<HeapCall> {
         let (examined, resolved) = (&self.examined, &mut self.resolved);
         self.pairing.push(raw, |pid, ip| {
             *resolved
@@ -570,8 +599,31 @@ mod tests {
             0x9
         );
         assert!(h.stack_of(&entry(16, 6, 0x9000)).is_none(), "not at its sp");
+        // Thread 6's words wait for an entry of their own until they are orphans.
+        assert_eq!(h.entry_stacks_held, 1);
+        assert!(h.stack_of(&entry(16 + ORPHAN_NS, 6, 0x7000)).is_none());
         assert_eq!(h.entry_stacks_held, 0);
+        assert_eq!(h.stacks_dropped(), 1);
         assert!(h.entry_stacks.is_empty());
+    }
+
+    #[test]
+    fn an_entry_still_in_the_batch_of_the_cpu_its_thread_left_keeps_its_words() {
+        let mut h = HeapTracer::new(Scope::PerProcess);
+        // Thread 5 called at 10 on one CPU and at 30 on another, whose batch came first.
+        h.receive_stack(1, 5, 10, words(0xa, 0x9000));
+        h.receive_stack(1, 5, 30, words(0xb, 0x9000));
+        let mut events = vec![Event::HeapRaw(entry(31, 5, 0x9000))];
+        h.attach_stacks(&mut events);
+        let mut late = vec![Event::HeapRaw(entry(11, 5, 0x9000))];
+        h.attach_stacks(&mut late);
+        let first_word = |e: &Event| match e {
+            Event::HeapRaw(r) => r.stack.as_ref().map(|s| s.words[0]),
+            _ => None,
+        };
+        assert_eq!(first_word(&events[0]), Some(0xb));
+        assert_eq!(first_word(&late[0]), Some(0xa));
+        assert_eq!((h.entry_stacks_held, h.stacks_dropped()), (0, 0));
     }
 
     #[test]

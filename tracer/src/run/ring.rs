@@ -67,6 +67,9 @@ impl Live {
             if let Some(stacks) = self.stacks.as_mut() {
                 stacks.attach(&mut self.order.incoming()[first..]);
             }
+            if let Some(heap) = self.heap.as_mut() {
+                heap.attach_stacks(&mut self.order.incoming()[first..]);
+            }
             if let Some(access) = self.access.as_mut() {
                 // As soon as read, while the pages are most likely as the faults left them.
                 access.resolve(&mut self.order.incoming()[first..]);
