@@ -10,21 +10,11 @@ use common::*;
 use serde_json::Value;
 use tracer::{
     model::TouchKind,
-    output::{OutputRecord, SnapshotReason, Summary, process_records::ExecJson},
+    output::{OutputRecord, SnapshotReason, process_records::ExecJson},
 };
 
 fn of_type<'a>(recs: &'a [OutputRecord], ty: &str) -> Vec<&'a OutputRecord> {
     recs.iter().filter(|r| r.type_name() == ty).collect()
-}
-
-fn summary(recs: &[OutputRecord]) -> &Summary {
-    recs.iter()
-        .rev()
-        .find_map(|r| match r {
-            OutputRecord::Summary(s) => Some(&s.record),
-            _ => None,
-        })
-        .expect("a summary record")
 }
 
 /// The meta record of a run.

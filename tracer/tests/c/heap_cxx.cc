@@ -3,7 +3,8 @@
 // `operator new`, so the call site vmatrace names must be found past it, in this file.
 // A first megabyte, then a stop (SIGSTOP, until the test sees vmatrace has handled those
 // calls): vmatrace learns of the wrapper from the first calls (the kernel copies stack words
-// only for calls returning into a wrapper it was told of).
+// only for calls returning into a wrapper it was told of). Then, with `churn N`, N rounds of
+// `new` + `delete` in a tight loop: every call's words must find its entry.
 #include <signal.h>
 #include <unistd.h>
 
@@ -28,6 +29,19 @@ static std::vector<Record *> keep_records(size_t mib) {
     return kept;
 }
 
+struct Small {
+    char bytes[48];
+};
+
+// Allocates and frees a small block `rounds` times, as fast as `new` goes.
+static void churn_blocks(size_t rounds) {
+    for (size_t i = 0; i < rounds; i++) {
+        Small *s = new Small;
+        asm volatile("" : : "r"(s) : "memory");
+        delete s;
+    }
+}
+
 int main(int argc, char **argv) {
     size_t mib = argc > 1 ? strtoul(argv[1], nullptr, 10) : 32;
     printf("pid %d\n", (int)getpid());
@@ -36,6 +50,7 @@ int main(int argc, char **argv) {
     fflush(stdout);
     raise(SIGSTOP);
     std::vector<Record *> kept = keep_records(mib);
+    if (argc > 3 && strcmp(argv[2], "churn") == 0) churn_blocks(strtoul(argv[3], nullptr, 10));
     printf("live %zu\n", (first.size() + kept.size()) * sizeof(Record));
     fflush(stdout);
     return kept.empty() ? 1 : 0;

@@ -199,6 +199,17 @@ pub fn per_fault(records: Vec<Value>) -> Vec<Value> {
     out
 }
 
+/// The summary record of a run's records.
+pub fn summary(recs: &[OutputRecord]) -> &tracer::output::Summary {
+    recs.iter()
+        .rev()
+        .find_map(|r| match r {
+            OutputRecord::Summary(s) => Some(&s.record),
+            _ => None,
+        })
+        .expect("a summary record")
+}
+
 /// Every record of `path` (NDJSON or binary, maybe compressed), read by the structs that
 /// write them, with each `touches` record read as the `fault` records it stands for (as
 /// [`records`] does for JSON values). [`raw_typed_records`] gives the records as written.
