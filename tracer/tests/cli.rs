@@ -371,8 +371,11 @@ fn duration_ends_the_run_with_a_summary() {
     if !privileged("duration_ends_the_run_with_a_summary") {
         return;
     }
+    // The traced process outlives the run by far, so the run can only have ended because
+    // its duration was over: no bound on how long loading and draining take (minutes under
+    // the kernel matrix's emulation on a busy machine), only that the process is still there.
     let mut sleeper = Command::new("sleep")
-        .arg("30")
+        .arg("600")
         .spawn()
         .expect("sleep starts");
     let file = temp_path("duration.ndjson");
@@ -384,13 +387,15 @@ fn duration_ends_the_run_with_a_summary() {
         .output()
         .expect("runs");
     let took = start.elapsed();
+    let still_running = matches!(sleeper.try_wait(), Ok(None));
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        took.as_secs_f64() >= 1.0 && took.as_secs_f64() < 15.0,
-        "{took:?}"
+        still_running,
+        "the run ended with its process, not its duration ({took:?})"
     );
+    assert!(took.as_secs_f64() >= 1.0, "{took:?}");
     let recs = typed_records(&file);
     assert_eq!(recs.last().map(OutputRecord::type_name), Some("summary"));
     assert!(

@@ -727,10 +727,12 @@ fn syscall_records(recs: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-/// Attempts at a pair of runs that lost nothing. Two runs are compared record by record only
-/// when neither reported a loss: on a kernel that preempts BPF programs (lazy preemption,
-/// 7.x) a loaded machine has the kernel skip a few program runs now and then, each reported
-/// as `missed` and recovered by a resync, but the records of such a run are not the other's.
+/// Attempts at a pair of runs that agree. A pair that differs is run again only when one of
+/// its runs reported a loss: on a kernel that preempts BPF programs (lazy preemption, 7.x) a
+/// loaded machine has the kernel skip a program's run now and then, each reported as
+/// `missed` and recovered by a resync, but the kernel counts them for every process, so most
+/// are runs for other processes' syscalls that change nothing here. Two runs that lost
+/// nothing and differ fail at once.
 const ATTEMPTS: usize = 4;
 
 /// What a run reported losing (its summary), or `None` when it lost nothing that changes the
@@ -741,23 +743,41 @@ fn reported_losses(recs: &[Value]) -> Option<String> {
         .then(|| format!("{lost:?}"))
 }
 
-/// A pair of runs (`run` makes both) in which neither reported a loss, trying again when one
-/// did, up to [`ATTEMPTS`] times; fails when every attempt lost events.
-fn lossless_pair(
+/// Where two lists of records first differ, shown with the names of the runs.
+fn first_difference(names: (&str, &str), a: &[Value], b: &[Value]) -> Option<String> {
+    let i = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i))?;
+    Some(format!(
+        "{} and {} records differ at record {i} of {} and {}:\n{:<11} {:?}\n{:<11} {:?}",
+        names.0,
+        names.1,
+        a.len(),
+        b.len(),
+        format!("{}:", names.0),
+        a.get(i),
+        format!("{}:", names.1),
+        b.get(i)
+    ))
+}
+
+/// A pair of runs (`run` makes both) that `differ` finds no difference in: tried again, up to
+/// [`ATTEMPTS`] times, only while the pairs that differ reported losses.
+fn agreeing_pair(
     what: &str,
     mut run: impl FnMut() -> (Vec<Value>, Vec<Value>),
+    differ: impl Fn(&[Value], &[Value]) -> Option<String>,
 ) -> (Vec<Value>, Vec<Value>) {
     let mut reports = Vec::new();
     for attempt in 1..=ATTEMPTS {
         let (a, b) = run();
-        let losses: Vec<String> = [&a, &b].iter().filter_map(|r| reported_losses(r)).collect();
-        if losses.is_empty() {
+        let Some(difference) = differ(&a, &b) else {
             return (a, b);
-        }
-        eprintln!("{what}: attempt {attempt} reported losses, trying again: {losses:?}");
-        reports.push(losses);
+        };
+        let losses: Vec<String> = [&a, &b].iter().filter_map(|r| reported_losses(r)).collect();
+        assert!(!losses.is_empty(), "{what}, no event lost: {difference}");
+        eprintln!("{what}: attempt {attempt} lost events and differed, trying again: {losses:?}");
+        reports.push((losses, difference));
     }
-    panic!("{what}: each of {ATTEMPTS} attempts reported losses: {reports:?}")
+    panic!("{what}: each of {ATTEMPTS} attempts lost events and differed: {reports:?}")
 }
 
 /// fentry/fexit where the kernel lets them attach (chosen by default there) give exactly the
@@ -793,23 +813,24 @@ fn syscall_backends_give_the_same_records() {
         return;
     }
     assert_eq!(meta.syscall_backend, "fentry", "auto prefers fentry");
-    let (fentry, tracepoint) = lossless_pair("fentry and tracepoint", || {
-        (
-            trace_basic_without_aslr(&["--syscall-backend", "fentry", "--faults", "none"]),
-            trace_basic_without_aslr(&["--syscall-backend", "tracepoint", "--faults", "none"]),
-        )
-    });
-    let (a, b) = (syscall_records(&fentry), syscall_records(&tracepoint));
+    let (fentry, _) = agreeing_pair(
+        "fentry and tracepoint",
+        || {
+            (
+                trace_basic_without_aslr(&["--syscall-backend", "fentry", "--faults", "none"]),
+                trace_basic_without_aslr(&["--syscall-backend", "tracepoint", "--faults", "none"]),
+            )
+        },
+        |a, b| {
+            first_difference(
+                ("fentry", "tracepoint"),
+                &syscall_records(a),
+                &syscall_records(b),
+            )
+        },
+    );
+    let a = syscall_records(&fentry);
     assert!(a.len() >= 10, "a whole run of syscalls: {a:?}");
-    if let Some(i) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) {
-        panic!(
-            "fentry and tracepoint records differ at record {i} of {} and {}:\nfentry:     {:?}\ntracepoint: {:?}",
-            a.len(),
-            b.len(),
-            a.get(i),
-            b.get(i)
-        );
-    }
 }
 
 /// The fault programs as BTF tracepoints (chosen by default where the kernel loads them: the
@@ -881,18 +902,13 @@ fn btf_and_raw_fault_tracepoints_give_the_same_faults() {
     };
     let run =
         |backend: &str| trace_basic_without_aslr(&["--fault-backend", backend, "--faults", "all"]);
-    let (btf, raw) = lossless_pair("BTF and raw", || {
-        (run("btf-tracepoint"), run("raw-tracepoint"))
-    });
-    let ((btf, btf_kernel), (raw, raw_kernel)) = (faults(&btf), faults(&raw));
+    let (btf, raw) = agreeing_pair(
+        "BTF and raw",
+        || (run("btf-tracepoint"), run("raw-tracepoint")),
+        |a, b| first_difference(("btf", "raw"), &faults(a).0, &faults(b).0),
+    );
+    let ((btf, btf_kernel), (_, raw_kernel)) = (faults(&btf), faults(&raw));
     assert_eq!(btf.len(), 16, "the 16 pages touched: {btf:?}");
-    if let Some(i) = (0..btf.len().max(raw.len())).find(|&i| btf.get(i) != raw.get(i)) {
-        panic!(
-            "BTF and raw fault records differ at record {i}:\nbtf: {:?}\nraw: {:?}",
-            btf.get(i),
-            raw.get(i)
-        );
-    }
     for (what, kernel) in [("btf", &btf_kernel), ("raw", &raw_kernel)] {
         assert!(
             kernel.iter().any(|r| r["ip"]
@@ -913,25 +929,28 @@ fn inside_a_pid_namespace_the_same_calls_and_maps_are_seen_with_its_pids() {
         return;
     }
     let args = ["--faults", "first", "-f", "--force"];
-    let (host, inside) = lossless_pair("host and namespace", || {
-        (
-            trace_without_aslr(&[], &args, "fork"),
-            trace_without_aslr(
-                &["unshare", "--pid", "--fork", "--mount-proc"],
-                &args,
-                "fork",
-            ),
-        )
-    });
-    let (a, b) = (syscall_records(&host), syscall_records(&inside));
+    let (host, inside) = agreeing_pair(
+        "host and namespace",
+        || {
+            (
+                trace_without_aslr(&[], &args, "fork"),
+                trace_without_aslr(
+                    &["unshare", "--pid", "--fork", "--mount-proc"],
+                    &args,
+                    "fork",
+                ),
+            )
+        },
+        |a, b| {
+            first_difference(
+                ("host", "namespace"),
+                &syscall_records(a),
+                &syscall_records(b),
+            )
+        },
+    );
+    let a = syscall_records(&host);
     assert!(a.len() >= 10, "a whole run of syscalls: {a:?}");
-    if let Some(i) = (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i)) {
-        panic!(
-            "host and namespace records differ at record {i}:\nhost:      {:?}\nnamespace: {:?}",
-            a.get(i),
-            b.get(i)
-        );
-    }
     // Each run: the command and its followed child, each with its exit and final map.
     let (host_typed, inside_typed) = (typed(&host), typed(&inside));
     let processes = |recs: &[OutputRecord]| -> (u32, u32) {

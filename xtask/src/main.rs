@@ -519,18 +519,17 @@ fn real_main() -> Result<()> {
             }
             // The other kernels (a focused run with a filter skips them).
             if !no_kernels && filter.is_empty() && is_root() {
-                for arch in [kernels::ArchArg::X86_64, kernels::ArchArg::Arm64] {
-                    kernels::kernels(&kernels::Options {
-                        arch,
-                        kernel: vec!["all".into()],
-                        tests: kernels::Selection::Smoke,
-                        jobs: 2,
-                        no_host: false,
-                        timeout: 1500,
-                        bench: false,
-                        rounds: 5,
-                    })?;
-                }
+                kernels::kernels(&kernels::Options {
+                    arch: vec![kernels::ArchArg::X86_64, kernels::ArchArg::Arm64],
+                    kernel: vec!["all".into()],
+                    tests: kernels::Selection::Smoke,
+                    jobs: 2,
+                    no_host: false,
+                    host_recordings_only: true,
+                    timeout: 1500,
+                    bench: false,
+                    rounds: 5,
+                })?;
             }
             Ok(())
         }

@@ -271,6 +271,11 @@ pub struct Probe {
     heap_cpus: Vec<u32>,
     /// Every attachment, by program name: detached all at once when the probe is dropped.
     links: Vec<(String, Box<dyn Send>)>,
+    /// The kernel's BTF as aya parses it, once for the loader and every attachment by BTF id
+    /// (`None` where the kernel has none). A parse reads all of `/sys/kernel/btf/vmlinux`
+    /// (5-6 MB): it took most of the daemon's start-up CPU time when each attachment
+    /// parsed it again.
+    kernel_btf: Option<std::sync::Arc<aya::Btf>>,
 }
 
 /// The links are detached each from a thread of its own. Each detach of a syscall tracepoint
@@ -369,7 +374,9 @@ impl Probe {
             0
         };
         let syscall_stacks = u32::from(opts.stacks.syscalls);
+        let kernel_btf = aya::Btf::from_sys_fs().ok().map(std::sync::Arc::new);
         let mut ebpf = EbpfLoader::new()
+            .btf(kernel_btf.as_deref())
             .map_max_entries("EVENTS", opts.ring_bytes)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("LAYOUT", &kernel_layout, true)
@@ -443,6 +450,7 @@ impl Probe {
             batch_cpus: Vec::new(),
             heap_cpus: Vec::new(),
             links: Vec::new(),
+            kernel_btf,
         };
         probe.syscall_backend = match opts.syscalls {
             SyscallBackend::Fentry => {
@@ -583,7 +591,7 @@ impl Probe {
 
     /// The `fentry_*`/`fexit_*` programs on the syscall functions, exits first as above.
     fn attach_syscall_fentry(&mut self) -> Result<(), ProbeError> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Fentry {
+        let btf = self.kernel_btf().map_err(|e| ProbeError::Fentry {
             function: "any kernel function".into(),
             source: aya::programs::ProgramError::Btf(e),
         })?;
@@ -614,6 +622,14 @@ impl Probe {
             self.links.push((name, Box::new(link)));
         }
         Ok(())
+    }
+
+    /// The kernel's BTF parsed at load, or why there is none (read again for its error).
+    fn kernel_btf(&self) -> Result<std::sync::Arc<aya::Btf>, aya::BtfError> {
+        match &self.kernel_btf {
+            Some(btf) => Ok(btf.clone()),
+            None => aya::Btf::from_sys_fs().map(std::sync::Arc::new),
+        }
     }
 
     /// Detaches and unloads whatever [`Probe::attach_syscall_fentry`] got to load.
@@ -727,7 +743,7 @@ impl Probe {
 
     /// The `*_btf` fault programs on `tracepoints` (`tp_btf`, attached by BTF id).
     fn attach_fault_btf(&mut self, tracepoints: &[&str]) -> Result<(), ProbeError> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Attach {
+        let btf = self.kernel_btf().map_err(|e| ProbeError::Attach {
             name: "BTF tracepoints".into(),
             source: aya::programs::ProgramError::Btf(e),
         })?;

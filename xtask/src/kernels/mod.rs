@@ -101,9 +101,10 @@ pub enum Selection {
 /// `cargo xtask kernels` options.
 #[derive(Debug, clap::Args)]
 pub struct Options {
-    /// The guests' architecture.
-    #[arg(long, value_enum, default_value = "x86-64")]
-    pub arch: ArchArg,
+    /// The guests' architectures (comma-separated): all their guests share the `--jobs`
+    /// slots, longest first.
+    #[arg(long, value_enum, default_value = "x86-64", value_delimiter = ',')]
+    pub arch: Vec<ArchArg>,
     /// Kernels to boot (comma-separated labels: 5.10, 6.1, 6.12, 7.2), or `all`.
     #[arg(long, default_value = "all", value_delimiter = ',')]
     pub kernel: Vec<String>,
@@ -116,6 +117,10 @@ pub struct Options {
     /// Do not run the same tests on the host kernel.
     #[arg(long)]
     pub no_host: bool,
+    /// The host's tests already ran (`cargo xtask test`): the host makes only the recordings
+    /// the guests' are compared with.
+    #[arg(skip)]
+    pub host_recordings_only: bool,
     /// Wall-clock limit per guest, in seconds.
     #[arg(long, default_value_t = 1500)]
     pub timeout: u64,
@@ -231,7 +236,7 @@ fn build(arch: Arch) -> Result<Built> {
 }
 
 /// The script each guest (and the host) runs: `VT-*` lines frame what the table reads.
-fn script(arch: Arch, built: &Built, sel: Selection, results: &Path) -> String {
+fn script(arch: Arch, built: &Built, sel: Option<Selection>, results: &Path) -> String {
     let mut s = String::new();
     let dir = root();
     let _ = writeln!(
@@ -250,11 +255,12 @@ fn script(arch: Arch, built: &Built, sel: Selection, results: &Path) -> String {
     );
     let _ = writeln!(s, "rc=0");
     let selected: Vec<(&str, Vec<&str>)> = match sel {
-        Selection::Smoke => SMOKE
+        None => Vec::new(),
+        Some(Selection::Smoke) => SMOKE
             .iter()
             .map(|(bin, names)| (*bin, names.to_vec()))
             .collect(),
-        Selection::Full => built
+        Some(Selection::Full) => built
             .tests
             .keys()
             .filter(|t| *t != "soak")
@@ -265,22 +271,33 @@ fn script(arch: Arch, built: &Built, sel: Selection, results: &Path) -> String {
         let Some(path) = built.tests.get(bin) else {
             continue;
         };
-        let _ = writeln!(s, "echo 'VT-BEGIN {bin}'");
-        let mut line = format!("'{}' --test-threads=1", path.display());
-        if !names.is_empty() {
-            line.push_str(" --exact");
-            for n in names {
-                line.push(' ');
-                line.push_str(n);
+        let _ = writeln!(s, "echo 'VT-BEGIN {bin}'; r=0");
+        // One run of the binary per named test, so that each one's time is known (VT-TIME:
+        // the guest's uptime before and after).
+        let skipped = |n: &&str| arch == Arch::Arm64 && NOT_ON_ARM64.contains(n);
+        let runs: Vec<(String, String)> = if names.is_empty() {
+            let mut args = String::new();
+            if arch == Arch::Arm64 {
+                for n in NOT_ON_ARM64 {
+                    args.push_str(" --skip ");
+                    args.push_str(n);
+                }
             }
+            vec![("*".to_string(), args)]
+        } else {
+            names
+                .iter()
+                .filter(|n| !skipped(n))
+                .map(|n| (n.to_string(), format!(" --exact {n}")))
+                .collect()
+        };
+        for (name, args) in runs {
+            let _ = writeln!(
+                s,
+                "read t0 _ < /proc/uptime; '{}' --test-threads=1{args} || r=$?; read t1 _ < /proc/uptime; echo \"VT-TIME {bin} {name} $t0 $t1\"",
+                path.display()
+            );
         }
-        if arch == Arch::Arm64 {
-            for n in NOT_ON_ARM64 {
-                line.push_str(" --skip ");
-                line.push_str(n);
-            }
-        }
-        let _ = writeln!(s, "{line}; r=$?");
         let _ = writeln!(s, "echo \"VT-END {bin} $r\"; [ $r = 0 ] || rc=1");
     }
     // The deterministic workload whose recording is compared with the host's.
@@ -306,6 +323,7 @@ fn script(arch: Arch, built: &Built, sel: Selection, results: &Path) -> String {
 }
 
 /// What one row of the table ran and found.
+#[derive(Clone)]
 struct Row {
     label: String,
     release: String,
@@ -319,11 +337,15 @@ struct Row {
     vs_host: String,
     seconds: f64,
     error: Option<String>,
+    /// Tests were to run (not so on the host when only its recordings are made).
+    tests_expected: bool,
+    /// Each test's (or whole binary's, `bin *`) seconds, from the `VT-TIME` lines.
+    times: Vec<(String, f64)>,
 }
 
 impl Row {
     fn ok(&self) -> bool {
-        self.error.is_none() && self.failed.is_empty() && self.passed > 0
+        self.error.is_none() && self.failed.is_empty() && (self.passed > 0 || !self.tests_expected)
     }
 }
 
@@ -339,6 +361,7 @@ fn read_row(label: &str, results: &Path, seconds: f64, error: Option<String>) ->
     };
     let mut passed = 0;
     let mut failed = Vec::new();
+    let mut times = Vec::new();
     // A binary that exits non-zero without a failed test (a crash, a harness error) fails too.
     let mut failed_before_bin = 0;
     for l in log.lines() {
@@ -356,6 +379,13 @@ fn read_row(label: &str, results: &Path, seconds: f64, error: Option<String>) ->
             failed.push(name.to_string());
         } else if l.starts_with("VT-BEGIN ") {
             failed_before_bin = failed.len();
+        } else if let Some(rest) = l.strip_prefix("VT-TIME ") {
+            let w: Vec<&str> = rest.split_whitespace().collect();
+            if let [bin, name, t0, t1] = w[..]
+                && let (Ok(t0), Ok(t1)) = (t0.parse::<f64>(), t1.parse::<f64>())
+            {
+                times.push((format!("{bin} {name}"), t1 - t0));
+            }
         } else if let Some(rest) = l.strip_prefix("VT-END ") {
             let mut w = rest.split_whitespace();
             if let (Some(bin), Some(rc)) = (w.next(), w.next())
@@ -384,6 +414,8 @@ fn read_row(label: &str, results: &Path, seconds: f64, error: Option<String>) ->
         vs_host: String::new(),
         seconds,
         error,
+        tests_expected: true,
+        times,
     }
 }
 
@@ -464,168 +496,252 @@ fn prepare(pin: &Pin) -> Result<Prepared> {
     })
 }
 
-/// Runs the matrix and prints the table.
+/// One guest to boot: its kernel, the script it runs and where its results go.
+struct GuestRun {
+    arch: Arch,
+    prepared: Prepared,
+    cmd: String,
+    results: PathBuf,
+}
+
+impl GuestRun {
+    /// Boots the guest, waits for it and reads its row.
+    fn run(self, timeout: Duration) -> Row {
+        let label = self.prepared.pin.label;
+        let shares = match self.arch {
+            Arch::X86_64 => Vec::new(),
+            Arch::Arm64 => vec![root()],
+        };
+        let go = || -> Result<boot::Outcome> {
+            std::fs::create_dir_all(&self.results)?;
+            std::fs::write(self.results.join("cmd.sh"), &self.cmd)?;
+            Guest {
+                kernel: &self.prepared.kernel,
+                image: self.prepared.image.clone(),
+                initrd: self.prepared.initrd.clone(),
+                results: self.results.clone(),
+                shares,
+                cpus: 2,
+                memory: "3G",
+                timeout,
+            }
+            .run()
+        };
+        match go() {
+            Ok(o) => {
+                let err = match (o.rc, o.timed_out) {
+                    (_, true) => Some(format!("timed out after {}s", timeout.as_secs())),
+                    (None, _) => Some("no exit status (see console.log)".into()),
+                    (Some(0), _) => None,
+                    (Some(rc), _) => Some(format!("exit {rc}")),
+                };
+                read_row(label, &self.results, o.seconds, err)
+            }
+            Err(e) => read_row(label, &self.results, 0.0, Some(format!("{e:#}"))),
+        }
+    }
+}
+
+/// Runs `guests` in `jobs` slots, each slot taking the next guest when its last one is done
+/// (the list is in the order to start them), and returns each guest's row with its arch.
+fn run_guests(guests: Vec<GuestRun>, jobs: usize, timeout: Duration) -> Vec<(Arch, Row)> {
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(guests));
+    let rows = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| {
+                // The guard goes with the closure: the queue is not held while a guest runs.
+                while let Some(guest) = queue.lock().ok().and_then(|mut q| q.pop_front()) {
+                    let arch = guest.arch;
+                    step(&format!(
+                        "booting {} {} ({}) under qemu",
+                        arch.debian(),
+                        guest.prepared.pin.label,
+                        guest.prepared.kernel.release
+                    ));
+                    let row = guest.run(timeout);
+                    step(&format!(
+                        "{} {}: {} passed, {} failed{} in {:.0} s",
+                        arch.debian(),
+                        row.label,
+                        row.passed,
+                        row.failed.len(),
+                        row.error
+                            .as_ref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default(),
+                        row.seconds
+                    ));
+                    if let Ok(mut r) = rows.lock() {
+                        r.push((arch, row));
+                    }
+                }
+            });
+        }
+    });
+    rows.into_inner().unwrap_or_default()
+}
+
+/// Runs the matrix and prints a table per architecture.
 pub fn kernels(opts: &Options) -> Result<()> {
     if !is_root() {
         bail!("the kernel matrix runs privileged tests: run it as root");
     }
-    let arch = match opts.arch {
-        ArchArg::X86_64 => Arch::X86_64,
-        ArchArg::Arm64 => Arch::Arm64,
-    };
-    dependencies(arch)?;
-    let all = opts.kernel.iter().any(|k| k == "all");
-    let pins: Vec<&Pin> = KERNELS
-        .iter()
-        .filter(|p| p.arch == arch && (all || opts.kernel.iter().any(|k| k == p.label)))
-        .collect();
-    if pins.is_empty() {
-        bail!(
-            "no pinned {arch:?} kernel among {:?} (have: {})",
-            opts.kernel,
-            KERNELS
-                .iter()
-                .filter(|p| p.arch == arch)
-                .map(|p| p.label)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    if opts.bench {
-        return bench(opts, &pins);
-    }
-    let built = build(arch)?;
-    let base = root().join("target").join("kernels");
-    let mut prepared = Vec::new();
-    for pin in &pins {
-        prepared.push(prepare(pin).with_context(|| format!("preparing kernel {}", pin.label))?);
-    }
-    let mut rows = Vec::new();
-    if arch == Arch::X86_64 && !opts.no_host {
-        let results = base.join("host");
-        std::fs::create_dir_all(&results)?;
-        let cmd = script(arch, &built, opts.tests, &results);
-        std::fs::write(results.join("cmd.sh"), &cmd)?;
-        step("running the tests on the host kernel");
-        let started = Instant::now();
-        let log = std::fs::File::create(results.join("output.log"))?;
-        let status = Command::new("bash")
-            .arg(results.join("cmd.sh"))
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .status()?;
-        let err = (!status.success()).then(|| format!("exit {status}"));
-        rows.push(read_row(
-            "host",
-            &results,
-            started.elapsed().as_secs_f64(),
-            err,
-        ));
-    }
-    // Guests, `jobs` at a time.
-    let results_of = |p: &Prepared| base.join(format!("{}-{}", p.pin.arch.debian(), p.pin.label));
-    for chunk in prepared.chunks(opts.jobs.max(1)) {
-        let handles: Vec<_> = chunk
-            .iter()
-            .map(|p| {
-                let results = results_of(p);
-                let shares = match arch {
-                    Arch::X86_64 => Vec::new(),
-                    Arch::Arm64 => vec![root()],
-                };
-                let cmd = script(arch, &built, opts.tests, &results);
-                let timeout = Duration::from_secs(opts.timeout);
-                step(&format!(
-                    "booting {} ({}) under qemu",
-                    p.pin.label, p.kernel.release
-                ));
-                let kernel = p.kernel.clone();
-                let (image, initrd, label) = (p.image.clone(), p.initrd.clone(), p.pin.label);
-                std::thread::spawn(move || -> Row {
-                    let go = || -> Result<boot::Outcome> {
-                        std::fs::create_dir_all(&results)?;
-                        std::fs::write(results.join("cmd.sh"), &cmd)?;
-                        Guest {
-                            kernel: &kernel,
-                            image,
-                            initrd,
-                            results: results.clone(),
-                            shares,
-                            cpus: 2,
-                            memory: "3G",
-                            timeout,
-                        }
-                        .run()
-                    };
-                    match go() {
-                        Ok(o) => {
-                            let err = match (o.rc, o.timed_out) {
-                                (_, true) => {
-                                    Some(format!("timed out after {}s", timeout.as_secs()))
-                                }
-                                (None, _) => Some("no exit status (see console.log)".into()),
-                                (Some(0), _) => None,
-                                (Some(rc), _) => Some(format!("exit {rc}")),
-                            };
-                            read_row(label, &results, o.seconds, err)
-                        }
-                        Err(e) => read_row(label, &results, 0.0, Some(format!("{e:#}"))),
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            let row = h
-                .join()
-                .map_err(|_| anyhow::anyhow!("a guest thread panicked"))?;
-            step(&format!(
-                "{}: {} passed, {} failed{}",
-                row.label,
-                row.passed,
-                row.failed.len(),
-                row.error
-                    .as_ref()
-                    .map(|e| format!(" ({e})"))
-                    .unwrap_or_default()
-            ));
-            rows.push(row);
-        }
-    }
-    // Each kernel's recordings against the host's.
-    let host_dir = base.join("host");
-    for row in &mut rows {
-        if row.label == "host" {
-            row.vs_host = "-".into();
-            continue;
-        }
-        let dir = base.join(format!("{}-{}", arch.debian(), row.label));
-        row.vs_host = if arch == Arch::X86_64 && !opts.no_host {
-            compare::against(&dir, &host_dir)
-        } else {
-            compare::self_check(&dir)
+    let mut arches: Vec<Arch> = Vec::new();
+    for a in &opts.arch {
+        let arch = match a {
+            ArchArg::X86_64 => Arch::X86_64,
+            ArchArg::Arm64 => Arch::Arm64,
         };
+        if !arches.contains(&arch) {
+            arches.push(arch);
+        }
     }
-    print_table(arch, &rows);
-    let bad: Vec<&str> = rows
-        .iter()
-        .filter(|r| {
-            !r.ok()
-                || !(r.vs_host == "-"
-                    || r.vs_host.starts_with("same")
-                    || r.vs_host.starts_with("ok"))
-        })
-        .map(|r| r.label.as_str())
-        .collect();
+    let all = opts.kernel.iter().any(|k| k == "all");
+    let pins_of = |arch: Arch| -> Result<Vec<&'static Pin>> {
+        let pins: Vec<&Pin> = KERNELS
+            .iter()
+            .filter(|p| p.arch == arch && (all || opts.kernel.iter().any(|k| k == p.label)))
+            .collect();
+        if pins.is_empty() {
+            bail!(
+                "no pinned {arch:?} kernel among {:?} (have: {})",
+                opts.kernel,
+                KERNELS
+                    .iter()
+                    .filter(|p| p.arch == arch)
+                    .map(|p| p.label)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(pins)
+    };
+    if opts.bench {
+        if arches != [Arch::X86_64] {
+            bail!("--bench runs on the x86_64 guests");
+        }
+        return bench(opts, &pins_of(Arch::X86_64)?);
+    }
+    let base = root().join("target").join("kernels");
+    let mut guests = Vec::new();
+    let mut rows: Vec<(Arch, Row)> = Vec::new();
+    for &arch in &arches {
+        dependencies(arch)?;
+        let pins = pins_of(arch)?;
+        let built = build(arch)?;
+        for pin in pins {
+            let prepared =
+                prepare(pin).with_context(|| format!("preparing kernel {}", pin.label))?;
+            let results = base.join(format!("{}-{}", arch.debian(), pin.label));
+            let cmd = script(arch, &built, Some(opts.tests), &results);
+            guests.push(GuestRun {
+                arch,
+                prepared,
+                cmd,
+                results,
+            });
+        }
+        if arch == Arch::X86_64 && !opts.no_host {
+            rows.push((arch, run_host(&built, opts)?));
+        }
+    }
+    // Longest first, so that no slot is left with a long guest at the end: the arm64 guests
+    // (the slower emulation), then the newest kernels.
+    guests.sort_by_key(|g| {
+        (
+            g.arch != Arch::Arm64,
+            std::cmp::Reverse(g.prepared.pin.label),
+        )
+    });
+    rows.extend(run_guests(
+        guests,
+        opts.jobs,
+        Duration::from_secs(opts.timeout),
+    ));
+    // Each kernel's recordings against the host's, a table per architecture.
+    let host_dir = base.join("host");
+    let mut bad = Vec::new();
+    let mut excerpts = Vec::new();
+    for &arch in &arches {
+        let mut arch_rows: Vec<Row> = rows
+            .iter()
+            .filter(|(a, _)| *a == arch)
+            .map(|(_, r)| r.clone())
+            .collect();
+        arch_rows.sort_by_key(|r| {
+            (
+                r.label != "host",
+                KERNELS
+                    .iter()
+                    .position(|p| p.arch == arch && p.label == r.label),
+            )
+        });
+        for row in &mut arch_rows {
+            if row.label == "host" {
+                row.vs_host = "-".into();
+                continue;
+            }
+            let dir = base.join(format!("{}-{}", arch.debian(), row.label));
+            row.vs_host = if arch == Arch::X86_64 && !opts.no_host {
+                compare::against(&dir, &host_dir)
+            } else {
+                compare::self_check(&dir)
+            };
+        }
+        print_table(arch, &arch_rows);
+        print_slowest(arch, &arch_rows);
+        for r in &arch_rows {
+            let compared =
+                r.vs_host == "-" || r.vs_host.starts_with("same") || r.vs_host.starts_with("ok");
+            if !r.ok() || !compared {
+                bad.push(format!("{} {}", arch.debian(), r.label));
+            }
+            if !r.excerpts.is_empty() {
+                excerpts.push((format!("{} {}", arch.debian(), r.label), r.excerpts.clone()));
+            }
+        }
+    }
     if !bad.is_empty() {
-        for r in rows.iter().filter(|r| !r.excerpts.is_empty()) {
-            println!("\nxtask: what the failed tests printed on {}:", r.label);
-            for e in &r.excerpts {
+        for (label, lines) in &excerpts {
+            println!("\nxtask: what the failed tests printed on {label}:");
+            for e in lines {
                 println!("{e}");
             }
         }
         bail!("failed on {} (logs in {})", bad.join(", "), base.display());
     }
     Ok(())
+}
+
+/// The host's row: the same script as the guests' (only the recordings when the host's tests
+/// already ran).
+fn run_host(built: &Built, opts: &Options) -> Result<Row> {
+    let results = root().join("target").join("kernels").join("host");
+    std::fs::create_dir_all(&results)?;
+    let tests = if opts.host_recordings_only {
+        None
+    } else {
+        Some(opts.tests)
+    };
+    let cmd = script(Arch::X86_64, built, tests, &results);
+    std::fs::write(results.join("cmd.sh"), &cmd)?;
+    step(if opts.host_recordings_only {
+        "making the host kernel's recordings"
+    } else {
+        "running the tests on the host kernel"
+    });
+    let started = Instant::now();
+    let log = std::fs::File::create(results.join("output.log"))?;
+    let status = Command::new("bash")
+        .arg(results.join("cmd.sh"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()?;
+    let err = (!status.success()).then(|| format!("exit {status}"));
+    let mut row = read_row("host", &results, started.elapsed().as_secs_f64(), err);
+    row.tests_expected = !opts.host_recordings_only;
+    Ok(row)
 }
 
 /// `--bench`: the syscall-backend benchmark (`bench --syscall-backends`) in each guest, one
@@ -713,6 +829,26 @@ fn print_table(arch: Arch, rows: &[Row]) {
             tests,
             r.vs_host,
             r.seconds
+        );
+    }
+}
+
+/// Each row's slowest tests: where a guest's time goes.
+fn print_slowest(arch: Arch, rows: &[Row]) {
+    for r in rows.iter().filter(|r| !r.times.is_empty()) {
+        let mut times = r.times.clone();
+        times.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let total: f64 = times.iter().map(|t| t.1).sum();
+        let top: Vec<String> = times
+            .iter()
+            .take(6)
+            .map(|(name, secs)| format!("{name} {secs:.0} s"))
+            .collect();
+        println!(
+            "xtask: {} {}: tests took {total:.0} s, the slowest: {}",
+            arch.debian(),
+            r.label,
+            top.join(", ")
         );
     }
 }
