@@ -66,6 +66,12 @@ pub fn vmatrace() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmatrace"))
 }
 
+/// Running in a guest of the kernel matrix, under full emulation (`VMATRACE_EMULATED=1`):
+/// tests whose size only buys time take a smaller one there.
+pub fn emulated() -> bool {
+    std::env::var("VMATRACE_EMULATED").is_ok_and(|v| v == "1")
+}
+
 static BUILD: Once = Once::new();
 
 /// The workload binary (built on first use, unless `VMATRACE_PREBUILT=1` says it was built
