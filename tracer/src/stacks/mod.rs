@@ -3,6 +3,7 @@
 //! recording, so that a recording names its code without the binaries. `sites` charges
 //! memory to the code that asked for it.
 
+pub mod python;
 pub mod sites;
 pub mod symbols;
 pub mod unwind;
