@@ -1,11 +1,38 @@
-//! CPython 3.11's code objects, read from a running interpreter's memory: the function, file
-//! and line a Python frame stands for (`docs/design/python-frames.md`, which gives the
-//! layout's sources and how it was checked on Debian 12's `python3.11`). The frames
-//! themselves are to come from the kernel at the call (the design's plan, not built yet);
-//! what they point at, the code object of a function, lives as long as the function, so the
-//! daemon can read it after the call.
+//! CPython 3.11 read from a running interpreter's memory (`docs/design/python-frames.md`,
+//! which gives the layout's sources and how it was checked on Debian 12's `python3.11`):
+//! where the interpreter's globals are ([`Interpreter`]), each thread's chain of frames, and
+//! the function, file and line a frame stands for ([`CodeObject`]). At a traced call the
+//! frames are to come from the kernel (the design's plan, not built yet); what they point at,
+//! the code object of a function, lives as long as the function, so the daemon can read it
+//! after the call.
+
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
 
 use crate::stacks::Frame;
+
+/// `_PyRuntimeState`, `PyInterpreterState`, `PyThreadState`, `_PyCFrame` and
+/// `_PyInterpreterFrame` of CPython 3.11 on 64-bit Linux: the fields of the walk.
+mod runtime {
+    /// `_PyRuntime.interpreters.head`.
+    pub const INTERPRETERS_HEAD: u64 = 40;
+    /// `PyInterpreterState.threads.head`.
+    pub const THREADS_HEAD: u64 = 16;
+    /// `PyThreadState.next`, `.cframe`, `.native_thread_id` (the thread's id).
+    pub const THREAD_NEXT: u64 = 8;
+    pub const THREAD_CFRAME: u64 = 56;
+    pub const THREAD_NATIVE_ID: u64 = 160;
+    /// `_PyCFrame.current_frame`.
+    pub const CURRENT_FRAME: u64 = 8;
+    /// `_PyInterpreterFrame`: from `f_code` (32) through `owner` (69) in one read:
+    /// `f_code` at 0, `previous` at 16, `prev_instr` at 24, `is_entry` at 36, `owner` at 37.
+    pub const FRAME_FIELDS: u64 = 32;
+    pub const FRAME_FIELDS_LEN: usize = 40;
+}
+
+/// The most threads and frames a walk follows (a cycle in memory changing under the read
+/// ends there too).
+const MAX_THREADS: usize = 256;
+const MAX_FRAMES: usize = 1024;
 
 /// `PyCodeObject` of CPython 3.11 on 64-bit Linux: where its fields are.
 mod code {
@@ -26,7 +53,7 @@ mod code {
 }
 
 /// `PyASCIIObject` / `PyCompactUnicodeObject` and `PyBytesObject`.
-mod object {
+mod pyobject {
     pub const STR_LENGTH: usize = 16;
     /// `state`: bits 2-4 the kind (bytes a character), bit 5 compact, bit 6 ASCII.
     pub const STR_STATE: usize = 32;
@@ -126,6 +153,146 @@ impl CodeObject {
     }
 }
 
+/// Where a CPython 3.11's globals are in a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interpreter {
+    /// `Py_Version`: `0x030b02f0` for 3.11.2.
+    pub version: u32,
+    /// The address of `_PyRuntime`.
+    pub runtime: u64,
+    /// The address of `PyCode_Type`.
+    pub code_type: u64,
+}
+
+/// A frame of a thread's chain, as the interpreter keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameRef {
+    /// The code object's address.
+    pub code: u64,
+    /// The last instruction begun (see [`CodeObject::instruction`]).
+    pub prev_instr: u64,
+    /// The first frame of a call of the evaluation loop from C.
+    pub is_entry: bool,
+    /// 0 a thread's frame, 1 a generator's, 2 a frame object's.
+    pub owner: u8,
+}
+
+/// A thread of the interpreter and its frames, innermost first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadFrames {
+    /// The thread's id (`gettid`).
+    pub tid: u64,
+    pub frames: Vec<FrameRef>,
+}
+
+impl Interpreter {
+    /// The CPython 3.11 that process `pid` runs (its executable or a `libpython3.11` it
+    /// maps), from the file's dynamic symbols; `None` for another version or no CPython.
+    pub fn of_process(pid: u32) -> Option<Self> {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        maps.lines().find_map(|line| {
+            let mut w = line.split_whitespace();
+            let (range, _, offset) = (w.next()?, w.next()?, w.next()?);
+            let path = w.nth(2)?;
+            let base = path.rsplit('/').next().unwrap_or(path);
+            let python = base.starts_with("python3.") || base.starts_with("libpython3.");
+            if !python || u64::from_str_radix(offset, 16).ok()? != 0 {
+                return None;
+            }
+            let start = u64::from_str_radix(range.split_once('-')?.0, 16).ok()?;
+            // The file as the process mapped it, whatever its mount namespace.
+            let data = std::fs::read(format!("/proc/{pid}/map_files/{range}"))
+                .or_else(|_| std::fs::read(format!("/proc/{pid}/root{path}")))
+                .ok()?;
+            Self::in_file(&data, start)
+        })
+    }
+
+    /// The globals of the file `data`, whose first byte is mapped at `start`.
+    pub fn in_file(data: &[u8], start: u64) -> Option<Self> {
+        let file = object::File::parse(data).ok()?;
+        let (mut runtime, mut code_type, mut version) = (None, None, None);
+        for sym in file.dynamic_symbols() {
+            match sym.name() {
+                Ok("_PyRuntime") => runtime = Some(sym.address()),
+                Ok("PyCode_Type") => code_type = Some(sym.address()),
+                Ok("Py_Version") => version = Some(sym.address()),
+                _ => {}
+            }
+        }
+        // The version's bytes in the file, from the segment that holds them.
+        let version_at = version?;
+        let version = file.segments().find_map(|s| {
+            let (offset, size) = s.file_range();
+            let within = version_at
+                .checked_sub(s.address())
+                .filter(|d| d + 4 <= size)?;
+            let at = usize::try_from(offset + within).ok()?;
+            Some(u32::from_ne_bytes(data.get(at..at + 4)?.try_into().ok()?))
+        })?;
+        if version >> 16 != 0x030b {
+            return None;
+        }
+        // The segment at file offset 0 is mapped at `start`: the load bias (0 for a
+        // non-PIE executable such as Debian's python3.11).
+        let first = file.segments().find(|s| s.file_range().0 == 0)?.address() & !0xfff;
+        let bias = start.wrapping_sub(first);
+        Some(Self {
+            version,
+            runtime: runtime?.wrapping_add(bias),
+            code_type: code_type?.wrapping_add(bias),
+        })
+    }
+
+    /// Every thread of the main interpreter with its frames, read now from process `pid`
+    /// (racing the process: for one that waits, or stopped).
+    pub fn threads(&self, pid: u32) -> Result<Vec<ThreadFrames>, PythonError> {
+        let interp = read_word(pid, self.runtime + runtime::INTERPRETERS_HEAD)?;
+        let mut thread = read_word(pid, interp + runtime::THREADS_HEAD)?;
+        let mut out = Vec::new();
+        while thread != 0 && out.len() < MAX_THREADS {
+            out.push(ThreadFrames {
+                tid: read_word(pid, thread + runtime::THREAD_NATIVE_ID)?,
+                frames: frames_of(pid, thread)?,
+            });
+            thread = read_word(pid, thread + runtime::THREAD_NEXT)?;
+        }
+        Ok(out)
+    }
+}
+
+/// The frames of the thread whose `PyThreadState` is at `thread`, innermost first.
+fn frames_of(pid: u32, thread: u64) -> Result<Vec<FrameRef>, PythonError> {
+    let cframe = read_word(pid, thread + runtime::THREAD_CFRAME)?;
+    if cframe == 0 {
+        return Ok(Vec::new());
+    }
+    let mut frame = read_word(pid, cframe + runtime::CURRENT_FRAME)?;
+    let mut out = Vec::new();
+    while frame != 0 && out.len() < MAX_FRAMES {
+        let f = read_remote(
+            pid,
+            frame + runtime::FRAME_FIELDS,
+            runtime::FRAME_FIELDS_LEN,
+        )?;
+        let word = |at: usize| u64::from_ne_bytes(f[at..at + 8].try_into().unwrap_or([0; 8]));
+        out.push(FrameRef {
+            code: word(0),
+            prev_instr: word(24),
+            is_entry: f[36] != 0,
+            owner: f[37],
+        });
+        frame = word(16);
+    }
+    Ok(out)
+}
+
+/// The pointer-sized word at `addr` in process `pid`.
+fn read_word(pid: u32, addr: u64) -> Result<u64, PythonError> {
+    let b = read_remote(pid, addr, 8)?;
+    Ok(u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
+}
+
 /// The line of code unit `instr` in a 3.11 location table (`Objects/locations.md`): entries
 /// of one byte (bit 7 set, `code = bits 3-6`, `length = bits 0-2 + 1` code units) and their
 /// operands; the line starts at `first_line` and moves by each entry's delta. `None` where no
@@ -217,14 +384,14 @@ fn read_str(pid: u32, addr: u64) -> Result<Option<String>, PythonError> {
     if addr == 0 {
         return Ok(None);
     }
-    let head = read_remote(pid, addr, object::STR_ASCII_DATA)?;
+    let head = read_remote(pid, addr, pyobject::STR_ASCII_DATA)?;
     let length = u64::from_ne_bytes(
-        head[object::STR_LENGTH..object::STR_LENGTH + 8]
+        head[pyobject::STR_LENGTH..pyobject::STR_LENGTH + 8]
             .try_into()
             .unwrap_or([0; 8]),
     );
     let state = u32::from_ne_bytes(
-        head[object::STR_STATE..object::STR_STATE + 4]
+        head[pyobject::STR_STATE..pyobject::STR_STATE + 4]
             .try_into()
             .unwrap_or([0; 4]),
     );
@@ -240,9 +407,9 @@ fn read_str(pid: u32, addr: u64) -> Result<Option<String>, PythonError> {
         return Ok(None);
     }
     let data = if ascii {
-        object::STR_ASCII_DATA
+        pyobject::STR_ASCII_DATA
     } else {
-        object::STR_COMPACT_DATA
+        pyobject::STR_COMPACT_DATA
     };
     let kind = kind as usize;
     let bytes = read_remote(pid, addr + data as u64, length * kind)?;
@@ -269,15 +436,15 @@ fn read_bytes(pid: u32, addr: u64) -> Result<Option<Vec<u8>>, PythonError> {
     if addr == 0 {
         return Ok(None);
     }
-    let head = read_remote(pid, addr, object::BYTES_DATA)?;
+    let head = read_remote(pid, addr, pyobject::BYTES_DATA)?;
     let size = u64::from_ne_bytes(
-        head[object::BYTES_SIZE..object::BYTES_SIZE + 8]
+        head[pyobject::BYTES_SIZE..pyobject::BYTES_SIZE + 8]
             .try_into()
             .unwrap_or([0; 8]),
     );
     match usize::try_from(size) {
         Ok(n) if n <= MAX_LINETABLE => {
-            read_remote(pid, addr + object::BYTES_DATA as u64, n).map(Some)
+            read_remote(pid, addr + pyobject::BYTES_DATA as u64, n).map(Some)
         }
         _ => Ok(None),
     }
@@ -417,5 +584,85 @@ mod tests {
         assert_eq!(frame.function.as_deref(), Some("Holder.grow"));
         assert_eq!(frame.offset, 10);
         assert_eq!(frame.module.as_deref(), Some("[python]"));
+    }
+
+    /// From outside a running `python3`: its interpreter found from its maps, its thread's
+    /// frames walked while it waits in a known function, named with their lines.
+    #[test]
+    fn a_waiting_interpreters_frames_name_its_functions_and_lines() {
+        use std::io::BufRead as _;
+        let script = "import sys\n\
+                      def inner():\n\
+                      \x20   print('ready', flush=True)\n\
+                      \x20   sys.stdin.read()\n\
+                      def outer():\n\
+                      \x20   inner()\n\
+                      outer()\n";
+        let Ok(mut child) = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("no /usr/bin/python3: skipped");
+            return;
+        };
+        let out = child.stdout.take().expect("stdout");
+        let ready = std::io::BufReader::new(out).lines().next();
+        assert!(
+            matches!(ready, Some(Ok(ref l)) if l == "ready"),
+            "{ready:?}"
+        );
+        // The read is a blocking syscall now (or about to be): wait until it is.
+        let pid = child.id();
+        for _ in 0..100 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('S'))
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let interp = Interpreter::of_process(pid);
+        let walked = interp.map(|i| {
+            let threads = i.threads(pid);
+            let named: Option<Vec<(String, u32, bool)>> = threads.as_ref().ok().map(|t| {
+                t[0].frames
+                    .iter()
+                    .map(|f| {
+                        let code = CodeObject::read(pid, f.code, Some(i.code_type))
+                            .expect("each frame's code object");
+                        let line = code.line_of(code.instruction(f.prev_instr).unwrap_or(0));
+                        (code.qualname, line, f.is_entry)
+                    })
+                    .collect()
+            });
+            (threads.map(|t| (t.len(), t[0].tid)), named)
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let version = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", "import sys; print(sys.version_info[:2] == (3, 11))"])
+            .output()
+            .expect("python3 runs");
+        if String::from_utf8_lossy(&version.stdout).trim() != "True" {
+            assert_eq!(interp, None, "only 3.11 is recognised");
+            return;
+        }
+        let interp = interp.expect("a 3.11 interpreter is found");
+        assert_eq!(interp.version >> 16, 0x030b);
+        let (threads, named) = walked.expect("walked");
+        assert_eq!(threads.expect("its threads are read"), (1, u64::from(pid)));
+        assert_eq!(
+            named.expect("named"),
+            [
+                ("inner".to_string(), 4, false),
+                ("outer".to_string(), 6, false),
+                ("<module>".to_string(), 7, true)
+            ]
+        );
     }
 }
