@@ -836,6 +836,8 @@ fn print_table(arch: Arch, rows: &[Row]) {
             } else {
                 format!("{} passed, FAILED: {}; {e}", r.passed, r.failed.join(", "))
             }
+        } else if !r.tests_expected {
+            "recordings only".to_string()
         } else if r.failed.is_empty() {
             format!("{} passed", r.passed)
         } else {
