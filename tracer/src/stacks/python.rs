@@ -104,8 +104,8 @@ impl CodeObject {
     /// read after the code was freed and its memory reused.
     pub fn read(pid: u32, addr: u64, code_type: Option<u64>) -> Result<Self, PythonError> {
         let head = read_remote(pid, addr, code::HEADER)?;
-        let word = |at: usize| u64::from_ne_bytes(head[at..at + 8].try_into().unwrap_or([0; 8]));
-        let int = |at: usize| i32::from_ne_bytes(head[at..at + 4].try_into().unwrap_or([0; 4]));
+        let word = |at: usize| u64_at(&head, at);
+        let int = |at: usize| i32::from_ne_bytes(bytes_at(&head, at));
         if let Some(expected) = code_type
             && word(code::OB_TYPE) != expected
         {
@@ -275,7 +275,7 @@ fn frames_of(pid: u32, thread: u64) -> Result<Vec<FrameRef>, PythonError> {
             frame + runtime::FRAME_FIELDS,
             runtime::FRAME_FIELDS_LEN,
         )?;
-        let word = |at: usize| u64::from_ne_bytes(f[at..at + 8].try_into().unwrap_or([0; 8]));
+        let word = |at: usize| u64_at(&f, at);
         out.push(FrameRef {
             code: word(0),
             prev_instr: word(24),
@@ -287,10 +287,25 @@ fn frames_of(pid: u32, thread: u64) -> Result<Vec<FrameRef>, PythonError> {
     Ok(out)
 }
 
+/// The native-endian `N` bytes at `at` in `b` (zeros past its end).
+fn bytes_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    b.get(at..at + N)
+        .and_then(|s| s.try_into().ok())
+        .unwrap_or([0; N])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_ne_bytes(bytes_at(b, at))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes(bytes_at(b, at))
+}
+
 /// The pointer-sized word at `addr` in process `pid`.
 fn read_word(pid: u32, addr: u64) -> Result<u64, PythonError> {
     let b = read_remote(pid, addr, 8)?;
-    Ok(u64::from_ne_bytes(b.try_into().unwrap_or([0; 8])))
+    Ok(u64_at(&b, 0))
 }
 
 /// The line of code unit `instr` in a 3.11 location table (`Objects/locations.md`): entries
@@ -385,16 +400,8 @@ fn read_str(pid: u32, addr: u64) -> Result<Option<String>, PythonError> {
         return Ok(None);
     }
     let head = read_remote(pid, addr, pyobject::STR_ASCII_DATA)?;
-    let length = u64::from_ne_bytes(
-        head[pyobject::STR_LENGTH..pyobject::STR_LENGTH + 8]
-            .try_into()
-            .unwrap_or([0; 8]),
-    );
-    let state = u32::from_ne_bytes(
-        head[pyobject::STR_STATE..pyobject::STR_STATE + 4]
-            .try_into()
-            .unwrap_or([0; 4]),
-    );
+    let length = u64_at(&head, pyobject::STR_LENGTH);
+    let state = u32_at(&head, pyobject::STR_STATE);
     let (kind, compact, ascii) = (
         (state >> 2) & 7,
         state & (1 << 5) != 0,
@@ -437,11 +444,7 @@ fn read_bytes(pid: u32, addr: u64) -> Result<Option<Vec<u8>>, PythonError> {
         return Ok(None);
     }
     let head = read_remote(pid, addr, pyobject::BYTES_DATA)?;
-    let size = u64::from_ne_bytes(
-        head[pyobject::BYTES_SIZE..pyobject::BYTES_SIZE + 8]
-            .try_into()
-            .unwrap_or([0; 8]),
-    );
+    let size = u64_at(&head, pyobject::BYTES_SIZE);
     match usize::try_from(size) {
         Ok(n) if n <= MAX_LINETABLE => {
             read_remote(pid, addr + pyobject::BYTES_DATA as u64, n).map(Some)
