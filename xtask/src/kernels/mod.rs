@@ -644,6 +644,7 @@ pub fn kernels(opts: &Options) -> Result<()> {
         if arches != [Arch::X86_64] {
             bail!("--bench runs on the x86_64 guests");
         }
+        dependencies(Arch::X86_64)?;
         return bench(opts, &pins_of(Arch::X86_64)?);
     }
     let base = root().join("target").join("kernels");
