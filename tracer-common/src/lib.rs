@@ -46,6 +46,14 @@ pub enum EventKind {
     Commit = 12,
     /// Registers and stack words at an allocator entry returning into a wrapper: [`HeapStack`].
     HeapStack = 13,
+    /// The Python frames of the thread at a syscall or fault, when it runs a CPython the
+    /// daemon described in `PY_PROCS`: [`PyStackHead`], then [`PyFrameRaw`]s. It follows the
+    /// [`EventKind::Stack`] record of the same thread, owner and key time.
+    PyStack = 14,
+    /// The first bytes of a code object a [`EventKind::PyStack`] named for the first time in
+    /// its process, and of its name, file name and line table: [`PyCodeRecord`]. The daemon
+    /// reads code objects from the process while it lives, and from this copy after.
+    PyCode = 15,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -65,6 +73,8 @@ impl TryFrom<u32> for EventKind {
             11 => Self::Join,
             12 => Self::Commit,
             13 => Self::HeapStack,
+            14 => Self::PyStack,
+            15 => Self::PyCode,
             other => return Err(other),
         })
     }
@@ -457,10 +467,13 @@ pub enum Stat {
     /// `openat` records (the path of a new descriptor) dropped because the ring buffer was
     /// full.
     LostOpen = 9,
+    /// Commits (a racing call's place in its process's order) dropped because the ring
+    /// buffer was full: the call is then ordered at its exit.
+    LostCommit = 10,
 }
 
 /// Number of [`Stat`] counters.
-pub const STAT_COUNT: u32 = 10;
+pub const STAT_COUNT: u32 = 11;
 
 impl Stat {
     /// Every counter, in index order.
@@ -475,6 +488,7 @@ impl Stat {
         Self::LostStack,
         Self::LostHeap,
         Self::LostOpen,
+        Self::LostCommit,
     ];
 }
 
@@ -511,6 +525,149 @@ pub struct StackRecord {
     pub stack: [u8; STACK_COPY_MAX],
 }
 
+/// Python frames a [`PyStackRecord`] carries at most: the innermost ones.
+pub const PY_FRAMES_MAX: usize = 64;
+
+/// Where a CPython's data is in one process, put in `PY_PROCS` by the daemon: the address of
+/// `_PyRuntime` and the offsets of the fields the programs follow (one version's layout is
+/// one set of values, not one program).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyProc {
+    /// The address of `_PyRuntime` in the process.
+    pub runtime: u64,
+    /// `_PyRuntime.gilstate.tstate_current`: the thread state holding the GIL.
+    pub tstate_current: u32,
+    /// `_PyRuntime.gilstate.autoTSSkey`: `int _is_initialized`, then `pthread_key_t _key`.
+    pub tss_key: u32,
+    /// `PyThreadState.thread_id` (the thread's `pthread_self()`, its TLS base).
+    pub thread_id: u32,
+    /// `PyThreadState.cframe`, and `_PyCFrame.current_frame`.
+    pub cframe: u32,
+    pub current_frame: u32,
+    /// Where a [`PyFrameWindow`] starts in a `_PyInterpreterFrame` (its `f_code`).
+    pub frame_window: u32,
+    /// `PyCodeObject.co_qualname`, `.co_filename` and `.co_linetable`: the objects a
+    /// [`PyCodeRecord`] copies the start of.
+    pub code_qualname: u32,
+    pub code_filename: u32,
+    pub code_linetable: u32,
+    /// Where glibc keeps a thread's first 32 thread-specific values, from its TLS base
+    /// (`struct pthread`'s `specific_1stblock`: 16-byte `{seq, data}` pairs); 0: unknown, the
+    /// GIL holder is the only thread state found.
+    pub tsd_block: u32,
+    /// Which of the daemon's findings of an interpreter this is (a new one after exec): the
+    /// code objects copied are remembered per finding.
+    pub generation: u32,
+}
+
+/// A key of `PY_CODES_SEEN`: a code object copied for a process's interpreter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyCodeKey {
+    pub tgid: u32,
+    /// [`PyProc::generation`].
+    pub generation: u32,
+    pub code: u64,
+}
+
+/// Bytes of a code object a [`PyCodeRecord`] copies: its fields up to its bytecode.
+pub const PY_CODE_HEAD: usize = 184;
+/// Bytes of its name and file name objects copied (a compact str's characters start 48 or
+/// 72 bytes in).
+pub const PY_STR_BYTES: usize = 256;
+/// Bytes of its line table object copied (the table starts 32 bytes in).
+pub const PY_TABLE_BYTES: usize = 1024;
+
+/// The start of a code object and of the objects it names, copied by the kernel the first
+/// time a Python stack of its process named it. Each copy is of the object's first bytes;
+/// `*_len` says how many were read (0: none).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyCodeRecord {
+    /// `tgid` the process, `detail` the [`PyProc::generation`].
+    pub header: EventHeader,
+    pub code: u64,
+    /// The addresses of the name, file name and line table objects (0: unread).
+    pub qualname: u64,
+    pub filename: u64,
+    pub linetable: u64,
+    pub qualname_len: u32,
+    pub filename_len: u32,
+    pub linetable_len: u32,
+    pub _pad: u32,
+    pub head: [u8; PY_CODE_HEAD],
+    pub qualname_bytes: [u8; PY_STR_BYTES],
+    pub filename_bytes: [u8; PY_STR_BYTES],
+    pub linetable_bytes: [u8; PY_TABLE_BYTES],
+}
+
+/// The fields of a CPython 3.11 `_PyInterpreterFrame` the walk reads, in one read: bytes
+/// 32-71 of the frame (`Include/internal/pycore_frame.h`, v3.11).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyFrameWindow {
+    /// `f_code`: the frame's code object.
+    pub code: u64,
+    /// `frame_obj`.
+    pub _frame_obj: u64,
+    /// `previous`: the calling frame, or null.
+    pub previous: u64,
+    /// `prev_instr`: the last instruction begun, in the code object's inline bytecode.
+    pub prev_instr: u64,
+    /// `stacktop`.
+    pub _stacktop: u32,
+    /// `is_entry`: the first frame of a call of the evaluation loop from C.
+    pub is_entry: u8,
+    /// `owner`: 0 a thread's, 1 a generator's, 2 a frame object's.
+    pub owner: u8,
+    pub _pad: u16,
+}
+
+/// The start of a [`EventKind::PyStack`] record; `header` repeats the [`StackHead`]'s
+/// (thread, owner kind in `detail`, key time).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyStackHead {
+    pub header: EventHeader,
+    /// [`PyFrameRaw`]s that follow, innermost first.
+    pub frames: u32,
+    /// How the thread's state was found: [`PY_VIA_GIL`] or [`PY_VIA_TSD`].
+    pub via: u32,
+}
+
+/// Where a [`PyCodeRecord`] is built in the stack scratch slot (after the [`PyStackRecord`]
+/// built at its start).
+pub const PY_CODE_AT: usize = 2048;
+
+/// The thread state was the GIL holder's.
+pub const PY_VIA_GIL: u32 = 1;
+/// The thread state was in the thread's own thread-specific slot (the GIL was released).
+pub const PY_VIA_TSD: u32 = 2;
+
+/// One frame of a thread's Python stack, as the interpreter keeps it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrameRaw {
+    /// The frame's code object.
+    pub code: u64,
+    /// `prev_instr` minus the code object's address: where in the bytecode it is.
+    pub instr_offset: u32,
+    /// The frame's `is_entry` (the first frame of an evaluation loop called from C).
+    pub is_entry: u8,
+    /// The frame's `owner` (0 a thread's, 1 a generator's, 2 a frame object's).
+    pub owner: u8,
+    pub _pad: u16,
+}
+
+/// A Python stack as the kernel writes it: the record is cut after `frames` frames.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyStackRecord {
+    pub head: PyStackHead,
+    pub frames: [PyFrameRaw; PY_FRAMES_MAX],
+}
+
 /// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
@@ -534,6 +691,24 @@ const _: () = assert!(core::mem::size_of::<StackHead>() == 64);
 const _: () =
     assert!(core::mem::size_of::<StackRecord>() == 64 + 8 * STACK_FRAMES_MAX + STACK_COPY_MAX);
 const _: () = assert!(core::mem::size_of::<StackRecord>() <= 32 * 1024);
+const _: () = assert!(core::mem::size_of::<PyProc>() == 56);
+const _: () = assert!(core::mem::size_of::<PyCodeKey>() == 16);
+const _: () = assert!(
+    core::mem::size_of::<PyCodeRecord>()
+        == 24 + 32 + 16 + PY_CODE_HEAD + 2 * PY_STR_BYTES + PY_TABLE_BYTES
+);
+// Built in the stack scratch slot after the Python stack record.
+const _: () = assert!(core::mem::size_of::<PyStackRecord>() <= PY_CODE_AT);
+const _: () = assert!(
+    PY_CODE_AT + core::mem::size_of::<PyCodeRecord>() <= core::mem::size_of::<StackRecord>()
+);
+const _: () = assert!(core::mem::size_of::<PyFrameWindow>() == 40);
+const _: () = assert!(core::mem::offset_of!(PyFrameWindow, is_entry) == 36);
+const _: () = assert!(core::mem::size_of::<PyStackHead>() == 32);
+const _: () = assert!(core::mem::size_of::<PyFrameRaw>() == 16);
+const _: () = assert!(core::mem::size_of::<PyStackRecord>() == 32 + 16 * PY_FRAMES_MAX);
+// The Python record is built in the native stack record's scratch slot once that is written.
+const _: () = assert!(core::mem::size_of::<PyStackRecord>() <= core::mem::size_of::<StackRecord>());
 
 #[cfg(feature = "user")]
 mod pod {
@@ -544,4 +719,8 @@ mod pod {
     unsafe impl aya::Pod for super::layout::KernelLayout {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::WrapperSite {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PyProc {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PyCodeKey {}
 }

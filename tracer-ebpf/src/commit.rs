@@ -19,9 +19,11 @@
 //! puts the record at the commit (`tracer::order`).
 
 use aya_ebpf::{macros::map, maps::Array};
-use tracer_common::{CommitEvent, EventHeader, EventKind, Syscall};
+use tracer_common::{CommitEvent, EventHeader, EventKind, Stat, Syscall};
 
-use crate::maps::{EVENTS, PENDING, current_ids, is_target, live_threads, now_ns, wakeup_flags};
+use crate::maps::{
+    EVENTS, PENDING, count, current_ids, is_target, live_threads, now_ns, wakeup_flags,
+};
 
 /// Slot 0: non-zero when the calls that remove mappings are committed at their entry (no
 /// `mmap_lock` tracepoint). Written by userspace after it attached the programs.
@@ -82,10 +84,12 @@ pub fn at_enter(syscall: Syscall) -> bool {
 }
 
 /// Writes the commit of `tid`'s call of `syscall` and returns its time, or 0 when the ring is
-/// full (the call is then ordered at its exit, as if it had no commit).
+/// full (counted: the call is then ordered at its exit, as if it had no commit, and
+/// userspace reads the maps again).
 #[inline(always)]
 pub fn commit(tgid: u32, tid: u32, syscall: u32) -> u64 {
     let Some(mut entry) = EVENTS.reserve::<CommitEvent>(0) else {
+        count(Stat::LostCommit);
         return 0;
     };
     // Stamped after the reservation, as every record written whole: the ring holds them in

@@ -14,6 +14,7 @@ mod faults;
 mod heap;
 mod lifecycle;
 mod maps;
+mod python;
 mod stacks;
 mod syscalls;
 

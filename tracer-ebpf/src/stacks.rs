@@ -11,6 +11,8 @@
 //! the syscall tracepoints), and a fault on the same CPU meanwhile may take a fault stack: the
 //! scratch slot has an owner count, as `heap`'s batch has, and a program that does not own it
 //! drops its stack (counted as a lost stack) rather than write over another's.
+//!
+//! A thread running CPython also gets its Python frames (`python`), written right after.
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -242,19 +244,38 @@ fn fill_and_write<C: EbpfContext>(
             stack_bytes: copied,
         };
         let size = (size_of::<StackHead>() + 8 * STACK_FRAMES_MAX) as u64 + copied as u64;
-        let size = if size > size_of::<StackRecord>() as u64 {
-            size_of::<StackRecord>() as u64
-        } else {
-            size
-        };
-        if bpf_ringbuf_output(
+        if !output_cut(rec, size) {
+            return;
+        }
+        // The slot is free again (the ring holds a copy): the Python frames, if any, are
+        // built in it and follow.
+        crate::python::emit(rec as *mut u8, owner, tgid, tid, key_ts);
+    }
+}
+
+/// Writes the first `size` bytes of the record `rec` (all of it at most) to the ring: a record
+/// built in the scratch slot and cut after what it holds. Whether it went; a stack record the
+/// ring has no room for is counted lost.
+#[inline(always)]
+pub fn output_cut<T>(rec: *mut T, size: u64) -> bool {
+    let size = if size > size_of::<T>() as u64 {
+        size_of::<T>() as u64
+    } else {
+        size
+    };
+    // SAFETY: `rec` points at a `T` in this CPU's scratch slot, owned by the caller; the
+    // helper reads `size` bytes of it, at most its size.
+    let r = unsafe {
+        bpf_ringbuf_output(
             &EVENTS as *const _ as *mut _,
             rec as *mut _,
             size,
             wakeup_flags(size),
-        ) != 0
-        {
-            count(Stat::LostStack);
-        }
+        )
+    };
+    if r != 0 {
+        count(Stat::LostStack);
+        return false;
     }
+    true
 }

@@ -414,18 +414,17 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
         return Vec::new();
     };
     let rate = stats.count * 1_000_000_000 / span(stats);
-    let mut f = finding(
-        p,
-        "mmap_churn",
-        Severity::Warning,
+    // "mmap-threshold churn" where malloc's threshold is the advice, else "mmap churn".
+    let title = |kind: &str| {
         format!(
-            "mmap-threshold churn: {} mmap/munmap pairs of {} ({} per second), {} faulted in again and again",
+            "{kind}: {} mmap/munmap pairs of {} ({} per second), {} faulted in again and again",
             stats.count,
             size(*len),
             rate,
             size(stats.released_pages * PAGE_SIZE)
-        ),
-    );
+        )
+    };
+    let mut f = finding(p, "mmap_churn", Severity::Warning, title("mmap churn"));
     f.numbers = BTreeMap::from([
         ("pairs".into(), stats.count),
         ("size_bytes".into(), *len),
@@ -467,12 +466,33 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
             stats.count
         );
         f.suggestion = Some(if stats.by_glibc * 2 >= stats.count {
-            threshold_advice
+            threshold_advice.clone()
         } else {
             "Keep and reuse the blocks of this size; glibc's mmap threshold does not apply to \
              the allocator that maps them."
                 .into()
         });
+    } else if known.is_empty()
+        && heap
+        && n == 0
+        && p.heap.complete
+        && cpython_arenas(p, stats, *len)
+    {
+        f.explanation = format!(
+            "These are most likely CPython's object arenas: no probed allocator call made \
+             these private mappings (as --heap saw), and {} is the arena size of the CPython \
+             this process runs. Its small-object allocator (pymalloc) maps arenas itself and \
+             unmaps each one once every object in it is freed, so objects made and dropped in \
+             bursts map, fault in and unmap them again and again; malloc's settings change \
+             nothing.{}",
+            size(*len),
+            if cpython_of(p) == Some(crate::stacks::python::WALKED_MINOR) {
+                " Record with --stacks to see the script's lines that make the objects."
+            } else {
+                ""
+            }
+        );
+        f.suggestion = Some(PYMALLOC_ADVICE.into());
     } else if known.is_empty() && heap && n == 0 && p.heap.complete {
         f.explanation = "The program maps and unmaps these buffers itself (no probed allocator \
                          call made them, as --heap saw), so each one is faulted in again and \
@@ -493,17 +513,23 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
                 "record with --stacks or --heap to see whether malloc makes these calls".into()
             }
         );
-        f.suggestion = Some(threshold_advice);
+        f.suggestion = Some(threshold_advice.clone());
+    } else if by_malloc == 0 && (pymalloc_frames(&known, *len) || cpython_arenas(p, stats, *len)) {
+        f.explanation = format!(
+            "These are CPython's object arenas: its small-object allocator (pymalloc) maps \
+             arenas of {} itself and unmaps each one once every object in it is freed, so \
+             objects made and dropped in bursts{} map, fault in and unmap them again and \
+             again; malloc's settings change nothing.",
+            size(*len),
+            joined(&f.call_sites, " (", ")")
+        );
+        f.suggestion = Some(PYMALLOC_ADVICE.into());
     } else if by_malloc == 0 {
         f.explanation = format!(
             "The program maps and unmaps these buffers itself (no malloc on the stacks of \
              these calls{}), so each one is faulted in again and malloc's settings change \
              nothing.",
-            if f.call_sites.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", f.call_sites.join("; "))
-            }
+            joined(&f.call_sites, ": ", "")
         );
         f.suggestion = Some(
             "Keep and reuse the buffers at these call sites instead of mapping them again.".into(),
@@ -513,9 +539,51 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
                          is on the stacks of these calls), so each one is a fresh mmap whose \
                          pages are faulted in and then unmapped on free."
             .into();
-        f.suggestion = Some(threshold_advice);
+        f.suggestion = Some(threshold_advice.clone());
+    }
+    if f.suggestion.as_ref() == Some(&threshold_advice) {
+        f.title = title("mmap-threshold churn");
     }
     vec![f]
+}
+
+/// `sites` joined by `; ` between `before` and `after`; nothing when there are none.
+fn joined(sites: &[String], before: &str, after: &str) -> String {
+    if sites.is_empty() {
+        String::new()
+    } else {
+        format!("{before}{}{after}", sites.join("; "))
+    }
+}
+
+/// What ends CPython's arena churn.
+const PYMALLOC_ADVICE: &str = "Run with PYTHONMALLOC=malloc, which takes small objects from \
+                               malloc's heap instead of arenas, or keep and reuse the objects \
+                               made in the bursts.";
+
+/// The minor version of the CPython 3 that `p` runs (its executable, or a libpython it maps).
+fn cpython_of(p: &Process) -> Option<u32> {
+    crate::heap::pymalloc::cpython_of(p.exe.as_deref(), &p.space)
+}
+
+/// Whether the mapping and unmapping of `len` bytes counted in `stats`, which no malloc made
+/// (as the stacks or `--heap` saw), are pymalloc's arenas: private (arenas are), in a
+/// process that runs a CPython whose arenas are of that size.
+fn cpython_arenas(p: &Process, stats: &crate::session::PairStats, len: u64) -> bool {
+    stats.shared * 2 < stats.count
+        && cpython_of(p)
+            .and_then(crate::heap::pymalloc::Layout::for_minor)
+            .is_some_and(|l| l.arena_size == len)
+}
+
+/// Whether mappings of `len` bytes whose stacks are `known` are pymalloc's arenas by their
+/// stacks: Python frames on them (of the CPython whose frames are walked) and its arena size.
+fn pymalloc_frames(known: &[&std::sync::Arc<crate::stacks::StackDef>], len: u64) -> bool {
+    crate::heap::pymalloc::Layout::for_minor(crate::stacks::python::WALKED_MINOR)
+        .is_some_and(|l| l.arena_size == len)
+        && known
+            .iter()
+            .any(|d| d.frames.iter().any(crate::stacks::python::is_python))
 }
 
 /// Pages released by madvise and touched again soon after.
@@ -776,8 +844,9 @@ mod tests {
     #[test]
     fn mmap_churn_advice_follows_who_made_the_mappings_as_heap_saw() {
         use crate::heap::{Allocator, HeapCall, HeapFn};
-        // `long_lived`: 1 MiB blocks malloc maps and keeps, besides the churn.
-        let churn = |inside_malloc: bool, long_lived: u64| {
+        // `long_lived`: 1 MiB blocks malloc maps and keeps, besides the churn; `exe`: what
+        // the process runs.
+        let churn_in = |exe: &str, flags: u64, inside_malloc: bool, long_lived: u64| {
             let mut s = Session::default();
             s.add(7, Seed::default(), 0, None);
             // Traced from its exec: every allocation is seen.
@@ -785,7 +854,7 @@ mod tests {
                 ts_ns: 1,
                 pid: 7,
                 tid: 7,
-                filename: "/usr/bin/server".into(),
+                filename: exe.into(),
             });
             s.apply(&Event::HeapAttach {
                 ts_ns: 2,
@@ -822,7 +891,7 @@ mod tests {
                     &mut s,
                     ts,
                     Syscall::Mmap,
-                    [0, MIB, 3, 0x22, u64::MAX, 0],
+                    [0, MIB, 3, flags, u64::MAX, 0],
                     a as i64,
                 );
                 if inside_malloc {
@@ -836,6 +905,10 @@ mod tests {
                 .find(|f| f.id == "mmap_churn")
                 .expect("an mmap churn finding")
         };
+        const PRIVATE: u64 = 0x22;
+        let churn = |inside_malloc, long_lived| {
+            churn_in("/usr/bin/server", PRIVATE, inside_malloc, long_lived)
+        };
         let by_malloc = churn(true, 0);
         assert_eq!(by_malloc.numbers["in_allocator_calls"], 120);
         assert!(
@@ -845,7 +918,16 @@ mod tests {
                 .is_some_and(|s| s.contains("MALLOC_MMAP_THRESHOLD_")),
             "{by_malloc:?}"
         );
+        assert!(
+            by_malloc
+                .title
+                .starts_with("mmap-threshold churn: 120 mmap/munmap pairs")
+        );
         let own = churn(false, 0);
+        assert!(
+            own.title.starts_with("mmap churn: 120 mmap/munmap pairs"),
+            "{own:?}"
+        );
         assert_eq!(own.numbers["in_allocator_calls"], 0);
         assert!(own.explanation.contains("itself"), "{own:?}");
         assert!(
@@ -860,6 +942,39 @@ mod tests {
         let mixed = churn(false, 200);
         assert_eq!(mixed.numbers["in_allocator_calls"], 0);
         assert!(mixed.explanation.contains("itself"), "{mixed:?}");
+        // A CPython 3.11 making 1 MiB private mappings outside allocator calls: its object
+        // arenas.
+        let arenas = churn_in("/usr/bin/python3.11", PRIVATE, false, 0);
+        assert!(
+            arenas.explanation.contains("CPython's object arenas"),
+            "{arenas:?}"
+        );
+        assert!(
+            arenas
+                .suggestion
+                .as_deref()
+                .is_some_and(|s| s.contains("PYTHONMALLOC=malloc") && !s.contains("MALLOC_MMAP")),
+            "{arenas:?}"
+        );
+        assert!(arenas.title.starts_with("mmap churn: "), "{arenas:?}");
+        // Not when malloc made them, whatever the process runs; nor shared mappings (a
+        // script's `mmap.mmap(-1, n)`); nor 3.9's (256 KiB arenas) or a free-threaded
+        // build's (mimalloc).
+        let by_malloc = churn_in("/usr/bin/python3.11", PRIVATE, true, 0);
+        assert!(
+            by_malloc
+                .suggestion
+                .as_deref()
+                .is_some_and(|s| s.contains("MALLOC_MMAP"))
+        );
+        for (exe, flags) in [
+            ("/usr/bin/python3.11", 0x21),
+            ("/usr/bin/python3.9", PRIVATE),
+            ("/usr/bin/python3.13t", PRIVATE),
+        ] {
+            let f = churn_in(exe, flags, false, 0);
+            assert!(f.explanation.contains("itself"), "{exe} {flags:#x}: {f:?}");
+        }
     }
 
     #[test]

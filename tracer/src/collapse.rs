@@ -11,6 +11,7 @@ use crate::{
     event::{Event, SyscallRecord},
     model::AddressSpace,
     pagemap, procfs,
+    session::Session,
 };
 
 /// khugepaged's count of collapses, as last seen.
@@ -50,6 +51,17 @@ pub fn advised(s: &SyscallRecord) -> Option<(u32, u64, u64)> {
         _ => s.pid,
     };
     (advice == MADV_COLLAPSE).then(|| (pid, addr, addr.saturating_add(len)))
+}
+
+/// The huge pages of `pid` that a map just read from `/proc` (an attach, a resync after lost
+/// events) holds: the seed reads their pages from pagemap as small ones, so each 2 MiB block
+/// the kernel holds as one huge page (a fault's, khugepaged's, a `MADV_COLLAPSE` whose call
+/// was lost) is found as after a collapse, as events at `ts_ns`.
+pub fn in_seed(session: &Session, pid: u32, ts_ns: u64) -> Vec<Event> {
+    session
+        .space_of(pid)
+        .map(|space| found(pid, space, (0, u64::MAX), true, ts_ns))
+        .unwrap_or_default()
 }
 
 /// The collapses of `pid`'s blocks in `[start, end)` that pagemap shows now, as events at

@@ -408,6 +408,8 @@ pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
     } else if header.kind == EventKind::HeapBatch as u32 {
         u64::from(header.detail.min(HEAP_BATCH_LEN as u32))
     } else if header.kind == EventKind::Stack as u32
+        || header.kind == EventKind::PyStack as u32
+        || header.kind == EventKind::PyCode as u32
         || header.kind == EventKind::Commit as u32
         || header.kind == EventKind::HeapStack as u32
     {
@@ -481,7 +483,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let _: JoinEvent = read(bytes)?;
             Event::Join { ts_ns, pid, tid }
         }
-        EventKind::FaultBatch | EventKind::Stack | EventKind::Commit | EventKind::HeapStack => {
+        EventKind::FaultBatch
+        | EventKind::Stack
+        | EventKind::PyStack
+        | EventKind::PyCode
+        | EventKind::Commit
+        | EventKind::HeapStack => {
             return Err(DecodeError::BatchKind(header.kind));
         }
         EventKind::HeapBatch => return Err(DecodeError::HeapBatchKind(header.kind)),

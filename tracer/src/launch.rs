@@ -350,11 +350,14 @@ unsafe fn guard(
             libc::dup2(null, fd);
         }
         // Keep only the status pipe, vmatrace's life pipe and the map, at 3, 4 and 5: no
-        // descriptor of vmatrace's programs may outlive vmatrace here.
-        for (to, from) in [(100, status[1]), (101, life[0]), (102, map_fd)] {
-            libc::dup2(from, to);
+        // descriptor of vmatrace's programs may outlive vmatrace here. Copied first to free
+        // descriptors above 5 (`F_DUPFD` never replaces one: with many programs loaded, the
+        // map's own number may be any), then into place.
+        let mut kept = [status[1], life[0], map_fd];
+        for fd in &mut kept {
+            *fd = libc::fcntl(*fd, libc::F_DUPFD, 6);
         }
-        for (to, from) in [(3, 100), (4, 101), (5, 102)] {
+        for (to, from) in [3, 4, 5].into_iter().zip(kept) {
             libc::dup2(from, to);
         }
         libc::syscall(libc::SYS_close_range, 6u32, u32::MAX, 0u32);

@@ -33,6 +33,7 @@ pub mod pagemap;
 pub mod probe;
 pub mod procfs;
 pub mod recording;
+pub mod remote;
 pub mod replay;
 pub mod residency;
 pub mod run;

@@ -61,6 +61,8 @@ pub struct PairStats {
     /// Pairs whose mapping an allocator call made, and glibc's among them (`--heap`).
     pub in_allocator_calls: u64,
     pub by_glibc: u64,
+    /// Pairs whose mapping was `MAP_SHARED` (no allocator's arenas are).
+    pub shared: u64,
 }
 
 /// Bookkeeping for the allocator analysis, kept as events are applied.
@@ -71,8 +73,8 @@ pub struct Patterns {
     /// The run of first touches in progress (same region and thread), not yet in the map:
     /// most first touches come in runs, and this keeps the map off the per-fault path.
     touch_run: Option<((u64, u32), u64)>,
-    /// Anonymous mappings still in place, by address: (length, time).
-    live_anon: BTreeMap<u64, (u64, u64)>,
+    /// Anonymous mappings still in place, by address: (length, whether `MAP_SHARED`).
+    live_anon: BTreeMap<u64, (u64, bool)>,
     /// Anonymous mappings unmapped whole, by length.
     pub pairs: BTreeMap<u64, PairStats>,
     pub brk_grows: u64,
@@ -482,18 +484,18 @@ impl Session {
             (Syscall::Brk, EffectKind::Shrunk) => pat.brk_shrinks += 1,
             (Syscall::Mmap, EffectKind::Created) if matches!(call, MemCall::Mmap { flags, .. } if map_anonymous(flags)) =>
             {
+                let shared = matches!(call, MemCall::Mmap { flags, .. } if map_shared(flags));
                 pat.live_anon
-                    .insert(effect.start, (effect.end - effect.start, ts));
+                    .insert(effect.start, (effect.end - effect.start, shared));
             }
             (Syscall::Munmap, EffectKind::Unmapped) => {
                 let len = effect.end - effect.start;
-                if pat
-                    .live_anon
-                    .get(&effect.start)
-                    .is_some_and(|(l, _)| *l == len)
+                if let Some(&(_, shared)) =
+                    pat.live_anon.get(&effect.start).filter(|(l, _)| *l == len)
                 {
                     pat.live_anon.remove(&effect.start);
                     let pair = pat.pairs.entry(len).or_default();
+                    pair.shared += u64::from(shared);
                     if pair.count == 0 {
                         pair.first_ns = ts;
                     }

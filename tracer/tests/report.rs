@@ -127,8 +127,9 @@ fn mmap_threshold_churn_is_named_with_its_size_and_count() {
 }
 
 /// CPython maps its object arenas (1 MiB from 3.10) itself, not through malloc: with --heap
-/// the churn of arenas is told to be the program's own, and malloc's mmap threshold, which
-/// would change nothing, is not suggested.
+/// and no stacks the churn is named as CPython's arenas (no allocator call made them, and
+/// the process runs a CPython of that arena size), PYTHONMALLOC=malloc is suggested, and
+/// malloc's mmap threshold, which would change nothing, is not.
 #[test]
 fn pythons_own_arena_churn_gets_no_malloc_threshold_advice() {
     if !privileged("pythons_own_arena_churn_gets_no_malloc_threshold_advice") {
@@ -139,13 +140,61 @@ fn pythons_own_arena_churn_gets_no_malloc_threshold_advice() {
     let f = report_findings_typed("py-arenas", &file);
     let c = warning(&f, "mmap_churn");
     assert_eq!(n(c, "in_allocator_calls"), 0, "{c:?}");
-    assert!(c.explanation.contains("itself"), "{c:?}");
+    assert!(c.explanation.contains("CPython's object arenas"), "{c:?}");
+    let suggestion = c.suggestion.as_deref().unwrap_or_default();
     assert!(
-        !c.suggestion
-            .as_deref()
-            .unwrap_or_default()
-            .contains("MALLOC_"),
+        suggestion.contains("PYTHONMALLOC=malloc") && !suggestion.contains("MALLOC_MMAP"),
         "{c:?}"
+    );
+}
+
+/// With `--stacks` the same churn is named as CPython's arenas at the script's line, and the
+/// suggestion is checked by strace: under `PYTHONMALLOC=malloc` the script maps no arena.
+#[test]
+fn pythons_arena_churn_is_named_at_the_scripts_line_and_pythonmalloc_ends_it() {
+    if !privileged("pythons_arena_churn_is_named_at_the_scripts_line_and_pythonmalloc_ends_it") {
+        return;
+    }
+    let script = "for i in range(150):\n    d = [str(j) for j in range(60000)]\n    del d\n";
+    let python = "/usr/bin/python3";
+    let (_, file) = record("py-arenas-stacks", &["--stacks"], &[python, "-c", script]);
+    let f = report_findings_typed("py-arenas-stacks", &file);
+    let c = warning(&f, "mmap_churn");
+    assert_eq!(n(c, "size_bytes"), MIB, "{c:?}");
+    assert!(n(c, "pairs") >= 100, "{c:?}");
+    assert!(c.explanation.contains("pymalloc"), "{c:?}");
+    assert_eq!(
+        c.call_sites.first().map(String::as_str),
+        Some("<listcomp> (<string>:2)"),
+        "{c:?}"
+    );
+    let suggestion = c.suggestion.as_deref().unwrap_or_default();
+    assert!(
+        suggestion.contains("PYTHONMALLOC=malloc") && !suggestion.contains("MALLOC_MMAP"),
+        "{c:?}"
+    );
+    // The oracle: the script's maps of an arena's size, as strace sees them, as it is and with
+    // the suggestion.
+    let arenas = |malloc: bool| -> usize {
+        let log = temp_path(&format!("py-arenas-strace-{malloc}"));
+        let mut cmd = Command::new("strace");
+        cmd.args(["-e", "trace=mmap", "-o"])
+            .arg(&log)
+            .args([python, "-c", script]);
+        if malloc {
+            cmd.env("PYTHONMALLOC", "malloc");
+        }
+        run_ok("strace python3", &mut cmd);
+        std::fs::read_to_string(&log)
+            .expect("strace's log")
+            .lines()
+            .filter(|l| l.contains(&format!(", {MIB}, ")))
+            .count()
+    };
+    let (before, after) = (arenas(false), arenas(true));
+    assert!(
+        before >= 100 && after * 10 <= before,
+        "1 MiB maps: {before} as it is, {after} with PYTHONMALLOC=malloc"
     );
 }
 

@@ -171,13 +171,7 @@ fn assert_c_call_sites(recs: &[OutputRecord], binary: &str, with_faults: bool) {
     }
     let touches: Vec<&OutputRecord> = recs
         .iter()
-        .filter(|r| {
-            r.fault().is_some_and(|f| {
-                f.first_touch
-                    && f.stack_id.is_some()
-                    && regions.iter().any(|reg| reg.contains(&f.address))
-            })
-        })
+        .filter(|r| stacked_first_touch_in(r, &regions))
         .collect();
     assert!(
         !touches.is_empty(),
@@ -337,50 +331,246 @@ fn a_burst_of_stacks_loses_no_event_and_counts_every_stack_it_drops() {
     );
 }
 
+/// The script of the Python test: each memory call made from a function of its own.
+const PY_SCRIPT: &str = "import mmap, threading\n\
+def make_buffers():\n\
+\x20   bufs = []\n\
+\x20   for _ in range(4):\n\
+\x20       m = mmap.mmap(-1, 1 << 20)\n\
+\x20       for off in range(0, 1 << 20, 4096):\n\
+\x20           m[off] = 1\n\
+\x20       bufs.append(m)\n\
+\x20   return bufs\n\
+def drop(bufs):\n\
+\x20   bufs.clear()\n\
+def grow_heap():\n\
+\x20   held = []\n\
+\x20   for _ in range(50):\n\
+\x20       held.append(bytearray(100000))\n\
+\x20   return held\n\
+def worker_a():\n\
+\x20   for _ in range(20):\n\
+\x20       m = mmap.mmap(-1, 2 << 20)\n\
+\x20       m.close()\n\
+def worker_b():\n\
+\x20   for _ in range(20):\n\
+\x20       m = mmap.mmap(-1, 3 << 20)\n\
+\x20       m.close()\n\
+drop(make_buffers())\n\
+h = grow_heap()\n\
+threads = [threading.Thread(target=worker_a), threading.Thread(target=worker_b)]\n\
+for t in threads: t.start()\n\
+for t in threads: t.join()\n";
+
+/// Whether `r` is a first touch with a stack inside one of `regions`.
+fn stacked_first_touch_in(r: &OutputRecord, regions: &[std::ops::Range<u64>]) -> bool {
+    r.fault().is_some_and(|f| {
+        f.first_touch && f.stack_id.is_some() && regions.iter().any(|reg| reg.contains(&f.address))
+    })
+}
+
+/// The line of the script that holds `text`.
+fn py_line(text: &str) -> u32 {
+    PY_SCRIPT
+        .lines()
+        .position(|l| l.contains(text))
+        .map(|i| i as u32 + 1)
+        .unwrap_or_else(|| panic!("no {text} in the script"))
+}
+
 #[test]
-fn python_mmap_stacks_reach_the_interpreter_and_its_mmap_module() {
-    if !privileged("python_mmap_stacks_reach_the_interpreter_and_its_mmap_module") {
+fn python_call_sites_name_the_scripts_functions_and_lines() {
+    if !privileged("python_call_sites_name_the_scripts_functions_and_lines") {
         return;
     }
+    let version = Command::new("/usr/bin/python3")
+        .args(["-c", "import sys; print(sys.version_info[:2] == (3, 11))"])
+        .output()
+        .expect("python3 runs");
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        "True",
+        "the Python frames are CPython 3.11's (Debian 12's python3)"
+    );
     let script = temp_path("stacks.py");
-    std::fs::write(
-        &script,
-        "import mmap\n\
-         def make_buffers():\n\
-         \x20   bufs = []\n\
-         \x20   for _ in range(4):\n\
-         \x20       m = mmap.mmap(-1, 1 << 20)\n\
-         \x20       for off in range(0, 1 << 20, 4096):\n\
-         \x20           m[off] = 1\n\
-         \x20       bufs.append(m)\n\
-         \x20   return bufs\n\
-         b = make_buffers()\n",
-    )
-    .expect("script written");
-    let (recs, _) = record(
-        &["--stacks"],
+    std::fs::write(&script, PY_SCRIPT).expect("script written");
+    // Under emulation one fault in 8 gets a stack: the interpreter's start-up takes thousands
+    // of faults, each stack unwound by the daemon.
+    let every = if emulated() { 8 } else { 1 };
+    let (recs, out) = record(
+        &["--stacks", "--fault-stacks", &every.to_string()],
         &["/usr/bin/python3", script.to_str().expect("utf-8 path")],
     );
     let stacks = stacks(&recs);
-    // The script's maps are the last four of 1 MiB (the interpreter's own arenas come first).
-    let mmaps = mmaps_of_a_mib(&recs);
-    let script_maps: Vec<Vec<&Frame>> = mmaps
+    let script_name = file_name(&script);
+    // The call site of a record: its innermost Python frame, as `function (file:line)`.
+    let site = |r: &OutputRecord| -> Option<String> {
+        let id = r.stack_id()?;
+        Some(tracer::stacks::sites::site_label(stacks.get(&id)?))
+    };
+    let at = |function: &str, line: &str| format!("{function} ({script_name}:{})", py_line(line));
+    // The call sites of the mmap module's calls of `call` of `len` bytes (malloc's arenas
+    // map and unmap other sizes, or by chance the same).
+    let by_mmap_module = |r: &&OutputRecord| {
+        frames_of(&stacks, r).iter().any(|f| {
+            f.module
+                .as_deref()
+                .is_some_and(|m| m.contains("/mmap.cpython"))
+        })
+    };
+    let calls_of = |call: &'static str, len: u64| {
+        recs.iter().filter(move |r| {
+            r.call(call).is_some_and(|s| {
+                s.args[1] == len && (call != "mmap" || s.fd == Some(-1)) && s.ret >= 0
+            })
+        })
+    };
+    let sites_of = |call: &'static str, len: u64| -> Vec<Option<String>> {
+        calls_of(call, len)
+            .filter(by_mmap_module)
+            .map(site)
+            .collect()
+    };
+    // The kernel drops stacks while the ring is more than half full (counted, the calls
+    // kept), and a kernel that preempts BPF programs skips runs (counted): under emulation a
+    // few of these calls may come without a stack, or not at all.
+    let lost = &last_summary(&recs).lost;
+    let excused = |call: &'static str, len: u64| -> usize {
+        let stackless = calls_of(call, len)
+            .filter(|r| r.stack_id().is_none())
+            .count() as u64;
+        (stackless.min(lost.lost_stack) + lost.missed + lost.lost_syscall) as usize
+    };
+    // Of `want` calls, how many are named: all of them, or all but those excused.
+    let named = |call: &'static str, len: u64, sites: &[Option<String>], want: usize| {
+        let excuse = excused(call, len);
+        assert!(
+            sites.len() <= want && sites.len() + excuse >= want,
+            "{} of {want} {call}s of {len} bytes named ({excuse} without a stack or lost)",
+            sites.len()
+        );
+    };
+    // The mmap module's maps and unmaps: with the GIL held (mmap), and released (munmap).
+    let made = at("make_buffers", "m = mmap.mmap(-1, 1 << 20)");
+    for (call, want) in [("mmap", &made), ("munmap", &at("drop", "bufs.clear()"))] {
+        let sites = sites_of(call, MIB);
+        let right: Vec<_> = sites
+            .iter()
+            .filter(|s| s.as_deref() == Some(want.as_str()))
+            .cloned()
+            .collect();
+        named(call, MIB, &right, 4);
+        assert!(
+            !right.is_empty(),
+            "each 1 MiB {call} of the mmap module is named {want}: {sites:#?}"
+        );
+    }
+    // Two threads, each mapping and unmapping in its own function, while the other may hold
+    // the GIL: each call names its own thread's function.
+    for (len, function, map_line) in [
+        (2 * MIB, "worker_a", "m = mmap.mmap(-1, 2 << 20)"),
+        (3 * MIB, "worker_b", "m = mmap.mmap(-1, 3 << 20)"),
+    ] {
+        let maps = sites_of("mmap", len);
+        named("mmap", len, &maps, 20);
+        let want = at(function, map_line);
+        assert!(
+            maps.iter().all(|s| s.as_deref() == Some(want.as_str())),
+            "every map of {len} bytes is named {want}: {maps:#?}"
+        );
+        let unmaps = sites_of("munmap", len);
+        named("munmap", len, &unmaps, 20);
+        // `m.close()` is on the line after the map.
+        let want = format!("{function} ({script_name}:{})", py_line(map_line) + 1);
+        assert!(
+            unmaps.iter().all(|s| s.as_deref() == Some(want.as_str())),
+            "every unmap of {len} bytes is named {want}: {unmaps:#?}"
+        );
+    }
+    // malloc growing the heap with brk for the bytearrays.
+    let grow = at("grow_heap", "held.append(bytearray(100000))");
+    let grown: Vec<(Option<String>, bool)> = recs
         .iter()
-        .map(|m| frames_of(&stacks, m))
-        .filter(|f| {
-            f.iter()
-                .any(|f| f.module.as_deref().is_some_and(|m| m.contains("mmap")))
+        .filter(|r| {
+            r.call("brk")
+                .and_then(|b| b.effect.as_ref())
+                .is_some_and(|e| e.kind == "grown")
+        })
+        .map(|r| {
+            let through_malloc = r
+                .stack_id()
+                .and_then(|id| stacks.get(&id))
+                .is_some_and(|d| tracer::stacks::sites::through_malloc(d));
+            (site(r), through_malloc)
         })
         .collect();
-    assert_eq!(script_maps.len(), 4, "{mmaps:#?}");
-    for frames in script_maps {
+    let by_grow_heap = grown
+        .iter()
+        .filter(|(s, malloc)| s.as_deref() == Some(grow.as_str()) && *malloc)
+        .count();
+    assert!(
+        by_grow_heap >= 5,
+        "malloc grew the heap for {grow} ({by_grow_heap} times): {grown:#?}"
+    );
+    // First touches of the 1 MiB buffers.
+    let regions: Vec<std::ops::Range<u64>> = recs
+        .iter()
+        .filter(|r| {
+            r.call("mmap")
+                .is_some_and(|s| s.args[1] == MIB && s.fd == Some(-1))
+                && site(r).as_deref() == Some(made.as_str())
+        })
+        .map(|r| {
+            let start = r.syscall().expect("a syscall").ret as u64;
+            start..start + MIB
+        })
+        .collect();
+    let touched = at("make_buffers", "m[off] = 1");
+    // Touches while the buffers are mapped: once `drop` has unmapped them the kernel hands
+    // their addresses out again (a new thread's stack and its first touches, for one).
+    let dropped_at = recs
+        .iter()
+        .position(|r| r.call("munmap").is_some_and(|s| s.args[1] == MIB) && by_mmap_module(&r))
+        .expect("drop unmapped the buffers");
+    let touches: Vec<Option<String>> = recs[..dropped_at]
+        .iter()
+        .filter(|r| stacked_first_touch_in(r, &regions))
+        .map(site)
+        .collect();
+    // (Fault stacks give way to events when the ring fills: most, not all, have one.)
+    assert!(
+        touches.len() >= 100 / every,
+        "first touches of the buffers: {}",
+        touches.len()
+    );
+    assert!(
+        touches
+            .iter()
+            .all(|s| s.as_deref() == Some(touched.as_str())),
+        "every touch is named {touched}: {touches:#?}"
+    );
+    // The interpreter's evaluation loop is gone from those stacks, the native frames around
+    // it stay: the program's start, the mmap module.
+    let def = recs
+        .iter()
+        .find(|r| r.call("mmap").is_some() && site(r).as_deref() == Some(made.as_str()))
+        .and_then(|r| stacks.get(&r.stack_id()?))
+        .expect("a stack of make_buffers");
+    assert!(
+        !def.frames.iter().any(|f| is(f, "_PyEval_EvalFrameDefault")),
+        "{def:#?}"
+    );
+    assert!(
+        def.frames.iter().any(|f| is(f, "<module>"))
+            && def.frames.iter().any(|f| is(f, "main") || is(f, "_start")),
+        "{def:#?}"
+    );
+    // The report names the script's functions too.
+    let rows = report_sites(&out, &[]);
+    for want in [&made, &grow] {
         assert!(
-            frames.iter().any(|f| is(f, "_PyEval_EvalFrameDefault")),
-            "the stack goes through the interpreter's eval loop: {frames:#?}"
-        );
-        assert!(
-            frames.iter().any(|f| is(f, "main") || is(f, "_start")),
-            "the stack reaches the program's start: {frames:#?}"
+            rows.iter().any(|r| r.contains(want.as_str())),
+            "{want}: {rows:#?}"
         );
     }
 }

@@ -1253,8 +1253,12 @@ fn spin(millis: u64, pause_us: u64) {
 
 /// glibc arenas: `threads` threads each allocate and keep `mib` MiB in 4 KiB blocks.
 fn arenas(threads: usize, mib: usize) {
+    // No thread ends before all have allocated: glibc gives an ended thread's arena to the
+    // next thread, and the threads would share arenas.
+    let all_allocated = std::sync::Arc::new(std::sync::Barrier::new(threads));
     let hs: Vec<_> = (0..threads)
         .map(|_| {
+            let all_allocated = all_allocated.clone();
             std::thread::spawn(move || {
                 let n = mib * 256;
                 let mut kept = 0usize;
@@ -1267,6 +1271,7 @@ fn arenas(threads: usize, mib: usize) {
                         kept += 1;
                     }
                 }
+                all_allocated.wait();
                 kept
             })
         })

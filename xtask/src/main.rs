@@ -284,8 +284,8 @@ fn apt_install(what: &str, wanted: &[(&str, &str)]) -> Result<()> {
 /// Debian packages the end-to-end tests use: jemalloc (purge-churn workload), Chromium
 /// (renders the HTML report), tmux (drives the live view as a terminal would), gcc (the stack
 /// tests build C workloads), Go (`go tool pprof` reads the exported profile), Python (a
-/// script's stacks) and Prometheus (scrapes `--metrics`; the test runs its own server, the
-/// package's service is not needed).
+/// script's stacks), Prometheus (scrapes `--metrics`; the test runs its own server, the
+/// package's service is not needed) and strace (the oracle of a suggestion's effect).
 fn test_dependencies() -> Result<()> {
     apt_install(
         "the tests",
@@ -297,6 +297,7 @@ fn test_dependencies() -> Result<()> {
             ("golang-go", "/usr/bin/go"),
             ("python3", "/usr/bin/python3"),
             ("prometheus", "/usr/bin/prometheus"),
+            ("strace", "/usr/bin/strace"),
         ],
     )
 }

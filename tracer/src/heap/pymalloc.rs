@@ -46,12 +46,7 @@ impl Layout {
 
     /// The layout of the CPython a file name shows (`python3.11`, `libpython3.12.so.1.0`).
     pub fn for_name(name: &str) -> Option<Self> {
-        let base = name.rsplit('/').next().unwrap_or(name);
-        let rest = base
-            .strip_prefix("libpython3.")
-            .or_else(|| base.strip_prefix("python3."))?;
-        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-        Self::for_minor(digits.parse().ok()?)
+        Self::for_minor(minor_of_name(name)?)
     }
 
     /// The pools of the arena mapped at `start`: glibc's mmap gives page alignment, and
@@ -65,14 +60,35 @@ impl Layout {
     }
 }
 
-/// The layout of the CPython a process runs: its executable `exe`, or a libpython it maps.
-pub fn layout_of(exe: Option<&str>, space: &AddressSpace) -> Option<Layout> {
-    exe.and_then(Layout::for_name).or_else(|| {
+/// The minor version of the CPython 3 a file name shows (`python3.11`, `libpython3.12.so.1.0`):
+/// none for a free-threaded build (`python3.13t`), whose objects come from mimalloc, not
+/// from pymalloc's arenas.
+pub fn minor_of_name(name: &str) -> Option<u32> {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    let rest = base
+        .strip_prefix("libpython3.")
+        .or_else(|| base.strip_prefix("python3."))?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    if rest[digits.len()..].starts_with('t') {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The minor version of the CPython 3 a process runs: its executable `exe`, or a libpython
+/// it maps.
+pub fn cpython_of(exe: Option<&str>, space: &AddressSpace) -> Option<u32> {
+    exe.and_then(minor_of_name).or_else(|| {
         space.vmas().find_map(|v| match &v.backing {
-            Backing::File { path, .. } => Layout::for_name(path),
+            Backing::File { path, .. } => minor_of_name(path),
             _ => None,
         })
     })
+}
+
+/// The layout of the CPython a process runs: its executable `exe`, or a libpython it maps.
+pub fn layout_of(exe: Option<&str>, space: &AddressSpace) -> Option<Layout> {
+    Layout::for_minor(cpython_of(exe, space)?)
 }
 
 /// Reads the pool headers of the CPython arenas of process `pid` (running `exe`, with the
@@ -320,33 +336,7 @@ pub fn read(
 /// Reads `HEADER_BYTES` at each of `pools` into `buf`; returns how many headers were read
 /// whole.
 fn read_headers(pid: u32, pools: &[u64], buf: &mut [u8]) -> usize {
-    let local = [libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    }];
-    let remote: Vec<libc::iovec> = pools
-        .iter()
-        .map(|&p| libc::iovec {
-            iov_base: p as *mut libc::c_void,
-            iov_len: HEADER_BYTES,
-        })
-        .collect();
-    // SAFETY: `local` covers `buf`, which outlives the call; the remote addresses are only
-    // read by the kernel, in the other process.
-    let n = unsafe {
-        libc::process_vm_readv(
-            pid as libc::pid_t,
-            local.as_ptr(),
-            1,
-            remote.as_ptr(),
-            remote.len() as libc::c_ulong,
-            0,
-        )
-    };
-    if n < 0 {
-        return 0;
-    }
-    n as usize / HEADER_BYTES
+    crate::remote::read_each(pid, pools, HEADER_BYTES, buf)
 }
 
 #[cfg(test)]
@@ -400,6 +390,10 @@ mod tests {
     #[test]
     fn layouts_by_version_and_the_pools_of_an_unaligned_arena() {
         assert_eq!(Layout::for_name("/usr/bin/python3.7"), None);
+        // Free-threaded builds take objects from mimalloc.
+        assert_eq!(Layout::for_name("/usr/bin/python3.13t"), None);
+        assert_eq!(Layout::for_name("libpython3.13t.so.1.0"), None);
+        assert_eq!(minor_of_name("libpython3.13.so.1.0"), Some(13));
         assert_eq!(
             Layout::for_name("libpython3.9.so.1.0").map(|l| l.pool_size),
             Some(4096)

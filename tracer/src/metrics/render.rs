@@ -215,6 +215,7 @@ fn registry(snap: &Snapshot) -> Registry {
         ("lifecycle", l.lost_lifecycle),
         ("heap", l.lost_heap),
         ("open", l.lost_open),
+        ("commit", l.lost_commit),
         ("missed", l.missed),
         ("pending_full", l.pending_full),
         ("undecodable", l.undecodable),
@@ -225,7 +226,7 @@ fn registry(snap: &Snapshot) -> Registry {
     }
     reg.register(
         "lost_events",
-        "Events lost, by kind: dropped by a full ring (syscall, fault, lifecycle, heap, open), a full table of pending syscalls, undecodable records, left unread at a stop",
+        "Events lost, by kind: dropped by a full ring (syscall, fault, lifecycle, heap, open, commit), a full table of pending syscalls, undecodable records, left unread at a stop",
         lost,
     );
     let errors = Family::<KindLabels, Counter>::default();

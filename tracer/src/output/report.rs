@@ -195,6 +195,11 @@ pub struct LossSummary {
     /// full (absent in older recordings, which counted them in `lost_lifecycle`).
     #[serde(default)]
     pub lost_open: u64,
+    /// Commits dropped because the ring buffer was full: each was a call's place among the
+    /// calls of its process's other threads, which is then its exit. Not counted in the lost
+    /// events: the call's record is kept (absent in older recordings).
+    #[serde(default)]
+    pub lost_commit: u64,
     /// Runs of vmatrace's programs that the kernel skipped because another BPF program was
     /// running on that CPU (one of them preempted, or another tool's): each lost an event
     /// (absent in older recordings).
@@ -218,6 +223,7 @@ impl From<&KernelStats> for LossSummary {
             lost_stack: k.lost_stack,
             lost_heap: k.lost_heap,
             lost_open: k.lost_open,
+            lost_commit: k.lost_commit,
             missed: k.missed,
         }
     }
@@ -264,6 +270,7 @@ impl LossSummary {
             lost_stack: f(self.lost_stack, other.lost_stack),
             lost_heap: f(self.lost_heap, other.lost_heap),
             lost_open: f(self.lost_open, other.lost_open),
+            lost_commit: f(self.lost_commit, other.lost_commit),
             missed: f(self.missed, other.missed),
         }
     }
@@ -290,20 +297,34 @@ impl LossSummary {
             + self.missed
     }
 
-    /// Whether events that change the model were lost (not counting allocator events, which
-    /// `--heap` accounts apart): the maps are then read again from `/proc`.
+    /// Events dropped because the ring buffer was full (not commits: their calls' records
+    /// are kept).
+    pub fn ring_full(&self) -> u64 {
+        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_open + self.lost_heap
+    }
+
+    /// Whether events that change the model, or their order (commits), were lost (not
+    /// counting allocator events, which `--heap` accounts apart): the maps are then read
+    /// again from `/proc`.
     pub fn model_events_lost(&self) -> bool {
-        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_open + self.missed > 0
+        self.lost_syscall
+            + self.lost_fault
+            + self.lost_lifecycle
+            + self.lost_open
+            + self.lost_commit
+            + self.missed
+            > 0
     }
 
     /// The losses by cause, for a person: `(ring full: syscalls 3, faults 0, ...)`.
     pub fn breakdown(&self) -> String {
         let mut s = format!(
-            "ring full: syscalls {}, faults {}, lifecycle {}, opens {}; unsaved entries {}",
+            "ring full: syscalls {}, faults {}, lifecycle {}, opens {}, commits {}; unsaved entries {}",
             self.lost_syscall,
             self.lost_fault,
             self.lost_lifecycle,
             self.lost_open,
+            self.lost_commit,
             self.pending_full
         );
         if self.missed > 0 {
@@ -395,6 +416,24 @@ pub fn summarize(session: &Session, lost: LossSummary) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lost commit leaves its call's record but not its order among racing threads: the
+    /// maps are read again, and it is not counted as a lost event.
+    #[test]
+    fn a_lost_commit_alone_reads_the_maps_again_without_counting_an_event() {
+        let l = LossSummary {
+            lost_commit: 2,
+            ..LossSummary::default()
+        };
+        assert!(l.model_events_lost());
+        assert_eq!((l.total_lost(), l.ring_full()), (0, 0));
+        assert!(l.breakdown().contains("commits 2"), "{}", l.breakdown());
+        let heap_only = LossSummary {
+            lost_heap: 5,
+            ..LossSummary::default()
+        };
+        assert!(!heap_only.model_events_lost());
+    }
 
     #[test]
     fn loss_counters_add_up_and_a_difference_is_what_came_since() {

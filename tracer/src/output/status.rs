@@ -269,7 +269,7 @@ impl Feedback {
         }
         let l = &s.lost;
         if l.total_lost() > 0 {
-            let ring = l.lost_syscall + l.lost_fault + l.lost_lifecycle + l.lost_open + l.lost_heap;
+            let ring = l.ring_full();
             let mut why = Vec::new();
             if ring > 0 {
                 why.push(format!(

@@ -80,6 +80,24 @@ pub fn thread_count(out: &mut KernelLayout, btf: impl FnOnce() -> Result<KernelB
     }
 }
 
+/// Where the user TLS base of a thread is in `struct task_struct` (x86_64:
+/// `thread.fsbase`), for the programs' walk of Python frames; `FIELD_ABSENT` on other
+/// architectures or when BTF does not say.
+pub fn task_tls_base(btf: impl FnOnce() -> Result<KernelBtf, BtfError>) -> u32 {
+    if !cfg!(target_arch = "x86_64") {
+        return FIELD_ABSENT;
+    }
+    let found = btf().and_then(|btf| {
+        let thread = btf.member_offset("task_struct", "thread")?;
+        let fsbase = btf.member_offset("thread_struct", "fsbase")?;
+        Ok(thread + fsbase)
+    });
+    found.unwrap_or_else(|e| {
+        log::info!("no Python frames: {e}");
+        FIELD_ABSENT
+    })
+}
+
 /// The layout the programs read on this kernel, reporting pids of `pid_namespace`. `btf` is
 /// asked only when the exit program or the namespace needs it. `syscall_tracepoints`: the
 /// syscall records are read too (tracepoint backend).

@@ -222,16 +222,11 @@ pub struct KernelStats {
     pub lost_heap: u64,
     /// `openat` records (a new descriptor's path) the full ring refused.
     pub lost_open: u64,
+    /// Commits (a racing call's place in its process's order) the full ring refused.
+    pub lost_commit: u64,
     /// Runs of the programs the kernel skipped (another BPF program was running on that
     /// CPU, see `probe/misses.rs`).
     pub missed: u64,
-}
-
-impl KernelStats {
-    /// Events dropped because the ring buffer was full.
-    pub fn lost(&self) -> u64 {
-        self.lost_syscall + self.lost_fault + self.lost_lifecycle + self.lost_heap + self.lost_open
-    }
 }
 
 /// What [`Probe::flush_faults`] could not do.
@@ -374,6 +369,12 @@ impl Probe {
             0
         };
         let syscall_stacks = u32::from(opts.stacks.syscalls);
+        // Python frames need the thread's TLS base (x86_64 only, from BTF).
+        let tls_base = if opts.stacks.any() {
+            layout::task_tls_base(KernelBtf::load)
+        } else {
+            tracer_common::layout::FIELD_ABSENT
+        };
         let kernel_btf = aya::Btf::from_sys_fs().ok().map(std::sync::Arc::new);
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf.as_deref())
@@ -382,6 +383,7 @@ impl Probe {
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("STACK_BYTES", &stack_bytes, true)
             .override_global("SYSCALL_STACKS", &syscall_stacks, true)
+            .override_global("TASK_TLS_BASE", &tls_base, true)
             .override_global("FAULT_STACK_EVERY", &opts.stacks.fault_every, true)
             .override_global("CGROUP_MODE", &u32::from(opts.cgroup), true)
             .override_global("DAEMON_TGID", &std::process::id(), true)
@@ -927,6 +929,36 @@ impl Probe {
         }
     }
 
+    /// Has the stack programs walk the Python frames of each process given `Some` interpreter,
+    /// and no longer of those given `None`. A failure costs those frames only: logged.
+    pub fn set_python_procs(&mut self, changes: Vec<(u32, Option<tracer_common::PyProc>)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let Some(map) = self.ebpf.map_mut("PY_PROCS") else {
+            log::warn!("no PY_PROCS map: no Python frames");
+            return;
+        };
+        let mut map: aya::maps::HashMap<_, u32, tracer_common::PyProc> =
+            match aya::maps::HashMap::try_from(map) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!("PY_PROCS: {e}");
+                    return;
+                }
+            };
+        for (pid, proc) in changes {
+            let done = match proc {
+                Some(p) => map.insert(pid, p, 0),
+                // Gone already when the process never ran one.
+                None => map.remove(&pid).or(Ok(())),
+            };
+            if let Err(e) = done {
+                log::warn!("cannot tell the programs of the interpreter of {pid}: {e}");
+            }
+        }
+    }
+
     /// Stops tracing `pid` (an attach that failed halfway).
     pub fn remove_target(&mut self, pid: u32) -> Result<(), ProbeError> {
         // Gone already if the process exited meanwhile: not an error.
@@ -1004,6 +1036,7 @@ impl Probe {
             lost_heap: get(Stat::LostHeap),
             lost_stack: get(Stat::LostStack),
             lost_open: get(Stat::LostOpen),
+            lost_commit: get(Stat::LostCommit),
             missed: self.misses.read(&self.ebpf, fresh),
         })
     }

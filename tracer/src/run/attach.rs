@@ -10,6 +10,7 @@ pub(super) struct Attached<'a> {
     pub(super) session: &'a mut Session,
     pub(super) sink: &'a mut dyn Sink,
     pub(super) heap: Option<&'a mut HeapTracer>,
+    pub(super) stacks: Option<&'a mut Collector>,
 }
 
 impl Attached<'_> {
@@ -46,6 +47,13 @@ impl Attached<'_> {
             exe_of(pid),
         )
         .map_err(RunError::Write)?;
+        for ev in crate::collapse::in_seed(self.session, pid, ts) {
+            crate::driver::step(self.session, self.sink, &ev, true).map_err(RunError::Write)?;
+        }
+        if let Some(c) = self.stacks.as_deref_mut() {
+            c.watch_python(pid);
+            self.probe.set_python_procs(c.take_python_changes());
+        }
         if let Some(heap) = self.heap.as_deref_mut() {
             for ev in heap.cover(self.probe, pid, ts, true)? {
                 crate::driver::step(self.session, self.sink, &ev, true).map_err(RunError::Write)?;
@@ -93,6 +101,7 @@ impl Live {
             session: &mut self.session,
             sink: self.sink.as_mut(),
             heap: self.heap.as_mut(),
+            stacks: self.stacks.as_mut(),
         }
     }
 

@@ -84,6 +84,9 @@ impl Live {
             )
             .map_err(RunError::Write)?;
             self.sink.boundary(&self.session).map_err(RunError::Write)?;
+            for ev in crate::collapse::in_seed(&self.session, pid, now) {
+                self.handle(ev)?;
+            }
         }
         Ok(())
     }

@@ -35,7 +35,7 @@ use crate::{
     procfs::{self, ProcError},
     residency,
     session::{Applied, Seed, Session},
-    stacks::{Collector, RawStack},
+    stacks::Collector,
 };
 
 mod attach;
@@ -299,6 +299,26 @@ impl Live {
             (self.stacks.as_mut(), &ev)
         {
             c.forget(*pid);
+            if let Event::Exec { pid, .. } = &ev {
+                // Before the launched command runs, when the kernel holds it at its exec.
+                c.watch_python(*pid);
+            }
+        }
+        // A child that is not traced never tells its exit: it is not watched.
+        if let (
+            Some(c),
+            Event::Fork {
+                pid,
+                child,
+                followed: true,
+                ..
+            },
+        ) = (self.stacks.as_mut(), &ev)
+        {
+            c.forked(*pid, *child);
+        }
+        if let Some(c) = self.stacks.as_mut() {
+            self.probe.set_python_procs(c.take_python_changes());
         }
         match (&ev, &applied) {
             (Event::Exec { pid, ts_ns, .. }, Applied::Exec) => {
@@ -500,12 +520,17 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let mut session = Session::default();
     let mut child = None;
     let mut guardian = None;
+    // `--heap` names the call sites of allocations with one-frame stacks; the stacks of
+    // memory events name Python functions too.
+    let mut stacks =
+        (cfg.stacks.any() || cfg.heap).then(|| Collector::new().with_python(cfg.stacks.any()));
     if cfg.command.is_empty() {
         let mut attached = Attached {
             probe: &mut probe,
             session: &mut session,
             sink: sink.as_mut(),
             heap: heap.as_mut(),
+            stacks: stacks.as_mut(),
         };
         for &pid in &cfg.pids {
             attached.attach(pid, cfg.follow)?;
@@ -587,8 +612,7 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
         heap,
         refused: Vec::new(),
         khugepaged: crate::collapse::Khugepaged::default(),
-        // `--heap` names the call sites of allocations with one-frame stacks.
-        stacks: (cfg.stacks.any() || cfg.heap).then(Collector::new),
+        stacks,
         metrics,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

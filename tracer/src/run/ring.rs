@@ -29,9 +29,9 @@ impl Live {
                 let stack = match (self.heap.as_mut(), self.stacks.as_mut()) {
                     (Some(heap), _) if EntryStack::is(&item) => EntryStack::decode(&item)
                         .map(|s| s.map(|(h, s)| heap.receive_stack(h.tgid, h.tid, h.ts_ns, s))),
-                    (_, Some(stacks)) => {
-                        RawStack::decode(&item).map(|raw| raw.map(|raw| stacks.receive(raw)))
-                    }
+                    (_, Some(stacks)) => stacks
+                        .receive_record(&item)
+                        .map(|taken| taken.then_some(())),
                     _ => Ok(None),
                 };
                 match stack {

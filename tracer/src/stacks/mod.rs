@@ -1,7 +1,8 @@
 //! User call stacks of memory events: decoded from the kernel's stack records
 //! (`EventKind::Stack`), unwound (`unwind`), symbolized (`symbols`) and deduplicated while
-//! recording, so that a recording names its code without the binaries. `sites` charges
-//! memory to the code that asked for it.
+//! recording, so that a recording names its code without the binaries. `python` puts the
+//! functions of a CPython program in place of its evaluation loop. `sites` charges memory to
+//! the code that asked for it.
 
 pub mod python;
 pub mod sites;
@@ -11,7 +12,7 @@ pub mod unwind;
 use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
-use tracer_common::{EventHeader, EventKind, STACK_FRAMES_MAX, StackHead};
+use tracer_common::{EventHeader, EventKind, PyFrameRaw, PyProc, STACK_FRAMES_MAX, StackHead};
 
 use crate::{
     event::{DecodeError, Event},
@@ -109,6 +110,9 @@ pub struct RawStack {
     pub fp_frames: Vec<u64>,
     /// The top of the user stack, from `regs[1]` up.
     pub stack: Vec<u8>,
+    /// The thread's Python frames, innermost first (`EventKind::PyStack`), when it ran a
+    /// CPython the kernel knew.
+    pub python: Vec<PyFrameRaw>,
 }
 
 impl RawStack {
@@ -142,6 +146,7 @@ impl RawStack {
             regs: head.regs,
             fp_frames,
             stack: bytes[stack_start..need].to_vec(),
+            python: Vec::new(),
         }))
     }
 }
@@ -190,6 +195,10 @@ fn code_at(space: Option<&AddressSpace>, addr: u64) -> CodeAt {
     })
 }
 
+/// What makes a stack unique: each native frame's [`unwind::FrameKey`], and each Python
+/// frame's process, code object and instruction.
+type StackKeys = (Vec<unwind::FrameKey>, Vec<(u32, u64, u32)>);
+
 /// Walks remembered at most.
 const MAX_MEMO: usize = 65536;
 
@@ -197,6 +206,7 @@ const MAX_MEMO: usize = 65536;
 struct Memo {
     generation: Option<(usize, usize)>,
     fp_frames: Vec<u64>,
+    python: Vec<PyFrameRaw>,
     reads: Vec<(u64, u64)>,
     id: Option<u64>,
     /// The address of its call-site frame, and whether that frame is the runtime's.
@@ -218,8 +228,12 @@ impl SiteFrame {
             .and_then(|site| def.frames.iter().position(|f| std::ptr::eq(f, site)))
             .unwrap_or(0);
         Self {
-            // The frames before it that were not inlined are one unwound frame each.
-            frame: def.frames[..at].iter().filter(|f| !f.inlined).count(),
+            // The frames before it that were not inlined are one unwound frame each (Python
+            // frames are none).
+            frame: def.frames[..at]
+                .iter()
+                .filter(|f| !f.inlined && !python::is_python(f))
+                .count(),
             runtime: def.frames.iter().all(sites::is_runtime),
         }
     }
@@ -233,8 +247,15 @@ pub struct Collector {
     warmed: HashMap<u32, Vec<std::ops::Range<u64>>>,
     unwinder: unwind::Unwinder,
     symbols: symbols::Symbols,
-    /// Unique stacks: module identity and offset of each frame -> id.
-    ids: HashMap<Vec<unwind::FrameKey>, u64>,
+    /// Unique stacks: module identity and offset of each frame, and the process, code object
+    /// and instruction of each Python frame -> id.
+    ids: HashMap<StackKeys, u64>,
+    /// The CPython interpreters of the traced processes, and their code objects.
+    python: python::Codes,
+    /// Processes whose interpreter the programs are to know (`Some`) or forget (`None`).
+    python_changes: Vec<(u32, Option<PyProc>)>,
+    /// Whether Python frames are walked (the programs take stacks of memory events).
+    walk_python: bool,
     /// Symbolized, not yet written.
     fresh: HashMap<u64, Arc<StackDef>>,
     /// The last walk from each (pid, ip, sp, bp): the same registers, the same stack words
@@ -271,6 +292,9 @@ impl Collector {
             unwinder: unwind::Unwinder::default(),
             symbols: symbols::Symbols::new(),
             ids: HashMap::new(),
+            python: python::Codes::default(),
+            python_changes: Vec::new(),
+            walk_python: false,
             fresh: HashMap::new(),
             memo: HashMap::new(),
             sites: HashMap::new(),
@@ -281,6 +305,58 @@ impl Collector {
             memo_hits: 0,
             orphaned: 0,
         }
+    }
+
+    /// Keeps a stack record (native, or the Python frames of one just received) until its
+    /// event is handled; `Ok(false)` for a record of another kind.
+    pub fn receive_record(&mut self, bytes: &[u8]) -> Result<bool, DecodeError> {
+        if let Some(raw) = RawStack::decode(bytes)? {
+            self.receive(raw);
+            return Ok(true);
+        }
+        if let Some((pid, generation, code, copy)) = python::decode_code(bytes)? {
+            self.python.copied(pid, generation, code, copy);
+            return Ok(true);
+        }
+        let Some((pid, key, frames)) = python::decode(bytes)? else {
+            return Ok(false);
+        };
+        // It follows its native stack; that one may have been dropped (the ring was full).
+        if let Some(raw) = self.waiting.get_mut(&key) {
+            // The code objects can be read only while the process lives.
+            self.python.prefetch(pid, &frames);
+            raw.python = frames;
+        }
+        Ok(true)
+    }
+
+    /// Walks the Python frames of the interpreters found (`on`), or not.
+    pub fn with_python(mut self, on: bool) -> Self {
+        self.walk_python = on;
+        self
+    }
+
+    /// Looks for a CPython in process `pid` (seeded, or after exec), so that the programs
+    /// walk its Python frames from now on.
+    pub fn watch_python(&mut self, pid: u32) {
+        if !self.walk_python {
+            return;
+        }
+        if let Some(p) = self.python.watch(pid) {
+            self.python_changes.push((pid, Some(p)));
+        }
+    }
+
+    /// A traced process forked: the child runs its parent's interpreter, if any.
+    pub fn forked(&mut self, parent: u32, child: u32) {
+        if let Some(p) = self.python.forked(parent, child) {
+            self.python_changes.push((child, Some(p)));
+        }
+    }
+
+    /// Interpreters found or gone since last asked, for the programs' `PY_PROCS`.
+    pub fn take_python_changes(&mut self) -> Vec<(u32, Option<PyProc>)> {
+        std::mem::take(&mut self.python_changes)
     }
 
     /// Keeps a raw stack until its record is handled, and opens the files of the process's
@@ -375,6 +451,7 @@ impl Collector {
         (generation.is_some()
             && m.generation == generation
             && m.fp_frames == raw.fp_frames
+            && m.python == raw.python
             && m.reads
                 .iter()
                 .all(|&(off, v)| unwind::word_at(&raw.stack, off) == Some(v)))
@@ -387,6 +464,13 @@ impl Collector {
         self.warmed.remove(&pid);
         self.memo.retain(|(p, _), _| *p != pid);
         self.sites.retain(|(p, _), _| *p != pid);
+        if self.python.forget(pid) {
+            self.python_changes.push((pid, None));
+            // Its Python frames are keyed by pid and code address, which a later process
+            // of that pid may reuse for other code.
+            self.ids
+                .retain(|(_, py), _| py.first().is_none_or(|&(p, _, _)| p != pid));
+        }
     }
 
     /// The stack naming the code that made an allocator call of `pid`, and that code's
@@ -415,6 +499,7 @@ impl Collector {
             regs: entry.regs,
             fp_frames: Vec::new(),
             stack: entry.bytes(),
+            python: Vec::new(),
         };
         let (id, site) = match self.memo_walk(&raw).map(|m| (m.id, m.site)) {
             Some(hit) => {
@@ -459,7 +544,7 @@ impl Collector {
         };
         let unwound = self.unwinder.return_frame(pid, caller, space, reload);
         let id = if unwound.frames.iter().all(|f| f.mapping.is_some()) {
-            self.id_of_unwound(&unwound)
+            self.id_of_unwound(&unwound, &[])
         } else {
             None
         };
@@ -504,7 +589,7 @@ impl Collector {
         unwound: &unwind::Unwound,
     ) -> (Option<u64>, Option<(u64, bool)>) {
         let memo_key = (raw.pid, raw.regs);
-        let id = self.id_of_unwound(unwound);
+        let id = self.id_of_unwound(unwound, &raw.python);
         // The call site's address in this process (ids are shared by processes that map the
         // same files at other addresses).
         // (A frame in no mapping, such as a return address still signed by arm64's pointer
@@ -522,6 +607,7 @@ impl Collector {
             Memo {
                 generation: self.unwinder.generation(raw.pid),
                 fp_frames: raw.fp_frames.clone(),
+                python: raw.python.clone(),
                 reads: self.unwinder.reads.clone(),
                 id,
                 site,
@@ -530,21 +616,29 @@ impl Collector {
         (id, site)
     }
 
-    fn id_of_unwound(&mut self, unwound: &unwind::Unwound) -> Option<u64> {
+    /// The id of the stack `unwound` with the Python frames `python` (symbolized, and the
+    /// code objects read, once per unique stack).
+    fn id_of_unwound(&mut self, unwound: &unwind::Unwound, python: &[PyFrameRaw]) -> Option<u64> {
         if unwound.frames.is_empty() {
             return None;
         }
-        let keys = unwound.keys();
+        let pid = unwound.pid;
+        let keys = (
+            unwound.keys(),
+            python
+                .iter()
+                .map(|f| (pid, f.code, f.instr_offset))
+                .collect::<Vec<_>>(),
+        );
         if let Some(&id) = self.ids.get(&keys) {
             return Some(id);
         }
         let id = self.next_id;
         self.next_id += 1;
         self.ids.insert(keys, id);
-        let def = StackDef {
-            id,
-            frames: self.symbols.symbolize(unwound),
-        };
+        let native = self.symbols.symbolize(unwound);
+        let frames = python::merge(native, &self.python.frames(pid, python));
+        let def = StackDef { id, frames };
         self.site_of.insert(id, SiteFrame::of(&def));
         self.fresh.insert(id, Arc::new(def));
         Some(id)
@@ -556,8 +650,8 @@ impl Collector {
     }
 
     /// Unique stacks so far.
-    pub fn unique(&self) -> usize {
-        self.ids.len()
+    pub fn unique(&self) -> u64 {
+        self.next_id - 1
     }
 }
 

@@ -300,12 +300,15 @@ fn is_wrapper(f: &Frame) -> bool {
     })
 }
 
-/// The call site of a stack: its first frame outside the runtime; for the runtime's own
-/// calls (the loader mapping libraries), its first frame past the syscall wrapper.
+/// The call site of a stack: its innermost named Python function when it has one (the
+/// interpreter's and its extensions' frames are not the program's code), else its first frame
+/// outside the runtime; for the runtime's own calls (the loader mapping libraries), its first
+/// frame past the syscall wrapper.
 pub fn call_site(def: &StackDef) -> Option<&Frame> {
     def.frames
         .iter()
-        .find(|f| !is_runtime(f))
+        .find(|f| super::python::is_python(f) && f.function.is_some())
+        .or_else(|| def.frames.iter().find(|f| !is_runtime(f)))
         .or_else(|| def.frames.iter().find(|f| !f.inlined && !is_wrapper(f)))
         .or(def.frames.first())
 }

@@ -568,20 +568,26 @@ pub fn signal_snapshot_of(vmatrace_pid: u32, out: &Path, pid: u64) -> Value {
     let before = complete_records(out).iter().filter(|r| is_snap(r)).count();
     kill(vmatrace_pid, libc::SIGUSR1);
     let mut snap = Value::Null;
-    wait_for(60, "the signal snapshot", || {
-        let recs = complete_records(out);
-        if recs.iter().filter(|r| is_snap(r)).count() > before {
-            snap = recs
-                .iter()
-                .rev()
-                .find(|r| is_snap(r))
-                .cloned()
-                .unwrap_or_default();
-            true
-        } else {
-            false
-        }
-    });
+    // The snapshot follows the events already in the ring: under emulation, with other
+    // guests on the same cores, a backlog of faults takes minutes.
+    wait_for(
+        if emulated() { 300 } else { 60 },
+        "the signal snapshot",
+        || {
+            let recs = complete_records(out);
+            if recs.iter().filter(|r| is_snap(r)).count() > before {
+                snap = recs
+                    .iter()
+                    .rev()
+                    .find(|r| is_snap(r))
+                    .cloned()
+                    .unwrap_or_default();
+                true
+            } else {
+                false
+            }
+        },
+    );
     snap
 }
 

@@ -29,11 +29,11 @@ use crate::{cargo, is_root, output, root, run, step};
 
 /// The end-to-end tests of the smoke set: what changes with the kernel. Capture, the model
 /// against `/proc/PID/maps` and `smaps`, follow, exec, exit, loss accounting, both syscall and
-/// fault backends, attaching with `-p`, tracefs mounting and `--heap`'s uprobes. What does not
-/// change with the kernel (the CLI's signals, `--duration`, bad input, the schema of the
-/// records) runs in the host's tests only. Not the python tests: the guests' root is a 9p
-/// share, whose reads fill buffers through get_user_pages (no page fault), which no fault
-/// backend sees (docs/kernels.md).
+/// fault backends, attaching with `-p`, tracefs mounting, `--heap`'s uprobes and the walk of
+/// Python frames for `--stacks`. What does not change with the kernel (the CLI's signals,
+/// `--duration`, bad input, the schema of the records) runs in the host's tests only. Not the
+/// pymalloc tests: the guests' root is a 9p share, whose reads fill buffers through
+/// get_user_pages (no page fault), which no fault backend sees (docs/kernels.md).
 const SMOKE: &[(&str, &[&str])] = &[
     ("capture", &[]),
     ("probe", &[]),
@@ -57,9 +57,11 @@ const SMOKE: &[(&str, &[&str])] = &[
             "a_followed_fork_child_matches_its_own_maps_and_smaps",
             "a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block",
             "an_attach_seeds_the_zero_pages_of_memory_that_was_only_read",
+            "an_attach_sees_the_huge_pages_made_before_it",
             "collapsed_huge_pages_are_seen_after_madv_collapse_and_khugepaged",
             "a_child_sharing_memory_changes_its_parents_model",
             "threads_racing_on_the_same_addresses_match_the_kernel",
+            "racing_threads_in_a_tiny_ring_count_every_commit_they_lose",
         ],
     ),
     (
@@ -74,16 +76,41 @@ const SMOKE: &[(&str, &[&str])] = &[
         "heap",
         &["cxx_blocks_from_new_are_charged_to_the_code_that_called_new"],
     ),
+    // `--stacks` with the kernel's walk of Python frames (thread state by the GIL and by
+    // the thread's own slot, the code objects copied).
+    (
+        "stacks",
+        &["python_call_sites_name_the_scripts_functions_and_lines"],
+    ),
+    // `--stacks` and `--fault-stacks` refused in one line before Linux 5.15.
+    (
+        "schema",
+        &["stack_records_are_defined_once_before_the_records_that_name_them"],
+    ),
 ];
 
-/// Tests of the smoke set that run on some kernels only (`arch label`): the longest (about
-/// three minutes a guest), whose kernel side changes only between those. The huge zero
+/// Tests of the smoke set that run on some kernels only (`arch label`). The longest (about
+/// three minutes a guest), whose kernel side changes only between those: the huge zero
 /// page's written block is one anonymous and 511 zero pages before Linux 6.13 (6.12 stands
 /// for 5.10 and 6.1) and a huge page from 6.13 (7.2).
-const ONLY_ON: &[(&str, &[&str])] = &[(
-    "a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block",
-    &["amd64 host", "amd64 6.12", "amd64 7.2"],
-)];
+const ONLY_ON: &[(&str, &[&str])] = &[
+    (
+        "a_sparse_scan_of_huge_zero_pages_costs_the_model_one_entry_per_block",
+        &["amd64 host", "amd64 6.12", "amd64 7.2"],
+    ),
+    // Stacks need Linux 5.15 (`bpf_task_pt_regs`); Python frames need the thread's TLS base,
+    // which the programs find on x86_64 only. The oldest kernel with stacks (fentry syscalls)
+    // and the newest (tracepoints, preemptible programs).
+    (
+        "python_call_sites_name_the_scripts_functions_and_lines",
+        &["amd64 host", "amd64 6.1", "amd64 7.2"],
+    ),
+    // Where the stacks' refusal (no `bpf_task_pt_regs`) is checked.
+    (
+        "stack_records_are_defined_once_before_the_records_that_name_them",
+        &["amd64 host", "amd64 5.10"],
+    ),
+];
 
 /// Tests that need what an arm64 guest (busybox only, static musl builds) does not have: left
 /// out of the arm64 smoke set. The first checks the dynamic loader's mappings (the static
