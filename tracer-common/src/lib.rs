@@ -54,6 +54,10 @@ pub enum EventKind {
     /// its process, and of its name, file name and line table: [`PyCodeRecord`]. The daemon
     /// reads code objects from the process while it lives, and from this copy after.
     PyCode = 15,
+    /// A stack the daemon had unwound before, recognised by the kernel (`KNOWN_STACKS`): its
+    /// id, in place of a [`EventKind::Stack`] record and with the same header.
+    /// [`KnownStackEvent`].
+    KnownStack = 16,
 }
 
 impl TryFrom<u32> for EventKind {
@@ -75,6 +79,7 @@ impl TryFrom<u32> for EventKind {
             13 => Self::HeapStack,
             14 => Self::PyStack,
             15 => Self::PyCode,
+            16 => Self::KnownStack,
             other => return Err(other),
         })
     }
@@ -525,6 +530,48 @@ pub struct StackRecord {
     pub stack: [u8; STACK_COPY_MAX],
 }
 
+/// A stack recognised by the kernel: the header a [`StackHead`] would have, and the id the
+/// daemon gave the stack when it unwound it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KnownStackEvent {
+    pub header: EventHeader,
+    pub id: u64,
+}
+
+/// Entries of the programs' `KNOWN_STACKS` map (least recently used first out).
+pub const KNOWN_STACKS_MAX: u32 = 8192;
+/// Stack words a [`KnownStack`] compares at most.
+pub const KNOWN_READS_MAX: usize = 32;
+/// How far above sp a [`KnownStack`]'s words may be (bytes; a power of two).
+pub const KNOWN_SPAN_MAX: usize = 8192;
+
+/// The key of a stack the daemon unwound (`KNOWN_STACKS`): the process and the registers
+/// of [`StackHead::regs`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KnownStackKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub regs: [u64; 4],
+}
+
+/// What the daemon's unwinding of a stack read: with the same registers
+/// ([`KnownStackKey`]), the same words at these offsets from sp and the same mappings, the
+/// unwinding gives the same frames, so the kernel sends the id ([`KnownStackEvent`]) and no
+/// copy. Only walks that the frame-pointer walk did not add to are registered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownStack {
+    pub id: u64,
+    /// Words compared (at most [`KNOWN_READS_MAX`]).
+    pub reads: u32,
+    /// Bytes from sp that hold them (at most [`KNOWN_SPAN_MAX`]).
+    pub span: u32,
+    pub offsets: [u32; KNOWN_READS_MAX],
+    pub words: [u64; KNOWN_READS_MAX],
+}
+
 /// Python frames a [`PyStackRecord`] carries at most: the innermost ones.
 pub const PY_FRAMES_MAX: usize = 64;
 
@@ -688,6 +735,11 @@ const _: () = assert!(core::mem::size_of::<HeapBatch>() == 32 + 72 * HEAP_BATCH_
 const _: () = assert!(core::mem::size_of::<HeapStack>() == 24 + 32 + 8 * HEAP_STACK_WORDS);
 const _: () = assert!(core::mem::size_of::<WrapperSite>() == 16);
 const _: () = assert!(core::mem::size_of::<StackHead>() == 64);
+const _: () = assert!(core::mem::size_of::<KnownStackEvent>() == 32);
+const _: () = assert!(core::mem::size_of::<KnownStackKey>() == 40);
+const _: () = assert!(core::mem::size_of::<KnownStack>() == 16 + 12 * KNOWN_READS_MAX);
+const _: () = assert!(KNOWN_SPAN_MAX.is_power_of_two() && KNOWN_SPAN_MAX + 8 <= STACK_COPY_MAX);
+const _: () = assert!(KNOWN_READS_MAX.is_power_of_two());
 const _: () =
     assert!(core::mem::size_of::<StackRecord>() == 64 + 8 * STACK_FRAMES_MAX + STACK_COPY_MAX);
 const _: () = assert!(core::mem::size_of::<StackRecord>() <= 32 * 1024);
@@ -723,4 +775,8 @@ mod pod {
     unsafe impl aya::Pod for super::PyProc {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PyCodeKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KnownStackKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KnownStack {}
 }

@@ -24,10 +24,11 @@ use aya_ebpf::{
         bpf_ringbuf_output, bpf_task_pt_regs,
     },
     macros::map,
-    maps::PerCpuArray,
+    maps::{LruHashMap, PerCpuArray},
 };
 use tracer_common::{
-    EventHeader, EventKind, STACK_COPY_MAX, STACK_FRAMES_MAX, StackHead, StackRecord, Stat,
+    EventHeader, EventKind, KNOWN_READS_MAX, KNOWN_SPAN_MAX, KNOWN_STACKS_MAX, KnownStack,
+    KnownStackEvent, KnownStackKey, STACK_COPY_MAX, STACK_FRAMES_MAX, StackHead, StackRecord, Stat,
 };
 
 use crate::{
@@ -65,6 +66,12 @@ static STACK_OWNERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// other threads' faults on this CPU are real.
 #[map]
 static READING_USER: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Stacks the daemon unwound before, by process and registers: the stack words its walk
+/// read and the stack's id (`tracer/src/stacks/known.rs`). Written by userspace only.
+#[map]
+static KNOWN_STACKS: LruHashMap<KnownStackKey, KnownStack> =
+    LruHashMap::with_max_entries(KNOWN_STACKS_MAX, 0);
 
 /// Not-present faults this CPU has seen since its last fault stack.
 #[map]
@@ -200,6 +207,9 @@ fn fill_and_write<C: EbpfContext>(
                 regs[i] = v;
             }
         }
+        if write_known(rec, &regs, owner, tgid, tid, key_ts) {
+            return;
+        }
         let frames = bpf_get_stack(
             ctx.as_ptr(),
             (*rec).frames.as_mut_ptr() as *mut _,
@@ -251,6 +261,80 @@ fn fill_and_write<C: EbpfContext>(
         // built in it and follow.
         crate::python::emit(rec as *mut u8, owner, tgid, tid, key_ts);
     }
+}
+
+/// When the registers `regs` and the stack words above sp are those of a stack the daemon
+/// unwound before (`KNOWN_STACKS`), writes that stack's id in place of the stack and says so.
+/// One read of the stack (into the scratch slot `rec`, owned by the caller) and a look-up,
+/// instead of the frame-pointer walk, the copy and the unwinding.
+#[inline(always)]
+fn write_known(
+    rec: *mut StackRecord,
+    regs: &[u64; 4],
+    owner: EventKind,
+    tgid: u32,
+    tid: u32,
+    key_ts: u64,
+) -> bool {
+    let key = KnownStackKey {
+        tgid,
+        _pad: 0,
+        regs: *regs,
+    };
+    // SAFETY: a map value read in place; userspace replaces entries whole, and a torn one
+    // fails the comparison below or names a stack of this process.
+    let Some(known) = (unsafe { KNOWN_STACKS.get(key) }) else {
+        return false;
+    };
+    let span = known.span;
+    if span == 0 || span > KNOWN_SPAN_MAX as u32 {
+        return false;
+    }
+    // SAFETY: `rec` is this CPU's scratch slot, owned by the caller; the read is at most
+    // KNOWN_SPAN_MAX bytes, inside its stack array.
+    let buf = unsafe { (*rec).stack.as_mut_ptr() };
+    if unsafe { bpf_probe_read_user(buf as *mut _, span, regs[1] as *const _) } != 0 {
+        return false;
+    }
+    let reads = (known.reads as usize).min(KNOWN_READS_MAX);
+    let mut i = 0;
+    while i < reads {
+        // (The masks only show the verifier the bounds: the daemon keeps every word inside
+        // the span, and `i` is below KNOWN_READS_MAX, a power of two.)
+        let at = i & (KNOWN_READS_MAX - 1);
+        // SAFETY: fields of a map value, read in place at an index inside them (volatile, so
+        // that no read is moved before the loop's bound).
+        let (off, want) = unsafe {
+            (
+                core::ptr::read_volatile(&known.offsets[at]) as usize & (KNOWN_SPAN_MAX - 1),
+                core::ptr::read_volatile(&known.words[at]),
+            )
+        };
+        // SAFETY: `off + 8` is inside the stack array (KNOWN_SPAN_MAX + 8 <= its size).
+        let word = unsafe { core::ptr::read_unaligned(buf.add(off) as *const u64) };
+        if word != want {
+            return false;
+        }
+        i += 1;
+    }
+    let mut ev = KnownStackEvent {
+        header: EventHeader::new(EventKind::KnownStack, tgid, tid, owner as u32, key_ts),
+        id: known.id,
+    };
+    let size = size_of::<KnownStackEvent>() as u64;
+    // SAFETY: a record on this program's stack, `size` bytes long.
+    let r = unsafe {
+        bpf_ringbuf_output(
+            &EVENTS as *const _ as *mut _,
+            &mut ev as *mut KnownStackEvent as *mut _,
+            size,
+            wakeup_flags(size),
+        )
+    };
+    if r != 0 {
+        count(Stat::LostStack);
+    }
+    true
 }
 
 /// Writes the first `size` bytes of the record `rec` (all of it at most) to the ring: a record

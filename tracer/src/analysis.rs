@@ -414,7 +414,6 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
         return Vec::new();
     };
     let rate = stats.count * 1_000_000_000 / span(stats);
-    // "mmap-threshold churn" where malloc's threshold is the advice, else "mmap churn".
     let title = |kind: &str| {
         format!(
             "{kind}: {} mmap/munmap pairs of {} ({} per second), {} faulted in again and again",
@@ -452,6 +451,11 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
         size(*len),
         (len * 2).next_power_of_two()
     );
+    // Where malloc's threshold is the advice, the title says "mmap-threshold churn".
+    let advise_threshold = |f: &mut Finding| {
+        f.suggestion = Some(threshold_advice.clone());
+        f.title = title("mmap-threshold churn");
+    };
     // Without stacks, `--heap` tells whether an allocator call made these mappings.
     let heap = p.heap.enabled;
     let n = stats.in_allocator_calls;
@@ -465,13 +469,15 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
              whose pages are faulted in and then unmapped on free.",
             stats.count
         );
-        f.suggestion = Some(if stats.by_glibc * 2 >= stats.count {
-            threshold_advice.clone()
+        if stats.by_glibc * 2 >= stats.count {
+            advise_threshold(&mut f);
         } else {
-            "Keep and reuse the blocks of this size; glibc's mmap threshold does not apply to \
-             the allocator that maps them."
-                .into()
-        });
+            f.suggestion = Some(
+                "Keep and reuse the blocks of this size; glibc's mmap threshold does not \
+                 apply to the allocator that maps them."
+                    .into(),
+            );
+        }
     } else if known.is_empty()
         && heap
         && n == 0
@@ -513,7 +519,7 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
                 "record with --stacks or --heap to see whether malloc makes these calls".into()
             }
         );
-        f.suggestion = Some(threshold_advice.clone());
+        advise_threshold(&mut f);
     } else if by_malloc == 0 && (pymalloc_frames(&known, *len) || cpython_arenas(p, stats, *len)) {
         f.explanation = format!(
             "These are CPython's object arenas: its small-object allocator (pymalloc) maps \
@@ -539,10 +545,7 @@ fn mmap_churn(p: &Process, stacks: &StackTable) -> Vec<Finding> {
                          is on the stacks of these calls), so each one is a fresh mmap whose \
                          pages are faulted in and then unmapped on free."
             .into();
-        f.suggestion = Some(threshold_advice.clone());
-    }
-    if f.suggestion.as_ref() == Some(&threshold_advice) {
-        f.title = title("mmap-threshold churn");
+        advise_threshold(&mut f);
     }
     vec![f]
 }

@@ -320,6 +320,10 @@ pub struct TraceArgs {
     /// 16K; deeper frames come from frame pointers where the code has them).
     #[arg(long, value_name = "BYTES", value_parser = parse_stack_bytes, default_value = "8K")]
     pub stack_bytes: u32,
+    /// Copy and unwind every stack, even one the kernel could recognise as unwound before
+    /// (for measuring and testing that path).
+    #[arg(long, hide = true)]
+    pub no_known_stacks: bool,
     /// With -o FILE (NDJSON): start a new file once this one reaches SIZE (e.g. 512K, 100M);
     /// older files are renamed FILE.1, FILE.2, ... (trace.1.ndjson), each a recording of its
     /// own (it starts with meta and a snapshot of every process). A FILE ending in .zst is

@@ -408,6 +408,7 @@ pub fn events_in(bytes: &[u8]) -> Result<u64, DecodeError> {
     } else if header.kind == EventKind::HeapBatch as u32 {
         u64::from(header.detail.min(HEAP_BATCH_LEN as u32))
     } else if header.kind == EventKind::Stack as u32
+        || header.kind == EventKind::KnownStack as u32
         || header.kind == EventKind::PyStack as u32
         || header.kind == EventKind::PyCode as u32
         || header.kind == EventKind::Commit as u32
@@ -485,6 +486,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::FaultBatch
         | EventKind::Stack
+        | EventKind::KnownStack
         | EventKind::PyStack
         | EventKind::PyCode
         | EventKind::Commit

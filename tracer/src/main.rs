@@ -88,6 +88,7 @@ fn config(t: TraceArgs, record: bool, verbose: u8) -> RunConfig {
             syscalls: t.stacks,
             fault_every: t.fault_stacks.unwrap_or(0),
             stack_bytes: t.stack_bytes,
+            known: !t.no_known_stacks,
         },
         rotation: t.max_size.map(|max_size| tracer::output::rotate::Rotation {
             max_size,

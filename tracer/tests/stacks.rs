@@ -286,6 +286,97 @@ fn rust_workload_call_sites_name_its_functions() {
     );
 }
 
+/// A call site in a loop is copied and unwound once; the kernel then recognises its
+/// registers and stack words and sends the stack's id alone. Two call sites whose
+/// registers at the syscall can be the same (same caller, same depth) and whose return
+/// addresses differ must each keep their own stack.
+#[test]
+fn known_stacks_are_recognised_by_the_kernel_and_keep_each_call_site_its_own() {
+    if !privileged("known_stacks_are_recognised_by_the_kernel_and_keep_each_call_site_its_own") {
+        return;
+    }
+    let w = workload();
+    let (o, out) = common::record(
+        "stacks-two-sites",
+        &["--stacks", "-v"],
+        // 50 µs between calls: about 2 s in all, time for the first stacks to be unwound
+        // while the loop runs (the test build's daemon is slow at its first).
+        &[w.to_str().expect("utf-8 path"), "two-sites", "20000", "50"],
+    );
+    let recs = typed_records(&out);
+    let stacks = stacks(&recs);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let recognised: u64 = stderr
+        .lines()
+        .find_map(|l| l.split("stacks: ").nth(1))
+        .and_then(|l| l.split('(').nth(1))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stacks line in:\n{stderr}"));
+    // Calls of each site with a stack (the others' stacks were dropped while the ring was
+    // more than half full, counted), and calls named after the wrong site.
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/../workloads/src/main.rs");
+    let text = std::fs::read_to_string(source).expect("the workload's source");
+    let site = |tag: &str| {
+        text.lines()
+            .position(|l| l.contains(&format!("// SITE({tag})")))
+            .map(|i| i as u32 + 1)
+            .expect("the site's line")
+    };
+    let lines = [site("one"), site("two")];
+    let (mut named, mut wrong) = ([0u64; 2], Vec::new());
+    for r in &recs {
+        let Some(m) = r.call("mmap").filter(|m| m.fd == Some(-1)) else {
+            continue;
+        };
+        let frames = frames_of(&stacks, r);
+        if !frames.iter().any(|f| is(f, "workload::map_pages")) {
+            continue;
+        }
+        let caller = frames
+            .iter()
+            .find(|f| is(f, "workload::two_sites"))
+            .and_then(|f| f.line);
+        let want = if m.args[1] == 4096 { 0 } else { 1 };
+        if caller == Some(lines[want]) {
+            named[want] += 1;
+        } else {
+            wrong.push(format!("{} bytes from line {caller:?}", m.args[1]));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} calls named after the other site (lines {lines:?}): {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(3)]
+    );
+    assert!(
+        named.iter().all(|&n| n >= 100),
+        "calls named per site {named:?}"
+    );
+    // Most calls come after the first of each site was unwound.
+    assert!(
+        recognised > 10_000,
+        "{recognised} stacks recognised by the kernel:\n{stderr}"
+    );
+    // Without the kernel's recognition, the same sites.
+    let (o, out) = common::record(
+        "stacks-two-sites-copied",
+        &["--stacks", "--no-known-stacks", "-v"],
+        &[w.to_str().expect("utf-8 path"), "two-sites", "2000"],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("(0 recognised by the kernel"), "{stderr}");
+    let recs = typed_records(&out);
+    let stacks = self::stacks(&recs);
+    assert!(
+        recs.iter().any(|r| frames_of(&stacks, r)
+            .iter()
+            .any(|f| is(f, "workload::map_pages"))),
+        "the copied stacks name the sites too"
+    );
+}
+
 #[test]
 fn a_burst_of_stacks_loses_no_event_and_counts_every_stack_it_drops() {
     if !privileged("a_burst_of_stacks_loses_no_event_and_counts_every_stack_it_drops") {

@@ -1018,6 +1018,31 @@ fn churn(iters: usize) {
     say_cpu();
 }
 
+/// Two calls of one function from one loop, alike but for their length, made in turn
+/// `iters` times: their registers at the syscall are most likely the same, and only the
+/// return address into this function tells them apart (the kernel's recognition of known
+/// stacks must read it). `pause_us` between calls.
+fn two_sites(iters: usize, pause_us: u64) {
+    for i in 0..iters {
+        if i % 2 == 0 {
+            map_pages(1); // SITE(one)
+        } else {
+            map_pages(2); // SITE(two)
+        }
+        if pause_us > 0 {
+            std::thread::sleep(Duration::from_micros(pause_us));
+        }
+    }
+    say(&format!("two_sites {iters}"));
+}
+
+#[inline(never)]
+fn map_pages(pages: usize) {
+    let a = anon(pages * PAGE);
+    touch(a, PAGE);
+    munmap(a, pages * PAGE);
+}
+
 /// Benchmark: `churn` in `threads` threads at once, `iters` iterations in all: the calls of
 /// a process whose threads may race (each gets a commit where it takes the mmap lock).
 fn churn_threads(threads: usize, iters: usize) {
@@ -1442,6 +1467,7 @@ fn main() {
         Some("wait-then-map") => wait_then_map(),
         Some("fault-loop") => fault_loop(arg(&args, 2, 200), arg(&args, 3, 256)),
         Some("churn") => churn(arg(&args, 2, 20_000)),
+        Some("two-sites") => two_sites(arg(&args, 2, 20_000), arg(&args, 3, 0) as u64),
         Some("churn-threads") => churn_threads(arg(&args, 2, 2), arg(&args, 3, 20_000)),
         Some("churn-then-stop") => churn_then_stop(arg(&args, 2, 3000), arg(&args, 3, 0) as u64),
         Some("getppid") => getppid_loop(arg(&args, 2, 1_000_000)),
@@ -1469,7 +1495,7 @@ fn main() {
         Some("fd-reuse") => fd_reuse(args.get(2).map_or("/tmp", String::as_str)),
         _ => {
             eprintln!(
-                "usage: workload basic|ids|thp|sparse-scan|read-only|collapse|vfork-map|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|getppid I|migrate I|malloc-mt T I|malloc-calls I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
+                "usage: workload basic|ids|thp|sparse-scan|read-only|collapse|vfork-map|pretouched|checkpoints|threads N P|fail|file|fork|burst N|ipc|fork-burst N|many-threads N|fork-checkpoint|compat-mmap MS|arenas T MIB|heap-retained MIB|mmap-churn N KIB|purge ROUNDS MIB|wait-then-map|fault-loop I P|churn I|two-sites I [PAUSE_US]|getppid I|migrate I|malloc-mt T I|malloc-calls I|spin MS [PAUSE_US]|exit CODE|leader-exits-first MS|reexec PAGES|residency|fork-advice|lossy|hostile-names DIR [wait]|fd-reuse DIR"
             );
             std::process::exit(2);
         }

@@ -21,8 +21,8 @@ use aya::{
 };
 pub use tracer_common::layout::PidNamespace;
 use tracer_common::{
-    STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC, TARGETS_GEN_USER,
-    WrapperSite,
+    KnownStack, KnownStackKey, STAT_COUNT, Stat, Syscall, TARGET_FOLLOW_FORKS, TARGET_STOP_AT_EXEC,
+    TARGETS_GEN_USER, WrapperSite,
 };
 
 pub use self::layout::ExitRule;
@@ -127,6 +127,9 @@ pub struct StackOptions {
     pub fault_every: u32,
     /// Bytes of the top of the user stack copied with each stack.
     pub stack_bytes: u32,
+    /// Stacks unwound before are recognised by the kernel, which sends their id instead
+    /// (`KNOWN_STACKS`).
+    pub known: bool,
 }
 
 impl StackOptions {
@@ -379,6 +382,15 @@ impl Probe {
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf.as_deref())
             .map_max_entries("EVENTS", opts.ring_bytes)
+            // Its entries are 440 bytes each, all allocated at load: none without stacks.
+            .map_max_entries(
+                "KNOWN_STACKS",
+                if opts.stacks.any() && opts.stacks.known {
+                    tracer_common::KNOWN_STACKS_MAX
+                } else {
+                    1
+                },
+            )
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("STACK_BYTES", &stack_bytes, true)
@@ -955,6 +967,35 @@ impl Probe {
             };
             if let Err(e) = done {
                 log::warn!("cannot tell the programs of the interpreter of {pid}: {e}");
+            }
+        }
+    }
+
+    /// Hands the programs stacks to recognise (`Some`) or takes them back (`None`):
+    /// `KNOWN_STACKS` (see `stacks::known`).
+    pub fn set_known_stacks(&mut self, changes: Vec<(KnownStackKey, Option<KnownStack>)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let Some(map) = self.ebpf.map_mut("KNOWN_STACKS") else {
+            return;
+        };
+        let mut map: aya::maps::HashMap<_, KnownStackKey, KnownStack> =
+            match aya::maps::HashMap::try_from(map) {
+                Ok(m) => m,
+                Err(e) => {
+                    log::warn!("KNOWN_STACKS: {e}");
+                    return;
+                }
+            };
+        for (key, known) in changes {
+            let done = match known {
+                Some(k) => map.insert(key, k, 0),
+                // Pushed out already (least recently used) or never added: not an error.
+                None => map.remove(&key).or(Ok(())),
+            };
+            if let Err(e) = done {
+                log::debug!("KNOWN_STACKS of {}: {e}", key.tgid);
             }
         }
     }

@@ -319,6 +319,7 @@ impl Live {
         }
         if let Some(c) = self.stacks.as_mut() {
             self.probe.set_python_procs(c.take_python_changes());
+            self.probe.set_known_stacks(c.take_known_changes());
         }
         match (&ev, &applied) {
             (Event::Exec { pid, ts_ns, .. }, Applied::Exec) => {
@@ -522,8 +523,11 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     let mut guardian = None;
     // `--heap` names the call sites of allocations with one-frame stacks; the stacks of
     // memory events name Python functions too.
-    let mut stacks =
-        (cfg.stacks.any() || cfg.heap).then(|| Collector::new().with_python(cfg.stacks.any()));
+    let mut stacks = (cfg.stacks.any() || cfg.heap).then(|| {
+        Collector::new()
+            .with_python(cfg.stacks.any())
+            .with_known_stacks(cfg.stacks.any() && cfg.stacks.known)
+    });
     if cfg.command.is_empty() {
         let mut attached = Attached {
             probe: &mut probe,
@@ -662,8 +666,9 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     }
     if let Some(c) = &live.stacks {
         log::info!(
-            "stacks: {} received ({} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",
+            "stacks: {} received ({} recognised by the kernel, {} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",
             c.received,
+            c.known_hits(),
             c.memo_hits,
             c.unique(),
             c.orphaned,

@@ -66,6 +66,8 @@ impl Live {
             }
             if let Some(stacks) = self.stacks.as_mut() {
                 stacks.attach(&mut self.order.incoming()[first..]);
+                // The stacks just unwound, for the kernel to recognise from now on.
+                self.probe.set_known_stacks(stacks.take_known_changes());
             }
             if let Some(heap) = self.heap.as_mut() {
                 heap.attach_stacks(&mut self.order.incoming()[first..]);

@@ -4,15 +4,19 @@
 //! functions of a CPython program in place of its evaluation loop. `sites` charges memory to
 //! the code that asked for it.
 
+pub mod known;
 pub mod python;
 pub mod sites;
 pub mod symbols;
-pub mod unwind;
+mod unwind;
 
 use std::{collections::HashMap, sync::Arc};
 
 use serde::{Deserialize, Serialize};
-use tracer_common::{EventHeader, EventKind, PyFrameRaw, PyProc, STACK_FRAMES_MAX, StackHead};
+use tracer_common::{
+    EventHeader, EventKind, KnownStack, KnownStackEvent, KnownStackKey, PyFrameRaw, PyProc,
+    STACK_FRAMES_MAX, StackHead,
+};
 
 use crate::{
     event::{DecodeError, Event},
@@ -113,12 +117,29 @@ pub struct RawStack {
     /// The thread's Python frames, innermost first (`EventKind::PyStack`), when it ran a
     /// CPython the kernel knew.
     pub python: Vec<PyFrameRaw>,
+    /// The id of a stack the kernel recognised (`EventKind::KnownStack`: nothing else is
+    /// set but the header's fields).
+    pub known: Option<u64>,
 }
 
 impl RawStack {
     /// The stack record in `bytes`, or `None` when the record is of another kind.
     pub fn decode(bytes: &[u8]) -> Result<Option<RawStack>, DecodeError> {
         let header: EventHeader = read(bytes)?;
+        if header.kind == EventKind::KnownStack as u32 {
+            let known: KnownStackEvent = read(bytes)?;
+            return Ok(Some(RawStack {
+                pid: header.tgid,
+                tid: header.tid,
+                owner: header.detail,
+                key_ts: header.ts_ns,
+                regs: [0; 4],
+                fp_frames: Vec::new(),
+                stack: Vec::new(),
+                python: Vec::new(),
+                known: Some(known.id),
+            }));
+        }
         if header.kind != EventKind::Stack as u32 {
             return Ok(None);
         }
@@ -147,6 +168,7 @@ impl RawStack {
             fp_frames,
             stack: bytes[stack_start..need].to_vec(),
             python: Vec::new(),
+            known: None,
         }))
     }
 }
@@ -268,8 +290,12 @@ pub struct Collector {
     sites: HashMap<(u32, u64), (CodeAt, Option<u64>)>,
     /// Where each stack's call site is.
     site_of: HashMap<u64, SiteFrame>,
+    /// New native stacks not named yet (see `remember_walk`).
+    unnamed: HashMap<u64, unwind::Unwound>,
     /// Wrapper call sites not yet handed to the programs ([`Collector::take_wrapper_sites`]).
     wrapper_sites: Vec<(u32, u64)>,
+    /// Walks handed to the programs to recognise (`None`: not handed).
+    known: Option<known::Registry>,
     next_id: u64,
     /// Stacks the reader received, and those whose record never came.
     pub received: u64,
@@ -299,7 +325,9 @@ impl Collector {
             memo: HashMap::new(),
             sites: HashMap::new(),
             site_of: HashMap::new(),
+            unnamed: HashMap::new(),
             wrapper_sites: Vec::new(),
+            known: None,
             next_id: 1,
             received: 0,
             memo_hits: 0,
@@ -336,6 +364,32 @@ impl Collector {
         self
     }
 
+    /// Hands the walks it remembers to the programs, which then send a known stack's id
+    /// instead of its copy ([`known`]), or not.
+    pub fn with_known_stacks(mut self, on: bool) -> Self {
+        self.known = on.then(known::Registry::default);
+        self
+    }
+
+    /// Stacks the kernel recognised.
+    pub fn known_hits(&self) -> u64 {
+        self.known.as_ref().map_or(0, |k| k.hits)
+    }
+
+    /// Walks to hand to the programs (`Some`) or to take back (`None`) since last asked; a
+    /// process's walks are taken back once its mappings were read again.
+    pub fn take_known_changes(&mut self) -> Vec<(KnownStackKey, Option<KnownStack>)> {
+        let Some(known) = self.known.as_mut() else {
+            return Vec::new();
+        };
+        for pid in known.pids() {
+            if known.stale(pid, self.unwinder.generation(pid)) {
+                known.forget(pid);
+            }
+        }
+        known.take_changes()
+    }
+
     /// Looks for a CPython in process `pid` (seeded, or after exec), so that the programs
     /// walk its Python frames from now on.
     pub fn watch_python(&mut self, pid: u32) {
@@ -344,6 +398,10 @@ impl Collector {
         }
         if let Some(p) = self.python.watch(pid) {
             self.python_changes.push((pid, Some(p)));
+            // Its stacks get Python frames, which the kernel's comparison does not see.
+            if let Some(k) = self.known.as_mut() {
+                k.forget(pid);
+            }
         }
     }
 
@@ -369,7 +427,8 @@ impl Collector {
         }
         let (pid, ip) = (raw.pid, raw.regs[0]);
         let warmed = self.warmed.entry(pid).or_default();
-        if !warmed.iter().any(|r| r.contains(&ip)) {
+        // (A stack the kernel recognised was unwound already: no file to open for it.)
+        if raw.known.is_none() && !warmed.iter().any(|r| r.contains(&ip)) {
             *warmed = self.unwinder.warm(pid);
         }
         self.waiting.insert((raw.tid, raw.owner, raw.key_ts), raw);
@@ -392,7 +451,7 @@ impl Collector {
                 continue;
             };
             if let Some(id) = self.memo_hit(raw) {
-                self.memo_hits += 1;
+                self.count_hit(raw.known.is_some());
                 *slot = id;
                 self.waiting.remove(&key);
             } else if let Some(raw) = self.waiting.remove(&key) {
@@ -441,7 +500,18 @@ impl Collector {
     /// The id of the remembered walk `raw` repeats, if it does (`Some(None)`: a walk that
     /// gave no stack).
     fn memo_hit(&self, raw: &RawStack) -> Option<Option<u64>> {
+        if let Some(id) = raw.known {
+            return Some(Some(id));
+        }
         self.memo_walk(raw).map(|m| m.id)
+    }
+
+    /// Counts a stack recognised without unwinding, by the kernel (`known`) or the memo.
+    fn count_hit(&mut self, known: bool) {
+        match self.known.as_mut() {
+            Some(k) if known => k.hits += 1,
+            _ => self.memo_hits += 1,
+        }
     }
 
     /// The remembered walk `raw` repeats, if it does.
@@ -461,6 +531,9 @@ impl Collector {
     /// Forgets a process's mappings (it exited; its files stay open for the others).
     pub fn forget(&mut self, pid: u32) {
         self.unwinder.forget(pid);
+        if let Some(k) = self.known.as_mut() {
+            k.forget(pid);
+        }
         self.warmed.remove(&pid);
         self.memo.retain(|(p, _), _| *p != pid);
         self.sites.retain(|(p, _), _| *p != pid);
@@ -500,6 +573,7 @@ impl Collector {
             fp_frames: Vec::new(),
             stack: entry.bytes(),
             python: Vec::new(),
+            known: None,
         };
         let (id, site) = match self.memo_walk(&raw).map(|m| (m.id, m.site)) {
             Some(hit) => {
@@ -544,7 +618,7 @@ impl Collector {
         };
         let unwound = self.unwinder.return_frame(pid, caller, space, reload);
         let id = if unwound.frames.iter().all(|f| f.mapping.is_some()) {
-            self.id_of_unwound(&unwound, &[])
+            self.id_of_unwound(&unwound, &[], true)
         } else {
             None
         };
@@ -558,7 +632,7 @@ impl Collector {
     /// The id of `raw`'s stack (symbolized once per unique stack).
     fn id_of(&mut self, raw: &RawStack, space: Option<&AddressSpace>) -> Option<u64> {
         if let Some(id) = self.memo_hit(raw) {
-            self.memo_hits += 1;
+            self.count_hit(raw.known.is_some());
             return id;
         }
         let unwound = self.unwinder.unwind(raw, space);
@@ -589,7 +663,12 @@ impl Collector {
         unwound: &unwind::Unwound,
     ) -> (Option<u64>, Option<(u64, bool)>) {
         let memo_key = (raw.pid, raw.regs);
-        let id = self.id_of_unwound(unwound, &raw.python);
+        // A syscall's or fault's new stack is named when first written: until then it
+        // holds back neither its walk's registration for the kernel nor the other stacks
+        // read with it (the first naming in a file reads its DWARF: tens of ms). An
+        // allocator call's is named now: its call site is asked for at once.
+        let name_now = raw.owner == 0 || !raw.python.is_empty();
+        let id = self.id_of_unwound(unwound, &raw.python, name_now);
         // The call site's address in this process (ids are shared by processes that map the
         // same files at other addresses).
         // (A frame in no mapping, such as a return address still signed by arm64's pointer
@@ -602,10 +681,23 @@ impl Collector {
         if self.memo.len() >= MAX_MEMO {
             self.memo.clear();
         }
+        let generation = self.unwinder.generation(raw.pid);
+        // A walk of a syscall's or fault's stack the kernel can compare, in a process whose
+        // Python frames are not walked: handed to the programs.
+        if let (Some(k), Some(id)) = (self.known.as_mut(), id)
+            && raw.owner != 0
+            && unwound.self_contained
+            && generation.is_some()
+            && raw.python.is_empty()
+            && !self.python.runs_python(raw.pid)
+            && let Some((key, entry)) = known::entry(raw.pid, raw.regs, &self.unwinder.reads, id)
+        {
+            k.add(generation, key, entry);
+        }
         self.memo.insert(
             memo_key,
             Memo {
-                generation: self.unwinder.generation(raw.pid),
+                generation,
                 fp_frames: raw.fp_frames.clone(),
                 python: raw.python.clone(),
                 reads: self.unwinder.reads.clone(),
@@ -617,8 +709,14 @@ impl Collector {
     }
 
     /// The id of the stack `unwound` with the Python frames `python` (symbolized, and the
-    /// code objects read, once per unique stack).
-    fn id_of_unwound(&mut self, unwound: &unwind::Unwound, python: &[PyFrameRaw]) -> Option<u64> {
+    /// code objects read, once per unique stack: now when `name_now`, else at its first use;
+    /// native stacks only, as Python's code objects are read while the process lives).
+    fn id_of_unwound(
+        &mut self,
+        unwound: &unwind::Unwound,
+        python: &[PyFrameRaw],
+        name_now: bool,
+    ) -> Option<u64> {
         if unwound.frames.is_empty() {
             return None;
         }
@@ -631,21 +729,41 @@ impl Collector {
                 .collect::<Vec<_>>(),
         );
         if let Some(&id) = self.ids.get(&keys) {
+            if name_now {
+                self.name(id);
+            }
             return Some(id);
         }
         let id = self.next_id;
         self.next_id += 1;
         self.ids.insert(keys, id);
-        let native = self.symbols.symbolize(unwound);
-        let frames = python::merge(native, &self.python.frames(pid, python));
-        let def = StackDef { id, frames };
-        self.site_of.insert(id, SiteFrame::of(&def));
-        self.fresh.insert(id, Arc::new(def));
+        if name_now || !python.is_empty() {
+            let native = self.symbols.symbolize(unwound);
+            let frames = python::merge(native, &self.python.frames(pid, python));
+            self.named(StackDef { id, frames });
+        } else {
+            // (Its files stay open with it: named the same if they are deleted meanwhile.)
+            self.unnamed.insert(id, unwound.clone());
+        }
         Some(id)
+    }
+
+    /// Names stack `id` if it is not yet.
+    fn name(&mut self, id: u64) {
+        if let Some(unwound) = self.unnamed.remove(&id) {
+            let frames = self.symbols.symbolize(&unwound);
+            self.named(StackDef { id, frames });
+        }
+    }
+
+    fn named(&mut self, def: StackDef) {
+        self.site_of.insert(def.id, SiteFrame::of(&def));
+        self.fresh.insert(def.id, Arc::new(def));
     }
 
     /// The stack `id` the first time it is asked for (to be written before its first use).
     pub fn first_use(&mut self, id: u64) -> Option<Arc<StackDef>> {
+        self.name(id);
         self.fresh.remove(&id)
     }
 

@@ -716,6 +716,11 @@ impl Codes {
         interpreter.proc(self.next_generation)
     }
 
+    /// Whether process `pid` runs an interpreter whose frames are walked.
+    pub fn runs_python(&self, pid: u32) -> bool {
+        self.interpreters.contains_key(&pid)
+    }
+
     /// A child forked by `parent` runs the same interpreter at the same addresses.
     pub fn forked(&mut self, parent: u32, child: u32) -> Option<PyProc> {
         let (i, _) = *self.interpreters.get(&parent)?;

@@ -98,9 +98,14 @@ pub struct UnwoundFrame {
 }
 
 /// A stack as addresses, with the process it came from.
+#[derive(Clone)]
 pub struct Unwound {
     pub pid: u32,
     pub frames: Vec<UnwoundFrame>,
+    /// The frames are the DWARF walk's alone, which never read past the copy: a pure
+    /// function of the registers, the words it read ([`Unwinder::reads`]) and the mappings,
+    /// which the frame-pointer walk changed nothing of.
+    pub self_contained: bool,
 }
 
 /// What identifies a frame across processes: the file and offset, or the process and
@@ -154,6 +159,10 @@ pub struct Unwinder {
     /// The stack words (offset from sp, value) the last DWARF walk read: the walk is a pure
     /// function of the registers, these words and the mappings.
     pub reads: Vec<(u64, u64)>,
+    /// Whether the last DWARF walk ended without reading past the copy: where the stack
+    /// ends, at the most frames kept, or on a frame it could not unwind (all of which the
+    /// same registers and words give again).
+    walk_ended: bool,
     /// Mapped files by (path, inode), opened while the process lives where possible.
     files: HashMap<(String, u64), Option<Arc<ModuleFile>>>,
 }
@@ -215,6 +224,7 @@ impl Unwinder {
             dwarf = self.dwarf_frames(raw);
         }
         let fp = &raw.fp_frames;
+        let mut self_contained = dwarf.len() >= 2 && self.walk_ended;
         let mut addrs: Vec<(u64, bool)> = if dwarf.len() >= 2 || fp.len() < 2 {
             dwarf
         } else {
@@ -225,8 +235,10 @@ impl Unwinder {
         if let Some(&(last, _)) = addrs.last()
             && addrs.len() > 1
             && let Some(at) = fp.iter().position(|&a| a == last)
+            && at + 1 < fp.len()
         {
             addrs.extend(fp[at + 1..].iter().map(|&a| (a, false)));
+            self_contained = false;
         }
         addrs.truncate(MAX_FRAMES);
         // A return address outside every known mapping may be a module mapped since.
@@ -248,6 +260,7 @@ impl Unwinder {
         Unwound {
             pid: raw.pid,
             frames,
+            self_contained,
         }
     }
 
@@ -273,6 +286,7 @@ impl Unwinder {
                 lookup: addr.saturating_sub(1),
                 mapping: self.mapping_of(pid, addr).cloned(),
             }],
+            self_contained: false,
         }
     }
 
@@ -296,6 +310,7 @@ impl Unwinder {
     }
 
     fn dwarf_frames(&mut self, raw: &RawStack) -> Vec<(u64, bool)> {
+        self.walk_ended = false;
         let Some(p) = self.procs.get_mut(&raw.pid) else {
             return vec![(raw.regs[0], true)];
         };
@@ -303,9 +318,13 @@ impl Unwinder {
         let stack = &raw.stack;
         let reads = &mut self.reads;
         reads.clear();
+        let mut past_copy = false;
         let mut read_stack = |addr: u64| -> Result<u64, ()> {
             let off = addr.checked_sub(sp).ok_or(())?;
-            let value = word_at(stack, off).ok_or(())?;
+            let Some(value) = word_at(stack, off) else {
+                past_copy = true;
+                return Err(());
+            };
             reads.push((off, value));
             Ok(value)
         };
@@ -345,6 +364,8 @@ impl Unwinder {
                 }
             }
         }
+        // (The walk is over: its reads of the copy are done.)
+        self.walk_ended = !past_copy;
         if out.is_empty() {
             out.push((raw.regs[0], true));
         }

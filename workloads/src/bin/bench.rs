@@ -955,10 +955,14 @@ fn stacks_cost(rounds: usize) {
     type Case<'a> = (&'a str, PathBuf, Vec<&'a str>, Vec<Vec<&'a str>>);
     let mut cases: Vec<Case> = vec![
         (
-            "syscall churn x40000: none / --stacks",
+            "syscall churn x40000: none / --stacks / --stacks, every stack copied and unwound",
             workload(),
             vec!["churn", "40000"],
-            vec![vec![], vec!["--stacks"]],
+            vec![
+                vec![],
+                vec!["--stacks"],
+                vec!["--stacks", "--no-known-stacks"],
+            ],
         ),
         (
             "fault-heavy x400: none / --fault-stacks 64 / --fault-stacks 1",

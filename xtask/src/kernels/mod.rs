@@ -80,7 +80,10 @@ const SMOKE: &[(&str, &[&str])] = &[
     // the thread's own slot, the code objects copied).
     (
         "stacks",
-        &["python_call_sites_name_the_scripts_functions_and_lines"],
+        &[
+            "python_call_sites_name_the_scripts_functions_and_lines",
+            "known_stacks_are_recognised_by_the_kernel_and_keep_each_call_site_its_own",
+        ],
     ),
     // `--stacks` and `--fault-stacks` refused in one line before Linux 5.15.
     (
@@ -104,6 +107,12 @@ const ONLY_ON: &[(&str, &[&str])] = &[
     (
         "python_call_sites_name_the_scripts_functions_and_lines",
         &["amd64 host", "amd64 6.1", "amd64 7.2"],
+    ),
+    // Stacks recognised in the kernel (the verifier's view of its comparison loop): the
+    // oldest and newest x86_64 kernels with stacks, and arm64.
+    (
+        "known_stacks_are_recognised_by_the_kernel_and_keep_each_call_site_its_own",
+        &["amd64 host", "amd64 6.1", "amd64 7.2", "arm64 6.12"],
     ),
     // Where the stacks' refusal (no `bpf_task_pt_regs`) is checked.
     (
