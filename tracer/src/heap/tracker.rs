@@ -103,8 +103,11 @@ const MAX_ENTRY_STACKS: usize = 65_536;
 /// takes a few microseconds (its uprobe traps).
 const MAX_THREAD_STACKS: usize = 16_384;
 /// How much older than an entry of its thread a stack may be and still find its own entry
-/// (one still in a batch of the CPU the thread left): the batches are written at every tick.
-const ORPHAN_NS: u64 = 2_000_000_000;
+/// (one still in a batch of the CPU the thread left). The batches are written at every
+/// tick of the daemon, which a daemon busy with a burst can be seconds late for: at 2 s,
+/// a tight C++ loop traced on a loaded host had two calls lose their words. The words
+/// held meanwhile are only those whose entry has not come (bounded per thread and in all).
+const ORPHAN_NS: u64 = 20_000_000_000;
 
 impl HeapTracer {
     /// A tracer whose probes go to `scope`.
