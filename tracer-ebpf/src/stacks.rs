@@ -134,19 +134,22 @@ pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_
     if want == 0 {
         return;
     }
-    // Stacks give way to events: none while the ring is more than half full (a quarter for
-    // fault stacks, which give way to syscall stacks too), so that a burst of stacks never
-    // costs the events themselves (counted as lost stacks).
+    // Stacks give way to events: no copy while the ring is more than half full (a quarter
+    // for fault stacks, which give way to syscall stacks too), and no recognised stack's id
+    // (32 bytes) past three quarters, so that a burst of stacks never costs the events
+    // themselves (counted as lost stacks).
     let ring = EVENTS.query(BPF_RB_RING_SIZE as u64);
     let room = if owner == EventKind::Fault {
         ring / 4
     } else {
         ring / 2
     };
-    if EVENTS.query(BPF_RB_AVAIL_DATA as u64) > room {
+    let avail = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if avail > ring / 4 * 3 {
         count(Stat::LostStack);
         return;
     }
+    let copy = avail <= room;
     let (Some(rec), Some(owners)) = (STACK_SCRATCH.get_ptr_mut(0), STACK_OWNERS.get_ptr_mut(0))
     else {
         return;
@@ -163,7 +166,7 @@ pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_
             // SAFETY: this CPU's slot; see `READING_USER`.
             unsafe { *r = tid };
         }
-        fill_and_write(ctx, rec, want, owner, tgid, tid, key_ts);
+        fill_and_write(ctx, rec, want, copy, owner, tgid, tid, key_ts);
         if let Some(r) = reading {
             // SAFETY: as above.
             unsafe { *r = 0 };
@@ -176,12 +179,15 @@ pub fn emit<C: EbpfContext>(ctx: &C, owner: EventKind, tgid: u32, tid: u32, key_
 }
 
 /// Builds the stack record in this CPU's scratch slot `rec` (owned by the caller) and writes
-/// it to the ring.
+/// it to the ring: its id when the stack is a known one, else, when `copy`, the walk and the
+/// copy (none: counted lost).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn fill_and_write<C: EbpfContext>(
     ctx: &C,
     rec: *mut StackRecord,
     want: u32,
+    copy: bool,
     owner: EventKind,
     tgid: u32,
     tid: u32,
@@ -208,6 +214,10 @@ fn fill_and_write<C: EbpfContext>(
             }
         }
         if write_known(rec, &regs, owner, tgid, tid, key_ts) {
+            return;
+        }
+        if !copy {
+            count(Stat::LostStack);
             return;
         }
         let frames = bpf_get_stack(

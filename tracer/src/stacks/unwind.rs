@@ -159,6 +159,8 @@ pub struct Unwinder {
     /// The stack words (offset from sp, value) the last DWARF walk read: the walk is a pure
     /// function of the registers, these words and the mappings.
     pub reads: Vec<(u64, u64)>,
+    /// Times a process's mappings were read again: from `/proc`, and from the model.
+    pub reread: (u64, u64),
     /// Whether the last DWARF walk ended without reading past the copy: where the stack
     /// ends, at the most frames kept, or on a frame it could not unwind (all of which the
     /// same registers and words give again).
@@ -403,10 +405,14 @@ impl Unwinder {
                     return false;
                 }
                 let (maps, generation) = model_mappings(space);
+                self.reread.1 += 1;
                 (maps, Some(generation))
             }
             None => match proc_mappings(pid) {
-                Some(maps) if !maps.is_empty() => (maps, None),
+                Some(maps) if !maps.is_empty() => {
+                    self.reread.0 += 1;
+                    (maps, None)
+                }
                 // Gone, or a zombie (no map left).
                 _ => {
                     self.procs.remove(&pid);
