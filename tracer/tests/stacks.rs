@@ -300,8 +300,14 @@ fn known_stacks_are_recognised_by_the_kernel_and_keep_each_call_site_its_own() {
         "stacks-two-sites",
         &["--stacks", "-v"],
         // 50 µs between calls: about 2 s in all, time for the first stacks to be unwound
-        // while the loop runs (the test build's daemon is slow at its first).
-        &[w.to_str().expect("utf-8 path"), "two-sites", "20000", "50"],
+        // while the loop runs (the test build's daemon is slow at its first); under the
+        // kernel matrix's emulation a fifth of it (else 150 s).
+        &[
+            w.to_str().expect("utf-8 path"),
+            "two-sites",
+            if emulated() { "4000" } else { "20000" },
+            "50",
+        ],
     );
     let recs = typed_records(&out);
     let stacks = stacks(&recs);

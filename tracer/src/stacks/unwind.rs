@@ -66,6 +66,7 @@ pub struct Mapping {
     pub offset: u64,
     /// As in `/proc/PID/maps` (its text form), `None` for anonymous memory.
     pub path: Option<String>,
+    pub inode: u64,
     pub file: Option<Arc<ModuleFile>>,
 }
 
@@ -141,8 +142,10 @@ struct Process {
     maps: Vec<Mapping>,
     unwinder: Native,
     cache: NativeCache,
-    /// The model's generation the maps were built from (`None`: from `/proc/PID/maps`).
-    generation: Option<usize>,
+    /// The model's generation the maps were last read from (`None`: from `/proc/PID/maps`).
+    seen: Option<usize>,
+    /// Which build of the maps this is: it changes only when they do.
+    generation: usize,
 }
 
 /// The word at `off` of a copied stack.
@@ -161,6 +164,8 @@ pub struct Unwinder {
     pub reads: Vec<(u64, u64)>,
     /// Times a process's mappings were read again: from `/proc`, and from the model.
     pub reread: (u64, u64),
+    /// Builds of a process's unwinder (mappings that changed), the last one's number.
+    builds: usize,
     /// Whether the last DWARF walk ended without reading past the copy: where the stack
     /// ends, at the most frames kept, or on a frame it could not unwind (all of which the
     /// same registers and words give again).
@@ -301,9 +306,7 @@ impl Unwinder {
 
     /// A number that changes whenever `pid`'s mappings are read again.
     pub fn generation(&self, pid: u32) -> Option<(usize, usize)> {
-        self.procs
-            .get(&pid)
-            .map(|p| (p.generation.unwrap_or(usize::MAX), p.maps.len()))
+        self.procs.get(&pid).map(|p| (p.generation, p.maps.len()))
     }
 
     /// Forgets a process (its files stay open for other processes and for symbolizing).
@@ -400,7 +403,7 @@ impl Unwinder {
                 if self
                     .procs
                     .get(&pid)
-                    .is_some_and(|p| p.generation == Some(generation))
+                    .is_some_and(|p| p.seen == Some(generation))
                 {
                     return false;
                 }
@@ -420,6 +423,16 @@ impl Unwinder {
                 }
             },
         };
+        // The same mappings (a frame outside them all, which no reading finds, or the model
+        // read again after other changes): the unwinder, and what was remembered of walks in
+        // it, stay.
+        if let Some(p) = self.procs.get_mut(&pid)
+            && same_mappings(&p.maps, &entries)
+        {
+            p.seen = generation;
+            return false;
+        }
+        self.builds += 1;
         let mut maps = Vec::new();
         let mut unwinder = Native::new();
         for e in &entries {
@@ -432,6 +445,7 @@ impl Unwinder {
                 end: e.end,
                 offset: e.offset,
                 path: e.path.clone(),
+                inode: e.inode,
                 file,
             };
             match m.file.as_ref().map(|f| module_of(&m, f)) {
@@ -447,7 +461,8 @@ impl Unwinder {
                 maps,
                 unwinder,
                 cache: NativeCache::new(),
-                generation,
+                seen: generation,
+                generation: self.builds,
             },
         );
         true
@@ -468,6 +483,20 @@ impl Unwinder {
         }
         opened
     }
+}
+
+/// Whether `maps` are `entries`, every file among them opened (one that could not be may
+/// open now).
+fn same_mappings(maps: &[Mapping], entries: &[ExecMapping]) -> bool {
+    maps.len() == entries.len()
+        && maps.iter().zip(entries).all(|(m, e)| {
+            m.start == e.start
+                && m.end == e.end
+                && m.offset == e.offset
+                && m.inode == e.inode
+                && m.path == e.path
+                && (m.file.is_some() || m.path.is_none() || m.inode == 0)
+        })
 }
 
 /// The executable mappings in `/proc/PID/maps`; `None` when the process is gone.
