@@ -4,8 +4,9 @@
 //! `perf --call-graph dwarf` takes them. Userspace unwinds the copy with the binaries'
 //! `.eh_frame`. The record is built in this CPU's `STACK_SCRATCH` slot and written with one
 //! `bpf_ringbuf_output` cut to the bytes copied, just before the record it belongs to.
-//! Stacks are dropped (and counted) while the ring is more than half full: they never take
-//! the room of the events.
+//! A stack the daemon unwound before is recognised (`KNOWN_STACKS`) and written as its id
+//! alone, without the walk and the copy. Stacks are dropped (and counted) while the ring is
+//! more than half full (ids: three quarters): they never take the room of the events.
 //!
 //! The syscall programs that take stacks can be preempted mid-run (fentry/fexit, and on 7.x
 //! the syscall tracepoints), and a fault on the same CPU meanwhile may take a fault stack: the

@@ -573,7 +573,7 @@ pub fn write_summary(out: &mut impl Write, s: &Summary) -> io::Result<()> {
     if l.lost_stack > 0 {
         writeln!(
             out,
-            "stacks dropped: {} (the ring was more than half full; their events were kept)",
+            "stacks dropped: {} (the ring was too full; their events were kept)",
             l.lost_stack
         )?;
     }

@@ -184,7 +184,8 @@ pub struct LossSummary {
     /// handled (absent in older recordings).
     #[serde(default)]
     pub unread: u64,
-    /// Stacks dropped in the kernel (ring more than half full): their events were kept,
+    /// Stacks dropped in the kernel (ring more than half full, or three quarters for a
+    /// recognised stack's id): their events were kept,
     /// without a stack. Not counted in the lost events.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lost_stack: u64,
