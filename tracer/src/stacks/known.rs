@@ -100,11 +100,6 @@ impl Registry {
         }
     }
 
-    /// The processes with entries.
-    pub fn pids(&self) -> Vec<u32> {
-        self.by_pid.keys().copied().collect()
-    }
-
     /// Whether `pid`'s entries were unwound in other mappings than `generation`'s.
     pub fn stale(&self, pid: u32, generation: Generation) -> bool {
         self.by_pid.get(&pid).is_some_and(|(g, _)| *g != generation)

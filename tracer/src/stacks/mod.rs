@@ -382,18 +382,23 @@ impl Collector {
         self.known.as_ref().map_or(0, |k| k.hits)
     }
 
-    /// Walks to hand to the programs (`Some`) or to take back (`None`) since last asked; a
-    /// process's walks are taken back once its mappings were read again.
+    /// Walks to hand to the programs (`Some`) or to take back (`None`) since last asked.
     pub fn take_known_changes(&mut self) -> Vec<(KnownStackKey, Option<KnownStack>)> {
-        let Some(known) = self.known.as_mut() else {
-            return Vec::new();
-        };
-        for pid in known.pids() {
-            if known.stale(pid, self.unwinder.generation(pid)) {
-                known.forget(pid);
-            }
+        self.known
+            .as_mut()
+            .map(known::Registry::take_changes)
+            .unwrap_or_default()
+    }
+
+    /// Takes back `pid`'s walks from the programs if its mappings changed (after anything
+    /// that may have read them again).
+    fn check_known(&mut self, pid: u32) {
+        let generation = self.unwinder.generation(pid);
+        if let Some(k) = self.known.as_mut()
+            && k.stale(pid, generation)
+        {
+            k.forget(pid);
         }
-        known.take_changes()
     }
 
     /// Looks for a CPython in process `pid` (seeded, or after exec), so that the programs
@@ -623,6 +628,7 @@ impl Collector {
             None => false,
         };
         let unwound = self.unwinder.return_frame(pid, caller, space, reload);
+        self.check_known(pid);
         let id = if unwound.frames.iter().all(|f| f.mapping.is_some()) {
             self.id_of_unwound(&unwound, &[], true)
         } else {
@@ -653,7 +659,10 @@ impl Collector {
         space: Option<&AddressSpace>,
     ) -> Option<Option<u64>> {
         let unwound = self.unwinder.unwind(raw, space);
-        self.unwinder.generation(raw.pid)?;
+        if self.unwinder.generation(raw.pid).is_none() {
+            self.check_known(raw.pid);
+            return None;
+        }
         Some(self.remember(raw, &unwound))
     }
 
@@ -688,6 +697,7 @@ impl Collector {
             self.memo.clear();
         }
         let generation = self.unwinder.generation(raw.pid);
+        self.check_known(raw.pid);
         // A walk of a syscall's or fault's stack the kernel can compare, in a process whose
         // Python frames are not walked: handed to the programs.
         if let (Some(k), Some(id)) = (self.known.as_mut(), id)
