@@ -108,12 +108,13 @@ const ONLY_ON: &[(&str, &[&str])] = &[
         "python_call_sites_name_the_scripts_functions_and_lines",
         &["amd64 host", "amd64 6.1", "amd64 7.2"],
     ),
-    // Stacks recognised in the kernel (the verifier's view of its comparison loop): the
-    // oldest and newest x86_64 kernels with stacks. (On arm64 no walk of the static musl
-    // workload repeats, for the daemon's memo either: left out until that is understood.)
+    // Stacks recognised in the kernel, on the newest kernel (the verifiers of 6.1 and 7.2
+    // load the comparison loop in the Python test too; on 6.1 this one took 397 s of a
+    // guest's 25 minutes). On arm64 no walk of the static musl workload repeats, for the
+    // daemon's memo either: left out until that is understood.
     (
         "known_stacks_are_recognised_by_the_kernel_and_keep_each_call_site_its_own",
-        &["amd64 host", "amd64 6.1", "amd64 7.2"],
+        &["amd64 host", "amd64 7.2"],
     ),
     // Where the stacks' refusal (no `bpf_task_pt_regs`) is checked.
     (
